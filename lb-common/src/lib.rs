@@ -1,0 +1,485 @@
+//! Types and pure logic shared by the XDP programs and the userspace agent.
+//!
+//! Everything that crosses the kernel/userspace boundary lives here, `#[repr(C)]` with explicit
+//! padding so that both sides read the same bytes. Addresses are stored as network-order bytes
+//! (IPv4 in the first four bytes of a 16-byte array, the rest zero) and ports as the raw
+//! network-order `u16` read from the packet, so the datapath never swaps bytes on the hot path.
+//!
+//! The flow hash and the Maglev lookup index are defined once, here, so that the datapath and
+//! the table builder (and every balancer node) agree on which slot a flow lands in.
+#![cfg_attr(not(test), no_std)]
+
+#[cfg(feature = "alloc")]
+extern crate alloc;
+
+#[cfg(feature = "alloc")]
+pub mod maglev;
+
+/// Address family tag used in keys: IPv4.
+pub const FAMILY_V4: u8 = 4;
+/// Address family tag used in keys: IPv6.
+pub const FAMILY_V6: u8 = 6;
+
+/// IP protocol numbers the datapath understands.
+pub const PROTO_ICMP: u8 = 1;
+pub const PROTO_IPIP: u8 = 4;
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+pub const PROTO_IPV6: u8 = 41;
+pub const PROTO_IPV6_FRAG: u8 = 44;
+pub const PROTO_ICMPV6: u8 = 58;
+
+/// Default Maglev table size per VIP (prime, as in the Maglev paper and Katran).
+pub const DEFAULT_TABLE_SIZE: u32 = 65_537;
+/// Largest table size a VIP may ask for.
+pub const MAX_TABLE_SIZE: u32 = 1_048_573;
+/// Smallest table size a VIP may ask for.
+pub const MIN_TABLE_SIZE: u32 = 7;
+/// Default number of slots in the shared ring pool that holds every VIP's table.
+/// Two tables per VIP must fit at once while one replaces the other.
+pub const DEFAULT_RING_POOL: u32 = 1 << 22;
+/// Capacity of the VIP map (and of the per-VIP statistics array).
+pub const MAX_VIPS: u32 = 1024;
+/// Capacity of the backend arrays. Backend id 0 is reserved: a ring slot holding 0 is empty.
+pub const MAX_BACKENDS: u32 = 16_384;
+/// Default capacity of the established-flow table.
+pub const DEFAULT_CT_SIZE: u32 = 262_144;
+/// Default capacity of the table of flows seen once (promoted to the main table on their
+/// second packet), so that a flood of first packets cannot evict established flows.
+pub const DEFAULT_CT_NEW_SIZE: u32 = 65_536;
+/// Capacity of the fragment table (first fragment's choice, looked up by later fragments).
+pub const FRAG_TABLE_SIZE: u32 = 8_192;
+/// How long a cached next hop (from `bpf_fib_lookup`) is trusted before it is looked up again.
+pub const NEXTHOP_TTL_NS: u64 = 1_000_000_000;
+/// Outer TTL / hop limit of encapsulated packets and of ICMP replies.
+pub const DEFAULT_TTL: u8 = 64;
+/// IPv6 bytes of the original packet quoted in a Packet Too Big reply.
+pub const ICMP6_QUOTE_LEN: usize = 128;
+
+/// Forwarding modes of a VIP.
+pub const MODE_IPIP: u32 = 0;
+pub const MODE_L2: u32 = 1;
+
+/// Backend flags.
+/// The slot is in use (a backend of some VIP).
+pub const BACKEND_F_ACTIVE: u32 = 1;
+/// The backend is down: its established flows are re-steered through the table at once.
+pub const BACKEND_F_DOWN: u32 = 2;
+
+/// Global configuration flags.
+pub const CONFIG_F_HAVE_V4_SRC: u32 = 1;
+pub const CONFIG_F_HAVE_V6_SRC: u32 = 2;
+
+/// Names of the maps, shared so that userspace never spells them differently.
+pub mod maps {
+    pub const VIPS: &str = "VIPS";
+    pub const RING: &str = "RING";
+    pub const BACKENDS: &str = "BACKENDS";
+    pub const NEXTHOPS: &str = "NEXTHOPS";
+    pub const CT: &str = "CT";
+    pub const CT_NEW: &str = "CT_NEW";
+    pub const FRAGS: &str = "FRAGS";
+    pub const CONFIG: &str = "CONFIG";
+    pub const COUNTERS: &str = "COUNTERS";
+    pub const VIP_STATS: &str = "VIP_STATS";
+    pub const BACKEND_STATS: &str = "BACKEND_STATS";
+    pub const DECAP_VIPS: &str = "DECAP_VIPS";
+    pub const DECAP_COUNTERS: &str = "DECAP_COUNTERS";
+}
+
+/// Names of the programs in the eBPF objects.
+pub mod progs {
+    pub const BALANCER: &str = "lb_balancer";
+    pub const DECAP: &str = "lb_decap";
+}
+
+/// Key of the VIP map: a service is an (address, port, protocol) triple.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct VipKey {
+    pub addr: [u8; 16],
+    /// Network byte order, exactly as in the packet.
+    pub port: u16,
+    pub proto: u8,
+    pub family: u8,
+}
+
+/// Value of the VIP map. Replaced whole (the map is a hash map without preallocation, so an
+/// update is an RCU swap): this is what makes a table switch atomic for the datapath.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct VipMeta {
+    /// Index into the per-VIP statistics.
+    pub vip_id: u32,
+    /// `MODE_IPIP` or `MODE_L2`.
+    pub mode: u32,
+    /// First slot of this VIP's Maglev table in the ring pool.
+    pub ring_offset: u32,
+    /// Number of slots (prime).
+    pub ring_size: u32,
+    /// Table generation, bumped on every table change (for observability).
+    pub generation: u32,
+    pub _pad: u32,
+}
+
+/// A backend as the datapath sees it, indexed by backend id. A backend id belongs to one
+/// (VIP, backend address) pair, so statistics are per VIP and backend.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct BackendInfo {
+    pub addr: [u8; 16],
+    pub family: u8,
+    pub _pad: [u8; 3],
+    /// `BACKEND_F_*`.
+    pub flags: u32,
+    /// `MODE_IPIP` or `MODE_L2` (copied from the VIP so a connection-table hit needs no VIP).
+    pub mode: u32,
+    pub vip_id: u32,
+}
+
+/// Cached result of `bpf_fib_lookup` for a backend (next hop towards it).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct NextHop {
+    /// `bpf_ktime_get_coarse_ns` deadline; 0 = never looked up.
+    pub expires_ns: u64,
+    pub ifindex: u32,
+    pub mtu: u16,
+    pub _pad0: u16,
+    pub smac: [u8; 6],
+    pub dmac: [u8; 6],
+    pub _pad1: [u8; 4],
+}
+
+/// Key of the connection tables: the 5-tuple as the client sent it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct FlowKey {
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    /// Network byte order.
+    pub sport: u16,
+    /// Network byte order.
+    pub dport: u16,
+    pub proto: u8,
+    pub family: u8,
+    pub _pad: [u8; 2],
+}
+
+/// Value of the connection tables.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct CtValue {
+    pub backend: u32,
+    pub _pad: u32,
+}
+
+/// Key of the fragment table: what identifies one datagram's fragments.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct FragKey {
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    /// IPv4 identification (16 bits) or IPv6 fragment identification, as read (network order).
+    pub id: u32,
+    pub proto: u8,
+    pub family: u8,
+    pub _pad: [u8; 2],
+}
+
+/// Global datapath configuration (array map, one entry).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct GlobalConfig {
+    /// Outer source address of IPv6-in-IPv6 packets.
+    pub encap_src_v6: [u8; 16],
+    /// Outer source address of IPv4-in-IPv4 packets.
+    pub encap_src_v4: [u8; 4],
+    /// `CONFIG_F_*`.
+    pub flags: u32,
+}
+
+/// Per-CPU statistics of one backend.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct BackendStats {
+    pub packets: u64,
+    pub bytes: u64,
+    /// Flows whose first packet chose this backend.
+    pub new_flows: u64,
+    /// SYNs for a flow already tracked: the client retried because nobody answered.
+    pub syn_retries: u64,
+    /// RSTs sent by clients on flows of this backend.
+    pub client_rsts: u64,
+    /// Flows moved to this backend because their previous backend was down.
+    pub resteered: u64,
+}
+
+impl BackendStats {
+    pub fn add(&mut self, o: &Self) {
+        self.packets += o.packets;
+        self.bytes += o.bytes;
+        self.new_flows += o.new_flows;
+        self.syn_retries += o.syn_retries;
+        self.client_rsts += o.client_rsts;
+        self.resteered += o.resteered;
+    }
+}
+
+/// Per-CPU statistics of one VIP.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct VipStats {
+    pub packets: u64,
+    pub bytes: u64,
+    pub new_flows: u64,
+    /// Packets dropped because the VIP's table was empty.
+    pub no_backend: u64,
+}
+
+impl VipStats {
+    pub fn add(&mut self, o: &Self) {
+        self.packets += o.packets;
+        self.bytes += o.bytes;
+        self.new_flows += o.new_flows;
+        self.no_backend += o.no_backend;
+    }
+}
+
+/// Key of the decapsulation program's VIP set.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct DecapKey {
+    pub addr: [u8; 16],
+    pub family: u8,
+    pub _pad: [u8; 3],
+}
+
+macro_rules! counters {
+    ($(#[$m:meta])* $vis:vis enum $name:ident { $($(#[$vm:meta])* $v:ident = $n:expr, $label:expr;)* }) => {
+        $(#[$m])*
+        #[repr(u32)]
+        #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+        $vis enum $name { $($(#[$vm])* $v = $n,)* }
+        impl $name {
+            /// Every counter, in index order.
+            pub const ALL: &'static [$name] = &[$($name::$v,)*];
+            /// Number of counters (the per-CPU array's size).
+            pub const COUNT: u32 = [$($n,)*].len() as u32;
+            /// Stable snake_case name, used in metrics and JSON.
+            pub const fn name(self) -> &'static str { match self { $($name::$v => $label,)* } }
+        }
+    };
+}
+
+counters! {
+    /// The balancer's per-CPU counters: one per reason a packet was not forwarded, plus a few
+    /// connection-table events. Every packet the program returns without forwarding increments
+    /// exactly one of the `Pass*`/`Drop*`/`IcmpTooBigSent` counters.
+    pub enum Counter {
+        /// Not IPv4 or IPv6 (ARP, LLDP, ...): passed to the kernel.
+        PassNonIp = 0, "pass_non_ip";
+        /// IP, but not to a VIP (address, port, protocol): passed to the kernel.
+        PassNotVip = 1, "pass_not_vip";
+        /// Truncated or inconsistent headers: passed to the kernel, which drops it with its own accounting.
+        PassMalformed = 2, "pass_malformed";
+        /// A later fragment whose first fragment was not seen: passed to the kernel.
+        PassFragUnknown = 3, "pass_frag_unknown";
+        /// ICMP error quoting something that is not a VIP flow: passed to the kernel.
+        PassIcmpNotVip = 4, "pass_icmp_not_vip";
+        /// VIP with an empty table (no backend with weight): dropped.
+        DropNoBackend = 5, "drop_no_backend";
+        /// No route or no neighbour towards the backend: dropped.
+        DropFib = 6, "drop_fib";
+        /// Too big after encapsulation: dropped, ICMP fragmentation-needed / packet-too-big sent.
+        IcmpTooBigSent = 7, "icmp_too_big_sent";
+        /// Could not grow or shrink the packet (helper failure): dropped.
+        DropAdjust = 8, "drop_adjust";
+        /// Too big after encapsulation and too short to quote: dropped without an ICMP reply.
+        DropTooBig = 9, "drop_too_big";
+        /// Encapsulation needs a source address of this family and none is configured: dropped.
+        DropNoEncapSource = 10, "drop_no_encap_source";
+        /// A flow seen for the first time (recorded in the new-flow table).
+        CtNew = 11, "ct_new";
+        /// A flow promoted to the established table on its second packet.
+        CtPromoted = 12, "ct_promoted";
+        /// A tracked flow whose backend was down, steered again through the table.
+        CtResteered = 13, "ct_resteered";
+        /// Inserting into a connection table failed.
+        CtInsertFailed = 14, "ct_insert_failed";
+        /// ICMP errors about a VIP flow forwarded to the flow's backend.
+        IcmpForwarded = 15, "icmp_forwarded";
+        /// Fragments forwarded through the fragment table.
+        FragForwarded = 16, "frag_forwarded";
+    }
+}
+
+counters! {
+    /// The decapsulation program's per-CPU counters.
+    pub enum DecapCounter {
+        /// Outer header removed, inner packet passed to the kernel.
+        Decapsulated = 0, "decapsulated";
+        /// Not IP-in-IP for a configured VIP: passed unchanged.
+        PassNotOurs = 1, "pass_not_ours";
+        /// Truncated or inconsistent headers: passed unchanged.
+        PassMalformed = 2, "pass_malformed";
+        /// Could not shrink the packet: dropped.
+        DropAdjust = 3, "drop_adjust";
+    }
+}
+
+#[inline(always)]
+fn word(b: &[u8; 16], i: usize) -> u32 {
+    u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]])
+}
+
+#[inline(always)]
+fn mix(h: u32, k: u32) -> u32 {
+    let k = k.wrapping_mul(0xcc9e_2d51).rotate_left(15).wrapping_mul(0x1b87_3593);
+    (h ^ k).rotate_left(13).wrapping_mul(5).wrapping_add(0xe654_6b64)
+}
+
+#[inline(always)]
+fn fmix(mut h: u32) -> u32 {
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x85eb_ca6b);
+    h ^= h >> 13;
+    h = h.wrapping_mul(0xc2b2_ae35);
+    h ^ (h >> 16)
+}
+
+/// Seed of the flow hash. Fixed, so that every balancer node hashes a flow the same way.
+pub const FLOW_HASH_SEED: u32 = 0x5eed_1b1b;
+
+/// The flow hash (MurmurHash3's mixing over the 5-tuple's 32-bit words). The datapath uses it
+/// to pick a Maglev slot for a new flow; tests and tools use it to predict that choice.
+#[inline(always)]
+pub fn flow_hash(k: &FlowKey) -> u32 {
+    let mut h = FLOW_HASH_SEED;
+    h = mix(h, word(&k.src, 0));
+    h = mix(h, word(&k.src, 4));
+    h = mix(h, word(&k.src, 8));
+    h = mix(h, word(&k.src, 12));
+    h = mix(h, word(&k.dst, 0));
+    h = mix(h, word(&k.dst, 4));
+    h = mix(h, word(&k.dst, 8));
+    h = mix(h, word(&k.dst, 12));
+    h = mix(h, (k.sport as u32) | ((k.dport as u32) << 16));
+    h = mix(h, k.proto as u32 | ((k.family as u32) << 8));
+    fmix(h ^ 40)
+}
+
+/// Slot of a flow in a Maglev table of `size` slots.
+#[inline(always)]
+pub fn maglev_index(hash: u32, size: u32) -> u32 {
+    if size == 0 {
+        0
+    } else {
+        hash % size
+    }
+}
+
+/// Whether `n` is prime (table sizes must be, for Maglev's permutations to cover every slot).
+pub const fn is_prime(n: u32) -> bool {
+    if n < 2 {
+        return false;
+    }
+    if n % 2 == 0 {
+        return n == 2;
+    }
+    let mut d = 3u32;
+    while (d as u64) * (d as u64) <= n as u64 {
+        if n % d == 0 {
+            return false;
+        }
+        d += 2;
+    }
+    true
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: every type below is `#[repr(C)]`, made only of integers and byte arrays, with
+    // explicit padding fields, so any bit pattern is valid and there are no uninitialised bytes.
+    unsafe impl aya::Pod for VipKey {}
+    unsafe impl aya::Pod for VipMeta {}
+    unsafe impl aya::Pod for BackendInfo {}
+    unsafe impl aya::Pod for NextHop {}
+    unsafe impl aya::Pod for FlowKey {}
+    unsafe impl aya::Pod for CtValue {}
+    unsafe impl aya::Pod for FragKey {}
+    unsafe impl aya::Pod for GlobalConfig {}
+    unsafe impl aya::Pod for BackendStats {}
+    unsafe impl aya::Pod for VipStats {}
+    unsafe impl aya::Pod for DecapKey {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use core::mem::size_of;
+
+    #[test]
+    fn layouts_have_no_implicit_padding() {
+        assert_eq!(size_of::<VipKey>(), 20);
+        assert_eq!(size_of::<VipMeta>(), 24);
+        assert_eq!(size_of::<BackendInfo>(), 32);
+        assert_eq!(size_of::<NextHop>(), 32);
+        assert_eq!(size_of::<FlowKey>(), 40);
+        assert_eq!(size_of::<CtValue>(), 8);
+        assert_eq!(size_of::<FragKey>(), 40);
+        assert_eq!(size_of::<GlobalConfig>(), 24);
+        assert_eq!(size_of::<BackendStats>(), 48);
+        assert_eq!(size_of::<VipStats>(), 32);
+        assert_eq!(size_of::<DecapKey>(), 20);
+    }
+
+    #[test]
+    fn counters_are_dense_and_named() {
+        for (i, c) in Counter::ALL.iter().enumerate() {
+            assert_eq!(*c as u32, i as u32);
+            assert!(!c.name().is_empty());
+        }
+        assert_eq!(Counter::COUNT as usize, Counter::ALL.len());
+        for (i, c) in DecapCounter::ALL.iter().enumerate() {
+            assert_eq!(*c as u32, i as u32);
+        }
+    }
+
+    #[test]
+    fn primes() {
+        assert!(is_prime(DEFAULT_TABLE_SIZE));
+        assert!(is_prime(MAX_TABLE_SIZE));
+        assert!(is_prime(MIN_TABLE_SIZE));
+        assert!(!is_prime(65_536));
+        assert!(!is_prime(1));
+        assert!(is_prime(2));
+    }
+
+    fn key(src: u8, sport: u16) -> FlowKey {
+        let mut k = FlowKey::default();
+        k.src[..4].copy_from_slice(&[10, 0, 0, src]);
+        k.dst[..4].copy_from_slice(&[10, 0, 0, 100]);
+        k.sport = sport.to_be();
+        k.dport = 80u16.to_be();
+        k.proto = PROTO_TCP;
+        k.family = FAMILY_V4;
+        k
+    }
+
+    #[test]
+    fn flow_hash_is_deterministic_and_spreads() {
+        assert_eq!(flow_hash(&key(1, 40000)), flow_hash(&key(1, 40000)));
+        assert_ne!(flow_hash(&key(1, 40000)), flow_hash(&key(1, 40001)));
+        assert_ne!(flow_hash(&key(1, 40000)), flow_hash(&key(2, 40000)));
+        // Consecutive source ports spread evenly over 7 slots.
+        let mut buckets = [0u32; 7];
+        for p in 0..7000u16 {
+            buckets[maglev_index(flow_hash(&key(1, 30000 + p)), 7) as usize] += 1;
+        }
+        for b in buckets {
+            assert!((900..1100).contains(&b), "uneven spread {buckets:?}");
+        }
+    }
+}

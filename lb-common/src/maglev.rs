@@ -1,0 +1,1 @@
+//! Weighted Maglev table builder (placeholder, being written).
