@@ -85,12 +85,17 @@ pub mod maps {
     pub const BACKEND_STATS: &str = "BACKEND_STATS";
     pub const DECAP_VIPS: &str = "DECAP_VIPS";
     pub const DECAP_COUNTERS: &str = "DECAP_COUNTERS";
+    pub const BENCH_PROGS: &str = "BENCH_PROGS";
+    pub const BENCH_INPUT: &str = "BENCH_INPUT";
+    pub const BENCH_STATE: &str = "BENCH_STATE";
 }
 
 /// Names of the programs in the eBPF objects.
 pub mod progs {
     pub const BALANCER: &str = "lb_balancer";
     pub const DECAP: &str = "lb_decap";
+    pub const BENCH_HARNESS: &str = "bench_harness";
+    pub const BENCH_TX: &str = "bench_tx";
 }
 
 /// Key of the VIP map: a service is an (address, port, protocol) triple.
@@ -255,6 +260,33 @@ pub struct DecapKey {
     pub _pad: [u8; 3],
 }
 
+/// Values of the decapsulation map: what a listed address is to this host.
+/// A VIP served here: inner packets to it are decapsulated.
+pub const DECAP_KIND_VIP: u32 = 1;
+/// One of this host's own addresses: outer packets must be addressed to one of these.
+pub const DECAP_KIND_LOCAL: u32 = 2;
+/// Capacity of the decapsulation map.
+pub const MAX_DECAP_ADDRS: u32 = 1024;
+
+/// Bytes of the benchmark harness's saved input packet.
+pub const BENCH_MAX_PACKET: usize = 128;
+
+/// The benchmark harness's input: the pristine packet restored before every repetition.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BenchInput {
+    /// Length of the packet (at most `BENCH_MAX_PACKET`, a multiple of 8).
+    pub len: u32,
+    /// If non-zero, the offset of 4 bytes (a source address's last bytes) overwritten with the
+    /// repetition number, so that every repetition is a new flow.
+    pub vary_off: u32,
+    pub data: [u8; BENCH_MAX_PACKET],
+}
+
+/// Indices of the benchmark harness's per-CPU state.
+pub const BENCH_RUNS: u32 = 0;
+pub const BENCH_TAIL_CALL_FAILED: u32 = 1;
+
 macro_rules! counters {
     ($(#[$m:meta])* $vis:vis enum $name:ident { $($(#[$vm:meta])* $v:ident = $n:expr, $label:expr;)* }) => {
         $(#[$m])*
@@ -335,8 +367,14 @@ fn word(b: &[u8; 16], i: usize) -> u32 {
 
 #[inline(always)]
 fn mix(h: u32, k: u32) -> u32 {
-    let k = k.wrapping_mul(0xcc9e_2d51).rotate_left(15).wrapping_mul(0x1b87_3593);
-    (h ^ k).rotate_left(13).wrapping_mul(5).wrapping_add(0xe654_6b64)
+    let k = k
+        .wrapping_mul(0xcc9e_2d51)
+        .rotate_left(15)
+        .wrapping_mul(0x1b87_3593);
+    (h ^ k)
+        .rotate_left(13)
+        .wrapping_mul(5)
+        .wrapping_add(0xe654_6b64)
 }
 
 #[inline(always)]
@@ -413,6 +451,7 @@ mod pod {
     unsafe impl aya::Pod for BackendStats {}
     unsafe impl aya::Pod for VipStats {}
     unsafe impl aya::Pod for DecapKey {}
+    unsafe impl aya::Pod for BenchInput {}
 }
 
 #[cfg(test)]
@@ -433,6 +472,7 @@ mod tests {
         assert_eq!(size_of::<BackendStats>(), 48);
         assert_eq!(size_of::<VipStats>(), 32);
         assert_eq!(size_of::<DecapKey>(), 20);
+        assert_eq!(size_of::<BenchInput>(), 8 + BENCH_MAX_PACKET);
     }
 
     #[test]

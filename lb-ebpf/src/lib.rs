@@ -1,0 +1,191 @@
+//! Helpers shared by the XDP programs: one bounds-checked packet accessor, Ethernet parsing and
+//! Internet checksums. Everything is `#[inline(always)]`: BPF-to-BPF calls cost more than the
+//! code they would save, and the verifier tracks packet bounds better inside one function.
+#![cfg_attr(target_arch = "bpf", no_std)]
+
+#[cfg(all(target_arch = "bpf", not(test)))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[cfg(target_arch = "bpf")]
+pub mod net {
+    use aya_ebpf::programs::XdpContext;
+    use core::mem::size_of;
+
+    pub const ETH_LEN: usize = 14;
+    pub const VLAN_LEN: usize = 4;
+    pub const ETH_P_IP: u16 = 0x0800;
+    pub const ETH_P_IPV6: u16 = 0x86DD;
+    pub const ETH_P_8021Q: u16 = 0x8100;
+    pub const IPV4_LEN: usize = 20;
+    pub const IPV6_LEN: usize = 40;
+
+    /// The packet is shorter than the header being read.
+    #[derive(Clone, Copy)]
+    pub struct Truncated;
+
+    /// Pointer to a `T` at `offset` from the start of the packet, if the packet holds it.
+    ///
+    /// # Safety
+    /// The returned pointer is valid for reads (and writes, through `ptr_at_mut`) of
+    /// `size_of::<T>()` bytes until the packet is resized; it may be unaligned.
+    #[inline(always)]
+    pub fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Result<*const T, Truncated> {
+        let start = ctx.data();
+        let end = ctx.data_end();
+        if start + offset + size_of::<T>() > end {
+            return Err(Truncated);
+        }
+        Ok((start + offset) as *const T)
+    }
+
+    /// Mutable variant of [`ptr_at`].
+    #[inline(always)]
+    pub fn ptr_at_mut<T>(ctx: &XdpContext, offset: usize) -> Result<*mut T, Truncated> {
+        ptr_at::<T>(ctx, offset).map(|p| p as *mut T)
+    }
+
+    /// Reads an unaligned `T` at `offset`.
+    #[inline(always)]
+    pub fn read<T: Copy>(ctx: &XdpContext, offset: usize) -> Result<T, Truncated> {
+        let p = ptr_at::<T>(ctx, offset)?;
+        // SAFETY: `ptr_at` checked that `size_of::<T>()` bytes at `p` are inside the packet.
+        Ok(unsafe { p.read_unaligned() })
+    }
+
+    /// Writes an unaligned `T` at `offset`.
+    #[inline(always)]
+    pub fn write<T: Copy>(ctx: &XdpContext, offset: usize, v: T) -> Result<(), Truncated> {
+        let p = ptr_at_mut::<T>(ctx, offset)?;
+        // SAFETY: `ptr_at_mut` checked that `size_of::<T>()` bytes at `p` are inside the packet.
+        unsafe { p.write_unaligned(v) };
+        Ok(())
+    }
+
+    /// The link layer of a frame: where the IP header starts and what the frame said.
+    #[derive(Clone, Copy)]
+    pub struct L2 {
+        pub dst: [u8; 6],
+        pub src: [u8; 6],
+        /// The 802.1Q tag control information, as read (network order), if tagged.
+        pub vlan_tci: Option<u16>,
+        /// Ethertype of the payload (host order).
+        pub ethertype: u16,
+        /// Offset of the layer-3 header.
+        pub l3: usize,
+    }
+
+    /// Parses Ethernet with at most one 802.1Q tag.
+    #[inline(always)]
+    pub fn parse_l2(ctx: &XdpContext) -> Result<L2, Truncated> {
+        let hdr: [u8; 14] = read(ctx, 0)?;
+        let mut dst = [0u8; 6];
+        let mut src = [0u8; 6];
+        dst.copy_from_slice(&hdr[0..6]);
+        src.copy_from_slice(&hdr[6..12]);
+        let ethertype = u16::from_be_bytes([hdr[12], hdr[13]]);
+        if ethertype == ETH_P_8021Q {
+            let tag: [u8; 4] = read(ctx, ETH_LEN)?;
+            return Ok(L2 {
+                dst,
+                src,
+                vlan_tci: Some(u16::from_ne_bytes([tag[0], tag[1]])),
+                ethertype: u16::from_be_bytes([tag[2], tag[3]]),
+                l3: ETH_LEN + VLAN_LEN,
+            });
+        }
+        Ok(L2 { dst, src, vlan_tci: None, ethertype, l3: ETH_LEN })
+    }
+
+    /// Mutable view of `N` packet bytes at `offset`.
+    #[inline(always)]
+    pub fn bytes_mut<const N: usize>(
+        ctx: &XdpContext,
+        offset: usize,
+    ) -> Result<&mut [u8; N], Truncated> {
+        let p = ptr_at_mut::<[u8; N]>(ctx, offset)?;
+        // SAFETY: `ptr_at_mut` checked the bounds; callers do not resize the packet while the
+        // reference lives, and `[u8; N]` has alignment 1.
+        Ok(unsafe { &mut *p })
+    }
+
+    /// Writes an Ethernet header (and the 802.1Q tag, if any) at the start of the packet and
+    /// returns the offset of the layer-3 header. Written in place: no stack copies.
+    #[inline(always)]
+    pub fn write_l2(
+        ctx: &XdpContext,
+        dst: &[u8; 6],
+        src: &[u8; 6],
+        vlan_tci: Option<u16>,
+        ethertype: u16,
+    ) -> Result<usize, Truncated> {
+        match vlan_tci {
+            Some(tci) => {
+                let h = bytes_mut::<18>(ctx, 0)?;
+                h[0..6].copy_from_slice(dst);
+                h[6..12].copy_from_slice(src);
+                h[12..14].copy_from_slice(&ETH_P_8021Q.to_be_bytes());
+                h[14..16].copy_from_slice(&tci.to_ne_bytes());
+                h[16..18].copy_from_slice(&ethertype.to_be_bytes());
+                Ok(ETH_LEN + VLAN_LEN)
+            }
+            None => {
+                let h = bytes_mut::<14>(ctx, 0)?;
+                h[0..6].copy_from_slice(dst);
+                h[6..12].copy_from_slice(src);
+                h[12..14].copy_from_slice(&ethertype.to_be_bytes());
+                Ok(ETH_LEN)
+            }
+        }
+    }
+
+    /// Adds 16-bit words of `b` (native order) to a running one's-complement sum.
+    #[inline(always)]
+    pub fn csum_add_bytes<const N: usize>(mut sum: u32, b: &[u8; N]) -> u32 {
+        let mut i = 0;
+        while i + 1 < N {
+            sum += u16::from_ne_bytes([b[i], b[i + 1]]) as u32;
+            i += 2;
+        }
+        if N % 2 == 1 {
+            sum += u16::from_ne_bytes([b[N - 1], 0]) as u32;
+        }
+        sum
+    }
+
+    /// Folds a 32-bit one's-complement sum into the 16-bit checksum to store (native order).
+    #[inline(always)]
+    pub fn csum_fold(mut sum: u32) -> u16 {
+        sum = (sum & 0xffff) + (sum >> 16);
+        sum = (sum & 0xffff) + (sum >> 16);
+        !(sum as u16)
+    }
+
+    /// Sums `len` bytes of the packet starting at `offset` (at most `MAX` bytes), one 16-bit
+    /// word at a time with a bounds check each: the loop bound is a constant for the verifier.
+    #[inline(always)]
+    pub fn csum_packet<const MAX: usize>(
+        ctx: &XdpContext,
+        offset: usize,
+        len: usize,
+        mut sum: u32,
+    ) -> Result<u32, Truncated> {
+        let mut i = 0usize;
+        while i < MAX {
+            if i >= len {
+                break;
+            }
+            if i + 1 == len {
+                let last: u8 = read(ctx, offset + i)?;
+                sum += u16::from_ne_bytes([last, 0]) as u32;
+                break;
+            }
+            let w: [u8; 2] = read(ctx, offset + i)?;
+            sum += u16::from_ne_bytes(w) as u32;
+            i += 2;
+        }
+        Ok(sum)
+    }
+}
