@@ -1,1 +1,181 @@
-fn main(){}
+//! `cargo xtask`: developer tasks for lb.
+//!
+//! * `setup`: install what builds and tests need (idempotent).
+//! * `test`: setup, build everything, run every test (needs root).
+//! * `lab`: demo of the balancer in a namespace lab with nginx backends.
+//! * `bench lab`: HTTP throughput through the balancer vs straight to the backends.
+
+mod bench;
+mod env;
+mod lab;
+mod setup;
+mod util;
+
+use std::process::ExitCode;
+
+use anyhow::Result;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Parser)]
+#[command(
+    name = "cargo xtask",
+    bin_name = "cargo xtask",
+    about = "Developer tasks for lb"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install packages, the eBPF toolchain (nightly + rust-src), bpf-linker and mount bpffs.
+    /// Idempotent: only does what is missing.
+    Setup,
+    /// Setup, `cargo build --workspace --all-targets`, then `cargo test --workspace [ARGS...]`.
+    /// Must run as root (the end-to-end tests create network namespaces and attach XDP).
+    Test {
+        /// Extra arguments for `cargo test --workspace` (e.g. `-p tests -- --nocapture`).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Demo: build lbd, start a lab with 3 nginx backends (weights 1:1:2) behind the balancer,
+    /// send requests to the VIPs and show which backend answered them.
+    Lab(LabArgs),
+    /// Benchmarks.
+    Bench {
+        #[command(subcommand)]
+        which: BenchCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchCmd {
+    /// HTTP requests/s with wrk through the balancer vs straight to the backends.
+    Lab(BenchLabArgs),
+    /// Datapath micro-benchmark (not yet implemented).
+    Datapath,
+}
+
+/// How the balancer forwards to backends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Forwarding {
+    /// IP-in-IP encapsulation (backends decapsulate with `lbd decap`).
+    Ipip,
+    /// L2 direct server return (destination MAC rewrite).
+    L2,
+}
+
+impl Forwarding {
+    /// The value of `forwarding` in lbd's config.
+    pub fn config_value(self) -> &'static str {
+        match self {
+            Forwarding::Ipip => "ipip",
+            Forwarding::L2 => "l2",
+        }
+    }
+}
+
+/// How lbd attaches its XDP program.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum XdpMode {
+    /// Driver mode (veth supports it).
+    Native,
+    /// SKB mode.
+    Generic,
+    /// Let lbd pick.
+    Auto,
+}
+
+impl XdpMode {
+    /// The value of `xdp_mode` in lbd's config.
+    pub fn config_value(self) -> &'static str {
+        match self {
+            XdpMode::Native => "native",
+            XdpMode::Generic => "generic",
+            XdpMode::Auto => "auto",
+        }
+    }
+}
+
+/// Options shared by the lab demo and the lab benchmark.
+#[derive(Args, Clone, Debug)]
+pub struct LbOpts {
+    /// How the balancer forwards to backends.
+    #[arg(long, value_enum, default_value_t = Forwarding::Ipip)]
+    pub mode: Forwarding,
+    /// XDP attach mode written to lbd's config.
+    #[arg(long, value_enum, default_value_t = XdpMode::Native)]
+    pub xdp_mode: XdpMode,
+}
+
+#[derive(Args, Debug)]
+pub struct LabArgs {
+    #[command(flatten)]
+    pub lb: LbOpts,
+    /// After the demo, keep the lab up this many seconds (to look around) before tearing down.
+    #[arg(long, default_value_t = 0)]
+    pub seconds: u64,
+    /// After the demo, keep the lab up until Ctrl-C.
+    #[arg(long)]
+    pub keep: bool,
+    /// Requests per address family.
+    #[arg(long, default_value_t = 1000)]
+    pub requests: usize,
+    /// Skip lbd: send the requests straight to the backends' own addresses (checks the lab and
+    /// nginx without the balancer).
+    #[arg(long)]
+    pub no_lbd: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct BenchLabArgs {
+    #[command(flatten)]
+    pub lb: LbOpts,
+    /// Seconds per wrk run.
+    #[arg(long, default_value_t = 10)]
+    pub duration: u64,
+    /// wrk connections per backend (wrk runs one thread per backend).
+    #[arg(long, default_value_t = 21)]
+    pub connections_per_backend: usize,
+    /// Address family to load.
+    #[arg(long, value_enum, default_value_t = Family::V4)]
+    pub family: Family,
+    /// Only measure the direct path (no lbd needed).
+    #[arg(long)]
+    pub direct_only: bool,
+}
+
+/// IP family selection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Family {
+    /// IPv4 only.
+    V4,
+    /// IPv6 only.
+    V6,
+    /// Both, one after the other.
+    Both,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result: Result<ExitCode> = match cli.cmd {
+        Cmd::Setup => setup::setup().map(|_| ExitCode::SUCCESS),
+        Cmd::Test { args } => util::test(&args),
+        Cmd::Lab(args) => lab::run(&args).map(|_| ExitCode::SUCCESS),
+        Cmd::Bench { which } => match which {
+            BenchCmd::Lab(args) => bench::lab(&args).map(|_| ExitCode::SUCCESS),
+            BenchCmd::Datapath => {
+                eprintln!("bench datapath: not yet implemented");
+                Ok(ExitCode::FAILURE)
+            }
+        },
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
