@@ -1,1 +1,11 @@
+//! The userspace side of lb: the agent `lbd` and its library (loading and attaching the XDP
+//! programs, building Maglev tables, applying configuration).
+pub mod config;
+pub mod datapath;
+pub mod decap;
+pub mod netif;
+pub mod pool;
 
+pub use config::Config;
+pub use datapath::{Balancer, LoadOptions};
+pub use decap::Decap;

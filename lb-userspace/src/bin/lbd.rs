@@ -1,0 +1,177 @@
+//! `lbd`: the load balancer agent.
+//!
+//! `lbd --config FILE` loads the XDP balancer, attaches it to the configured interface, builds
+//! every VIP's Maglev table and keeps running until SIGINT or SIGTERM; SIGHUP re-reads the
+//! configuration and applies the difference (a rejected file changes nothing).
+//! `lbd decap --interface IF --vip ADDR...` runs on a backend host instead: it attaches the
+//! decapsulation program so the host accepts IP-in-IP for its VIPs without a tunnel device.
+use anyhow::{Context as _, Result};
+use clap::{Parser, Subcommand};
+use lb_userspace::{config::XdpMode, netif, Balancer, Config, Decap, LoadOptions};
+use std::{net::IpAddr, path::PathBuf};
+use tokio::signal::unix::{signal, SignalKind};
+use tracing::{error, info, warn};
+
+#[derive(Parser)]
+#[command(name = "lbd", version, about = "XDP Maglev load balancer agent")]
+struct Cli {
+    /// Configuration file (TOML).
+    #[arg(long, short, default_value = "/etc/lb/lbd.toml")]
+    config: PathBuf,
+    /// Validate the configuration and exit.
+    #[arg(long)]
+    check: bool,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run on a backend host: decapsulate IP-in-IP addressed to this host for the given VIPs.
+    Decap {
+        /// Interface that receives the balancer's packets.
+        #[arg(long)]
+        interface: String,
+        /// A VIP served by this host (repeat for several).
+        #[arg(long = "vip", required = true)]
+        vips: Vec<IpAddr>,
+        /// Extra local addresses accepted as outer destination (the interface's own are added).
+        #[arg(long = "local")]
+        locals: Vec<IpAddr>,
+        #[arg(long, value_enum, default_value = "auto")]
+        xdp_mode: ModeArg,
+    },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum ModeArg {
+    Auto,
+    Native,
+    Generic,
+}
+
+impl From<ModeArg> for XdpMode {
+    fn from(m: ModeArg) -> Self {
+        match m {
+            ModeArg::Auto => XdpMode::Auto,
+            ModeArg::Native => XdpMode::Native,
+            ModeArg::Generic => XdpMode::Generic,
+        }
+    }
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Some(Command::Decap {
+            interface,
+            vips,
+            locals,
+            xdp_mode,
+        }) => run_decap(&interface, &vips, &locals, xdp_mode.into()).await,
+        None if cli.check => Config::load(&cli.config)
+            .map(|_| {
+                println!("{}: ok", cli.config.display());
+            })
+            .map_err(Into::into),
+        None => run_balancer(&cli.config).await,
+    };
+    if let Err(e) = result {
+        error!("{e:#}");
+        eprintln!("lbd: error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+async fn run_balancer(path: &PathBuf) -> Result<()> {
+    let cfg = Config::load(path)?;
+    let mut lb = Balancer::load(LoadOptions::from(&cfg))?;
+    // Tables first, then attach: the first packet already sees every VIP.
+    let report = lb.apply(&cfg)?;
+    let mode = lb.attach(&cfg.interface, cfg.xdp_mode)?;
+    // Now that the interface is known, keep every backend's next hop resolved.
+    lb.apply(&cfg)?;
+    info!(
+        interface = %cfg.interface,
+        mode = ?mode,
+        vips = cfg.vips.len(),
+        tables = report.tables.len(),
+        "lbd ready"
+    );
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = signal(SignalKind::hangup())?;
+    let mut current = cfg;
+    loop {
+        tokio::select! {
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+            _ = hup.recv() => {
+                match Config::load(path) {
+                    Ok(new) if new.interface != current.interface
+                        || new.xdp_mode != current.xdp_mode
+                        || new.conntrack_size != current.conntrack_size
+                        || new.conntrack_new_size != current.conntrack_new_size
+                        || new.table_pool != current.table_pool =>
+                    {
+                        warn!("reload: interface, xdp_mode and map sizes only change on restart; nothing applied");
+                    }
+                    Ok(new) => match lb.apply(&new) {
+                        Ok(r) => {
+                            for (vip, moved, generation) in &r.tables {
+                                info!(%vip, moved, generation, "table updated");
+                            }
+                            info!(
+                                vips_added = r.vips_added,
+                                vips_removed = r.vips_removed,
+                                backends_added = r.backends_added,
+                                backends_removed = r.backends_removed,
+                                "configuration reloaded"
+                            );
+                            current = new;
+                        }
+                        Err(e) => error!("reload failed: {e:#}"),
+                    },
+                    Err(e) => error!("reload rejected, nothing changed: {e}"),
+                }
+            }
+        }
+    }
+    info!("stopping: detaching from {}", current.interface);
+    lb.detach()?;
+    Ok(())
+}
+
+async fn run_decap(
+    interface: &str,
+    vips: &[IpAddr],
+    locals: &[IpAddr],
+    mode: XdpMode,
+) -> Result<()> {
+    let mut d = Decap::load()?;
+    for v in vips {
+        d.add_vip(*v)?;
+    }
+    let mut all_locals =
+        netif::interface_addrs(interface).context("reading the interface's addresses")?;
+    all_locals.extend_from_slice(locals);
+    for a in &all_locals {
+        d.add_local(*a)?;
+    }
+    let used = d.attach(interface, mode)?;
+    info!(%interface, mode = ?used, vips = vips.len(), locals = all_locals.len(), "lbd decap ready");
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = term.recv() => {},
+        _ = int.recv() => {},
+    }
+    Ok(())
+}

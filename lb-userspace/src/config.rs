@@ -1,0 +1,377 @@
+//! The agent's TOML configuration and its validation. Every error names the field and the fix;
+//! nothing is applied until the whole file is valid.
+use lb_common::{
+    is_prime, DEFAULT_CT_NEW_SIZE, DEFAULT_CT_SIZE, DEFAULT_RING_POOL, DEFAULT_TABLE_SIZE,
+    MAX_BACKENDS, MAX_TABLE_SIZE, MAX_VIPS, MIN_TABLE_SIZE,
+};
+use serde::{Deserialize, Serialize};
+use std::{
+    collections::HashSet,
+    fmt,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    path::Path,
+};
+
+/// Largest backend weight. Weights are relative; 0 keeps a backend configured but gives it no
+/// new flows.
+pub const MAX_WEIGHT: u32 = 10_000;
+
+/// A configuration problem, phrased for the operator.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError(pub String);
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+fn err<T>(msg: impl Into<String>) -> Result<T, ConfigError> {
+    Err(ConfigError(msg.into()))
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum XdpMode {
+    /// Driver mode, falling back to generic mode if the driver has no XDP support.
+    #[default]
+    Auto,
+    /// Driver (native) mode only.
+    Native,
+    /// Generic (skb) mode: works everywhere, slower.
+    Generic,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    pub fn number(self) -> u8 {
+        match self {
+            Protocol::Tcp => lb_common::PROTO_TCP,
+            Protocol::Udp => lb_common::PROTO_UDP,
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Forwarding {
+    /// IPv4-in-IPv4 / IPv6-in-IPv6 to the backend, which decapsulates and answers directly.
+    #[default]
+    Ipip,
+    /// Direct server return by MAC rewrite: the backend is on the same segment and has the
+    /// VIP on a loopback interface.
+    L2,
+}
+
+impl Forwarding {
+    pub fn mode(self) -> u32 {
+        match self {
+            Forwarding::Ipip => lb_common::MODE_IPIP,
+            Forwarding::L2 => lb_common::MODE_L2,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Encap {
+    /// Outer source address of IPv4-in-IPv4 packets (an address of this host).
+    pub source_v4: Option<Ipv4Addr>,
+    /// Outer source address of IPv6-in-IPv6 packets (an address of this host).
+    pub source_v6: Option<Ipv6Addr>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Backend {
+    pub address: IpAddr,
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+}
+
+fn default_weight() -> u32 {
+    1
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Vip {
+    pub address: IpAddr,
+    pub port: u16,
+    pub protocol: Protocol,
+    #[serde(default)]
+    pub forwarding: Forwarding,
+    /// Maglev table size: prime, at least 7, at most 1048573; 65537 by default.
+    #[serde(default = "default_table_size")]
+    pub table_size: u32,
+    #[serde(default, rename = "backend")]
+    pub backends: Vec<Backend>,
+}
+
+fn default_table_size() -> u32 {
+    DEFAULT_TABLE_SIZE
+}
+
+impl Vip {
+    /// How operators name a VIP: `address:port/protocol`.
+    pub fn name(&self) -> String {
+        match self.address {
+            IpAddr::V4(a) => format!("{a}:{}/{}", self.port, self.protocol),
+            IpAddr::V6(a) => format!("[{a}]:{}/{}", self.port, self.protocol),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// The network interface the balancer attaches to.
+    pub interface: String,
+    #[serde(default)]
+    pub xdp_mode: XdpMode,
+    #[serde(default)]
+    pub encap: Encap,
+    /// Capacity of the established-flow table.
+    #[serde(default = "default_ct_size")]
+    pub conntrack_size: u32,
+    /// Capacity of the table of flows seen once.
+    #[serde(default = "default_ct_new_size")]
+    pub conntrack_new_size: u32,
+    /// Slots in the pool that holds every VIP's Maglev table (two per VIP during an update).
+    #[serde(default = "default_table_pool")]
+    pub table_pool: u32,
+    #[serde(default, rename = "vip")]
+    pub vips: Vec<Vip>,
+}
+
+fn default_ct_size() -> u32 {
+    DEFAULT_CT_SIZE
+}
+fn default_ct_new_size() -> u32 {
+    DEFAULT_CT_NEW_SIZE
+}
+fn default_table_pool() -> u32 {
+    DEFAULT_RING_POOL
+}
+
+impl Config {
+    /// Parses and validates a configuration file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError(format!("cannot read config file {}: {e}", path.display())))?;
+        Config::parse(&text)
+            .map_err(|e| ConfigError(format!("config file {}: {e}", path.display())))
+    }
+
+    /// Parses and validates configuration text.
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        let cfg: Config = toml::from_str(text).map_err(|e| ConfigError(e.to_string()))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Checks everything the datapath relies on.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.interface.is_empty() || self.interface.len() > 15 {
+            return err("interface: must name a network interface (1 to 15 characters)");
+        }
+        if self.conntrack_size < 1024 {
+            return err(format!(
+                "conntrack_size: {} is too small; use at least 1024",
+                self.conntrack_size
+            ));
+        }
+        if self.conntrack_new_size < 1024 {
+            return err(format!(
+                "conntrack_new_size: {} is too small; use at least 1024",
+                self.conntrack_new_size
+            ));
+        }
+        if self.vips.len() > MAX_VIPS as usize {
+            return err(format!(
+                "vip: {} VIPs configured, at most {MAX_VIPS} are supported",
+                self.vips.len()
+            ));
+        }
+        let mut seen = HashSet::new();
+        let mut slots: u64 = 0;
+        let mut backends = 0usize;
+        for (i, vip) in self.vips.iter().enumerate() {
+            let name = vip.name();
+            let at = format!("vip[{i}] ({name})");
+            if !seen.insert((vip.address, vip.port, vip.protocol)) {
+                return err(format!(
+                    "{at}: duplicate VIP; each address, port and protocol may appear once"
+                ));
+            }
+            if vip.port == 0 {
+                return err(format!("{at}: port must be between 1 and 65535"));
+            }
+            if vip.address.is_unspecified() || vip.address.is_multicast() {
+                return err(format!("{at}: address must be a unicast address"));
+            }
+            if !is_prime(vip.table_size) {
+                return err(format!(
+                    "{at}: table_size {} is not prime; use a prime such as 65537 (the default), 131071 or 262139",
+                    vip.table_size
+                ));
+            }
+            if !(MIN_TABLE_SIZE..=MAX_TABLE_SIZE).contains(&vip.table_size) {
+                return err(format!(
+                    "{at}: table_size {} is out of range; use a prime from {MIN_TABLE_SIZE} to {MAX_TABLE_SIZE}",
+                    vip.table_size
+                ));
+            }
+            slots += vip.table_size as u64;
+            if vip.forwarding == Forwarding::Ipip {
+                match vip.address {
+                    IpAddr::V4(_) if self.encap.source_v4.is_none() => {
+                        return err(format!("{at}: forwarding = \"ipip\" needs encap.source_v4 (an IPv4 address of this host)"));
+                    }
+                    IpAddr::V6(_) if self.encap.source_v6.is_none() => {
+                        return err(format!("{at}: forwarding = \"ipip\" needs encap.source_v6 (an IPv6 address of this host)"));
+                    }
+                    _ => {}
+                }
+            }
+            let mut addrs = HashSet::new();
+            for (j, b) in vip.backends.iter().enumerate() {
+                let bat = format!("{at}: backend[{j}] ({})", b.address);
+                if b.address.is_ipv4() != vip.address.is_ipv4() {
+                    let (bf, vf) = if b.address.is_ipv4() {
+                        ("IPv4", "IPv6")
+                    } else {
+                        ("IPv6", "IPv4")
+                    };
+                    return err(format!(
+                        "{bat}: address is {bf} but the VIP is {vf}; use an {vf} backend address"
+                    ));
+                }
+                if b.address.is_unspecified() || b.address.is_multicast() || b.address.is_loopback()
+                {
+                    return err(format!(
+                        "{bat}: address must be a unicast address of another host"
+                    ));
+                }
+                if !addrs.insert(b.address) {
+                    return err(format!(
+                        "{bat}: duplicate backend; list each address once per VIP"
+                    ));
+                }
+                if b.weight > MAX_WEIGHT {
+                    return err(format!(
+                        "{bat}: weight {} is out of range; use 0 to {MAX_WEIGHT}",
+                        b.weight
+                    ));
+                }
+            }
+            backends += vip.backends.len();
+        }
+        if backends >= MAX_BACKENDS as usize {
+            return err(format!(
+                "backend: {backends} backends configured, at most {} are supported",
+                MAX_BACKENDS - 1
+            ));
+        }
+        // Two tables per VIP must fit while one replaces the other.
+        if 2 * slots > self.table_pool as u64 {
+            return err(format!(
+                "table_pool: {} slots cannot hold two tables for every VIP ({} slots needed); raise table_pool or lower table_size",
+                self.table_pool,
+                2 * slots
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str = r#"
+interface = "eth0"
+[encap]
+source_v4 = "10.0.0.2"
+source_v6 = "fd00::2"
+"#;
+
+    fn with_vip(vip: &str) -> String {
+        format!("{BASE}\n{vip}")
+    }
+
+    fn error(text: &str) -> String {
+        Config::parse(text).expect_err("config must be rejected").0
+    }
+
+    #[test]
+    fn minimal_config_has_defaults() {
+        let c = Config::parse(&with_vip(
+            "[[vip]]\naddress = \"10.0.0.100\"\nport = 80\nprotocol = \"tcp\"\n[[vip.backend]]\naddress = \"10.0.0.11\"\n",
+        ))
+        .unwrap();
+        assert_eq!(c.xdp_mode, XdpMode::Auto);
+        assert_eq!(c.vips[0].table_size, DEFAULT_TABLE_SIZE);
+        assert_eq!(c.vips[0].forwarding, Forwarding::Ipip);
+        assert_eq!(c.vips[0].backends[0].weight, 1);
+    }
+
+    #[test]
+    fn rejects_with_field_and_fix() {
+        let v = |extra: &str, backend: &str| {
+            with_vip(&format!(
+                "[[vip]]\naddress = \"10.0.0.100\"\nport = 80\nprotocol = \"tcp\"\n{extra}\n[[vip.backend]]\naddress = \"{backend}\"\n"
+            ))
+        };
+        assert!(
+            error(&v("table_size = 65536", "10.0.0.11")).contains("table_size 65536 is not prime")
+        );
+        assert!(error(&v("table_size = 2147483647", "10.0.0.11")).contains("out of range"));
+        assert!(error(&v("", "2001:db8::1")).contains("address is IPv6 but the VIP is IPv4"));
+        assert!(error(&v("bogus = 1", "10.0.0.11")).contains("unknown field `bogus`"));
+        assert!(error(&v("forwarding = \"gre\"", "10.0.0.11")).contains("unknown variant `gre`"));
+        let dup = format!(
+            "{}\n[[vip.backend]]\naddress = \"10.0.0.11\"\n",
+            v("", "10.0.0.11")
+        );
+        assert!(error(&dup).contains("duplicate backend"));
+        let heavy = v("", "10.0.0.11").replace(
+            "address = \"10.0.0.11\"",
+            "address = \"10.0.0.11\"\nweight = 10001",
+        );
+        assert!(error(&heavy).contains("weight 10001 is out of range; use 0 to 10000"));
+        let no_src = "interface = \"eth0\"\n[[vip]]\naddress = \"10.0.0.100\"\nport = 80\nprotocol = \"tcp\"\n";
+        assert!(error(no_src).contains("needs encap.source_v4"));
+        let two = format!(
+            "{}\n{}",
+            v("", "10.0.0.11"),
+            "[[vip]]\naddress = \"10.0.0.100\"\nport = 80\nprotocol = \"tcp\"\n"
+        );
+        assert!(error(&two).contains("duplicate VIP"));
+        assert!(error(&v("", "10.0.0.11").replace("port = 80", "port = 0"))
+            .contains("port must be between 1 and 65535"));
+        assert!(error(&v("", "10.0.0.11").replace("port = 80", "port = 70000")).contains("port"));
+        assert!(error(&v("", "not-an-ip")).contains("invalid IP address syntax"));
+        assert!(
+            error(&v("", "10.0.0.11").replace("interface = \"eth0\"", "interface = \"\""))
+                .contains("interface")
+        );
+    }
+}

@@ -1,0 +1,556 @@
+//! The balancer's kernel side as the agent sees it: the loaded XDP program, its maps, and the
+//! state that decides what goes into them.
+//!
+//! `apply` turns a validated configuration into map contents. Everything that can fail
+//! (validation, table building, allocation) happens before the first write; writes then go in
+//! an order the datapath can never misread: backend entries first, then each new table into a
+//! fresh region of the ring pool, then the VIP entry swap that publishes it, and only then the
+//! retirement of what is gone.
+use crate::{
+    config::{Config, Forwarding, XdpMode},
+    netif,
+    pool::{Region, RingPool},
+};
+use anyhow::{anyhow, bail, Context as _, Result};
+use aya::{
+    maps::{Array, HashMap as BpfHashMap, Map, MapData, PerCpuArray, PerCpuValues},
+    programs::{xdp::XdpLinkId, Xdp, XdpMode as AyaXdpMode},
+    Ebpf, EbpfLoader,
+};
+use lb_common::{
+    maglev, maps, progs, BackendInfo, BackendStats, Counter, CtValue, FlowKey, GlobalConfig,
+    NextHop, VipKey, VipMeta, VipStats, BACKEND_F_ACTIVE, CONFIG_F_HAVE_V4_SRC,
+    CONFIG_F_HAVE_V6_SRC, FAMILY_V4, FAMILY_V6, MAX_BACKENDS, MAX_VIPS,
+};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+};
+
+/// The balancer program, built by build.rs for the BPF target.
+pub static BALANCER_OBJ: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-balancer"));
+
+/// 16-byte address and family tag, as stored in the maps.
+pub fn addr_bytes(a: IpAddr) -> ([u8; 16], u8) {
+    let mut out = [0u8; 16];
+    match a {
+        IpAddr::V4(v4) => {
+            out[..4].copy_from_slice(&v4.octets());
+            (out, FAMILY_V4)
+        }
+        IpAddr::V6(v6) => (v6.octets(), FAMILY_V6),
+    }
+}
+
+/// Inverse of [`addr_bytes`].
+pub fn addr_from_bytes(b: &[u8; 16], family: u8) -> IpAddr {
+    if family == FAMILY_V4 {
+        IpAddr::from([b[0], b[1], b[2], b[3]])
+    } else {
+        IpAddr::from(*b)
+    }
+}
+
+/// Identity of a VIP in the agent's state.
+pub type VipId = (IpAddr, u16, crate::config::Protocol);
+
+fn vip_key(v: &crate::config::Vip) -> VipKey {
+    let (addr, family) = addr_bytes(v.address);
+    VipKey {
+        addr,
+        port: v.port.to_be(),
+        proto: v.protocol.number(),
+        family,
+    }
+}
+
+/// Sizes of the maps, fixed at load time.
+#[derive(Debug, Clone, Copy)]
+pub struct LoadOptions {
+    pub table_pool: u32,
+    pub conntrack_size: u32,
+    pub conntrack_new_size: u32,
+}
+
+impl From<&Config> for LoadOptions {
+    fn from(c: &Config) -> Self {
+        LoadOptions {
+            table_pool: c.table_pool,
+            conntrack_size: c.conntrack_size,
+            conntrack_new_size: c.conntrack_new_size,
+        }
+    }
+}
+
+/// One backend of one VIP.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendState {
+    pub address: IpAddr,
+    /// Backend id in the datapath (slot value, stats index).
+    pub id: u32,
+    pub weight: u32,
+    /// Slots this backend owns in the current table.
+    pub slots: u32,
+}
+
+/// One VIP as applied to the datapath.
+#[derive(Debug, Clone)]
+pub struct VipState {
+    pub config: crate::config::Vip,
+    pub vip_id: u32,
+    pub generation: u32,
+    pub region: Region,
+    pub table: Vec<u32>,
+    pub backends: Vec<BackendState>,
+}
+
+/// What one `apply` changed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ApplyReport {
+    /// (VIP name, slots that changed owner, new generation) for every table that changed.
+    pub tables: Vec<(String, usize, u32)>,
+    pub vips_added: usize,
+    pub vips_removed: usize,
+    pub backends_added: usize,
+    pub backends_removed: usize,
+}
+
+struct Maps {
+    vips: BpfHashMap<MapData, VipKey, VipMeta>,
+    ring: Array<MapData, u32>,
+    backends: Array<MapData, BackendInfo>,
+    nexthops: Array<MapData, NextHop>,
+    config: Array<MapData, GlobalConfig>,
+    counters: PerCpuArray<MapData, u64>,
+    vip_stats: PerCpuArray<MapData, VipStats>,
+    backend_stats: PerCpuArray<MapData, BackendStats>,
+    ct: BpfHashMap<MapData, FlowKey, CtValue>,
+    ct_new: BpfHashMap<MapData, FlowKey, CtValue>,
+}
+
+fn take(ebpf: &mut Ebpf, name: &str) -> Result<Map> {
+    ebpf.take_map(name)
+        .ok_or_else(|| anyhow!("the balancer object has no map {name}"))
+}
+
+/// The loaded balancer and everything the agent knows about what it put in the maps.
+pub struct Balancer {
+    ebpf: Ebpf,
+    maps: Maps,
+    pool: RingPool,
+    vips: BTreeMap<VipId, VipState>,
+    used_backend_ids: BTreeSet<u32>,
+    next_backend_id: u32,
+    used_vip_ids: BTreeSet<u32>,
+    interface: Option<(String, XdpLinkId, AyaXdpMode)>,
+}
+
+impl Balancer {
+    /// Loads the program and creates its maps (verifier included); nothing is attached yet.
+    pub fn load(opts: LoadOptions) -> Result<Self> {
+        let mut ebpf = EbpfLoader::new()
+            .map_max_entries(maps::RING, opts.table_pool)
+            .map_max_entries(maps::CT, opts.conntrack_size)
+            .map_max_entries(maps::CT_NEW, opts.conntrack_new_size)
+            .load(BALANCER_OBJ)
+            .context("loading the balancer object")?;
+        let prog: &mut Xdp = ebpf
+            .program_mut(progs::BALANCER)
+            .ok_or_else(|| anyhow!("no program {}", progs::BALANCER))?
+            .try_into()?;
+        prog.load()
+            .context("the kernel rejected the balancer program")?;
+        let maps = Maps {
+            vips: BpfHashMap::try_from(take(&mut ebpf, maps::VIPS)?)?,
+            ring: Array::try_from(take(&mut ebpf, maps::RING)?)?,
+            backends: Array::try_from(take(&mut ebpf, maps::BACKENDS)?)?,
+            nexthops: Array::try_from(take(&mut ebpf, maps::NEXTHOPS)?)?,
+            config: Array::try_from(take(&mut ebpf, maps::CONFIG)?)?,
+            counters: PerCpuArray::try_from(take(&mut ebpf, maps::COUNTERS)?)?,
+            vip_stats: PerCpuArray::try_from(take(&mut ebpf, maps::VIP_STATS)?)?,
+            backend_stats: PerCpuArray::try_from(take(&mut ebpf, maps::BACKEND_STATS)?)?,
+            ct: BpfHashMap::try_from(take(&mut ebpf, maps::CT)?)?,
+            ct_new: BpfHashMap::try_from(take(&mut ebpf, maps::CT_NEW)?)?,
+        };
+        Ok(Balancer {
+            ebpf,
+            maps,
+            pool: RingPool::new(opts.table_pool),
+            vips: BTreeMap::new(),
+            used_backend_ids: BTreeSet::new(),
+            next_backend_id: 1,
+            used_vip_ids: BTreeSet::new(),
+            interface: None,
+        })
+    }
+
+    /// The loaded program (for BPF_PROG_TEST_RUN).
+    pub fn program(&self) -> &Xdp {
+        self.ebpf
+            .program(progs::BALANCER)
+            .and_then(|p| <&Xdp>::try_from(p).ok())
+            .expect("program loaded in Balancer::load")
+    }
+
+    /// Attaches to `interface` and enables forwarding on it (`bpf_fib_lookup` requires it).
+    pub fn attach(&mut self, interface: &str, mode: XdpMode) -> Result<AyaXdpMode> {
+        netif::ifindex(interface)?;
+        netif::enable_forwarding(interface)?;
+        let prog: &mut Xdp = self
+            .ebpf
+            .program_mut(progs::BALANCER)
+            .expect("program loaded")
+            .try_into()?;
+        let (link, used) = attach_xdp(prog, interface, mode)?;
+        self.interface = Some((interface.to_string(), link, used));
+        Ok(used)
+    }
+
+    /// Detaches from the interface (dropping the balancer does too).
+    pub fn detach(&mut self) -> Result<()> {
+        if let Some((_, link, _)) = self.interface.take() {
+            let prog: &mut Xdp = self
+                .ebpf
+                .program_mut(progs::BALANCER)
+                .expect("program loaded")
+                .try_into()?;
+            prog.detach(link)?;
+        }
+        Ok(())
+    }
+
+    pub fn interface(&self) -> Option<(&str, AyaXdpMode)> {
+        self.interface.as_ref().map(|(n, _, m)| (n.as_str(), *m))
+    }
+
+    /// Applies a configuration (interface and map sizes excepted: they are fixed at start).
+    pub fn apply(&mut self, cfg: &Config) -> Result<ApplyReport> {
+        cfg.validate()?;
+        let mut report = ApplyReport::default();
+
+        // ---- Plan: everything that can fail, before any write. ----
+        let mut pool = self.pool.clone();
+        let mut used_backend_ids = self.used_backend_ids.clone();
+        let mut next_backend_id = self.next_backend_id;
+        let mut used_vip_ids = self.used_vip_ids.clone();
+        let mut planned: Vec<(VipId, VipState, Option<Region>)> = Vec::new();
+        let wanted: BTreeSet<VipId> = cfg
+            .vips
+            .iter()
+            .map(|v| (v.address, v.port, v.protocol))
+            .collect();
+
+        for v in &cfg.vips {
+            let id: VipId = (v.address, v.port, v.protocol);
+            let old = self.vips.get(&id);
+            let vip_id = match old {
+                Some(o) => o.vip_id,
+                None => {
+                    let n = (0..MAX_VIPS)
+                        .find(|i| !used_vip_ids.contains(i))
+                        .ok_or_else(|| anyhow!("no free VIP slot (at most {MAX_VIPS})"))?;
+                    used_vip_ids.insert(n);
+                    report.vips_added += 1;
+                    n
+                }
+            };
+            let mut backends = Vec::with_capacity(v.backends.len());
+            for b in &v.backends {
+                let existing = old.and_then(|o| o.backends.iter().find(|x| x.address == b.address));
+                let bid = match existing {
+                    Some(x) => x.id,
+                    None => {
+                        report.backends_added += 1;
+                        alloc_backend_id(&mut used_backend_ids, &mut next_backend_id)?
+                    }
+                };
+                backends.push(BackendState {
+                    address: b.address,
+                    id: bid,
+                    weight: b.weight,
+                    slots: 0,
+                });
+            }
+            let mg: Vec<maglev::Backend> = backends
+                .iter()
+                .map(|b| {
+                    let (addr, family) = addr_bytes(b.address);
+                    maglev::Backend {
+                        addr,
+                        family,
+                        id: b.id,
+                        weight: b.weight,
+                    }
+                })
+                .collect();
+            let table = maglev::build(&mg, v.table_size)
+                .map_err(|e| anyhow!("vip {}: building the Maglev table: {e}", v.name()))?;
+            for b in &mut backends {
+                b.slots = table.iter().filter(|&&s| s == b.id).count() as u32;
+            }
+            let changed = match old {
+                Some(o) => o.table != table || o.config.forwarding != v.forwarding,
+                None => true,
+            };
+            let region = if changed {
+                Some(pool.alloc(v.table_size).ok_or_else(|| {
+                    anyhow!(
+                        "table_pool: no room for a {}-slot table for {}; raise table_pool",
+                        v.table_size,
+                        v.name()
+                    )
+                })?)
+            } else {
+                None
+            };
+            let generation = old.map_or(0, |o| o.generation) + changed as u32;
+            if changed {
+                let moved = match old {
+                    Some(o) if o.table.len() == table.len() => {
+                        maglev::slots_changed(&o.table, &table)
+                    }
+                    _ => table.len(),
+                };
+                report.tables.push((v.name(), moved, generation));
+            }
+            let state = VipState {
+                config: v.clone(),
+                vip_id,
+                generation,
+                region: region.unwrap_or(old.map_or(Region { offset: 0, size: 0 }, |o| o.region)),
+                table,
+                backends,
+            };
+            planned.push((id, state, region));
+        }
+
+        // ---- Write. ----
+        let mut g = GlobalConfig::default();
+        if let Some(a) = cfg.encap.source_v4 {
+            g.encap_src_v4 = a.octets();
+            g.flags |= CONFIG_F_HAVE_V4_SRC;
+        }
+        if let Some(a) = cfg.encap.source_v6 {
+            g.encap_src_v6 = a.octets();
+            g.flags |= CONFIG_F_HAVE_V6_SRC;
+        }
+        self.maps
+            .config
+            .set(0, g, 0)
+            .context("writing the CONFIG map")?;
+
+        for (_, st, region) in &planned {
+            for b in &st.backends {
+                let (addr, family) = addr_bytes(b.address);
+                let info = BackendInfo {
+                    addr,
+                    family,
+                    _pad: [0; 3],
+                    flags: BACKEND_F_ACTIVE,
+                    mode: st.config.forwarding.mode(),
+                    vip_id: st.vip_id,
+                };
+                let fresh = self
+                    .maps
+                    .backends
+                    .get(&b.id, 0)
+                    .map(|x| x != info)
+                    .unwrap_or(true);
+                if fresh {
+                    self.maps
+                        .backends
+                        .set(b.id, info, 0)
+                        .context("writing BACKENDS")?;
+                    self.maps
+                        .nexthops
+                        .set(b.id, NextHop::default(), 0)
+                        .context("writing NEXTHOPS")?;
+                }
+            }
+            if let Some(r) = region {
+                for (i, slot) in st.table.iter().enumerate() {
+                    self.maps
+                        .ring
+                        .set(r.offset + i as u32, *slot, 0)
+                        .context("writing RING")?;
+                }
+                let meta = VipMeta {
+                    vip_id: st.vip_id,
+                    mode: st.config.forwarding.mode(),
+                    ring_offset: r.offset,
+                    ring_size: r.size,
+                    generation: st.generation,
+                    _pad: 0,
+                };
+                // The atomic switch: the datapath now reads the new table.
+                self.maps
+                    .vips
+                    .insert(vip_key(&st.config), meta, 0)
+                    .context("writing VIPS")?;
+            }
+        }
+
+        // ---- Retire what is gone. ----
+        let mut retired: Vec<u32> = Vec::new();
+        for (id, old) in &self.vips {
+            let new = planned.iter().find(|(k, _, _)| k == id).map(|(_, s, _)| s);
+            match new {
+                None => {
+                    self.maps
+                        .vips
+                        .remove(&vip_key(&old.config))
+                        .context("removing a VIP")?;
+                    used_vip_ids.remove(&old.vip_id);
+                    pool.release(old.region);
+                    report.vips_removed += 1;
+                    retired.extend(old.backends.iter().map(|b| b.id));
+                }
+                Some(n) => {
+                    if n.region != old.region {
+                        pool.release(old.region);
+                    }
+                    for b in &old.backends {
+                        if !n.backends.iter().any(|x| x.id == b.id) {
+                            retired.push(b.id);
+                        }
+                    }
+                }
+            }
+        }
+        debug_assert!(wanted.len() == planned.len());
+        for bid in &retired {
+            // Inactive: flows still tracked to it are steered again through the table.
+            self.maps
+                .backends
+                .set(*bid, BackendInfo::default(), 0)
+                .context("retiring a backend")?;
+            self.maps.nexthops.set(*bid, NextHop::default(), 0)?;
+            let zero = PerCpuValues::try_from(vec![BackendStats::default(); nr_cpus()?])?;
+            self.maps.backend_stats.set(*bid, zero, 0)?;
+            used_backend_ids.remove(bid);
+            report.backends_removed += 1;
+        }
+
+        self.pool = pool;
+        self.used_backend_ids = used_backend_ids;
+        self.next_backend_id = next_backend_id;
+        self.used_vip_ids = used_vip_ids;
+        self.vips = planned.into_iter().map(|(k, s, _)| (k, s)).collect();
+        if let Some((ifname, _, _)) = &self.interface {
+            for v in self.vips.values() {
+                for b in &v.backends {
+                    if let Err(e) = netif::ensure_neighbour(ifname, b.address) {
+                        tracing::warn!(backend = %b.address, "cannot keep the next hop resolved: {e:#}");
+                    }
+                }
+            }
+        }
+        Ok(report)
+    }
+
+    /// The VIPs as applied.
+    pub fn vips(&self) -> impl Iterator<Item = &VipState> {
+        self.vips.values()
+    }
+
+    /// Global counters, summed over CPUs.
+    pub fn counters(&self) -> Result<Vec<(Counter, u64)>> {
+        Counter::ALL
+            .iter()
+            .map(|c| Ok((*c, self.maps.counters.get(&(*c as u32), 0)?.iter().sum())))
+            .collect()
+    }
+
+    pub fn vip_stats(&self, vip_id: u32) -> Result<VipStats> {
+        let mut s = VipStats::default();
+        for v in self.maps.vip_stats.get(&vip_id, 0)?.iter() {
+            s.add(v);
+        }
+        Ok(s)
+    }
+
+    pub fn backend_stats(&self, id: u32) -> Result<BackendStats> {
+        let mut s = BackendStats::default();
+        for v in self.maps.backend_stats.get(&id, 0)?.iter() {
+            s.add(v);
+        }
+        Ok(s)
+    }
+
+    /// Entries in the established and new-flow tables (walks the maps: not for hot loops).
+    pub fn conntrack_len(&self) -> (usize, usize) {
+        (self.maps.ct.keys().count(), self.maps.ct_new.keys().count())
+    }
+
+    /// The backend id a tracked flow is pinned to, if any.
+    pub fn tracked_backend(&self, key: &FlowKey) -> Option<u32> {
+        self.maps
+            .ct
+            .get(key, 0)
+            .or_else(|_| self.maps.ct_new.get(key, 0))
+            .ok()
+            .map(|v| v.backend)
+    }
+
+    /// The VIP entry the datapath currently reads.
+    pub fn vip_meta(&self, v: &crate::config::Vip) -> Option<VipMeta> {
+        self.maps.vips.get(&vip_key(v), 0).ok()
+    }
+}
+
+fn nr_cpus() -> Result<usize> {
+    aya::util::nr_cpus().map_err(|(what, e)| anyhow!("{what}: {e}"))
+}
+
+fn alloc_backend_id(used: &mut BTreeSet<u32>, next: &mut u32) -> Result<u32> {
+    // Round-robin, so that a retired id is reused as late as possible (flows still tracked to
+    // it are steered again, never sent to a newcomer that inherited the id).
+    for _ in 1..MAX_BACKENDS {
+        let id = *next;
+        *next = if *next + 1 >= MAX_BACKENDS {
+            1
+        } else {
+            *next + 1
+        };
+        if used.insert(id) {
+            return Ok(id);
+        }
+    }
+    bail!("no free backend id (at most {} backends)", MAX_BACKENDS - 1)
+}
+
+/// Attaches an XDP program in the requested mode (`Auto`: driver mode, else generic).
+pub fn attach_xdp(
+    prog: &mut Xdp,
+    interface: &str,
+    mode: XdpMode,
+) -> Result<(XdpLinkId, AyaXdpMode)> {
+    let attempt = |prog: &mut Xdp, m: AyaXdpMode| {
+        prog.attach(interface, m)
+            .with_context(|| format!("attaching XDP to interface {interface} in {m:?} mode"))
+    };
+    match mode {
+        XdpMode::Native => Ok((attempt(prog, AyaXdpMode::Driver)?, AyaXdpMode::Driver)),
+        XdpMode::Generic => Ok((attempt(prog, AyaXdpMode::Skb)?, AyaXdpMode::Skb)),
+        XdpMode::Auto => match attempt(prog, AyaXdpMode::Driver) {
+            Ok(l) => Ok((l, AyaXdpMode::Driver)),
+            Err(e) => {
+                tracing::warn!("driver-mode XDP failed ({e:#}); falling back to generic mode");
+                Ok((attempt(prog, AyaXdpMode::Skb)?, AyaXdpMode::Skb))
+            }
+        },
+    }
+}
+
+/// Forwarding mode as configured, for status output.
+pub fn forwarding_name(f: Forwarding) -> &'static str {
+    match f {
+        Forwarding::Ipip => "ipip",
+        Forwarding::L2 => "l2",
+    }
+}
+
+/// The benchmark harness (restore-then-tail-call) and the trivial `XDP_TX` program it is
+/// compared with; used by `cargo xtask bench datapath`.
+pub static BENCH_OBJ: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-bench"));
