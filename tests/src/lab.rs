@@ -9,17 +9,23 @@
 //!
 //! Addresses: 10.200.0.0/24 and fd00:200::/64 on the segment (client .1/::1, lb .2/::2,
 //! backend i .(11+i)/::(0x11+i)); the VIPs [`VIP_V4`]/[`VIP_V6`] sit on every backend's `lo`
-//! and the client routes them via the lb. Veth pairs are created inside the switch namespace
+//! and the client routes them via the lb. The lb's switch port has GRO on and an `XDP_PASS`
+//! program so that frames the balancer sends back with `XDP_TX` are delivered (see
+//! [`crate::xdp`]); the client's eth0 computes full checksums (tx offload off) because XDP
+//! forwarding of a veth's CHECKSUM_PARTIAL packets would leave their TCP checksums wrong.
+//! Veth pairs are created inside the switch namespace
 //! with their host end moved straight into the host namespace, so the root namespace never
 //! holds any of them.
 
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::os::fd::OwnedFd;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
 use crate::netns::{list_namespaces, unique_prefix, NetNs};
+use crate::xdp::attach_xdp_pass;
 
 /// The IPv4 VIP, configured (as /32) on every backend's `lo`.
 pub const VIP_V4: Ipv4Addr = Ipv4Addr::new(10, 200, 100, 1);
@@ -173,6 +179,8 @@ pub struct Host {
     port: String,
     port_mac: MacAddr,
     port_ifindex: u32,
+    /// Keeps the `XDP_PASS` program on the lb's switch port attached (see [`crate::xdp`]).
+    port_xdp: Option<OwnedFd>,
 }
 
 impl Host {
@@ -229,6 +237,11 @@ impl Host {
     /// ifindex of the switch-side veth inside the switch namespace.
     pub fn switch_port_ifindex(&self) -> u32 {
         self.port_ifindex
+    }
+    /// Whether the switch-side veth has the lab's `XDP_PASS` program (only the lb's port, so
+    /// that frames the balancer sends with `XDP_TX` are delivered; see [`crate::xdp`]).
+    pub fn switch_port_has_xdp(&self) -> bool {
+        self.port_xdp.is_some()
     }
 }
 
@@ -388,7 +401,9 @@ impl Lab {
                     write_sysctl("net/ipv4/conf/eth0/rp_filter", "0")
                 })?;
                 // A frame sent with XDP_TX on the lb's eth0 is only received by its veth peer if
-                // the peer runs NAPI, which it does with GRO enabled (or an XDP program).
+                // the peer runs NAPI, which it does with GRO enabled or an XDP program; and the
+                // kernel only kicks that NAPI after XDP_TX if the peer has an XDP program, so
+                // both are set up (the program is attached below, see crate::xdp).
                 sw.exec_ok("ethtool", ["-K", &port, "gro", "on"])?;
             }
             Role::Backend(_) => {
@@ -415,7 +430,15 @@ impl Lab {
 
         let (mac, ifindex) = link_info(&ns, "eth0")?;
         let (port_mac, port_ifindex) = link_info(sw, &port)?;
+        let port_xdp = match role {
+            Role::Lb => Some(
+                sw.run_in(|| attach_xdp_pass(port_ifindex))
+                    .with_context(|| format!("attaching XDP_PASS to {port}"))?,
+            ),
+            _ => None,
+        };
         Ok(Host {
+            port_xdp,
             role,
             ns,
             mac,

@@ -26,6 +26,7 @@
 pub mod lab;
 pub mod netns;
 pub mod tcp;
+pub mod xdp;
 
 pub use anyhow;
 pub use lab::{

@@ -54,6 +54,16 @@ fn lab_direct_tcp_long_lived_and_teardown() {
     assert_eq!(sysctl(b1, "net.ipv4.conf.all.rp_filter"), "0");
     assert_eq!(sysctl(lab.lb().ns(), "net.ipv6.conf.eth0.forwarding"), "1");
     assert_eq!(sysctl(lab.lb().ns(), "net.ipv4.conf.all.forwarding"), "1");
+    assert!(
+        lab.lb().switch_port_has_xdp(),
+        "XDP_PASS on the lb's switch port"
+    );
+    assert!(!lab.client().switch_port_has_xdp());
+    let port = lab
+        .switch()
+        .ip(["link", "show", "dev", lab.lb().switch_port()])
+        .unwrap();
+    assert!(port.contains("prog/xdp"), "{port}");
     let vips = lab
         .backend(0)
         .ns()

@@ -2,7 +2,7 @@
 //! every backend, and optionally lbd (balancer on the lb, `lbd decap` on the backends).
 
 use std::fmt::Write as _;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, IsTerminal, Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
@@ -158,7 +158,8 @@ impl LabEnv {
             cmd.args(["decap", "--interface", "eth0", "--vip"])
                 .arg(VIP_V4.to_string())
                 .arg("--vip")
-                .arg(VIP_V6.to_string());
+                .arg(VIP_V6.to_string())
+                .args(["--xdp-mode", opts.xdp_mode.config_value()]);
             let child = spawn_prefixed(b.ns(), &mut cmd, &label)?;
             self.lbd.push((label, child));
         }
@@ -242,6 +243,10 @@ fn check_alive(procs: &mut [(String, Child)]) -> Result<()> {
 fn spawn_prefixed(ns: &NetNs, cmd: &mut std::process::Command, label: &str) -> Result<Child> {
     if std::env::var_os("RUST_LOG").is_none() {
         cmd.env("RUST_LOG", "info");
+    }
+    // Its output goes through a pipe to our stderr: colour only if that is a terminal.
+    if !std::io::stderr().is_terminal() {
+        cmd.env("NO_COLOR", "1");
     }
     cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())

@@ -13,6 +13,7 @@ use crate::util::{catch_interrupts, ensure_root, interrupted, sleep_unless_inter
 use crate::LabArgs;
 
 const WEIGHTS: [u32; 3] = [1, 1, 2];
+const GIVE_UP_AFTER: usize = 10;
 
 /// Responses per backend name, plus failures.
 #[derive(Default)]
@@ -42,6 +43,13 @@ pub fn http_requests(ns: &NetNs, targets: &[SocketAddr], n: usize) -> Tally {
                         t.examples.push(format!("{addr}: {e}"));
                     }
                 }
+            }
+            // Don't spend half an hour timing out when nothing gets through.
+            if t.failed >= GIVE_UP_AFTER && t.by_backend.is_empty() {
+                t.examples.push(format!(
+                    "gave up after {GIVE_UP_AFTER} failures and no success"
+                ));
+                break;
             }
         }
         t
