@@ -224,6 +224,11 @@ impl NetNs {
     /// A [`Command`] that runs `program` inside the namespace (`ip netns exec NAME program`).
     /// Add arguments and stdio as usual; start it with [`NetNs::spawn_command`] to have it
     /// tracked, or with `output()`/`status()` for short commands.
+    ///
+    /// `ip netns exec` runs the program in a private mount namespace with a fresh `/sys` (so
+    /// `/sys/class/net` shows the namespace's devices); a bpffs mounted on `/sys/fs/bpf` in the
+    /// root mount namespace is therefore not visible to it. Programs that pin BPF objects
+    /// should mount their own bpffs or pin elsewhere.
     pub fn command(&self, program: impl AsRef<OsStr>) -> Command {
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", &self.name]).arg(program);

@@ -17,6 +17,7 @@ pub const PACKAGES: &[&str] = &[
     "bpftool",      // inspecting programs and maps
     "xdp-tools",    // xdp-loader status etc.
     "tcpdump",      // debugging the lab
+    "curl",         // poking at a kept lab (`cargo xtask lab --keep`)
 ];
 
 /// Toolchain used when the machine has no `nightly` toolchain.
