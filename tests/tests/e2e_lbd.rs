@@ -1,0 +1,205 @@
+//! The shipped binaries as an operator runs them: `lbd --config` in the balancer namespace,
+//! `lbd decap` on every backend, configuration reloads on SIGHUP, clean detach on SIGTERM.
+use std::{
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+    process::Child,
+    time::{Duration, Instant},
+};
+use tests::{
+    lab::{Lab, LabSpec, LB_V4, LB_V6, VIP_V4},
+    require_root,
+    tcp::{client_many, tally, TcpServer},
+};
+
+/// `target/<profile>/lbd`, built by `cargo build --workspace` (which `cargo xtask test` runs).
+fn lbd_path() -> PathBuf {
+    let exe = std::env::current_exe().expect("test binary path");
+    let dir = exe
+        .parent()
+        .and_then(|d| d.parent())
+        .expect("target/<profile>");
+    let lbd = dir.join("lbd");
+    assert!(
+        lbd.exists(),
+        "{} is missing: build it first (`cargo build -p lb-userspace`, which `cargo xtask test` does)",
+        lbd.display()
+    );
+    lbd
+}
+
+fn config(lab: &Lab, weights: &[u32]) -> String {
+    let mut text = format!(
+        "interface = \"eth0\"\nxdp_mode = \"native\"\n[encap]\nsource_v4 = \"{LB_V4}\"\nsource_v6 = \"{LB_V6}\"\n\
+         [[vip]]\naddress = \"{VIP_V4}\"\nport = 80\nprotocol = \"tcp\"\nforwarding = \"ipip\"\n"
+    );
+    for (i, w) in weights.iter().enumerate() {
+        text.push_str(&format!(
+            "[[vip.backend]]\naddress = \"{}\"\nweight = {w}\n",
+            lab.backend(i).v4()
+        ));
+    }
+    text
+}
+
+fn signal(child: &Child, sig: i32) {
+    // SAFETY: sending a signal to our own child process.
+    assert_eq!(
+        unsafe { libc::kill(child.id() as i32, sig) },
+        0,
+        "kill({sig})"
+    );
+}
+
+fn xdp_attached(lab: &Lab) -> bool {
+    lab.lb()
+        .ns()
+        .ip(["link", "show", "dev", "eth0"])
+        .map(|s| s.contains("xdp"))
+        .unwrap_or(false)
+}
+
+fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let end = Instant::now() + timeout;
+    while !f() {
+        assert!(Instant::now() < end, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn lbd_serves_reloads_and_detaches() {
+    require_root();
+    let lbd = lbd_path();
+    let lab = Lab::new(LabSpec { backends: 3 }).expect("building the lab");
+    let vip = SocketAddr::new(IpAddr::from(VIP_V4), 80);
+    let _servers: Vec<TcpServer> = (0..3)
+        .map(|i| TcpServer::start(lab.backend(i).ns(), &[vip], &format!("backend{i}")).unwrap())
+        .collect();
+    let decaps: Vec<Child> = (0..3)
+        .map(|i| {
+            lab.backend(i).ns().spawn(
+                lbd.to_str().unwrap(),
+                [
+                    "decap",
+                    "--interface",
+                    "eth0",
+                    "--vip",
+                    "10.200.100.1",
+                    "--xdp-mode",
+                    "native",
+                ],
+            )
+        })
+        .collect();
+    for (i, _) in decaps.iter().enumerate() {
+        let ns = lab.backend(i).ns();
+        wait_for("decap to attach", Duration::from_secs(20), || {
+            ns.ip(["link", "show", "dev", "eth0"])
+                .map(|s| s.contains("xdp"))
+                .unwrap_or(false)
+        });
+    }
+
+    let dir = std::env::temp_dir().join(format!("lbd-e2e-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg_path = dir.join("lbd.toml");
+    std::fs::write(&cfg_path, config(&lab, &[1, 1, 1])).unwrap();
+    let mut agent = lab.lb().ns().spawn(
+        lbd.to_str().unwrap(),
+        ["--config", cfg_path.to_str().unwrap()],
+    );
+    wait_for("lbd to attach", Duration::from_secs(20), || {
+        xdp_attached(&lab)
+    });
+    std::thread::sleep(Duration::from_millis(1500));
+
+    let results = client_many(lab.client().ns(), vip, 600, Duration::from_secs(3));
+    assert!(
+        results.iter().all(|r| r.is_ok()),
+        "connections through lbd failed: {:?}",
+        results.iter().find(|r| r.is_err())
+    );
+    let counts = tally(&results);
+    println!("equal weights: {counts:?}");
+    assert_eq!(counts.len(), 3, "all three backends serve: {counts:?}");
+
+    // Drain backend0 by weight 0 and reload: new connections avoid it.
+    std::fs::write(&cfg_path, config(&lab, &[0, 1, 1])).unwrap();
+    signal(&agent, libc::SIGHUP);
+    std::thread::sleep(Duration::from_secs(2));
+    let results = client_many(lab.client().ns(), vip, 400, Duration::from_secs(3));
+    let counts = tally(&results);
+    println!("after reload with backend0 at weight 0: {counts:?}");
+    assert!(results.iter().all(|r| r.is_ok()));
+    assert!(
+        !counts.contains_key("backend0"),
+        "backend0 still gets new connections: {counts:?}"
+    );
+
+    // A broken file is rejected on reload and changes nothing; lbd keeps running.
+    std::fs::write(&cfg_path, "interface = \"eth0\"\n[[vip]]\naddress = \"10.200.100.1\"\nport = 80\nprotocol = \"tcp\"\ntable_size = 65536\n").unwrap();
+    signal(&agent, libc::SIGHUP);
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(
+        agent.try_wait().unwrap().is_none(),
+        "lbd exited on a bad reload"
+    );
+    let results = client_many(lab.client().ns(), vip, 200, Duration::from_secs(3));
+    let counts = tally(&results);
+    assert!(
+        results.iter().all(|r| r.is_ok()) && !counts.contains_key("backend0"),
+        "state changed after a rejected reload: {counts:?}"
+    );
+
+    // SIGTERM: lbd exits cleanly and the program is detached.
+    signal(&agent, libc::SIGTERM);
+    let end = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(s) = agent.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < end, "lbd did not exit on SIGTERM");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "lbd exit status {status}");
+    assert!(!xdp_attached(&lab), "XDP still attached after lbd exited");
+    for d in &decaps {
+        signal(d, libc::SIGTERM);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn lbd_rejects_bad_config_with_clear_errors() {
+    require_root();
+    let lbd = lbd_path();
+    let dir = std::env::temp_dir().join(format!("lbd-bad-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cases = [
+        ("interface = \"eth0\"\nbogus = 1\n", "unknown field `bogus`"),
+        (
+            "interface = \"no-such-if0\"\n[encap]\nsource_v4 = \"10.0.0.1\"\n",
+            "interface: no interface named \"no-such-if0\"",
+        ),
+        (
+            "interface = \"lo\"\n[[vip]]\naddress = \"10.0.0.100\"\nport = 80\nprotocol = \"tcp\"\n",
+            "needs encap.source_v4",
+        ),
+    ];
+    for (i, (text, want)) in cases.iter().enumerate() {
+        let path = dir.join(format!("bad{i}.toml"));
+        std::fs::write(&path, text).unwrap();
+        let out = std::process::Command::new(&lbd)
+            .args(["--config", path.to_str().unwrap()])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "lbd accepted {text:?}");
+        assert!(
+            stderr.contains(want),
+            "lbd's error for {text:?} should contain {want:?}, got: {stderr}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
