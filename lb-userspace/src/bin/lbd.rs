@@ -92,7 +92,7 @@ async fn main() {
     }
 }
 
-async fn run_balancer(path: &PathBuf) -> Result<()> {
+async fn run_balancer(path: &std::path::Path) -> Result<()> {
     let cfg = Config::load(path)?;
     let mut lb = Balancer::load(LoadOptions::from(&cfg))?;
     // Tables first, then attach: the first packet already sees every VIP.
