@@ -96,10 +96,18 @@ pub mod net {
                 l3: ETH_LEN + VLAN_LEN,
             });
         }
-        Ok(L2 { dst, src, vlan_tci: None, ethertype, l3: ETH_LEN })
+        Ok(L2 {
+            dst,
+            src,
+            vlan_tci: None,
+            ethertype,
+            l3: ETH_LEN,
+        })
     }
 
     /// Mutable view of `N` packet bytes at `offset`.
+    // The bytes belong to the packet, not to the context that locates them.
+    #[allow(clippy::mut_from_ref)]
     #[inline(always)]
     pub fn bytes_mut<const N: usize>(
         ctx: &XdpContext,

@@ -2,6 +2,9 @@
 //! the VIP's table and pinned by connection tracking, and forwards it by IP-in-IP encapsulation
 //! or by MAC rewrite (direct server return). Everything else passes untouched.
 #![cfg_attr(target_arch = "bpf", no_std, no_main)]
+// Map keys and values are passed by reference: by value they would be copied onto the
+// 512-byte BPF stack first.
+#![allow(clippy::needless_borrows_for_generic_args)]
 
 #[cfg(not(target_arch = "bpf"))]
 fn main() {}
@@ -23,8 +26,7 @@ mod prog {
     use lb_ebpf::net::*;
 
     #[map]
-    static VIPS: HashMap<VipKey, VipMeta> =
-        HashMap::with_max_entries(MAX_VIPS, BPF_F_NO_PREALLOC);
+    static VIPS: HashMap<VipKey, VipMeta> = HashMap::with_max_entries(MAX_VIPS, BPF_F_NO_PREALLOC);
     #[map]
     static RING: Array<u32> = Array::with_max_entries(DEFAULT_RING_POOL, 0);
     #[map]
@@ -171,7 +173,10 @@ mod prog {
     #[derive(Clone, Copy)]
     enum Kind {
         /// TCP or UDP; the layer-4 header's offset and, for a first fragment, its id.
-        Flow { l4: usize, first_fragment: Option<u32> },
+        Flow {
+            l4: usize,
+            first_fragment: Option<u32>,
+        },
         /// A later fragment (no ports) with its datagram id.
         LaterFragment { id: u32 },
         /// ICMP or ICMPv6 at this offset.
@@ -234,13 +239,23 @@ mod prog {
         key.proto = h[9];
         key.src[..4].copy_from_slice(&h[12..16]);
         key.dst[..4].copy_from_slice(&h[16..20]);
-        let pkt = Packet { l2, family: FAMILY_V4, ihl, ip_len, tos: h[1] };
+        let pkt = Packet {
+            l2,
+            family: FAMILY_V4,
+            ihl,
+            ip_len,
+            tos: h[1],
+        };
         let frag = u16::from_be_bytes([h[6], h[7]]);
         let frag_id = u16::from_ne_bytes([h[4], h[5]]) as u32;
         if frag & 0x1fff != 0 {
             return Ok((pkt, Kind::LaterFragment { id: frag_id }));
         }
-        let first_fragment = if frag & 0x2000 != 0 { Some(frag_id) } else { None };
+        let first_fragment = if frag & 0x2000 != 0 {
+            Some(frag_id)
+        } else {
+            None
+        };
         let l4 = l3 + ihl;
         let kind = match key.proto {
             PROTO_TCP | PROTO_UDP => Kind::Flow { l4, first_fragment },
@@ -267,7 +282,13 @@ mod prog {
         key.src.copy_from_slice(&h[8..24]);
         key.dst.copy_from_slice(&h[24..40]);
         let tos = (h[0] << 4) | (h[1] >> 4);
-        let pkt = Packet { l2, family: FAMILY_V6, ihl: IPV6_LEN, ip_len, tos };
+        let pkt = Packet {
+            l2,
+            family: FAMILY_V6,
+            ihl: IPV6_LEN,
+            ip_len,
+            tos,
+        };
         let mut l4 = l3 + IPV6_LEN;
         let mut first_fragment = None;
         if key.proto == PROTO_IPV6_FRAG {
@@ -305,7 +326,12 @@ mod prog {
 
     #[inline(always)]
     fn lookup_vip(key: &FlowKey) -> Option<VipMeta> {
-        let vk = VipKey { addr: key.dst, port: key.dport, proto: key.proto, family: key.family };
+        let vk = VipKey {
+            addr: key.dst,
+            port: key.dport,
+            proto: key.proto,
+            family: key.family,
+        };
         // SAFETY: the map has no preallocation (elements are RCU-freed), and the value is
         // copied out at once.
         unsafe { VIPS.get(&vk) }.copied()
@@ -333,9 +359,21 @@ mod prog {
         let vip = lookup_vip(key).ok_or(Error::NotVip)?;
         let (id, backend) = choose(key, &vip, tcp_flags)?;
         if let Some(frag_id) = first_fragment {
-            let _ = FRAGS.insert(&frag_key(key, frag_id), &CtValue { backend: id, _pad: 0 }, 0);
+            let _ = FRAGS.insert(
+                &frag_key(key, frag_id),
+                &CtValue {
+                    backend: id,
+                    _pad: 0,
+                },
+                0,
+            );
         }
-        Ok(Decision { id, backend, reply_too_big: true, counter: None })
+        Ok(Decision {
+            id,
+            backend,
+            reply_too_big: true,
+            counter: None,
+        })
     }
 
     /// The backend behind `id`, if it may carry traffic.
@@ -373,7 +411,9 @@ mod prog {
             return Some((unsafe { (*ct).backend }, true));
         }
         // SAFETY: as above.
-        CT_NEW.get_ptr(key).map(|ct| (unsafe { (*ct).backend }, false))
+        CT_NEW
+            .get_ptr(key)
+            .map(|ct| (unsafe { (*ct).backend }, false))
     }
 
     /// Connection tracking in two stages: a flow's first packet is recorded in `CT_NEW`, and
@@ -393,7 +433,17 @@ mod prog {
                 }
                 // A retried SYN proves nothing about the client: only a later packet promotes.
                 if !established && !syn {
-                    if CT.insert(key, &CtValue { backend: id, _pad: 0 }, 0).is_ok() {
+                    if CT
+                        .insert(
+                            key,
+                            &CtValue {
+                                backend: id,
+                                _pad: 0,
+                            },
+                            0,
+                        )
+                        .is_ok()
+                    {
                         count(Counter::CtPromoted);
                     } else {
                         count(Counter::CtInsertFailed);
@@ -403,7 +453,10 @@ mod prog {
             }
         }
         let (id, b) = from_table(key, vip)?;
-        let value = CtValue { backend: id, _pad: 0 };
+        let value = CtValue {
+            backend: id,
+            _pad: 0,
+        };
         let stats = backend_stats(id);
         match was {
             Some((_, established)) => {
@@ -435,11 +488,18 @@ mod prog {
     /// `key` holds the addresses and protocol only.
     #[inline(always)]
     fn later_fragment(key: &FlowKey, frag_id: u32) -> Result<Decision, Error> {
-        let v = FRAGS.get_ptr(&frag_key(key, frag_id)).ok_or(Error::FragUnknown)?;
+        let v = FRAGS
+            .get_ptr(&frag_key(key, frag_id))
+            .ok_or(Error::FragUnknown)?;
         // SAFETY: LRU element, read once.
         let id = unsafe { (*v).backend };
         let backend = live_backend(id).ok_or(Error::FragUnknown)?;
-        Ok(Decision { id, backend, reply_too_big: true, counter: Some(Counter::FragForwarded) })
+        Ok(Decision {
+            id,
+            backend,
+            reply_too_big: true,
+            counter: Some(Counter::FragForwarded),
+        })
     }
 
     /// ICMP "fragmentation needed" (IPv4) or "packet too big" (IPv6) about a VIP flow goes to
@@ -449,23 +509,36 @@ mod prog {
     fn icmp_error(ctx: &XdpContext, l4: usize, key: &mut FlowKey) -> Result<Decision, Error> {
         let family = key.family;
         let ih = header::<8>(ctx, l4)?;
-        let ours = if family == FAMILY_V4 { ih[0] == 3 && ih[1] == 4 } else { ih[0] == 2 };
+        let ours = if family == FAMILY_V4 {
+            ih[0] == 3 && ih[1] == 4
+        } else {
+            ih[0] == 2
+        };
         if !ours {
             return Err(Error::NotVip);
         }
         let vip = quoted_flow(ctx, l4 + 8, key)?;
-        let (id, backend) = match tracked(key).and_then(|(id, _)| live_backend(id).map(|b| (id, b))) {
+        let (id, backend) = match tracked(key).and_then(|(id, _)| live_backend(id).map(|b| (id, b)))
+        {
             Some(t) => t,
             None => from_table(key, &vip)?,
         };
-        Ok(Decision { id, backend, reply_too_big: false, counter: Some(Counter::IcmpForwarded) })
+        Ok(Decision {
+            id,
+            backend,
+            reply_too_big: false,
+            counter: Some(Counter::IcmpForwarded),
+        })
     }
 
     /// Reads the quoted packet of an ICMP error: returns the flow it belongs to, seen from the
     /// client (the quoted packet went from the VIP to the client).
     #[inline(always)]
     fn quoted_flow(ctx: &XdpContext, q: usize, key: &mut FlowKey) -> Result<VipMeta, Error> {
-        *key = FlowKey { family: key.family, ..FlowKey::default() };
+        *key = FlowKey {
+            family: key.family,
+            ..FlowKey::default()
+        };
         let l4 = if key.family == FAMILY_V4 {
             let qh = header::<IPV4_LEN>(ctx, q)?;
             let qihl = ((qh[0] & 0x0f) as usize) * 4;
@@ -542,7 +615,12 @@ mod prog {
         }
         // SAFETY: `p` is a valid, fully initialised parameter block of the size passed.
         let rc = unsafe {
-            bpf_fib_lookup(ctx.as_ptr(), &mut p, core::mem::size_of::<FibParams>() as i32, 0)
+            bpf_fib_lookup(
+                ctx.as_ptr(),
+                &mut p,
+                core::mem::size_of::<FibParams>() as i32,
+                0,
+            )
         };
         if rc != 0 {
             return None;
@@ -632,8 +710,8 @@ mod prog {
                 return Err(Error::NoEncapSource);
             }
             adjust_head(ctx, -(IPV4_LEN as i32))?;
-            let l3 = write_l2(ctx, &nh.dmac, &nh.smac, pkt.l2.vlan_tci, ETH_P_IP)
-                .map_err(adjusted)?;
+            let l3 =
+                write_l2(ctx, &nh.dmac, &nh.smac, pkt.l2.vlan_tci, ETH_P_IP).map_err(adjusted)?;
             let h = bytes_mut::<IPV4_LEN>(ctx, l3).map_err(adjusted)?;
             h[0] = 0x45;
             h[1] = pkt.tos;
@@ -656,8 +734,8 @@ mod prog {
                 return Err(Error::NoEncapSource);
             }
             adjust_head(ctx, -(IPV6_LEN as i32))?;
-            let l3 = write_l2(ctx, &nh.dmac, &nh.smac, pkt.l2.vlan_tci, ETH_P_IPV6)
-                .map_err(adjusted)?;
+            let l3 =
+                write_l2(ctx, &nh.dmac, &nh.smac, pkt.l2.vlan_tci, ETH_P_IPV6).map_err(adjusted)?;
             // The flow label carries the flow's hash, so ECMP on the way keeps a flow on one path.
             let vtcfl = (6u32 << 28) | ((pkt.tos as u32) << 20) | (flow_hash(key) & 0xf_ffff);
             let h = bytes_mut::<IPV6_LEN>(ctx, l3).map_err(adjusted)?;
@@ -704,8 +782,8 @@ mod prog {
         let len = ctx.data_end() - ctx.data();
         let want = pkt.l2.l3 + GROW + quote;
         adjust_tail(ctx, want as i32 - len as i32)?;
-        let l3 = write_l2(ctx, &pkt.l2.src, &pkt.l2.dst, pkt.l2.vlan_tci, ETH_P_IP)
-            .map_err(adjusted)?;
+        let l3 =
+            write_l2(ctx, &pkt.l2.src, &pkt.l2.dst, pkt.l2.vlan_tci, ETH_P_IP).map_err(adjusted)?;
         let h = bytes_mut::<IPV4_LEN>(ctx, l3).map_err(adjusted)?;
         *h = [0; IPV4_LEN];
         h[0] = 0x45;
@@ -731,7 +809,11 @@ mod prog {
     #[inline(never)]
     fn icmp6_too_big(ctx: *mut xdp_md, pkt: &Packet, key: &FlowKey, mtu: u16) -> Result<(), Error> {
         let ctx = &XdpContext::new(ctx);
-        let quote = if pkt.ip_len < ICMP6_QUOTE_LEN { pkt.ip_len } else { ICMP6_QUOTE_LEN };
+        let quote = if pkt.ip_len < ICMP6_QUOTE_LEN {
+            pkt.ip_len
+        } else {
+            ICMP6_QUOTE_LEN
+        };
         const GROW: usize = IPV6_LEN + 8;
         adjust_head(ctx, -(GROW as i32))?;
         let len = ctx.data_end() - ctx.data();

@@ -2,6 +2,9 @@
 //! packets addressed to this host whose inner destination is a VIP served here, and passes the
 //! inner packet up the stack. Backends then need no tunnel device and answer clients directly.
 #![cfg_attr(target_arch = "bpf", no_std, no_main)]
+// Map keys and values are passed by reference: by value they would be copied onto the
+// 512-byte BPF stack first.
+#![allow(clippy::needless_borrows_for_generic_args)]
 
 #[cfg(not(target_arch = "bpf"))]
 fn main() {}
@@ -21,8 +24,7 @@ mod prog {
     #[map]
     static DECAP_VIPS: HashMap<DecapKey, u32> = HashMap::with_max_entries(MAX_DECAP_ADDRS, 0);
     #[map]
-    static DECAP_COUNTERS: PerCpuArray<u64> =
-        PerCpuArray::with_max_entries(DecapCounter::COUNT, 0);
+    static DECAP_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(DecapCounter::COUNT, 0);
 
     #[derive(Clone, Copy)]
     enum Error {
@@ -80,7 +82,11 @@ mod prog {
 
     #[inline(always)]
     fn is(addr: &[u8; 16], family: u8, kind: u32) -> bool {
-        let k = DecapKey { addr: *addr, family, _pad: [0; 3] };
+        let k = DecapKey {
+            addr: *addr,
+            family,
+            _pad: [0; 3],
+        };
         // SAFETY: the value is copied out at once.
         unsafe { DECAP_VIPS.get(&k) }.copied() == Some(kind)
     }
@@ -93,7 +99,9 @@ mod prog {
             ETH_P_IP => {
                 let h: [u8; IPV4_LEN] = read(ctx, l3)?;
                 // Only what the balancer sends: no options, not fragmented, IPv4 inside.
-                if h[0] != 0x45 || h[9] != PROTO_IPIP || u16::from_be_bytes([h[6], h[7]]) & 0x3fff != 0
+                if h[0] != 0x45
+                    || h[9] != PROTO_IPIP
+                    || u16::from_be_bytes([h[6], h[7]]) & 0x3fff != 0
                 {
                     return Err(Error::NotOurs);
                 }
