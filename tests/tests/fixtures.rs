@@ -1373,18 +1373,21 @@ fn table() -> Vec<Step> {
             ip[4..6].copy_from_slice(&200u16.to_be_bytes());
             Case::pass(e.frame_in(None, &ip), PassMalformed)
         }),
-        // BUG (lb-ebpf/src/bin/balancer.rs, new_or_tracked: `header::<20>(ctx, l4)`, and
-        // `header::<8>` for UDP): the layer-4 header is bounds-checked against the end of the
-        // frame, not against the end of the IP packet (l3 + total length). The 12 TCP bytes the
-        // IP header declares are followed by Ethernet padding, which the program reads as the
-        // rest of the TCP header (flags = 0): it records a new flow (ct_new +1, new_flows +1)
-        // and sends the malformed packet to a backend (XDP_TX, IPIP) instead of passing it
-        // (pass_malformed). Kept failing until the program is fixed.
+        // Layer-4 headers must lie within the IP packet, not merely within the frame: here the
+        // 12 TCP bytes the IP header declares are followed by Ethernet padding, which must not
+        // be read as the rest of the TCP header.
         Packet("TCP header cut by the IPv4 total length (20+12) in a frame padded to 60 bytes -> PASS (pass_malformed)", |e| {
             let seg = Flow::new(CLIENT4, VIP4, 45_001, 80, TCP).segment(SYN, 0);
             let ip = Ip4::new(CLIENT4, VIP4, TCP).build(&seg[..12]);
             let mut f = e.frame_in(None, &ip);
             f.resize(60, 0);
+            Case::pass(f, PassMalformed)
+        }),
+        Packet("UDP header cut by the IPv6 payload length (4) with 8 trailing bytes in the frame -> PASS (pass_malformed)", |e| {
+            let seg = Flow::new(CLIENT6, VIP6, 33_334, 53, UDP).segment(0, 0);
+            let mut f = e.frame_in(None, &ip6(0, 0, UDP, 64, CLIENT6, VIP6, &seg[..4]));
+            f.extend_from_slice(&seg[4..8]);
+            f.extend_from_slice(&[0; 4]);
             Case::pass(f, PassMalformed)
         }),
         // ---- Fragments. ----

@@ -203,10 +203,13 @@ mod prog {
             _ => return Err(Error::NonIp),
         };
         // From here on, one path for both families: `key` is the flow as the client sees it.
+        let end = pkt.l2.l3 + pkt.ip_len;
         let d = match kind {
-            Kind::Flow { l4, first_fragment } => new_or_tracked(ctx, &mut key, l4, first_fragment)?,
+            Kind::Flow { l4, first_fragment } => {
+                new_or_tracked(ctx, &mut key, l4, end, first_fragment)?
+            }
             Kind::LaterFragment { id } => later_fragment(&key, id)?,
-            Kind::Icmp { l4 } => icmp_error(ctx, l4, &mut key)?,
+            Kind::Icmp { l4 } => icmp_error(ctx, l4, end, &mut key)?,
         };
         let action = forward(ctx, &pkt, &key, &d)?;
         if let Some(c) = d.counter {
@@ -221,6 +224,20 @@ mod prog {
         let p = ptr_at::<[u8; N]>(ctx, offset)?;
         // SAFETY: `ptr_at` checked the bounds; the packet is not resized while this lives.
         Ok(unsafe { &*p })
+    }
+
+    /// Like [`header`], but the header must also lie within the IP packet (`end` is where the
+    /// IP header's length field says it ends): Ethernet padding is not a header.
+    #[inline(always)]
+    fn header_within<const N: usize>(
+        ctx: &XdpContext,
+        offset: usize,
+        end: usize,
+    ) -> Result<&[u8; N], Error> {
+        if offset + N > end {
+            return Err(Error::Malformed);
+        }
+        header::<N>(ctx, offset)
     }
 
     #[inline(always)]
@@ -292,7 +309,7 @@ mod prog {
         let mut l4 = l3 + IPV6_LEN;
         let mut first_fragment = None;
         if key.proto == PROTO_IPV6_FRAG {
-            let f = header::<8>(ctx, l4)?;
+            let f = header_within::<8>(ctx, l4, l3 + ip_len)?;
             let off_flags = u16::from_be_bytes([f[2], f[3]]);
             let frag_id = u32::from_ne_bytes([f[4], f[5], f[6], f[7]]);
             key.proto = f[0];
@@ -343,15 +360,16 @@ mod prog {
         ctx: &XdpContext,
         key: &mut FlowKey,
         l4: usize,
+        end: usize,
         first_fragment: Option<u32>,
     ) -> Result<Decision, Error> {
         let tcp_flags = if key.proto == PROTO_TCP {
-            let th = header::<20>(ctx, l4)?;
+            let th = header_within::<20>(ctx, l4, end)?;
             key.sport = u16::from_ne_bytes([th[0], th[1]]);
             key.dport = u16::from_ne_bytes([th[2], th[3]]);
             th[13]
         } else {
-            let uh = header::<8>(ctx, l4)?;
+            let uh = header_within::<8>(ctx, l4, end)?;
             key.sport = u16::from_ne_bytes([uh[0], uh[1]]);
             key.dport = u16::from_ne_bytes([uh[2], uh[3]]);
             0
@@ -506,9 +524,14 @@ mod prog {
     /// the backend serving that flow; other ICMP is the kernel's business. Replaces `key` with
     /// the quoted flow, seen from the client.
     #[inline(always)]
-    fn icmp_error(ctx: &XdpContext, l4: usize, key: &mut FlowKey) -> Result<Decision, Error> {
+    fn icmp_error(
+        ctx: &XdpContext,
+        l4: usize,
+        end: usize,
+        key: &mut FlowKey,
+    ) -> Result<Decision, Error> {
         let family = key.family;
-        let ih = header::<8>(ctx, l4)?;
+        let ih = header_within::<8>(ctx, l4, end)?;
         let ours = if family == FAMILY_V4 {
             ih[0] == 3 && ih[1] == 4
         } else {
@@ -517,7 +540,7 @@ mod prog {
         if !ours {
             return Err(Error::NotVip);
         }
-        let vip = quoted_flow(ctx, l4 + 8, key)?;
+        let vip = quoted_flow(ctx, l4 + 8, end, key)?;
         let (id, backend) = match tracked(key).and_then(|(id, _)| live_backend(id).map(|b| (id, b)))
         {
             Some(t) => t,
@@ -534,13 +557,18 @@ mod prog {
     /// Reads the quoted packet of an ICMP error: returns the flow it belongs to, seen from the
     /// client (the quoted packet went from the VIP to the client).
     #[inline(always)]
-    fn quoted_flow(ctx: &XdpContext, q: usize, key: &mut FlowKey) -> Result<VipMeta, Error> {
+    fn quoted_flow(
+        ctx: &XdpContext,
+        q: usize,
+        end: usize,
+        key: &mut FlowKey,
+    ) -> Result<VipMeta, Error> {
         *key = FlowKey {
             family: key.family,
             ..FlowKey::default()
         };
         let l4 = if key.family == FAMILY_V4 {
-            let qh = header::<IPV4_LEN>(ctx, q)?;
+            let qh = header_within::<IPV4_LEN>(ctx, q, end)?;
             let qihl = ((qh[0] & 0x0f) as usize) * 4;
             if qh[0] >> 4 != 4 || qihl < IPV4_LEN {
                 return Err(Error::Malformed);
@@ -550,7 +578,7 @@ mod prog {
             key.dst[..4].copy_from_slice(&qh[12..16]);
             q + qihl
         } else {
-            let qh = header::<IPV6_LEN>(ctx, q)?;
+            let qh = header_within::<IPV6_LEN>(ctx, q, end)?;
             if qh[0] >> 4 != 6 {
                 return Err(Error::Malformed);
             }
@@ -562,7 +590,7 @@ mod prog {
         if key.proto != PROTO_TCP && key.proto != PROTO_UDP {
             return Err(Error::IcmpNotVip);
         }
-        let ports = header::<4>(ctx, l4)?;
+        let ports = header_within::<4>(ctx, l4, end)?;
         key.sport = u16::from_ne_bytes([ports[2], ports[3]]);
         key.dport = u16::from_ne_bytes([ports[0], ports[1]]);
         lookup_vip(key).ok_or(Error::IcmpNotVip)
