@@ -8,9 +8,14 @@ use serde::{Deserialize, Serialize};
 use std::{
     collections::HashSet,
     fmt,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr},
-    path::Path,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    path::{Path, PathBuf},
 };
+
+/// Where `lbd` serves its control API (`lbctl`) unless `control_socket` says otherwise.
+pub const DEFAULT_CONTROL_SOCKET: &str = "/run/lb/lbd.sock";
+/// Where `lbd` serves Prometheus metrics unless `metrics_listen` says otherwise.
+pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9469";
 
 /// Largest backend weight. Weights are relative; 0 keeps a backend configured but gives it no
 /// new flows.
@@ -104,10 +109,29 @@ pub struct Backend {
     pub address: IpAddr,
     #[serde(default = "default_weight")]
     pub weight: u32,
+    /// A drained backend keeps its weight but gets no new flows (effective weight 0); flows it
+    /// already has continue, since the connection tables keep them.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub drained: bool,
+}
+
+impl Backend {
+    /// The weight the Maglev table is built with: 0 while drained.
+    pub fn effective_weight(&self) -> u32 {
+        if self.drained {
+            0
+        } else {
+            self.weight
+        }
+    }
 }
 
 fn default_weight() -> u32 {
     1
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
@@ -157,6 +181,16 @@ pub struct Config {
     /// Slots in the pool that holds every VIP's Maglev table (two per VIP during an update).
     #[serde(default = "default_table_pool")]
     pub table_pool: u32,
+    /// Unix socket of the control API (`lbctl`). Mode 0600 (root only) unless `control_group`
+    /// is set.
+    #[serde(default = "default_control_socket")]
+    pub control_socket: PathBuf,
+    /// A group whose members may use the control socket too (mode 0660, that group).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub control_group: Option<String>,
+    /// Address of the Prometheus metrics endpoint (`GET /metrics`).
+    #[serde(default = "default_metrics_listen")]
+    pub metrics_listen: SocketAddr,
     #[serde(default, rename = "vip")]
     pub vips: Vec<Vip>,
 }
@@ -169,6 +203,12 @@ fn default_ct_new_size() -> u32 {
 }
 fn default_table_pool() -> u32 {
     DEFAULT_RING_POOL
+}
+fn default_control_socket() -> PathBuf {
+    PathBuf::from(DEFAULT_CONTROL_SOCKET)
+}
+fn default_metrics_listen() -> SocketAddr {
+    DEFAULT_METRICS_LISTEN.parse().expect("valid default")
 }
 
 impl Config {
@@ -187,10 +227,63 @@ impl Config {
         Ok(cfg)
     }
 
+    /// The configuration as TOML, as `lbd` writes it back after a change made with `lbctl`.
+    /// Parsing the text gives back an equal configuration.
+    pub fn to_toml(&self) -> Result<String, ConfigError> {
+        let body = toml::to_string(self)
+            .map_err(|e| ConfigError(format!("cannot write the configuration as TOML: {e}")))?;
+        Ok(format!(
+            "# Written by lbd after a change made with lbctl (comments are not kept).\n\n{body}"
+        ))
+    }
+
+    /// The settings that only take effect when `lbd` starts and differ between `self` and `new`.
+    pub fn restart_only_changes(&self, new: &Config) -> Vec<&'static str> {
+        let mut out = Vec::new();
+        if self.interface != new.interface {
+            out.push("interface");
+        }
+        if self.xdp_mode != new.xdp_mode {
+            out.push("xdp_mode");
+        }
+        if self.conntrack_size != new.conntrack_size {
+            out.push("conntrack_size");
+        }
+        if self.conntrack_new_size != new.conntrack_new_size {
+            out.push("conntrack_new_size");
+        }
+        if self.table_pool != new.table_pool {
+            out.push("table_pool");
+        }
+        if self.control_socket != new.control_socket {
+            out.push("control_socket");
+        }
+        if self.control_group != new.control_group {
+            out.push("control_group");
+        }
+        if self.metrics_listen != new.metrics_listen {
+            out.push("metrics_listen");
+        }
+        out
+    }
+
     /// Checks everything the datapath relies on.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.interface.is_empty() || self.interface.len() > 15 {
             return err("interface: must name a network interface (1 to 15 characters)");
+        }
+        if self.control_socket.as_os_str().is_empty() || !self.control_socket.is_absolute() {
+            return err(format!(
+                "control_socket: {:?} is not an absolute path; use one such as {DEFAULT_CONTROL_SOCKET}",
+                self.control_socket.display().to_string()
+            ));
+        }
+        if let Some(g) = &self.control_group {
+            if g.is_empty() || g.contains(['\0', ':', '/', ' ']) {
+                return err(format!(
+                    "control_group: {g:?} is not a group name; name an existing group or remove the key"
+                ));
+            }
         }
         if self.conntrack_size < 1024 {
             return err(format!(
@@ -373,5 +466,49 @@ source_v6 = "fd00::2"
             error(&v("", "10.0.0.11").replace("interface = \"eth0\"", "interface = \"\""))
                 .contains("interface")
         );
+    }
+
+    #[test]
+    fn written_toml_parses_back_equal() {
+        let mut c = Config::parse(&with_vip(
+            "[[vip]]\naddress = \"10.0.0.100\"\nport = 80\nprotocol = \"tcp\"\n[[vip.backend]]\naddress = \"10.0.0.11\"\nweight = 3\n[[vip.backend]]\naddress = \"10.0.0.12\"\n\n[[vip]]\naddress = \"fd00::100\"\nport = 443\nprotocol = \"udp\"\nforwarding = \"l2\"\ntable_size = 251\n",
+        ))
+        .unwrap();
+        c.vips[0].backends[1].drained = true;
+        c.control_group = Some("lbops".into());
+        let text = c.to_toml().unwrap();
+        assert_eq!(Config::parse(&text).unwrap(), c, "{text}");
+        assert!(text.contains("drained = true"), "{text}");
+        // Not drained: the key is left out, so files stay as operators write them.
+        assert_eq!(text.matches("drained").count(), 1, "{text}");
+    }
+
+    #[test]
+    fn drained_backend_keeps_weight_but_has_none_effective() {
+        let b = Backend {
+            address: "10.0.0.11".parse().unwrap(),
+            weight: 5,
+            drained: true,
+        };
+        assert_eq!(b.effective_weight(), 0);
+        let undrained = Backend {
+            drained: false,
+            ..b
+        };
+        assert_eq!(undrained.effective_weight(), 5);
+    }
+
+    #[test]
+    fn control_keys_have_defaults_and_are_checked() {
+        let c = Config::parse(BASE).unwrap();
+        assert_eq!(c.control_socket, PathBuf::from(DEFAULT_CONTROL_SOCKET));
+        assert_eq!(c.metrics_listen.to_string(), DEFAULT_METRICS_LISTEN);
+        assert_eq!(c.control_group, None);
+        assert!(error(&format!("control_socket = \"lbd.sock\"\n{BASE}"))
+            .contains("control_socket: \"lbd.sock\" is not an absolute path"));
+        assert!(error(&format!("control_group = \"a:b\"\n{BASE}"))
+            .contains("control_group: \"a:b\" is not a group name"));
+        let bad_listen = error(&format!("metrics_listen = \"nowhere\"\n{BASE}"));
+        assert!(bad_listen.contains("metrics_listen"), "{bad_listen}");
     }
 }
