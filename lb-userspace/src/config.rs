@@ -181,6 +181,11 @@ pub struct Config {
     /// Slots in the pool that holds every VIP's Maglev table (two per VIP during an update).
     #[serde(default = "default_table_pool")]
     pub table_pool: u32,
+    /// bpffs directory where maps and the XDP link are pinned, so that stopping, restarting or
+    /// upgrading lbd neither detaches the program nor loses a flow. Empty: no pinning (the
+    /// program is detached when lbd stops).
+    #[serde(default = "default_pin_dir")]
+    pub pin_dir: String,
     /// Unix socket of the control API (`lbctl`). Mode 0600 (root only) unless `control_group`
     /// is set.
     #[serde(default = "default_control_socket")]
@@ -193,6 +198,13 @@ pub struct Config {
     pub metrics_listen: SocketAddr,
     #[serde(default, rename = "vip")]
     pub vips: Vec<Vip>,
+}
+
+/// Where maps and the link are pinned by default.
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/lb";
+
+fn default_pin_dir() -> String {
+    DEFAULT_PIN_DIR.to_string()
 }
 
 fn default_ct_size() -> u32 {
@@ -271,6 +283,12 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.interface.is_empty() || self.interface.len() > 15 {
             return err("interface: must name a network interface (1 to 15 characters)");
+        }
+        if !self.pin_dir.is_empty() && !self.pin_dir.starts_with('/') {
+            return err(format!(
+                "pin_dir: {:?} must be an absolute path on a bpffs mount (default {DEFAULT_PIN_DIR}), or \"\" to disable pinning",
+                self.pin_dir
+            ));
         }
         if self.control_socket.as_os_str().is_empty() || !self.control_socket.is_absolute() {
             return err(format!(

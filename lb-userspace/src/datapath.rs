@@ -13,18 +13,25 @@ use crate::{
 };
 use anyhow::{anyhow, bail, Context as _, Result};
 use aya::{
-    maps::{Array, HashMap as BpfHashMap, Map, MapData, PerCpuArray, PerCpuValues},
-    programs::{xdp::XdpLinkId, Xdp, XdpMode as AyaXdpMode},
+    maps::{Array, HashMap as BpfHashMap, Map, MapData, MapInfo, PerCpuArray, PerCpuValues},
+    programs::{
+        links::{FdLink, PinnedLink},
+        xdp::{XdpLink, XdpLinkId},
+        Xdp, XdpMode as AyaXdpMode,
+    },
     Ebpf, EbpfLoader,
 };
 use lb_common::{
-    maglev, maps, progs, BackendInfo, BackendStats, Counter, CtValue, FlowKey, GlobalConfig,
-    NextHop, VipKey, VipMeta, VipStats, BACKEND_F_ACTIVE, CONFIG_F_HAVE_V4_SRC,
-    CONFIG_F_HAVE_V6_SRC, FAMILY_V4, FAMILY_V6, MAX_BACKENDS, MAX_VIPS,
+    maglev, maps, progs, BackendInfo, BackendStats, Counter, CtValue, FlowKey, FragKey,
+    GlobalConfig, NextHop, VipKey, VipMeta, VipStats, BACKEND_F_ACTIVE, CONFIG_F_HAVE_V4_SRC,
+    CONFIG_F_HAVE_V6_SRC, FAMILY_V4, FAMILY_V6, FRAG_TABLE_SIZE, MAX_BACKENDS, MAX_VIPS,
+    MODE_L2, PROTO_TCP, PROTO_UDP,
 };
 use std::{
     collections::{BTreeMap, BTreeSet},
+    mem::size_of,
     net::IpAddr,
+    path::{Path, PathBuf},
 };
 
 /// The balancer program, built by build.rs for the BPF target.
@@ -66,11 +73,13 @@ fn vip_key(v: &crate::config::Vip) -> VipKey {
 }
 
 /// Sizes of the maps, fixed at load time.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct LoadOptions {
     pub table_pool: u32,
     pub conntrack_size: u32,
     pub conntrack_new_size: u32,
+    /// bpffs directory for pinned maps and link (hitless restarts); `None`: no pinning.
+    pub pin_dir: Option<PathBuf>,
 }
 
 impl From<&Config> for LoadOptions {
@@ -79,8 +88,118 @@ impl From<&Config> for LoadOptions {
             table_pool: c.table_pool,
             conntrack_size: c.conntrack_size,
             conntrack_new_size: c.conntrack_new_size,
+            pin_dir: (!c.pin_dir.is_empty()).then(|| PathBuf::from(&c.pin_dir)),
         }
     }
+}
+
+/// Name of the pinned XDP link inside the pin directory.
+const LINK_PIN: &str = "link";
+
+/// The maps kept across restarts, with the (key size, value size, capacity) this build expects.
+fn pinned_maps(o: &LoadOptions) -> [(&'static str, usize, usize, u32); 11] {
+    [
+        (maps::VIPS, size_of::<VipKey>(), size_of::<VipMeta>(), MAX_VIPS),
+        (maps::RING, 4, 4, o.table_pool),
+        (maps::BACKENDS, 4, size_of::<BackendInfo>(), MAX_BACKENDS),
+        (maps::NEXTHOPS, 4, size_of::<NextHop>(), MAX_BACKENDS),
+        (maps::CT, size_of::<FlowKey>(), size_of::<CtValue>(), o.conntrack_size),
+        (maps::CT_NEW, size_of::<FlowKey>(), size_of::<CtValue>(), o.conntrack_new_size),
+        (maps::FRAGS, size_of::<FragKey>(), size_of::<CtValue>(), FRAG_TABLE_SIZE),
+        (maps::CONFIG, 4, size_of::<GlobalConfig>(), 1),
+        (maps::COUNTERS, 4, 8, Counter::COUNT),
+        (maps::VIP_STATS, 4, size_of::<VipStats>(), MAX_VIPS),
+        (maps::BACKEND_STATS, 4, size_of::<BackendStats>(), MAX_BACKENDS),
+    ]
+}
+
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+fn is_bpffs(p: &Path) -> bool {
+    let Ok(c) = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()) else {
+        return false;
+    };
+    // SAFETY: statfs fills the zeroed struct; `c` is a valid path string.
+    unsafe {
+        let mut st: libc::statfs = std::mem::zeroed();
+        libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type as i64 == BPF_FS_MAGIC
+    }
+}
+
+/// Makes sure `dir` exists on a bpffs mount; mounts bpffs on /sys/fs/bpf if that is where it
+/// should be and nothing is mounted there yet (fresh machines, private mount namespaces).
+fn ensure_pin_dir(dir: &Path) -> Result<()> {
+    let parent = dir.parent().unwrap_or(Path::new("/"));
+    if !is_bpffs(parent) {
+        let sysfs_bpf = Path::new("/sys/fs/bpf");
+        if parent == sysfs_bpf {
+            let src = std::ffi::CString::new("bpf").unwrap();
+            let target = std::ffi::CString::new("/sys/fs/bpf").unwrap();
+            // SAFETY: plain mount(2) call with valid NUL-terminated strings.
+            let rc = unsafe {
+                libc::mount(src.as_ptr(), target.as_ptr(), src.as_ptr(), 0, std::ptr::null())
+            };
+            if rc != 0 {
+                bail!(
+                    "pin_dir: /sys/fs/bpf is not a bpffs mount and mounting one failed ({}); run `mount -t bpf bpf /sys/fs/bpf`",
+                    std::io::Error::last_os_error()
+                );
+            }
+        } else {
+            bail!(
+                "pin_dir: {} is not on a bpffs mount; mount one (`mount -t bpf bpf {}`) or use the default {}",
+                dir.display(),
+                parent.display(),
+                crate::config::DEFAULT_PIN_DIR
+            );
+        }
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("creating pin_dir {}", dir.display()))
+}
+
+/// Refuses pinned maps this build cannot use (another layout or other sizes).
+fn check_pins(dir: &Path, o: &LoadOptions) -> Result<()> {
+    for (name, k, v, n) in pinned_maps(o) {
+        let path = dir.join(name);
+        let info = MapInfo::from_pin(&path).with_context(|| {
+            format!("reading pinned map {}; remove stale pins with `lbd cleanup`", path.display())
+        })?;
+        if (info.key_size() as usize, info.value_size() as usize, info.max_entries()) != (k, v, n) {
+            bail!(
+                "pinned map {} has key/value size {}/{} and {} entries, this lbd needs {k}/{v} and {n}: \
+                 the pins come from another build or other map sizes (conntrack_size, conntrack_new_size, table_pool). \
+                 Restart with the old settings, or run `lbd cleanup` (drops established flows) and start again",
+                path.display(),
+                info.key_size(),
+                info.value_size(),
+                info.max_entries()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Removes everything lbd pinned in `dir`: detaches the program (the link goes with its last
+/// reference) and drops every map, established flows included.
+pub fn remove_pins(dir: &Path) -> Result<Vec<String>> {
+    let mut removed = Vec::new();
+    let link = dir.join(LINK_PIN);
+    if link.exists() {
+        let pinned = PinnedLink::from_pin(&link).context("opening the pinned link")?;
+        drop(pinned.unpin().context("unpinning the link")?);
+        removed.push(LINK_PIN.to_string());
+    }
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            std::fs::remove_file(e.path())
+                .with_context(|| format!("removing {}", e.path().display()))?;
+            removed.push(e.file_name().to_string_lossy().into_owned());
+        }
+    }
+    if dir.exists() {
+        std::fs::remove_dir(dir).with_context(|| format!("removing {}", dir.display()))?;
+    }
+    Ok(removed)
 }
 
 /// One backend of one VIP.
@@ -143,18 +262,34 @@ pub struct Balancer {
     used_backend_ids: BTreeSet<u32>,
     next_backend_id: u32,
     used_vip_ids: BTreeSet<u32>,
-    interface: Option<(String, XdpLinkId, AyaXdpMode)>,
+    interface: Option<(String, Option<XdpLinkId>, AyaXdpMode)>,
+    pin_dir: Option<PathBuf>,
+    /// Whether the maps were found pinned (a restart or an upgrade) rather than created.
+    resumed: bool,
 }
 
 impl Balancer {
     /// Loads the program and creates its maps (verifier included); nothing is attached yet.
+    /// With a pin directory that already holds maps (a restart or an upgrade), the maps are
+    /// reused, connection tables and counters included, and the agent's view of them restored.
     pub fn load(opts: LoadOptions) -> Result<Self> {
-        let mut ebpf = EbpfLoader::new()
+        let mut loader = EbpfLoader::new();
+        loader
             .map_max_entries(maps::RING, opts.table_pool)
             .map_max_entries(maps::CT, opts.conntrack_size)
-            .map_max_entries(maps::CT_NEW, opts.conntrack_new_size)
-            .load(BALANCER_OBJ)
-            .context("loading the balancer object")?;
+            .map_max_entries(maps::CT_NEW, opts.conntrack_new_size);
+        let mut resumed = false;
+        if let Some(dir) = &opts.pin_dir {
+            ensure_pin_dir(dir)?;
+            resumed = dir.join(maps::VIPS).exists();
+            if resumed {
+                check_pins(dir, &opts)?;
+            }
+            for (name, ..) in pinned_maps(&opts) {
+                loader.map_pin_path(name, dir.join(name));
+            }
+        }
+        let mut ebpf = loader.load(BALANCER_OBJ).context("loading the balancer object")?;
         let prog: &mut Xdp = ebpf
             .program_mut(progs::BALANCER)
             .ok_or_else(|| anyhow!("no program {}", progs::BALANCER))?
@@ -173,7 +308,7 @@ impl Balancer {
             ct: BpfHashMap::try_from(take(&mut ebpf, maps::CT)?)?,
             ct_new: BpfHashMap::try_from(take(&mut ebpf, maps::CT_NEW)?)?,
         };
-        Ok(Balancer {
+        let mut lb = Balancer {
             ebpf,
             maps,
             pool: RingPool::new(opts.table_pool),
@@ -182,7 +317,88 @@ impl Balancer {
             next_backend_id: 1,
             used_vip_ids: BTreeSet::new(),
             interface: None,
-        })
+            pin_dir: opts.pin_dir.clone(),
+            resumed,
+        };
+        if resumed {
+            lb.restore().context("restoring state from the pinned maps")?;
+        }
+        Ok(lb)
+    }
+
+    /// Whether this instance took over pinned maps from a previous one.
+    pub fn resumed(&self) -> bool {
+        self.resumed
+    }
+
+    /// Rebuilds the agent's view (VIP ids, backend ids, table regions, tables) from the maps,
+    /// so that applying the same configuration changes nothing and no flow moves.
+    fn restore(&mut self) -> Result<()> {
+        let mut by_vip: BTreeMap<u32, Vec<(u32, IpAddr)>> = BTreeMap::new();
+        for id in 1..MAX_BACKENDS {
+            let b = self.maps.backends.get(&id, 0)?;
+            if b.flags & BACKEND_F_ACTIVE != 0 {
+                by_vip.entry(b.vip_id).or_default().push((id, addr_from_bytes(&b.addr, b.family)));
+                self.used_backend_ids.insert(id);
+                self.next_backend_id = if id + 1 >= MAX_BACKENDS { 1 } else { id + 1 };
+            }
+        }
+        let entries: Vec<(VipKey, VipMeta)> = self.maps.vips.iter().collect::<Result<_, _>>()?;
+        for (k, meta) in entries {
+            let protocol = match k.proto {
+                PROTO_TCP => crate::config::Protocol::Tcp,
+                PROTO_UDP => crate::config::Protocol::Udp,
+                p => bail!("pinned VIP map holds protocol {p}, which this lbd does not know"),
+            };
+            let address = addr_from_bytes(&k.addr, k.family);
+            let region = Region { offset: meta.ring_offset, size: meta.ring_size };
+            if !self.pool.reserve(region) {
+                bail!("pinned tables overlap or exceed table_pool; run `lbd cleanup`");
+            }
+            let mut table = Vec::with_capacity(region.size as usize);
+            for i in 0..region.size {
+                table.push(self.maps.ring.get(&(region.offset + i), 0)?);
+            }
+            let backends: Vec<BackendState> = by_vip
+                .remove(&meta.vip_id)
+                .unwrap_or_default()
+                .into_iter()
+                .map(|(id, address)| BackendState {
+                    address,
+                    id,
+                    weight: 0,
+                    slots: table.iter().filter(|&&s| s == id).count() as u32,
+                })
+                .collect();
+            let config = crate::config::Vip {
+                address,
+                port: u16::from_be(k.port),
+                protocol,
+                forwarding: if meta.mode == MODE_L2 { Forwarding::L2 } else { Forwarding::Ipip },
+                table_size: region.size,
+                backends: backends
+                    .iter()
+                    .map(|b| crate::config::Backend {
+                        address: b.address,
+                        weight: b.slots,
+                        drained: false,
+                    })
+                    .collect(),
+            };
+            self.used_vip_ids.insert(meta.vip_id);
+            self.vips.insert(
+                (address, config.port, protocol),
+                VipState {
+                    config,
+                    vip_id: meta.vip_id,
+                    generation: meta.generation,
+                    region,
+                    table,
+                    backends,
+                },
+            );
+        }
+        Ok(())
     }
 
     /// The loaded program (for BPF_PROG_TEST_RUN).
@@ -194,6 +410,10 @@ impl Balancer {
     }
 
     /// Attaches to `interface` and enables forwarding on it (`bpf_fib_lookup` requires it).
+    ///
+    /// With pinning, a link already pinned by a previous lbd is updated in place to this
+    /// program: the kernel swaps programs atomically, no packet sees no program. Otherwise the
+    /// new link is pinned, so it outlives this process.
     pub fn attach(&mut self, interface: &str, mode: XdpMode) -> Result<AyaXdpMode> {
         netif::ifindex(interface)?;
         netif::enable_forwarding(interface)?;
@@ -202,14 +422,42 @@ impl Balancer {
             .program_mut(progs::BALANCER)
             .expect("program loaded")
             .try_into()?;
-        let (link, used) = attach_xdp(prog, interface, mode)?;
-        self.interface = Some((interface.to_string(), link, used));
+        let Some(dir) = &self.pin_dir else {
+            let (link, used) = attach_xdp(prog, interface, mode)?;
+            self.interface = Some((interface.to_string(), Some(link), used));
+            return Ok(used);
+        };
+        let link_path = dir.join(LINK_PIN);
+        if link_path.exists() {
+            let used = match mode {
+                XdpMode::Generic => AyaXdpMode::Skb,
+                _ => AyaXdpMode::Driver,
+            };
+            let pinned =
+                PinnedLink::from_pin(&link_path).context("opening the pinned XDP link")?;
+            let link = XdpLink::try_from(FdLink::from(pinned))
+                .context("the pinned link is not an XDP link; run `lbd cleanup`")?;
+            prog.attach_to_link(link)
+                .context("replacing the running program in the pinned link")?;
+            self.interface = Some((interface.to_string(), None, used));
+            return Ok(used);
+        }
+        let (id, used) = attach_xdp(prog, interface, mode)?;
+        let link = prog.take_link(id)?;
+        let fd_link = FdLink::try_from(link).context(
+            "pinning needs a bpf_link XDP attachment (Linux 5.9+); set pin_dir = \"\" to run without",
+        )?;
+        fd_link
+            .pin(&link_path)
+            .with_context(|| format!("pinning the link at {}", link_path.display()))?;
+        self.interface = Some((interface.to_string(), None, used));
         Ok(used)
     }
 
-    /// Detaches from the interface (dropping the balancer does too).
+    /// Detaches from the interface, unless pinned: a pinned datapath outlives lbd on purpose
+    /// (`remove_pins` takes it down).
     pub fn detach(&mut self) -> Result<()> {
-        if let Some((_, link, _)) = self.interface.take() {
+        if let Some((_, Some(link), _)) = self.interface.take() {
             let prog: &mut Xdp = self
                 .ebpf
                 .program_mut(progs::BALANCER)
@@ -218,6 +466,11 @@ impl Balancer {
             prog.detach(link)?;
         }
         Ok(())
+    }
+
+    /// The pin directory, if pinning.
+    pub fn pin_dir(&self) -> Option<&Path> {
+        self.pin_dir.as_deref()
     }
 
     pub fn interface(&self) -> Option<(&str, AyaXdpMode)> {

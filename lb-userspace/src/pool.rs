@@ -75,6 +75,26 @@ impl RingPool {
         self.free = merged;
     }
 
+    /// Marks a region as in use (when resuming from pinned maps). False if it is not free.
+    pub fn reserve(&mut self, r: Region) -> bool {
+        let Some(i) = self
+            .free
+            .iter()
+            .position(|f| f.offset <= r.offset && r.offset + r.size <= f.offset + f.size)
+        else {
+            return false;
+        };
+        let f = self.free.remove(i);
+        if r.offset + r.size < f.offset + f.size {
+            let end = r.offset + r.size;
+            self.free.insert(i, Region { offset: end, size: f.offset + f.size - end });
+        }
+        if f.offset < r.offset {
+            self.free.insert(i, Region { offset: f.offset, size: r.offset - f.offset });
+        }
+        true
+    }
+
     fn release_matured(&mut self, now: Instant) {
         let (ready, waiting): (Vec<_>, Vec<_>) = self
             .quarantined
@@ -113,6 +133,16 @@ mod tests {
                 size: 60
             })
         );
+    }
+
+    #[test]
+    fn reserve_splits_free_space() {
+        let mut p = RingPool::new(100);
+        assert!(p.reserve(Region { offset: 40, size: 20 }));
+        assert!(!p.reserve(Region { offset: 50, size: 20 }), "overlaps a reserved region");
+        assert_eq!(p.alloc(40), Some(Region { offset: 0, size: 40 }));
+        assert_eq!(p.alloc(40), Some(Region { offset: 60, size: 40 }));
+        assert_eq!(p.free_slots(), 0);
     }
 
     #[test]

@@ -21,7 +21,7 @@ const LONG_LIVED: usize = 90;
 fn config(lab: &Lab, v6: bool, forwarding: &str, backends: &[(usize, u32)]) -> Config {
     let vip: IpAddr = if v6 { VIP_V6.into() } else { VIP_V4.into() };
     let mut text = format!(
-        "interface = \"eth0\"\nxdp_mode = \"native\"\n[encap]\nsource_v4 = \"{LB_V4}\"\nsource_v6 = \"{LB_V6}\"\n\
+        "interface = \"eth0\"\nxdp_mode = \"native\"\npin_dir = \"\"\n[encap]\nsource_v4 = \"{LB_V4}\"\nsource_v6 = \"{LB_V6}\"\n\
          [[vip]]\naddress = \"{vip}\"\nport = {PORT}\nprotocol = \"tcp\"\nforwarding = \"{forwarding}\"\n"
     );
     for (i, w) in backends {

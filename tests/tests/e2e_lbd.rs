@@ -30,7 +30,7 @@ fn lbd_path() -> PathBuf {
 
 fn config(lab: &Lab, weights: &[u32]) -> String {
     let mut text = format!(
-        "interface = \"eth0\"\nxdp_mode = \"native\"\n[encap]\nsource_v4 = \"{LB_V4}\"\nsource_v6 = \"{LB_V6}\"\n\
+        "interface = \"eth0\"\nxdp_mode = \"native\"\npin_dir = \"\"\n[encap]\nsource_v4 = \"{LB_V4}\"\nsource_v6 = \"{LB_V6}\"\n\
          [[vip]]\naddress = \"{VIP_V4}\"\nport = 80\nprotocol = \"tcp\"\nforwarding = \"ipip\"\n"
     );
     for (i, w) in weights.iter().enumerate() {

@@ -796,6 +796,7 @@ impl Env {
             .map_err(|_| anyhow::anyhow!("eth0 MAC {mac_text:?}"))?;
 
         let mut lb = Balancer::load(LoadOptions {
+            pin_dir: None,
             table_pool: 1 << 20,
             conntrack_size: 4096,
             conntrack_new_size: 4096,

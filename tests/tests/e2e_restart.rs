@@ -1,0 +1,272 @@
+//! Hitless restart and upgrade: with maps and the XDP link pinned in bpffs, stopping lbd
+//! leaves the datapath running, and a new lbd takes the pinned maps (connection tables
+//! included) over and swaps its program into the pinned link atomically. Long-lived
+//! connections must see zero resets throughout, and counters keep counting.
+use std::{
+    net::{IpAddr, SocketAddr},
+    path::{Path, PathBuf},
+    process::{Child, Command},
+    time::{Duration, Instant},
+};
+use tests::{
+    lab::{Lab, LabSpec, LB_V4, LB_V6, VIP_V4},
+    require_root,
+    tcp::{client_many, tally, LongLived, TcpServer},
+};
+
+const LONG_LIVED: usize = 120;
+
+fn lbd_path() -> PathBuf {
+    let exe = std::env::current_exe().expect("test binary path");
+    let lbd = exe
+        .parent()
+        .and_then(|d| d.parent())
+        .expect("target/<profile>")
+        .join("lbd");
+    assert!(
+        lbd.exists(),
+        "{} is missing: build it first (`cargo xtask test` does)",
+        lbd.display()
+    );
+    lbd
+}
+
+fn is_bpffs(p: &Path) -> bool {
+    let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: statfs on a valid path into a zeroed struct.
+    unsafe {
+        let mut st: libc::statfs = std::mem::zeroed();
+        libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type as i64 == 0xcafe_4a11
+    }
+}
+
+/// Starts lbd inside the lab's balancer namespace with `nsenter --net` (unlike `ip netns exec`
+/// it keeps the root mount namespace, so pins land in the host's /sys/fs/bpf and outlive lbd).
+fn start_lbd(lab: &Lab, lbd: &Path, config: &Path) -> Child {
+    let ns = lab.lb().ns();
+    let mut cmd = Command::new("nsenter");
+    cmd.arg(format!("--net=/run/netns/{}", ns.name()))
+        .arg(lbd)
+        .args(["--config", config.to_str().unwrap()])
+        .stdin(std::process::Stdio::null());
+    ns.spawn_command(&mut cmd).expect("starting lbd")
+}
+
+fn stop(child: &mut Child) {
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let end = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            assert!(s.success(), "lbd exited with {s}");
+            return;
+        }
+        assert!(Instant::now() < end, "lbd did not stop on SIGTERM");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn xdp_attached(lab: &Lab) -> bool {
+    lab.lb()
+        .ns()
+        .ip(["link", "show", "dev", "eth0"])
+        .map(|s| s.contains("xdp"))
+        .unwrap_or(false)
+}
+
+fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
+    let end = Instant::now() + Duration::from_secs(20);
+    while !f() {
+        assert!(Instant::now() < end, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Packets the VIP has seen, from the pinned per-CPU stats (read with bpftool, as an operator
+/// would, so the check does not depend on lbd).
+fn vip_packets(pin_dir: &Path) -> u64 {
+    let out = Command::new("bpftool")
+        .args(["-j", "map", "dump", "pinned"])
+        .arg(pin_dir.join("VIP_STATS"))
+        .output()
+        .expect("running bpftool (cargo xtask setup installs it)");
+    assert!(
+        out.status.success(),
+        "bpftool: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    // Entry 0 (the only VIP); each CPU's value starts with its `packets` u64 as 8 hex bytes.
+    let mut total = 0u64;
+    let first_entry = text.split("\"key\"").nth(1).unwrap_or("");
+    let first_entry = first_entry.split("\"key\"").next().unwrap_or("");
+    for cpu in first_entry.split("\"value\":[").skip(1) {
+        let bytes: Vec<u8> = cpu
+            .split(']')
+            .next()
+            .unwrap()
+            .split(',')
+            .take(8)
+            .map(|b| {
+                u8::from_str_radix(b.trim().trim_matches('"').trim_start_matches("0x"), 16).unwrap()
+            })
+            .collect();
+        total += u64::from_le_bytes(bytes.try_into().unwrap());
+    }
+    total
+}
+
+#[test]
+fn restart_and_upgrade_keep_established_flows() {
+    require_root();
+    let bpffs = Path::new("/sys/fs/bpf");
+    assert!(
+        is_bpffs(bpffs),
+        "/sys/fs/bpf is not a bpffs mount: run `cargo xtask setup` (it mounts it)"
+    );
+    let lbd = lbd_path();
+    let lab = Lab::new(LabSpec { backends: 3 }).expect("building the lab");
+    let pin_dir = bpffs.join(format!("{}-pins", lab.prefix()));
+    let vip = SocketAddr::new(IpAddr::from(VIP_V4), 80);
+    let _servers: Vec<TcpServer> = (0..3)
+        .map(|i| TcpServer::start(lab.backend(i).ns(), &[vip], &format!("backend{i}")).unwrap())
+        .collect();
+    let mut decaps: Vec<Child> = (0..3)
+        .map(|i| {
+            lab.backend(i).ns().spawn(
+                lbd.to_str().unwrap(),
+                [
+                    "decap",
+                    "--interface",
+                    "eth0",
+                    "--vip",
+                    "10.200.100.1",
+                    "--xdp-mode",
+                    "native",
+                ],
+            )
+        })
+        .collect();
+    let dir = std::env::temp_dir().join(format!("{}-restart", lab.prefix()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("lbd.toml");
+    let mut text = format!(
+        "interface = \"eth0\"\nxdp_mode = \"native\"\npin_dir = \"{}\"\n[encap]\nsource_v4 = \"{LB_V4}\"\nsource_v6 = \"{LB_V6}\"\n\
+         [[vip]]\naddress = \"{VIP_V4}\"\nport = 80\nprotocol = \"tcp\"\n",
+        pin_dir.display()
+    );
+    for i in 0..3 {
+        text.push_str(&format!(
+            "[[vip.backend]]\naddress = \"{}\"\nweight = 1\n",
+            lab.backend(i).v4()
+        ));
+    }
+    std::fs::write(&config, text).unwrap();
+
+    let mut agent = start_lbd(&lab, &lbd, &config);
+    wait_for("lbd to attach", || {
+        xdp_attached(&lab) && pin_dir.join("link").exists()
+    });
+    std::thread::sleep(Duration::from_millis(1500));
+    let mut long = LongLived::open(lab.client().ns(), vip, LONG_LIVED, Duration::from_secs(3))
+        .expect("opening connections");
+    long.check_all().expect("long-lived connections work");
+    println!("long-lived per backend: {:?}", long.backend_counts());
+
+    // 1. Stop: the datapath keeps running without lbd.
+    stop(&mut agent);
+    assert!(
+        xdp_attached(&lab),
+        "stopping lbd detached the pinned program"
+    );
+    long.check_all()
+        .expect("established flows while lbd is stopped");
+    let down = client_many(lab.client().ns(), vip, 200, Duration::from_secs(3));
+    assert!(
+        down.iter().all(|r| r.is_ok()),
+        "new connections failed while lbd was stopped"
+    );
+    let before = vip_packets(&pin_dir);
+
+    // 2. Start again: the pinned maps and link are taken over; nothing moves.
+    let mut agent = start_lbd(&lab, &lbd, &config);
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(agent.try_wait().unwrap().is_none(), "lbd exited on restart");
+    long.check_all().expect("zero resets across the restart");
+    let after = vip_packets(&pin_dir);
+    assert!(
+        after > before,
+        "counters must keep counting across the restart ({before} -> {after})"
+    );
+
+    // 3. Upgrade: a freshly built lbd (a copy of the binary, as a package upgrade would install)
+    //    loads its program and swaps it into the pinned link while traffic flows.
+    let upgraded = dir.join("lbd-upgraded");
+    std::fs::copy(&lbd, &upgraded).unwrap();
+    let prog_before = lab
+        .lb()
+        .ns()
+        .ip(["-d", "link", "show", "dev", "eth0"])
+        .unwrap();
+    stop(&mut agent);
+    let mut agent = start_lbd(&lab, &upgraded, &config);
+    std::thread::sleep(Duration::from_secs(2));
+    let prog_after = lab
+        .lb()
+        .ns()
+        .ip(["-d", "link", "show", "dev", "eth0"])
+        .unwrap();
+    let id = |s: &str| {
+        s.split("prog/xdp id ")
+            .nth(1)
+            .and_then(|r| r.split_whitespace().next())
+            .map(str::to_string)
+    };
+    assert_ne!(
+        id(&prog_before),
+        id(&prog_after),
+        "the upgrade must swap in a new program ({prog_after})"
+    );
+    let statuses = long.check();
+    let broken: Vec<_> = statuses.iter().filter(|s| !s.is_ok()).collect();
+    assert!(
+        broken.is_empty(),
+        "{} of {LONG_LIVED} connections broke across the upgrade: {:?}",
+        broken.len(),
+        broken.first()
+    );
+    let results = client_many(lab.client().ns(), vip, 300, Duration::from_secs(3));
+    assert!(
+        results.iter().all(|r| r.is_ok()),
+        "new connections after the upgrade failed"
+    );
+    println!(
+        "after the upgrade: {:?}; {LONG_LIVED} long-lived connections, zero resets",
+        tally(&results)
+    );
+
+    // 4. The explicit command takes everything down.
+    stop(&mut agent);
+    let out = Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{}", lab.lb().ns().name()))
+        .arg(&lbd)
+        .args(["--config", config.to_str().unwrap(), "cleanup"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "lbd cleanup: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_for("the program to be detached", || !xdp_attached(&lab));
+    assert!(
+        !pin_dir.exists(),
+        "pins left behind in {}",
+        pin_dir.display()
+    );
+    for d in &mut decaps {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(d.id() as i32, libc::SIGTERM) };
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
