@@ -6,59 +6,15 @@
 //! `lbd decap --interface IF --vip ADDR...` runs on a backend host instead: it attaches the
 //! decapsulation program so the host accepts IP-in-IP for its VIPs without a tunnel device.
 use anyhow::{Context as _, Result};
-use clap::{Parser, Subcommand};
-use lb_userspace::{config::XdpMode, netif, Balancer, Config, Decap, LoadOptions};
-use std::{net::IpAddr, path::PathBuf};
+use clap::Parser as _;
+use lb_userspace::{
+    cli::{LbdCli as Cli, LbdCommand as Command},
+    config::XdpMode,
+    netif, notify, Balancer, Config, Decap, LoadOptions,
+};
+use std::net::IpAddr;
 use tokio::signal::unix::{signal, SignalKind};
 use tracing::{error, info, warn};
-
-#[derive(Parser)]
-#[command(name = "lbd", version, about = "XDP Maglev load balancer agent")]
-struct Cli {
-    /// Configuration file (TOML).
-    #[arg(long, short, default_value = "/etc/lb/lbd.toml")]
-    config: PathBuf,
-    /// Validate the configuration and exit.
-    #[arg(long)]
-    check: bool,
-    #[command(subcommand)]
-    command: Option<Command>,
-}
-
-#[derive(Subcommand)]
-enum Command {
-    /// Run on a backend host: decapsulate IP-in-IP addressed to this host for the given VIPs.
-    Decap {
-        /// Interface that receives the balancer's packets.
-        #[arg(long)]
-        interface: String,
-        /// A VIP served by this host (repeat for several).
-        #[arg(long = "vip", required = true)]
-        vips: Vec<IpAddr>,
-        /// Extra local addresses accepted as outer destination (the interface's own are added).
-        #[arg(long = "local")]
-        locals: Vec<IpAddr>,
-        #[arg(long, value_enum, default_value = "auto")]
-        xdp_mode: ModeArg,
-    },
-}
-
-#[derive(Clone, Copy, clap::ValueEnum)]
-enum ModeArg {
-    Auto,
-    Native,
-    Generic,
-}
-
-impl From<ModeArg> for XdpMode {
-    fn from(m: ModeArg) -> Self {
-        match m {
-            ModeArg::Auto => XdpMode::Auto,
-            ModeArg::Native => XdpMode::Native,
-            ModeArg::Generic => XdpMode::Generic,
-        }
-    }
-}
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
@@ -78,6 +34,7 @@ async fn main() {
             locals,
             xdp_mode,
         }) => run_decap(&interface, &vips, &locals, xdp_mode.into()).await,
+        Some(Command::Cleanup) => cleanup(&cli.config),
         None if cli.check => Config::load(&cli.config)
             .map(|_| {
                 println!("{}: ok", cli.config.display());
@@ -104,9 +61,13 @@ async fn run_balancer(path: &std::path::Path) -> Result<()> {
         interface = %cfg.interface,
         mode = ?mode,
         vips = cfg.vips.len(),
-        tables = report.tables.len(),
+        tables_changed = report.tables.len(),
+        resumed = lb.resumed(),
+        pinned = lb.pin_dir().is_some(),
         "lbd ready"
     );
+    notify::balancer_ready(&cfg);
+    let _watchdog = notify::spawn_watchdog();
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut hup = signal(SignalKind::hangup())?;
@@ -116,6 +77,7 @@ async fn run_balancer(path: &std::path::Path) -> Result<()> {
             _ = term.recv() => break,
             _ = int.recv() => break,
             _ = hup.recv() => {
+                notify::reloading();
                 match Config::load(path) {
                     Ok(new) if new.interface != current.interface
                         || new.xdp_mode != current.xdp_mode
@@ -143,11 +105,31 @@ async fn run_balancer(path: &std::path::Path) -> Result<()> {
                     },
                     Err(e) => error!("reload rejected, nothing changed: {e}"),
                 }
+                notify::balancer_ready(&current);
             }
         }
     }
-    info!("stopping: detaching from {}", current.interface);
+    notify::stopping();
+    match lb.pin_dir() {
+        Some(dir) => info!(
+            "stopping; the datapath keeps running, pinned in {} (`lbd cleanup` removes it)",
+            dir.display()
+        ),
+        None => info!("stopping: detaching from {}", current.interface),
+    }
     lb.detach()?;
+    Ok(())
+}
+
+/// `lbd cleanup`: detach and remove everything pinned in the configured pin_dir.
+fn cleanup(path: &std::path::Path) -> Result<()> {
+    let cfg = Config::load(path)?;
+    if cfg.pin_dir.is_empty() {
+        println!("pin_dir is empty: nothing is pinned, nothing to remove");
+        return Ok(());
+    }
+    let removed = lb_userspace::datapath::remove_pins(std::path::Path::new(&cfg.pin_dir))?;
+    println!("removed {} pinned objects from {}", removed.len(), cfg.pin_dir);
     Ok(())
 }
 
@@ -169,11 +151,14 @@ async fn run_decap(
     }
     let used = d.attach(interface, mode)?;
     info!(%interface, mode = ?used, vips = vips.len(), locals = all_locals.len(), "lbd decap ready");
+    notify::decap_ready(interface, vips.len());
+    let _watchdog = notify::spawn_watchdog();
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     tokio::select! {
         _ = term.recv() => {},
         _ = int.recv() => {},
     }
+    notify::stopping();
     Ok(())
 }
