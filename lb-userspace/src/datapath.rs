@@ -521,7 +521,7 @@ impl Balancer {
                 backends.push(BackendState {
                     address: b.address,
                     id: bid,
-                    weight: b.weight,
+                    weight: b.effective_weight(),
                     slots: 0,
                 });
             }
