@@ -267,6 +267,9 @@ impl Config {
         if self.table_pool != new.table_pool {
             out.push("table_pool");
         }
+        if self.pin_dir != new.pin_dir {
+            out.push("pin_dir");
+        }
         if self.control_socket != new.control_socket {
             out.push("control_socket");
         }

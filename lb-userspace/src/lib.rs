@@ -1,9 +1,12 @@
 //! The userspace side of lb: the agent `lbd` and its library (loading and attaching the XDP
 //! programs, building Maglev tables, applying configuration).
+pub mod agent;
 pub mod cli;
 pub mod config;
+pub mod control;
 pub mod datapath;
 pub mod decap;
+pub mod metrics;
 pub mod netif;
 pub mod notify;
 pub mod pool;

@@ -2,19 +2,22 @@
 //!
 //! `lbd --config FILE` loads the XDP balancer, attaches it to the configured interface, builds
 //! every VIP's Maglev table and keeps running until SIGINT or SIGTERM; SIGHUP re-reads the
-//! configuration and applies the difference (a rejected file changes nothing).
+//! configuration and applies the difference (a rejected file changes nothing). While running it
+//! serves `lbctl` on its control socket (every accepted change is applied and written back to
+//! the configuration file) and Prometheus metrics on `metrics_listen`.
 //! `lbd decap --interface IF --vip ADDR...` runs on a backend host instead: it attaches the
 //! decapsulation program so the host accepts IP-in-IP for its VIPs without a tunnel device.
 use anyhow::{Context as _, Result};
 use clap::Parser as _;
 use lb_userspace::{
+    agent::{Agent, ControlSocket},
     cli::{LbdCli as Cli, LbdCommand as Command},
     config::XdpMode,
-    netif, notify, Balancer, Config, Decap, LoadOptions,
+    metrics, netif, notify, Balancer, Config, Decap, LoadOptions,
 };
 use std::net::IpAddr;
 use tokio::signal::unix::{signal, SignalKind};
-use tracing::{error, info, warn};
+use tracing::{error, info};
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
@@ -51,6 +54,10 @@ async fn main() {
 
 async fn run_balancer(path: &std::path::Path) -> Result<()> {
     let cfg = Config::load(path)?;
+    // The control socket and the metrics port first: if either is unusable, fail before the
+    // datapath is touched.
+    let control = ControlSocket::bind(&cfg)?;
+    let metrics_listener = metrics::bind(cfg.metrics_listen).await?;
     let mut lb = Balancer::load(LoadOptions::from(&cfg))?;
     // Tables first, then attach: the first packet already sees every VIP.
     let report = lb.apply(&cfg)?;
@@ -64,60 +71,64 @@ async fn run_balancer(path: &std::path::Path) -> Result<()> {
         tables_changed = report.tables.len(),
         resumed = lb.resumed(),
         pinned = lb.pin_dir().is_some(),
+        control_socket = %control.path().display(),
+        metrics = %cfg.metrics_listen,
         "lbd ready"
     );
     notify::balancer_ready(&cfg);
     let _watchdog = notify::spawn_watchdog();
+    // From here on the agent owns the balancer and the configuration: lbctl changes, SIGHUP
+    // reloads and metrics scrapes go through it one at a time.
+    let agent = Agent::new(path, cfg, lb);
+    let control_task = tokio::spawn(control.serve(agent.clone()));
+    let metrics_task = tokio::spawn(metrics::serve(metrics_listener, agent.clone()));
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut hup = signal(SignalKind::hangup())?;
-    let mut current = cfg;
     loop {
         tokio::select! {
             _ = term.recv() => break,
             _ = int.recv() => break,
             _ = hup.recv() => {
                 notify::reloading();
-                match Config::load(path) {
-                    Ok(new) if new.interface != current.interface
-                        || new.xdp_mode != current.xdp_mode
-                        || new.conntrack_size != current.conntrack_size
-                        || new.conntrack_new_size != current.conntrack_new_size
-                        || new.table_pool != current.table_pool =>
-                    {
-                        warn!("reload: interface, xdp_mode and map sizes only change on restart; nothing applied");
-                    }
-                    Ok(new) => match lb.apply(&new) {
-                        Ok(r) => {
-                            for (vip, moved, generation) in &r.tables {
-                                info!(%vip, moved, generation, "table updated");
-                            }
-                            info!(
-                                vips_added = r.vips_added,
-                                vips_removed = r.vips_removed,
-                                backends_added = r.backends_added,
-                                backends_removed = r.backends_removed,
-                                "configuration reloaded"
-                            );
-                            current = new;
+                match agent.reload().await {
+                    Ok(r) => {
+                        for (vip, moved, generation) in &r.tables {
+                            info!(%vip, moved, generation, "table updated");
                         }
-                        Err(e) => error!("reload failed: {e:#}"),
-                    },
-                    Err(e) => error!("reload rejected, nothing changed: {e}"),
+                        info!(
+                            vips_added = r.vips_added,
+                            vips_removed = r.vips_removed,
+                            backends_added = r.backends_added,
+                            backends_removed = r.backends_removed,
+                            "configuration reloaded"
+                        );
+                    }
+                    Err(e) => error!("{e:#}"),
                 }
-                notify::balancer_ready(&current);
+                notify::balancer_ready(&agent.config().await);
             }
         }
     }
     notify::stopping();
-    match lb.pin_dir() {
-        Some(dir) => info!(
-            "stopping; the datapath keeps running, pinned in {} (`lbd cleanup` removes it)",
-            dir.display()
-        ),
-        None => info!("stopping: detaching from {}", current.interface),
-    }
-    lb.detach()?;
+    // No more changes: stop serving (the control socket's file is removed as its task drops).
+    control_task.abort();
+    metrics_task.abort();
+    let _ = control_task.await;
+    let _ = metrics_task.await;
+    let interface = agent.config().await.interface;
+    agent
+        .with_balancer(|lb, _| {
+            match lb.pin_dir() {
+                Some(dir) => info!(
+                    "stopping; the datapath keeps running, pinned in {} (`lbd cleanup` removes it)",
+                    dir.display()
+                ),
+                None => info!("stopping: detaching from {interface}"),
+            }
+            lb.detach()
+        })
+        .await?;
     Ok(())
 }
 

@@ -1,0 +1,566 @@
+//! The control API between `lbd` and `lbctl`: newline-delimited JSON over a Unix socket.
+//!
+//! A client writes one [`Request`] per line and reads one [`Response`] line for each, in order;
+//! a connection may carry any number of requests. Requests are tagged by `"command"`:
+//!
+//! ```text
+//! {"command":"backend_set_weight","vip":"10.0.0.1:80/tcp","address":"10.0.0.11","weight":3}
+//! {"ok":true,"result":{"message":"...","tables":[{"vip":"10.0.0.1:80/tcp","slots_moved":21845,"generation":4}]}}
+//! {"ok":false,"error":"vip 10.0.0.9:80/tcp: no such VIP; `lbctl vip list` shows the configured ones"}
+//! ```
+//!
+//! Every error names the field and the fix. The result types below are also what
+//! `lbctl --json` prints, so their field names are a stable interface (README, "Operate").
+use crate::config::{Forwarding, Protocol};
+use serde::{Deserialize, Serialize};
+use std::{
+    collections::BTreeMap,
+    io::{self, BufRead, BufReader, Write},
+    net::IpAddr,
+    os::unix::net::UnixStream,
+    path::Path,
+    time::Duration,
+};
+
+/// Longest request or response line either side accepts.
+pub const MAX_LINE: usize = 16 << 20;
+
+/// How a VIP is written everywhere (CLI, JSON, metrics labels): `10.0.0.1:80/tcp`,
+/// `[2001:db8::1]:443/tcp`.
+pub const VIP_SYNTAX: &str = "ADDRESS:PORT/PROTOCOL, e.g. 10.0.0.1:80/tcp or [2001:db8::1]:443/tcp";
+
+/// A VIP's identity: address, port, protocol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct VipName {
+    pub address: IpAddr,
+    pub port: u16,
+    pub protocol: Protocol,
+}
+
+impl std::fmt::Display for VipName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.address {
+            IpAddr::V4(a) => write!(f, "{a}:{}/{}", self.port, self.protocol),
+            IpAddr::V6(a) => write!(f, "[{a}]:{}/{}", self.port, self.protocol),
+        }
+    }
+}
+
+impl std::str::FromStr for VipName {
+    type Err = String;
+
+    /// Parses `ADDRESS:PORT/PROTOCOL`; IPv6 addresses in brackets.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = |why: String| Err(format!("VIP {s:?}: {why}; write {VIP_SYNTAX}"));
+        let Some((hostport, proto)) = s.rsplit_once('/') else {
+            return bad("the protocol is missing".into());
+        };
+        let protocol = match proto.to_ascii_lowercase().as_str() {
+            "tcp" => Protocol::Tcp,
+            "udp" => Protocol::Udp,
+            "" => return bad("the protocol is missing".into()),
+            p => {
+                return Err(format!(
+                    "VIP {s:?}: protocol {p:?} is not supported; use tcp or udp"
+                ))
+            }
+        };
+        let bracketed = hostport.starts_with('[');
+        let (addr, port) = if let Some(rest) = hostport.strip_prefix('[') {
+            let Some((a, p)) = rest.split_once("]:") else {
+                return bad("an IPv6 address in brackets must be followed by :PORT".into());
+            };
+            (a, p)
+        } else {
+            let Some((a, p)) = hostport.rsplit_once(':') else {
+                return bad("the port is missing".into());
+            };
+            if a.contains(':') {
+                return bad("IPv6 addresses go in brackets".into());
+            }
+            (a, p)
+        };
+        let address: IpAddr = match addr.parse() {
+            Ok(a) => a,
+            Err(_) => return bad(format!("{addr:?} is not an IP address")),
+        };
+        if bracketed && address.is_ipv4() {
+            return bad(format!("brackets are for IPv6 addresses, not {addr:?}"));
+        }
+        let port = match port.parse::<u16>() {
+            Ok(p) if p > 0 => p,
+            _ => {
+                return Err(format!(
+                    "VIP {s:?}: port {port:?} is not a number from 1 to 65535"
+                ))
+            }
+        };
+        Ok(VipName {
+            address,
+            port,
+            protocol,
+        })
+    }
+}
+
+impl VipName {
+    pub fn of(v: &crate::config::Vip) -> Self {
+        VipName {
+            address: v.address,
+            port: v.port,
+            protocol: v.protocol,
+        }
+    }
+}
+
+/// Parses a backend address (no port: a backend serves the VIP's port).
+pub fn parse_backend_address(s: &str) -> Result<IpAddr, String> {
+    if let Ok(a) = s.parse::<IpAddr>() {
+        return Ok(a);
+    }
+    let looks_like_port = s.parse::<std::net::SocketAddr>().is_ok();
+    if looks_like_port {
+        Err(format!(
+            "backend address {s:?}: write the address without a port (a backend serves the VIP's port), e.g. 10.0.0.11 or 2001:db8::11"
+        ))
+    } else {
+        Err(format!(
+            "backend address {s:?}: not an IP address; write e.g. 10.0.0.11 or 2001:db8::11"
+        ))
+    }
+}
+
+/// One request. VIPs are written as in [`VipName`]; backend addresses as plain IP addresses.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "command", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Request {
+    /// Adds a VIP with no backends (`forwarding` defaults to ipip, `table_size` to 65537).
+    VipAdd {
+        vip: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        forwarding: Option<Forwarding>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        table_size: Option<u32>,
+    },
+    /// Removes a VIP and its backends (their flows end).
+    VipRemove {
+        vip: String,
+    },
+    /// Result: `[VipEntry]`.
+    VipList,
+    /// Adds a backend (weight defaults to 1).
+    BackendAdd {
+        vip: String,
+        address: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        weight: Option<u32>,
+    },
+    BackendRemove {
+        vip: String,
+        address: String,
+    },
+    BackendSetWeight {
+        vip: String,
+        address: String,
+        weight: u32,
+    },
+    /// No new flows to the backend; its established flows continue.
+    BackendDrain {
+        vip: String,
+        address: String,
+    },
+    BackendUndrain {
+        vip: String,
+        address: String,
+    },
+    /// Result: `[BackendEntry]`, of one VIP or of all.
+    BackendList {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        vip: Option<String>,
+    },
+    /// Result: [`StatsSnapshot`].
+    Stats,
+    /// Result: [`Status`].
+    Status,
+}
+
+impl Request {
+    /// Whether the request changes the configuration.
+    pub fn is_mutation(&self) -> bool {
+        !matches!(
+            self,
+            Request::VipList | Request::BackendList { .. } | Request::Stats | Request::Status
+        )
+    }
+}
+
+/// One response: `{"ok":true,"result":...}` or `{"ok":false,"error":"..."}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Response {
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(default, skip_serializing_if = "serde_json::Value::is_null")]
+    pub result: serde_json::Value,
+}
+
+impl Response {
+    pub fn ok(result: impl Serialize) -> Self {
+        match serde_json::to_value(result) {
+            Ok(result) => Response {
+                ok: true,
+                error: None,
+                result,
+            },
+            Err(e) => Response::error(format!("internal error encoding the result: {e}")),
+        }
+    }
+
+    pub fn error(msg: impl Into<String>) -> Self {
+        Response {
+            ok: false,
+            error: Some(msg.into()),
+            result: serde_json::Value::Null,
+        }
+    }
+}
+
+/// Result of a request that changed (or would have changed) the configuration.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Changed {
+    /// What was done, for people.
+    pub message: String,
+    /// False when the request asked for the state that already was (nothing written).
+    pub changed: bool,
+    /// Every Maglev table that was rebuilt.
+    pub tables: Vec<TableChange>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TableChange {
+    pub vip: String,
+    /// Slots that now point at a different backend.
+    pub slots_moved: usize,
+    pub generation: u32,
+}
+
+/// `vip list`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VipEntry {
+    /// `ADDRESS:PORT/PROTOCOL`.
+    pub vip: String,
+    pub address: IpAddr,
+    pub port: u16,
+    pub protocol: Protocol,
+    pub forwarding: Forwarding,
+    pub table_size: u32,
+    /// Table generation lbd applied (bumped on every table change).
+    pub generation: u32,
+    /// Generation the datapath's VIP map holds; equal to `generation` unless something is wrong.
+    pub datapath_generation: Option<u32>,
+    pub backends: usize,
+    pub drained: usize,
+}
+
+/// `backend list`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackendEntry {
+    pub vip: String,
+    pub address: IpAddr,
+    /// Configured weight (kept while drained).
+    pub weight: u32,
+    pub drained: bool,
+    /// Weight the table is built with: 0 while drained.
+    pub effective_weight: u32,
+    /// Slots this backend owns in the VIP's current table.
+    pub slots: u32,
+    /// Health: always true until health checks exist.
+    pub up: bool,
+    /// Backend id in the datapath (index of its statistics).
+    pub id: u32,
+}
+
+/// `status`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Status {
+    pub version: String,
+    pub pid: u32,
+    pub interface: String,
+    /// `native`, `generic`, `offload` or `default`.
+    pub xdp_mode: String,
+    pub program_id: u32,
+    pub uptime_seconds: u64,
+    pub config_file: String,
+    pub control_socket: String,
+    pub metrics_listen: String,
+    pub vips: Vec<VipStatus>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VipStatus {
+    pub vip: String,
+    pub generation: u32,
+    pub table_size: u32,
+    pub backends: usize,
+}
+
+/// Statistics at one instant; `stats` and `/metrics` are rendered from this one type, so their
+/// values agree. Counters are totals since the program was loaded.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StatsSnapshot {
+    /// Wall clock when taken, milliseconds since the Unix epoch.
+    pub timestamp_ms: u64,
+    /// Milliseconds since lbd started (monotonic: rates are computed from it).
+    pub uptime_ms: u64,
+    pub vips: Vec<VipStatsEntry>,
+    /// Every datapath counter (`Counter` names in lb-common: `drop_fib`, `pass_not_vip`, ...).
+    pub counters: BTreeMap<String, u64>,
+    /// Seconds between the two samples the rates come from (set by `lbctl stats`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interval_seconds: Option<f64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VipStatsEntry {
+    pub vip: String,
+    pub packets: u64,
+    pub bytes: u64,
+    pub new_flows: u64,
+    /// Packets dropped because the VIP had no backend with weight.
+    pub no_backend: u64,
+    pub generation: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rates: Option<Rates>,
+    pub backends: Vec<BackendStatsEntry>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BackendStatsEntry {
+    pub address: IpAddr,
+    pub weight: u32,
+    pub effective_weight: u32,
+    pub drained: bool,
+    pub up: bool,
+    pub packets: u64,
+    pub bytes: u64,
+    pub new_flows: u64,
+    pub syn_retries: u64,
+    pub client_rsts: u64,
+    pub resteered: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rates: Option<Rates>,
+}
+
+/// Per-second rates between two snapshots.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Rates {
+    pub packets_per_second: f64,
+    pub bytes_per_second: f64,
+    pub new_flows_per_second: f64,
+}
+
+impl Rates {
+    fn between(dt: f64, (p0, b0, n0): (u64, u64, u64), (p1, b1, n1): (u64, u64, u64)) -> Self {
+        let r = |a: u64, b: u64| {
+            if dt > 0.0 {
+                b.saturating_sub(a) as f64 / dt
+            } else {
+                0.0
+            }
+        };
+        Rates {
+            packets_per_second: r(p0, p1),
+            bytes_per_second: r(b0, b1),
+            new_flows_per_second: r(n0, n1),
+        }
+    }
+}
+
+impl StatsSnapshot {
+    /// Fills in the rates of `self` from an earlier snapshot (entries that are new since have
+    /// rates from zero). Counters that went backwards (a backend removed and added again) give 0.
+    pub fn with_rates_since(mut self, earlier: &StatsSnapshot) -> Self {
+        let dt = self.uptime_ms.saturating_sub(earlier.uptime_ms) as f64 / 1000.0;
+        self.interval_seconds = Some(dt);
+        for v in &mut self.vips {
+            let old = earlier.vips.iter().find(|o| o.vip == v.vip);
+            let before = old.map_or((0, 0, 0), |o| (o.packets, o.bytes, o.new_flows));
+            v.rates = Some(Rates::between(
+                dt,
+                before,
+                (v.packets, v.bytes, v.new_flows),
+            ));
+            for b in &mut v.backends {
+                let before = old
+                    .and_then(|o| o.backends.iter().find(|x| x.address == b.address))
+                    .map_or((0, 0, 0), |o| (o.packets, o.bytes, o.new_flows));
+                b.rates = Some(Rates::between(
+                    dt,
+                    before,
+                    (b.packets, b.bytes, b.new_flows),
+                ));
+            }
+        }
+        self
+    }
+}
+
+/// Why a client could not talk to lbd.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The socket is missing, refused or forbidden: lbd is not running, or we may not use it.
+    #[error("{0}")]
+    Unreachable(String),
+    /// lbd answered something that is not a response, or hung up.
+    #[error("{0}")]
+    Protocol(String),
+}
+
+/// A blocking connection to lbd's control socket (what `lbctl` uses).
+pub struct Client {
+    reader: BufReader<UnixStream>,
+    path: String,
+}
+
+impl Client {
+    pub fn connect(path: &Path) -> Result<Self, ClientError> {
+        let shown = path.display().to_string();
+        let stream = UnixStream::connect(path).map_err(|e| {
+            let what = match e.kind() {
+                io::ErrorKind::PermissionDenied => format!(
+                    "permission denied on lbd's control socket {shown}: run lbctl as root, or as a member of the group named by control_group in lbd's configuration"
+                ),
+                io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused => format!(
+                    "cannot reach lbd at {shown} ({e}): is lbd running (systemctl status lbd)? Is control_socket in its configuration this path? Use --socket PATH for another one"
+                ),
+                _ => format!(
+                    "cannot connect to lbd's control socket {shown}: {e}; check that lbd is running and the path is its control_socket"
+                ),
+            };
+            ClientError::Unreachable(what)
+        })?;
+        // Changes that rebuild large tables take a while; do not hang forever on a stuck lbd.
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(120)));
+        Ok(Client {
+            reader: BufReader::new(stream),
+            path: shown,
+        })
+    }
+
+    /// Sends one request and waits for its response.
+    pub fn call(&mut self, req: &Request) -> Result<Response, ClientError> {
+        let mut line = serde_json::to_string(req)
+            .map_err(|e| ClientError::Protocol(format!("encoding the request: {e}")))?;
+        line.push('\n');
+        let path = &self.path;
+        self.reader
+            .get_mut()
+            .write_all(line.as_bytes())
+            .map_err(|e| ClientError::Protocol(format!("sending to lbd at {path}: {e}")))?;
+        let mut answer = String::new();
+        let n = self
+            .reader
+            .read_line(&mut answer)
+            .map_err(|e| ClientError::Protocol(format!("reading lbd's answer on {path}: {e}")))?;
+        if n == 0 {
+            return Err(ClientError::Protocol(format!(
+                "lbd closed the connection on {path} without answering (did it stop? see its log)"
+            )));
+        }
+        serde_json::from_str(&answer).map_err(|e| {
+            ClientError::Protocol(format!("lbd's answer on {path} is not a response: {e}"))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vip_names_parse_and_print() {
+        for s in [
+            "10.0.0.1:80/tcp",
+            "[2001:db8::1]:443/tcp",
+            "192.0.2.1:53/udp",
+        ] {
+            let v: VipName = s.parse().unwrap();
+            assert_eq!(v.to_string(), s);
+        }
+        assert_eq!(
+            "10.0.0.1:80/TCP".parse::<VipName>().unwrap().protocol,
+            Protocol::Tcp
+        );
+        let e = |s: &str| s.parse::<VipName>().unwrap_err();
+        assert!(e("10.0.0.1:80").contains("the protocol is missing"));
+        assert!(e("10.0.0.1/tcp").contains("the port is missing"));
+        assert!(
+            e("10.0.0.1:80/sctp").contains("protocol \"sctp\" is not supported; use tcp or udp")
+        );
+        assert!(e("10.0.0.1:0/tcp").contains("port \"0\" is not a number from 1 to 65535"));
+        assert!(e("10.0.0.1:65536/tcp").contains("port \"65536\""));
+        assert!(e("10.0.0.300:80/tcp").contains("\"10.0.0.300\" is not an IP address"));
+        assert!(e("2001:db8::1:80/tcp").contains("IPv6 addresses go in brackets"));
+        assert!(e("[10.0.0.1]:80/tcp").contains("brackets are for IPv6 addresses"));
+        assert!(e("[2001:db8::1]/tcp").contains("must be followed by :PORT"));
+    }
+
+    #[test]
+    fn backend_addresses() {
+        assert!(parse_backend_address("10.0.0.11").is_ok());
+        assert!(parse_backend_address("2001:db8::11").is_ok());
+        assert!(parse_backend_address("10.0.0.11:80")
+            .unwrap_err()
+            .contains("without a port"));
+        assert!(parse_backend_address("backend1")
+            .unwrap_err()
+            .contains("not an IP address"));
+    }
+
+    #[test]
+    fn requests_round_trip_as_tagged_json() {
+        let r = Request::BackendSetWeight {
+            vip: "10.0.0.1:80/tcp".into(),
+            address: "10.0.0.11".into(),
+            weight: 3,
+        };
+        let text = serde_json::to_string(&r).unwrap();
+        assert_eq!(
+            text,
+            r#"{"command":"backend_set_weight","vip":"10.0.0.1:80/tcp","address":"10.0.0.11","weight":3}"#
+        );
+        assert_eq!(serde_json::from_str::<Request>(&text).unwrap(), r);
+        assert_eq!(
+            serde_json::from_str::<Request>(r#"{"command":"vip_list"}"#).unwrap(),
+            Request::VipList
+        );
+        let typo = r#"{"command":"vip_remove","vip":"10.0.0.1:80/tcp","adress":"10.0.0.11"}"#;
+        assert!(serde_json::from_str::<Request>(typo).is_err());
+    }
+
+    #[test]
+    fn rates_come_from_two_snapshots() {
+        let snap = |ms, packets| StatsSnapshot {
+            timestamp_ms: 0,
+            uptime_ms: ms,
+            counters: BTreeMap::new(),
+            interval_seconds: None,
+            vips: vec![VipStatsEntry {
+                vip: "10.0.0.1:80/tcp".into(),
+                packets,
+                bytes: packets * 100,
+                new_flows: packets / 10,
+                no_backend: 0,
+                generation: 1,
+                rates: None,
+                backends: vec![],
+            }],
+        };
+        let r = snap(3000, 500).with_rates_since(&snap(1000, 100));
+        assert_eq!(r.interval_seconds, Some(2.0));
+        let rates = r.vips[0].rates.unwrap();
+        assert_eq!(rates.packets_per_second, 200.0);
+        assert_eq!(rates.bytes_per_second, 20000.0);
+        assert_eq!(rates.new_flows_per_second, 20.0);
+    }
+}

@@ -1,0 +1,342 @@
+//! Prometheus metrics: `GET /metrics` on `metrics_listen` (default 127.0.0.1:9469), in the text
+//! exposition format, rendered from the same [`StatsSnapshot`] that `lbctl stats --json`
+//! prints, so the two always agree.
+//!
+//! The HTTP side is deliberately tiny: HTTP/1.x, one request per connection, `GET` or `HEAD`.
+use crate::{agent::Agent, control::StatsSnapshot};
+use anyhow::{Context as _, Result};
+use std::{fmt::Write as _, net::SocketAddr, sync::Arc, time::Duration};
+use tokio::{
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    net::{TcpListener, TcpStream},
+};
+use tracing::{debug, warn};
+
+/// Longest request head accepted.
+const MAX_HEAD: usize = 8192;
+/// How long a client may take to send its request.
+const READ_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Binds the metrics address (before the datapath is touched, so a busy port fails early).
+pub async fn bind(addr: SocketAddr) -> Result<TcpListener> {
+    TcpListener::bind(addr).await.with_context(|| {
+        format!("metrics_listen: cannot listen on {addr}; choose a free address and port")
+    })
+}
+
+/// Serves scrapes until the task is dropped.
+pub async fn serve(listener: TcpListener, agent: Arc<Agent>) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                let agent = agent.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = serve_one(stream, agent).await {
+                        debug!(%peer, "metrics request failed: {e:#}");
+                    }
+                });
+            }
+            Err(e) => {
+                warn!("metrics: accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+async fn serve_one(mut stream: TcpStream, agent: Arc<Agent>) -> Result<()> {
+    let mut head = Vec::with_capacity(1024);
+    let mut buf = [0u8; 1024];
+    let read = async {
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") && !head.windows(2).any(|w| w == b"\n\n") {
+            let n = stream.read(&mut buf).await?;
+            if n == 0 {
+                break;
+            }
+            head.extend_from_slice(&buf[..n]);
+            if head.len() > MAX_HEAD {
+                break;
+            }
+        }
+        anyhow::Ok(())
+    };
+    tokio::time::timeout(READ_TIMEOUT, read)
+        .await
+        .context("request timed out")??;
+    let text = String::from_utf8_lossy(&head);
+    let mut parts = text.lines().next().unwrap_or("").split_whitespace();
+    let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    let path = target.split('?').next().unwrap_or("");
+    let (status, ctype, body) = if head.len() > MAX_HEAD {
+        (
+            "431 Request Header Fields Too Large",
+            "text/plain",
+            String::new(),
+        )
+    } else if method != "GET" && method != "HEAD" {
+        (
+            "405 Method Not Allowed",
+            "text/plain",
+            "use GET /metrics\n".into(),
+        )
+    } else if path == "/metrics" {
+        match agent.snapshot().await {
+            Ok(s) => (
+                "200 OK",
+                "text/plain; version=0.0.4; charset=utf-8",
+                render(&s),
+            ),
+            Err(e) => (
+                "500 Internal Server Error",
+                "text/plain",
+                format!("reading the datapath's statistics failed: {e:#}\n"),
+            ),
+        }
+    } else {
+        (
+            "404 Not Found",
+            "text/plain",
+            "lbd serves metrics at /metrics\n".into(),
+        )
+    };
+    let mut out = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    if method != "HEAD" {
+        out.extend_from_slice(body.as_bytes());
+    }
+    stream.write_all(&out).await?;
+    stream.shutdown().await?;
+    Ok(())
+}
+
+/// Escapes a label value (backslash, double quote, newline).
+fn label(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+struct Family<'a> {
+    out: &'a mut String,
+}
+
+impl Family<'_> {
+    fn header(&mut self, name: &str, kind: &str, help: &str) {
+        let _ = writeln!(self.out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    }
+    fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: impl std::fmt::Display) {
+        self.out.push_str(name);
+        if !labels.is_empty() {
+            self.out.push('{');
+            for (i, (k, v)) in labels.iter().enumerate() {
+                if i > 0 {
+                    self.out.push(',');
+                }
+                let _ = write!(self.out, "{k}=\"{}\"", label(v));
+            }
+            self.out.push('}');
+        }
+        let _ = writeln!(self.out, " {value}");
+    }
+}
+
+/// The metric families, in the text exposition format (names in the README, "Observe").
+pub fn render(s: &StatsSnapshot) -> String {
+    let mut out = String::new();
+    let mut f = Family { out: &mut out };
+
+    f.header(
+        "lb_up",
+        "gauge",
+        "1 while lbd runs and its datapath answers.",
+    );
+    f.sample("lb_up", &[], 1);
+    f.header("lb_uptime_seconds", "gauge", "Seconds since lbd started.");
+    f.sample("lb_uptime_seconds", &[], s.uptime_ms as f64 / 1000.0);
+
+    type VipField = fn(&crate::control::VipStatsEntry) -> u64;
+    let vip_families: [(&str, &str, &str, VipField); 5] = [
+        (
+            "lb_vip_packets_total",
+            "counter",
+            "Packets forwarded to a backend of the VIP.",
+            |v| v.packets,
+        ),
+        (
+            "lb_vip_bytes_total",
+            "counter",
+            "Bytes (whole frames, as received) forwarded for the VIP.",
+            |v| v.bytes,
+        ),
+        (
+            "lb_vip_new_flows_total",
+            "counter",
+            "Flows of the VIP that got a backend from the Maglev table.",
+            |v| v.new_flows,
+        ),
+        (
+            "lb_vip_no_backend_packets_total",
+            "counter",
+            "Packets dropped because the VIP had no backend with weight.",
+            |v| v.no_backend,
+        ),
+        (
+            "lb_vip_table_generation",
+            "gauge",
+            "Generation of the VIP's Maglev table (bumped on every change).",
+            |v| v.generation as u64,
+        ),
+    ];
+    for (name, kind, help, get) in vip_families {
+        f.header(name, kind, help);
+        for v in &s.vips {
+            f.sample(name, &[("vip", &v.vip)], get(v));
+        }
+    }
+
+    type BackendField = fn(&crate::control::BackendStatsEntry) -> u64;
+    let backend_families: [(&str, &str, &str, BackendField); 10] = [
+        (
+            "lb_backend_packets_total",
+            "counter",
+            "Packets forwarded to the backend.",
+            |b| b.packets,
+        ),
+        (
+            "lb_backend_bytes_total",
+            "counter",
+            "Bytes (whole frames, as received) forwarded to the backend.",
+            |b| b.bytes,
+        ),
+        (
+            "lb_backend_new_flows_total",
+            "counter",
+            "Flows whose first packet chose the backend.",
+            |b| b.new_flows,
+        ),
+        (
+            "lb_backend_syn_retries_total",
+            "counter",
+            "SYNs retried by clients on flows of the backend (nobody answered).",
+            |b| b.syn_retries,
+        ),
+        (
+            "lb_backend_client_rsts_total",
+            "counter",
+            "RSTs sent by clients on flows of the backend.",
+            |b| b.client_rsts,
+        ),
+        (
+            "lb_backend_resteered_total",
+            "counter",
+            "Flows moved to the backend because their previous backend was down.",
+            |b| b.resteered,
+        ),
+        (
+            "lb_backend_weight",
+            "gauge",
+            "Configured weight (kept while drained).",
+            |b| b.weight as u64,
+        ),
+        (
+            "lb_backend_effective_weight",
+            "gauge",
+            "Weight the Maglev table is built with (0 while drained).",
+            |b| b.effective_weight as u64,
+        ),
+        (
+            "lb_backend_drained",
+            "gauge",
+            "1 if the backend is drained (no new flows).",
+            |b| b.drained as u64,
+        ),
+        (
+            "lb_backend_up",
+            "gauge",
+            "1 if the backend is healthy (always 1 until health checks exist).",
+            |b| b.up as u64,
+        ),
+    ];
+    for (name, kind, help, get) in backend_families {
+        f.header(name, kind, help);
+        for v in &s.vips {
+            for b in &v.backends {
+                let addr = b.address.to_string();
+                f.sample(name, &[("vip", &v.vip), ("backend", &addr)], get(b));
+            }
+        }
+    }
+
+    let name = "lb_datapath_packets_total";
+    f.header(
+        name,
+        "counter",
+        "Datapath counters by reason: every packet not forwarded counts once under a pass_*/drop_* reason; ct_*, icmp_* and frag_* count events.",
+    );
+    for c in lb_common::Counter::ALL {
+        let v = s.counters.get(c.name()).copied().unwrap_or(0);
+        f.sample(name, &[("reason", c.name())], v);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::control::{BackendStatsEntry, VipStatsEntry};
+
+    #[test]
+    fn renders_every_family_with_labels() {
+        let s = StatsSnapshot {
+            timestamp_ms: 1,
+            uptime_ms: 2500,
+            interval_seconds: None,
+            counters: [("drop_fib".to_string(), 7u64)].into_iter().collect(),
+            vips: vec![VipStatsEntry {
+                vip: "[2001:db8::1]:443/tcp".into(),
+                packets: 10,
+                bytes: 1000,
+                new_flows: 2,
+                no_backend: 0,
+                generation: 3,
+                rates: None,
+                backends: vec![BackendStatsEntry {
+                    address: "2001:db8::11".parse().unwrap(),
+                    weight: 5,
+                    effective_weight: 0,
+                    drained: true,
+                    up: true,
+                    packets: 10,
+                    bytes: 1000,
+                    new_flows: 2,
+                    syn_retries: 0,
+                    client_rsts: 1,
+                    resteered: 0,
+                    rates: None,
+                }],
+            }],
+        };
+        let text = render(&s);
+        for line in [
+            "lb_uptime_seconds 2.5",
+            "lb_vip_packets_total{vip=\"[2001:db8::1]:443/tcp\"} 10",
+            "lb_vip_table_generation{vip=\"[2001:db8::1]:443/tcp\"} 3",
+            "lb_backend_bytes_total{vip=\"[2001:db8::1]:443/tcp\",backend=\"2001:db8::11\"} 1000",
+            "lb_backend_weight{vip=\"[2001:db8::1]:443/tcp\",backend=\"2001:db8::11\"} 5",
+            "lb_backend_drained{vip=\"[2001:db8::1]:443/tcp\",backend=\"2001:db8::11\"} 1",
+            "lb_backend_up{vip=\"[2001:db8::1]:443/tcp\",backend=\"2001:db8::11\"} 1",
+            "lb_datapath_packets_total{reason=\"drop_fib\"} 7",
+            "lb_datapath_packets_total{reason=\"pass_not_vip\"} 0",
+            "# TYPE lb_backend_packets_total counter",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "missing {line:?} in:\n{text}"
+            );
+        }
+        assert_eq!(label("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
+    }
+}
