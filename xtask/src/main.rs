@@ -6,6 +6,7 @@
 //! * `bench lab`: HTTP throughput through the balancer vs straight to the backends.
 
 mod bench;
+mod bench_datapath;
 mod env;
 mod lab;
 mod setup;
@@ -53,8 +54,9 @@ enum Cmd {
 enum BenchCmd {
     /// HTTP requests/s with wrk through the balancer vs straight to the backends.
     Lab(BenchLabArgs),
-    /// Datapath micro-benchmark (not yet implemented).
-    Datapath,
+    /// Cost per packet of the XDP balancer vs a trivial XDP_TX program (BPF_PROG_TEST_RUN
+    /// through the restoring harness), with counter checks. Needs root.
+    Datapath(bench_datapath::BenchDatapathArgs),
 }
 
 /// How the balancer forwards to backends.
@@ -165,10 +167,7 @@ fn main() -> ExitCode {
         Cmd::Lab(args) => lab::run(&args).map(|_| ExitCode::SUCCESS),
         Cmd::Bench { which } => match which {
             BenchCmd::Lab(args) => bench::lab(&args).map(|_| ExitCode::SUCCESS),
-            BenchCmd::Datapath => {
-                eprintln!("bench datapath: not yet implemented");
-                Ok(ExitCode::FAILURE)
-            }
+            BenchCmd::Datapath(args) => bench_datapath::run(&args),
         },
     };
     match result {
