@@ -4,7 +4,10 @@
 //!
 //! Adding a binary: define its `Parser` here, give it a `*_command()` builder and list it in
 //! [`shipped_commands`]; the binary parses with `Cli::parse()` as usual.
-use crate::config::XdpMode;
+use crate::{
+    config::{Forwarding, XdpMode, DEFAULT_CONTROL_SOCKET},
+    control::{parse_backend_address, VipName},
+};
 use clap::{CommandFactory, Parser, Subcommand};
 use std::{net::IpAddr, path::PathBuf};
 
@@ -72,15 +75,162 @@ impl From<ModeArg> for XdpMode {
     }
 }
 
+/// `lbctl`: the operator's command line for a running lbd (`src/bin/lbctl.rs`).
+#[derive(Parser, Debug)]
+#[command(
+    name = "lbctl",
+    version,
+    about = "Control a running lbd: VIPs, backends, weights, drains, statistics",
+    long_about = "Control a running lbd over its control socket: add and remove VIPs and \
+        backends, change weights, drain backends, read statistics and status. Every change is \
+        applied to the datapath and written to lbd's configuration file, or refused whole.\n\n\
+        VIPs are written ADDRESS:PORT/PROTOCOL: 10.0.0.1:80/tcp, [2001:db8::1]:443/udp.\n\n\
+        Exit status: 0 done, 1 refused by lbd (reason on stderr), 2 bad command line, \
+        3 lbd not reachable (not running, wrong --socket, or no permission)."
+)]
+pub struct LbctlCli {
+    /// lbd's control socket (control_socket in lbd.toml).
+    #[arg(long, global = true, default_value = DEFAULT_CONTROL_SOCKET, value_name = "PATH")]
+    pub socket: PathBuf,
+    /// Print JSON for scripts (field names are stable; see the README).
+    #[arg(long, global = true)]
+    pub json: bool,
+    #[command(subcommand)]
+    pub command: LbctlCommand,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum LbctlCommand {
+    /// Add, remove or list VIPs.
+    #[command(subcommand)]
+    Vip(VipCommand),
+    /// Add, remove, reweight, drain or list backends.
+    #[command(subcommand)]
+    Backend(BackendCommand),
+    /// Packets, bytes and new flows per VIP and backend, with rates.
+    Stats {
+        /// Refresh every SECS seconds (default 2) until Ctrl-C.
+        #[arg(long, value_name = "SECS", num_args = 0..=1, default_missing_value = "2", value_parser = parse_secs)]
+        watch: Option<f64>,
+        /// Seconds between the two samples rates are computed from (without --watch).
+        #[arg(long, value_name = "SECS", default_value = "1", value_parser = parse_secs)]
+        interval: f64,
+    },
+    /// Interface, XDP mode, program id, uptime and table generation per VIP.
+    Status,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum VipCommand {
+    /// Add a VIP (without backends).
+    Add {
+        /// ADDRESS:PORT/PROTOCOL, e.g. 10.0.0.1:80/tcp or [2001:db8::1]:443/tcp.
+        vip: VipName,
+        /// How packets reach backends.
+        #[arg(long, value_enum, default_value = "ipip")]
+        forwarding: ForwardingArg,
+        /// Maglev table size: a prime from 7 to 1048573 (default 65537).
+        #[arg(long, value_parser = parse_table_size, allow_negative_numbers = true)]
+        table_size: Option<u32>,
+    },
+    /// Remove a VIP and its backends (their connections end).
+    Remove { vip: VipName },
+    /// List VIPs.
+    List,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum BackendCommand {
+    /// Add a backend to a VIP.
+    Add {
+        vip: VipName,
+        #[arg(value_parser = parse_backend_address)]
+        address: IpAddr,
+        /// Relative weight, 0 to 10000.
+        #[arg(long, default_value = "1", value_parser = parse_weight, allow_negative_numbers = true)]
+        weight: u32,
+    },
+    /// Remove a backend (its connections are steered to others).
+    Remove {
+        vip: VipName,
+        #[arg(value_parser = parse_backend_address)]
+        address: IpAddr,
+    },
+    /// Change a backend's weight (0 to 10000).
+    SetWeight {
+        vip: VipName,
+        #[arg(value_parser = parse_backend_address)]
+        address: IpAddr,
+        #[arg(value_parser = parse_weight, allow_negative_numbers = true)]
+        weight: u32,
+    },
+    /// Stop sending new flows to a backend; its established flows continue.
+    Drain {
+        vip: VipName,
+        #[arg(value_parser = parse_backend_address)]
+        address: IpAddr,
+    },
+    /// Give a drained backend new flows again, at its weight.
+    Undrain {
+        vip: VipName,
+        #[arg(value_parser = parse_backend_address)]
+        address: IpAddr,
+    },
+    /// List the backends of one VIP, or of all.
+    List { vip: Option<VipName> },
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum ForwardingArg {
+    /// IP-in-IP to the backend, which decapsulates (`lbd decap`).
+    Ipip,
+    /// MAC rewrite: the backend is on the same segment, with the VIP on its loopback.
+    L2,
+}
+
+impl From<ForwardingArg> for Forwarding {
+    fn from(f: ForwardingArg) -> Self {
+        match f {
+            ForwardingArg::Ipip => Forwarding::Ipip,
+            ForwardingArg::L2 => Forwarding::L2,
+        }
+    }
+}
+
+pub fn parse_weight(s: &str) -> Result<u32, String> {
+    s.parse::<u32>()
+        .map_err(|_| format!("weight {s:?} is not a whole number; use 0 to 10000"))
+}
+
+pub fn parse_table_size(s: &str) -> Result<u32, String> {
+    s.parse::<u32>().map_err(|_| {
+        format!(
+            "table_size {s:?} is not a whole number; use a prime from 7 to 1048573, such as 65537"
+        )
+    })
+}
+
+pub fn parse_secs(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(x) if (0.1..=3600.0).contains(&x) => Ok(x),
+        _ => Err(format!("{s:?} is not a number of seconds from 0.1 to 3600")),
+    }
+}
+
 /// `lbd`'s command definition (for man pages and completions).
 pub fn lbd_command() -> clap::Command {
     LbdCli::command()
 }
 
+/// `lbctl`'s command definition (for man pages and completions).
+pub fn lbctl_command() -> clap::Command {
+    LbctlCli::command()
+}
+
 /// Every shipped binary whose command line lives here, by binary name. `cargo xtask install`
 /// writes a man page and bash/zsh/fish completions for each.
 pub fn shipped_commands() -> Vec<clap::Command> {
-    vec![lbd_command()]
+    vec![lbd_command(), lbctl_command()]
 }
 
 #[cfg(test)]
@@ -100,5 +250,51 @@ mod tests {
         assert!(cli.check && cli.config == std::path::Path::new("x.toml"));
         let cli = LbdCli::parse_from(["lbd", "decap", "--interface", "eth0", "--vip", "10.0.0.1"]);
         assert!(matches!(cli.command, Some(LbdCommand::Decap { .. })));
+    }
+
+    #[test]
+    fn lbctl_parses_its_commands() {
+        let cli = LbctlCli::parse_from([
+            "lbctl",
+            "--json",
+            "backend",
+            "set-weight",
+            "[2001:db8::1]:443/tcp",
+            "2001:db8::11",
+            "7",
+        ]);
+        assert!(cli.json);
+        assert!(matches!(
+            cli.command,
+            LbctlCommand::Backend(BackendCommand::SetWeight { weight: 7, .. })
+        ));
+        let cli = LbctlCli::parse_from(["lbctl", "stats", "--watch"]);
+        assert!(matches!(
+            cli.command,
+            LbctlCommand::Stats {
+                watch: Some(w),
+                ..
+            } if w == 2.0
+        ));
+        let err = |args: &[&str]| LbctlCli::try_parse_from(args).unwrap_err().to_string();
+        assert!(err(&["lbctl", "vip", "add", "10.0.0.1:80"]).contains("the protocol is missing"));
+        assert!(err(&[
+            "lbctl",
+            "backend",
+            "set-weight",
+            "10.0.0.1:80/tcp",
+            "10.0.0.2",
+            "-1"
+        ])
+        .contains("weight \"-1\" is not a whole number; use 0 to 10000"));
+        assert!(err(&[
+            "lbctl",
+            "vip",
+            "add",
+            "10.0.0.1:80/tcp",
+            "--forwarding",
+            "gre"
+        ])
+        .contains("possible values: ipip, l2"));
     }
 }

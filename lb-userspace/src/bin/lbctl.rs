@@ -1,0 +1,370 @@
+//! `lbctl`: the operator's command line for a running `lbd` (over its control socket).
+//!
+//! Exit status: 0 done; 1 lbd refused the request (the reason, naming the field and the fix,
+//! is on stderr); 2 the command line is wrong; 3 lbd could not be reached (not running, wrong
+//! socket, or no permission on the socket).
+use clap::Parser as _;
+use lb_userspace::{
+    cli::{BackendCommand, LbctlCli as Cli, LbctlCommand as Command, VipCommand},
+    config::Forwarding,
+    control::{
+        BackendEntry, Changed, Client, ClientError, Request, StatsSnapshot, Status, VipEntry,
+    },
+};
+use serde::de::DeserializeOwned;
+use std::{io::Write as _, process::ExitCode, time::Duration};
+
+/// What ends the command early, and with which exit status.
+enum Failure {
+    /// lbd answered with an error (exit 1).
+    Refused(String),
+    /// lbd could not be reached or did not answer (exit 3).
+    Unreachable(String),
+}
+
+impl From<ClientError> for Failure {
+    fn from(e: ClientError) -> Self {
+        Failure::Unreachable(e.to_string())
+    }
+}
+
+struct Ctl {
+    client: Client,
+}
+
+impl Ctl {
+    fn call<T: DeserializeOwned>(&mut self, req: Request) -> Result<T, Failure> {
+        let resp = self.client.call(&req)?;
+        if !resp.ok {
+            return Err(Failure::Refused(resp.error.unwrap_or_else(|| {
+                "lbd refused the request without a reason".into()
+            })));
+        }
+        serde_json::from_value(resp.result).map_err(|e| {
+            Failure::Unreachable(format!(
+                "lbd's answer does not have the expected shape ({e}); are lbd and lbctl the same version?"
+            ))
+        })
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let client = match Client::connect(&cli.socket) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("lbctl: {e}");
+            return ExitCode::from(3);
+        }
+    };
+    let mut ctl = Ctl { client };
+    match run(&mut ctl, cli.command, cli.json) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure::Refused(msg)) => {
+            eprintln!("lbctl: error: {msg}");
+            ExitCode::from(1)
+        }
+        Err(Failure::Unreachable(msg)) => {
+            eprintln!("lbctl: {msg}");
+            ExitCode::from(3)
+        }
+    }
+}
+
+fn print_json(v: &impl serde::Serialize) {
+    println!(
+        "{}",
+        serde_json::to_string_pretty(v).expect("results serialize")
+    );
+}
+
+fn run(ctl: &mut Ctl, command: Command, json: bool) -> Result<(), Failure> {
+    let change = |ctl: &mut Ctl, req: Request| -> Result<(), Failure> {
+        let c: Changed = ctl.call(req)?;
+        if json {
+            print_json(&c);
+        } else {
+            println!("{}", c.message);
+            for t in &c.tables {
+                println!(
+                    "  table of {}: generation {}, {} slots moved",
+                    t.vip, t.generation, t.slots_moved
+                );
+            }
+        }
+        Ok(())
+    };
+    match command {
+        Command::Vip(VipCommand::Add {
+            vip,
+            forwarding,
+            table_size,
+        }) => change(
+            ctl,
+            Request::VipAdd {
+                vip: vip.to_string(),
+                forwarding: Some(forwarding.into()),
+                table_size,
+            },
+        ),
+        Command::Vip(VipCommand::Remove { vip }) => change(
+            ctl,
+            Request::VipRemove {
+                vip: vip.to_string(),
+            },
+        ),
+        Command::Vip(VipCommand::List) => {
+            let vips: Vec<VipEntry> = ctl.call(Request::VipList)?;
+            if json {
+                print_json(&vips);
+            } else {
+                print_vips(&vips);
+            }
+            Ok(())
+        }
+        Command::Backend(b) => {
+            let (vip, address) = match &b {
+                BackendCommand::Add { vip, address, .. }
+                | BackendCommand::Remove { vip, address }
+                | BackendCommand::SetWeight { vip, address, .. }
+                | BackendCommand::Drain { vip, address }
+                | BackendCommand::Undrain { vip, address } => {
+                    (vip.to_string(), address.to_string())
+                }
+                BackendCommand::List { vip } => {
+                    let list: Vec<BackendEntry> = ctl.call(Request::BackendList {
+                        vip: vip.map(|v| v.to_string()),
+                    })?;
+                    if json {
+                        print_json(&list);
+                    } else {
+                        print_backends(&list);
+                    }
+                    return Ok(());
+                }
+            };
+            let req = match b {
+                BackendCommand::Add { weight, .. } => Request::BackendAdd {
+                    vip,
+                    address,
+                    weight: Some(weight),
+                },
+                BackendCommand::Remove { .. } => Request::BackendRemove { vip, address },
+                BackendCommand::SetWeight { weight, .. } => Request::BackendSetWeight {
+                    vip,
+                    address,
+                    weight,
+                },
+                BackendCommand::Drain { .. } => Request::BackendDrain { vip, address },
+                BackendCommand::Undrain { .. } => Request::BackendUndrain { vip, address },
+                BackendCommand::List { .. } => unreachable!("handled above"),
+            };
+            change(ctl, req)
+        }
+        Command::Status => {
+            let s: Status = ctl.call(Request::Status)?;
+            if json {
+                print_json(&s);
+            } else {
+                print_status(&s);
+            }
+            Ok(())
+        }
+        Command::Stats { watch, interval } => {
+            let mut prev: StatsSnapshot = ctl.call(Request::Stats)?;
+            let wait = watch.unwrap_or(interval);
+            loop {
+                std::thread::sleep(Duration::from_secs_f64(wait));
+                let now: StatsSnapshot = ctl.call(Request::Stats)?;
+                let report = now.clone().with_rates_since(&prev);
+                if json {
+                    if watch.is_some() {
+                        // One JSON document per line while watching.
+                        println!(
+                            "{}",
+                            serde_json::to_string(&report).expect("results serialize")
+                        );
+                    } else {
+                        print_json(&report);
+                    }
+                } else {
+                    if watch.is_some() {
+                        // Clear the screen and go home, like top.
+                        print!("\x1b[H\x1b[2J");
+                        println!(
+                            "lbctl stats: every {wait}s, Ctrl-C to quit (lbd up {})\n",
+                            human_duration(report.uptime_ms / 1000)
+                        );
+                    }
+                    print_stats(&report);
+                }
+                let _ = std::io::stdout().flush();
+                if watch.is_none() {
+                    return Ok(());
+                }
+                prev = now;
+            }
+        }
+    }
+}
+
+fn forwarding_name(f: Forwarding) -> &'static str {
+    lb_userspace::datapath::forwarding_name(f)
+}
+
+fn print_vips(vips: &[VipEntry]) {
+    if vips.is_empty() {
+        println!("no VIPs configured (add one with `lbctl vip add ADDRESS:PORT/PROTOCOL`)");
+        return;
+    }
+    println!(
+        "{:<32} {:<10} {:>10} {:>10} {:>8} {:>7}",
+        "VIP", "FORWARDING", "TABLE_SIZE", "GENERATION", "BACKENDS", "DRAINED"
+    );
+    for v in vips {
+        println!(
+            "{:<32} {:<10} {:>10} {:>10} {:>8} {:>7}",
+            v.vip,
+            forwarding_name(v.forwarding),
+            v.table_size,
+            v.generation,
+            v.backends,
+            v.drained
+        );
+    }
+}
+
+fn print_backends(list: &[BackendEntry]) {
+    if list.is_empty() {
+        println!("no backends (add one with `lbctl backend add VIP ADDRESS`)");
+        return;
+    }
+    println!(
+        "{:<32} {:<28} {:>6} {:<8} {:>9} {:>8}",
+        "VIP", "BACKEND", "WEIGHT", "STATE", "EFFECTIVE", "SLOTS"
+    );
+    for b in list {
+        let state = if b.drained {
+            "drained"
+        } else if b.up {
+            "up"
+        } else {
+            "down"
+        };
+        println!(
+            "{:<32} {:<28} {:>6} {:<8} {:>9} {:>8}",
+            b.vip,
+            b.address.to_string(),
+            b.weight,
+            state,
+            b.effective_weight,
+            b.slots
+        );
+    }
+}
+
+fn human_duration(secs: u64) -> String {
+    let (d, h, m, s) = (secs / 86400, secs / 3600 % 24, secs / 60 % 60, secs % 60);
+    if d > 0 {
+        format!("{d}d {h}h {m}m")
+    } else if h > 0 {
+        format!("{h}h {m}m {s}s")
+    } else if m > 0 {
+        format!("{m}m {s}s")
+    } else {
+        format!("{s}s")
+    }
+}
+
+fn print_status(s: &Status) {
+    println!(
+        "lbd {} (pid {}), up {}",
+        s.version,
+        s.pid,
+        human_duration(s.uptime_seconds)
+    );
+    println!(
+        "interface  {} ({} XDP, program id {})",
+        s.interface, s.xdp_mode, s.program_id
+    );
+    println!("config     {}", s.config_file);
+    println!("control    {}", s.control_socket);
+    println!("metrics    http://{}/metrics", s.metrics_listen);
+    if s.vips.is_empty() {
+        println!("no VIPs configured");
+        return;
+    }
+    println!(
+        "\n{:<32} {:>10} {:>10} {:>8}",
+        "VIP", "GENERATION", "TABLE_SIZE", "BACKENDS"
+    );
+    for v in &s.vips {
+        println!(
+            "{:<32} {:>10} {:>10} {:>8}",
+            v.vip, v.generation, v.table_size, v.backends
+        );
+    }
+}
+
+/// 1234567 -> "1.23M".
+fn si(x: f64) -> String {
+    let (v, unit) = if x >= 1e9 {
+        (x / 1e9, "G")
+    } else if x >= 1e6 {
+        (x / 1e6, "M")
+    } else if x >= 1e3 {
+        (x / 1e3, "k")
+    } else {
+        return format!("{x:.0}");
+    };
+    format!("{v:.2}{unit}")
+}
+
+fn print_stats(s: &StatsSnapshot) {
+    println!(
+        "{:<34} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}",
+        "VIP / BACKEND", "PACKETS", "PKT/S", "BYTES", "BYTES/S", "NEW_FLOWS", "FLOWS/S"
+    );
+    let row = |name: &str, p: u64, b: u64, n: u64, r: Option<lb_userspace::control::Rates>| {
+        let r = r.unwrap_or(lb_userspace::control::Rates {
+            packets_per_second: 0.0,
+            bytes_per_second: 0.0,
+            new_flows_per_second: 0.0,
+        });
+        println!(
+            "{:<34} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}",
+            name,
+            si(p as f64),
+            si(r.packets_per_second),
+            si(b as f64),
+            si(r.bytes_per_second),
+            si(n as f64),
+            si(r.new_flows_per_second)
+        );
+    };
+    for v in &s.vips {
+        row(&v.vip, v.packets, v.bytes, v.new_flows, v.rates);
+        for b in &v.backends {
+            let tag = if b.drained {
+                format!("  {} (drained)", b.address)
+            } else {
+                format!("  {} (w {})", b.address, b.weight)
+            };
+            row(&tag, b.packets, b.bytes, b.new_flows, b.rates);
+        }
+    }
+    let nonzero: Vec<String> = s
+        .counters
+        .iter()
+        .filter(|(_, v)| **v > 0)
+        .map(|(k, v)| format!("{k} {v}"))
+        .collect();
+    println!(
+        "\ncounters: {}",
+        if nonzero.is_empty() {
+            "all zero".to_string()
+        } else {
+            nonzero.join(", ")
+        }
+    );
+}
