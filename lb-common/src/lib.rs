@@ -9,10 +9,10 @@
 //! the table builder (and every balancer node) agree on which slot a flow lands in.
 #![cfg_attr(not(test), no_std)]
 
-#[cfg(feature = "alloc")]
+#[cfg(any(feature = "alloc", test))]
 extern crate alloc;
 
-#[cfg(feature = "alloc")]
+#[cfg(any(feature = "alloc", test))]
 pub mod maglev;
 
 /// Address family tag used in keys: IPv4.
@@ -49,12 +49,18 @@ pub const DEFAULT_CT_SIZE: u32 = 262_144;
 pub const DEFAULT_CT_NEW_SIZE: u32 = 65_536;
 /// Capacity of the fragment table (first fragment's choice, looked up by later fragments).
 pub const FRAG_TABLE_SIZE: u32 = 8_192;
-/// How long a cached next hop (from `bpf_fib_lookup`) is trusted before it is looked up again.
-pub const NEXTHOP_TTL_NS: u64 = 1_000_000_000;
+/// How long a cached next hop (from `bpf_fib_lookup`) is trusted before it is looked up again,
+/// in jiffies (reading jiffies is far cheaper per packet than a clock): 0.25 s at HZ=1000,
+/// 1 s at HZ=250.
+pub const NEXTHOP_TTL_JIFFIES: u64 = 250;
 /// Outer TTL / hop limit of encapsulated packets and of ICMP replies.
 pub const DEFAULT_TTL: u8 = 64;
 /// IPv6 bytes of the original packet quoted in a Packet Too Big reply.
 pub const ICMP6_QUOTE_LEN: usize = 128;
+
+/// Bits of the `VIP_PORTS` filter (indexed by destination port): some VIP uses this port.
+pub const VIP_PORT_TCP: u8 = 1;
+pub const VIP_PORT_UDP: u8 = 2;
 
 /// Forwarding modes of a VIP.
 pub const MODE_IPIP: u32 = 0;
@@ -88,6 +94,7 @@ pub mod maps {
     pub const BENCH_PROGS: &str = "BENCH_PROGS";
     pub const BENCH_INPUT: &str = "BENCH_INPUT";
     pub const BENCH_STATE: &str = "BENCH_STATE";
+    pub const VIP_PORTS: &str = "VIP_PORTS";
 }
 
 /// Names of the programs in the eBPF objects.
@@ -99,7 +106,8 @@ pub mod progs {
 }
 
 /// Key of the VIP map: a service is an (address, port, protocol) triple.
-#[repr(C)]
+/// Aligned so the datapath builds and copies it with word stores, not byte loops.
+#[repr(C, align(4))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct VipKey {
     pub addr: [u8; 16],
@@ -146,8 +154,8 @@ pub struct BackendInfo {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct NextHop {
-    /// `bpf_ktime_get_coarse_ns` deadline; 0 = never looked up.
-    pub expires_ns: u64,
+    /// `bpf_jiffies64` deadline; 0 = never looked up.
+    pub expires: u64,
     pub ifindex: u32,
     pub mtu: u16,
     pub _pad0: u16,
@@ -157,7 +165,8 @@ pub struct NextHop {
 }
 
 /// Key of the connection tables: the 5-tuple as the client sent it.
-#[repr(C)]
+/// 8-byte aligned so the datapath zeroes and copies it with five 8-byte stores.
+#[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct FlowKey {
     pub src: [u8; 16],
@@ -176,11 +185,12 @@ pub struct FlowKey {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct CtValue {
     pub backend: u32,
-    pub _pad: u32,
+    /// The flow's hash, kept so that tracked packets need not hash again (IPv6 flow label).
+    pub hash: u32,
 }
 
 /// Key of the fragment table: what identifies one datagram's fragments.
-#[repr(C)]
+#[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct FragKey {
     pub src: [u8; 16],

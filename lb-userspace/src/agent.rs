@@ -500,8 +500,16 @@ pub fn persist(path: &Path, cfg: &Config) -> Result<()> {
 
 /// The control socket, bound and with its permissions set, ready to be served.
 pub struct ControlSocket {
-    listener: std::os::unix::net::UnixListener,
+    listener: Option<std::os::unix::net::UnixListener>,
     path: PathBuf,
+}
+
+/// The socket file goes when the socket does (lbd stopping, or failing to start after the
+/// socket was bound), so no stale socket is left behind.
+impl Drop for ControlSocket {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.path);
+    }
 }
 
 impl ControlSocket {
@@ -567,7 +575,10 @@ impl ControlSocket {
             bail!("control_socket: cannot set up {shown}: {e}");
         }
         listener.set_nonblocking(true)?;
-        Ok(ControlSocket { listener, path })
+        Ok(ControlSocket {
+            listener: Some(listener),
+            path,
+        })
     }
 
     pub fn path(&self) -> &Path {
@@ -575,9 +586,12 @@ impl ControlSocket {
     }
 
     /// Serves connections until the task is dropped; each connection on its own task.
-    pub async fn serve(self, agent: Arc<Agent>) -> Result<()> {
-        let listener = UnixListener::from_std(self.listener)?;
-        let _cleanup = RemoveOnDrop(self.path.clone());
+    pub async fn serve(mut self, agent: Arc<Agent>) -> Result<()> {
+        let listener = self
+            .listener
+            .take()
+            .ok_or_else(|| anyhow!("control socket served twice"))?;
+        let listener = UnixListener::from_std(listener)?;
         loop {
             let (stream, _) = match listener.accept().await {
                 Ok(s) => s,
@@ -594,15 +608,6 @@ impl ControlSocket {
                 }
             });
         }
-    }
-}
-
-/// Removes the socket file when the server stops, unless another lbd replaced it since.
-struct RemoveOnDrop(PathBuf);
-
-impl Drop for RemoveOnDrop {
-    fn drop(&mut self) {
-        let _ = fs::remove_file(&self.0);
     }
 }
 

@@ -97,7 +97,7 @@ impl From<&Config> for LoadOptions {
 const LINK_PIN: &str = "link";
 
 /// The maps kept across restarts, with the (key size, value size, capacity) this build expects.
-fn pinned_maps(o: &LoadOptions) -> [(&'static str, usize, usize, u32); 11] {
+fn pinned_maps(o: &LoadOptions) -> [(&'static str, usize, usize, u32); 12] {
     [
         (maps::VIPS, size_of::<VipKey>(), size_of::<VipMeta>(), MAX_VIPS),
         (maps::RING, 4, 4, o.table_pool),
@@ -107,6 +107,7 @@ fn pinned_maps(o: &LoadOptions) -> [(&'static str, usize, usize, u32); 11] {
         (maps::CT_NEW, size_of::<FlowKey>(), size_of::<CtValue>(), o.conntrack_new_size),
         (maps::FRAGS, size_of::<FragKey>(), size_of::<CtValue>(), FRAG_TABLE_SIZE),
         (maps::CONFIG, 4, size_of::<GlobalConfig>(), 1),
+        (maps::VIP_PORTS, 4, 1, 65_536),
         (maps::COUNTERS, 4, 8, Counter::COUNT),
         (maps::VIP_STATS, 4, size_of::<VipStats>(), MAX_VIPS),
         (maps::BACKEND_STATS, 4, size_of::<BackendStats>(), MAX_BACKENDS),
@@ -238,6 +239,7 @@ pub struct ApplyReport {
 struct Maps {
     vips: BpfHashMap<MapData, VipKey, VipMeta>,
     ring: Array<MapData, u32>,
+    vip_ports: Array<MapData, u8>,
     backends: Array<MapData, BackendInfo>,
     nexthops: Array<MapData, NextHop>,
     config: Array<MapData, GlobalConfig>,
@@ -299,6 +301,7 @@ impl Balancer {
         let maps = Maps {
             vips: BpfHashMap::try_from(take(&mut ebpf, maps::VIPS)?)?,
             ring: Array::try_from(take(&mut ebpf, maps::RING)?)?,
+            vip_ports: Array::try_from(take(&mut ebpf, maps::VIP_PORTS)?)?,
             backends: Array::try_from(take(&mut ebpf, maps::BACKENDS)?)?,
             nexthops: Array::try_from(take(&mut ebpf, maps::NEXTHOPS)?)?,
             config: Array::try_from(take(&mut ebpf, maps::CONFIG)?)?,
@@ -592,6 +595,16 @@ impl Balancer {
             .config
             .set(0, g, 0)
             .context("writing the CONFIG map")?;
+        // Port filter: ports of new VIPs are marked before the VIPs are published, ports no
+        // VIP uses any more are cleared after the VIPs are gone (a stale bit only costs a lookup).
+        let old_ports = port_bits(self.vips.values().map(|v| &v.config));
+        let new_ports = port_bits(planned.iter().map(|(_, st, _)| &st.config));
+        for (port, bits) in &new_ports {
+            let merged = bits | old_ports.get(port).copied().unwrap_or(0);
+            if old_ports.get(port) != Some(&merged) {
+                self.maps.vip_ports.set(*port as u32, merged, 0).context("writing VIP_PORTS")?;
+            }
+        }
 
         for (_, st, region) in &planned {
             for b in &st.backends {
@@ -685,6 +698,13 @@ impl Balancer {
             report.backends_removed += 1;
         }
 
+        for (port, bits) in &old_ports {
+            let now = new_ports.get(port).copied().unwrap_or(0);
+            if now != *bits {
+                self.maps.vip_ports.set(*port as u32, now, 0).context("writing VIP_PORTS")?;
+            }
+        }
+
         self.pool = pool;
         self.used_backend_ids = used_backend_ids;
         self.next_backend_id = next_backend_id;
@@ -750,6 +770,19 @@ impl Balancer {
     pub fn vip_meta(&self, v: &crate::config::Vip) -> Option<VipMeta> {
         self.maps.vips.get(&vip_key(v), 0).ok()
     }
+}
+
+/// `VIP_PORTS` bits per destination port for a set of VIPs.
+fn port_bits<'a>(vips: impl Iterator<Item = &'a crate::config::Vip>) -> BTreeMap<u16, u8> {
+    let mut out = BTreeMap::new();
+    for v in vips {
+        let bit = match v.protocol {
+            crate::config::Protocol::Tcp => lb_common::VIP_PORT_TCP,
+            crate::config::Protocol::Udp => lb_common::VIP_PORT_UDP,
+        };
+        *out.entry(v.port).or_insert(0) |= bit;
+    }
+    out
 }
 
 fn nr_cpus() -> Result<usize> {

@@ -1435,14 +1435,16 @@ fn table() -> Vec<Step> {
                 .count(CtNew)
                 .to(e, id, true)
         }),
-        Packet("IPv6 later fragment (offset 208, same id) -> same backend (frag_forwarded), flow label from addresses only", |e| {
+        // The first fragment's choice is recorded with its flow hash, so later fragments get the
+        // same outer flow label as the rest of the flow and follow it through ECMP.
+        Packet("IPv6 later fragment (offset 208, same id) -> same backend (frag_forwarded), same flow label as its flow", |e| {
             let f = Flow::new(CLIENT6_B, VIP6, 5353, 53, UDP);
             let seg = f.segment(0, 300);
             let mut payload = frag6(UDP, 208 / 8, false, 0xabcd_ef01).to_vec();
             payload.extend_from_slice(&seg[208..]);
             let ip = ip6(0, 0x1_2345, FRAG6, 57, CLIENT6_B, VIP6, &payload);
             let id = e.maglev(&f);
-            Case::tx(e.frame_in(None, &ip), e.ipip(id, None, &ip, &f.fragment_key()))
+            Case::tx(e.frame_in(None, &ip), e.ipip(id, None, &ip, &f.key()))
                 .count(FragForwarded)
                 .to(e, id, false)
         }),

@@ -14,8 +14,7 @@ mod prog {
     use aya_ebpf::{
         bindings::{bpf_fib_lookup as FibParams, xdp_action, xdp_md, BPF_F_NO_PREALLOC},
         helpers::{
-            bpf_fib_lookup, bpf_ktime_get_coarse_ns, bpf_redirect, bpf_xdp_adjust_head,
-            bpf_xdp_adjust_tail,
+            bpf_fib_lookup, bpf_jiffies64, bpf_redirect, bpf_xdp_adjust_head, bpf_xdp_adjust_tail,
         },
         macros::{map, xdp},
         maps::{Array, HashMap, LruHashMap, PerCpuArray},
@@ -42,6 +41,11 @@ mod prog {
     static FRAGS: LruHashMap<FragKey, CtValue> = LruHashMap::with_max_entries(FRAG_TABLE_SIZE, 0);
     #[map]
     static CONFIG: Array<GlobalConfig> = Array::with_max_entries(1, 0);
+    /// Destination ports some VIP uses (`VIP_PORT_*` bits, indexed by port in host order): a
+    /// one-load filter in front of the connection-table lookup, so traffic to other ports
+    /// costs no hash lookup at all.
+    #[map]
+    static VIP_PORTS: Array<u8> = Array::with_max_entries(65_536, 0);
     #[map]
     static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::COUNT, 0);
     #[map]
@@ -187,6 +191,8 @@ mod prog {
     struct Decision {
         id: u32,
         backend: BackendInfo,
+        /// The flow's hash (IPv6 flow label of the outer header).
+        hash: u32,
         /// Answer "too big" to the sender (never for ICMP errors themselves).
         reply_too_big: bool,
         /// Counted once the packet is on its way.
@@ -355,6 +361,10 @@ mod prog {
     }
 
     /// A TCP or UDP packet: pick (or recall) its backend.
+    ///
+    /// An established flow whose backend is up is served from `CT` alone: it needs neither the
+    /// VIP entry (the backend entry carries the mode and VIP id) nor the table. The port filter
+    /// in front keeps that lookup off traffic to ports no VIP uses.
     #[inline(always)]
     fn new_or_tracked(
         ctx: &XdpContext,
@@ -363,32 +373,51 @@ mod prog {
         end: usize,
         first_fragment: Option<u32>,
     ) -> Result<Decision, Error> {
-        let tcp_flags = if key.proto == PROTO_TCP {
+        let (tcp_flags, port_bit) = if key.proto == PROTO_TCP {
             let th = header_within::<20>(ctx, l4, end)?;
             key.sport = u16::from_ne_bytes([th[0], th[1]]);
             key.dport = u16::from_ne_bytes([th[2], th[3]]);
-            th[13]
+            (th[13], VIP_PORT_TCP)
         } else {
             let uh = header_within::<8>(ctx, l4, end)?;
             key.sport = u16::from_ne_bytes([uh[0], uh[1]]);
             key.dport = u16::from_ne_bytes([uh[2], uh[3]]);
-            0
+            (0, VIP_PORT_UDP)
         };
-        let vip = lookup_vip(key).ok_or(Error::NotVip)?;
-        let (id, backend) = choose(key, &vip, tcp_flags)?;
+        let ports = VIP_PORTS
+            .get(u16::from_be(key.dport) as u32)
+            .copied()
+            .unwrap_or(0);
+        if ports & port_bit == 0 {
+            return Err(Error::NotVip);
+        }
+        let syn = tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+        let rst = tcp_flags & TCP_RST != 0;
+        // SAFETY: LRU element, copied out at once; a concurrent eviction yields a stale value
+        // at worst.
+        let established = CT.get_ptr(&*key).map(|v| unsafe { *v });
+        let (id, backend, hash) = match established
+            .and_then(|v| live_backend(v.backend).map(|b| (v.backend, b, v.hash)))
+        {
+            Some(t) => {
+                if let Some(s) = backend_stats(t.0) {
+                    s.syn_retries += syn as u64;
+                    s.client_rsts += rst as u64;
+                }
+                t
+            }
+            None => {
+                let vip = lookup_vip(key).ok_or(Error::NotVip)?;
+                choose(key, &vip, syn, rst, established.is_some())?
+            }
+        };
         if let Some(frag_id) = first_fragment {
-            let _ = FRAGS.insert(
-                &frag_key(key, frag_id),
-                &CtValue {
-                    backend: id,
-                    _pad: 0,
-                },
-                0,
-            );
+            let _ = FRAGS.insert(&frag_key(key, frag_id), &CtValue { backend: id, hash }, 0);
         }
         Ok(Decision {
             id,
             backend,
+            hash,
             reply_too_big: true,
             counter: None,
         })
@@ -405,13 +434,14 @@ mod prog {
         }
     }
 
-    /// The Maglev choice for a flow.
+    /// The Maglev choice for a flow: (backend id, backend, flow hash).
     #[inline(always)]
-    fn from_table(key: &FlowKey, vip: &VipMeta) -> Result<(u32, BackendInfo), Error> {
-        let slot = vip.ring_offset + maglev_index(flow_hash(key), vip.ring_size);
+    fn from_table(key: &FlowKey, vip: &VipMeta) -> Result<(u32, BackendInfo, u32), Error> {
+        let hash = flow_hash(key);
+        let slot = vip.ring_offset + maglev_index(hash, vip.ring_size);
         let id = RING.get(slot).copied().unwrap_or(0);
         match if id == 0 { None } else { live_backend(id) } {
-            Some(b) => Ok((id, b)),
+            Some(b) => Ok((id, b, hash)),
             None => {
                 if let Some(s) = vip_stats(vip.vip_id) {
                     s.no_backend += 1;
@@ -421,85 +451,66 @@ mod prog {
         }
     }
 
-    /// The backend a flow was given, if tracked: `(id, in the established table)`.
-    #[inline(always)]
-    fn tracked(key: &FlowKey) -> Option<(u32, bool)> {
-        if let Some(ct) = CT.get_ptr(key) {
-            // SAFETY: LRU element, read once; a concurrent eviction yields a stale id at worst.
-            return Some((unsafe { (*ct).backend }, true));
-        }
-        // SAFETY: as above.
-        CT_NEW
-            .get_ptr(key)
-            .map(|ct| (unsafe { (*ct).backend }, false))
-    }
-
     /// Connection tracking in two stages: a flow's first packet is recorded in `CT_NEW`, and
     /// only a later non-SYN packet promotes it to `CT`, so a flood of first packets churns
     /// `CT_NEW` and never evicts established flows. A tracked flow keeps its backend whatever
-    /// the table says, unless that backend is down; then it is steered again.
+    /// the table says (`new_or_tracked` serves `CT` hits), unless that backend is down; then it
+    /// is steered again. `in_ct`: the flow is in `CT` but its backend is down.
     #[inline(always)]
-    fn choose(key: &FlowKey, vip: &VipMeta, tcp_flags: u8) -> Result<(u32, BackendInfo), Error> {
-        let syn = tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
-        let rst = tcp_flags & TCP_RST != 0;
-        let was = tracked(key);
-        if let Some((id, established)) = was {
-            if let Some(b) = live_backend(id) {
-                if let Some(s) = backend_stats(id) {
+    fn choose(
+        key: &FlowKey,
+        vip: &VipMeta,
+        syn: bool,
+        rst: bool,
+        in_ct: bool,
+    ) -> Result<(u32, BackendInfo, u32), Error> {
+        // SAFETY: LRU element, copied out at once.
+        let seen = if in_ct {
+            None
+        } else {
+            CT_NEW.get_ptr(key).map(|v| unsafe { *v })
+        };
+        if let Some(v) = seen {
+            if let Some(b) = live_backend(v.backend) {
+                if let Some(s) = backend_stats(v.backend) {
                     s.syn_retries += syn as u64;
                     s.client_rsts += rst as u64;
                 }
                 // A retried SYN proves nothing about the client: only a later packet promotes.
-                if !established && !syn {
-                    if CT
-                        .insert(
-                            key,
-                            &CtValue {
-                                backend: id,
-                                _pad: 0,
-                            },
-                            0,
-                        )
-                        .is_ok()
-                    {
+                if !syn {
+                    if CT.insert(key, &v, 0).is_ok() {
                         count(Counter::CtPromoted);
                     } else {
                         count(Counter::CtInsertFailed);
                     }
                 }
-                return Ok((id, b));
+                return Ok((v.backend, b, v.hash));
             }
         }
-        let (id, b) = from_table(key, vip)?;
-        let value = CtValue {
-            backend: id,
-            _pad: 0,
-        };
+        let (id, b, hash) = from_table(key, vip)?;
+        let value = CtValue { backend: id, hash };
         let stats = backend_stats(id);
-        match was {
-            Some((_, established)) => {
-                let table = if established { &CT } else { &CT_NEW };
-                let _ = table.insert(key, &value, 0);
-                count(Counter::CtResteered);
-                if let Some(s) = stats {
-                    s.resteered += 1;
-                }
+        if in_ct || seen.is_some() {
+            let table = if in_ct { &CT } else { &CT_NEW };
+            let _ = table.insert(key, &value, 0);
+            count(Counter::CtResteered);
+            if let Some(s) = stats {
+                s.resteered += 1;
             }
-            None => {
-                if CT_NEW.insert(key, &value, 0).is_ok() {
-                    count(Counter::CtNew);
-                } else {
-                    count(Counter::CtInsertFailed);
-                }
-                if let Some(s) = stats {
-                    s.new_flows += 1;
-                }
-                if let Some(s) = vip_stats(vip.vip_id) {
-                    s.new_flows += 1;
-                }
+        } else {
+            if CT_NEW.insert(key, &value, 0).is_ok() {
+                count(Counter::CtNew);
+            } else {
+                count(Counter::CtInsertFailed);
+            }
+            if let Some(s) = stats {
+                s.new_flows += 1;
+            }
+            if let Some(s) = vip_stats(vip.vip_id) {
+                s.new_flows += 1;
             }
         }
-        Ok((id, b))
+        Ok((id, b, hash))
     }
 
     /// A later fragment: it has no ports, so it follows its first fragment's choice.
@@ -509,12 +520,13 @@ mod prog {
         let v = FRAGS
             .get_ptr(&frag_key(key, frag_id))
             .ok_or(Error::FragUnknown)?;
-        // SAFETY: LRU element, read once.
-        let id = unsafe { (*v).backend };
-        let backend = live_backend(id).ok_or(Error::FragUnknown)?;
+        // SAFETY: LRU element, copied out at once.
+        let v = unsafe { *v };
+        let backend = live_backend(v.backend).ok_or(Error::FragUnknown)?;
         Ok(Decision {
-            id,
+            id: v.backend,
             backend,
+            hash: v.hash,
             reply_too_big: true,
             counter: Some(Counter::FragForwarded),
         })
@@ -541,14 +553,20 @@ mod prog {
             return Err(Error::NotVip);
         }
         let vip = quoted_flow(ctx, l4 + 8, end, key)?;
-        let (id, backend) = match tracked(key).and_then(|(id, _)| live_backend(id).map(|b| (id, b)))
-        {
-            Some(t) => t,
-            None => from_table(key, &vip)?,
+        // SAFETY: LRU elements, copied out at once.
+        let tracked = match CT.get_ptr(&*key) {
+            Some(v) => Some(unsafe { *v }),
+            None => CT_NEW.get_ptr(&*key).map(|v| unsafe { *v }),
         };
+        let (id, backend, hash) =
+            match tracked.and_then(|v| live_backend(v.backend).map(|b| (v.backend, b, v.hash))) {
+                Some(t) => t,
+                None => from_table(key, &vip)?,
+            };
         Ok(Decision {
             id,
             backend,
+            hash,
             reply_too_big: false,
             counter: Some(Counter::IcmpForwarded),
         })
@@ -596,16 +614,16 @@ mod prog {
         lookup_vip(key).ok_or(Error::IcmpNotVip)
     }
 
-    /// Next hop towards a backend: `bpf_fib_lookup`, cached per backend for `NEXTHOP_TTL_NS`
+    /// Next hop towards a backend: `bpf_fib_lookup`, cached per backend for `NEXTHOP_TTL_JIFFIES`
     /// so that an established flow does not pay for a route lookup on every packet.
     #[inline(always)]
     fn nexthop(ctx: &XdpContext, id: u32, b: &BackendInfo) -> Result<NextHop, Error> {
         // SAFETY: calling a helper without arguments.
-        let now = unsafe { bpf_ktime_get_coarse_ns() };
+        let now = unsafe { bpf_jiffies64() };
         let slot = NEXTHOPS.get_ptr_mut(id).ok_or(Error::Fib)?;
         // SAFETY: array slot; a concurrent refresh writes the same kind of value.
         let cached = unsafe { *slot };
-        if cached.expires_ns > now {
+        if cached.expires > now {
             return Ok(cached);
         }
         let nh = fib_lookup(ctx.ctx, b, now).ok_or(Error::Fib)?;
@@ -654,7 +672,7 @@ mod prog {
             return None;
         }
         Some(NextHop {
-            expires_ns: now + NEXTHOP_TTL_NS,
+            expires: now + NEXTHOP_TTL_JIFFIES,
             ifindex: p.ifindex,
             // SAFETY: after a successful lookup the union holds the MTU.
             mtu: unsafe { p.__bindgen_anon_1.mtu_result },
@@ -705,7 +723,7 @@ mod prog {
             write(ctx, 0, nh.dmac)?;
             write(ctx, 6, nh.smac)?;
         } else {
-            encapsulate(ctx, pkt, key, b, &nh, d.reply_too_big)?;
+            encapsulate(ctx, pkt, key, d.hash, b, &nh, d.reply_too_big)?;
         }
         if let Some(s) = backend_stats(id) {
             s.packets += 1;
@@ -724,6 +742,7 @@ mod prog {
         ctx: &XdpContext,
         pkt: &Packet,
         key: &FlowKey,
+        hash: u32,
         b: &BackendInfo,
         nh: &NextHop,
         reply_too_big: bool,
@@ -765,7 +784,7 @@ mod prog {
             let l3 =
                 write_l2(ctx, &nh.dmac, &nh.smac, pkt.l2.vlan_tci, ETH_P_IPV6).map_err(adjusted)?;
             // The flow label carries the flow's hash, so ECMP on the way keeps a flow on one path.
-            let vtcfl = (6u32 << 28) | ((pkt.tos as u32) << 20) | (flow_hash(key) & 0xf_ffff);
+            let vtcfl = (6u32 << 28) | ((pkt.tos as u32) << 20) | (hash & 0xf_ffff);
             let h = bytes_mut::<IPV6_LEN>(ctx, l3).map_err(adjusted)?;
             h[0..4].copy_from_slice(&vtcfl.to_be_bytes());
             h[4..6].copy_from_slice(&(pkt.ip_len as u16).to_be_bytes());
