@@ -54,7 +54,9 @@ async fn main() {
 
 async fn run_balancer(path: &std::path::Path) -> Result<()> {
     let cfg = Config::load(path)?;
-    // The control socket and the metrics port first: if either is unusable, fail before the
+    // A missing interface is the likeliest mistake: say so before anything else is set up.
+    netif::ifindex(&cfg.interface)?;
+    // The control socket and the metrics port next: if either is unusable, fail before the
     // datapath is touched.
     let control = ControlSocket::bind(&cfg)?;
     let metrics_listener = metrics::bind(cfg.metrics_listen).await?;
