@@ -1,0 +1,233 @@
+//! Flood-safe connection tracking: a SYN flood from random sources, many times the size of the
+//! connection table, while a backend is added, must not move or reset established flows, and
+//! legitimate new connections must still succeed. First packets only ever land in the small
+//! new-flow table; the established table is only written by promotion (a later, non-SYN packet).
+use lb_userspace::{config::XdpMode, netif, Balancer, Config, Decap, LoadOptions};
+use std::{
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    time::{Duration, Instant},
+};
+use tests::{
+    lab::{Lab, LabSpec, LB_V4, LB_V6, VIP_V4, VIP_V6},
+    require_root,
+    tcp::{client_many, LongLived, TcpServer},
+};
+
+/// Capacity of the established-flow table (C).
+const CT_SIZE: u32 = 8192;
+const CT_NEW_SIZE: u32 = 2048;
+const ESTABLISHED: usize = 500;
+const FLOOD_FACTOR: u64 = 10;
+
+fn config(lab: &Lab, backends: usize) -> Config {
+    let mut text = format!(
+        "interface = \"eth0\"\nxdp_mode = \"native\"\npin_dir = \"\"\nconntrack_size = {CT_SIZE}\n\
+         conntrack_new_size = {CT_NEW_SIZE}\n[encap]\nsource_v4 = \"{LB_V4}\"\nsource_v6 = \"{LB_V6}\"\n\
+         [[vip]]\naddress = \"{VIP_V4}\"\nport = 80\nprotocol = \"tcp\"\n"
+    );
+    for i in 0..backends {
+        text.push_str(&format!(
+            "[[vip.backend]]\naddress = \"{}\"\nweight = 1\n",
+            lab.backend(i).v4()
+        ));
+    }
+    Config::parse(&text).unwrap()
+}
+
+fn csum(data: &[u8], mut sum: u32) -> u16 {
+    for c in data.chunks(2) {
+        sum += u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]) as u32;
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// A SYN from a spoofed source in 198.18.0.0/15 (the benchmarking range) to the VIP.
+fn syn(src: Ipv4Addr, sport: u16, seq: u32) -> [u8; 40] {
+    let mut p = [0u8; 40];
+    p[0] = 0x45;
+    p[2..4].copy_from_slice(&40u16.to_be_bytes());
+    p[6] = 0x40;
+    p[8] = 64;
+    p[9] = 6;
+    p[12..16].copy_from_slice(&src.octets());
+    p[16..20].copy_from_slice(&VIP_V4.octets());
+    let c = csum(&p[..20], 0);
+    p[10..12].copy_from_slice(&c.to_be_bytes());
+    let t = &mut p[20..];
+    t[0..2].copy_from_slice(&sport.to_be_bytes());
+    t[2..4].copy_from_slice(&80u16.to_be_bytes());
+    t[4..8].copy_from_slice(&seq.to_be_bytes());
+    t[12] = 5 << 4;
+    t[13] = 0x02;
+    t[14..16].copy_from_slice(&64240u16.to_be_bytes());
+    let mut pseudo = Vec::with_capacity(32);
+    pseudo.extend_from_slice(&src.octets());
+    pseudo.extend_from_slice(&VIP_V4.octets());
+    pseudo.extend_from_slice(&[0, 6, 0, 20]);
+    pseudo.extend_from_slice(&p[20..]);
+    let c = csum(&pseudo, 0);
+    p[36..38].copy_from_slice(&c.to_be_bytes());
+    p
+}
+
+/// Sends `count` spoofed SYNs through a raw socket from the calling thread's namespace.
+fn flood(count: u64, seed: &mut u64) -> std::io::Result<u64> {
+    // SAFETY: plain socket(2); the fd is closed below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let dst = libc::sockaddr_in {
+        sin_family: libc::AF_INET as u16,
+        sin_port: 0,
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(VIP_V4).to_be(),
+        },
+        sin_zero: [0; 8],
+    };
+    let mut sent = 0;
+    for _ in 0..count {
+        *seed ^= *seed << 13;
+        *seed ^= *seed >> 7;
+        *seed ^= *seed << 17;
+        let r = *seed;
+        let src = Ipv4Addr::from(0xc612_0000u32 | (r as u32 & 0x1_ffff));
+        let p = syn(src, 1024 + (r >> 20) as u16 % 60000, (r >> 32) as u32);
+        // SAFETY: valid buffer and address for the duration of the call.
+        let n = unsafe {
+            libc::sendto(
+                fd,
+                p.as_ptr().cast(),
+                p.len(),
+                0,
+                (&dst as *const libc::sockaddr_in).cast(),
+                std::mem::size_of::<libc::sockaddr_in>() as u32,
+            )
+        };
+        if n == p.len() as isize {
+            sent += 1;
+        }
+    }
+    // SAFETY: closing the socket opened above.
+    unsafe { libc::close(fd) };
+    Ok(sent)
+}
+
+#[test]
+fn syn_flood_does_not_evict_established_flows() {
+    require_root();
+    let lab = Lab::new(LabSpec { backends: 4 }).expect("building the lab");
+    let vip = SocketAddr::new(IpAddr::from(VIP_V4), 80);
+    let _servers: Vec<TcpServer> = (0..4)
+        .map(|i| TcpServer::start(lab.backend(i).ns(), &[vip], &format!("backend{i}")).unwrap())
+        .collect();
+    let _decaps: Vec<Decap> = (0..4)
+        .map(|i| {
+            lab.backend(i).ns().run_in(|| {
+                let mut d = Decap::load().unwrap();
+                d.add_vip(VIP_V4.into()).unwrap();
+                d.add_vip(VIP_V6.into()).unwrap();
+                for a in netif::interface_addrs("eth0").unwrap() {
+                    d.add_local(a).unwrap();
+                }
+                d.attach("eth0", XdpMode::Native).unwrap();
+                d
+            })
+        })
+        .collect();
+    let cfg = config(&lab, 3);
+    let mut lb = lab.lb().ns().run_in(|| {
+        let mut lb = Balancer::load(LoadOptions::from(&cfg)).unwrap();
+        lb.apply(&cfg).unwrap();
+        lb.attach("eth0", XdpMode::Native).unwrap();
+        lb.apply(&cfg).unwrap();
+        lb
+    });
+    std::thread::sleep(Duration::from_millis(1500));
+
+    let mut long = LongLived::open(lab.client().ns(), vip, ESTABLISHED, Duration::from_secs(5))
+        .expect("opening established connections");
+    long.check_all().expect("established connections echo");
+    let before: Vec<String> = long.backends();
+    let counter = |lb: &Balancer, name: &str| {
+        lb.counters()
+            .unwrap()
+            .into_iter()
+            .find(|(c, _)| c.name() == name)
+            .unwrap()
+            .1
+    };
+    let ct_new_before = counter(&lb, "ct_new");
+    let promoted_before = counter(&lb, "ct_promoted");
+
+    // The flood: at least 10 x C first packets reach the balancer, while backend3 is added.
+    let target = FLOOD_FACTOR * CT_SIZE as u64;
+    let start = Instant::now();
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    let mut sent = 0;
+    let mut added = false;
+    while counter(&lb, "ct_new") - ct_new_before < target {
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "flood too slow: {} first packets seen",
+            counter(&lb, "ct_new") - ct_new_before
+        );
+        sent += lab
+            .client()
+            .ns()
+            .run_in(|| flood(8192, &mut seed))
+            .expect("raw socket");
+        if !added && sent >= target / 2 {
+            let cfg4 = config(&lab, 4);
+            lab.lb()
+                .ns()
+                .run_in(|| lb.apply(&cfg4).expect("adding backend3 during the flood"));
+            added = true;
+        }
+    }
+    let elapsed = start.elapsed();
+    let first_packets = counter(&lb, "ct_new") - ct_new_before;
+    let promoted = counter(&lb, "ct_promoted") - promoted_before;
+    assert!(added, "backend3 must be added during the flood");
+
+    let statuses = long.check();
+    let broken: Vec<_> = statuses.iter().filter(|s| !s.is_ok()).collect();
+    let moved = long
+        .backends()
+        .iter()
+        .zip(&before)
+        .filter(|(a, b)| a != b)
+        .count();
+    let (ct, ct_new) = lb.conntrack_len();
+    println!(
+        "flood: C = {CT_SIZE} (new-flow table {CT_NEW_SIZE}), {sent} spoofed SYNs sent, {first_packets} first packets seen by XDP ({:.1} x C) in {:.1} s, {promoted} promotions; \
+         CT holds {ct} entries, CT_NEW {ct_new}; {ESTABLISHED} established connections: {} broken, {moved} moved",
+        first_packets as f64 / CT_SIZE as f64,
+        elapsed.as_secs_f64(),
+        broken.len()
+    );
+    assert!(
+        broken.is_empty(),
+        "{} established connections broke during the flood, first: {:?}",
+        broken.len(),
+        broken.first()
+    );
+    assert_eq!(moved, 0);
+    assert!(
+        ct <= CT_SIZE as usize && ct >= ESTABLISHED,
+        "the established table must still hold the {ESTABLISHED} flows ({ct})"
+    );
+
+    // Legitimate clients still get through, to every backend including the new one.
+    let results = client_many(lab.client().ns(), vip, 400, Duration::from_secs(3));
+    let ok = results.iter().filter(|r| r.is_ok()).count();
+    println!("after the flood: {ok}/400 new connections succeeded");
+    assert_eq!(ok, 400, "legitimate new connections failed after the flood");
+    assert!(
+        tests::tcp::tally(&results).contains_key("backend3"),
+        "the added backend gets new connections"
+    );
+}
