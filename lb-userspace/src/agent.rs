@@ -39,6 +39,10 @@ use tracing::{debug, error, info, warn};
 struct State {
     lb: Balancer,
     config: Config,
+    /// The configuration file's text as lbd last read or wrote it. A change made with lbctl is
+    /// refused while the file holds something else (an operator's edit not yet reloaded), so
+    /// that writing the file never throws such an edit away.
+    file_text: Option<String>,
 }
 
 /// The running agent. Share it as `Arc<Agent>` between the control socket, the metrics
@@ -50,10 +54,16 @@ pub struct Agent {
 }
 
 impl Agent {
-    /// Takes over a loaded, attached balancer that `config` was applied to.
+    /// Takes over a loaded, attached balancer that `config` (read from `config_path`) was
+    /// applied to.
     pub fn new(config_path: &Path, config: Config, lb: Balancer) -> Arc<Self> {
+        let file_text = fs::read_to_string(config_path).ok();
         Arc::new(Agent {
-            state: Mutex::new(State { lb, config }),
+            state: Mutex::new(State {
+                lb,
+                config,
+                file_text,
+            }),
             config_path: config_path.to_path_buf(),
             started: Instant::now(),
         })
@@ -73,7 +83,7 @@ impl Agent {
     /// Runs `f` with the balancer, under the same lock as changes.
     pub async fn with_balancer<T>(&self, f: impl FnOnce(&mut Balancer, &Config) -> T) -> T {
         let mut st = self.state.lock().await;
-        let State { lb, config } = &mut *st;
+        let State { lb, config, .. } = &mut *st;
         f(lb, config)
     }
 
@@ -81,8 +91,12 @@ impl Agent {
     /// A file that is invalid, or that changes settings fixed at start, changes nothing.
     pub async fn reload(&self) -> Result<ApplyReport> {
         let mut st = self.state.lock().await;
-        let new = Config::load(&self.config_path)
-            .map_err(|e| anyhow!("reload rejected, nothing changed: {e}"))?;
+        let path = self.config_path.display();
+        let text = fs::read_to_string(&self.config_path).map_err(|e| {
+            anyhow!("reload rejected, nothing changed: cannot read config file {path}: {e}")
+        })?;
+        let new = Config::parse(&text)
+            .map_err(|e| anyhow!("reload rejected, nothing changed: config file {path}: {e}"))?;
         let fixed = st.config.restart_only_changes(&new);
         if !fixed.is_empty() {
             bail!(
@@ -94,6 +108,7 @@ impl Agent {
         match st.lb.apply(&new) {
             Ok(r) => {
                 st.config = new;
+                st.file_text = Some(text);
                 Ok(r)
             }
             Err(e) => {
@@ -269,6 +284,14 @@ impl Agent {
             });
         }
         next.validate()?;
+        let on_disk = fs::read_to_string(&self.config_path).ok();
+        if on_disk.is_none() || on_disk != st.file_text {
+            bail!(
+                "config file {}: {} since lbd last read or wrote it, and saving this change would overwrite that; nothing changed. Apply the edit first (systemctl reload lbd, or kill -HUP the lbd process) or undo it, then retry",
+                self.config_path.display(),
+                if on_disk.is_none() { "cannot be read" } else { "edited" }
+            );
+        }
         let report = match st.lb.apply(&next) {
             Ok(r) => r,
             Err(e) => {
@@ -276,13 +299,17 @@ impl Agent {
                 return Err(e.context("the datapath rejected the change; nothing changed"));
             }
         };
-        if let Err(e) = persist(&self.config_path, &next) {
-            rollback(&mut st.lb, &prev);
-            return Err(e.context(
-                "the change was rolled back because the configuration file could not be written",
-            ));
-        }
+        let written = match persist(&self.config_path, &next) {
+            Ok(t) => t,
+            Err(e) => {
+                rollback(&mut st.lb, &prev);
+                return Err(e.context(
+                    "the change was rolled back because the configuration file could not be written",
+                ));
+            }
+        };
         st.config = next;
+        st.file_text = Some(written);
         info!(request = ?req, "{message}");
         for (vip, moved, generation) in &report.tables {
             info!(%vip, moved, generation, "table updated");
@@ -453,8 +480,9 @@ fn edit(cfg: &mut Config, req: &Request) -> Result<String> {
 
 /// Writes the configuration to `path` atomically: a temporary file in the same directory
 /// (same owner and mode as the file it replaces), fsync, rename over the file, fsync of the
-/// directory. A symlink is followed, so the file it points to is the one replaced.
-pub fn persist(path: &Path, cfg: &Config) -> Result<()> {
+/// directory. A symlink is followed, so the file it points to is the one replaced. Returns the
+/// text written.
+pub fn persist(path: &Path, cfg: &Config) -> Result<String> {
     let text = cfg.to_toml()?;
     let target = fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
     let dir = match target.parent() {
@@ -495,7 +523,8 @@ pub fn persist(path: &Path, cfg: &Config) -> Result<()> {
             target.display(),
             dir.display()
         )
-    })
+    })?;
+    Ok(text)
 }
 
 /// The control socket, bound and with its permissions set, ready to be served.

@@ -111,6 +111,12 @@ impl Lbd {
         fs::read_to_string(self.dir.join("lbd.log")).unwrap_or_default()
     }
 
+    fn signal(&self, sig: i32) {
+        let pid = self.child.as_ref().expect("running").id();
+        // SAFETY: signalling our own child.
+        assert_eq!(unsafe { libc::kill(pid as i32, sig) }, 0);
+    }
+
     /// SIGTERM, and the exit status.
     fn stop(&mut self) -> ExitStatus {
         let mut child = self.child.take().expect("running");
@@ -498,11 +504,22 @@ fn lbctl_drives_lbd_and_the_datapath_follows() {
     assert_eq!(c.len(), 2, "{c:?}");
 
     // Statistics while traffic flows: rates from two samples.
+    let done = std::sync::atomic::AtomicBool::new(false);
     let during = std::thread::scope(|s| {
-        let traffic = s.spawn(|| spread(&lab, vip4, 400));
+        let traffic = s.spawn(|| {
+            let mut n = 0;
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                n += spread(&lab, vip4, 50).values().sum::<usize>();
+            }
+            n
+        });
         std::thread::sleep(Duration::from_millis(200));
         let st = json(&sock, &["stats", "--interval", "0.5"]);
-        traffic.join().unwrap();
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        println!(
+            "{} connections while sampling rates",
+            traffic.join().unwrap()
+        );
         st
     });
     let v = during["vips"]
@@ -895,6 +912,43 @@ fn bad_input_is_refused_with_the_fix_and_changes_nothing() {
     // The running lbd was not disturbed by the one that found its socket taken.
     assert_eq!(json(&sock, &["vip", "list"]), vips);
     println!("{} lbd startup errors reported", startup.len());
+
+    // An operator edited the file but has not reloaded: lbctl refuses to overwrite the edit.
+    let mut edited = file.clone();
+    edited.extend_from_slice(b"# an operator's note, not yet reloaded\n");
+    fs::write(&lbd.config, &edited).unwrap();
+    let out = lbctl(&sock, &["backend", "set-weight", VIP4, &b0, "6"]);
+    assert_eq!(out.status.code(), Some(1), "{}", show(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains(&format!(
+            "config file {}: edited since lbd last read or wrote it, and saving this change would overwrite that; nothing changed. Apply the edit first (systemctl reload lbd, or kill -HUP the lbd process) or undo it, then retry",
+            lbd.config.display()
+        )),
+        "{}",
+        show(&out)
+    );
+    assert_eq!(fs::read(&lbd.config).unwrap(), edited);
+    assert_eq!(json(&sock, &["backend", "list"]), backends);
+    // Once reloaded (SIGHUP), changes go through again and the file is lbd's to write.
+    lbd.signal(libc::SIGHUP);
+    wait_for(
+        "lbctl to accept changes after SIGHUP",
+        Duration::from_secs(5),
+        || {
+            lbctl(&sock, &["backend", "set-weight", VIP4, &b0, "6"])
+                .status
+                .success()
+        },
+    );
+    assert_eq!(
+        backend(&json(&sock, &["backend", "list"]), &b0)["weight"],
+        6
+    );
+    let text = fs::read_to_string(&lbd.config).unwrap();
+    assert!(
+        text.contains("weight = 6") && !text.contains("operator's note"),
+        "{text}"
+    );
     drop(lbd);
     let _ = fs::remove_dir_all(&dir);
 }
