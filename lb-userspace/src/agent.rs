@@ -330,10 +330,24 @@ impl Agent {
     }
 }
 
-/// Re-applies the configuration that was in force before a failed change.
+/// Re-applies the configuration that was in force before a failed change, then checks that
+/// the datapath's VIP entries are the ones lbd believes in (a failure in the middle of the
+/// writes could leave one pointing at a table lbd did not keep; `apply` only rewrites tables it
+/// thinks changed). A mismatch is logged loudly: restarting lbd rewrites everything.
 fn rollback(lb: &mut Balancer, prev: &Config) {
     if let Err(e) = lb.apply(prev) {
         error!("rolling back to the previous configuration failed too: {e:#}");
+    }
+    for v in lb.vips() {
+        let in_kernel = lb.vip_meta(&v.config).map(|m| m.generation);
+        if in_kernel != Some(v.generation) {
+            error!(
+                vip = %VipName::of(&v.config),
+                lbd = v.generation,
+                datapath = ?in_kernel,
+                "after the rollback the datapath's table generation differs from lbd's; restart lbd to rewrite the tables"
+            );
+        }
     }
 }
 
