@@ -29,8 +29,10 @@ fn lbd_path() -> PathBuf {
 }
 
 fn config(lab: &Lab, weights: &[u32]) -> String {
+    // A socket of its own, so that lbd instances of concurrent tests never meet.
+    let prefix = lab.prefix();
     let mut text = format!(
-        "interface = \"eth0\"\nxdp_mode = \"native\"\npin_dir = \"\"\n[encap]\nsource_v4 = \"{LB_V4}\"\nsource_v6 = \"{LB_V6}\"\n\
+        "interface = \"eth0\"\nxdp_mode = \"native\"\npin_dir = \"\"\ncontrol_socket = \"/run/{prefix}/lbd.sock\"\n[encap]\nsource_v4 = \"{LB_V4}\"\nsource_v6 = \"{LB_V6}\"\n\
          [[vip]]\naddress = \"{VIP_V4}\"\nport = 80\nprotocol = \"tcp\"\nforwarding = \"ipip\"\n"
     );
     for (i, w) in weights.iter().enumerate() {
@@ -168,6 +170,7 @@ fn lbd_serves_reloads_and_detaches() {
         signal(d, libc::SIGTERM);
     }
     let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(format!("/run/{}", lab.prefix()));
 }
 
 #[test]

@@ -151,9 +151,10 @@ fn restart_and_upgrade_keep_established_flows() {
     std::fs::create_dir_all(&dir).unwrap();
     let config = dir.join("lbd.toml");
     let mut text = format!(
-        "interface = \"eth0\"\nxdp_mode = \"native\"\npin_dir = \"{}\"\n[encap]\nsource_v4 = \"{LB_V4}\"\nsource_v6 = \"{LB_V6}\"\n\
+        "interface = \"eth0\"\nxdp_mode = \"native\"\npin_dir = \"{}\"\ncontrol_socket = \"{}\"\n[encap]\nsource_v4 = \"{LB_V4}\"\nsource_v6 = \"{LB_V6}\"\n\
          [[vip]]\naddress = \"{VIP_V4}\"\nport = 80\nprotocol = \"tcp\"\n",
-        pin_dir.display()
+        pin_dir.display(),
+        dir.join("lbd.sock").display()
     );
     for i in 0..3 {
         text.push_str(&format!(
