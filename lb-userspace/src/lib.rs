@@ -6,10 +6,12 @@ pub mod config;
 pub mod control;
 pub mod datapath;
 pub mod decap;
+pub mod health;
 pub mod metrics;
 pub mod netif;
 pub mod notify;
 pub mod pool;
+pub mod security;
 
 pub use config::Config;
 pub use datapath::{Balancer, LoadOptions};

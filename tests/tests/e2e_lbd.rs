@@ -204,5 +204,23 @@ fn lbd_rejects_bad_config_with_clear_errors() {
             "lbd's error for {text:?} should contain {want:?}, got: {stderr}"
         );
     }
+    // A config file anyone can write is a way to root: refused, with the fix.
+    use std::os::unix::fs::PermissionsExt as _;
+    let path = dir.join("open.toml");
+    std::fs::write(&path, "interface = \"lo\"\npin_dir = \"\"\n").unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let out = std::process::Command::new(&lbd)
+        .args(["--config", path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "lbd accepted a world-writable config"
+    );
+    assert!(
+        stderr.contains("is writable by everyone (mode 0666)") && stderr.contains("chmod go-w"),
+        "lbd's error for a world-writable config: {stderr}"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
