@@ -4,10 +4,13 @@
 //! * `test`: setup, build everything, run every test (needs root).
 //! * `lab`: demo of the balancer in a namespace lab with nginx backends.
 //! * `bench lab`: HTTP throughput through the balancer vs straight to the backends.
+//! * `install`: build and install lbd, lbctl, systemd units, config, man pages, completions.
+//! * `package`: the same as a Debian package.
 
 mod bench;
 mod bench_datapath;
 mod env;
+mod install;
 mod lab;
 mod setup;
 mod util;
@@ -48,6 +51,12 @@ enum Cmd {
         #[command(subcommand)]
         which: BenchCmd,
     },
+    /// Build (release) and install lbd and lbctl to PREFIX/sbin, the systemd units, the
+    /// default /etc/lb/lbd.toml (only if absent), man pages and bash/zsh/fish completions.
+    /// Idempotent; prints what it installed.
+    Install(install::InstallArgs),
+    /// Build a Debian package (.deb) of the installation (prefix /usr) with dpkg-deb.
+    Package(install::PackageArgs),
 }
 
 #[derive(Subcommand)]
@@ -169,6 +178,8 @@ fn main() -> ExitCode {
             BenchCmd::Lab(args) => bench::lab(&args).map(|_| ExitCode::SUCCESS),
             BenchCmd::Datapath(args) => bench_datapath::run(&args),
         },
+        Cmd::Install(args) => install::install(&args).map(|_| ExitCode::SUCCESS),
+        Cmd::Package(args) => install::package(&args).map(|_| ExitCode::SUCCESS),
     };
     match result {
         Ok(code) => code,
