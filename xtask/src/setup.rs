@@ -18,6 +18,10 @@ pub const PACKAGES: &[&str] = &[
     "xdp-tools",    // xdp-loader status etc.
     "tcpdump",      // debugging the lab
     "curl",         // poking at a kept lab (`cargo xtask lab --keep`)
+    "systemd",      // systemd-analyze verify in the packaging tests
+    "dpkg-dev",     // dpkg-shlibdeps for `cargo xtask package`
+    "man-db",       // checking the installed man pages
+    "util-linux",   // nsenter (restart tests keep the root mount namespace)
 ];
 
 /// Toolchain used when the machine has no `nightly` toolchain.
