@@ -53,6 +53,8 @@ pub const FRAG_TABLE_SIZE: u32 = 8_192;
 /// in jiffies (reading jiffies is far cheaper per packet than a clock): 0.25 s at HZ=1000,
 /// 1 s at HZ=250.
 pub const NEXTHOP_TTL_JIFFIES: u64 = 250;
+/// How long a failed next-hop lookup is remembered before it is tried again, in jiffies.
+pub const NEXTHOP_RETRY_JIFFIES: u64 = 25;
 /// Outer TTL / hop limit of encapsulated packets and of ICMP replies.
 pub const DEFAULT_TTL: u8 = 64;
 /// IPv6 bytes of the original packet quoted in a Packet Too Big reply.

@@ -268,6 +268,8 @@ pub struct Balancer {
     pin_dir: Option<PathBuf>,
     /// Whether the maps were found pinned (a restart or an upgrade) rather than created.
     resumed: bool,
+    /// The program's rare events (aya-log), for the agent to forward to its log.
+    logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
 }
 
 impl Balancer {
@@ -298,6 +300,13 @@ impl Balancer {
             .try_into()?;
         prog.load()
             .context("the kernel rejected the balancer program")?;
+        let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
+            Ok(l) => Some(l),
+            Err(e) => {
+                tracing::warn!("the balancer's log records are unavailable: {e}");
+                None
+            }
+        };
         let maps = Maps {
             vips: BpfHashMap::try_from(take(&mut ebpf, maps::VIPS)?)?,
             ring: Array::try_from(take(&mut ebpf, maps::RING)?)?,
@@ -322,11 +331,18 @@ impl Balancer {
             interface: None,
             pin_dir: opts.pin_dir.clone(),
             resumed,
+            logger,
         };
         if resumed {
             lb.restore().context("restoring state from the pinned maps")?;
         }
         Ok(lb)
+    }
+
+    /// The reader of the program's log records (aya-log): poll it when its fd is readable and
+    /// call `flush`, which hands the records to the `log` facade (and so to `tracing`).
+    pub fn take_logger(&mut self) -> Option<aya_log::EbpfLogger<&'static dyn log::Log>> {
+        self.logger.take()
     }
 
     /// Whether this instance took over pinned maps from a previous one.

@@ -224,3 +224,54 @@ fn lbd_rejects_bad_config_with_clear_errors() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn datapath_warnings_reach_the_log_once_not_per_packet() {
+    require_root();
+    let lbd = lbd_path();
+    let lab = Lab::new(LabSpec { backends: 1 }).expect("building the lab");
+    let prefix = lab.prefix();
+    let dir = std::env::temp_dir().join(format!("{prefix}-log"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg_path = dir.join("lbd.toml");
+    // 10.200.0.99 is on the lab's segment but no host answers for it: its neighbour never
+    // resolves, so every packet to it is dropped with drop_fib.
+    std::fs::write(
+        &cfg_path,
+        format!(
+            "interface = \"eth0\"\nxdp_mode = \"native\"\npin_dir = \"\"\ncontrol_socket = \"/run/{prefix}/lbd.sock\"\n\
+             [encap]\nsource_v4 = \"{LB_V4}\"\n[[vip]]\naddress = \"{VIP_V4}\"\nport = 80\nprotocol = \"tcp\"\n\
+             [[vip.backend]]\naddress = \"10.200.0.99\"\n"
+        ),
+    )
+    .unwrap();
+    let log_path = dir.join("lbd.log");
+    let log = std::fs::File::create(&log_path).unwrap();
+    let ns = lab.lb().ns();
+    let mut cmd = ns.command(lbd.to_str().unwrap());
+    cmd.args(["--config", cfg_path.to_str().unwrap()])
+        .stdin(std::process::Stdio::null())
+        .stderr(log);
+    let agent = ns.spawn_command(&mut cmd).expect("starting lbd");
+    wait_for("lbd to attach", Duration::from_secs(20), || {
+        xdp_attached(&lab)
+    });
+    let vip = SocketAddr::new(IpAddr::from(VIP_V4), 80);
+    // Several connection attempts, each retrying its SYN: dozens of dropped packets.
+    let results = client_many(lab.client().ns(), vip, 5, Duration::from_millis(1500));
+    assert!(
+        results.iter().all(|r| r.is_err()),
+        "nothing can answer for 10.200.0.99"
+    );
+    signal(&agent, libc::SIGTERM);
+    std::thread::sleep(Duration::from_millis(500));
+    let text = std::fs::read_to_string(&log_path).unwrap();
+    let warnings = text.matches("no route or unresolved neighbour").count();
+    println!("{warnings} datapath warning(s) for 5 failed connections:\n{text}");
+    assert!(
+        (1..=3).contains(&warnings),
+        "the datapath must report the unreachable backend through aya-log, once per change, not per packet (got {warnings})"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(format!("/run/{prefix}"));
+}

@@ -21,6 +21,7 @@ mod prog {
         programs::XdpContext,
         EbpfContext,
     };
+    use aya_log_ebpf::warn;
     use lb_common::*;
     use lb_ebpf::net::*;
 
@@ -624,12 +625,46 @@ mod prog {
         // SAFETY: array slot; a concurrent refresh writes the same kind of value.
         let cached = unsafe { *slot };
         if cached.expires > now {
-            return Ok(cached);
+            // ifindex 0: a failed lookup, remembered briefly so a dead route costs no lookup
+            // per packet.
+            return if cached.ifindex != 0 {
+                Ok(cached)
+            } else {
+                Err(Error::Fib)
+            };
         }
-        let nh = fib_lookup(ctx.ctx, b, now).ok_or(Error::Fib)?;
-        // SAFETY: array slot owned by this backend id.
-        unsafe { *slot = nh };
-        Ok(nh)
+        match fib_lookup(ctx.ctx, b, now) {
+            Some(nh) => {
+                // SAFETY: array slot owned by this backend id.
+                unsafe { *slot = nh };
+                Ok(nh)
+            }
+            None => {
+                let failed = NextHop {
+                    expires: now + NEXTHOP_RETRY_JIFFIES,
+                    ..NextHop::default()
+                };
+                // SAFETY: array slot owned by this backend id.
+                unsafe { *slot = failed };
+                // Log the change from reachable (or never looked up) to unreachable only: a
+                // rare event, never one line per packet.
+                if cached.ifindex != 0 || cached.expires == 0 {
+                    report_no_route(ctx.ctx, id);
+                }
+                Err(Error::Fib)
+            }
+        }
+    }
+
+    /// Tells the agent (through aya-log) that a backend became unreachable from here.
+    #[inline(never)]
+    fn report_no_route(ctx: *mut xdp_md, id: u32) {
+        let ctx = XdpContext::new(ctx);
+        warn!(
+            &ctx,
+            "backend id {}: no route or unresolved neighbour, its packets are dropped (drop_fib)",
+            id
+        );
     }
 
     /// `bpf_fib_lookup` towards a backend. A separate BPF function: it runs about once a second

@@ -62,6 +62,21 @@ async fn run_balancer(path: &std::path::Path) -> Result<()> {
     let control = ControlSocket::bind(&cfg)?;
     let metrics_listener = metrics::bind(cfg.metrics_listen).await?;
     let mut lb = Balancer::load(LoadOptions::from(&cfg))?;
+    // The datapath's rare events (aya-log records) go to lbd's log.
+    if let Some(logger) = lb.take_logger() {
+        // SAFETY: the logger owns its ring buffer's fd, which stays open and the same for as
+        // long as the AsyncFd owns the logger.
+        let mut logger = unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE)
+        }
+        .map_err(|e| anyhow::anyhow!("watching the datapath's log: {e}"))?;
+        tokio::spawn(async move {
+            while let Ok(mut guard) = logger.readable_mut().await {
+                guard.get_inner_mut().flush();
+                guard.clear_ready();
+            }
+        });
+    }
     // Tables first, then attach: the first packet already sees every VIP.
     let report = lb.apply(&cfg)?;
     let mode = lb.attach(&cfg.interface, cfg.xdp_mode)?;
@@ -143,7 +158,11 @@ fn cleanup(path: &std::path::Path) -> Result<()> {
         return Ok(());
     }
     let removed = lb_userspace::datapath::remove_pins(std::path::Path::new(&cfg.pin_dir))?;
-    println!("removed {} pinned objects from {}", removed.len(), cfg.pin_dir);
+    println!(
+        "removed {} pinned objects from {}",
+        removed.len(),
+        cfg.pin_dir
+    );
     Ok(())
 }
 
