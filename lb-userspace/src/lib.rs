@@ -8,6 +8,7 @@ pub mod datapath;
 pub mod decap;
 pub mod health;
 pub mod metrics;
+pub mod model;
 pub mod netif;
 pub mod notify;
 pub mod pool;
