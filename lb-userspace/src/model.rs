@@ -1743,7 +1743,12 @@ mod tests {
             fit(&s).unwrap();
         }
         let per = started.elapsed() / rounds;
-        println!("fit of a 600-sample window: {per:?} (unoptimised test build)");
+        let build = if cfg!(debug_assertions) {
+            "unoptimised"
+        } else {
+            "optimised"
+        };
+        println!("fit of a 600-sample window: {per:?} ({build} build)");
     }
 
     #[test]
