@@ -6,10 +6,12 @@
 //! * `bench lab`: HTTP throughput through the balancer vs straight to the backends.
 //! * `install`: build and install lbd, lbctl, systemd units, config, man pages, completions.
 //! * `package`: the same as a Debian package.
+//! * `fuzz`: differential fuzzing of the XDP balancer against the reference model.
 
 mod bench;
 mod bench_datapath;
 mod env;
+mod fuzz;
 mod install;
 mod lab;
 mod setup;
@@ -57,6 +59,9 @@ enum Cmd {
     Install(install::InstallArgs),
     /// Build a Debian package (.deb) of the installation (prefix /usr) with dpkg-deb.
     Package(install::PackageArgs),
+    /// Differential fuzzing: random and mutated packets through the XDP balancer
+    /// (BPF_PROG_TEST_RUN) and the reference model, for N minutes (needs root).
+    Fuzz(fuzz::FuzzArgs),
 }
 
 #[derive(Subcommand)]
@@ -173,13 +178,18 @@ fn main() -> ExitCode {
     let result: Result<ExitCode> = match cli.cmd {
         Cmd::Setup => setup::setup().map(|_| ExitCode::SUCCESS),
         Cmd::Test { args } => util::test(&args),
-        Cmd::Lab(args) => lab::run(&args).map(|_| ExitCode::SUCCESS),
-        Cmd::Bench { which } => match which {
+        // The demo and the benchmarks install what they need first, like `test` (idempotent):
+        // a fresh machine needs nothing but the README's commands.
+        Cmd::Lab(args) => setup::setup()
+            .and_then(|_| lab::run(&args))
+            .map(|_| ExitCode::SUCCESS),
+        Cmd::Bench { which } => setup::setup().and_then(|_| match which {
             BenchCmd::Lab(args) => bench::lab(&args).map(|_| ExitCode::SUCCESS),
             BenchCmd::Datapath(args) => bench_datapath::run(&args),
-        },
+        }),
         Cmd::Install(args) => install::install(&args).map(|_| ExitCode::SUCCESS),
         Cmd::Package(args) => install::package(&args).map(|_| ExitCode::SUCCESS),
+        Cmd::Fuzz(args) => fuzz::run(&args),
     };
     match result {
         Ok(code) => code,

@@ -23,7 +23,11 @@ use tracing::{error, info};
 async fn main() {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                // aya::bpf warns, with a full BTF dump, that the kernel rejects the object's
+                // BTF (a union type from aya-log's globals) before loading without it, which
+                // works: keep that out of operators' logs unless RUST_LOG asks for it.
+                .unwrap_or_else(|_| "info,aya::bpf=error".into()),
         )
         .with_writer(std::io::stderr)
         // Colours only for a person at a terminal; journald and log files get plain text.
