@@ -23,9 +23,9 @@ use aya::{
 };
 use lb_common::{
     maglev, maps, progs, BackendInfo, BackendStats, Counter, CtValue, FlowKey, FragKey,
-    GlobalConfig, NextHop, VipKey, VipMeta, VipStats, BACKEND_F_ACTIVE, CONFIG_F_HAVE_V4_SRC,
-    CONFIG_F_HAVE_V6_SRC, FAMILY_V4, FAMILY_V6, FRAG_TABLE_SIZE, MAX_BACKENDS, MAX_VIPS,
-    MODE_L2, PROTO_TCP, PROTO_UDP,
+    GlobalConfig, NextHop, VipKey, VipMeta, VipStats, BACKEND_F_ACTIVE, BACKEND_F_DOWN,
+    CONFIG_F_HAVE_V4_SRC, CONFIG_F_HAVE_V6_SRC, FAMILY_V4, FAMILY_V6, FRAG_TABLE_SIZE,
+    MAX_BACKENDS, MAX_VIPS, MODE_L2, PROTO_TCP, PROTO_UDP,
 };
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -625,7 +625,7 @@ impl Balancer {
         for (_, st, region) in &planned {
             for b in &st.backends {
                 let (addr, family) = addr_bytes(b.address);
-                let info = BackendInfo {
+                let mut info = BackendInfo {
                     addr,
                     family,
                     _pad: [0; 3],
@@ -633,12 +633,17 @@ impl Balancer {
                     mode: st.config.forwarding.mode(),
                     vip_id: st.vip_id,
                 };
-                let fresh = self
-                    .maps
-                    .backends
-                    .get(&b.id, 0)
-                    .map(|x| x != info)
-                    .unwrap_or(true);
+                let current = self.maps.backends.get(&b.id, 0).ok();
+                // A DOWN flag is the health checker's (`set_backend_down`), not the
+                // configuration's: an entry for this same backend keeps it.
+                if let Some(c) = current {
+                    let same = c.flags & BACKEND_F_ACTIVE != 0
+                        && (c.addr, c.family, c.vip_id) == (addr, family, st.vip_id);
+                    if same {
+                        info.flags |= c.flags & BACKEND_F_DOWN;
+                    }
+                }
+                let fresh = current.map(|x| x != info).unwrap_or(true);
                 if fresh {
                     self.maps
                         .backends
@@ -785,6 +790,53 @@ impl Balancer {
     /// The VIP entry the datapath currently reads.
     pub fn vip_meta(&self, v: &crate::config::Vip) -> Option<VipMeta> {
         self.maps.vips.get(&vip_key(v), 0).ok()
+    }
+
+    /// Marks one backend of an applied VIP down (or up again) in the datapath: a DOWN backend
+    /// takes no flow at all, and the flows tracked to it are steered again through the table
+    /// at their next packet. Only the DOWN flag changes (the entry stays ACTIVE); `apply` keeps
+    /// the flag. Returns whether the entry changed. The table is the caller's: give a down
+    /// backend weight 0 in the next `apply` so new flows avoid it too.
+    pub fn set_backend_down(&mut self, vip: VipId, addr: IpAddr, down: bool) -> Result<bool> {
+        let v = self
+            .vips
+            .get(&vip)
+            .ok_or_else(|| anyhow!("no VIP {}:{}/{} is applied", vip.0, vip.1, vip.2))?;
+        let b = v
+            .backends
+            .iter()
+            .find(|b| b.address == addr)
+            .ok_or_else(|| anyhow!("{addr} is not a backend of {}", v.config.name()))?;
+        let id = b.id;
+        let mut info = self
+            .maps
+            .backends
+            .get(&id, 0)
+            .with_context(|| format!("reading backend {addr}'s datapath entry"))?;
+        if info.flags & BACKEND_F_ACTIVE == 0 {
+            bail!("backend {addr}'s datapath entry is not active");
+        }
+        let flags = if down {
+            info.flags | BACKEND_F_DOWN
+        } else {
+            info.flags & !BACKEND_F_DOWN
+        };
+        if flags == info.flags {
+            return Ok(false);
+        }
+        info.flags = flags;
+        self.maps
+            .backends
+            .set(id, info, 0)
+            .with_context(|| format!("writing backend {addr}'s datapath entry"))?;
+        Ok(true)
+    }
+
+    /// Whether a backend's datapath entry carries the DOWN flag (`None`: no such backend).
+    pub fn backend_down(&self, vip: VipId, addr: IpAddr) -> Option<bool> {
+        let b = self.vips.get(&vip)?.backends.iter().find(|b| b.address == addr)?;
+        let info = self.maps.backends.get(&b.id, 0).ok()?;
+        Some(info.flags & BACKEND_F_DOWN != 0)
     }
 }
 
