@@ -23,7 +23,9 @@
 //! lab.shutdown().unwrap();
 //! ```
 
+pub mod fuzz;
 pub mod lab;
+pub mod model;
 pub mod netns;
 pub mod tcp;
 pub mod xdp;
