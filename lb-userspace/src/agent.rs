@@ -7,19 +7,29 @@
 //! file atomically (temporary file in the same directory, fsync, rename, fsync of the
 //! directory; on failure the datapath is rolled back too). A rejected request changes neither
 //! the maps nor the file, and a restart comes back with exactly what was last accepted.
+//!
+//! Health checks (`[vip.health]`) are runtime state, never written to the file: the agent runs
+//! a [`Prober`] for every backend of such VIPs (restarted after every accepted change or
+//! reload), feeds each outcome to that backend's [`HealthState`], and when a backend's status
+//! changes applies the datapath again. A down backend gets weight 0 in the table and the DOWN
+//! flag in its datapath entry (its established flows are steered again at once); a backend on
+//! probation comes back with a quarter of its weight (slow start), then all of it once up.
 use crate::{
     config::{self, Config},
     control::{
         parse_backend_address, BackendEntry, BackendStatsEntry, Changed, Request, Response,
         StatsSnapshot, Status, TableChange, VipEntry, VipName, VipStatsEntry, VipStatus, MAX_LINE,
     },
-    datapath::{ApplyReport, Balancer},
+    datapath::{ApplyReport, Balancer, VipId},
+    health::{HealthConfig, HealthState, HealthStatus, ProbeReport, ProbeTarget, Prober},
 };
 use anyhow::{anyhow, bail, Context as _, Result};
 use std::{
+    collections::BTreeMap,
     ffi::CString,
     fs,
     io::Write as _,
+    net::IpAddr,
     os::unix::fs::{
         DirBuilderExt as _, FileTypeExt as _, MetadataExt as _, OpenOptionsExt as _,
         PermissionsExt as _,
@@ -31,7 +41,7 @@ use std::{
 use tokio::{
     io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader},
     net::{UnixListener, UnixStream},
-    sync::Mutex,
+    sync::{mpsc, Mutex},
 };
 use tracing::{debug, error, info, warn};
 
@@ -43,6 +53,160 @@ struct State {
     /// refused while the file holds something else (an operator's edit not yet reloaded), so
     /// that writing the file never throws such an edit away.
     file_text: Option<String>,
+    /// Health of every backend of the VIPs with `[vip.health]`.
+    health: HealthMap,
+}
+
+/// Backends by (VIP, address).
+type HealthKey = (VipId, IpAddr);
+type HealthMap = BTreeMap<HealthKey, BackendHealth>;
+/// A probe's key: the prober generation it belongs to, then the backend.
+type ProbeKey = (u64, VipId, IpAddr);
+
+/// One health-checked backend, as the agent tracks it.
+#[derive(Debug, Clone)]
+struct BackendHealth {
+    config: HealthConfig,
+    state: HealthState,
+    last_probe_ms: Option<f64>,
+    last_error: Option<String>,
+}
+
+/// The probers running, and where their reports go.
+#[derive(Default)]
+struct Probes {
+    /// Bumped at each restart: reports of an older generation are ignored.
+    epoch: u64,
+    prober: Option<Prober>,
+    reports: Option<mpsc::Sender<ProbeReport<ProbeKey>>>,
+}
+
+/// Capacity of the probe report channel (probes wait for room: no unbounded queue).
+const REPORT_QUEUE: usize = 1024;
+
+/// The weight a backend on probation comes back with: a quarter of its configured weight
+/// (at least 1), until probes bring it up.
+pub fn slow_start_weight(weight: u32) -> u32 {
+    if weight == 0 {
+        0
+    } else {
+        (weight / 4).max(1)
+    }
+}
+
+fn vip_id(v: &config::Vip) -> VipId {
+    (v.address, v.port, v.protocol)
+}
+
+/// `health` brought in line with `cfg`: an entry for every backend of every VIP with
+/// `[vip.health]`, carried over when its settings did not change. A new backend starts up (as
+/// without health checks); one whose settings changed keeps being down if it was.
+fn sync_health(health: &HealthMap, cfg: &Config) -> HealthMap {
+    let mut out = HealthMap::new();
+    for v in &cfg.vips {
+        let Some(h) = &v.health else { continue };
+        let hc = h.to_config(v.port);
+        for b in &v.backends {
+            let key = (vip_id(v), b.address);
+            let entry = match health.get(&key) {
+                Some(old) if old.config == hc => old.clone(),
+                old => BackendHealth {
+                    state: match old.map(|o| o.state.probed_status()) {
+                        Some(HealthStatus::Down | HealthStatus::Probation) => {
+                            HealthState::new_down(hc.rise, hc.fall)
+                        }
+                        _ => HealthState::new(hc.rise, hc.fall),
+                    },
+                    config: hc.clone(),
+                    last_probe_ms: old.and_then(|o| o.last_probe_ms),
+                    last_error: old.and_then(|o| o.last_error.clone()),
+                },
+            };
+            out.insert(key, entry);
+        }
+    }
+    out
+}
+
+/// What the probes say of a backend (`Up` without health checks).
+fn probed(health: &HealthMap, vip: VipId, addr: IpAddr) -> HealthStatus {
+    health
+        .get(&(vip, addr))
+        .map_or(HealthStatus::Up, |h| h.state.probed_status())
+}
+
+/// The configuration the datapath is built from: `cfg` with the weight of every down backend
+/// at 0 and of every backend on probation reduced ([`slow_start_weight`]).
+fn effective(cfg: &Config, health: &HealthMap) -> Config {
+    let mut out = cfg.clone();
+    for v in &mut out.vips {
+        if v.health.is_none() {
+            continue;
+        }
+        let id = vip_id(v);
+        for b in &mut v.backends {
+            match probed(health, id, b.address) {
+                HealthStatus::Down => b.weight = 0,
+                HealthStatus::Probation => b.weight = slow_start_weight(b.weight),
+                _ => {}
+            }
+        }
+    }
+    out
+}
+
+/// Applies `cfg` as `health` has it: DOWN flags of backends no longer down cleared first (so
+/// that the slots they get back lead somewhere), the tables, then the DOWN flag of every down
+/// backend set (its established flows move at once).
+fn apply_datapath(lb: &mut Balancer, cfg: &Config, health: &HealthMap) -> Result<ApplyReport> {
+    let applied: Vec<HealthKey> = lb
+        .vips()
+        .flat_map(|v| {
+            v.backends
+                .iter()
+                .map(move |b| (vip_id(&v.config), b.address))
+        })
+        .collect();
+    for (vip, addr) in applied {
+        if probed(health, vip, addr) != HealthStatus::Down
+            && lb.backend_down(vip, addr) == Some(true)
+        {
+            lb.set_backend_down(vip, addr, false)?;
+        }
+    }
+    let report = lb.apply(&effective(cfg, health))?;
+    for ((vip, addr), h) in health {
+        if h.state.probed_status() == HealthStatus::Down {
+            lb.set_backend_down(*vip, *addr, true)?;
+        }
+    }
+    Ok(report)
+}
+
+/// A backend's health as `backend list` and the metrics show it: (up, state, last probe).
+fn shown_health<'a>(
+    health: &'a HealthMap,
+    vip: VipId,
+    b: &config::Backend,
+) -> (bool, HealthStatus, Option<&'a BackendHealth>) {
+    let h = health.get(&(vip, b.address));
+    let probed = h.map_or(HealthStatus::Up, |h| h.state.probed_status());
+    let shown = if b.drained {
+        HealthStatus::Draining
+    } else {
+        probed
+    };
+    (probed != HealthStatus::Down, shown, h)
+}
+
+/// The configured backend `addr` of `vip` (the datapath's copy has effective weights).
+fn configured(cfg: &Config, vip: VipId, addr: IpAddr) -> Option<&config::Backend> {
+    cfg.vips
+        .iter()
+        .find(|v| vip_id(v) == vip)?
+        .backends
+        .iter()
+        .find(|b| b.address == addr)
 }
 
 /// The running agent. Share it as `Arc<Agent>` between the control socket, the metrics
@@ -51,6 +215,8 @@ pub struct Agent {
     state: Mutex<State>,
     config_path: PathBuf,
     started: Instant,
+    /// Locked after `state` when both are needed.
+    probes: std::sync::Mutex<Probes>,
 }
 
 impl Agent {
@@ -58,15 +224,129 @@ impl Agent {
     /// applied to.
     pub fn new(config_path: &Path, config: Config, lb: Balancer) -> Arc<Self> {
         let file_text = fs::read_to_string(config_path).ok();
+        let health = sync_health(&HealthMap::new(), &config);
         Arc::new(Agent {
             state: Mutex::new(State {
                 lb,
                 config,
                 file_text,
+                health,
             }),
             config_path: config_path.to_path_buf(),
             started: Instant::now(),
+            probes: std::sync::Mutex::new(Probes::default()),
         })
+    }
+
+    /// Starts health checking (needs the tokio runtime): a probe task per backend of every VIP
+    /// with `[vip.health]`, and the task that acts on their reports. Also clears DOWN flags a
+    /// previous lbd left in pinned maps: every backend starts up.
+    pub async fn start_health(self: &Arc<Self>) -> Result<()> {
+        let (tx, mut rx) = mpsc::channel(REPORT_QUEUE);
+        self.probes.lock().expect("probes lock").reports = Some(tx);
+        let agent = Arc::downgrade(self);
+        tokio::spawn(async move {
+            while let Some(report) = rx.recv().await {
+                let Some(agent) = agent.upgrade() else { return };
+                agent.on_probe(report).await;
+            }
+        });
+        let mut st = self.state.lock().await;
+        let State {
+            lb, config, health, ..
+        } = &mut *st;
+        apply_datapath(lb, config, health).context("applying the backends' health")?;
+        self.restart_probes(&st);
+        Ok(())
+    }
+
+    /// Replaces the probers with ones for the backends in `st.health`, each starting from the
+    /// state the agent has for it.
+    fn restart_probes(&self, st: &State) {
+        let mut p = self.probes.lock().expect("probes lock");
+        p.epoch += 1;
+        p.prober = None;
+        let Some(tx) = p.reports.clone() else { return };
+        if st.health.is_empty() {
+            return;
+        }
+        let epoch = p.epoch;
+        let targets = st
+            .health
+            .iter()
+            .map(|((vip, addr), h)| ProbeTarget {
+                key: (epoch, *vip, *addr),
+                probe: h.config.probe_for(*addr),
+                interval: h.config.interval,
+                state: h.state.clone(),
+            })
+            .collect::<Vec<_>>();
+        debug!(backends = targets.len(), "health checks (re)started");
+        p.prober = Some(Prober::spawn(targets, tx));
+    }
+
+    /// One probe outcome: updates the backend's health and, when its status changed, the
+    /// datapath.
+    async fn on_probe(&self, report: ProbeReport<ProbeKey>) {
+        let (epoch, vip, addr) = report.key;
+        let mut st = self.state.lock().await;
+        if epoch != self.probes.lock().expect("probes lock").epoch {
+            return;
+        }
+        let Some(h) = st.health.get_mut(&(vip, addr)) else {
+            return;
+        };
+        let result = report.result;
+        h.last_probe_ms = Some(result.latency_ms());
+        h.last_error = result.error.clone();
+        let before = h.state.probed_status();
+        h.state.on_probe(&result);
+        let after = h.state.probed_status();
+        if before == after {
+            return;
+        }
+        let name = VipName {
+            address: vip.0,
+            port: vip.1,
+            protocol: vip.2,
+        };
+        let error = result.error.as_deref().unwrap_or("");
+        match after {
+            HealthStatus::Down => warn!(
+                vip = %name,
+                backend = %addr,
+                from = %before,
+                error,
+                consecutive_failures = h.state.consecutive_failures(),
+                "backend down: no new flows, its established flows are steered to other backends"
+            ),
+            HealthStatus::Probation => info!(
+                vip = %name,
+                backend = %addr,
+                latency_ms = result.latency_ms(),
+                "backend passing again: on probation at a reduced weight (slow start)"
+            ),
+            _ => info!(
+                vip = %name,
+                backend = %addr,
+                from = %before,
+                latency_ms = result.latency_ms(),
+                "backend up: full weight"
+            ),
+        }
+        let State {
+            lb, config, health, ..
+        } = &mut *st;
+        match apply_datapath(lb, config, health) {
+            Ok(r) => {
+                for (vip, moved, generation) in &r.tables {
+                    info!(%vip, moved, generation, "table updated");
+                }
+            }
+            Err(e) => {
+                error!(vip = %name, backend = %addr, "applying a health change failed: {e:#}")
+            }
+        }
     }
 
     /// The configuration currently applied.
@@ -90,7 +370,8 @@ impl Agent {
     /// SIGHUP: re-reads the configuration file and applies it, as one more serialized change.
     /// A file that is invalid, or that changes settings fixed at start, changes nothing.
     pub async fn reload(&self) -> Result<ApplyReport> {
-        let mut st = self.state.lock().await;
+        let mut guard = self.state.lock().await;
+        let st = &mut *guard;
         let path = self.config_path.display();
         let text = fs::read_to_string(&self.config_path).map_err(|e| {
             anyhow!("reload rejected, nothing changed: cannot read config file {path}: {e}")
@@ -105,14 +386,17 @@ impl Agent {
             );
         }
         let prev = st.config.clone();
-        match st.lb.apply(&new) {
+        let health = sync_health(&st.health, &new);
+        match apply_datapath(&mut st.lb, &new, &health) {
             Ok(r) => {
                 st.config = new;
                 st.file_text = Some(text);
+                st.health = health;
+                self.restart_probes(st);
                 Ok(r)
             }
             Err(e) => {
-                rollback(&mut st.lb, &prev);
+                rollback(&mut st.lb, &prev, &st.health);
                 Err(e.context("reload failed; the previous configuration stays applied"))
             }
         }
@@ -167,15 +451,21 @@ impl Agent {
             if want.is_some_and(|w| w != name) {
                 continue;
             }
-            for (b, cfg) in v.backends.iter().zip(&v.config.backends) {
+            let vid = vip_id(&v.config);
+            for (b, applied) in v.backends.iter().zip(&v.config.backends) {
+                let cfg = configured(&st.config, vid, b.address).unwrap_or(applied);
+                let (up, shown, h) = shown_health(&st.health, vid, cfg);
                 out.push(BackendEntry {
                     vip: name.to_string(),
                     address: b.address,
                     weight: cfg.weight,
                     drained: cfg.drained,
-                    effective_weight: cfg.effective_weight(),
+                    effective_weight: b.weight,
                     slots: b.slots,
-                    up: true,
+                    up,
+                    health: shown.to_string(),
+                    last_probe_ms: h.and_then(|h| h.last_probe_ms),
+                    last_error: h.and_then(|h| h.last_error.clone()),
                     id: b.id,
                 });
             }
@@ -190,14 +480,18 @@ impl Agent {
         for v in st.lb.vips() {
             let s = st.lb.vip_stats(v.vip_id)?;
             let mut backends = Vec::new();
-            for (b, cfg) in v.backends.iter().zip(&v.config.backends) {
+            let vid = vip_id(&v.config);
+            for (b, applied) in v.backends.iter().zip(&v.config.backends) {
                 let bs = st.lb.backend_stats(b.id)?;
+                let cfg = configured(&st.config, vid, b.address).unwrap_or(applied);
+                let (up, shown, _) = shown_health(&st.health, vid, cfg);
                 backends.push(BackendStatsEntry {
                     address: b.address,
                     weight: cfg.weight,
-                    effective_weight: cfg.effective_weight(),
+                    effective_weight: b.weight,
                     drained: cfg.drained,
-                    up: true,
+                    up,
+                    health: shown.to_string(),
                     packets: bs.packets,
                     bytes: bs.bytes,
                     new_flows: bs.new_flows,
@@ -272,7 +566,8 @@ impl Agent {
 
     /// One mutating request, as a transaction (see the module docs).
     async fn change(&self, req: Request) -> Result<Changed> {
-        let mut st = self.state.lock().await;
+        let mut guard = self.state.lock().await;
+        let st = &mut *guard;
         let prev = st.config.clone();
         let mut next = prev.clone();
         let message = edit(&mut next, &req)?;
@@ -292,17 +587,18 @@ impl Agent {
                 if on_disk.is_none() { "cannot be read" } else { "edited" }
             );
         }
-        let report = match st.lb.apply(&next) {
+        let health = sync_health(&st.health, &next);
+        let report = match apply_datapath(&mut st.lb, &next, &health) {
             Ok(r) => r,
             Err(e) => {
-                rollback(&mut st.lb, &prev);
+                rollback(&mut st.lb, &prev, &st.health);
                 return Err(e.context("the datapath rejected the change; nothing changed"));
             }
         };
         let written = match persist(&self.config_path, &next) {
             Ok(t) => t,
             Err(e) => {
-                rollback(&mut st.lb, &prev);
+                rollback(&mut st.lb, &prev, &st.health);
                 return Err(e.context(
                     "the change was rolled back because the configuration file could not be written",
                 ));
@@ -310,6 +606,8 @@ impl Agent {
         };
         st.config = next;
         st.file_text = Some(written);
+        st.health = health;
+        self.restart_probes(st);
         info!(request = ?req, "{message}");
         for (vip, moved, generation) in &report.tables {
             info!(%vip, moved, generation, "table updated");
@@ -334,8 +632,8 @@ impl Agent {
 /// the datapath's VIP entries are the ones lbd believes in (a failure in the middle of the
 /// writes could leave one pointing at a table lbd did not keep; `apply` only rewrites tables it
 /// thinks changed). A mismatch is logged loudly: restarting lbd rewrites everything.
-fn rollback(lb: &mut Balancer, prev: &Config) {
-    if let Err(e) = lb.apply(prev) {
+fn rollback(lb: &mut Balancer, prev: &Config, health: &HealthMap) {
+    if let Err(e) = apply_datapath(lb, prev, health) {
         error!("rolling back to the previous configuration failed too: {e:#}");
     }
     for v in lb.vips() {
@@ -408,6 +706,7 @@ fn edit(cfg: &mut Config, req: &Request) -> Result<String> {
                 protocol: name.protocol,
                 forwarding,
                 table_size,
+                health: None,
                 backends: Vec::new(),
             });
             Ok(format!(
@@ -818,6 +1117,67 @@ mod tests {
             weight: None
         })
         .contains("already a backend"));
+    }
+
+    #[test]
+    fn health_sets_effective_weights_and_follows_the_configuration() {
+        let text = "interface = \"eth0\"\n[encap]\nsource_v4 = \"10.0.0.2\"\n\n[[vip]]\naddress = \"10.0.0.100\"\nport = 80\nprotocol = \"tcp\"\n[vip.health]\nrise = 1\nfall = 1\n[[vip.backend]]\naddress = \"10.0.0.11\"\nweight = 8\n[[vip.backend]]\naddress = \"10.0.0.12\"\nweight = 8\n[[vip.backend]]\naddress = \"10.0.0.13\"\nweight = 8\n";
+        let cfg = Config::parse(text).unwrap();
+        let mut health = sync_health(&HealthMap::new(), &cfg);
+        assert_eq!(health.len(), 3);
+        let id = vip_id(&cfg.vips[0]);
+        let key = |a: &str| (id, a.parse::<IpAddr>().unwrap());
+        let fail = crate::health::ProbeResult::fail(
+            std::time::Duration::from_millis(200),
+            std::time::Duration::ZERO,
+            "refused",
+        );
+        let pass = crate::health::ProbeResult::pass(std::time::Duration::from_millis(1));
+        health
+            .get_mut(&key("10.0.0.11"))
+            .unwrap()
+            .state
+            .on_probe(&fail);
+        let h12 = &mut health.get_mut(&key("10.0.0.12")).unwrap().state;
+        h12.on_probe(&fail);
+        h12.on_probe(&pass);
+        assert_eq!(h12.probed_status(), HealthStatus::Probation);
+        let eff = effective(&cfg, &health);
+        let weights: Vec<u32> = eff.vips[0].backends.iter().map(|b| b.weight).collect();
+        assert_eq!(weights, [0, 2, 8], "down: 0, probation: a quarter, up: all");
+        assert_eq!(
+            cfg.vips[0].backends[0].weight, 8,
+            "the configuration keeps its weights"
+        );
+        assert_eq!(slow_start_weight(1), 1);
+        assert_eq!(slow_start_weight(0), 0);
+
+        // A drained backend shows as draining whatever the probes say, and stays down if so.
+        let mut drained = cfg.vips[0].backends[0].clone();
+        drained.drained = true;
+        let (up, shown, _) = shown_health(&health, id, &drained);
+        assert_eq!((up, shown), (false, HealthStatus::Draining));
+
+        // Settings unchanged: states carried over; a removed backend is forgotten; without
+        // [vip.health] nothing is tracked and nothing changes.
+        let mut next = cfg.clone();
+        next.vips[0].backends.pop();
+        let carried = sync_health(&health, &next);
+        assert_eq!(carried.len(), 2);
+        assert_eq!(
+            carried[&key("10.0.0.11")].state.probed_status(),
+            HealthStatus::Down
+        );
+        // New settings: a down backend stays down until it passes again.
+        next.vips[0].health.as_mut().unwrap().interval_ms = 5000;
+        let changed = sync_health(&health, &next);
+        assert_eq!(
+            changed[&key("10.0.0.11")].state.probed_status(),
+            HealthStatus::Down
+        );
+        next.vips[0].health = None;
+        assert!(sync_health(&health, &next).is_empty());
+        assert_eq!(effective(&next, &health), next);
     }
 
     #[test]

@@ -1,5 +1,7 @@
 //! The agent's TOML configuration and its validation. Every error names the field and the fix;
 //! nothing is applied until the whole file is valid.
+use crate::health::HealthConfig;
+pub use crate::health::ProbeKind;
 use lb_common::{
     is_prime, DEFAULT_CT_NEW_SIZE, DEFAULT_CT_SIZE, DEFAULT_RING_POOL, DEFAULT_TABLE_SIZE,
     MAX_BACKENDS, MAX_TABLE_SIZE, MAX_VIPS, MIN_TABLE_SIZE,
@@ -10,6 +12,7 @@ use std::{
     fmt,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     path::{Path, PathBuf},
+    time::Duration,
 };
 
 /// Where `lbd` serves its control API (`lbctl`) unless `control_socket` says otherwise.
@@ -145,12 +148,165 @@ pub struct Vip {
     /// Maglev table size: prime, at least 7, at most 1048573; 65537 by default.
     #[serde(default = "default_table_size")]
     pub table_size: u32,
+    /// Active health checks of this VIP's backends (`[vip.health]`); none: every backend
+    /// counts as up.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<Health>,
     #[serde(default, rename = "backend")]
     pub backends: Vec<Backend>,
 }
 
 fn default_table_size() -> u32 {
     DEFAULT_TABLE_SIZE
+}
+
+/// `[vip.health]`: how `lbd` probes each backend of the VIP (see `crate::health`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Health {
+    /// `tcp` (a connection is established) or `http` (`GET path` answers `expected_status`).
+    #[serde(default = "default_health_kind")]
+    pub kind: ProbeKind,
+    /// Time between two probes of one backend.
+    #[serde(default = "default_health_interval_ms")]
+    pub interval_ms: u64,
+    /// A probe that has not succeeded by then fails.
+    #[serde(default = "default_health_timeout_ms")]
+    pub timeout_ms: u64,
+    /// Consecutive passes that bring a down backend back (probation, then up after as many).
+    #[serde(default = "default_health_rise")]
+    pub rise: u32,
+    /// Consecutive failures that take a backend down.
+    #[serde(default = "default_health_fall")]
+    pub fall: u32,
+    /// Port probed on each backend's address; the VIP's port when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    /// HTTP only: the path requested.
+    #[serde(default = "default_health_path")]
+    pub path: String,
+    /// HTTP only: the status that counts as a pass.
+    #[serde(default = "default_health_status")]
+    pub expected_status: u16,
+}
+
+/// Shortest probe interval accepted.
+pub const MIN_HEALTH_INTERVAL_MS: u64 = 100;
+/// Shortest probe timeout accepted.
+pub const MIN_HEALTH_TIMEOUT_MS: u64 = 10;
+/// Largest interval or timeout accepted (one hour).
+pub const MAX_HEALTH_MS: u64 = 3_600_000;
+/// Largest rise or fall accepted.
+pub const MAX_HEALTH_COUNT: u32 = 100;
+
+fn default_health_kind() -> ProbeKind {
+    ProbeKind::Tcp
+}
+fn default_health_interval_ms() -> u64 {
+    2000
+}
+fn default_health_timeout_ms() -> u64 {
+    1000
+}
+fn default_health_rise() -> u32 {
+    2
+}
+fn default_health_fall() -> u32 {
+    3
+}
+fn default_health_path() -> String {
+    "/".into()
+}
+fn default_health_status() -> u16 {
+    200
+}
+
+impl Default for Health {
+    fn default() -> Self {
+        Health {
+            kind: default_health_kind(),
+            interval_ms: default_health_interval_ms(),
+            timeout_ms: default_health_timeout_ms(),
+            rise: default_health_rise(),
+            fall: default_health_fall(),
+            port: None,
+            path: default_health_path(),
+            expected_status: default_health_status(),
+        }
+    }
+}
+
+impl Health {
+    /// The prober's settings for a VIP listening on `vip_port`.
+    pub fn to_config(&self, vip_port: u16) -> HealthConfig {
+        HealthConfig {
+            kind: self.kind,
+            interval: Duration::from_millis(self.interval_ms),
+            timeout: Duration::from_millis(self.timeout_ms),
+            rise: self.rise,
+            fall: self.fall,
+            port: self.port.unwrap_or(vip_port),
+            path: self.path.clone(),
+            expected_status: self.expected_status,
+        }
+    }
+
+    /// The first problem with these settings, as `health.FIELD ...` (the caller names the VIP).
+    fn check(&self) -> Result<(), String> {
+        if self.interval_ms < MIN_HEALTH_INTERVAL_MS || self.interval_ms > MAX_HEALTH_MS {
+            return Err(format!(
+                "health.interval_ms must be at least {MIN_HEALTH_INTERVAL_MS} and at most {MAX_HEALTH_MS} (got {})",
+                self.interval_ms
+            ));
+        }
+        if self.timeout_ms < MIN_HEALTH_TIMEOUT_MS {
+            return Err(format!(
+                "health.timeout_ms must be at least {MIN_HEALTH_TIMEOUT_MS} (got {})",
+                self.timeout_ms
+            ));
+        }
+        if self.timeout_ms > self.interval_ms {
+            return Err(format!(
+                "health.timeout_ms ({}) must not exceed health.interval_ms ({}), so that probes of one backend never overlap",
+                self.timeout_ms, self.interval_ms
+            ));
+        }
+        if !(1..=MAX_HEALTH_COUNT).contains(&self.rise) {
+            return Err(format!(
+                "health.rise must be between 1 and {MAX_HEALTH_COUNT} (got {})",
+                self.rise
+            ));
+        }
+        if !(1..=MAX_HEALTH_COUNT).contains(&self.fall) {
+            return Err(format!(
+                "health.fall must be between 1 and {MAX_HEALTH_COUNT} (got {})",
+                self.fall
+            ));
+        }
+        if self.port == Some(0) {
+            return Err(
+                "health.port must be between 1 and 65535 (or left out: the VIP's port)".into(),
+            );
+        }
+        if self.kind == ProbeKind::Http {
+            if !self.path.starts_with('/') || self.path.bytes().any(|b| b <= b' ' || b == 0x7f) {
+                return Err(format!(
+                    "health.path {:?} must start with '/' and contain no spaces or control characters",
+                    self.path
+                ));
+            }
+            if !(100..=599).contains(&self.expected_status) {
+                return Err(format!(
+                    "health.expected_status {} is not an HTTP status (100 to 599)",
+                    self.expected_status
+                ));
+            }
+        }
+        // The prober's own rules, should they ever be stricter than the ones above.
+        self.to_config(1)
+            .validate()
+            .map_err(|e| format!("health: {e}"))
+    }
 }
 
 impl Vip {
@@ -353,6 +509,9 @@ impl Config {
                     vip.table_size
                 ));
             }
+            if let Some(h) = &vip.health {
+                h.check().or_else(|e| err(format!("{at}: {e}")))?;
+            }
             slots += vip.table_size as u64;
             if vip.forwarding == Forwarding::Ipip {
                 match vip.address {
@@ -517,6 +676,95 @@ source_v6 = "fd00::2"
             ..b
         };
         assert_eq!(undrained.effective_weight(), 5);
+    }
+
+    const HVIP: &str = "[[vip]]\naddress = \"10.0.0.100\"\nport = 8080\nprotocol = \"tcp\"\n";
+
+    fn with_health(health: &str) -> String {
+        with_vip(&format!(
+            "{HVIP}[vip.health]\n{health}\n[[vip.backend]]\naddress = \"10.0.0.11\"\n"
+        ))
+    }
+
+    #[test]
+    fn health_table_parses_with_defaults_and_maps_to_the_prober() {
+        let c = Config::parse(&with_vip(&format!(
+            "{HVIP}[[vip.backend]]\naddress = \"10.0.0.11\"\n"
+        )))
+        .unwrap();
+        assert_eq!(c.vips[0].health, None, "no [vip.health]: no probing");
+
+        let c = Config::parse(&with_health("")).unwrap();
+        let h = c.vips[0].health.clone().unwrap();
+        assert_eq!(h, Health::default());
+        let p = h.to_config(c.vips[0].port);
+        assert_eq!(p.kind, ProbeKind::Tcp);
+        assert_eq!(p.port, 8080, "the VIP's port by default");
+        assert_eq!(p.interval, Duration::from_secs(2));
+        assert_eq!((p.rise, p.fall), (2, 3));
+
+        let c = Config::parse(&with_health(
+            "kind = \"http\"\ninterval_ms = 200\ntimeout_ms = 150\nrise = 1\nfall = 4\nport = 9000\npath = \"/healthz\"\nexpected_status = 204",
+        ))
+        .unwrap();
+        let p = c.vips[0].health.as_ref().unwrap().to_config(8080);
+        assert_eq!(
+            p,
+            HealthConfig {
+                kind: ProbeKind::Http,
+                interval: Duration::from_millis(200),
+                timeout: Duration::from_millis(150),
+                rise: 1,
+                fall: 4,
+                port: 9000,
+                path: "/healthz".into(),
+                expected_status: 204,
+            }
+        );
+        // Written back and read again, unchanged (lbd rewrites the file after lbctl changes).
+        let text = c.to_toml().unwrap();
+        assert_eq!(Config::parse(&text).unwrap(), c, "{text}");
+        assert!(text.contains("[vip.health]"), "{text}");
+    }
+
+    #[test]
+    fn health_table_is_validated_field_by_field() {
+        let at = "vip[0] (10.0.0.100:8080/tcp): ";
+        for (body, want) in [
+            (
+                "interval_ms = 50",
+                "health.interval_ms must be at least 100",
+            ),
+            (
+                "interval_ms = 4000000",
+                "health.interval_ms must be at least 100 and at most 3600000",
+            ),
+            ("timeout_ms = 5", "health.timeout_ms must be at least 10"),
+            (
+                "interval_ms = 200\ntimeout_ms = 300",
+                "health.timeout_ms (300) must not exceed health.interval_ms (200)",
+            ),
+            ("rise = 0", "health.rise must be between 1 and 100"),
+            ("fall = 101", "health.fall must be between 1 and 100"),
+            ("port = 0", "health.port must be between 1 and 65535"),
+            (
+                "kind = \"http\"\npath = \"healthz\"",
+                "health.path \"healthz\" must start with '/'",
+            ),
+            (
+                "kind = \"http\"\nexpected_status = 42",
+                "health.expected_status 42 is not an HTTP status",
+            ),
+        ] {
+            let e = error(&with_health(body));
+            assert!(e.starts_with(at) && e.contains(want), "{body:?}: {e}");
+        }
+        // Parse errors name the field too.
+        assert!(error(&with_health("kind = \"icmp\"")).contains("unknown variant `icmp`"));
+        assert!(error(&with_health("intervall_ms = 100")).contains("unknown field `intervall_ms`"));
+        assert!(error(&with_health("port = 70000")).contains("port"));
+        // HTTP-only fields are not checked for a TCP probe.
+        assert!(Config::parse(&with_health("path = \"x\"")).is_ok());
     }
 
     #[test]

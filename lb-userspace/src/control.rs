@@ -263,7 +263,7 @@ pub struct VipEntry {
 }
 
 /// `backend list`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct BackendEntry {
     pub vip: String,
     pub address: IpAddr,
@@ -274,8 +274,20 @@ pub struct BackendEntry {
     pub effective_weight: u32,
     /// Slots this backend owns in the VIP's current table.
     pub slots: u32,
-    /// Health: always true until health checks exist.
+    /// Health: false only while health checks say the backend is down (always true for a VIP
+    /// without `[vip.health]`).
     pub up: bool,
+    /// `up`, `down`, `probation` (back from down, on a reduced weight) or `draining` (drained
+    /// by the operator, whatever the probes say).
+    #[serde(default)]
+    pub health: String,
+    /// Latency of the last probe in milliseconds (the timeout for a failed one); absent without
+    /// health checks or before the first probe.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_probe_ms: Option<f64>,
+    /// Why the last probe failed; absent when it passed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
     /// Backend id in the datapath (index of its statistics).
     pub id: u32,
 }
@@ -341,6 +353,9 @@ pub struct BackendStatsEntry {
     pub effective_weight: u32,
     pub drained: bool,
     pub up: bool,
+    /// `up`, `down`, `probation` or `draining` (see `BackendEntry::health`).
+    #[serde(default)]
+    pub health: String,
     pub packets: u64,
     pub bytes: u64,
     pub new_flows: u64,

@@ -395,6 +395,7 @@ impl Balancer {
                 protocol,
                 forwarding: if meta.mode == MODE_L2 { Forwarding::L2 } else { Forwarding::Ipip },
                 table_size: region.size,
+                health: None,
                 backends: backends
                     .iter()
                     .map(|b| crate::config::Backend {

@@ -256,7 +256,7 @@ pub fn render(s: &StatsSnapshot) -> String {
         (
             "lb_backend_up",
             "gauge",
-            "1 if the backend is healthy (always 1 until health checks exist).",
+            "1 unless health checks say the backend is down (1 for a VIP without health checks).",
             |b| b.up as u64,
         ),
     ];
@@ -266,6 +266,29 @@ pub fn render(s: &StatsSnapshot) -> String {
             for b in &v.backends {
                 let addr = b.address.to_string();
                 f.sample(name, &[("vip", &v.vip), ("backend", &addr)], get(b));
+            }
+        }
+    }
+    let name = "lb_backend_health";
+    f.header(
+        name,
+        "gauge",
+        "1 for the backend's health state (up, down, probation: back on a reduced weight, draining: drained by the operator), 0 for the others.",
+    );
+    for v in &s.vips {
+        for b in &v.backends {
+            let addr = b.address.to_string();
+            for state in ["up", "down", "probation", "draining"] {
+                let now = if b.health.is_empty() {
+                    "up"
+                } else {
+                    b.health.as_str()
+                };
+                f.sample(
+                    name,
+                    &[("vip", &v.vip), ("backend", &addr), ("state", state)],
+                    (now == state) as u64,
+                );
             }
         }
     }
@@ -309,6 +332,7 @@ mod tests {
                     effective_weight: 0,
                     drained: true,
                     up: true,
+                    health: "draining".into(),
                     packets: 10,
                     bytes: 1000,
                     new_flows: 2,
@@ -328,6 +352,8 @@ mod tests {
             "lb_backend_weight{vip=\"[2001:db8::1]:443/tcp\",backend=\"2001:db8::11\"} 5",
             "lb_backend_drained{vip=\"[2001:db8::1]:443/tcp\",backend=\"2001:db8::11\"} 1",
             "lb_backend_up{vip=\"[2001:db8::1]:443/tcp\",backend=\"2001:db8::11\"} 1",
+            "lb_backend_health{vip=\"[2001:db8::1]:443/tcp\",backend=\"2001:db8::11\",state=\"draining\"} 1",
+            "lb_backend_health{vip=\"[2001:db8::1]:443/tcp\",backend=\"2001:db8::11\",state=\"up\"} 0",
             "lb_datapath_packets_total{reason=\"drop_fib\"} 7",
             "lb_datapath_packets_total{reason=\"pass_not_vip\"} 0",
             "# TYPE lb_backend_packets_total counter",

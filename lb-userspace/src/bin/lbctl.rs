@@ -240,25 +240,33 @@ fn print_backends(list: &[BackendEntry]) {
         return;
     }
     println!(
-        "{:<32} {:<28} {:>6} {:<8} {:>9} {:>8}",
+        "{:<32} {:<28} {:>6} {:<9} {:>9} {:>8}  LAST PROBE",
         "VIP", "BACKEND", "WEIGHT", "STATE", "EFFECTIVE", "SLOTS"
     );
     for b in list {
-        let state = if b.drained {
-            "drained"
+        let state = if !b.health.is_empty() {
+            b.health.as_str()
+        } else if b.drained {
+            "draining"
         } else if b.up {
             "up"
         } else {
             "down"
         };
+        let probe = match (&b.last_error, b.last_probe_ms) {
+            (Some(e), _) => format!("failed: {e}"),
+            (None, Some(ms)) => format!("ok in {ms:.1} ms"),
+            (None, None) => "-".to_string(),
+        };
         println!(
-            "{:<32} {:<28} {:>6} {:<8} {:>9} {:>8}",
+            "{:<32} {:<28} {:>6} {:<9} {:>9} {:>8}  {}",
             b.vip,
             b.address.to_string(),
             b.weight,
             state,
             b.effective_weight,
-            b.slots
+            b.slots,
+            probe
         );
     }
 }

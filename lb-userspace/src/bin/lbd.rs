@@ -102,6 +102,8 @@ async fn run_balancer(path: &std::path::Path) -> Result<()> {
     // From here on the agent owns the balancer and the configuration: lbctl changes, SIGHUP
     // reloads and metrics scrapes go through it one at a time.
     let agent = Agent::new(path, cfg, lb);
+    // Health checks of the VIPs with [vip.health]; their transitions re-apply the datapath.
+    agent.start_health().await?;
     let control_task = tokio::spawn(control.serve(agent.clone()));
     let metrics_task = tokio::spawn(metrics::serve(metrics_listener, agent.clone()));
     let mut term = signal(SignalKind::terminate())?;
