@@ -1,0 +1,485 @@
+//! Health checks in the real `lbd`, in a namespace lab with real TCP servers:
+//!
+//! * a backend whose server stops is marked down within fall × interval (+ 1 s of slack):
+//!   `lbctl backend list` says so, its table slots go to the others, every new connection
+//!   succeeds on them, and `/metrics` agrees;
+//! * when its server comes back it goes through probation to up and takes new flows again;
+//! * long-lived connections on the other backends see no reset through all of this;
+//! * an HTTP health check against a server answering 500 marks that backend down.
+use serde_json::Value;
+use std::{
+    collections::BTreeMap,
+    fs,
+    io::{Read as _, Write as _},
+    net::{IpAddr, SocketAddr, TcpListener, TcpStream},
+    os::unix::fs::PermissionsExt as _,
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+use tests::{
+    lab::{backend_v4, Lab, LabSpec, LB_V4, LB_V6, VIP_V4},
+    netns::NetNs,
+    require_root,
+    tcp::{client_many, tally, LongLived, TcpServer},
+};
+
+const VIP: &str = "10.200.100.1:80/tcp";
+const HTTP_VIP: &str = "10.200.100.1:8080/tcp";
+/// Port of the HTTP health endpoint on the backends.
+const HTTP_PORT: u16 = 8081;
+/// Probe settings of the test: interval 200 ms, timeout 200 ms, rise 2, fall 2.
+const INTERVAL_MS: u64 = 200;
+const FALL: u64 = 2;
+
+fn bin_path(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test binary path");
+    let dir = exe
+        .parent()
+        .and_then(|d| d.parent())
+        .expect("target/<profile>");
+    let p = dir.join(name);
+    assert!(
+        p.exists(),
+        "{} is missing: build it first (`cargo build -p lb-userspace`, which `cargo xtask test` does)",
+        p.display()
+    );
+    p
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("lb-health-e2e-{}-{name}", std::process::id()));
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(&dir).unwrap();
+    fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).unwrap();
+    dir
+}
+
+/// A running lbd in the lab's lb namespace, its log in `dir/lbd.log`.
+struct Lbd {
+    child: Option<Child>,
+    dir: PathBuf,
+    socket: PathBuf,
+}
+
+impl Lbd {
+    fn start(ns: &NetNs, dir: &Path) -> Lbd {
+        let log = fs::File::create(dir.join("lbd.log")).unwrap();
+        let mut cmd = ns.command(bin_path("lbd"));
+        cmd.arg("--config")
+            .arg(dir.join("lbd.toml"))
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log);
+        let child = ns.spawn_command(&mut cmd).expect("starting lbd");
+        let mut lbd = Lbd {
+            child: Some(child),
+            dir: dir.to_path_buf(),
+            socket: dir.join("run/lbd.sock"),
+        };
+        let end = Instant::now() + Duration::from_secs(20);
+        while !lbctl(&lbd.socket, &["status"]).status.success() {
+            if let Some(s) = lbd.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("lbd exited ({s}) before serving lbctl:\n{}", lbd.log());
+            }
+            assert!(Instant::now() < end, "lbd did not start:\n{}", lbd.log());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        lbd
+    }
+
+    fn log(&self) -> String {
+        fs::read_to_string(self.dir.join("lbd.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Lbd {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn lbctl(socket: &Path, args: &[&str]) -> Output {
+    Command::new(bin_path("lbctl"))
+        .arg("--socket")
+        .arg(socket)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("running lbctl")
+}
+
+/// `lbctl backend list VIP --json`, by backend address.
+fn backends(socket: &Path, vip: &str) -> BTreeMap<String, Value> {
+    let out = lbctl(socket, &["backend", "list", vip, "--json"]);
+    assert!(
+        out.status.success(),
+        "lbctl backend list: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|b| (b["address"].as_str().unwrap().to_string(), b.clone()))
+        .collect()
+}
+
+/// Polls `backend list` until `addr`'s health is `want`; returns the time it took and every
+/// state seen on the way.
+fn wait_health(
+    lbd: &Lbd,
+    vip: &str,
+    addr: &str,
+    want: &str,
+    timeout: Duration,
+) -> (Duration, Vec<String>) {
+    let start = Instant::now();
+    let mut seen: Vec<String> = Vec::new();
+    loop {
+        let list = backends(&lbd.socket, vip);
+        let h = list[addr]["health"].as_str().unwrap().to_string();
+        if seen.last() != Some(&h) {
+            seen.push(h.clone());
+        }
+        if h == want {
+            return (start.elapsed(), seen);
+        }
+        assert!(
+            start.elapsed() < timeout,
+            "backend {addr} of {vip} not {want} within {timeout:?} (states seen: {seen:?}): {}\nlbd log:\n{}",
+            list[addr],
+            lbd.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// `GET /metrics` from inside the lb namespace, parsed into `series -> value`.
+fn scrape(ns: &NetNs) -> BTreeMap<String, f64> {
+    let text = ns.run_in(|| {
+        let mut s = TcpStream::connect("127.0.0.1:9469").expect("connecting to metrics");
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: lb\r\n\r\n")
+            .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
+    });
+    let (_, body) = text.split_once("\r\n\r\n").expect("an HTTP response");
+    body.lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .map(|l| {
+            let (k, v) = l.rsplit_once(' ').expect("series value");
+            (k.to_string(), v.parse::<f64>().expect("a number"))
+        })
+        .collect()
+}
+
+/// The name-then-echo server of backend `i`, on the VIP (for balanced traffic) and on the
+/// backend's own address (for the health probes).
+fn server(lab: &Lab, i: usize) -> TcpServer {
+    let addrs = [
+        SocketAddr::new(IpAddr::from(VIP_V4), 80),
+        SocketAddr::new(IpAddr::from(backend_v4(i)), 80),
+    ];
+    TcpServer::start(lab.backend(i).ns(), &addrs, &format!("backend{i}")).unwrap()
+}
+
+/// A minimal HTTP server in a namespace answering every request with one fixed status.
+struct HttpResponder {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl HttpResponder {
+    fn start(ns: &NetNs, addr: SocketAddr, status: u16) -> Self {
+        let listener = ns.run_in(|| TcpListener::bind(addr)).expect("binding");
+        listener.set_nonblocking(true).unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            while !flag.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((mut s, _)) => {
+                        let _ = s.set_nonblocking(false);
+                        let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
+                        let mut buf = [0u8; 1024];
+                        let _ = s.read(&mut buf);
+                        let reason = if status == 200 { "OK" } else { "Error" };
+                        let _ = write!(
+                            s,
+                            "HTTP/1.1 {status} {reason}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                        );
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(10)),
+                }
+            }
+        });
+        HttpResponder {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for HttpResponder {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn decaps(lab: &Lab, n: usize) -> Vec<Child> {
+    let lbd = bin_path("lbd");
+    let out: Vec<Child> = (0..n)
+        .map(|i| {
+            lab.backend(i).ns().spawn(
+                lbd.to_str().unwrap(),
+                [
+                    "decap",
+                    "--interface",
+                    "eth0",
+                    "--vip",
+                    "10.200.100.1",
+                    "--xdp-mode",
+                    "native",
+                ],
+            )
+        })
+        .collect();
+    for i in 0..n {
+        let ns = lab.backend(i).ns();
+        let end = Instant::now() + Duration::from_secs(20);
+        while !ns
+            .ip(["link", "show", "dev", "eth0"])
+            .map(|s| s.contains("xdp"))
+            .unwrap_or(false)
+        {
+            assert!(Instant::now() < end, "decap did not attach");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    out
+}
+
+/// The long-lived connections that reached a backend other than `backend0` must all answer.
+fn others_intact(long: &mut LongLived, when: &str) -> usize {
+    let statuses = long.check();
+    let others: Vec<_> = statuses
+        .iter()
+        .filter(|s| s.backend != "backend0")
+        .collect();
+    let failed: Vec<String> = others
+        .iter()
+        .filter_map(|s| {
+            s.outcome
+                .as_ref()
+                .err()
+                .map(|e| format!("#{} (backend {}): {e}", s.index, s.backend))
+        })
+        .collect();
+    assert!(
+        failed.is_empty(),
+        "{when}: long-lived connections on healthy backends failed: {failed:?}"
+    );
+    others.len()
+}
+
+#[test]
+fn health_checks_take_dead_backends_out_and_bring_them_back() {
+    require_root();
+    let t0 = Instant::now();
+    let lab = Lab::new(LabSpec { backends: 3 }).expect("building the lab");
+    let mut servers: Vec<Option<TcpServer>> = (0..3).map(|i| Some(server(&lab, i))).collect();
+    let _decaps = decaps(&lab, 3);
+    let http_ok = HttpResponder::start(
+        lab.backend(0).ns(),
+        SocketAddr::new(IpAddr::from(backend_v4(0)), HTTP_PORT),
+        200,
+    );
+    let http_500 = HttpResponder::start(
+        lab.backend(1).ns(),
+        SocketAddr::new(IpAddr::from(backend_v4(1)), HTTP_PORT),
+        500,
+    );
+    let (b0, b1, b2) = (
+        backend_v4(0).to_string(),
+        backend_v4(1).to_string(),
+        backend_v4(2).to_string(),
+    );
+    let dir = scratch("health");
+    fs::write(
+        dir.join("lbd.toml"),
+        format!(
+            "interface = \"eth0\"\nxdp_mode = \"native\"\npin_dir = \"\"\n\
+             control_socket = \"{sock}\"\n\
+             [encap]\nsource_v4 = \"{LB_V4}\"\nsource_v6 = \"{LB_V6}\"\n\n\
+             [[vip]]\naddress = \"{VIP_V4}\"\nport = 80\nprotocol = \"tcp\"\ntable_size = 4099\n\
+             [vip.health]\nkind = \"tcp\"\ninterval_ms = {INTERVAL_MS}\ntimeout_ms = 200\nrise = 2\nfall = {FALL}\n\
+             [[vip.backend]]\naddress = \"{b0}\"\n[[vip.backend]]\naddress = \"{b1}\"\n[[vip.backend]]\naddress = \"{b2}\"\n\n\
+             [[vip]]\naddress = \"{VIP_V4}\"\nport = 8080\nprotocol = \"tcp\"\ntable_size = 251\n\
+             [vip.health]\nkind = \"http\"\ninterval_ms = {INTERVAL_MS}\ntimeout_ms = 200\nrise = 2\nfall = {FALL}\n\
+             port = {HTTP_PORT}\npath = \"/healthz\"\nexpected_status = 200\n\
+             [[vip.backend]]\naddress = \"{b0}\"\n[[vip.backend]]\naddress = \"{b1}\"\n",
+            sock = dir.join("run/lbd.sock").display()
+        ),
+    )
+    .unwrap();
+    let lbd = Lbd::start(lab.lb().ns(), &dir);
+    let vip = SocketAddr::new(IpAddr::from(VIP_V4), 80);
+
+    // Every backend probed and up.
+    let end = Instant::now() + Duration::from_secs(5);
+    loop {
+        let list = backends(&lbd.socket, VIP);
+        let ready = list.values().all(|b| {
+            b["health"] == "up" && b["up"] == true && b["last_probe_ms"].as_f64().is_some()
+        });
+        if ready {
+            for b in list.values() {
+                assert_eq!(b["effective_weight"], 1, "{b}");
+                assert!(b["slots"].as_u64().unwrap() > 1000, "{b}");
+                assert!(b.get("last_error").is_none(), "{b}");
+            }
+            break;
+        }
+        assert!(
+            Instant::now() < end,
+            "backends not all probed up: {list:?}\n{}",
+            lbd.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let before = tally(&client_many(
+        lab.client().ns(),
+        vip,
+        150,
+        Duration::from_secs(3),
+    ));
+    assert_eq!(before.len(), 3, "all three backends take flows: {before:?}");
+
+    // Long-lived connections, most of them on the backends that stay healthy.
+    let mut long = LongLived::open(lab.client().ns(), vip, 30, Duration::from_secs(3)).unwrap();
+    let on_others = others_intact(&mut long, "at the start");
+    assert!(on_others >= 10, "{:?}", long.backend_counts());
+
+    // (4) HTTP: the backend answering 500 goes down, the one answering 200 stays up.
+    let bound = Duration::from_millis(FALL * INTERVAL_MS) + Duration::from_secs(1);
+    let (took, _) = wait_health(&lbd, HTTP_VIP, &b1, "down", bound * 3);
+    let list = backends(&lbd.socket, HTTP_VIP);
+    println!(
+        "http 500: down after {took:?} (polled from lbd start): {}",
+        list[&b1]
+    );
+    assert!(
+        list[&b1]["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("status 500, expected 200")),
+        "{}",
+        list[&b1]
+    );
+    assert_eq!(list[&b1]["slots"], 0, "{}", list[&b1]);
+    assert_eq!(list[&b0]["health"], "up", "{}", list[&b0]);
+    assert_eq!(list[&b0]["slots"], 251, "{}", list[&b0]);
+
+    // (1) Backend 0's server stops: down within fall × interval + 1 s.
+    let stopped = Instant::now();
+    drop(servers[0].take());
+    let (took, seen) = wait_health(&lbd, VIP, &b0, "down", bound);
+    let took_total = stopped.elapsed();
+    println!("tcp: backend0 down {took_total:?} after its server stopped (states {seen:?})");
+    assert!(took_total <= bound, "{took:?}");
+    let list = backends(&lbd.socket, VIP);
+    let d = &list[&b0];
+    assert_eq!(d["up"], false, "{d}");
+    assert_eq!(d["effective_weight"], 0, "{d}");
+    assert_eq!(d["slots"], 0, "{d}");
+    assert_eq!(d["weight"], 1, "configured weight kept: {d}");
+    assert!(
+        d["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("connect")),
+        "{d}"
+    );
+    let total: u64 = list.values().map(|b| b["slots"].as_u64().unwrap()).sum();
+    assert_eq!(total, 4099, "the others own the whole table: {list:?}");
+    // Health is runtime state: the file is not rewritten.
+    assert!(!fs::read_to_string(dir.join("lbd.toml"))
+        .unwrap()
+        .contains("weight = 0"));
+    let m = scrape(lab.lb().ns());
+    let series =
+        |name: &str, extra: &str| format!("{name}{{vip=\"{VIP}\",backend=\"{b0}\"{extra}}}");
+    assert_eq!(m[&series("lb_backend_up", "")], 0.0);
+    assert_eq!(m[&series("lb_backend_health", ",state=\"down\"")], 1.0);
+    assert_eq!(m[&series("lb_backend_health", ",state=\"up\"")], 0.0);
+    assert_eq!(m[&series("lb_backend_effective_weight", "")], 0.0);
+
+    let results = client_many(lab.client().ns(), vip, 200, Duration::from_secs(3));
+    let failed: Vec<_> = results.iter().filter_map(|r| r.as_ref().err()).collect();
+    assert!(
+        failed.is_empty(),
+        "{} of 200 new connections failed while backend0 is down, first: {:?}",
+        failed.len(),
+        failed[0]
+    );
+    let c = tally(&results);
+    println!("while backend0 is down: {c:?}");
+    assert!(!c.contains_key("backend0"), "{c:?}");
+    others_intact(&mut long, "after backend0 went down");
+
+    // (2) The server comes back: probation, then up, then new flows again.
+    let restarted = Instant::now();
+    servers[0] = Some(server(&lab, 0));
+    let (_, seen) = wait_health(&lbd, VIP, &b0, "up", Duration::from_secs(5));
+    let took_up = restarted.elapsed();
+    println!("tcp: backend0 up {took_up:?} after its server restarted (states {seen:?})");
+    let log = lbd.log();
+    let probation = log
+        .find("on probation")
+        .unwrap_or_else(|| panic!("no probation in the log:\n{log}"));
+    let up = log[probation..]
+        .find("backend up")
+        .unwrap_or_else(|| panic!("no up after probation in the log:\n{log}"));
+    assert!(up > 0);
+    assert!(
+        seen.iter()
+            .all(|s| s == "down" || s == "probation" || s == "up"),
+        "{seen:?}"
+    );
+    assert!(log.contains("backend down"), "{log}");
+    let list = backends(&lbd.socket, VIP);
+    assert_eq!(list[&b0]["effective_weight"], 1, "{}", list[&b0]);
+    assert!(list[&b0]["slots"].as_u64().unwrap() > 1000, "{}", list[&b0]);
+    let c = tally(&client_many(
+        lab.client().ns(),
+        vip,
+        150,
+        Duration::from_secs(3),
+    ));
+    println!("after backend0 came back: {c:?}");
+    assert!(c.get("backend0").is_some_and(|&n| n > 10), "{c:?}");
+
+    // (3) No reset on the healthy backends through all of it.
+    let n = others_intact(&mut long, "after backend0 came back");
+    println!(
+        "{n} long-lived connections on backend1/backend2 intact; test took {:?}",
+        t0.elapsed()
+    );
+    drop(http_ok);
+    drop(http_500);
+    drop(lbd);
+    lab.shutdown().unwrap();
+}
