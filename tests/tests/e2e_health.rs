@@ -439,6 +439,15 @@ fn health_checks_take_dead_backends_out_and_bring_them_back() {
     println!("while backend0 is down: {c:?}");
     assert!(!c.contains_key("backend0"), "{c:?}");
     others_intact(&mut long, "after backend0 went down");
+    // The probes just sent on backend0's closed connections met its DOWN flag: the datapath
+    // steered them to another backend instead of the dead one.
+    let m = scrape(lab.lb().ns());
+    let resteered = m["lb_datapath_packets_total{reason=\"ct_resteered\"}"];
+    println!("ct_resteered after backend0 went down: {resteered}");
+    assert!(
+        resteered > 0.0,
+        "backend0's tracked flows were not re-steered"
+    );
 
     // (2) The server comes back: probation, then up, then new flows again.
     let restarted = Instant::now();
