@@ -99,18 +99,43 @@ const LINK_PIN: &str = "link";
 /// The maps kept across restarts, with the (key size, value size, capacity) this build expects.
 fn pinned_maps(o: &LoadOptions) -> [(&'static str, usize, usize, u32); 12] {
     [
-        (maps::VIPS, size_of::<VipKey>(), size_of::<VipMeta>(), MAX_VIPS),
+        (
+            maps::VIPS,
+            size_of::<VipKey>(),
+            size_of::<VipMeta>(),
+            MAX_VIPS,
+        ),
         (maps::RING, 4, 4, o.table_pool),
         (maps::BACKENDS, 4, size_of::<BackendInfo>(), MAX_BACKENDS),
         (maps::NEXTHOPS, 4, size_of::<NextHop>(), MAX_BACKENDS),
-        (maps::CT, size_of::<FlowKey>(), size_of::<CtValue>(), o.conntrack_size),
-        (maps::CT_NEW, size_of::<FlowKey>(), size_of::<CtValue>(), o.conntrack_new_size),
-        (maps::FRAGS, size_of::<FragKey>(), size_of::<CtValue>(), FRAG_TABLE_SIZE),
+        (
+            maps::CT,
+            size_of::<FlowKey>(),
+            size_of::<CtValue>(),
+            o.conntrack_size,
+        ),
+        (
+            maps::CT_NEW,
+            size_of::<FlowKey>(),
+            size_of::<CtValue>(),
+            o.conntrack_new_size,
+        ),
+        (
+            maps::FRAGS,
+            size_of::<FragKey>(),
+            size_of::<CtValue>(),
+            FRAG_TABLE_SIZE,
+        ),
         (maps::CONFIG, 4, size_of::<GlobalConfig>(), 1),
         (maps::VIP_PORTS, 4, 1, 65_536),
         (maps::COUNTERS, 4, 8, Counter::COUNT),
         (maps::VIP_STATS, 4, size_of::<VipStats>(), MAX_VIPS),
-        (maps::BACKEND_STATS, 4, size_of::<BackendStats>(), MAX_BACKENDS),
+        (
+            maps::BACKEND_STATS,
+            4,
+            size_of::<BackendStats>(),
+            MAX_BACKENDS,
+        ),
     ]
 }
 
@@ -138,7 +163,13 @@ fn ensure_pin_dir(dir: &Path) -> Result<()> {
             let target = std::ffi::CString::new("/sys/fs/bpf").unwrap();
             // SAFETY: plain mount(2) call with valid NUL-terminated strings.
             let rc = unsafe {
-                libc::mount(src.as_ptr(), target.as_ptr(), src.as_ptr(), 0, std::ptr::null())
+                libc::mount(
+                    src.as_ptr(),
+                    target.as_ptr(),
+                    src.as_ptr(),
+                    0,
+                    std::ptr::null(),
+                )
             };
             if rc != 0 {
                 bail!(
@@ -163,9 +194,17 @@ fn check_pins(dir: &Path, o: &LoadOptions) -> Result<()> {
     for (name, k, v, n) in pinned_maps(o) {
         let path = dir.join(name);
         let info = MapInfo::from_pin(&path).with_context(|| {
-            format!("reading pinned map {}; remove stale pins with `lbd cleanup`", path.display())
+            format!(
+                "reading pinned map {}; remove stale pins with `lbd cleanup`",
+                path.display()
+            )
         })?;
-        if (info.key_size() as usize, info.value_size() as usize, info.max_entries()) != (k, v, n) {
+        if (
+            info.key_size() as usize,
+            info.value_size() as usize,
+            info.max_entries(),
+        ) != (k, v, n)
+        {
             bail!(
                 "pinned map {} has key/value size {}/{} and {} entries, this lbd needs {k}/{v} and {n}: \
                  the pins come from another build or other map sizes (conntrack_size, conntrack_new_size, table_pool). \
@@ -293,7 +332,9 @@ impl Balancer {
                 loader.map_pin_path(name, dir.join(name));
             }
         }
-        let mut ebpf = loader.load(BALANCER_OBJ).context("loading the balancer object")?;
+        let mut ebpf = loader
+            .load(BALANCER_OBJ)
+            .context("loading the balancer object")?;
         let prog: &mut Xdp = ebpf
             .program_mut(progs::BALANCER)
             .ok_or_else(|| anyhow!("no program {}", progs::BALANCER))?
@@ -334,7 +375,8 @@ impl Balancer {
             logger,
         };
         if resumed {
-            lb.restore().context("restoring state from the pinned maps")?;
+            lb.restore()
+                .context("restoring state from the pinned maps")?;
         }
         Ok(lb)
     }
@@ -357,7 +399,10 @@ impl Balancer {
         for id in 1..MAX_BACKENDS {
             let b = self.maps.backends.get(&id, 0)?;
             if b.flags & BACKEND_F_ACTIVE != 0 {
-                by_vip.entry(b.vip_id).or_default().push((id, addr_from_bytes(&b.addr, b.family)));
+                by_vip
+                    .entry(b.vip_id)
+                    .or_default()
+                    .push((id, addr_from_bytes(&b.addr, b.family)));
                 self.used_backend_ids.insert(id);
                 self.next_backend_id = if id + 1 >= MAX_BACKENDS { 1 } else { id + 1 };
             }
@@ -370,7 +415,10 @@ impl Balancer {
                 p => bail!("pinned VIP map holds protocol {p}, which this lbd does not know"),
             };
             let address = addr_from_bytes(&k.addr, k.family);
-            let region = Region { offset: meta.ring_offset, size: meta.ring_size };
+            let region = Region {
+                offset: meta.ring_offset,
+                size: meta.ring_size,
+            };
             if !self.pool.reserve(region) {
                 bail!("pinned tables overlap or exceed table_pool; run `lbd cleanup`");
             }
@@ -393,7 +441,11 @@ impl Balancer {
                 address,
                 port: u16::from_be(k.port),
                 protocol,
-                forwarding: if meta.mode == MODE_L2 { Forwarding::L2 } else { Forwarding::Ipip },
+                forwarding: if meta.mode == MODE_L2 {
+                    Forwarding::L2
+                } else {
+                    Forwarding::Ipip
+                },
                 table_size: region.size,
                 health: None,
                 backends: backends
@@ -453,8 +505,7 @@ impl Balancer {
                 XdpMode::Generic => AyaXdpMode::Skb,
                 _ => AyaXdpMode::Driver,
             };
-            let pinned =
-                PinnedLink::from_pin(&link_path).context("opening the pinned XDP link")?;
+            let pinned = PinnedLink::from_pin(&link_path).context("opening the pinned XDP link")?;
             let link = XdpLink::try_from(FdLink::from(pinned))
                 .context("the pinned link is not an XDP link; run `lbd cleanup`")?;
             prog.attach_to_link(link)
@@ -619,7 +670,10 @@ impl Balancer {
         for (port, bits) in &new_ports {
             let merged = bits | old_ports.get(port).copied().unwrap_or(0);
             if old_ports.get(port) != Some(&merged) {
-                self.maps.vip_ports.set(*port as u32, merged, 0).context("writing VIP_PORTS")?;
+                self.maps
+                    .vip_ports
+                    .set(*port as u32, merged, 0)
+                    .context("writing VIP_PORTS")?;
             }
         }
 
@@ -723,7 +777,10 @@ impl Balancer {
         for (port, bits) in &old_ports {
             let now = new_ports.get(port).copied().unwrap_or(0);
             if now != *bits {
-                self.maps.vip_ports.set(*port as u32, now, 0).context("writing VIP_PORTS")?;
+                self.maps
+                    .vip_ports
+                    .set(*port as u32, now, 0)
+                    .context("writing VIP_PORTS")?;
             }
         }
 
@@ -835,7 +892,12 @@ impl Balancer {
 
     /// Whether a backend's datapath entry carries the DOWN flag (`None`: no such backend).
     pub fn backend_down(&self, vip: VipId, addr: IpAddr) -> Option<bool> {
-        let b = self.vips.get(&vip)?.backends.iter().find(|b| b.address == addr)?;
+        let b = self
+            .vips
+            .get(&vip)?
+            .backends
+            .iter()
+            .find(|b| b.address == addr)?;
         let info = self.maps.backends.get(&b.id, 0).ok()?;
         Some(info.flags & BACKEND_F_DOWN != 0)
     }

@@ -87,10 +87,22 @@ impl RingPool {
         let f = self.free.remove(i);
         if r.offset + r.size < f.offset + f.size {
             let end = r.offset + r.size;
-            self.free.insert(i, Region { offset: end, size: f.offset + f.size - end });
+            self.free.insert(
+                i,
+                Region {
+                    offset: end,
+                    size: f.offset + f.size - end,
+                },
+            );
         }
         if f.offset < r.offset {
-            self.free.insert(i, Region { offset: f.offset, size: r.offset - f.offset });
+            self.free.insert(
+                i,
+                Region {
+                    offset: f.offset,
+                    size: r.offset - f.offset,
+                },
+            );
         }
         true
     }
@@ -138,10 +150,31 @@ mod tests {
     #[test]
     fn reserve_splits_free_space() {
         let mut p = RingPool::new(100);
-        assert!(p.reserve(Region { offset: 40, size: 20 }));
-        assert!(!p.reserve(Region { offset: 50, size: 20 }), "overlaps a reserved region");
-        assert_eq!(p.alloc(40), Some(Region { offset: 0, size: 40 }));
-        assert_eq!(p.alloc(40), Some(Region { offset: 60, size: 40 }));
+        assert!(p.reserve(Region {
+            offset: 40,
+            size: 20
+        }));
+        assert!(
+            !p.reserve(Region {
+                offset: 50,
+                size: 20
+            }),
+            "overlaps a reserved region"
+        );
+        assert_eq!(
+            p.alloc(40),
+            Some(Region {
+                offset: 0,
+                size: 40
+            })
+        );
+        assert_eq!(
+            p.alloc(40),
+            Some(Region {
+                offset: 60,
+                size: 40
+            })
+        );
         assert_eq!(p.free_slots(), 0);
     }
 

@@ -252,7 +252,7 @@ fn datapath_warnings_reach_the_log_once_not_per_packet() {
     cmd.args(["--config", cfg_path.to_str().unwrap()])
         .stdin(std::process::Stdio::null())
         .stderr(log);
-    let agent = ns.spawn_command(&mut cmd).expect("starting lbd");
+    let mut agent = ns.spawn_command(&mut cmd).expect("starting lbd");
     wait_for("lbd to attach", Duration::from_secs(20), || {
         xdp_attached(&lab)
     });
@@ -264,7 +264,9 @@ fn datapath_warnings_reach_the_log_once_not_per_packet() {
         "nothing can answer for 10.200.0.99"
     );
     signal(&agent, libc::SIGTERM);
-    std::thread::sleep(Duration::from_millis(500));
+    wait_for("lbd to exit", Duration::from_secs(10), || {
+        agent.try_wait().unwrap().is_some()
+    });
     let text = std::fs::read_to_string(&log_path).unwrap();
     let warnings = text.matches("no route or unresolved neighbour").count();
     println!("{warnings} datapath warning(s) for 5 failed connections:\n{text}");

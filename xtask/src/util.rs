@@ -86,7 +86,8 @@ pub fn test(args: &[String]) -> Result<ExitCode> {
     let mut cmd = cargo();
     // Run every test binary even if one fails, so one broken suite doesn't hide the others;
     // the exit status still reports the failure.
-    cmd.args(["test", "--workspace", "--no-fail-fast"]).args(args);
+    cmd.args(["test", "--workspace", "--no-fail-fast"])
+        .args(args);
     eprintln!("+ {}", show(&cmd));
     let status = cmd.status().context("starting cargo test")?;
     Ok(if status.success() {
