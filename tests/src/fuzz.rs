@@ -21,7 +21,7 @@
 //! once full (the kernel's LRU also evicts somewhat before that: per-CPU free lists). Instead of
 //! declaring evictions unknowable (which would weaken every later check of a flow), the run
 //! keeps the tables far below capacity: `CT` and `CT_NEW` are 65536 entries, `FRAGS` 8192
-//! (fixed), and when the model holds more than a quarter of that (16384, 16384, 1024), both
+//! (fixed), and when the model holds more than a quarter of that (16384, 16384, 2048), both
 //! sides are compared entry by entry and emptied (deleted through the map, and cleared in the
 //! model). The BPF LRU only evicts when its global free list runs short of its per-CPU refill
 //! batch (at most 128 per CPU), so at a quarter full no eviction can happen, and the model's
@@ -1558,8 +1558,13 @@ impl Generator {
             (IpAddr::V4(s), IpAddr::V4(d)) => {
                 let m = (mtu as u16).to_be_bytes();
                 let msg = icmp_msg(typ, code, [0, 0, m[0], m[1]], body, None);
-                // Now and then the error itself is a first fragment.
+                // Now and then the error itself is a first fragment, or carries options.
                 let frag = if self.rng.chance(0.05) { 0x2000 } else { 0 };
+                let options = if self.rng.chance(0.05) {
+                    vec![1u8; 4 * self.rng.range(1, 10)]
+                } else {
+                    Vec::new()
+                };
                 let p = ip4(
                     s,
                     d,
@@ -1569,7 +1574,7 @@ impl Generator {
                         id: self.rng.u16(),
                         frag,
                         ttl: 250,
-                        options: Vec::new(),
+                        options,
                     },
                     &msg,
                 );
@@ -2028,7 +2033,7 @@ fn run_inside(opts: &FuzzOptions, ifindex: [u32; 2]) -> Result<FuzzReport> {
                 continue;
             }
         }
-        if m.ct.len() > 16_384 || m.ct_new.len() > 16_384 || m.frags.len() > 1024 {
+        if m.ct.len() > 16_384 || m.ct_new.len() > 16_384 || m.frags.len() > 2048 {
             report.flushes += 1;
             let (compared, problems) = compare_and_flush(&mut k, &mut m)?;
             report.entries_compared += compared;
