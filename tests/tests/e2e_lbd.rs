@@ -116,6 +116,22 @@ fn lbd_serves_reloads_and_detaches() {
     });
     std::thread::sleep(Duration::from_millis(1500));
 
+    // Metrics listen on localhost by default: reachable inside the balancer's namespace,
+    // refused from the network.
+    let metrics = |ns: &tests::netns::NetNs, addr: SocketAddr| {
+        ns.run_in(|| std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).is_ok())
+    };
+    assert!(
+        metrics(lab.lb().ns(), "127.0.0.1:9469".parse().unwrap()),
+        "metrics must listen on 127.0.0.1:9469 by default"
+    );
+    assert!(
+        !metrics(
+            lab.client().ns(),
+            SocketAddr::new(IpAddr::from(LB_V4), 9469)
+        ),
+        "metrics must not be reachable from the network by default"
+    );
     let results = client_many(lab.client().ns(), vip, 600, Duration::from_secs(3));
     assert!(
         results.iter().all(|r| r.is_ok()),
