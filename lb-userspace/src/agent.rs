@@ -707,6 +707,7 @@ fn edit(cfg: &mut Config, req: &Request) -> Result<String> {
                 forwarding,
                 table_size,
                 health: None,
+                learning: None,
                 backends: Vec::new(),
             });
             Ok(format!(
@@ -736,6 +737,7 @@ fn edit(cfg: &mut Config, req: &Request) -> Result<String> {
                 address: addr,
                 weight,
                 drained: false,
+                pinned: false,
             });
             Ok(format!(
                 "added backend {addr} to vip {name} with weight {weight}"

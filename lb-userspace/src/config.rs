@@ -116,6 +116,9 @@ pub struct Backend {
     /// already has continue, since the connection tables keep them.
     #[serde(default, skip_serializing_if = "is_false")]
     pub drained: bool,
+    /// With `[vip.learning]`: the weight stays the configured one, whatever the model says.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub pinned: bool,
 }
 
 impl Backend {
@@ -137,7 +140,7 @@ fn is_false(b: &bool) -> bool {
     !*b
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Vip {
     pub address: IpAddr,
@@ -152,6 +155,9 @@ pub struct Vip {
     /// counts as up.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health: Option<Health>,
+    /// Learned weights (`[vip.learning]`); none: configured weights.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub learning: Option<Learning>,
     #[serde(default, rename = "backend")]
     pub backends: Vec<Backend>,
 }
@@ -309,7 +315,157 @@ impl Health {
     }
 }
 
+/// `[vip.learning]`: how `lbd` learns this VIP's backend weights from probe latency and load
+/// (see `crate::model` and docs/model.md). Runtime state only: learned weights are never
+/// written to the file. Needs `[vip.health]` (the latency samples come from the probes).
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Learning {
+    /// Off by default: the table stays at the configured weights.
+    #[serde(default)]
+    pub enabled: bool,
+    /// Latency a backend should stay under; capacities are the loads at this latency.
+    #[serde(default = "default_latency_target_ms")]
+    pub latency_target_ms: f64,
+    /// Lowest learned weight, as a share of the configured weight (0 < floor <= 1).
+    #[serde(default = "default_floor")]
+    pub floor: f64,
+    /// Highest learned weight, as a multiple of the configured weight (at least 1).
+    #[serde(default = "default_ceiling")]
+    pub ceiling: f64,
+    /// Largest change of one weight in one step, as a share of its current weight (0 to 1,
+    /// exclusive).
+    #[serde(default = "default_max_step")]
+    pub max_step: f64,
+    /// Learned targets within this share of the current weight are ignored (0 to 1).
+    #[serde(default = "default_deadband")]
+    pub deadband: f64,
+    /// Largest share of the table's slots one step's gradual changes may move (0 to 1).
+    #[serde(default = "default_disruption_budget")]
+    pub disruption_budget: f64,
+    /// Largest share of the backends the model may drain (with down and drained ones; 0 to 1).
+    #[serde(default = "default_max_drained_share")]
+    pub max_drained_share: f64,
+    /// Step period: one sample per backend and one decision per step.
+    #[serde(default = "default_learning_interval_ms")]
+    pub interval_ms: u64,
+}
+
+fn default_latency_target_ms() -> f64 {
+    100.0
+}
+fn default_floor() -> f64 {
+    0.25
+}
+fn default_ceiling() -> f64 {
+    4.0
+}
+fn default_max_step() -> f64 {
+    0.25
+}
+fn default_deadband() -> f64 {
+    0.05
+}
+fn default_disruption_budget() -> f64 {
+    0.05
+}
+fn default_max_drained_share() -> f64 {
+    0.34
+}
+fn default_learning_interval_ms() -> u64 {
+    1000
+}
+
+/// Shortest learning step accepted.
+pub const MIN_LEARNING_INTERVAL_MS: u64 = 100;
+
+impl Default for Learning {
+    fn default() -> Self {
+        Learning {
+            enabled: false,
+            latency_target_ms: default_latency_target_ms(),
+            floor: default_floor(),
+            ceiling: default_ceiling(),
+            max_step: default_max_step(),
+            deadband: default_deadband(),
+            disruption_budget: default_disruption_budget(),
+            max_drained_share: default_max_drained_share(),
+            interval_ms: default_learning_interval_ms(),
+        }
+    }
+}
+
+impl Learning {
+    /// The model's policy for a VIP with this table size.
+    pub fn policy(&self, table_size: u32) -> crate::model::WeightPolicy {
+        crate::model::WeightPolicy {
+            learning: self.enabled,
+            table_size,
+            latency_target_ms: self.latency_target_ms,
+            floor: self.floor,
+            ceiling: self.ceiling,
+            max_step_ratio: self.max_step,
+            deadband: self.deadband,
+            disruption_budget: self.disruption_budget,
+            max_drained_share: self.max_drained_share,
+            ..Default::default()
+        }
+    }
+
+    /// The first problem with these settings, as `learning.FIELD ...`.
+    fn check(&self, has_health: bool) -> Result<(), String> {
+        let t = self.latency_target_ms;
+        if !(t.is_finite() && t > 0.0 && t <= MAX_HEALTH_MS as f64) {
+            return Err(format!(
+                "learning.latency_target_ms must be above 0 and at most {MAX_HEALTH_MS} (got {t})"
+            ));
+        }
+        if !(self.floor > 0.0 && self.floor <= 1.0) {
+            return Err(format!(
+                "learning.floor must be above 0 and at most 1 (a share of the configured weight; got {})",
+                self.floor
+            ));
+        }
+        if !(self.ceiling.is_finite() && self.ceiling >= 1.0 && self.ceiling <= 100.0) {
+            return Err(format!(
+                "learning.ceiling must be from 1 to 100 (a multiple of the configured weight; got {})",
+                self.ceiling
+            ));
+        }
+        if !(self.max_step > 0.0 && self.max_step < 1.0) {
+            return Err(format!(
+                "learning.max_step must be above 0 and below 1 (got {})",
+                self.max_step
+            ));
+        }
+        for (name, v) in [
+            ("deadband", self.deadband),
+            ("disruption_budget", self.disruption_budget),
+            ("max_drained_share", self.max_drained_share),
+        ] {
+            if !(0.0..=1.0).contains(&v) {
+                return Err(format!("learning.{name} must be from 0 to 1 (got {v})"));
+            }
+        }
+        if self.interval_ms < MIN_LEARNING_INTERVAL_MS || self.interval_ms > MAX_HEALTH_MS {
+            return Err(format!(
+                "learning.interval_ms must be at least {MIN_LEARNING_INTERVAL_MS} and at most {MAX_HEALTH_MS} (got {})",
+                self.interval_ms
+            ));
+        }
+        if self.enabled && !has_health {
+            return Err("learning.enabled needs [vip.health]: the model's latency samples come from the health probes; add a [vip.health] table (an HTTP probe measures the application best) or set learning.enabled = false".into());
+        }
+        Ok(())
+    }
+}
+
 impl Vip {
+    /// Whether `lbd` learns this VIP's weights.
+    pub fn learning_enabled(&self) -> bool {
+        self.learning.as_ref().is_some_and(|l| l.enabled)
+    }
+
     /// How operators name a VIP: `address:port/protocol`.
     pub fn name(&self) -> String {
         match self.address {
@@ -319,7 +475,7 @@ impl Vip {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     /// The network interface the balancer attaches to.
@@ -512,6 +668,10 @@ impl Config {
             if let Some(h) = &vip.health {
                 h.check().or_else(|e| err(format!("{at}: {e}")))?;
             }
+            if let Some(l) = &vip.learning {
+                l.check(vip.health.is_some())
+                    .or_else(|e| err(format!("{at}: {e}")))?;
+            }
             slots += vip.table_size as u64;
             if vip.forwarding == Forwarding::Ipip {
                 match vip.address {
@@ -669,6 +829,7 @@ source_v6 = "fd00::2"
             address: "10.0.0.11".parse().unwrap(),
             weight: 5,
             drained: true,
+            pinned: false,
         };
         assert_eq!(b.effective_weight(), 0);
         let undrained = Backend {
@@ -765,6 +926,112 @@ source_v6 = "fd00::2"
         assert!(error(&with_health("port = 70000")).contains("port"));
         // HTTP-only fields are not checked for a TCP probe.
         assert!(Config::parse(&with_health("path = \"x\"")).is_ok());
+    }
+
+    fn with_learning(learning: &str) -> String {
+        with_vip(&format!(
+            "{HVIP}[vip.health]\nkind = \"http\"\n[vip.learning]\n{learning}\n[[vip.backend]]\naddress = \"10.0.0.11\"\npinned = true\n[[vip.backend]]\naddress = \"10.0.0.12\"\n"
+        ))
+    }
+
+    #[test]
+    fn learning_table_and_pinned_parse_with_defaults() {
+        let c = Config::parse(&with_health("")).unwrap();
+        assert_eq!(
+            c.vips[0].learning, None,
+            "no [vip.learning]: configured weights"
+        );
+        assert!(!c.vips[0].learning_enabled());
+        assert!(!c.vips[0].backends[0].pinned, "not pinned by default");
+
+        let c = Config::parse(&with_learning("")).unwrap();
+        let l = c.vips[0].learning.clone().unwrap();
+        assert_eq!(l, Learning::default());
+        assert!(!l.enabled, "learning is off unless enabled");
+        assert_eq!(l.disruption_budget, 0.05);
+        assert_eq!(l.interval_ms, 1000);
+        assert!(c.vips[0].backends[0].pinned);
+        assert!(!c.vips[0].backends[1].pinned);
+
+        let c = Config::parse(&with_learning(
+            "enabled = true\nlatency_target_ms = 50\nfloor = 0.5\nceiling = 2\nmax_step = 0.1\ndeadband = 0.02\ndisruption_budget = 0.01\nmax_drained_share = 0.5\ninterval_ms = 300",
+        ))
+        .unwrap();
+        assert!(c.vips[0].learning_enabled());
+        let p = c.vips[0]
+            .learning
+            .as_ref()
+            .unwrap()
+            .policy(c.vips[0].table_size);
+        assert!(p.learning);
+        assert_eq!(p.table_size, DEFAULT_TABLE_SIZE);
+        assert_eq!(
+            (p.latency_target_ms, p.floor, p.ceiling, p.max_step_ratio),
+            (50.0, 0.5, 2.0, 0.1)
+        );
+        assert_eq!(
+            (p.deadband, p.disruption_budget, p.max_drained_share),
+            (0.02, 0.01, 0.5)
+        );
+        p.validate().unwrap();
+        // Written back and read again, unchanged; pinned is kept, unpinned left out.
+        let text = c.to_toml().unwrap();
+        assert_eq!(Config::parse(&text).unwrap(), c, "{text}");
+        assert!(text.contains("[vip.learning]"), "{text}");
+        assert_eq!(text.matches("pinned").count(), 1, "{text}");
+    }
+
+    #[test]
+    fn learning_table_is_validated_field_by_field() {
+        let at = "vip[0] (10.0.0.100:8080/tcp): ";
+        for (body, want) in [
+            (
+                "latency_target_ms = 0",
+                "learning.latency_target_ms must be above 0",
+            ),
+            ("floor = 0", "learning.floor must be above 0 and at most 1"),
+            (
+                "floor = 1.5",
+                "learning.floor must be above 0 and at most 1",
+            ),
+            ("ceiling = 0.5", "learning.ceiling must be from 1 to 100"),
+            (
+                "max_step = 1",
+                "learning.max_step must be above 0 and below 1",
+            ),
+            ("deadband = -0.1", "learning.deadband must be from 0 to 1"),
+            (
+                "disruption_budget = 1.5",
+                "learning.disruption_budget must be from 0 to 1",
+            ),
+            (
+                "max_drained_share = 2",
+                "learning.max_drained_share must be from 0 to 1",
+            ),
+            (
+                "interval_ms = 50",
+                "learning.interval_ms must be at least 100",
+            ),
+        ] {
+            let e = error(&with_learning(body));
+            assert!(e.starts_with(at) && e.contains(want), "{body:?}: {e}");
+        }
+        assert!(error(&with_learning("interval = 1")).contains("unknown field `interval`"));
+        assert!(error(&with_learning("enabled = \"yes\"")).contains("enabled"));
+        assert!(
+            error(&with_learning("").replace("pinned = true", "pinned = 1")).contains("pinned")
+        );
+        // Learning without health checks is refused, with the reason and the fix.
+        let no_health = with_vip(&format!(
+            "{HVIP}[vip.learning]\nenabled = true\n[[vip.backend]]\naddress = \"10.0.0.11\"\n"
+        ));
+        let e = error(&no_health);
+        assert!(
+            e.starts_with(at) && e.contains("learning.enabled needs [vip.health]"),
+            "{e}"
+        );
+        // Disabled learning without health is accepted (nothing to learn from, nothing learned).
+        assert!(Config::parse(&no_health.replace("enabled = true", "enabled = false")).is_ok());
     }
 
     #[test]

@@ -448,12 +448,14 @@ impl Balancer {
                 },
                 table_size: region.size,
                 health: None,
+                learning: None,
                 backends: backends
                     .iter()
                     .map(|b| crate::config::Backend {
                         address: b.address,
                         weight: b.slots,
                         drained: false,
+                        pinned: false,
                     })
                     .collect(),
             };
@@ -711,6 +713,10 @@ impl Balancer {
                 }
             }
             if let Some(r) = region {
+                // Debug records bracket the write so a crash can be placed before, during or
+                // after it (the chaos tests SIGKILL lbd between the two).
+                tracing::debug!(vip = %st.config.name(), slots = st.table.len(), offset = r.offset,
+                    generation = st.generation, "writing table");
                 for (i, slot) in st.table.iter().enumerate() {
                     self.maps
                         .ring
@@ -730,6 +736,7 @@ impl Balancer {
                     .vips
                     .insert(vip_key(&st.config), meta, 0)
                     .context("writing VIPS")?;
+                tracing::debug!(vip = %st.config.name(), generation = st.generation, "table published");
             }
         }
 
