@@ -25,6 +25,7 @@ use std::{
 use tests::{
     lab::{backend_v4, Lab, LabSpec, LB_V4, LB_V6, VIP_V4},
     netns::NetNs,
+    procs::{bin_path, start_decaps},
     require_root,
     tcp::{client_many, tally, LongLived, TcpServer},
 };
@@ -36,21 +37,6 @@ const HTTP_PORT: u16 = 8081;
 /// Probe settings of the test: interval 200 ms, timeout 200 ms, rise 2, fall 2.
 const INTERVAL_MS: u64 = 200;
 const FALL: u64 = 2;
-
-fn bin_path(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().expect("test binary path");
-    let dir = exe
-        .parent()
-        .and_then(|d| d.parent())
-        .expect("target/<profile>");
-    let p = dir.join(name);
-    assert!(
-        p.exists(),
-        "{} is missing: build it first (`cargo build -p lb-userspace`, which `cargo xtask test` does)",
-        p.display()
-    );
-    p
-}
 
 fn scratch(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("lb-health-e2e-{}-{name}", std::process::id()));
@@ -241,39 +227,6 @@ impl Drop for HttpResponder {
     }
 }
 
-fn decaps(lab: &Lab, n: usize) -> Vec<Child> {
-    let lbd = bin_path("lbd");
-    let out: Vec<Child> = (0..n)
-        .map(|i| {
-            lab.backend(i).ns().spawn(
-                lbd.to_str().unwrap(),
-                [
-                    "decap",
-                    "--interface",
-                    "eth0",
-                    "--vip",
-                    "10.200.100.1",
-                    "--xdp-mode",
-                    "native",
-                ],
-            )
-        })
-        .collect();
-    for i in 0..n {
-        let ns = lab.backend(i).ns();
-        let end = Instant::now() + Duration::from_secs(20);
-        while !ns
-            .ip(["link", "show", "dev", "eth0"])
-            .map(|s| s.contains("xdp"))
-            .unwrap_or(false)
-        {
-            assert!(Instant::now() < end, "decap did not attach");
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-    out
-}
-
 /// The long-lived connections that reached a backend other than `backend0` must all answer.
 fn others_intact(long: &mut LongLived, when: &str) -> usize {
     let statuses = long.check();
@@ -303,7 +256,7 @@ fn health_checks_take_dead_backends_out_and_bring_them_back() {
     let t0 = Instant::now();
     let lab = Lab::new(LabSpec { backends: 3 }).expect("building the lab");
     let mut servers: Vec<Option<TcpServer>> = (0..3).map(|i| Some(server(&lab, i))).collect();
-    let _decaps = decaps(&lab, 3);
+    let _decaps = start_decaps(&lab, 3);
     let http_ok = HttpResponder::start(
         lab.backend(0).ns(),
         SocketAddr::new(IpAddr::from(backend_v4(0)), HTTP_PORT),

@@ -22,28 +22,13 @@ use std::{
 use tests::{
     lab::{backend_v4, backend_v6, Lab, LabSpec, LB_V4, LB_V6, VIP_V4, VIP_V6},
     netns::NetNs,
+    procs::{bin_path, start_decaps, wait_for},
     require_root,
     tcp::{client_many, tally, LongLived, TcpServer},
 };
 
 const VIP4: &str = "10.200.100.1:80/tcp";
 const VIP6: &str = "[fd00:200:100::1]:80/tcp";
-
-/// `target/<profile>/NAME`, built by `cargo build -p lb-userspace`.
-fn bin_path(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().expect("test binary path");
-    let dir = exe
-        .parent()
-        .and_then(|d| d.parent())
-        .expect("target/<profile>");
-    let p = dir.join(name);
-    assert!(
-        p.exists(),
-        "{} is missing: build it first (`cargo build -p lb-userspace`, which `cargo xtask test` does)",
-        p.display()
-    );
-    p
-}
 
 /// A scratch directory for one test's config file and control socket (world-traversable, so
 /// an unprivileged lbctl can reach the socket and be refused by the socket's own mode).
@@ -204,14 +189,6 @@ fn spread(lab: &Lab, addr: SocketAddr, count: usize) -> BTreeMap<String, usize> 
     tally(&results)
 }
 
-fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
-    let end = Instant::now() + timeout;
-    while !f() {
-        assert!(Instant::now() < end, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 /// `GET /metrics` from inside the lb namespace, parsed into `series -> value`.
 fn scrape(ns: &NetNs) -> BTreeMap<String, f64> {
     let text = ns.run_in(|| {
@@ -248,35 +225,6 @@ fn vip_servers(lab: &Lab, n: usize) -> Vec<TcpServer> {
         .collect()
 }
 
-fn decaps(lab: &Lab, n: usize) -> Vec<Child> {
-    let lbd = bin_path("lbd");
-    let out: Vec<Child> = (0..n)
-        .map(|i| {
-            lab.backend(i).ns().spawn(
-                lbd.to_str().unwrap(),
-                [
-                    "decap",
-                    "--interface",
-                    "eth0",
-                    "--vip",
-                    "10.200.100.1",
-                    "--xdp-mode",
-                    "native",
-                ],
-            )
-        })
-        .collect();
-    for i in 0..n {
-        let ns = lab.backend(i).ns();
-        wait_for("decap to attach", Duration::from_secs(20), || {
-            ns.ip(["link", "show", "dev", "eth0"])
-                .map(|s| s.contains("xdp"))
-                .unwrap_or(false)
-        });
-    }
-    out
-}
-
 /// Backend list without the datapath ids (which a fresh lbd allocates anew).
 fn without_ids(list: &Value) -> Value {
     let mut l = list.clone();
@@ -292,7 +240,7 @@ fn lbctl_drives_lbd_and_the_datapath_follows() {
     let t0 = Instant::now();
     let lab = Lab::new(LabSpec { backends: 3 }).expect("building the lab");
     let _servers = vip_servers(&lab, 3);
-    let _decaps = decaps(&lab, 3);
+    let _decaps = start_decaps(&lab, 3);
     let dir = scratch("drive");
     let (b0, b1, b2) = (
         backend_v4(0).to_string(),

@@ -2,31 +2,14 @@
 //! `lbd decap` on every backend, configuration reloads on SIGHUP, clean detach on SIGTERM.
 use std::{
     net::{IpAddr, SocketAddr},
-    path::PathBuf,
-    process::Child,
     time::{Duration, Instant},
 };
 use tests::{
     lab::{Lab, LabSpec, LB_V4, LB_V6, VIP_V4},
+    procs::{bin_path, signal, start_decaps, wait_for, xdp_attached},
     require_root,
     tcp::{client_many, tally, TcpServer},
 };
-
-/// `target/<profile>/lbd`, built by `cargo build --workspace` (which `cargo xtask test` runs).
-fn lbd_path() -> PathBuf {
-    let exe = std::env::current_exe().expect("test binary path");
-    let dir = exe
-        .parent()
-        .and_then(|d| d.parent())
-        .expect("target/<profile>");
-    let lbd = dir.join("lbd");
-    assert!(
-        lbd.exists(),
-        "{} is missing: build it first (`cargo build -p lb-userspace`, which `cargo xtask test` does)",
-        lbd.display()
-    );
-    lbd
-}
 
 fn config(lab: &Lab, weights: &[u32]) -> String {
     // A socket of its own, so that lbd instances of concurrent tests never meet.
@@ -44,64 +27,16 @@ fn config(lab: &Lab, weights: &[u32]) -> String {
     text
 }
 
-fn signal(child: &Child, sig: i32) {
-    // SAFETY: sending a signal to our own child process.
-    assert_eq!(
-        unsafe { libc::kill(child.id() as i32, sig) },
-        0,
-        "kill({sig})"
-    );
-}
-
-fn xdp_attached(lab: &Lab) -> bool {
-    lab.lb()
-        .ns()
-        .ip(["link", "show", "dev", "eth0"])
-        .map(|s| s.contains("xdp"))
-        .unwrap_or(false)
-}
-
-fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
-    let end = Instant::now() + timeout;
-    while !f() {
-        assert!(Instant::now() < end, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 #[test]
 fn lbd_serves_reloads_and_detaches() {
     require_root();
-    let lbd = lbd_path();
+    let lbd = bin_path("lbd");
     let lab = Lab::new(LabSpec { backends: 3 }).expect("building the lab");
     let vip = SocketAddr::new(IpAddr::from(VIP_V4), 80);
     let _servers: Vec<TcpServer> = (0..3)
         .map(|i| TcpServer::start(lab.backend(i).ns(), &[vip], &format!("backend{i}")).unwrap())
         .collect();
-    let decaps: Vec<Child> = (0..3)
-        .map(|i| {
-            lab.backend(i).ns().spawn(
-                lbd.to_str().unwrap(),
-                [
-                    "decap",
-                    "--interface",
-                    "eth0",
-                    "--vip",
-                    "10.200.100.1",
-                    "--xdp-mode",
-                    "native",
-                ],
-            )
-        })
-        .collect();
-    for (i, _) in decaps.iter().enumerate() {
-        let ns = lab.backend(i).ns();
-        wait_for("decap to attach", Duration::from_secs(20), || {
-            ns.ip(["link", "show", "dev", "eth0"])
-                .map(|s| s.contains("xdp"))
-                .unwrap_or(false)
-        });
-    }
+    let decaps = start_decaps(&lab, 3);
 
     let dir = std::env::temp_dir().join(format!("lbd-e2e-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -112,7 +47,7 @@ fn lbd_serves_reloads_and_detaches() {
         ["--config", cfg_path.to_str().unwrap()],
     );
     wait_for("lbd to attach", Duration::from_secs(20), || {
-        xdp_attached(&lab)
+        xdp_attached(lab.lb().ns())
     });
     std::thread::sleep(Duration::from_millis(1500));
 
@@ -181,7 +116,10 @@ fn lbd_serves_reloads_and_detaches() {
         std::thread::sleep(Duration::from_millis(50));
     };
     assert!(status.success(), "lbd exit status {status}");
-    assert!(!xdp_attached(&lab), "XDP still attached after lbd exited");
+    assert!(
+        !xdp_attached(lab.lb().ns()),
+        "XDP still attached after lbd exited"
+    );
     for d in &decaps {
         signal(d, libc::SIGTERM);
     }
@@ -192,7 +130,7 @@ fn lbd_serves_reloads_and_detaches() {
 #[test]
 fn lbd_rejects_bad_config_with_clear_errors() {
     require_root();
-    let lbd = lbd_path();
+    let lbd = bin_path("lbd");
     let dir = std::env::temp_dir().join(format!("lbd-bad-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let cases = [
@@ -244,7 +182,7 @@ fn lbd_rejects_bad_config_with_clear_errors() {
 #[test]
 fn datapath_warnings_reach_the_log_once_not_per_packet() {
     require_root();
-    let lbd = lbd_path();
+    let lbd = bin_path("lbd");
     let lab = Lab::new(LabSpec { backends: 1 }).expect("building the lab");
     let prefix = lab.prefix();
     let dir = std::env::temp_dir().join(format!("{prefix}-log"));
@@ -270,7 +208,7 @@ fn datapath_warnings_reach_the_log_once_not_per_packet() {
         .stderr(log);
     let mut agent = ns.spawn_command(&mut cmd).expect("starting lbd");
     wait_for("lbd to attach", Duration::from_secs(20), || {
-        xdp_attached(&lab)
+        xdp_attached(lab.lb().ns())
     });
     let vip = SocketAddr::new(IpAddr::from(VIP_V4), 80);
     // Several connection attempts, each retrying its SYN: dozens of dropped packets.

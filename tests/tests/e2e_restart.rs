@@ -4,32 +4,18 @@
 //! connections must see zero resets throughout, and counters keep counting.
 use std::{
     net::{IpAddr, SocketAddr},
-    path::{Path, PathBuf},
+    path::Path,
     process::{Child, Command},
     time::{Duration, Instant},
 };
 use tests::{
     lab::{Lab, LabSpec, LB_V4, LB_V6, VIP_V4},
+    procs::{bin_path, start_decaps, wait_for, xdp_attached},
     require_root,
     tcp::{client_many, tally, LongLived, TcpServer},
 };
 
 const LONG_LIVED: usize = 120;
-
-fn lbd_path() -> PathBuf {
-    let exe = std::env::current_exe().expect("test binary path");
-    let lbd = exe
-        .parent()
-        .and_then(|d| d.parent())
-        .expect("target/<profile>")
-        .join("lbd");
-    assert!(
-        lbd.exists(),
-        "{} is missing: build it first (`cargo xtask test` does)",
-        lbd.display()
-    );
-    lbd
-}
 
 fn is_bpffs(p: &Path) -> bool {
     let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).unwrap();
@@ -63,22 +49,6 @@ fn stop(child: &mut Child) {
         }
         assert!(Instant::now() < end, "lbd did not stop on SIGTERM");
         std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-fn xdp_attached(lab: &Lab) -> bool {
-    lab.lb()
-        .ns()
-        .ip(["link", "show", "dev", "eth0"])
-        .map(|s| s.contains("xdp"))
-        .unwrap_or(false)
-}
-
-fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
-    let end = Instant::now() + Duration::from_secs(20);
-    while !f() {
-        assert!(Instant::now() < end, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
     }
 }
 
@@ -124,29 +94,14 @@ fn restart_and_upgrade_keep_established_flows() {
         is_bpffs(bpffs),
         "/sys/fs/bpf is not a bpffs mount: run `cargo xtask setup` (it mounts it)"
     );
-    let lbd = lbd_path();
+    let lbd = bin_path("lbd");
     let lab = Lab::new(LabSpec { backends: 3 }).expect("building the lab");
     let pin_dir = bpffs.join(format!("{}-pins", lab.prefix()));
     let vip = SocketAddr::new(IpAddr::from(VIP_V4), 80);
     let _servers: Vec<TcpServer> = (0..3)
         .map(|i| TcpServer::start(lab.backend(i).ns(), &[vip], &format!("backend{i}")).unwrap())
         .collect();
-    let mut decaps: Vec<Child> = (0..3)
-        .map(|i| {
-            lab.backend(i).ns().spawn(
-                lbd.to_str().unwrap(),
-                [
-                    "decap",
-                    "--interface",
-                    "eth0",
-                    "--vip",
-                    "10.200.100.1",
-                    "--xdp-mode",
-                    "native",
-                ],
-            )
-        })
-        .collect();
+    let mut decaps = start_decaps(&lab, 3);
     let dir = std::env::temp_dir().join(format!("{}-restart", lab.prefix()));
     std::fs::create_dir_all(&dir).unwrap();
     let config = dir.join("lbd.toml");
@@ -165,8 +120,8 @@ fn restart_and_upgrade_keep_established_flows() {
     std::fs::write(&config, text).unwrap();
 
     let mut agent = start_lbd(&lab, &lbd, &config);
-    wait_for("lbd to attach", || {
-        xdp_attached(&lab) && pin_dir.join("link").exists()
+    wait_for("lbd to attach", Duration::from_secs(20), || {
+        xdp_attached(lab.lb().ns()) && pin_dir.join("link").exists()
     });
     std::thread::sleep(Duration::from_millis(1500));
     let mut long = LongLived::open(lab.client().ns(), vip, LONG_LIVED, Duration::from_secs(3))
@@ -177,7 +132,7 @@ fn restart_and_upgrade_keep_established_flows() {
     // 1. Stop: the datapath keeps running without lbd.
     stop(&mut agent);
     assert!(
-        xdp_attached(&lab),
+        xdp_attached(lab.lb().ns()),
         "stopping lbd detached the pinned program"
     );
     long.check_all()
@@ -259,7 +214,11 @@ fn restart_and_upgrade_keep_established_flows() {
         "lbd cleanup: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    wait_for("the program to be detached", || !xdp_attached(&lab));
+    wait_for(
+        "the program to be detached",
+        Duration::from_secs(20),
+        || !xdp_attached(lab.lb().ns()),
+    );
     assert!(
         !pin_dir.exists(),
         "pins left behind in {}",
