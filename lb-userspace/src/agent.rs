@@ -17,15 +17,18 @@
 use crate::{
     config::{self, Config},
     control::{
-        parse_backend_address, BackendEntry, BackendStatsEntry, Changed, Request, Response,
-        StatsSnapshot, Status, TableChange, VipEntry, VipName, VipStatsEntry, VipStatus, MAX_LINE,
+        parse_backend_address, BackendEntry, BackendStatsEntry, Changed, ModelBackend,
+        ModelDecisionEntry, ModelVip, Request, Response, StatsSnapshot, Status, TableChange,
+        VipEntry, VipName, VipStatsEntry, VipStatus, MAX_LINE,
     },
     datapath::{ApplyReport, Balancer, VipId},
     health::{HealthConfig, HealthState, HealthStatus, ProbeReport, ProbeTarget, Prober},
+    model::{self, table_weight, BackendDecision, BackendInput, PolicyState, Sample, Window},
 };
 use anyhow::{anyhow, bail, Context as _, Result};
+use lb_common::BackendStats;
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, VecDeque},
     ffi::CString,
     fs,
     io::Write as _,
@@ -55,6 +58,102 @@ struct State {
     file_text: Option<String>,
     /// Health of every backend of the VIPs with `[vip.health]`.
     health: HealthMap,
+    /// The learning model of every VIP with `[vip.learning]` enabled (runtime state only).
+    learning: LearnMap,
+    /// Learned table weights in force, by (VIP, backend) (runtime state, never persisted).
+    learned: Learned,
+    /// Refused fits since start, by refusal (`lb_model_refusals_total`).
+    refusals: BTreeMap<String, u64>,
+}
+
+/// Learned table weights by (VIP, backend).
+type Learned = BTreeMap<HealthKey, u32>;
+type LearnMap = BTreeMap<VipId, VipLearning>;
+
+/// Decisions kept per backend for `lbctl model show`.
+const DECISIONS_KEPT: usize = 10;
+
+/// One VIP's learning state.
+#[derive(Debug, Clone)]
+struct VipLearning {
+    settings: config::Learning,
+    policy: PolicyState,
+    backends: BTreeMap<IpAddr, LearnedBackend>,
+    next_step: Instant,
+    last_slots_moved: usize,
+    last_slots_moved_gradual: usize,
+    max_slots_moved_gradual: usize,
+}
+
+/// One backend's samples, counters and last decisions.
+#[derive(Debug, Clone)]
+struct LearnedBackend {
+    window: Window,
+    counters: Option<(Instant, BackendStats)>,
+    last: Option<BackendDecision>,
+    history: VecDeque<ModelDecisionEntry>,
+}
+
+impl LearnedBackend {
+    fn new(interval_ms: u64) -> Self {
+        // Two minutes of samples at most, and at most 120 of them.
+        let secs = (interval_ms as f64 / 1000.0 * 120.0).min(120.0);
+        LearnedBackend {
+            window: Window::new(secs, 120),
+            counters: None,
+            last: None,
+            history: VecDeque::new(),
+        }
+    }
+}
+
+/// `learning` brought in line with `cfg`: a state for every VIP with learning enabled, carried
+/// over while its settings are unchanged (new settings start the model again); backends no
+/// longer configured are forgotten.
+fn sync_learning(learning: &LearnMap, learned: &Learned, cfg: &Config) -> (LearnMap, Learned) {
+    let mut out = LearnMap::new();
+    let mut weights = Learned::new();
+    for v in &cfg.vips {
+        let Some(l) = v.learning.as_ref().filter(|l| l.enabled) else {
+            continue;
+        };
+        let id = vip_id(v);
+        let mut state = match learning.get(&id) {
+            Some(old) if old.settings == *l => old.clone(),
+            _ => VipLearning {
+                settings: l.clone(),
+                policy: PolicyState::default(),
+                backends: BTreeMap::new(),
+                next_step: Instant::now(),
+                last_slots_moved: 0,
+                last_slots_moved_gradual: 0,
+                max_slots_moved_gradual: 0,
+            },
+        };
+        state
+            .backends
+            .retain(|a, _| v.backends.iter().any(|b| b.address == *a));
+        if learning.get(&id).is_some_and(|old| old.settings == *l) {
+            for b in &v.backends {
+                if let Some(w) = learned.get(&(id, b.address)) {
+                    weights.insert((id, b.address), *w);
+                }
+            }
+        }
+        out.insert(id, state);
+    }
+    (out, weights)
+}
+
+/// A refusal's name, as the `reason` label of `lb_model_refusals_total`.
+fn refusal_name(r: &model::Refusal) -> &'static str {
+    match r {
+        model::Refusal::TooFewSamples { .. } => "too_few_samples",
+        model::Refusal::NoLoadVariation { .. } => "no_load_variation",
+        model::Refusal::PoorFit { .. } => "poor_fit",
+        model::Refusal::NonPhysical { .. } => "non_physical",
+        model::Refusal::Numerical { .. } => "numerical",
+    }
 }
 
 /// Backends by (VIP, address).
@@ -70,6 +169,11 @@ struct BackendHealth {
     state: HealthState,
     last_probe_ms: Option<f64>,
     last_error: Option<String>,
+    /// Probes since the learning loop last took a sample: latency sum (failures at the
+    /// timeout), count, failures.
+    probe_sum_ms: f64,
+    probes: u32,
+    probe_failures: u32,
 }
 
 /// The probers running, and where their reports go.
@@ -120,6 +224,9 @@ fn sync_health(health: &HealthMap, cfg: &Config) -> HealthMap {
                     config: hc.clone(),
                     last_probe_ms: old.and_then(|o| o.last_probe_ms),
                     last_error: old.and_then(|o| o.last_error.clone()),
+                    probe_sum_ms: 0.0,
+                    probes: 0,
+                    probe_failures: 0,
                 },
             };
             out.insert(key, entry);
@@ -136,14 +243,39 @@ fn probed(health: &HealthMap, vip: VipId, addr: IpAddr) -> HealthStatus {
 }
 
 /// The configuration the datapath is built from: `cfg` with the weight of every down backend
-/// at 0 and of every backend on probation reduced ([`slow_start_weight`]).
-fn effective(cfg: &Config, health: &HealthMap) -> Config {
+/// at 0 and of every backend on probation reduced ([`slow_start_weight`]). VIPs with learning
+/// enabled are built with table weights (configured × 100, or the learned weight in force):
+/// the same table as the configured weights until the model changes one. Health still wins.
+fn effective(cfg: &Config, health: &HealthMap, learned: &Learned) -> Config {
     let mut out = cfg.clone();
     for v in &mut out.vips {
         if v.health.is_none() {
             continue;
         }
         let id = vip_id(v);
+        if v.learning_enabled() {
+            for b in &mut v.backends {
+                let tw = table_weight(b.weight);
+                let w = learned.get(&(id, b.address)).copied().unwrap_or(tw);
+                b.weight = match probed(health, id, b.address) {
+                    HealthStatus::Down => 0,
+                    HealthStatus::Probation => w.min(slow_start_weight(tw)),
+                    _ => w,
+                };
+            }
+            // Tables depend only on weight ratios; keep within what the datapath accepts.
+            let max = v.backends.iter().map(|b| b.weight).max().unwrap_or(0);
+            if max > config::MAX_WEIGHT {
+                for b in &mut v.backends {
+                    if b.weight > 0 {
+                        b.weight = ((u64::from(b.weight) * u64::from(config::MAX_WEIGHT)
+                            / u64::from(max)) as u32)
+                            .max(1);
+                    }
+                }
+            }
+            continue;
+        }
         for b in &mut v.backends {
             match probed(health, id, b.address) {
                 HealthStatus::Down => b.weight = 0,
@@ -158,7 +290,12 @@ fn effective(cfg: &Config, health: &HealthMap) -> Config {
 /// Applies `cfg` as `health` has it: DOWN flags of backends no longer down cleared first (so
 /// that the slots they get back lead somewhere), the tables, then the DOWN flag of every down
 /// backend set (its established flows move at once).
-fn apply_datapath(lb: &mut Balancer, cfg: &Config, health: &HealthMap) -> Result<ApplyReport> {
+fn apply_datapath(
+    lb: &mut Balancer,
+    cfg: &Config,
+    health: &HealthMap,
+    learned: &Learned,
+) -> Result<ApplyReport> {
     let applied: Vec<HealthKey> = lb
         .vips()
         .flat_map(|v| {
@@ -174,7 +311,7 @@ fn apply_datapath(lb: &mut Balancer, cfg: &Config, health: &HealthMap) -> Result
             lb.set_backend_down(vip, addr, false)?;
         }
     }
-    let report = lb.apply(&effective(cfg, health))?;
+    let report = lb.apply(&effective(cfg, health, learned))?;
     for ((vip, addr), h) in health {
         if h.state.probed_status() == HealthStatus::Down {
             lb.set_backend_down(*vip, *addr, true)?;
@@ -225,12 +362,16 @@ impl Agent {
     pub fn new(config_path: &Path, config: Config, lb: Balancer) -> Arc<Self> {
         let file_text = fs::read_to_string(config_path).ok();
         let health = sync_health(&HealthMap::new(), &config);
+        let (learning, learned) = sync_learning(&LearnMap::new(), &Learned::new(), &config);
         Arc::new(Agent {
             state: Mutex::new(State {
                 lb,
                 config,
                 file_text,
                 health,
+                learning,
+                learned,
+                refusals: BTreeMap::new(),
             }),
             config_path: config_path.to_path_buf(),
             started: Instant::now(),
@@ -239,7 +380,8 @@ impl Agent {
     }
 
     /// Starts health checking (needs the tokio runtime): a probe task per backend of every VIP
-    /// with `[vip.health]`, and the task that acts on their reports. Also clears DOWN flags a
+    /// with `[vip.health]`, the task that acts on their reports, and the learning loop
+    /// ([`Agent::start_learning`]). Also clears DOWN flags a
     /// previous lbd left in pinned maps: every backend starts up.
     pub async fn start_health(self: &Arc<Self>) -> Result<()> {
         let (tx, mut rx) = mpsc::channel(REPORT_QUEUE);
@@ -253,10 +395,17 @@ impl Agent {
         });
         let mut st = self.state.lock().await;
         let State {
-            lb, config, health, ..
+            lb,
+            config,
+            health,
+            learned,
+            ..
         } = &mut *st;
-        apply_datapath(lb, config, health).context("applying the backends' health")?;
+        apply_datapath(lb, config, health, learned).context("applying the backends' health")?;
         self.restart_probes(&st);
+        drop(st);
+        // The learning loop feeds on the probes: it starts with them.
+        self.start_learning();
         Ok(())
     }
 
@@ -299,6 +448,9 @@ impl Agent {
         let result = report.result;
         h.last_probe_ms = Some(result.latency_ms());
         h.last_error = result.error.clone();
+        h.probe_sum_ms += result.latency_ms();
+        h.probes += 1;
+        h.probe_failures += u32::from(!result.ok);
         let before = h.state.probed_status();
         h.state.on_probe(&result);
         let after = h.state.probed_status();
@@ -335,9 +487,13 @@ impl Agent {
             ),
         }
         let State {
-            lb, config, health, ..
+            lb,
+            config,
+            health,
+            learned,
+            ..
         } = &mut *st;
-        match apply_datapath(lb, config, health) {
+        match apply_datapath(lb, config, health, learned) {
             Ok(r) => {
                 for (vip, moved, generation) in &r.tables {
                     info!(%vip, moved, generation, "table updated");
@@ -347,6 +503,130 @@ impl Agent {
                 error!(vip = %name, backend = %addr, "applying a health change failed: {e:#}")
             }
         }
+    }
+
+    /// Starts the learning loop (needs the tokio runtime): every VIP with `[vip.learning]`
+    /// enabled takes one step per `interval_ms` (see [`Agent::learn_step`]).
+    pub fn start_learning(self: &Arc<Self>) {
+        let agent = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(std::time::Duration::from_millis(50));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(agent) = agent.upgrade() else { return };
+                agent.learn_due().await;
+            }
+        });
+    }
+
+    /// Takes a step for every VIP whose interval has passed.
+    async fn learn_due(&self) {
+        let mut st = self.state.lock().await;
+        let now = Instant::now();
+        let due: Vec<VipId> = st
+            .learning
+            .iter()
+            .filter(|(_, l)| l.next_step <= now)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in due {
+            if let Some(l) = st.learning.get_mut(&id) {
+                l.next_step = now + std::time::Duration::from_millis(l.settings.interval_ms);
+            }
+            let t_secs = self.started.elapsed().as_secs_f64();
+            if let Err(e) = learn_step(&mut st, id, now, t_secs) {
+                let name = VipName {
+                    address: id.0,
+                    port: id.1,
+                    protocol: id.2,
+                };
+                error!(vip = %name, "learning step failed; weights unchanged: {e:#}");
+            }
+        }
+    }
+
+    async fn model_show(&self, vip: Option<&str>) -> Result<Response> {
+        let want = match vip {
+            Some(v) => Some(v.parse::<VipName>().map_err(|e| anyhow!(e))?),
+            None => None,
+        };
+        let st = self.state.lock().await;
+        if let Some(w) = want {
+            let Some(v) = st.config.vips.iter().find(|v| VipName::of(v) == w) else {
+                return Ok(Response::error(unknown_vip(&w)));
+            };
+            if !v.learning_enabled() {
+                return Ok(Response::error(format!(
+                    "vip {w}: learning is not enabled; add [vip.learning] with enabled = true (and [vip.health]) to its configuration and reload lbd"
+                )));
+            }
+        }
+        let mut out = Vec::new();
+        for v in st.lb.vips() {
+            let name = VipName::of(&v.config);
+            if want.is_some_and(|w| w != name) {
+                continue;
+            }
+            let vid = vip_id(&v.config);
+            let Some(l) = st.learning.get(&vid) else {
+                continue;
+            };
+            let policy = l.settings.policy(v.config.table_size);
+            let mut backends = Vec::new();
+            for b in &v.backends {
+                let Some(cfg) = configured(&st.config, vid, b.address) else {
+                    continue;
+                };
+                let (_, shown, _) = shown_health(&st.health, vid, cfg);
+                let lbk = l.backends.get(&b.address);
+                let last = lbk.and_then(|x| x.last.as_ref());
+                let refusal = last.and_then(|d| d.refusal.clone()).or_else(|| {
+                    // Before the first step: nothing sampled yet.
+                    last.is_none().then_some(model::Refusal::TooFewSamples {
+                        have: lbk.map_or(0, |x| x.window.len()),
+                        need: policy.fit.min_samples,
+                    })
+                });
+                backends.push(ModelBackend {
+                    address: b.address,
+                    id: b.id,
+                    health: shown.to_string(),
+                    pinned: cfg.pinned,
+                    learning: true,
+                    configured_weight: cfg.weight,
+                    configured_table_weight: table_weight(cfg.weight),
+                    current_weight: b.weight,
+                    target_weight: last.and_then(|d| d.target_weight),
+                    drained_by_model: last.is_some_and(|d| d.drained),
+                    samples: lbk.map_or(0, |x| x.window.len()),
+                    fit: last.and_then(|d| d.fit),
+                    refusal: refusal.as_ref().map(|r| r.to_string()),
+                    refusal_detail: refusal,
+                    capacity_at_target: last.and_then(|d| d.capacity_at_target),
+                    predicted_latency_ms: last
+                        .and_then(|d| d.predicted_latency_ms)
+                        .filter(|x| x.is_finite()),
+                    observed: last.and_then(|d| d.observed),
+                    decisions: lbk.map_or_else(Vec::new, |x| x.history.iter().cloned().collect()),
+                });
+            }
+            out.push(ModelVip {
+                vip: name.to_string(),
+                learning: true,
+                interval_ms: l.settings.interval_ms,
+                latency_target_ms: l.settings.latency_target_ms,
+                step: l.policy.step,
+                table_size: v.config.table_size,
+                slots_budget: (policy.disruption_budget * f64::from(v.config.table_size)).floor()
+                    as usize,
+                last_slots_moved: l.last_slots_moved,
+                last_slots_moved_gradual: l.last_slots_moved_gradual,
+                max_slots_moved_gradual: l.max_slots_moved_gradual,
+                backends,
+            });
+        }
+        Ok(Response::ok(out))
     }
 
     /// The configuration currently applied.
@@ -387,16 +667,19 @@ impl Agent {
         }
         let prev = st.config.clone();
         let health = sync_health(&st.health, &new);
-        match apply_datapath(&mut st.lb, &new, &health) {
+        let (learning, learned) = sync_learning(&st.learning, &st.learned, &new);
+        match apply_datapath(&mut st.lb, &new, &health, &learned) {
             Ok(r) => {
                 st.config = new;
                 st.file_text = Some(text);
                 st.health = health;
+                st.learning = learning;
+                st.learned = learned;
                 self.restart_probes(st);
                 Ok(r)
             }
             Err(e) => {
-                rollback(&mut st.lb, &prev, &st.health);
+                rollback(&mut st.lb, &prev, &st.health, &st.learned);
                 Err(e.context("reload failed; the previous configuration stays applied"))
             }
         }
@@ -407,6 +690,7 @@ impl Agent {
         let result = match req {
             Request::VipList => self.vip_list().await.map(Response::ok),
             Request::BackendList { vip } => self.backend_list(vip.as_deref()).await,
+            Request::ModelShow { vip } => self.model_show(vip.as_deref()).await,
             Request::Stats => self.snapshot().await.map(Response::ok),
             Request::Status => self.status().await.map(Response::ok),
             other => self.change(other).await.map(Response::ok),
@@ -498,6 +782,14 @@ impl Agent {
                     syn_retries: bs.syn_retries,
                     client_rsts: bs.client_rsts,
                     resteered: bs.resteered,
+                    learned_weight: st.learning.get(&vid).map(|_| b.weight),
+                    fit_r2: st
+                        .learning
+                        .get(&vid)
+                        .and_then(|l| l.backends.get(&b.address))
+                        .and_then(|lb| lb.last.as_ref())
+                        .and_then(|d| d.fit)
+                        .map(|f| f.r2),
                     rates: None,
                 });
             }
@@ -525,6 +817,7 @@ impl Agent {
             uptime_ms: self.started.elapsed().as_millis() as u64,
             vips,
             counters,
+            model_refusals: st.refusals.clone(),
             interval_seconds: None,
         })
     }
@@ -588,17 +881,18 @@ impl Agent {
             );
         }
         let health = sync_health(&st.health, &next);
-        let report = match apply_datapath(&mut st.lb, &next, &health) {
+        let (learning, learned) = sync_learning(&st.learning, &st.learned, &next);
+        let report = match apply_datapath(&mut st.lb, &next, &health, &learned) {
             Ok(r) => r,
             Err(e) => {
-                rollback(&mut st.lb, &prev, &st.health);
+                rollback(&mut st.lb, &prev, &st.health, &st.learned);
                 return Err(e.context("the datapath rejected the change; nothing changed"));
             }
         };
         let written = match persist(&self.config_path, &next) {
             Ok(t) => t,
             Err(e) => {
-                rollback(&mut st.lb, &prev, &st.health);
+                rollback(&mut st.lb, &prev, &st.health, &st.learned);
                 return Err(e.context(
                     "the change was rolled back because the configuration file could not be written",
                 ));
@@ -607,6 +901,8 @@ impl Agent {
         st.config = next;
         st.file_text = Some(written);
         st.health = health;
+        st.learning = learning;
+        st.learned = learned;
         self.restart_probes(st);
         info!(request = ?req, "{message}");
         for (vip, moved, generation) in &report.tables {
@@ -628,12 +924,144 @@ impl Agent {
     }
 }
 
+/// One learning step of VIP `id` (docs/model.md): a sample per backend from the datapath's
+/// counters and the probes since the last step, a fit per backend, [`model::decide`], the
+/// audit log, and the datapath when a weight changed.
+fn learn_step(st: &mut State, id: VipId, now: Instant, t_secs: f64) -> Result<()> {
+    let State {
+        lb,
+        config,
+        health,
+        learning,
+        learned,
+        refusals,
+        ..
+    } = st;
+    let Some(l) = learning.get_mut(&id) else {
+        return Ok(());
+    };
+    let Some(vcfg) = config.vips.iter().find(|v| vip_id(v) == id) else {
+        return Ok(());
+    };
+    let Some(applied) = lb.vips().find(|v| vip_id(&v.config) == id) else {
+        return Ok(());
+    };
+    let name = VipName::of(vcfg);
+    let policy = l.settings.policy(vcfg.table_size);
+    let observe_secs = (5.0 * l.settings.interval_ms as f64 / 1000.0).max(1.0);
+    let mut inputs = Vec::new();
+    for b in &applied.backends {
+        let Some(cfg) = configured(config, id, b.address) else {
+            continue;
+        };
+        let stats = lb.backend_stats(b.id)?;
+        let interval_ms = l.settings.interval_ms;
+        let lbk = l
+            .backends
+            .entry(b.address)
+            .or_insert_with(|| LearnedBackend::new(interval_ms));
+        let h = health.get_mut(&(id, b.address));
+        let probes = h.map(|h| {
+            let out = (h.probe_sum_ms, h.probes, h.probe_failures);
+            (h.probe_sum_ms, h.probes, h.probe_failures) = (0.0, 0, 0);
+            out
+        });
+        if let (Some((t0, s0)), Some((sum, n, failed))) = (lbk.counters, probes) {
+            let dt = now.duration_since(t0).as_secs_f64();
+            if dt > 0.0 && n > 0 {
+                let rate = |a: u64, b: u64| a.saturating_sub(b) as f64 / dt;
+                lbk.window.push(Sample {
+                    t_secs,
+                    load: rate(stats.new_flows, s0.new_flows),
+                    latency_ms: sum / f64::from(n),
+                    errors: f64::from(failed) / f64::from(n),
+                    syn_retries_per_s: rate(stats.syn_retries, s0.syn_retries),
+                    rsts_per_s: rate(stats.client_rsts, s0.client_rsts),
+                });
+            }
+        }
+        lbk.counters = Some((now, stats));
+        let samples = lbk.window.samples();
+        let fit = model::fit_with(&samples, &policy.fit);
+        if let Err(r) = &fit {
+            *refusals.entry(refusal_name(r).to_string()).or_default() += 1;
+        }
+        let (_, status, _) = shown_health(health, id, cfg);
+        inputs.push(BackendInput {
+            id: b.id,
+            addr: b.address,
+            configured_weight: cfg.weight,
+            current_weight: b.weight,
+            pinned: cfg.pinned.then_some(cfg.weight),
+            learning: true,
+            health: status,
+            fit,
+            observed: lbk.window.observed(observe_secs),
+        });
+    }
+    let decision = model::decide(&inputs, &policy, &l.policy);
+    l.policy = decision.state.clone();
+    l.last_slots_moved = decision.slots_moved;
+    l.last_slots_moved_gradual = decision.slots_moved_gradual;
+    l.max_slots_moved_gradual = l.max_slots_moved_gradual.max(decision.slots_moved_gradual);
+    for e in &decision.events {
+        let json = serde_json::to_string(e).context("audit event as JSON")?;
+        info!(target: "lb::audit", vip = %name, step = e.step, backend = %e.addr, audit = %json, "model {:?}: {} -> {}", e.kind, e.from_weight, e.to_weight);
+    }
+    if let Some(err) = &decision.table_error {
+        warn!(vip = %name, step = decision.step, "learning: weights held, the table could not be checked: {err}");
+    }
+    for d in &decision.backends {
+        if let Some(lbk) = l.backends.get_mut(&d.addr) {
+            lbk.history.push_back(ModelDecisionEntry {
+                step: decision.step,
+                from_weight: d.previous_weight,
+                to_weight: d.weight,
+                target_weight: d.target_weight,
+                reasons: d.reasons.iter().map(|r| r.to_string()).collect(),
+            });
+            while lbk.history.len() > DECISIONS_KEPT {
+                lbk.history.pop_front();
+            }
+            lbk.last = Some(d.clone());
+        }
+        match d.health {
+            HealthStatus::Up | HealthStatus::Probation => {
+                learned.insert((id, d.addr), d.weight);
+            }
+            _ => {
+                learned.remove(&(id, d.addr));
+            }
+        }
+    }
+    if decision.changed() {
+        let step = serde_json::json!({
+            "vip": name.to_string(),
+            "step": decision.step,
+            "slots_moved": decision.slots_moved,
+            "slots_moved_gradual": decision.slots_moved_gradual,
+            "slots_budget": decision.slots_budget,
+            "table_size": decision.table_size,
+            "weights": decision.backends.iter().map(|b| serde_json::json!({
+                "backend": b.addr, "from": b.previous_weight, "to": b.weight
+            })).collect::<Vec<_>>(),
+        });
+        info!(target: "lb::audit", vip = %name, step = decision.step, slots_moved = decision.slots_moved, slots_moved_gradual = decision.slots_moved_gradual, slots_budget = decision.slots_budget, audit_step = %step, "learned weights applied");
+        let report =
+            apply_datapath(lb, config, health, learned).context("applying the learned weights")?;
+        for (vip, moved, generation) in &report.tables {
+            info!(%vip, moved, generation, "table updated");
+        }
+    }
+    Ok(())
+}
+
 /// Re-applies the configuration that was in force before a failed change, then checks that
 /// the datapath's VIP entries are the ones lbd believes in (a failure in the middle of the
 /// writes could leave one pointing at a table lbd did not keep; `apply` only rewrites tables it
 /// thinks changed). A mismatch is logged loudly: restarting lbd rewrites everything.
-fn rollback(lb: &mut Balancer, prev: &Config, health: &HealthMap) {
-    if let Err(e) = apply_datapath(lb, prev, health) {
+fn rollback(lb: &mut Balancer, prev: &Config, health: &HealthMap, learned: &Learned) {
+    if let Err(e) = apply_datapath(lb, prev, health, learned) {
         error!("rolling back to the previous configuration failed too: {e:#}");
     }
     for v in lb.vips() {
@@ -787,7 +1215,11 @@ fn edit(cfg: &mut Config, req: &Request) -> Result<String> {
                 )
             })
         }
-        Request::VipList | Request::BackendList { .. } | Request::Stats | Request::Status => {
+        Request::VipList
+        | Request::BackendList { .. }
+        | Request::ModelShow { .. }
+        | Request::Stats
+        | Request::Status => {
             bail!("internal error: {req:?} is not a change")
         }
     }
@@ -1144,7 +1576,7 @@ mod tests {
         h12.on_probe(&fail);
         h12.on_probe(&pass);
         assert_eq!(h12.probed_status(), HealthStatus::Probation);
-        let eff = effective(&cfg, &health);
+        let eff = effective(&cfg, &health, &Learned::new());
         let weights: Vec<u32> = eff.vips[0].backends.iter().map(|b| b.weight).collect();
         assert_eq!(weights, [0, 2, 8], "down: 0, probation: a quarter, up: all");
         assert_eq!(
@@ -1179,7 +1611,59 @@ mod tests {
         );
         next.vips[0].health = None;
         assert!(sync_health(&health, &next).is_empty());
-        assert_eq!(effective(&next, &health), next);
+        assert_eq!(effective(&next, &health, &Learned::new()), next);
+    }
+
+    #[test]
+    fn learning_builds_table_weights_and_health_still_wins() {
+        let text = "interface = \"eth0\"\n[encap]\nsource_v4 = \"10.0.0.2\"\n\n[[vip]]\naddress = \"10.0.0.100\"\nport = 80\nprotocol = \"tcp\"\n[vip.health]\nrise = 1\nfall = 1\n[vip.learning]\nenabled = true\n[[vip.backend]]\naddress = \"10.0.0.11\"\n[[vip.backend]]\naddress = \"10.0.0.12\"\n[[vip.backend]]\naddress = \"10.0.0.13\"\nweight = 200\n";
+        let cfg = Config::parse(text).unwrap();
+        let mut health = sync_health(&HealthMap::new(), &cfg);
+        let (learning, mut learned) = sync_learning(&LearnMap::new(), &Learned::new(), &cfg);
+        assert_eq!(learning.len(), 1);
+        let id = vip_id(&cfg.vips[0]);
+        let a = |s: &str| s.parse::<IpAddr>().unwrap();
+        let weights = |c: &Config| {
+            c.vips[0]
+                .backends
+                .iter()
+                .map(|b| b.weight)
+                .collect::<Vec<_>>()
+        };
+        // Table weights: configured × 100, scaled down (ratios kept) to what apply accepts.
+        assert_eq!(
+            weights(&effective(&cfg, &health, &learned)),
+            [50, 50, 10_000]
+        );
+        learned.insert((id, a("10.0.0.11")), 80);
+        assert_eq!(
+            weights(&effective(&cfg, &health, &learned)),
+            [40, 50, 10_000]
+        );
+        // A down backend is out whatever the model says.
+        let fail = crate::health::ProbeResult::fail(
+            std::time::Duration::from_millis(200),
+            std::time::Duration::ZERO,
+            "refused",
+        );
+        health
+            .get_mut(&(id, a("10.0.0.11")))
+            .unwrap()
+            .state
+            .on_probe(&fail);
+        assert_eq!(
+            effective(&cfg, &health, &learned).vips[0].backends[0].weight,
+            0
+        );
+        // Learned weights survive an unrelated change, not a change of the learning settings.
+        let (_, kept) = sync_learning(&learning, &learned, &cfg);
+        assert_eq!(kept.get(&(id, a("10.0.0.11"))), Some(&80));
+        let mut other = cfg.clone();
+        other.vips[0].learning.as_mut().unwrap().floor = 0.5;
+        let (_, reset) = sync_learning(&learning, &learned, &other);
+        assert!(reset.is_empty());
+        other.vips[0].learning.as_mut().unwrap().enabled = false;
+        assert!(sync_learning(&learning, &learned, &other).0.is_empty());
     }
 
     #[test]

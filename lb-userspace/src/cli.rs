@@ -107,6 +107,9 @@ pub enum LbctlCommand {
     /// Add, remove, reweight, drain or list backends.
     #[command(subcommand)]
     Backend(BackendCommand),
+    /// Learned weights ([vip.learning]): models, fit quality, weights and their reasons.
+    #[command(subcommand)]
+    Model(ModelCommand),
     /// Packets, bytes and new flows per VIP and backend, with rates.
     Stats {
         /// Refresh every SECS seconds (default 2) until Ctrl-C.
@@ -118,6 +121,14 @@ pub enum LbctlCommand {
     },
     /// Interface, XDP mode, program id, uptime and table generation per VIP.
     Status,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ModelCommand {
+    /// Per backend: the fitted latency model or why there is none, predicted and observed
+    /// latency, configured/current/target weight, pin and learning flags, and the last
+    /// decisions with their reasons. Of one VIP, or of every VIP with learning enabled.
+    Show { vip: Option<VipName> },
 }
 
 #[derive(Subcommand, Debug)]

@@ -178,6 +178,12 @@ pub enum Request {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         vip: Option<String>,
     },
+    /// Result: `[ModelVip]`: the learned-weight model of one VIP with `[vip.learning]`, or of
+    /// all of them.
+    ModelShow {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        vip: Option<String>,
+    },
     /// Result: [`StatsSnapshot`].
     Stats,
     /// Result: [`Status`].
@@ -189,9 +195,84 @@ impl Request {
     pub fn is_mutation(&self) -> bool {
         !matches!(
             self,
-            Request::VipList | Request::BackendList { .. } | Request::Stats | Request::Status
+            Request::VipList
+                | Request::BackendList { .. }
+                | Request::ModelShow { .. }
+                | Request::Stats
+                | Request::Status
         )
     }
+}
+
+/// `lbctl model show`: one VIP with `[vip.learning]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelVip {
+    pub vip: String,
+    /// Learning enabled (a VIP with `[vip.learning]` but `enabled = false` shows configured
+    /// weights).
+    pub learning: bool,
+    pub interval_ms: u64,
+    pub latency_target_ms: f64,
+    /// Steps taken so far (0: none yet).
+    pub step: u64,
+    pub table_size: u32,
+    /// Most slots one step's gradual changes may move (disruption_budget × table_size).
+    pub slots_budget: usize,
+    /// Slots the last step moved in all, and by gradual changes.
+    pub last_slots_moved: usize,
+    pub last_slots_moved_gradual: usize,
+    /// Most slots any step moved by gradual changes since lbd started (at most `slots_budget`).
+    pub max_slots_moved_gradual: usize,
+    pub backends: Vec<ModelBackend>,
+}
+
+/// `lbctl model show`: one backend's model and weight, with the reasons.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelBackend {
+    pub address: IpAddr,
+    pub id: u32,
+    pub health: String,
+    pub pinned: bool,
+    pub learning: bool,
+    /// Configured weight (configuration units).
+    pub configured_weight: u32,
+    /// Table weights (configured × 100): the one in the table now, and what the model wants.
+    pub configured_table_weight: u32,
+    pub current_weight: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_weight: Option<f64>,
+    /// Drained by the model (latency, errors, SYN retries or RSTs far above its peers).
+    pub drained_by_model: bool,
+    /// Samples in the backend's window.
+    pub samples: usize,
+    /// The accepted fit (`1000 / latency_ms = intercept + slope × load`), or why there is none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fit: Option<crate::model::Fit>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refusal: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refusal_detail: Option<crate::model::Refusal>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capacity_at_target: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub predicted_latency_ms: Option<f64>,
+    /// Means over the last few steps (load in new flows/s, probe latency, error share, ...).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed: Option<crate::model::Observed>,
+    /// The last decisions, oldest first, with their reasons.
+    pub decisions: Vec<ModelDecisionEntry>,
+}
+
+/// One step's outcome for one backend.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelDecisionEntry {
+    pub step: u64,
+    pub from_weight: u32,
+    pub to_weight: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_weight: Option<f64>,
+    /// The reasons as the operator reads them.
+    pub reasons: Vec<String>,
 }
 
 /// One response: `{"ok":true,"result":...}` or `{"ok":false,"error":"..."}`.
@@ -327,6 +408,9 @@ pub struct StatsSnapshot {
     pub vips: Vec<VipStatsEntry>,
     /// Every datapath counter (`Counter` names in lb-common: `drop_fib`, `pass_not_vip`, ...).
     pub counters: BTreeMap<String, u64>,
+    /// Refused model fits since lbd started, by refusal (`too_few_samples`, `poor_fit`, ...).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub model_refusals: BTreeMap<String, u64>,
     /// Seconds between the two samples the rates come from (set by `lbctl stats`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub interval_seconds: Option<f64>,
@@ -362,6 +446,13 @@ pub struct BackendStatsEntry {
     pub syn_retries: u64,
     pub client_rsts: u64,
     pub resteered: u64,
+    /// With `[vip.learning]` enabled: the table weight in force (configured × 100 until the
+    /// model changes it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub learned_weight: Option<u32>,
+    /// With `[vip.learning]` enabled: R² of the backend's accepted fit, if the last step had one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fit_r2: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rates: Option<Rates>,
 }
@@ -559,6 +650,7 @@ mod tests {
             timestamp_ms: 0,
             uptime_ms: ms,
             counters: BTreeMap::new(),
+            model_refusals: BTreeMap::new(),
             interval_seconds: None,
             vips: vec![VipStatsEntry {
                 vip: "10.0.0.1:80/tcp".into(),

@@ -293,6 +293,44 @@ pub fn render(s: &StatsSnapshot) -> String {
         }
     }
 
+    let name = "lb_backend_learned_weight";
+    f.header(
+        name,
+        "gauge",
+        "Table weight in force for backends of VIPs with [vip.learning] enabled (configured weight x 100 until the model changes it; runtime only).",
+    );
+    for v in &s.vips {
+        for b in &v.backends {
+            if let Some(w) = b.learned_weight {
+                let addr = b.address.to_string();
+                f.sample(name, &[("vip", &v.vip), ("backend", &addr)], w);
+            }
+        }
+    }
+    let name = "lb_model_fit_r2";
+    f.header(
+        name,
+        "gauge",
+        "R squared of the backend's accepted latency model at the last learning step (absent while the fit is refused).",
+    );
+    for v in &s.vips {
+        for b in &v.backends {
+            if let Some(r2) = b.fit_r2 {
+                let addr = b.address.to_string();
+                f.sample(name, &[("vip", &v.vip), ("backend", &addr)], r2);
+            }
+        }
+    }
+    let name = "lb_model_refusals_total";
+    f.header(
+        name,
+        "counter",
+        "Backend fits the learning model refused (one per backend per step), by reason.",
+    );
+    for (reason, n) in &s.model_refusals {
+        f.sample(name, &[("reason", reason)], n);
+    }
+
     let name = "lb_datapath_packets_total";
     f.header(
         name,
@@ -318,6 +356,7 @@ mod tests {
             uptime_ms: 2500,
             interval_seconds: None,
             counters: [("drop_fib".to_string(), 7u64)].into_iter().collect(),
+            model_refusals: [("poor_fit".to_string(), 4u64)].into_iter().collect(),
             vips: vec![VipStatsEntry {
                 vip: "[2001:db8::1]:443/tcp".into(),
                 packets: 10,
@@ -339,6 +378,8 @@ mod tests {
                     syn_retries: 0,
                     client_rsts: 1,
                     resteered: 0,
+                    learned_weight: Some(75),
+                    fit_r2: Some(0.5),
                     rates: None,
                 }],
             }],
@@ -355,6 +396,9 @@ mod tests {
             "lb_backend_health{vip=\"[2001:db8::1]:443/tcp\",backend=\"2001:db8::11\",state=\"draining\"} 1",
             "lb_backend_health{vip=\"[2001:db8::1]:443/tcp\",backend=\"2001:db8::11\",state=\"up\"} 0",
             "lb_datapath_packets_total{reason=\"drop_fib\"} 7",
+            "lb_backend_learned_weight{vip=\"[2001:db8::1]:443/tcp\",backend=\"2001:db8::11\"} 75",
+            "lb_model_fit_r2{vip=\"[2001:db8::1]:443/tcp\",backend=\"2001:db8::11\"} 0.5",
+            "lb_model_refusals_total{reason=\"poor_fit\"} 4",
             "lb_datapath_packets_total{reason=\"pass_not_vip\"} 0",
             "# TYPE lb_backend_packets_total counter",
         ] {

@@ -5,10 +5,11 @@
 //! socket, or no permission on the socket).
 use clap::Parser as _;
 use lb_userspace::{
-    cli::{BackendCommand, LbctlCli as Cli, LbctlCommand as Command, VipCommand},
+    cli::{BackendCommand, LbctlCli as Cli, LbctlCommand as Command, ModelCommand, VipCommand},
     config::Forwarding,
     control::{
-        BackendEntry, Changed, Client, ClientError, Request, StatsSnapshot, Status, VipEntry,
+        BackendEntry, Changed, Client, ClientError, ModelVip, Request, StatsSnapshot, Status,
+        VipEntry,
     },
 };
 use serde::de::DeserializeOwned;
@@ -161,6 +162,17 @@ fn run(ctl: &mut Ctl, command: Command, json: bool) -> Result<(), Failure> {
             };
             change(ctl, req)
         }
+        Command::Model(ModelCommand::Show { vip }) => {
+            let vips: Vec<ModelVip> = ctl.call(Request::ModelShow {
+                vip: vip.map(|v| v.to_string()),
+            })?;
+            if json {
+                print_json(&vips);
+            } else {
+                print_model(&vips);
+            }
+            Ok(())
+        }
         Command::Status => {
             let s: Status = ctl.call(Request::Status)?;
             if json {
@@ -203,6 +215,84 @@ fn run(ctl: &mut Ctl, command: Command, json: bool) -> Result<(), Failure> {
                     return Ok(());
                 }
                 prev = now;
+            }
+        }
+    }
+}
+
+fn print_model(vips: &[ModelVip]) {
+    if vips.is_empty() {
+        println!("no VIP learns its weights (add [vip.learning] with enabled = true, and [vip.health], to a VIP)");
+        return;
+    }
+    let opt = |v: Option<f64>, prec: usize| v.map_or("-".to_string(), |x| format!("{x:.prec$}"));
+    for v in vips {
+        println!(
+            "{}: step {} every {} ms, latency target {} ms; last step moved {} slots ({} gradual, budget {} of {}; most gradual so far {})",
+            v.vip,
+            v.step,
+            v.interval_ms,
+            v.latency_target_ms,
+            v.last_slots_moved,
+            v.last_slots_moved_gradual,
+            v.slots_budget,
+            v.table_size,
+            v.max_slots_moved_gradual
+        );
+        for b in &v.backends {
+            let mut flags = vec![b.health.clone()];
+            if b.pinned {
+                flags.push("pinned".into());
+            }
+            if b.drained_by_model {
+                flags.push("drained by the model".into());
+            }
+            println!(
+                "  {} [{}]: weight configured {} (table {}), current {}, target {}",
+                b.address,
+                flags.join(", "),
+                b.configured_weight,
+                b.configured_table_weight,
+                b.current_weight,
+                opt(b.target_weight, 1)
+            );
+            match (&b.fit, &b.refusal) {
+                (Some(f), _) => println!(
+                    "    model: 1000/latency_ms = {:.3} {:+.4} x load; R² {:.3}, n {}, load {:.1}..{:.1}/s; capacity at target {}/s",
+                    f.intercept,
+                    f.slope,
+                    f.r2,
+                    f.n,
+                    f.load_min,
+                    f.load_max,
+                    opt(b.capacity_at_target, 1)
+                ),
+                (None, Some(r)) => println!("    no model ({} samples): {r}", b.samples),
+                (None, None) => println!("    no model ({} samples)", b.samples),
+            }
+            if let Some(o) = &b.observed {
+                println!(
+                    "    observed: load {:.1}/s, latency {:.2} ms (predicted {}), errors {:.0}%, SYN retries {:.2}/s, RSTs {:.2}/s",
+                    o.load,
+                    o.latency_ms,
+                    opt(b.predicted_latency_ms, 2),
+                    o.error_rate * 100.0,
+                    o.syn_retries_per_s,
+                    o.rsts_per_s
+                );
+            }
+            for d in &b.decisions {
+                println!(
+                    "    step {}: {} -> {}: {}",
+                    d.step,
+                    d.from_weight,
+                    d.to_weight,
+                    if d.reasons.is_empty() {
+                        "unchanged".to_string()
+                    } else {
+                        d.reasons.join("; ")
+                    }
+                );
             }
         }
     }
