@@ -255,13 +255,7 @@ fn effective(cfg: &Config, health: &HealthMap, learned: &Learned) -> Config {
         let id = vip_id(v);
         if v.learning_enabled() {
             for b in &mut v.backends {
-                let tw = table_weight(b.weight);
-                let w = learned.get(&(id, b.address)).copied().unwrap_or(tw);
-                b.weight = match probed(health, id, b.address) {
-                    HealthStatus::Down => 0,
-                    HealthStatus::Probation => w.min(slow_start_weight(tw)),
-                    _ => w,
-                };
+                b.weight = learning_weight(b, id, health, learned);
             }
             // Tables depend only on weight ratios; keep within what the datapath accepts.
             let max = v.backends.iter().map(|b| b.weight).max().unwrap_or(0);
@@ -285,6 +279,22 @@ fn effective(cfg: &Config, health: &HealthMap, learned: &Learned) -> Config {
         }
     }
     out
+}
+
+/// The table weight of backend `b` of a learning VIP `id`, before any scaling: the learned
+/// weight in force (configured × 100 without one), 0 while down or drained, at most the slow
+/// start on probation.
+fn learning_weight(b: &config::Backend, id: VipId, health: &HealthMap, learned: &Learned) -> u32 {
+    let tw = table_weight(b.weight);
+    let w = learned.get(&(id, b.address)).copied().unwrap_or(tw);
+    if b.drained {
+        return 0;
+    }
+    match probed(health, id, b.address) {
+        HealthStatus::Down => 0,
+        HealthStatus::Probation => w.min(slow_start_weight(tw)),
+        _ => w,
+    }
 }
 
 /// Applies `cfg` as `health` has it: DOWN flags of backends no longer down cleared first (so
@@ -596,7 +606,7 @@ impl Agent {
                     learning: true,
                     configured_weight: cfg.weight,
                     configured_table_weight: table_weight(cfg.weight),
-                    current_weight: b.weight,
+                    current_weight: learning_weight(cfg, vid, &st.health, &st.learned),
                     target_weight: last.and_then(|d| d.target_weight),
                     drained_by_model: last.is_some_and(|d| d.drained),
                     samples: lbk.map_or(0, |x| x.window.len()),
@@ -991,7 +1001,8 @@ fn learn_step(st: &mut State, id: VipId, now: Instant, t_secs: f64) -> Result<()
             id: b.id,
             addr: b.address,
             configured_weight: cfg.weight,
-            current_weight: b.weight,
+            // Unscaled: the datapath's copy is scaled down when a weight exceeds MAX_WEIGHT.
+            current_weight: learning_weight(cfg, id, health, learned),
             pinned: cfg.pinned.then_some(cfg.weight),
             learning: true,
             health: status,
@@ -1634,6 +1645,11 @@ mod tests {
         assert_eq!(
             weights(&effective(&cfg, &health, &learned)),
             [50, 50, 10_000]
+        );
+        // decide sees the unscaled table weights.
+        assert_eq!(
+            learning_weight(&cfg.vips[0].backends[2], id, &health, &learned),
+            20_000
         );
         learned.insert((id, a("10.0.0.11")), 80);
         assert_eq!(
