@@ -309,6 +309,8 @@ pub struct Balancer {
     resumed: bool,
     /// The program's rare events (aya-log), for the agent to forward to its log.
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
+    /// `drop_fib` as [`Balancer::heal_next_hops`] last saw it.
+    seen_drop_fib: u64,
 }
 
 impl Balancer {
@@ -373,6 +375,7 @@ impl Balancer {
             pin_dir: opts.pin_dir.clone(),
             resumed,
             logger,
+            seen_drop_fib: 0,
         };
         if resumed {
             lb.restore()
@@ -806,6 +809,36 @@ impl Balancer {
             }
         }
         Ok(report)
+    }
+
+    /// Resolves every backend's next hop again if the datapath dropped packets for want of one
+    /// (`drop_fib` grew) since the last call. Taking the interface down flushes the kernel's
+    /// neighbour entries, the managed ones `apply` asked for included, and nothing else brings
+    /// them back: without this, a link flap would blackhole every backend until the next
+    /// change. lbd calls it once a second; it returns whether it re-resolved.
+    pub fn heal_next_hops(&mut self) -> Result<bool> {
+        let drops: u64 = self
+            .maps
+            .counters
+            .get(&(Counter::DropFib as u32), 0)?
+            .iter()
+            .sum();
+        let grew = drops > self.seen_drop_fib;
+        self.seen_drop_fib = drops;
+        let Some((ifname, _, _)) = &self.interface else {
+            return Ok(false);
+        };
+        if !grew {
+            return Ok(false);
+        }
+        for v in self.vips.values() {
+            for b in &v.backends {
+                if let Err(e) = netif::ensure_neighbour(ifname, b.address) {
+                    tracing::debug!(backend = %b.address, "cannot resolve the next hop yet: {e:#}");
+                }
+            }
+        }
+        Ok(true)
     }
 
     /// The VIPs as applied.

@@ -109,8 +109,17 @@ async fn run_balancer(path: &std::path::Path) -> Result<()> {
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut hup = signal(SignalKind::hangup())?;
+    // Next hops flushed under the datapath (an interface flap) are resolved again within 1 s.
+    let mut heal = tokio::time::interval(std::time::Duration::from_secs(1));
     loop {
         tokio::select! {
+            _ = heal.tick() => {
+                match agent.with_balancer(|lb, _| lb.heal_next_hops()).await {
+                    Ok(true) => info!("the datapath dropped packets for want of a next hop: resolved the backends' next hops again"),
+                    Ok(false) => {}
+                    Err(e) => error!("checking the datapath's next hops: {e:#}"),
+                }
+            }
             _ = term.recv() => break,
             _ = int.recv() => break,
             _ = hup.recv() => {
