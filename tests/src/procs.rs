@@ -77,3 +77,12 @@ pub fn start_decaps(lab: &Lab, n: usize) -> Vec<Child> {
     }
     out
 }
+
+/// Removes a test's scratch directory when dropped, so it goes on success, failure and panic.
+pub struct RemoveOnDrop(pub PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}

@@ -273,6 +273,7 @@ fn health_checks_take_dead_backends_out_and_bring_them_back() {
         backend_v4(2).to_string(),
     );
     let dir = scratch("health");
+    let _cleanup = tests::procs::RemoveOnDrop(dir.clone());
     fs::write(
         dir.join("lbd.toml"),
         format!(

@@ -90,6 +90,8 @@ impl Drop for Lbd {
             let _ = c.kill();
             let _ = c.wait();
         }
+        // The scratch directory (config, socket, log) goes with the lbd that used it.
+        let _ = fs::remove_dir_all(&self.dir);
     }
 }
 
