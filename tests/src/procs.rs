@@ -86,3 +86,83 @@ impl Drop for RemoveOnDrop {
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
+
+/// A scratch directory for one test's config file, control socket and log: world-traversable
+/// (0755) so an unprivileged lbctl can reach the socket and be refused by the socket's own mode.
+pub fn scratch(label: &str) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = std::env::temp_dir().join(format!("lb-{label}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    dir
+}
+
+/// Runs `lbctl --socket SOCKET ARGS...` to completion.
+pub fn lbctl(socket: &std::path::Path, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(bin_path("lbctl"))
+        .arg("--socket")
+        .arg(socket)
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("running lbctl")
+}
+
+/// A running lbd in a namespace, configured by `dir/lbd.toml` (whose `control_socket` must be
+/// `dir/run/lbd.sock`), logging to `dir/lbd.log`. Killed on drop; with `own_dir`, the
+/// directory goes too.
+pub struct Lbd {
+    child: Option<Child>,
+    pub dir: PathBuf,
+    pub socket: PathBuf,
+    pub own_dir: bool,
+}
+
+impl Lbd {
+    /// Starts lbd and waits until it answers `lbctl status`.
+    pub fn start(ns: &NetNs, dir: &std::path::Path) -> Lbd {
+        use std::process::Stdio;
+        let log = std::fs::File::create(dir.join("lbd.log")).unwrap();
+        let mut cmd = ns.command(bin_path("lbd"));
+        cmd.arg("--config")
+            .arg(dir.join("lbd.toml"))
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log);
+        let child = ns.spawn_command(&mut cmd).expect("starting lbd");
+        let mut lbd = Lbd {
+            child: Some(child),
+            dir: dir.to_path_buf(),
+            socket: dir.join("run/lbd.sock"),
+            own_dir: false,
+        };
+        let end = Instant::now() + Duration::from_secs(20);
+        while !lbctl(&lbd.socket, &["status"]).status.success() {
+            if let Some(s) = lbd.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("lbd exited ({s}) before serving lbctl:\n{}", lbd.log());
+            }
+            assert!(Instant::now() < end, "lbd did not start:\n{}", lbd.log());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        lbd
+    }
+
+    /// What lbd has logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("lbd.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Lbd {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        if self.own_dir {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}

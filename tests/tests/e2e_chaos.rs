@@ -29,12 +29,13 @@ use std::{
     net::{IpAddr, Ipv4Addr, SocketAddr},
     os::unix::fs::PermissionsExt as _,
     path::{Path, PathBuf},
-    process::{Child, Command, Output, Stdio},
+    process::{Child, Command, Stdio},
     sync::atomic::{AtomicBool, Ordering},
     time::{Duration, Instant},
 };
 use tests::{
     lab::{backend_v4, Lab, LabSpec, LB_V4, LB_V6, VIP_V4},
+    procs::lbctl,
     require_root,
     tcp::{client_many, client_once, tally, LongLived, TcpServer},
 };
@@ -336,16 +337,6 @@ fn wait_for(what: &str, limit: Duration, mut f: impl FnMut() -> bool) -> Duratio
         std::thread::sleep(Duration::from_millis(20));
     }
     t.elapsed()
-}
-
-fn lbctl(socket: &Path, args: &[&str]) -> Output {
-    Command::new(bin("lbctl"))
-        .arg("--socket")
-        .arg(socket)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .expect("running lbctl")
 }
 
 fn lbctl_ok(socket: &Path, args: &[&str]) -> String {

@@ -12,9 +12,7 @@ use std::{
     fs,
     io::{Read as _, Write as _},
     net::{IpAddr, SocketAddr, TcpListener, TcpStream},
-    os::unix::fs::PermissionsExt as _,
-    path::{Path, PathBuf},
-    process::{Child, Command, Output, Stdio},
+    path::Path,
     sync::{
         atomic::{AtomicBool, Ordering},
         Arc,
@@ -25,7 +23,7 @@ use std::{
 use tests::{
     lab::{backend_v4, Lab, LabSpec, LB_V4, LB_V6, VIP_V4},
     netns::NetNs,
-    procs::{bin_path, start_decaps},
+    procs::{lbctl, scratch, start_decaps, Lbd},
     require_root,
     tcp::{client_many, tally, LongLived, TcpServer},
 };
@@ -37,72 +35,6 @@ const HTTP_PORT: u16 = 8081;
 /// Probe settings of the test: interval 200 ms, timeout 200 ms, rise 2, fall 2.
 const INTERVAL_MS: u64 = 200;
 const FALL: u64 = 2;
-
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("lb-health-e2e-{}-{name}", std::process::id()));
-    let _ = fs::remove_dir_all(&dir);
-    fs::create_dir_all(&dir).unwrap();
-    fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).unwrap();
-    dir
-}
-
-/// A running lbd in the lab's lb namespace, its log in `dir/lbd.log`.
-struct Lbd {
-    child: Option<Child>,
-    dir: PathBuf,
-    socket: PathBuf,
-}
-
-impl Lbd {
-    fn start(ns: &NetNs, dir: &Path) -> Lbd {
-        let log = fs::File::create(dir.join("lbd.log")).unwrap();
-        let mut cmd = ns.command(bin_path("lbd"));
-        cmd.arg("--config")
-            .arg(dir.join("lbd.toml"))
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log);
-        let child = ns.spawn_command(&mut cmd).expect("starting lbd");
-        let mut lbd = Lbd {
-            child: Some(child),
-            dir: dir.to_path_buf(),
-            socket: dir.join("run/lbd.sock"),
-        };
-        let end = Instant::now() + Duration::from_secs(20);
-        while !lbctl(&lbd.socket, &["status"]).status.success() {
-            if let Some(s) = lbd.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("lbd exited ({s}) before serving lbctl:\n{}", lbd.log());
-            }
-            assert!(Instant::now() < end, "lbd did not start:\n{}", lbd.log());
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        lbd
-    }
-
-    fn log(&self) -> String {
-        fs::read_to_string(self.dir.join("lbd.log")).unwrap_or_default()
-    }
-}
-
-impl Drop for Lbd {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-fn lbctl(socket: &Path, args: &[&str]) -> Output {
-    Command::new(bin_path("lbctl"))
-        .arg("--socket")
-        .arg(socket)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .expect("running lbctl")
-}
 
 /// `lbctl backend list VIP --json`, by backend address.
 fn backends(socket: &Path, vip: &str) -> BTreeMap<String, Value> {
@@ -272,7 +204,7 @@ fn health_checks_take_dead_backends_out_and_bring_them_back() {
         backend_v4(1).to_string(),
         backend_v4(2).to_string(),
     );
-    let dir = scratch("health");
+    let dir = scratch("health-e2e");
     let _cleanup = tests::procs::RemoveOnDrop(dir.clone());
     fs::write(
         dir.join("lbd.toml"),

@@ -22,7 +22,7 @@ use std::{
 use tests::{
     lab::{backend_v4, backend_v6, Lab, LabSpec, LB_V4, LB_V6, VIP_V4, VIP_V6},
     netns::NetNs,
-    procs::{bin_path, start_decaps, wait_for},
+    procs::{bin_path, lbctl, start_decaps, wait_for},
     require_root,
     tcp::{client_many, tally, LongLived, TcpServer},
 };
@@ -125,16 +125,6 @@ impl Drop for Lbd {
             let _ = c.wait();
         }
     }
-}
-
-fn lbctl(socket: &Path, args: &[&str]) -> Output {
-    Command::new(bin_path("lbctl"))
-        .arg("--socket")
-        .arg(socket)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .expect("running lbctl")
 }
 
 fn show(out: &Output) -> String {

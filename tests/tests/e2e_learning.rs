@@ -13,9 +13,7 @@ use std::{
     fs,
     io::{Read as _, Write as _},
     net::{IpAddr, SocketAddr, TcpListener},
-    os::unix::fs::PermissionsExt as _,
-    path::{Path, PathBuf},
-    process::{Child, Command, Output, Stdio},
+    process::Child,
     sync::{
         atomic::{AtomicBool, Ordering},
         Arc,
@@ -26,7 +24,7 @@ use std::{
 use tests::{
     lab::{backend_v4, Lab, LabSpec, LB_V4, LB_V6, VIP_V4},
     netns::NetNs,
-    procs::{bin_path, start_decaps},
+    procs::{lbctl, scratch, start_decaps, Lbd},
     require_root,
     tcp::{client_many, TcpServer},
 };
@@ -37,73 +35,6 @@ const TABLE_SIZE: u64 = 4099;
 /// The slow backend's HTTP delay, and the latency target it misses.
 const SLOW_MS: u64 = 150;
 const TARGET_MS: u64 = 50;
-
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("lb-learning-e2e-{}-{name}", std::process::id()));
-    let _ = fs::remove_dir_all(&dir);
-    fs::create_dir_all(&dir).unwrap();
-    fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).unwrap();
-    dir
-}
-
-struct Lbd {
-    child: Option<Child>,
-    dir: PathBuf,
-    socket: PathBuf,
-}
-
-impl Lbd {
-    fn start(ns: &NetNs, dir: &Path) -> Lbd {
-        let log = fs::File::create(dir.join("lbd.log")).unwrap();
-        let mut cmd = ns.command(bin_path("lbd"));
-        cmd.arg("--config")
-            .arg(dir.join("lbd.toml"))
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log);
-        let child = ns.spawn_command(&mut cmd).expect("starting lbd");
-        let mut lbd = Lbd {
-            child: Some(child),
-            dir: dir.to_path_buf(),
-            socket: dir.join("run/lbd.sock"),
-        };
-        let end = Instant::now() + Duration::from_secs(20);
-        while !lbctl(&lbd.socket, &["status"]).status.success() {
-            if let Some(s) = lbd.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("lbd exited ({s}) before serving lbctl:\n{}", lbd.log());
-            }
-            assert!(Instant::now() < end, "lbd did not start:\n{}", lbd.log());
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        lbd
-    }
-
-    fn log(&self) -> String {
-        fs::read_to_string(self.dir.join("lbd.log")).unwrap_or_default()
-    }
-}
-
-impl Drop for Lbd {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        // The scratch directory (config, socket, log) goes with the lbd that used it.
-        let _ = fs::remove_dir_all(&self.dir);
-    }
-}
-
-fn lbctl(socket: &Path, args: &[&str]) -> Output {
-    Command::new(bin_path("lbctl"))
-        .arg("--socket")
-        .arg(socket)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .expect("running lbctl")
-}
 
 /// `lbctl model show VIP --json`: the VIP's entry.
 fn model(lbd: &Lbd) -> Value {
@@ -220,7 +151,7 @@ fn setup(name: &str, extra: &str) -> Setup {
         })
         .collect();
     let (b0, b1, b2) = addrs();
-    let dir = scratch(name);
+    let dir = scratch(&format!("learning-e2e-{name}"));
     fs::write(
         dir.join("lbd.toml"),
         format!(
@@ -236,7 +167,8 @@ fn setup(name: &str, extra: &str) -> Setup {
         ),
     )
     .unwrap();
-    let lbd = Lbd::start(lab.lb().ns(), &dir);
+    let mut lbd = Lbd::start(lab.lb().ns(), &dir);
+    lbd.own_dir = true;
     Setup {
         lbd,
         _http,
