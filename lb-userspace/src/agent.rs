@@ -300,6 +300,13 @@ fn learning_weight(b: &config::Backend, id: VipId, health: &HealthMap, learned: 
 /// Applies `cfg` as `health` has it: DOWN flags of backends no longer down cleared first (so
 /// that the slots they get back lead somewhere), the tables, then the DOWN flag of every down
 /// backend set (its established flows move at once).
+impl State {
+    /// Applies the current configuration with the runtime health and learned weights.
+    fn reapply(&mut self) -> Result<ApplyReport> {
+        apply_datapath(&mut self.lb, &self.config, &self.health, &self.learned)
+    }
+}
+
 fn apply_datapath(
     lb: &mut Balancer,
     cfg: &Config,
@@ -404,14 +411,7 @@ impl Agent {
             }
         });
         let mut st = self.state.lock().await;
-        let State {
-            lb,
-            config,
-            health,
-            learned,
-            ..
-        } = &mut *st;
-        apply_datapath(lb, config, health, learned).context("applying the backends' health")?;
+        st.reapply().context("applying the backends' health")?;
         self.restart_probes(&st);
         drop(st);
         // The learning loop feeds on the probes: it starts with them.
@@ -496,14 +496,7 @@ impl Agent {
                 "backend up: full weight"
             ),
         }
-        let State {
-            lb,
-            config,
-            health,
-            learned,
-            ..
-        } = &mut *st;
-        match apply_datapath(lb, config, health, learned) {
+        match st.reapply() {
             Ok(r) => {
                 for (vip, moved, generation) in &r.tables {
                     info!(%vip, moved, generation, "table updated");

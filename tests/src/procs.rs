@@ -166,3 +166,31 @@ impl Drop for Lbd {
         }
     }
 }
+
+/// `GET /metrics` from inside `ns` (lbd's default `metrics_listen`), checked to be a 200 with
+/// the Prometheus text content type, parsed into `series -> value`.
+pub fn scrape_metrics(ns: &NetNs) -> std::collections::BTreeMap<String, f64> {
+    use std::io::{Read as _, Write as _};
+    let text = ns.run_in(|| {
+        let mut s = std::net::TcpStream::connect("127.0.0.1:9469").expect("connecting to metrics");
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: lb\r\n\r\n")
+            .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
+    });
+    let (head, body) = text.split_once("\r\n\r\n").expect("an HTTP response");
+    assert!(head.starts_with("HTTP/1.1 200 OK"), "{head}");
+    assert!(
+        head.contains("Content-Type: text/plain; version=0.0.4"),
+        "{head}"
+    );
+    body.lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .map(|l| {
+            let (k, v) = l.rsplit_once(' ').expect("series value");
+            (k.to_string(), v.parse::<f64>().expect("a number"))
+        })
+        .collect()
+}

@@ -11,7 +11,7 @@ use std::{
     collections::BTreeMap,
     fs,
     io::{Read as _, Write as _},
-    net::{IpAddr, SocketAddr, TcpListener, TcpStream},
+    net::{IpAddr, SocketAddr, TcpListener},
     path::Path,
     sync::{
         atomic::{AtomicBool, Ordering},
@@ -23,7 +23,7 @@ use std::{
 use tests::{
     lab::{backend_v4, Lab, LabSpec, LB_V4, LB_V6, VIP_V4},
     netns::NetNs,
-    procs::{lbctl, scratch, start_decaps, Lbd},
+    procs::{lbctl, scrape_metrics, scratch, start_decaps, Lbd},
     require_root,
     tcp::{client_many, tally, LongLived, TcpServer},
 };
@@ -80,27 +80,6 @@ fn wait_health(
         );
         std::thread::sleep(Duration::from_millis(20));
     }
-}
-
-/// `GET /metrics` from inside the lb namespace, parsed into `series -> value`.
-fn scrape(ns: &NetNs) -> BTreeMap<String, f64> {
-    let text = ns.run_in(|| {
-        let mut s = TcpStream::connect("127.0.0.1:9469").expect("connecting to metrics");
-        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: lb\r\n\r\n")
-            .unwrap();
-        let mut out = String::new();
-        s.read_to_string(&mut out).unwrap();
-        out
-    });
-    let (_, body) = text.split_once("\r\n\r\n").expect("an HTTP response");
-    body.lines()
-        .filter(|l| !l.starts_with('#') && !l.is_empty())
-        .map(|l| {
-            let (k, v) = l.rsplit_once(' ').expect("series value");
-            (k.to_string(), v.parse::<f64>().expect("a number"))
-        })
-        .collect()
 }
 
 /// The name-then-echo server of backend `i`, on the VIP (for balanced traffic) and on the
@@ -305,7 +284,7 @@ fn health_checks_take_dead_backends_out_and_bring_them_back() {
     assert!(!fs::read_to_string(dir.join("lbd.toml"))
         .unwrap()
         .contains("weight = 0"));
-    let m = scrape(lab.lb().ns());
+    let m = scrape_metrics(lab.lb().ns());
     let series =
         |name: &str, extra: &str| format!("{name}{{vip=\"{VIP}\",backend=\"{b0}\"{extra}}}");
     assert_eq!(m[&series("lb_backend_up", "")], 0.0);
@@ -327,7 +306,7 @@ fn health_checks_take_dead_backends_out_and_bring_them_back() {
     others_intact(&mut long, "after backend0 went down");
     // The probes just sent on backend0's closed connections met its DOWN flag: the datapath
     // steered them to another backend instead of the dead one.
-    let m = scrape(lab.lb().ns());
+    let m = scrape_metrics(lab.lb().ns());
     let resteered = m["lb_datapath_packets_total{reason=\"ct_resteered\"}"];
     println!("ct_resteered after backend0 went down: {resteered}");
     assert!(

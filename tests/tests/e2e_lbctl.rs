@@ -12,8 +12,8 @@ use serde_json::Value;
 use std::{
     collections::BTreeMap,
     fs,
-    io::{Read as _, Write as _},
-    net::{IpAddr, SocketAddr, TcpStream},
+    io::Write as _,
+    net::{IpAddr, SocketAddr},
     os::unix::fs::{MetadataExt as _, PermissionsExt as _},
     path::{Path, PathBuf},
     process::{Child, Command, ExitStatus, Output, Stdio},
@@ -22,7 +22,7 @@ use std::{
 use tests::{
     lab::{backend_v4, backend_v6, Lab, LabSpec, LB_V4, LB_V6, VIP_V4, VIP_V6},
     netns::NetNs,
-    procs::{bin_path, lbctl, start_decaps, wait_for},
+    procs::{bin_path, lbctl, scrape_metrics, start_decaps, wait_for},
     require_root,
     tcp::{client_many, tally, LongLived, TcpServer},
 };
@@ -177,32 +177,6 @@ fn spread(lab: &Lab, addr: SocketAddr, count: usize) -> BTreeMap<String, usize> 
         failed[0]
     );
     tally(&results)
-}
-
-/// `GET /metrics` from inside the lb namespace, parsed into `series -> value`.
-fn scrape(ns: &NetNs) -> BTreeMap<String, f64> {
-    let text = ns.run_in(|| {
-        let mut s = TcpStream::connect("127.0.0.1:9469").expect("connecting to metrics");
-        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: lb\r\n\r\n")
-            .unwrap();
-        let mut out = String::new();
-        s.read_to_string(&mut out).unwrap();
-        out
-    });
-    let (head, body) = text.split_once("\r\n\r\n").expect("an HTTP response");
-    assert!(head.starts_with("HTTP/1.1 200 OK"), "{head}");
-    assert!(
-        head.contains("Content-Type: text/plain; version=0.0.4"),
-        "{head}"
-    );
-    body.lines()
-        .filter(|l| !l.starts_with('#') && !l.is_empty())
-        .map(|l| {
-            let (k, v) = l.rsplit_once(' ').expect("series value");
-            (k.to_string(), v.parse::<f64>().expect("a number"))
-        })
-        .collect()
 }
 
 fn vip_servers(lab: &Lab, n: usize) -> Vec<TcpServer> {
@@ -482,9 +456,9 @@ fn lbctl_drives_lbd_and_the_datapath_follows() {
 
     // Traffic has stopped: /metrics agrees with stats --json.
     std::thread::sleep(Duration::from_millis(300));
-    let m1 = scrape(lab.lb().ns());
+    let m1 = scrape_metrics(lab.lb().ns());
     let stats = json(&sock, &["stats", "--interval", "0.1"]);
-    let m2 = scrape(lab.lb().ns());
+    let m2 = scrape_metrics(lab.lb().ns());
     let mut compared = 0;
     for v in stats["vips"].as_array().unwrap() {
         let name = v["vip"].as_str().unwrap();
