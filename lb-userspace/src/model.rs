@@ -416,6 +416,11 @@ pub struct WeightPolicy {
     pub outlier_min_error_rate: f64,
     /// SYN-retry or RST ratios (per new flow) below this never count as outliers.
     pub outlier_min_passive_ratio: f64,
+    /// An error rate at least this, and above `outlier_factor` times the peers' median, makes
+    /// a backend *suspected* (shown and audited, not drained) while it is below
+    /// `outlier_min_error_rate`: a few per cent of fast errors is worth an operator's look
+    /// before it is worth a drain.
+    pub suspect_min_error_rate: f64,
     /// Steps a drained backend stays out at least (doubled per drain of the same backend, up to
     /// 32 times).
     pub min_drain_steps: u32,
@@ -442,6 +447,7 @@ impl Default for WeightPolicy {
             outlier_steps: 3,
             outlier_min_error_rate: 0.1,
             outlier_min_passive_ratio: 0.05,
+            suspect_min_error_rate: 0.02,
             min_drain_steps: 10,
             stale_steps: 60,
         }
@@ -542,6 +548,9 @@ pub struct BackendState {
     pub drains: u32,
     /// Step of the last weight change.
     pub last_change: Option<u64>,
+    /// Suspected (error rate above its peers', below the drain threshold) since this step.
+    #[serde(default)]
+    pub suspected_at: Option<u64>,
 }
 
 /// Which signal made a backend an outlier.
@@ -663,6 +672,19 @@ pub enum Reason {
     },
     /// Drain ended: signals back within bounds.
     Undrained { drained_for_steps: u64 },
+    /// Its error rate is well above its peers' but below the drain threshold.
+    Suspected { outlier: Outlier, since_step: u64 },
+    /// No model, but its latency is above the target while its peers' median meets it: the
+    /// backend is given less until it meets the target too (a model needs unsaturated data,
+    /// and an overloaded backend never produces any).
+    Overloaded {
+        latency_ms: f64,
+        peers_latency_ms: f64,
+        target: f64,
+    },
+    /// Drained by the model: its weight goes to 0 over as many steps as the disruption budget
+    /// needs (a health failure or an operator's drain is immediate instead).
+    DrainStep { remaining_weight: u32 },
 }
 
 fn fmt_outlier(f: &mut fmt::Formatter<'_>, o: &Outlier) -> fmt::Result {
@@ -800,6 +822,27 @@ impl fmt::Display for Reason {
             Reason::Undrained { drained_for_steps } => {
                 write!(f, "undrained after {drained_for_steps} steps: signals back within bounds")
             }
+            Reason::Suspected {
+                outlier,
+                since_step,
+            } => {
+                write!(f, "suspected since step {since_step}: ")?;
+                fmt_outlier(f, outlier)
+            }
+            Reason::Overloaded {
+                latency_ms,
+                peers_latency_ms,
+                target,
+            } => write!(
+                f,
+                "overloaded: latency {latency_ms:.1} ms above the target while peers' median is {peers_latency_ms:.1} ms; cut toward {:.2}",
+                target / s
+            ),
+            Reason::DrainStep { remaining_weight } => write!(
+                f,
+                "draining within the disruption budget: {:.2} left",
+                f64::from(*remaining_weight) / s
+            ),
         }
     }
 }
@@ -867,6 +910,8 @@ pub enum AuditKind {
     Reweight,
     Drain,
     Undrain,
+    /// A backend became suspected (see [`Reason::Suspected`]); its weight is unchanged.
+    Suspect,
 }
 
 /// One change the model made, with everything it was based on (log it as JSON).
@@ -895,6 +940,9 @@ enum Mode {
     Urgent,
     /// Moves gradually toward `target`; `learned` adds deadband and hysteresis.
     Gradual { target: f64, learned: bool },
+    /// Drained by the model, still in the table: to 0 within the disruption budget (no step
+    /// limit).
+    Drain,
     /// Stays where it is.
     Hold,
 }
@@ -991,6 +1039,22 @@ fn outlier(
         .max_by(|a, b| a.severity().total_cmp(&b.severity()))
 }
 
+/// `b`'s error rate as a suspicion (see [`WeightPolicy::suspect_min_error_rate`]), if it is one.
+fn suspicion(b: &BackendInput, peers: &[Observed], policy: &WeightPolicy) -> Option<Outlier> {
+    let obs = b.observed?;
+    let reference = median(peers.iter().map(|p| p.error_rate).collect())?;
+    let k = policy.outlier_factor;
+    (obs.error_rate >= policy.suspect_min_error_rate && obs.error_rate > k * reference).then_some(
+        Outlier {
+            signal: Signal::ErrorRate,
+            value: obs.error_rate,
+            reference,
+            reference_kind: Reference::Peers,
+            factor: k,
+        },
+    )
+}
+
 fn maglev_addr(addr: IpAddr) -> ([u8; 16], u8) {
     let mut a = [0u8; 16];
     match addr {
@@ -1075,6 +1139,28 @@ pub fn decide(inputs: &[BackendInput], policy: &WeightPolicy, prev: &PolicyState
             outlier(&inputs[i], reference, &peer_obs(i, &states), p)
         })
         .collect();
+    // Suspicions: error rates above the peers' that do not (yet) justify a drain.
+    let mut newly_suspected = vec![false; n];
+    for i in 0..n {
+        let s = if !learning(&inputs[i]) || inputs[i].pinned.is_some() || outliers[i].is_some() {
+            None
+        } else {
+            suspicion(&inputs[i], &peer_obs(i, &states), p)
+        };
+        match s {
+            Some(outlier) => {
+                let since_step = *states[i].suspected_at.get_or_insert_with(|| {
+                    newly_suspected[i] = true;
+                    step
+                });
+                reasons[i].push(Reason::Suspected {
+                    outlier,
+                    since_step,
+                });
+            }
+            None => states[i].suspected_at = None,
+        }
+    }
     let mut newly_drained = vec![false; n];
     let mut undrained = vec![false; n];
     // Undrains first: a drain that has served its time and whose signals are clean ends.
@@ -1214,7 +1300,12 @@ pub fn decide(inputs: &[BackendInput], policy: &WeightPolicy, prev: &PolicyState
             continue;
         }
         if states[i].drained_at.is_some() {
-            modes[i] = Mode::Urgent;
+            // The model's drains are spread over steps within the disruption budget.
+            modes[i] = if b.current_weight > 0 {
+                Mode::Drain
+            } else {
+                Mode::Urgent
+            };
             continue;
         }
         if let Some(w) = b.pinned {
@@ -1244,7 +1335,38 @@ pub fn decide(inputs: &[BackendInput], policy: &WeightPolicy, prev: &PolicyState
         match &b.fit {
             Err(refusal) => {
                 let steps = states[i].refused_steps;
-                if steps >= p.stale_steps {
+                let peers_latency =
+                    median(peer_obs(i, &states).iter().map(|o| o.latency_ms).collect());
+                let overloaded = match (b.observed, peers_latency) {
+                    (Some(o), Some(pl))
+                        if o.latency_ms > p.latency_target_ms && pl <= p.latency_target_ms =>
+                    {
+                        Some((o.latency_ms, pl))
+                    }
+                    _ => None,
+                };
+                if let Some((latency_ms, peers_latency_ms)) = overloaded {
+                    let lo = p.floor * cfg_t[i];
+                    let t = (cur * (1.0 - p.max_step_ratio)).max(lo);
+                    reasons[i].push(Reason::FitRefused {
+                        refusal: refusal.clone(),
+                        steps,
+                    });
+                    if t <= cur - 0.5 {
+                        targets[i] = Some(t);
+                        modes[i] = Mode::Gradual {
+                            target: t,
+                            learned: true,
+                        };
+                        reasons[i].push(Reason::Overloaded {
+                            latency_ms,
+                            peers_latency_ms,
+                            target: t,
+                        });
+                    } else {
+                        reasons[i].push(Reason::AtFloor { floor_weight: lo });
+                    }
+                } else if steps >= p.stale_steps {
                     modes[i] = Mode::Gradual {
                         target: cfg_t[i],
                         learned: false,
@@ -1328,6 +1450,7 @@ pub fn decide(inputs: &[BackendInput], policy: &WeightPolicy, prev: &PolicyState
                 baseline[i] = w;
                 proposed[i] = w;
             }
+            Mode::Drain => proposed[i] = 0,
             Mode::Gradual { target, learned: _ } => {
                 let cur = f64::from(b.current_weight);
                 let next = if b.current_weight == 0 {
@@ -1403,7 +1526,9 @@ pub fn decide(inputs: &[BackendInput], policy: &WeightPolicy, prev: &PolicyState
                         }
                     }
                     for i in 0..n {
-                        if matches!(modes[i], Mode::Gradual { .. }) && proposed[i] != baseline[i] {
+                        if matches!(modes[i], Mode::Gradual { .. } | Mode::Drain)
+                            && proposed[i] != baseline[i]
+                        {
                             reasons[i].push(Reason::BudgetLimited {
                                 fraction_applied: lo,
                                 slots_budget: budget,
@@ -1470,12 +1595,19 @@ pub fn decide(inputs: &[BackendInput], policy: &WeightPolicy, prev: &PolicyState
         if to != from {
             st.last_change = Some(step);
         }
+        if modes[i] == Mode::Drain {
+            reasons[i].push(Reason::DrainStep {
+                remaining_weight: to,
+            });
+        }
         let kind = if newly_drained[i] {
             Some(AuditKind::Drain)
         } else if undrained[i] {
             Some(AuditKind::Undrain)
         } else if to != from && !matches!(modes[i], Mode::Urgent) {
             Some(AuditKind::Reweight)
+        } else if newly_suspected[i] {
+            Some(AuditKind::Suspect)
         } else {
             None
         };
@@ -2003,7 +2135,7 @@ mod tests {
             b.observed = Some(observed(50.0, 300.0 + 20.0 * f64::from(b.id)));
         }
         let mut state = PolicyState::default();
-        run(&mut inputs, p, &mut state, p.outlier_steps as usize + 2)
+        run(&mut inputs, p, &mut state, p.outlier_steps as usize + 12)
     }
 
     #[test]
@@ -2027,7 +2159,27 @@ mod tests {
             .map(|b| b.id)
             .collect();
         assert_eq!(drained, vec![3], "the worst outlier, and only one");
-        assert_eq!(weight(&ds[at], 3), 0);
+        // Out of the table over several steps, each within the disruption budget (a quarter
+        // of the table is five times the budget).
+        let w: Vec<u32> = ds[at..].iter().map(|d| weight(d, 3)).collect();
+        assert!(
+            w[0] > 0 && w[0] < table_weight(100),
+            "first drain step {w:?}"
+        );
+        assert!(
+            w.windows(2).all(|p| p[1] <= p[0]),
+            "drain never reverses: {w:?}"
+        );
+        assert_eq!(*w.last().unwrap(), 0, "drained to 0 in the end: {w:?}");
+        let steps_to_zero = w.iter().position(|&x| x == 0).unwrap() + 1;
+        assert!(steps_to_zero >= 4, "spread over steps: {w:?}");
+        for d in &ds {
+            assert!(d.slots_moved_gradual <= d.slots_budget, "{d:?}");
+        }
+        assert!(reasons(&ds[at], 3)
+            .iter()
+            .any(|r| matches!(r, Reason::DrainStep { .. })));
+        println!("drain weights per step: {w:?}");
         let ev: Vec<_> = ds[at]
             .events
             .iter()
@@ -2049,6 +2201,82 @@ mod tests {
         }
         // A fast backend is never drained.
         assert!(ds.iter().all(|d| !d.backends[3].drained));
+    }
+
+    #[test]
+    fn an_overloaded_backend_without_a_model_is_cut_until_the_floor() {
+        // No backend has enough samples for a model (a saturated backend never provides
+        // them); backend 1 misses the 100 ms target while its peers meet it.
+        let refusal = || Err(Refusal::TooFewSamples { have: 3, need: 30 });
+        let mut inputs: Vec<BackendInput> = (1..=3).map(|id| input(id, 1, refusal())).collect();
+        // Not an outlier (150 ms is not 5 times the peers' 42.5 ms): this is load, not failure.
+        inputs[0].observed = Some(observed(120.0, 150.0));
+        inputs[1].observed = Some(observed(120.0, 40.0));
+        inputs[2].observed = Some(observed(120.0, 45.0));
+        let p = unbudgeted();
+        let mut state = PolicyState::default();
+        let ds = run(&mut inputs, &p, &mut state, 8);
+        let w: Vec<u32> = ds.iter().map(|d| weight(d, 1)).collect();
+        // 25% per step down to the floor (a quarter of the configured 100), then held there.
+        assert_eq!(w[0], 75, "{w:?}");
+        assert!(w.windows(2).all(|p| p[1] <= p[0]), "{w:?}");
+        assert_eq!(*w.last().unwrap(), 25, "{w:?}");
+        assert!(reasons(&ds[0], 1)
+            .iter()
+            .any(|r| matches!(r, Reason::Overloaded { .. })));
+        assert!(reasons(&ds[7], 1)
+            .iter()
+            .any(|r| matches!(r, Reason::AtFloor { .. })));
+        for id in [2, 3] {
+            assert!(ds.iter().all(|d| weight(d, id) == 100), "peers held");
+        }
+        // Every backend over the target: nobody to hand load to, nothing cut.
+        let mut all_slow: Vec<BackendInput> = (1..=3).map(|id| input(id, 1, refusal())).collect();
+        for b in &mut all_slow {
+            b.observed = Some(observed(120.0, 400.0));
+        }
+        let d = decide(&all_slow, &p, &PolicyState::default());
+        assert!(!d.changed(), "{:?}", d.weights());
+    }
+
+    #[test]
+    fn a_few_percent_of_errors_is_suspected_not_drained() {
+        let p = policy();
+        let mut inputs: Vec<BackendInput> = (1..=4)
+            .map(|id| {
+                let mut b = input(id, 1, Ok(mm1_fit(100.0)));
+                b.observed = Some(observed(50.0, 20.0));
+                b
+            })
+            .collect();
+        let mut o = observed(50.0, 20.0);
+        o.error_rate = 0.05;
+        inputs[1].observed = Some(o);
+        let mut state = PolicyState::default();
+        let ds = run(&mut inputs, &p, &mut state, 6);
+        let suspects: Vec<&AuditEvent> = ds
+            .iter()
+            .flat_map(|d| &d.events)
+            .filter(|e| e.kind == AuditKind::Suspect)
+            .collect();
+        assert_eq!(suspects.len(), 1, "one event when suspicion starts");
+        assert_eq!(suspects[0].backend, 2);
+        assert_eq!(suspects[0].step, 1);
+        for d in &ds {
+            assert!(!d.backends[1].drained);
+            assert!(reasons(d, 2)
+                .iter()
+                .any(|r| matches!(r, Reason::Suspected { since_step: 1, .. })));
+            assert!(reasons(d, 1)
+                .iter()
+                .all(|r| !matches!(r, Reason::Suspected { .. })));
+        }
+        // Errors gone: the suspicion ends with them.
+        inputs[1].observed = Some(observed(50.0, 20.0));
+        let d = decide(&inputs, &p, &state);
+        assert!(reasons(&d, 2)
+            .iter()
+            .all(|r| !matches!(r, Reason::Suspected { .. })));
     }
 
     #[test]
