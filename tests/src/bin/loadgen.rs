@@ -198,9 +198,19 @@ impl Schedule {
 
     /// The next point where the rate may change (noise period, rate-file read, end of run).
     fn boundary(&self) -> f64 {
-        let mut b = ((self.t / self.period).floor() + 1.0) * self.period;
+        // The next multiple of `period` strictly after `t`: with floating point, `t / period`
+        // for a `t` that is itself a boundary can round down and give `t` back, and a schedule
+        // that does not advance spins forever.
+        let after = |period: f64| {
+            let mut b = ((self.t / period).floor() + 1.0) * period;
+            while b <= self.t {
+                b += period;
+            }
+            b
+        };
+        let mut b = after(self.period);
         if self.rate_file.is_some() {
-            b = b.min(((self.t / RATE_FILE_PERIOD).floor() + 1.0) * RATE_FILE_PERIOD);
+            b = b.min(after(RATE_FILE_PERIOD));
         }
         b.min(self.duration)
     }
@@ -754,6 +764,32 @@ mod unit {
             }
         }
         panic!("schedule did not end");
+    }
+
+    /// A boundary that `t / period` rounds below (0.6 / 0.2 = 2.9999999999999996) must not
+    /// stall the schedule.
+    #[test]
+    fn boundaries_always_advance() {
+        let mut s = Schedule {
+            gaps: SplitMix(1),
+            seed: 1,
+            base: 0.0,
+            noise: 0.0,
+            period: 0.2,
+            duration: 5.0,
+            rate_file: Some(PathBuf::from("/nonexistent")),
+            t: 0.0,
+        };
+        let mut boundaries = 0;
+        loop {
+            match s.next() {
+                Next::End => break,
+                Next::Boundary(_) => boundaries += 1,
+                Next::Request(_) => unreachable!("rate 0"),
+            }
+            assert!(boundaries < 1000, "the schedule stalled at t = {}", s.t);
+        }
+        assert_eq!(boundaries, 25);
     }
 
     #[test]
