@@ -349,14 +349,34 @@ counters! {
         CtPromoted = 12, "ct_promoted";
         /// A tracked flow whose backend was down, steered again through the table.
         CtResteered = 13, "ct_resteered";
-        /// Inserting into a connection table failed.
+        /// Inserting into the established table `CT` failed (a promotion or a re-steer): the
+        /// LRU could not free an entry (-ENOMEM), i.e. the table is full and under contention.
+        /// The packet is still forwarded; the flow stays in `CT_NEW` (or untracked).
         CtInsertFailed = 14, "ct_insert_failed";
         /// ICMP errors about a VIP flow forwarded to the flow's backend.
         IcmpForwarded = 15, "icmp_forwarded";
         /// Fragments forwarded through the fragment table.
         FragForwarded = 16, "frag_forwarded";
+        /// A TCP packet other than a first SYN found its flow in neither connection table: the
+        /// flow's state was lost (evicted from `CT`, evicted from `CT_NEW` before the handshake
+        /// completed, or tracked by maps that were since replaced), or the flow started before
+        /// this balancer saw it. The packet goes through the table (and is counted under
+        /// `ct_new` too). UDP has no such marker: a datagram of a lost flow looks like a new one.
+        CtLost = 17, "ct_lost";
+        /// Recording a first packet in `CT_NEW` failed (the LRU could not free an entry): the
+        /// packet is forwarded, its flow is not tracked.
+        CtNewInsertFailed = 18, "ct_new_insert_failed";
+        /// Recording a first fragment's choice in `FRAGS` failed: its later fragments will be
+        /// passed to the kernel (`pass_frag_unknown`).
+        FragInsertFailed = 19, "frag_insert_failed";
     }
 }
+
+/// Slots of the `COUNTERS` per-CPU array. Larger than [`Counter::COUNT`] on purpose: a later
+/// build can add counters without changing the map's layout, so its pins stay compatible and a
+/// restart keeps the connection tables. Slots past the last counter stay zero.
+pub const COUNTER_SLOTS: u32 = 64;
+const _: () = assert!(Counter::COUNT <= COUNTER_SLOTS);
 
 counters! {
     /// The decapsulation program's per-CPU counters.
@@ -494,6 +514,21 @@ mod tests {
             assert!(!c.name().is_empty());
         }
         assert_eq!(Counter::COUNT as usize, Counter::ALL.len());
+        let mut names: Vec<&str> = Counter::ALL.iter().map(|c| c.name()).collect();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), Counter::ALL.len(), "counter names are unique");
+        // Indices are a pinned-map layout: existing counters never move.
+        assert_eq!(Counter::CtInsertFailed as u32, 14);
+        assert_eq!(Counter::FragForwarded as u32, 16);
+        assert_eq!(
+            (
+                Counter::CtLost.name(),
+                Counter::CtNewInsertFailed.name(),
+                Counter::FragInsertFailed.name()
+            ),
+            ("ct_lost", "ct_new_insert_failed", "frag_insert_failed")
+        );
         for (i, c) in DecapCounter::ALL.iter().enumerate() {
             assert_eq!(*c as u32, i as u32);
         }

@@ -24,8 +24,8 @@ use aya::{
 use lb_common::{
     maglev, maps, progs, BackendInfo, BackendStats, Counter, CtValue, FlowKey, FragKey,
     GlobalConfig, NextHop, VipKey, VipMeta, VipStats, BACKEND_F_ACTIVE, BACKEND_F_DOWN,
-    CONFIG_F_HAVE_V4_SRC, CONFIG_F_HAVE_V6_SRC, FAMILY_V4, FAMILY_V6, FRAG_TABLE_SIZE,
-    MAX_BACKENDS, MAX_VIPS, MODE_L2, PROTO_TCP, PROTO_UDP,
+    CONFIG_F_HAVE_V4_SRC, CONFIG_F_HAVE_V6_SRC, COUNTER_SLOTS, FAMILY_V4, FAMILY_V6,
+    FRAG_TABLE_SIZE, MAX_BACKENDS, MAX_VIPS, MODE_L2, PROTO_TCP, PROTO_UDP,
 };
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -128,7 +128,7 @@ fn pinned_maps(o: &LoadOptions) -> [(&'static str, usize, usize, u32); 12] {
         ),
         (maps::CONFIG, 4, size_of::<GlobalConfig>(), 1),
         (maps::VIP_PORTS, 4, 1, 65_536),
-        (maps::COUNTERS, 4, 8, Counter::COUNT),
+        (maps::COUNTERS, 4, 8, COUNTER_SLOTS),
         (maps::VIP_STATS, 4, size_of::<VipStats>(), MAX_VIPS),
         (
             maps::BACKEND_STATS,
@@ -189,8 +189,12 @@ fn ensure_pin_dir(dir: &Path) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating pin_dir {}", dir.display()))
 }
 
-/// Refuses pinned maps this build cannot use (another layout or other sizes).
-fn check_pins(dir: &Path, o: &LoadOptions) -> Result<()> {
+/// Refuses pinned maps this build cannot use (another layout or other sizes). One exception:
+/// a `COUNTERS` map of another capacity (an older build had one slot per counter) is only
+/// statistics, so it is not a reason to drop the connection tables: its capacity is returned
+/// and the caller replaces that map alone.
+fn check_pins(dir: &Path, o: &LoadOptions) -> Result<Option<u32>> {
+    let mut counters = None;
     for (name, k, v, n) in pinned_maps(o) {
         let path = dir.join(name);
         let info = MapInfo::from_pin(&path).with_context(|| {
@@ -199,12 +203,16 @@ fn check_pins(dir: &Path, o: &LoadOptions) -> Result<()> {
                 path.display()
             )
         })?;
-        if (
+        let (pk, pv, pn) = (
             info.key_size() as usize,
             info.value_size() as usize,
             info.max_entries(),
-        ) != (k, v, n)
-        {
+        );
+        if name == maps::COUNTERS && (pk, pv) == (k, v) && pn != n {
+            counters = Some(pn);
+            continue;
+        }
+        if (pk, pv, pn) != (k, v, n) {
             bail!(
                 "pinned map {} has key/value size {}/{} and {} entries, this lbd needs {k}/{v} and {n}: \
                  the pins come from another build or other map sizes (conntrack_size, conntrack_new_size, table_pool). \
@@ -216,7 +224,90 @@ fn check_pins(dir: &Path, o: &LoadOptions) -> Result<()> {
             );
         }
     }
-    Ok(())
+    Ok(counters)
+}
+
+/// What [`Balancer::load`] found in the pin directory and what it did about it, for lbd's
+/// journal (`lbctl status`): an operator should learn from lbd, not from a packet capture, that
+/// the connection tables were lost or that the counters restarted.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PinReport {
+    /// The pin directory (`None`: pinning is off).
+    pub dir: Option<PathBuf>,
+    /// Map pins that were there.
+    pub found: Vec<String>,
+    /// Map pins this build uses that were not there.
+    pub missing: Vec<String>,
+    /// Map pins removed because they could not be taken over: the rest of an incomplete set.
+    pub dropped: Vec<String>,
+    /// A pinned XDP link was there: the new program is swapped into it (no detach).
+    pub link: bool,
+    /// The maps were taken over (every one was there and fits).
+    pub resumed: bool,
+    /// With `resumed`: VIPs and backends rebuilt from the maps.
+    pub restored_vips: usize,
+    pub restored_backends: usize,
+    /// The pinned `COUNTERS` had this many slots (an older build) and was replaced by a
+    /// fresh one: the datapath counters restart from zero, nothing else is lost.
+    pub counters_replaced: Option<u32>,
+}
+
+/// Looks at the pin directory before loading: which pins are there, whether they can be taken
+/// over, and removes those that cannot. A pin set is taken over whole or not at all: a partial
+/// set (some map pins removed by hand, or a crash of `lbd cleanup`) cannot be restored
+/// consistently (a VIP entry without its table, tables without the port filter), and aya would
+/// reuse whatever is pinned without checking it, so the rest is unpinned and every map starts
+/// fresh. The pinned link is never removed here: the old program keeps forwarding until the new
+/// one is swapped in.
+fn survey_pins(dir: &Path, o: &LoadOptions) -> Result<PinReport> {
+    let mut r = PinReport {
+        dir: Some(dir.to_path_buf()),
+        link: dir.join(LINK_PIN).exists(),
+        ..PinReport::default()
+    };
+    for (name, ..) in pinned_maps(o) {
+        if dir.join(name).exists() {
+            r.found.push(name.to_string());
+        } else {
+            r.missing.push(name.to_string());
+        }
+    }
+    if r.found.is_empty() {
+        return Ok(r);
+    }
+    if !r.missing.is_empty() {
+        for name in &r.found {
+            let path = dir.join(name);
+            std::fs::remove_file(&path).with_context(|| {
+                format!(
+                    "removing {} (pins {} are missing, so the rest cannot be taken over)",
+                    path.display(),
+                    r.missing.join(", ")
+                )
+            })?;
+        }
+        r.dropped = r.found.clone();
+        tracing::warn!(
+            dir = %dir.display(),
+            missing = %r.missing.join(","),
+            dropped = %r.dropped.join(","),
+            "incomplete pin set: removed the rest and creating fresh maps (tracked connections are forgotten)"
+        );
+        return Ok(r);
+    }
+    if let Some(slots) = check_pins(dir, o)? {
+        let path = dir.join(maps::COUNTERS);
+        std::fs::remove_file(&path)
+            .with_context(|| format!("replacing {} (another build's layout)", path.display()))?;
+        tracing::warn!(
+            pinned_slots = slots,
+            slots = COUNTER_SLOTS,
+            "the pinned COUNTERS map comes from another build: replaced, datapath counters restart from zero (connection tables kept)"
+        );
+        r.counters_replaced = Some(slots);
+    }
+    r.resumed = true;
+    Ok(r)
 }
 
 /// Removes everything lbd pinned in `dir`: detaches the program (the link goes with its last
@@ -311,6 +402,8 @@ pub struct Balancer {
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
     /// `drop_fib` as [`Balancer::heal_next_hops`] last saw it.
     seen_drop_fib: u64,
+    /// What `load` found pinned.
+    pins: PinReport,
 }
 
 impl Balancer {
@@ -323,13 +416,10 @@ impl Balancer {
             .map_max_entries(maps::RING, opts.table_pool)
             .map_max_entries(maps::CT, opts.conntrack_size)
             .map_max_entries(maps::CT_NEW, opts.conntrack_new_size);
-        let mut resumed = false;
+        let mut pins = PinReport::default();
         if let Some(dir) = &opts.pin_dir {
             ensure_pin_dir(dir)?;
-            resumed = dir.join(maps::VIPS).exists();
-            if resumed {
-                check_pins(dir, &opts)?;
-            }
+            pins = survey_pins(dir, &opts)?;
             for (name, ..) in pinned_maps(&opts) {
                 loader.map_pin_path(name, dir.join(name));
             }
@@ -373,13 +463,16 @@ impl Balancer {
             used_vip_ids: BTreeSet::new(),
             interface: None,
             pin_dir: opts.pin_dir.clone(),
-            resumed,
+            resumed: pins.resumed,
             logger,
             seen_drop_fib: 0,
+            pins,
         };
-        if resumed {
+        if lb.resumed {
             lb.restore()
                 .context("restoring state from the pinned maps")?;
+            lb.pins.restored_vips = lb.vips.len();
+            lb.pins.restored_backends = lb.used_backend_ids.len();
         }
         Ok(lb)
     }
@@ -393,6 +486,11 @@ impl Balancer {
     /// Whether this instance took over pinned maps from a previous one.
     pub fn resumed(&self) -> bool {
         self.resumed
+    }
+
+    /// What `load` found in the pin directory and did about it.
+    pub fn pin_report(&self) -> &PinReport {
+        &self.pins
     }
 
     /// Rebuilds the agent's view (VIP ids, backend ids, table regions, tables) from the maps,

@@ -400,6 +400,9 @@ mod tests {
             "lb_model_fit_r2{vip=\"[2001:db8::1]:443/tcp\",backend=\"2001:db8::11\"} 0.5",
             "lb_model_refusals_total{reason=\"poor_fit\"} 4",
             "lb_datapath_packets_total{reason=\"pass_not_vip\"} 0",
+            "lb_datapath_packets_total{reason=\"ct_lost\"} 0",
+            "lb_datapath_packets_total{reason=\"ct_new_insert_failed\"} 0",
+            "lb_datapath_packets_total{reason=\"frag_insert_failed\"} 0",
             "# TYPE lb_backend_packets_total counter",
         ] {
             assert!(

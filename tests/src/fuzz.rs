@@ -174,7 +174,11 @@ impl FuzzReport {
             // Unreachable with a valid configuration and tables kept below capacity.
             if matches!(
                 c,
-                Counter::DropAdjust | Counter::DropNoEncapSource | Counter::CtInsertFailed
+                Counter::DropAdjust
+                    | Counter::DropNoEncapSource
+                    | Counter::CtInsertFailed
+                    | Counter::CtNewInsertFailed
+                    | Counter::FragInsertFailed
             ) {
                 continue;
             }

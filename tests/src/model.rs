@@ -32,6 +32,10 @@
 //! - a SYN (SYN without ACK) never promotes; any other packet of a `CT_NEW` flow promotes it
 //!   (the `CT_NEW` entry stays). A tracked flow whose backend is not live is re-steered
 //!   through the table in the table it was found in.
+//! - a TCP packet other than a SYN that neither table knows counts `ct_lost` (its state was
+//!   lost or predates the balancer), then goes through the table like a first packet
+//!   (`ct_new`). UDP never counts `ct_lost`. Inserts never fail here (the model has no
+//!   capacity), so `ct_insert_failed`, `ct_new_insert_failed` and `frag_insert_failed` stay 0.
 //! - ICMP frag-needed (3/4) / ICMPv6 packet-too-big (2): the quoted packet went VIP → client;
 //!   reversed, it is the client's flow: `CT`, else `CT_NEW`, else the table. No state change.
 //!   Never answered with "too big" (dropped as `drop_too_big` instead).
@@ -44,7 +48,7 @@
 //!   and 8 bytes, or ICMPv6 packet-too-big (MTU − 40) quoting the first 128 bytes, from the
 //!   VIP to the client, MACs swapped, tag kept, sent back out (`XDP_TX`).
 //! - counters and statistics: one reason counter per packet not forwarded; flow events
-//!   (`ct_new`, `ct_promoted`, `ct_resteered`) and per-backend/VIP statistics counted when they
+//!   (`ct_new`, `ct_promoted`, `ct_resteered`, `ct_lost`) and per-backend/VIP statistics counted when they
 //!   happen, even if the packet is dropped afterwards (e.g. `drop_fib`).
 
 use std::collections::{BTreeMap, HashMap};
@@ -674,6 +678,9 @@ impl State {
         } else {
             self.ct_new.get(flow).copied()
         };
+        if !in_ct && seen.is_none() && flow.proto == TCP && !syn {
+            o.counters.push(Counter::CtLost);
+        }
         if let Some(t) = seen.filter(|t| self.live(t.backend)) {
             let s = o.bstat(t.backend);
             s.syn_retries += syn as u64;

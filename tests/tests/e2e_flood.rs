@@ -162,6 +162,17 @@ fn syn_flood_does_not_evict_established_flows() {
     };
     let ct_new_before = counter(&lb, "ct_new");
     let promoted_before = counter(&lb, "ct_promoted");
+    // Connection-table pressure counters (lb-common `Counter`), as lbctl stats shows them.
+    let pressure = |lb: &Balancer| {
+        [
+            "ct_lost",
+            "ct_insert_failed",
+            "ct_new_insert_failed",
+            "frag_insert_failed",
+        ]
+        .map(|n| (n, counter(lb, n)))
+    };
+    let pressure_before = pressure(&lb);
 
     // The flood: at least 10 x C first packets reach the balancer, while backend3 is added.
     let target = FLOOD_FACTOR * CT_SIZE as u64;
@@ -209,12 +220,33 @@ fn syn_flood_does_not_evict_established_flows() {
         elapsed.as_secs_f64(),
         broken.len()
     );
+    let pressure_after = pressure(&lb);
+    let delta: Vec<(&str, u64)> = pressure_after
+        .iter()
+        .zip(&pressure_before)
+        .map(|((n, a), (_, b))| (*n, a - b))
+        .collect();
+    println!(
+        "connection-table counters over the flood and the echo check: ct_new +{first_packets}, ct_promoted +{promoted}, {}",
+        delta
+            .iter()
+            .map(|(n, d)| format!("{n} +{d}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
     assert!(
         broken.is_empty(),
         "{} established connections broke during the flood, first: {:?}",
         broken.len(),
         broken.first()
     );
+    // The flood went through the new-flow table: at least 10 x C first packets recorded there
+    // (ct_new_insert_failed, printed above, counts any the LRU could not take).
+    assert!(first_packets >= target, "{first_packets} < {target}");
+    // Not one packet of the established connections (the echoes after the flood included)
+    // found its flow's state gone: the flood evicted nothing from CT.
+    assert_eq!(delta[0], ("ct_lost", 0), "{delta:?}");
+    assert_eq!(delta[1], ("ct_insert_failed", 0), "{delta:?}");
     assert_eq!(moved, 0);
     assert!(
         ct <= CT_SIZE as usize && ct >= ESTABLISHED,

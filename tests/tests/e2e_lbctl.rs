@@ -452,7 +452,14 @@ fn lbctl_drives_lbd_and_the_datapath_follows() {
     assert!((0.45..1.5).contains(&dt), "{during}");
     let human = lbctl(&sock, &["stats", "--interval", "0.1"]);
     assert!(human.status.success(), "{}", show(&human));
-    assert!(String::from_utf8_lossy(&human.stdout).contains(VIP4));
+    let human = String::from_utf8_lossy(&human.stdout);
+    assert!(human.contains(VIP4), "{human}");
+    assert!(
+        human.lines().any(|l| l.starts_with("connection tables: ")
+            && l.contains(" lost (state evicted or older than the maps)")
+            && l.contains("insert failures: 0 established, 0 new, 0 fragments")),
+        "{human}"
+    );
 
     // Traffic has stopped: /metrics agrees with stats --json.
     std::thread::sleep(Duration::from_millis(300));
@@ -500,6 +507,10 @@ fn lbctl_drives_lbd_and_the_datapath_follows() {
     }
     let counters = stats["counters"].as_object().unwrap();
     assert_eq!(counters.len(), lb_common::Counter::ALL.len());
+    // Every connection here started with a SYN through lbd and the tables are far from full:
+    // no packet found its flow's state gone.
+    assert_eq!(counters["ct_lost"], 0, "{stats}");
+    assert!(counters["ct_new"].as_u64().unwrap() > 0, "{stats}");
     for c in lb_common::Counter::ALL {
         let key = format!("lb_datapath_packets_total{{reason=\"{}\"}}", c.name());
         let s = counters[c.name()].as_f64().unwrap();

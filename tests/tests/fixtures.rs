@@ -1191,6 +1191,34 @@ fn table() -> Vec<Step> {
             let id = e.id_of(VIP4.into(), 80, TCP, b4(12));
             Case::tx(e.frame_in(None, &ip), e.ipip(id, None, &ip, &f.key())).to(e, id, false)
         }),
+        // ---- Lost connection state. ----
+        Packet("IPv4 TCP ACK+data of a flow neither table knows (state evicted, or older than the balancer) -> the table's backend, ct_lost +1, recorded as new", |e| {
+            let f = Flow::new(CLIENT4, VIP4, 40_777, 80, TCP);
+            assert_eq!(e.lb.tracked_backend(&f.key()), None, "precondition: untracked");
+            let ip = f.packet(0, ACK | PSH, 80);
+            let id = e.maglev(&f);
+            Case::tx(e.frame_in(None, &ip), e.ipip(id, None, &ip, &f.key()))
+                .count(CtLost)
+                .count(CtNew)
+                .to(e, id, true)
+        }),
+        Packet("IPv4 TCP ACK of that flow again -> same backend, promoted (no second ct_lost)", |e| {
+            let f = Flow::new(CLIENT4, VIP4, 40_777, 80, TCP);
+            let ip = f.packet(0, ACK, 0);
+            let id = e.maglev(&f);
+            Case::tx(e.frame_in(None, &ip), e.ipip(id, None, &ip, &f.key()))
+                .count(CtPromoted)
+                .to(e, id, false)
+        }),
+        Packet("IPv4 TCP RST of a flow neither table knows -> the table's backend, ct_lost +1 (a new flow's RST is not a client_rsts)", |e| {
+            let f = Flow::new(CLIENT4, VIP4, 40_778, 80, TCP);
+            let ip = f.packet(0, RST, 0);
+            let id = e.maglev(&f);
+            Case::tx(e.frame_in(None, &ip), e.ipip(id, None, &ip, &f.key()))
+                .count(CtLost)
+                .count(CtNew)
+                .to(e, id, true)
+        }),
         // ---- UDP and IPv6. ----
         Packet("IPv4 UDP to 10.210.0.100:53 -> new flow, IPIP", |e| {
             let f = Flow::new(CLIENT4, VIP4, 33_333, 53, UDP);
@@ -1518,6 +1546,7 @@ fn table() -> Vec<Step> {
                 .vip_stats(vip_id, VipStats { no_backend: 1, ..Default::default() })
         }),
         // ---- MTU. The MTU VIPs' backends have had no packet yet, so nothing is cached. ----
+        // Each flow starts with data, no SYN: its first packet also counts ct_lost.
         Do("eth0 MTU 1600 -> 1500 (10.210.0.31 and fd00:210::31 not looked up yet)", |e| {
             for dev in ["eth0", "peer0"] {
                 e.ns.ip(["link", "set", dev, "mtu", "1500"]).expect("setting the MTU");
@@ -1531,6 +1560,7 @@ fn table() -> Vec<Step> {
             let id = e.maglev(&f);
             Case::tx(input.clone(), too_big4(&input, None, 1480))
                 .count(CtNew)
+                .count(CtLost)
                 .count(IcmpTooBigSent)
                 .opened_only(e, id)
         }),
@@ -1549,6 +1579,7 @@ fn table() -> Vec<Step> {
             let id = e.maglev(&f);
             Case::tx(input.clone(), too_big4(&input, Some(0x002a), 1480))
                 .count(CtNew)
+                .count(CtLost)
                 .count(IcmpTooBigSent)
                 .opened_only(e, id)
         }),
@@ -1562,6 +1593,7 @@ fn table() -> Vec<Step> {
             let id = e.maglev(&f);
             Case::tx(input.clone(), too_big4(&input, None, 1480))
                 .count(CtNew)
+                .count(CtLost)
                 .count(IcmpTooBigSent)
                 .opened_only(e, id)
         }),
@@ -1573,6 +1605,7 @@ fn table() -> Vec<Step> {
             let id = e.maglev(&f);
             Case::tx(input.clone(), too_big6(&input, None, 1460))
                 .count(CtNew)
+                .count(CtLost)
                 .count(IcmpTooBigSent)
                 .opened_only(e, id)
         }),

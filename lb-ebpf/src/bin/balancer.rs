@@ -47,8 +47,10 @@ mod prog {
     /// costs no hash lookup at all.
     #[map]
     static VIP_PORTS: Array<u8> = Array::with_max_entries(65_536, 0);
+    /// `COUNTER_SLOTS` entries, not `Counter::COUNT`: room for later counters without a new
+    /// map layout (pins of this build stay usable by the next).
     #[map]
-    static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::COUNT, 0);
+    static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_SLOTS, 0);
     #[map]
     static VIP_STATS: PerCpuArray<VipStats> = PerCpuArray::with_max_entries(MAX_VIPS, 0);
     #[map]
@@ -413,7 +415,12 @@ mod prog {
             }
         };
         if let Some(frag_id) = first_fragment {
-            let _ = FRAGS.insert(&frag_key(key, frag_id), &CtValue { backend: id, hash }, 0);
+            if FRAGS
+                .insert(&frag_key(key, frag_id), &CtValue { backend: id, hash }, 0)
+                .is_err()
+            {
+                count(Counter::FragInsertFailed);
+            }
         }
         Ok(Decision {
             id,
@@ -457,6 +464,10 @@ mod prog {
     /// `CT_NEW` and never evicts established flows. A tracked flow keeps its backend whatever
     /// the table says (`new_or_tracked` serves `CT` hits), unless that backend is down; then it
     /// is steered again. `in_ct`: the flow is in `CT` but its backend is down.
+    ///
+    /// LRU maps do not report evictions, so pressure is counted where it shows: a TCP packet
+    /// past the SYN that neither table knows (`ct_lost`), and inserts that fail
+    /// (`ct_insert_failed` for `CT`, `ct_new_insert_failed` for `CT_NEW`).
     #[inline(always)]
     fn choose(
         key: &FlowKey,
@@ -471,6 +482,11 @@ mod prog {
         } else {
             CT_NEW.get_ptr(key).map(|v| unsafe { *v })
         };
+        // Neither table knows the flow, yet the packet is not the one that opens a TCP
+        // connection: its state was lost (LRU eviction, replaced maps) or predates us.
+        if !in_ct && seen.is_none() && key.proto == PROTO_TCP && !syn {
+            count(Counter::CtLost);
+        }
         if let Some(v) = seen {
             if let Some(b) = live_backend(v.backend) {
                 if let Some(s) = backend_stats(v.backend) {
@@ -492,8 +508,14 @@ mod prog {
         let value = CtValue { backend: id, hash };
         let stats = backend_stats(id);
         if in_ct || seen.is_some() {
-            let table = if in_ct { &CT } else { &CT_NEW };
-            let _ = table.insert(key, &value, 0);
+            let (table, failed) = if in_ct {
+                (&CT, Counter::CtInsertFailed)
+            } else {
+                (&CT_NEW, Counter::CtNewInsertFailed)
+            };
+            if table.insert(key, &value, 0).is_err() {
+                count(failed);
+            }
             count(Counter::CtResteered);
             if let Some(s) = stats {
                 s.resteered += 1;
@@ -502,7 +524,7 @@ mod prog {
             if CT_NEW.insert(key, &value, 0).is_ok() {
                 count(Counter::CtNew);
             } else {
-                count(Counter::CtInsertFailed);
+                count(Counter::CtNewInsertFailed);
             }
             if let Some(s) = stats {
                 s.new_flows += 1;

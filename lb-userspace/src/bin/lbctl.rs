@@ -451,6 +451,20 @@ fn print_stats(s: &StatsSnapshot) {
             row(&tag, b.packets, b.bytes, b.new_flows, b.rates);
         }
     }
+    // Connection-table pressure, always shown: a flood shows in `new` (first packets), lost
+    // state in `lost` (packets past the SYN of flows no table knew), full tables in the
+    // insert failures.
+    let c = |name: &str| s.counters.get(name).copied().unwrap_or(0);
+    println!(
+        "\nconnection tables: {} new, {} promoted, {} lost (state evicted or older than the maps), {} re-steered; insert failures: {} established, {} new, {} fragments",
+        si(c("ct_new") as f64),
+        si(c("ct_promoted") as f64),
+        c("ct_lost"),
+        c("ct_resteered"),
+        c("ct_insert_failed"),
+        c("ct_new_insert_failed"),
+        c("frag_insert_failed"),
+    );
     let nonzero: Vec<String> = s
         .counters
         .iter()
@@ -458,7 +472,7 @@ fn print_stats(s: &StatsSnapshot) {
         .map(|(k, v)| format!("{k} {v}"))
         .collect();
     println!(
-        "\ncounters: {}",
+        "counters: {}",
         if nonzero.is_empty() {
             "all zero".to_string()
         } else {
