@@ -176,6 +176,64 @@ fn lbd_rejects_bad_config_with_clear_errors() {
         stderr.contains("is writable by everyone (mode 0666)") && stderr.contains("chmod go-w"),
         "lbd's error for a world-writable config: {stderr}"
     );
+    // So are state directories others could write: the control socket's and pin_dir. Refused
+    // before anything is touched (the interface does not even exist, and is checked later).
+    let shared_run = dir.join("shared-run");
+    std::fs::create_dir_all(&shared_run).unwrap();
+    std::fs::set_permissions(&shared_run, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let foreign_pins =
+        std::path::Path::new("/sys/fs/bpf").join(format!("lbd-bad-{}", std::process::id()));
+    let _ = std::fs::remove_dir(&foreign_pins);
+    std::fs::create_dir(&foreign_pins).unwrap();
+    std::os::unix::fs::chown(&foreign_pins, Some(65534), Some(65534)).unwrap();
+    let state_cases = [
+        (
+            format!(
+                "interface = \"no-such-if0\"\npin_dir = \"\"\ncontrol_socket = \"{}/lbd.sock\"\n",
+                shared_run.display()
+            ),
+            format!(
+                "control_socket directory {} is writable by everyone (mode 0777): lbd acts on it as root; `chmod go-w {}`",
+                shared_run.display(),
+                shared_run.display()
+            ),
+        ),
+        (
+            format!(
+                "interface = \"no-such-if0\"\npin_dir = \"{}\"\ncontrol_socket = \"{}/run/lbd.sock\"\n",
+                foreign_pins.display(),
+                dir.display()
+            ),
+            format!(
+                "pin_dir {} is owned by uid 65534, not root: lbd acts on it as root; `chown root {}`",
+                foreign_pins.display(),
+                foreign_pins.display()
+            ),
+        ),
+    ];
+    for (i, (text, want)) in state_cases.iter().enumerate() {
+        let path = dir.join(format!("state{i}.toml"));
+        std::fs::write(&path, text).unwrap();
+        let out = std::process::Command::new(&lbd)
+            .args(["--config", path.to_str().unwrap()])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(
+            out.status.code(),
+            Some(1),
+            "lbd accepted {text:?}: {stderr}"
+        );
+        assert!(
+            stderr.contains(want.as_str()),
+            "lbd's error for {text:?} should contain {want:?}, got: {stderr}"
+        );
+    }
+    assert!(
+        !dir.join("run").exists(),
+        "refused before the control socket's directory was created"
+    );
+    let _ = std::fs::remove_dir(&foreign_pins);
     let _ = std::fs::remove_dir_all(&dir);
 }
 

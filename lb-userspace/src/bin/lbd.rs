@@ -59,6 +59,7 @@ async fn main() {
 async fn run_balancer(path: &std::path::Path) -> Result<()> {
     lb_userspace::security::check_config_path(path)?;
     let cfg = Config::load(path)?;
+    lb_userspace::security::check_state_dirs(&cfg)?;
     // A missing interface is the likeliest mistake: say so before anything else is set up.
     netif::ifindex(&cfg.interface)?;
     // The control socket and the metrics port next: if either is unusable, fail before the
