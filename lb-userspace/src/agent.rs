@@ -22,6 +22,7 @@ use crate::{
         VipEntry, VipName, VipStatsEntry, VipStatus, MAX_LINE,
     },
     datapath::{ApplyReport, Balancer, VipId},
+    events::{self, Journal},
     health::{HealthConfig, HealthState, HealthStatus, ProbeReport, ProbeTarget, Prober},
     model::{self, table_weight, BackendDecision, BackendInput, PolicyState, Sample, Window},
 };
@@ -371,12 +372,19 @@ pub struct Agent {
     started: Instant,
     /// Locked after `state` when both are needed.
     probes: std::sync::Mutex<Probes>,
+    /// What happened, for `lbctl status` (see [`crate::events`]).
+    events: Arc<Journal>,
 }
 
 impl Agent {
     /// Takes over a loaded, attached balancer that `config` (read from `config_path`) was
     /// applied to.
-    pub fn new(config_path: &Path, config: Config, lb: Balancer) -> Arc<Self> {
+    pub fn new(
+        config_path: &Path,
+        config: Config,
+        lb: Balancer,
+        events: Arc<Journal>,
+    ) -> Arc<Self> {
         let file_text = fs::read_to_string(config_path).ok();
         let health = sync_health(&HealthMap::new(), &config);
         let (learning, learned) = sync_learning(&LearnMap::new(), &Learned::new(), &config);
@@ -393,7 +401,13 @@ impl Agent {
             config_path: config_path.to_path_buf(),
             started: Instant::now(),
             probes: std::sync::Mutex::new(Probes::default()),
+            events,
         })
+    }
+
+    /// The journal `lbctl status` shows.
+    pub fn events(&self) -> &Arc<Journal> {
+        &self.events
     }
 
     /// Starts health checking (needs the tokio runtime): a probe task per backend of every VIP
@@ -496,6 +510,16 @@ impl Agent {
                 "backend up: full weight"
             ),
         }
+        let failures = h.state.consecutive_failures();
+        self.events.health(
+            &name.to_string(),
+            addr,
+            before,
+            after,
+            error,
+            failures,
+            result.latency_ms(),
+        );
         match st.reapply() {
             Ok(r) => {
                 for (vip, moved, generation) in &r.tables {
@@ -669,6 +693,9 @@ impl Agent {
             );
         }
         let prev = st.config.clone();
+        let _busy =
+            self.events
+                .begin_change("reload (SIGHUP)", st.file_text.as_deref(), Some(&text));
         let health = sync_health(&st.health, &new);
         let (learning, learned) = sync_learning(&st.learning, &st.learned, &new);
         match apply_datapath(&mut st.lb, &new, &health, &learned) {
@@ -696,7 +723,16 @@ impl Agent {
             Request::ModelShow { vip } => self.model_show(vip.as_deref()).await,
             Request::Stats => self.snapshot().await.map(Response::ok),
             Request::Status => self.status().await.map(Response::ok),
-            other => self.change(other).await.map(Response::ok),
+            other => {
+                let r = self.change(other).await;
+                if let Err(e) = &r {
+                    self.events.record(
+                        events::change_failure_kind(e),
+                        format!("lbctl change: {e:#}"),
+                    );
+                }
+                r.map(Response::ok)
+            }
         };
         result.unwrap_or_else(|e| Response::error(format!("{e:#}")))
     }
@@ -847,6 +883,7 @@ impl Agent {
             config_file: self.config_path.display().to_string(),
             control_socket: st.config.control_socket.display().to_string(),
             metrics_listen: st.config.metrics_listen.to_string(),
+            events: self.events.recent(),
             vips: st
                 .lb
                 .vips()
@@ -883,22 +920,28 @@ impl Agent {
                 if on_disk.is_none() { "cannot be read" } else { "edited" }
             );
         }
+        let next_text = next.to_toml().ok();
+        let _busy =
+            self.events
+                .begin_change(&message, st.file_text.as_deref(), next_text.as_deref());
         let health = sync_health(&st.health, &next);
         let (learning, learned) = sync_learning(&st.learning, &st.learned, &next);
         let report = match apply_datapath(&mut st.lb, &next, &health, &learned) {
             Ok(r) => r,
             Err(e) => {
                 rollback(&mut st.lb, &prev, &st.health, &st.learned);
-                return Err(e.context("the datapath rejected the change; nothing changed"));
+                return Err(e.context(events::RolledBack(
+                    "the datapath rejected the change; nothing changed",
+                )));
             }
         };
         let written = match persist(&self.config_path, &next) {
             Ok(t) => t,
             Err(e) => {
                 rollback(&mut st.lb, &prev, &st.health, &st.learned);
-                return Err(e.context(
+                return Err(e.context(events::RolledBack(
                     "the change was rolled back because the configuration file could not be written",
-                ));
+                )));
             }
         };
         st.config = next;

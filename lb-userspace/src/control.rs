@@ -387,6 +387,10 @@ pub struct Status {
     pub control_socket: String,
     pub metrics_listen: String,
     pub vips: Vec<VipStatus>,
+    /// What happened to lbd recently, oldest first (at most [`crate::events::KEPT`]): how it
+    /// started, faults it saw or recovered from, backends going down or up, refused changes.
+    #[serde(default)]
+    pub events: Vec<crate::events::Event>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

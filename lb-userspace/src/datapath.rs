@@ -404,6 +404,9 @@ pub struct Balancer {
     seen_drop_fib: u64,
     /// What `load` found pinned.
     pins: PinReport,
+    /// Where `apply` notes the table it is writing, so that the next lbd can tell whether a
+    /// crash cut a write short (see [`crate::events`]).
+    journal: Option<std::sync::Arc<crate::events::Journal>>,
 }
 
 impl Balancer {
@@ -467,6 +470,7 @@ impl Balancer {
             logger,
             seen_drop_fib: 0,
             pins,
+            journal: None,
         };
         if lb.resumed {
             lb.restore()
@@ -491,6 +495,12 @@ impl Balancer {
     /// What `load` found in the pin directory and did about it.
     pub fn pin_report(&self) -> &PinReport {
         &self.pins
+    }
+
+    /// Lets `apply` note every table write in lbd's run-state file before it starts and after
+    /// it is published.
+    pub fn set_journal(&mut self, journal: std::sync::Arc<crate::events::Journal>) {
+        self.journal = Some(journal);
     }
 
     /// Rebuilds the agent's view (VIP ids, backend ids, table regions, tables) from the maps,
@@ -818,6 +828,14 @@ impl Balancer {
                 // after it (the chaos tests SIGKILL lbd between the two).
                 tracing::debug!(vip = %st.config.name(), slots = st.table.len(), offset = r.offset,
                     generation = st.generation, "writing table");
+                if let Some(j) = &self.journal {
+                    j.table_write(Some(crate::events::TableWrite {
+                        vip: st.config.name(),
+                        generation: st.generation,
+                        slots: st.table.len() as u32,
+                        offset: r.offset,
+                    }));
+                }
                 for (i, slot) in st.table.iter().enumerate() {
                     self.maps
                         .ring
@@ -838,6 +856,9 @@ impl Balancer {
                     .insert(vip_key(&st.config), meta, 0)
                     .context("writing VIPS")?;
                 tracing::debug!(vip = %st.config.name(), generation = st.generation, "table published");
+                if let Some(j) = &self.journal {
+                    j.table_write(None);
+                }
             }
         }
 
@@ -923,20 +944,32 @@ impl Balancer {
             .sum();
         let grew = drops > self.seen_drop_fib;
         self.seen_drop_fib = drops;
-        let Some((ifname, _, _)) = &self.interface else {
-            return Ok(false);
-        };
-        if !grew {
+        if self.interface.is_none() || !grew {
             return Ok(false);
         }
+        self.resolve_next_hops();
+        Ok(true)
+    }
+
+    /// Asks the kernel again to keep every backend's next hop resolved (managed neighbour
+    /// entries), now. lbd calls it when the interface comes back up, since taking it down
+    /// flushed those entries. Returns how many backends' next hops were (re)requested.
+    pub fn resolve_next_hops(&self) -> usize {
+        let Some((ifname, _, _)) = &self.interface else {
+            return 0;
+        };
+        let mut n = 0;
         for v in self.vips.values() {
             for b in &v.backends {
-                if let Err(e) = netif::ensure_neighbour(ifname, b.address) {
-                    tracing::debug!(backend = %b.address, "cannot resolve the next hop yet: {e:#}");
+                match netif::ensure_neighbour(ifname, b.address) {
+                    Ok(()) => n += 1,
+                    Err(e) => {
+                        tracing::debug!(backend = %b.address, "cannot resolve the next hop yet: {e:#}")
+                    }
                 }
             }
         }
-        Ok(true)
+        n
     }
 
     /// The VIPs as applied.

@@ -6,6 +6,7 @@ pub mod config;
 pub mod control;
 pub mod datapath;
 pub mod decap;
+pub mod events;
 pub mod health;
 pub mod metrics;
 pub mod model;

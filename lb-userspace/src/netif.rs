@@ -13,6 +13,55 @@ pub fn ifindex(name: &str) -> Result<u32> {
     Ok(idx)
 }
 
+/// An interface's state as lbd watches it: administratively up, and running (carrier).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LinkState {
+    pub up: bool,
+    pub running: bool,
+}
+
+impl LinkState {
+    /// Whether packets can arrive: up and with carrier.
+    pub fn is_usable(self) -> bool {
+        self.up && self.running
+    }
+}
+
+/// The state of interface `name` (SIOCGIFFLAGS). An ioctl rather than /sys/class/net: sysfs
+/// shows the network namespace it was mounted in, the ioctl the caller's (lbd may be started
+/// with `nsenter --net`).
+pub fn link_state(name: &str) -> Result<LinkState> {
+    let c = CString::new(name).map_err(|_| anyhow!("interface: {name:?} is not a valid name"))?;
+    let bytes = c.as_bytes_with_nul();
+    if bytes.len() > libc::IFNAMSIZ {
+        bail!("interface: {name:?} is longer than an interface name can be");
+    }
+    // SAFETY: plain socket(2); closed below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error()).context("socket for SIOCGIFFLAGS");
+    }
+    // SAFETY: ifreq is a plain C struct; all-zero is valid.
+    let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (d, s) in ifr.ifr_name.iter_mut().zip(bytes) {
+        *d = *s as libc::c_char;
+    }
+    // SAFETY: `ifr` is a valid ifreq naming the interface; the kernel fills ifru_flags.
+    let rc = unsafe { libc::ioctl(fd, libc::SIOCGIFFLAGS as _, &mut ifr) };
+    let err = std::io::Error::last_os_error();
+    // SAFETY: closing the socket opened above.
+    unsafe { libc::close(fd) };
+    if rc != 0 {
+        return Err(err).with_context(|| format!("reading the flags of interface {name}"));
+    }
+    // SAFETY: after SIOCGIFFLAGS the union holds the flags.
+    let flags = i32::from(unsafe { ifr.ifr_ifru.ifru_flags });
+    Ok(LinkState {
+        up: flags & libc::IFF_UP != 0,
+        running: flags & libc::IFF_RUNNING != 0,
+    })
+}
+
 /// `bpf_fib_lookup` answers only for interfaces with forwarding enabled.
 pub fn enable_forwarding(name: &str) -> Result<()> {
     for path in [
@@ -103,4 +152,18 @@ pub fn ensure_neighbour(ifname: &str, addr: IpAddr) -> Result<()> {
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loopback_is_up_and_unknown_names_are_errors() {
+        let lo = link_state("lo").expect("lo exists");
+        assert!(lo.up, "{lo:?}");
+        let e = link_state("no-such-if9").unwrap_err();
+        assert!(format!("{e:#}").contains("no-such-if9"), "{e:#}");
+        assert!(link_state("a-name-much-too-long-for-linux").is_err());
+    }
 }

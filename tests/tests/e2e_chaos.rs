@@ -1,11 +1,16 @@
 //! Chaos: faults under load, each with the recovery it must show and the flows it must not lose.
 //!
 //! * `sigkill_mid_table_write_never_publishes_a_half_table`: lbd is SIGKILLed while it writes a
-//!   1048573-slot table into the ring pool. The datapath keeps serving (no reset, every new
-//!   connection succeeds while lbd is dead), the VIP entry still points at a complete table of
-//!   live backends, and a new lbd resumes from the pins and applies changes again.
-//! * `map_pins_removed_under_the_link_recover`: with lbd stopped, the map pins are removed but
-//!   the link pin is left; a new lbd creates fresh maps and swaps its program into the link.
+//!   1048573-slot table into the ring pool (an `lbctl backend set-weight` in progress). The
+//!   datapath keeps serving (no reset, every new connection succeeds while lbd is dead), the VIP
+//!   entry still points at a complete table of live backends, the configuration file is whole
+//!   (the old one, or the new one if the change had been saved), and a new lbd resumes from the
+//!   pins and applies changes again.
+//! * `map_pins_removed_under_the_link_recover`: with lbd stopped, an older build's COUNTERS pin
+//!   is replaced alone (connection tables kept); then part of the map pins are removed (the
+//!   rest is dropped, fresh maps: established flows keep their backend, and count `ct_lost`);
+//!   then every map pin is removed but the link pin is left; a new lbd creates fresh maps and
+//!   swaps its program into the link.
 //! * `stale_pins_of_other_sizes_are_refused_naming_cleanup`: pins made with conntrack_size 4096
 //!   are refused by an lbd configured with 8192, with the exact message naming `lbd cleanup`;
 //!   after `lbd cleanup` it starts and traffic flows.
@@ -15,6 +20,11 @@
 //! * `backend_namespace_deleted_under_load`: a backend's namespace disappears while a client
 //!   opens connections; health checks (200 ms, fall 2) take it down within 1.5 s, then every new
 //!   connection succeeds and long-lived connections on the other backends see no reset.
+//!
+//! After each fault the test also asserts that `lbctl status` says what happened (the event
+//! in `--json` and on a line of the text's "recent events"): the kill and the unfinished table
+//! write and change, the pins found missing or from an older build, the failed start, the
+//! interface going down and up, the backend going down.
 //!
 //! lbd runs with `nsenter --net` (root mount namespace: pins land in the host's /sys/fs/bpf),
 //! each test with its own pin_dir, control socket and scratch directory, all removed by
@@ -263,6 +273,72 @@ impl Fixture {
         xdp_attached(self.lab.lb().ns())
     }
 
+    /// `lbctl status --json`'s events and `lbctl status`'s text.
+    fn status_events(&self) -> (Vec<Value>, String) {
+        let json: Value = serde_json::from_str(&lbctl_ok(&self.socket, &["status", "--json"]))
+            .expect("status JSON");
+        let text = lbctl_ok(&self.socket, &["status"]);
+        (json["events"].as_array().expect("events").clone(), text)
+    }
+
+    /// The message of the event of `kind` that mentions every one of `words`, asserted to be
+    /// in `lbctl status --json` (with a current wall-clock time) and, on one line with its
+    /// kind, in the "recent events" of `lbctl status`.
+    fn expect_event(&self, kind: &str, words: &[&str]) -> String {
+        let (events, text) = self.status_events();
+        let found = events.iter().find(|e| {
+            e["kind"] == kind
+                && words
+                    .iter()
+                    .all(|w| e["message"].as_str().unwrap_or("").contains(w))
+        });
+        let e = found.unwrap_or_else(|| {
+            panic!("no {kind:?} event mentioning {words:?} in lbctl status --json: {events:#?}")
+        });
+        let msg = e["message"].as_str().unwrap().to_string();
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64;
+        let at = e["timestamp_ms"].as_u64().expect("timestamp_ms");
+        assert!(
+            at <= now_ms && now_ms - at < 600_000,
+            "event time {at} is not within the last 10 minutes of {now_ms}: {e}"
+        );
+        let time = e["time"].as_str().unwrap();
+        assert!(
+            time.ends_with('Z') && time.len() == 24,
+            "RFC 3339 UTC: {time}"
+        );
+        assert!(
+            text.contains("recent events")
+                && text.lines().any(|l| l.contains(kind) && l.contains(&msg)),
+            "lbctl status does not show the {kind} event {msg:?}:\n{text}"
+        );
+        msg
+    }
+
+    /// Kinds of the events `lbctl status --json` shows.
+    fn event_kinds(&self) -> Vec<String> {
+        self.status_events()
+            .0
+            .iter()
+            .map(|e| e["kind"].as_str().unwrap().to_string())
+            .collect()
+    }
+
+    /// A datapath counter from `lbctl stats --json`.
+    fn counter(&self, name: &str) -> u64 {
+        let v: Value = serde_json::from_str(&lbctl_ok(
+            &self.socket,
+            &["stats", "--json", "--interval", "0.1"],
+        ))
+        .expect("stats JSON");
+        v["counters"][name]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no counter {name}: {v}"))
+    }
+
     fn prog_id(&self) -> Option<String> {
         let s = self
             .lab
@@ -455,6 +531,16 @@ fn sigkill_mid_table_write_never_publishes_a_half_table() {
             count(&log_before, "table published"),
         );
         let weight = (attempt + 2).to_string();
+        // The file as lbd last wrote it, and what it would be with this change saved.
+        let cfg_before = lb_userspace::Config::load(&fx.config()).expect("config before");
+        let mut cfg_changed = cfg_before.clone();
+        cfg_changed.vips[0]
+            .backends
+            .iter_mut()
+            .find(|b| b.address.to_string() == b0)
+            .expect("backend0 configured")
+            .weight = attempt as u32 + 2;
+        let killed_pid = fx.lbd.as_ref().expect("lbd running").id();
         let mut change = Command::new(bin("lbctl"))
             .arg("--socket")
             .arg(&fx.socket)
@@ -479,6 +565,25 @@ fn sigkill_mid_table_write_never_publishes_a_half_table() {
         println!(
             "attempt {attempt}: writing began {started_writing:?} after set-weight, SIGKILL {delay_ms} ms later: {}",
             if mid_write { "mid-write" } else { "after publishing" }
+        );
+        // The configuration file is whole: the old or the new one (replaced by a rename),
+        // never a mix; the old one as long as the table was not even published.
+        let text = fs::read_to_string(fx.config()).expect("config file after the SIGKILL");
+        let after = lb_userspace::Config::parse(&text).unwrap_or_else(|e| {
+            panic!("the config file is not valid after the SIGKILL ({e}):\n{text}")
+        });
+        let saved = after == cfg_changed;
+        assert!(
+            after == cfg_before || saved,
+            "the config file is neither the old nor the new configuration:\n{text}"
+        );
+        assert!(
+            !(mid_write && saved),
+            "the change was saved although its table was never published"
+        );
+        println!(
+            "  config file after the kill: {} configuration, parses",
+            if saved { "the new" } else { "the old" }
         );
 
         // lbd is dead: the datapath serves on its own.
@@ -535,6 +640,25 @@ fn sigkill_mid_table_write_never_publishes_a_half_table() {
         let status: Value = serde_json::from_str(&lbctl_ok(&fx.socket, &["status", "--json"]))
             .expect("status JSON");
         assert_eq!(status["vips"][0]["table_size"], BIG_TABLE, "{status}");
+        // lbctl status says what happened: the kill, and what the killed lbd left unfinished.
+        let pid = format!("previous lbd (pid {killed_pid},");
+        let mut words = vec![pid.as_str(), "stopped without cleanup (killed?)"];
+        if mid_write {
+            words.extend([
+                "it was writing the table of vip 10.200.100.1:80/tcp",
+                "that write was never published",
+                "the unfinished table write was discarded",
+                "a change was in progress (backend 10.200.0.11 of vip 10.200.100.1:80/tcp: weight ",
+                "holds the configuration from before the change (it had not been saved)",
+                "state rebuilt from the pins",
+            ]);
+        }
+        let unclean = fx.expect_event("unclean_stop", &words);
+        fx.expect_event(
+            "start",
+            &["started (restored from pins)", "1 VIPs, 3 backends"],
+        );
+        println!("  lbctl status: {unclean}");
         println!("  restart: serving lbctl after {restart:?} ({since_kill:?} after the SIGKILL)");
         intact(&mut long, &[], "after the restart");
         if mid_write {
@@ -571,6 +695,99 @@ fn map_pins_removed_under_the_link_recover() {
     let mut long = LongLived::open(fx.lab.client().ns(), vip(), 60, Duration::from_secs(3))
         .expect("opening long-lived connections");
     intact(&mut long, &[], "at the start");
+    fx.expect_event("start", &["started (fresh)", "fresh maps pinned in"]);
+
+    // 1. An older build's COUNTERS (one slot per counter, 17 then) is replaced alone: the
+    //    connection tables are taken over, only the counters restart.
+    fx.stop_lbd();
+    let counters_pin = fx.pin_dir.join("COUNTERS");
+    fs::remove_file(&counters_pin).unwrap();
+    let out = Command::new("bpftool")
+        .args(["map", "create"])
+        .arg(&counters_pin)
+        .args([
+            "type",
+            "percpu_array",
+            "key",
+            "4",
+            "value",
+            "8",
+            "entries",
+            "17",
+            "name",
+            "COUNTERS",
+        ])
+        .output()
+        .expect("running bpftool (cargo xtask setup installs it)");
+    assert!(out.status.success(), "bpftool map create: {out:?}");
+    fx.start_lbd();
+    assert!(fx.log().contains("resumed=true"), "{}", fx.log());
+    let info = aya::maps::MapInfo::from_pin(&counters_pin).unwrap();
+    assert_eq!(
+        info.max_entries(),
+        lb_common::COUNTER_SLOTS,
+        "COUNTERS replaced"
+    );
+    assert_eq!(
+        fx.event_kinds()
+            .iter()
+            .filter(|k| *k == "unclean_stop")
+            .count(),
+        0
+    );
+    let replaced = fx.expect_event(
+        "counters_replaced",
+        &[
+            "has 17 slots (another build)",
+            "counters restart from zero",
+            "connection tables were kept",
+        ],
+    );
+    fx.expect_event(
+        "start",
+        &["started (restored from pins)", "connection tables kept"],
+    );
+    let kept = intact(&mut long, &[], "after replacing the old COUNTERS");
+    assert_eq!(
+        fx.counter("ct_lost"),
+        0,
+        "CT was kept: no established flow lost its state"
+    );
+    println!("old COUNTERS: {replaced}; {kept} long-lived, zero resets, ct_lost 0");
+
+    // 2. Part of the set removed (VIPS and CT): the rest cannot be taken over consistently, so
+    //    it goes too and every map starts fresh.
+    fx.stop_lbd();
+    for m in ["VIPS", "CT"] {
+        fs::remove_file(fx.pin_dir.join(m)).unwrap();
+    }
+    let took = fx.start_lbd();
+    assert!(fx.log().contains("resumed=false"), "{}", fx.log());
+    let partial = fx.expect_event(
+        "pins_missing",
+        &[
+            "pinned maps missing in",
+            "VIPS, CT",
+            "the rest were removed",
+            "created fresh maps",
+        ],
+    );
+    fx.expect_event("start", &["started (fresh)"]);
+    let counts = fx.all_new_succeed(100, "after a partial pin set");
+    assert_eq!(counts.len(), 3, "{counts:?}");
+    let kept = intact(&mut long, &[], "after a partial pin set");
+    // Their state went with the old maps: each established connection's next packet found
+    // neither table (and went, by the identical table, to the same backend).
+    let lost = fx.counter("ct_lost");
+    assert!(
+        lost >= kept as u64,
+        "ct_lost {lost}: each of the {kept} long-lived connections lost its state"
+    );
+    println!(
+        "partial pins ({took:?}): {partial}; {kept} long-lived kept their backend, ct_lost {lost}"
+    );
+
+    // 3. Every map pin removed, the link pin left.
     fx.stop_lbd();
     let prog_before = fx.prog_id();
     let mut removed = Vec::new();
@@ -599,6 +816,21 @@ fn map_pins_removed_under_the_link_recover() {
         prog_before, prog_after,
         "the new program must be swapped into the pinned link"
     );
+    let missing = fx.expect_event(
+        "pins_missing",
+        &[
+            "no pinned maps in",
+            "the pinned XDP link was there",
+            "created fresh maps",
+            "Tracked connections were forgotten",
+        ],
+    );
+    fx.expect_event(
+        "start",
+        &["started (fresh)", "replaced in place (no detach)"],
+    );
+    // lbd was stopped cleanly each time: no unclean stop reported.
+    assert!(!fx.event_kinds().contains(&"unclean_stop".to_string()));
     let t = Instant::now();
     let counts = fx.all_new_succeed(200, "after recovery");
     assert_eq!(counts.len(), 3, "{counts:?}");
@@ -606,7 +838,7 @@ fn map_pins_removed_under_the_link_recover() {
     let kept = intact(&mut long, &[], "after recovery with fresh maps");
     println!(
         "map pins removed ({}), link kept: lbd recovered in {took:?} (prog {prog_before:?} -> {prog_after:?}); \
-         200/200 new in {:?} {counts:?}; {kept} long-lived, zero resets",
+         200/200 new in {:?} {counts:?}; {kept} long-lived, zero resets; lbctl status: {missing}",
         removed.len(),
         t.elapsed()
     );
@@ -656,6 +888,18 @@ fn stale_pins_of_other_sizes_are_refused_naming_cleanup() {
     let took = fx.start_lbd();
     let counts = fx.all_new_succeed(200, "after cleanup and start");
     assert_eq!(counts.len(), 3, "{counts:?}");
+    // lbctl status says why the last start failed, and how this one began.
+    let why = fx.expect_event(
+        "previous_start_failed",
+        &[
+            "exited with an error",
+            "/CT has key/value size",
+            "`lbd cleanup`",
+        ],
+    );
+    fx.expect_event("start", &["started (fresh)", "fresh maps pinned in"]);
+    assert!(!fx.event_kinds().contains(&"unclean_stop".to_string()));
+    println!("lbctl status: {why}");
     println!("stale pins refused in {refused:?}; after cleanup started in {took:?}; {counts:?}");
 }
 
@@ -701,14 +945,27 @@ fn interface_flap_keeps_xdp_and_flows() {
     let since_up = up_at.elapsed();
     let counts = fx.all_new_succeed(200, "after the flap");
     intact(&mut long, &[], "after the flap");
-    assert!(lbctl(&fx.socket, &["status"]).status.success());
-    // The flap flushed the managed neighbour entries: lbd saw drop_fib grow and resolved them
-    // again (without that, every backend stays blackholed until the next change).
-    let log = fx.log();
-    assert!(
-        log.contains("resolved the backends' next hops again"),
-        "lbd did not re-resolve the next hops:\n{log}"
+    // The flap flushed the managed neighbour entries: lbd saw eth0 come back and resolved
+    // them again (without that, every backend stays blackholed until the next change), and
+    // lbctl status says so, in order.
+    let down = fx.expect_event(
+        "interface_down",
+        &[
+            "interface eth0 went down (administratively down)",
+            "XDP stays attached",
+        ],
     );
+    let up = fx.expect_event(
+        "interface_up",
+        &[
+            "interface eth0 is up again",
+            "next hops of 3 backends re-resolved",
+        ],
+    );
+    let kinds = fx.event_kinds();
+    let pos = |k: &str| kinds.iter().position(|x| x == k).unwrap();
+    assert!(pos("interface_down") < pos("interface_up"), "{kinds:?}");
+    println!("lbctl status: {down} / {up}");
     println!(
         "flap 1 s: 100 long-lived echoed {:?} after up (zero resets); first new connection ok {first_new:?} \
          after polling began; 200/200 new ok within {since_up:?} of up {counts:?}",
@@ -840,7 +1097,15 @@ fn backend_namespace_deleted_under_load() {
             .any(|line| line.contains(&b0) && line.contains("down")),
         "{text}"
     );
-    assert!(lbctl(&fx.socket, &["status"]).status.success());
+    // lbctl status says which backend went down, why, and what that did.
+    let event = fx.expect_event(
+        "backend_down",
+        &[
+            &format!("backend {b0} of vip {VIP} down (was up) after 2 failed probes in a row"),
+            "its established flows are steered to other backends",
+        ],
+    );
+    println!("lbctl status: {event}");
     let counts = fx.all_new_succeed(200, "after backend0 is down");
     assert!(!counts.contains_key("backend0"), "{counts:?}");
     println!(

@@ -792,6 +792,34 @@ fn bad_input_is_refused_with_the_fix_and_changes_nothing() {
     assert_eq!(json(&sock, &["backend", "list"]), backends);
     assert_eq!(fs::read(&lbd.config).unwrap(), file);
     println!("{checked} bad inputs refused, state unchanged after each");
+    // lbctl status keeps the changes lbd refused (not the command lines lbctl itself rejected).
+    let st = json(&sock, &["status"]);
+    let refused: Vec<&str> = st["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["kind"] == "change_refused")
+        .map(|e| e["message"].as_str().unwrap())
+        .collect();
+    let want = "lbctl change: vip[0] (10.200.100.1:80/tcp): backend[1] (10.200.0.12): weight 10001 is out of range; use 0 to 10000";
+    assert!(refused.contains(&want), "{refused:#?}");
+    assert!(
+        refused
+            .iter()
+            .any(|m| m.contains("backend address \"ten\": not an IP address")),
+        "{refused:#?}"
+    );
+    assert!(
+        !refused.iter().any(|m| m.contains("10.200.100.2:80\"")),
+        "{refused:#?}"
+    );
+    let text = lbctl(&sock, &["status"]);
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        text.lines()
+            .any(|l| l.contains("change_refused") && l.contains(want)),
+        "{text}"
+    );
 
     // lbd's own startup errors: non-zero exit, the message names the field and the fix.
     let lbd_bin = bin_path("lbd");

@@ -390,19 +390,23 @@ fn print_status(s: &Status) {
     println!("metrics    http://{}/metrics", s.metrics_listen);
     if s.vips.is_empty() {
         println!("no VIPs configured");
-        return;
-    }
-    println!(
-        "\n{:<32} {:>10} {:>10} {:>8}",
-        "VIP", "GENERATION", "TABLE_SIZE", "BACKENDS"
-    );
-    for v in &s.vips {
+    } else {
         println!(
-            "{:<32} {:>10} {:>10} {:>8}",
-            v.vip, v.generation, v.table_size, v.backends
+            "\n{:<32} {:>10} {:>10} {:>8}",
+            "VIP", "GENERATION", "TABLE_SIZE", "BACKENDS"
         );
+        for v in &s.vips {
+            println!(
+                "{:<32} {:>10} {:>10} {:>8}",
+                v.vip, v.generation, v.table_size, v.backends
+            );
+        }
     }
+    print!("{}", lb_userspace::events::format_recent(s, STATUS_EVENTS));
 }
+
+/// Events `lbctl status` prints (the JSON has every one lbd keeps).
+const STATUS_EVENTS: usize = 20;
 
 /// 1234567 -> "1.23M".
 fn si(x: f64) -> String {

@@ -4,20 +4,27 @@
 //! every VIP's Maglev table and keeps running until SIGINT or SIGTERM; SIGHUP re-reads the
 //! configuration and applies the difference (a rejected file changes nothing). While running it
 //! serves `lbctl` on its control socket (every accepted change is applied and written back to
-//! the configuration file) and Prometheus metrics on `metrics_listen`.
+//! the configuration file) and Prometheus metrics on `metrics_listen`. What happens to it (how
+//! it started, what a killed predecessor left unfinished, interface flaps, backends going down)
+//! is kept for `lbctl status` (see `lb_userspace::events`).
 //! `lbd decap --interface IF --vip ADDR...` runs on a backend host instead: it attaches the
 //! decapsulation program so the host accepts IP-in-IP for its VIPs without a tunnel device.
 use anyhow::{Context as _, Result};
 use clap::Parser as _;
 use lb_userspace::{
-    agent::{Agent, ControlSocket},
+    agent::{xdp_mode_name, Agent, ControlSocket},
     cli::{LbdCli as Cli, LbdCommand as Command},
     config::XdpMode,
+    events::{self, Journal, Kind},
     metrics, netif, notify, Balancer, Config, Decap, LoadOptions,
 };
-use std::net::IpAddr;
+use std::{
+    net::IpAddr,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 use tokio::signal::unix::{signal, SignalKind};
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
@@ -56,7 +63,19 @@ async fn main() {
     }
 }
 
+/// Runs the balancer; whatever the outcome, leaves lbd's run-state file saying how it ended
+/// (removed on a clean exit, the error on a failed one), for the next lbd's journal.
 async fn run_balancer(path: &std::path::Path) -> Result<()> {
+    let journal = Arc::new(Journal::new());
+    let result = balance(path, &journal).await;
+    match &result {
+        Ok(()) => journal.clean_exit(),
+        Err(e) => journal.exit_failed(&format!("{e:#}")),
+    }
+    result
+}
+
+async fn balance(path: &std::path::Path, journal: &Arc<Journal>) -> Result<()> {
     lb_userspace::security::check_config_path(path)?;
     let cfg = Config::load(path)?;
     lb_userspace::security::check_state_dirs(&cfg)?;
@@ -65,8 +84,14 @@ async fn run_balancer(path: &std::path::Path) -> Result<()> {
     // The control socket and the metrics port next: if either is unusable, fail before the
     // datapath is touched.
     let control = ControlSocket::bind(&cfg)?;
+    // No other lbd serves this socket now: what the run-state file holds is the last one's.
+    let previous = journal.begin_run(&events::state_path(control.path()))?;
     let metrics_listener = metrics::bind(cfg.metrics_listen).await?;
     let mut lb = Balancer::load(LoadOptions::from(&cfg))?;
+    lb.set_journal(journal.clone());
+    // As found in the pins, before this lbd writes anything: tells whether a table write the
+    // previous lbd was killed in had been published.
+    let restored_generations = lb.vips().map(|v| (v.config.name(), v.generation)).collect();
     // The datapath's rare events (aya-log records) go to lbd's log.
     if let Some(logger) = lb.take_logger() {
         // SAFETY: the logger owns its ring buffer's fd, which stays open and the same for as
@@ -98,11 +123,25 @@ async fn run_balancer(path: &std::path::Path) -> Result<()> {
         metrics = %cfg.metrics_listen,
         "lbd ready"
     );
+    events::record_start(
+        journal,
+        &events::StartFacts {
+            pins: lb.pin_report(),
+            interface: &cfg.interface,
+            xdp_mode: xdp_mode_name(mode),
+            vips: cfg.vips.len(),
+            backends: cfg.vips.iter().map(|v| v.backends.len()).sum(),
+            restored_generations: &restored_generations,
+            config_text: std::fs::read_to_string(path).ok().as_deref(),
+            previous: previous.as_ref(),
+        },
+    );
     notify::balancer_ready(&cfg);
     let _watchdog = notify::spawn_watchdog();
+    let interface = cfg.interface.clone();
     // From here on the agent owns the balancer and the configuration: lbctl changes, SIGHUP
     // reloads and metrics scrapes go through it one at a time.
-    let agent = Agent::new(path, cfg, lb);
+    let agent = Agent::new(path, cfg, lb, journal.clone());
     // Health checks of the VIPs with [vip.health]; their transitions re-apply the datapath.
     agent.start_health().await?;
     let control_task = tokio::spawn(control.serve(agent.clone()));
@@ -111,14 +150,29 @@ async fn run_balancer(path: &std::path::Path) -> Result<()> {
     let mut int = signal(SignalKind::interrupt())?;
     let mut hup = signal(SignalKind::hangup())?;
     // Next hops flushed under the datapath (an interface flap) are resolved again within 1 s.
-    let mut heal = tokio::time::interval(std::time::Duration::from_secs(1));
+    let mut heal = tokio::time::interval(Duration::from_secs(1));
+    let mut heals = HealEvents::default();
+    // The interface's state, for the journal, and to resolve next hops as soon as it is back.
+    let mut link_tick = tokio::time::interval(Duration::from_millis(250));
+    let mut link = netif::link_state(&interface).ok();
     loop {
         tokio::select! {
             _ = heal.tick() => {
                 match agent.with_balancer(|lb, _| lb.heal_next_hops()).await {
-                    Ok(true) => info!("the datapath dropped packets for want of a next hop: resolved the backends' next hops again"),
+                    Ok(true) => {
+                        info!("the datapath dropped packets for want of a next hop: resolved the backends' next hops again");
+                        heals.healed(journal);
+                    }
                     Ok(false) => {}
                     Err(e) => error!("checking the datapath's next hops: {e:#}"),
+                }
+            }
+            _ = link_tick.tick() => {
+                if let Ok(now) = netif::link_state(&interface) {
+                    if link != Some(now) {
+                        on_link_change(&agent, journal, &interface, now).await;
+                        link = Some(now);
+                    }
                 }
             }
             _ = term.recv() => break,
@@ -137,8 +191,15 @@ async fn run_balancer(path: &std::path::Path) -> Result<()> {
                             backends_removed = r.backends_removed,
                             "configuration reloaded"
                         );
+                        journal.record(Kind::Reloaded, format!(
+                            "configuration reloaded (SIGHUP): {} VIPs added, {} removed; {} backends added, {} removed; {} tables changed",
+                            r.vips_added, r.vips_removed, r.backends_added, r.backends_removed, r.tables.len()
+                        ));
                     }
-                    Err(e) => error!("{e:#}"),
+                    Err(e) => {
+                        error!("{e:#}");
+                        journal.record(Kind::ReloadRefused, format!("{e:#}"));
+                    }
                 }
                 notify::balancer_ready(&agent.config().await);
             }
@@ -150,7 +211,6 @@ async fn run_balancer(path: &std::path::Path) -> Result<()> {
     metrics_task.abort();
     let _ = control_task.await;
     let _ = metrics_task.await;
-    let interface = agent.config().await.interface;
     agent
         .with_balancer(|lb, _| {
             match lb.pin_dir() {
@@ -164,6 +224,68 @@ async fn run_balancer(path: &std::path::Path) -> Result<()> {
         })
         .await?;
     Ok(())
+}
+
+/// Next-hop re-resolutions for the journal: the first is recorded, repeats at most once a
+/// minute with their count, so an unreachable backend cannot push every other event out.
+#[derive(Default)]
+struct HealEvents {
+    last: Option<Instant>,
+    since: u32,
+}
+
+impl HealEvents {
+    fn healed(&mut self, journal: &Journal) {
+        self.since += 1;
+        if self
+            .last
+            .is_some_and(|t| t.elapsed() < Duration::from_secs(60))
+        {
+            return;
+        }
+        let repeats = if self.since > 1 {
+            format!(" ({} times since the last such event)", self.since)
+        } else {
+            String::new()
+        };
+        journal.record(
+            Kind::NextHopsResolved,
+            format!("the datapath dropped packets for want of a next hop (drop_fib grew): resolved the backends' next hops again{repeats}"),
+        );
+        self.last = Some(Instant::now());
+        self.since = 0;
+    }
+}
+
+/// The interface went down or came back: journal it; when back, ask for every backend's next
+/// hop at once (going down flushed the neighbour entries) instead of waiting for drops.
+async fn on_link_change(agent: &Agent, journal: &Journal, ifname: &str, now: netif::LinkState) {
+    if now.is_usable() {
+        let n = agent.with_balancer(|lb, _| lb.resolve_next_hops()).await;
+        info!(
+            interface = ifname,
+            backends = n,
+            "interface up again: resolving the backends' next hops"
+        );
+        journal.record(
+            Kind::InterfaceUp,
+            format!("interface {ifname} is up again: XDP still attached; next hops of {n} backends re-resolved (going down flushed their neighbour entries)"),
+        );
+    } else {
+        let why = if now.up {
+            "no carrier"
+        } else {
+            "administratively down"
+        };
+        warn!(
+            interface = ifname,
+            "interface down ({why}): no traffic arrives until it is up again"
+        );
+        journal.record(
+            Kind::InterfaceDown,
+            format!("interface {ifname} went down ({why}): no traffic arrives until it is up again; XDP stays attached"),
+        );
+    }
 }
 
 /// `lbd cleanup`: detach and remove everything pinned in the configured pin_dir.
