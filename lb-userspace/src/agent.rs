@@ -84,6 +84,10 @@ struct VipLearning {
     last_slots_moved: usize,
     last_slots_moved_gradual: usize,
     max_slots_moved_gradual: usize,
+    /// Slowest single fit and slowest whole step (fits, decision, table checks) since start,
+    /// in microseconds: the model's cost, shown by `lbctl model show`.
+    max_fit_us: u64,
+    max_step_us: u64,
 }
 
 /// One backend's samples, counters and last decisions.
@@ -129,6 +133,8 @@ fn sync_learning(learning: &LearnMap, learned: &Learned, cfg: &Config) -> (Learn
                 last_slots_moved: 0,
                 last_slots_moved_gradual: 0,
                 max_slots_moved_gradual: 0,
+                max_fit_us: 0,
+                max_step_us: 0,
             },
         };
         state
@@ -650,6 +656,8 @@ impl Agent {
                 last_slots_moved: l.last_slots_moved,
                 last_slots_moved_gradual: l.last_slots_moved_gradual,
                 max_slots_moved_gradual: l.max_slots_moved_gradual,
+                max_fit_us: l.max_fit_us,
+                max_step_us: l.max_step_us,
                 backends,
             });
         }
@@ -1028,7 +1036,10 @@ fn learn_step(st: &mut State, id: VipId, now: Instant, t_secs: f64) -> Result<()
         }
         lbk.counters = Some((now, stats));
         let samples = lbk.window.samples();
+        let fit_started = Instant::now();
         let fit = model::fit_with(&samples, &policy.fit);
+        let fit_us = fit_started.elapsed().as_micros() as u64;
+        l.max_fit_us = l.max_fit_us.max(fit_us);
         if let Err(r) = &fit {
             *refusals.entry(refusal_name(r).to_string()).or_default() += 1;
         }
@@ -1047,6 +1058,7 @@ fn learn_step(st: &mut State, id: VipId, now: Instant, t_secs: f64) -> Result<()
         });
     }
     let decision = model::decide(&inputs, &policy, &l.policy);
+    l.max_step_us = l.max_step_us.max(now.elapsed().as_micros() as u64);
     l.policy = decision.state.clone();
     l.last_slots_moved = decision.slots_moved;
     l.last_slots_moved_gradual = decision.slots_moved_gradual;

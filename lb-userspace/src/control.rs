@@ -223,6 +223,12 @@ pub struct ModelVip {
     pub last_slots_moved_gradual: usize,
     /// Most slots any step moved by gradual changes since lbd started (at most `slots_budget`).
     pub max_slots_moved_gradual: usize,
+    /// Slowest fit of one backend's window since lbd started, in microseconds.
+    #[serde(default)]
+    pub max_fit_us: u64,
+    /// Slowest learning step (every fit, the decision and its table checks), in microseconds.
+    #[serde(default)]
+    pub max_step_us: u64,
     pub backends: Vec<ModelBackend>,
 }
 

@@ -9,6 +9,7 @@
 //! * `fuzz`: differential fuzzing of the XDP balancer against the reference model.
 
 mod bench;
+mod bench_adaptive;
 mod bench_datapath;
 mod env;
 mod fuzz;
@@ -71,6 +72,10 @@ enum BenchCmd {
     /// Cost per packet of the XDP balancer vs a trivial XDP_TX program (BPF_PROG_TEST_RUN
     /// through the restoring harness), with counter checks. Needs root.
     Datapath(bench_datapath::BenchDatapathArgs),
+    /// Learned weights against static-equal and oracle weights in a namespace lab with
+    /// worker-pool backends and open-loop load (issue #4's scenarios). Needs root; takes about
+    /// half an hour with the defaults.
+    Adaptive(bench_adaptive::BenchAdaptiveArgs),
 }
 
 /// How the balancer forwards to backends.
@@ -186,6 +191,7 @@ fn main() -> ExitCode {
         Cmd::Bench { which } => setup::setup().and_then(|_| match which {
             BenchCmd::Lab(args) => bench::lab(&args).map(|_| ExitCode::SUCCESS),
             BenchCmd::Datapath(args) => bench_datapath::run(&args),
+            BenchCmd::Adaptive(args) => bench_adaptive::run(&args).map(|_| ExitCode::SUCCESS),
         }),
         Cmd::Install(args) => install::install(&args).map(|_| ExitCode::SUCCESS),
         Cmd::Package(args) => install::package(&args).map(|_| ExitCode::SUCCESS),
