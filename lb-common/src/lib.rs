@@ -182,14 +182,28 @@ pub struct FlowKey {
     pub _pad: [u8; 2],
 }
 
-/// Value of the connection tables.
+/// Value of the connection tables (`CT`, `CT_NEW`) and of the fragment table (`FRAGS`, where
+/// `syn_seq` and `flags` are 0).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct CtValue {
     pub backend: u32,
     /// The flow's hash, kept so that tracked packets need not hash again (IPv6 flow label).
     pub hash: u32,
+    /// The client's initial sequence number: the sequence number of the SYN (SYN without ACK)
+    /// that opened the flow, as read from the packet (network byte order, like the ports).
+    /// 0 for UDP and for flows first seen on another packet. A later SYN with the same number
+    /// is a retry of that SYN; with another number it opens a new connection on a reused
+    /// 4-tuple.
+    pub syn_seq: u32,
+    /// `CT_F_*`.
+    pub flags: u32,
 }
+
+/// Connection-table value flag: the flow was steered again because its backend was down or
+/// retired. Its client's RSTs are not counted against the backend it has now (they answer
+/// what the old backend did, or did not, send).
+pub const CT_F_RESTEERED: u32 = 1;
 
 /// Key of the fragment table: what identifies one datagram's fragments.
 #[repr(C, align(8))]
@@ -224,9 +238,11 @@ pub struct BackendStats {
     pub bytes: u64,
     /// Flows whose first packet chose this backend.
     pub new_flows: u64,
-    /// SYNs for a flow already tracked: the client retried because nobody answered.
+    /// SYNs repeating the tracked SYN of a flow not yet established (same 4-tuple, same
+    /// initial sequence number): the client retried because nobody answered.
     pub syn_retries: u64,
-    /// RSTs sent by clients on flows of this backend.
+    /// RSTs sent by clients on flows of this backend (not counted on flows re-steered here
+    /// from a backend that was down: see `CT_F_RESTEERED`).
     pub client_rsts: u64,
     /// Flows moved to this backend because their previous backend was down.
     pub resteered: u64,
@@ -343,7 +359,9 @@ counters! {
         DropTooBig = 9, "drop_too_big";
         /// Encapsulation needs a source address of this family and none is configured: dropped.
         DropNoEncapSource = 10, "drop_no_encap_source";
-        /// A flow seen for the first time (recorded in the new-flow table).
+        /// A flow seen for the first time (recorded in the new-flow table), including a new
+        /// connection on a reused 4-tuple (a SYN with another initial sequence number than the
+        /// tracked one, or any SYN on an established flow).
         CtNew = 11, "ct_new";
         /// A flow promoted to the established table on its second packet.
         CtPromoted = 12, "ct_promoted";
@@ -498,7 +516,7 @@ mod tests {
         assert_eq!(size_of::<BackendInfo>(), 32);
         assert_eq!(size_of::<NextHop>(), 32);
         assert_eq!(size_of::<FlowKey>(), 40);
-        assert_eq!(size_of::<CtValue>(), 8);
+        assert_eq!(size_of::<CtValue>(), 16);
         assert_eq!(size_of::<FragKey>(), 40);
         assert_eq!(size_of::<GlobalConfig>(), 24);
         assert_eq!(size_of::<BackendStats>(), 48);

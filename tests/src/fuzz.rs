@@ -51,6 +51,7 @@ use aya::maps::{Array, HashMap as BpfHashMap, Map, MapData};
 use aya::programs::{ProgramError, TestRun, TestRunOptions};
 use lb_common::{
     maps, BackendInfo, BackendStats, Counter, CtValue, FlowKey, FragKey, VipStats, BACKEND_F_DOWN,
+    CT_F_RESTEERED,
 };
 use lb_userspace::config::Forwarding;
 use lb_userspace::{Balancer, Config, LoadOptions};
@@ -151,9 +152,12 @@ impl FuzzReport {
         let mut missing = Vec::new();
         for p in [
             "ct",
+            "ct(resteered)",
             "ct_new(syn)",
             "ct_new+promote",
             "new",
+            "reuse(ct)",
+            "reuse(ct_new)",
             "resteer(ct)",
             "resteer(ct_new)",
             "frag",
@@ -767,7 +771,8 @@ fn l4_csum(src: IpAddr, dst: IpAddr, proto: u8, seg: &[u8]) -> u16 {
     csum_fold(csum_add(sum, seg))
 }
 
-/// A TCP (20 bytes, or with `opts` options) or UDP segment with a valid checksum.
+/// A TCP (20 bytes, or with `opts` options; flags and sequence number) or UDP segment with a
+/// valid checksum.
 #[allow(clippy::too_many_arguments)]
 fn segment(
     src: IpAddr,
@@ -775,7 +780,7 @@ fn segment(
     proto: u8,
     sport: u16,
     dport: u16,
-    flags: u8,
+    (flags, seq): (u8, u32),
     opts: usize,
     payload: &[u8],
 ) -> Vec<u8> {
@@ -783,7 +788,7 @@ fn segment(
     s.extend(sport.to_be_bytes());
     s.extend(dport.to_be_bytes());
     if proto == TCP {
-        s.extend(0x1a2b_3c4du32.to_be_bytes());
+        s.extend(seq.to_be_bytes());
         s.extend(if flags & 0x10 != 0 { 0x5e6f_7081u32 } else { 0 }.to_be_bytes());
         s.push(((5 + opts / 4) as u8) << 4);
         s.push(flags);
@@ -905,6 +910,9 @@ struct PoolFlow {
     sport: u16,
     sent: u32,
     tos: u8,
+    /// The client's initial sequence number: SYNs carry it, later packets follow it. A new
+    /// one now and then is a new connection on the same 4-tuple (tuple reuse).
+    isn: u32,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -1078,6 +1086,7 @@ impl Generator {
             } else {
                 self.rng.u8()
             },
+            isn: self.rng.u32(),
         };
         if self.pool.len() < POOL {
             self.pool.push(f);
@@ -1149,14 +1158,31 @@ impl Generator {
         let (i, f) = self.flow(v6);
         self.pool[i].sent += 1;
         let flags = self.tcp_flags(f.sent == 0);
-        self.flow_packet(&f, flags, size, None)
+        let seq = self.seq(i, flags);
+        self.flow_packet(&f, (flags, seq), size, None)
+    }
+
+    /// The sequence number of pool flow `i`'s next packet: its initial one on a SYN (a SYN
+    /// after the first packet is a retry, or 40% of the time a new connection on the same
+    /// 4-tuple with a new initial number), past it otherwise.
+    fn seq(&mut self, i: usize, flags: u8) -> u32 {
+        let f = &self.pool[i];
+        if flags & 0x12 == 0x02 {
+            if f.sent > 1 && self.rng.chance(0.4) {
+                self.pool[i].isn = self.rng.u32();
+            }
+            self.pool[i].isn
+        } else {
+            let n = self.rng.below(100_000) as u32;
+            self.pool[i].isn.wrapping_add(1).wrapping_add(n)
+        }
     }
 
     /// The frame of one packet of `f`; `frag`: IPv4 flags/offset word or IPv6 Fragment header.
     fn flow_packet(
         &mut self,
         f: &PoolFlow,
-        flags: u8,
+        flags: (u8, u32),
         size: Size,
         frag: Option<(u16, u32)>,
     ) -> Vec<u8> {
@@ -1266,7 +1292,7 @@ impl Generator {
         let (_, mut f) = self.new_flow(v6, true);
         f.sent = 1;
         let flags = self.tcp_flags(false);
-        self.flow_packet(&f, flags, Size::Normal, None)
+        self.flow_packet(&f, (flags, f.isn), Size::Normal, None)
     }
 
     fn bad_length(&mut self) -> Vec<u8> {
@@ -1336,6 +1362,7 @@ impl Generator {
             unreachable!()
         };
         let flags = self.tcp_flags(f.sent == 0);
+        let seq = self.seq(i, flags);
         let n = self.rng.below(40);
         let payload = self.rng.bytes(n);
         let seg = segment(
@@ -1344,7 +1371,7 @@ impl Generator {
             f.target.proto,
             f.sport,
             f.target.port,
-            flags,
+            (flags, seq),
             0,
             &payload,
         );
@@ -1393,12 +1420,13 @@ impl Generator {
         let more = !(v6 && self.rng.chance(0.1)); // IPv6 atomic fragment: offset 0, M=0.
         let word = if v6 { more as u16 } else { 0x2000 };
         let flags = self.tcp_flags(f.sent == 0);
+        let seq = self.seq(i, flags);
         let size = if self.rng.chance(0.15) {
             Size::Large
         } else {
             Size::Normal
         };
-        let mut frame = self.flow_packet(&f, flags, size, Some((word, id)));
+        let mut frame = self.flow_packet(&f, (flags, seq), size, Some((word, id)));
         if self.rng.chance(0.05) {
             // The layer-4 header does not fit in the first fragment.
             let l3 = 14;
@@ -1468,6 +1496,7 @@ impl Generator {
                 sport: self.rng.u16(),
                 sent: 0,
                 tos: 0,
+                isn: 0,
             }
         };
         // The quoted packet: service → client.
@@ -1488,7 +1517,7 @@ impl Generator {
             if qproto == TCP { TCP } else { UDP },
             f.target.port,
             f.sport,
-            0x12,
+            (0x12, 0x7a6b_5c4d),
             0,
             &payload,
         );
@@ -2319,10 +2348,19 @@ fn diff_tables<K: Ord + Copy + std::fmt::Debug>(
 
 /// Compares `CT`, `CT_NEW` and `FRAGS` entry by entry with the model, then empties both.
 fn compare_and_flush(k: &mut Kernel, m: &mut State) -> Result<(u64, Vec<String>)> {
-    let track = |v: CtValue| Track {
-        backend: v.backend,
-        hash: v.hash,
-    };
+    // The documented value layout: `syn_seq` as read from the packet (network order), `flags`
+    // with `CT_F_RESTEERED` as the only bit.
+    fn track(what: &str, v: CtValue, problems: &mut Vec<String>) -> Track {
+        if v.flags & !CT_F_RESTEERED != 0 {
+            problems.push(format!("{what}: value {v:?} has unknown flags"));
+        }
+        Track {
+            backend: v.backend,
+            hash: v.hash,
+            syn_seq: u32::from_be(v.syn_seq),
+            resteered: v.flags & CT_F_RESTEERED != 0,
+        }
+    }
     let mut problems = Vec::new();
     let mut compared = 0u64;
     for (name, which) in [("CT", 0), ("CT_NEW", 1)] {
@@ -2331,7 +2369,7 @@ fn compare_and_flush(k: &mut Kernel, m: &mut State) -> Result<(u64, Vec<String>)
         let mut keys = Vec::new();
         for r in map.iter() {
             let (key, v) = r?;
-            kernel.insert(Flow::from_key(&key), track(v));
+            kernel.insert(Flow::from_key(&key), track(name, v, &mut problems));
             keys.push(key);
         }
         let model_t = if which == 0 { &mut m.ct } else { &mut m.ct_new };
@@ -2346,7 +2384,7 @@ fn compare_and_flush(k: &mut Kernel, m: &mut State) -> Result<(u64, Vec<String>)
     let mut keys = Vec::new();
     for r in k.frags.iter() {
         let (key, v) = r?;
-        kernel.insert(FragId::from_key(&key), track(v));
+        kernel.insert(FragId::from_key(&key), track("FRAGS", v, &mut problems));
         keys.push(key);
     }
     let model: BTreeMap<FragId, Track> = m.frags.drain().collect();

@@ -31,7 +31,16 @@
 //!   backend: served, VIP not consulted), then the VIP, then `CT_NEW`/Maglev (`choose`).
 //! - a SYN (SYN without ACK) never promotes; any other packet of a `CT_NEW` flow promotes it
 //!   (the `CT_NEW` entry stays). A tracked flow whose backend is not live is re-steered
-//!   through the table in the table it was found in.
+//!   through the table in the table it was found in, keeps its SYN's sequence number and is
+//!   marked re-steered.
+//! - tuple reuse: a flow's entry records the sequence number of the SYN that opened it (0 for
+//!   UDP and for flows opened by another packet). A SYN that finds its flow in `CT` is a new
+//!   connection: the `CT` entry is deleted and the SYN is a new flow (table, `CT_NEW`, `ct_new`;
+//!   `CT_NEW` is not consulted). A SYN that finds its flow in `CT_NEW` with the same sequence
+//!   number is a retry (`syn_retries`, same backend); with another one it is a new flow whose
+//!   entry replaces the old one.
+//! - per-backend `syn_retries` only for SYN retries in `CT_NEW`; `client_rsts` for RSTs on a
+//!   tracked flow with a live backend that is not marked re-steered.
 //! - a TCP packet other than a SYN that neither table knows counts `ct_lost` (its state was
 //!   lost or predates the balancer), then goes through the table like a first packet
 //!   (`ct_new`). UDP never counts `ct_lost`. Inserts never fail here (the model has no
@@ -218,11 +227,15 @@ impl FragId {
     }
 }
 
-/// A connection-table or fragment-table value: the backend and the flow's hash.
+/// A connection-table or fragment-table value: the backend, the flow's hash, the sequence
+/// number of the SYN that opened the flow (0 for UDP, for flows opened by another packet, and
+/// in the fragment table) and whether the flow was re-steered from a backend that was down.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Track {
     pub backend: u32,
     pub hash: u32,
+    pub syn_seq: u32,
+    pub resteered: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -328,6 +341,8 @@ pub enum Change {
     ResteerCt(Flow, Track),
     /// A `CT_NEW` flow whose backend is not live, steered again: `CT_NEW` updated.
     ResteerCtNew(Flow, Track),
+    /// A SYN on a `CT` flow (a new connection on a reused 4-tuple): the `CT` entry is deleted.
+    CtRemove(Flow),
     /// A first fragment's choice, for the later fragments of its datagram.
     Frag(FragId, Track),
 }
@@ -514,6 +529,9 @@ impl State {
                 Change::Frag(k, t) => {
                     self.frags.insert(k, t);
                 }
+                Change::CtRemove(f) => {
+                    self.ct.remove(&f);
+                }
             }
         }
     }
@@ -611,15 +629,16 @@ impl State {
         o: &mut Outcome,
     ) -> Result<(), Stop> {
         let seg = &ip.packet[l4..];
-        let (sport, dport, flags) = if proto == TCP {
+        let (sport, dport, flags, seq) = if proto == TCP {
             // The TCP header is read as its fixed 20 bytes (spec: "TCP (20 bytes)").
             if seg.len() < 20 {
                 return Err(Stop::Malformed);
             }
-            (be16(&seg[0..2]), be16(&seg[2..4]), seg[13])
+            let seq = u32::from_be_bytes([seg[4], seg[5], seg[6], seg[7]]);
+            (be16(&seg[0..2]), be16(&seg[2..4]), seg[13], seq)
         } else {
             let u = UdpHeaderSlice::from_slice(seg).map_err(|_| Stop::Malformed)?;
-            (u.source_port(), u.destination_port(), 0)
+            (u.source_port(), u.destination_port(), 0, 0)
         };
         let bit = if proto == TCP { 1 } else { 2 };
         if self.port_bits.get(&dport).copied().unwrap_or(0) & bit == 0 {
@@ -633,14 +652,16 @@ impl State {
             proto,
         };
         let syn = flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+        let seq = if syn { seq } else { 0 };
         let rst = flags & TCP_RST != 0;
         let established = self.ct.get(&flow).copied();
-        let t = match established.filter(|t| self.live(t.backend)) {
+        // A SYN is never served from `CT`: it opens a new connection on a reused tuple.
+        let served = if syn { None } else { established };
+        let t = match served.filter(|t| self.live(t.backend)) {
             Some(t) => {
                 let s = o.bstat(t.backend);
-                s.syn_retries += syn as u64;
-                s.client_rsts += rst as u64;
-                o.path = "ct";
+                s.client_rsts += (rst && !t.resteered) as u64;
+                o.path = if t.resteered { "ct(resteered)" } else { "ct" };
                 t
             }
             None => {
@@ -648,7 +669,10 @@ impl State {
                     .vips
                     .get(&(flow.dst, flow.dport, flow.proto))
                     .ok_or(Stop::NotVip)?;
-                self.choose(&flow, vip, syn, rst, established.is_some(), o)?
+                if syn && established.is_some() {
+                    o.changes.push(Change::CtRemove(flow));
+                }
+                self.choose(&flow, vip, syn, seq, rst, established, o)?
             }
         };
         if let Some(id) = first_fragment {
@@ -658,33 +682,47 @@ impl State {
                 proto,
                 id,
             };
-            o.changes.push(Change::Frag(k, t));
+            let ft = Track {
+                syn_seq: 0,
+                resteered: false,
+                ..t
+            };
+            o.changes.push(Change::Frag(k, ft));
         }
         self.forward(ip, t, true, None, o)
     }
 
-    /// `CT_NEW`, else the table; `in_ct`: the flow is in `CT` with a backend that is not live.
+    /// `CT_NEW`, else the table. `established`: the flow's `CT` entry (a SYN's, which the
+    /// caller deleted, or one whose backend is not live); `CT_NEW` is then not consulted.
+    /// `seq`: the SYN's sequence number (0 for any other packet).
+    #[allow(clippy::too_many_arguments)]
     fn choose(
         &self,
         flow: &Flow,
         vip: &Vip,
         syn: bool,
+        seq: u32,
         rst: bool,
-        in_ct: bool,
+        established: Option<Track>,
         o: &mut Outcome,
     ) -> Result<Track, Stop> {
-        let seen = if in_ct {
+        // Kept in `CT` and steered again there (not a SYN: a SYN's entry was deleted).
+        let in_ct = if syn { None } else { established };
+        let seen = if established.is_some() {
             None
         } else {
             self.ct_new.get(flow).copied()
         };
-        if !in_ct && seen.is_none() && flow.proto == TCP && !syn {
+        if established.is_none() && seen.is_none() && flow.proto == TCP && !syn {
             o.counters.push(Counter::CtLost);
         }
+        // A SYN with another sequence number than the recorded one: a new connection.
+        let reused = syn && seen.is_some_and(|t| t.syn_seq != seq);
+        let seen = if reused { None } else { seen };
         if let Some(t) = seen.filter(|t| self.live(t.backend)) {
             let s = o.bstat(t.backend);
             s.syn_retries += syn as u64;
-            s.client_rsts += rst as u64;
+            s.client_rsts += (rst && !t.resteered) as u64;
             if syn {
                 o.path = "ct_new(syn)";
             } else {
@@ -695,27 +733,40 @@ impl State {
             return Ok(t);
         }
         let t = self.maglev_choice(flow, vip, o)?;
-        if in_ct || seen.is_some() {
-            o.changes.push(if in_ct {
+        if let Some(old) = in_ct.or(seen) {
+            let t = Track {
+                syn_seq: old.syn_seq,
+                resteered: true,
+                ..t
+            };
+            o.changes.push(if in_ct.is_some() {
                 Change::ResteerCt(*flow, t)
             } else {
                 Change::ResteerCtNew(*flow, t)
             });
             o.counters.push(Counter::CtResteered);
             o.bstat(t.backend).resteered += 1;
-            o.path = if in_ct {
+            o.path = if in_ct.is_some() {
                 "resteer(ct)"
             } else {
                 "resteer(ct_new)"
             };
+            Ok(t)
         } else {
+            let t = Track { syn_seq: seq, ..t };
             o.changes.push(Change::CtNew(*flow, t));
             o.counters.push(Counter::CtNew);
             o.bstat(t.backend).new_flows += 1;
             o.vstat(vip.vip_id).new_flows += 1;
-            o.path = "new";
+            o.path = if established.is_some() {
+                "reuse(ct)"
+            } else if reused {
+                "reuse(ct_new)"
+            } else {
+                "new"
+            };
+            Ok(t)
         }
-        Ok(t)
     }
 
     /// The Maglev choice: `table[flow_hash % size]`, which must be a live backend.
@@ -731,7 +782,12 @@ impl State {
             o.path = "no_backend";
             return Err(Stop::NoBackend);
         }
-        Ok(Track { backend: id, hash })
+        Ok(Track {
+            backend: id,
+            hash,
+            syn_seq: 0,
+            resteered: false,
+        })
     }
 
     fn icmp(&self, ip: &Ip, l4: usize, o: &mut Outcome) -> Result<(), Stop> {

@@ -367,7 +367,8 @@ mod prog {
     ///
     /// An established flow whose backend is up is served from `CT` alone: it needs neither the
     /// VIP entry (the backend entry carries the mode and VIP id) nor the table. The port filter
-    /// in front keeps that lookup off traffic to ports no VIP uses.
+    /// in front keeps that lookup off traffic to ports no VIP uses. A bare SYN is never served
+    /// from `CT`: it opens a new connection on a reused 4-tuple (`choose`).
     #[inline(always)]
     fn new_or_tracked(
         ctx: &XdpContext,
@@ -376,16 +377,21 @@ mod prog {
         end: usize,
         first_fragment: Option<u32>,
     ) -> Result<Decision, Error> {
-        let (tcp_flags, port_bit) = if key.proto == PROTO_TCP {
+        let (tcp_flags, seq, port_bit) = if key.proto == PROTO_TCP {
             let th = header_within::<20>(ctx, l4, end)?;
             key.sport = u16::from_ne_bytes([th[0], th[1]]);
             key.dport = u16::from_ne_bytes([th[2], th[3]]);
-            (th[13], VIP_PORT_TCP)
+            // The sequence number as read (network order): only compared, never computed with.
+            (
+                th[13],
+                u32::from_ne_bytes([th[4], th[5], th[6], th[7]]),
+                VIP_PORT_TCP,
+            )
         } else {
             let uh = header_within::<8>(ctx, l4, end)?;
             key.sport = u16::from_ne_bytes([uh[0], uh[1]]);
             key.dport = u16::from_ne_bytes([uh[2], uh[3]]);
-            (0, VIP_PORT_UDP)
+            (0, 0, VIP_PORT_UDP)
         };
         let ports = VIP_PORTS
             .get(u16::from_be(key.dport) as u32)
@@ -396,29 +402,45 @@ mod prog {
         }
         let syn = tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
         let rst = tcp_flags & TCP_RST != 0;
-        // SAFETY: LRU element, copied out at once; a concurrent eviction yields a stale value
-        // at worst.
-        let established = CT.get_ptr(&*key).map(|v| unsafe { *v });
-        let (id, backend, hash) = match established
-            .and_then(|v| live_backend(v.backend).map(|b| (v.backend, b, v.hash)))
-        {
-            Some(t) => {
-                if let Some(s) = backend_stats(t.0) {
-                    s.syn_retries += syn as u64;
-                    s.client_rsts += rst as u64;
+        // SAFETY: LRU element, read in place (a copy would cost stack); the memory stays
+        // valid while the program runs, a concurrent eviction yields stale fields at worst.
+        let established = CT.get_ptr(&*key).map(|v| unsafe { &*v });
+        // An established connection never sends a bare SYN: a SYN that finds its 4-tuple in
+        // `CT` opens a new connection on a reused tuple (clients cycle through their ephemeral
+        // ports), so it is not served from `CT`.
+        let served = if syn { None } else { established };
+        let (id, backend, hash) = match served.and_then(|v| {
+            let id = v.backend;
+            live_backend(id).map(|b| (id, b, v.hash, v.flags))
+        }) {
+            Some((id, b, hash, flags)) => {
+                if rst && flags & CT_F_RESTEERED == 0 {
+                    if let Some(s) = backend_stats(id) {
+                        s.client_rsts += 1;
+                    }
                 }
-                t
+                (id, b, hash)
             }
             None => {
                 let vip = lookup_vip(key).ok_or(Error::NotVip)?;
-                choose(key, &vip, syn, rst, established.is_some())?
+                if syn && established.is_some() {
+                    // The old connection's entry goes; the new one starts in `CT_NEW` with a
+                    // backend from the current table. Flood-safe: a hit needs a client's exact
+                    // address and port, which spoofed SYNs from random sources and ports
+                    // practically never have, so a SYN flood still only churns `CT_NEW`.
+                    let _ = CT.remove(&*key);
+                }
+                choose(key, &vip, syn, seq, rst, established.is_some(), served)?
             }
         };
         if let Some(frag_id) = first_fragment {
-            if FRAGS
-                .insert(&frag_key(key, frag_id), &CtValue { backend: id, hash }, 0)
-                .is_err()
-            {
+            let value = CtValue {
+                backend: id,
+                hash,
+                syn_seq: 0,
+                flags: 0,
+            };
+            if FRAGS.insert(&frag_key(key, frag_id), &value, 0).is_err() {
                 count(Counter::FragInsertFailed);
             }
         }
@@ -463,7 +485,16 @@ mod prog {
     /// only a later non-SYN packet promotes it to `CT`, so a flood of first packets churns
     /// `CT_NEW` and never evicts established flows. A tracked flow keeps its backend whatever
     /// the table says (`new_or_tracked` serves `CT` hits), unless that backend is down; then it
-    /// is steered again. `in_ct`: the flow is in `CT` but its backend is down.
+    /// is steered again and flagged `CT_F_RESTEERED`.
+    ///
+    /// `in_ct`: `CT` has the flow, so `CT_NEW` is not consulted; `resteer_ct`: its `CT` value,
+    /// when the flow stays in `CT` (not a SYN) but its backend is down. A SYN found in `CT` is a
+    /// new connection on a reused tuple (the caller removed the entry): a new flow.
+    ///
+    /// Tuple reuse in `CT_NEW`: `seq` is the SYN's sequence number (0 for other packets). A SYN
+    /// with the recorded `syn_seq` is a retry (`syn_retries`); with another one it is a new
+    /// connection on a reused 4-tuple, chosen through the current table and recorded over the
+    /// old entry like any new flow.
     ///
     /// LRU maps do not report evictions, so pressure is counted where it shows: a TCP packet
     /// past the SYN that neither table knows (`ct_lost`), and inserts that fail
@@ -473,29 +504,34 @@ mod prog {
         key: &FlowKey,
         vip: &VipMeta,
         syn: bool,
+        seq: u32,
         rst: bool,
         in_ct: bool,
+        resteer_ct: Option<&CtValue>,
     ) -> Result<(u32, BackendInfo, u32), Error> {
-        // SAFETY: LRU element, copied out at once.
+        // SAFETY: LRU element, read in place like `CT`'s in `new_or_tracked`.
         let seen = if in_ct {
             None
         } else {
-            CT_NEW.get_ptr(key).map(|v| unsafe { *v })
+            CT_NEW.get_ptr(key).map(|v| unsafe { &*v })
         };
         // Neither table knows the flow, yet the packet is not the one that opens a TCP
         // connection: its state was lost (LRU eviction, replaced maps) or predates us.
         if !in_ct && seen.is_none() && key.proto == PROTO_TCP && !syn {
             count(Counter::CtLost);
         }
+        // A SYN with another initial sequence number: a new connection, the entry is not its.
+        let seen = seen.filter(|v| !syn || v.syn_seq == seq);
         if let Some(v) = seen {
             if let Some(b) = live_backend(v.backend) {
                 if let Some(s) = backend_stats(v.backend) {
                     s.syn_retries += syn as u64;
-                    s.client_rsts += rst as u64;
+                    s.client_rsts += (rst && v.flags & CT_F_RESTEERED == 0) as u64;
                 }
                 // A retried SYN proves nothing about the client: only a later packet promotes.
                 if !syn {
-                    if CT.insert(key, &v, 0).is_ok() {
+                    // Straight from the map value: no copy on the stack.
+                    if CT.insert(key, v, 0).is_ok() {
                         count(Counter::CtPromoted);
                     } else {
                         count(Counter::CtInsertFailed);
@@ -505,10 +541,16 @@ mod prog {
             }
         }
         let (id, b, hash) = from_table(key, vip)?;
-        let value = CtValue { backend: id, hash };
         let stats = backend_stats(id);
-        if in_ct || seen.is_some() {
-            let (table, failed) = if in_ct {
+        if let Some(old) = resteer_ct.or(seen) {
+            // The flow keeps its initial sequence number: a retry of its SYN is still one.
+            let value = CtValue {
+                backend: id,
+                hash,
+                syn_seq: old.syn_seq,
+                flags: old.flags | CT_F_RESTEERED,
+            };
+            let (table, failed) = if resteer_ct.is_some() {
                 (&CT, Counter::CtInsertFailed)
             } else {
                 (&CT_NEW, Counter::CtNewInsertFailed)
@@ -521,6 +563,12 @@ mod prog {
                 s.resteered += 1;
             }
         } else {
+            let value = CtValue {
+                backend: id,
+                hash,
+                syn_seq: if syn { seq } else { 0 },
+                flags: 0,
+            };
             if CT_NEW.insert(key, &value, 0).is_ok() {
                 count(Counter::CtNew);
             } else {
