@@ -1016,6 +1016,15 @@ impl Balancer {
             .map(|v| v.backend)
     }
 
+    /// A flow's entries in the established table (`CT`) and the new-flow table (`CT_NEW`), as
+    /// stored (backend, hash, SYN sequence number in network order, `CT_F_*` flags).
+    pub fn conntrack_entries(&self, key: &FlowKey) -> (Option<CtValue>, Option<CtValue>) {
+        (
+            self.maps.ct.get(key, 0).ok(),
+            self.maps.ct_new.get(key, 0).ok(),
+        )
+    }
+
     /// The VIP entry the datapath currently reads.
     pub fn vip_meta(&self, v: &crate::config::Vip) -> Option<VipMeta> {
         self.maps.vips.get(&vip_key(v), 0).ok()

@@ -1,6 +1,7 @@
 //! A Katran-style fixture table for the XDP balancer: crafted packets, each with the verdict, the
-//! exact output bytes and the counter changes it must produce, run through the real program
-//! with `BPF_PROG_TEST_RUN`.
+//! exact output bytes and the counter changes it must produce (and, for connection-tracking
+//! rows, the flow's `CT` and `CT_NEW` entries afterwards: backend, hash, SYN sequence number,
+//! flags), run through the real program with `BPF_PROG_TEST_RUN`.
 //!
 //! Environment: one network namespace (deleted by its guard, also on panic) with a veth pair
 //! `eth0` <-> `peer0`, eth0 = 10.210.0.2/24 and fd00:210::2/64, MTU 1600, forwarding on, and
@@ -29,7 +30,8 @@ use etherparse::{
     Ipv4HeaderSlice, Ipv6HeaderSlice, SingleVlanHeaderSlice, TcpSlice, UdpSlice,
 };
 use lb_common::{
-    flow_hash, maglev_index, BackendStats, Counter, FlowKey, VipStats, FAMILY_V4, FAMILY_V6,
+    flow_hash, maglev_index, BackendStats, Counter, CtValue, FlowKey, VipStats, CT_F_RESTEERED,
+    FAMILY_V4, FAMILY_V6,
 };
 use lb_userspace::{datapath::VipState, Balancer, Config, LoadOptions};
 use std::collections::BTreeMap;
@@ -294,11 +296,23 @@ fn payload_bytes(n: usize, seed: u8) -> Vec<u8> {
         .collect()
 }
 
-fn tcp_seg(src: IpAddr, dst: IpAddr, sport: u16, dport: u16, flags: u8, payload: &[u8]) -> Vec<u8> {
+/// The client's initial sequence number in every TCP segment built here, unless a row asks for
+/// another one (a new connection on a reused 4-tuple).
+const ISN: u32 = 0x1a2b_3c4d;
+/// The initial sequence number of the second connection on a reused 4-tuple.
+const ISN2: u32 = 0x7e57_0002;
+
+fn tcp_seg(
+    src: IpAddr,
+    dst: IpAddr,
+    (sport, dport): (u16, u16),
+    (flags, seq): (u8, u32),
+    payload: &[u8],
+) -> Vec<u8> {
     let mut s = Vec::with_capacity(20 + payload.len());
     s.extend(sport.to_be_bytes());
     s.extend(dport.to_be_bytes());
-    s.extend(0x1a2b_3c4du32.to_be_bytes());
+    s.extend(seq.to_be_bytes());
     let ack = if flags & ACK != 0 { 0x5e6f_7081u32 } else { 0 };
     s.extend(ack.to_be_bytes());
     s.push(5 << 4);
@@ -408,9 +422,20 @@ impl Flow {
 
     /// The layer-4 segment client -> VIP with `len` payload bytes (TCP `flags` ignored for UDP).
     fn segment(&self, flags: u8, len: usize) -> Vec<u8> {
+        self.segment_seq(flags, ISN, len)
+    }
+
+    /// Like [`Flow::segment`], with sequence number `seq` (TCP).
+    fn segment_seq(&self, flags: u8, seq: u32, len: usize) -> Vec<u8> {
         let data = payload_bytes(len, self.sport as u8);
         match self.proto {
-            TCP => tcp_seg(self.client, self.vip, self.sport, self.dport, flags, &data),
+            TCP => tcp_seg(
+                self.client,
+                self.vip,
+                (self.sport, self.dport),
+                (flags, seq),
+                &data,
+            ),
             UDP => udp_seg(self.client, self.vip, self.sport, self.dport, &data),
             p => panic!("no segment for protocol {p}"),
         }
@@ -418,13 +443,30 @@ impl Flow {
 
     /// The IP packet client -> VIP.
     fn packet(&self, tos: u8, flags: u8, len: usize) -> Vec<u8> {
+        self.packet_seq(tos, flags, ISN, len)
+    }
+
+    /// The IP packet client -> VIP with TCP sequence number `seq`.
+    fn packet_seq(&self, tos: u8, flags: u8, seq: u32, len: usize) -> Vec<u8> {
         ip(
             self.client,
             self.vip,
             tos,
             self.proto,
-            &self.segment(flags, len),
+            &self.segment_seq(flags, seq, len),
         )
+    }
+
+    /// The connection-table value this flow should have: backend `id`, the flow hash, the SYN's
+    /// sequence number as read from the packet (network order; 0: opened by another packet or
+    /// UDP) and `CT_F_*` flags.
+    fn ct(&self, id: u32, syn_seq: u32, flags: u32) -> CtValue {
+        CtValue {
+            backend: id,
+            hash: flow_hash(&self.key()),
+            syn_seq: u32::from_ne_bytes(syn_seq.to_be_bytes()),
+            flags,
+        }
     }
 
     /// The IP packet VIP -> client (the backend's answer, what an ICMP error quotes).
@@ -434,9 +476,8 @@ impl Flow {
             TCP => tcp_seg(
                 self.vip,
                 self.client,
-                self.dport,
-                self.sport,
-                ACK | PSH,
+                (self.dport, self.sport),
+                (ACK | PSH, ISN),
                 &data,
             ),
             _ => udp_seg(self.vip, self.client, self.dport, self.sport, &data),
@@ -734,6 +775,15 @@ struct Env {
     f2_sport: u16,
     /// Source port of an IPv4 TCP flow that the first table gives to 10.210.0.13.
     f3_sport: u16,
+    /// Source ports of two more IPv4 TCP flows the first table gives to 10.210.0.11 (tuple
+    /// reuse: flow 4 established, flow 5 in the new-flow table only).
+    f4_sport: u16,
+    f5_sport: u16,
+    /// Source port of another IPv4 TCP flow the first table gives to 10.210.0.13 (a SYN-only
+    /// flow re-steered when .13 is retired).
+    f6_sport: u16,
+    /// The id of 10.210.0.13 on the IPv4 TCP VIP in the first configuration.
+    id13: u32,
 }
 
 impl Env {
@@ -810,17 +860,29 @@ impl Env {
             f1_sport: 0,
             f2_sport: 0,
             f3_sport: 0,
+            f4_sport: 0,
+            f5_sport: 0,
+            f6_sport: 0,
+            id13: 0,
         };
         let id11 = env.id11();
-        let mut on_11 = (40_000u16..41_000)
+        let on_11 = (40_000u16..41_000)
             .filter(|&p| env.maglev(&Flow::new(CLIENT4, VIP4, p, 80, TCP)) == id11);
-        let (f1, f2) = (on_11.next(), on_11.next());
-        env.f1_sport = f1.expect("a flow on 10.210.0.11");
-        env.f2_sport = f2.expect("a second flow on 10.210.0.11");
+        let ports: Vec<u16> = on_11.take(4).collect();
+        assert_eq!(ports.len(), 4, "four flows on 10.210.0.11");
+        env.f1_sport = ports[0];
+        env.f2_sport = ports[1];
+        env.f4_sport = ports[2];
+        env.f5_sport = ports[3];
         let id13 = env.id_of(VIP4.into(), 80, TCP, b4(13));
-        env.f3_sport = (41_000u16..42_000)
-            .find(|&p| env.maglev(&Flow::new(CLIENT4, VIP4, p, 80, TCP)) == id13)
-            .expect("a flow on 10.210.0.13");
+        let ports: Vec<u16> = (41_000u16..42_000)
+            .filter(|&p| env.maglev(&Flow::new(CLIENT4, VIP4, p, 80, TCP)) == id13)
+            .take(2)
+            .collect();
+        assert_eq!(ports.len(), 2, "two flows on 10.210.0.13");
+        env.f3_sport = ports[0];
+        env.f6_sport = ports[1];
+        env.id13 = id13;
         Ok(env)
     }
 
@@ -877,6 +939,22 @@ impl Env {
 
     fn f3(&self) -> Flow {
         Flow::new(CLIENT4, VIP4, self.f3_sport, 80, TCP)
+    }
+
+    fn f4(&self) -> Flow {
+        Flow::new(CLIENT4, VIP4, self.f4_sport, 80, TCP)
+    }
+
+    fn f5(&self) -> Flow {
+        Flow::new(CLIENT4, VIP4, self.f5_sport, 80, TCP)
+    }
+
+    fn f6(&self) -> Flow {
+        Flow::new(CLIENT4, VIP4, self.f6_sport, 80, TCP)
+    }
+
+    fn id_v4(&self, n: u8) -> u32 {
+        self.id_of(VIP4.into(), 80, TCP, b4(n))
     }
 
     /// A frame from the router to eth0 carrying `ip`.
@@ -1000,6 +1078,8 @@ struct Case {
     backend: Option<(u32, BackendStats)>,
     /// Expected statistics delta of one VIP; every other VIP's must be zero.
     vip: Option<(u32, VipStats)>,
+    /// Expected connection-table entries after the packet: (flow, `CT`, `CT_NEW`).
+    tables: Vec<(Flow, Option<CtValue>, Option<CtValue>)>,
 }
 
 impl Case {
@@ -1012,7 +1092,14 @@ impl Case {
             counters: Vec::new(),
             backend: None,
             vip: None,
+            tables: Vec::new(),
         }
+    }
+
+    /// After the packet, `f`'s entries in `CT` and `CT_NEW` must be these (`None`: absent).
+    fn tables(mut self, f: &Flow, ct: Option<CtValue>, ct_new: Option<CtValue>) -> Case {
+        self.tables.push((*f, ct, ct_new));
+        self
     }
 
     fn tx(input: Vec<u8>, output: Vec<u8>) -> Case {
@@ -1101,7 +1188,7 @@ use Step::{Do, Packet};
 fn table() -> Vec<Step> {
     vec![
         // ---- IPv4 TCP VIP (ipip): connection tracking. ----
-        Packet("IPv4 TCP SYN to 10.210.0.100:80 (tos 0xb8): new flow -> IPIP to its Maglev backend", |e| {
+        Packet("IPv4 TCP SYN to 10.210.0.100:80 (tos 0xb8): new flow -> IPIP to its Maglev backend, recorded in CT_NEW with the SYN's sequence number", |e| {
             let f = e.f1();
             let ip = f.packet(0xb8, SYN, 0);
             let id = e.maglev(&f);
@@ -1109,28 +1196,31 @@ fn table() -> Vec<Step> {
             Case::tx(e.frame_in(None, &ip), e.ipip(id, None, &ip, &f.key()))
                 .count(CtNew)
                 .to(e, id, true)
+                .tables(&f, None, Some(f.ct(id, ISN, 0)))
         }),
-        Packet("IPv4 TCP SYN retransmit (flow only in the new-flow table) -> same backend, syn_retries +1, not promoted", |e| {
+        Packet("IPv4 TCP SYN retransmit, same sequence number (flow only in CT_NEW) -> same backend, syn_retries +1, not promoted", |e| {
             let f = e.f1();
             let ip = f.packet(0xb8, SYN, 0);
             let id = e.id11();
             Case::tx(e.frame_in(None, &ip), e.ipip(id, None, &ip, &f.key()))
                 .to(e, id, false)
                 .backend_also(|s| s.syn_retries = 1)
+                .tables(&f, None, Some(f.ct(id, ISN, 0)))
         }),
-        Packet("IPv4 TCP ACK (second packet of the flow) -> same backend, promoted to established", |e| {
+        Packet("IPv4 TCP ACK (second packet of the flow) -> same backend, promoted to established (value copied, SYN sequence number kept)", |e| {
             let f = e.f1();
             let ip = f.packet(0xb8, ACK, 0);
             let id = e.id11();
             Case::tx(e.frame_in(None, &ip), e.ipip(id, None, &ip, &f.key()))
                 .count(CtPromoted)
                 .to(e, id, false)
+                .tables(&f, Some(f.ct(id, ISN, 0)), Some(f.ct(id, ISN, 0)))
         }),
         Packet("IPv4 TCP SYN of flow 3 -> its Maglev backend 10.210.0.13", |e| {
             let f = e.f3();
             let ip = f.packet(0, SYN, 0);
             let id = e.maglev(&f);
-            assert_eq!(id, e.id_of(VIP4.into(), 80, TCP, b4(13)), "precondition");
+            assert_eq!(id, e.id_v4(13), "precondition");
             Case::tx(e.frame_in(None, &ip), e.ipip(id, None, &ip, &f.key()))
                 .count(CtNew)
                 .to(e, id, true)
@@ -1142,6 +1232,44 @@ fn table() -> Vec<Step> {
             Case::tx(e.frame_in(None, &ip), e.ipip(id, None, &ip, &f.key()))
                 .count(CtPromoted)
                 .to(e, id, false)
+        }),
+        Packet("IPv4 TCP SYN of flow 4 -> 10.210.0.11", |e| {
+            let f = e.f4();
+            let ip = f.packet(0, SYN, 0);
+            let id = e.maglev(&f);
+            assert_eq!(id, e.id11(), "precondition: flow 4 maps to 10.210.0.11");
+            Case::tx(e.frame_in(None, &ip), e.ipip(id, None, &ip, &f.key()))
+                .count(CtNew)
+                .to(e, id, true)
+        }),
+        Packet("IPv4 TCP ACK of flow 4 -> 10.210.0.11, promoted (flow 4 is established)", |e| {
+            let f = e.f4();
+            let ip = f.packet(0, ACK, 0);
+            let id = e.id11();
+            Case::tx(e.frame_in(None, &ip), e.ipip(id, None, &ip, &f.key()))
+                .count(CtPromoted)
+                .to(e, id, false)
+                .tables(&f, Some(f.ct(id, ISN, 0)), Some(f.ct(id, ISN, 0)))
+        }),
+        Packet("IPv4 TCP SYN of flow 5 -> 10.210.0.11 (flow 5 stays in CT_NEW: no answer yet)", |e| {
+            let f = e.f5();
+            let ip = f.packet(0, SYN, 0);
+            let id = e.maglev(&f);
+            assert_eq!(id, e.id11(), "precondition: flow 5 maps to 10.210.0.11");
+            Case::tx(e.frame_in(None, &ip), e.ipip(id, None, &ip, &f.key()))
+                .count(CtNew)
+                .to(e, id, true)
+                .tables(&f, None, Some(f.ct(id, ISN, 0)))
+        }),
+        Packet("IPv4 TCP SYN of flow 6 -> 10.210.0.13 (flow 6 stays in CT_NEW)", |e| {
+            let f = e.f6();
+            let ip = f.packet(0, SYN, 0);
+            let id = e.maglev(&f);
+            assert_eq!(id, e.id_v4(13), "precondition: flow 6 maps to 10.210.0.13");
+            Case::tx(e.frame_in(None, &ip), e.ipip(id, None, &ip, &f.key()))
+                .count(CtNew)
+                .to(e, id, true)
+                .tables(&f, None, Some(f.ct(id, ISN, 0)))
         }),
         Do("re-apply with 10.210.0.11 at weight 0 on 10.210.0.100:80/tcp (its slots move to .12/.13)", |e| {
             e.lb.apply(&config(&[(11, 0), (12, 1), (13, 1)])).expect("re-apply");
@@ -1171,25 +1299,100 @@ fn table() -> Vec<Step> {
                 .to(e, id, false)
                 .backend_also(|s| s.client_rsts = 1)
         }),
+        // ---- Tuple reuse: the client's ports wrap, a new connection arrives on an old 4-tuple. ----
+        Packet("IPv4 TCP SYN of flow 5 again, same sequence number (a retry) after the re-apply -> still .11 from CT_NEW, syn_retries +1", |e| {
+            let f = e.f5();
+            let id = e.id11();
+            assert_ne!(e.maglev(&f), id, "precondition: the new table sends flow 5 elsewhere");
+            let ip = f.packet(0, SYN, 0);
+            Case::tx(e.frame_in(None, &ip), e.ipip(id, None, &ip, &f.key()))
+                .to(e, id, false)
+                .backend_also(|s| s.syn_retries = 1)
+                .tables(&f, None, Some(f.ct(id, ISN, 0)))
+        }),
+        Packet("IPv4 TCP SYN on flow 5's 4-tuple with another sequence number (new connection, tuple in CT_NEW) -> the current table's backend, a new flow (ct_new, new_flows), no syn_retries; CT_NEW overwritten", |e| {
+            let f = e.f5();
+            let id = e.maglev(&f);
+            assert_ne!(id, e.id11(), "precondition: the new table has no slot for .11");
+            let ip = f.packet_seq(0, SYN, ISN2, 0);
+            Case::tx(e.frame_in(None, &ip), e.ipip(id, None, &ip, &f.key()))
+                .count(CtNew)
+                .to(e, id, true)
+                .tables(&f, None, Some(f.ct(id, ISN2, 0)))
+        }),
+        Packet("IPv4 TCP SYN on established flow 4's 4-tuple (new connection, tuple in CT) -> CT entry deleted, the current table's backend, a new flow recorded in CT_NEW", |e| {
+            let f = e.f4();
+            let id = e.maglev(&f);
+            assert_ne!(id, e.id11(), "precondition: the new table has no slot for .11");
+            assert_eq!(e.lb.conntrack_entries(&f.key()).0.map(|v| v.backend), Some(e.id11()), "precondition: flow 4 established on .11");
+            let ip = f.packet_seq(0, SYN, ISN2, 0);
+            Case::tx(e.frame_in(None, &ip), e.ipip(id, None, &ip, &f.key()))
+                .count(CtNew)
+                .to(e, id, true)
+                .tables(&f, None, Some(f.ct(id, ISN2, 0)))
+        }),
+        Packet("IPv4 TCP ACK of the new connection on flow 4's 4-tuple -> its new backend, promoted", |e| {
+            let f = e.f4();
+            let id = e.maglev(&f);
+            let ip = f.packet_seq(0, ACK, ISN2.wrapping_add(1), 0);
+            Case::tx(e.frame_in(None, &ip), e.ipip(id, None, &ip, &f.key()))
+                .count(CtPromoted)
+                .to(e, id, false)
+                .tables(&f, Some(f.ct(id, ISN2, 0)), Some(f.ct(id, ISN2, 0)))
+        }),
         Do("re-apply without 10.210.0.13 on 10.210.0.100:80/tcp (its backend id is retired)", |e| {
             e.lb.apply(&config(&[(11, 0), (12, 1)])).expect("re-apply");
         }),
-        Packet("IPv4 TCP ACK+data of flow 3 whose backend .13 is gone -> steered again through the table (.12)", |e| {
+        Packet("IPv4 TCP ACK+data of flow 3 whose backend .13 is gone -> steered again through the table (.12), flagged re-steered in CT", |e| {
             let f = e.f3();
             let ip = f.packet(0, ACK | PSH, 50);
             let id = e.maglev(&f);
-            assert_eq!(id, e.id_of(VIP4.into(), 80, TCP, b4(12)), "precondition: .12 has every slot");
+            assert_eq!(id, e.id_v4(12), "precondition: .12 has every slot");
             assert_ne!(e.lb.tracked_backend(&f.key()), Some(id), "precondition: tracked elsewhere");
             Case::tx(e.frame_in(None, &ip), e.ipip(id, None, &ip, &f.key()))
                 .count(CtResteered)
                 .to(e, id, false)
                 .backend_also(|s| s.resteered = 1)
+                .tables(&f, Some(f.ct(id, ISN, CT_F_RESTEERED)), Some(f.ct(e.id13, ISN, 0)))
         }),
         Packet("IPv4 TCP ACK of flow 3 again -> stays on .12 (connection table updated)", |e| {
             let f = e.f3();
             let ip = f.packet(0, ACK, 0);
-            let id = e.id_of(VIP4.into(), 80, TCP, b4(12));
+            let id = e.id_v4(12);
             Case::tx(e.frame_in(None, &ip), e.ipip(id, None, &ip, &f.key())).to(e, id, false)
+        }),
+        Packet("IPv4 TCP RST+ACK on re-steered flow 3 -> .12, not counted as .12's client_rsts (the RST answers the old backend)", |e| {
+            let f = e.f3();
+            let ip = f.packet(0, RST | ACK, 0);
+            let id = e.id_v4(12);
+            Case::tx(e.frame_in(None, &ip), e.ipip(id, None, &ip, &f.key())).to(e, id, false)
+        }),
+        Packet("IPv4 TCP SYN retry of flow 6 (same sequence number) whose backend .13 is gone -> re-steered in CT_NEW to .12, flagged, sequence number kept", |e| {
+            let f = e.f6();
+            let ip = f.packet(0, SYN, 0);
+            let id = e.id_v4(12);
+            Case::tx(e.frame_in(None, &ip), e.ipip(id, None, &ip, &f.key()))
+                .count(CtResteered)
+                .to(e, id, false)
+                .backend_also(|s| s.resteered = 1)
+                .tables(&f, None, Some(f.ct(id, ISN, CT_F_RESTEERED)))
+        }),
+        Packet("IPv4 TCP SYN retry of re-steered flow 6 (same sequence number) -> .12, syn_retries +1 (.12 did get that SYN)", |e| {
+            let f = e.f6();
+            let ip = f.packet(0, SYN, 0);
+            let id = e.id_v4(12);
+            Case::tx(e.frame_in(None, &ip), e.ipip(id, None, &ip, &f.key()))
+                .to(e, id, false)
+                .backend_also(|s| s.syn_retries = 1)
+        }),
+        Packet("IPv4 TCP RST on re-steered flow 6 -> .12, promoted with its flag, no client_rsts", |e| {
+            let f = e.f6();
+            let ip = f.packet_seq(0, RST, ISN.wrapping_add(1), 0);
+            let id = e.id_v4(12);
+            Case::tx(e.frame_in(None, &ip), e.ipip(id, None, &ip, &f.key()))
+                .count(CtPromoted)
+                .to(e, id, false)
+                .tables(&f, Some(f.ct(id, ISN, CT_F_RESTEERED)), Some(f.ct(id, ISN, CT_F_RESTEERED)))
         }),
         // ---- Lost connection state. ----
         Packet("IPv4 TCP ACK+data of a flow neither table knows (state evicted, or older than the balancer) -> the table's backend, ct_lost +1, recorded as new", |e| {
@@ -1836,6 +2039,15 @@ fn run_case(env: &Env, case: &Case) -> Result<String, String> {
         };
         if d != want {
             problems.push(format!("VIP {id} stats: delta {d:?}, expected {want:?}"));
+        }
+    }
+    for (f, ct, ct_new) in &case.tables {
+        let (got_ct, got_new) = env.lb.conntrack_entries(&f.key());
+        if (got_ct, got_new) != (*ct, *ct_new) {
+            problems.push(format!(
+                "connection tables of {}:{} -> {}:{}: CT {got_ct:?}, CT_NEW {got_new:?}; expected CT {ct:?}, CT_NEW {ct_new:?}",
+                f.client, f.sport, f.vip, f.dport
+            ));
         }
     }
     let mut checked = String::new();
