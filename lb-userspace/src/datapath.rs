@@ -213,18 +213,37 @@ fn check_pins(dir: &Path, o: &LoadOptions) -> Result<Option<u32>> {
             continue;
         }
         if (pk, pv, pn) != (k, v, n) {
-            bail!(
-                "pinned map {} has key/value size {}/{} and {} entries, this lbd needs {k}/{v} and {n}: \
-                 the pins come from another build or other map sizes (conntrack_size, conntrack_new_size, table_pool). \
-                 Restart with the old settings, or run `lbd cleanup` (drops established flows) and start again",
-                path.display(),
-                info.key_size(),
-                info.value_size(),
-                info.max_entries()
-            );
+            bail!("{}", pin_mismatch(&path, (pk, pv, pn), (k, v, n)));
         }
     }
     Ok(counters)
+}
+
+/// Why a pinned map cannot be taken over, and what to do: `pinned` and `needed` are (key size,
+/// value size, entries). Other key or value sizes mean another build's map layout (an upgrade
+/// that changed a map's value, e.g. the connection tables' values), which no setting brings
+/// back; other entries alone may also be other settings. Either way `lbd cleanup` is the way
+/// out.
+fn pin_mismatch(
+    path: &Path,
+    (pk, pv, pn): (usize, usize, u32),
+    (k, v, n): (usize, usize, u32),
+) -> String {
+    let what = format!(
+        "pinned map {} has key/value size {pk}/{pv} and {pn} entries, this lbd needs {k}/{v} and {n}",
+        path.display()
+    );
+    if (pk, pv) != (k, v) {
+        format!(
+            "{what}: the pins come from another build with another map layout. \
+             Run `lbd cleanup` (drops established flows) and start again"
+        )
+    } else {
+        format!(
+            "{what}: the pins come from another build or other map sizes (conntrack_size, conntrack_new_size, table_pool). \
+             Restart with the old settings, or run `lbd cleanup` (drops established flows) and start again"
+        )
+    }
 }
 
 /// What [`Balancer::load`] found in the pin directory and what it did about it, for lbd's
@@ -1151,3 +1170,31 @@ pub fn forwarding_name(f: Forwarding) -> &'static str {
 /// The benchmark harness (restore-then-tail-call) and the trivial `XDP_TX` program it is
 /// compared with; used by `cargo xtask bench datapath`.
 pub static BENCH_OBJ: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-bench"));
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pin_mismatch_names_cleanup() {
+        let ct = Path::new("/sys/fs/bpf/lb/CT");
+        let kv = (size_of::<FlowKey>(), size_of::<CtValue>());
+        // The connection tables' values before they carried the SYN's sequence number.
+        let old = pin_mismatch(ct, (kv.0, 8, 262_144), (kv.0, kv.1, 262_144));
+        assert_eq!(
+            old,
+            format!(
+                "pinned map /sys/fs/bpf/lb/CT has key/value size {}/8 and 262144 entries, this lbd needs {}/{} and 262144: \
+                 the pins come from another build with another map layout. \
+                 Run `lbd cleanup` (drops established flows) and start again",
+                kv.0, kv.0, kv.1
+            )
+        );
+        let sizes = pin_mismatch(ct, (kv.0, kv.1, 4096), (kv.0, kv.1, 8192));
+        assert!(sizes.contains("other map sizes (conntrack_size"), "{sizes}");
+        assert!(sizes.contains("Restart with the old settings"), "{sizes}");
+        for m in [old, sizes] {
+            assert!(m.contains("run `lbd cleanup`") || m.contains("Run `lbd cleanup`"));
+        }
+    }
+}

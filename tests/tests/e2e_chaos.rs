@@ -14,6 +14,10 @@
 //! * `stale_pins_of_other_sizes_are_refused_naming_cleanup`: pins made with conntrack_size 4096
 //!   are refused by an lbd configured with 8192, with the exact message naming `lbd cleanup`;
 //!   after `lbd cleanup` it starts and traffic flows.
+//! * `pins_of_an_older_conntrack_layout_are_refused_naming_cleanup`: the `CT` pin is replaced by
+//!   one with the previous value layout (8-byte values, before the SYN's sequence number and the
+//!   re-steered flag): lbd refuses it, naming the other map layout and `lbd cleanup`; the old
+//!   datapath keeps serving; after `lbd cleanup` it starts and traffic flows.
 //! * `interface_flap_keeps_xdp_and_flows`: eth0 of the balancer goes down for 1 s and up again:
 //!   XDP stays attached, long-lived connections survive (TCP retransmits across the flap), new
 //!   connections succeed.
@@ -901,6 +905,80 @@ fn stale_pins_of_other_sizes_are_refused_naming_cleanup() {
     assert!(!fx.event_kinds().contains(&"unclean_stop".to_string()));
     println!("lbctl status: {why}");
     println!("stale pins refused in {refused:?}; after cleanup started in {took:?}; {counts:?}");
+}
+
+#[test]
+fn pins_of_an_older_conntrack_layout_are_refused_naming_cleanup() {
+    let mut fx = Fixture::new("layout");
+    let settings = Settings::default();
+    fx.write_config(&settings);
+    fx.start_lbd();
+    fx.all_new_succeed(50, "fresh start");
+    fx.stop_lbd();
+
+    // The connection table of a build before `CtValue` carried the SYN's sequence number and
+    // the flags: same key, 8-byte values, same capacity.
+    let ct_pin = fx.pin_dir.join("CT");
+    fs::remove_file(&ct_pin).unwrap();
+    let (k, v) = (size_of::<FlowKey>(), size_of::<CtValue>());
+    let entries = settings.conntrack_size.to_string();
+    let out = Command::new("bpftool")
+        .args(["map", "create"])
+        .arg(&ct_pin)
+        .args([
+            "type",
+            "lru_hash",
+            "key",
+            &k.to_string(),
+            "value",
+            "8",
+            "entries",
+            &entries,
+            "name",
+            "CT",
+        ])
+        .output()
+        .expect("running bpftool (cargo xtask setup installs it)");
+    assert!(out.status.success(), "bpftool map create: {out:?}");
+
+    let t = Instant::now();
+    let status = fx.spawn_lbd().wait().unwrap();
+    fx.lbd = None;
+    let refused = t.elapsed();
+    assert_eq!(status.code(), Some(1), "lbd must refuse the old layout");
+    let expected = format!(
+        "lbd: error: pinned map {}/CT has key/value size {k}/8 and {entries} entries, this lbd needs {k}/{v} and {entries}: \
+         the pins come from another build with another map layout. \
+         Run `lbd cleanup` (drops established flows) and start again",
+        fx.pin_dir.display()
+    );
+    let log = fx.log();
+    assert!(
+        log.lines().any(|l| l == expected),
+        "expected the line\n{expected}\nin lbd's stderr:\n{log}"
+    );
+    assert!(
+        fx.xdp_on_lb(),
+        "refusing must leave the old datapath running"
+    );
+    fx.all_new_succeed(50, "after the refusal (old datapath)");
+
+    fx.cleanup();
+    assert!(!fx.pin_dir.exists());
+    let took = fx.start_lbd();
+    let counts = fx.all_new_succeed(200, "after cleanup and start");
+    assert_eq!(counts.len(), 3, "{counts:?}");
+    let why = fx.expect_event(
+        "previous_start_failed",
+        &[
+            "/CT has key/value size",
+            "another map layout",
+            "`lbd cleanup`",
+        ],
+    );
+    fx.expect_event("start", &["started (fresh)", "fresh maps pinned in"]);
+    println!("lbctl status: {why}");
+    println!("old CT layout refused in {refused:?}; after cleanup started in {took:?}; {counts:?}");
 }
 
 #[test]
