@@ -302,6 +302,12 @@ pub fn fit(samples: &[Sample]) -> Result<Fit, Refusal> {
 /// Least-squares fit of `1000 / latency_ms` against load (load centred before fitting, so the
 /// intercept is well conditioned whatever the load's magnitude). Unusable samples (non-finite,
 /// negative load, latency not positive) are left out.
+///
+/// The fit is made on the means of equal-count load bins (a fifth of the samples, 3 to 12
+/// bins), not on the samples: a sample's latency is the mean of a few probes, whose spread at a
+/// loaded backend is as large as the trend the model is after; averaging the samples of similar
+/// load keeps the trend and removes most of that noise. R² and the RMS residual are those of the
+/// bin means.
 pub fn fit_with(samples: &[Sample], cfg: &FitConfig) -> Result<Fit, Refusal> {
     let ok: Vec<&Sample> = samples.iter().filter(|s| s.usable()).collect();
     let n = ok.len();
@@ -323,8 +329,21 @@ pub fn fit_with(samples: &[Sample], cfg: &FitConfig) -> Result<Fit, Refusal> {
             need: cfg.min_load_cv,
         });
     }
-    let x = Array2::from_shape_fn((n, 1), |(i, _)| ok[i].load - load_mean);
-    let y = Array1::from_iter(ok.iter().map(|s| 1000.0 / s.latency_ms));
+    let mut sorted = ok.clone();
+    sorted.sort_by(|a, b| a.load.total_cmp(&b.load));
+    let bins = (n / 5).clamp(3, 12);
+    let points: Vec<(f64, f64)> = (0..bins)
+        .map(|k| {
+            let group = &sorted[k * n / bins..(k + 1) * n / bins];
+            let m = group.len() as f64;
+            (
+                group.iter().map(|s| s.load).sum::<f64>() / m,
+                group.iter().map(|s| 1000.0 / s.latency_ms).sum::<f64>() / m,
+            )
+        })
+        .collect();
+    let x = Array2::from_shape_fn((bins, 1), |(i, _)| points[i].0 - load_mean);
+    let y = Array1::from_iter(points.iter().map(|p| p.1));
     let dataset = Dataset::new(x, y.clone());
     let model = LinearRegression::new()
         .fit(&dataset)
@@ -339,10 +358,10 @@ pub fn fit_with(samples: &[Sample], cfg: &FitConfig) -> Result<Fit, Refusal> {
             error: "non-finite coefficients".into(),
         });
     }
-    let y_mean = y.sum() / nf;
+    let y_mean = y.sum() / bins as f64;
     let (mut ss_res, mut ss_tot) = (0.0, 0.0);
-    for (s, yi) in ok.iter().zip(y.iter()) {
-        let pred = centred_intercept + slope * (s.load - load_mean);
+    for (p, yi) in points.iter().zip(y.iter()) {
+        let pred = centred_intercept + slope * (p.0 - load_mean);
         ss_res += (yi - pred).powi(2);
         ss_tot += (yi - y_mean).powi(2);
     }
@@ -367,7 +386,7 @@ pub fn fit_with(samples: &[Sample], cfg: &FitConfig) -> Result<Fit, Refusal> {
         intercept,
         slope,
         r2,
-        rmse: (ss_res / nf).sqrt(),
+        rmse: (ss_res / bins as f64).sqrt(),
         n,
         load_min,
         load_max,
@@ -410,6 +429,10 @@ pub struct WeightPolicy {
     pub max_drained_share: f64,
     /// A signal this many times its reference is an outlier.
     pub outlier_factor: f64,
+    /// The same for latency. Higher: a backend a little past its capacity has a latency several
+    /// times its peers' (queueing), which the weight rule answers by cutting it; a drain is for
+    /// a backend far beyond what its load explains.
+    pub latency_outlier_factor: f64,
     /// Consecutive outlier steps before a drain (and clean steps before an undrain).
     pub outlier_steps: u32,
     /// Error rates below this never count as outliers.
@@ -444,6 +467,7 @@ impl Default for WeightPolicy {
             disruption_budget: 0.05,
             max_drained_share: 0.34,
             outlier_factor: 5.0,
+            latency_outlier_factor: 10.0,
             outlier_steps: 3,
             outlier_min_error_rate: 0.1,
             outlier_min_passive_ratio: 0.05,
@@ -551,6 +575,10 @@ pub struct BackendState {
     /// Suspected (error rate above its peers', below the drain threshold) since this step.
     #[serde(default)]
     pub suspected_at: Option<u64>,
+    /// Consecutive steps with neither an accepted fit nor overload evidence: what makes a
+    /// learned weight stale (an overloaded backend's cut stays while the overload lasts).
+    #[serde(default)]
+    pub unsupported_steps: u32,
 }
 
 /// Which signal made a backend an outlier.
@@ -974,6 +1002,7 @@ fn outlier(
 ) -> Option<Outlier> {
     let obs = b.observed?;
     let k = policy.outlier_factor;
+    let kl = policy.latency_outlier_factor;
     let mut found: Vec<Outlier> = Vec::new();
     // Latency: against the backend's own model at the load it carries, else the peers' median.
     // Never while it meets the latency target.
@@ -988,13 +1017,13 @@ fn outlier(
         ),
     };
     if let Some(r) = lat_ref {
-        if obs.latency_ms > policy.latency_target_ms && obs.latency_ms > k * r {
+        if obs.latency_ms > policy.latency_target_ms && obs.latency_ms > kl * r {
             found.push(Outlier {
                 signal: Signal::Latency,
                 value: obs.latency_ms,
                 reference: r,
                 reference_kind: kind,
-                factor: k,
+                factor: kl,
             });
         }
     }
@@ -1105,9 +1134,13 @@ pub fn decide(inputs: &[BackendInput], policy: &WeightPolicy, prev: &PolicyState
         match &b.fit {
             Ok(f) => {
                 st.refused_steps = 0;
+                st.unsupported_steps = 0;
                 st.last_fit = Some((step, *f));
             }
-            Err(_) => st.refused_steps = st.refused_steps.saturating_add(1),
+            Err(_) => {
+                st.refused_steps = st.refused_steps.saturating_add(1);
+                st.unsupported_steps = st.unsupported_steps.saturating_add(1);
+            }
         }
         if st
             .last_fit
@@ -1346,6 +1379,7 @@ pub fn decide(inputs: &[BackendInput], policy: &WeightPolicy, prev: &PolicyState
                     _ => None,
                 };
                 if let Some((latency_ms, peers_latency_ms)) = overloaded {
+                    states[i].unsupported_steps = 0;
                     let lo = p.floor * cfg_t[i];
                     let t = (cur * (1.0 - p.max_step_ratio)).max(lo);
                     reasons[i].push(Reason::FitRefused {
@@ -1366,7 +1400,7 @@ pub fn decide(inputs: &[BackendInput], policy: &WeightPolicy, prev: &PolicyState
                     } else {
                         reasons[i].push(Reason::AtFloor { floor_weight: lo });
                     }
-                } else if steps >= p.stale_steps {
+                } else if states[i].unsupported_steps >= p.stale_steps {
                     modes[i] = Mode::Gradual {
                         target: cfg_t[i],
                         learned: false,

@@ -46,8 +46,8 @@ const VIP_PORT: u16 = 80;
 /// The VIP's Maglev table size (the default).
 const TABLE_SIZE: u32 = 65537;
 /// Health checks: a hard failure must reach the kernel within fall × interval + 1 s.
-const PROBE_INTERVAL_MS: u64 = 200;
-const PROBE_TIMEOUT_MS: u64 = 200;
+const PROBE_INTERVAL_MS: u64 = 400;
+const PROBE_TIMEOUT_MS: u64 = 400;
 const FALL: u32 = 3;
 const RISE: u32 = 2;
 /// Learning: one step per second, latency target 2× the service time.
