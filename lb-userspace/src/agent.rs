@@ -1020,7 +1020,14 @@ fn learn_step(st: &mut State, id: VipId, now: Instant, t_secs: f64) -> Result<()
             (h.probe_sum_ms, h.probes, h.probe_failures) = (0.0, 0, 0);
             out
         });
-        if let (Some((t0, s0)), Some((sum, n, failed))) = (lbk.counters, probes) {
+        let (_, status, _) = shown_health(health, id, cfg);
+        let down = status == HealthStatus::Down;
+        if down {
+            // A down backend's probes fail at the timeout whatever its load: nothing to learn,
+            // and those failures must not make it an outlier when it comes back.
+            lbk.window.clear();
+        }
+        if let (Some((t0, s0)), Some((sum, n, failed)), false) = (lbk.counters, probes, down) {
             let dt = now.duration_since(t0).as_secs_f64();
             if dt > 0.0 && n > 0 {
                 let rate = |a: u64, b: u64| a.saturating_sub(b) as f64 / dt;
@@ -1043,7 +1050,6 @@ fn learn_step(st: &mut State, id: VipId, now: Instant, t_secs: f64) -> Result<()
         if let Err(r) = &fit {
             *refusals.entry(refusal_name(r).to_string()).or_default() += 1;
         }
-        let (_, status, _) = shown_health(health, id, cfg);
         inputs.push(BackendInput {
             id: b.id,
             addr: b.address,

@@ -22,6 +22,7 @@ pub const PACKAGES: &[&str] = &[
     "dpkg-dev",     // dpkg-shlibdeps for `cargo xtask package`
     "man-db",       // checking the installed man pages
     "util-linux",   // nsenter (restart tests keep the root mount namespace)
+    "nftables",     // bench adaptive: a backend that drops SYNs
 ];
 
 /// Toolchain used when the machine has no `nightly` toolchain.
