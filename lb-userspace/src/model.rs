@@ -439,6 +439,11 @@ pub struct WeightPolicy {
     pub outlier_min_error_rate: f64,
     /// SYN-retry or RST ratios (per new flow) below this never count as outliers.
     pub outlier_min_passive_ratio: f64,
+    /// Client-RST ratios below this never count as outliers. Higher than for SYN retries:
+    /// clients reset connections for reasons of their own (a cancelled request, a timeout,
+    /// a late segment after a close), measured at 0.2-0.3 per new flow on a healthy backend
+    /// of the adaptive bench's keep-alive run.
+    pub outlier_min_rst_ratio: f64,
     /// An error rate at least this, and above `outlier_factor` times the peers' median, makes
     /// a backend *suspected* (shown and audited, not drained) while it is below
     /// `outlier_min_error_rate`: a few per cent of fast errors is worth an operator's look
@@ -471,6 +476,7 @@ impl Default for WeightPolicy {
             outlier_steps: 3,
             outlier_min_error_rate: 0.1,
             outlier_min_passive_ratio: 0.05,
+            outlier_min_rst_ratio: 0.5,
             suspect_min_error_rate: 0.02,
             min_drain_steps: 10,
             stale_steps: 60,
@@ -1046,7 +1052,7 @@ fn outlier(
             Signal::RstRatio,
             obs.rst_ratio(),
             peers.iter().filter_map(|p| p.rst_ratio()).collect(),
-            policy.outlier_min_passive_ratio,
+            policy.outlier_min_rst_ratio,
         ),
     ];
     for (signal, value, peer_values, min) in checks {
