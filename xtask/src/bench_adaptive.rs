@@ -1065,7 +1065,8 @@ fn p99_at(reqs: &[Req], t: f64, win: f64) -> f64 {
 
 fn slowdown(bench: &mut Bench, args: &BenchAdaptiveArgs, v: &mut Verdicts) -> Result<()> {
     let rate = args.fault_load * pool_capacity();
-    let (fault, heal, secs) = (60.0, 110.0, 160u64);
+    // The fault comes once the learned weights have settled (after the ramp and a minute).
+    let (fault, heal, secs) = (100.0, 150.0, 200u64);
     let slow = 0usize;
     println!(
         "learned, load {:.0}% = {rate:.0} req/s; backend{slow} slowed 5x at {fault} s, back to normal at {heal} s",
@@ -1188,7 +1189,7 @@ fn slowdown(bench: &mut Bench, args: &BenchAdaptiveArgs, v: &mut Verdicts) -> Re
 fn failure(bench: &mut Bench, args: &BenchAdaptiveArgs, v: &mut Verdicts) -> Result<()> {
     let rate = args.fault_load * pool_capacity();
     let victim = 1usize;
-    let (refuse, heal, errors_at, secs) = (40.0, 55.0, 80.0, 120u64);
+    let (refuse, heal, errors_at, secs) = (100.0, 115.0, 140.0, 180u64);
     println!(
         "learned, load {rate:.0} req/s; backend{victim} refuses connections at {refuse} s, back at {heal} s, answers 5% of requests with fast 500s from {errors_at} s"
     );
@@ -1267,7 +1268,7 @@ fn failure(bench: &mut Bench, args: &BenchAdaptiveArgs, v: &mut Verdicts) -> Res
 fn syndrop(bench: &mut Bench, args: &BenchAdaptiveArgs, v: &mut Verdicts) -> Result<()> {
     let rate = args.fault_load * pool_capacity();
     let victim = 2usize;
-    let (drop_at, secs) = (50.0, 80u64);
+    let (drop_at, secs) = (100.0, 130u64);
     println!(
         "learned, load {rate:.0} req/s; backend{victim} drops SYNs to port {VIP_PORT} from {drop_at} s (nftables in its namespace); its probe port {PROBE_PORT} still answers"
     );
@@ -1276,8 +1277,8 @@ fn syndrop(bench: &mut Bench, args: &BenchAdaptiveArgs, v: &mut Verdicts) -> Res
         Box::new(move |b: &mut Bench| {
             let ns = b.lab().backend(victim).ns();
             let rules = format!(
-                "table inet lbbench {{ chain input {{ type filter hook input priority 0; \
-                 tcp dport {VIP_PORT} tcp flags & (syn|ack) == syn drop; }} }}"
+                "table inet lbbench {{\n  chain input {{\n    type filter hook input priority 0;\n    \
+                 tcp dport {VIP_PORT} tcp flags & (syn | ack) == syn drop\n  }}\n}}\n"
             );
             let mut child = ns
                 .command("nft")
