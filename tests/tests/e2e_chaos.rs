@@ -323,6 +323,35 @@ impl Fixture {
     }
 
     /// Kinds of the events `lbctl status --json` shows.
+    /// After lbd refused to start on the pins: its stderr has the `expected` line, the old
+    /// datapath still serves, `lbd cleanup` removes the pins, a new lbd starts fresh and serves
+    /// every backend, and `lbctl status` tells why the last start failed (`words`). Returns the
+    /// new start's duration, the backends' counts and the event's text.
+    fn refused_then_cleaned_up(
+        &mut self,
+        expected: &str,
+        words: &[&str],
+    ) -> (Duration, BTreeMap<String, usize>, String) {
+        let log = self.log();
+        assert!(
+            log.lines().any(|l| l == expected),
+            "expected the line\n{expected}\nin lbd's stderr:\n{log}"
+        );
+        assert!(
+            self.xdp_on_lb(),
+            "refusing must leave the old datapath running"
+        );
+        self.all_new_succeed(50, "after the refusal (old datapath)");
+        self.cleanup();
+        assert!(!self.pin_dir.exists());
+        let took = self.start_lbd();
+        let counts = self.all_new_succeed(200, "after cleanup and start");
+        assert_eq!(counts.len(), 3, "{counts:?}");
+        let why = self.expect_event("previous_start_failed", words);
+        self.expect_event("start", &["started (fresh)", "fresh maps pinned in"]);
+        (took, counts, why)
+    }
+
     fn event_kinds(&self) -> Vec<String> {
         self.status_events()
             .0
@@ -876,32 +905,14 @@ fn stale_pins_of_other_sizes_are_refused_naming_cleanup() {
          Restart with the old settings, or run `lbd cleanup` (drops established flows) and start again",
         fx.pin_dir.display()
     );
-    let log = fx.log();
-    assert!(
-        log.lines().any(|l| l == expected),
-        "expected the line\n{expected}\nin lbd's stderr:\n{log}"
-    );
-    assert!(
-        fx.xdp_on_lb(),
-        "refusing must leave the old datapath running"
-    );
-    fx.all_new_succeed(50, "after the refusal (old datapath)");
-
-    fx.cleanup();
-    assert!(!fx.pin_dir.exists());
-    let took = fx.start_lbd();
-    let counts = fx.all_new_succeed(200, "after cleanup and start");
-    assert_eq!(counts.len(), 3, "{counts:?}");
-    // lbctl status says why the last start failed, and how this one began.
-    let why = fx.expect_event(
-        "previous_start_failed",
+    let (took, counts, why) = fx.refused_then_cleaned_up(
+        &expected,
         &[
             "exited with an error",
             "/CT has key/value size",
             "`lbd cleanup`",
         ],
     );
-    fx.expect_event("start", &["started (fresh)", "fresh maps pinned in"]);
     assert!(!fx.event_kinds().contains(&"unclean_stop".to_string()));
     println!("lbctl status: {why}");
     println!("stale pins refused in {refused:?}; after cleanup started in {took:?}; {counts:?}");
@@ -952,31 +963,14 @@ fn pins_of_an_older_conntrack_layout_are_refused_naming_cleanup() {
          Run `lbd cleanup` (drops established flows) and start again",
         fx.pin_dir.display()
     );
-    let log = fx.log();
-    assert!(
-        log.lines().any(|l| l == expected),
-        "expected the line\n{expected}\nin lbd's stderr:\n{log}"
-    );
-    assert!(
-        fx.xdp_on_lb(),
-        "refusing must leave the old datapath running"
-    );
-    fx.all_new_succeed(50, "after the refusal (old datapath)");
-
-    fx.cleanup();
-    assert!(!fx.pin_dir.exists());
-    let took = fx.start_lbd();
-    let counts = fx.all_new_succeed(200, "after cleanup and start");
-    assert_eq!(counts.len(), 3, "{counts:?}");
-    let why = fx.expect_event(
-        "previous_start_failed",
+    let (took, counts, why) = fx.refused_then_cleaned_up(
+        &expected,
         &[
             "/CT has key/value size",
             "another map layout",
             "`lbd cleanup`",
         ],
     );
-    fx.expect_event("start", &["started (fresh)", "fresh maps pinned in"]);
     println!("lbctl status: {why}");
     println!("old CT layout refused in {refused:?}; after cleanup started in {took:?}; {counts:?}");
 }

@@ -405,9 +405,10 @@ fn keepalive_conns_stay_and_do_not_hold_workers() {
     );
     let ka = &run["keepalive"];
     assert_eq!(n(ka, "conns"), 20, "{run}");
-    // Connection i starts at i × 50 ms and sends every 200 ms until 4 s: ⌈20 − i/4⌉ each,
-    // 360 in all (fewer only if a tick was skipped behind a request slower than 200 ms).
-    assert!((350..=360).contains(&n(ka, "requests")), "{run}");
+    // Connection i starts at i × 10 ms (spread over one interval) and sends every 200 ms
+    // until 4 s: 20 each, 400 in all (fewer only if a tick was skipped behind a request
+    // slower than 200 ms).
+    assert!((390..=400).contains(&n(ka, "requests")), "{run}");
     assert_eq!(n(ka, "failed"), 0, "{run}");
     assert_eq!(n(ka, "moved"), 0, "{run}");
     assert_eq!(n(&run, "ok"), n(&run, "sent"), "{run}");
@@ -422,9 +423,9 @@ fn keepalive_conns_stay_and_do_not_hold_workers() {
         &["--keepalive-conns", "4", "--keepalive-interval-ms", "100"],
     );
     assert_eq!(n(&only, "sent"), 0, "{only}");
-    // Connections start at 0, 250, 500, 750 ms: 20 + 18 + 15 + 13 requests.
+    // Connections start at 0, 25, 50, 75 ms: 20 requests each.
     assert!(
-        (60..=66).contains(&n(&only["keepalive"], "requests")),
+        (76..=80).contains(&n(&only["keepalive"], "requests")),
         "{only}"
     );
     assert_eq!(n(&only["keepalive"], "failed"), 0, "{only}");

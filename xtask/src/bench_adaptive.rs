@@ -1356,7 +1356,9 @@ fn syndrop(bench: &mut Bench, args: &BenchAdaptiveArgs, v: &mut Verdicts) -> Res
 }
 
 fn longlived(bench: &mut Bench, args: &BenchAdaptiveArgs, v: &mut Verdicts) -> Result<()> {
-    let rate = 0.3 * pool_capacity();
+    // 500 keep-alive connections add 100 requests/s: with 100 more of new connections the
+    // pool runs at 40%, so nothing here is overload.
+    let rate = 0.2 * pool_capacity();
     let secs = 120u64;
     let _ = args;
     println!(

@@ -24,7 +24,7 @@
 //!   `sched_ms,latency_us,status,backend,error` (sched_ms: integer ms since the start; status 0
 //!   without a response; backend from `X-Backend`, else the body's first line; error empty on
 //!   success).
-//! * `--keepalive-conns C`: C connections opened over the first second, each sending a
+//! * `--keepalive-conns C`: C connections opened evenly over the first interval, each sending a
 //!   keep-alive `GET /` every I ms (default 1000) for the whole run and checking that every
 //!   answer is a 200 from the backend that answered its first request. A failed request
 //!   (error, reset, EOF, non-200, timeout) counts in `failed`; a broken connection is opened
@@ -575,7 +575,13 @@ async fn run(args: Args) -> (Vec<Record>, Arc<KeepAliveStats>, Duration) {
     let ka = Arc::new(KeepAliveStats::default());
     let mut ka_tasks = Vec::new();
     for i in 0..args.ka_conns {
-        let first = start + Duration::from_secs_f64(i as f64 / args.ka_conns as f64);
+        // Spread over one interval, so that the connections' requests arrive evenly rather
+        // than as one burst per interval (500 connections at 5 s: 100 requests/s, not 500 in
+        // the first second of every five).
+        let first = start
+            + Duration::from_secs_f64(
+                args.ka_interval.as_secs_f64() * i as f64 / args.ka_conns as f64,
+            );
         ka_tasks.push(tokio::spawn(keepalive_conn(
             args.target,
             first,
