@@ -427,8 +427,13 @@ impl Bench {
             .append(true)
             .open(self.log_path())?;
         let ns = self.lab().lb().ns();
-        let mut cmd = ns.command(&self.bins.lbd);
-        cmd.arg("--config")
+        // `nsenter --net`, not `ip netns exec`: the latter gives the program a mount namespace
+        // of its own with a fresh /sys, so its pins would vanish with it and a restart could
+        // not take the datapath over.
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net={}", ns.path().display()))
+            .arg(&self.bins.lbd)
+            .arg("--config")
             .arg(&self.config)
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1")
@@ -1362,7 +1367,8 @@ fn longlived(bench: &mut Bench, args: &BenchAdaptiveArgs, v: &mut Verdicts) -> R
     let secs = 120u64;
     let _ = args;
     println!(
-        "learned, 500 keep-alive connections (a request every 5 s each) + {rate:.0} req/s of new connections; \
+        "learning off (the operator's weight changes apply as given; the model's own reweights are in the other scenarios), \
+         500 keep-alive connections (a request every 5 s each) + {rate:.0} req/s of new connections; \
          drain backend0 at 20 s (undrain at 45 s), 24 operator weight changes between 50 and 98 s, lbd restarted at 100 s"
     );
     let mut events: Vec<Event<'static>> = vec![
@@ -1419,7 +1425,7 @@ fn longlived(bench: &mut Bench, args: &BenchAdaptiveArgs, v: &mut Verdicts) -> R
     let out = one_run(
         bench,
         "longlived",
-        Weights::Learned,
+        Weights::StaticEqual,
         rate,
         secs,
         17,
