@@ -74,7 +74,7 @@ enum BenchCmd {
     Datapath(bench_datapath::BenchDatapathArgs),
     /// Learned weights against static-equal and oracle weights in a namespace lab with
     /// worker-pool backends and open-loop load (issue #4's scenarios). Needs root; takes about
-    /// half an hour with the defaults.
+    /// 45 minutes with the defaults.
     Adaptive(bench_adaptive::BenchAdaptiveArgs),
 }
 
