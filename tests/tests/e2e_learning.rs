@@ -196,14 +196,15 @@ fn learning_explains_every_backend_and_cuts_the_slow_one_within_budget() {
     let vip = SocketAddr::new(IpAddr::from(VIP_V4), 80);
 
     // Cold start: too few samples, configured weights kept, and the reason shown. (The slow
-    // backend may already be on its way out: a latency outlier needs no fit, only 3 steps.)
+    // backend may already be on its way down: the overload rule, latency above the target
+    // while its peers meet it, and a latency outlier need no fit.)
     std::thread::sleep(Duration::from_millis(300));
     let m = model(lbd);
     assert_eq!(m["slots_budget"], TABLE_SIZE * 5 / 100, "{m}");
     for addr in [&b0, &b1, &b2] {
         let b = backend(&m, addr);
         assert_eq!(b["configured_table_weight"], 100, "{b}");
-        if addr != &b0 || b["drained_by_model"] == false {
+        if addr != &b0 {
             assert_eq!(b["current_weight"], 100, "configured weight kept: {b}");
         }
         assert_eq!(
