@@ -719,6 +719,12 @@ pub enum Reason {
     /// Drained by the model: its weight goes to 0 over as many steps as the disruption budget
     /// needs (a health failure or an operator's drain is immediate instead).
     DrainStep { remaining_weight: u32 },
+    /// No model, but its latency is under half the target (flat, far from saturation): its
+    /// capacity at the target is taken to be at least load x target / latency.
+    Headroom {
+        refusal: Refusal,
+        capacity_estimate: f64,
+    },
 }
 
 fn fmt_outlier(f: &mut fmt::Formatter<'_>, o: &Outlier) -> fmt::Result {
@@ -871,6 +877,13 @@ impl fmt::Display for Reason {
                 f,
                 "overloaded: latency {latency_ms:.1} ms above the target while peers' median is {peers_latency_ms:.1} ms; cut toward {:.2}",
                 target / s
+            ),
+            Reason::Headroom {
+                refusal,
+                capacity_estimate,
+            } => write!(
+                f,
+                "no model ({refusal}), but far below the latency target: capacity taken as at least {capacity_estimate:.1}/s"
             ),
             Reason::DrainStep { remaining_weight } => write!(
                 f,
@@ -1303,20 +1316,40 @@ pub fn decide(inputs: &[BackendInput], policy: &WeightPolicy, prev: &PolicyState
         .collect();
     let in_table = |i: usize, states: &[BackendState]| serving_now(&inputs[i], &states[i]);
     // The learning group: backends whose model sets their weight.
+    // Headroom: a backend without a model whose latency is flat because it is far below the
+    // target (refused as a poor fit or for too little load variation, with an observed latency
+    // under half the target) can take at least its load x target / latency. Without this the
+    // group would leave it at its configured share while cutting the backends it can relieve.
+    let headroom: Vec<Option<f64>> = inputs
+        .iter()
+        .map(|b| match (&b.fit, b.observed) {
+            (Err(Refusal::PoorFit { .. } | Refusal::NoLoadVariation { .. }), Some(o))
+                if o.load > 0.0
+                    && o.latency_ms > 0.0
+                    && o.latency_ms < 0.5 * p.latency_target_ms =>
+            {
+                Some(o.load * p.latency_target_ms / o.latency_ms)
+            }
+            _ => None,
+        })
+        .collect();
     let group: Vec<usize> = (0..n)
         .filter(|&i| {
             in_table(i, &states)
                 && learning(&inputs[i])
                 && inputs[i].pinned.is_none()
-                && inputs[i].fit.is_ok()
+                && (inputs[i].fit.is_ok() || headroom[i].is_some())
         })
         .collect();
     let caps: Vec<f64> = inputs
         .iter()
-        .map(|b| {
+        .zip(&headroom)
+        .map(|(b, h)| {
             b.fit
                 .as_ref()
                 .map(|f| f.capacity_at(p.latency_target_ms))
+                .ok()
+                .or(*h)
                 .unwrap_or(0.0)
         })
         .collect();
@@ -1372,7 +1405,7 @@ pub fn decide(inputs: &[BackendInput], policy: &WeightPolicy, prev: &PolicyState
             continue;
         }
         match &b.fit {
-            Err(refusal) => {
+            Err(refusal) if headroom[i].is_none() || group.len() < 2 => {
                 let steps = states[i].refused_steps;
                 let peers_latency =
                     median(peer_obs(i, &states).iter().map(|o| o.latency_ms).collect());
@@ -1422,8 +1455,14 @@ pub fn decide(inputs: &[BackendInput], policy: &WeightPolicy, prev: &PolicyState
             Ok(_) if group.len() < 2 => reasons[i].push(Reason::NoPeers {
                 fitted: group.len(),
             }),
-            Ok(_) if pool_cap <= 0.0 => reasons[i].push(Reason::NoCapacity),
-            Ok(_) => {
+            _ if pool_cap <= 0.0 => reasons[i].push(Reason::NoCapacity),
+            fit => {
+                if let (Err(refusal), Some(capacity)) = (fit, headroom[i]) {
+                    reasons[i].push(Reason::Headroom {
+                        refusal: refusal.clone(),
+                        capacity_estimate: capacity,
+                    });
+                }
                 let raw = group_cfg * caps[i] / pool_cap;
                 let lo = p.floor * cfg_t[i];
                 let mut hi = p.ceiling * cfg_t[i];
@@ -2277,6 +2316,39 @@ mod tests {
         }
         let d = decide(&all_slow, &p, &PolicyState::default());
         assert!(!d.changed(), "{:?}", d.weights());
+    }
+
+    #[test]
+    fn a_flat_backend_far_below_the_target_is_given_load_by_its_headroom() {
+        // Two backends with models (capacity 100, at 50 per second); the third has no model
+        // because its latency is flat (10 ms at 50 per second, target 100 ms): it can take at
+        // least 50 x 100 / 10 = 500 per second, so it gains weight instead of keeping a third.
+        let p = unbudgeted();
+        let mut inputs: Vec<BackendInput> = (1..=2)
+            .map(|id| {
+                let mut b = input(id, 1, Ok(mm1_fit(100.0)));
+                b.observed = Some(observed(50.0, 20.0));
+                b
+            })
+            .collect();
+        let mut flat = input(3, 1, Err(Refusal::PoorFit { r2: 0.1, need: 0.6 }));
+        flat.observed = Some(observed(50.0, 10.0));
+        inputs.push(flat);
+        let d = decide(&inputs, &p, &PolicyState::default());
+        assert!(weight(&d, 3) > 100, "{:?}", d.weights());
+        assert!(
+            weight(&d, 1) < 100 && weight(&d, 2) < 100,
+            "{:?}",
+            d.weights()
+        );
+        assert!(reasons(&d, 3).iter().any(|r| matches!(
+            r,
+            Reason::Headroom { capacity_estimate, .. } if (*capacity_estimate - 500.0).abs() < 1e-9
+        )));
+        // Near the target, a flat latency proves nothing: held.
+        inputs[2].observed = Some(observed(50.0, 60.0));
+        let d = decide(&inputs, &p, &PolicyState::default());
+        assert_eq!(weight(&d, 3), 100, "{:?}", d.weights());
     }
 
     #[test]
