@@ -107,7 +107,9 @@ fn learned_weights_follow_worker_pool_capacities_within_the_budget() {
         ),
     )
     .unwrap();
-    let lbd = Lbd::start(lab.lb().ns(), &dir);
+    let mut lbd = Lbd::start(lab.lb().ns(), &dir);
+    // The scratch directory goes with lbd, on success, failure and panic.
+    lbd.own_dir = true;
     assert_eq!(slots(&lbd).iter().sum::<u64>(), TABLE_SIZE);
 
     // The ramp: lb-loadgen re-reads its rate from this file every 200 ms.
