@@ -46,7 +46,9 @@ impl TcpServer {
         let listeners = ns.run_in(|| -> Result<Vec<TcpListener>> {
             addrs
                 .iter()
-                .map(|&a| listen(a).with_context(|| format!("listening on {a} in {}", ns.name())))
+                .map(|&a| {
+                    listen(a, 1024).with_context(|| format!("listening on {a} in {}", ns.name()))
+                })
                 .collect()
         })?;
         let local = listeners
@@ -102,7 +104,10 @@ impl Drop for TcpServer {
     }
 }
 
-fn listen(addr: SocketAddr) -> io::Result<TcpListener> {
+/// A non-blocking listening socket with a `backlog`: SO_REUSEADDR (re-bind at once despite
+/// TIME_WAIT), IP_FREEBIND/IPV6_FREEBIND (a VIP not configured yet), and v6-only for IPv6 so
+/// `[::]:P` and `0.0.0.0:P` coexist. Shared by [`TcpServer`] and the `lb-workpool` tool.
+pub fn listen(addr: SocketAddr, backlog: i32) -> io::Result<TcpListener> {
     let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     sock.set_reuse_address(true)?;
     if addr.is_ipv6() {
@@ -112,7 +117,7 @@ fn listen(addr: SocketAddr) -> io::Result<TcpListener> {
         sock.set_freebind_v4(true)?;
     }
     sock.bind(&addr.into())?;
-    sock.listen(1024)?;
+    sock.listen(backlog)?;
     sock.set_nonblocking(true)?;
     Ok(sock.into())
 }
@@ -482,6 +487,22 @@ impl LongLived {
                 self.len(),
                 failed.join("; ")
             )
+        }
+    }
+}
+
+/// Raises the soft open-files limit to the hard one: the benchmark tools hold one socket per
+/// request in flight (`lb-loadgen`) or per waiting client (`lb-workpool`).
+pub fn raise_nofile() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain syscalls on a local struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
         }
     }
 }

@@ -549,21 +549,6 @@ fn write_csv(path: &std::path::Path, records: &[Record]) -> std::io::Result<()> 
     w.into_inner().map_err(|e| e.into_error())?.sync_all()
 }
 
-/// Raises the soft open-files limit to the hard one: up to [`MAX_IN_FLIGHT`] sockets.
-fn raise_nofile() {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: plain syscalls on a local struct.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
-            lim.rlim_cur = lim.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
-        }
-    }
-}
-
 async fn run(args: Args) -> (Vec<Record>, Arc<KeepAliveStats>, Duration) {
     let start = Instant::now();
     let duration = Duration::from_secs_f64(args.duration_s);
@@ -722,7 +707,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    raise_nofile();
+    tests::tcp::raise_nofile();
     // One thread: a few hundred requests per second cost a few percent of a core, and the
     // scheduler stays on the same thread as the timers it relies on.
     let rt = tokio::runtime::Builder::new_current_thread()

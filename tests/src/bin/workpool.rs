@@ -34,7 +34,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
-use socket2::{Domain, Protocol, Socket, Type};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{oneshot, watch};
@@ -369,22 +368,10 @@ async fn serve_conn(server: Arc<Server>, mut sock: TcpStream) {
     }
 }
 
-/// A listening socket: SO_REUSEADDR (re-bind right after `refuse=0` despite TIME_WAIT),
-/// IP_FREEBIND/IPV6_FREEBIND (a VIP not configured yet), and v6-only for IPv6 so `[::]:P` and
-/// `0.0.0.0:P` coexist.
+/// A listening socket (see [`tests::tcp::listen`]), with a backlog deep enough for a saturated
+/// backend's waiting clients.
 fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
-    let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
-    sock.set_reuse_address(true)?;
-    if addr.is_ipv6() {
-        sock.set_only_v6(true)?;
-        sock.set_freebind_v6(true)?;
-    } else {
-        sock.set_freebind_v4(true)?;
-    }
-    sock.bind(&addr.into())?;
-    sock.listen(4096)?;
-    sock.set_nonblocking(true)?;
-    Ok(sock.into())
+    tests::tcp::listen(addr, 4096)
 }
 
 /// Accepts on `addr` while `refuse` is false; closes the socket while it is true and binds it
@@ -442,22 +429,6 @@ async fn listen_loop(
     }
 }
 
-/// Raises the soft open-files limit to the hard one: a saturated backend holds one socket per
-/// waiting client.
-fn raise_nofile() {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: plain syscalls on a local struct.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
-            lim.rlim_cur = lim.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
-        }
-    }
-}
-
 fn read_control(path: &Option<PathBuf>) -> Control {
     match path {
         Some(p) => std::fs::read_to_string(p)
@@ -478,7 +449,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    raise_nofile();
+    tests::tcp::raise_nofile();
     let control = read_control(&args.control);
     // FNV-1a of the name: each backend gets its own reproducible error sequence.
     let seed = args.name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
