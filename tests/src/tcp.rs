@@ -12,7 +12,7 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
+use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
@@ -503,6 +503,58 @@ pub fn raise_nofile() {
         if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
             lim.rlim_cur = lim.rlim_max;
             libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}
+
+/// A minimal HTTP server in a namespace: every request is answered `status` after `delay`,
+/// one request at a time (like a busy application), with `Connection: close`. For health
+/// probes that must pass, fail or be slow.
+pub struct HttpResponder {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl HttpResponder {
+    /// Binds `addr` inside `ns` and serves until dropped.
+    pub fn start(ns: &NetNs, addr: SocketAddr, status: u16, delay: Duration) -> Self {
+        let listener = ns
+            .run_in(|| std::net::TcpListener::bind(addr))
+            .expect("binding");
+        listener.set_nonblocking(true).unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = thread::spawn(move || {
+            while !flag.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((mut s, _)) => {
+                        let _ = s.set_nonblocking(false);
+                        let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
+                        let mut buf = [0u8; 1024];
+                        let _ = s.read(&mut buf);
+                        thread::sleep(delay);
+                        let reason = if status == 200 { "OK" } else { "Error" };
+                        let _ = write!(
+                            s,
+                            "HTTP/1.1 {status} {reason}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                        );
+                    }
+                    Err(_) => thread::sleep(Duration::from_millis(5)),
+                }
+            }
+        });
+        HttpResponder {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for HttpResponder {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
         }
     }
 }

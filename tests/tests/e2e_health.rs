@@ -10,22 +10,15 @@ use serde_json::Value;
 use std::{
     collections::BTreeMap,
     fs,
-    io::{Read as _, Write as _},
-    net::{IpAddr, SocketAddr, TcpListener},
+    net::{IpAddr, SocketAddr},
     path::Path,
-    sync::{
-        atomic::{AtomicBool, Ordering},
-        Arc,
-    },
-    thread::JoinHandle,
     time::{Duration, Instant},
 };
 use tests::{
     lab::{backend_v4, Lab, LabSpec, LB_V4, LB_V6, VIP_V4},
-    netns::NetNs,
     procs::{lbctl, scrape_metrics, scratch, start_decaps, Lbd},
     require_root,
-    tcp::{client_many, tally, LongLived, TcpServer},
+    tcp::{client_many, tally, HttpResponder, LongLived, TcpServer},
 };
 
 const VIP: &str = "10.200.100.1:80/tcp";
@@ -92,52 +85,6 @@ fn server(lab: &Lab, i: usize) -> TcpServer {
     TcpServer::start(lab.backend(i).ns(), &addrs, &format!("backend{i}")).unwrap()
 }
 
-/// A minimal HTTP server in a namespace answering every request with one fixed status.
-struct HttpResponder {
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl HttpResponder {
-    fn start(ns: &NetNs, addr: SocketAddr, status: u16) -> Self {
-        let listener = ns.run_in(|| TcpListener::bind(addr)).expect("binding");
-        listener.set_nonblocking(true).unwrap();
-        let stop = Arc::new(AtomicBool::new(false));
-        let flag = stop.clone();
-        let thread = std::thread::spawn(move || {
-            while !flag.load(Ordering::Relaxed) {
-                match listener.accept() {
-                    Ok((mut s, _)) => {
-                        let _ = s.set_nonblocking(false);
-                        let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
-                        let mut buf = [0u8; 1024];
-                        let _ = s.read(&mut buf);
-                        let reason = if status == 200 { "OK" } else { "Error" };
-                        let _ = write!(
-                            s,
-                            "HTTP/1.1 {status} {reason}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-                        );
-                    }
-                    Err(_) => std::thread::sleep(Duration::from_millis(10)),
-                }
-            }
-        });
-        HttpResponder {
-            stop,
-            thread: Some(thread),
-        }
-    }
-}
-
-impl Drop for HttpResponder {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
 /// The long-lived connections that reached a backend other than `backend0` must all answer.
 fn others_intact(long: &mut LongLived, when: &str) -> usize {
     let statuses = long.check();
@@ -172,11 +119,13 @@ fn health_checks_take_dead_backends_out_and_bring_them_back() {
         lab.backend(0).ns(),
         SocketAddr::new(IpAddr::from(backend_v4(0)), HTTP_PORT),
         200,
+        Duration::ZERO,
     );
     let http_500 = HttpResponder::start(
         lab.backend(1).ns(),
         SocketAddr::new(IpAddr::from(backend_v4(1)), HTTP_PORT),
         500,
+        Duration::ZERO,
     );
     let (b0, b1, b2) = (
         backend_v4(0).to_string(),

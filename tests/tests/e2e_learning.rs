@@ -11,22 +11,15 @@
 use serde_json::Value;
 use std::{
     fs,
-    io::{Read as _, Write as _},
-    net::{IpAddr, SocketAddr, TcpListener},
+    net::{IpAddr, SocketAddr},
     process::Child,
-    sync::{
-        atomic::{AtomicBool, Ordering},
-        Arc,
-    },
-    thread::JoinHandle,
     time::{Duration, Instant},
 };
 use tests::{
     lab::{backend_v4, Lab, LabSpec, LB_V4, LB_V6, VIP_V4},
-    netns::NetNs,
     procs::{lbctl, scratch, start_decaps, Lbd},
     require_root,
-    tcp::{client_many, TcpServer},
+    tcp::{client_many, HttpResponder, TcpServer},
 };
 
 const VIP: &str = "10.200.100.1:80/tcp";
@@ -60,53 +53,6 @@ fn backend<'a>(m: &'a Value, addr: &str) -> &'a Value {
         .unwrap_or_else(|| panic!("backend {addr} missing from {m}"))
 }
 
-/// An HTTP server answering every request 200 after `delay` (one request at a time, like a
-/// busy application).
-struct SlowHttp {
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl SlowHttp {
-    fn start(ns: &NetNs, addr: SocketAddr, delay: Duration) -> Self {
-        let listener = ns.run_in(|| TcpListener::bind(addr)).expect("binding");
-        listener.set_nonblocking(true).unwrap();
-        let stop = Arc::new(AtomicBool::new(false));
-        let flag = stop.clone();
-        let thread = std::thread::spawn(move || {
-            while !flag.load(Ordering::Relaxed) {
-                match listener.accept() {
-                    Ok((mut s, _)) => {
-                        let _ = s.set_nonblocking(false);
-                        let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
-                        let mut buf = [0u8; 1024];
-                        let _ = s.read(&mut buf);
-                        std::thread::sleep(delay);
-                        let _ = write!(
-                            s,
-                            "HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-                        );
-                    }
-                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
-                }
-            }
-        });
-        SlowHttp {
-            stop,
-            thread: Some(thread),
-        }
-    }
-}
-
-impl Drop for SlowHttp {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
 /// The JSON value at the end of every log line of `target` that contains `key=`.
 fn audit_lines(log: &str, key: &str) -> Vec<Value> {
     let needle = format!(" {key}=");
@@ -122,7 +68,7 @@ fn audit_lines(log: &str, key: &str) -> Vec<Value> {
 /// The lab, its servers and an lbd learning with `extra` added to `[vip.learning]`.
 struct Setup {
     lbd: Lbd,
-    _http: Vec<SlowHttp>,
+    _http: Vec<HttpResponder>,
     _decaps: Vec<Child>,
     _servers: Vec<TcpServer>,
     lab: Lab,
@@ -140,12 +86,13 @@ fn setup(name: &str, extra: &str) -> Setup {
         })
         .collect();
     let _decaps = start_decaps(&lab, 3);
-    let _http: Vec<SlowHttp> = (0..3)
+    let _http: Vec<HttpResponder> = (0..3)
         .map(|i| {
             let delay = Duration::from_millis(if i == 0 { SLOW_MS } else { 0 });
-            SlowHttp::start(
+            HttpResponder::start(
                 lab.backend(i).ns(),
                 SocketAddr::new(IpAddr::from(backend_v4(i)), HTTP_PORT),
+                200,
                 delay,
             )
         })
