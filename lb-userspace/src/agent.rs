@@ -981,6 +981,19 @@ impl Agent {
 /// One learning step of VIP `id` (docs/model.md): a sample per backend from the datapath's
 /// counters and the probes since the last step, a fit per backend, [`model::decide`], the
 /// audit log, and the datapath when a weight changed.
+/// CPU time used by the calling thread, in microseconds.
+fn thread_cpu_us() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec; the clock id is a constant the kernel knows.
+    if unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) } != 0 {
+        return 0;
+    }
+    ts.tv_sec as u64 * 1_000_000 + ts.tv_nsec as u64 / 1000
+}
+
 fn learn_step(st: &mut State, id: VipId, now: Instant, t_secs: f64) -> Result<()> {
     let State {
         lb,
@@ -1043,9 +1056,11 @@ fn learn_step(st: &mut State, id: VipId, now: Instant, t_secs: f64) -> Result<()
         }
         lbk.counters = Some((now, stats));
         let samples = lbk.window.samples();
-        let fit_started = Instant::now();
+        // CPU time of this thread: the fit's own cost, not the time another process had the
+        // core (the agent shares the machine with the services it balances).
+        let fit_started = thread_cpu_us();
         let fit = model::fit_with(&samples, &policy.fit);
-        let fit_us = fit_started.elapsed().as_micros() as u64;
+        let fit_us = thread_cpu_us().saturating_sub(fit_started);
         l.max_fit_us = l.max_fit_us.max(fit_us);
         if let Err(r) = &fit {
             *refusals.entry(refusal_name(r).to_string()).or_default() += 1;

@@ -408,6 +408,10 @@ impl Learning {
             deadband: self.deadband,
             disruption_budget: self.disruption_budget,
             max_drained_share: self.max_drained_share,
+            // At most one change of direction per backend per minute, whatever the step.
+            reversal_hold_steps: 60_000u64
+                .div_ceil(self.interval_ms.max(1))
+                .min(u64::from(u32::MAX)) as u32,
             ..Default::default()
         }
     }

@@ -223,7 +223,8 @@ pub struct ModelVip {
     pub last_slots_moved_gradual: usize,
     /// Most slots any step moved by gradual changes since lbd started (at most `slots_budget`).
     pub max_slots_moved_gradual: usize,
-    /// Slowest fit of one backend's window since lbd started, in microseconds.
+    /// Slowest fit of one backend's window since lbd started, in microseconds of the agent
+    /// thread's CPU time (time the core spent elsewhere is not the fit's).
     #[serde(default)]
     pub max_fit_us: u64,
     /// Slowest learning step (every fit, the decision and its table checks), in microseconds.

@@ -455,6 +455,23 @@ pub struct WeightPolicy {
     /// Steps of refused fits after which a learned weight returns to the configured weight;
     /// also the age at which a backend's last accepted fit stops serving as its reference.
     pub stale_steps: u32,
+    /// Weight of a new capacity estimate in each backend's running mean (1: no smoothing).
+    /// Capacities fitted over a sliding window move with the load's noise; the weights follow
+    /// the running mean, so noise does not become table churn.
+    #[serde(default = "default_capacity_smoothing")]
+    pub capacity_smoothing: f64,
+    /// Steps a learned weight keeps its direction after turning (cuts of an overloaded backend
+    /// excepted): at most one change of direction per this many steps.
+    #[serde(default = "default_reversal_hold_steps")]
+    pub reversal_hold_steps: u32,
+}
+
+fn default_capacity_smoothing() -> f64 {
+    0.1
+}
+
+fn default_reversal_hold_steps() -> u32 {
+    60
 }
 
 impl Default for WeightPolicy {
@@ -480,6 +497,8 @@ impl Default for WeightPolicy {
             suspect_min_error_rate: 0.02,
             min_drain_steps: 10,
             stale_steps: 60,
+            capacity_smoothing: default_capacity_smoothing(),
+            reversal_hold_steps: default_reversal_hold_steps(),
         }
     }
 }
@@ -512,6 +531,9 @@ impl WeightPolicy {
         share("deadband", self.deadband)?;
         share("disruption_budget", self.disruption_budget)?;
         share("max_drained_share", self.max_drained_share)?;
+        if !(self.capacity_smoothing > 0.0 && self.capacity_smoothing <= 1.0) {
+            return Err("capacity_smoothing must be within (0, 1]".into());
+        }
         share("fit.min_r2", self.fit.min_r2)?;
         if self.outlier_factor <= 1.0 {
             return Err("outlier_factor must be above 1".into());
@@ -585,6 +607,12 @@ pub struct BackendState {
     /// learned weight stale (an overloaded backend's cut stays while the overload lasts).
     #[serde(default)]
     pub unsupported_steps: u32,
+    /// Running mean of the capacity at the target while in the learning group.
+    #[serde(default)]
+    pub capacity: Option<f64>,
+    /// Step of the last change of direction of a learned weight.
+    #[serde(default)]
+    pub last_reversal: Option<u64>,
 }
 
 /// Which signal made a backend an outlier.
@@ -667,6 +695,13 @@ pub enum Reason {
     },
     /// Target points the other way for fewer than `need` steps: held.
     Hysteresis { target: f64, steps: u32, need: u32 },
+    /// Target points the other way, but the weight turned at `since_step`: held until
+    /// `until_step` (at most one change of direction per `reversal_hold_steps`).
+    ReversalHold {
+        target: f64,
+        since_step: u64,
+        until_step: u64,
+    },
     /// No usable model: weight held.
     FitRefused { refusal: Refusal, steps: u32 },
     /// Refused for `steps` steps: returning to the configured weight.
@@ -803,6 +838,15 @@ impl fmt::Display for Reason {
                 "held: target {:.2} reverses the last change ({steps} of {need} steps)",
                 target / s
             ),
+            Reason::ReversalHold {
+                target,
+                since_step,
+                until_step,
+            } => write!(
+                f,
+                "held: target {:.2} reverses the last change, but the weight turned at step {since_step}; not again before step {until_step}",
+                target / s
+            ),
             Reason::FitRefused { refusal, steps } => {
                 write!(f, "held: no model for {steps} steps: {refusal}")
             }
@@ -883,7 +927,7 @@ impl fmt::Display for Reason {
                 capacity_estimate,
             } => write!(
                 f,
-                "no model ({refusal}), but far below the latency target: capacity taken as at least {capacity_estimate:.1}/s"
+                "no model ({refusal}), but below the latency target at its load: capacity taken as load x target / latency = {capacity_estimate:.1}/s"
             ),
             Reason::DrainStep { remaining_weight } => write!(
                 f,
@@ -994,9 +1038,8 @@ enum Mode {
     Hold,
 }
 
-/// Bisection steps when a change must be cut to the disruption budget (the fraction applied is
-/// then known to within 2^-10).
-const BISECTIONS: u32 = 10;
+/// Table builds at most when a change must be cut to the disruption budget.
+const BUDGET_TRIES: u32 = 8;
 
 fn median(mut v: Vec<f64>) -> Option<f64> {
     v.retain(|x| x.is_finite());
@@ -1148,8 +1191,33 @@ pub fn decide(inputs: &[BackendInput], policy: &WeightPolicy, prev: &PolicyState
     let mut reasons: Vec<Vec<Reason>> = vec![Vec::new(); n];
     let learning = |b: &BackendInput| p.learning && b.learning;
 
+    // Headroom: a backend without a model whose latency is flat (refused as a poor fit, for
+    // too little load variation, or with latency not rising with load) while it meets the
+    // target can take at least its load x target / latency: the estimate is exact for a
+    // backend whose latency would grow in proportion to its load, and low for a queue, whose
+    // latency stays flat until near its capacity. Among several such backends it hands load
+    // to the one with the lowest latency, so it settles where latencies are equal.
+    let headroom: Vec<Option<f64>> = inputs
+        .iter()
+        .map(|b| match (&b.fit, b.observed) {
+            (
+                Err(
+                    Refusal::PoorFit { .. }
+                    | Refusal::NoLoadVariation { .. }
+                    | Refusal::NonPhysical { .. },
+                ),
+                Some(o),
+            ) if o.load > 0.0 && o.latency_ms > 0.0 && o.latency_ms < p.latency_target_ms => {
+                Some(o.load * p.latency_target_ms / o.latency_ms)
+            }
+            _ => None,
+        })
+        .collect();
+
     // Fit bookkeeping: refused streaks and the last accepted fit (the outlier reference).
-    for (b, st) in inputs.iter().zip(states.iter_mut()) {
+    // A backend meeting the target with headroom supports its weight without a fit: it
+    // does not go stale (which would hand a relieved backend back the load that saturated it).
+    for ((b, st), h) in inputs.iter().zip(states.iter_mut()).zip(&headroom) {
         match &b.fit {
             Ok(f) => {
                 st.refused_steps = 0;
@@ -1158,7 +1226,11 @@ pub fn decide(inputs: &[BackendInput], policy: &WeightPolicy, prev: &PolicyState
             }
             Err(_) => {
                 st.refused_steps = st.refused_steps.saturating_add(1);
-                st.unsupported_steps = st.unsupported_steps.saturating_add(1);
+                st.unsupported_steps = if h.is_some() {
+                    0
+                } else {
+                    st.unsupported_steps.saturating_add(1)
+                };
             }
         }
         if st
@@ -1315,25 +1387,10 @@ pub fn decide(inputs: &[BackendInput], policy: &WeightPolicy, prev: &PolicyState
         .map(|b| f64::from(table_weight(b.configured_weight)))
         .collect();
     let in_table = |i: usize, states: &[BackendState]| serving_now(&inputs[i], &states[i]);
-    // The learning group: backends whose model sets their weight.
-    // Headroom: a backend without a model whose latency is flat because it is far below the
-    // target (refused as a poor fit or for too little load variation, with an observed latency
-    // under half the target) can take at least its load x target / latency. Without this the
-    // group would leave it at its configured share while cutting the backends it can relieve.
-    let headroom: Vec<Option<f64>> = inputs
-        .iter()
-        .map(|b| match (&b.fit, b.observed) {
-            (Err(Refusal::PoorFit { .. } | Refusal::NoLoadVariation { .. }), Some(o))
-                if o.load > 0.0
-                    && o.latency_ms > 0.0
-                    && o.latency_ms < 0.5 * p.latency_target_ms =>
-            {
-                Some(o.load * p.latency_target_ms / o.latency_ms)
-            }
-            _ => None,
-        })
-        .collect();
-    let group: Vec<usize> = (0..n)
+    // The learning group: backends whose model (or headroom) sets their weight. Only with a
+    // fitted backend among them: when no backend's latency depends on its load there is
+    // nothing to learn, and the weights stay.
+    let mut group: Vec<usize> = (0..n)
         .filter(|&i| {
             in_table(i, &states)
                 && learning(&inputs[i])
@@ -1341,18 +1398,29 @@ pub fn decide(inputs: &[BackendInput], policy: &WeightPolicy, prev: &PolicyState
                 && (inputs[i].fit.is_ok() || headroom[i].is_some())
         })
         .collect();
-    let caps: Vec<f64> = inputs
-        .iter()
-        .zip(&headroom)
-        .map(|(b, h)| {
-            b.fit
-                .as_ref()
-                .map(|f| f.capacity_at(p.latency_target_ms))
-                .ok()
-                .or(*h)
-                .unwrap_or(0.0)
-        })
-        .collect();
+    if !group.iter().any(|&i| inputs[i].fit.is_ok()) {
+        group.clear();
+    }
+    // Capacities at the target: running means over the steps in the group.
+    let mut caps = vec![0.0f64; n];
+    for i in 0..n {
+        let raw = inputs[i]
+            .fit
+            .as_ref()
+            .map(|f| f.capacity_at(p.latency_target_ms))
+            .ok()
+            .or(headroom[i]);
+        states[i].capacity = match raw {
+            Some(raw) if group.contains(&i) => {
+                let c = states[i]
+                    .capacity
+                    .map_or(raw, |c| c + p.capacity_smoothing * (raw - c));
+                caps[i] = c;
+                Some(c)
+            }
+            _ => None,
+        };
+    }
     let pool_cap: f64 = group.iter().map(|&i| caps[i]).sum();
     let group_cfg: f64 = group.iter().map(|&i| cfg_t[i]).sum();
 
@@ -1488,11 +1556,21 @@ pub fn decide(inputs: &[BackendInput], policy: &WeightPolicy, prev: &PolicyState
                     });
                 } else if st.last_direction != 0 && dir != st.last_direction {
                     st.reverse_steps += 1;
+                    let hold_until = st
+                        .last_reversal
+                        .map(|at| at + u64::from(p.reversal_hold_steps))
+                        .filter(|&until| step < until);
                     if st.reverse_steps < p.hysteresis_steps {
                         reasons[i].push(Reason::Hysteresis {
                             target: t,
                             steps: st.reverse_steps,
                             need: p.hysteresis_steps,
+                        });
+                    } else if let Some(until_step) = hold_until {
+                        reasons[i].push(Reason::ReversalHold {
+                            target: t,
+                            since_step: st.last_reversal.unwrap_or(0),
+                            until_step,
                         });
                     } else {
                         modes[i] = Mode::Gradual {
@@ -1589,20 +1667,28 @@ pub fn decide(inputs: &[BackendInput], policy: &WeightPolicy, prev: &PolicyState
                     if full <= budget {
                         return Ok((proposed.clone(), t_full, full));
                     }
-                    // Largest fraction of the step within the budget (bisection: the slots a
-                    // weight change moves grow with its size).
+                    // The largest fraction of the step within the budget. The slots a weight
+                    // change moves grow about in proportion to its size, so each try scales
+                    // the fraction by budget / moved (a little under, to land inside), and
+                    // the first try within 90% of the budget is taken: a few table builds
+                    // rather than a bisection's ten.
                     let (mut lo, mut hi) = (0.0f64, 1.0f64);
                     let mut best = (baseline.clone(), t_base.clone(), 0);
-                    for _ in 0..BISECTIONS {
-                        let mid = (lo + hi) / 2.0;
-                        let w = interp(mid);
+                    let mut guess = 0.97 * budget as f64 / full as f64;
+                    for _ in 0..BUDGET_TRIES {
+                        let a = guess.clamp(lo + (hi - lo) * 0.05, hi - (hi - lo) * 0.05);
+                        let w = interp(a);
                         let (m, t) = moved(&w)?;
                         if m <= budget {
-                            lo = mid;
+                            lo = a;
                             best = (w, t, m);
+                            if m as f64 >= 0.9 * budget as f64 {
+                                break;
+                            }
                         } else {
-                            hi = mid;
+                            hi = a;
                         }
+                        guess = a * 0.97 * budget as f64 / (m.max(1)) as f64;
                     }
                     for i in 0..n {
                         if matches!(modes[i], Mode::Gradual { .. } | Mode::Drain)
@@ -1646,6 +1732,9 @@ pub fn decide(inputs: &[BackendInput], policy: &WeightPolicy, prev: &PolicyState
                 let dir: i8 = if to > from { 1 } else { -1 };
                 if dir != st.last_direction {
                     st.reverse_steps = 0;
+                    if st.last_direction != 0 {
+                        st.last_reversal = Some(step);
+                    }
                 }
                 st.last_direction = dir;
                 let (capacity_at_target, pool_capacity_at_target) = (caps[i], pool_cap);
@@ -2163,12 +2252,101 @@ mod tests {
     fn hysteresis_keeps_oscillating_input_from_flipping_weights() {
         let without = reversals(&WeightPolicy {
             hysteresis_steps: 1,
+            reversal_hold_steps: 0,
+            capacity_smoothing: 1.0,
             ..policy()
         });
-        let with = reversals(&policy());
+        let with = reversals(&WeightPolicy {
+            reversal_hold_steps: 0,
+            capacity_smoothing: 1.0,
+            ..policy()
+        });
         println!("direction reversals over 20 oscillating steps: {without} without hysteresis, {with} with");
         assert!(without >= 10);
         assert_eq!(with, 0);
+    }
+
+    #[test]
+    fn a_weight_turns_at_most_once_per_reversal_hold() {
+        // Input that flips every 4 steps gets past a 3-step hysteresis; the hold lets the
+        // weight turn at most once per 10 steps.
+        let flipping = |p: &WeightPolicy| {
+            let mut inputs = vec![
+                input(1, 100, Ok(mm1_fit(100.0))),
+                input(2, 100, Ok(mm1_fit(100.0))),
+            ];
+            let mut state = PolicyState::default();
+            let mut turns = Vec::new();
+            let mut last = 0i8;
+            for k in 0..40u64 {
+                let (a, b) = if (k / 4) % 2 == 0 {
+                    (200.0, 100.0)
+                } else {
+                    (100.0, 200.0)
+                };
+                inputs[0].fit = Ok(mm1_fit(a));
+                inputs[1].fit = Ok(mm1_fit(b));
+                let d = decide(&inputs, p, &state);
+                let (from, to) = (inputs[0].current_weight, weight(&d, 1));
+                if to != from {
+                    let dir = if to > from { 1 } else { -1 };
+                    if last != 0 && dir != last {
+                        turns.push(k);
+                    }
+                    last = dir;
+                }
+                apply(&mut inputs, &d);
+                state = d.state;
+            }
+            turns
+        };
+        let base = WeightPolicy {
+            hysteresis_steps: 1,
+            capacity_smoothing: 1.0,
+            ..policy()
+        };
+        let free = flipping(&WeightPolicy {
+            reversal_hold_steps: 0,
+            ..base.clone()
+        });
+        let held = flipping(&WeightPolicy {
+            reversal_hold_steps: 10,
+            ..base
+        });
+        println!("turns without a hold at steps {free:?}, with a 10-step hold at {held:?}");
+        assert!(free.len() >= 8, "{free:?}");
+        assert!(!held.is_empty(), "the weight still turns: {held:?}");
+        assert!(held.windows(2).all(|w| w[1] - w[0] >= 10), "{held:?}");
+    }
+
+    #[test]
+    fn capacities_are_smoothed_across_steps() {
+        // Capacity estimates alternating 150/50 against a steady 100: with smoothing the
+        // target swings far less than the raw estimates do.
+        let swing = |smoothing: f64| {
+            let p = WeightPolicy {
+                capacity_smoothing: smoothing,
+                ..unbudgeted()
+            };
+            let mut inputs = vec![
+                input(1, 100, Ok(mm1_fit(110.0))),
+                input(2, 100, Ok(mm1_fit(110.0))),
+            ];
+            let mut state = PolicyState::default();
+            let mut targets = Vec::new();
+            for k in 0..30 {
+                inputs[0].fit = Ok(mm1_fit(if k % 2 == 0 { 160.0 } else { 60.0 }));
+                let d = decide(&inputs, &p, &state);
+                targets.push(d.backends[0].target_weight.unwrap());
+                state = d.state;
+            }
+            let tail = &targets[10..];
+            tail.iter().cloned().fold(f64::MIN, f64::max)
+                - tail.iter().cloned().fold(f64::MAX, f64::min)
+        };
+        let (raw, smoothed) = (swing(1.0), swing(0.2));
+        println!("target swing: {raw:.1} raw, {smoothed:.1} smoothed");
+        assert!(smoothed < 0.4 * raw, "raw {raw}, smoothed {smoothed}");
     }
 
     #[test]
@@ -2345,10 +2523,26 @@ mod tests {
             r,
             Reason::Headroom { capacity_estimate, .. } if (*capacity_estimate - 500.0).abs() < 1e-9
         )));
-        // Near the target, a flat latency proves nothing: held.
-        inputs[2].observed = Some(observed(50.0, 60.0));
+        // At the target, a flat latency proves nothing: held.
+        inputs[2].observed = Some(observed(50.0, 100.0));
         let d = decide(&inputs, &p, &PolicyState::default());
         assert_eq!(weight(&d, 3), 100, "{:?}", d.weights());
+        // With no fitted backend at all there is nothing to learn: every flat backend holds
+        // its configured weight, and (meeting the target) never goes stale.
+        let mut flat: Vec<BackendInput> = (1..=3)
+            .map(|id| {
+                let mut b = input(id, 1, Err(Refusal::PoorFit { r2: 0.1, need: 0.6 }));
+                b.observed = Some(observed(20.0 * f64::from(id), 10.0));
+                b
+            })
+            .collect();
+        flat[0].current_weight = 60;
+        let mut state = PolicyState::default();
+        for _ in 0..2 * p.stale_steps {
+            let d = decide(&flat, &p, &state);
+            assert_eq!(d.weights(), vec![(1, 60), (2, 100), (3, 100)]);
+            state = d.state;
+        }
     }
 
     #[test]
