@@ -455,7 +455,8 @@ pub struct WeightPolicy {
     /// Steps of refused fits after which a learned weight returns to the configured weight;
     /// also the age at which a backend's last accepted fit stops serving as its reference.
     pub stale_steps: u32,
-    /// Weight of a new capacity estimate in each backend's running mean (1: no smoothing).
+    /// Weight of a new capacity estimate in each backend's running mean (1: no smoothing);
+    /// three times this (at most 1) for an estimate below the mean.
     /// Capacities fitted over a sliding window move with the load's noise; the weights follow
     /// the running mean, so noise does not become table churn.
     #[serde(default = "default_capacity_smoothing")]
@@ -464,6 +465,16 @@ pub struct WeightPolicy {
     /// excepted): at most one change of direction per this many steps.
     #[serde(default = "default_reversal_hold_steps")]
     pub reversal_hold_steps: u32,
+    /// A capacity estimate is at most this multiple of the load the backend has been seen to
+    /// carry (the window's highest for a fit, the recent load for headroom): a line fitted to
+    /// a flat latency extrapolates to capacities far past anything measured, and a backend
+    /// proves capacity by carrying load.
+    #[serde(default = "default_max_extrapolation")]
+    pub max_extrapolation: f64,
+}
+
+fn default_max_extrapolation() -> f64 {
+    2.0
 }
 
 fn default_capacity_smoothing() -> f64 {
@@ -499,6 +510,7 @@ impl Default for WeightPolicy {
             stale_steps: 60,
             capacity_smoothing: default_capacity_smoothing(),
             reversal_hold_steps: default_reversal_hold_steps(),
+            max_extrapolation: default_max_extrapolation(),
         }
     }
 }
@@ -531,6 +543,9 @@ impl WeightPolicy {
         share("deadband", self.deadband)?;
         share("disruption_budget", self.disruption_budget)?;
         share("max_drained_share", self.max_drained_share)?;
+        if !(self.max_extrapolation >= 1.0) {
+            return Err("max_extrapolation must be at least 1".into());
+        }
         if !(self.capacity_smoothing > 0.0 && self.capacity_smoothing <= 1.0) {
             return Err("capacity_smoothing must be within (0, 1]".into());
         }
@@ -695,6 +710,9 @@ pub enum Reason {
     },
     /// Target points the other way for fewer than `need` steps: held.
     Hysteresis { target: f64, steps: u32, need: u32 },
+    /// The fitted capacity at the target is beyond `max_extrapolation` times the highest load
+    /// in the window: taken as that limit.
+    Extrapolation { fitted: f64, limit: f64 },
     /// Target points the other way, but the weight turned at `since_step`: held until
     /// `until_step` (at most one change of direction per `reversal_hold_steps`).
     ReversalHold {
@@ -838,6 +856,10 @@ impl fmt::Display for Reason {
                 "held: target {:.2} reverses the last change ({steps} of {need} steps)",
                 target / s
             ),
+            Reason::Extrapolation { fitted, limit } => write!(
+                f,
+                "fitted capacity {fitted:.1}/s is past what its load shows: taken as {limit:.1}/s"
+            ),
             Reason::ReversalHold {
                 target,
                 since_step,
@@ -927,7 +949,7 @@ impl fmt::Display for Reason {
                 capacity_estimate,
             } => write!(
                 f,
-                "no model ({refusal}), but below the latency target at its load: capacity taken as load x target / latency = {capacity_estimate:.1}/s"
+                "no model ({refusal}), but below the latency target at its load: capacity taken as load x min(target / latency, max_extrapolation) = {capacity_estimate:.1}/s"
             ),
             Reason::DrainStep { remaining_weight } => write!(
                 f,
@@ -1208,7 +1230,7 @@ pub fn decide(inputs: &[BackendInput], policy: &WeightPolicy, prev: &PolicyState
                 ),
                 Some(o),
             ) if o.load > 0.0 && o.latency_ms > 0.0 && o.latency_ms < p.latency_target_ms => {
-                Some(o.load * p.latency_target_ms / o.latency_ms)
+                Some(o.load * (p.latency_target_ms / o.latency_ms).min(p.max_extrapolation))
             }
             _ => None,
         })
@@ -1407,14 +1429,28 @@ pub fn decide(inputs: &[BackendInput], policy: &WeightPolicy, prev: &PolicyState
         let raw = inputs[i]
             .fit
             .as_ref()
-            .map(|f| f.capacity_at(p.latency_target_ms))
+            .map(|f| {
+                let fitted = f.capacity_at(p.latency_target_ms);
+                let limit = p.max_extrapolation * f.load_max;
+                if fitted > limit && group.contains(&i) {
+                    reasons[i].push(Reason::Extrapolation { fitted, limit });
+                }
+                fitted.min(limit)
+            })
             .ok()
             .or(headroom[i]);
         states[i].capacity = match raw {
             Some(raw) if group.contains(&i) => {
-                let c = states[i]
-                    .capacity
-                    .map_or(raw, |c| c + p.capacity_smoothing * (raw - c));
+                // Falls count three times as much as rises: a backend losing capacity is
+                // relieved sooner than one gaining it is given more.
+                let c = states[i].capacity.map_or(raw, |c| {
+                    let a = if raw < c {
+                        (3.0 * p.capacity_smoothing).min(1.0)
+                    } else {
+                        p.capacity_smoothing
+                    };
+                    c + a * (raw - c)
+                });
                 caps[i] = c;
                 Some(c)
             }
@@ -2320,6 +2356,24 @@ mod tests {
     }
 
     #[test]
+    fn fitted_capacities_are_limited_to_what_the_load_shows() {
+        // Backend 1's line extrapolates to 990/s at the target, but it was never seen above
+        // 80/s: taken as 160/s (max_extrapolation 2), so it gets 160 / (160 + 90) of the pool,
+        // not 990 / (990 + 90).
+        let p = unbudgeted();
+        let mut wide = mm1_fit(1000.0);
+        (wide.load_min, wide.load_max, wide.load_mean) = (20.0, 80.0, 50.0);
+        let inputs = vec![input(1, 1, Ok(wide)), input(2, 1, Ok(mm1_fit(100.0)))];
+        let d = decide(&inputs, &p, &PolicyState::default());
+        assert!(reasons(&d, 1).iter().any(|r| matches!(
+            r,
+            Reason::Extrapolation { fitted, limit } if (*fitted - 990.0).abs() < 1e-6 && (*limit - 160.0).abs() < 1e-9
+        )), "{:?}", reasons(&d, 1));
+        let target = d.backends[0].target_weight.unwrap();
+        assert!((target - 200.0 * 160.0 / 250.0).abs() < 1e-6, "{target}");
+    }
+
+    #[test]
     fn capacities_are_smoothed_across_steps() {
         // Capacity estimates alternating 150/50 against a steady 100: with smoothing the
         // target swings far less than the raw estimates do.
@@ -2498,13 +2552,14 @@ mod tests {
 
     #[test]
     fn a_flat_backend_far_below_the_target_is_given_load_by_its_headroom() {
-        // Two backends with models (capacity 100, at 50 per second); the third has no model
-        // because its latency is flat (10 ms at 50 per second, target 100 ms): it can take at
-        // least 50 x 100 / 10 = 500 per second, so it gains weight instead of keeping a third.
+        // Two backends with models (50 per second at the 100 ms target); the third has no
+        // model because its latency is flat (10 ms at 50 per second): 50 x 100 / 10 = 500 per
+        // second, limited to twice its load (max_extrapolation), so it gains weight instead
+        // of keeping a third.
         let p = unbudgeted();
         let mut inputs: Vec<BackendInput> = (1..=2)
             .map(|id| {
-                let mut b = input(id, 1, Ok(mm1_fit(100.0)));
+                let mut b = input(id, 1, Ok(mm1_fit(60.0)));
                 b.observed = Some(observed(50.0, 20.0));
                 b
             })
@@ -2521,7 +2576,7 @@ mod tests {
         );
         assert!(reasons(&d, 3).iter().any(|r| matches!(
             r,
-            Reason::Headroom { capacity_estimate, .. } if (*capacity_estimate - 500.0).abs() < 1e-9
+            Reason::Headroom { capacity_estimate, .. } if (*capacity_estimate - 100.0).abs() < 1e-9
         )));
         // At the target, a flat latency proves nothing: held.
         inputs[2].observed = Some(observed(50.0, 100.0));
@@ -2727,7 +2782,13 @@ mod tests {
     /// step limit and moving at most 5% of a 65537-slot table (checked with `maglev::build`).
     #[test]
     fn a_slowed_backend_is_cut_within_the_step_limit_and_the_disruption_budget() {
-        let p = WeightPolicy::default();
+        // A 40 ms target: slowed, backend 1 misses it at the load's peaks (M/M/1 at 45 of 60
+        // per second: 67 ms); at the default 100 ms it would still meet it, and a capacity
+        // known only to within what the load shows (max_extrapolation) justifies less of a cut.
+        let p = WeightPolicy {
+            latency_target_ms: 40.0,
+            ..WeightPolicy::default()
+        };
         assert_eq!(p.table_size, 65_537);
         let mut mus = [300.0, 300.0, 300.0];
         let mut windows = vec![Window::new(120.0, 60); 3];
