@@ -289,8 +289,9 @@ fn effective(cfg: &Config, health: &HealthMap, learned: &Learned) -> Config {
 }
 
 /// The table weight of backend `b` of a learning VIP `id`, before any scaling: the learned
-/// weight in force (configured × 100 without one), 0 while down or drained, at most the slow
-/// start on probation.
+/// weight in force (configured × 100 without one; 0 after being out of the table, until the
+/// model's next step brings it back), 0 while down or drained, at most the slow start on
+/// probation.
 fn learning_weight(b: &config::Backend, id: VipId, health: &HealthMap, learned: &Learned) -> u32 {
     let tw = table_weight(b.weight);
     let w = learned.get(&(id, b.address)).copied().unwrap_or(tw);
@@ -1105,14 +1106,15 @@ fn learn_step(st: &mut State, id: VipId, now: Instant, t_secs: f64) -> Result<()
             }
             lbk.last = Some(d.clone());
         }
-        match d.health {
-            HealthStatus::Up | HealthStatus::Probation => {
-                learned.insert((id, d.addr), d.weight);
-            }
-            _ => {
-                learned.remove(&(id, d.addr));
-            }
-        }
+        // Out of the table (down or drained by the operator) is weight 0 to the model too: when
+        // the backend returns, it stays out until the next step decides how it comes back (a
+        // slow start, or not yet if it is still an outlier). Forgetting the learned weight
+        // instead put it straight back at its configured weight, past a model drain in force.
+        let w = match d.health {
+            HealthStatus::Up | HealthStatus::Probation => d.weight,
+            _ => 0,
+        };
+        learned.insert((id, d.addr), w);
     }
     if decision.changed() {
         let step = serde_json::json!({

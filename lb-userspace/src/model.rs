@@ -471,6 +471,14 @@ pub struct WeightPolicy {
     /// proves capacity by carrying load.
     #[serde(default = "default_max_extrapolation")]
     pub max_extrapolation: f64,
+    /// The deadband widens to this many times the relative noise of a backend's capacity
+    /// estimate (0: the fixed `deadband` only).
+    #[serde(default = "default_deadband_noise_factor")]
+    pub deadband_noise_factor: f64,
+}
+
+fn default_deadband_noise_factor() -> f64 {
+    2.0
 }
 
 fn default_max_extrapolation() -> f64 {
@@ -511,6 +519,7 @@ impl Default for WeightPolicy {
             capacity_smoothing: default_capacity_smoothing(),
             reversal_hold_steps: default_reversal_hold_steps(),
             max_extrapolation: default_max_extrapolation(),
+            deadband_noise_factor: default_deadband_noise_factor(),
         }
     }
 }
@@ -625,6 +634,10 @@ pub struct BackendState {
     /// Running mean of the capacity at the target while in the learning group.
     #[serde(default)]
     pub capacity: Option<f64>,
+    /// Running mean of the squared deviation of new estimates from `capacity`: how noisy the
+    /// estimates are, which widens the deadband.
+    #[serde(default)]
+    pub capacity_var: Option<f64>,
     /// Step of the last change of direction of a learned weight.
     #[serde(default)]
     pub last_reversal: Option<u64>,
@@ -648,6 +661,9 @@ pub enum Reference {
     Model,
     /// The median of the other serving backends.
     Peers,
+    /// The latency target itself: the backend misses it at its floor weight (or returning at
+    /// no weight) while its peers meet it, so no cut can help.
+    Target,
 }
 
 /// One signal's verdict: `value` against `factor` × `reference`.
@@ -1111,6 +1127,24 @@ fn outlier(
             });
         }
     }
+    // Missing the target at the floor weight (or at none, returning) while the peers meet it:
+    // the overload rule's cuts are exhausted, and a backend that cannot meet the target with
+    // the least load it can be given does not belong in a latency-targeted pool. (A backend 5x
+    // slower is under 10x its peers while lightly loaded, so the rule above never sees it.)
+    let floor_weight = policy.floor * f64::from(table_weight(b.configured_weight));
+    let peers_latency = median(peers.iter().map(|p| p.latency_ms).collect());
+    if f64::from(b.current_weight) <= floor_weight + 0.5
+        && obs.latency_ms > policy.latency_target_ms
+        && peers_latency.is_some_and(|l| l <= policy.latency_target_ms)
+    {
+        found.push(Outlier {
+            signal: Signal::Latency,
+            value: obs.latency_ms,
+            reference: policy.latency_target_ms,
+            reference_kind: Reference::Target,
+            factor: 1.0,
+        });
+    }
     // Error rate and passive ratios: against the peers' median (the same client population
     // reaches every backend through the hash, so these ratios should match across backends).
     let checks: [(Signal, Option<f64>, Vec<f64>, f64); 3] = [
@@ -1311,11 +1345,21 @@ pub fn decide(inputs: &[BackendInput], policy: &WeightPolicy, prev: &PolicyState
     let mut undrained = vec![false; n];
     // Undrains first: a drain that has served its time and whose signals are clean ends.
     for i in 0..n {
+        if states[i].drained_at.is_none() {
+            continue;
+        }
+        // Clean also means meeting the latency target (or the peers' median, when they miss
+        // it too) at no load: a backend drained for latency that is still slow unloaded would
+        // only be drained again once its slow start gave it load.
+        let peers_latency = median(peer_obs(i, &states).iter().map(|o| o.latency_ms).collect());
         let st = &mut states[i];
         let Some(at) = st.drained_at else { continue };
         let until =
             at + u64::from(p.min_drain_steps) * (1u64 << st.drains.clamp(1, 6).saturating_sub(1));
-        let clean = outliers[i].is_none() && inputs[i].observed.is_some();
+        let clean = outliers[i].is_none()
+            && inputs[i].observed.is_some_and(|o| {
+                o.latency_ms <= p.latency_target_ms.max(peers_latency.unwrap_or(0.0))
+            });
         st.clean_steps = if clean { st.clean_steps + 1 } else { 0 };
         if !learning(&inputs[i]) || inputs[i].pinned.is_some() {
             // Learning switched off or pinned: the model gives the backend back at once.
@@ -1423,8 +1467,10 @@ pub fn decide(inputs: &[BackendInput], policy: &WeightPolicy, prev: &PolicyState
     if !group.iter().any(|&i| inputs[i].fit.is_ok()) {
         group.clear();
     }
-    // Capacities at the target: running means over the steps in the group.
+    // Capacities at the target: running means over the steps in the group, and the noise of
+    // each mean (relative standard deviation).
     let mut caps = vec![0.0f64; n];
+    let mut cap_noise = vec![0.0f64; n];
     for i in 0..n {
         let raw = inputs[i]
             .fit
@@ -1451,11 +1497,24 @@ pub fn decide(inputs: &[BackendInput], policy: &WeightPolicy, prev: &PolicyState
                     };
                     c + a * (raw - c)
                 });
+                let dev2 = states[i].capacity.map_or(0.0, |prev| (raw - prev).powi(2));
+                let var = states[i]
+                    .capacity_var
+                    .map_or(dev2, |v| v + p.capacity_smoothing * (dev2 - v));
+                states[i].capacity_var = Some(var);
+                // The running mean's own spread: sd x sqrt(a / (2 - a)) for smoothing a.
+                let a = p.capacity_smoothing;
+                if c > 0.0 {
+                    cap_noise[i] = (var * a / (2.0 - a)).sqrt() / c;
+                }
                 caps[i] = c;
                 Some(c)
             }
             _ => None,
         };
+        if states[i].capacity.is_none() {
+            states[i].capacity_var = None;
+        }
     }
     let pool_cap: f64 = group.iter().map(|&i| caps[i]).sum();
     let group_cfg: f64 = group.iter().map(|&i| cfg_t[i]).sum();
@@ -1487,6 +1546,15 @@ pub fn decide(inputs: &[BackendInput], policy: &WeightPolicy, prev: &PolicyState
         if let Some(w) = b.pinned {
             modes[i] = Mode::Urgent;
             reasons[i].push(Reason::Pinned { weight: w });
+            continue;
+        }
+        if b.current_weight == 0
+            && reasons[i]
+                .iter()
+                .any(|r| matches!(r, Reason::OutlierPending { .. }))
+        {
+            // Returning (after down, or added) as an outlier: no slow start until the outlier
+            // is decided (drained, deferred or clean), or its floor share would suffer first.
             continue;
         }
         if b.current_weight == 0 {
@@ -1583,19 +1651,33 @@ pub fn decide(inputs: &[BackendInput], policy: &WeightPolicy, prev: &PolicyState
                 targets[i] = Some(t);
                 let dir: i8 = if t > cur { 1 } else { -1 };
                 let st = &mut states[i];
-                if (t - cur).abs() <= p.deadband * cur || (t - cur).abs() < 0.5 {
+                // The deadband widens to twice the noise of the capacity estimate: a target
+                // that moves within the estimate's own noise is not a reason to move flows.
+                let deadband = p
+                    .deadband
+                    .max(p.deadband_noise_factor * cap_noise[i])
+                    .min(0.5);
+                if (t - cur).abs() <= deadband * cur || (t - cur).abs() < 0.5 {
                     st.reverse_steps = 0;
                     reasons[i].push(Reason::Deadband {
                         target: t,
                         current: b.current_weight,
-                        deadband: p.deadband,
+                        deadband,
                     });
                 } else if st.last_direction != 0 && dir != st.last_direction {
                     st.reverse_steps += 1;
+                    // Not held: a cut of a backend missing the target, or a target far outside
+                    // the deadband (a change of that size is not the estimate's noise).
+                    // A raise can always wait: cutting the others raises its share anyway.
+                    let urgent = dir < 0
+                        && (b
+                            .observed
+                            .is_some_and(|o| o.latency_ms > p.latency_target_ms)
+                            || cur - t > 4.0 * deadband * cur);
                     let hold_until = st
                         .last_reversal
                         .map(|at| at + u64::from(p.reversal_hold_steps))
-                        .filter(|&until| step < until);
+                        .filter(|&until| step < until && !urgent);
                     if st.reverse_steps < p.hysteresis_steps {
                         reasons[i].push(Reason::Hysteresis {
                             target: t,
@@ -2290,11 +2372,13 @@ mod tests {
             hysteresis_steps: 1,
             reversal_hold_steps: 0,
             capacity_smoothing: 1.0,
+            deadband_noise_factor: 0.0,
             ..policy()
         });
         let with = reversals(&WeightPolicy {
             reversal_hold_steps: 0,
             capacity_smoothing: 1.0,
+            deadband_noise_factor: 0.0,
             ..policy()
         });
         println!("direction reversals over 20 oscillating steps: {without} without hysteresis, {with} with");
@@ -2305,8 +2389,10 @@ mod tests {
     #[test]
     fn a_weight_turns_at_most_once_per_reversal_hold() {
         // Input that flips every 4 steps gets past a 3-step hysteresis; the hold lets the
-        // weight turn at most once per 10 steps.
-        let flipping = |p: &WeightPolicy| {
+        // weight turn at most once per 10 steps. The targets differ by about 7%: past the 5%
+        // deadband, within what the hold applies to (a change beyond four deadbands is not
+        // held).
+        let flipping = |p: &WeightPolicy, hi: f64| {
             let mut inputs = vec![
                 input(1, 100, Ok(mm1_fit(100.0))),
                 input(2, 100, Ok(mm1_fit(100.0))),
@@ -2316,9 +2402,9 @@ mod tests {
             let mut last = 0i8;
             for k in 0..40u64 {
                 let (a, b) = if (k / 4) % 2 == 0 {
-                    (200.0, 100.0)
+                    (hi, 110.0)
                 } else {
-                    (100.0, 200.0)
+                    (110.0, hi)
                 };
                 inputs[0].fit = Ok(mm1_fit(a));
                 inputs[1].fit = Ok(mm1_fit(b));
@@ -2339,20 +2425,30 @@ mod tests {
         let base = WeightPolicy {
             hysteresis_steps: 1,
             capacity_smoothing: 1.0,
+            deadband_noise_factor: 0.0,
             ..policy()
         };
-        let free = flipping(&WeightPolicy {
-            reversal_hold_steps: 0,
-            ..base.clone()
-        });
-        let held = flipping(&WeightPolicy {
+        let free = flipping(
+            &WeightPolicy {
+                reversal_hold_steps: 0,
+                ..base.clone()
+            },
+            125.0,
+        );
+        let held_policy = WeightPolicy {
             reversal_hold_steps: 10,
             ..base
-        });
+        };
+        let held = flipping(&held_policy, 125.0);
         println!("turns without a hold at steps {free:?}, with a 10-step hold at {held:?}");
         assert!(free.len() >= 8, "{free:?}");
         assert!(!held.is_empty(), "the weight still turns: {held:?}");
         assert!(held.windows(2).all(|w| w[1] - w[0] >= 10), "{held:?}");
+        // Targets twice apart are not noise: cuts are followed despite the hold, raises
+        // still wait for it.
+        let far = flipping(&held_policy, 220.0);
+        println!("with targets far apart: turns at {far:?}");
+        assert!(far.len() > held.len(), "{far:?}");
     }
 
     #[test]
@@ -2371,6 +2467,44 @@ mod tests {
         )), "{:?}", reasons(&d, 1));
         let target = d.backends[0].target_weight.unwrap();
         assert!((target - 200.0 * 160.0 / 250.0).abs() < 1e-6, "{target}");
+    }
+
+    #[test]
+    fn noisy_capacity_estimates_widen_the_deadband() {
+        // Backend 1's estimate alternates ±30% around the steady 100 of backend 2: after a
+        // warm-up the weights stay where they are, held by a deadband wider than 5%.
+        let p = WeightPolicy {
+            hysteresis_steps: 1,
+            reversal_hold_steps: 0,
+            ..unbudgeted()
+        };
+        let mut inputs = vec![
+            input(1, 100, Ok(mm1_fit(110.0))),
+            input(2, 100, Ok(mm1_fit(110.0))),
+        ];
+        let mut state = PolicyState::default();
+        let mut changes = 0;
+        let mut widest: f64 = 0.0;
+        for k in 0..60 {
+            let mu = 10.0 + if k % 2 == 0 { 130.0 } else { 70.0 };
+            let mut f = mm1_fit(mu);
+            (f.load_max, f.load_mean) = (200.0, 100.0);
+            inputs[0].fit = Ok(f);
+            let d = decide(&inputs, &p, &state);
+            if k >= 20 && d.changed() {
+                changes += 1;
+            }
+            for r in reasons(&d, 1) {
+                if let Reason::Deadband { deadband, .. } = r {
+                    widest = widest.max(*deadband);
+                }
+            }
+            apply(&mut inputs, &d);
+            state = d.state;
+        }
+        println!("changes after the warm-up: {changes}; widest deadband {widest:.3}");
+        assert_eq!(changes, 0);
+        assert!(widest > p.deadband, "{widest}");
     }
 
     #[test]
@@ -2450,6 +2584,35 @@ mod tests {
     }
 
     #[test]
+    fn a_backend_drained_for_latency_returns_only_once_it_meets_the_target() {
+        let p = policy();
+        let mut inputs: Vec<BackendInput> = (1..=4)
+            .map(|id| {
+                let mut b = input(id, 100, Ok(mm1_fit(100.0)));
+                b.observed = Some(observed(50.0, 20.0));
+                b
+            })
+            .collect();
+        inputs[0].observed = Some(observed(50.0, 400.0));
+        let mut state = PolicyState::default();
+        let ds = run(&mut inputs, &p, &mut state, p.outlier_steps as usize);
+        assert!(ds.last().unwrap().backends[0].drained);
+        // Unloaded it answers in 120 ms: under 10x its peers (no outlier), over the 100 ms
+        // target: still slow, so it stays out past min_drain_steps.
+        inputs[0].observed = Some(observed(0.0, 120.0));
+        let ds = run(&mut inputs, &p, &mut state, 3 * p.min_drain_steps as usize);
+        assert!(ds.iter().all(|d| d.backends[0].drained));
+        // Fast again: back after outlier_steps clean steps, on a slow start.
+        inputs[0].observed = Some(observed(0.0, 20.0));
+        let ds = run(&mut inputs, &p, &mut state, p.outlier_steps as usize);
+        assert!(!ds.last().unwrap().backends[0].drained);
+        assert!(matches!(
+            reasons(ds.last().unwrap(), 1)[0],
+            Reason::Undrained { .. }
+        ));
+    }
+
+    #[test]
     fn outliers_are_drained_within_the_pool_share() {
         let p = policy();
         let ds = outlier_pool(3, &p);
@@ -2515,7 +2678,7 @@ mod tests {
     }
 
     #[test]
-    fn an_overloaded_backend_without_a_model_is_cut_until_the_floor() {
+    fn an_overloaded_backend_without_a_model_is_cut_until_the_floor_then_drained() {
         // No backend has enough samples for a model (a saturated backend never provides
         // them); backend 1 misses the 100 ms target while its peers meet it.
         let refusal = || Err(Refusal::TooFewSamples { have: 3, need: 30 });
@@ -2528,16 +2691,25 @@ mod tests {
         let mut state = PolicyState::default();
         let ds = run(&mut inputs, &p, &mut state, 8);
         let w: Vec<u32> = ds.iter().map(|d| weight(d, 1)).collect();
-        // 25% per step down to the floor (a quarter of the configured 100), then held there.
+        // 25% per step down to the floor (a quarter of the configured 100); still missing the
+        // target there for outlier_steps steps, drained (no cut can help any more).
         assert_eq!(w[0], 75, "{w:?}");
         assert!(w.windows(2).all(|p| p[1] <= p[0]), "{w:?}");
-        assert_eq!(*w.last().unwrap(), 25, "{w:?}");
+        let at_floor = w.iter().position(|&x| x == 25).expect("reaches the floor");
+        assert_eq!(w[at_floor + p.outlier_steps as usize - 1], 25, "{w:?}");
+        assert_eq!(w[at_floor + p.outlier_steps as usize], 0, "{w:?}");
         assert!(reasons(&ds[0], 1)
             .iter()
             .any(|r| matches!(r, Reason::Overloaded { .. })));
-        assert!(reasons(&ds[7], 1)
+        assert!(reasons(&ds[at_floor + 1], 1)
             .iter()
             .any(|r| matches!(r, Reason::AtFloor { .. })));
+        assert!(reasons(&ds[at_floor + p.outlier_steps as usize], 1)
+            .iter()
+            .any(|r| matches!(
+                r,
+                Reason::Drained { outlier, .. } if outlier.reference_kind == Reference::Target
+            )));
         for id in [2, 3] {
             assert!(ds.iter().all(|d| weight(d, id) == 100), "peers held");
         }
