@@ -552,7 +552,7 @@ impl WeightPolicy {
         share("deadband", self.deadband)?;
         share("disruption_budget", self.disruption_budget)?;
         share("max_drained_share", self.max_drained_share)?;
-        if !(self.max_extrapolation >= 1.0) {
+        if self.max_extrapolation.is_nan() || self.max_extrapolation < 1.0 {
             return Err("max_extrapolation must be at least 1".into());
         }
         if !(self.capacity_smoothing > 0.0 && self.capacity_smoothing <= 1.0) {
