@@ -1077,6 +1077,7 @@ fn learn_step(st: &mut State, id: VipId, now: Instant, t_secs: f64) -> Result<()
             health: status,
             fit,
             observed: lbk.window.observed(observe_secs),
+            peak_load: lbk.window.peak_load(),
         });
     }
     let decision = model::decide(&inputs, &policy, &l.policy);
