@@ -1,11 +1,33 @@
 //! Builds the XDP programs (lb-ebpf) for the BPF target with the nightly toolchain, so that the
-//! agent embeds the exact programs it was built with.
+//! agent embeds the exact programs it was built with. On a fresh machine it first installs what
+//! that needs (rust-src for the nightly, bpf-linker): xtask depends on this crate, so nothing
+//! of ours runs before this script, and `cargo xtask test` must work from a fresh clone.
 use anyhow::{anyhow, Context as _};
 use aya_build::{Package, Toolchain};
 
+#[path = "ebpf_toolchain.rs"]
+mod ebpf_toolchain;
+
 fn main() -> anyhow::Result<()> {
-    let toolchain = std::env::var("LB_EBPF_TOOLCHAIN").unwrap_or_else(|_| "nightly".to_string());
-    println!("cargo:rerun-if-env-changed=LB_EBPF_TOOLCHAIN");
+    println!(
+        "cargo:rerun-if-env-changed={}",
+        ebpf_toolchain::TOOLCHAIN_ENV
+    );
+    println!("cargo:rerun-if-changed=ebpf_toolchain.rs");
+    // Say something only when an install is needed (cargo shows every warning line).
+    let log = |m: &str| {
+        if !m.ends_with("already installed") && !m.contains("already installed for") {
+            println!("cargo:warning=eBPF toolchain: {m}")
+        }
+    };
+    let toolchain = ebpf_toolchain::detect_bpf_toolchain()?;
+    ebpf_toolchain::ensure_toolchain(&toolchain, &log)
+        .context("installing the eBPF toolchain (see `cargo xtask setup`)")?;
+    ebpf_toolchain::ensure_bpf_linker(&log)
+        .context("installing bpf-linker (see `cargo xtask setup`)")?;
+    if let Some(path) = ebpf_toolchain::path_with_cargo_bin() {
+        std::env::set_var("PATH", path);
+    }
     let ebpf = Package {
         name: "lb-ebpf",
         root_dir: concat!(env!("CARGO_MANIFEST_DIR"), "/../lb-ebpf"),

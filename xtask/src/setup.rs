@@ -25,12 +25,9 @@ pub const PACKAGES: &[&str] = &[
     "nftables",     // bench adaptive: a backend that drops SYNs
 ];
 
-/// Toolchain used when the machine has no `nightly` toolchain.
-pub const PINNED_NIGHTLY: &str = "nightly-2026-05-19";
-/// Environment variable lb-userspace's build script reads for the eBPF toolchain.
-pub const TOOLCHAIN_ENV: &str = "LB_EBPF_TOOLCHAIN";
-/// The bpf-linker version the eBPF build is known to work with.
-pub const BPF_LINKER_VERSION: &str = "0.10.0";
+#[path = "../../lb-userspace/ebpf_toolchain.rs"]
+mod ebpf_toolchain;
+pub use ebpf_toolchain::{detect_bpf_toolchain, TOOLCHAIN_ENV};
 
 /// Runs every setup step. Returns the eBPF toolchain name, which is also exported as
 /// [`TOOLCHAIN_ENV`] for the cargo commands this process starts.
@@ -77,94 +74,18 @@ fn packages() -> Result<()> {
     Ok(())
 }
 
-fn rustup_toolchains() -> Result<Vec<String>> {
-    let out = Command::new("rustup")
-        .args(["toolchain", "list"])
-        .output()
-        .context("running `rustup toolchain list` (is rustup installed?)")?;
-    if !out.status.success() {
-        bail!("`rustup toolchain list` failed");
-    }
-    Ok(String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| l.split_whitespace().next())
-        .map(str::to_owned)
-        .collect())
-}
-
-/// `nightly` if the machine has a floating nightly toolchain (`nightly-<host>`), else
-/// [`PINNED_NIGHTLY`]. Does not install anything.
-pub fn detect_bpf_toolchain() -> Result<String> {
-    let has_floating_nightly = rustup_toolchains()?.iter().any(|t| {
-        t.strip_prefix("nightly-")
-            .is_some_and(|rest| !rest.starts_with(|c: char| c.is_ascii_digit()))
-    });
-    Ok(if has_floating_nightly {
-        "nightly".into()
-    } else {
-        PINNED_NIGHTLY.into()
-    })
+fn log(m: &str) {
+    eprintln!("setup: {m}");
 }
 
 fn toolchain() -> Result<String> {
     let tc = detect_bpf_toolchain()?;
-    let installed = rustup_toolchains()?
-        .iter()
-        .any(|t| t == &tc || t.starts_with(&format!("{tc}-")));
-    if !installed {
-        eprintln!("setup: no nightly toolchain; installing {tc} with rust-src");
-        run(Command::new("rustup").args([
-            "toolchain",
-            "install",
-            &tc,
-            "--profile",
-            "minimal",
-            "--component",
-            "rust-src",
-        ]))?;
-    }
-    let out = Command::new("rustup")
-        .args(["component", "list", "--installed", "--toolchain", &tc])
-        .output()
-        .context("running `rustup component list`")?;
-    let has_src = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .any(|l| l.trim() == "rust-src" || l.starts_with("rust-src-"));
-    if has_src {
-        eprintln!("setup: rust-src already installed for {tc}");
-    } else {
-        run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", &tc]))?;
-    }
+    ebpf_toolchain::ensure_toolchain(&tc, &log)?;
     Ok(tc)
 }
 
 fn bpf_linker() -> Result<()> {
-    let version = Command::new("bpf-linker")
-        .arg("--version")
-        .output()
-        .ok()
-        .filter(|o| o.status.success())
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned());
-    match version {
-        Some(v) if v.split_whitespace().any(|w| w == BPF_LINKER_VERSION) => {
-            eprintln!("setup: {v} already installed");
-            Ok(())
-        }
-        other => {
-            eprintln!(
-                "setup: bpf-linker is {}; installing {BPF_LINKER_VERSION}",
-                other.as_deref().unwrap_or("missing")
-            );
-            let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-            run(Command::new(cargo).args([
-                "install",
-                "bpf-linker",
-                "--version",
-                BPF_LINKER_VERSION,
-                "--locked",
-            ]))
-        }
-    }
+    ebpf_toolchain::ensure_bpf_linker(&log)
 }
 
 fn bpffs() -> Result<()> {
