@@ -649,6 +649,9 @@ pub struct BackendState {
     /// Step of the last change of direction of a learned weight.
     #[serde(default)]
     pub last_reversal: Option<u64>,
+    /// Returned on a slow start and not yet back to a model or its configured weight.
+    #[serde(default)]
+    pub ramping_back: bool,
 }
 
 /// Which signal made a backend an outlier.
@@ -762,6 +765,9 @@ pub enum Reason {
     Probation,
     /// Back in the table: starts at the floor and ramps up.
     SlowStart { weight: u32 },
+    /// Back in the table with too few samples for a model yet, meeting the target: ramping
+    /// back to the configured weight (what a backend without a model has at the start).
+    RampBack { weight: f64 },
     /// Health checks or the operator keep it out of the table.
     Health { status: HealthStatus },
     /// Drained by the model this step.
@@ -915,6 +921,11 @@ impl fmt::Display for Reason {
                 f,
                 "back in the table: slow start at {:.2}",
                 f64::from(*weight) / s
+            ),
+            Reason::RampBack { weight } => write!(
+                f,
+                "no model yet, meeting the target: ramping back to the configured {:.2}",
+                weight / s
             ),
             Reason::Health { status } => write!(f, "out of the table: {status}"),
             Reason::Drained { outlier, steps } => {
@@ -1290,6 +1301,7 @@ pub fn decide(inputs: &[BackendInput], policy: &WeightPolicy, prev: &PolicyState
                 st.refused_steps = 0;
                 st.unsupported_steps = 0;
                 st.last_fit = Some((step, *f));
+                st.ramping_back = false;
             }
             Err(_) => {
                 st.refused_steps = st.refused_steps.saturating_add(1);
@@ -1530,6 +1542,11 @@ pub fn decide(inputs: &[BackendInput], policy: &WeightPolicy, prev: &PolicyState
     let pool_cap: f64 = group.iter().map(|&i| caps[i]).sum();
     let group_cfg: f64 = group.iter().map(|&i| cfg_t[i]).sum();
 
+    for i in 0..n {
+        if inputs[i].current_weight >= table_weight(inputs[i].configured_weight) {
+            states[i].ramping_back = false;
+        }
+    }
     let mut modes = vec![Mode::Hold; n];
     let mut targets: Vec<Option<f64>> = vec![None; n];
     for i in 0..n {
@@ -1577,6 +1594,10 @@ pub fn decide(inputs: &[BackendInput], policy: &WeightPolicy, prev: &PolicyState
                 learned: false,
             };
             reasons[i].push(Reason::SlowStart { weight: w as u32 });
+            // A new start: the last learned direction says nothing about this one.
+            let st = &mut states[i];
+            (st.last_direction, st.reverse_steps, st.last_reversal) = (0, 0, None);
+            st.ramping_back = true;
             continue;
         }
         if !learning(b) {
@@ -1602,6 +1623,7 @@ pub fn decide(inputs: &[BackendInput], policy: &WeightPolicy, prev: &PolicyState
                 };
                 if let Some((latency_ms, peers_latency_ms)) = overloaded {
                     states[i].unsupported_steps = 0;
+                    states[i].ramping_back = false;
                     let lo = p.floor * cfg_t[i];
                     let t = (cur * (1.0 - p.max_step_ratio)).max(lo);
                     reasons[i].push(Reason::FitRefused {
@@ -1622,6 +1644,25 @@ pub fn decide(inputs: &[BackendInput], policy: &WeightPolicy, prev: &PolicyState
                     } else {
                         reasons[i].push(Reason::AtFloor { floor_weight: lo });
                     }
+                } else if states[i].ramping_back
+                    && matches!(refusal, Refusal::TooFewSamples { .. })
+                    && cur < cfg_t[i]
+                    && b.observed
+                        .is_none_or(|o| o.latency_ms <= p.latency_target_ms)
+                {
+                    // Back from a slow start with its window still filling (cleared while it
+                    // was down): without a model it returns to where a backend without one
+                    // starts, gradually; holding it at the floor until the window refilled
+                    // kept it there for half a minute.
+                    modes[i] = Mode::Gradual {
+                        target: cfg_t[i],
+                        learned: false,
+                    };
+                    reasons[i].push(Reason::FitRefused {
+                        refusal: refusal.clone(),
+                        steps,
+                    });
+                    reasons[i].push(Reason::RampBack { weight: cfg_t[i] });
                 } else if states[i].unsupported_steps >= p.stale_steps {
                     modes[i] = Mode::Gradual {
                         target: cfg_t[i],
@@ -2950,6 +2991,20 @@ mod tests {
         assert!(reasons(&back, 2)
             .iter()
             .any(|r| matches!(r, Reason::BudgetLimited { .. })));
+        // Its window was cleared while down: with too few samples for a model, meeting the
+        // target, it ramps back to the configured weight (25% per step), not held at the floor.
+        let mut inputs2 = inputs.clone();
+        let mut state = d.state.clone();
+        inputs2[1].fit = Err(Refusal::TooFewSamples { have: 2, need: 30 });
+        inputs2[1].observed = Some(observed(10.0, 20.0));
+        let ws: Vec<u32> = run(&mut inputs2, &free, &mut state, 10)
+            .iter()
+            .map(|d| weight(d, 2))
+            .collect();
+        println!("weights after the return: {ws:?}");
+        assert_eq!(ws[0], 2_500, "{ws:?}");
+        assert!(ws.windows(2).all(|w| w[1] >= w[0]), "{ws:?}");
+        assert_eq!(*ws.last().unwrap(), 10_000, "{ws:?}");
     }
 
     #[test]
