@@ -31,6 +31,7 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     mem::size_of,
     net::IpAddr,
+    os::fd::AsFd as _,
     path::{Path, PathBuf},
 };
 
@@ -388,6 +389,8 @@ pub struct ApplyReport {
 struct Maps {
     vips: BpfHashMap<MapData, VipKey, VipMeta>,
     ring: Array<MapData, u32>,
+    /// RING's fd again, for the batch writes aya does not wrap.
+    ring_fd: std::os::fd::OwnedFd,
     vip_ports: Array<MapData, u8>,
     backends: Array<MapData, BackendInfo>,
     nexthops: Array<MapData, NextHop>,
@@ -397,6 +400,81 @@ struct Maps {
     backend_stats: PerCpuArray<MapData, BackendStats>,
     ct: BpfHashMap<MapData, FlowKey, CtValue>,
     ct_new: BpfHashMap<MapData, FlowKey, CtValue>,
+}
+
+/// Writes `slots` into RING from index `offset`. One `BPF_MAP_UPDATE_BATCH` call instead of a
+/// syscall per slot: a 65537-slot table took about 65537 syscalls, the largest part of a
+/// learning step's cost. Kernels without batch support for arrays (before 5.6) get the
+/// per-slot loop.
+fn write_ring(maps: &mut Maps, offset: u32, slots: &[u32]) -> Result<()> {
+    let keys: Vec<u32> = (offset..offset + slots.len() as u32).collect();
+    match update_batch(&maps.ring_fd, &keys, slots) {
+        Ok(()) => Ok(()),
+        Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::ENOTSUP | 524)) => {
+            // 524 is the kernel's ENOTSUPP.
+            for (&k, slot) in keys.iter().zip(slots) {
+                maps.ring.set(k, *slot, 0).context("writing RING")?;
+            }
+            Ok(())
+        }
+        Err(e) => Err(anyhow!(e).context("writing RING (BPF_MAP_UPDATE_BATCH)")),
+    }
+}
+
+/// Slots per `BPF_MAP_UPDATE_BATCH` call: big enough that syscalls cost little (a 65537-slot
+/// table is 8 calls), small enough that one call is short and a signal (SIGTERM, or SIGKILL in
+/// the chaos tests) is never held off by one write of a million slots.
+const BATCH_SLOTS: usize = 8192;
+
+/// `BPF_MAP_UPDATE_BATCH` of `u32` keys and `u32` values (`bpf(2)`) in calls of at most
+/// [`BATCH_SLOTS`]; all, or an error.
+fn update_batch(fd: &std::os::fd::OwnedFd, keys: &[u32], values: &[u32]) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd as _;
+    /// The `batch` member of `union bpf_attr` (include/uapi/linux/bpf.h).
+    #[repr(C)]
+    #[derive(Default)]
+    struct BatchAttr {
+        in_batch: u64,
+        out_batch: u64,
+        keys: u64,
+        values: u64,
+        count: u32,
+        map_fd: u32,
+        elem_flags: u64,
+        flags: u64,
+    }
+    const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+    debug_assert_eq!(keys.len(), values.len());
+    let mut done = 0usize;
+    while done < keys.len() {
+        let mut attr = BatchAttr {
+            keys: keys[done..].as_ptr() as u64,
+            values: values[done..].as_ptr() as u64,
+            count: (keys.len() - done).min(BATCH_SLOTS) as u32,
+            map_fd: fd.as_raw_fd() as u32,
+            ..Default::default()
+        };
+        // SAFETY: `attr` is a valid `bpf_attr.batch` for its whole size; `keys` and `values`
+        // outlive the call and hold `count` elements of the map's key and value size (4 bytes);
+        // the kernel writes only `attr.count` back.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_UPDATE_BATCH,
+                &mut attr as *mut BatchAttr,
+                size_of::<BatchAttr>() as u32,
+            )
+        };
+        if rc < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // The kernel reports how many it wrote; go on after them (it may stop early).
+        if attr.count == 0 {
+            return Err(std::io::Error::other("BPF_MAP_UPDATE_BATCH wrote nothing"));
+        }
+        done += attr.count as usize;
+    }
+    Ok(())
 }
 
 fn take(ebpf: &mut Ebpf, name: &str) -> Result<Map> {
@@ -462,9 +540,19 @@ impl Balancer {
                 None
             }
         };
+        let ring = take(&mut ebpf, maps::RING)?;
+        let ring_fd = match &ring {
+            Map::Array(d) => d
+                .fd()
+                .as_fd()
+                .try_clone_to_owned()
+                .context("duplicating RING's fd")?,
+            _ => bail!("the balancer object's {} is not an array", maps::RING),
+        };
         let maps = Maps {
             vips: BpfHashMap::try_from(take(&mut ebpf, maps::VIPS)?)?,
-            ring: Array::try_from(take(&mut ebpf, maps::RING)?)?,
+            ring: Array::try_from(ring)?,
+            ring_fd,
             vip_ports: Array::try_from(take(&mut ebpf, maps::VIP_PORTS)?)?,
             backends: Array::try_from(take(&mut ebpf, maps::BACKENDS)?)?,
             nexthops: Array::try_from(take(&mut ebpf, maps::NEXTHOPS)?)?,
@@ -740,7 +828,7 @@ impl Balancer {
                     }
                 })
                 .collect();
-            let table = maglev::build(&mg, v.table_size)
+            let table = crate::tables::build(&mg, v.table_size)
                 .map_err(|e| anyhow!("vip {}: building the Maglev table: {e}", v.name()))?;
             for b in &mut backends {
                 b.slots = table.iter().filter(|&&s| s == b.id).count() as u32;
@@ -855,12 +943,7 @@ impl Balancer {
                         offset: r.offset,
                     }));
                 }
-                for (i, slot) in st.table.iter().enumerate() {
-                    self.maps
-                        .ring
-                        .set(r.offset + i as u32, *slot, 0)
-                        .context("writing RING")?;
-                }
+                write_ring(&mut self.maps, r.offset, &st.table)?;
                 let meta = VipMeta {
                     vip_id: st.vip_id,
                     mode: st.config.forwarding.mode(),

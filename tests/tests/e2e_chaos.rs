@@ -523,6 +523,14 @@ fn published_table(pin_dir: &Path) -> (VipMeta, BTreeMap<Ipv4Addr, usize>) {
     (meta, counts)
 }
 
+/// Zeroes RING slots `[offset, offset + size)` (a region no VIP entry points at).
+fn zero_slots(pin_dir: &Path, offset: u32, size: u32) {
+    let mut ring: Array<MapData, u32> = Array::try_from(open_map(pin_dir, "RING")).unwrap();
+    for i in offset..offset + size {
+        ring.set(i, 0, 0).unwrap();
+    }
+}
+
 /// Non-zero RING slots in `[offset, offset + size)`.
 fn written_slots(pin_dir: &Path, offset: u32, size: u32) -> usize {
     let ring: Array<MapData, u32> = Array::try_from(open_map(pin_dir, "RING")).unwrap();
@@ -555,9 +563,24 @@ fn sigkill_mid_table_write_never_publishes_a_half_table() {
     let b0 = backend_v4(0).to_string();
 
     // Kill at several delays after lbd logs that it started writing, until one lands before
-    // the table is published.
+    // the table is published with part of its slots written. The write goes to a region of
+    // the ring pool whose slots are zero (never written, or zeroed below), so what it reached
+    // can be counted. A table write is a few batch syscalls (about 100 ms for these 1M slots),
+    // so the log is watched closely.
+    let offsets = |log: &str| -> Vec<u32> {
+        log.lines()
+            .filter(|l| l.contains("writing table"))
+            .filter_map(|l| l.split("offset=").nth(1))
+            .filter_map(|r| r.split_whitespace().next())
+            .filter_map(|n| n.parse().ok())
+            .collect()
+    };
+    let mut used: BTreeSet<u32> = offsets(&fx.log()).into_iter().collect();
     let mut landed = None;
-    for (attempt, delay_ms) in [100u64, 30, 200, 5].into_iter().enumerate() {
+    for (attempt, delay_ms) in [30u64, 60, 15, 100, 5, 150].into_iter().enumerate() {
+        // What is published before this attempt (an earlier attempt that landed after
+        // publishing has changed it, and the restart after it may have too).
+        let (meta_before, counts_before) = published_table(&fx.pin_dir);
         let log_before = fx.log();
         let (writes, publishes) = (
             count(&log_before, "writing table"),
@@ -584,20 +607,29 @@ fn sigkill_mid_table_write_never_publishes_a_half_table() {
             .spawn()
             .unwrap();
         let triggered = Instant::now();
-        wait_for(
-            "lbd to start writing the table",
-            Duration::from_secs(30),
-            || count(&fx.log(), "writing table") > writes,
-        );
+        while count(&fx.log(), "writing table") <= writes {
+            assert!(
+                triggered.elapsed() < Duration::from_secs(30),
+                "timed out waiting for lbd to start writing the table"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
         let started_writing = triggered.elapsed();
         std::thread::sleep(Duration::from_millis(delay_ms));
         fx.sigkill_lbd();
         let killed_at = Instant::now();
         let _ = change.wait();
-        let mid_write = count(&fx.log(), "table published") == publishes;
+        let kill_log = fx.log();
+        let mid_write = count(&kill_log, "table published") == publishes;
+        let offset = *offsets(&kill_log)
+            .get(writes)
+            .expect("the attempt's write record has an offset");
+        let fresh = !used.contains(&offset);
+        used.extend(offsets(&kill_log));
         println!(
-            "attempt {attempt}: writing began {started_writing:?} after set-weight, SIGKILL {delay_ms} ms later: {}",
-            if mid_write { "mid-write" } else { "after publishing" }
+            "attempt {attempt}: writing began {started_writing:?} after set-weight, SIGKILL {delay_ms} ms later: {} (region at {offset}, {})",
+            if mid_write { "mid-write" } else { "after publishing" },
+            if fresh { "never written before" } else { "written before" }
         );
         // The configuration file is whole: the old or the new one (replaced by a rename),
         // never a mix; the old one as long as the table was not even published.
@@ -636,33 +668,24 @@ fn sigkill_mid_table_write_never_publishes_a_half_table() {
             3,
             "all three backends in the table: {counts:?}"
         );
+        // Cut short with part of its slots written: the case this test is about. A kill
+        // before the first slot or after the last (but before publishing) must not publish
+        // either, and is checked the same way, but another attempt follows.
+        let mut partial = false;
         if mid_write {
-            let log = fx.log();
-            let line = log
-                .lines()
-                .filter(|l| l.contains("writing table"))
-                .nth(writes)
-                .expect("the cut-short write's log record");
-            let offset: u32 = line
-                .split("offset=")
-                .nth(1)
-                .and_then(|r| r.split_whitespace().next())
-                .and_then(|n| n.parse().ok())
-                .unwrap_or_else(|| panic!("no offset in {line:?}"));
-            let written = written_slots(&fx.pin_dir, offset, BIG_TABLE);
-            println!(
-                "  the cut-short table at offset {offset}: {written} of {BIG_TABLE} slots written"
-            );
-            assert!(
-                written > 0 && written < BIG_TABLE as usize,
-                "the SIGKILL did not land mid-write ({written} slots written)"
-            );
+            if fresh {
+                let written = written_slots(&fx.pin_dir, offset, BIG_TABLE);
+                println!(
+                    "  the cut-short table at offset {offset}: {written} of {BIG_TABLE} slots written"
+                );
+                partial = written > 0 && written < BIG_TABLE as usize;
+            }
             assert_eq!(
                 (meta.ring_offset, meta.generation),
-                (meta0.ring_offset, meta0.generation),
+                (meta_before.ring_offset, meta_before.generation),
                 "a table whose write was cut short was published"
             );
-            assert_eq!(counts, counts0, "the published table changed");
+            assert_eq!(counts, counts_before, "the published table changed");
         }
 
         // Restart: resumes from the pins, applies the configuration, serves lbctl.
@@ -694,12 +717,24 @@ fn sigkill_mid_table_write_never_publishes_a_half_table() {
         println!("  lbctl status: {unclean}");
         println!("  restart: serving lbctl after {restart:?} ({since_kill:?} after the SIGKILL)");
         intact(&mut long, &[], "after the restart");
-        if mid_write {
+        used.extend(offsets(&fx.log()));
+        if partial {
             landed = Some((attempt, delay_ms));
             break;
         }
+        // The next write goes to a region an earlier one used (the restarted lbd knows it is
+        // free, not what it holds): zero the unpublished ones, so the next count is exact.
+        let (published, _) = published_table(&fx.pin_dir);
+        for off in std::mem::take(&mut used) {
+            if off == published.ring_offset {
+                used.insert(off);
+            } else {
+                zero_slots(&fx.pin_dir, off, BIG_TABLE);
+            }
+        }
     }
-    let (attempt, delay_ms) = landed.expect("no SIGKILL landed mid-write");
+    let (attempt, delay_ms) =
+        landed.expect("no SIGKILL landed mid-write with part of the table written");
 
     // The change cut short can be made again, in full.
     let t = Instant::now();
