@@ -14,6 +14,7 @@ pub mod netif;
 pub mod notify;
 pub mod pool;
 pub mod security;
+pub mod tables;
 
 pub use config::Config;
 pub use datapath::{Balancer, LoadOptions};

@@ -1247,7 +1247,7 @@ fn table(inputs: &[BackendInput], weights: &[u32], size: u32) -> Result<Vec<u32>
             }
         })
         .collect();
-    maglev::build(&backends, size).map_err(|e| e.to_string())
+    crate::tables::build(&backends, size).map_err(|e| e.to_string())
 }
 
 /// One step of the policy. Pure: the result depends only on the arguments, not on the order of
