@@ -183,10 +183,12 @@ fn scenario(v6: bool, forwarding: &str) {
     let vip_state = run.lb.vips().next().expect("one VIP").clone();
     let vip_stats = run.lb.vip_stats(vip_state.vip_id).unwrap();
     // A client port reused for a later connection hits that flow's tracked entry, so new flows
-    // can be a little under the number of connections; every connection is at least 5 packets.
+    // can be a little under the number of connections. Every connection sends at least 4
+    // packets to the VIP (SYN, ACK, request, FIN): usually 5, but a client that has the server's
+    // FIN before it closes acknowledges it with its own FIN (seen once in 3000: 14999 packets).
     assert!(
         vip_stats.new_flows >= SHORT_CONNECTIONS as u64 * 95 / 100
-            && vip_stats.packets >= 5 * SHORT_CONNECTIONS as u64,
+            && vip_stats.packets >= 4 * SHORT_CONNECTIONS as u64,
         "{what}: VIP stats {vip_stats:?}"
     );
     let (mut packets, mut bytes, mut new_flows) = (0, 0, 0);
