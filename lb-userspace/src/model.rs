@@ -480,6 +480,18 @@ pub struct WeightPolicy {
     /// estimate (0: the fixed `deadband` only).
     #[serde(default = "default_deadband_noise_factor")]
     pub deadband_noise_factor: f64,
+    /// The deadband when a backend's capacity estimate is bound by its own load (headroom, or
+    /// a fit capped at `max_extrapolation` times its load): such an estimate grows with the
+    /// load the backend is given, so a weight it sets confirms itself, and the load's noise
+    /// walks it up and down (seen in the stability run: small backends' weights wandering
+    /// 44-58 over minutes while their latency stayed flat). Only a clearly different target
+    /// moves it. Cuts of a backend missing the latency target keep the plain deadband.
+    #[serde(default = "default_load_bound_deadband")]
+    pub load_bound_deadband: f64,
+}
+
+fn default_load_bound_deadband() -> f64 {
+    0.15
 }
 
 fn default_deadband_noise_factor() -> f64 {
@@ -525,6 +537,7 @@ impl Default for WeightPolicy {
             reversal_hold_steps: default_reversal_hold_steps(),
             max_extrapolation: default_max_extrapolation(),
             deadband_noise_factor: default_deadband_noise_factor(),
+            load_bound_deadband: default_load_bound_deadband(),
         }
     }
 }
@@ -555,6 +568,7 @@ impl WeightPolicy {
             return Err("max_step_ratio must be within (0, 1)".into());
         }
         share("deadband", self.deadband)?;
+        share("load_bound_deadband", self.load_bound_deadband)?;
         share("disruption_budget", self.disruption_budget)?;
         share("max_drained_share", self.max_drained_share)?;
         if self.max_extrapolation.is_nan() || self.max_extrapolation < 1.0 {
@@ -1494,6 +1508,8 @@ pub fn decide(inputs: &[BackendInput], policy: &WeightPolicy, prev: &PolicyState
     // each mean (relative standard deviation).
     let mut caps = vec![0.0f64; n];
     let mut cap_noise = vec![0.0f64; n];
+    // This step's estimate is bound by the backend's own load (headroom, or a capped fit).
+    let mut load_bound = vec![false; n];
     for i in 0..n {
         let raw = inputs[i]
             .fit
@@ -1504,10 +1520,14 @@ pub fn decide(inputs: &[BackendInput], policy: &WeightPolicy, prev: &PolicyState
                 if fitted > limit && group.contains(&i) {
                     reasons[i].push(Reason::Extrapolation { fitted, limit });
                 }
+                load_bound[i] = fitted > limit;
                 fitted.min(limit)
             })
             .ok()
-            .or(headroom[i]);
+            .or_else(|| {
+                load_bound[i] = headroom[i].is_some();
+                headroom[i]
+            });
         states[i].capacity = match raw {
             Some(raw) if group.contains(&i) => {
                 // Falls count three times as much as rises: a backend losing capacity is
@@ -1705,10 +1725,14 @@ pub fn decide(inputs: &[BackendInput], policy: &WeightPolicy, prev: &PolicyState
                 let st = &mut states[i];
                 // The deadband widens to twice the noise of the capacity estimate: a target
                 // that moves within the estimate's own noise is not a reason to move flows.
-                let deadband = p
-                    .deadband
-                    .max(p.deadband_noise_factor * cap_noise[i])
-                    .min(0.5);
+                let missing_target = b
+                    .observed
+                    .is_some_and(|o| o.latency_ms > p.latency_target_ms);
+                let mut deadband = p.deadband.max(p.deadband_noise_factor * cap_noise[i]);
+                if load_bound[i] && !(t < cur && missing_target) {
+                    deadband = deadband.max(p.load_bound_deadband);
+                }
+                let deadband = deadband.min(0.5);
                 if (t - cur).abs() <= deadband * cur || (t - cur).abs() < 0.5 {
                     st.reverse_steps = 0;
                     reasons[i].push(Reason::Deadband {
@@ -2831,6 +2855,75 @@ mod tests {
             assert_eq!(d.weights(), vec![(1, 60), (2, 100), (3, 100)]);
             state = d.state;
         }
+    }
+
+    #[test]
+    fn a_capacity_bound_by_its_own_load_moves_only_past_the_wider_deadband() {
+        // As above: the flat backend's headroom (100/s, twice its load) against the fitted
+        // backends' 50/s makes its target 150. At 135 (11% below) a fitted estimate would move
+        // it; an estimate bound by its own load does not.
+        let mut p = unbudgeted();
+        let mut inputs: Vec<BackendInput> = (1..=2)
+            .map(|id| {
+                let mut b = input(id, 1, Ok(mm1_fit(60.0)));
+                b.observed = Some(observed(50.0, 20.0));
+                b
+            })
+            .collect();
+        let mut flat = input(3, 1, Err(Refusal::PoorFit { r2: 0.1, need: 0.6 }));
+        flat.observed = Some(observed(50.0, 10.0));
+        flat.current_weight = 135;
+        inputs.push(flat);
+        let d = decide(&inputs, &p, &PolicyState::default());
+        assert_eq!(weight(&d, 3), 135, "{:?}", reasons(&d, 3));
+        assert!(
+            reasons(&d, 3).iter().any(|r| matches!(
+                r,
+                Reason::Deadband { deadband, .. } if (*deadband - 0.15).abs() < 1e-9
+            )),
+            "{:?}",
+            reasons(&d, 3)
+        );
+        // The fitted backends (uncapped estimates) are cut as before.
+        assert!(
+            weight(&d, 1) < 100 && weight(&d, 2) < 100,
+            "{:?}",
+            d.weights()
+        );
+        // With the plain deadband it moves toward 150.
+        p.load_bound_deadband = 0.0;
+        let d = decide(&inputs, &p, &PolicyState::default());
+        assert!(weight(&d, 3) > 135, "{:?}", reasons(&d, 3));
+        // A fit capped at twice the load seen is bound by the load too; but a cut of a backend
+        // missing the latency target is never held by the wider deadband.
+        p.load_bound_deadband = 0.15;
+        let mut capped = inputs.clone();
+        // Capacity 190/s at the target, capped at 96/s: target 300 x 96 / 196 = 147.
+        let mut f = mm1_fit(200.0);
+        f.load_max = 48.0;
+        capped[2].fit = Ok(f);
+        capped[2].current_weight = 165;
+        let d = decide(&capped, &p, &PolicyState::default());
+        assert!(
+            reasons(&d, 3)
+                .iter()
+                .any(|r| matches!(r, Reason::Extrapolation { .. })),
+            "{:?}",
+            reasons(&d, 3)
+        );
+        assert_eq!(
+            weight(&d, 3),
+            165,
+            "held: a capped fit, within 15%: {:?}",
+            reasons(&d, 3)
+        );
+        capped[2].observed = Some(observed(50.0, 150.0));
+        let d = decide(&capped, &p, &PolicyState::default());
+        assert!(
+            weight(&d, 3) < 165,
+            "cut past the wider deadband: {:?}",
+            reasons(&d, 3)
+        );
     }
 
     #[test]
