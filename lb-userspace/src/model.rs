@@ -2807,13 +2807,9 @@ mod tests {
         assert!(!d.changed(), "{:?}", d.weights());
     }
 
-    #[test]
-    fn a_flat_backend_far_below_the_target_is_given_load_by_its_headroom() {
-        // Two backends with models (50 per second at the 100 ms target); the third has no
-        // model because its latency is flat (10 ms at 50 per second): 50 x 100 / 10 = 500 per
-        // second, limited to twice its load (max_extrapolation), so it gains weight instead
-        // of keeping a third.
-        let p = unbudgeted();
+    /// Backends 1 and 2 with models (50 per second at the 100 ms target, at 50 per second and
+    /// 20 ms); backend 3 without one, its latency flat (10 ms at 50 per second).
+    fn two_fitted_and_a_flat_one() -> Vec<BackendInput> {
         let mut inputs: Vec<BackendInput> = (1..=2)
             .map(|id| {
                 let mut b = input(id, 1, Ok(mm1_fit(60.0)));
@@ -2824,6 +2820,17 @@ mod tests {
         let mut flat = input(3, 1, Err(Refusal::PoorFit { r2: 0.1, need: 0.6 }));
         flat.observed = Some(observed(50.0, 10.0));
         inputs.push(flat);
+        inputs
+    }
+
+    #[test]
+    fn a_flat_backend_far_below_the_target_is_given_load_by_its_headroom() {
+        // Two backends with models (50 per second at the 100 ms target); the third has no
+        // model because its latency is flat (10 ms at 50 per second): 50 x 100 / 10 = 500 per
+        // second, limited to twice its load (max_extrapolation), so it gains weight instead
+        // of keeping a third.
+        let p = unbudgeted();
+        let mut inputs = two_fitted_and_a_flat_one();
         let d = decide(&inputs, &p, &PolicyState::default());
         assert!(weight(&d, 3) > 100, "{:?}", d.weights());
         assert!(
@@ -2872,17 +2879,8 @@ mod tests {
         // backends' 50/s makes its target 150. At 135 (11% below) a fitted estimate would move
         // it; an estimate bound by its own load does not.
         let mut p = unbudgeted();
-        let mut inputs: Vec<BackendInput> = (1..=2)
-            .map(|id| {
-                let mut b = input(id, 1, Ok(mm1_fit(60.0)));
-                b.observed = Some(observed(50.0, 20.0));
-                b
-            })
-            .collect();
-        let mut flat = input(3, 1, Err(Refusal::PoorFit { r2: 0.1, need: 0.6 }));
-        flat.observed = Some(observed(50.0, 10.0));
-        flat.current_weight = 135;
-        inputs.push(flat);
+        let mut inputs = two_fitted_and_a_flat_one();
+        inputs[2].current_weight = 135;
         let d = decide(&inputs, &p, &PolicyState::default());
         assert_eq!(weight(&d, 3), 135, "{:?}", reasons(&d, 3));
         assert!(
