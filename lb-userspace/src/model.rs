@@ -1279,6 +1279,11 @@ pub fn decide(inputs: &[BackendInput], policy: &WeightPolicy, prev: &PolicyState
         .collect();
     let mut reasons: Vec<Vec<Reason>> = vec![Vec::new(); n];
     let learning = |b: &BackendInput| p.learning && b.learning;
+    // Its recent probes' latency is above the target (no observation: not known to miss it).
+    let misses_target = |b: &BackendInput| {
+        b.observed
+            .is_some_and(|o| o.latency_ms > p.latency_target_ms)
+    };
 
     // Headroom: a backend without a model whose latency is flat (refused as a poor fit, for
     // too little load variation, or with latency not rising with load) while it meets the
@@ -1511,38 +1516,32 @@ pub fn decide(inputs: &[BackendInput], policy: &WeightPolicy, prev: &PolicyState
     // This step's estimate is bound by the backend's own load (headroom, or a capped fit).
     let mut load_bound = vec![false; n];
     for i in 0..n {
-        let raw = inputs[i]
-            .fit
-            .as_ref()
-            .map(|f| {
+        let (raw, bound) = match &inputs[i].fit {
+            Ok(f) => {
                 let fitted = f.capacity_at(p.latency_target_ms);
                 let limit = p.max_extrapolation * f.load_max;
                 if fitted > limit && group.contains(&i) {
                     reasons[i].push(Reason::Extrapolation { fitted, limit });
                 }
-                load_bound[i] = fitted > limit;
-                fitted.min(limit)
-            })
-            .ok()
-            .or_else(|| {
-                load_bound[i] = headroom[i].is_some();
-                headroom[i]
-            });
+                (Some(fitted.min(limit)), fitted > limit)
+            }
+            Err(_) => (headroom[i], headroom[i].is_some()),
+        };
+        load_bound[i] = bound;
         states[i].capacity = match raw {
             Some(raw) if group.contains(&i) => {
                 // Falls count three times as much as rises when they are news: the backend
-                // misses the latency target, or the new estimate is more than 30% below the
-                // mean (a 5x slowdown; the stability run's noise rarely goes that far). A backend losing capacity is relieved
-                // sooner than one gaining it is given more. Not for falls within the noise:
-                // an asymmetric mean of a noisy estimate settles below the estimate's mean, the
-                // more so the noisier it is, and that bias handed the least noisy backend (the
-                // large pool) more than its share (15/15/70% against the oracle's 20/20/60% in
-                // the capacity run).
-                let missing_target = inputs[i]
-                    .observed
-                    .is_some_and(|o| o.latency_ms > p.latency_target_ms);
+                // misses the latency target, or the new estimate is below NEWS_FALL of the
+                // mean (a 5x slowdown; the stability run's noise rarely goes that far). A
+                // backend losing capacity is relieved sooner than one gaining it is given
+                // more. Not for falls within the noise: an asymmetric mean of a noisy estimate
+                // settles below the estimate's mean, the more so the noisier it is, and that
+                // bias handed the least noisy backend (the large pool) more than its share
+                // (15/15/70% against the oracle's 20/20/60% in the capacity run).
+                const NEWS_FALL: f64 = 0.7;
+                let news = misses_target(&inputs[i]);
                 let c = states[i].capacity.map_or(raw, |c| {
-                    let a = if raw < c && (missing_target || raw < 0.7 * c) {
+                    let a = if raw < c && (news || raw < NEWS_FALL * c) {
                         (3.0 * p.capacity_smoothing).min(1.0)
                     } else {
                         p.capacity_smoothing
@@ -1734,11 +1733,8 @@ pub fn decide(inputs: &[BackendInput], policy: &WeightPolicy, prev: &PolicyState
                 let st = &mut states[i];
                 // The deadband widens to twice the noise of the capacity estimate: a target
                 // that moves within the estimate's own noise is not a reason to move flows.
-                let missing_target = b
-                    .observed
-                    .is_some_and(|o| o.latency_ms > p.latency_target_ms);
                 let mut deadband = p.deadband.max(p.deadband_noise_factor * cap_noise[i]);
-                if load_bound[i] && !(t < cur && missing_target) {
+                if load_bound[i] && !(t < cur && misses_target(b)) {
                     deadband = deadband.max(p.load_bound_deadband);
                 }
                 let deadband = deadband.min(0.5);
@@ -1755,9 +1751,7 @@ pub fn decide(inputs: &[BackendInput], policy: &WeightPolicy, prev: &PolicyState
                     // steadiness). A raise can always wait: cutting the others raises its share
                     // anyway. (Exempting any large cut as well let drifting capacity estimates
                     // turn small backends twice a minute in the stability run.)
-                    let urgent = dir < 0
-                        && b.observed
-                            .is_some_and(|o| o.latency_ms > p.latency_target_ms);
+                    let urgent = dir < 0 && misses_target(b);
                     let hold_until = st
                         .last_reversal
                         .map(|at| at + u64::from(p.reversal_hold_steps))
