@@ -563,10 +563,11 @@ fn sigkill_mid_table_write_never_publishes_a_half_table() {
     let b0 = backend_v4(0).to_string();
 
     // Kill at several delays after lbd logs that it started writing, until one lands before
-    // the table is published with part of its slots written. The write goes to a region of
-    // the ring pool whose slots are zero (never written, or zeroed below), so what it reached
-    // can be counted. A table write is a few batch syscalls (about 100 ms for these 1M slots),
-    // so the log is watched closely.
+    // the table is published with part of its slots written. Before each attempt every region
+    // of the ring pool an earlier write used, except the published one, is zeroed (the
+    // restarted lbd knows such a region is free, not what it holds), so the write goes to zero
+    // slots and what it reached can be counted. A table write is a few batch syscalls (about
+    // 100 ms for these 1M slots), so the log is watched closely.
     let offsets = |log: &str| -> Vec<u32> {
         log.lines()
             .filter(|l| l.contains("writing table"))
@@ -581,6 +582,13 @@ fn sigkill_mid_table_write_never_publishes_a_half_table() {
         // What is published before this attempt (an earlier attempt that landed after
         // publishing has changed it, and the restart after it may have too).
         let (meta_before, counts_before) = published_table(&fx.pin_dir);
+        for off in std::mem::take(&mut used) {
+            if off == meta_before.ring_offset {
+                used.insert(off);
+            } else {
+                zero_slots(&fx.pin_dir, off, BIG_TABLE);
+            }
+        }
         let log_before = fx.log();
         let (writes, publishes) = (
             count(&log_before, "writing table"),
@@ -624,12 +632,10 @@ fn sigkill_mid_table_write_never_publishes_a_half_table() {
         let offset = *offsets(&kill_log)
             .get(writes)
             .expect("the attempt's write record has an offset");
-        let fresh = !used.contains(&offset);
         used.extend(offsets(&kill_log));
         println!(
-            "attempt {attempt}: writing began {started_writing:?} after set-weight, SIGKILL {delay_ms} ms later: {} (region at {offset}, {})",
+            "attempt {attempt}: writing began {started_writing:?} after set-weight, SIGKILL {delay_ms} ms later: {} (region at {offset})",
             if mid_write { "mid-write" } else { "after publishing" },
-            if fresh { "never written before" } else { "written before" }
         );
         // The configuration file is whole: the old or the new one (replaced by a rename),
         // never a mix; the old one as long as the table was not even published.
@@ -673,13 +679,11 @@ fn sigkill_mid_table_write_never_publishes_a_half_table() {
         // either, and is checked the same way, but another attempt follows.
         let mut partial = false;
         if mid_write {
-            if fresh {
-                let written = written_slots(&fx.pin_dir, offset, BIG_TABLE);
-                println!(
-                    "  the cut-short table at offset {offset}: {written} of {BIG_TABLE} slots written"
-                );
-                partial = written > 0 && written < BIG_TABLE as usize;
-            }
+            let written = written_slots(&fx.pin_dir, offset, BIG_TABLE);
+            println!(
+                "  the cut-short table at offset {offset}: {written} of {BIG_TABLE} slots written"
+            );
+            partial = written > 0 && written < BIG_TABLE as usize;
             assert_eq!(
                 (meta.ring_offset, meta.generation),
                 (meta_before.ring_offset, meta_before.generation),
@@ -721,16 +725,6 @@ fn sigkill_mid_table_write_never_publishes_a_half_table() {
         if partial {
             landed = Some((attempt, delay_ms));
             break;
-        }
-        // The next write goes to a region an earlier one used (the restarted lbd knows it is
-        // free, not what it holds): zero the unpublished ones, so the next count is exact.
-        let (published, _) = published_table(&fx.pin_dir);
-        for off in std::mem::take(&mut used) {
-            if off == published.ring_offset {
-                used.insert(off);
-            } else {
-                zero_slots(&fx.pin_dir, off, BIG_TABLE);
-            }
         }
     }
     let (attempt, delay_ms) =
