@@ -16,7 +16,7 @@ fn main() -> anyhow::Result<()> {
     println!("cargo:rerun-if-changed=ebpf_toolchain.rs");
     // Say something only when an install is needed (cargo shows every warning line).
     let log = |m: &str| {
-        if !m.ends_with("already installed") && !m.contains("already installed for") {
+        if !m.ends_with(ebpf_toolchain::PRESENT) {
             println!("cargo:warning=eBPF toolchain: {m}")
         }
     };

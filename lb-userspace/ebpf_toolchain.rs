@@ -11,6 +11,8 @@ use std::process::{Command, Stdio};
 
 use anyhow::{bail, Context, Result};
 
+/// Every "nothing to do" message ends with this, so a caller can keep quiet about them.
+pub const PRESENT: &str = "already installed";
 /// Toolchain used when the machine has no floating `nightly` toolchain.
 pub const PINNED_NIGHTLY: &str = "nightly-2026-05-19";
 /// Environment variable naming the eBPF toolchain (read by lb-userspace's build script).
@@ -116,7 +118,7 @@ pub fn ensure_toolchain(tc: &str, log: &dyn Fn(&str)) -> Result<()> {
         .lines()
         .any(|l| l.trim() == "rust-src" || l.starts_with("rust-src-"));
     if has_src {
-        log(&format!("rust-src already installed for {tc}"));
+        log(&format!("rust-src for {tc} {PRESENT}"));
     } else {
         let mut cmd = clean("rustup");
         cmd.args(["component", "add", "rust-src", "--toolchain", tc]);
@@ -153,7 +155,7 @@ fn bpf_linker_version() -> Option<String> {
 pub fn ensure_bpf_linker(log: &dyn Fn(&str)) -> Result<()> {
     match bpf_linker_version() {
         Some(v) if v.split_whitespace().any(|w| w == BPF_LINKER_VERSION) => {
-            log(&format!("{v} already installed"));
+            log(&format!("{v} {PRESENT}"));
             Ok(())
         }
         other => {

@@ -31,10 +31,9 @@ pub fn cargo() -> Command {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut cmd = Command::new(cargo);
     cmd.current_dir(workspace_root());
-    if std::env::var_os(setup::TOOLCHAIN_ENV).is_none() {
-        if let Ok(tc) = setup::detect_bpf_toolchain() {
-            cmd.env(setup::TOOLCHAIN_ENV, tc);
-        }
+    // `$LB_EBPF_TOOLCHAIN` if the caller set it, else what the machine has.
+    if let Ok(tc) = setup::detect_bpf_toolchain() {
+        cmd.env(setup::TOOLCHAIN_ENV, tc);
     }
     cmd
 }
