@@ -666,6 +666,11 @@ pub struct BackendState {
     /// Returned on a slow start and not yet back to a model or its configured weight.
     #[serde(default)]
     pub ramping_back: bool,
+    /// The last fit whose capacity was measured (not bound by the backend's own load) while
+    /// `capacity` holds a measured mean: what an estimate bound by its own load is checked
+    /// against before it may replace that mean.
+    #[serde(default)]
+    pub measured: Option<Fit>,
 }
 
 /// Which signal made a backend an outlier.
@@ -821,6 +826,15 @@ pub enum Reason {
     Headroom {
         refusal: Refusal,
         capacity_estimate: f64,
+    },
+    /// This step's capacity estimate is bound by the backend's own load; the capacity measured
+    /// by an earlier fit is kept: the backend carries no more than it, meets the target and is
+    /// not clearly faster than that fit predicts.
+    Remembered {
+        capacity: f64,
+        load: f64,
+        latency_ms: f64,
+        predicted_ms: f64,
     },
 }
 
@@ -993,6 +1007,15 @@ impl fmt::Display for Reason {
                 "overloaded: latency {latency_ms:.1} ms above the target while peers' median is {peers_latency_ms:.1} ms; cut toward {:.2}",
                 target / s
             ),
+            Reason::Remembered {
+                capacity,
+                load,
+                latency_ms,
+                predicted_ms,
+            } => write!(
+                f,
+                "capacity {capacity:.1}/s as last measured: at its load {load:.1}/s its latency {latency_ms:.1} ms meets the target and the measured model's {predicted_ms:.1} ms (this step's estimate only reflects its own load)"
+            ),
             Reason::Headroom {
                 refusal,
                 capacity_estimate,
@@ -1111,6 +1134,14 @@ enum Mode {
 
 /// Table builds at most when a change must be cut to the disruption budget.
 const BUDGET_TRIES: u32 = 8;
+/// A backend failing at least this share of its probes is failing, whatever its queue.
+const OVERLOAD_MAX_ERRORS: f64 = 0.5;
+/// A fit measures a capacity (which is then remembered) when the capacity is at most this
+/// multiple of the highest load in its window.
+const MEASURED_REACH: f64 = 1.25;
+/// A remembered capacity is dropped when the backend's latency falls below this share of what
+/// the measured model predicts at its load: it has become faster than it was measured.
+const REMEMBERED_LATENCY_SHARE: f64 = 0.7;
 
 fn median(mut v: Vec<f64>) -> Option<f64> {
     v.retain(|x| x.is_finite());
@@ -1183,7 +1214,7 @@ fn outlier(
     let checks: [(Signal, Option<f64>, Vec<f64>, f64); 3] = [
         (
             Signal::ErrorRate,
-            Some(obs.error_rate),
+            (!overload_errors(b, obs, policy)).then_some(obs.error_rate),
             peers.iter().map(|p| p.error_rate).collect(),
             policy.outlier_min_error_rate,
         ),
@@ -1219,9 +1250,25 @@ fn outlier(
         .max_by(|a, b| a.severity().total_cmp(&b.severity()))
 }
 
+/// Failed probes of a backend queueing past the latency target, above its floor weight, and
+/// failing fewer than `OVERLOAD_MAX_ERRORS` of its probes: timeouts of its queue, which is the
+/// weights' doing and which the weight rule answers by cutting it, not a failure to drain (the
+/// stability run drained a small backend that the end of the ramp had overloaded, 10% of its
+/// probes timing out behind a 277 ms queue). At its floor, or failing most probes, its errors
+/// count again.
+fn overload_errors(b: &BackendInput, obs: Observed, policy: &WeightPolicy) -> bool {
+    let floor_weight = policy.floor * f64::from(table_weight(b.configured_weight));
+    obs.latency_ms > policy.latency_target_ms
+        && obs.error_rate < OVERLOAD_MAX_ERRORS
+        && f64::from(b.current_weight) > floor_weight + 0.5
+}
+
 /// `b`'s error rate as a suspicion (see [`WeightPolicy::suspect_min_error_rate`]), if it is one.
 fn suspicion(b: &BackendInput, peers: &[Observed], policy: &WeightPolicy) -> Option<Outlier> {
     let obs = b.observed?;
+    if overload_errors(b, obs, policy) {
+        return None;
+    }
     let reference = median(peers.iter().map(|p| p.error_rate).collect())?;
     let k = policy.outlier_factor;
     (obs.error_rate >= policy.suspect_min_error_rate && obs.error_rate > k * reference).then_some(
@@ -1496,8 +1543,8 @@ pub fn decide(inputs: &[BackendInput], policy: &WeightPolicy, prev: &PolicyState
         .collect();
     let in_table = |i: usize, states: &[BackendState]| serving_now(&inputs[i], &states[i]);
     // The learning group: backends whose model (or headroom) sets their weight. Only with a
-    // fitted backend among them: when no backend's latency depends on its load there is
-    // nothing to learn, and the weights stay.
+    // fitted backend (or one with a remembered measurement) among them: when no backend's
+    // latency depends on its load there is nothing to learn, and the weights stay.
     let mut group: Vec<usize> = (0..n)
         .filter(|&i| {
             in_table(i, &states)
@@ -1506,7 +1553,10 @@ pub fn decide(inputs: &[BackendInput], policy: &WeightPolicy, prev: &PolicyState
                 && (inputs[i].fit.is_ok() || headroom[i].is_some())
         })
         .collect();
-    if !group.iter().any(|&i| inputs[i].fit.is_ok()) {
+    if !group
+        .iter()
+        .any(|&i| inputs[i].fit.is_ok() || states[i].measured.is_some())
+    {
         group.clear();
     }
     // Capacities at the target: running means over the steps in the group, and the noise of
@@ -1528,6 +1578,49 @@ pub fn decide(inputs: &[BackendInput], policy: &WeightPolicy, prev: &PolicyState
             Err(_) => (headroom[i], headroom[i].is_some()),
         };
         load_bound[i] = bound;
+        // Measured: a fit whose capacity lies within MEASURED_REACH of the highest load in the
+        // window, so the load came near it. Anything else (headroom, a capped fit, a line
+        // through a nearly flat latency extrapolated far past the loads seen) is weaker
+        // evidence, and mostly evidence of the backend's own load: a capacity bound by it grows
+        // with the weight it is given, so a weight it sets confirms itself and the load's
+        // noise walks it (the stability run's small backends wandered between 49 and 62 for
+        // minutes, between fits of a window that no longer held loaded samples and
+        // headroom). Such an estimate only says the backend carries its load, which the
+        // measurement already explains: the measured mean stays while the backend carries
+        // no more than it, meets the target, and is not clearly faster than the measured
+        // model predicts at its load (a backend that recovered from a slowdown is, and is
+        // explored again).
+        let measured_now = matches!(&inputs[i].fit,
+            Ok(f) if f.capacity_at(p.latency_target_ms) <= MEASURED_REACH * f.load_max);
+        let remembered = match (states[i].measured, states[i].capacity, inputs[i].observed) {
+            (Some(f), Some(c), Some(o)) if !measured_now && group.contains(&i) => {
+                let predicted_ms = f.predict_latency_ms(o.load);
+                (o.load <= c
+                    && !misses_target(&inputs[i])
+                    && o.latency_ms >= REMEMBERED_LATENCY_SHARE * predicted_ms)
+                    .then_some((c, predicted_ms, o))
+            }
+            _ => None,
+        };
+        if let Some((c, predicted_ms, o)) = remembered {
+            load_bound[i] = false;
+            caps[i] = c;
+            let a = p.capacity_smoothing;
+            if let Some(var) = states[i].capacity_var {
+                cap_noise[i] = (var * a / (2.0 - a)).sqrt() / c;
+            }
+            reasons[i].push(Reason::Remembered {
+                capacity: c,
+                load: o.load,
+                latency_ms: o.latency_ms,
+                predicted_ms,
+            });
+            continue;
+        }
+        states[i].measured = match &inputs[i].fit {
+            Ok(f) if measured_now => Some(*f),
+            _ => None,
+        };
         states[i].capacity = match raw {
             Some(raw) if group.contains(&i) => {
                 // Falls count three times as much as rises when they are news: the backend
@@ -1565,6 +1658,7 @@ pub fn decide(inputs: &[BackendInput], policy: &WeightPolicy, prev: &PolicyState
         };
         if states[i].capacity.is_none() {
             states[i].capacity_var = None;
+            states[i].measured = None;
         }
     }
     let pool_cap: f64 = group.iter().map(|&i| caps[i]).sum();
@@ -2927,6 +3021,139 @@ mod tests {
         );
     }
 
+    /// Two backends whose capacity was measured (M/M/1, 60/s: 50/s at the 100 ms target) and
+    /// a flat third; then the two measured ones go flat at a lower share (their fits refused,
+    /// as once the window no longer holds loaded samples).
+    fn measured_then_flat() -> (Vec<BackendInput>, WeightPolicy, PolicyState) {
+        let p = unbudgeted();
+        let mut inputs = two_fitted_and_a_flat_one();
+        for b in &mut inputs[..2] {
+            b.observed = Some(observed(30.0, 1000.0 / 30.0));
+        }
+        let mut state = PolicyState::default();
+        run(&mut inputs, &p, &mut state, 3);
+        for b in &mut inputs[..2] {
+            b.fit = Err(Refusal::PoorFit { r2: 0.2, need: 0.6 });
+            b.peak_load = Some(40.0);
+        }
+        (inputs, p, state)
+    }
+
+    #[test]
+    fn a_measured_capacity_stays_while_an_estimate_bound_by_the_load_agrees_with_it() {
+        let (mut inputs, p, state) = measured_then_flat();
+        let before = state.backends[&1].capacity.unwrap();
+        assert!((before - 50.0).abs() < 1e-6, "{before}");
+        // Headroom alone would say 2 x 40 = 80/s; the measured 50/s stays.
+        let d = decide(&inputs, &p, &state);
+        assert_eq!(d.state.backends[&1].capacity, Some(before));
+        assert!(
+            reasons(&d, 1).iter().any(|r| matches!(
+                r,
+                Reason::Remembered { capacity, .. } if (*capacity - 50.0).abs() < 1e-6
+            )),
+            "{:?}",
+            reasons(&d, 1)
+        );
+        // Clearly faster than the measured model predicts at its load (10 ms against 33):
+        // measured again, from the headroom.
+        inputs[0].observed = Some(observed(30.0, 10.0));
+        let d = decide(&inputs, &p, &state);
+        assert!(d.state.backends[&1].capacity.unwrap() > before);
+        assert!(d.state.backends[&1].measured.is_none());
+        // Carrying more than the measured capacity while meeting the target: the same.
+        inputs[0].observed = Some(observed(55.0, 90.0));
+        let d = decide(&inputs, &p, &state);
+        assert!(d.state.backends[&1].capacity.unwrap() > before);
+        // Missing the target is news too: not remembered.
+        inputs[0].observed = Some(observed(30.0, 120.0));
+        let d = decide(&inputs, &p, &state);
+        assert!(!reasons(&d, 1)
+            .iter()
+            .any(|r| matches!(r, Reason::Remembered { .. })));
+    }
+
+    /// Latency (ms) of `workers` workers of `service_ms` each at `load` per second: M/D/c by
+    /// halving Sakasegawa's M/M/c queueing delay; flat well below capacity, like the bench's
+    /// worker pools. At or past capacity, the probe timeout.
+    fn workers_ms(workers: f64, service_ms: f64, load: f64) -> f64 {
+        let rho = load * service_ms / 1000.0 / workers;
+        if rho >= 0.99 {
+            return 400.0;
+        }
+        let wait = 0.5 * service_ms * rho.powf((2.0 * (workers + 1.0)).sqrt() - 1.0)
+            / (workers * (1.0 - rho));
+        (service_ms + wait).min(400.0)
+    }
+
+    #[test]
+    fn learned_weights_settle_and_stay_under_a_noisy_load() {
+        // The stability run's failure, in a closed loop: worker pools of 2, 2 and 6 workers of
+        // 20 ms (100, 100 and 300 per second) under a 40 ms target, a load ramped over 60 s
+        // to 250 per second and then ±30% in 5 s periods, shared by the table's weights; one
+        // sample a second into 120 s windows, fitted every step. Once the small backends'
+        // windows forget the loaded samples of the ramp, their fits turn to flat extrapolations
+        // and headroom, estimates bound by their own load: without the measured capacity
+        // remembered, their weights walked (last off at 196 s). Settled: the measured
+        // backends' weights stay within 10% of their median over the second half from a
+        // minute after the ramp on. (The large backend's capacity is never measured at this
+        // load: it is explored at twice the load it carries, which creeps up with the window's
+        // peak, and its weight makes one late 15% step here, at 182 s.)
+        let p = WeightPolicy {
+            latency_target_ms: 40.0,
+            table_size: SMALL_M,
+            ..WeightPolicy::default()
+        };
+        let workers = [2.0, 2.0, 6.0];
+        let mut windows = vec![Window::new(120.0, 120); 3];
+        let mut inputs: Vec<BackendInput> = (1..=3)
+            .map(|id| input(id, 1, Err(Refusal::TooFewSamples { have: 0, need: 30 })))
+            .collect();
+        let mut state = PolicyState::default();
+        let mut trace: Vec<[u32; 3]> = Vec::new();
+        for t in 0..600u64 {
+            let level = if t < 60 {
+                0.3 + 0.7 * t as f64 / 60.0
+            } else {
+                1.0 + 0.3 * noise(t / 5, 11)
+            };
+            let sum: f64 = inputs.iter().map(|b| f64::from(b.current_weight)).sum();
+            for (i, b) in inputs.iter_mut().enumerate() {
+                let load = 250.0 * level * f64::from(b.current_weight) / sum;
+                let lat = workers_ms(workers[i], 20.0, load) * (1.0 + 0.1 * noise(t, i as u64));
+                windows[i].push(sample(t as f64, load, lat));
+                b.fit = fit_with(&windows[i].samples(), &p.fit);
+                b.observed = windows[i].observed(5.0);
+                b.peak_load = windows[i].peak_load();
+            }
+            let d = decide(&inputs, &p, &state);
+            apply(&mut inputs, &d);
+            state = d.state;
+            trace.push([0, 1, 2].map(|i| inputs[i].current_weight));
+        }
+        for i in 0..2 {
+            let mut second: Vec<u32> = trace[300..].iter().map(|w| w[i]).collect();
+            second.sort_unstable();
+            let steady = f64::from(second[second.len() / 2]);
+            let last_off = (0..trace.len())
+                .rev()
+                .find(|&t| (f64::from(trace[t][i]) - steady).abs() > 0.1 * steady);
+            assert!(
+                last_off.is_none_or(|t| t < 120),
+                "backend {} last off its steady weight {steady} at {last_off:?} s: {:?}",
+                i + 1,
+                trace.iter().step_by(10).map(|w| w[i]).collect::<Vec<_>>()
+            );
+        }
+        // Toward the true capacities' 20/20/60%: the small backends below a third each.
+        let last = trace.last().unwrap();
+        let total: u32 = last.iter().sum();
+        assert!(
+            last[2] > total / 2 && last[0] < total / 3 && last[1] < total / 3,
+            "{last:?}"
+        );
+    }
+
     #[test]
     fn a_few_percent_of_errors_is_suspected_not_drained() {
         let p = policy();
@@ -3052,6 +3279,38 @@ mod tests {
         let ds = run(&mut inputs, &p, &mut state, 2);
         assert!(ds[1].backends[3].drained);
         assert!(reasons(&ds[1], 4)[0].to_string().contains("ErrorRate"));
+        // A fifth of its probes timing out behind a queue past the target: overload (for the
+        // weight rule), neither drained nor suspected, until it reaches its floor; failing most
+        // of them is failure.
+        for (errors, weight, drained) in [
+            (0.2, 10_000, false),
+            (0.2, 2_500, true),
+            (0.6, 10_000, true),
+        ] {
+            let mut inputs = inputs.clone();
+            inputs[3].current_weight = weight;
+            if weight == 2_500 {
+                // Without a model, the overload rule keeps it at the floor.
+                inputs[3].fit = Err(Refusal::PoorFit { r2: 0.1, need: 0.6 });
+            }
+            inputs[3].observed = Some(Observed {
+                error_rate: errors,
+                ..observed(90.0, 300.0)
+            });
+            let mut state = PolicyState::default();
+            let ds = run(&mut inputs, &p, &mut state, 2);
+            assert_eq!(
+                ds[1].backends[3].drained,
+                drained,
+                "errors {errors} at weight {weight}: {:?}",
+                reasons(&ds[1], 4)
+            );
+            if !drained {
+                assert!(!reasons(&ds[1], 4)
+                    .iter()
+                    .any(|r| matches!(r, Reason::Suspected { .. })));
+            }
+        }
     }
 
     #[test]
