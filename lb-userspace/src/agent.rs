@@ -88,7 +88,15 @@ struct VipLearning {
     /// in microseconds: the model's cost, shown by `lbctl model show`.
     max_fit_us: u64,
     max_step_us: u64,
+    /// CPU time of the most recent fits (at most `FIT_TIMES` of them), for their 99th
+    /// percentile: the slowest one alone also carries whatever the kernel charged to the
+    /// thread while it ran (softirq work of the traffic being balanced, without
+    /// IRQ time accounting).
+    fit_us: VecDeque<u32>,
 }
+
+/// Fits whose CPU time `lbctl model show` summarises.
+const FIT_TIMES: usize = 4096;
 
 /// One backend's samples, counters and last decisions.
 #[derive(Debug, Clone)]
@@ -135,6 +143,7 @@ fn sync_learning(learning: &LearnMap, learned: &Learned, cfg: &Config) -> (Learn
                 max_slots_moved_gradual: 0,
                 max_fit_us: 0,
                 max_step_us: 0,
+                fit_us: VecDeque::new(),
             },
         };
         state
@@ -658,6 +667,13 @@ impl Agent {
                 last_slots_moved_gradual: l.last_slots_moved_gradual,
                 max_slots_moved_gradual: l.max_slots_moved_gradual,
                 max_fit_us: l.max_fit_us,
+                fit_p99_us: {
+                    let mut v: Vec<u32> = l.fit_us.iter().copied().collect();
+                    v.sort_unstable();
+                    v.get((v.len() * 99 / 100).min(v.len().saturating_sub(1)))
+                        .map_or(0, |&x| u64::from(x))
+                },
+                fits: l.fit_us.len(),
                 max_step_us: l.max_step_us,
                 backends,
             });
@@ -1063,6 +1079,11 @@ fn learn_step(st: &mut State, id: VipId, now: Instant, t_secs: f64) -> Result<()
         let fit = model::fit_with(&samples, &policy.fit);
         let fit_us = thread_cpu_us().saturating_sub(fit_started);
         l.max_fit_us = l.max_fit_us.max(fit_us);
+        if l.fit_us.len() == FIT_TIMES {
+            l.fit_us.pop_front();
+        }
+        l.fit_us
+            .push_back(u32::try_from(fit_us).unwrap_or(u32::MAX));
         if let Err(r) = &fit {
             *refusals.entry(refusal_name(r).to_string()).or_default() += 1;
         }

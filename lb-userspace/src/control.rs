@@ -227,6 +227,13 @@ pub struct ModelVip {
     /// thread's CPU time (time the core spent elsewhere is not the fit's).
     #[serde(default)]
     pub max_fit_us: u64,
+    /// 99th percentile of the CPU time of the last `fits` fits (at most 4096), in
+    /// microseconds: the fit's own cost. The slowest also carries what the kernel charged to
+    /// the thread meanwhile (softirq work, on kernels without IRQ time accounting).
+    #[serde(default)]
+    pub fit_p99_us: u64,
+    #[serde(default)]
+    pub fits: usize,
     /// Slowest learning step (every fit, the decision and its table checks), in microseconds.
     #[serde(default)]
     pub max_step_us: u64,

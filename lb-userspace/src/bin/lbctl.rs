@@ -228,7 +228,7 @@ fn print_model(vips: &[ModelVip]) {
     let opt = |v: Option<f64>, prec: usize| v.map_or("-".to_string(), |x| format!("{x:.prec$}"));
     for v in vips {
         println!(
-            "{}: step {} every {} ms, latency target {} ms; last step moved {} slots ({} gradual, budget {} of {}; most gradual so far {})",
+            "{}: step {} every {} ms, latency target {} ms; last step moved {} slots ({} gradual, budget {} of {}; most gradual so far {}); fit p99 {} us of the last {}, slowest {} us; slowest step {} us",
             v.vip,
             v.step,
             v.interval_ms,
@@ -237,7 +237,11 @@ fn print_model(vips: &[ModelVip]) {
             v.last_slots_moved_gradual,
             v.slots_budget,
             v.table_size,
-            v.max_slots_moved_gradual
+            v.max_slots_moved_gradual,
+            v.fit_p99_us,
+            v.fits,
+            v.max_fit_us,
+            v.max_step_us
         );
         for b in &v.backends {
             let mut flags = vec![b.health.clone()];
