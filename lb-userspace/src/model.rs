@@ -1621,6 +1621,22 @@ pub fn decide(inputs: &[BackendInput], policy: &WeightPolicy, prev: &PolicyState
             Ok(f) if measured_now => Some(*f),
             _ => None,
         };
+        // A learning backend that reached its knee (no fit, no headroom: it misses the target
+        // while serving) keeps its capacity mean, falling toward the load it misses the target
+        // at as news does; the overload rule below cuts it gently while it has one, and it
+        // rejoins the group from there rather than from a fresh, optimistic estimate.
+        if let (None, Some(c), Some(o)) = (
+            raw,
+            states[i].capacity,
+            inputs[i].observed.filter(|_| misses_target(&inputs[i])),
+        ) {
+            if in_table(i, &states) && learning(&inputs[i]) && inputs[i].pinned.is_none() {
+                let a = (3.0 * p.capacity_smoothing).min(1.0);
+                states[i].capacity = Some(if o.load < c { c + a * (o.load - c) } else { c });
+                states[i].measured = None;
+                continue;
+            }
+        }
         states[i].capacity = match raw {
             Some(raw) if group.contains(&i) => {
                 // Falls count three times as much as rises when they are news: the backend
@@ -1747,12 +1763,39 @@ pub fn decide(inputs: &[BackendInput], policy: &WeightPolicy, prev: &PolicyState
                     states[i].unsupported_steps = 0;
                     states[i].ramping_back = false;
                     let lo = p.floor * cfg_t[i];
-                    let t = (cur * (1.0 - p.max_step_ratio)).max(lo);
+                    // A backend that was learning (it has a capacity mean) has reached its
+                    // knee: near it a queue's latency falls steeply with its load, and the
+                    // probes' mean lags each cut by a few steps, so full cuts every step
+                    // overshot (the capacity run's large backend went from 62% to 43% of the
+                    // table in six steps, and the small ones took the overload). It is cut
+                    // by sqrt(target / latency) at most every `hysteresis_steps`. Without a
+                    // model ever (saturated from the start), the full step each time.
+                    let learner = states[i].capacity.is_some();
+                    let waiting = learner
+                        && states[i]
+                            .last_change
+                            .is_some_and(|at| step < at + u64::from(p.hysteresis_steps.max(1)));
+                    let ratio = if learner {
+                        (p.latency_target_ms / latency_ms).sqrt()
+                    } else {
+                        0.0
+                    };
+                    let t = if waiting {
+                        cur
+                    } else {
+                        (cur * ratio.max(1.0 - p.max_step_ratio)).max(lo)
+                    };
                     reasons[i].push(Reason::FitRefused {
                         refusal: refusal.clone(),
                         steps,
                     });
-                    if t <= cur - 0.5 {
+                    if waiting {
+                        reasons[i].push(Reason::Overloaded {
+                            latency_ms,
+                            peers_latency_ms,
+                            target: t,
+                        });
+                    } else if t <= cur - 0.5 {
                         targets[i] = Some(t);
                         modes[i] = Mode::Gradual {
                             target: t,
@@ -2893,6 +2936,45 @@ mod tests {
         }
         let d = decide(&all_slow, &p, &PolicyState::default());
         assert!(!d.changed(), "{:?}", d.weights());
+    }
+
+    #[test]
+    fn a_learning_backend_at_its_knee_is_cut_gently_and_keeps_its_capacity() {
+        // Backend 3 learned by headroom (flat latency), then reaches its knee: no fit, 130 ms
+        // against the 100 ms target while its peers meet it.
+        let p = unbudgeted();
+        let mut inputs = two_fitted_and_a_flat_one();
+        let mut state = PolicyState::default();
+        run(&mut inputs, &p, &mut state, 10);
+        let c0 = state.backends[&3].capacity.expect("a capacity mean");
+        inputs[2].observed = Some(observed(60.0, 130.0));
+        let before = inputs[2].current_weight;
+        let ds = run(&mut inputs, &p, &mut state, 7);
+        let w: Vec<u32> = ds.iter().map(|d| weight(d, 3)).collect();
+        // sqrt(100 / 130) = 0.877 of its weight, then held for hysteresis_steps while the
+        // probes catch up, then cut again: not 25% a step.
+        let first = (f64::from(before) * (100.0f64 / 130.0).sqrt()).round() as u32;
+        assert_eq!(w[0], first, "{w:?}");
+        assert_eq!(&w[1..3], &[first, first], "{w:?}");
+        assert!(w[3] < first, "{w:?}");
+        assert!(
+            ds[1]
+                .backends
+                .iter()
+                .find(|b| b.id == 3)
+                .unwrap()
+                .reasons
+                .iter()
+                .any(|r| matches!(r, Reason::Overloaded { .. })),
+            "{:?}",
+            reasons(&ds[1], 3)
+        );
+        // Its capacity mean falls toward the load it misses the target at, three tenths a step.
+        let c1 = ds[0].state.backends[&3].capacity.unwrap();
+        assert!((c1 - (c0 + 0.3 * (60.0 - c0))).abs() < 1e-9, "{c0} -> {c1}");
+        assert!(ds[6].state.backends[&3].capacity.unwrap() < c1);
+        // A backend that never had a model is cut the full step every time (see
+        // an_overloaded_backend_without_a_model_is_cut_until_the_floor_then_drained).
     }
 
     /// Backends 1 and 2 with models (50 per second at the 100 ms target, at 50 per second and
