@@ -1099,6 +1099,7 @@ fn learn_step(st: &mut State, id: VipId, now: Instant, t_secs: f64) -> Result<()
             fit,
             observed: lbk.window.observed(observe_secs),
             peak_load: lbk.window.peak_load(),
+            probe_timeout_ms: vcfg.health.as_ref().map(|h| h.timeout_ms as f64),
         });
     }
     let decision = model::decide(&inputs, &policy, &l.policy);
