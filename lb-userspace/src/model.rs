@@ -1199,7 +1199,7 @@ fn outlier(
     // the overload rule's cuts are exhausted, and a backend that cannot meet the target with
     // the least load it can be given does not belong in a latency-targeted pool. (A backend 5x
     // slower is under 10x its peers while lightly loaded, so the rule above never sees it.)
-    let floor_weight = policy.floor * f64::from(table_weight(b.configured_weight));
+    let floor_weight = floor_weight(b, policy);
     let peers_latency = median(peers.iter().map(|p| p.latency_ms).collect());
     if f64::from(b.current_weight) <= floor_weight + 0.5
         && obs.latency_ms > policy.latency_target_ms
@@ -1254,6 +1254,11 @@ fn outlier(
         .max_by(|a, b| a.severity().total_cmp(&b.severity()))
 }
 
+/// The lowest table weight learning gives `b`.
+fn floor_weight(b: &BackendInput, policy: &WeightPolicy) -> f64 {
+    policy.floor * f64::from(table_weight(b.configured_weight))
+}
+
 /// Failed probes of a backend queueing past the latency target, above its floor weight, and
 /// failing fewer than `OVERLOAD_MAX_ERRORS` of its probes: timeouts of its queue, which is the
 /// weights' doing and which the weight rule answers by cutting it, not a failure to drain (the
@@ -1261,7 +1266,7 @@ fn outlier(
 /// probes timing out behind a 277 ms queue). At its floor, or failing most probes, its errors
 /// count again.
 fn overload_errors(b: &BackendInput, obs: Observed, policy: &WeightPolicy) -> bool {
-    let floor_weight = policy.floor * f64::from(table_weight(b.configured_weight));
+    let floor_weight = floor_weight(b, policy);
     // The probes that succeeded queue past the target (failed ones count at the timeout in
     // the mean: 5% of fast 500s at a 400 ms timeout raise a 22 ms mean past a 40 ms target).
     let answered_ms = match b.probe_timeout_ms {
@@ -1577,17 +1582,28 @@ pub fn decide(inputs: &[BackendInput], policy: &WeightPolicy, prev: &PolicyState
     let mut cap_noise = vec![0.0f64; n];
     // This step's estimate is bound by the backend's own load (headroom, or a capped fit).
     let mut load_bound = vec![false; n];
+    // The running means' weight for news (see below), and the spread of a running mean with
+    // smoothing a: sd x sqrt(a / (2 - a)), relative to the mean `c`.
+    let news_smoothing = (3.0 * p.capacity_smoothing).min(1.0);
+    let mean_noise = |var: f64, c: f64| {
+        let a = p.capacity_smoothing;
+        (var * a / (2.0 - a)).sqrt() / c
+    };
     for i in 0..n {
-        let (raw, bound) = match &inputs[i].fit {
+        let (raw, bound, measured_now) = match &inputs[i].fit {
             Ok(f) => {
                 let fitted = f.capacity_at(p.latency_target_ms);
                 let limit = p.max_extrapolation * f.load_max;
                 if fitted > limit && group.contains(&i) {
                     reasons[i].push(Reason::Extrapolation { fitted, limit });
                 }
-                (Some(fitted.min(limit)), fitted > limit)
+                (
+                    Some(fitted.min(limit)),
+                    fitted > limit,
+                    fitted <= MEASURED_REACH * f.load_max,
+                )
             }
-            Err(_) => (headroom[i], headroom[i].is_some()),
+            Err(_) => (headroom[i], headroom[i].is_some(), false),
         };
         load_bound[i] = bound;
         // Measured: a fit whose capacity lies within MEASURED_REACH of the highest load in the
@@ -1602,8 +1618,6 @@ pub fn decide(inputs: &[BackendInput], policy: &WeightPolicy, prev: &PolicyState
         // no more than it, meets the target, and is not clearly faster than the measured
         // model predicts at its load (a backend that recovered from a slowdown is, and is
         // explored again).
-        let measured_now = matches!(&inputs[i].fit,
-            Ok(f) if f.capacity_at(p.latency_target_ms) <= MEASURED_REACH * f.load_max);
         let remembered = match (states[i].measured, states[i].capacity, inputs[i].observed) {
             (Some(f), Some(c), Some(o)) if !measured_now && group.contains(&i) => {
                 let predicted_ms = f.predict_latency_ms(o.load);
@@ -1617,9 +1631,8 @@ pub fn decide(inputs: &[BackendInput], policy: &WeightPolicy, prev: &PolicyState
         if let Some((c, predicted_ms, o)) = remembered {
             load_bound[i] = false;
             caps[i] = c;
-            let a = p.capacity_smoothing;
             if let Some(var) = states[i].capacity_var {
-                cap_noise[i] = (var * a / (2.0 - a)).sqrt() / c;
+                cap_noise[i] = mean_noise(var, c);
             }
             reasons[i].push(Reason::Remembered {
                 capacity: c,
@@ -1643,8 +1656,11 @@ pub fn decide(inputs: &[BackendInput], policy: &WeightPolicy, prev: &PolicyState
             inputs[i].observed.filter(|_| misses_target(&inputs[i])),
         ) {
             if in_table(i, &states) && learning(&inputs[i]) && inputs[i].pinned.is_none() {
-                let a = (3.0 * p.capacity_smoothing).min(1.0);
-                states[i].capacity = Some(if o.load < c { c + a * (o.load - c) } else { c });
+                states[i].capacity = Some(if o.load < c {
+                    c + news_smoothing * (o.load - c)
+                } else {
+                    c
+                });
                 states[i].measured = None;
                 continue;
             }
@@ -1663,7 +1679,7 @@ pub fn decide(inputs: &[BackendInput], policy: &WeightPolicy, prev: &PolicyState
                 let news = misses_target(&inputs[i]);
                 let c = states[i].capacity.map_or(raw, |c| {
                     let a = if raw < c && (news || raw < NEWS_FALL * c) {
-                        (3.0 * p.capacity_smoothing).min(1.0)
+                        news_smoothing
                     } else {
                         p.capacity_smoothing
                     };
@@ -1674,10 +1690,8 @@ pub fn decide(inputs: &[BackendInput], policy: &WeightPolicy, prev: &PolicyState
                     .capacity_var
                     .map_or(dev2, |v| v + p.capacity_smoothing * (dev2 - v));
                 states[i].capacity_var = Some(var);
-                // The running mean's own spread: sd x sqrt(a / (2 - a)) for smoothing a.
-                let a = p.capacity_smoothing;
                 if c > 0.0 {
-                    cap_noise[i] = (var * a / (2.0 - a)).sqrt() / c;
+                    cap_noise[i] = mean_noise(var, c);
                 }
                 caps[i] = c;
                 Some(c)
@@ -2971,12 +2985,7 @@ mod tests {
         assert_eq!(&w[1..3], &[first, first], "{w:?}");
         assert!(w[3] < first, "{w:?}");
         assert!(
-            ds[1]
-                .backends
-                .iter()
-                .find(|b| b.id == 3)
-                .unwrap()
-                .reasons
+            reasons(&ds[1], 3)
                 .iter()
                 .any(|r| matches!(r, Reason::Overloaded { .. })),
             "{:?}",
