@@ -1159,7 +1159,9 @@ const REMEMBERED_LATENCY_SHARE: f64 = 0.7;
 /// estimates bound by their own load may grow to relieve it.
 const PRESSURE_SHARE: f64 = 0.8;
 /// A peer this many times slower than a backend is relieved by giving that backend more.
-const SLOWER_PEER: f64 = 1.5;
+/// (1.5 let the probes' noise at the small backends' load peaks keep the large one exploring
+/// in the stability run.)
+const SLOWER_PEER: f64 = 2.0;
 
 fn median(mut v: Vec<f64>) -> Option<f64> {
     v.retain(|x| x.is_finite());
@@ -3177,6 +3179,73 @@ mod tests {
             "cut past the wider deadband: {:?}",
             reasons(&d, 3)
         );
+    }
+
+    #[test]
+    fn an_explored_capacity_grows_only_while_a_peer_needs_relief() {
+        // The fitted backends (50/s at the target) carry 30/s at 33 ms; the flat one carries
+        // 50/s at 25 ms, explored at twice its load: 100/s, more than its configured third.
+        let p = unbudgeted();
+        let mut inputs = two_fitted_and_a_flat_one();
+        for b in &mut inputs[..2] {
+            b.observed = Some(observed(30.0, 1000.0 / 30.0));
+        }
+        inputs[2].observed = Some(observed(50.0, 25.0));
+        let mut state = PolicyState::default();
+        // A few steps: the weights reach their targets (step-limited to 25% a step).
+        run(&mut inputs, &p, &mut state, 4);
+        let c0 = state.backends[&3].capacity.unwrap();
+        assert!((c0 - 100.0).abs() < 1e-9, "{c0}");
+        assert!(inputs[2].current_weight > 100);
+        // Its window's peak rises (the load's noise, or the weight it was given): with every
+        // peer at ease its capacity stays, and so do the weights.
+        inputs[2].peak_load = Some(80.0);
+        let d = decide(&inputs, &p, &state);
+        assert_eq!(d.state.backends[&3].capacity, Some(c0));
+        assert!(
+            reasons(&d, 3).iter().any(
+                |r| matches!(r, Reason::ExplorationHeld { capacity, estimate }
+                    if *capacity == c0 && (*estimate - 160.0).abs() < 1e-9)
+            ),
+            "{:?}",
+            reasons(&d, 3)
+        );
+        assert!(!d.changed(), "{:?}", d.weights());
+        // A peer near its capacity (45 of 50/s), a peer 2.2x slower (55 ms), or a peer
+        // missing the target: the estimate grows to relieve it; 1.6x slower (40 ms) is noise.
+        let mut noisy = inputs.clone();
+        noisy[0].observed = Some(observed(30.0, 40.0));
+        assert_eq!(
+            decide(&noisy, &p, &state).state.backends[&3].capacity,
+            Some(c0)
+        );
+        for (load, latency_ms) in [(45.0, 30.0), (30.0, 55.0), (30.0, 120.0)] {
+            let mut pressed = inputs.clone();
+            pressed[0].observed = Some(observed(load, latency_ms));
+            let d = decide(&pressed, &p, &state);
+            let c = d.state.backends[&3].capacity.unwrap();
+            assert!(
+                c > c0,
+                "{load}/s at {latency_ms} ms: {c} {:?}",
+                reasons(&d, 3)
+            );
+        }
+        // Below its configured share it is explored freely (a backend ramping back after a
+        // slowdown must be able to regain its share with everyone at ease).
+        let mut below = inputs.clone();
+        below[2].current_weight = 90;
+        let d = decide(&below, &p, &state);
+        assert!(d.state.backends[&3].capacity.unwrap() > c0);
+        // A fall is news only past NEWS_FALL (or missing the target): a small one is held too.
+        let mut fell = inputs.clone();
+        fell[2].peak_load = Some(45.0);
+        fell[2].observed = Some(observed(45.0, 25.0));
+        let d = decide(&fell, &p, &state);
+        assert_eq!(d.state.backends[&3].capacity, Some(c0));
+        fell[2].peak_load = Some(30.0);
+        fell[2].observed = Some(observed(30.0, 25.0));
+        let d = decide(&fell, &p, &state);
+        assert!(d.state.backends[&3].capacity.unwrap() < c0);
     }
 
     /// Two backends whose capacity was measured (M/M/1, 60/s: 50/s at the 100 ms target) and
