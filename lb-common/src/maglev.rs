@@ -428,6 +428,27 @@ mod tests {
         assert_eq!(build(&drained, M).unwrap(), build(&without, M).unwrap());
     }
 
+    #[test]
+    fn scaling_every_weight_by_one_integer_leaves_the_table_as_it_is() {
+        // The model relies on it to scale coarse weights back up without moving a slot.
+        let mut rng = Lcg(7);
+        for _ in 0..20 {
+            let bs: Vec<Backend> = (0..5).map(|i| backend(i, rng.next() % 8)).collect();
+            if bs.iter().all(|b| b.weight == 0) {
+                continue;
+            }
+            let k = 2 + rng.next() % 60;
+            let scaled: Vec<Backend> = bs
+                .iter()
+                .map(|b| Backend {
+                    weight: b.weight * k,
+                    ..*b
+                })
+                .collect();
+            assert_eq!(build(&bs, 10_007).unwrap(), build(&scaled, 10_007).unwrap());
+        }
+    }
+
     /// FNV-1a of the table bytes, to pin the exact output.
     fn fingerprint(t: &[u32]) -> u64 {
         let mut h = FNV_OFFSET_BASIS;

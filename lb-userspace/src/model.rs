@@ -801,7 +801,8 @@ pub enum Reason {
         steps: u32,
         need: u32,
     },
-    /// An outlier that was not drained: the pool's drained share or last serving backend.
+    /// An outlier that was not drained: the pool's drained share, the last serving backend,
+    /// or (a latency outlier) the others' capacity below the pool's load.
     DrainDeferred { outlier: Outlier, why: String },
     /// Still drained by the model (until at least step `until_step`, and clean for
     /// `outlier_steps` steps).
@@ -840,6 +841,10 @@ pub enum Reason {
         latency_ms: f64,
         predicted_ms: f64,
     },
+    /// Every weight of the pool was multiplied by `factor` (the table stays exactly as it is)
+    /// because they had fallen far below the configured total, too coarse for a change within
+    /// the disruption budget.
+    Rescaled { factor: u32 },
     /// This step's capacity estimate is bound by the backend's own load, which is at or above
     /// its configured share, and no peer is under pressure: the running mean stays (more
     /// exploration would only move flows nobody needs moved).
@@ -1023,6 +1028,10 @@ impl fmt::Display for Reason {
             } => write!(
                 f,
                 "capacity {capacity:.1}/s as last measured: at its load {load:.1}/s its latency {latency_ms:.1} ms meets the target and the measured model's {predicted_ms:.1} ms (this step's estimate only reflects its own load)"
+            ),
+            Reason::Rescaled { factor } => write!(
+                f,
+                "the pool's weights had fallen far below their configured total: all multiplied by {factor} (the same table) so that changes fit the disruption budget"
             ),
             Reason::ExplorationHeld { capacity, estimate } => write!(
                 f,
@@ -1358,6 +1367,43 @@ pub fn decide(inputs: &[BackendInput], policy: &WeightPolicy, prev: &PolicyState
         .map(|b| prev.backends.get(&b.id).cloned().unwrap_or_default())
         .collect();
     let mut reasons: Vec<Vec<Reason>> = vec![Vec::new(); n];
+
+    // Coarse weights. Health downs are urgent and keep the others' weights as they are, so a
+    // pool can end up with its serving backends at a few units each (the lab's SYN-drop
+    // cascade left 0, 1 and 7 of a configured 100 each): then any change moves more slots
+    // than the budget allows, the budget's fraction of it rounds to no change, and the pool
+    // is stuck (the returning backend stayed at 0 and the drained one kept 87% of the slots).
+    // Multiplying every weight by one integer leaves the table exactly as it is (the quotas
+    // and the turns depend on the weights' ratios only), so such weights are scaled back up
+    // to about their configured total first. Not with a pinned backend or learning off
+    // anywhere: their weights are set, not scaled.
+    let reported: Vec<u32> = inputs.iter().map(|b| b.current_weight).collect();
+    let in_table_cfg: u64 = inputs
+        .iter()
+        .zip(&states)
+        .filter(|(b, st)| b.health.serving() && b.configured_weight > 0 && st.drained_at.is_none())
+        .map(|(b, _)| u64::from(table_weight(b.configured_weight)))
+        .sum();
+    let in_table_cur: u64 = reported.iter().map(|&w| u64::from(w)).sum();
+    let scale = if p.learning
+        && inputs.iter().all(|b| b.learning && b.pinned.is_none())
+        && in_table_cur > 0
+    {
+        (in_table_cfg / in_table_cur).clamp(1, u64::from(u32::MAX))
+    } else {
+        1
+    };
+    if scale >= 2 {
+        for (b, r) in inputs.iter_mut().zip(&mut reasons) {
+            if b.current_weight > 0 {
+                b.current_weight =
+                    u32::try_from(u64::from(b.current_weight) * scale).unwrap_or(u32::MAX);
+                r.push(Reason::Rescaled {
+                    factor: scale as u32,
+                });
+            }
+        }
+    }
     let learning = |b: &BackendInput| p.learning && b.learning;
     // Its recent probes' latency is above the target (no observation: not known to miss it).
     let misses_target = |b: &BackendInput| {
@@ -1538,9 +1584,28 @@ pub fn decide(inputs: &[BackendInput], policy: &WeightPolicy, prev: &PolicyState
         .zip(&states)
         .filter(|(b, st)| b.configured_weight > 0 && !serving_now(b, st))
         .count();
+    // The load the serving backends carry, for the capacity check of latency drains.
+    let pool_load: f64 = (0..n)
+        .filter(|&j| serving_now(&inputs[j], &states[j]))
+        .filter_map(|j| inputs[j].observed.map(|o| o.load))
+        .sum();
     for (_, i) in candidates {
         let o = outliers[i].expect("candidates are outliers");
         let serving_left = pool - out;
+        // A slow backend still serves: draining it onto peers that cannot carry the load only
+        // moves the slowness, and overloaded peers fail their health checks next (the lab's
+        // cascade). So a latency outlier waits while the others' capacity means (known for
+        // all of them) fall short of the pool's load; the model's weights shift what they can
+        // meanwhile. A failing backend (errors, retried SYNs, resets) fails its share anyway:
+        // drained regardless.
+        let others_capacity = (o.signal == Signal::Latency)
+            .then(|| {
+                (0..n)
+                    .filter(|&j| j != i && serving_now(&inputs[j], &states[j]))
+                    .map(|j| states[j].capacity)
+                    .sum::<Option<f64>>()
+            })
+            .flatten();
         let why = if out + 1 > max_out {
             Some(format!(
                 "{out} of {pool} already out, at most {:.0}% may be",
@@ -1549,7 +1614,11 @@ pub fn decide(inputs: &[BackendInput], policy: &WeightPolicy, prev: &PolicyState
         } else if serving_left <= 1 {
             Some("last serving backend".to_string())
         } else {
-            None
+            others_capacity.filter(|&c| c < pool_load).map(|c| {
+                format!(
+                    "the others' capacity at the target, {c:.1}/s, is below the pool's load of {pool_load:.1}/s"
+                )
+            })
         };
         match why {
             Some(why) => reasons[i].push(Reason::DrainDeferred { outlier: o, why }),
@@ -2200,7 +2269,7 @@ pub fn decide(inputs: &[BackendInput], policy: &WeightPolicy, prev: &PolicyState
                 kind,
                 backend: b.id,
                 addr: b.addr,
-                from_weight: from,
+                from_weight: reported[i],
                 to_weight: to,
                 configured_weight: b.configured_weight,
                 reasons: reasons[i].clone(),
@@ -2213,7 +2282,7 @@ pub fn decide(inputs: &[BackendInput], policy: &WeightPolicy, prev: &PolicyState
             id: b.id,
             addr: b.addr,
             configured_weight: b.configured_weight,
-            previous_weight: from,
+            previous_weight: reported[i],
             weight: to,
             target_weight: targets[i],
             drained: st.drained_at.is_some(),
@@ -2977,6 +3046,128 @@ mod tests {
     }
 
     #[test]
+    fn a_latency_outlier_is_drained_only_if_the_others_can_carry_the_load() {
+        // Backends 1 and 2: 50/s each at the 100 ms target (M/M/1, 60/s); backend 3: 190/s.
+        let p = unbudgeted();
+        let mus = [60.0, 60.0, 200.0];
+        let pool = |loads: [f64; 3]| -> Vec<BackendInput> {
+            (0..3)
+                .map(|i| {
+                    let mut b = input(i as u32 + 1, 1, Ok(mm1_fit(mus[i])));
+                    b.observed = Some(observed(loads[i], 1000.0 / (mus[i] - loads[i])));
+                    b
+                })
+                .collect()
+        };
+        for (loads, drained) in [([40.0, 40.0, 100.0], false), ([20.0, 20.0, 50.0], true)] {
+            let mut inputs = pool(loads);
+            let mut state = PolicyState::default();
+            run(&mut inputs, &p, &mut state, 2);
+            // Backend 3 answers 20 times slower than its model predicts.
+            let o = inputs[2].observed.unwrap();
+            inputs[2].observed = Some(observed(o.load, 20.0 * o.latency_ms));
+            let ds = run(&mut inputs, &p, &mut state, p.outlier_steps as usize + 2);
+            let last = ds.last().unwrap();
+            assert_eq!(
+                last.backends[2].drained,
+                drained,
+                "{loads:?}: {:?}",
+                reasons(last, 3)
+            );
+            if !drained {
+                // 180/s against the others' 100/s: deferred, and says why.
+                assert!(
+                    reasons(last, 3).iter().any(|r| matches!(
+                        r,
+                        Reason::DrainDeferred { outlier, why }
+                            if outlier.signal == Signal::Latency && why.contains("100.0/s")
+                    )),
+                    "{:?}",
+                    reasons(last, 3)
+                );
+                // A failing backend is drained whatever the others can carry.
+                let mut failing = inputs.clone();
+                failing[2].observed = Some(Observed {
+                    error_rate: 0.6,
+                    ..observed(o.load, o.latency_ms)
+                });
+                let mut st = state.clone();
+                let ds = run(&mut failing, &p, &mut st, p.outlier_steps as usize);
+                assert!(
+                    ds.last().unwrap().backends[2].drained,
+                    "{:?}",
+                    reasons(ds.last().unwrap(), 3)
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn coarse_weights_are_scaled_up_so_that_changes_fit_the_budget() {
+        // The lab's SYN-drop cascade left backend 1 back up at 0, backend 2 at 1 and backend
+        // 3 (drained by the model, still dropping SYNs) at 7 of a configured 100 each, holding
+        // 87% of the slots. Every change moved more than the budget and its fraction rounded
+        // to nothing: stuck.
+        let p = policy();
+        let mut inputs: Vec<BackendInput> = (1..=3)
+            .map(|id| input(id, 1, Err(Refusal::TooFewSamples { have: 5, need: 30 })))
+            .collect();
+        for (b, w) in inputs.iter_mut().zip([0, 1, 7]) {
+            b.current_weight = w;
+            b.observed = Some(observed(20.0, 20.0));
+        }
+        inputs[2].observed = Some(Observed {
+            syn_retries_per_s: 18.0,
+            ..observed(20.0, 20.0)
+        });
+        let drained = BackendState {
+            drained_at: Some(1),
+            drains: 1,
+            ..BackendState::default()
+        };
+        let mut state = PolicyState {
+            step: 2,
+            backends: [(3, drained)].into_iter().collect(),
+        };
+        let before = {
+            let w: Vec<u32> = inputs.iter().map(|b| b.current_weight).collect();
+            table(&inputs, &w, p.table_size).unwrap()
+        };
+        let ds = run(&mut inputs, &p, &mut state, 40);
+        let first = &ds[0];
+        assert!(
+            reasons(first, 2)
+                .iter()
+                .any(|r| matches!(r, Reason::Rescaled { factor: 25 })),
+            "{:?}",
+            reasons(first, 2)
+        );
+        // Reported against the weights in force, and the slots counted from their table (the
+        // scaled one is the same).
+        assert_eq!(first.backends[2].previous_weight, 7);
+        assert!(first.changed());
+        let w: Vec<u32> = first.weights().iter().map(|w| w.1).collect();
+        let after = table(&inputs, &w, p.table_size).unwrap();
+        assert_eq!(maglev::slots_changed(&before, &after), first.slots_moved);
+        assert!(first.slots_moved > 0, "progress at once: {w:?}");
+        for d in &ds {
+            assert!(d.slots_moved_gradual <= d.slots_budget, "{:?}", d.weights());
+        }
+        let last = ds.last().unwrap();
+        assert_eq!(
+            weight(last, 3),
+            0,
+            "drained in the end: {:?}",
+            last.weights()
+        );
+        assert!(
+            weight(last, 1) >= 25 && weight(last, 2) >= 25,
+            "slow start and ramp back: {:?}",
+            last.weights()
+        );
+    }
+
+    #[test]
     fn an_overloaded_backend_without_a_model_is_cut_until_the_floor_then_drained() {
         // No backend has enough samples for a model (a saturated backend never provides
         // them); backend 1 misses the 100 ms target while its peers meet it.
@@ -3427,10 +3618,12 @@ mod tests {
             max_drained_share: 1.0,
             ..policy()
         };
+        // Both slow; 20/s each, so that either can carry the other's load (see
+        // a_latency_outlier_is_drained_only_if_the_others_can_carry_the_load).
         let mut inputs: Vec<BackendInput> = (1..=2)
             .map(|id| {
                 let mut b = input(id, 100, Ok(mm1_fit(100.0)));
-                b.observed = Some(observed(50.0, 500.0));
+                b.observed = Some(observed(20.0, 500.0));
                 b
             })
             .collect();
