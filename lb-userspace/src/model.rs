@@ -1089,7 +1089,8 @@ pub struct Decision {
     pub backends: Vec<BackendDecision>,
     /// Slots that differ between the table of the current weights and the new one.
     pub slots_moved: usize,
-    /// Of those, slots moved by gradual changes (bounded by `slots_budget`).
+    /// Of those, slots that held a backend and were moved by gradual changes (bounded by
+    /// `slots_budget`; slots of an empty table disturb no flow and are not counted).
     pub slots_moved_gradual: usize,
     pub slots_budget: usize,
     pub table_size: u32,
@@ -2143,9 +2144,19 @@ pub fn decide(inputs: &[BackendInput], policy: &WeightPolicy, prev: &PolicyState
                         })
                         .collect()
                 };
+                // Slots whose flows a change disturbs: those that held a backend. A slot that
+                // drops packets today (an empty table) disturbs nothing when it gets one; counting
+                // those kept a pool whose every backend had gone down and come back at an empty
+                // table for good (any start moved all of it, and the budget's share rounded to
+                // nothing).
                 let moved = |w: &[u32]| -> Result<(usize, Vec<u32>), String> {
                     let t = table(&inputs, w, p.table_size)?;
-                    Ok((maglev::slots_changed(&t_base, &t), t))
+                    let disturbed = t_base
+                        .iter()
+                        .zip(&t)
+                        .filter(|&(a, b)| *a != 0 && a != b)
+                        .count();
+                    Ok((disturbed, t))
                 };
                 let result = moved(&proposed).and_then(|(full, t_full)| {
                     if full <= budget {
@@ -3165,6 +3176,39 @@ mod tests {
             "slow start and ramp back: {:?}",
             last.weights()
         );
+    }
+
+    #[test]
+    fn an_empty_table_is_refilled_at_once() {
+        // Every backend went down (the SYN-drop cascade's overloaded small backends; the
+        // third drained by the model) and the first two are back: their slow start fills a
+        // table that drops everything, which disturbs no flow.
+        let p = policy();
+        let mut inputs: Vec<BackendInput> = (1..=3)
+            .map(|id| input(id, 1, Err(Refusal::TooFewSamples { have: 5, need: 30 })))
+            .collect();
+        for b in &mut inputs {
+            b.current_weight = 0;
+            b.observed = Some(observed(0.0, 20.0));
+        }
+        let drained = BackendState {
+            drained_at: Some(1),
+            drains: 1,
+            ..BackendState::default()
+        };
+        let state = PolicyState {
+            step: 2,
+            backends: [(3, drained)].into_iter().collect(),
+        };
+        let d = decide(&inputs, &p, &state);
+        assert_eq!(
+            d.weights(),
+            vec![(1, 25), (2, 25), (3, 0)],
+            "{:?}",
+            reasons(&d, 1)
+        );
+        assert_eq!(d.slots_moved, p.table_size as usize);
+        assert_eq!(d.slots_moved_gradual, 0);
     }
 
     #[test]
