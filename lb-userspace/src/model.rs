@@ -664,6 +664,9 @@ pub struct BackendState {
     /// estimates are, which widens the deadband.
     #[serde(default)]
     pub capacity_var: Option<f64>,
+    /// Consecutive steps with no peer needing relief from this backend (see `EASE_STEPS`).
+    #[serde(default)]
+    pub at_ease_steps: u32,
     /// Step of the last change of direction of a learned weight.
     #[serde(default)]
     pub last_reversal: Option<u64>,
@@ -1168,6 +1171,11 @@ const REMEMBERED_LATENCY_SHARE: f64 = 0.7;
 /// A backend carrying at least this share of its capacity mean is under pressure: its peers'
 /// estimates bound by their own load may grow to relieve it.
 const PRESSURE_SHARE: f64 = 0.8;
+/// Steps with every peer at ease before an explored estimate stops growing. Pressure is
+/// judged on a few seconds' means, which dip below the threshold in the load's troughs: frozen
+/// at the first dip, the large backend stopped where the small ones still neared their knee at
+/// the load's peaks, and the next peak, minutes later, moved the weights again.
+const EASE_STEPS: u32 = 20;
 /// A peer this many times slower than a backend is relieved by giving that backend more.
 /// (1.5 let the probes' noise at the small backends' load peaks keep the large one exploring
 /// in the stability run.)
@@ -1686,6 +1694,24 @@ pub fn decide(inputs: &[BackendInput], policy: &WeightPolicy, prev: &PolicyState
                         .is_some_and(|(c, o)| o.load >= PRESSURE_SHARE * c))
         })
         .collect();
+    // Consecutive steps with no peer needing relief from this backend: pressed, or twice as
+    // slow as it is.
+    for i in 0..n {
+        let needed = (0..n).any(|j| {
+            j != i
+                && (pressed[j]
+                    || group.contains(&j)
+                        && inputs[j]
+                            .observed
+                            .zip(inputs[i].observed)
+                            .is_some_and(|(oj, oi)| oj.latency_ms > SLOWER_PEER * oi.latency_ms))
+        });
+        states[i].at_ease_steps = if needed {
+            0
+        } else {
+            states[i].at_ease_steps.saturating_add(1)
+        };
+    }
     for i in 0..n {
         let (raw, bound, measured_now) = match &inputs[i].fit {
             Ok(f) => {
@@ -1783,14 +1809,7 @@ pub fn decide(inputs: &[BackendInput], policy: &WeightPolicy, prev: &PolicyState
                 if let Some(c) = states[i].capacity.filter(|&c| {
                     load_bound[i]
                         && f64::from(inputs[i].current_weight) >= cfg_t[i]
-                        && !(0..n).any(|j| {
-                            j != i
-                                && (pressed[j]
-                                    || group.contains(&j)
-                                        && inputs[j].observed.zip(inputs[i].observed).is_some_and(
-                                            |(oj, oi)| oj.latency_ms > SLOWER_PEER * oi.latency_ms,
-                                        ))
-                        })
+                        && states[i].at_ease_steps >= EASE_STEPS
                         && !(raw < c && (news || raw < NEWS_FALL * c))
                 }) {
                     if let Some(var) = states[i].capacity_var {
@@ -3427,8 +3446,9 @@ mod tests {
         }
         inputs[2].observed = Some(observed(50.0, 25.0));
         let mut state = PolicyState::default();
-        // A few steps: the weights reach their targets (step-limited to 25% a step).
-        run(&mut inputs, &p, &mut state, 4);
+        // The weights reach their targets (step-limited to 25% a step), and every peer has
+        // been at ease for EASE_STEPS steps.
+        run(&mut inputs, &p, &mut state, 4 + EASE_STEPS as usize);
         let c0 = state.backends[&3].capacity.unwrap();
         assert!((c0 - 100.0).abs() < 1e-9, "{c0}");
         assert!(inputs[2].current_weight > 100);
@@ -3464,6 +3484,16 @@ mod tests {
                 "{load}/s at {latency_ms} ms: {c} {:?}",
                 reasons(&d, 3)
             );
+            // And it goes on growing until its peers have been at ease for EASE_STEPS steps.
+            let (mut grown, mut st) = (inputs.clone(), d.state.clone());
+            let ds = run(&mut grown, &p, &mut st, EASE_STEPS as usize);
+            let caps: Vec<f64> = ds
+                .iter()
+                .map(|d| d.state.backends[&3].capacity.unwrap())
+                .collect();
+            let e = EASE_STEPS as usize;
+            assert!(caps[..e - 1].windows(2).all(|w| w[1] > w[0]), "{caps:?}");
+            assert_eq!(caps[e - 1], caps[e - 2], "{caps:?}");
         }
         // Below its configured share it is explored freely (a backend ramping back after a
         // slowdown must be able to regain its share with everyone at ease).
