@@ -849,8 +849,8 @@ pub enum Reason {
     /// the disruption budget.
     Rescaled { factor: u32 },
     /// This step's capacity estimate is bound by the backend's own load, which is at or above
-    /// its configured share, and no peer is under pressure: the running mean stays (more
-    /// exploration would only move flows nobody needs moved).
+    /// its configured share, and no peer has needed relief for `EASE_STEPS` steps: the running
+    /// mean stays (more exploration would only move flows nobody needs moved).
     ExplorationHeld { capacity: f64, estimate: f64 },
 }
 
@@ -1038,7 +1038,7 @@ impl fmt::Display for Reason {
             ),
             Reason::ExplorationHeld { capacity, estimate } => write!(
                 f,
-                "capacity kept at {capacity:.1}/s (this step's {estimate:.1}/s is bound by its own load, it has at least its configured share, and no peer misses the target, runs above {:.0}% of its capacity or is {SLOWER_PEER}x slower)",
+                "capacity kept at {capacity:.1}/s (this step's {estimate:.1}/s is bound by its own load, it has at least its configured share, and for {EASE_STEPS} steps no peer has missed the target, run above {:.0}% of its capacity or been {SLOWER_PEER}x slower)",
                 PRESSURE_SHARE * 100.0
             ),
             Reason::Headroom {
@@ -1386,11 +1386,14 @@ pub fn decide(inputs: &[BackendInput], policy: &WeightPolicy, prev: &PolicyState
     // and the turns depend on the weights' ratios only), so such weights are scaled back up
     // to about their configured total first. Not with a pinned backend or learning off
     // anywhere: their weights are set, not scaled.
+    let serving_now = |b: &BackendInput, st: &BackendState| {
+        b.health.serving() && b.configured_weight > 0 && st.drained_at.is_none()
+    };
     let reported: Vec<u32> = inputs.iter().map(|b| b.current_weight).collect();
     let in_table_cfg: u64 = inputs
         .iter()
         .zip(&states)
-        .filter(|(b, st)| b.health.serving() && b.configured_weight > 0 && st.drained_at.is_none())
+        .filter(|(b, st)| serving_now(b, st))
         .map(|(b, _)| u64::from(table_weight(b.configured_weight)))
         .sum();
     let in_table_cur: u64 = reported.iter().map(|&w| u64::from(w)).sum();
@@ -1475,9 +1478,6 @@ pub fn decide(inputs: &[BackendInput], policy: &WeightPolicy, prev: &PolicyState
     }
 
     // --- Drains: outliers among serving backends, within the pool's drained share. ---
-    let serving_now = |b: &BackendInput, st: &BackendState| {
-        b.health.serving() && b.configured_weight > 0 && st.drained_at.is_none()
-    };
     let peer_obs = |i: usize, states: &[BackendState]| -> Vec<Observed> {
         inputs
             .iter()
@@ -1800,6 +1800,7 @@ pub fn decide(inputs: &[BackendInput], policy: &WeightPolicy, prev: &PolicyState
                 // (15/15/70% against the oracle's 20/20/60% in the capacity run).
                 const NEWS_FALL: f64 = 0.7;
                 let news = misses_target(&inputs[i]);
+                let falls_as_news = |c: f64| raw < c && (news || raw < NEWS_FALL * c);
                 // An estimate bound by the backend's own load grows with the weight it is
                 // given: past its configured share, and with every peer at ease, more of it
                 // would only move flows nobody needs moved, and the window's peak load (which
@@ -1810,7 +1811,7 @@ pub fn decide(inputs: &[BackendInput], policy: &WeightPolicy, prev: &PolicyState
                     load_bound[i]
                         && f64::from(inputs[i].current_weight) >= cfg_t[i]
                         && states[i].at_ease_steps >= EASE_STEPS
-                        && !(raw < c && (news || raw < NEWS_FALL * c))
+                        && !falls_as_news(c)
                 }) {
                     if let Some(var) = states[i].capacity_var {
                         cap_noise[i] = mean_noise(var, c);
@@ -1823,7 +1824,7 @@ pub fn decide(inputs: &[BackendInput], policy: &WeightPolicy, prev: &PolicyState
                     continue;
                 }
                 let c = states[i].capacity.map_or(raw, |c| {
-                    let a = if raw < c && (news || raw < NEWS_FALL * c) {
+                    let a = if falls_as_news(c) {
                         news_smoothing
                     } else {
                         p.capacity_smoothing
@@ -3132,6 +3133,19 @@ mod tests {
         }
     }
 
+    /// A policy state two steps in, backend 3 drained by the model since step 1.
+    fn third_drained_at_step_1() -> PolicyState {
+        let drained = BackendState {
+            drained_at: Some(1),
+            drains: 1,
+            ..BackendState::default()
+        };
+        PolicyState {
+            step: 2,
+            backends: [(3, drained)].into_iter().collect(),
+        }
+    }
+
     #[test]
     fn coarse_weights_are_scaled_up_so_that_changes_fit_the_budget() {
         // The lab's SYN-drop cascade left backend 1 back up at 0, backend 2 at 1 and backend
@@ -3150,15 +3164,7 @@ mod tests {
             syn_retries_per_s: 18.0,
             ..observed(20.0, 20.0)
         });
-        let drained = BackendState {
-            drained_at: Some(1),
-            drains: 1,
-            ..BackendState::default()
-        };
-        let mut state = PolicyState {
-            step: 2,
-            backends: [(3, drained)].into_iter().collect(),
-        };
+        let mut state = third_drained_at_step_1();
         let before = {
             let w: Vec<u32> = inputs.iter().map(|b| b.current_weight).collect();
             table(&inputs, &w, p.table_size).unwrap()
@@ -3210,15 +3216,7 @@ mod tests {
             b.current_weight = 0;
             b.observed = Some(observed(0.0, 20.0));
         }
-        let drained = BackendState {
-            drained_at: Some(1),
-            drains: 1,
-            ..BackendState::default()
-        };
-        let state = PolicyState {
-            step: 2,
-            backends: [(3, drained)].into_iter().collect(),
-        };
+        let state = third_drained_at_step_1();
         let d = decide(&inputs, &p, &state);
         assert_eq!(
             d.weights(),
