@@ -1,19 +1,42 @@
 //! Builds the XDP programs (lb-ebpf) for the BPF target with the nightly toolchain, so that the
-//! agent embeds the exact programs it was built with. On a fresh machine it first installs what
-//! that needs (rust-src for the nightly, bpf-linker): xtask depends on this crate, so nothing
-//! of ours runs before this script, and `cargo xtask test` must work from a fresh clone.
-use anyhow::{anyhow, Context as _};
-use aya_build::{Package, Toolchain};
+//! agent embeds the exact programs it was built with, and makes their BTF loadable (see
+//! `ebpf_btf.rs`). On a fresh machine it first installs what that needs (rust-src for the
+//! nightly, bpf-linker): xtask depends on this crate, so nothing of ours runs before this script,
+//! and `cargo xtask test` must work from a fresh clone.
+//!
+//! It says something (a `cargo:warning`) only when it installs a piece of the toolchain, when
+//! the eBPF build itself warns, or when it fails (then with the eBPF build's whole output). Not
+//! aya-build: that forwards every line of the nested cargo (`Compiling ...`) as a warning.
+use std::{
+    path::{Path, PathBuf},
+    process::Stdio,
+};
+
+use anyhow::{bail, Context as _, Result};
 
 #[path = "ebpf_toolchain.rs"]
 mod ebpf_toolchain;
 
-fn main() -> anyhow::Result<()> {
+#[path = "ebpf_btf.rs"]
+mod ebpf_btf;
+
+/// The eBPF package and the programs (its bins) that lb-userspace embeds from `OUT_DIR`.
+const PACKAGE: &str = "lb-ebpf";
+const PROGRAMS: [&str; 3] = ["lb-balancer", "lb-decap", "lb-bench"];
+
+fn main() -> Result<()> {
     println!(
         "cargo:rerun-if-env-changed={}",
         ebpf_toolchain::TOOLCHAIN_ENV
     );
-    println!("cargo:rerun-if-changed=ebpf_toolchain.rs");
+    for path in [
+        "ebpf_toolchain.rs",
+        "ebpf_btf.rs",
+        "../lb-ebpf",
+        "../lb-common",
+    ] {
+        println!("cargo:rerun-if-changed={path}");
+    }
     // Say something only when an install is needed (cargo shows every warning line).
     let log = |m: &str| {
         if !m.ends_with(ebpf_toolchain::PRESENT) {
@@ -25,16 +48,75 @@ fn main() -> anyhow::Result<()> {
         .context("installing the eBPF toolchain (see `cargo xtask setup`)")?;
     ebpf_toolchain::ensure_bpf_linker(&log)
         .context("installing bpf-linker (see `cargo xtask setup`)")?;
-    if let Some(path) = ebpf_toolchain::path_with_cargo_bin() {
-        std::env::set_var("PATH", path);
+
+    let out_dir = PathBuf::from(std::env::var_os("OUT_DIR").context("OUT_DIR not set")?);
+    let built = build_ebpf(&toolchain, &out_dir.join("ebpf-target")).context(
+        "building the XDP programs (run `cargo xtask setup` for rust-src and bpf-linker)",
+    )?;
+    for program in PROGRAMS {
+        let mut object = std::fs::read(built.join(program))
+            .with_context(|| format!("reading the built {program}"))?;
+        ebpf_btf::sanitize_object(&mut object)
+            .with_context(|| format!("making the BTF of {program} loadable"))?;
+        let dst = out_dir.join(program);
+        std::fs::write(&dst, object).with_context(|| format!("writing {}", dst.display()))?;
     }
-    let ebpf = Package {
-        name: "lb-ebpf",
-        root_dir: concat!(env!("CARGO_MANIFEST_DIR"), "/../lb-ebpf"),
-        ..Default::default()
+    Ok(())
+}
+
+/// `cargo build --release` of [`PACKAGE`] for the BPF target with `toolchain`, into
+/// `target_dir`; returns the directory holding the programs. The nested cargo's output is kept:
+/// compiler warnings are passed on, everything else is shown only if the build fails.
+fn build_ebpf(toolchain: &str, target_dir: &Path) -> Result<PathBuf> {
+    let endian = std::env::var("CARGO_CFG_TARGET_ENDIAN").context("no target endianness")?;
+    let target = match endian.as_str() {
+        "little" => "bpfel-unknown-none",
+        "big" => "bpfeb-unknown-none",
+        other => bail!("unsupported endianness {other}"),
     };
-    let toolchain: &'static str = Box::leak(toolchain.into_boxed_str());
-    aya_build::build_ebpf([ebpf], Toolchain::Custom(toolchain))
-        .context("building the XDP programs (run `cargo xtask setup` for rust-src and bpf-linker)")
-        .map_err(|e| anyhow!("{e:#}"))
+    let arch = std::env::var("CARGO_CFG_TARGET_ARCH").context("no target arch")?;
+    let mut cmd = ebpf_toolchain::clean("rustup");
+    cmd.args([
+        "run",
+        toolchain,
+        "cargo",
+        "build",
+        "--package",
+        PACKAGE,
+        "--bins",
+    ])
+    .args(["--release", "--target", target, "-Z", "build-std=core"])
+    .args(["--message-format=short", "--color=never", "--target-dir"])
+    .arg(target_dir)
+    .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+    // The same flags aya-build passes: the arch for aya-ebpf's cfgs, debug info for BTF.
+    .env(
+        "CARGO_ENCODED_RUSTFLAGS",
+        [
+            format!("--cfg=bpf_target_arch=\"{arch}\""),
+            "-Cdebuginfo=2".into(),
+            "-Clink-arg=--btf".into(),
+        ]
+        .join("\x1f"),
+    );
+    if let Some(path) = ebpf_toolchain::path_with_cargo_bin() {
+        cmd.env("PATH", path);
+    }
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .context("starting `rustup run ... cargo build` for lb-ebpf")?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if !out.status.success() {
+        // A failing build script's stderr is what cargo prints: the nested build's whole story.
+        eprintln!("{stderr}");
+        bail!(
+            "`cargo build -p {PACKAGE}` for {target} failed with {}",
+            out.status
+        );
+    }
+    for line in stderr.lines().filter(|l| l.contains("warning")) {
+        println!("cargo:warning={line}");
+    }
+    Ok(target_dir.join(target).join("release"))
 }

@@ -23,7 +23,7 @@ pub const BPF_LINKER_VERSION: &str = "0.10.0";
 /// A command with the caller's cargo/rustup environment removed: a build script runs with
 /// `CARGO_*`, `RUSTC*` and `RUSTUP_TOOLCHAIN` set for its own crate, which would otherwise
 /// leak into the nested `cargo install` or pin `rustup` to the stable toolchain.
-fn clean(program: impl AsRef<std::ffi::OsStr>) -> Command {
+pub fn clean(program: impl AsRef<std::ffi::OsStr>) -> Command {
     let mut cmd = Command::new(program);
     for (k, _) in std::env::vars_os() {
         let k = k.to_string_lossy();

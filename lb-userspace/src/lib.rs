@@ -19,3 +19,8 @@ pub mod tables;
 pub use config::Config;
 pub use datapath::{Balancer, LoadOptions};
 pub use decap::Decap;
+
+/// The build script's BTF name fix, tested on the host (see `ebpf_btf.rs`).
+#[cfg(test)]
+#[path = "../ebpf_btf.rs"]
+mod ebpf_btf;
