@@ -127,6 +127,13 @@ fn lbd_serves_reloads_and_detaches() {
     let _ = std::fs::remove_dir_all(format!("/run/{}", lab.prefix()));
 }
 
+/// lbd's refusal is said once on stderr, as `lbd: error: ...`, not also as a log record.
+fn assert_once(stderr: &str) {
+    assert!(stderr.starts_with("lbd: error: "), "{stderr}");
+    assert_eq!(stderr.matches("lbd: error:").count(), 1, "{stderr}");
+    assert!(!stderr.contains("ERROR"), "no log record of it: {stderr}");
+}
+
 #[test]
 fn lbd_rejects_bad_config_with_clear_errors() {
     require_root();
@@ -157,7 +164,20 @@ fn lbd_rejects_bad_config_with_clear_errors() {
             stderr.contains(want),
             "lbd's error for {text:?} should contain {want:?}, got: {stderr}"
         );
+        assert_once(&stderr);
     }
+    // Also with --check, and for a file that is not there.
+    let out = std::process::Command::new(&lbd)
+        .args(["--config", "/nonexistent/lbd.toml", "--check"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("cannot read config file /nonexistent/lbd.toml"),
+        "{stderr}"
+    );
+    assert_once(&stderr);
     // A config file anyone can write is a way to root: refused, with the fix.
     use std::os::unix::fs::PermissionsExt as _;
     let path = dir.join("open.toml");
@@ -288,4 +308,96 @@ fn datapath_warnings_reach_the_log_once_not_per_packet() {
     );
     let _ = std::fs::remove_dir_all(&dir);
     let _ = std::fs::remove_dir_all(format!("/run/{prefix}"));
+}
+
+/// `bpftool ARGS... --json`, parsed.
+fn bpftool_json(args: &[&str]) -> serde_json::Value {
+    let out = std::process::Command::new("bpftool")
+        .args(args)
+        .arg("--json")
+        .output()
+        .expect("running bpftool (installed by `cargo xtask setup`)");
+    assert!(out.status.success(), "bpftool {args:?}: {out:?}");
+    serde_json::from_slice(&out.stdout).expect("bpftool's JSON")
+}
+
+#[test]
+fn the_program_and_its_maps_carry_btf_and_lbd_logs_no_btf_warning() {
+    require_root();
+    let lab = Lab::new(LabSpec { backends: 1 }).expect("building the lab");
+    let dir = tests::procs::scratch("btf-e2e");
+    let _cleanup = tests::procs::RemoveOnDrop(dir.clone());
+    std::fs::write(
+        dir.join("lbd.toml"),
+        format!(
+            "interface = \"eth0\"\nxdp_mode = \"native\"\npin_dir = \"\"\ncontrol_socket = \"{sock}\"\n\
+             [encap]\nsource_v4 = \"{LB_V4}\"\n[[vip]]\naddress = \"{VIP_V4}\"\nport = 80\nprotocol = \"tcp\"\n\
+             [[vip.backend]]\naddress = \"{}\"\n",
+            lab.backend(0).v4(),
+            sock = dir.join("run/lbd.sock").display()
+        ),
+    )
+    .unwrap();
+    // RUST_LOG=info, as lbd's default filter: a warning of aya's loader would be in the log.
+    let lbd = tests::procs::Lbd::start(lab.lb().ns(), &dir);
+    let status = tests::procs::lbctl(&lbd.socket, &["status", "--json"]);
+    let status: serde_json::Value = serde_json::from_slice(&status.stdout).expect("status JSON");
+    let id = status["program_id"]
+        .as_u64()
+        .expect("a program id")
+        .to_string();
+
+    let prog = bpftool_json(&["prog", "show", "id", &id]);
+    println!("program {id}: {prog}");
+    assert!(
+        prog["btf_id"].as_u64().is_some_and(|b| b > 0),
+        "the balancer must load with its BTF: {prog}"
+    );
+    let maps: Vec<serde_json::Value> = prog["map_ids"]
+        .as_array()
+        .expect("map_ids")
+        .iter()
+        .map(|m| bpftool_json(&["map", "show", "id", &m.to_string()]))
+        .collect();
+    let named = |name: &str| {
+        maps.iter()
+            .find(|m| m["name"] == name)
+            .unwrap_or_else(|| panic!("the program uses no map {name}: {maps:?}"))
+    };
+    for name in [
+        lb_common::maps::VIPS,
+        lb_common::maps::CT,
+        lb_common::maps::BACKENDS,
+    ] {
+        let map = named(name);
+        assert!(
+            map["btf_id"].as_u64().is_some_and(|b| b > 0),
+            "map {name} must carry BTF: {map}"
+        );
+    }
+    // Typed keys and values: bpftool prints the structs' fields by name.
+    let vips = bpftool_json(&[
+        "map",
+        "dump",
+        "id",
+        &named(lb_common::maps::VIPS)["id"].to_string(),
+    ]);
+    let entry = &vips[0]["formatted"];
+    println!("VIPS entry: {entry}");
+    // The port is kept in network byte order.
+    assert_eq!(
+        entry["key"]["port"],
+        80u16.to_be(),
+        "VIPS keys typed as VipKey: {vips}"
+    );
+    assert!(
+        entry["value"]["vip_id"].is_u64(),
+        "VIPS values typed as VipMeta: {vips}"
+    );
+
+    let log = lbd.log();
+    assert!(
+        !log.contains("BTF"),
+        "lbd's start must log nothing about BTF:\n{log}"
+    );
 }

@@ -13,11 +13,11 @@ fn main() {}
 mod prog {
     use aya_ebpf::{
         bindings::{bpf_fib_lookup as FibParams, xdp_action, xdp_md, BPF_F_NO_PREALLOC},
+        btf_maps::{Array, HashMap, LruHashMap, PerCpuArray},
         helpers::{
             bpf_fib_lookup, bpf_jiffies64, bpf_redirect, bpf_xdp_adjust_head, bpf_xdp_adjust_tail,
         },
-        macros::{map, xdp},
-        maps::{Array, HashMap, LruHashMap, PerCpuArray},
+        macros::{btf_map, xdp},
         programs::XdpContext,
         EbpfContext,
     };
@@ -25,37 +25,40 @@ mod prog {
     use lb_common::*;
     use lb_ebpf::net::*;
 
-    #[map]
-    static VIPS: HashMap<VipKey, VipMeta> = HashMap::with_max_entries(MAX_VIPS, BPF_F_NO_PREALLOC);
-    #[map]
-    static RING: Array<u32> = Array::with_max_entries(DEFAULT_RING_POOL, 0);
-    #[map]
-    static BACKENDS: Array<BackendInfo> = Array::with_max_entries(MAX_BACKENDS, 0);
-    #[map]
-    static NEXTHOPS: Array<NextHop> = Array::with_max_entries(MAX_BACKENDS, 0);
-    #[map]
-    static CT: LruHashMap<FlowKey, CtValue> = LruHashMap::with_max_entries(DEFAULT_CT_SIZE, 0);
-    #[map]
-    static CT_NEW: LruHashMap<FlowKey, CtValue> =
-        LruHashMap::with_max_entries(DEFAULT_CT_NEW_SIZE, 0);
-    #[map]
-    static FRAGS: LruHashMap<FragKey, CtValue> = LruHashMap::with_max_entries(FRAG_TABLE_SIZE, 0);
-    #[map]
-    static CONFIG: Array<GlobalConfig> = Array::with_max_entries(1, 0);
+    // BTF-defined maps (the `.maps` section): the kernel gets each map's key and value types,
+    // so `bpftool map dump` prints them as structs. Sizes in the types are the defaults; lbd
+    // sets the configured ones before loading.
+    #[btf_map]
+    static VIPS: HashMap<VipKey, VipMeta, { MAX_VIPS as usize }, { BPF_F_NO_PREALLOC as usize }> =
+        HashMap::new();
+    #[btf_map]
+    static RING: Array<u32, { DEFAULT_RING_POOL as usize }> = Array::new();
+    #[btf_map]
+    static BACKENDS: Array<BackendInfo, { MAX_BACKENDS as usize }> = Array::new();
+    #[btf_map]
+    static NEXTHOPS: Array<NextHop, { MAX_BACKENDS as usize }> = Array::new();
+    #[btf_map]
+    static CT: LruHashMap<FlowKey, CtValue, { DEFAULT_CT_SIZE as usize }> = LruHashMap::new();
+    #[btf_map]
+    static CT_NEW: LruHashMap<FlowKey, CtValue, { DEFAULT_CT_NEW_SIZE as usize }> =
+        LruHashMap::new();
+    #[btf_map]
+    static FRAGS: LruHashMap<FragKey, CtValue, { FRAG_TABLE_SIZE as usize }> = LruHashMap::new();
+    #[btf_map]
+    static CONFIG: Array<GlobalConfig, 1> = Array::new();
     /// Destination ports some VIP uses (`VIP_PORT_*` bits, indexed by port in host order): a
     /// one-load filter in front of the connection-table lookup, so traffic to other ports
     /// costs no hash lookup at all.
-    #[map]
-    static VIP_PORTS: Array<u8> = Array::with_max_entries(65_536, 0);
+    #[btf_map]
+    static VIP_PORTS: Array<u8, 65_536> = Array::new();
     /// `COUNTER_SLOTS` entries, not `Counter::COUNT`: room for later counters without a new
     /// map layout (pins of this build stay usable by the next).
-    #[map]
-    static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_SLOTS, 0);
-    #[map]
-    static VIP_STATS: PerCpuArray<VipStats> = PerCpuArray::with_max_entries(MAX_VIPS, 0);
-    #[map]
-    static BACKEND_STATS: PerCpuArray<BackendStats> =
-        PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
+    #[btf_map]
+    static COUNTERS: PerCpuArray<u64, { COUNTER_SLOTS as usize }> = PerCpuArray::new();
+    #[btf_map]
+    static VIP_STATS: PerCpuArray<VipStats, { MAX_VIPS as usize }> = PerCpuArray::new();
+    #[btf_map]
+    static BACKEND_STATS: PerCpuArray<BackendStats, { MAX_BACKENDS as usize }> = PerCpuArray::new();
 
     const AF_INET: u8 = 2;
     const AF_INET6: u8 = 10;
@@ -550,12 +553,12 @@ mod prog {
                 syn_seq: old.syn_seq,
                 flags: old.flags | CT_F_RESTEERED,
             };
-            let (table, failed) = if resteer_ct.is_some() {
-                (&CT, Counter::CtInsertFailed)
+            let (inserted, failed) = if resteer_ct.is_some() {
+                (CT.insert(key, &value, 0), Counter::CtInsertFailed)
             } else {
-                (&CT_NEW, Counter::CtNewInsertFailed)
+                (CT_NEW.insert(key, &value, 0), Counter::CtNewInsertFailed)
             };
-            if table.insert(key, &value, 0).is_err() {
+            if inserted.is_err() {
                 count(failed);
             }
             count(Counter::CtResteered);

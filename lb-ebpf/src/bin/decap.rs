@@ -13,18 +13,19 @@ fn main() {}
 mod prog {
     use aya_ebpf::{
         bindings::xdp_action,
+        btf_maps::{HashMap, PerCpuArray},
         helpers::bpf_xdp_adjust_head,
-        macros::{map, xdp},
-        maps::{HashMap, PerCpuArray},
+        macros::{btf_map, xdp},
         programs::XdpContext,
     };
     use lb_common::*;
     use lb_ebpf::net::*;
 
-    #[map]
-    static DECAP_VIPS: HashMap<DecapKey, u32> = HashMap::with_max_entries(MAX_DECAP_ADDRS, 0);
-    #[map]
-    static DECAP_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(DecapCounter::COUNT, 0);
+    // BTF-defined maps: `bpftool map dump` shows their keys and values typed.
+    #[btf_map]
+    static DECAP_VIPS: HashMap<DecapKey, u32, { MAX_DECAP_ADDRS as usize }> = HashMap::new();
+    #[btf_map]
+    static DECAP_COUNTERS: PerCpuArray<u64, { DecapCounter::COUNT as usize }> = PerCpuArray::new();
 
     #[derive(Clone, Copy)]
     enum Error {

@@ -30,11 +30,7 @@ use tracing::{error, info, warn};
 async fn main() {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                // aya::bpf warns, with a full BTF dump, that the kernel rejects the object's
-                // BTF (a union type from aya-log's globals) before loading without it, which
-                // works: keep that out of operators' logs unless RUST_LOG asks for it.
-                .unwrap_or_else(|_| "info,aya::bpf=error".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
         // Colours only for a person at a terminal; journald and log files get plain text.
@@ -57,7 +53,7 @@ async fn main() {
         None => run_balancer(&cli.config).await,
     };
     if let Err(e) = result {
-        error!("{e:#}");
+        // Once, on stderr, where the journal reads it too (not also as a log record).
         eprintln!("lbd: error: {e:#}");
         std::process::exit(1);
     }
