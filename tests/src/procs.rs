@@ -194,3 +194,118 @@ pub fn scrape_metrics(ns: &NetNs) -> std::collections::BTreeMap<String, f64> {
         })
         .collect()
 }
+
+/// Milliseconds since the Unix epoch: the clock lbd stamps its events with. Take it before
+/// the action whose event a test then waits for.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_millis() as u64
+}
+
+/// How long the waits of [`Control`] allow before they fail the test.
+pub const STATE_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// An lbd's control socket as the tests query it: `lbctl status --json`, polled for the state
+/// a test waits for (never a fixed sleep).
+pub struct Control {
+    pub socket: PathBuf,
+}
+
+impl Control {
+    pub fn new(socket: impl Into<PathBuf>) -> Control {
+        Control {
+            socket: socket.into(),
+        }
+    }
+
+    /// `lbctl status --json`, or `None` while no lbd answers.
+    pub fn status(&self) -> Option<serde_json::Value> {
+        let out = lbctl(&self.socket, &["status", "--json"]);
+        if !out.status.success() {
+            return None;
+        }
+        serde_json::from_slice(&out.stdout).ok()
+    }
+
+    /// Polls `f` on each status until it returns `Some`; panics naming `what`, with the last
+    /// status, after [`STATE_TIMEOUT`].
+    fn poll<T>(&self, what: &str, mut f: impl FnMut(&serde_json::Value) -> Option<T>) -> T {
+        let end = Instant::now() + STATE_TIMEOUT;
+        let mut last = None;
+        loop {
+            if let Some(status) = self.status() {
+                if let Some(t) = f(&status) {
+                    return t;
+                }
+                last = Some(status);
+            }
+            assert!(
+                Instant::now() < end,
+                "timed out waiting for {what}; last status: {last:?}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Waits until the lbd with process id `pid` answers (a restarted lbd, not the one before
+    /// it) with its program attached.
+    pub fn wait_ready(&self, pid: u32) -> serde_json::Value {
+        self.poll(&format!("lbd {pid} to serve"), |s| {
+            (s["pid"] == pid && s["program_id"].as_u64().is_some_and(|id| id > 0))
+                .then(|| s.clone())
+        })
+    }
+
+    /// Waits for an event of `kind` (`reloaded`, `reload_refused`, `start`, ...) stamped at or
+    /// after `since_ms` (see [`now_ms`]); returns it.
+    pub fn wait_event(&self, kind: &str, since_ms: u64) -> serde_json::Value {
+        self.poll(&format!("a {kind} event"), |s| {
+            s["events"].as_array()?.iter().find_map(|e| {
+                (e["kind"] == kind && e["timestamp_ms"].as_u64() >= Some(since_ms))
+                    .then(|| e.clone())
+            })
+        })
+    }
+
+    /// Waits until `vip`'s table generation (as `lbctl status` names the VIP) is at least
+    /// `generation`.
+    pub fn wait_generation(&self, vip: &str, generation: u64) {
+        self.poll(&format!("{vip} at generation {generation}"), |s| {
+            s["vips"]
+                .as_array()?
+                .iter()
+                .any(|v| v["vip"] == vip && v["generation"].as_u64() >= Some(generation))
+                .then_some(())
+        })
+    }
+}
+
+/// Waits until `ns` has resolved the link-layer address of each of `addrs` (lbd's managed
+/// neighbour entries resolve in the background, and the datapath drops packets to a backend
+/// whose next hop is unknown).
+pub fn wait_neighbours(ns: &NetNs, addrs: &[std::net::IpAddr]) {
+    for addr in addrs {
+        let addr = addr.to_string();
+        wait_for(
+            &format!("the neighbour entry of {addr} to resolve"),
+            STATE_TIMEOUT,
+            || {
+                ns.ip(["neigh", "show", "to", &addr])
+                    .map(|s| {
+                        s.contains("lladdr") && !s.contains("FAILED") && !s.contains("INCOMPLETE")
+                    })
+                    .unwrap_or(false)
+            },
+        );
+    }
+}
+
+/// The addresses of every backend of `cfg`, for [`wait_neighbours`].
+pub fn backend_addrs(cfg: &lb_userspace::Config) -> Vec<std::net::IpAddr> {
+    cfg.vips
+        .iter()
+        .flat_map(|v| v.backends.iter().map(|b| b.address))
+        .collect()
+}

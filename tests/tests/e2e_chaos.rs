@@ -1105,6 +1105,7 @@ fn backend_namespace_deleted_under_load() {
     let client_ns = fx.lab.client().ns();
     let ns_name = fx.lab.backend(0).ns_name().to_string();
     let (decap0, server0) = (fx.decaps[0].take(), fx.servers[0].take());
+    let made = std::sync::atomic::AtomicUsize::new(0);
     let (results, fault_at, down_after, down_at) = std::thread::scope(|s| {
         // Stops the load thread even when an assertion below fails (the scope joins it).
         let _stop = StopOnDrop(&stop);
@@ -1114,10 +1115,18 @@ fn backend_namespace_deleted_under_load() {
                 let t = Instant::now();
                 let r = client_once(client_ns, vip(), Duration::from_millis(300));
                 out.push((t, r.is_ok()));
+                made.fetch_add(1, Ordering::Relaxed);
             }
             out
         });
-        std::thread::sleep(Duration::from_millis(500));
+        // Windows of load counted in connections, not time: a slow machine gets as many.
+        let load_for = |what: &str, n: usize| {
+            let from = made.load(Ordering::Relaxed);
+            wait_for(what, Duration::from_secs(30), || {
+                made.load(Ordering::Relaxed) >= from + n
+            })
+        };
+        load_for("load before the fault", 50);
         let fault_at = Instant::now();
         // The backend host vanishes: its processes, its sockets, its link, its namespace.
         // The kernel keeps a deleted namespace (and its veth) alive while orphaned TCP sockets
@@ -1155,7 +1164,7 @@ fn backend_namespace_deleted_under_load() {
         });
         let down_at = Instant::now();
         let down_after = down_at - deleted_at;
-        std::thread::sleep(Duration::from_millis(1500));
+        load_for("load after backend0 is down", 150);
         stop.store(true, Ordering::Relaxed);
         (
             load.join().unwrap(),

@@ -9,6 +9,7 @@ use std::{
 };
 use tests::{
     lab::{Lab, LabSpec, LB_V4, LB_V6, VIP_V4, VIP_V6},
+    procs::{backend_addrs, wait_neighbours},
     require_root,
     tcp::{client_many, tally, LongLived, TcpServer},
 };
@@ -112,8 +113,8 @@ impl Running {
             lb.apply(&cfg).expect("resolving next hops");
             lb
         });
-        // Managed neighbour entries resolve in the background; give them a moment.
-        std::thread::sleep(Duration::from_millis(1500));
+        // Managed neighbour entries resolve in the background.
+        wait_neighbours(lab.lb().ns(), &backend_addrs(&cfg));
         Running {
             lab,
             lb,
@@ -128,7 +129,7 @@ impl Running {
             .lb()
             .ns()
             .run_in(|| lb.apply(cfg).expect("applying the new config"));
-        std::thread::sleep(Duration::from_millis(1500));
+        wait_neighbours(self.lab.lb().ns(), &backend_addrs(cfg));
     }
 
     fn vip(&self, v6: bool) -> SocketAddr {

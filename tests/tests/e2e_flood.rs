@@ -9,6 +9,7 @@ use std::{
 };
 use tests::{
     lab::{Lab, LabSpec, LB_V4, LB_V6, VIP_V4, VIP_V6},
+    procs::{backend_addrs, wait_neighbours},
     require_root,
     tcp::{client_many, LongLived, TcpServer},
 };
@@ -146,7 +147,7 @@ fn syn_flood_does_not_evict_established_flows() {
         lb.apply(&cfg).unwrap();
         lb
     });
-    std::thread::sleep(Duration::from_millis(1500));
+    wait_neighbours(lab.lb().ns(), &backend_addrs(&cfg));
 
     let mut long = LongLived::open(lab.client().ns(), vip, ESTABLISHED, Duration::from_secs(5))
         .expect("opening established connections");

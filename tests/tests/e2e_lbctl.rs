@@ -22,7 +22,7 @@ use std::{
 use tests::{
     lab::{backend_v4, backend_v6, Lab, LabSpec, LB_V4, LB_V6, VIP_V4, VIP_V6},
     netns::NetNs,
-    procs::{bin_path, lbctl, scrape_metrics, start_decaps, wait_for},
+    procs::{bin_path, lbctl, scrape_metrics, start_decaps, wait_for, wait_neighbours},
     require_root,
     tcp::{client_many, tally, LongLived, TcpServer},
 };
@@ -310,7 +310,7 @@ fn lbctl_drives_lbd_and_the_datapath_follows() {
         (30000..=35000).contains(&moved),
         "half the slots move to b2: {r}"
     );
-    std::thread::sleep(Duration::from_millis(300));
+    wait_neighbours(lab.lb().ns(), &[b2.parse().unwrap()]);
     let c = spread(&lab, vip4, 300);
     println!("b0:b1:b2 = 1:1:2: {c:?}");
     assert!((110..=190).contains(&c["backend2"]), "{c:?}");
@@ -410,22 +410,26 @@ fn lbctl_drives_lbd_and_the_datapath_follows() {
     }
     let six = json(&sock, &["backend", "list", VIP6]);
     assert_eq!(six.as_array().unwrap().len(), 2, "{six}");
-    std::thread::sleep(Duration::from_millis(300));
+    let v6_backends: Vec<IpAddr> = (0..2).map(|i| backend_v6(i).into()).collect();
+    wait_neighbours(lab.lb().ns(), &v6_backends);
     let c = spread(&lab, vip6, 100);
     println!("IPv6 L2 VIP: {c:?}");
     assert_eq!(c.len(), 2, "{c:?}");
 
     // Statistics while traffic flows: rates from two samples.
     let done = std::sync::atomic::AtomicBool::new(false);
+    let made = std::sync::atomic::AtomicUsize::new(0);
     let during = std::thread::scope(|s| {
         let traffic = s.spawn(|| {
-            let mut n = 0;
             while !done.load(std::sync::atomic::Ordering::Relaxed) {
-                n += spread(&lab, vip4, 50).values().sum::<usize>();
+                let n = spread(&lab, vip4, 50).values().sum::<usize>();
+                made.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
             }
-            n
+            made.load(std::sync::atomic::Ordering::Relaxed)
         });
-        std::thread::sleep(Duration::from_millis(200));
+        wait_for("traffic to flow", Duration::from_secs(20), || {
+            made.load(std::sync::atomic::Ordering::Relaxed) > 0
+        });
         let st = json(&sock, &["stats", "--interval", "0.5"]);
         done.store(true, std::sync::atomic::Ordering::Relaxed);
         println!(
@@ -461,9 +465,22 @@ fn lbctl_drives_lbd_and_the_datapath_follows() {
         "{human}"
     );
 
-    // Traffic has stopped: /metrics agrees with stats --json.
-    std::thread::sleep(Duration::from_millis(300));
-    let m1 = scrape_metrics(lab.lb().ns());
+    // Traffic has stopped: once the counters are at rest, /metrics agrees with stats --json.
+    let totals = |m: &std::collections::BTreeMap<String, f64>| {
+        m.iter()
+            .filter(|(k, _)| k.contains("_total"))
+            .map(|(k, v)| (k.clone(), *v))
+            .collect::<Vec<_>>()
+    };
+    let mut m1 = scrape_metrics(lab.lb().ns());
+    wait_for(
+        "the counters to come to rest",
+        Duration::from_secs(20),
+        || {
+            let again = scrape_metrics(lab.lb().ns());
+            totals(&std::mem::replace(&mut m1, again)) == totals(&m1)
+        },
+    );
     let stats = json(&sock, &["stats", "--interval", "0.1"]);
     let m2 = scrape_metrics(lab.lb().ns());
     let mut compared = 0;

@@ -6,7 +6,9 @@ use std::{
 };
 use tests::{
     lab::{Lab, LabSpec, LB_V4, LB_V6, VIP_V4},
-    procs::{bin_path, signal, start_decaps, wait_for, xdp_attached},
+    procs::{
+        bin_path, now_ms, signal, start_decaps, wait_for, wait_neighbours, xdp_attached, Control,
+    },
     require_root,
     tcp::{client_many, tally, TcpServer},
 };
@@ -46,10 +48,11 @@ fn lbd_serves_reloads_and_detaches() {
         lbd.to_str().unwrap(),
         ["--config", cfg_path.to_str().unwrap()],
     );
-    wait_for("lbd to attach", Duration::from_secs(20), || {
-        xdp_attached(lab.lb().ns())
-    });
-    std::thread::sleep(Duration::from_millis(1500));
+    let control = Control::new(format!("/run/{}/lbd.sock", lab.prefix()));
+    control.wait_ready(agent.id());
+    assert!(xdp_attached(lab.lb().ns()));
+    let backends: Vec<IpAddr> = (0..3).map(|i| lab.backend(i).v4().into()).collect();
+    wait_neighbours(lab.lb().ns(), &backends);
 
     // Metrics listen on localhost by default: reachable inside the balancer's namespace,
     // refused from the network.
@@ -79,8 +82,9 @@ fn lbd_serves_reloads_and_detaches() {
 
     // Drain backend0 by weight 0 and reload: new connections avoid it.
     std::fs::write(&cfg_path, config(&lab, &[0, 1, 1])).unwrap();
+    let asked = now_ms();
     signal(&agent, libc::SIGHUP);
-    std::thread::sleep(Duration::from_secs(2));
+    control.wait_event("reloaded", asked);
     let results = client_many(lab.client().ns(), vip, 400, Duration::from_secs(3));
     let counts = tally(&results);
     println!("after reload with backend0 at weight 0: {counts:?}");
@@ -92,8 +96,9 @@ fn lbd_serves_reloads_and_detaches() {
 
     // A broken file is rejected on reload and changes nothing; lbd keeps running.
     std::fs::write(&cfg_path, "interface = \"eth0\"\n[[vip]]\naddress = \"10.200.100.1\"\nport = 80\nprotocol = \"tcp\"\ntable_size = 65536\n").unwrap();
+    let asked = now_ms();
     signal(&agent, libc::SIGHUP);
-    std::thread::sleep(Duration::from_secs(1));
+    control.wait_event("reload_refused", asked);
     assert!(
         agent.try_wait().unwrap().is_none(),
         "lbd exited on a bad reload"

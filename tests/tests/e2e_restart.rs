@@ -10,7 +10,7 @@ use std::{
 };
 use tests::{
     lab::{Lab, LabSpec, LB_V4, LB_V6, VIP_V4},
-    procs::{bin_path, start_decaps, wait_for, xdp_attached},
+    procs::{bin_path, start_decaps, wait_for, wait_neighbours, xdp_attached, Control},
     require_root,
     tcp::{client_many, tally, LongLived, TcpServer},
 };
@@ -120,10 +120,11 @@ fn restart_and_upgrade_keep_established_flows() {
     std::fs::write(&config, text).unwrap();
 
     let mut agent = start_lbd(&lab, &lbd, &config);
-    wait_for("lbd to attach", Duration::from_secs(20), || {
-        xdp_attached(lab.lb().ns()) && pin_dir.join("link").exists()
-    });
-    std::thread::sleep(Duration::from_millis(1500));
+    let control = Control::new(dir.join("lbd.sock"));
+    control.wait_ready(agent.id());
+    assert!(xdp_attached(lab.lb().ns()) && pin_dir.join("link").exists());
+    let backends: Vec<IpAddr> = (0..3).map(|i| lab.backend(i).v4().into()).collect();
+    wait_neighbours(lab.lb().ns(), &backends);
     let mut long = LongLived::open(lab.client().ns(), vip, LONG_LIVED, Duration::from_secs(3))
         .expect("opening connections");
     long.check_all().expect("long-lived connections work");
@@ -146,7 +147,7 @@ fn restart_and_upgrade_keep_established_flows() {
 
     // 2. Start again: the pinned maps and link are taken over; nothing moves.
     let mut agent = start_lbd(&lab, &lbd, &config);
-    std::thread::sleep(Duration::from_secs(2));
+    control.wait_ready(agent.id());
     assert!(agent.try_wait().unwrap().is_none(), "lbd exited on restart");
     long.check_all().expect("zero resets across the restart");
     let after = vip_packets(&pin_dir);
@@ -166,7 +167,7 @@ fn restart_and_upgrade_keep_established_flows() {
         .unwrap();
     stop(&mut agent);
     let mut agent = start_lbd(&lab, &upgraded, &config);
-    std::thread::sleep(Duration::from_secs(2));
+    control.wait_ready(agent.id());
     let prog_after = lab
         .lb()
         .ns()
