@@ -3892,6 +3892,334 @@ mod tests {
         assert_eq!((o.n, o.load, o.latency_ms), (2, 2.0, 3.0));
     }
 
+    /// FNV-1a (64 bits): a stable digest of a transcript.
+    fn fnv1a(s: &str) -> u64 {
+        s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+        })
+    }
+
+    /// Every decision as JSON, then each backend's reasons as displayed.
+    fn transcribe(out: &mut String, d: &Decision) {
+        out.push_str(&serde_json::to_string(d).unwrap());
+        out.push('\n');
+        for b in &d.backends {
+            for r in &b.reasons {
+                out.push_str(&format!("{} {r}\n", b.id));
+            }
+            if let Some(r) = &b.refusal {
+                out.push_str(&format!("{} refusal {r}\n", b.id));
+            }
+        }
+    }
+
+    /// One of each reason and refusal, as JSON and as displayed: what `lbctl model show`,
+    /// `lbctl stats` and the events journal print, byte for byte.
+    #[test]
+    fn reasons_and_refusals_print_as_they_always_have() {
+        let o = Outlier {
+            signal: Signal::Latency,
+            value: 412.5,
+            reference: 20.25,
+            reference_kind: Reference::Model,
+            factor: 10.0,
+        };
+        let refusal = Refusal::PoorFit {
+            r2: 0.4321,
+            need: 0.6,
+        };
+        let refusals = [
+            Refusal::TooFewSamples { have: 3, need: 30 },
+            Refusal::NoLoadVariation {
+                cv: 0.01234,
+                need: 0.1,
+            },
+            refusal.clone(),
+            Refusal::NonPhysical {
+                slope: 0.25,
+                intercept: 123.456,
+            },
+            Refusal::Numerical {
+                error: "singular".into(),
+            },
+        ];
+        let reasons = [
+            Reason::Raised {
+                from: 10_000,
+                to: 12_500,
+                target: 13_333.3,
+                capacity_at_target: 123.45,
+                pool_capacity_at_target: 456.78,
+            },
+            Reason::Cut {
+                from: 10_000,
+                to: 7_500,
+                target: 6_666.6,
+                capacity_at_target: 23.45,
+                pool_capacity_at_target: 456.78,
+            },
+            Reason::AtFloor {
+                floor_weight: 2_500.0,
+            },
+            Reason::AtCeiling {
+                ceiling_weight: 40_000.0,
+            },
+            Reason::StepLimited {
+                wanted: 20_000.5,
+                max_step_ratio: 0.25,
+            },
+            Reason::BudgetLimited {
+                fraction_applied: 0.4567,
+                slots_budget: 500,
+            },
+            Reason::Deadband {
+                target: 10_200.0,
+                current: 10_000,
+                deadband: 0.05,
+            },
+            Reason::Hysteresis {
+                target: 9_000.0,
+                steps: 1,
+                need: 3,
+            },
+            Reason::Extrapolation {
+                fitted: 900.0,
+                limit: 200.0,
+            },
+            Reason::ReversalHold {
+                target: 9_000.0,
+                since_step: 12,
+                until_step: 72,
+            },
+            Reason::FitRefused {
+                refusal: refusal.clone(),
+                steps: 4,
+            },
+            Reason::Stale { steps: 60 },
+            Reason::NoPeers { fitted: 1 },
+            Reason::NoCapacity,
+            Reason::LearningOff,
+            Reason::Pinned { weight: 7 },
+            Reason::ConfiguredZero,
+            Reason::Probation,
+            Reason::SlowStart { weight: 2_500 },
+            Reason::RampBack { weight: 10_000.0 },
+            Reason::Health {
+                status: HealthStatus::Down,
+            },
+            Reason::Drained {
+                outlier: o,
+                steps: 3,
+            },
+            Reason::OutlierPending {
+                outlier: o,
+                steps: 1,
+                need: 3,
+            },
+            Reason::DrainDeferred {
+                outlier: o,
+                why: "last serving backend".into(),
+            },
+            Reason::StillDrained {
+                since_step: 5,
+                until_step: 15,
+                outlier: Some(o),
+            },
+            Reason::StillDrained {
+                since_step: 5,
+                until_step: 15,
+                outlier: None,
+            },
+            Reason::Undrained {
+                drained_for_steps: 10,
+            },
+            Reason::Suspected {
+                outlier: Outlier {
+                    signal: Signal::ErrorRate,
+                    reference_kind: Reference::Peers,
+                    ..o
+                },
+                since_step: 7,
+            },
+            Reason::Overloaded {
+                latency_ms: 250.25,
+                peers_latency_ms: 20.5,
+                target: 7_500.0,
+            },
+            Reason::DrainStep {
+                remaining_weight: 3_333,
+            },
+            Reason::Headroom {
+                refusal,
+                capacity_estimate: 321.0,
+            },
+            Reason::Remembered {
+                capacity: 99.5,
+                load: 45.25,
+                latency_ms: 21.5,
+                predicted_ms: 22.25,
+            },
+            Reason::Rescaled { factor: 14 },
+            Reason::ExplorationHeld {
+                capacity: 150.5,
+                estimate: 180.25,
+            },
+        ];
+        let mut out = String::new();
+        for r in &refusals {
+            out.push_str(&format!("{}\n{r}\n", serde_json::to_string(r).unwrap()));
+        }
+        for r in &reasons {
+            out.push_str(&format!("{}\n{r}\n", serde_json::to_string(r).unwrap()));
+            let back: Reason = serde_json::from_str(&serde_json::to_string(r).unwrap()).unwrap();
+            assert_eq!(&back, r);
+        }
+        if let Ok(path) = std::env::var("LB_GOLDEN_DUMP") {
+            std::fs::write(format!("{path}.reasons"), &out).unwrap();
+        }
+        let golden = include_str!(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/testdata/learning/reasons.txt"
+        ));
+        assert_eq!(out, golden);
+    }
+
+    /// Closed loops through most of the policy (learning, exploration, remembered capacities,
+    /// overload cuts, outliers, drains, suspicions, health, pins, learning off, rescaling, the
+    /// budget): every decision's JSON and reasons' text, digested. Any change of arithmetic,
+    /// order or text changes the digest; `LB_GOLDEN_DUMP=/tmp/x` writes the transcript to diff.
+    #[test]
+    fn decisions_are_byte_for_byte_what_they_were() {
+        let mut out = String::new();
+        // A noisy load over worker pools, as in the stability run (400 steps).
+        let p = WeightPolicy {
+            latency_target_ms: 40.0,
+            table_size: SMALL_M,
+            ..WeightPolicy::default()
+        };
+        let workers = [2.0, 2.0, 6.0];
+        let mut windows = vec![Window::new(120.0, 120); 3];
+        let mut inputs: Vec<BackendInput> = (1..=3)
+            .map(|id| input(id, 1, Err(Refusal::TooFewSamples { have: 0, need: 30 })))
+            .collect();
+        let mut state = PolicyState::default();
+        for t in 0..400u64 {
+            let level = if t < 60 {
+                0.3 + 0.7 * t as f64 / 60.0
+            } else {
+                1.0 + 0.3 * noise(t / 5, 11)
+            };
+            // A slowdown of backend 3 in the middle, to exercise cuts and outliers.
+            let slow = if (200..260).contains(&t) { 4.0 } else { 1.0 };
+            let sum: f64 = inputs.iter().map(|b| f64::from(b.current_weight)).sum();
+            for (i, b) in inputs.iter_mut().enumerate() {
+                let load = 250.0 * level * f64::from(b.current_weight) / sum.max(1.0);
+                let service = if i == 2 { 20.0 * slow } else { 20.0 };
+                let lat = workers_ms(workers[i], service, load) * (1.0 + 0.1 * noise(t, i as u64));
+                windows[i].push(Sample {
+                    errors: if lat >= 400.0 { 0.3 } else { 0.0 },
+                    ..sample(t as f64, load, lat)
+                });
+                b.fit = fit_with(&windows[i].samples(), &p.fit);
+                b.observed = windows[i].observed(5.0);
+                b.peak_load = windows[i].peak_load();
+                b.probe_timeout_ms = Some(400.0);
+            }
+            let d = decide(&inputs, &p, &state);
+            transcribe(&mut out, &d);
+            apply(&mut inputs, &d);
+            state = d.state;
+        }
+        // M/M/1 backends, one slowed, then down, back on probation, pinned, learning off,
+        // configured 0; another with errors and passive signals.
+        let p = policy();
+        let mut mus = [300.0, 300.0, 300.0, 150.0];
+        let mut windows = vec![Window::new(120.0, 60); 4];
+        let mut inputs: Vec<BackendInput> = (1..=4)
+            .map(|id| input(id, 100, Err(Refusal::TooFewSamples { have: 0, need: 30 })))
+            .collect();
+        let mut state = PolicyState::default();
+        let mut t = 0u64;
+        for step in 0..120u64 {
+            match step {
+                10 => mus[0] = 60.0,
+                40 => inputs[1].health = HealthStatus::Down,
+                45 => inputs[1].health = HealthStatus::Probation,
+                55 => inputs[1].health = HealthStatus::Up,
+                60 => inputs[2].pinned = Some(50),
+                70 => inputs[2].pinned = None,
+                75 => inputs[3].learning = false,
+                85 => inputs[3].learning = true,
+                90 => inputs[0].configured_weight = 0,
+                95 => inputs[0].configured_weight = 100,
+                100 => mus[0] = 300.0,
+                _ => {}
+            }
+            for _ in 0..10 {
+                t += 1;
+                let total = 400.0 * (1.0 + 0.5 * tri(t, 20));
+                let sum: f64 = inputs.iter().map(|b| f64::from(b.current_weight)).sum();
+                for (i, b) in inputs.iter().enumerate() {
+                    let load = total * f64::from(b.current_weight) / sum.max(1.0);
+                    let lat = mm1_ms(mus[i], load, 0.05, t, i as u64);
+                    windows[i].push(Sample {
+                        errors: if i == 3 && (20..30).contains(&step) {
+                            0.3
+                        } else {
+                            0.0
+                        },
+                        syn_retries_per_s: if i == 2 && (30..36).contains(&step) {
+                            0.5 * load
+                        } else {
+                            0.01 * load
+                        },
+                        rsts_per_s: 0.1 * load,
+                        ..sample(t as f64, load, lat)
+                    });
+                }
+            }
+            for (b, w) in inputs.iter_mut().zip(&windows) {
+                b.fit = fit_with(&w.samples(), &p.fit);
+                b.observed = w.observed(10.0);
+                b.peak_load = w.peak_load();
+            }
+            let d = decide(&inputs, &p, &state);
+            transcribe(&mut out, &d);
+            apply(&mut inputs, &d);
+            state = d.state;
+        }
+        // Coarse weights after a cascade are rescaled; outlier pools.
+        let mut inputs: Vec<BackendInput> = (1..=3)
+            .map(|id| {
+                let mut b = input(id, 100, Ok(mm1_fit(100.0 * f64::from(id))));
+                b.observed = Some(observed(30.0, 15.0));
+                b
+            })
+            .collect();
+        (
+            inputs[0].current_weight,
+            inputs[1].current_weight,
+            inputs[2].current_weight,
+        ) = (0, 1, 7);
+        let mut state = PolicyState::default();
+        for d in run(&mut inputs, &p, &mut state, 30) {
+            transcribe(&mut out, &d);
+        }
+        for slow in 1..=3 {
+            for d in outlier_pool(slow, &p) {
+                transcribe(&mut out, &d);
+            }
+        }
+        if let Ok(path) = std::env::var("LB_GOLDEN_DUMP") {
+            std::fs::write(format!("{path}.decisions"), &out).unwrap();
+        }
+        assert_eq!(
+            (out.len(), fnv1a(&out)),
+            (3_498_141, 6_900_282_050_516_342_620),
+            "transcript changed; LB_GOLDEN_DUMP=/tmp/x writes it to diff"
+        );
+    }
+
     /// The closed loop: three equal backends share a varying load by weight; backend 1 becomes
     /// 5× slower. Its weight is cut by at least half within a few steps, every step within the
     /// step limit and moving at most 5% of a 65537-slot table (checked with `maglev::build`).
