@@ -161,19 +161,8 @@ pub fn fit_with(samples: &[Sample], cfg: &FitConfig) -> Result<Fit, Refusal> {
             need: cfg.min_load_cv,
         });
     }
-    let mut sorted = ok.clone();
-    sorted.sort_by(|a, b| a.load.total_cmp(&b.load));
-    let bins = (n / 5).clamp(3, 12);
-    let points: Vec<(f64, f64)> = (0..bins)
-        .map(|k| {
-            let group = &sorted[k * n / bins..(k + 1) * n / bins];
-            let m = group.len() as f64;
-            (
-                group.iter().map(|s| s.load).sum::<f64>() / m,
-                group.iter().map(|s| 1000.0 / s.latency_ms).sum::<f64>() / m,
-            )
-        })
-        .collect();
+    let points = bin_means(&ok);
+    let bins = points.len();
     let x = Array2::from_shape_fn((bins, 1), |(i, _)| points[i].0 - load_mean);
     let y = Array1::from_iter(points.iter().map(|p| p.1));
     let dataset = Dataset::new(x, y.clone());
@@ -225,6 +214,25 @@ pub fn fit_with(samples: &[Sample], cfg: &FitConfig) -> Result<Fit, Refusal> {
         load_mean,
         load_cv,
     })
+}
+
+/// (mean load, mean service rate) of equal-count load bins: a fifth of the samples, 3 to 12
+/// bins.
+fn bin_means(ok: &[&Sample]) -> Vec<(f64, f64)> {
+    let n = ok.len();
+    let mut sorted = ok.to_vec();
+    sorted.sort_by(|a, b| a.load.total_cmp(&b.load));
+    let bins = (n / 5).clamp(3, 12);
+    (0..bins)
+        .map(|k| {
+            let group = &sorted[k * n / bins..(k + 1) * n / bins];
+            let m = group.len() as f64;
+            (
+                group.iter().map(|s| s.load).sum::<f64>() / m,
+                group.iter().map(|s| 1000.0 / s.latency_ms).sum::<f64>() / m,
+            )
+        })
+        .collect()
 }
 
 #[cfg(test)]

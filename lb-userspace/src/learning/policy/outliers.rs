@@ -122,7 +122,6 @@ fn outlier(
     policy: &WeightPolicy,
 ) -> Option<Outlier> {
     let obs = b.observed?;
-    let k = policy.outlier_factor;
     let kl = policy.latency_outlier_factor;
     let mut found: Vec<Outlier> = Vec::new();
     // Latency: against the backend's own model at the load it carries, else the peers' median.
@@ -166,8 +165,22 @@ fn outlier(
             factor: 1.0,
         });
     }
-    // Error rate and passive ratios: against the peers' median (the same client population
-    // reaches every backend through the hash, so these ratios should match across backends).
+    ratio_outliers(b, obs, peers, policy, &mut found);
+    found
+        .into_iter()
+        .max_by(|a, b| a.severity().total_cmp(&b.severity()))
+}
+
+/// Error rate and passive ratios against the peers' median: the same client population reaches
+/// every backend through the hash, so these ratios should match across backends.
+fn ratio_outliers(
+    b: &BackendInput,
+    obs: Observed,
+    peers: &[Observed],
+    policy: &WeightPolicy,
+    found: &mut Vec<Outlier>,
+) {
+    let k = policy.outlier_factor;
     let checks: [(Signal, Option<f64>, Vec<f64>, f64); 3] = [
         (
             Signal::ErrorRate,
@@ -202,9 +215,6 @@ fn outlier(
             });
         }
     }
-    found
-        .into_iter()
-        .max_by(|a, b| a.severity().total_cmp(&b.severity()))
 }
 
 /// The lowest table weight learning gives `b`.
@@ -214,10 +224,8 @@ pub(super) fn floor_weight(b: &BackendInput, policy: &WeightPolicy) -> f64 {
 
 /// Failed probes of a backend queueing past the latency target, above its floor weight, and
 /// failing fewer than `OVERLOAD_MAX_ERRORS` of its probes: timeouts of its queue, which is the
-/// weights' doing and which the weight rule answers by cutting it, not a failure to drain (the
-/// stability run drained a small backend that the end of the ramp had overloaded, 10% of its
-/// probes timing out behind a 277 ms queue). At its floor, or failing most probes, its errors
-/// count again.
+/// weights' doing and which the weight rule answers by cutting it, not a failure to drain. At
+/// its floor, or failing most probes, its errors count again.
 fn overload_errors(b: &BackendInput, obs: Observed, policy: &WeightPolicy) -> bool {
     let floor_weight = floor_weight(b, policy);
     // The probes that succeeded queue past the target (failed ones count at the timeout in

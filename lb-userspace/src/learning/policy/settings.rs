@@ -45,8 +45,7 @@ pub struct WeightPolicy {
     pub outlier_min_passive_ratio: f64,
     /// Client-RST ratios below this never count as outliers. Higher than for SYN retries:
     /// clients reset connections for reasons of their own (a cancelled request, a timeout,
-    /// a late segment after a close), measured at 0.2-0.3 per new flow on a healthy backend
-    /// of the adaptive bench's keep-alive run.
+    /// a late segment after a close), a few tenths per new flow on a healthy backend.
     pub outlier_min_rst_ratio: f64,
     /// An error rate at least this, and above `outlier_factor` times the peers' median, makes
     /// a backend *suspected* (shown and audited, not drained) while it is below
@@ -82,9 +81,7 @@ pub struct WeightPolicy {
     /// The deadband when a backend's capacity estimate is bound by its own load (headroom, or
     /// a fit capped at `max_extrapolation` times its load): such an estimate grows with the
     /// load the backend is given, so a weight it sets confirms itself, and the load's noise
-    /// walks it up and down (seen in the stability run: small backends' weights wandering
-    /// 44-58 over minutes while their latency stayed flat). Only a clearly different target
-    /// moves it. Cuts of a backend missing the latency target keep the plain deadband.
+    /// walks it up and down. Only a clearly different target moves it. Cuts of a backend missing the latency target keep the plain deadband.
     #[serde(default = "default_load_bound_deadband")]
     pub load_bound_deadband: f64,
 }
