@@ -24,7 +24,7 @@ use crate::{
     datapath::{ApplyReport, Balancer, VipId},
     events::{self, Journal},
     health::{HealthConfig, HealthState, HealthStatus, ProbeReport, ProbeTarget, Prober},
-    model::{self, table_weight, BackendDecision, BackendInput, PolicyState, Sample, Window},
+    learning::{self, table_weight, BackendDecision, BackendInput, PolicyState, Sample, Window},
 };
 use anyhow::{anyhow, bail, Context as _, Result};
 use lb_common::BackendStats;
@@ -162,13 +162,13 @@ fn sync_learning(learning: &LearnMap, learned: &Learned, cfg: &Config) -> (Learn
 }
 
 /// A refusal's name, as the `reason` label of `lb_model_refusals_total`.
-fn refusal_name(r: &model::Refusal) -> &'static str {
+fn refusal_name(r: &learning::Refusal) -> &'static str {
     match r {
-        model::Refusal::TooFewSamples { .. } => "too_few_samples",
-        model::Refusal::NoLoadVariation { .. } => "no_load_variation",
-        model::Refusal::PoorFit { .. } => "poor_fit",
-        model::Refusal::NonPhysical { .. } => "non_physical",
-        model::Refusal::Numerical { .. } => "numerical",
+        learning::Refusal::TooFewSamples { .. } => "too_few_samples",
+        learning::Refusal::NoLoadVariation { .. } => "no_load_variation",
+        learning::Refusal::PoorFit { .. } => "poor_fit",
+        learning::Refusal::NonPhysical { .. } => "non_physical",
+        learning::Refusal::Numerical { .. } => "numerical",
     }
 }
 
@@ -626,7 +626,7 @@ impl Agent {
                 let last = lbk.and_then(|x| x.last.as_ref());
                 let refusal = last.and_then(|d| d.refusal.clone()).or_else(|| {
                     // Before the first step: nothing sampled yet.
-                    last.is_none().then_some(model::Refusal::TooFewSamples {
+                    last.is_none().then_some(learning::Refusal::TooFewSamples {
                         have: lbk.map_or(0, |x| x.window.len()),
                         need: policy.fit.min_samples,
                     })
@@ -996,7 +996,7 @@ impl Agent {
 }
 
 /// One learning step of VIP `id` (docs/model.md): a sample per backend from the datapath's
-/// counters and the probes since the last step, a fit per backend, [`model::decide`], the
+/// counters and the probes since the last step, a fit per backend, [`learning::decide`], the
 /// audit log, and the datapath when a weight changed.
 /// CPU time used by the calling thread, in microseconds.
 fn thread_cpu_us() -> u64 {
@@ -1076,7 +1076,7 @@ fn learn_step(st: &mut State, id: VipId, now: Instant, t_secs: f64) -> Result<()
         // CPU time of this thread: the fit's own cost, not the time another process had the
         // core (the agent shares the machine with the services it balances).
         let fit_started = thread_cpu_us();
-        let fit = model::fit_with(&samples, &policy.fit);
+        let fit = learning::fit_with(&samples, &policy.fit);
         let fit_us = thread_cpu_us().saturating_sub(fit_started);
         l.max_fit_us = l.max_fit_us.max(fit_us);
         if l.fit_us.len() == FIT_TIMES {
@@ -1102,7 +1102,7 @@ fn learn_step(st: &mut State, id: VipId, now: Instant, t_secs: f64) -> Result<()
             probe_timeout_ms: vcfg.health.as_ref().map(|h| h.timeout_ms as f64),
         });
     }
-    let decision = model::decide(&inputs, &policy, &l.policy);
+    let decision = learning::decide(&inputs, &policy, &l.policy);
     l.max_step_us = l.max_step_us.max(now.elapsed().as_micros() as u64);
     l.policy = decision.state.clone();
     l.last_slots_moved = decision.slots_moved;

@@ -316,7 +316,7 @@ impl Health {
 }
 
 /// `[vip.learning]`: how `lbd` learns this VIP's backend weights from probe latency and load
-/// (see `crate::model` and docs/model.md). Runtime state only: learned weights are never
+/// (see `crate::learning` and docs/model.md). Runtime state only: learned weights are never
 /// written to the file. Needs `[vip.health]` (the latency samples come from the probes).
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -397,8 +397,8 @@ impl Default for Learning {
 
 impl Learning {
     /// The model's policy for a VIP with this table size.
-    pub fn policy(&self, table_size: u32) -> crate::model::WeightPolicy {
-        crate::model::WeightPolicy {
+    pub fn policy(&self, table_size: u32) -> crate::learning::WeightPolicy {
+        crate::learning::WeightPolicy {
             learning: self.enabled,
             table_size,
             latency_target_ms: self.latency_target_ms,

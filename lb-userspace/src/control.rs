@@ -261,18 +261,18 @@ pub struct ModelBackend {
     pub samples: usize,
     /// The accepted fit (`1000 / latency_ms = intercept + slope × load`), or why there is none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub fit: Option<crate::model::Fit>,
+    pub fit: Option<crate::learning::Fit>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub refusal: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub refusal_detail: Option<crate::model::Refusal>,
+    pub refusal_detail: Option<crate::learning::Refusal>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub capacity_at_target: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub predicted_latency_ms: Option<f64>,
     /// Means over the last few steps (load in new flows/s, probe latency, error share, ...).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub observed: Option<crate::model::Observed>,
+    pub observed: Option<crate::learning::Observed>,
     /// The last decisions, oldest first, with their reasons.
     pub decisions: Vec<ModelDecisionEntry>,
 }

@@ -4,7 +4,7 @@
 //! With direct server return the balancer never sees replies, so probes are the only direct
 //! measure of a backend's latency and errors. A failed probe is reported with the timeout as its
 //! latency, whatever time it took to fail: a backend that refuses connections in 0.1 ms must never
-//! look like the fastest backend of its pool to the weight model (`crate::model`).
+//! look like the fastest backend of its pool to the weight model (`crate::learning`).
 //!
 //! Everything here talks only to the addresses it is given; the tests use 127.0.0.1.
 use std::{

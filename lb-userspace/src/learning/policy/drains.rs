@@ -1,0 +1,399 @@
+//! Stage: drains. An outlier for `outlier_steps` steps is drained (within the pool's drained
+//! share, never the last serving backend); a drain that has served its time and whose signals
+//! are clean ends on a slow start.
+use std::fmt;
+
+use super::{
+    outliers::{fmt_outlier, median},
+    Backend, Signal, Step, WeightPolicy,
+};
+use crate::learning::Reason;
+
+/// Ends the drains that have served their time with clean signals, and every drain of a
+/// backend whose learning was switched off or that was pinned.
+///
+/// Clean also means meeting the latency target (or the peers' median, when they miss it too)
+/// at no load: a backend drained for latency that is still slow unloaded would only be drained
+/// again once its slow start gave it load.
+pub(super) fn undrain(s: &mut Step) {
+    let (p, step) = (s.p, s.step);
+    for i in 0..s.all.len() {
+        if s.all[i].state.drained_at.is_none() {
+            continue;
+        }
+        let peers_latency = median(s.peers(i).iter().map(|o| o.latency_ms).collect());
+        end_drain(&mut s.all[i], p, step, peers_latency);
+    }
+}
+
+fn end_drain(b: &mut Backend, p: &WeightPolicy, step: u64, peers_latency: Option<f64>) {
+    let learning = b.learning(p);
+    let st = &mut b.state;
+    let Some(at) = st.drained_at else { return };
+    let until =
+        at + u64::from(p.min_drain_steps) * (1u64 << st.drains.clamp(1, 6).saturating_sub(1));
+    let clean = b.outlier.is_none()
+        && b.input
+            .observed
+            .is_some_and(|o| o.latency_ms <= p.latency_target_ms.max(peers_latency.unwrap_or(0.0)));
+    st.clean_steps = if clean { st.clean_steps + 1 } else { 0 };
+    if !learning || b.input.pinned.is_some() {
+        // Learning switched off or pinned: the model gives the backend back at once.
+        st.drained_at = None;
+        b.undrained = true;
+        b.reasons.push(Reason::Undrained {
+            drained_for_steps: step - at,
+        });
+    } else if step >= until && st.clean_steps >= p.outlier_steps.max(1) {
+        st.drained_at = None;
+        st.clean_steps = 0;
+        b.undrained = true;
+        b.reasons.push(Reason::Undrained {
+            drained_for_steps: step - at,
+        });
+    } else {
+        b.reasons.push(Reason::StillDrained {
+            since_step: at,
+            until_step: until,
+            outlier: b.outlier,
+        });
+    }
+}
+
+/// Drains the serving backends that have been outliers for `outlier_steps` steps, the most
+/// severe first, while the pool's drained share allows.
+pub(super) fn drain(s: &mut Step) {
+    let p = s.p;
+    let n = s.all.len();
+    let pool = s
+        .all
+        .iter()
+        .filter(|b| b.input.configured_weight > 0)
+        .count();
+    let max_out = (p.max_drained_share * pool as f64 + 1e-9).floor() as usize;
+    let mut out = s
+        .all
+        .iter()
+        .filter(|b| b.input.configured_weight > 0 && !b.serving_now())
+        .count();
+    let candidates = drain_candidates(s);
+    // The load the serving backends carry, for the capacity check of latency drains.
+    let pool_load: f64 = (0..n)
+        .filter(|&j| s.all[j].serving_now())
+        .filter_map(|j| s.all[j].input.observed.map(|o| o.load))
+        .sum();
+    for (_, i) in candidates {
+        let o = s.all[i].outlier.expect("candidates are outliers");
+        let why = if out + 1 > max_out {
+            Some(format!(
+                "{out} of {pool} already out, at most {:.0}% may be",
+                p.max_drained_share * 100.0
+            ))
+        } else if pool - out <= 1 {
+            Some("last serving backend".to_string())
+        } else {
+            overloads_the_others(s, i, o.signal, pool_load)
+        };
+        let step = s.step;
+        let b = &mut s.all[i];
+        match why {
+            Some(why) => b.reasons.push(Reason::DrainDeferred { outlier: o, why }),
+            None => {
+                out += 1;
+                let st = &mut b.state;
+                st.drained_at = Some(step);
+                st.drains = st.drains.saturating_add(1);
+                st.clean_steps = 0;
+                b.newly_drained = true;
+                b.reasons.push(Reason::Drained {
+                    outlier: o,
+                    steps: st.outlier_steps,
+                });
+                st.outlier_steps = 0;
+            }
+        }
+    }
+}
+
+/// Counts outlier streaks of serving backends; those long enough, as (severity, index), most
+/// severe first, then by id.
+fn drain_candidates(s: &mut Step) -> Vec<(f64, usize)> {
+    let need = s.p.outlier_steps.max(1);
+    let mut candidates: Vec<(f64, usize)> = Vec::new();
+    for (i, b) in s.all.iter_mut().enumerate() {
+        if b.state.drained_at.is_some() || b.undrained {
+            continue;
+        }
+        match (&b.outlier, b.serving_now()) {
+            (Some(o), true) => {
+                b.state.outlier_steps += 1;
+                if b.state.outlier_steps >= need {
+                    candidates.push((o.severity(), i));
+                } else {
+                    b.reasons.push(Reason::OutlierPending {
+                        outlier: *o,
+                        steps: b.state.outlier_steps,
+                        need,
+                    });
+                }
+            }
+            _ => b.state.outlier_steps = 0,
+        }
+    }
+    candidates.sort_by(|a, b| {
+        b.0.total_cmp(&a.0)
+            .then(s.all[a.1].input.id.cmp(&s.all[b.1].input.id))
+    });
+    candidates
+}
+
+/// Why a latency outlier `i` waits: the others' capacity means fall short of the pool's load.
+///
+/// A slow backend still serves: draining it onto peers that cannot carry the load only moves
+/// the slowness, and overloaded peers fail their health checks next. So a latency outlier
+/// waits while the others' capacities (known for all of them) fall short of the pool's load;
+/// the weights shift what they can meanwhile. A failing backend (errors, retried SYNs,
+/// resets) fails its share anyway: drained regardless.
+fn overloads_the_others(s: &Step, i: usize, signal: Signal, pool_load: f64) -> Option<String> {
+    let others_capacity = (signal == Signal::Latency)
+        .then(|| {
+            (0..s.all.len())
+                .filter(|&j| j != i && s.all[j].serving_now())
+                .map(|j| s.all[j].state.capacity)
+                .sum::<Option<f64>>()
+        })
+        .flatten();
+    others_capacity.filter(|&c| c < pool_load).map(|c| {
+        format!(
+            "the others' capacity at the target, {c:.1}/s, is below the pool's load of {pool_load:.1}/s"
+        )
+    })
+}
+
+pub(super) fn describe(r: &Reason, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+    match r {
+        Reason::Drained { outlier, steps } => {
+            f.write_str("drained: ")?;
+            fmt_outlier(f, outlier)?;
+            write!(f, " for {steps} steps")
+        }
+        Reason::OutlierPending {
+            outlier,
+            steps,
+            need,
+        } => {
+            f.write_str("outlier: ")?;
+            fmt_outlier(f, outlier)?;
+            write!(f, " ({steps} of {need} steps)")
+        }
+        Reason::DrainDeferred { outlier, why } => {
+            f.write_str("not drained (")?;
+            f.write_str(why)?;
+            f.write_str("): ")?;
+            fmt_outlier(f, outlier)
+        }
+        Reason::StillDrained {
+            since_step,
+            until_step,
+            outlier,
+        } => {
+            write!(
+                f,
+                "drained since step {since_step}, at least until {until_step}"
+            )?;
+            if let Some(o) = outlier {
+                f.write_str("; still ")?;
+                fmt_outlier(f, o)?;
+            }
+            Ok(())
+        }
+        Reason::Undrained { drained_for_steps } => {
+            write!(
+                f,
+                "undrained after {drained_for_steps} steps: signals back within bounds"
+            )
+        }
+        _ => unreachable!("not a drain reason: {r:?}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::learning::testkit::*;
+    use crate::learning::*;
+
+    #[test]
+    fn a_backend_drained_for_latency_returns_only_once_it_meets_the_target() {
+        let p = policy();
+        let mut inputs: Vec<BackendInput> = (1..=4)
+            .map(|id| {
+                let mut b = input(id, 100, Ok(mm1_fit(100.0)));
+                b.observed = Some(observed(50.0, 20.0));
+                b
+            })
+            .collect();
+        inputs[0].observed = Some(observed(50.0, 400.0));
+        let mut state = PolicyState::default();
+        let ds = run(&mut inputs, &p, &mut state, p.outlier_steps as usize);
+        assert!(ds.last().unwrap().backends[0].drained);
+        // Unloaded it answers in 120 ms: under 10x its peers (no outlier), over the 100 ms
+        // target: still slow, so it stays out past min_drain_steps.
+        inputs[0].observed = Some(observed(0.0, 120.0));
+        let ds = run(&mut inputs, &p, &mut state, 3 * p.min_drain_steps as usize);
+        assert!(ds.iter().all(|d| d.backends[0].drained));
+        // Fast again: back after outlier_steps clean steps, on a slow start.
+        inputs[0].observed = Some(observed(0.0, 20.0));
+        let ds = run(&mut inputs, &p, &mut state, p.outlier_steps as usize);
+        assert!(!ds.last().unwrap().backends[0].drained);
+        assert!(matches!(
+            reasons(ds.last().unwrap(), 1)[0],
+            Reason::Undrained { .. }
+        ));
+    }
+
+    #[test]
+    fn outliers_are_drained_within_the_pool_share() {
+        let p = policy();
+        let ds = outlier_pool(3, &p);
+        // Pending for outlier_steps - 1 steps, then drained: the worst one only (0.34 of 4).
+        assert!(matches!(
+            reasons(&ds[0], 1)[0],
+            Reason::OutlierPending {
+                steps: 1,
+                need: 3,
+                ..
+            }
+        ));
+        let at = p.outlier_steps as usize - 1;
+        let drained: Vec<u32> = ds[at]
+            .backends
+            .iter()
+            .filter(|b| b.drained)
+            .map(|b| b.id)
+            .collect();
+        assert_eq!(drained, vec![3], "the worst outlier, and only one");
+        // Out of the table over several steps, each within the disruption budget (a quarter
+        // of the table is five times the budget).
+        let w: Vec<u32> = ds[at..].iter().map(|d| weight(d, 3)).collect();
+        assert!(
+            w[0] > 0 && w[0] < table_weight(100),
+            "first drain step {w:?}"
+        );
+        assert!(
+            w.windows(2).all(|p| p[1] <= p[0]),
+            "drain never reverses: {w:?}"
+        );
+        assert_eq!(*w.last().unwrap(), 0, "drained to 0 in the end: {w:?}");
+        let steps_to_zero = w.iter().position(|&x| x == 0).unwrap() + 1;
+        assert!(steps_to_zero >= 4, "spread over steps: {w:?}");
+        for d in &ds {
+            assert!(d.slots_moved_gradual <= d.slots_budget, "{d:?}");
+        }
+        assert!(reasons(&ds[at], 3)
+            .iter()
+            .any(|r| matches!(r, Reason::DrainStep { .. })));
+        println!("drain weights per step: {w:?}");
+        let ev: Vec<_> = ds[at]
+            .events
+            .iter()
+            .filter(|e| e.kind == AuditKind::Drain)
+            .collect();
+        assert_eq!(ev.len(), 1);
+        assert_eq!(ev[0].backend, 3);
+        assert!(ev[0].inputs.observed.is_some());
+        let json = serde_json::to_string(ev[0]).unwrap();
+        assert!(json.contains("\"kind\":\"drain\"") && json.contains("\"signal\":\"latency\""));
+        for id in [1, 2] {
+            assert!(reasons(&ds[at], id)
+                .iter()
+                .any(|r| matches!(r, Reason::DrainDeferred { .. })));
+        }
+        // Still one drained afterwards.
+        for d in &ds[at..] {
+            assert_eq!(d.backends.iter().filter(|b| b.drained).count(), 1);
+        }
+        // A fast backend is never drained.
+        assert!(ds.iter().all(|d| !d.backends[3].drained));
+    }
+
+    #[test]
+    fn a_latency_outlier_is_drained_only_if_the_others_can_carry_the_load() {
+        // Backends 1 and 2: 50/s each at the 100 ms target (M/M/1, 60/s); backend 3: 190/s.
+        let p = unbudgeted();
+        let mus = [60.0, 60.0, 200.0];
+        let pool = |loads: [f64; 3]| -> Vec<BackendInput> {
+            (0..3)
+                .map(|i| {
+                    let mut b = input(i as u32 + 1, 1, Ok(mm1_fit(mus[i])));
+                    b.observed = Some(observed(loads[i], 1000.0 / (mus[i] - loads[i])));
+                    b
+                })
+                .collect()
+        };
+        for (loads, drained) in [([40.0, 40.0, 100.0], false), ([20.0, 20.0, 50.0], true)] {
+            let mut inputs = pool(loads);
+            let mut state = PolicyState::default();
+            run(&mut inputs, &p, &mut state, 2);
+            // Backend 3 answers 20 times slower than its model predicts.
+            let o = inputs[2].observed.unwrap();
+            inputs[2].observed = Some(observed(o.load, 20.0 * o.latency_ms));
+            let ds = run(&mut inputs, &p, &mut state, p.outlier_steps as usize + 2);
+            let last = ds.last().unwrap();
+            assert_eq!(
+                last.backends[2].drained,
+                drained,
+                "{loads:?}: {:?}",
+                reasons(last, 3)
+            );
+            if !drained {
+                // 180/s against the others' 100/s: deferred, and says why.
+                assert!(
+                    reasons(last, 3).iter().any(|r| matches!(
+                        r,
+                        Reason::DrainDeferred { outlier, why }
+                            if outlier.signal == Signal::Latency && why.contains("100.0/s")
+                    )),
+                    "{:?}",
+                    reasons(last, 3)
+                );
+                // A failing backend is drained whatever the others can carry.
+                let mut failing = inputs.clone();
+                failing[2].observed = Some(Observed {
+                    error_rate: 0.6,
+                    ..observed(o.load, o.latency_ms)
+                });
+                let mut st = state.clone();
+                let ds = run(&mut failing, &p, &mut st, p.outlier_steps as usize);
+                assert!(
+                    ds.last().unwrap().backends[2].drained,
+                    "{:?}",
+                    reasons(ds.last().unwrap(), 3)
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn the_last_serving_backend_is_never_drained() {
+        let p = WeightPolicy {
+            max_drained_share: 1.0,
+            ..policy()
+        };
+        // Both slow; 20/s each, so that either can carry the other's load (see
+        // a_latency_outlier_is_drained_only_if_the_others_can_carry_the_load).
+        let mut inputs: Vec<BackendInput> = (1..=2)
+            .map(|id| {
+                let mut b = input(id, 100, Ok(mm1_fit(100.0)));
+                b.observed = Some(observed(20.0, 500.0));
+                b
+            })
+            .collect();
+        let mut state = PolicyState::default();
+        let ds = run(&mut inputs, &p, &mut state, 5);
+        let last = ds.last().unwrap();
+        assert_eq!(last.backends.iter().filter(|b| b.drained).count(), 1);
+        assert!(last.backends.iter().any(|b| b.reasons.iter().any(
+            |r| matches!(r, Reason::DrainDeferred { why, .. } if why == "last serving backend")
+        )));
+    }
+}
