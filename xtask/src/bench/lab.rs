@@ -10,13 +10,43 @@
 use std::net::IpAddr;
 
 use anyhow::{bail, Context, Result};
+use clap::{Args, ValueEnum};
 use tests::{VIP_V4, VIP_V6};
 
 use crate::env::{build_lbd, nginx_requests, LabEnv, HTTP_PORT};
 use crate::util::{catch_interrupts, check_interrupted, ensure_root};
-use crate::{BenchLabArgs, Family};
+use crate::LbOpts;
 
 const BACKENDS: usize = 3;
+
+#[derive(Args, Debug)]
+pub struct BenchLabArgs {
+    #[command(flatten)]
+    pub lb: LbOpts,
+    /// Seconds per wrk run.
+    #[arg(long, default_value_t = 10)]
+    pub duration: u64,
+    /// wrk connections per backend (wrk runs one thread per backend).
+    #[arg(long, default_value_t = 21)]
+    pub connections_per_backend: usize,
+    /// Address family to load.
+    #[arg(long, value_enum, default_value_t = Family::V4)]
+    pub family: Family,
+    /// Only measure the direct path (no lbd needed).
+    #[arg(long)]
+    pub direct_only: bool,
+}
+
+/// IP family selection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Family {
+    /// IPv4 only.
+    V4,
+    /// IPv6 only.
+    V6,
+    /// Both, one after the other.
+    Both,
+}
 
 /// What one wrk run reported.
 #[derive(Debug, Default, Clone)]
@@ -109,7 +139,7 @@ struct Row {
     direct: WrkResult,
 }
 
-pub fn lab(args: &BenchLabArgs) -> Result<()> {
+pub fn run(args: &BenchLabArgs) -> Result<()> {
     ensure_root("bench lab")?;
     catch_interrupts();
     let _ = tests::cleanup_stale_namespaces();
