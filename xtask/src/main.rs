@@ -128,6 +128,10 @@ pub struct LabArgs {
     /// Requests per address family.
     #[arg(long, default_value_t = 1000)]
     pub requests: usize,
+    /// Print lbd's, lbd decap's and nginx's logs on the terminal (prefixed), and every step of
+    /// the setup; without it they only go to files in the lab's scratch directory.
+    #[arg(long)]
+    pub verbose: bool,
     /// Skip lbd: send the requests straight to the backends' own addresses (checks the lab and
     /// nginx without the balancer).
     #[arg(long)]
@@ -141,9 +145,13 @@ fn main() -> ExitCode {
         Cmd::Test { args } => util::test(&args),
         // The demo and the benchmarks install what they need first, like `test` (idempotent):
         // a fresh machine needs nothing but the README's commands.
-        Cmd::Lab(args) => setup::setup()
-            .and_then(|_| lab::run(&args))
-            .map(|_| ExitCode::SUCCESS),
+        Cmd::Lab(args) => if args.verbose {
+            setup::setup()
+        } else {
+            setup::setup_quietly()
+        }
+        .and_then(|_| lab::run(&args))
+        .map(|_| ExitCode::SUCCESS),
         Cmd::Bench { which } => setup::setup().and_then(|_| bench::run(which)),
         Cmd::Install(args) => install::install(&args).map(|_| ExitCode::SUCCESS),
         Cmd::Package(args) => install::package(&args).map(|_| ExitCode::SUCCESS),

@@ -14,7 +14,7 @@ use clap::{Args, ValueEnum};
 use tests::{VIP_V4, VIP_V6};
 
 use crate::env::{build_lbd, nginx_requests, LabEnv, HTTP_PORT};
-use crate::util::{catch_interrupts, check_interrupted, ensure_root};
+use crate::util::{catch_interrupts, check_interrupted, ensure_root, TempDir};
 use crate::LbOpts;
 
 const BACKENDS: usize = 3;
@@ -146,9 +146,9 @@ pub fn run(args: &BenchLabArgs) -> Result<()> {
     let bin = if args.direct_only {
         None
     } else {
-        Some(build_lbd()?)
+        Some(build_lbd(false)?)
     };
-    let mut env = LabEnv::new(BACKENDS)?;
+    let mut env = LabEnv::new(BACKENDS, TempDir::new("lab")?, true)?;
     if let Some(bin) = &bin {
         env.start_lbd(bin, &args.lb, &[1; BACKENDS])?;
     }
