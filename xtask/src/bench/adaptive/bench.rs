@@ -9,13 +9,16 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
-use tests::{backend_v4, Lab, LabSpec, LB_V4, LB_V6, VIP_V4};
+use tests::{backend_v4, Host, Lab, VIP_V4};
 
 use super::{
     Weights, FALL, LATENCY_TARGET_MS, LEARN_INTERVAL_MS, PROBE_INTERVAL_MS, PROBE_PORT,
     PROBE_TIMEOUT_MS, QUEUE, RISE, SERVICE_MS, TABLE_SIZE, VIP_PORT, WORKERS,
 };
-use crate::util::{self, check_interrupted, TempDir};
+use crate::env::procs::{
+    lbd_config_backend, lbd_config_head, open_lab, start_decap, wait_xdp, Proc, TAIL_LINES,
+};
+use crate::util::{self, check_interrupted, log_tail, TempDir};
 
 /// The binaries the bench runs.
 pub(super) struct Bins {
@@ -65,8 +68,8 @@ pub(super) struct Bench {
     pub(super) bins: Bins,
     pub(super) pin_dir: PathBuf,
     pub(super) servers: Vec<Child>,
-    pub(super) decaps: Vec<Child>,
-    pub(super) lbd: Option<Child>,
+    pub(super) decaps: Vec<Proc>,
+    pub(super) lbd: Option<Proc>,
     pub(super) config: PathBuf,
     pub(super) socket: PathBuf,
     /// How often the tracer asks lbd (`backend list` and `model show`).
@@ -76,12 +79,7 @@ pub(super) struct Bench {
 impl Bench {
     pub(super) fn new(bins: Bins) -> Result<Self> {
         let tmp = TempDir::new("adaptive")?;
-        let lab = Lab::new(LabSpec { backends: 3 })?;
-        eprintln!(
-            "lab {}: namespaces {}",
-            lab.prefix(),
-            lab.namespace_names().join(" ")
-        );
+        let lab = open_lab(WORKERS.len(), true)?;
         let pin_dir = PathBuf::from(format!("/sys/fs/bpf/lb-bench-{}", std::process::id()));
         let mut b = Bench {
             config: tmp.path().join("lbd.toml"),
@@ -157,24 +155,14 @@ impl Bench {
     }
 
     pub(super) fn start_decaps(&mut self) -> Result<()> {
-        for i in 0..WORKERS.len() {
-            let ns = self.lab().backend(i).ns();
-            let mut cmd = ns.command(&self.bins.lbd);
-            cmd.args(["decap", "--interface", "eth0", "--vip"])
-                .arg(VIP_V4.to_string())
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null());
-            self.decaps
-                .push(ns.spawn_command(&mut cmd).context("starting lbd decap")?);
+        let lab = self.lab.as_ref().unwrap();
+        let vips = [IpAddr::from(VIP_V4)];
+        for b in lab.backends() {
+            let decap = start_decap(b, &self.bins.lbd, &vips, None, self.tmp.path(), false)?;
+            self.decaps.push(decap);
         }
-        for i in 0..WORKERS.len() {
-            let ns = self.lab().backend(i).ns();
-            wait("decap attached", Duration::from_secs(20), || {
-                Ok(tests::procs::xdp_attached(ns))
-            })?;
-        }
-        Ok(())
+        let hosts: Vec<&Host> = lab.backends().iter().collect();
+        wait_xdp(&hosts, &mut self.decaps, Duration::from_secs(20))
     }
 
     pub(super) fn write_config(&self, weights: Weights) -> Result<()> {
@@ -182,17 +170,17 @@ impl Bench {
             Weights::Oracle => [1, 1, 3],
             _ => [1, 1, 1],
         };
-        let mut s = format!(
-            "# cargo xtask bench adaptive: {}\n\
-             interface = \"eth0\"\nxdp_mode = \"native\"\n\
-             pin_dir = \"{}\"\ncontrol_socket = \"{}\"\n\
-             [encap]\nsource_v4 = \"{LB_V4}\"\nsource_v6 = \"{LB_V6}\"\n\n\
-             [[vip]]\naddress = \"{VIP_V4}\"\nport = {VIP_PORT}\nprotocol = \"tcp\"\ntable_size = {TABLE_SIZE}\n\
+        let mut s = lbd_config_head(
+            &format!("cargo xtask bench adaptive: {}", weights.name()),
+            "native",
+            &self.pin_dir.to_string_lossy(),
+            Some(&self.socket),
+        );
+        let _ = write!(
+            s,
+            "\n[[vip]]\naddress = \"{VIP_V4}\"\nport = {VIP_PORT}\nprotocol = \"tcp\"\ntable_size = {TABLE_SIZE}\n\
              [vip.health]\nkind = \"http\"\ninterval_ms = {PROBE_INTERVAL_MS}\ntimeout_ms = {PROBE_TIMEOUT_MS}\n\
-             rise = {RISE}\nfall = {FALL}\nport = {PROBE_PORT}\npath = \"/health\"\n",
-            weights.name(),
-            self.pin_dir.display(),
-            self.socket.display(),
+             rise = {RISE}\nfall = {FALL}\nport = {PROBE_PORT}\npath = \"/health\"\n"
         );
         if weights == Weights::Learned {
             let _ = write!(
@@ -201,12 +189,8 @@ impl Bench {
                  latency_target_ms = {LATENCY_TARGET_MS}\n"
             );
         }
-        for (i, w) in w.iter().enumerate() {
-            let _ = write!(
-                s,
-                "\n[[vip.backend]]\naddress = \"{}\"\nweight = {w}\n",
-                backend_v4(i)
-            );
+        for (i, &w) in w.iter().enumerate() {
+            lbd_config_backend(&mut s, backend_v4(i).into(), w);
         }
         std::fs::write(&self.config, s)?;
         Ok(())
@@ -218,10 +202,6 @@ impl Bench {
 
     /// Starts lbd (appending to its log) and waits until it answers.
     pub(super) fn start_lbd(&mut self) -> Result<()> {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.log_path())?;
         let ns = self.lab().lb().ns();
         // `nsenter --net`, not `ip netns exec`: the latter gives the program a mount namespace
         // of its own with a fresh /sys, so its pins would vanish with it and a restart could
@@ -232,22 +212,20 @@ impl Bench {
             .arg("--config")
             .arg(&self.config)
             .env("RUST_LOG", "info")
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log);
-        let child = ns.spawn_command(&mut cmd).context("starting lbd")?;
-        self.lbd = Some(child);
+            .env("NO_COLOR", "1");
+        let lbd = Proc::spawn(ns, &mut cmd, "lbd", &self.log_path(), false)?;
+        self.lbd = Some(lbd);
         let end = Instant::now() + Duration::from_secs(30);
         loop {
             if self.lbctl(&["status"])?.status.success() {
                 return Ok(());
             }
-            if let Some(s) = self.lbd.as_mut().unwrap().try_wait()? {
-                bail!("lbd exited ({s}):\n{}", self.log_tail());
-            }
+            self.lbd.as_mut().unwrap().check_alive()?;
             if Instant::now() > end {
-                bail!("lbd did not answer within 30 s:\n{}", self.log_tail());
+                bail!(
+                    "lbd did not answer within 30 s; last lines of its log:\n{}",
+                    log_tail(&self.log_path(), TAIL_LINES)
+                );
             }
             check_interrupted()?;
             std::thread::sleep(Duration::from_millis(100));
@@ -256,10 +234,10 @@ impl Bench {
 
     /// SIGTERM: lbd leaves the datapath running from its pins.
     pub(super) fn stop_lbd(&mut self) -> Result<()> {
-        if let Some(mut c) = self.lbd.take() {
+        if let Some(mut p) = self.lbd.take() {
             // SAFETY: signalling our own child.
-            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
-            c.wait()?;
+            unsafe { libc::kill(p.child.id() as i32, libc::SIGTERM) };
+            p.child.wait()?;
         }
         Ok(())
     }
@@ -291,12 +269,6 @@ impl Bench {
         Ok(())
     }
 
-    pub(super) fn log_tail(&self) -> String {
-        let log = std::fs::read_to_string(self.log_path()).unwrap_or_default();
-        let lines: Vec<&str> = log.lines().collect();
-        lines[lines.len().saturating_sub(30)..].join("\n")
-    }
-
     pub(super) fn lbctl(&self, args: &[&str]) -> Result<Output> {
         Command::new(&self.bins.lbctl)
             .arg("--socket")
@@ -321,14 +293,15 @@ impl Bench {
     }
 
     pub(super) fn lbd_pid(&self) -> Option<u32> {
-        self.lbd.as_ref().map(Child::id)
+        self.lbd.as_ref().map(|p| p.child.id())
     }
 }
 
 impl Drop for Bench {
     fn drop(&mut self) {
         let _ = self.reset();
-        for c in self.servers.iter_mut().chain(self.decaps.iter_mut()) {
+        let decaps = self.decaps.iter_mut().map(|p| &mut p.child);
+        for c in self.servers.iter_mut().chain(decaps) {
             let _ = c.kill();
             let _ = c.wait();
         }
@@ -339,22 +312,6 @@ impl Drop for Bench {
         }
         let _ = std::fs::remove_dir_all(&self.pin_dir);
     }
-}
-
-pub(super) fn wait(
-    what: &str,
-    limit: Duration,
-    mut f: impl FnMut() -> Result<bool>,
-) -> Result<Duration> {
-    let start = Instant::now();
-    while !f()? {
-        if start.elapsed() > limit {
-            bail!("timed out after {limit:?} waiting for {what}");
-        }
-        check_interrupted()?;
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    Ok(start.elapsed())
 }
 
 pub(super) fn vip() -> String {
