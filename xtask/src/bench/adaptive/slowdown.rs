@@ -5,9 +5,9 @@ use std::fmt::Write as _;
 use anyhow::Result;
 
 use super::bench::Bench;
-use super::load::{figures, fmt_fig, p99_at};
+use super::load::{figures, fmt_fig, p99_at, Req};
 use super::run::{one_run, Event};
-use super::trace::{share, shares, slots_moved};
+use super::trace::{share, shares, slots_moved, TracePoint};
 use super::{pool_capacity, BenchAdaptiveArgs, Verdicts, Weights, NOISE};
 
 pub(super) fn run(bench: &mut Bench, args: &BenchAdaptiveArgs, v: &mut Verdicts) -> Result<()> {
@@ -69,32 +69,7 @@ pub(super) fn run(bench: &mut Bench, args: &BenchAdaptiveArgs, v: &mut Verdicts)
         }
         t += 1.0;
     }
-    let mut line = String::from("table over time:");
-    let mut next_t = fault - 10.0;
-    for p in &out.trace {
-        if p.t >= next_t {
-            let _ = write!(
-                line,
-                " {:.0}s {}{}",
-                p.t,
-                shares(p),
-                if p.drained_by_model[slow] {
-                    "(drained)"
-                } else {
-                    ""
-                }
-            );
-            next_t += 5.0;
-        }
-    }
-    println!("{line}");
-    let mut line = String::from("p99 per 5 s:");
-    let mut t = fault - 10.0;
-    while t <= secs as f64 {
-        let _ = write!(line, " {:.0}s {:.0}", t, p99_at(&out.reqs, t, 5.0));
-        t += 5.0;
-    }
-    println!("{line} ms");
+    print_timeline(&out.trace, &out.reqs, slow, fault - 10.0, secs as f64);
     let back = slots_at(secs as f64);
     let (any, _, gradual) = slots_moved(&out.log);
     println!(
@@ -131,4 +106,34 @@ pub(super) fn run(bench: &mut Bench, args: &BenchAdaptiveArgs, v: &mut Verdicts)
         share(gradual) <= 0.05 + 1e-9,
     ));
     Ok(())
+}
+
+/// The table every 5 s and the p99 per 5 s from `from` on.
+fn print_timeline(trace: &[TracePoint], reqs: &[Req], slow: usize, from: f64, to: f64) {
+    let mut line = String::from("table over time:");
+    let mut next_t = from;
+    for p in trace {
+        if p.t >= next_t {
+            let _ = write!(
+                line,
+                " {:.0}s {}{}",
+                p.t,
+                shares(p),
+                if p.drained_by_model[slow] {
+                    "(drained)"
+                } else {
+                    ""
+                }
+            );
+            next_t += 5.0;
+        }
+    }
+    println!("{line}");
+    let mut line = String::from("p99 per 5 s:");
+    let mut t = from;
+    while t <= to {
+        let _ = write!(line, " {:.0}s {:.0}", t, p99_at(reqs, t, 5.0));
+        t += 5.0;
+    }
+    println!("{line} ms");
 }

@@ -30,60 +30,10 @@ pub(super) fn run(bench: &mut Bench, args: &BenchAdaptiveArgs, v: &mut Verdicts)
         Vec::new(),
     )?;
     bench.trace_every = Duration::from_millis(200);
-    // Settled: from when on every backend's weight stays within 10% of its steady value (the
-    // median over the second half of the run), counted from the end of the ramp, when the
-    // load reaches its level.
     let last = out.trace.last().context("no trace")?;
-    let steady_weight: Vec<f64> = (0..3)
-        .map(|i| {
-            let mut w: Vec<f64> = out
-                .trace
-                .iter()
-                .filter(|p| p.t >= secs as f64 / 2.0)
-                .map(|p| f64::from(p.weights[i]))
-                .collect();
-            w.sort_by(f64::total_cmp);
-            percentile(&w, 0.5)
-        })
-        .collect();
-    let settled_at = out
-        .trace
-        .iter()
-        .rev()
-        .find(|p| {
-            (0..3).any(|i| {
-                let (a, b) = (f64::from(p.weights[i]), steady_weight[i]);
-                (a - b).abs() > 0.1 * b.max(1.0)
-            })
-        })
-        .map_or(0.0, |p| p.t);
+    let (steady_weight, settled_at) = settling(&out.trace, secs);
     let settled = (settled_at - RAMP_SECS).max(0.0);
-    // Changes of direction of each backend's weight after the first minute: the most in any
-    // minute (a sliding 60 s window).
-    let mut reversals = [0usize; 3];
-    let mut worst_minute = 0usize;
-    let steady: Vec<&TracePoint> = out.trace.iter().filter(|p| p.t >= 60.0).collect();
-    let mut turns: Vec<Vec<f64>> = vec![Vec::new(); 3];
-    for (i, count) in reversals.iter_mut().enumerate() {
-        let mut dir = 0i8;
-        for w in steady.windows(2) {
-            let (a, b) = (w[0].weights[i], w[1].weights[i]);
-            let d = (b as i64 - a as i64).signum() as i8;
-            if d != 0 {
-                if dir != 0 && d != dir {
-                    *count += 1;
-                    turns[i].push(w[1].t);
-                }
-                dir = d;
-            }
-        }
-    }
-    for t in &turns {
-        for (k, &start) in t.iter().enumerate() {
-            let n = t[k..].iter().take_while(|&&x| x < start + 60.0).count();
-            worst_minute = worst_minute.max(n);
-        }
-    }
+    let (reversals, worst_minute) = reversals(&out.trace);
     let drains = out.log.matches("\"kind\":\"drain\"").count();
     let downs = out
         .trace
@@ -144,4 +94,62 @@ pub(super) fn run(bench: &mut Bench, args: &BenchAdaptiveArgs, v: &mut Verdicts)
         fits > 0 && p99_fit < 1000,
     ));
     Ok(())
+}
+
+/// Settled: from when on every backend's weight stays within 10% of its steady value (the
+/// median over the second half of the run). Returns the steady weights and that time (the
+/// caller counts it from the end of the ramp, when the load reaches its level).
+fn settling(trace: &[TracePoint], secs: u64) -> (Vec<f64>, f64) {
+    let steady_weight: Vec<f64> = (0..3)
+        .map(|i| {
+            let mut w: Vec<f64> = trace
+                .iter()
+                .filter(|p| p.t >= secs as f64 / 2.0)
+                .map(|p| f64::from(p.weights[i]))
+                .collect();
+            w.sort_by(f64::total_cmp);
+            percentile(&w, 0.5)
+        })
+        .collect();
+    let settled_at = trace
+        .iter()
+        .rev()
+        .find(|p| {
+            (0..3).any(|i| {
+                let (a, b) = (f64::from(p.weights[i]), steady_weight[i]);
+                (a - b).abs() > 0.1 * b.max(1.0)
+            })
+        })
+        .map_or(0.0, |p| p.t);
+    (steady_weight, settled_at)
+}
+
+/// Changes of direction of each backend's weight after the first minute, and the most of them
+/// in any minute (a sliding 60 s window).
+fn reversals(trace: &[TracePoint]) -> ([usize; 3], usize) {
+    let mut reversals = [0usize; 3];
+    let mut worst_minute = 0usize;
+    let steady: Vec<&TracePoint> = trace.iter().filter(|p| p.t >= 60.0).collect();
+    let mut turns: Vec<Vec<f64>> = vec![Vec::new(); 3];
+    for (i, count) in reversals.iter_mut().enumerate() {
+        let mut dir = 0i8;
+        for w in steady.windows(2) {
+            let (a, b) = (w[0].weights[i], w[1].weights[i]);
+            let d = (b as i64 - a as i64).signum() as i8;
+            if d != 0 {
+                if dir != 0 && d != dir {
+                    *count += 1;
+                    turns[i].push(w[1].t);
+                }
+                dir = d;
+            }
+        }
+    }
+    for t in &turns {
+        for (k, &start) in t.iter().enumerate() {
+            let n = t[k..].iter().take_while(|&&x| x < start + 60.0).count();
+            worst_minute = worst_minute.max(n);
+        }
+    }
+    (reversals, worst_minute)
 }
