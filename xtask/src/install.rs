@@ -285,67 +285,15 @@ pub fn install(args: &InstallArgs) -> Result<()> {
     };
     let sbin = prefix.join("sbin");
     let share = prefix.join("share");
-
-    // Binaries.
-    for n in &names {
-        let built = bin_dir.join(n);
-        let content = fs::read(&built).with_context(|| {
-            format!("reading {} (build it, or drop --no-build)", built.display())
-        })?;
-        inst.file(&sbin.join(n), &content, 0o755)?;
-    }
-
-    // systemd units, pointing at this prefix.
-    let packaging = root.join("packaging");
-    let lbd_path = sbin.join("lbd");
-    let mut units: Vec<PathBuf> = fs::read_dir(&packaging)
-        .with_context(|| format!("listing {}", packaging.display()))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|e| e == "service"))
-        .collect();
-    units.sort();
-    ensure!(!units.is_empty(), "no units in {}", packaging.display());
-    for unit in &units {
-        let text =
-            fs::read_to_string(unit).with_context(|| format!("reading {}", unit.display()))?;
-        let text = text.replace(UNIT_LBD_PATH, &lbd_path.to_string_lossy());
-        let name = unit.file_name().expect("a unit file name");
-        inst.file(
-            &prefix.join("lib/systemd/system").join(name),
-            text.as_bytes(),
-            0o644,
-        )?;
-    }
-
-    // Configuration: the operator's file is never replaced; the shipped one is kept for
-    // reference.
-    let default_config =
-        fs::read(packaging.join("lbd.toml")).context("reading packaging/lbd.toml")?;
-    inst.config(Path::new(CONFIG_PATH), &default_config)?;
-    inst.file(&share.join("lb/lbd.toml"), &default_config, 0o644)?;
-    let decap_env = fs::read(packaging.join("decap.env")).context("reading packaging/decap.env")?;
-    inst.file(&share.join("lb/decap.env"), &decap_env, 0o644)?;
-
-    // Man pages and completions, from the binaries' own clap definitions.
-    let commands = lb_userspace::cli::shipped_commands();
-    let documented: BTreeSet<String> = commands.iter().map(|c| c.get_name().to_string()).collect();
-    for cmd in commands {
-        let name = cmd.get_name().to_string();
-        ensure!(
-            names.contains(&name),
-            "lb_userspace::cli::shipped_commands() lists `{name}`, which is not a binary of lb-userspace"
-        );
-        for shell in SHELLS {
-            inst.file(
-                &completion_path(&share, prefix, shell, &name),
-                &completion(&cmd, shell),
-                0o644,
-            )?;
-        }
-        for (file, text) in man_pages(cmd)? {
-            inst.file(&share.join("man/man8").join(file), &text, 0o644)?;
-        }
-    }
+    install_binaries(&mut inst, &bin_dir, &sbin, &names)?;
+    install_units(
+        &mut inst,
+        &root.join("packaging"),
+        prefix,
+        &sbin.join("lbd"),
+    )?;
+    install_config(&mut inst, &root.join("packaging"), &share)?;
+    let documented = install_docs(&mut inst, prefix, &share, &names)?;
 
     println!(
         "lb installed to {} (prefix {}, profile {}):",
@@ -369,6 +317,93 @@ pub fn install(args: &InstallArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// The built binaries, to PREFIX/sbin.
+fn install_binaries(
+    inst: &mut Installer,
+    bin_dir: &Path,
+    sbin: &Path,
+    names: &[String],
+) -> Result<()> {
+    for n in names {
+        let built = bin_dir.join(n);
+        let content = fs::read(&built).with_context(|| {
+            format!("reading {} (build it, or drop --no-build)", built.display())
+        })?;
+        inst.file(&sbin.join(n), &content, 0o755)?;
+    }
+    Ok(())
+}
+
+/// systemd units, pointing at this prefix's lbd.
+fn install_units(
+    inst: &mut Installer,
+    packaging: &Path,
+    prefix: &Path,
+    lbd_path: &Path,
+) -> Result<()> {
+    let mut units: Vec<PathBuf> = fs::read_dir(packaging)
+        .with_context(|| format!("listing {}", packaging.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "service"))
+        .collect();
+    units.sort();
+    ensure!(!units.is_empty(), "no units in {}", packaging.display());
+    for unit in &units {
+        let text =
+            fs::read_to_string(unit).with_context(|| format!("reading {}", unit.display()))?;
+        let text = text.replace(UNIT_LBD_PATH, &lbd_path.to_string_lossy());
+        let name = unit.file_name().expect("a unit file name");
+        inst.file(
+            &prefix.join("lib/systemd/system").join(name),
+            text.as_bytes(),
+            0o644,
+        )?;
+    }
+    Ok(())
+}
+
+/// Configuration: the operator's file is never replaced; the shipped one is kept for
+/// reference.
+fn install_config(inst: &mut Installer, packaging: &Path, share: &Path) -> Result<()> {
+    let default_config =
+        fs::read(packaging.join("lbd.toml")).context("reading packaging/lbd.toml")?;
+    inst.config(Path::new(CONFIG_PATH), &default_config)?;
+    inst.file(&share.join("lb/lbd.toml"), &default_config, 0o644)?;
+    let decap_env = fs::read(packaging.join("decap.env")).context("reading packaging/decap.env")?;
+    inst.file(&share.join("lb/decap.env"), &decap_env, 0o644)?;
+    Ok(())
+}
+
+/// Man pages and completions, from the binaries' own clap definitions; returns the binaries
+/// that have them.
+fn install_docs(
+    inst: &mut Installer,
+    prefix: &Path,
+    share: &Path,
+    names: &[String],
+) -> Result<BTreeSet<String>> {
+    let commands = lb_userspace::cli::shipped_commands();
+    let documented: BTreeSet<String> = commands.iter().map(|c| c.get_name().to_string()).collect();
+    for cmd in commands {
+        let name = cmd.get_name().to_string();
+        ensure!(
+            names.contains(&name),
+            "lb_userspace::cli::shipped_commands() lists `{name}`, which is not a binary of lb-userspace"
+        );
+        for shell in SHELLS {
+            inst.file(
+                &completion_path(share, prefix, shell, &name),
+                &completion(&cmd, shell),
+                0o644,
+            )?;
+        }
+        for (file, text) in man_pages(cmd)? {
+            inst.file(&share.join("man/man8").join(file), &text, 0o644)?;
+        }
+    }
+    Ok(documented)
 }
 
 /// The version of lb-userspace (the package's version).

@@ -8,8 +8,11 @@ use std::time::Duration;
 use anyhow::{bail, Result};
 use tests::{NetNs, VIP_V4, VIP_V6};
 
-use crate::env::{backend_name, build_lbd, http_get, LabEnv, HTTP_PORT};
-use crate::util::{catch_interrupts, ensure_root, interrupted, sleep_unless_interrupted};
+use crate::env::procs::TAIL_LINES;
+use crate::env::{backend_name, build_lbd, http_get, vips, LabEnv, HTTP_PORT};
+use crate::util::{
+    catch_interrupts, ensure_root, interrupted, log_tail, sleep_unless_interrupted, TempDir,
+};
 use crate::LabArgs;
 
 const WEIGHTS: [u32; 3] = [1, 1, 2];
@@ -63,15 +66,87 @@ pub fn run(args: &LabArgs) -> Result<()> {
     let bin = if args.no_lbd {
         None
     } else {
-        Some(build_lbd()?)
+        Some(build_lbd(!args.verbose)?)
     };
-    let mut env = LabEnv::new(WEIGHTS.len())?;
+    // Kept after the run, so that the logs it names can still be read.
+    let mut env = LabEnv::new(WEIGHTS.len(), TempDir::kept("lab")?, args.verbose)?;
     if let Some(bin) = &bin {
         env.start_lbd(bin, &args.lb, &WEIGHTS)?;
     }
+    print_header(&env, args);
+    let failed = send_requests(&mut env, args)?;
+    if bin.is_some() {
+        env.check_lbd_alive()?;
+    }
+    stay_up(&env, args);
+    eprintln!("tearing the lab down");
+    let log = env.lbd_log();
+    env.shutdown()?;
+    if failed > 0 {
+        if bin.is_some() {
+            eprintln!(
+                "last lines of {} (lbd decap's and nginx's logs are beside it):\n{}",
+                log.display(),
+                log_tail(&log, TAIL_LINES)
+            );
+        }
+        bail!("{failed} requests failed");
+    }
+    Ok(())
+}
 
+/// What the lab is: the balancer's mode, the VIPs, the backends and their weights, and where
+/// the logs are.
+fn print_header(env: &LabEnv, args: &LabArgs) {
+    let lab = env.lab();
+    println!(
+        "lab {} (namespaces {}-*): a client, the balancer and {} nginx backends on one bridge",
+        lab.prefix(),
+        lab.prefix(),
+        lab.backends().len()
+    );
+    if args.no_lbd {
+        println!("  no lbd (--no-lbd): requests go straight to the backends' own addresses");
+        println!("  nginx logs: {}/nginx-*/error.log", env.dir().display());
+        return;
+    }
+    println!(
+        "  lbd: {} forwarding, {} XDP ({} on the lb's eth0; lbd decap on every backend's)",
+        args.lb.mode.config_value(),
+        args.lb.xdp_mode.config_value(),
+        match env.xdp_prog() {
+            "" => "attached",
+            prog => prog,
+        }
+    );
+    let vips: Vec<String> = vips()
+        .iter()
+        .map(|&v| format!("{}/tcp", SocketAddr::new(v, HTTP_PORT)))
+        .collect();
+    println!("  VIPs: {}", vips.join(", "));
+    let backends: Vec<String> = WEIGHTS
+        .iter()
+        .enumerate()
+        .map(|(i, w)| format!("{} weight {w}", backend_name(i)))
+        .collect();
+    println!("  backends: {}", backends.join(", "));
+    println!(
+        "  lbd log: {} (lbd decap's and nginx's logs in the same directory{})",
+        env.lbd_log().display(),
+        if args.verbose {
+            ""
+        } else {
+            "; --verbose prints them here"
+        }
+    );
+}
+
+/// Sends the requests to each VIP (or, with `--no-lbd`, to the backends) and prints a table
+/// of who answered; returns how many failed. Fails, with the tail of its log, as soon as
+/// requests failed because an lbd process died.
+fn send_requests(env: &mut LabEnv, args: &LabArgs) -> Result<usize> {
     let mut failed = 0;
-    for vip in [IpAddr::from(VIP_V4), IpAddr::from(VIP_V6)] {
+    for vip in vips() {
         let lab = env.lab();
         let (targets, what): (Vec<SocketAddr>, String) = if args.no_lbd {
             (
@@ -100,30 +175,28 @@ pub fn run(args: &LabArgs) -> Result<()> {
         };
         print_table(&what, lab, vip, &weights, &t, args.requests);
         failed += t.failed;
+        if t.failed > 0 && !args.no_lbd {
+            env.check_lbd_alive()?;
+        }
         if interrupted() {
             break;
         }
     }
-    if bin.is_some() {
-        env.check_lbd_alive()?;
-    }
+    Ok(failed)
+}
 
+/// `--seconds` and `--keep`: the lab stays up to be looked at.
+fn stay_up(env: &LabEnv, args: &LabArgs) {
     if args.seconds > 0 && !interrupted() {
-        print_howto(&env);
+        print_howto(env);
         eprintln!("keeping the lab up for {} s", args.seconds);
         sleep_unless_interrupted(Duration::from_secs(args.seconds));
     }
     if args.keep && !interrupted() {
-        print_howto(&env);
+        print_howto(env);
         eprintln!("lab is up; Ctrl-C tears it down");
         while sleep_unless_interrupted(Duration::from_secs(3600)) {}
     }
-    eprintln!("tearing the lab down");
-    env.shutdown()?;
-    if failed > 0 {
-        bail!("{failed} requests failed");
-    }
-    Ok(())
 }
 
 fn print_table(what: &str, lab: &tests::Lab, vip: IpAddr, weights: &[u32], t: &Tally, sent: usize) {
@@ -189,8 +262,5 @@ fn print_howto(env: &LabEnv) {
         "  ip netns exec {} tcpdump -ni eth0",
         lab.backend(0).ns_name()
     );
-    eprintln!(
-        "  scratch dir (configs, nginx logs): {}",
-        env.dir().display()
-    );
+    eprintln!("  scratch dir (configs, logs): {}", env.dir().display());
 }

@@ -9,8 +9,6 @@
 //! * `fuzz`: differential fuzzing of the XDP balancer against the reference model.
 
 mod bench;
-mod bench_adaptive;
-mod bench_datapath;
 mod env;
 mod fuzz;
 mod install;
@@ -52,7 +50,7 @@ enum Cmd {
     /// Benchmarks.
     Bench {
         #[command(subcommand)]
-        which: BenchCmd,
+        which: bench::BenchCmd,
     },
     /// Build (release) and install lbd and lbctl to PREFIX/sbin, the systemd units, the
     /// default /etc/lb/lbd.toml (only if absent), man pages and bash/zsh/fish completions.
@@ -63,19 +61,6 @@ enum Cmd {
     /// Differential fuzzing: random and mutated packets through the XDP balancer
     /// (BPF_PROG_TEST_RUN) and the reference model, for N minutes (needs root).
     Fuzz(fuzz::FuzzArgs),
-}
-
-#[derive(Subcommand)]
-enum BenchCmd {
-    /// HTTP requests/s with wrk through the balancer vs straight to the backends.
-    Lab(BenchLabArgs),
-    /// Cost per packet of the XDP balancer vs a trivial XDP_TX program (BPF_PROG_TEST_RUN
-    /// through the restoring harness), with counter checks. Needs root.
-    Datapath(bench_datapath::BenchDatapathArgs),
-    /// Learned weights against static-equal and oracle weights in a namespace lab with
-    /// worker-pool backends and open-loop load (issue #4's scenarios). Needs root; takes about
-    /// 45 minutes with the defaults.
-    Adaptive(bench_adaptive::BenchAdaptiveArgs),
 }
 
 /// How the balancer forwards to backends.
@@ -143,39 +128,14 @@ pub struct LabArgs {
     /// Requests per address family.
     #[arg(long, default_value_t = 1000)]
     pub requests: usize,
+    /// Print lbd's, lbd decap's and nginx's logs on the terminal (prefixed), and every step of
+    /// the setup; without it they only go to files in the lab's scratch directory.
+    #[arg(long)]
+    pub verbose: bool,
     /// Skip lbd: send the requests straight to the backends' own addresses (checks the lab and
     /// nginx without the balancer).
     #[arg(long)]
     pub no_lbd: bool,
-}
-
-#[derive(Args, Debug)]
-pub struct BenchLabArgs {
-    #[command(flatten)]
-    pub lb: LbOpts,
-    /// Seconds per wrk run.
-    #[arg(long, default_value_t = 10)]
-    pub duration: u64,
-    /// wrk connections per backend (wrk runs one thread per backend).
-    #[arg(long, default_value_t = 21)]
-    pub connections_per_backend: usize,
-    /// Address family to load.
-    #[arg(long, value_enum, default_value_t = Family::V4)]
-    pub family: Family,
-    /// Only measure the direct path (no lbd needed).
-    #[arg(long)]
-    pub direct_only: bool,
-}
-
-/// IP family selection.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum Family {
-    /// IPv4 only.
-    V4,
-    /// IPv6 only.
-    V6,
-    /// Both, one after the other.
-    Both,
 }
 
 fn main() -> ExitCode {
@@ -185,14 +145,14 @@ fn main() -> ExitCode {
         Cmd::Test { args } => util::test(&args),
         // The demo and the benchmarks install what they need first, like `test` (idempotent):
         // a fresh machine needs nothing but the README's commands.
-        Cmd::Lab(args) => setup::setup()
-            .and_then(|_| lab::run(&args))
-            .map(|_| ExitCode::SUCCESS),
-        Cmd::Bench { which } => setup::setup().and_then(|_| match which {
-            BenchCmd::Lab(args) => bench::lab(&args).map(|_| ExitCode::SUCCESS),
-            BenchCmd::Datapath(args) => bench_datapath::run(&args),
-            BenchCmd::Adaptive(args) => bench_adaptive::run(&args).map(|_| ExitCode::SUCCESS),
-        }),
+        Cmd::Lab(args) => if args.verbose {
+            setup::setup()
+        } else {
+            setup::setup_quietly()
+        }
+        .and_then(|_| lab::run(&args))
+        .map(|_| ExitCode::SUCCESS),
+        Cmd::Bench { which } => setup::setup().and_then(|_| bench::run(which)),
         Cmd::Install(args) => install::install(&args).map(|_| ExitCode::SUCCESS),
         Cmd::Package(args) => install::package(&args).map(|_| ExitCode::SUCCESS),
         Cmd::Fuzz(args) => fuzz::run(&args),

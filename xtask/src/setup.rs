@@ -29,16 +29,36 @@ pub const PACKAGES: &[&str] = &[
 mod ebpf_toolchain;
 pub use ebpf_toolchain::{detect_bpf_toolchain, TOOLCHAIN_ENV};
 
-/// Runs every setup step. Returns the eBPF toolchain name, which is also exported as
-/// [`TOOLCHAIN_ENV`] for the cargo commands this process starts.
+/// Runs every setup step, saying what it did or skipped. Returns the eBPF toolchain name,
+/// which is also exported as [`TOOLCHAIN_ENV`] for the cargo commands this process starts.
 pub fn setup() -> Result<String> {
-    packages()?;
-    let toolchain = toolchain()?;
-    bpf_linker()?;
-    bpffs()?;
+    setup_with(true)
+}
+
+/// [`setup`] that only speaks when it does something (installs, mounts): for commands whose
+/// output should be their own (`cargo xtask lab`).
+pub fn setup_quietly() -> Result<String> {
+    setup_with(false)
+}
+
+fn setup_with(verbose: bool) -> Result<String> {
+    let log = |m: &str| {
+        if verbose || !m.contains(ebpf_toolchain::PRESENT) {
+            eprintln!("setup: {m}");
+        }
+    };
+    packages(verbose)?;
+    let toolchain = detect_bpf_toolchain()?;
+    ebpf_toolchain::ensure_toolchain(&toolchain, &log)?;
+    ebpf_toolchain::ensure_bpf_linker(&log)?;
+    bpffs(verbose)?;
     // Children started later (cargo build/test) inherit it.
     std::env::set_var(TOOLCHAIN_ENV, &toolchain);
-    eprintln!("setup: eBPF toolchain is `{toolchain}` (exported as {TOOLCHAIN_ENV}={toolchain})");
+    if verbose {
+        eprintln!(
+            "setup: eBPF toolchain is `{toolchain}` (exported as {TOOLCHAIN_ENV}={toolchain})"
+        );
+    }
     Ok(toolchain)
 }
 
@@ -51,10 +71,12 @@ fn installed(pkg: &str) -> bool {
         .unwrap_or(false)
 }
 
-fn packages() -> Result<()> {
+fn packages(verbose: bool) -> Result<()> {
     let missing: Vec<&str> = PACKAGES.iter().copied().filter(|p| !installed(p)).collect();
     if missing.is_empty() {
-        eprintln!("setup: packages already installed: {}", PACKAGES.join(" "));
+        if verbose {
+            eprintln!("setup: packages already installed: {}", PACKAGES.join(" "));
+        }
         return Ok(());
     }
     if !tests::is_root() {
@@ -74,28 +96,16 @@ fn packages() -> Result<()> {
     Ok(())
 }
 
-fn log(m: &str) {
-    eprintln!("setup: {m}");
-}
-
-fn toolchain() -> Result<String> {
-    let tc = detect_bpf_toolchain()?;
-    ebpf_toolchain::ensure_toolchain(&tc, &log)?;
-    Ok(tc)
-}
-
-fn bpf_linker() -> Result<()> {
-    ebpf_toolchain::ensure_bpf_linker(&log)
-}
-
-fn bpffs() -> Result<()> {
+fn bpffs(verbose: bool) -> Result<()> {
     let mounts = std::fs::read_to_string("/proc/mounts").context("reading /proc/mounts")?;
     let mounted = mounts.lines().any(|l| {
         let f: Vec<&str> = l.split_whitespace().collect();
         f.len() > 2 && f[1] == "/sys/fs/bpf" && f[2] == "bpf"
     });
     if mounted {
-        eprintln!("setup: bpffs already mounted on /sys/fs/bpf");
+        if verbose {
+            eprintln!("setup: bpffs already mounted on /sys/fs/bpf");
+        }
         return Ok(());
     }
     if !tests::is_root() {

@@ -97,29 +97,77 @@ pub fn test(args: &[String]) -> Result<ExitCode> {
     })
 }
 
-/// A directory under the system temp dir, removed on drop.
-pub struct TempDir(PathBuf);
+/// A directory under the system temp dir, `$TMPDIR/lb-xtask-<pid>-<label>`: removed on drop,
+/// or kept after the run ([`TempDir::kept`]).
+pub struct TempDir {
+    path: PathBuf,
+    remove: bool,
+}
 
 impl TempDir {
-    /// Creates `$TMPDIR/lb-xtask-<pid>-<label>`.
+    /// Creates `$TMPDIR/lb-xtask-<pid>-<label>`, removed on drop.
     pub fn new(label: &str) -> Result<Self> {
+        Self::create(label, true)
+    }
+
+    /// Creates `$TMPDIR/lb-xtask-<pid>-<label>` and keeps it after the run, so that its logs can
+    /// be read afterwards. The kept directories of earlier runs with the same label (whose
+    /// process is gone) are removed first, so only the last run's stays.
+    pub fn kept(label: &str) -> Result<Self> {
+        let suffix = format!("-{label}");
+        if let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) {
+            for e in entries.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                let pid = name
+                    .strip_prefix("lb-xtask-")
+                    .and_then(|r| r.strip_suffix(&suffix))
+                    .and_then(|p| p.parse::<i32>().ok());
+                if pid.is_some_and(|p| !process_alive(p)) {
+                    let _ = std::fs::remove_dir_all(e.path());
+                }
+            }
+        }
+        Self::create(label, false)
+    }
+
+    fn create(label: &str, remove: bool) -> Result<Self> {
         let path = std::env::temp_dir().join(format!("lb-xtask-{}-{label}", std::process::id()));
         if path.exists() {
             std::fs::remove_dir_all(&path)?;
         }
         std::fs::create_dir_all(&path).with_context(|| format!("creating {}", path.display()))?;
-        Ok(Self(path))
+        Ok(Self { path, remove })
     }
 
     /// The directory.
     pub fn path(&self) -> &Path {
-        &self.0
+        &self.path
     }
 }
 
 impl Drop for TempDir {
     fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
+        if self.remove {
+            let _ = std::fs::remove_dir_all(&self.path);
+        }
+    }
+}
+
+/// Whether process `pid` exists.
+fn process_alive(pid: i32) -> bool {
+    // SAFETY: signal 0 only checks that the process exists and may be signalled.
+    let exists = unsafe { libc::kill(pid, 0) == 0 };
+    exists || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+}
+
+/// The last `n` lines of the file at `path`, for failure messages.
+pub fn log_tail(path: &Path, n: usize) -> String {
+    match std::fs::read_to_string(path) {
+        Ok(log) => {
+            let lines: Vec<&str> = log.lines().collect();
+            lines[lines.len().saturating_sub(n)..].join("\n")
+        }
+        Err(e) => format!("(no log at {}: {e})", path.display()),
     }
 }
 

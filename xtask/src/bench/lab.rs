@@ -10,13 +10,43 @@
 use std::net::IpAddr;
 
 use anyhow::{bail, Context, Result};
+use clap::{Args, ValueEnum};
 use tests::{VIP_V4, VIP_V6};
 
 use crate::env::{build_lbd, nginx_requests, LabEnv, HTTP_PORT};
-use crate::util::{catch_interrupts, check_interrupted, ensure_root};
-use crate::{BenchLabArgs, Family};
+use crate::util::{catch_interrupts, check_interrupted, ensure_root, TempDir};
+use crate::LbOpts;
 
 const BACKENDS: usize = 3;
+
+#[derive(Args, Debug)]
+pub struct BenchLabArgs {
+    #[command(flatten)]
+    pub lb: LbOpts,
+    /// Seconds per wrk run.
+    #[arg(long, default_value_t = 10)]
+    pub duration: u64,
+    /// wrk connections per backend (wrk runs one thread per backend).
+    #[arg(long, default_value_t = 21)]
+    pub connections_per_backend: usize,
+    /// Address family to load.
+    #[arg(long, value_enum, default_value_t = Family::V4)]
+    pub family: Family,
+    /// Only measure the direct path (no lbd needed).
+    #[arg(long)]
+    pub direct_only: bool,
+}
+
+/// IP family selection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Family {
+    /// IPv4 only.
+    V4,
+    /// IPv6 only.
+    V6,
+    /// Both, one after the other.
+    Both,
+}
 
 /// What one wrk run reported.
 #[derive(Debug, Default, Clone)]
@@ -109,38 +139,52 @@ struct Row {
     direct: WrkResult,
 }
 
-pub fn lab(args: &BenchLabArgs) -> Result<()> {
+pub fn run(args: &BenchLabArgs) -> Result<()> {
     ensure_root("bench lab")?;
     catch_interrupts();
     let _ = tests::cleanup_stale_namespaces();
     let bin = if args.direct_only {
         None
     } else {
-        Some(build_lbd()?)
+        Some(build_lbd(false)?)
     };
-    let mut env = LabEnv::new(BACKENDS)?;
+    let mut env = LabEnv::new(BACKENDS, TempDir::new("lab")?, true)?;
     if let Some(bin) = &bin {
         env.start_lbd(bin, &args.lb, &[1; BACKENDS])?;
     }
+    let common = wrk_common_args(args);
+    print_intro(args, &common, bin.is_some());
+    let rows = measure(&mut env, args, &common, bin.is_some())?;
+    env.shutdown()?;
+    print_rows(&rows);
+    Ok(())
+}
+
+/// wrk's arguments common to both paths: threads, connections, duration, timeout.
+fn wrk_common_args(args: &BenchLabArgs) -> [String; 5] {
     let threads = BACKENDS;
     let conns = args.connections_per_backend * BACKENDS;
-    let common = [
+    [
         format!("-t{threads}"),
         format!("-c{conns}"),
         format!("-d{}s", args.duration),
         "--timeout".into(),
         "2s".into(),
-    ];
+    ]
+}
+
+/// What is measured, and why the comparison is fair.
+fn print_intro(args: &BenchLabArgs, common: &[String], via_lbd: bool) {
     println!(
         "wrk {} from the client namespace, {BACKENDS} nginx backends (worker_processes 1){}",
         common.join(" "),
-        match &bin {
-            Some(_) => format!(
+        match via_lbd {
+            true => format!(
                 ", lbd {} forwarding, {} XDP, weights 1:1:1",
                 args.lb.mode.config_value(),
                 args.lb.xdp_mode.config_value()
             ),
-            None => ", direct only".into(),
+            false => ", direct only".into(),
         }
     );
     println!(
@@ -150,7 +194,16 @@ pub fn lab(args: &BenchLabArgs) -> Result<()> {
          of the load either way and only the packets' path differs.",
         args.connections_per_backend
     );
+}
 
+/// Both variants (new connection per request, keep-alive) of each family, direct and (unless
+/// `--direct-only`) via the balancer.
+fn measure(
+    env: &mut LabEnv,
+    args: &BenchLabArgs,
+    common: &[String],
+    via_lbd: bool,
+) -> Result<Vec<Row>> {
     let families: Vec<(&'static str, IpAddr)> = match args.family {
         Family::V4 => vec![("IPv4", VIP_V4.into())],
         Family::V6 => vec![("IPv6", VIP_V6.into())],
@@ -174,13 +227,13 @@ pub fn lab(args: &BenchLabArgs) -> Result<()> {
             let mut direct_args = extra.clone();
             direct_args.extend(["-s".into(), script.display().to_string(), url(backends[0])]);
             eprintln!("{family} {variant}: direct ...");
-            let direct = wrk(&env, &common, &direct_args)?;
+            let direct = wrk(env, common, &direct_args)?;
             check_interrupted()?;
-            let via = if bin.is_some() {
+            let via = if via_lbd {
                 eprintln!("{family} {variant}: via the balancer ...");
                 let mut via_args = extra.clone();
                 via_args.push(url(vip));
-                let r = wrk(&env, &common, &via_args)?;
+                let r = wrk(env, common, &via_args)?;
                 env.check_lbd_alive()?;
                 check_interrupted()?;
                 Some(r)
@@ -195,14 +248,17 @@ pub fn lab(args: &BenchLabArgs) -> Result<()> {
             });
         }
     }
-    env.shutdown()?;
+    Ok(rows)
+}
 
+/// The table of both paths, then notes on errors.
+fn print_rows(rows: &[Row]) {
     println!();
     println!(
         "{:<5} {:<27} {:>14} {:>14} {:>10}   {:<12} {:<12}",
         "", "", "via balancer", "direct", "via/direct", "split via", "split direct"
     );
-    for r in &rows {
+    for r in rows {
         let via = r
             .via
             .as_ref()
@@ -222,7 +278,7 @@ pub fn lab(args: &BenchLabArgs) -> Result<()> {
             r.direct.split()
         );
     }
-    for r in &rows {
+    for r in rows {
         for (path, res) in [("via", r.via.as_ref()), ("direct", Some(&r.direct))] {
             let Some(res) = res else { continue };
             if res.socket_errors.is_some() || res.non2xx > 0 {
@@ -240,7 +296,6 @@ pub fn lab(args: &BenchLabArgs) -> Result<()> {
             }
         }
     }
-    Ok(())
 }
 
 fn wrk(env: &LabEnv, common: &[String], args: &[String]) -> Result<WrkResult> {

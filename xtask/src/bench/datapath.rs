@@ -1010,6 +1010,24 @@ pub fn run(args: &BenchDatapathArgs) -> Result<ExitCode> {
     let report = report?;
     deleted?;
 
+    print_intro(args, &report);
+    let (established, variance) = print_table(&report);
+    let all_ok = print_checks(&report);
+    print_verdict(&established, &variance);
+    if !all_ok {
+        println!("some checks FAILED (see above)");
+        return Ok(ExitCode::FAILURE);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Established-flow ratios per family: (family, ratio of the medians, median per-round ratio).
+type Established = Vec<(Fam, f64, f64)>;
+/// Spread between rounds per scenario: (scenario, lb %, trivial %).
+type Variance = Vec<(String, f64, f64)>;
+
+/// How it was measured.
+fn print_intro(args: &BenchDatapathArgs, report: &Report) {
     println!(
         "bench datapath: BPF_PROG_TEST_RUN, {} repetitions per run, {} rounds, measuring thread pinned to CPU {}, kernel {}",
         args.repeat,
@@ -1024,6 +1042,11 @@ pub fn run(args: &BenchDatapathArgs) -> Result<ExitCode> {
         "ns/pkt: median [min..max] over the rounds of the kernel's mean time per repetition (whole ns, truncated by the kernel). ratio: lb median / trivial median; per round: lb / trivial of the same round (run back to back)."
     );
     println!();
+}
+
+/// The table of ns per packet and ratios; returns the established-flow ratios and the
+/// spread between rounds.
+fn print_table(report: &Report) -> (Established, Variance) {
     let w = 26;
     println!(
         "{:<w$} | {:>20} | {:>20} | {:>6} | {:>16}",
@@ -1062,6 +1085,11 @@ pub fn run(args: &BenchDatapathArgs) -> Result<ExitCode> {
         "cross-check: the thread's CPU time around each call (fractional ns, syscall included) gives ratios within {:.0}% of these.",
         100.0 * cpu_gap
     );
+    (established, variance)
+}
+
+/// What every repetition did, checked; returns whether all checks passed.
+fn print_checks(report: &Report) -> bool {
     println!();
     println!("checks (every repetition did what the scenario must):");
     let mut all_ok = true;
@@ -1086,6 +1114,11 @@ pub fn run(args: &BenchDatapathArgs) -> Result<ExitCode> {
             }
         }
     }
+    all_ok
+}
+
+/// The spread between rounds, and the established flow against the target.
+fn print_verdict(established: &Established, variance: &Variance) {
     println!();
     let worst = variance.iter().map(|v| v.1.max(v.2)).fold(0.0f64, f64::max);
     println!(
@@ -1111,9 +1144,4 @@ pub fn run(args: &BenchDatapathArgs) -> Result<ExitCode> {
         parts.join(", "),
         if reached { "reached" } else { "NOT reached" }
     );
-    if !all_ok {
-        println!("some checks FAILED (see above)");
-        return Ok(ExitCode::FAILURE);
-    }
-    Ok(ExitCode::SUCCESS)
 }
