@@ -162,6 +162,27 @@ fn sync_learning(learning: &LearnMap, learned: &Learned, cfg: &Config) -> (Learn
 }
 
 /// A refusal's name, as the `reason` label of `lb_model_refusals_total`.
+/// The model's policy for a VIP with this table size. Built here, not in `config`, so that
+/// the configuration does not depend on the model that reads it.
+fn weight_policy(l: &config::Learning, table_size: u32) -> model::WeightPolicy {
+    model::WeightPolicy {
+        learning: l.enabled,
+        table_size,
+        latency_target_ms: l.latency_target_ms,
+        floor: l.floor,
+        ceiling: l.ceiling,
+        max_step_ratio: l.max_step,
+        deadband: l.deadband,
+        disruption_budget: l.disruption_budget,
+        max_drained_share: l.max_drained_share,
+        // At most one change of direction per backend per minute, whatever the step.
+        reversal_hold_steps: 60_000u64
+            .div_ceil(l.interval_ms.max(1))
+            .min(u64::from(u32::MAX)) as u32,
+        ..Default::default()
+    }
+}
+
 fn refusal_name(r: &model::Refusal) -> &'static str {
     match r {
         model::Refusal::TooFewSamples { .. } => "too_few_samples",
@@ -615,7 +636,7 @@ impl Agent {
             let Some(l) = st.learning.get(&vid) else {
                 continue;
             };
-            let policy = l.settings.policy(v.config.table_size);
+            let policy = weight_policy(&l.settings, v.config.table_size);
             let mut backends = Vec::new();
             for b in &v.backends {
                 let Some(cfg) = configured(&st.config, vid, b.address) else {
@@ -1031,7 +1052,7 @@ fn learn_step(st: &mut State, id: VipId, now: Instant, t_secs: f64) -> Result<()
         return Ok(());
     };
     let name = VipName::of(vcfg);
-    let policy = l.settings.policy(vcfg.table_size);
+    let policy = weight_policy(&l.settings, vcfg.table_size);
     let observe_secs = (5.0 * l.settings.interval_ms as f64 / 1000.0).max(1.0);
     let mut inputs = Vec::new();
     for b in &applied.backends {
@@ -1794,5 +1815,33 @@ mod tests {
         let leftovers: Vec<_> = fs::read_dir(&dir).unwrap().collect();
         assert_eq!(leftovers.len(), 1, "temporary file left behind");
         fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn weight_policy_follows_the_learning_settings() {
+        let l = config::Learning {
+            enabled: true,
+            latency_target_ms: 50.0,
+            floor: 0.5,
+            ceiling: 2.0,
+            max_step: 0.1,
+            deadband: 0.02,
+            disruption_budget: 0.01,
+            max_drained_share: 0.5,
+            interval_ms: 300,
+        };
+        let p = weight_policy(&l, lb_common::DEFAULT_TABLE_SIZE);
+        assert!(p.learning);
+        assert_eq!(p.table_size, lb_common::DEFAULT_TABLE_SIZE);
+        assert_eq!(
+            (p.latency_target_ms, p.floor, p.ceiling, p.max_step_ratio),
+            (50.0, 0.5, 2.0, 0.1)
+        );
+        assert_eq!(
+            (p.deadband, p.disruption_budget, p.max_drained_share),
+            (0.02, 0.01, 0.5)
+        );
+        assert_eq!(p.reversal_hold_steps, 200);
+        p.validate().unwrap();
     }
 }

@@ -396,26 +396,6 @@ impl Default for Learning {
 }
 
 impl Learning {
-    /// The model's policy for a VIP with this table size.
-    pub fn policy(&self, table_size: u32) -> crate::model::WeightPolicy {
-        crate::model::WeightPolicy {
-            learning: self.enabled,
-            table_size,
-            latency_target_ms: self.latency_target_ms,
-            floor: self.floor,
-            ceiling: self.ceiling,
-            max_step_ratio: self.max_step,
-            deadband: self.deadband,
-            disruption_budget: self.disruption_budget,
-            max_drained_share: self.max_drained_share,
-            // At most one change of direction per backend per minute, whatever the step.
-            reversal_hold_steps: 60_000u64
-                .div_ceil(self.interval_ms.max(1))
-                .min(u64::from(u32::MAX)) as u32,
-            ..Default::default()
-        }
-    }
-
     /// The first problem with these settings, as `learning.FIELD ...`.
     fn check(&self, has_health: bool) -> Result<(), String> {
         let t = self.latency_target_ms;
@@ -962,22 +942,6 @@ source_v6 = "fd00::2"
         ))
         .unwrap();
         assert!(c.vips[0].learning_enabled());
-        let p = c.vips[0]
-            .learning
-            .as_ref()
-            .unwrap()
-            .policy(c.vips[0].table_size);
-        assert!(p.learning);
-        assert_eq!(p.table_size, DEFAULT_TABLE_SIZE);
-        assert_eq!(
-            (p.latency_target_ms, p.floor, p.ceiling, p.max_step_ratio),
-            (50.0, 0.5, 2.0, 0.1)
-        );
-        assert_eq!(
-            (p.deadband, p.disruption_budget, p.max_drained_share),
-            (0.02, 0.01, 0.5)
-        );
-        p.validate().unwrap();
         // Written back and read again, unchanged; pinned is kept, unpinned left out.
         let text = c.to_toml().unwrap();
         assert_eq!(Config::parse(&text).unwrap(), c, "{text}");
