@@ -5,17 +5,15 @@ pub mod cli;
 pub mod config;
 pub mod control;
 pub mod datapath;
-pub mod decap;
 pub mod events;
 pub mod health;
 pub mod metrics;
 pub mod model;
-pub mod netif;
 pub mod notify;
-pub mod pool;
 pub mod security;
-pub mod tables;
 
 pub use config::Config;
+pub use datapath::decap::Decap;
 pub use datapath::{Balancer, LoadOptions};
-pub use decap::Decap;
+// Older paths, still used by tests/, xtask/ (`netif`) and the weight model (`tables`).
+pub use datapath::{netif, tables};

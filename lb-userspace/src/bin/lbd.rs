@@ -88,7 +88,8 @@ async fn balance(path: &std::path::Path, journal: &Arc<Journal>) -> Result<()> {
     let previous = journal.begin_run(&events::state_path(control.path()))?;
     let metrics_listener = metrics::bind(cfg.metrics_listen).await?;
     let mut lb = Balancer::load(LoadOptions::from(&cfg))?;
-    lb.set_journal(journal.clone());
+    let notes = journal.clone();
+    lb.on_table_write(move |w| notes.table_write(w));
     // As found in the pins, before this lbd writes anything: tells whether a table write the
     // previous lbd was killed in had been published.
     let restored_generations = lb.vips().map(|v| (v.config.name(), v.generation)).collect();
