@@ -5,7 +5,6 @@ pub mod cli;
 pub mod config;
 pub mod control;
 pub mod datapath;
-pub mod events;
 pub mod health;
 pub mod metrics;
 pub mod model;

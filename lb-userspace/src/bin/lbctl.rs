@@ -406,7 +406,10 @@ fn print_status(s: &Status) {
             );
         }
     }
-    print!("{}", lb_userspace::events::format_recent(s, STATUS_EVENTS));
+    print!(
+        "{}",
+        lb_userspace::control::events::format_recent(s, STATUS_EVENTS)
+    );
 }
 
 /// Events `lbctl status` prints (the JSON has every one lbd keeps).

@@ -6,16 +6,19 @@
 //! serves `lbctl` on its control socket (every accepted change is applied and written back to
 //! the configuration file) and Prometheus metrics on `metrics_listen`. What happens to it (how
 //! it started, what a killed predecessor left unfinished, interface flaps, backends going down)
-//! is kept for `lbctl status` (see `lb_userspace::events`).
+//! is kept for `lbctl status` (see `lb_userspace::control::events`).
 //! `lbd decap --interface IF --vip ADDR...` runs on a backend host instead: it attaches the
 //! decapsulation program so the host accepts IP-in-IP for its VIPs without a tunnel device.
 use anyhow::{Context as _, Result};
 use clap::Parser as _;
 use lb_userspace::{
-    agent::{xdp_mode_name, Agent, ControlSocket},
+    agent::{xdp_mode_name, Agent},
     cli::{LbdCli as Cli, LbdCommand as Command},
     config::XdpMode,
-    events::{self, Journal, Kind},
+    control::{
+        events::{self, Journal, Kind},
+        ControlSocket,
+    },
     metrics, netif, notify, Balancer, Config, Decap, LoadOptions,
 };
 use std::{
