@@ -6,7 +6,7 @@ use super::{apply_datapath, vip_id, Agent, State};
 use crate::{
     config::{self, Config},
     control::{ModelBackend, ModelDecisionEntry, ModelVip, Response, VipName},
-    datapath::VipId,
+    datapath::{Balancer, VipId},
     health::HealthStatus,
     model::{self, table_weight, BackendDecision, BackendInput, PolicyState, Sample, Window},
 };
@@ -235,19 +235,8 @@ pub(super) fn learn_step(st: &mut State, id: VipId, now: Instant, t_secs: f64) -
             // and those failures must not make it an outlier when it comes back.
             lbk.window.clear();
         }
-        if let (Some((t0, s0)), Some((sum, n, failed)), false) = (lbk.counters, probes, down) {
-            let dt = now.duration_since(t0).as_secs_f64();
-            if dt > 0.0 && n > 0 {
-                let rate = |a: u64, b: u64| a.saturating_sub(b) as f64 / dt;
-                lbk.window.push(Sample {
-                    t_secs,
-                    load: rate(stats.new_flows, s0.new_flows),
-                    latency_ms: sum / f64::from(n),
-                    errors: f64::from(failed) / f64::from(n),
-                    syn_retries_per_s: rate(stats.syn_retries, s0.syn_retries),
-                    rsts_per_s: rate(stats.client_rsts, s0.client_rsts),
-                });
-            }
+        if !down {
+            lbk.observe(stats, probes, now, t_secs);
         }
         lbk.counters = Some((now, stats));
         let samples = lbk.window.samples();
@@ -256,12 +245,8 @@ pub(super) fn learn_step(st: &mut State, id: VipId, now: Instant, t_secs: f64) -
         let fit_started = thread_cpu_us();
         let fit = model::fit_with(&samples, &policy.fit);
         let fit_us = thread_cpu_us().saturating_sub(fit_started);
-        l.max_fit_us = l.max_fit_us.max(fit_us);
-        if l.fit_us.len() == FIT_TIMES {
-            l.fit_us.pop_front();
-        }
-        l.fit_us
-            .push_back(u32::try_from(fit_us).unwrap_or(u32::MAX));
+        let (observed, peak_load) = (lbk.window.observed(observe_secs), lbk.window.peak_load());
+        l.record_fit_time(fit_us);
         if let Err(r) = &fit {
             *refusals.entry(refusal_name(r).to_string()).or_default() += 1;
         }
@@ -275,66 +260,16 @@ pub(super) fn learn_step(st: &mut State, id: VipId, now: Instant, t_secs: f64) -
             learning: true,
             health: status,
             fit,
-            observed: lbk.window.observed(observe_secs),
-            peak_load: lbk.window.peak_load(),
+            observed,
+            peak_load,
             probe_timeout_ms: vcfg.health.as_ref().map(|h| h.timeout_ms as f64),
         });
     }
     let decision = model::decide(&inputs, &policy, &l.policy);
     l.max_step_us = l.max_step_us.max(now.elapsed().as_micros() as u64);
-    l.policy = decision.state.clone();
-    l.last_slots_moved = decision.slots_moved;
-    l.last_slots_moved_gradual = decision.slots_moved_gradual;
-    l.max_slots_moved_gradual = l.max_slots_moved_gradual.max(decision.slots_moved_gradual);
-    for e in &decision.events {
-        let json = serde_json::to_string(e).context("audit event as JSON")?;
-        info!(target: "lb::audit", vip = %name, step = e.step, backend = %e.addr, audit = %json, "model {:?}: {} -> {}", e.kind, e.from_weight, e.to_weight);
-    }
-    if let Some(err) = &decision.table_error {
-        warn!(vip = %name, step = decision.step, "learning: weights held, the table could not be checked: {err}");
-    }
-    for d in &decision.backends {
-        if let Some(lbk) = l.backends.get_mut(&d.addr) {
-            lbk.history.push_back(ModelDecisionEntry {
-                step: decision.step,
-                from_weight: d.previous_weight,
-                to_weight: d.weight,
-                target_weight: d.target_weight,
-                reasons: d.reasons.iter().map(|r| r.to_string()).collect(),
-            });
-            while lbk.history.len() > DECISIONS_KEPT {
-                lbk.history.pop_front();
-            }
-            lbk.last = Some(d.clone());
-        }
-        // Out of the table (down or drained by the operator) is weight 0 to the model too: when
-        // the backend returns, it stays out until the next step decides how it comes back (a
-        // slow start, or not yet if it is still an outlier). Forgetting the learned weight
-        // instead put it straight back at its configured weight, past a model drain in force.
-        let w = match d.health {
-            HealthStatus::Up | HealthStatus::Probation => d.weight,
-            _ => 0,
-        };
-        learned.insert((id, d.addr), w);
-    }
+    remember_decision(l, learned, id, &name, &decision)?;
     if decision.changed() {
-        let step = serde_json::json!({
-            "vip": name.to_string(),
-            "step": decision.step,
-            "slots_moved": decision.slots_moved,
-            "slots_moved_gradual": decision.slots_moved_gradual,
-            "slots_budget": decision.slots_budget,
-            "table_size": decision.table_size,
-            "weights": decision.backends.iter().map(|b| serde_json::json!({
-                "backend": b.addr, "from": b.previous_weight, "to": b.weight
-            })).collect::<Vec<_>>(),
-        });
-        info!(target: "lb::audit", vip = %name, step = decision.step, slots_moved = decision.slots_moved, slots_moved_gradual = decision.slots_moved_gradual, slots_budget = decision.slots_budget, audit_step = %step, "learned weights applied");
-        let report =
-            apply_datapath(lb, config, health, learned).context("applying the learned weights")?;
-        for (vip, moved, generation) in &report.tables {
-            info!(%vip, moved, generation, "table updated");
-        }
+        apply_learned((lb, config, health, learned), &name, &decision)?;
     }
     Ok(())
 }
@@ -471,5 +406,117 @@ impl Agent {
             });
         }
         Ok(Response::ok(out))
+    }
+}
+
+/// Keeps a step's decision: the policy state for the next step, the audit log, each
+/// backend's recent decisions (`lbctl model show`) and the table weights now learned.
+fn remember_decision(
+    l: &mut VipLearning,
+    learned: &mut Learned,
+    id: VipId,
+    name: &VipName,
+    decision: &model::Decision,
+) -> Result<()> {
+    l.policy = decision.state.clone();
+    l.last_slots_moved = decision.slots_moved;
+    l.last_slots_moved_gradual = decision.slots_moved_gradual;
+    l.max_slots_moved_gradual = l.max_slots_moved_gradual.max(decision.slots_moved_gradual);
+    for e in &decision.events {
+        let json = serde_json::to_string(e).context("audit event as JSON")?;
+        info!(target: "lb::audit", vip = %name, step = e.step, backend = %e.addr, audit = %json, "model {:?}: {} -> {}", e.kind, e.from_weight, e.to_weight);
+    }
+    if let Some(err) = &decision.table_error {
+        warn!(vip = %name, step = decision.step, "learning: weights held, the table could not be checked: {err}");
+    }
+    for d in &decision.backends {
+        if let Some(lbk) = l.backends.get_mut(&d.addr) {
+            lbk.history.push_back(ModelDecisionEntry {
+                step: decision.step,
+                from_weight: d.previous_weight,
+                to_weight: d.weight,
+                target_weight: d.target_weight,
+                reasons: d.reasons.iter().map(|r| r.to_string()).collect(),
+            });
+            while lbk.history.len() > DECISIONS_KEPT {
+                lbk.history.pop_front();
+            }
+            lbk.last = Some(d.clone());
+        }
+        // Out of the table (down or drained by the operator) is weight 0 to the model too: when
+        // the backend returns, it stays out until the next step decides how it comes back (a
+        // slow start, or not yet if it is still an outlier). Forgetting the learned weight
+        // instead put it straight back at its configured weight, past a model drain in force.
+        let w = match d.health {
+            HealthStatus::Up | HealthStatus::Probation => d.weight,
+            _ => 0,
+        };
+        learned.insert((id, d.addr), w);
+    }
+    Ok(())
+}
+
+/// Applies the weights a step changed to the datapath, with the audit record of the step.
+fn apply_learned(
+    (lb, config, health, learned): (&mut Balancer, &Config, &HealthMap, &Learned),
+    name: &VipName,
+    decision: &model::Decision,
+) -> Result<()> {
+    let step = serde_json::json!({
+        "vip": name.to_string(),
+        "step": decision.step,
+        "slots_moved": decision.slots_moved,
+        "slots_moved_gradual": decision.slots_moved_gradual,
+        "slots_budget": decision.slots_budget,
+        "table_size": decision.table_size,
+        "weights": decision.backends.iter().map(|b| serde_json::json!({
+            "backend": b.addr, "from": b.previous_weight, "to": b.weight
+        })).collect::<Vec<_>>(),
+    });
+    info!(target: "lb::audit", vip = %name, step = decision.step, slots_moved = decision.slots_moved, slots_moved_gradual = decision.slots_moved_gradual, slots_budget = decision.slots_budget, audit_step = %step, "learned weights applied");
+    let report =
+        apply_datapath(lb, config, health, learned).context("applying the learned weights")?;
+    for (vip, moved, generation) in &report.tables {
+        info!(%vip, moved, generation, "table updated");
+    }
+    Ok(())
+}
+
+impl LearnedBackend {
+    /// Adds a sample to the window from the counters' change since the last step and the
+    /// probes of the step (none without both, or without any probe).
+    fn observe(
+        &mut self,
+        stats: BackendStats,
+        probes: Option<(f64, u32, u32)>,
+        now: Instant,
+        t_secs: f64,
+    ) {
+        if let (Some((t0, s0)), Some((sum, n, failed))) = (self.counters, probes) {
+            let dt = now.duration_since(t0).as_secs_f64();
+            if dt > 0.0 && n > 0 {
+                let rate = |a: u64, b: u64| a.saturating_sub(b) as f64 / dt;
+                self.window.push(Sample {
+                    t_secs,
+                    load: rate(stats.new_flows, s0.new_flows),
+                    latency_ms: sum / f64::from(n),
+                    errors: f64::from(failed) / f64::from(n),
+                    syn_retries_per_s: rate(stats.syn_retries, s0.syn_retries),
+                    rsts_per_s: rate(stats.client_rsts, s0.client_rsts),
+                });
+            }
+        }
+    }
+}
+
+impl VipLearning {
+    /// Keeps the last [`FIT_TIMES`] fit costs and the largest.
+    fn record_fit_time(&mut self, fit_us: u64) {
+        self.max_fit_us = self.max_fit_us.max(fit_us);
+        if self.fit_us.len() == FIT_TIMES {
+            self.fit_us.pop_front();
+        }
+        self.fit_us
+            .push_back(u32::try_from(fit_us).unwrap_or(u32::MAX));
     }
 }
