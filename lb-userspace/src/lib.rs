@@ -1,5 +1,12 @@
 //! The userspace side of lb: the agent `lbd` and its library (loading and attaching the XDP
 //! programs, building Maglev tables, applying configuration).
+//!
+//! Rooms, each importing only the ones before it (tests/architecture.rs checks there is no
+//! circle): `health` (probes and backend states, and the `[vip.health]` settings), `config`,
+//! `datapath` (the kernel side), `model` (the weight model), `control` (the API, its socket
+//! and the journal), `agent` (the owner that wires them), then `metrics`; `cli`, `notify` and
+//! `security` serve the binaries. A future `cluster` room (etcd, BGP, leadership) would sit
+//! beside `control`, below `agent`, which would own it like the others.
 pub mod agent;
 pub mod cli;
 pub mod config;
