@@ -396,26 +396,6 @@ impl Default for Learning {
 }
 
 impl Learning {
-    /// The model's policy for a VIP with this table size.
-    pub fn policy(&self, table_size: u32) -> crate::learning::WeightPolicy {
-        crate::learning::WeightPolicy {
-            learning: self.enabled,
-            table_size,
-            latency_target_ms: self.latency_target_ms,
-            floor: self.floor,
-            ceiling: self.ceiling,
-            max_step_ratio: self.max_step,
-            deadband: self.deadband,
-            disruption_budget: self.disruption_budget,
-            max_drained_share: self.max_drained_share,
-            // At most one change of direction per backend per minute, whatever the step.
-            reversal_hold_steps: 60_000u64
-                .div_ceil(self.interval_ms.max(1))
-                .min(u64::from(u32::MAX)) as u32,
-            ..Default::default()
-        }
-    }
-
     /// The first problem with these settings, as `learning.FIELD ...`.
     fn check(&self, has_health: bool) -> Result<(), String> {
         let t = self.latency_target_ms;
@@ -600,6 +580,42 @@ impl Config {
 
     /// Checks everything the datapath relies on.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        self.check_settings()?;
+        let mut seen = HashSet::new();
+        let mut slots: u64 = 0;
+        let mut backends = 0usize;
+        for (i, vip) in self.vips.iter().enumerate() {
+            let name = vip.name();
+            let at = format!("vip[{i}] ({name})");
+            if !seen.insert((vip.address, vip.port, vip.protocol)) {
+                return err(format!(
+                    "{at}: duplicate VIP; each address, port and protocol may appear once"
+                ));
+            }
+            self.check_vip(&at, vip)?;
+            slots += vip.table_size as u64;
+            check_backends(&at, vip)?;
+            backends += vip.backends.len();
+        }
+        if backends >= MAX_BACKENDS as usize {
+            return err(format!(
+                "backend: {backends} backends configured, at most {} are supported",
+                MAX_BACKENDS - 1
+            ));
+        }
+        // Two tables per VIP must fit while one replaces the other.
+        if 2 * slots > self.table_pool as u64 {
+            return err(format!(
+                "table_pool: {} slots cannot hold two tables for every VIP ({} slots needed); raise table_pool or lower table_size",
+                self.table_pool,
+                2 * slots
+            ));
+        }
+        Ok(())
+    }
+
+    /// The top-level keys, before any VIP.
+    fn check_settings(&self) -> Result<(), ConfigError> {
         if self.interface.is_empty() || self.interface.len() > 15 {
             return err("interface: must name a network interface (1 to 15 characters)");
         }
@@ -640,103 +656,84 @@ impl Config {
                 self.vips.len()
             ));
         }
-        let mut seen = HashSet::new();
-        let mut slots: u64 = 0;
-        let mut backends = 0usize;
-        for (i, vip) in self.vips.iter().enumerate() {
-            let name = vip.name();
-            let at = format!("vip[{i}] ({name})");
-            if !seen.insert((vip.address, vip.port, vip.protocol)) {
-                return err(format!(
-                    "{at}: duplicate VIP; each address, port and protocol may appear once"
-                ));
-            }
-            if vip.port == 0 {
-                return err(format!("{at}: port must be between 1 and 65535"));
-            }
-            if vip.address.is_unspecified() || vip.address.is_multicast() {
-                return err(format!("{at}: address must be a unicast address"));
-            }
-            if !is_prime(vip.table_size) {
-                return err(format!(
-                    "{at}: table_size {} is not prime; use a prime such as 65537 (the default), 131071 or 262139",
-                    vip.table_size
-                ));
-            }
-            if !(MIN_TABLE_SIZE..=MAX_TABLE_SIZE).contains(&vip.table_size) {
-                return err(format!(
-                    "{at}: table_size {} is out of range; use a prime from {MIN_TABLE_SIZE} to {MAX_TABLE_SIZE}",
-                    vip.table_size
-                ));
-            }
-            if let Some(h) = &vip.health {
-                h.check().or_else(|e| err(format!("{at}: {e}")))?;
-            }
-            if let Some(l) = &vip.learning {
-                l.check(vip.health.is_some())
-                    .or_else(|e| err(format!("{at}: {e}")))?;
-            }
-            slots += vip.table_size as u64;
-            if vip.forwarding == Forwarding::Ipip {
-                match vip.address {
-                    IpAddr::V4(_) if self.encap.source_v4.is_none() => {
-                        return err(format!("{at}: forwarding = \"ipip\" needs encap.source_v4 (an IPv4 address of this host)"));
-                    }
-                    IpAddr::V6(_) if self.encap.source_v6.is_none() => {
-                        return err(format!("{at}: forwarding = \"ipip\" needs encap.source_v6 (an IPv6 address of this host)"));
-                    }
-                    _ => {}
-                }
-            }
-            let mut addrs = HashSet::new();
-            for (j, b) in vip.backends.iter().enumerate() {
-                let bat = format!("{at}: backend[{j}] ({})", b.address);
-                if b.address.is_ipv4() != vip.address.is_ipv4() {
-                    let (bf, vf) = if b.address.is_ipv4() {
-                        ("IPv4", "IPv6")
-                    } else {
-                        ("IPv6", "IPv4")
-                    };
-                    return err(format!(
-                        "{bat}: address is {bf} but the VIP is {vf}; use an {vf} backend address"
-                    ));
-                }
-                if b.address.is_unspecified() || b.address.is_multicast() || b.address.is_loopback()
-                {
-                    return err(format!(
-                        "{bat}: address must be a unicast address of another host"
-                    ));
-                }
-                if !addrs.insert(b.address) {
-                    return err(format!(
-                        "{bat}: duplicate backend; list each address once per VIP"
-                    ));
-                }
-                if b.weight > MAX_WEIGHT {
-                    return err(format!(
-                        "{bat}: weight {} is out of range; use 0 to {MAX_WEIGHT}",
-                        b.weight
-                    ));
-                }
-            }
-            backends += vip.backends.len();
+        Ok(())
+    }
+
+    /// One VIP's own keys (`at` names it in errors); duplicates are checked by the caller.
+    fn check_vip(&self, at: &str, vip: &Vip) -> Result<(), ConfigError> {
+        if vip.port == 0 {
+            return err(format!("{at}: port must be between 1 and 65535"));
         }
-        if backends >= MAX_BACKENDS as usize {
+        if vip.address.is_unspecified() || vip.address.is_multicast() {
+            return err(format!("{at}: address must be a unicast address"));
+        }
+        if !is_prime(vip.table_size) {
             return err(format!(
-                "backend: {backends} backends configured, at most {} are supported",
-                MAX_BACKENDS - 1
+                "{at}: table_size {} is not prime; use a prime such as 65537 (the default), 131071 or 262139",
+                vip.table_size
             ));
         }
-        // Two tables per VIP must fit while one replaces the other.
-        if 2 * slots > self.table_pool as u64 {
+        if !(MIN_TABLE_SIZE..=MAX_TABLE_SIZE).contains(&vip.table_size) {
             return err(format!(
-                "table_pool: {} slots cannot hold two tables for every VIP ({} slots needed); raise table_pool or lower table_size",
-                self.table_pool,
-                2 * slots
+                "{at}: table_size {} is out of range; use a prime from {MIN_TABLE_SIZE} to {MAX_TABLE_SIZE}",
+                vip.table_size
             ));
+        }
+        if let Some(h) = &vip.health {
+            h.check().or_else(|e| err(format!("{at}: {e}")))?;
+        }
+        if let Some(l) = &vip.learning {
+            l.check(vip.health.is_some())
+                .or_else(|e| err(format!("{at}: {e}")))?;
+        }
+        if vip.forwarding == Forwarding::Ipip {
+            match vip.address {
+                IpAddr::V4(_) if self.encap.source_v4.is_none() => {
+                    return err(format!("{at}: forwarding = \"ipip\" needs encap.source_v4 (an IPv4 address of this host)"));
+                }
+                IpAddr::V6(_) if self.encap.source_v6.is_none() => {
+                    return err(format!("{at}: forwarding = \"ipip\" needs encap.source_v6 (an IPv6 address of this host)"));
+                }
+                _ => {}
+            }
         }
         Ok(())
     }
+}
+
+/// A VIP's backends: family, unicast, unique, weight in range.
+fn check_backends(at: &str, vip: &Vip) -> Result<(), ConfigError> {
+    let mut addrs = HashSet::new();
+    for (j, b) in vip.backends.iter().enumerate() {
+        let bat = format!("{at}: backend[{j}] ({})", b.address);
+        if b.address.is_ipv4() != vip.address.is_ipv4() {
+            let (bf, vf) = if b.address.is_ipv4() {
+                ("IPv4", "IPv6")
+            } else {
+                ("IPv6", "IPv4")
+            };
+            return err(format!(
+                "{bat}: address is {bf} but the VIP is {vf}; use an {vf} backend address"
+            ));
+        }
+        if b.address.is_unspecified() || b.address.is_multicast() || b.address.is_loopback() {
+            return err(format!(
+                "{bat}: address must be a unicast address of another host"
+            ));
+        }
+        if !addrs.insert(b.address) {
+            return err(format!(
+                "{bat}: duplicate backend; list each address once per VIP"
+            ));
+        }
+        if b.weight > MAX_WEIGHT {
+            return err(format!(
+                "{bat}: weight {} is out of range; use 0 to {MAX_WEIGHT}",
+                b.weight
+            ));
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -962,22 +959,6 @@ source_v6 = "fd00::2"
         ))
         .unwrap();
         assert!(c.vips[0].learning_enabled());
-        let p = c.vips[0]
-            .learning
-            .as_ref()
-            .unwrap()
-            .policy(c.vips[0].table_size);
-        assert!(p.learning);
-        assert_eq!(p.table_size, DEFAULT_TABLE_SIZE);
-        assert_eq!(
-            (p.latency_target_ms, p.floor, p.ceiling, p.max_step_ratio),
-            (50.0, 0.5, 2.0, 0.1)
-        );
-        assert_eq!(
-            (p.deadband, p.disruption_budget, p.max_drained_share),
-            (0.02, 0.01, 0.5)
-        );
-        p.validate().unwrap();
         // Written back and read again, unchanged; pinned is kept, unpinned left out.
         let text = c.to_toml().unwrap();
         assert_eq!(Config::parse(&text).unwrap(), c, "{text}");

@@ -1,24 +1,28 @@
 //! The userspace side of lb: the agent `lbd` and its library (loading and attaching the XDP
 //! programs, building Maglev tables, applying configuration).
+//!
+//! Rooms, each importing only the ones before it (tests/architecture.rs checks there is no
+//! circle): `health` (probes and backend states, and the `[vip.health]` settings), `config`,
+//! `datapath` (the kernel side), `learning` (the weight model), `control` (the API, its socket
+//! and the journal), `agent` (the owner that wires them), then `metrics`; `cli`, `notify` and
+//! `security` serve the binaries. A future `cluster` room (etcd, BGP, leadership) would sit
+//! beside `control`, below `agent`, which would own it like the others.
 pub mod agent;
 pub mod cli;
 pub mod config;
 pub mod control;
 pub mod datapath;
-pub mod decap;
-pub mod events;
 pub mod health;
 pub mod learning;
 pub mod metrics;
-pub mod netif;
 pub mod notify;
-pub mod pool;
 pub mod security;
-pub mod tables;
 
 pub use config::Config;
+pub use datapath::decap::Decap;
 pub use datapath::{Balancer, LoadOptions};
-pub use decap::Decap;
+// Older paths, still used by tests/, xtask/ (`netif`) and the weight model (`tables`).
+pub use datapath::{netif, tables};
 
 /// The build script's BTF name fix, tested on the host (see `ebpf_btf.rs`).
 #[cfg(test)]

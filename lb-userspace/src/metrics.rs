@@ -156,7 +156,16 @@ pub fn render(s: &StatsSnapshot) -> String {
     f.sample("lb_up", &[], 1);
     f.header("lb_uptime_seconds", "gauge", "Seconds since lbd started.");
     f.sample("lb_uptime_seconds", &[], s.uptime_ms as f64 / 1000.0);
+    vip_families(&mut f, s);
+    backend_families(&mut f, s);
+    health_family(&mut f, s);
+    learning_families(&mut f, s);
+    datapath_family(&mut f, s);
+    out
+}
 
+/// Per-VIP counters and gauges, one sample per VIP.
+fn vip_families(f: &mut Family<'_>, s: &StatsSnapshot) {
     type VipField = fn(&crate::control::VipStatsEntry) -> u64;
     let vip_families: [(&str, &str, &str, VipField); 5] = [
         (
@@ -196,7 +205,10 @@ pub fn render(s: &StatsSnapshot) -> String {
             f.sample(name, &[("vip", &v.vip)], get(v));
         }
     }
+}
 
+/// Per-backend counters and gauges, one sample per backend of each VIP.
+fn backend_families(f: &mut Family<'_>, s: &StatsSnapshot) {
     type BackendField = fn(&crate::control::BackendStatsEntry) -> u64;
     let backend_families: [(&str, &str, &str, BackendField); 10] = [
         (
@@ -269,6 +281,10 @@ pub fn render(s: &StatsSnapshot) -> String {
             }
         }
     }
+}
+
+/// `lb_backend_health`: one sample per backend and state, 1 for the state it is in.
+fn health_family(f: &mut Family<'_>, s: &StatsSnapshot) {
     let name = "lb_backend_health";
     f.header(
         name,
@@ -292,7 +308,10 @@ pub fn render(s: &StatsSnapshot) -> String {
             }
         }
     }
+}
 
+/// What the weight model learned and refused.
+fn learning_families(f: &mut Family<'_>, s: &StatsSnapshot) {
     let name = "lb_backend_learned_weight";
     f.header(
         name,
@@ -330,7 +349,10 @@ pub fn render(s: &StatsSnapshot) -> String {
     for (reason, n) in &s.model_refusals {
         f.sample(name, &[("reason", reason)], n);
     }
+}
 
+/// The datapath's global counters by reason.
+fn datapath_family(f: &mut Family<'_>, s: &StatsSnapshot) {
     let name = "lb_datapath_packets_total";
     f.header(
         name,
@@ -341,7 +363,6 @@ pub fn render(s: &StatsSnapshot) -> String {
         let v = s.counters.get(c.name()).copied().unwrap_or(0);
         f.sample(name, &[("reason", c.name())], v);
     }
-    out
 }
 
 #[cfg(test)]

@@ -80,21 +80,6 @@ fn print_json(v: &impl serde::Serialize) {
 }
 
 fn run(ctl: &mut Ctl, command: Command, json: bool) -> Result<(), Failure> {
-    let change = |ctl: &mut Ctl, req: Request| -> Result<(), Failure> {
-        let c: Changed = ctl.call(req)?;
-        if json {
-            print_json(&c);
-        } else {
-            println!("{}", c.message);
-            for t in &c.tables {
-                println!(
-                    "  table of {}: generation {}, {} slots moved",
-                    t.vip, t.generation, t.slots_moved
-                );
-            }
-        }
-        Ok(())
-    };
     match command {
         Command::Vip(VipCommand::Add {
             vip,
@@ -102,6 +87,7 @@ fn run(ctl: &mut Ctl, command: Command, json: bool) -> Result<(), Failure> {
             table_size,
         }) => change(
             ctl,
+            json,
             Request::VipAdd {
                 vip: vip.to_string(),
                 forwarding: Some(forwarding.into()),
@@ -110,6 +96,7 @@ fn run(ctl: &mut Ctl, command: Command, json: bool) -> Result<(), Failure> {
         ),
         Command::Vip(VipCommand::Remove { vip }) => change(
             ctl,
+            json,
             Request::VipRemove {
                 vip: vip.to_string(),
             },
@@ -123,45 +110,7 @@ fn run(ctl: &mut Ctl, command: Command, json: bool) -> Result<(), Failure> {
             }
             Ok(())
         }
-        Command::Backend(b) => {
-            let (vip, address) = match &b {
-                BackendCommand::Add { vip, address, .. }
-                | BackendCommand::Remove { vip, address }
-                | BackendCommand::SetWeight { vip, address, .. }
-                | BackendCommand::Drain { vip, address }
-                | BackendCommand::Undrain { vip, address } => {
-                    (vip.to_string(), address.to_string())
-                }
-                BackendCommand::List { vip } => {
-                    let list: Vec<BackendEntry> = ctl.call(Request::BackendList {
-                        vip: vip.map(|v| v.to_string()),
-                    })?;
-                    if json {
-                        print_json(&list);
-                    } else {
-                        print_backends(&list);
-                    }
-                    return Ok(());
-                }
-            };
-            let req = match b {
-                BackendCommand::Add { weight, .. } => Request::BackendAdd {
-                    vip,
-                    address,
-                    weight: Some(weight),
-                },
-                BackendCommand::Remove { .. } => Request::BackendRemove { vip, address },
-                BackendCommand::SetWeight { weight, .. } => Request::BackendSetWeight {
-                    vip,
-                    address,
-                    weight,
-                },
-                BackendCommand::Drain { .. } => Request::BackendDrain { vip, address },
-                BackendCommand::Undrain { .. } => Request::BackendUndrain { vip, address },
-                BackendCommand::List { .. } => unreachable!("handled above"),
-            };
-            change(ctl, req)
-        }
+        Command::Backend(b) => backend(ctl, b, json),
         Command::Model(ModelCommand::Show { vip }) => {
             let vips: Vec<ModelVip> = ctl.call(Request::ModelShow {
                 vip: vip.map(|v| v.to_string()),
@@ -182,41 +131,100 @@ fn run(ctl: &mut Ctl, command: Command, json: bool) -> Result<(), Failure> {
             }
             Ok(())
         }
-        Command::Stats { watch, interval } => {
-            let mut prev: StatsSnapshot = ctl.call(Request::Stats)?;
-            let wait = watch.unwrap_or(interval);
-            loop {
-                std::thread::sleep(Duration::from_secs_f64(wait));
-                let now: StatsSnapshot = ctl.call(Request::Stats)?;
-                let report = now.clone().with_rates_since(&prev);
-                if json {
-                    if watch.is_some() {
-                        // One JSON document per line while watching.
-                        println!(
-                            "{}",
-                            serde_json::to_string(&report).expect("results serialize")
-                        );
-                    } else {
-                        print_json(&report);
-                    }
-                } else {
-                    if watch.is_some() {
-                        // Clear the screen and go home, like top.
-                        print!("\x1b[H\x1b[2J");
-                        println!(
-                            "lbctl stats: every {wait}s, Ctrl-C to quit (lbd up {})\n",
-                            human_duration(report.uptime_ms / 1000)
-                        );
-                    }
-                    print_stats(&report);
-                }
-                let _ = std::io::stdout().flush();
-                if watch.is_none() {
-                    return Ok(());
-                }
-                prev = now;
-            }
+        Command::Stats { watch, interval } => stats(ctl, watch, interval, json),
+    }
+}
+
+/// Sends a change and prints lbd's answer: its message and the tables it moved.
+fn change(ctl: &mut Ctl, json: bool, req: Request) -> Result<(), Failure> {
+    let c: Changed = ctl.call(req)?;
+    if json {
+        print_json(&c);
+    } else {
+        println!("{}", c.message);
+        for t in &c.tables {
+            println!(
+                "  table of {}: generation {}, {} slots moved",
+                t.vip, t.generation, t.slots_moved
+            );
         }
+    }
+    Ok(())
+}
+
+/// `lbctl backend ...`: a list, or a change to one backend of a VIP.
+fn backend(ctl: &mut Ctl, b: BackendCommand, json: bool) -> Result<(), Failure> {
+    let (vip, address) = match &b {
+        BackendCommand::Add { vip, address, .. }
+        | BackendCommand::Remove { vip, address }
+        | BackendCommand::SetWeight { vip, address, .. }
+        | BackendCommand::Drain { vip, address }
+        | BackendCommand::Undrain { vip, address } => (vip.to_string(), address.to_string()),
+        BackendCommand::List { vip } => {
+            let list: Vec<BackendEntry> = ctl.call(Request::BackendList {
+                vip: vip.map(|v| v.to_string()),
+            })?;
+            if json {
+                print_json(&list);
+            } else {
+                print_backends(&list);
+            }
+            return Ok(());
+        }
+    };
+    let req = match b {
+        BackendCommand::Add { weight, .. } => Request::BackendAdd {
+            vip,
+            address,
+            weight: Some(weight),
+        },
+        BackendCommand::Remove { .. } => Request::BackendRemove { vip, address },
+        BackendCommand::SetWeight { weight, .. } => Request::BackendSetWeight {
+            vip,
+            address,
+            weight,
+        },
+        BackendCommand::Drain { .. } => Request::BackendDrain { vip, address },
+        BackendCommand::Undrain { .. } => Request::BackendUndrain { vip, address },
+        BackendCommand::List { .. } => unreachable!("handled above"),
+    };
+    change(ctl, json, req)
+}
+
+/// `lbctl stats`: rates between two snapshots, once or every `--watch` seconds.
+fn stats(ctl: &mut Ctl, watch: Option<f64>, interval: f64, json: bool) -> Result<(), Failure> {
+    let mut prev: StatsSnapshot = ctl.call(Request::Stats)?;
+    let wait = watch.unwrap_or(interval);
+    loop {
+        std::thread::sleep(Duration::from_secs_f64(wait));
+        let now: StatsSnapshot = ctl.call(Request::Stats)?;
+        let report = now.clone().with_rates_since(&prev);
+        if json {
+            if watch.is_some() {
+                // One JSON document per line while watching.
+                println!(
+                    "{}",
+                    serde_json::to_string(&report).expect("results serialize")
+                );
+            } else {
+                print_json(&report);
+            }
+        } else {
+            if watch.is_some() {
+                // Clear the screen and go home, like top.
+                print!("\x1b[H\x1b[2J");
+                println!(
+                    "lbctl stats: every {wait}s, Ctrl-C to quit (lbd up {})\n",
+                    human_duration(report.uptime_ms / 1000)
+                );
+            }
+            print_stats(&report);
+        }
+        let _ = std::io::stdout().flush();
+        if watch.is_none() {
+            return Ok(());
+        }
+        prev = now;
     }
 }
 
@@ -406,7 +414,10 @@ fn print_status(s: &Status) {
             );
         }
     }
-    print!("{}", lb_userspace::events::format_recent(s, STATUS_EVENTS));
+    print!(
+        "{}",
+        lb_userspace::control::events::format_recent(s, STATUS_EVENTS)
+    );
 }
 
 /// Events `lbctl status` prints (the JSON has every one lbd keeps).

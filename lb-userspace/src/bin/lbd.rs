@@ -6,16 +6,19 @@
 //! serves `lbctl` on its control socket (every accepted change is applied and written back to
 //! the configuration file) and Prometheus metrics on `metrics_listen`. What happens to it (how
 //! it started, what a killed predecessor left unfinished, interface flaps, backends going down)
-//! is kept for `lbctl status` (see `lb_userspace::events`).
+//! is kept for `lbctl status` (see `lb_userspace::control::events`).
 //! `lbd decap --interface IF --vip ADDR...` runs on a backend host instead: it attaches the
 //! decapsulation program so the host accepts IP-in-IP for its VIPs without a tunnel device.
 use anyhow::{Context as _, Result};
 use clap::Parser as _;
 use lb_userspace::{
-    agent::{xdp_mode_name, Agent, ControlSocket},
+    agent::{xdp_mode_name, Agent},
     cli::{LbdCli as Cli, LbdCommand as Command},
     config::XdpMode,
-    events::{self, Journal, Kind},
+    control::{
+        events::{self, Journal, Kind},
+        ControlSocket,
+    },
     metrics, netif, notify, Balancer, Config, Decap, LoadOptions,
 };
 use std::{
@@ -84,25 +87,12 @@ async fn balance(path: &std::path::Path, journal: &Arc<Journal>) -> Result<()> {
     let previous = journal.begin_run(&events::state_path(control.path()))?;
     let metrics_listener = metrics::bind(cfg.metrics_listen).await?;
     let mut lb = Balancer::load(LoadOptions::from(&cfg))?;
-    lb.set_journal(journal.clone());
+    let notes = journal.clone();
+    lb.on_table_write(move |w| notes.table_write(w));
     // As found in the pins, before this lbd writes anything: tells whether a table write the
     // previous lbd was killed in had been published.
     let restored_generations = lb.vips().map(|v| (v.config.name(), v.generation)).collect();
-    // The datapath's rare events (aya-log records) go to lbd's log.
-    if let Some(logger) = lb.take_logger() {
-        // SAFETY: the logger owns its ring buffer's fd, which stays open and the same for as
-        // long as the AsyncFd owns the logger.
-        let mut logger = unsafe {
-            tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE)
-        }
-        .map_err(|e| anyhow::anyhow!("watching the datapath's log: {e}"))?;
-        tokio::spawn(async move {
-            while let Ok(mut guard) = logger.readable_mut().await {
-                guard.get_inner_mut().flush();
-                guard.clear_ready();
-            }
-        });
-    }
+    forward_datapath_log(&mut lb)?;
     // Tables first, then attach: the first packet already sees every VIP.
     let report = lb.apply(&cfg)?;
     let mode = lb.attach(&cfg.interface, cfg.xdp_mode)?;
@@ -142,6 +132,32 @@ async fn balance(path: &std::path::Path, journal: &Arc<Journal>) -> Result<()> {
     agent.start_health().await?;
     let control_task = tokio::spawn(control.serve(agent.clone()));
     let metrics_task = tokio::spawn(metrics::serve(metrics_listener, agent.clone()));
+    serve_until_stopped(&agent, journal, &interface).await?;
+    shut_down(&agent, control_task, metrics_task, &interface).await
+}
+
+/// The datapath's rare events (aya-log records) go to lbd's log.
+fn forward_datapath_log(lb: &mut Balancer) -> Result<()> {
+    if let Some(logger) = lb.take_logger() {
+        // SAFETY: the logger owns its ring buffer's fd, which stays open and the same for as
+        // long as the AsyncFd owns the logger.
+        let mut logger = unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE)
+        }
+        .map_err(|e| anyhow::anyhow!("watching the datapath's log: {e}"))?;
+        tokio::spawn(async move {
+            while let Ok(mut guard) = logger.readable_mut().await {
+                guard.get_inner_mut().flush();
+                guard.clear_ready();
+            }
+        });
+    }
+    Ok(())
+}
+
+/// Keeps next hops resolved and follows the interface's state until SIGTERM or SIGINT;
+/// SIGHUP reloads the configuration.
+async fn serve_until_stopped(agent: &Agent, journal: &Journal, interface: &str) -> Result<()> {
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut hup = signal(SignalKind::hangup())?;
@@ -150,7 +166,7 @@ async fn balance(path: &std::path::Path, journal: &Arc<Journal>) -> Result<()> {
     let mut heals = HealEvents::default();
     // The interface's state, for the journal, and to resolve next hops as soon as it is back.
     let mut link_tick = tokio::time::interval(Duration::from_millis(250));
-    let mut link = netif::link_state(&interface).ok();
+    let mut link = netif::link_state(interface).ok();
     loop {
         tokio::select! {
             _ = heal.tick() => {
@@ -164,9 +180,9 @@ async fn balance(path: &std::path::Path, journal: &Arc<Journal>) -> Result<()> {
                 }
             }
             _ = link_tick.tick() => {
-                if let Ok(now) = netif::link_state(&interface) {
+                if let Ok(now) = netif::link_state(interface) {
                     if link != Some(now) {
-                        on_link_change(&agent, journal, &interface, now).await;
+                        on_link_change(agent, journal, interface, now).await;
                         link = Some(now);
                     }
                 }
@@ -174,35 +190,51 @@ async fn balance(path: &std::path::Path, journal: &Arc<Journal>) -> Result<()> {
             _ = term.recv() => break,
             _ = int.recv() => break,
             _ = hup.recv() => {
-                notify::reloading();
-                match agent.reload().await {
-                    Ok(r) => {
-                        for (vip, moved, generation) in &r.tables {
-                            info!(%vip, moved, generation, "table updated");
-                        }
-                        info!(
-                            vips_added = r.vips_added,
-                            vips_removed = r.vips_removed,
-                            backends_added = r.backends_added,
-                            backends_removed = r.backends_removed,
-                            "configuration reloaded"
-                        );
-                        journal.record(Kind::Reloaded, format!(
-                            "configuration reloaded (SIGHUP): {} VIPs added, {} removed; {} backends added, {} removed; {} tables changed",
-                            r.vips_added, r.vips_removed, r.backends_added, r.backends_removed, r.tables.len()
-                        ));
-                    }
-                    Err(e) => {
-                        error!("{e:#}");
-                        journal.record(Kind::ReloadRefused, format!("{e:#}"));
-                    }
-                }
-                notify::balancer_ready(&agent.config().await);
+                reload(agent, journal).await;
             }
         }
     }
+    Ok(())
+}
+
+/// SIGHUP: reads the configuration file again and applies it, saying what changed.
+async fn reload(agent: &Agent, journal: &Journal) {
+    notify::reloading();
+    match agent.reload().await {
+        Ok(r) => {
+            for (vip, moved, generation) in &r.tables {
+                info!(%vip, moved, generation, "table updated");
+            }
+            info!(
+                vips_added = r.vips_added,
+                vips_removed = r.vips_removed,
+                backends_added = r.backends_added,
+                backends_removed = r.backends_removed,
+                "configuration reloaded"
+            );
+            journal.record(Kind::Reloaded, format!(
+                "configuration reloaded (SIGHUP): {} VIPs added, {} removed; {} backends added, {} removed; {} tables changed",
+                r.vips_added, r.vips_removed, r.backends_added, r.backends_removed, r.tables.len()
+            ));
+        }
+        Err(e) => {
+            error!("{e:#}");
+            journal.record(Kind::ReloadRefused, format!("{e:#}"));
+        }
+    }
+    notify::balancer_ready(&agent.config().await);
+}
+
+/// Stops serving (the control socket's file is removed as its task drops) and leaves the
+/// datapath pinned, or detaches it.
+async fn shut_down(
+    agent: &Agent,
+    control_task: tokio::task::JoinHandle<Result<()>>,
+    metrics_task: tokio::task::JoinHandle<()>,
+    interface: &str,
+) -> Result<()> {
     notify::stopping();
-    // No more changes: stop serving (the control socket's file is removed as its task drops).
+    // No more changes: stop serving.
     control_task.abort();
     metrics_task.abort();
     let _ = control_task.await;

@@ -1,9 +1,7 @@
 //! The backend-side decapsulation program: lets a backend receive IP-in-IP from the balancer
 //! without a tunnel device.
-use crate::{
-    config::XdpMode,
-    datapath::{addr_bytes, attach_xdp},
-};
+use super::{addr_bytes, attach_xdp};
+use crate::config::XdpMode;
 use anyhow::{anyhow, Context as _, Result};
 use aya::{
     maps::{HashMap as BpfHashMap, MapData, PerCpuArray},
@@ -77,7 +75,7 @@ impl Decap {
     }
 
     pub fn attach(&mut self, interface: &str, mode: XdpMode) -> Result<AyaXdpMode> {
-        crate::netif::ifindex(interface)?;
+        super::netif::ifindex(interface)?;
         let prog: &mut Xdp = self
             .ebpf
             .program_mut(progs::DECAP)

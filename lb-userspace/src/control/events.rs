@@ -109,14 +109,8 @@ impl std::fmt::Display for RolledBack {
     }
 }
 
-/// A table write in progress: the VIP, the generation being written and where.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct TableWrite {
-    pub vip: String,
-    pub generation: u32,
-    pub slots: u32,
-    pub offset: u32,
-}
+/// Kept here under its old name: the journal records it in the run-state file.
+pub use crate::datapath::TableWrite;
 
 /// A configuration change in progress: what it does, and the hashes ([`text_hash`]) of the
 /// configuration file's text before it and of the text it would write.

@@ -1,0 +1,210 @@
+//! Applying a control request's change to a configuration, and writing the configuration
+//! file atomically. Pure functions of the config: the agent runs them inside its transaction.
+use crate::{
+    config::{self, Config},
+    control::{parse_backend_address, Request, VipName},
+};
+use anyhow::{anyhow, bail, Result};
+use std::{
+    fs,
+    io::Write as _,
+    os::unix::fs::{MetadataExt as _, OpenOptionsExt as _, PermissionsExt as _},
+    path::{Path, PathBuf},
+};
+
+pub(super) fn unknown_vip(v: &VipName) -> String {
+    format!(
+        "vip {v}: no such VIP; `lbctl vip list` shows the configured ones, `lbctl vip add` adds one"
+    )
+}
+
+pub(super) fn find_vip<'a>(cfg: &'a mut Config, v: &VipName) -> Result<&'a mut config::Vip> {
+    cfg.vips
+        .iter_mut()
+        .find(|x| VipName::of(x) == *v)
+        .ok_or_else(|| anyhow!(unknown_vip(v)))
+}
+
+pub(super) fn find_backend<'a>(
+    vip: &'a mut config::Vip,
+    name: &VipName,
+    addr: std::net::IpAddr,
+) -> Result<&'a mut config::Backend> {
+    vip.backends
+        .iter_mut()
+        .find(|b| b.address == addr)
+        .ok_or_else(|| {
+            anyhow!(
+                "backend {addr} of vip {name}: no such backend; `lbctl backend list {name}` shows them, `lbctl backend add` adds one"
+            )
+        })
+}
+
+pub(super) fn parse_vip(s: &str) -> Result<VipName> {
+    s.parse::<VipName>().map_err(|e| anyhow!(e))
+}
+
+pub(super) fn parse_addr(s: &str) -> Result<std::net::IpAddr> {
+    parse_backend_address(s).map_err(|e| anyhow!(e))
+}
+
+/// Applies a mutating request to a configuration; returns what was done, for the log and the
+/// caller. Validation of the result is the caller's (`Config::validate`).
+pub(super) fn edit(cfg: &mut Config, req: &Request) -> Result<String> {
+    match req {
+        Request::VipAdd {
+            vip,
+            forwarding,
+            table_size,
+        } => {
+            let name = parse_vip(vip)?;
+            if cfg.vips.iter().any(|x| VipName::of(x) == name) {
+                bail!("vip {name}: already configured; change its backends with `lbctl backend ...`, or `lbctl vip remove` it first to change its forwarding or table size");
+            }
+            let forwarding = forwarding.unwrap_or_default();
+            let table_size = table_size.unwrap_or(lb_common::DEFAULT_TABLE_SIZE);
+            cfg.vips.push(config::Vip {
+                address: name.address,
+                port: name.port,
+                protocol: name.protocol,
+                forwarding,
+                table_size,
+                health: None,
+                learning: None,
+                backends: Vec::new(),
+            });
+            Ok(format!(
+                "added vip {name} (forwarding {}, table_size {table_size})",
+                crate::datapath::forwarding_name(forwarding)
+            ))
+        }
+        Request::VipRemove { vip } => {
+            let name = parse_vip(vip)?;
+            find_vip(cfg, &name)?;
+            cfg.vips.retain(|x| VipName::of(x) != name);
+            Ok(format!("removed vip {name}"))
+        }
+        Request::BackendAdd {
+            vip,
+            address,
+            weight,
+        } => {
+            let name = parse_vip(vip)?;
+            let addr = parse_addr(address)?;
+            let v = find_vip(cfg, &name)?;
+            if v.backends.iter().any(|b| b.address == addr) {
+                bail!("backend {addr} of vip {name}: already a backend of this VIP; use `lbctl backend set-weight` to change its weight");
+            }
+            let weight = weight.unwrap_or(1);
+            v.backends.push(config::Backend {
+                address: addr,
+                weight,
+                drained: false,
+                pinned: false,
+            });
+            Ok(format!(
+                "added backend {addr} to vip {name} with weight {weight}"
+            ))
+        }
+        Request::BackendRemove { vip, address } => {
+            let name = parse_vip(vip)?;
+            let addr = parse_addr(address)?;
+            let v = find_vip(cfg, &name)?;
+            find_backend(v, &name, addr)?;
+            v.backends.retain(|b| b.address != addr);
+            Ok(format!("removed backend {addr} from vip {name}"))
+        }
+        Request::BackendSetWeight {
+            vip,
+            address,
+            weight,
+        } => {
+            let name = parse_vip(vip)?;
+            let addr = parse_addr(address)?;
+            let v = find_vip(cfg, &name)?;
+            let b = find_backend(v, &name, addr)?;
+            let old = b.weight;
+            b.weight = *weight;
+            Ok(format!(
+                "backend {addr} of vip {name}: weight {old} -> {weight}{}",
+                if b.drained {
+                    " (drained: takes effect on undrain)"
+                } else {
+                    ""
+                }
+            ))
+        }
+        Request::BackendDrain { vip, address } | Request::BackendUndrain { vip, address } => {
+            let drain = matches!(req, Request::BackendDrain { .. });
+            let name = parse_vip(vip)?;
+            let addr = parse_addr(address)?;
+            let v = find_vip(cfg, &name)?;
+            let b = find_backend(v, &name, addr)?;
+            b.drained = drain;
+            Ok(if drain {
+                format!("backend {addr} of vip {name}: drained (no new flows; established flows continue)")
+            } else {
+                format!(
+                    "backend {addr} of vip {name}: undrained (weight {} again)",
+                    b.weight
+                )
+            })
+        }
+        Request::VipList
+        | Request::BackendList { .. }
+        | Request::ModelShow { .. }
+        | Request::Stats
+        | Request::Status => {
+            bail!("internal error: {req:?} is not a change")
+        }
+    }
+}
+
+/// Writes the configuration to `path` atomically: a temporary file in the same directory
+/// (same owner and mode as the file it replaces), fsync, rename over the file, fsync of the
+/// directory. A symlink is followed, so the file it points to is the one replaced. Returns the
+/// text written.
+pub fn persist(path: &Path, cfg: &Config) -> Result<String> {
+    let text = cfg.to_toml()?;
+    let target = fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+    let dir = match target.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let file_name = target
+        .file_name()
+        .ok_or_else(|| anyhow!("config file {}: not a file path", path.display()))?
+        .to_string_lossy()
+        .into_owned();
+    let tmp = dir.join(format!(".{file_name}.lbd-{}.tmp", std::process::id()));
+    let old = fs::metadata(&target).ok();
+    let mode = old
+        .as_ref()
+        .map_or(0o644, |m| m.permissions().mode() & 0o7777);
+    let write = || -> std::io::Result<()> {
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(mode)
+            .open(&tmp)?;
+        f.set_permissions(fs::Permissions::from_mode(mode))?;
+        if let Some(m) = &old {
+            std::os::unix::fs::fchown(&f, Some(m.uid()), Some(m.gid()))?;
+        }
+        f.write_all(text.as_bytes())?;
+        f.sync_all()?;
+        drop(f);
+        fs::rename(&tmp, &target)?;
+        fs::File::open(&dir)?.sync_all()
+    };
+    write().map_err(|e| {
+        let _ = fs::remove_file(&tmp);
+        anyhow!(
+            "config file {}: cannot write it ({e}); check that lbd may write to {}",
+            target.display(),
+            dir.display()
+        )
+    })?;
+    Ok(text)
+}

@@ -1,0 +1,247 @@
+//! Health checks as the agent runs them: one prober per set of `[vip.health]` backends, each
+//! outcome fed to the backend's state machine, and the datapath applied again on a change.
+use super::{vip_id, Agent, State};
+use crate::{
+    config::{self, Config},
+    control::VipName,
+    datapath::VipId,
+    health::{HealthConfig, HealthState, HealthStatus, ProbeReport, ProbeTarget, Prober},
+};
+use anyhow::{Context as _, Result};
+use std::{collections::BTreeMap, net::IpAddr, sync::Arc};
+use tokio::sync::mpsc;
+use tracing::{debug, error, info, warn};
+
+/// Backends by (VIP, address).
+pub(super) type HealthKey = (VipId, IpAddr);
+
+pub(super) type HealthMap = BTreeMap<HealthKey, BackendHealth>;
+
+/// A probe's key: the prober generation it belongs to, then the backend.
+pub(super) type ProbeKey = (u64, VipId, IpAddr);
+
+/// One health-checked backend, as the agent tracks it.
+#[derive(Debug, Clone)]
+pub(super) struct BackendHealth {
+    pub(super) config: HealthConfig,
+    pub(super) state: HealthState,
+    pub(super) last_probe_ms: Option<f64>,
+    pub(super) last_error: Option<String>,
+    /// Probes since the learning loop last took a sample: latency sum (failures at the
+    /// timeout), count, failures.
+    pub(super) probe_sum_ms: f64,
+    pub(super) probes: u32,
+    pub(super) probe_failures: u32,
+}
+
+/// The probers running, and where their reports go.
+#[derive(Default)]
+pub(super) struct Probes {
+    /// Bumped at each restart: reports of an older generation are ignored.
+    pub(super) epoch: u64,
+    pub(super) prober: Option<Prober>,
+    pub(super) reports: Option<mpsc::Sender<ProbeReport<ProbeKey>>>,
+}
+
+/// Capacity of the probe report channel (probes wait for room: no unbounded queue).
+pub(super) const REPORT_QUEUE: usize = 1024;
+
+/// The weight a backend on probation comes back with: a quarter of its configured weight
+/// (at least 1), until probes bring it up.
+pub fn slow_start_weight(weight: u32) -> u32 {
+    if weight == 0 {
+        0
+    } else {
+        (weight / 4).max(1)
+    }
+}
+
+/// `health` brought in line with `cfg`: an entry for every backend of every VIP with
+/// `[vip.health]`, carried over when its settings did not change. A new backend starts up (as
+/// without health checks); one whose settings changed keeps being down if it was.
+pub(super) fn sync_health(health: &HealthMap, cfg: &Config) -> HealthMap {
+    let mut out = HealthMap::new();
+    for v in &cfg.vips {
+        let Some(h) = &v.health else { continue };
+        let hc = h.to_config(v.port);
+        for b in &v.backends {
+            let key = (vip_id(v), b.address);
+            let entry = match health.get(&key) {
+                Some(old) if old.config == hc => old.clone(),
+                old => BackendHealth {
+                    state: match old.map(|o| o.state.probed_status()) {
+                        Some(HealthStatus::Down | HealthStatus::Probation) => {
+                            HealthState::new_down(hc.rise, hc.fall)
+                        }
+                        _ => HealthState::new(hc.rise, hc.fall),
+                    },
+                    config: hc.clone(),
+                    last_probe_ms: old.and_then(|o| o.last_probe_ms),
+                    last_error: old.and_then(|o| o.last_error.clone()),
+                    probe_sum_ms: 0.0,
+                    probes: 0,
+                    probe_failures: 0,
+                },
+            };
+            out.insert(key, entry);
+        }
+    }
+    out
+}
+
+/// What the probes say of a backend (`Up` without health checks).
+pub(super) fn probed(health: &HealthMap, vip: VipId, addr: IpAddr) -> HealthStatus {
+    health
+        .get(&(vip, addr))
+        .map_or(HealthStatus::Up, |h| h.state.probed_status())
+}
+
+/// A backend's health as `backend list` and the metrics show it: (up, state, last probe).
+pub(super) fn shown_health<'a>(
+    health: &'a HealthMap,
+    vip: VipId,
+    b: &config::Backend,
+) -> (bool, HealthStatus, Option<&'a BackendHealth>) {
+    let h = health.get(&(vip, b.address));
+    let probed = h.map_or(HealthStatus::Up, |h| h.state.probed_status());
+    let shown = if b.drained {
+        HealthStatus::Draining
+    } else {
+        probed
+    };
+    (probed != HealthStatus::Down, shown, h)
+}
+
+/// The configured backend `addr` of `vip` (the datapath's copy has effective weights).
+pub(super) fn configured(cfg: &Config, vip: VipId, addr: IpAddr) -> Option<&config::Backend> {
+    cfg.vips
+        .iter()
+        .find(|v| vip_id(v) == vip)?
+        .backends
+        .iter()
+        .find(|b| b.address == addr)
+}
+
+impl Agent {
+    /// Starts health checking (needs the tokio runtime): a probe task per backend of every VIP
+    /// with `[vip.health]`, the task that acts on their reports, and the learning loop
+    /// ([`Agent::start_learning`]). Also clears DOWN flags a
+    /// previous lbd left in pinned maps: every backend starts up.
+    pub async fn start_health(self: &Arc<Self>) -> Result<()> {
+        let (tx, mut rx) = mpsc::channel(REPORT_QUEUE);
+        self.probes.lock().expect("probes lock").reports = Some(tx);
+        let agent = Arc::downgrade(self);
+        tokio::spawn(async move {
+            while let Some(report) = rx.recv().await {
+                let Some(agent) = agent.upgrade() else { return };
+                agent.on_probe(report).await;
+            }
+        });
+        let mut st = self.state.lock().await;
+        st.reapply().context("applying the backends' health")?;
+        self.restart_probes(&st);
+        drop(st);
+        // The learning loop feeds on the probes: it starts with them.
+        self.start_learning();
+        Ok(())
+    }
+
+    /// Replaces the probers with ones for the backends in `st.health`, each starting from the
+    /// state the agent has for it.
+    pub(super) fn restart_probes(&self, st: &State) {
+        let mut p = self.probes.lock().expect("probes lock");
+        p.epoch += 1;
+        p.prober = None;
+        let Some(tx) = p.reports.clone() else { return };
+        if st.health.is_empty() {
+            return;
+        }
+        let epoch = p.epoch;
+        let targets = st
+            .health
+            .iter()
+            .map(|((vip, addr), h)| ProbeTarget {
+                key: (epoch, *vip, *addr),
+                probe: h.config.probe_for(*addr),
+                interval: h.config.interval,
+                state: h.state.clone(),
+            })
+            .collect::<Vec<_>>();
+        debug!(backends = targets.len(), "health checks (re)started");
+        p.prober = Some(Prober::spawn(targets, tx));
+    }
+
+    /// One probe outcome: updates the backend's health and, when its status changed, the
+    /// datapath.
+    pub(super) async fn on_probe(&self, report: ProbeReport<ProbeKey>) {
+        let (epoch, vip, addr) = report.key;
+        let mut st = self.state.lock().await;
+        if epoch != self.probes.lock().expect("probes lock").epoch {
+            return;
+        }
+        let Some(h) = st.health.get_mut(&(vip, addr)) else {
+            return;
+        };
+        let result = report.result;
+        h.last_probe_ms = Some(result.latency_ms());
+        h.last_error = result.error.clone();
+        h.probe_sum_ms += result.latency_ms();
+        h.probes += 1;
+        h.probe_failures += u32::from(!result.ok);
+        let before = h.state.probed_status();
+        h.state.on_probe(&result);
+        let after = h.state.probed_status();
+        if before == after {
+            return;
+        }
+        let name = VipName {
+            address: vip.0,
+            port: vip.1,
+            protocol: vip.2,
+        };
+        let error = result.error.as_deref().unwrap_or("");
+        match after {
+            HealthStatus::Down => warn!(
+                vip = %name,
+                backend = %addr,
+                from = %before,
+                error,
+                consecutive_failures = h.state.consecutive_failures(),
+                "backend down: no new flows, its established flows are steered to other backends"
+            ),
+            HealthStatus::Probation => info!(
+                vip = %name,
+                backend = %addr,
+                latency_ms = result.latency_ms(),
+                "backend passing again: on probation at a reduced weight (slow start)"
+            ),
+            _ => info!(
+                vip = %name,
+                backend = %addr,
+                from = %before,
+                latency_ms = result.latency_ms(),
+                "backend up: full weight"
+            ),
+        }
+        let failures = h.state.consecutive_failures();
+        self.events.health(
+            &name.to_string(),
+            addr,
+            before,
+            after,
+            error,
+            failures,
+            result.latency_ms(),
+        );
+        match st.reapply() {
+            Ok(r) => {
+                for (vip, moved, generation) in &r.tables {
+                    info!(%vip, moved, generation, "table updated");
+                }
+            }
+            Err(e) => {
+                error!(vip = %name, backend = %addr, "applying a health change failed: {e:#}")
+            }
+        }
+    }
+}

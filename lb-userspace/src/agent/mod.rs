@@ -1,0 +1,641 @@
+//! `lbd` as an agent: it owns the [`Balancer`] and the current [`Config`], answers the
+//! control API ([`crate::control`], whose socket hands requests to [`Agent::handle`]), and
+//! wires the other rooms together. The owner and its transactions are here; the parts it runs
+//! live next to it: [`edit`] (a request's change to the config, and saving it), [`health`]
+//! (probers and backend states), [`learning`] (the weight model's steps) and [`queries`]
+//! (the read-only answers).
+//!
+//! Every change is a transaction, one at a time (a mutex serializes them): clone the
+//! configuration, apply the request to the clone, validate it, apply it to the datapath (on
+//! failure the previous configuration is applied again), then write it to the configuration
+//! file atomically (temporary file in the same directory, fsync, rename, fsync of the
+//! directory; on failure the datapath is rolled back too). A rejected request changes neither
+//! the maps nor the file, and a restart comes back with exactly what was last accepted.
+//!
+//! Health checks (`[vip.health]`) are runtime state, never written to the file: the agent runs
+//! a `Prober` for every backend of such VIPs (restarted after every accepted change or
+//! reload), feeds each outcome to that backend's `HealthState`, and when a backend's status
+//! changes applies the datapath again. A down backend gets weight 0 in the table and the DOWN
+//! flag in its datapath entry (its established flows are steered again at once); a backend on
+//! probation comes back with a quarter of its weight (slow start), then all of it once up.
+mod edit;
+mod health;
+mod learning;
+mod queries;
+
+use crate::{
+    config::{self, Config},
+    control::{
+        events::{self, Journal},
+        Changed, Handler, Request, Response, TableChange, VipName,
+    },
+    datapath::{ApplyReport, Balancer, VipId},
+    health::HealthStatus,
+};
+use anyhow::{anyhow, bail, Result};
+use edit::edit;
+pub use edit::persist;
+pub use health::slow_start_weight;
+use health::{probed, sync_health, HealthKey, HealthMap, Probes};
+use learning::{learning_weight, sync_learning, LearnMap, Learned};
+use std::{
+    collections::BTreeMap,
+    fs,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Instant,
+};
+use tokio::sync::Mutex;
+use tracing::{error, info};
+
+/// What the mutex protects: the datapath and the configuration it was built from.
+struct State {
+    lb: Balancer,
+    config: Config,
+    /// The configuration file's text as lbd last read or wrote it. A change made with lbctl is
+    /// refused while the file holds something else (an operator's edit not yet reloaded), so
+    /// that writing the file never throws such an edit away.
+    file_text: Option<String>,
+    /// Health of every backend of the VIPs with `[vip.health]`.
+    health: HealthMap,
+    /// The learning model of every VIP with `[vip.learning]` enabled (runtime state only).
+    learning: LearnMap,
+    /// Learned table weights in force, by (VIP, backend) (runtime state, never persisted).
+    learned: Learned,
+    /// Refused fits since start, by refusal (`lb_model_refusals_total`).
+    refusals: BTreeMap<String, u64>,
+}
+
+fn vip_id(v: &config::Vip) -> VipId {
+    (v.address, v.port, v.protocol)
+}
+
+/// The configuration the datapath is built from: `cfg` with the weight of every down backend
+/// at 0 and of every backend on probation reduced ([`slow_start_weight`]). VIPs with learning
+/// enabled are built with table weights (configured × 100, or the learned weight in force):
+/// the same table as the configured weights until the model changes one. Health still wins.
+fn effective(cfg: &Config, health: &HealthMap, learned: &Learned) -> Config {
+    let mut out = cfg.clone();
+    for v in &mut out.vips {
+        if v.health.is_none() {
+            continue;
+        }
+        let id = vip_id(v);
+        if v.learning_enabled() {
+            for b in &mut v.backends {
+                b.weight = learning_weight(b, id, health, learned);
+            }
+            // Tables depend only on weight ratios; keep within what the datapath accepts.
+            let max = v.backends.iter().map(|b| b.weight).max().unwrap_or(0);
+            if max > config::MAX_WEIGHT {
+                for b in &mut v.backends {
+                    if b.weight > 0 {
+                        b.weight = ((u64::from(b.weight) * u64::from(config::MAX_WEIGHT)
+                            / u64::from(max)) as u32)
+                            .max(1);
+                    }
+                }
+            }
+            continue;
+        }
+        for b in &mut v.backends {
+            match probed(health, id, b.address) {
+                HealthStatus::Down => b.weight = 0,
+                HealthStatus::Probation => b.weight = slow_start_weight(b.weight),
+                _ => {}
+            }
+        }
+    }
+    out
+}
+
+/// Applies `cfg` as `health` has it: DOWN flags of backends no longer down cleared first (so
+/// that the slots they get back lead somewhere), the tables, then the DOWN flag of every down
+/// backend set (its established flows move at once).
+impl State {
+    /// Applies the current configuration with the runtime health and learned weights.
+    fn reapply(&mut self) -> Result<ApplyReport> {
+        apply_datapath(&mut self.lb, &self.config, &self.health, &self.learned)
+    }
+}
+
+fn apply_datapath(
+    lb: &mut Balancer,
+    cfg: &Config,
+    health: &HealthMap,
+    learned: &Learned,
+) -> Result<ApplyReport> {
+    let applied: Vec<HealthKey> = lb
+        .vips()
+        .flat_map(|v| {
+            v.backends
+                .iter()
+                .map(move |b| (vip_id(&v.config), b.address))
+        })
+        .collect();
+    for (vip, addr) in applied {
+        if probed(health, vip, addr) != HealthStatus::Down
+            && lb.backend_down(vip, addr) == Some(true)
+        {
+            lb.set_backend_down(vip, addr, false)?;
+        }
+    }
+    let report = lb.apply(&effective(cfg, health, learned))?;
+    for ((vip, addr), h) in health {
+        if h.state.probed_status() == HealthStatus::Down {
+            lb.set_backend_down(*vip, *addr, true)?;
+        }
+    }
+    Ok(report)
+}
+
+/// The running agent. Share it as `Arc<Agent>` between the control socket, the metrics
+/// endpoint and the signal loop.
+pub struct Agent {
+    state: Mutex<State>,
+    config_path: PathBuf,
+    started: Instant,
+    /// Locked after `state` when both are needed.
+    probes: std::sync::Mutex<Probes>,
+    /// What happened, for `lbctl status` (see [`crate::control::events`]).
+    events: Arc<Journal>,
+}
+
+impl Agent {
+    /// Takes over a loaded, attached balancer that `config` (read from `config_path`) was
+    /// applied to.
+    pub fn new(
+        config_path: &Path,
+        config: Config,
+        lb: Balancer,
+        events: Arc<Journal>,
+    ) -> Arc<Self> {
+        let file_text = fs::read_to_string(config_path).ok();
+        let health = sync_health(&HealthMap::new(), &config);
+        let (learning, learned) = sync_learning(&LearnMap::new(), &Learned::new(), &config);
+        Arc::new(Agent {
+            state: Mutex::new(State {
+                lb,
+                config,
+                file_text,
+                health,
+                learning,
+                learned,
+                refusals: BTreeMap::new(),
+            }),
+            config_path: config_path.to_path_buf(),
+            started: Instant::now(),
+            probes: std::sync::Mutex::new(Probes::default()),
+            events,
+        })
+    }
+
+    /// The journal `lbctl status` shows.
+    pub fn events(&self) -> &Arc<Journal> {
+        &self.events
+    }
+
+    /// The configuration currently applied.
+    pub async fn config(&self) -> Config {
+        self.state.lock().await.config.clone()
+    }
+
+    /// Detaches the balancer (on stop). The agent answers no further changes meaningfully
+    /// after this; call it last.
+    pub async fn detach(&self) -> Result<()> {
+        self.state.lock().await.lb.detach()
+    }
+
+    /// Runs `f` with the balancer, under the same lock as changes.
+    pub async fn with_balancer<T>(&self, f: impl FnOnce(&mut Balancer, &Config) -> T) -> T {
+        let mut st = self.state.lock().await;
+        let State { lb, config, .. } = &mut *st;
+        f(lb, config)
+    }
+
+    /// SIGHUP: re-reads the configuration file and applies it, as one more serialized change.
+    /// A file that is invalid, or that changes settings fixed at start, changes nothing.
+    pub async fn reload(&self) -> Result<ApplyReport> {
+        let mut guard = self.state.lock().await;
+        let st = &mut *guard;
+        let path = self.config_path.display();
+        let text = fs::read_to_string(&self.config_path).map_err(|e| {
+            anyhow!("reload rejected, nothing changed: cannot read config file {path}: {e}")
+        })?;
+        let new = Config::parse(&text)
+            .map_err(|e| anyhow!("reload rejected, nothing changed: config file {path}: {e}"))?;
+        let fixed = st.config.restart_only_changes(&new);
+        if !fixed.is_empty() {
+            bail!(
+                "reload rejected, nothing changed: {} only change on restart",
+                fixed.join(", ")
+            );
+        }
+        let prev = st.config.clone();
+        let _busy =
+            self.events
+                .begin_change("reload (SIGHUP)", st.file_text.as_deref(), Some(&text));
+        let health = sync_health(&st.health, &new);
+        let (learning, learned) = sync_learning(&st.learning, &st.learned, &new);
+        match apply_datapath(&mut st.lb, &new, &health, &learned) {
+            Ok(r) => {
+                st.config = new;
+                st.file_text = Some(text);
+                st.health = health;
+                st.learning = learning;
+                st.learned = learned;
+                self.restart_probes(st);
+                Ok(r)
+            }
+            Err(e) => {
+                rollback(&mut st.lb, &prev, &st.health, &st.learned);
+                Err(e.context("reload failed; the previous configuration stays applied"))
+            }
+        }
+    }
+
+    /// Answers one control request.
+    pub async fn handle(&self, req: Request) -> Response {
+        let result = match req {
+            Request::VipList => self.vip_list().await.map(Response::ok),
+            Request::BackendList { vip } => self.backend_list(vip.as_deref()).await,
+            Request::ModelShow { vip } => self.model_show(vip.as_deref()).await,
+            Request::Stats => self.snapshot().await.map(Response::ok),
+            Request::Status => self.status().await.map(Response::ok),
+            other => {
+                let r = self.change(other).await;
+                if let Err(e) = &r {
+                    self.events.record(
+                        events::change_failure_kind(e),
+                        format!("lbctl change: {e:#}"),
+                    );
+                }
+                r.map(Response::ok)
+            }
+        };
+        result.unwrap_or_else(|e| Response::error(format!("{e:#}")))
+    }
+
+    /// One mutating request, as a transaction (see the module docs).
+    async fn change(&self, req: Request) -> Result<Changed> {
+        let mut guard = self.state.lock().await;
+        let st = &mut *guard;
+        let prev = st.config.clone();
+        let mut next = prev.clone();
+        let message = edit(&mut next, &req)?;
+        if next == prev {
+            return Ok(Changed {
+                message: format!("{message} (already so: nothing changed)"),
+                changed: false,
+                tables: Vec::new(),
+            });
+        }
+        next.validate()?;
+        let on_disk = fs::read_to_string(&self.config_path).ok();
+        if on_disk.is_none() || on_disk != st.file_text {
+            bail!(
+                "config file {}: {} since lbd last read or wrote it, and saving this change would overwrite that; nothing changed. Apply the edit first (systemctl reload lbd, or kill -HUP the lbd process) or undo it, then retry",
+                self.config_path.display(),
+                if on_disk.is_none() { "cannot be read" } else { "edited" }
+            );
+        }
+        let next_text = next.to_toml().ok();
+        let _busy =
+            self.events
+                .begin_change(&message, st.file_text.as_deref(), next_text.as_deref());
+        let health = sync_health(&st.health, &next);
+        let (learning, learned) = sync_learning(&st.learning, &st.learned, &next);
+        let report = match apply_datapath(&mut st.lb, &next, &health, &learned) {
+            Ok(r) => r,
+            Err(e) => {
+                rollback(&mut st.lb, &prev, &st.health, &st.learned);
+                return Err(e.context(events::RolledBack(
+                    "the datapath rejected the change; nothing changed",
+                )));
+            }
+        };
+        let written = match persist(&self.config_path, &next) {
+            Ok(t) => t,
+            Err(e) => {
+                rollback(&mut st.lb, &prev, &st.health, &st.learned);
+                return Err(e.context(events::RolledBack(
+                    "the change was rolled back because the configuration file could not be written",
+                )));
+            }
+        };
+        st.config = next;
+        st.file_text = Some(written);
+        st.health = health;
+        st.learning = learning;
+        st.learned = learned;
+        self.restart_probes(st);
+        info!(request = ?req, "{message}");
+        for (vip, moved, generation) in &report.tables {
+            info!(%vip, moved, generation, "table updated");
+        }
+        Ok(Changed {
+            message,
+            changed: true,
+            tables: report
+                .tables
+                .into_iter()
+                .map(|(vip, slots_moved, generation)| TableChange {
+                    vip,
+                    slots_moved,
+                    generation,
+                })
+                .collect(),
+        })
+    }
+}
+
+/// Re-applies the configuration that was in force before a failed change, then checks that
+/// the datapath's VIP entries are the ones lbd believes in (a failure in the middle of the
+/// writes could leave one pointing at a table lbd did not keep; `apply` only rewrites tables it
+/// thinks changed). A mismatch is logged loudly: restarting lbd rewrites everything.
+fn rollback(lb: &mut Balancer, prev: &Config, health: &HealthMap, learned: &Learned) {
+    if let Err(e) = apply_datapath(lb, prev, health, learned) {
+        error!("rolling back to the previous configuration failed too: {e:#}");
+    }
+    for v in lb.vips() {
+        let in_kernel = lb.vip_meta(&v.config).map(|m| m.generation);
+        if in_kernel != Some(v.generation) {
+            error!(
+                vip = %VipName::of(&v.config),
+                lbd = v.generation,
+                datapath = ?in_kernel,
+                "after the rollback the datapath's table generation differs from lbd's; restart lbd to rewrite the tables"
+            );
+        }
+    }
+}
+
+/// The control socket hands every request to the agent.
+impl Handler for Agent {
+    fn handle(&self, req: Request) -> impl std::future::Future<Output = Response> + Send {
+        Agent::handle(self, req)
+    }
+}
+
+/// How `status` names an attach mode.
+pub fn xdp_mode_name(m: aya::programs::XdpMode) -> &'static str {
+    match m {
+        aya::programs::XdpMode::Driver => "native",
+        aya::programs::XdpMode::Skb => "generic",
+        aya::programs::XdpMode::Hardware => "offload",
+        aya::programs::XdpMode::Default => "default",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{health::shown_health, learning::weight_policy, *};
+    use std::{net::IpAddr, os::unix::fs::PermissionsExt as _};
+
+    fn base() -> Config {
+        Config::parse(
+            "interface = \"eth0\"\n[encap]\nsource_v4 = \"10.0.0.2\"\n\n[[vip]]\naddress = \"10.0.0.100\"\nport = 80\nprotocol = \"tcp\"\n[[vip.backend]]\naddress = \"10.0.0.11\"\n",
+        )
+        .unwrap()
+    }
+
+    fn try_edit(req: Request) -> Result<Config, String> {
+        let mut c = base();
+        edit(&mut c, &req).map_err(|e| e.to_string())?;
+        c.validate().map_err(|e| e.to_string())?;
+        Ok(c)
+    }
+
+    const VIP: &str = "10.0.0.100:80/tcp";
+
+    #[test]
+    fn edits_and_their_errors() {
+        let c = try_edit(Request::BackendAdd {
+            vip: VIP.into(),
+            address: "10.0.0.12".into(),
+            weight: Some(3),
+        })
+        .unwrap();
+        assert_eq!(c.vips[0].backends[1].weight, 3);
+        let c = try_edit(Request::BackendDrain {
+            vip: VIP.into(),
+            address: "10.0.0.11".into(),
+        })
+        .unwrap();
+        assert!(c.vips[0].backends[0].drained);
+        assert_eq!(c.vips[0].backends[0].weight, 1);
+
+        let e = |r| try_edit(r).unwrap_err();
+        assert!(e(Request::VipAdd {
+            vip: VIP.into(),
+            forwarding: None,
+            table_size: None
+        })
+        .contains("already configured"));
+        assert!(e(Request::VipAdd {
+            vip: "10.0.0.101:80/tcp".into(),
+            forwarding: None,
+            table_size: Some(65536)
+        })
+        .contains("table_size 65536 is not prime"));
+        assert!(e(Request::VipAdd {
+            vip: "[fd00::1]:80/tcp".into(),
+            forwarding: None,
+            table_size: None
+        })
+        .contains("needs encap.source_v6"));
+        assert!(e(Request::VipRemove {
+            vip: "10.0.0.9:80/tcp".into()
+        })
+        .contains("vip 10.0.0.9:80/tcp: no such VIP"));
+        assert!(e(Request::BackendRemove {
+            vip: VIP.into(),
+            address: "10.0.0.99".into()
+        })
+        .contains("backend 10.0.0.99 of vip 10.0.0.100:80/tcp: no such backend"));
+        assert!(e(Request::BackendSetWeight {
+            vip: VIP.into(),
+            address: "10.0.0.11".into(),
+            weight: 10_001
+        })
+        .contains("weight 10001 is out of range; use 0 to 10000"));
+        assert!(e(Request::BackendAdd {
+            vip: VIP.into(),
+            address: "fd00::5".into(),
+            weight: None
+        })
+        .contains("address is IPv6 but the VIP is IPv4"));
+        assert!(e(Request::BackendAdd {
+            vip: VIP.into(),
+            address: "10.0.0.11".into(),
+            weight: None
+        })
+        .contains("already a backend"));
+    }
+
+    #[test]
+    fn health_sets_effective_weights_and_follows_the_configuration() {
+        let text = "interface = \"eth0\"\n[encap]\nsource_v4 = \"10.0.0.2\"\n\n[[vip]]\naddress = \"10.0.0.100\"\nport = 80\nprotocol = \"tcp\"\n[vip.health]\nrise = 1\nfall = 1\n[[vip.backend]]\naddress = \"10.0.0.11\"\nweight = 8\n[[vip.backend]]\naddress = \"10.0.0.12\"\nweight = 8\n[[vip.backend]]\naddress = \"10.0.0.13\"\nweight = 8\n";
+        let cfg = Config::parse(text).unwrap();
+        let mut health = sync_health(&HealthMap::new(), &cfg);
+        assert_eq!(health.len(), 3);
+        let id = vip_id(&cfg.vips[0]);
+        let key = |a: &str| (id, a.parse::<IpAddr>().unwrap());
+        let fail = crate::health::ProbeResult::fail(
+            std::time::Duration::from_millis(200),
+            std::time::Duration::ZERO,
+            "refused",
+        );
+        let pass = crate::health::ProbeResult::pass(std::time::Duration::from_millis(1));
+        health
+            .get_mut(&key("10.0.0.11"))
+            .unwrap()
+            .state
+            .on_probe(&fail);
+        let h12 = &mut health.get_mut(&key("10.0.0.12")).unwrap().state;
+        h12.on_probe(&fail);
+        h12.on_probe(&pass);
+        assert_eq!(h12.probed_status(), HealthStatus::Probation);
+        let eff = effective(&cfg, &health, &Learned::new());
+        let weights: Vec<u32> = eff.vips[0].backends.iter().map(|b| b.weight).collect();
+        assert_eq!(weights, [0, 2, 8], "down: 0, probation: a quarter, up: all");
+        assert_eq!(
+            cfg.vips[0].backends[0].weight, 8,
+            "the configuration keeps its weights"
+        );
+        assert_eq!(slow_start_weight(1), 1);
+        assert_eq!(slow_start_weight(0), 0);
+
+        // A drained backend shows as draining whatever the probes say, and stays down if so.
+        let mut drained = cfg.vips[0].backends[0].clone();
+        drained.drained = true;
+        let (up, shown, _) = shown_health(&health, id, &drained);
+        assert_eq!((up, shown), (false, HealthStatus::Draining));
+
+        // Settings unchanged: states carried over; a removed backend is forgotten; without
+        // [vip.health] nothing is tracked and nothing changes.
+        let mut next = cfg.clone();
+        next.vips[0].backends.pop();
+        let carried = sync_health(&health, &next);
+        assert_eq!(carried.len(), 2);
+        assert_eq!(
+            carried[&key("10.0.0.11")].state.probed_status(),
+            HealthStatus::Down
+        );
+        // New settings: a down backend stays down until it passes again.
+        next.vips[0].health.as_mut().unwrap().interval_ms = 5000;
+        let changed = sync_health(&health, &next);
+        assert_eq!(
+            changed[&key("10.0.0.11")].state.probed_status(),
+            HealthStatus::Down
+        );
+        next.vips[0].health = None;
+        assert!(sync_health(&health, &next).is_empty());
+        assert_eq!(effective(&next, &health, &Learned::new()), next);
+    }
+
+    #[test]
+    fn learning_builds_table_weights_and_health_still_wins() {
+        let text = "interface = \"eth0\"\n[encap]\nsource_v4 = \"10.0.0.2\"\n\n[[vip]]\naddress = \"10.0.0.100\"\nport = 80\nprotocol = \"tcp\"\n[vip.health]\nrise = 1\nfall = 1\n[vip.learning]\nenabled = true\n[[vip.backend]]\naddress = \"10.0.0.11\"\n[[vip.backend]]\naddress = \"10.0.0.12\"\n[[vip.backend]]\naddress = \"10.0.0.13\"\nweight = 200\n";
+        let cfg = Config::parse(text).unwrap();
+        let mut health = sync_health(&HealthMap::new(), &cfg);
+        let (learning, mut learned) = sync_learning(&LearnMap::new(), &Learned::new(), &cfg);
+        assert_eq!(learning.len(), 1);
+        let id = vip_id(&cfg.vips[0]);
+        let a = |s: &str| s.parse::<IpAddr>().unwrap();
+        let weights = |c: &Config| {
+            c.vips[0]
+                .backends
+                .iter()
+                .map(|b| b.weight)
+                .collect::<Vec<_>>()
+        };
+        // Table weights: configured × 100, scaled down (ratios kept) to what apply accepts.
+        assert_eq!(
+            weights(&effective(&cfg, &health, &learned)),
+            [50, 50, 10_000]
+        );
+        // decide sees the unscaled table weights.
+        assert_eq!(
+            learning_weight(&cfg.vips[0].backends[2], id, &health, &learned),
+            20_000
+        );
+        learned.insert((id, a("10.0.0.11")), 80);
+        assert_eq!(
+            weights(&effective(&cfg, &health, &learned)),
+            [40, 50, 10_000]
+        );
+        // A down backend is out whatever the model says.
+        let fail = crate::health::ProbeResult::fail(
+            std::time::Duration::from_millis(200),
+            std::time::Duration::ZERO,
+            "refused",
+        );
+        health
+            .get_mut(&(id, a("10.0.0.11")))
+            .unwrap()
+            .state
+            .on_probe(&fail);
+        assert_eq!(
+            effective(&cfg, &health, &learned).vips[0].backends[0].weight,
+            0
+        );
+        // Learned weights survive an unrelated change, not a change of the learning settings.
+        let (_, kept) = sync_learning(&learning, &learned, &cfg);
+        assert_eq!(kept.get(&(id, a("10.0.0.11"))), Some(&80));
+        let mut other = cfg.clone();
+        other.vips[0].learning.as_mut().unwrap().floor = 0.5;
+        let (_, reset) = sync_learning(&learning, &learned, &other);
+        assert!(reset.is_empty());
+        other.vips[0].learning.as_mut().unwrap().enabled = false;
+        assert!(sync_learning(&learning, &learned, &other).0.is_empty());
+    }
+
+    #[test]
+    fn persist_replaces_the_file_atomically_keeping_its_mode() {
+        let dir = std::env::temp_dir().join(format!("lb-agent-persist-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("lbd.toml");
+        fs::write(&path, "# old\n").unwrap();
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o640)).unwrap();
+        let mut c = base();
+        c.vips[0].backends[0].drained = true;
+        persist(&path, &c).unwrap();
+        assert_eq!(Config::load(&path).unwrap(), c);
+        assert_eq!(
+            fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o640
+        );
+        let leftovers: Vec<_> = fs::read_dir(&dir).unwrap().collect();
+        assert_eq!(leftovers.len(), 1, "temporary file left behind");
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn weight_policy_follows_the_learning_settings() {
+        let l = config::Learning {
+            enabled: true,
+            latency_target_ms: 50.0,
+            floor: 0.5,
+            ceiling: 2.0,
+            max_step: 0.1,
+            deadband: 0.02,
+            disruption_budget: 0.01,
+            max_drained_share: 0.5,
+            interval_ms: 300,
+        };
+        let p = weight_policy(&l, lb_common::DEFAULT_TABLE_SIZE);
+        assert!(p.learning);
+        assert_eq!(p.table_size, lb_common::DEFAULT_TABLE_SIZE);
+        assert_eq!(
+            (p.latency_target_ms, p.floor, p.ceiling, p.max_step_ratio),
+            (50.0, 0.5, 2.0, 0.1)
+        );
+        assert_eq!(
+            (p.deadband, p.disruption_budget, p.max_drained_share),
+            (0.02, 0.01, 0.5)
+        );
+        assert_eq!(p.reversal_hold_steps, 200);
+        p.validate().unwrap();
+    }
+}

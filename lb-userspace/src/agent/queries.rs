@@ -1,0 +1,173 @@
+//! Answers to the read-only requests (`vip list`, `backend list`, `stats`, `status`), built
+//! from the datapath and configuration under the agent's lock.
+use super::edit::unknown_vip;
+use super::health::{configured, shown_health};
+use super::{vip_id, xdp_mode_name, Agent};
+use crate::control::{
+    BackendEntry, BackendStatsEntry, Response, StatsSnapshot, Status, VipEntry, VipName,
+    VipStatsEntry, VipStatus,
+};
+use anyhow::{anyhow, Context as _, Result};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+impl Agent {
+    pub(super) async fn vip_list(&self) -> Result<Vec<VipEntry>> {
+        let st = self.state.lock().await;
+        Ok(st
+            .lb
+            .vips()
+            .map(|v| VipEntry {
+                vip: VipName::of(&v.config).to_string(),
+                address: v.config.address,
+                port: v.config.port,
+                protocol: v.config.protocol,
+                forwarding: v.config.forwarding,
+                table_size: v.config.table_size,
+                generation: v.generation,
+                datapath_generation: st.lb.vip_meta(&v.config).map(|m| m.generation),
+                backends: v.config.backends.len(),
+                drained: v.config.backends.iter().filter(|b| b.drained).count(),
+            })
+            .collect())
+    }
+
+    pub(super) async fn backend_list(&self, vip: Option<&str>) -> Result<Response> {
+        let want = match vip {
+            Some(v) => Some(v.parse::<VipName>().map_err(|e| anyhow!(e))?),
+            None => None,
+        };
+        let st = self.state.lock().await;
+        if let Some(w) = want {
+            if !st.lb.vips().any(|v| VipName::of(&v.config) == w) {
+                return Ok(Response::error(unknown_vip(&w)));
+            }
+        }
+        let mut out = Vec::new();
+        for v in st.lb.vips() {
+            let name = VipName::of(&v.config);
+            if want.is_some_and(|w| w != name) {
+                continue;
+            }
+            let vid = vip_id(&v.config);
+            for (b, applied) in v.backends.iter().zip(&v.config.backends) {
+                let cfg = configured(&st.config, vid, b.address).unwrap_or(applied);
+                let (up, shown, h) = shown_health(&st.health, vid, cfg);
+                out.push(BackendEntry {
+                    vip: name.to_string(),
+                    address: b.address,
+                    weight: cfg.weight,
+                    drained: cfg.drained,
+                    effective_weight: b.weight,
+                    slots: b.slots,
+                    up,
+                    health: shown.to_string(),
+                    last_probe_ms: h.and_then(|h| h.last_probe_ms),
+                    last_error: h.and_then(|h| h.last_error.clone()),
+                    id: b.id,
+                });
+            }
+        }
+        Ok(Response::ok(out))
+    }
+
+    /// Statistics of every VIP and backend and every datapath counter, at one instant.
+    pub async fn snapshot(&self) -> Result<StatsSnapshot> {
+        let st = self.state.lock().await;
+        let mut vips = Vec::new();
+        for v in st.lb.vips() {
+            let s = st.lb.vip_stats(v.vip_id)?;
+            let mut backends = Vec::new();
+            let vid = vip_id(&v.config);
+            for (b, applied) in v.backends.iter().zip(&v.config.backends) {
+                let bs = st.lb.backend_stats(b.id)?;
+                let cfg = configured(&st.config, vid, b.address).unwrap_or(applied);
+                let (up, shown, _) = shown_health(&st.health, vid, cfg);
+                backends.push(BackendStatsEntry {
+                    address: b.address,
+                    weight: cfg.weight,
+                    effective_weight: b.weight,
+                    drained: cfg.drained,
+                    up,
+                    health: shown.to_string(),
+                    packets: bs.packets,
+                    bytes: bs.bytes,
+                    new_flows: bs.new_flows,
+                    syn_retries: bs.syn_retries,
+                    client_rsts: bs.client_rsts,
+                    resteered: bs.resteered,
+                    learned_weight: st.learning.get(&vid).map(|_| b.weight),
+                    fit_r2: st
+                        .learning
+                        .get(&vid)
+                        .and_then(|l| l.backends.get(&b.address))
+                        .and_then(|lb| lb.last.as_ref())
+                        .and_then(|d| d.fit)
+                        .map(|f| f.r2),
+                    rates: None,
+                });
+            }
+            vips.push(VipStatsEntry {
+                vip: VipName::of(&v.config).to_string(),
+                packets: s.packets,
+                bytes: s.bytes,
+                new_flows: s.new_flows,
+                no_backend: s.no_backend,
+                generation: v.generation,
+                rates: None,
+                backends,
+            });
+        }
+        let counters = st
+            .lb
+            .counters()?
+            .into_iter()
+            .map(|(c, n)| (c.name().to_string(), n))
+            .collect();
+        Ok(StatsSnapshot {
+            timestamp_ms: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64),
+            uptime_ms: self.started.elapsed().as_millis() as u64,
+            vips,
+            counters,
+            model_refusals: st.refusals.clone(),
+            interval_seconds: None,
+        })
+    }
+
+    pub(super) async fn status(&self) -> Result<Status> {
+        let st = self.state.lock().await;
+        let (interface, mode) = match st.lb.interface() {
+            Some((name, mode)) => (name.to_string(), xdp_mode_name(mode)),
+            None => (st.config.interface.clone(), "detached"),
+        };
+        let program_id = st
+            .lb
+            .program()
+            .info()
+            .context("reading the balancer program's id")?
+            .id();
+        Ok(Status {
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            pid: std::process::id(),
+            interface,
+            xdp_mode: mode.to_string(),
+            program_id,
+            uptime_seconds: self.started.elapsed().as_secs(),
+            config_file: self.config_path.display().to_string(),
+            control_socket: st.config.control_socket.display().to_string(),
+            metrics_listen: st.config.metrics_listen.to_string(),
+            events: self.events.recent(),
+            vips: st
+                .lb
+                .vips()
+                .map(|v| VipStatus {
+                    vip: VipName::of(&v.config).to_string(),
+                    generation: v.generation,
+                    table_size: v.config.table_size,
+                    backends: v.backends.len(),
+                })
+                .collect(),
+        })
+    }
+}

@@ -1,0 +1,11 @@
+//! The control room: the API `lbd` and `lbctl` speak ([`api`], newline-delimited JSON over a
+//! Unix socket), both ends of the socket ([`server`], [`client`]), and lbd's journal of what
+//! happened to it ([`events`]), which `lbctl status` shows.
+mod api;
+mod client;
+pub mod events;
+mod server;
+
+pub use api::*;
+pub use client::{Client, ClientError};
+pub use server::{ControlSocket, Handler};

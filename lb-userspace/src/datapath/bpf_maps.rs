@@ -1,0 +1,226 @@
+//! The maps as the agent holds them, the batched ring write, and the reads and single-entry
+//! writes the agent makes outside `apply` (stats, conntrack, DOWN flags).
+use super::VipState;
+use super::{vip_key, Balancer, VipId};
+use anyhow::{anyhow, bail, Context as _, Result};
+use aya::{
+    maps::{Array, HashMap as BpfHashMap, Map, MapData, PerCpuArray},
+    Ebpf,
+};
+use lb_common::{
+    BackendInfo, BackendStats, Counter, CtValue, FlowKey, GlobalConfig, NextHop, VipKey, VipMeta,
+    VipStats, BACKEND_F_ACTIVE, BACKEND_F_DOWN,
+};
+use std::{mem::size_of, net::IpAddr};
+
+pub(super) struct Maps {
+    pub(super) vips: BpfHashMap<MapData, VipKey, VipMeta>,
+    pub(super) ring: Array<MapData, u32>,
+    /// RING's fd again, for the batch writes aya does not wrap.
+    pub(super) ring_fd: std::os::fd::OwnedFd,
+    pub(super) vip_ports: Array<MapData, u8>,
+    pub(super) backends: Array<MapData, BackendInfo>,
+    pub(super) nexthops: Array<MapData, NextHop>,
+    pub(super) config: Array<MapData, GlobalConfig>,
+    pub(super) counters: PerCpuArray<MapData, u64>,
+    pub(super) vip_stats: PerCpuArray<MapData, VipStats>,
+    pub(super) backend_stats: PerCpuArray<MapData, BackendStats>,
+    pub(super) ct: BpfHashMap<MapData, FlowKey, CtValue>,
+    pub(super) ct_new: BpfHashMap<MapData, FlowKey, CtValue>,
+}
+
+/// Writes `slots` into RING from index `offset`. One `BPF_MAP_UPDATE_BATCH` call instead of a
+/// syscall per slot: a 65537-slot table took about 65537 syscalls, the largest part of a
+/// learning step's cost. Kernels without batch support for arrays (before 5.6) get the
+/// per-slot loop.
+pub(super) fn write_ring(maps: &mut Maps, offset: u32, slots: &[u32]) -> Result<()> {
+    let keys: Vec<u32> = (offset..offset + slots.len() as u32).collect();
+    match update_batch(&maps.ring_fd, &keys, slots) {
+        Ok(()) => Ok(()),
+        Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::ENOTSUP | 524)) => {
+            // 524 is the kernel's ENOTSUPP.
+            for (&k, slot) in keys.iter().zip(slots) {
+                maps.ring.set(k, *slot, 0).context("writing RING")?;
+            }
+            Ok(())
+        }
+        Err(e) => Err(anyhow!(e).context("writing RING (BPF_MAP_UPDATE_BATCH)")),
+    }
+}
+
+/// Slots per `BPF_MAP_UPDATE_BATCH` call: big enough that syscalls cost little (a 65537-slot
+/// table is 8 calls), small enough that one call is short and a signal (SIGTERM, or SIGKILL in
+/// the chaos tests) is never held off by one write of a million slots.
+pub(super) const BATCH_SLOTS: usize = 8192;
+
+/// `BPF_MAP_UPDATE_BATCH` of `u32` keys and `u32` values (`bpf(2)`) in calls of at most
+/// [`BATCH_SLOTS`]; all, or an error.
+pub(super) fn update_batch(
+    fd: &std::os::fd::OwnedFd,
+    keys: &[u32],
+    values: &[u32],
+) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd as _;
+    /// The `batch` member of `union bpf_attr` (include/uapi/linux/bpf.h).
+    #[repr(C)]
+    #[derive(Default)]
+    struct BatchAttr {
+        in_batch: u64,
+        out_batch: u64,
+        keys: u64,
+        values: u64,
+        count: u32,
+        map_fd: u32,
+        elem_flags: u64,
+        flags: u64,
+    }
+    const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+    debug_assert_eq!(keys.len(), values.len());
+    let mut done = 0usize;
+    while done < keys.len() {
+        let mut attr = BatchAttr {
+            keys: keys[done..].as_ptr() as u64,
+            values: values[done..].as_ptr() as u64,
+            count: (keys.len() - done).min(BATCH_SLOTS) as u32,
+            map_fd: fd.as_raw_fd() as u32,
+            ..Default::default()
+        };
+        // SAFETY: `attr` is a valid `bpf_attr.batch` for its whole size; `keys` and `values`
+        // outlive the call and hold `count` elements of the map's key and value size (4 bytes);
+        // the kernel writes only `attr.count` back.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_UPDATE_BATCH,
+                &mut attr as *mut BatchAttr,
+                size_of::<BatchAttr>() as u32,
+            )
+        };
+        if rc < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // The kernel reports how many it wrote; go on after them (it may stop early).
+        if attr.count == 0 {
+            return Err(std::io::Error::other("BPF_MAP_UPDATE_BATCH wrote nothing"));
+        }
+        done += attr.count as usize;
+    }
+    Ok(())
+}
+
+pub(super) fn take(ebpf: &mut Ebpf, name: &str) -> Result<Map> {
+    ebpf.take_map(name)
+        .ok_or_else(|| anyhow!("the balancer object has no map {name}"))
+}
+
+impl Balancer {
+    /// The VIPs as applied.
+    pub fn vips(&self) -> impl Iterator<Item = &VipState> {
+        self.vips.values()
+    }
+
+    /// Global counters, summed over CPUs.
+    pub fn counters(&self) -> Result<Vec<(Counter, u64)>> {
+        Counter::ALL
+            .iter()
+            .map(|c| Ok((*c, self.maps.counters.get(&(*c as u32), 0)?.iter().sum())))
+            .collect()
+    }
+
+    pub fn vip_stats(&self, vip_id: u32) -> Result<VipStats> {
+        let mut s = VipStats::default();
+        for v in self.maps.vip_stats.get(&vip_id, 0)?.iter() {
+            s.add(v);
+        }
+        Ok(s)
+    }
+
+    pub fn backend_stats(&self, id: u32) -> Result<BackendStats> {
+        let mut s = BackendStats::default();
+        for v in self.maps.backend_stats.get(&id, 0)?.iter() {
+            s.add(v);
+        }
+        Ok(s)
+    }
+
+    /// Entries in the established and new-flow tables (walks the maps: not for hot loops).
+    pub fn conntrack_len(&self) -> (usize, usize) {
+        (self.maps.ct.keys().count(), self.maps.ct_new.keys().count())
+    }
+
+    /// The backend id a tracked flow is pinned to, if any.
+    pub fn tracked_backend(&self, key: &FlowKey) -> Option<u32> {
+        self.maps
+            .ct
+            .get(key, 0)
+            .or_else(|_| self.maps.ct_new.get(key, 0))
+            .ok()
+            .map(|v| v.backend)
+    }
+
+    /// A flow's entries in the established table (`CT`) and the new-flow table (`CT_NEW`), as
+    /// stored (backend, hash, SYN sequence number in network order, `CT_F_*` flags).
+    pub fn conntrack_entries(&self, key: &FlowKey) -> (Option<CtValue>, Option<CtValue>) {
+        (
+            self.maps.ct.get(key, 0).ok(),
+            self.maps.ct_new.get(key, 0).ok(),
+        )
+    }
+
+    /// The VIP entry the datapath currently reads.
+    pub fn vip_meta(&self, v: &crate::config::Vip) -> Option<VipMeta> {
+        self.maps.vips.get(&vip_key(v), 0).ok()
+    }
+
+    /// Marks one backend of an applied VIP down (or up again) in the datapath: a DOWN backend
+    /// takes no flow at all, and the flows tracked to it are steered again through the table
+    /// at their next packet. Only the DOWN flag changes (the entry stays ACTIVE); `apply` keeps
+    /// the flag. Returns whether the entry changed. The table is the caller's: give a down
+    /// backend weight 0 in the next `apply` so new flows avoid it too.
+    pub fn set_backend_down(&mut self, vip: VipId, addr: IpAddr, down: bool) -> Result<bool> {
+        let v = self
+            .vips
+            .get(&vip)
+            .ok_or_else(|| anyhow!("no VIP {}:{}/{} is applied", vip.0, vip.1, vip.2))?;
+        let b = v
+            .backends
+            .iter()
+            .find(|b| b.address == addr)
+            .ok_or_else(|| anyhow!("{addr} is not a backend of {}", v.config.name()))?;
+        let id = b.id;
+        let mut info = self
+            .maps
+            .backends
+            .get(&id, 0)
+            .with_context(|| format!("reading backend {addr}'s datapath entry"))?;
+        if info.flags & BACKEND_F_ACTIVE == 0 {
+            bail!("backend {addr}'s datapath entry is not active");
+        }
+        let flags = if down {
+            info.flags | BACKEND_F_DOWN
+        } else {
+            info.flags & !BACKEND_F_DOWN
+        };
+        if flags == info.flags {
+            return Ok(false);
+        }
+        info.flags = flags;
+        self.maps
+            .backends
+            .set(id, info, 0)
+            .with_context(|| format!("writing backend {addr}'s datapath entry"))?;
+        Ok(true)
+    }
+
+    /// Whether a backend's datapath entry carries the DOWN flag (`None`: no such backend).
+    pub fn backend_down(&self, vip: VipId, addr: IpAddr) -> Option<bool> {
+        let b = self
+            .vips
+            .get(&vip)?
+            .backends
+            .iter()
+            .find(|b| b.address == addr)?;
+        let info = self.maps.backends.get(&b.id, 0).ok()?;
+        Some(info.flags & BACKEND_F_DOWN != 0)
+    }
+}

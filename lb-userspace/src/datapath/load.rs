@@ -1,0 +1,316 @@
+//! Loading the balancer object (reusing pinned maps), restoring the agent's view from them,
+//! and attaching or detaching the program on an interface.
+use super::netif;
+use super::pool::{Region, RingPool};
+use super::{
+    addr_from_bytes,
+    bpf_maps::{take, Maps},
+    pins::{ensure_pin_dir, pinned_maps, survey_pins, PinReport, LINK_PIN},
+    BackendState, Balancer, LoadOptions, TableWrite, VipState, BALANCER_OBJ,
+};
+use crate::config::{Forwarding, XdpMode};
+use anyhow::{anyhow, bail, Context as _, Result};
+use aya::{
+    maps::{Array, HashMap as BpfHashMap, Map, PerCpuArray},
+    programs::{
+        links::{FdLink, PinnedLink},
+        xdp::{XdpLink, XdpLinkId},
+        Xdp, XdpMode as AyaXdpMode,
+    },
+    EbpfLoader,
+};
+use lb_common::{
+    maps, progs, VipKey, VipMeta, BACKEND_F_ACTIVE, MAX_BACKENDS, MODE_L2, PROTO_TCP, PROTO_UDP,
+};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+    os::fd::AsFd as _,
+    path::Path,
+};
+
+/// Attaches an XDP program in the requested mode (`Auto`: driver mode, else generic).
+pub fn attach_xdp(
+    prog: &mut Xdp,
+    interface: &str,
+    mode: XdpMode,
+) -> Result<(XdpLinkId, AyaXdpMode)> {
+    let attempt = |prog: &mut Xdp, m: AyaXdpMode| {
+        prog.attach(interface, m)
+            .with_context(|| format!("attaching XDP to interface {interface} in {m:?} mode"))
+    };
+    match mode {
+        XdpMode::Native => Ok((attempt(prog, AyaXdpMode::Driver)?, AyaXdpMode::Driver)),
+        XdpMode::Generic => Ok((attempt(prog, AyaXdpMode::Skb)?, AyaXdpMode::Skb)),
+        XdpMode::Auto => match attempt(prog, AyaXdpMode::Driver) {
+            Ok(l) => Ok((l, AyaXdpMode::Driver)),
+            Err(e) => {
+                tracing::warn!("driver-mode XDP failed ({e:#}); falling back to generic mode");
+                Ok((attempt(prog, AyaXdpMode::Skb)?, AyaXdpMode::Skb))
+            }
+        },
+    }
+}
+
+impl Balancer {
+    /// Loads the program and creates its maps (verifier included); nothing is attached yet.
+    /// With a pin directory that already holds maps (a restart or an upgrade), the maps are
+    /// reused, connection tables and counters included, and the agent's view of them restored.
+    pub fn load(opts: LoadOptions) -> Result<Self> {
+        let mut loader = EbpfLoader::new();
+        loader
+            .map_max_entries(maps::RING, opts.table_pool)
+            .map_max_entries(maps::CT, opts.conntrack_size)
+            .map_max_entries(maps::CT_NEW, opts.conntrack_new_size);
+        let mut pins = PinReport::default();
+        if let Some(dir) = &opts.pin_dir {
+            ensure_pin_dir(dir)?;
+            pins = survey_pins(dir, &opts)?;
+            for (name, ..) in pinned_maps(&opts) {
+                loader.map_pin_path(name, dir.join(name));
+            }
+        }
+        let mut ebpf = loader
+            .load(BALANCER_OBJ)
+            .context("loading the balancer object")?;
+        let prog: &mut Xdp = ebpf
+            .program_mut(progs::BALANCER)
+            .ok_or_else(|| anyhow!("no program {}", progs::BALANCER))?
+            .try_into()?;
+        prog.load()
+            .context("the kernel rejected the balancer program")?;
+        let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
+            Ok(l) => Some(l),
+            Err(e) => {
+                tracing::warn!("the balancer's log records are unavailable: {e}");
+                None
+            }
+        };
+        let ring = take(&mut ebpf, maps::RING)?;
+        let ring_fd = match &ring {
+            Map::Array(d) => d
+                .fd()
+                .as_fd()
+                .try_clone_to_owned()
+                .context("duplicating RING's fd")?,
+            _ => bail!("the balancer object's {} is not an array", maps::RING),
+        };
+        let maps = Maps {
+            vips: BpfHashMap::try_from(take(&mut ebpf, maps::VIPS)?)?,
+            ring: Array::try_from(ring)?,
+            ring_fd,
+            vip_ports: Array::try_from(take(&mut ebpf, maps::VIP_PORTS)?)?,
+            backends: Array::try_from(take(&mut ebpf, maps::BACKENDS)?)?,
+            nexthops: Array::try_from(take(&mut ebpf, maps::NEXTHOPS)?)?,
+            config: Array::try_from(take(&mut ebpf, maps::CONFIG)?)?,
+            counters: PerCpuArray::try_from(take(&mut ebpf, maps::COUNTERS)?)?,
+            vip_stats: PerCpuArray::try_from(take(&mut ebpf, maps::VIP_STATS)?)?,
+            backend_stats: PerCpuArray::try_from(take(&mut ebpf, maps::BACKEND_STATS)?)?,
+            ct: BpfHashMap::try_from(take(&mut ebpf, maps::CT)?)?,
+            ct_new: BpfHashMap::try_from(take(&mut ebpf, maps::CT_NEW)?)?,
+        };
+        let mut lb = Balancer {
+            ebpf,
+            maps,
+            pool: RingPool::new(opts.table_pool),
+            vips: BTreeMap::new(),
+            used_backend_ids: BTreeSet::new(),
+            next_backend_id: 1,
+            used_vip_ids: BTreeSet::new(),
+            interface: None,
+            pin_dir: opts.pin_dir.clone(),
+            resumed: pins.resumed,
+            logger,
+            seen_drop_fib: 0,
+            pins,
+            table_writes: None,
+        };
+        if lb.resumed {
+            lb.restore()
+                .context("restoring state from the pinned maps")?;
+            lb.pins.restored_vips = lb.vips.len();
+            lb.pins.restored_backends = lb.used_backend_ids.len();
+        }
+        Ok(lb)
+    }
+
+    /// The reader of the program's log records (aya-log): poll it when its fd is readable and
+    /// call `flush`, which hands the records to the `log` facade (and so to `tracing`).
+    pub fn take_logger(&mut self) -> Option<aya_log::EbpfLogger<&'static dyn log::Log>> {
+        self.logger.take()
+    }
+
+    /// Whether this instance took over pinned maps from a previous one.
+    pub fn resumed(&self) -> bool {
+        self.resumed
+    }
+
+    /// What `load` found in the pin directory and did about it.
+    pub fn pin_report(&self) -> &PinReport {
+        &self.pins
+    }
+
+    /// Lets `apply` announce every table write before it starts (`Some`) and once it is
+    /// published (`None`); lbd notes them in its run-state file.
+    pub fn on_table_write(&mut self, hook: impl Fn(Option<TableWrite>) + Send + Sync + 'static) {
+        self.table_writes = Some(Box::new(hook));
+    }
+
+    /// Rebuilds the agent's view (VIP ids, backend ids, table regions, tables) from the maps,
+    /// so that applying the same configuration changes nothing and no flow moves.
+    fn restore(&mut self) -> Result<()> {
+        let mut by_vip: BTreeMap<u32, Vec<(u32, IpAddr)>> = BTreeMap::new();
+        for id in 1..MAX_BACKENDS {
+            let b = self.maps.backends.get(&id, 0)?;
+            if b.flags & BACKEND_F_ACTIVE != 0 {
+                by_vip
+                    .entry(b.vip_id)
+                    .or_default()
+                    .push((id, addr_from_bytes(&b.addr, b.family)));
+                self.used_backend_ids.insert(id);
+                self.next_backend_id = if id + 1 >= MAX_BACKENDS { 1 } else { id + 1 };
+            }
+        }
+        let entries: Vec<(VipKey, VipMeta)> = self.maps.vips.iter().collect::<Result<_, _>>()?;
+        for (k, meta) in entries {
+            let protocol = match k.proto {
+                PROTO_TCP => crate::config::Protocol::Tcp,
+                PROTO_UDP => crate::config::Protocol::Udp,
+                p => bail!("pinned VIP map holds protocol {p}, which this lbd does not know"),
+            };
+            let address = addr_from_bytes(&k.addr, k.family);
+            let region = Region {
+                offset: meta.ring_offset,
+                size: meta.ring_size,
+            };
+            if !self.pool.reserve(region) {
+                bail!("pinned tables overlap or exceed table_pool; run `lbd cleanup`");
+            }
+            let mut table = Vec::with_capacity(region.size as usize);
+            for i in 0..region.size {
+                table.push(self.maps.ring.get(&(region.offset + i), 0)?);
+            }
+            let backends: Vec<BackendState> = by_vip
+                .remove(&meta.vip_id)
+                .unwrap_or_default()
+                .into_iter()
+                .map(|(id, address)| BackendState {
+                    address,
+                    id,
+                    weight: 0,
+                    slots: table.iter().filter(|&&s| s == id).count() as u32,
+                })
+                .collect();
+            let config = crate::config::Vip {
+                address,
+                port: u16::from_be(k.port),
+                protocol,
+                forwarding: if meta.mode == MODE_L2 {
+                    Forwarding::L2
+                } else {
+                    Forwarding::Ipip
+                },
+                table_size: region.size,
+                health: None,
+                learning: None,
+                backends: backends
+                    .iter()
+                    .map(|b| crate::config::Backend {
+                        address: b.address,
+                        weight: b.slots,
+                        drained: false,
+                        pinned: false,
+                    })
+                    .collect(),
+            };
+            self.used_vip_ids.insert(meta.vip_id);
+            self.vips.insert(
+                (address, config.port, protocol),
+                VipState {
+                    config,
+                    vip_id: meta.vip_id,
+                    generation: meta.generation,
+                    region,
+                    table,
+                    backends,
+                },
+            );
+        }
+        Ok(())
+    }
+
+    /// The loaded program (for BPF_PROG_TEST_RUN).
+    pub fn program(&self) -> &Xdp {
+        self.ebpf
+            .program(progs::BALANCER)
+            .and_then(|p| <&Xdp>::try_from(p).ok())
+            .expect("program loaded in Balancer::load")
+    }
+
+    /// Attaches to `interface` and enables forwarding on it (`bpf_fib_lookup` requires it).
+    ///
+    /// With pinning, a link already pinned by a previous lbd is updated in place to this
+    /// program: the kernel swaps programs atomically, no packet sees no program. Otherwise the
+    /// new link is pinned, so it outlives this process.
+    pub fn attach(&mut self, interface: &str, mode: XdpMode) -> Result<AyaXdpMode> {
+        netif::ifindex(interface)?;
+        netif::enable_forwarding(interface)?;
+        let prog: &mut Xdp = self
+            .ebpf
+            .program_mut(progs::BALANCER)
+            .expect("program loaded")
+            .try_into()?;
+        let Some(dir) = &self.pin_dir else {
+            let (link, used) = attach_xdp(prog, interface, mode)?;
+            self.interface = Some((interface.to_string(), Some(link), used));
+            return Ok(used);
+        };
+        let link_path = dir.join(LINK_PIN);
+        if link_path.exists() {
+            let used = match mode {
+                XdpMode::Generic => AyaXdpMode::Skb,
+                _ => AyaXdpMode::Driver,
+            };
+            let pinned = PinnedLink::from_pin(&link_path).context("opening the pinned XDP link")?;
+            let link = XdpLink::try_from(FdLink::from(pinned))
+                .context("the pinned link is not an XDP link; run `lbd cleanup`")?;
+            prog.attach_to_link(link)
+                .context("replacing the running program in the pinned link")?;
+            self.interface = Some((interface.to_string(), None, used));
+            return Ok(used);
+        }
+        let (id, used) = attach_xdp(prog, interface, mode)?;
+        let link = prog.take_link(id)?;
+        let fd_link = FdLink::try_from(link).context(
+            "pinning needs a bpf_link XDP attachment (Linux 5.9+); set pin_dir = \"\" to run without",
+        )?;
+        fd_link
+            .pin(&link_path)
+            .with_context(|| format!("pinning the link at {}", link_path.display()))?;
+        self.interface = Some((interface.to_string(), None, used));
+        Ok(used)
+    }
+
+    /// Detaches from the interface, unless pinned: a pinned datapath outlives lbd on purpose
+    /// (`remove_pins` takes it down).
+    pub fn detach(&mut self) -> Result<()> {
+        if let Some((_, Some(link), _)) = self.interface.take() {
+            let prog: &mut Xdp = self
+                .ebpf
+                .program_mut(progs::BALANCER)
+                .expect("program loaded")
+                .try_into()?;
+            prog.detach(link)?;
+        }
+        Ok(())
+    }
+
+    /// The pin directory, if pinning.
+    pub fn pin_dir(&self) -> Option<&Path> {
+        self.pin_dir.as_deref()
+    }
+
+    pub fn interface(&self) -> Option<(&str, AyaXdpMode)> {
+        self.interface.as_ref().map(|(n, _, m)| (n.as_str(), *m))
+    }
+}
