@@ -126,10 +126,11 @@ pub fn l4_checksum(src: IpAddr, dst: IpAddr, proto: u8, seg: &[u8]) -> u16 {
     pseudo_header(src, dst, proto, seg.len()).add(seg).finish()
 }
 
-/// Recomputes the header checksum of the IPv4 header at the start of `p` (its length from the
-/// IHL), after a field was patched.
+/// Recomputes the header checksum of the IPv4 header at the start of `p` after a field was
+/// patched: over IHL × 4 bytes, or the fixed 20 bytes if the IHL is below 5 (a malformed
+/// header, built to be refused), and never beyond `p`.
 pub fn set_ip4_checksum(p: &mut [u8]) {
-    let ihl = ip4_ihl(p);
+    let ihl = ip4_ihl(p).max(20).min(p.len());
     p[10..12].copy_from_slice(&[0, 0]);
     let c = checksum(&p[..ihl]);
     p[10..12].copy_from_slice(&c.to_be_bytes());
@@ -420,7 +421,14 @@ pub fn icmp4(typ: u8, code: u8, rest: [u8; 4], body: &[u8]) -> Vec<u8> {
 }
 
 /// An ICMPv6 message from `src` to `dst`; checksum with the pseudo-header (RFC 4443 §2.3).
-pub fn icmp6(src: Ipv6Addr, dst: Ipv6Addr, typ: u8, code: u8, rest: [u8; 4], body: &[u8]) -> Vec<u8> {
+pub fn icmp6(
+    src: Ipv6Addr,
+    dst: Ipv6Addr,
+    typ: u8,
+    code: u8,
+    rest: [u8; 4],
+    body: &[u8],
+) -> Vec<u8> {
     let mut m = vec![typ, code, 0, 0];
     m.extend(rest);
     m.extend_from_slice(body);
@@ -433,8 +441,8 @@ pub fn icmp6(src: Ipv6Addr, dst: Ipv6Addr, typ: u8, code: u8, rest: [u8; 4], bod
 mod unit {
     use super::*;
     use etherparse::{
-        IcmpEchoHeader, Icmpv4Header, Icmpv4Type, Icmpv6Header, Icmpv6Type, IpFragOffset,
-        IpNumber, Ipv4Header, Ipv6FragmentHeader, Ipv6Header, TcpHeader, UdpHeader,
+        IcmpEchoHeader, Icmpv4Header, Icmpv4Type, Icmpv6Header, Icmpv6Type, IpFragOffset, IpNumber,
+        Ipv4Header, Ipv6FragmentHeader, Ipv6Header, TcpHeader, UdpHeader,
     };
 
     const C4: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 10);
@@ -443,7 +451,9 @@ mod unit {
     const V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x210, 0, 0, 0, 0, 0, 0x100);
 
     fn data(n: usize) -> Vec<u8> {
-        (0..n).map(|i| (i as u8).wrapping_mul(37).wrapping_add(5)).collect()
+        (0..n)
+            .map(|i| (i as u8).wrapping_mul(37).wrapping_add(5))
+            .collect()
     }
 
     #[test]
@@ -498,6 +508,10 @@ mod unit {
         p[8] = 3;
         set_ip4_checksum(&mut p);
         assert_eq!(checksum(&p), 0);
+        // IHL 4 (malformed): the fixed 20 bytes.
+        p[0] = 0x44;
+        set_ip4_checksum(&mut p);
+        assert_eq!(checksum(&p[..20]), 0);
     }
 
     #[test]
@@ -556,7 +570,10 @@ mod unit {
                 .unwrap();
                 assert_eq!(e.checksum(), want, "TCP {src} len {len}");
                 assert_eq!(e.data_offset(), 7);
-                assert_eq!((e.sequence_number(), e.acknowledgment_number()), (t.seq, t.ack));
+                assert_eq!(
+                    (e.sequence_number(), e.acknowledgment_number()),
+                    (t.seq, t.ack)
+                );
                 assert_eq!(e.payload(), &payload[..]);
 
                 let u = udp(src, dst, 5353, 53, &payload);
@@ -578,7 +595,9 @@ mod unit {
         // Bit for bit what etherparse writes for a bare SYN.
         let mut e = TcpHeader::new(40_000, 80, 1000, 64_240);
         e.syn = true;
-        e.checksum = e.calc_checksum_ipv4_raw(C4.octets(), V4.octets(), &[]).unwrap();
+        e.checksum = e
+            .calc_checksum_ipv4_raw(C4.octets(), V4.octets(), &[])
+            .unwrap();
         let t = Tcp {
             seq: 1000,
             flags: TCP_SYN,
@@ -634,7 +653,10 @@ mod unit {
         add_vlan(&mut added, 0x0123);
         assert_eq!(added, tagged);
         let v = etherparse::SingleVlanHeaderSlice::from_slice(&tagged[ETH_LEN..]).unwrap();
-        assert_eq!((v.vlan_identifier().value(), v.ether_type()), (0x123, ETH_IPV6.into()));
+        assert_eq!(
+            (v.vlan_identifier().value(), v.ether_type()),
+            (0x123, ETH_IPV6.into())
+        );
         assert_eq!(mac_str(&d), "02:00:00:00:00:01");
         assert_eq!(be32(&[0, 1, 2, 3, 4], 1), 0x0102_0304);
     }
