@@ -76,7 +76,7 @@ impl Csum {
     }
 
     /// Adds `data` to the sum.
-    pub fn add(mut self, data: &[u8]) -> Csum {
+    pub fn push(mut self, data: &[u8]) -> Csum {
         for &b in data {
             self.sum += if self.odd { b as u64 } else { (b as u64) << 8 };
             self.odd = !self.odd;
@@ -97,7 +97,7 @@ impl Csum {
 /// The Internet checksum of `data` (IPv4 header, ICMP message). Over a header that holds its
 /// own correct checksum the result is 0.
 pub fn checksum(data: &[u8]) -> u16 {
-    Csum::new().add(data).finish()
+    Csum::new().push(data).finish()
 }
 
 /// The sum of the pseudo-header of a TCP, UDP or ICMPv6 message of `len` bytes: RFC 793/768
@@ -107,15 +107,15 @@ pub fn checksum(data: &[u8]) -> u16 {
 pub fn pseudo_header(src: IpAddr, dst: IpAddr, proto: u8, len: usize) -> Csum {
     match (src, dst) {
         (IpAddr::V4(s), IpAddr::V4(d)) => Csum::new()
-            .add(&s.octets())
-            .add(&d.octets())
-            .add(&[0, proto])
-            .add(&(len as u16).to_be_bytes()),
+            .push(&s.octets())
+            .push(&d.octets())
+            .push(&[0, proto])
+            .push(&(len as u16).to_be_bytes()),
         (IpAddr::V6(s), IpAddr::V6(d)) => Csum::new()
-            .add(&s.octets())
-            .add(&d.octets())
-            .add(&(len as u32).to_be_bytes())
-            .add(&[0, 0, 0, proto]),
+            .push(&s.octets())
+            .push(&d.octets())
+            .push(&(len as u32).to_be_bytes())
+            .push(&[0, 0, 0, proto]),
         _ => panic!("mixed address families: {src} -> {dst}"),
     }
 }
@@ -123,7 +123,7 @@ pub fn pseudo_header(src: IpAddr, dst: IpAddr, proto: u8, len: usize) -> Csum {
 /// The checksum of a TCP, UDP or ICMPv6 message `seg` (its checksum field zero) with its
 /// pseudo-header. UDP's "0 means none" rule is [`Udp`]'s business, not this one's.
 pub fn l4_checksum(src: IpAddr, dst: IpAddr, proto: u8, seg: &[u8]) -> u16 {
-    pseudo_header(src, dst, proto, seg.len()).add(seg).finish()
+    pseudo_header(src, dst, proto, seg.len()).push(seg).finish()
 }
 
 /// Recomputes the header checksum of the IPv4 header at the start of `p` after a field was
@@ -463,7 +463,7 @@ mod unit {
         let d = [0x00, 0x01, 0xf2, 0x03, 0xf4, 0xf5, 0xf6, 0xf7];
         assert_eq!(checksum(&d), !0xddf2);
         // Split at odd offsets: the same sum.
-        assert_eq!(Csum::new().add(&d[..3]).add(&d[3..]).finish(), !0xddf2);
+        assert_eq!(Csum::new().push(&d[..3]).push(&d[3..]).finish(), !0xddf2);
         // Odd length: padded with a zero byte.
         assert_eq!(checksum(&[0xab]), !0xab00);
         assert_eq!(checksum(&[]), 0xffff);
