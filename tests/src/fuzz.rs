@@ -56,7 +56,8 @@ use lb_common::{
 use lb_userspace::config::Forwarding;
 use lb_userspace::{Balancer, Config, LoadOptions};
 
-use crate::model::{self, Flow, FragId, Mac, Mode, NextHop, State, Track, Verdict, TCP, UDP};
+use crate::model::{self, Flow, FragId, Mode, NextHop, State, Track, Verdict};
+use crate::pkt::{self, mac_str, Ip4, Ip6, Mac, Tcp, ICMP, ICMPV6, IPV6_FRAG, TCP, UDP};
 use crate::NetNs;
 
 // ---------------------------------------------------------------------------------------------
@@ -359,13 +360,6 @@ fn vip_addr(v6: bool, n: u8) -> IpAddr {
     } else {
         IpAddr::V4(Ipv4Addr::new(10, 230, 100, n))
     }
-}
-
-fn mac_str(m: &Mac) -> String {
-    m.iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
 }
 
 /// A service the generator aims at.
@@ -735,44 +729,10 @@ impl Kernel {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Packet building (generator side; the model never uses these).
+// Packet building (generator side; the model never uses these): `crate::pkt`.
 
-fn csum_add(mut sum: u32, data: &[u8]) -> u32 {
-    for c in data.chunks(2) {
-        sum += u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]) as u32;
-    }
-    sum
-}
-
-fn csum_fold(mut sum: u32) -> u16 {
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
-}
-
-fn l4_csum(src: IpAddr, dst: IpAddr, proto: u8, seg: &[u8]) -> u16 {
-    let mut sum = 0;
-    match (src, dst) {
-        (IpAddr::V4(s), IpAddr::V4(d)) => {
-            sum = csum_add(sum, &s.octets());
-            sum = csum_add(sum, &d.octets());
-            sum = csum_add(sum, &[0, proto]);
-            sum = csum_add(sum, &(seg.len() as u16).to_be_bytes());
-        }
-        (IpAddr::V6(s), IpAddr::V6(d)) => {
-            sum = csum_add(sum, &s.octets());
-            sum = csum_add(sum, &d.octets());
-            sum = csum_add(sum, &(seg.len() as u32).to_be_bytes());
-            sum = csum_add(sum, &[0, 0, 0, proto]);
-        }
-        _ => panic!("mixed families"),
-    }
-    csum_fold(csum_add(sum, seg))
-}
-
-/// A TCP (20 bytes, or with `opts` options; flags and sequence number) or UDP segment with a
-/// valid checksum.
+/// A TCP (20 bytes, or with `opts` bytes of NOP options; flags and sequence number; an ACK
+/// carries acknowledgement number 0x5e6f7081) or UDP segment with a valid checksum.
 #[allow(clippy::too_many_arguments)]
 fn segment(
     src: IpAddr,
@@ -784,120 +744,22 @@ fn segment(
     opts: usize,
     payload: &[u8],
 ) -> Vec<u8> {
-    let mut s = Vec::with_capacity(60 + payload.len());
-    s.extend(sport.to_be_bytes());
-    s.extend(dport.to_be_bytes());
     if proto == TCP {
-        s.extend(seq.to_be_bytes());
-        s.extend(if flags & 0x10 != 0 { 0x5e6f_7081u32 } else { 0 }.to_be_bytes());
-        s.push(((5 + opts / 4) as u8) << 4);
-        s.push(flags);
-        s.extend(0xfaf0u16.to_be_bytes());
-        s.extend([0, 0, 0, 0]);
-        s.extend(std::iter::repeat_n(1u8, opts)); // NOPs
-        s.extend_from_slice(payload);
-        let c = l4_csum(src, dst, TCP, &s);
-        s[16..18].copy_from_slice(&c.to_be_bytes());
+        Tcp {
+            seq,
+            ack: if flags & pkt::TCP_ACK != 0 {
+                0x5e6f_7081
+            } else {
+                0
+            },
+            flags,
+            options: vec![1; opts],
+            ..Tcp::new(sport, dport)
+        }
+        .build(src, dst, payload)
     } else {
-        s.extend(((8 + payload.len()) as u16).to_be_bytes());
-        s.extend([0, 0]);
-        s.extend_from_slice(payload);
-        let c = match l4_csum(src, dst, UDP, &s) {
-            0 => 0xffff,
-            c => c,
-        };
-        s[6..8].copy_from_slice(&c.to_be_bytes());
+        pkt::udp(src, dst, sport, dport, payload)
     }
-    s
-}
-
-struct Ip4Opts {
-    tos: u8,
-    id: u16,
-    /// Flags and fragment offset word.
-    frag: u16,
-    ttl: u8,
-    options: Vec<u8>,
-}
-
-fn ip4(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, o: &Ip4Opts, payload: &[u8]) -> Vec<u8> {
-    let ihl = 20 + o.options.len();
-    let mut p = Vec::with_capacity(ihl + payload.len());
-    p.push(0x40 | (ihl / 4) as u8);
-    p.push(o.tos);
-    p.extend(((ihl + payload.len()) as u16).to_be_bytes());
-    p.extend(o.id.to_be_bytes());
-    p.extend(o.frag.to_be_bytes());
-    p.push(o.ttl);
-    p.push(proto);
-    p.extend([0, 0]);
-    p.extend(src.octets());
-    p.extend(dst.octets());
-    p.extend_from_slice(&o.options);
-    let c = csum_fold(csum_add(0, &p[..ihl]));
-    p[10..12].copy_from_slice(&c.to_be_bytes());
-    p.extend_from_slice(payload);
-    p
-}
-
-fn ip6(
-    src: Ipv6Addr,
-    dst: Ipv6Addr,
-    next: u8,
-    tc: u8,
-    label: u32,
-    hop: u8,
-    payload: &[u8],
-) -> Vec<u8> {
-    let mut p = Vec::with_capacity(40 + payload.len());
-    p.extend(((6u32 << 28) | ((tc as u32) << 20) | (label & 0xf_ffff)).to_be_bytes());
-    p.extend((payload.len() as u16).to_be_bytes());
-    p.push(next);
-    p.push(hop);
-    p.extend(src.octets());
-    p.extend(dst.octets());
-    p.extend_from_slice(payload);
-    p
-}
-
-fn frag6(next: u8, offset: u16, more: bool, id: u32) -> [u8; 8] {
-    let of = ((offset & 0x1fff) << 3) | more as u16;
-    let o = of.to_be_bytes();
-    let i = id.to_be_bytes();
-    [next, 0, o[0], o[1], i[0], i[1], i[2], i[3]]
-}
-
-fn ether(dst: Mac, src: Mac, et: u16, payload: &[u8]) -> Vec<u8> {
-    let mut f = Vec::with_capacity(18 + payload.len());
-    f.extend_from_slice(&dst);
-    f.extend_from_slice(&src);
-    f.extend(et.to_be_bytes());
-    f.extend_from_slice(payload);
-    f
-}
-
-fn add_vlan(f: &mut Vec<u8>, tci: u16) {
-    let mut tag = vec![0x81, 0x00];
-    tag.extend(tci.to_be_bytes());
-    f.splice(12..12, tag);
-}
-
-fn icmp_msg(
-    typ: u8,
-    code: u8,
-    rest: [u8; 4],
-    body: &[u8],
-    v6: Option<(Ipv6Addr, Ipv6Addr)>,
-) -> Vec<u8> {
-    let mut m = vec![typ, code, 0, 0];
-    m.extend(rest);
-    m.extend_from_slice(body);
-    let c = match v6 {
-        Some((s, d)) => l4_csum(s.into(), d.into(), 58, &m),
-        None => csum_fold(csum_add(0, &m)),
-    };
-    m[2..4].copy_from_slice(&c.to_be_bytes());
-    m
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1023,7 +885,7 @@ impl Generator {
         let tagged = self.rng.chance(0.12) && f.len() >= 14 && class != "non_ip";
         if tagged {
             let tci = self.rng.u16();
-            add_vlan(&mut f, tci);
+            pkt::add_vlan(&mut f, tci);
         }
         (class, f)
     }
@@ -1037,7 +899,7 @@ impl Generator {
             m
         };
         let src = *self.rng.pick(&ROUTERS);
-        ether(dst, src, et, payload)
+        pkt::ether(dst, src, et, payload)
     }
 
     fn client(&mut self, v6: bool) -> IpAddr {
@@ -1231,7 +1093,7 @@ impl Generator {
                     } else {
                         Vec::new()
                     };
-                let o = Ip4Opts {
+                let o = Ip4 {
                     tos,
                     id: frag.map_or_else(|| self.rng.u16(), |(_, id)| id as u16),
                     frag: match frag {
@@ -1246,22 +1108,31 @@ impl Generator {
                     },
                     ttl: self.rng.range(1, 255) as u8,
                     options,
+                    ..Ip4::new(s, d, proto)
                 };
-                let p = ip4(s, d, proto, &o, payload);
-                self.eth_in(0x0800, &p)
+                let p = o.build(payload);
+                self.eth_in(pkt::ETH_IPV4, &p)
             }
             (IpAddr::V6(s), IpAddr::V6(d)) => {
-                let label = self.rng.u32();
-                let hop = self.rng.range(1, 255) as u8;
+                let h = Ip6 {
+                    tc: tos,
+                    label: self.rng.u32(),
+                    hop: self.rng.range(1, 255) as u8,
+                    ..Ip6::new(s, d, proto)
+                };
                 let p = match frag {
                     Some((word, id)) => {
-                        let mut body = frag6(proto, word >> 3, word & 1 != 0, id).to_vec();
+                        let mut body = pkt::frag6(proto, word >> 3, word & 1 != 0, id).to_vec();
                         body.extend_from_slice(payload);
-                        ip6(s, d, 44, tos, label, hop, &body)
+                        Ip6 {
+                            next: IPV6_FRAG,
+                            ..h
+                        }
+                        .build(&body)
                     }
-                    None => ip6(s, d, proto, tos, label, hop, payload),
+                    None => h.build(payload),
                 };
-                self.eth_in(0x86dd, &p)
+                self.eth_in(pkt::ETH_IPV6, &p)
             }
             _ => unreachable!(),
         }
@@ -1297,10 +1168,10 @@ impl Generator {
 
     fn bad_length(&mut self) -> Vec<u8> {
         let mut f = self.vip_flow(None, Size::Normal);
-        let v6 = f[12..14] == [0x86, 0xdd];
+        let v6 = pkt::ethertype(&f) == pkt::ETH_IPV6;
         let l3 = 14;
         if v6 {
-            let real = u16::from_be_bytes([f[l3 + 4], f[l3 + 5]]);
+            let real = pkt::be16(&f, l3 + 4);
             let v = match self.rng.below(5) {
                 0 => 0,
                 1 => real.wrapping_add(1),
@@ -1310,7 +1181,7 @@ impl Generator {
             };
             f[l3 + 4..l3 + 6].copy_from_slice(&v.to_be_bytes());
         } else {
-            let real = u16::from_be_bytes([f[l3 + 2], f[l3 + 3]]);
+            let real = pkt::be16(&f, l3 + 2);
             if self.rng.chance(0.3) {
                 f[l3] = 0x40 | self.rng.below(16) as u8;
             } else {
@@ -1326,10 +1197,7 @@ impl Generator {
             }
             // Recompute the header checksum half the time (the program does not check it).
             if self.rng.chance(0.5) {
-                let ihl = ((f[l3] & 0x0f) as usize * 4).clamp(20, f.len() - l3);
-                f[l3 + 10..l3 + 12].copy_from_slice(&[0, 0]);
-                let c = csum_fold(csum_add(0, &f[l3..l3 + ihl]));
-                f[l3 + 10..l3 + 12].copy_from_slice(&c.to_be_bytes());
+                pkt::set_ip4_checksum(&mut f[l3..]);
             }
         }
         f
@@ -1337,7 +1205,7 @@ impl Generator {
 
     fn bad_checksum(&mut self) -> Vec<u8> {
         let mut f = self.vip_flow(None, Size::Normal);
-        let v6 = f[12..14] == [0x86, 0xdd];
+        let v6 = pkt::ethertype(&f) == pkt::ETH_IPV6;
         if !v6 && self.rng.chance(0.5) {
             f[14 + 10] ^= 1 + self.rng.below(255) as u8;
         } else {
@@ -1387,16 +1255,20 @@ impl Generator {
             }
             // A Fragment header followed by a hop-by-hop header.
             3 => {
-                let mut b = frag6(0, 0, self.rng.chance(0.5), self.rng.u32()).to_vec();
+                let mut b = pkt::frag6(0, 0, self.rng.chance(0.5), self.rng.u32()).to_vec();
                 b.extend([f.target.proto, 0, 0, 0, 0, 0, 0, 0]);
                 b.extend(&seg);
-                (44, b)
+                (IPV6_FRAG, b)
             }
             // No next header.
             _ => (59, seg),
         };
-        let p = ip6(s, d, first, f.tos, 0, 64, &body);
-        self.eth_in(0x86dd, &p)
+        let p = Ip6 {
+            tc: f.tos,
+            ..Ip6::new(s, d, first)
+        }
+        .build(&body);
+        self.eth_in(pkt::ETH_IPV6, &p)
     }
 
     fn frag_first(&mut self) -> Vec<u8> {
@@ -1528,28 +1400,18 @@ impl Generator {
                 } else {
                     Vec::new()
                 };
-                ip4(
-                    s,
-                    d,
-                    qproto,
-                    &Ip4Opts {
-                        tos: 0,
-                        id: self.rng.u16(),
-                        frag: 0x4000,
-                        ttl: 64,
-                        options,
-                    },
-                    &seg,
-                )
+                Ip4 {
+                    id: self.rng.u16(),
+                    frag: pkt::IP4_DF,
+                    options,
+                    ..Ip4::new(s, d, qproto)
+                }
+                .build(&seg)
             }
-            (IpAddr::V6(s), IpAddr::V6(d)) => ip6(s, d, qproto, 0, 0, 64, &seg),
+            (IpAddr::V6(s), IpAddr::V6(d)) => Ip6::new(s, d, qproto).build(&seg),
             _ => unreachable!(),
         };
-        let ihl = if v6 {
-            40
-        } else {
-            (quoted[0] & 0x0f) as usize * 4
-        };
+        let ihl = if v6 { 40 } else { pkt::ip4_ihl(&quoted) };
         let qlen = match self.rng.below(10) {
             0..4 => ihl + 8,
             4..8 => quoted.len(),
@@ -1590,7 +1452,7 @@ impl Generator {
         match (router, dst) {
             (IpAddr::V4(s), IpAddr::V4(d)) => {
                 let m = (mtu as u16).to_be_bytes();
-                let msg = icmp_msg(typ, code, [0, 0, m[0], m[1]], body, None);
+                let msg = pkt::icmp4(typ, code, [0, 0, m[0], m[1]], body);
                 // Now and then the error itself is a first fragment, or carries options.
                 let frag = if self.rng.chance(0.05) { 0x2000 } else { 0 };
                 let options = if self.rng.chance(0.05) {
@@ -1598,32 +1460,37 @@ impl Generator {
                 } else {
                     Vec::new()
                 };
-                let p = ip4(
-                    s,
-                    d,
-                    1,
-                    &Ip4Opts {
-                        tos: 0xc0,
-                        id: self.rng.u16(),
-                        frag,
-                        ttl: 250,
-                        options,
-                    },
-                    &msg,
-                );
-                self.eth_in(0x0800, &p)
+                let p = Ip4 {
+                    tos: 0xc0,
+                    id: self.rng.u16(),
+                    frag,
+                    ttl: 250,
+                    options,
+                    ..Ip4::new(s, d, ICMP)
+                }
+                .build(&msg);
+                self.eth_in(pkt::ETH_IPV4, &p)
             }
             (IpAddr::V6(s), IpAddr::V6(d)) => {
-                let msg = icmp_msg(typ, code, mtu.to_be_bytes(), body, Some((s, d)));
+                let msg = pkt::icmp6(s, d, typ, code, mtu.to_be_bytes(), body);
                 // Now and then behind a Fragment header (first or atomic fragment).
                 let p = if self.rng.chance(0.05) {
-                    let mut b = frag6(58, 0, self.rng.chance(0.5), self.rng.u32()).to_vec();
+                    let mut b =
+                        pkt::frag6(ICMPV6, 0, self.rng.chance(0.5), self.rng.u32()).to_vec();
                     b.extend(&msg);
-                    ip6(s, d, 44, 0, 0, 250, &b)
+                    Ip6 {
+                        hop: 250,
+                        ..Ip6::new(s, d, IPV6_FRAG)
+                    }
+                    .build(&b)
                 } else {
-                    ip6(s, d, 58, 0, 0, 250, &msg)
+                    Ip6 {
+                        hop: 250,
+                        ..Ip6::new(s, d, ICMPV6)
+                    }
+                    .build(&msg)
                 };
-                self.eth_in(0x86dd, &p)
+                self.eth_in(pkt::ETH_IPV6, &p)
             }
             _ => unreachable!(),
         }
@@ -1642,7 +1509,7 @@ impl Generator {
                     let l = self.rng.range(0, body.len()) as u16;
                     body[2..4].copy_from_slice(&l.to_be_bytes());
                 }
-                0x0800
+                pkt::ETH_IPV4
             }
             _ => {
                 if let Some(b) = body.first_mut() {
@@ -1652,7 +1519,7 @@ impl Generator {
                     let l = self.rng.range(0, body.len().saturating_sub(40)) as u16;
                     body[4..6].copy_from_slice(&l.to_be_bytes());
                 }
-                0x86dd
+                pkt::ETH_IPV6
             }
         };
         self.eth_in(et, &body)
@@ -1662,7 +1529,7 @@ impl Generator {
         match self.rng.below(6) {
             0 => {
                 let body = self.rng.bytes(28);
-                self.eth_in(0x0806, &body)
+                self.eth_in(pkt::ETH_ARP, &body)
             }
             1 => {
                 let body = self.rng.bytes(40);
@@ -1672,32 +1539,32 @@ impl Generator {
                 // 802.1ad outer tag: not 802.1Q, so not IP for the balancer.
                 let mut f = self.vip_flow(None, Size::Normal);
                 let tci = self.rng.u16();
-                add_vlan(&mut f, tci);
-                f[12..14].copy_from_slice(&[0x88, 0xa8]);
+                pkt::add_vlan(&mut f, tci);
+                f[12..14].copy_from_slice(&pkt::ETH_8021AD.to_be_bytes());
                 f
             }
             3 => {
                 // Two 802.1Q tags: the inner tag's type is not IP.
                 let mut f = self.vip_flow(None, Size::Normal);
                 let (a, b) = (self.rng.u16(), self.rng.u16());
-                add_vlan(&mut f, a);
-                add_vlan(&mut f, b);
+                pkt::add_vlan(&mut f, a);
+                pkt::add_vlan(&mut f, b);
                 f
             }
             4 => {
                 // IPv6 in an IPv4 frame (version mismatch) and vice versa.
                 let mut f = self.vip_flow(None, Size::Normal);
-                let et = if f[12..14] == [0x86, 0xdd] {
-                    [0x08, 0x00]
+                let et = if pkt::ethertype(&f) == pkt::ETH_IPV6 {
+                    pkt::ETH_IPV4
                 } else {
-                    [0x86, 0xdd]
+                    pkt::ETH_IPV6
                 };
-                f[12..14].copy_from_slice(&et);
+                f[12..14].copy_from_slice(&et.to_be_bytes());
                 f
             }
             _ => {
                 // A tagged frame cut inside the tag.
-                let mut f = self.eth_in(0x8100, &[]);
+                let mut f = self.eth_in(pkt::ETH_8021Q, &[]);
                 let n = self.rng.below(4);
                 f.extend(self.rng.bytes(n));
                 f
@@ -1707,7 +1574,7 @@ impl Generator {
 
     fn padded(&mut self) -> Vec<u8> {
         let mut f = self.vip_flow(None, Size::Normal);
-        let v6 = f[12..14] == [0x86, 0xdd];
+        let v6 = pkt::ethertype(&f) == pkt::ETH_IPV6;
         if self.rng.chance(0.5) {
             // Ethernet padding after the IP packet.
             let n = self.rng.range(1, 46);
@@ -1920,7 +1787,7 @@ fn run_inside(opts: &FuzzOptions, ifindex: [u32; 2]) -> Result<FuzzReport> {
         n += 1;
         let (class, frame) = gen.next();
         *report.mix.entry(class).or_default() += 1;
-        if frame.len() >= 18 && frame[12..14] == [0x81, 0x00] {
+        if frame.len() >= 18 && pkt::ethertype(&frame) == pkt::ETH_8021Q {
             *report.mix.entry("(802.1Q tagged)").or_default() += 1;
         }
         let o = m.run(&frame);

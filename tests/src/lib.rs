@@ -27,6 +27,7 @@ pub mod fuzz;
 pub mod lab;
 pub mod model;
 pub mod netns;
+pub mod pkt;
 pub mod procs;
 pub mod tcp;
 pub mod xdp;

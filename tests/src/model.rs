@@ -1,6 +1,7 @@
 //! A reference model of the XDP balancer, written from the spec (`docs/datapath.md` and the
 //! comments of `lb-ebpf/src/bin/balancer.rs`), independent of the eBPF code: packets are parsed
-//! and the packets the balancer sends are built with `etherparse`. The only code shared with the
+//! with `etherparse`, and the packets the balancer sends are built with [`crate::pkt`] (itself
+//! checked against `etherparse` by its unit tests). The only code shared with the
 //! datapath is `lb_common::flow_hash` and `lb_common::maglev_index`, the documented contract for
 //! which Maglev slot a flow lands in, and the map key layouts (`FlowKey`, `FragKey`), used only
 //! to compare this model's tables with the kernel's.
@@ -65,27 +66,19 @@ use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use etherparse::{
-    icmpv4::DestUnreachableHeader, EtherType, Ethernet2Header, Ethernet2HeaderSlice, Icmpv4Header,
-    Icmpv4Type, Icmpv6Header, Icmpv6Type, IpDscp, IpEcn, IpNumber, Ipv4Header, Ipv4HeaderSlice,
-    Ipv6FlowLabel, Ipv6FragmentHeaderSlice, Ipv6Header, Ipv6HeaderSlice, SingleVlanHeader,
-    SingleVlanHeaderSlice, UdpHeaderSlice,
+    EtherType, Ethernet2Header, Ethernet2HeaderSlice, Ipv4Header, Ipv4HeaderSlice,
+    Ipv6FragmentHeaderSlice, Ipv6Header, Ipv6HeaderSlice, SingleVlanHeader, SingleVlanHeaderSlice,
+    UdpHeaderSlice,
 };
 use lb_common::{
     flow_hash, maglev_index, BackendStats, Counter, FlowKey, FragKey, VipStats, FAMILY_V4,
     FAMILY_V6,
 };
 
-pub type Mac = [u8; 6];
-
-pub const TCP: u8 = 6;
-pub const UDP: u8 = 17;
-pub const ICMP: u8 = 1;
-pub const ICMPV6: u8 = 58;
-pub const IPV6_FRAG: u8 = 44;
-
-const TCP_SYN: u8 = 0x02;
-const TCP_RST: u8 = 0x04;
-const TCP_ACK: u8 = 0x10;
+use crate::pkt::{
+    self, be16, be32, Ip4, Ip6, Mac, ICMP, ICMPV6, IP4_DF, IPIP, IPV6, IPV6_FRAG, TCP, TCP_ACK,
+    TCP_RST, TCP_SYN, UDP,
+};
 
 /// Outer TTL / hop limit of what the balancer sends.
 const TTL: u8 = 64;
@@ -425,7 +418,8 @@ impl Stop {
 struct L2 {
     dst: Mac,
     src: Mac,
-    vlan: Option<SingleVlanHeader>,
+    /// The 802.1Q tag's TCI, if tagged.
+    vlan: Option<u16>,
     /// Offset of the IP header.
     l3: usize,
 }
@@ -458,29 +452,10 @@ enum Kind {
     Icmp { l4: usize },
 }
 
-fn be16(b: &[u8]) -> u16 {
-    u16::from_be_bytes([b[0], b[1]])
-}
-
-fn frame_with(l2_dst: Mac, l2_src: Mac, vlan: &Option<SingleVlanHeader>, et: EtherType) -> Vec<u8> {
-    let mut out = Vec::with_capacity(1600);
-    let outer_type = if vlan.is_some() {
-        EtherType::VLAN_TAGGED_FRAME
-    } else {
-        et
-    };
-    let eth = Ethernet2Header {
-        destination: l2_dst,
-        source: l2_src,
-        ether_type: outer_type,
-    };
-    out.extend_from_slice(&eth.to_bytes());
-    if let Some(v) = vlan {
-        let mut v = v.clone();
-        v.ether_type = et;
-        out.extend_from_slice(&v.to_bytes());
-    }
-    out
+/// A frame from `l2_src` to `l2_dst` with the input's 802.1Q tag (if any) and ethertype `et`,
+/// its payload to follow.
+fn frame_with(l2_dst: Mac, l2_src: Mac, vlan: Option<u16>, et: u16) -> Vec<u8> {
+    pkt::ether_vlan(l2_dst, l2_src, vlan, et, &[])
 }
 
 impl State {
@@ -580,7 +555,7 @@ impl State {
             (
                 Ethernet2Header::LEN + SingleVlanHeader::LEN,
                 v.ether_type(),
-                Some(v.to_header()),
+                Some(be16(f, Ethernet2Header::LEN)),
             )
         } else {
             (Ethernet2Header::LEN, eth.ether_type(), None)
@@ -634,8 +609,7 @@ impl State {
             if seg.len() < 20 {
                 return Err(Stop::Malformed);
             }
-            let seq = u32::from_be_bytes([seg[4], seg[5], seg[6], seg[7]]);
-            (be16(&seg[0..2]), be16(&seg[2..4]), seg[13], seq)
+            (be16(seg, 0), be16(seg, 2), seg[13], be32(seg, 4))
         } else {
             let u = UdpHeaderSlice::from_slice(seg).map_err(|_| Stop::Malformed)?;
             (u.source_port(), u.destination_port(), 0, 0)
@@ -809,21 +783,14 @@ impl State {
             if q.len() < 40 || q[0] >> 4 != 6 {
                 return Err(Stop::Malformed);
             }
-            let s: [u8; 16] = q[8..24].try_into().unwrap();
-            let d: [u8; 16] = q[24..40].try_into().unwrap();
-            (q[6], IpAddr::from(s), IpAddr::from(d), 40)
+            let (s, d) = pkt::ip6_addrs(q);
+            (q[6], s.into(), d.into(), 40)
         } else {
             if q.len() < 20 || q[0] >> 4 != 4 || q[0] & 0x0f < 5 {
                 return Err(Stop::Malformed);
             }
-            let s: [u8; 4] = q[12..16].try_into().unwrap();
-            let d: [u8; 4] = q[16..20].try_into().unwrap();
-            (
-                q[9],
-                IpAddr::from(s),
-                IpAddr::from(d),
-                (q[0] & 0x0f) as usize * 4,
-            )
+            let (s, d) = pkt::ip4_addrs(q);
+            (q[9], s.into(), d.into(), pkt::ip4_ihl(q))
         };
         if proto != TCP && proto != UDP {
             return Err(Stop::IcmpNotVip);
@@ -834,8 +801,8 @@ impl State {
         let flow = Flow {
             src: qdst,
             dst: qsrc,
-            sport: be16(&q[ql4 + 2..]),
-            dport: be16(&q[ql4..]),
+            sport: be16(q, ql4 + 2),
+            dport: be16(q, ql4),
             proto,
         };
         let vip = self
@@ -910,7 +877,8 @@ impl State {
         reply_too_big: bool,
     ) -> Result<Vec<u8>, Stop> {
         let inner_len = ip.packet.len();
-        let rest = &ip.frame[ip.l2.l3..];
+        // Everything after the link header follows the new outer header, Ethernet padding too.
+        let padding = &ip.frame[ip.l2.l3 + inner_len..];
         if ip.v6 {
             if inner_len + Ipv6Header::LEN > nh.mtu as usize {
                 return Err(self.too_big(ip, nh.mtu, reply_too_big));
@@ -919,18 +887,15 @@ impl State {
             let IpAddr::V6(dst) = b.addr else {
                 panic!("IPv6 VIP with IPv4 backend {}", b.addr)
             };
-            let h = Ipv6Header {
-                traffic_class: ip.tos,
-                flow_label: Ipv6FlowLabel::try_new(hash & 0xf_ffff).unwrap(),
-                payload_length: inner_len as u16,
-                next_header: IpNumber::IPV6,
-                hop_limit: TTL,
-                source: src.octets(),
-                destination: dst.octets(),
+            let h = Ip6 {
+                tc: ip.tos,
+                label: hash & 0xf_ffff,
+                hop: TTL,
+                ..Ip6::new(src, dst, IPV6)
             };
-            let mut out = frame_with(nh.dmac, nh.smac, &ip.l2.vlan, EtherType::IPV6);
-            out.extend_from_slice(&h.to_bytes());
-            out.extend_from_slice(rest);
+            let mut out = frame_with(nh.dmac, nh.smac, ip.l2.vlan, pkt::ETH_IPV6);
+            out.extend_from_slice(&h.build(ip.packet));
+            out.extend_from_slice(padding);
             Ok(out)
         } else {
             if inner_len + Ipv4Header::MIN_LEN > nh.mtu as usize {
@@ -940,22 +905,16 @@ impl State {
             let IpAddr::V4(dst) = b.addr else {
                 panic!("IPv4 VIP with IPv6 backend {}", b.addr)
             };
-            let mut h = Ipv4Header::new(
-                inner_len as u16,
-                TTL,
-                IpNumber::IPV4,
-                src.octets(),
-                dst.octets(),
-            )
-            .unwrap();
-            h.dscp = IpDscp::try_new(ip.tos >> 2).unwrap();
-            h.ecn = IpEcn::try_new(ip.tos & 3).unwrap();
-            h.identification = 0;
-            h.dont_fragment = true;
-            h.header_checksum = h.calc_header_checksum();
-            let mut out = frame_with(nh.dmac, nh.smac, &ip.l2.vlan, EtherType::IPV4);
-            out.extend_from_slice(&h.to_bytes());
-            out.extend_from_slice(rest);
+            let h = Ip4 {
+                tos: ip.tos,
+                id: 0,
+                frag: IP4_DF,
+                ttl: TTL,
+                ..Ip4::new(src, dst, IPIP)
+            };
+            let mut out = frame_with(nh.dmac, nh.smac, ip.l2.vlan, pkt::ETH_IPV4);
+            out.extend_from_slice(&h.build(ip.packet));
+            out.extend_from_slice(padding);
             Ok(out)
         }
     }
@@ -971,29 +930,15 @@ impl State {
             let (IpAddr::V6(c), IpAddr::V6(v)) = (client, vip) else {
                 unreachable!()
             };
-            let icmp = Icmpv6Header::with_checksum(
-                Icmpv6Type::PacketTooBig {
-                    mtu: mtu.saturating_sub(40) as u32,
-                },
-                v.octets(),
-                c.octets(),
-                quote,
-            )
-            .unwrap();
-            let icmp_bytes = icmp.to_bytes();
-            let h = Ipv6Header {
-                traffic_class: 0,
-                flow_label: Ipv6FlowLabel::ZERO,
-                payload_length: (icmp_bytes.len() + quote.len()) as u16,
-                next_header: IpNumber::IPV6_ICMP,
-                hop_limit: TTL,
-                source: v.octets(),
-                destination: c.octets(),
+            let mtu = (mtu.saturating_sub(40) as u32).to_be_bytes();
+            // Packet Too Big (type 2, code 0).
+            let icmp = pkt::icmp6(v, c, 2, 0, mtu, quote);
+            let h = Ip6 {
+                hop: TTL,
+                ..Ip6::new(v, c, ICMPV6)
             };
-            let mut out = frame_with(ip.l2.src, ip.l2.dst, &ip.l2.vlan, EtherType::IPV6);
-            out.extend_from_slice(&h.to_bytes());
-            out.extend_from_slice(&icmp_bytes);
-            out.extend_from_slice(quote);
+            let mut out = frame_with(ip.l2.src, ip.l2.dst, ip.l2.vlan, pkt::ETH_IPV6);
+            out.extend_from_slice(&h.build(&icmp));
             Stop::TooBigReplied(out)
         } else {
             let n = ip.ihl + 8;
@@ -1004,28 +949,18 @@ impl State {
             let (IpAddr::V4(c), IpAddr::V4(v)) = (client, vip) else {
                 unreachable!()
             };
-            let icmp = Icmpv4Header::with_checksum(
-                Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::FragmentationNeeded {
-                    next_hop_mtu: mtu.saturating_sub(20),
-                }),
-                quote,
-            );
-            let icmp_bytes = icmp.to_bytes();
-            let mut h = Ipv4Header::new(
-                (icmp_bytes.len() + quote.len()) as u16,
-                TTL,
-                IpNumber::ICMP,
-                v.octets(),
-                c.octets(),
-            )
-            .unwrap();
-            h.identification = 0;
-            h.dont_fragment = false;
-            h.header_checksum = h.calc_header_checksum();
-            let mut out = frame_with(ip.l2.src, ip.l2.dst, &ip.l2.vlan, EtherType::IPV4);
-            out.extend_from_slice(&h.to_bytes());
-            out.extend_from_slice(&icmp_bytes);
-            out.extend_from_slice(quote);
+            let [m0, m1] = mtu.saturating_sub(20).to_be_bytes();
+            // Destination unreachable (3), fragmentation needed (4): the next hop's MTU in the
+            // low 16 bits of the "rest of header".
+            let icmp = pkt::icmp4(3, 4, [0, 0, m0, m1], quote);
+            let h = Ip4 {
+                id: 0,
+                frag: 0,
+                ttl: TTL,
+                ..Ip4::new(v, c, ICMP)
+            };
+            let mut out = frame_with(ip.l2.src, ip.l2.dst, ip.l2.vlan, pkt::ETH_IPV4);
+            out.extend_from_slice(&h.build(&icmp));
             Stop::TooBigReplied(out)
         }
     }

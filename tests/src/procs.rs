@@ -1,8 +1,8 @@
 //! Running the shipped binaries (`lbd`, `lbctl`) in a lab, shared by the end-to-end tests.
 use crate::{lab::Lab, netns::NetNs};
 use std::{
-    path::PathBuf,
-    process::Child,
+    path::{Path, PathBuf},
+    process::{Child, Command, ExitStatus, Output, Stdio},
     time::{Duration, Instant},
 };
 
@@ -23,13 +23,15 @@ pub fn bin_path(name: &str) -> PathBuf {
     p
 }
 
-/// Polls `f` every 100 ms until it holds; panics naming `what` after `timeout`.
-pub fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
-    let end = Instant::now() + timeout;
+/// Polls `f` every 20 ms until it holds and returns how long that took; panics naming `what`
+/// after `timeout`.
+pub fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) -> Duration {
+    let t = Instant::now();
     while !f() {
-        assert!(Instant::now() < end, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
+        assert!(t.elapsed() < timeout, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
     }
+    t.elapsed()
 }
 
 /// Sends `sig` to a child process.
@@ -109,49 +111,171 @@ pub fn lbctl(socket: &std::path::Path, args: &[&str]) -> std::process::Output {
         .expect("running lbctl")
 }
 
-/// A running lbd in a namespace, configured by `dir/lbd.toml` (whose `control_socket` must be
-/// `dir/run/lbd.sock`), logging to `dir/lbd.log`. Killed on drop; with `own_dir`, the
-/// directory goes too.
+/// How [`Lbd::spawn`] starts lbd.
+#[derive(Clone, Debug, Default)]
+pub struct LbdOptions {
+    /// The binary; default [`bin_path`]`("lbd")` (the upgrade test runs a copy).
+    pub bin: Option<PathBuf>,
+    /// Enter only the namespace's network namespace (`nsenter --net`) instead of `ip netns
+    /// exec`, keeping the root mount namespace: pins land in the host's /sys/fs/bpf and outlive
+    /// lbd.
+    pub nsenter: bool,
+    /// Extra environment (`RUST_LOG`, ...).
+    pub env: Vec<(String, String)>,
+    /// Where lbd's stderr goes; default `lbd.log` beside the config file.
+    pub log: Option<PathBuf>,
+}
+
+/// How long an lbd may take to serve its control socket, and to exit on SIGTERM.
+const LBD_START_TIMEOUT: Duration = Duration::from_secs(30);
+const LBD_STOP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A running lbd in a namespace, its stderr in a log file. Killed on drop; with `own_dir`,
+/// `dir` goes too.
 pub struct Lbd {
     child: Option<Child>,
+    /// The directory of the config file.
     pub dir: PathBuf,
+    pub config: PathBuf,
     pub socket: PathBuf,
+    pub log_path: PathBuf,
     pub own_dir: bool,
+    control: Control,
 }
 
 impl Lbd {
-    /// Starts lbd and waits until it answers `lbctl status`.
-    pub fn start(ns: &NetNs, dir: &std::path::Path) -> Lbd {
-        use std::process::Stdio;
-        let log = std::fs::File::create(dir.join("lbd.log")).unwrap();
-        let mut cmd = ns.command(bin_path("lbd"));
+    /// Starts lbd with `dir/lbd.toml` (whose `control_socket` must be `dir/run/lbd.sock`),
+    /// `RUST_LOG=info`, logging to `dir/lbd.log`, and waits until it answers `lbctl status`.
+    pub fn start(ns: &NetNs, dir: &Path) -> Lbd {
+        let opts = LbdOptions {
+            env: vec![("RUST_LOG".into(), "info".into())],
+            ..LbdOptions::default()
+        };
+        let mut lbd = Lbd::spawn(ns, &dir.join("lbd.toml"), dir.join("run/lbd.sock"), &opts);
+        lbd.wait_serving();
+        lbd
+    }
+
+    /// Starts `lbd --config CONFIG` in `ns` without waiting for it; `socket` is the config's
+    /// `control_socket`.
+    pub fn spawn(ns: &NetNs, config: &Path, socket: impl Into<PathBuf>, opts: &LbdOptions) -> Lbd {
+        let bin = opts.bin.clone().unwrap_or_else(|| bin_path("lbd"));
+        let dir = config
+            .parent()
+            .expect("config in a directory")
+            .to_path_buf();
+        let log_path = opts.log.clone().unwrap_or_else(|| dir.join("lbd.log"));
+        let log = std::fs::File::create(&log_path)
+            .unwrap_or_else(|e| panic!("creating {}: {e}", log_path.display()));
+        let mut cmd = if opts.nsenter {
+            let mut c = Command::new("nsenter");
+            c.arg(format!("--net=/run/netns/{}", ns.name())).arg(&bin);
+            c
+        } else {
+            ns.command(&bin)
+        };
         cmd.arg("--config")
-            .arg(dir.join("lbd.toml"))
-            .env("RUST_LOG", "info")
+            .arg(config)
+            .envs(opts.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log);
         let child = ns.spawn_command(&mut cmd).expect("starting lbd");
-        let mut lbd = Lbd {
+        let socket = socket.into();
+        Lbd {
             child: Some(child),
-            dir: dir.to_path_buf(),
-            socket: dir.join("run/lbd.sock"),
+            dir,
+            config: config.to_path_buf(),
+            control: Control::new(&socket),
+            socket,
+            log_path,
             own_dir: false,
-        };
-        let end = Instant::now() + Duration::from_secs(20);
-        while !lbctl(&lbd.socket, &["status"]).status.success() {
-            if let Some(s) = lbd.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("lbd exited ({s}) before serving lbctl:\n{}", lbd.log());
-            }
-            assert!(Instant::now() < end, "lbd did not start:\n{}", lbd.log());
-            std::thread::sleep(Duration::from_millis(100));
         }
-        lbd
+    }
+
+    /// Waits until lbd answers `lbctl status`; returns how long that took. Panics with the log
+    /// if lbd exits first or does not answer within 30 s.
+    pub fn wait_serving(&mut self) -> Duration {
+        let t = Instant::now();
+        while !lbctl(&self.socket, &["status"]).status.success() {
+            if let Some(s) = self.try_wait() {
+                self.child = None;
+                panic!("lbd exited ({s}) before serving lbctl:\n{}", self.log());
+            }
+            assert!(
+                t.elapsed() < LBD_START_TIMEOUT,
+                "lbd did not serve its control socket within {LBD_START_TIMEOUT:?}:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        t.elapsed()
+    }
+
+    /// The running lbd's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("lbd running").id()
+    }
+
+    /// The control socket's queries ([`Control`]).
+    pub fn control(&self) -> &Control {
+        &self.control
+    }
+
+    /// Waits until this lbd (not one before it on the same socket) serves with its program
+    /// attached ([`Control::wait_ready`]).
+    pub fn wait_ready(&self) -> serde_json::Value {
+        self.control.wait_ready(self.pid())
+    }
+
+    /// [`Control::wait_event`].
+    pub fn wait_event(&self, kind: &str, since_ms: u64) -> serde_json::Value {
+        self.control.wait_event(kind, since_ms)
+    }
+
+    /// [`Control::wait_generation`].
+    pub fn wait_generation(&self, vip: &str, generation: u64) {
+        self.control.wait_generation(vip, generation)
+    }
+
+    /// Sends `sig` to lbd.
+    pub fn signal(&self, sig: i32) {
+        signal(self.child.as_ref().expect("lbd running"), sig);
+    }
+
+    /// Its exit status if lbd has exited (it is then no longer running).
+    pub fn try_wait(&mut self) -> Option<ExitStatus> {
+        let s = self.child.as_mut()?.try_wait().expect("waiting for lbd")?;
+        self.child = None;
+        Some(s)
+    }
+
+    /// Waits up to `timeout` for lbd to exit on its own; its exit status.
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let mut status = None;
+        wait_for("lbd to exit", timeout, || {
+            status = self.try_wait();
+            status.is_some()
+        });
+        status.unwrap()
+    }
+
+    /// SIGTERM, and the exit status (within 10 s).
+    pub fn stop(&mut self) -> ExitStatus {
+        self.signal(libc::SIGTERM);
+        self.wait_exit(LBD_STOP_TIMEOUT)
+    }
+
+    /// SIGKILL, and reaps it.
+    pub fn sigkill(&mut self) {
+        let mut c = self.child.take().expect("lbd running");
+        signal(&c, libc::SIGKILL);
+        let _ = c.wait();
     }
 
     /// What lbd has logged so far.
     pub fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.join("lbd.log")).unwrap_or_default()
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
     }
 }
 
@@ -165,6 +289,26 @@ impl Drop for Lbd {
             let _ = std::fs::remove_dir_all(&self.dir);
         }
     }
+}
+
+/// `lbd --config CONFIG cleanup` in `ns`'s network namespace and the host's mount namespace
+/// (where the pins are), asserted to succeed.
+pub fn lbd_cleanup(ns: &NetNs, config: &Path) -> Output {
+    let out = Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{}", ns.name()))
+        .arg(bin_path("lbd"))
+        .arg("--config")
+        .arg(config)
+        .arg("cleanup")
+        .stdin(Stdio::null())
+        .output()
+        .expect("running lbd cleanup");
+    assert!(
+        out.status.success(),
+        "lbd cleanup: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
 }
 
 /// `GET /metrics` from inside `ns` (lbd's default `metrics_listen`), checked to be a 200 with

@@ -49,28 +49,13 @@ use std::{
 };
 use tests::{
     lab::{backend_v4, Lab, LabSpec, LB_V4, LB_V6, VIP_V4},
-    procs::lbctl,
+    procs::{bin_path, lbctl, lbd_cleanup, start_decaps, wait_for, xdp_attached, Lbd, LbdOptions},
     require_root,
     tcp::{client_many, client_once, tally, LongLived, TcpServer},
 };
 
 const VIP: &str = "10.200.100.1:80/tcp";
 const BIG_TABLE: u32 = 1_048_573;
-
-fn bin(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().expect("test binary path");
-    let p = exe
-        .parent()
-        .and_then(|d| d.parent())
-        .expect("target/<profile>")
-        .join(name);
-    assert!(
-        p.exists(),
-        "{} is missing: build it first (`cargo xtask test` does)",
-        p.display()
-    );
-    p
-}
 
 fn vip() -> SocketAddr {
     SocketAddr::new(IpAddr::from(VIP_V4), 80)
@@ -103,7 +88,7 @@ struct Fixture {
     dir: PathBuf,
     pin_dir: PathBuf,
     socket: PathBuf,
-    lbd: Option<Child>,
+    lbd: Option<Lbd>,
     starts: usize,
     servers: Vec<Option<TcpServer>>,
     decaps: Vec<Option<Child>>,
@@ -125,24 +110,8 @@ impl Fixture {
                 Some(TcpServer::start(lab.backend(i).ns(), &addrs, &format!("backend{i}")).unwrap())
             })
             .collect();
-        let lbd = bin("lbd");
-        let decaps = (0..3)
-            .map(|i| {
-                Some(lab.backend(i).ns().spawn(
-                    lbd.to_str().unwrap(),
-                    [
-                        "decap",
-                        "--interface",
-                        "eth0",
-                        "--vip",
-                        "10.200.100.1",
-                        "--xdp-mode",
-                        "native",
-                    ],
-                ))
-            })
-            .collect();
-        let fx = Fixture {
+        let decaps = start_decaps(&lab, 3).into_iter().map(Some).collect();
+        Fixture {
             name: name.to_string(),
             socket: dir.join("lbd.sock"),
             dir,
@@ -152,13 +121,7 @@ impl Fixture {
             servers,
             decaps,
             lab,
-        };
-        for i in 0..3 {
-            wait_for("decap to attach", Duration::from_secs(20), || {
-                xdp_attached(fx.lab.backend(i).ns())
-            });
         }
-        fx
     }
 
     fn config(&self) -> PathBuf {
@@ -199,78 +162,43 @@ impl Fixture {
         fs::read_to_string(self.log_path()).unwrap_or_default()
     }
 
-    /// Starts lbd (debug records of the datapath module on: they bracket table writes).
-    fn spawn_lbd(&mut self) -> &mut Child {
+    /// Starts lbd (debug records of the datapath module on: they bracket table writes), with
+    /// `nsenter --net` so that its pins land in the host's bpffs, logging to a file per start.
+    fn spawn_lbd(&mut self) -> &mut Lbd {
         assert!(self.lbd.is_none(), "lbd already running");
         self.starts += 1;
-        let log = fs::File::create(self.log_path()).unwrap();
-        let ns = self.lab.lb().ns();
-        let mut cmd = Command::new("nsenter");
-        cmd.arg(format!("--net=/run/netns/{}", ns.name()))
-            .arg(bin("lbd"))
-            .args(["--config", self.config().to_str().unwrap()])
-            .env(
-                "RUST_LOG",
-                "info,aya::bpf=error,lb_userspace::datapath=debug",
-            )
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log);
-        self.lbd = Some(ns.spawn_command(&mut cmd).expect("starting lbd"));
-        self.lbd.as_mut().unwrap()
+        let opts = LbdOptions {
+            nsenter: true,
+            env: vec![(
+                "RUST_LOG".into(),
+                "info,aya::bpf=error,lb_userspace::datapath=debug".into(),
+            )],
+            log: Some(self.log_path()),
+            ..LbdOptions::default()
+        };
+        let lbd = Lbd::spawn(self.lab.lb().ns(), &self.config(), &self.socket, &opts);
+        self.lbd.insert(lbd)
     }
 
     /// Starts lbd and waits until it serves lbctl; returns how long that took.
     fn start_lbd(&mut self) -> Duration {
         let t = Instant::now();
-        self.spawn_lbd();
-        let end = t + Duration::from_secs(30);
-        while !lbctl(&self.socket, &["status"]).status.success() {
-            if let Some(s) = self.lbd.as_mut().unwrap().try_wait().unwrap() {
-                self.lbd = None;
-                panic!("lbd exited ({s}) before serving lbctl:\n{}", self.log());
-            }
-            assert!(Instant::now() < end, "lbd did not start:\n{}", self.log());
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        self.spawn_lbd().wait_serving();
         t.elapsed()
     }
 
     fn stop_lbd(&mut self) {
-        let mut c = self.lbd.take().expect("lbd running");
-        // SAFETY: signalling our own child.
-        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
-        let end = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Some(s) = c.try_wait().unwrap() {
-                assert!(s.success(), "lbd exited with {s}:\n{}", self.log());
-                return;
-            }
-            assert!(Instant::now() < end, "lbd did not stop on SIGTERM");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let s = self.lbd.take().expect("lbd running").stop();
+        assert!(s.success(), "lbd exited with {s}:\n{}", self.log());
     }
 
     fn sigkill_lbd(&mut self) {
-        let mut c = self.lbd.take().expect("lbd running");
-        // SAFETY: signalling our own child.
-        unsafe { libc::kill(c.id() as i32, libc::SIGKILL) };
-        let _ = c.wait();
+        self.lbd.take().expect("lbd running").sigkill();
     }
 
     /// `lbd --config FILE cleanup`, asserted to succeed.
     fn cleanup(&self) {
-        let out = Command::new("nsenter")
-            .arg(format!("--net=/run/netns/{}", self.lab.lb().ns().name()))
-            .arg(bin("lbd"))
-            .args(["--config", self.config().to_str().unwrap(), "cleanup"])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "lbd cleanup: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        lbd_cleanup(self.lab.lb().ns(), &self.config());
     }
 
     fn xdp_on_lb(&self) -> bool {
@@ -404,10 +332,7 @@ impl Fixture {
 
 impl Drop for Fixture {
     fn drop(&mut self) {
-        if let Some(mut c) = self.lbd.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        self.lbd = None;
         if self.pin_dir.exists() {
             if let Err(e) = lb_userspace::datapath::remove_pins(&self.pin_dir) {
                 eprintln!("warning: removing pins of {}: {e:#}", self.name);
@@ -431,21 +356,6 @@ impl Drop for StopOnDrop<'_> {
     fn drop(&mut self) {
         self.0.store(true, Ordering::Relaxed);
     }
-}
-
-fn xdp_attached(ns: &tests::netns::NetNs) -> bool {
-    ns.ip(["link", "show", "dev", "eth0"])
-        .map(|s| s.contains("xdp"))
-        .unwrap_or(false)
-}
-
-fn wait_for(what: &str, limit: Duration, mut f: impl FnMut() -> bool) -> Duration {
-    let t = Instant::now();
-    while !f() {
-        assert!(t.elapsed() < limit, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    t.elapsed()
 }
 
 fn lbctl_ok(socket: &Path, args: &[&str]) -> String {
@@ -604,8 +514,8 @@ fn sigkill_mid_table_write_never_publishes_a_half_table() {
             .find(|b| b.address.to_string() == b0)
             .expect("backend0 configured")
             .weight = attempt as u32 + 2;
-        let killed_pid = fx.lbd.as_ref().expect("lbd running").id();
-        let mut change = Command::new(bin("lbctl"))
+        let killed_pid = fx.lbd.as_ref().expect("lbd running").pid();
+        let mut change = Command::new(bin_path("lbctl"))
             .arg("--socket")
             .arg(&fx.socket)
             .args(["backend", "set-weight", VIP, &b0, &weight])
@@ -923,7 +833,7 @@ fn stale_pins_of_other_sizes_are_refused_naming_cleanup() {
         ..Settings::default()
     });
     let t = Instant::now();
-    let status = fx.spawn_lbd().wait().unwrap();
+    let status = fx.spawn_lbd().wait_exit(Duration::from_secs(30));
     fx.lbd = None;
     let refused = t.elapsed();
     assert_eq!(status.code(), Some(1), "lbd must refuse the stale pins");
@@ -982,7 +892,7 @@ fn pins_of_an_older_conntrack_layout_are_refused_naming_cleanup() {
     assert!(out.status.success(), "bpftool map create: {out:?}");
 
     let t = Instant::now();
-    let status = fx.spawn_lbd().wait().unwrap();
+    let status = fx.spawn_lbd().wait_exit(Duration::from_secs(30));
     fx.lbd = None;
     let refused = t.elapsed();
     assert_eq!(status.code(), Some(1), "lbd must refuse the old layout");

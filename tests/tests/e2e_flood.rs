@@ -9,6 +9,7 @@ use std::{
 };
 use tests::{
     lab::{Lab, LabSpec, LB_V4, LB_V6, VIP_V4, VIP_V6},
+    pkt::{self, Ip4, Tcp},
     procs::{backend_addrs, wait_neighbours},
     require_root,
     tcp::{client_many, LongLived, TcpServer},
@@ -35,43 +36,20 @@ fn config(lab: &Lab, backends: usize) -> Config {
     Config::parse(&text).unwrap()
 }
 
-fn csum(data: &[u8], mut sum: u32) -> u16 {
-    for c in data.chunks(2) {
-        sum += u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]) as u32;
+/// A SYN from a spoofed source in 198.18.0.0/15 (the benchmarking range) to the VIP: IPv4 with
+/// DF and TTL 64, a bare 20-byte TCP header.
+fn syn(src: Ipv4Addr, sport: u16, seq: u32) -> Vec<u8> {
+    let seg = Tcp {
+        seq,
+        flags: pkt::TCP_SYN,
+        ..Tcp::new(sport, 80)
     }
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
+    .build(src.into(), VIP_V4.into(), &[]);
+    Ip4 {
+        frag: pkt::IP4_DF,
+        ..Ip4::new(src, VIP_V4, pkt::TCP)
     }
-    !(sum as u16)
-}
-
-/// A SYN from a spoofed source in 198.18.0.0/15 (the benchmarking range) to the VIP.
-fn syn(src: Ipv4Addr, sport: u16, seq: u32) -> [u8; 40] {
-    let mut p = [0u8; 40];
-    p[0] = 0x45;
-    p[2..4].copy_from_slice(&40u16.to_be_bytes());
-    p[6] = 0x40;
-    p[8] = 64;
-    p[9] = 6;
-    p[12..16].copy_from_slice(&src.octets());
-    p[16..20].copy_from_slice(&VIP_V4.octets());
-    let c = csum(&p[..20], 0);
-    p[10..12].copy_from_slice(&c.to_be_bytes());
-    let t = &mut p[20..];
-    t[0..2].copy_from_slice(&sport.to_be_bytes());
-    t[2..4].copy_from_slice(&80u16.to_be_bytes());
-    t[4..8].copy_from_slice(&seq.to_be_bytes());
-    t[12] = 5 << 4;
-    t[13] = 0x02;
-    t[14..16].copy_from_slice(&64240u16.to_be_bytes());
-    let mut pseudo = Vec::with_capacity(32);
-    pseudo.extend_from_slice(&src.octets());
-    pseudo.extend_from_slice(&VIP_V4.octets());
-    pseudo.extend_from_slice(&[0, 6, 0, 20]);
-    pseudo.extend_from_slice(&p[20..]);
-    let c = csum(&pseudo, 0);
-    p[36..38].copy_from_slice(&c.to_be_bytes());
-    p
+    .build(&seg)
 }
 
 /// Sends `count` spoofed SYNs through a raw socket from the calling thread's namespace.

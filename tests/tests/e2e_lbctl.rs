@@ -16,13 +16,12 @@ use std::{
     net::{IpAddr, SocketAddr},
     os::unix::fs::{MetadataExt as _, PermissionsExt as _},
     path::{Path, PathBuf},
-    process::{Child, Command, ExitStatus, Output, Stdio},
+    process::{Command, Output, Stdio},
     time::{Duration, Instant},
 };
 use tests::{
     lab::{backend_v4, backend_v6, Lab, LabSpec, LB_V4, LB_V6, VIP_V4, VIP_V6},
-    netns::NetNs,
-    procs::{bin_path, lbctl, scrape_metrics, start_decaps, wait_for, wait_neighbours},
+    procs::{self, bin_path, lbctl, scrape_metrics, start_decaps, wait_for, wait_neighbours, Lbd},
     require_root,
     tcp::{client_many, tally, LongLived, TcpServer},
 };
@@ -30,14 +29,9 @@ use tests::{
 const VIP4: &str = "10.200.100.1:80/tcp";
 const VIP6: &str = "[fd00:200:100::1]:80/tcp";
 
-/// A scratch directory for one test's config file and control socket (world-traversable, so
-/// an unprivileged lbctl can reach the socket and be refused by the socket's own mode).
+/// A scratch directory for one test's config file and control socket ([`procs::scratch`]).
 fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("lbctl-e2e-{}-{name}", std::process::id()));
-    let _ = fs::remove_dir_all(&dir);
-    fs::create_dir_all(&dir).unwrap();
-    fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).unwrap();
-    dir
+    procs::scratch(&format!("lbctl-{name}"))
 }
 
 fn header(dir: &Path) -> String {
@@ -47,84 +41,6 @@ fn header(dir: &Path) -> String {
          [encap]\nsource_v4 = \"{LB_V4}\"\nsource_v6 = \"{LB_V6}\"\n",
         dir.join("run/lbd.sock").display()
     )
-}
-
-/// A running lbd in the lab's lb namespace, its log in `dir/lbd.log`.
-struct Lbd {
-    child: Option<Child>,
-    dir: PathBuf,
-    config: PathBuf,
-    socket: PathBuf,
-}
-
-impl Lbd {
-    fn start(ns: &NetNs, dir: &Path) -> Lbd {
-        let config = dir.join("lbd.toml");
-        let log = fs::File::create(dir.join("lbd.log")).unwrap();
-        let mut cmd = ns.command(bin_path("lbd"));
-        cmd.arg("--config")
-            .arg(&config)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log);
-        let child = ns.spawn_command(&mut cmd).expect("starting lbd");
-        let mut lbd = Lbd {
-            child: Some(child),
-            dir: dir.to_path_buf(),
-            socket: dir.join("run/lbd.sock"),
-            config,
-        };
-        let end = Instant::now() + Duration::from_secs(20);
-        loop {
-            if lbctl(&lbd.socket, &["status"]).status.success() {
-                break;
-            }
-            if let Some(s) = lbd.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("lbd exited ({s}) before serving lbctl:\n{}", lbd.log());
-            }
-            assert!(
-                Instant::now() < end,
-                "lbd did not serve its control socket within 20 s:\n{}",
-                lbd.log()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        lbd
-    }
-
-    fn log(&self) -> String {
-        fs::read_to_string(self.dir.join("lbd.log")).unwrap_or_default()
-    }
-
-    fn signal(&self, sig: i32) {
-        let pid = self.child.as_ref().expect("running").id();
-        // SAFETY: signalling our own child.
-        assert_eq!(unsafe { libc::kill(pid as i32, sig) }, 0);
-    }
-
-    /// SIGTERM, and the exit status.
-    fn stop(&mut self) -> ExitStatus {
-        let mut child = self.child.take().expect("running");
-        // SAFETY: signalling our own child.
-        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-        let end = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Some(s) = child.try_wait().unwrap() {
-                return s;
-            }
-            assert!(Instant::now() < end, "lbd did not exit on SIGTERM");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-impl Drop for Lbd {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
 }
 
 fn show(out: &Output) -> String {

@@ -2,12 +2,13 @@
 //! `lbd decap` on every backend, configuration reloads on SIGHUP, clean detach on SIGTERM.
 use std::{
     net::{IpAddr, SocketAddr},
-    time::{Duration, Instant},
+    time::Duration,
 };
 use tests::{
     lab::{Lab, LabSpec, LB_V4, LB_V6, VIP_V4},
     procs::{
-        bin_path, now_ms, signal, start_decaps, wait_for, wait_neighbours, xdp_attached, Control,
+        bin_path, now_ms, signal, start_decaps, wait_for, wait_neighbours, xdp_attached, Lbd,
+        LbdOptions,
     },
     require_root,
     tcp::{client_many, tally, TcpServer},
@@ -32,7 +33,6 @@ fn config(lab: &Lab, weights: &[u32]) -> String {
 #[test]
 fn lbd_serves_reloads_and_detaches() {
     require_root();
-    let lbd = bin_path("lbd");
     let lab = Lab::new(LabSpec { backends: 3 }).expect("building the lab");
     let vip = SocketAddr::new(IpAddr::from(VIP_V4), 80);
     let _servers: Vec<TcpServer> = (0..3)
@@ -44,12 +44,9 @@ fn lbd_serves_reloads_and_detaches() {
     std::fs::create_dir_all(&dir).unwrap();
     let cfg_path = dir.join("lbd.toml");
     std::fs::write(&cfg_path, config(&lab, &[1, 1, 1])).unwrap();
-    let mut agent = lab.lb().ns().spawn(
-        lbd.to_str().unwrap(),
-        ["--config", cfg_path.to_str().unwrap()],
-    );
-    let control = Control::new(format!("/run/{}/lbd.sock", lab.prefix()));
-    control.wait_ready(agent.id());
+    let socket = format!("/run/{}/lbd.sock", lab.prefix());
+    let mut agent = Lbd::spawn(lab.lb().ns(), &cfg_path, socket, &LbdOptions::default());
+    agent.wait_ready();
     assert!(xdp_attached(lab.lb().ns()));
     let backends: Vec<IpAddr> = (0..3).map(|i| lab.backend(i).v4().into()).collect();
     wait_neighbours(lab.lb().ns(), &backends);
@@ -83,8 +80,8 @@ fn lbd_serves_reloads_and_detaches() {
     // Drain backend0 by weight 0 and reload: new connections avoid it.
     std::fs::write(&cfg_path, config(&lab, &[0, 1, 1])).unwrap();
     let asked = now_ms();
-    signal(&agent, libc::SIGHUP);
-    control.wait_event("reloaded", asked);
+    agent.signal(libc::SIGHUP);
+    agent.wait_event("reloaded", asked);
     let results = client_many(lab.client().ns(), vip, 400, Duration::from_secs(3));
     let counts = tally(&results);
     println!("after reload with backend0 at weight 0: {counts:?}");
@@ -97,12 +94,9 @@ fn lbd_serves_reloads_and_detaches() {
     // A broken file is rejected on reload and changes nothing; lbd keeps running.
     std::fs::write(&cfg_path, "interface = \"eth0\"\n[[vip]]\naddress = \"10.200.100.1\"\nport = 80\nprotocol = \"tcp\"\ntable_size = 65536\n").unwrap();
     let asked = now_ms();
-    signal(&agent, libc::SIGHUP);
-    control.wait_event("reload_refused", asked);
-    assert!(
-        agent.try_wait().unwrap().is_none(),
-        "lbd exited on a bad reload"
-    );
+    agent.signal(libc::SIGHUP);
+    agent.wait_event("reload_refused", asked);
+    assert!(agent.try_wait().is_none(), "lbd exited on a bad reload");
     let results = client_many(lab.client().ns(), vip, 200, Duration::from_secs(3));
     let counts = tally(&results);
     assert!(
@@ -111,16 +105,12 @@ fn lbd_serves_reloads_and_detaches() {
     );
 
     // SIGTERM: lbd exits cleanly and the program is detached.
-    signal(&agent, libc::SIGTERM);
-    let end = Instant::now() + Duration::from_secs(10);
-    let status = loop {
-        if let Some(s) = agent.try_wait().unwrap() {
-            break s;
-        }
-        assert!(Instant::now() < end, "lbd did not exit on SIGTERM");
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    assert!(status.success(), "lbd exit status {status}");
+    let status = agent.stop();
+    assert!(
+        status.success(),
+        "lbd exit status {status}:\n{}",
+        agent.log()
+    );
     assert!(
         !xdp_attached(lab.lb().ns()),
         "XDP still attached after lbd exited"
@@ -265,7 +255,6 @@ fn lbd_rejects_bad_config_with_clear_errors() {
 #[test]
 fn datapath_warnings_reach_the_log_once_not_per_packet() {
     require_root();
-    let lbd = bin_path("lbd");
     let lab = Lab::new(LabSpec { backends: 1 }).expect("building the lab");
     let prefix = lab.prefix();
     let dir = std::env::temp_dir().join(format!("{prefix}-log"));
@@ -282,14 +271,8 @@ fn datapath_warnings_reach_the_log_once_not_per_packet() {
         ),
     )
     .unwrap();
-    let log_path = dir.join("lbd.log");
-    let log = std::fs::File::create(&log_path).unwrap();
-    let ns = lab.lb().ns();
-    let mut cmd = ns.command(lbd.to_str().unwrap());
-    cmd.args(["--config", cfg_path.to_str().unwrap()])
-        .stdin(std::process::Stdio::null())
-        .stderr(log);
-    let mut agent = ns.spawn_command(&mut cmd).expect("starting lbd");
+    let socket = format!("/run/{prefix}/lbd.sock");
+    let mut agent = Lbd::spawn(lab.lb().ns(), &cfg_path, socket, &LbdOptions::default());
     wait_for("lbd to attach", Duration::from_secs(20), || {
         xdp_attached(lab.lb().ns())
     });
@@ -300,11 +283,8 @@ fn datapath_warnings_reach_the_log_once_not_per_packet() {
         results.iter().all(|r| r.is_err()),
         "nothing can answer for 10.200.0.99"
     );
-    signal(&agent, libc::SIGTERM);
-    wait_for("lbd to exit", Duration::from_secs(10), || {
-        agent.try_wait().unwrap().is_some()
-    });
-    let text = std::fs::read_to_string(&log_path).unwrap();
+    agent.stop();
+    let text = agent.log();
     let warnings = text.matches("no route or unresolved neighbour").count();
     println!("{warnings} datapath warning(s) for 5 failed connections:\n{text}");
     assert!(

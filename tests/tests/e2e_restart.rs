@@ -5,12 +5,15 @@
 use std::{
     net::{IpAddr, SocketAddr},
     path::Path,
-    process::{Child, Command},
-    time::{Duration, Instant},
+    process::Command,
+    time::Duration,
 };
 use tests::{
     lab::{Lab, LabSpec, LB_V4, LB_V6, VIP_V4},
-    procs::{bin_path, start_decaps, wait_for, wait_neighbours, xdp_attached, Control},
+    procs::{
+        bin_path, lbd_cleanup, signal, start_decaps, wait_for, wait_neighbours, xdp_attached, Lbd,
+        LbdOptions,
+    },
     require_root,
     tcp::{client_many, tally, LongLived, TcpServer},
 };
@@ -26,30 +29,26 @@ fn is_bpffs(p: &Path) -> bool {
     }
 }
 
-/// Starts lbd inside the lab's balancer namespace with `nsenter --net` (unlike `ip netns exec`
-/// it keeps the root mount namespace, so pins land in the host's /sys/fs/bpf and outlive lbd).
-fn start_lbd(lab: &Lab, lbd: &Path, config: &Path) -> Child {
-    let ns = lab.lb().ns();
-    let mut cmd = Command::new("nsenter");
-    cmd.arg(format!("--net=/run/netns/{}", ns.name()))
-        .arg(lbd)
-        .args(["--config", config.to_str().unwrap()])
-        .stdin(std::process::Stdio::null());
-    ns.spawn_command(&mut cmd).expect("starting lbd")
+/// Starts `bin` (lbd or a copy of it) inside the lab's balancer namespace with `nsenter --net`
+/// (unlike `ip netns exec` it keeps the root mount namespace, so pins land in the host's
+/// /sys/fs/bpf and outlive lbd) and waits until it serves with its program attached.
+fn start_lbd(lab: &Lab, bin: &Path, config: &Path, start: usize) -> Lbd {
+    let dir = config.parent().unwrap();
+    let opts = LbdOptions {
+        bin: Some(bin.to_path_buf()),
+        nsenter: true,
+        log: Some(dir.join(format!("lbd-{start}.log"))),
+        ..LbdOptions::default()
+    };
+    let lbd = Lbd::spawn(lab.lb().ns(), config, dir.join("lbd.sock"), &opts);
+    lbd.wait_ready();
+    lbd
 }
 
-fn stop(child: &mut Child) {
-    // SAFETY: signalling our own child.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    let end = Instant::now() + Duration::from_secs(10);
-    loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            assert!(s.success(), "lbd exited with {s}");
-            return;
-        }
-        assert!(Instant::now() < end, "lbd did not stop on SIGTERM");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+/// SIGTERM; lbd must exit 0.
+fn stop(lbd: &mut Lbd) {
+    let s = lbd.stop();
+    assert!(s.success(), "lbd exited with {s}:\n{}", lbd.log());
 }
 
 /// Packets the VIP has seen, from the pinned per-CPU stats (read with bpftool, as an operator
@@ -101,7 +100,7 @@ fn restart_and_upgrade_keep_established_flows() {
     let _servers: Vec<TcpServer> = (0..3)
         .map(|i| TcpServer::start(lab.backend(i).ns(), &[vip], &format!("backend{i}")).unwrap())
         .collect();
-    let mut decaps = start_decaps(&lab, 3);
+    let decaps = start_decaps(&lab, 3);
     let dir = std::env::temp_dir().join(format!("{}-restart", lab.prefix()));
     std::fs::create_dir_all(&dir).unwrap();
     let config = dir.join("lbd.toml");
@@ -119,9 +118,7 @@ fn restart_and_upgrade_keep_established_flows() {
     }
     std::fs::write(&config, text).unwrap();
 
-    let mut agent = start_lbd(&lab, &lbd, &config);
-    let control = Control::new(dir.join("lbd.sock"));
-    control.wait_ready(agent.id());
+    let mut agent = start_lbd(&lab, &lbd, &config, 1);
     assert!(xdp_attached(lab.lb().ns()) && pin_dir.join("link").exists());
     let backends: Vec<IpAddr> = (0..3).map(|i| lab.backend(i).v4().into()).collect();
     wait_neighbours(lab.lb().ns(), &backends);
@@ -146,9 +143,8 @@ fn restart_and_upgrade_keep_established_flows() {
     let before = vip_packets(&pin_dir);
 
     // 2. Start again: the pinned maps and link are taken over; nothing moves.
-    let mut agent = start_lbd(&lab, &lbd, &config);
-    control.wait_ready(agent.id());
-    assert!(agent.try_wait().unwrap().is_none(), "lbd exited on restart");
+    let mut agent = start_lbd(&lab, &lbd, &config, 2);
+    assert!(agent.try_wait().is_none(), "lbd exited on restart");
     long.check_all().expect("zero resets across the restart");
     let after = vip_packets(&pin_dir);
     assert!(
@@ -166,8 +162,7 @@ fn restart_and_upgrade_keep_established_flows() {
         .ip(["-d", "link", "show", "dev", "eth0"])
         .unwrap();
     stop(&mut agent);
-    let mut agent = start_lbd(&lab, &upgraded, &config);
-    control.wait_ready(agent.id());
+    let mut agent = start_lbd(&lab, &upgraded, &config, 3);
     let prog_after = lab
         .lb()
         .ns()
@@ -204,17 +199,7 @@ fn restart_and_upgrade_keep_established_flows() {
 
     // 4. The explicit command takes everything down.
     stop(&mut agent);
-    let out = Command::new("nsenter")
-        .arg(format!("--net=/run/netns/{}", lab.lb().ns().name()))
-        .arg(&lbd)
-        .args(["--config", config.to_str().unwrap(), "cleanup"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "lbd cleanup: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    lbd_cleanup(lab.lb().ns(), &config);
     wait_for(
         "the program to be detached",
         Duration::from_secs(20),
@@ -225,9 +210,8 @@ fn restart_and_upgrade_keep_established_flows() {
         "pins left behind in {}",
         pin_dir.display()
     );
-    for d in &mut decaps {
-        // SAFETY: signalling our own child.
-        unsafe { libc::kill(d.id() as i32, libc::SIGTERM) };
+    for d in &decaps {
+        signal(d, libc::SIGTERM);
     }
     let _ = std::fs::remove_dir_all(&dir);
 }

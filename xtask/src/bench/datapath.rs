@@ -34,7 +34,10 @@ use lb_common::{
     maps, progs, BenchInput, Counter, BENCH_MAX_PACKET, BENCH_RUNS, BENCH_TAIL_CALL_FAILED,
 };
 use lb_userspace::{datapath::BENCH_OBJ, netif, Balancer, Config, LoadOptions};
-use tests::NetNs;
+use tests::{
+    pkt::{self, Ip4, Ip6, Tcp, TCP_ACK, TCP_SYN},
+    NetNs,
+};
 
 use crate::util::ensure_root;
 
@@ -68,9 +71,6 @@ const CLIENT_PORT: u16 = 40_000;
 /// Source ports of the new-flow scenario are this plus the round number, so that no round
 /// meets a flow an earlier round left in the connection tables.
 const NEW_FLOW_PORT_BASE: u16 = 20_000;
-
-const TCP_SYN: u8 = 0x02;
-const TCP_ACK: u8 = 0x10;
 
 #[derive(Args, Debug)]
 pub struct BenchDatapathArgs {
@@ -126,77 +126,30 @@ fn config_text() -> String {
 // ---------------------------------------------------------------------------------------------
 // Packets.
 
-fn csum_add(mut sum: u32, data: &[u8]) -> u32 {
-    for c in data.chunks(2) {
-        sum += u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]) as u32;
-    }
-    sum
-}
-
-fn csum_fold(mut sum: u32) -> [u8; 2] {
-    while sum >> 16 != 0 {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    (!(sum as u16)).to_be_bytes()
-}
-
 /// An Ethernet frame with a TCP segment without payload from `src:sport` to `dst:dport`,
 /// valid checksums, padded with zeros to at least 64 bytes and to a multiple of 8 (what the
 /// harness copies). The balancer uses the IP length, so the padding is not part of the packet.
 fn tcp_frame(src: IpAddr, dst: IpAddr, sport: u16, dport: u16, flags: u8) -> Vec<u8> {
-    let mut tcp = [0u8; 20];
-    tcp[0..2].copy_from_slice(&sport.to_be_bytes());
-    tcp[2..4].copy_from_slice(&dport.to_be_bytes());
-    tcp[4..8].copy_from_slice(&1_000u32.to_be_bytes());
-    if flags & TCP_ACK != 0 {
-        tcp[8..12].copy_from_slice(&2_000u32.to_be_bytes());
+    let tcp = Tcp {
+        seq: 1_000,
+        ack: if flags & TCP_ACK != 0 { 2_000 } else { 0 },
+        flags,
+        ..Tcp::new(sport, dport)
     }
-    tcp[12] = 0x50;
-    tcp[13] = flags;
-    tcp[14..16].copy_from_slice(&64_240u16.to_be_bytes());
-    let mut p = Vec::with_capacity(BENCH_MAX_PACKET);
-    p.extend_from_slice(&ETH0_MAC);
-    p.extend_from_slice(&PEER_MAC);
-    match (src, dst) {
+    .build(src, dst, &[]);
+    let (ethertype, ip) = match (src, dst) {
         (IpAddr::V4(s), IpAddr::V4(d)) => {
-            p.extend_from_slice(&0x0800u16.to_be_bytes());
-            let mut ip = [0u8; 20];
-            ip[0] = 0x45;
-            ip[2..4].copy_from_slice(&40u16.to_be_bytes());
-            ip[4..6].copy_from_slice(&0x1234u16.to_be_bytes());
-            ip[6] = 0x40;
-            ip[8] = 64;
-            ip[9] = lb_common::PROTO_TCP;
-            ip[12..16].copy_from_slice(&s.octets());
-            ip[16..20].copy_from_slice(&d.octets());
-            let c = csum_fold(csum_add(0, &ip));
-            ip[10..12].copy_from_slice(&c);
-            let mut sum = csum_add(0, &s.octets());
-            sum = csum_add(sum, &d.octets());
-            sum = csum_add(sum, &[0, lb_common::PROTO_TCP, 0, 20]);
-            let c = csum_fold(csum_add(sum, &tcp));
-            tcp[16..18].copy_from_slice(&c);
-            p.extend_from_slice(&ip);
+            let h = Ip4 {
+                id: 0x1234,
+                frag: pkt::IP4_DF,
+                ..Ip4::new(s, d, pkt::TCP)
+            };
+            (pkt::ETH_IPV4, h.build(&tcp))
         }
-        (IpAddr::V6(s), IpAddr::V6(d)) => {
-            p.extend_from_slice(&0x86ddu16.to_be_bytes());
-            let mut ip = [0u8; 40];
-            ip[0] = 0x60;
-            ip[4..6].copy_from_slice(&20u16.to_be_bytes());
-            ip[6] = lb_common::PROTO_TCP;
-            ip[7] = 64;
-            ip[8..24].copy_from_slice(&s.octets());
-            ip[24..40].copy_from_slice(&d.octets());
-            let mut sum = csum_add(0, &s.octets());
-            sum = csum_add(sum, &d.octets());
-            sum = csum_add(sum, &[0, 0, 0, 20, 0, 0, 0, lb_common::PROTO_TCP]);
-            let c = csum_fold(csum_add(sum, &tcp));
-            tcp[16..18].copy_from_slice(&c);
-            p.extend_from_slice(&ip);
-        }
+        (IpAddr::V6(s), IpAddr::V6(d)) => (pkt::ETH_IPV6, Ip6::new(s, d, pkt::TCP).build(&tcp)),
         _ => unreachable!("mixed address families"),
-    }
-    p.extend_from_slice(&tcp);
+    };
+    let mut p = pkt::ether(ETH0_MAC, PEER_MAC, ethertype, &ip);
     let len = p.len().max(64).next_multiple_of(8);
     p.resize(len, 0);
     assert!(p.len() <= BENCH_MAX_PACKET);
