@@ -168,3 +168,93 @@ pub(super) fn describe(r: &Reason, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         _ => unreachable!("not an outcome reason: {r:?}"),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::learning::policy::{budget, step_limit};
+    use crate::learning::testkit::*;
+    use crate::learning::{table_weight, Refusal};
+
+    /// Two backends through `propose`, the budget and `record`, with `modes` set by hand.
+    fn outcome(modes: [Mode; 2], prev: &PolicyState) -> Decision {
+        let p = unbudgeted();
+        let inputs: Vec<_> = (1..=2)
+            .map(|id| input(id, 1, Err(Refusal::TooFewSamples { have: 0, need: 30 })))
+            .collect();
+        let mut s = Step::new(&inputs, &p, prev);
+        for (b, m) in s.all.iter_mut().zip(modes) {
+            b.mode = m;
+        }
+        let w = step_limit::propose(&mut s);
+        let budgeted = budget::limit(&mut s, &w);
+        record(s, &w, budgeted)
+    }
+
+    #[test]
+    fn a_learned_raise_is_explained_remembered_and_audited() {
+        let cur = f64::from(table_weight(1));
+        let d = outcome(
+            [
+                Mode::Gradual {
+                    target: cur * 1.2,
+                    learned: true,
+                },
+                Mode::Hold,
+            ],
+            &PolicyState::default(),
+        );
+        let raised = &d.backends[0];
+        assert_eq!(raised.weight, (cur * 1.2).round() as u32);
+        assert!(
+            matches!(raised.reasons[0], Reason::Raised { from, to, .. } if from < to),
+            "{:?}",
+            raised.reasons
+        );
+        let st = &d.state.backends[&1];
+        assert_eq!((st.last_direction, st.last_change), (1, Some(1)));
+        assert_eq!(d.events.len(), 1);
+        assert_eq!(
+            (d.events[0].kind, d.events[0].backend),
+            (AuditKind::Reweight, 1)
+        );
+        // The held backend: no reason, no event, no change remembered.
+        assert!(d.backends[1].reasons.is_empty());
+        assert_eq!(d.state.backends[&2].last_change, None);
+    }
+
+    #[test]
+    fn a_turn_starts_the_reversal_hold_and_a_drain_counts_its_step() {
+        let cur = f64::from(table_weight(1));
+        let up = outcome(
+            [
+                Mode::Gradual {
+                    target: cur * 1.2,
+                    learned: true,
+                },
+                Mode::Hold,
+            ],
+            &PolicyState::default(),
+        );
+        let down = outcome(
+            [
+                Mode::Gradual {
+                    target: cur * 0.8,
+                    learned: true,
+                },
+                Mode::Drain,
+            ],
+            &up.state,
+        );
+        let st = &down.state.backends[&1];
+        assert_eq!(st.last_direction, -1);
+        assert_eq!(st.last_reversal, Some(2), "the cut after a raise is a turn");
+        assert!(matches!(down.backends[0].reasons[0], Reason::Cut { .. }));
+        assert!(down.backends[1].reasons.iter().any(|r| matches!(
+            r,
+            Reason::DrainStep {
+                remaining_weight: 0
+            }
+        )));
+    }
+}
