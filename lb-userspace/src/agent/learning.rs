@@ -2,6 +2,7 @@
 //! samples and CPU time, applying its decisions, and showing them (`lbctl model show`).
 use super::edit::unknown_vip;
 use super::health::{configured, probed, shown_health, slow_start_weight, HealthKey, HealthMap};
+use super::queries::vip_filter;
 use super::{apply_datapath, vip_id, Agent, State};
 use crate::{
     config::{self, Config},
@@ -10,7 +11,7 @@ use crate::{
     health::HealthStatus,
     learning::{self, table_weight, BackendDecision, BackendInput, PolicyState, Sample, Window},
 };
-use anyhow::{anyhow, Context as _, Result};
+use anyhow::{Context as _, Result};
 use lb_common::BackendStats;
 use std::{
     collections::{BTreeMap, VecDeque},
@@ -317,10 +318,7 @@ impl Agent {
     }
 
     pub(super) async fn model_show(&self, vip: Option<&str>) -> Result<Response> {
-        let want = match vip {
-            Some(v) => Some(v.parse::<VipName>().map_err(|e| anyhow!(e))?),
-            None => None,
-        };
+        let want = vip_filter(vip)?;
         let st = self.state.lock().await;
         if let Some(w) = want {
             let Some(v) = st.config.vips.iter().find(|v| VipName::of(v) == w) else {

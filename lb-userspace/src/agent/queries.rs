@@ -32,10 +32,7 @@ impl Agent {
     }
 
     pub(super) async fn backend_list(&self, vip: Option<&str>) -> Result<Response> {
-        let want = match vip {
-            Some(v) => Some(v.parse::<VipName>().map_err(|e| anyhow!(e))?),
-            None => None,
-        };
+        let want = vip_filter(vip)?;
         let st = self.state.lock().await;
         if let Some(w) = want {
             if !st.lb.vips().any(|v| VipName::of(&v.config) == w) {
@@ -170,4 +167,10 @@ impl Agent {
                 .collect(),
         })
     }
+}
+
+/// The VIP a listing is limited to (`lbctl ... [VIP]`), if one is named.
+pub(super) fn vip_filter(vip: Option<&str>) -> Result<Option<VipName>> {
+    vip.map(|v| v.parse::<VipName>().map_err(|e| anyhow!(e)))
+        .transpose()
 }
