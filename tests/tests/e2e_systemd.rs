@@ -1128,7 +1128,7 @@ fn lbd_under_systemd_in_a_container() {
     );
 
     // 5c. Killed, then stopped by the operator before systemd restarted it: the run-state file
-    // must still be there for the next start (RuntimeDirectoryPreserve=restart would lose it).
+    // is still there for the next start.
     let old = m.main_pid();
     m.kill("-KILL", old);
     poll(
@@ -1157,7 +1157,52 @@ fn lbd_under_systemd_in_a_container() {
         "5c. kill -9, systemctl stop before the restart, start: unclean_stop still reported",
     );
 
-    // 5d. lbd cleanup takes the datapath down for good.
+    // 5d. A crash loop ends in the start limit (one start per minute here, by a drop-in): the
+    // unit fails for good and systemd cleans up after it. The run-state file must stay for the
+    // operator's next start; RuntimeDirectoryPreserve=restart removes it at this point.
+    m.dropin(
+        "70-test-start-limit.conf",
+        Some("[Unit]\nStartLimitIntervalSec=60\nStartLimitBurst=1\n"),
+    );
+    // daemon-reload forgot the earlier starts; this one uses up the minute's single start.
+    let out = m.systemctl(&["restart", "lbd"]);
+    assert!(out.status.success(), "systemctl restart:\n{}", text(&out));
+    let old = m.main_pid();
+    m.kill("-KILL", old);
+    let s = poll(
+        "the restart refused by the start limit",
+        Duration::from_secs(20),
+        || {
+            let s = m.show(&["ActiveState", "Result"]);
+            (s["ActiveState"] == "failed").then_some(s)
+        },
+    );
+    // (Result= keeps the crash's "signal"; the journal says why no restart came.)
+    let journal = m.journal();
+    assert!(
+        journal.contains("Start request repeated too quickly"),
+        "lbd failed ({s:?}) but not by the start limit:\n{journal}"
+    );
+    let kept = m.path(STATE_FILE).exists();
+    m.dropin("70-test-start-limit.conf", None);
+    assert!(
+        kept,
+        "{STATE_FILE} is gone once the start limit failed the unit: the next start cannot report the unclean stop"
+    );
+    m.stdout(&["systemctl", "reset-failed", "lbd"]);
+    let out = m.systemctl(&["start", "lbd"]);
+    assert!(out.status.success(), "systemctl start:\n{}", text(&out));
+    let events = m.events();
+    assert!(
+        has_unclean_stop(&events, old),
+        "kill -9, start limit hit, reset-failed, start: no unclean_stop for pid {old}: {events:#?}"
+    );
+    step(
+        t0,
+        "5d. kill -9 with the start limit reached: unit failed, state file kept, next start reports unclean_stop",
+    );
+
+    // 5e. lbd cleanup takes the datapath down for good.
     m.stdout(&["systemctl", "stop", "lbd"]);
     assert!(xdp_attached(&lab));
     m.stdout(&["lbd", "cleanup"]);
@@ -1172,14 +1217,9 @@ fn lbd_under_systemd_in_a_container() {
     assert!(left.is_empty(), "lbd cleanup left pins: {left:?}");
     step(
         t0,
-        "5d. systemctl stop + lbd cleanup: detached, no pins left",
+        "5e. systemctl stop + lbd cleanup: detached, no pins left",
     );
 
-    let journal = m.journal();
-    assert!(
-        !journal.contains("Start request repeated too quickly"),
-        "{journal}"
-    );
     drop(machine);
     drop(servers);
     lab.shutdown().expect("tearing down the lab");

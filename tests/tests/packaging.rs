@@ -225,6 +225,8 @@ fn units_have_the_required_settings() {
         ("ExecStart", "/usr/sbin/lbd --config /etc/lb/lbd.toml"),
         ("User", "root"),
         ("RuntimeDirectory", "lb"),
+        // The run-state file in /run/lb must survive an unclean stop (tests/e2e_systemd.rs).
+        ("RuntimeDirectoryPreserve", "yes"),
         ("LimitMEMLOCK", "infinity"),
         ("ProtectSystem", "strict"),
         ("ProtectKernelTunables", "no"),
