@@ -643,11 +643,14 @@ impl Drop for Machine {
 
 // --- traffic --------------------------------------------------------------------------------
 
+/// One connection of a [`ClientLoop`]: when it ended, and which backend answered (or why not).
+type Attempt = (Instant, Result<String, String>);
+
 /// New TCP connections to the VIP from the client namespace, one after the other, each
-/// recorded with when it ended and which backend answered (or the error).
+/// recorded as an [`Attempt`].
 struct ClientLoop {
     stop: Arc<AtomicBool>,
-    handle: Option<JoinHandle<Vec<(Instant, Result<String, String>)>>>,
+    handle: Option<JoinHandle<Vec<Attempt>>>,
 }
 
 impl ClientLoop {
@@ -675,7 +678,7 @@ impl ClientLoop {
         }
     }
 
-    fn finish(mut self) -> Vec<(Instant, Result<String, String>)> {
+    fn finish(mut self) -> Vec<Attempt> {
         self.stop.store(true, Ordering::Relaxed);
         self.handle
             .take()
@@ -697,7 +700,7 @@ impl Drop for ClientLoop {
 /// Asserts every connection of the loop succeeded and some ran while lbd was down
 /// (`down..up`); returns (connections, connections while down).
 fn assert_forwarded_throughout(
-    results: &[(Instant, Result<String, String>)],
+    results: &[Attempt],
     down: Instant,
     up: Instant,
     what: &str,
