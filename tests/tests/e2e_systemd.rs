@@ -17,8 +17,9 @@
 //! 5. Under the unit's sandbox every documented operation works (`lbctl status`, `backend
 //!    add/set-weight/drain/remove`, `lbctl status` as a member of `control_group` but not as
 //!    another user); `systemctl stop` leaves the datapath forwarding and is known as a clean stop
-//!    at the next start, while a kill followed by `systemctl stop` is still reported as unclean;
-//!    `lbd cleanup` as root takes the datapath down.
+//!    at the next start, while a kill followed by `systemctl stop`, or by a crash loop's start
+//!    limit (which `RuntimeDirectoryPreserve=restart` would not survive), is still reported as
+//!    unclean; `lbd cleanup` as root takes the datapath down.
 //!
 //! The machine: a network namespace of a [`Lab`] (the balancer's) is the container's network
 //! (`--network-namespace-path`), a private bpffs is bound at /sys/fs/bpf, and the container gets
@@ -35,7 +36,10 @@ use std::{
     ffi::OsStr,
     io::{BufRead as _, BufReader},
     net::{IpAddr, SocketAddr, TcpStream},
-    os::unix::fs::{MetadataExt as _, PermissionsExt as _},
+    os::unix::{
+        fs::{MetadataExt as _, PermissionsExt as _},
+        process::CommandExt as _,
+    },
     path::{Path, PathBuf},
     process::{Child, Command, Output, Stdio},
     sync::{
@@ -417,6 +421,18 @@ impl Machine {
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log);
+        // If this test is killed (no Drop runs), nspawn gets SIGTERM and powers the container
+        // off; the next run removes the namespaces and the run directory left behind.
+        // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) == 0 {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::last_os_error())
+                }
+            });
+        }
         let nspawn = cmd.spawn().expect("starting systemd-nspawn");
         let mut m = Machine {
             nspawn,
@@ -742,8 +758,6 @@ fn config(backends: &[(IpAddr, u32)], table_size: u32) -> String {
     t
 }
 
-const VIP_NAME: &str = "10.200.100.1:80/tcp";
-
 /// `lbctl backend list`: address -> (weight, slots, drained).
 fn backends(m: &Machine) -> BTreeMap<String, (u64, u64, bool)> {
     m.lbctl_json(&["backend", "list"])
@@ -793,8 +807,8 @@ fn lbd_under_systemd_in_a_container() {
     let rootfs = rootfs();
     step(t0, "root file system ready");
 
-    // Drop order is teardown order: the machine first (it lives in the lab's namespace), then
-    // traffic, servers, the lab, the run directory (bpffs).
+    // Locals drop in reverse order, which is the teardown order: traffic, the machine (it lives
+    // in the lab's namespace), the servers, the lab, the run directory (the bpffs).
     let run = RunDir::new();
     let deb = build_deb(&run);
     step(t0, &format!("built {}", deb.display()));
@@ -1038,20 +1052,22 @@ fn lbd_under_systemd_in_a_container() {
     );
 
     // 5a. Every documented operation under the unit's sandbox.
+    let vip_name = format!("{VIP_V4}:{VIP_PORT}/tcp");
+    let vip_name = vip_name.as_str();
     m.stdout(&["lbctl", "status"]);
     m.stdout(&["lbctl", "stats", "--interval", "0.2"]);
     let b2 = b[2].to_string();
-    m.stdout(&["lbctl", "backend", "add", VIP_NAME, &b2, "--weight", "2"]);
+    m.stdout(&["lbctl", "backend", "add", vip_name, &b2, "--weight", "2"]);
     assert_eq!(backends(m)[&b2].0, 2);
     assert!(
         m.read(CONFIG).contains(&b2),
         "backend add was not written to {CONFIG}"
     );
-    m.stdout(&["lbctl", "backend", "set-weight", VIP_NAME, &b2, "5"]);
+    m.stdout(&["lbctl", "backend", "set-weight", vip_name, &b2, "5"]);
     assert_eq!(backends(m)[&b2].0, 5);
-    m.stdout(&["lbctl", "backend", "drain", VIP_NAME, &b2]);
+    m.stdout(&["lbctl", "backend", "drain", vip_name, &b2]);
     assert!(backends(m)[&b2].2, "drained");
-    m.stdout(&["lbctl", "backend", "remove", VIP_NAME, &b2]);
+    m.stdout(&["lbctl", "backend", "remove", vip_name, &b2]);
     assert!(!backends(m).contains_key(&b2));
     assert!(!m.read(CONFIG).contains(&b2), "backend remove not written");
     let meta = std::fs::metadata(m.path(CONFIG)).unwrap();
