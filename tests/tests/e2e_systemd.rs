@@ -1056,6 +1056,12 @@ fn lbd_under_systemd_in_a_container() {
     let vip_name = vip_name.as_str();
     m.stdout(&["lbctl", "status"]);
     m.stdout(&["lbctl", "stats", "--interval", "0.2"]);
+    // The metrics endpoint (AF_INET under RestrictAddressFamilies=), in the balancer's namespace.
+    let metrics = tests::procs::scrape_metrics(lab.lb().ns());
+    assert!(
+        metrics.keys().any(|k| k.starts_with("lb_")),
+        "no lb_ series in /metrics: {metrics:?}"
+    );
     let b2 = b[2].to_string();
     m.stdout(&["lbctl", "backend", "add", vip_name, &b2, "--weight", "2"]);
     assert_eq!(backends(m)[&b2].0, 2);
@@ -1105,7 +1111,7 @@ fn lbd_under_systemd_in_a_container() {
     );
     step(
         t0,
-        "5a. lbctl status/stats, backend add/set-weight/drain/remove (written back), status as a control_group member work; nobody is refused",
+        "5a. lbctl status/stats, /metrics, backend add/set-weight/drain/remove (written back), status as a control_group member work; nobody is refused",
     );
 
     // 5b. A clean stop: forwarding goes on, and the next start knows the stop was clean.
