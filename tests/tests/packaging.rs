@@ -225,6 +225,8 @@ fn units_have_the_required_settings() {
         ("ExecStart", "/usr/sbin/lbd --config /etc/lb/lbd.toml"),
         ("User", "root"),
         ("RuntimeDirectory", "lb"),
+        // The run-state file in /run/lb must survive an unclean stop (tests/e2e_systemd.rs).
+        ("RuntimeDirectoryPreserve", "yes"),
         ("LimitMEMLOCK", "infinity"),
         ("ProtectSystem", "strict"),
         ("ProtectKernelTunables", "no"),
@@ -236,7 +238,9 @@ fn units_have_the_required_settings() {
     ] {
         assert_eq!(unit_value(&unit, key), want, "lbd.service {key}=");
     }
-    assert!(unit_values(&unit, "ExecReload").contains(&"/bin/kill -HUP $MAINPID".to_string()));
+    assert!(
+        unit_values(&unit, "ExecReload").contains(&"/bin/sh -c 'kill -HUP ${MAINPID}'".to_string())
+    );
     let rw = unit_values(&unit, "ReadWritePaths");
     assert!(rw.contains(&"/etc/lb".to_string()) && rw.iter().any(|p| p.ends_with("/sys/fs/bpf")));
     for key in [
