@@ -9,20 +9,22 @@ use crate::util::run;
 
 /// Debian packages the lab, tests and benchmarks use.
 pub const PACKAGES: &[&str] = &[
-    "iproute2",     // ip netns / link / addr
-    "ethtool",      // GRO on the lb's switch port, checksum offload off on the client
-    "iputils-ping", // the lab's connectivity check
-    "nginx",        // lab/bench backends
-    "wrk",          // bench load generator
-    "bpftool",      // inspecting programs and maps
-    "xdp-tools",    // xdp-loader status etc.
-    "tcpdump",      // debugging the lab
-    "curl",         // poking at a kept lab (`cargo xtask lab --keep`)
-    "systemd",      // systemd-analyze verify in the packaging tests
-    "dpkg-dev",     // dpkg-shlibdeps for `cargo xtask package`
-    "man-db",       // checking the installed man pages
-    "util-linux",   // nsenter (restart tests keep the root mount namespace)
-    "nftables",     // bench adaptive: a backend that drops SYNs
+    "iproute2",          // ip netns / link / addr
+    "ethtool",           // GRO on the lb's switch port, checksum offload off on the client
+    "iputils-ping",      // the lab's connectivity check
+    "nginx",             // lab/bench backends
+    "wrk",               // bench load generator
+    "bpftool",           // inspecting programs and maps
+    "xdp-tools",         // xdp-loader status etc.
+    "tcpdump",           // debugging the lab
+    "curl",              // poking at a kept lab (`cargo xtask lab --keep`)
+    "systemd",           // systemd-analyze verify in the packaging tests
+    "dpkg-dev",          // dpkg-shlibdeps for `cargo xtask package`
+    "man-db",            // checking the installed man pages
+    "util-linux",        // nsenter (restart tests keep the root mount namespace)
+    "nftables",          // bench adaptive: a backend that drops SYNs
+    "debootstrap",       // e2e_systemd: a Debian root for the container
+    "systemd-container", // e2e_systemd: systemd-nspawn boots a real systemd
 ];
 
 #[path = "../../lb-userspace/ebpf_toolchain.rs"]
