@@ -25,8 +25,8 @@ use std::{net::IpAddr, path::PathBuf};
         watchdog keep-alives through $NOTIFY_SOCKET."
 )]
 pub struct LbdCli {
-    /// Configuration file (TOML).
-    #[arg(long, short, default_value = "/etc/lb/lbd.toml", value_hint = clap::ValueHint::FilePath)]
+    /// Configuration file (TOML). Also accepted after the subcommand (`lbd cleanup --config X`).
+    #[arg(long, short, global = true, default_value = "/etc/lb/lbd.toml", value_hint = clap::ValueHint::FilePath)]
     pub config: PathBuf,
     /// Validate the configuration and exit.
     #[arg(long)]
@@ -252,6 +252,18 @@ mod tests {
     fn commands_are_consistent() {
         for cmd in shipped_commands() {
             cmd.debug_assert();
+        }
+    }
+
+    #[test]
+    fn the_config_file_may_follow_the_subcommand() {
+        for args in [
+            ["lbd", "--config", "x.toml", "cleanup"],
+            ["lbd", "cleanup", "--config", "x.toml"],
+        ] {
+            let cli = LbdCli::try_parse_from(args).expect("both orders parse");
+            assert!(matches!(cli.command, Some(LbdCommand::Cleanup)), "{args:?}");
+            assert_eq!(cli.config, std::path::Path::new("x.toml"), "{args:?}");
         }
     }
 

@@ -370,6 +370,33 @@ fn lbctl_drives_lbd_and_the_datapath_follows() {
     );
     let dt = during["interval_seconds"].as_f64().unwrap();
     assert!((0.45..1.5).contains(&dt), "{during}");
+    // `stats --watch` into a pipe: reports one after another, no terminal escape codes.
+    {
+        use std::io::BufRead as _;
+        let mut watch = std::process::Command::new(bin_path("lbctl"))
+            .arg("--socket")
+            .arg(&sock)
+            .args(["stats", "--watch", "0.1"])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("lbctl stats --watch");
+        let out = std::io::BufReader::new(watch.stdout.take().unwrap());
+        let mut text = String::new();
+        let mut reports = 0;
+        for line in out.lines() {
+            let line = line.unwrap();
+            reports += usize::from(line.starts_with("lbctl stats: every"));
+            text.push_str(&line);
+            text.push('\n');
+            if reports == 2 {
+                break;
+            }
+        }
+        let _ = watch.kill();
+        let _ = watch.wait();
+        assert_eq!(reports, 2, "{text}");
+        assert!(!text.contains('\x1b'), "escape codes into a pipe: {text:?}");
+    }
     let human = lbctl(&sock, &["stats", "--interval", "0.1"]);
     assert!(human.status.success(), "{}", show(&human));
     let human = String::from_utf8_lossy(&human.stdout);
@@ -587,7 +614,7 @@ fn bad_input_is_refused_with_the_fix_and_changes_nothing() {
         bad(&["vip", "add", "fd00:200:100::2:80/tcp"], 2, "IPv6 addresses go in brackets; write ADDRESS:PORT/PROTOCOL"),
         bad(&["vip", "add", "10.200.100.2:80/tcp", "--forwarding", "gre"], 2, "invalid value 'gre' for '--forwarding <FORWARDING>'\n  [possible values: ipip, l2]"),
         bad(&["vip", "add", "10.200.100.2:80/tcp", "--table-size", "many"], 2, "table_size \"many\" is not a whole number; use a prime from 7 to 1048573, such as 65537"),
-        bad(&["vip", "add", VIP4], 1, "vip 10.200.100.1:80/tcp: already configured; change its backends with `lbctl backend ...`, or `lbctl vip remove` it first"),
+        bad(&["vip", "add", VIP4, "--table-size", "251"], 1, "vip 10.200.100.1:80/tcp: already configured with other settings; change its backends with `lbctl backend ...`, or `lbctl vip remove` it first"),
         bad(&["vip", "add", "10.200.100.2:80/tcp", "--table-size", "65536"], 1, "vip[2] (10.200.100.2:80/tcp): table_size 65536 is not prime; use a prime such as 65537 (the default), 131071 or 262139"),
         bad(&["vip", "add", "10.200.100.2:80/tcp", "--table-size", "2147483647"], 1, "vip[2] (10.200.100.2:80/tcp): table_size 2147483647 is out of range; use a prime from 7 to 1048573"),
         bad(&["vip", "add", "10.200.100.2:80/tcp", "--table-size", "131071"], 1, "table_pool: 400000 slots cannot hold two tables for every VIP (524290 slots needed); raise table_pool or lower table_size"),
@@ -595,7 +622,7 @@ fn bad_input_is_refused_with_the_fix_and_changes_nothing() {
         bad(&["vip", "remove", "10.200.100.9:80/tcp"], 1, "vip 10.200.100.9:80/tcp: no such VIP; `lbctl vip list` shows the configured ones, `lbctl vip add` adds one"),
         bad(&["backend", "list", "10.200.100.9:80/tcp"], 1, "vip 10.200.100.9:80/tcp: no such VIP"),
         bad(&["backend", "add", "10.200.100.9:80/tcp", "10.200.0.12"], 1, "vip 10.200.100.9:80/tcp: no such VIP"),
-        bad(&["backend", "add", VIP4, &b0], 1, "backend 10.200.0.11 of vip 10.200.100.1:80/tcp: already a backend of this VIP; use `lbctl backend set-weight` to change its weight"),
+        bad(&["backend", "add", VIP4, &b0], 1, "backend 10.200.0.11 of vip 10.200.100.1:80/tcp: already a backend of this VIP, with weight 5; use `lbctl backend set-weight` to change its weight"),
         bad(&["backend", "add", VIP4, "fd00:200::12"], 1, "vip[0] (10.200.100.1:80/tcp): backend[1] (fd00:200::12): address is IPv6 but the VIP is IPv4; use an IPv4 backend address"),
         bad(&["backend", "add", VIP6, "10.200.0.12"], 1, "vip[1] ([fd00:200:100::1]:80/tcp): backend[1] (10.200.0.12): address is IPv4 but the VIP is IPv6; use an IPv6 backend address"),
         bad(&["backend", "add", VIP4, "10.200.0.300"], 2, "backend address \"10.200.0.300\": not an IP address; write e.g. 10.0.0.11 or 2001:db8::11"),
@@ -648,6 +675,21 @@ fn bad_input_is_refused_with_the_fix_and_changes_nothing() {
             "config file changed after {args:?}"
         );
         checked += 1;
+    }
+    // The same add again is no error: exit 0, "already so", nothing changed.
+    for args in [
+        vec!["vip", "add", VIP4],
+        vec!["backend", "add", VIP4, &b0, "--weight", "5"],
+    ] {
+        let out = lbctl(&sock, &args);
+        assert!(out.status.success(), "lbctl {args:?}: {}", show(&out));
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("(already so: nothing changed)"),
+            "lbctl {args:?}: {}",
+            show(&out)
+        );
+        assert_eq!(json(&sock, &["backend", "list"]), backends, "{args:?}");
+        assert_eq!(fs::read(&lbd.config).unwrap(), file, "{args:?}");
     }
 
     // Socket not there: exit 3, and what to check.

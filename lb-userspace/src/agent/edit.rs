@@ -58,11 +58,19 @@ pub(super) fn edit(cfg: &mut Config, req: &Request) -> Result<String> {
             table_size,
         } => {
             let name = parse_vip(vip)?;
-            if cfg.vips.iter().any(|x| VipName::of(x) == name) {
-                bail!("vip {name}: already configured; change its backends with `lbctl backend ...`, or `lbctl vip remove` it first to change its forwarding or table size");
-            }
             let forwarding = forwarding.unwrap_or_default();
             let table_size = table_size.unwrap_or(lb_common::DEFAULT_TABLE_SIZE);
+            let added = format!(
+                "added vip {name} (forwarding {}, table_size {table_size})",
+                crate::datapath::forwarding_name(forwarding)
+            );
+            if let Some(x) = cfg.vips.iter().find(|x| VipName::of(x) == name) {
+                // The same request again changes nothing and succeeds (`already so`).
+                if x.forwarding == forwarding && x.table_size == table_size {
+                    return Ok(added);
+                }
+                bail!("vip {name}: already configured with other settings; change its backends with `lbctl backend ...`, or `lbctl vip remove` it first to change its forwarding or table size");
+            }
             cfg.vips.push(config::Vip {
                 address: name.address,
                 port: name.port,
@@ -73,10 +81,7 @@ pub(super) fn edit(cfg: &mut Config, req: &Request) -> Result<String> {
                 learning: None,
                 backends: Vec::new(),
             });
-            Ok(format!(
-                "added vip {name} (forwarding {}, table_size {table_size})",
-                crate::datapath::forwarding_name(forwarding)
-            ))
+            Ok(added)
         }
         Request::VipRemove { vip } => {
             let name = parse_vip(vip)?;
@@ -92,10 +97,16 @@ pub(super) fn edit(cfg: &mut Config, req: &Request) -> Result<String> {
             let name = parse_vip(vip)?;
             let addr = parse_addr(address)?;
             let v = find_vip(cfg, &name)?;
-            if v.backends.iter().any(|b| b.address == addr) {
-                bail!("backend {addr} of vip {name}: already a backend of this VIP; use `lbctl backend set-weight` to change its weight");
-            }
             let weight = weight.unwrap_or(1);
+            if let Some(b) = v.backends.iter().find(|b| b.address == addr) {
+                // The same request again changes nothing and succeeds (`already so`).
+                if b.weight == weight {
+                    return Ok(format!(
+                        "added backend {addr} to vip {name} with weight {weight}"
+                    ));
+                }
+                bail!("backend {addr} of vip {name}: already a backend of this VIP, with weight {}; use `lbctl backend set-weight` to change its weight", b.weight);
+            }
             v.backends.push(config::Backend {
                 address: addr,
                 weight,

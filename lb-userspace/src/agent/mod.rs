@@ -409,6 +409,31 @@ mod tests {
     const VIP: &str = "10.0.0.100:80/tcp";
 
     #[test]
+    fn the_same_add_again_changes_nothing_and_succeeds() {
+        let again = [
+            Request::VipAdd {
+                vip: VIP.into(),
+                forwarding: None,
+                table_size: None,
+            },
+            Request::BackendAdd {
+                vip: VIP.into(),
+                address: "10.0.0.11".into(),
+                weight: None,
+            },
+            Request::BackendAdd {
+                vip: VIP.into(),
+                address: "10.0.0.11".into(),
+                weight: Some(1),
+            },
+        ];
+        for req in again {
+            let c = try_edit(req.clone()).unwrap_or_else(|e| panic!("{req:?}: {e}"));
+            assert_eq!(c, base(), "{req:?} changed the configuration");
+        }
+    }
+
+    #[test]
     fn edits_and_their_errors() {
         let c = try_edit(Request::BackendAdd {
             vip: VIP.into(),
@@ -429,9 +454,9 @@ mod tests {
         assert!(e(Request::VipAdd {
             vip: VIP.into(),
             forwarding: None,
-            table_size: None
+            table_size: Some(251)
         })
-        .contains("already configured"));
+        .contains("already configured with other settings"));
         assert!(e(Request::VipAdd {
             vip: "10.0.0.101:80/tcp".into(),
             forwarding: None,
@@ -468,9 +493,9 @@ mod tests {
         assert!(e(Request::BackendAdd {
             vip: VIP.into(),
             address: "10.0.0.11".into(),
-            weight: None
+            weight: Some(7)
         })
-        .contains("already a backend"));
+        .contains("already a backend of this VIP, with weight 1"));
     }
 
     #[test]

@@ -211,8 +211,13 @@ fn stats(ctl: &mut Ctl, watch: Option<f64>, interval: f64, json: bool) -> Result
             }
         } else {
             if watch.is_some() {
-                // Clear the screen and go home, like top.
-                print!("\x1b[H\x1b[2J");
+                // Clear the screen and go home, like top; into a file or a pipe, a blank line
+                // between reports instead of escape codes.
+                if std::io::IsTerminal::is_terminal(&std::io::stdout()) {
+                    print!("\x1b[H\x1b[2J");
+                } else {
+                    println!();
+                }
                 println!(
                     "lbctl stats: every {wait}s, Ctrl-C to quit (lbd up {})\n",
                     human_duration(report.uptime_ms / 1000)
