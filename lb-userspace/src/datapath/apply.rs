@@ -1,11 +1,11 @@
 //! Turning a validated configuration into map contents (`Balancer::apply`), in an order the
 //! datapath can never misread, and re-resolving next hops.
 use super::pool::{Region, RingPool};
+use super::tables;
 use super::{
     addr_bytes, bpf_maps::write_ring, vip_key, ApplyReport, BackendState, Balancer, TableWrite,
     VipId, VipState,
 };
-use super::{netif, tables};
 use crate::config::Config;
 use anyhow::{anyhow, bail, Context as _, Result};
 use aya::maps::PerCpuValues;
@@ -384,20 +384,18 @@ impl Balancer {
     }
 
     /// Keeps the plan as the balancer's view once every write is done, and asks the kernel to
-    /// resolve every backend's next hop.
+    /// resolve the next hop of every backend it was not asked for yet (see
+    /// [`super::netif::NextHops`]: a learning step that only changes weights asks for nothing).
     fn adopt(&mut self, plan: Plan) -> ApplyReport {
         self.pool = plan.pool;
         self.used_backend_ids = plan.used_backend_ids;
         self.next_backend_id = plan.next_backend_id;
         self.used_vip_ids = plan.used_vip_ids;
         self.vips = plan.vips.into_iter().map(|(k, s, _)| (k, s)).collect();
-        if let Some((ifname, _, _)) = &self.interface {
-            for v in self.vips.values() {
-                for b in &v.backends {
-                    if let Err(e) = netif::ensure_neighbour(ifname, b.address) {
-                        tracing::warn!(backend = %b.address, "cannot keep the next hop resolved: {e:#}");
-                    }
-                }
+        if self.interface.is_some() {
+            let backends = self.backend_addrs();
+            for (addr, e) in self.next_hops.sync(&backends) {
+                tracing::warn!(backend = %addr, "cannot keep the next hop resolved: {e:#}");
             }
         }
         plan.report
@@ -427,21 +425,23 @@ impl Balancer {
     /// Asks the kernel again to keep every backend's next hop resolved (managed neighbour
     /// entries), now. lbd calls it when the interface comes back up, since taking it down
     /// flushed those entries. Returns how many backends' next hops were (re)requested.
-    pub fn resolve_next_hops(&self) -> usize {
-        let Some((ifname, _, _)) = &self.interface else {
+    pub fn resolve_next_hops(&mut self) -> usize {
+        if self.interface.is_none() {
             return 0;
-        };
-        let mut n = 0;
-        for v in self.vips.values() {
-            for b in &v.backends {
-                match netif::ensure_neighbour(ifname, b.address) {
-                    Ok(()) => n += 1,
-                    Err(e) => {
-                        tracing::debug!(backend = %b.address, "cannot resolve the next hop yet: {e:#}")
-                    }
-                }
-            }
+        }
+        let backends = self.backend_addrs();
+        let (n, failed) = self.next_hops.resolve_all(&backends);
+        for (addr, e) in failed {
+            tracing::debug!(backend = %addr, "cannot resolve the next hop yet: {e:#}");
         }
         n
+    }
+
+    /// Every backend address of every VIP (a backend of two VIPs once).
+    fn backend_addrs(&self) -> BTreeSet<std::net::IpAddr> {
+        self.vips
+            .values()
+            .flat_map(|v| v.backends.iter().map(|b| b.address))
+            .collect()
     }
 }
