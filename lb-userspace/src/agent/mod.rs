@@ -135,14 +135,19 @@ fn apply_datapath(
     timing: &mut ApplyTiming,
 ) -> Result<ApplyReport> {
     let started = Instant::now();
+    let cpu_started = learning::thread_cpu_us();
     let result = apply_datapath_untimed(lb, cfg, health, learned);
     let us = started.elapsed().as_micros() as u64;
+    let cpu_us = learning::thread_cpu_us().saturating_sub(cpu_started);
     timing.applies += 1;
     timing.last_us = us;
     timing.max_us = timing.max_us.max(us);
+    timing.last_cpu_us = cpu_us;
+    timing.max_cpu_us = timing.max_cpu_us.max(cpu_us);
     timing.last_backends = lb.vips().map(|v| v.backends.len()).sum();
     debug!(
         apply_us = us,
+        cpu_us,
         backends = timing.last_backends,
         "datapath applied"
     );

@@ -413,6 +413,12 @@ pub struct ApplyTiming {
     pub max_us: u64,
     /// Backends in the datapath at the last apply.
     pub last_backends: usize,
+    /// CPU time of the agent's thread in the last and the costliest apply: the wall-clock
+    /// figures also hold whatever time another process had the core.
+    #[serde(default)]
+    pub last_cpu_us: u64,
+    #[serde(default)]
+    pub max_cpu_us: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -171,12 +171,44 @@ impl Balancer {
             }
         };
         let mut backends = plan_backends(v, old, plan)?;
-        let table = build_table(v, &backends)?;
-        for b in &mut backends {
-            b.slots = table.iter().filter(|&&s| s == b.id).count() as u32;
-        }
+        // A table depends only on the backends (address, id, weight) and the size: a VIP whose
+        // inputs did not change keeps its table without a build. With many VIPs, every apply
+        // (each learning step that changes one VIP's weights) rebuilt all of them, and pushed
+        // the tables the next step needs out of the small cache (`tables`).
+        // A state restored from pins has weight 0 everywhere (its weights are unknown): its
+        // table is always built again and compared.
+        let same_inputs = old.is_some_and(|o| {
+            o.backends.iter().any(|b| b.weight > 0)
+                && o.config.table_size == v.table_size
+                && o.backends.len() == backends.len()
+                && o.backends
+                    .iter()
+                    .zip(&backends)
+                    .all(|(x, y)| (x.address, x.id, x.weight) == (y.address, y.id, y.weight))
+        });
+        let table = match old {
+            Some(o) if same_inputs => {
+                for (b, x) in backends.iter_mut().zip(&o.backends) {
+                    b.slots = x.slots;
+                }
+                o.table.clone()
+            }
+            _ => {
+                let table = build_table(v, &backends)?;
+                let mut slots = vec![0u32; MAX_BACKENDS as usize];
+                for s in &table {
+                    if let Some(n) = slots.get_mut(*s as usize) {
+                        *n += 1;
+                    }
+                }
+                for b in &mut backends {
+                    b.slots = slots.get(b.id as usize).copied().unwrap_or(0);
+                }
+                table
+            }
+        };
         let changed = match old {
-            Some(o) => o.table != table || o.config.forwarding != v.forwarding,
+            Some(o) => (!same_inputs && o.table != table) || o.config.forwarding != v.forwarding,
             None => true,
         };
         let region = if changed {
