@@ -503,18 +503,68 @@ impl<K> ProbeTarget<K> {
 /// bounded channel. A task waits for room in the channel (so a slow consumer delays probes rather
 /// than queueing without bound) and stops when the `Prober` is shut down or dropped, or when the
 /// receiver is gone. Tasks start staggered over one interval so probes do not go out in bursts.
+///
+/// The tasks run on a thread of their own (`lb-probes`, with its own single-threaded tokio
+/// runtime), never on the caller's: a probe's latency is the time until its task sees the
+/// answer, and on the agent's thread anything the agent does meanwhile (an apply, a fit, a
+/// configuration file written and synced) would be added to it, and learned from. The thread
+/// is spawned by the caller, so it is in the caller's network namespace; it ends with the
+/// `Prober`. Only waiting for room in the report channel happens after the clock stops.
 pub struct Prober {
     stop: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
 }
 
 impl Prober {
-    /// Starts probing (needs a tokio runtime with the time driver).
+    /// Starts probing on a new thread (the report channel may belong to any runtime).
     pub fn spawn<K>(targets: Vec<ProbeTarget<K>>, reports: mpsc::Sender<ProbeReport<K>>) -> Prober
     where
         K: Clone + Send + Sync + 'static,
     {
         let (stop, _) = watch::channel(false);
+        let rt = match tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
+            Ok(rt) => rt,
+            Err(e) => {
+                // Without a runtime of their own (out of file descriptors), probes still run,
+                // on the caller's.
+                tracing::error!(
+                    "health checks: no runtime of their own ({e}); probing from the agent's thread"
+                );
+                return Self::spawn_on(&tokio::runtime::Handle::current(), targets, reports, stop);
+            }
+        };
+        let prober = Self::spawn_on(rt.handle(), targets, reports, stop);
+        let mut until_stopped = prober.stop.subscribe();
+        let started = std::thread::Builder::new()
+            .name("lb-probes".into())
+            .spawn(move || {
+                rt.block_on(async {
+                    while !*until_stopped.borrow_and_update() {
+                        if until_stopped.changed().await.is_err() {
+                            break;
+                        }
+                    }
+                });
+                // Dropping the runtime drops whatever task is left.
+            });
+        if let Err(e) = started {
+            tracing::error!("health checks: cannot start their thread: {e}");
+        }
+        prober
+    }
+
+    fn spawn_on<K>(
+        rt: &tokio::runtime::Handle,
+        targets: Vec<ProbeTarget<K>>,
+        reports: mpsc::Sender<ProbeReport<K>>,
+        stop: watch::Sender<bool>,
+    ) -> Prober
+    where
+        K: Clone + Send + Sync + 'static,
+    {
         let n = targets.len().max(1) as u32;
         let tasks = targets
             .into_iter()
@@ -522,7 +572,7 @@ impl Prober {
             .map(|(i, target)| {
                 let offset = target.interval / n * i as u32;
                 let stop = stop.subscribe();
-                tokio::spawn(run_target(target, offset, reports.clone(), stop))
+                rt.spawn(run_target(target, offset, reports.clone(), stop))
             })
             .collect();
         Prober { stop, tasks }
@@ -793,6 +843,48 @@ mod tests {
         assert!(started.elapsed() >= timeout);
         assert_eq!(r.latency, timeout);
         assert!(r.error.unwrap().contains("timed out"));
+    }
+
+    /// The agent's thread blocked (an apply, a fit) while probes are in flight: the latencies
+    /// measured are the network's, not the block's. On the caller's runtime every probe
+    /// answered during the block measured until the block ended.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_blocked_caller_does_not_inflate_probe_latencies() {
+        let l = TcpListener::bind((LOCAL, 0)).await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        let cfg = HealthConfig {
+            interval: Duration::from_millis(20),
+            timeout: Duration::from_millis(20),
+            port,
+            ..HealthConfig::default()
+        };
+        let targets = (0..4)
+            .map(|i| ProbeTarget::new(i, LOCAL, &cfg))
+            .collect::<Vec<_>>();
+        let (tx, mut rx) = mpsc::channel(1024);
+        let prober = Prober::spawn(targets, tx);
+        // The listener is never polled; the kernel completes the handshakes (backlog).
+        for _ in 0..5 {
+            std::thread::sleep(Duration::from_millis(60));
+            tokio::task::yield_now().await;
+        }
+        let mut seen = 0;
+        while let Ok(r) = rx.try_recv() {
+            assert!(r.result.ok, "{r:?}");
+            assert!(
+                r.result.latency < Duration::from_millis(15),
+                "probe {} measured {:?} while its caller was blocked",
+                r.seq,
+                r.result.latency
+            );
+            seen += 1;
+        }
+        assert!(
+            seen >= 20,
+            "{seen} probes in 300 ms at 4 backends every 20 ms"
+        );
+        prober.shutdown().await;
+        drop(l);
     }
 
     #[tokio::test]

@@ -6,7 +6,7 @@ use super::queries::vip_filter;
 use super::{apply_datapath, vip_id, Agent, State};
 use crate::{
     config::{self, Config},
-    control::{ModelBackend, ModelDecisionEntry, ModelVip, Response, VipName},
+    control::{ApplyTiming, ModelBackend, ModelDecisionEntry, ModelVip, Response, VipName},
     datapath::{Balancer, VipId},
     health::HealthStatus,
     learning::{self, table_weight, BackendDecision, BackendInput, PolicyState, Sample, Window},
@@ -198,6 +198,7 @@ pub(super) fn learn_step(st: &mut State, id: VipId, now: Instant, t_secs: f64) -
         learning,
         learned,
         refusals,
+        timing,
         ..
     } = st;
     let Some(l) = learning.get_mut(&id) else {
@@ -270,7 +271,7 @@ pub(super) fn learn_step(st: &mut State, id: VipId, now: Instant, t_secs: f64) -
     l.max_step_us = l.max_step_us.max(now.elapsed().as_micros() as u64);
     remember_decision(l, learned, id, &name, &decision)?;
     if decision.changed() {
-        apply_learned((lb, config, health, learned), &name, &decision)?;
+        apply_learned((lb, config, health, learned, timing), &name, &decision)?;
     }
     Ok(())
 }
@@ -456,7 +457,13 @@ fn remember_decision(
 
 /// Applies the weights a step changed to the datapath, with the audit record of the step.
 fn apply_learned(
-    (lb, config, health, learned): (&mut Balancer, &Config, &HealthMap, &Learned),
+    (lb, config, health, learned, timing): (
+        &mut Balancer,
+        &Config,
+        &HealthMap,
+        &Learned,
+        &mut ApplyTiming,
+    ),
     name: &VipName,
     decision: &learning::Decision,
 ) -> Result<()> {
@@ -472,8 +479,8 @@ fn apply_learned(
         })).collect::<Vec<_>>(),
     });
     info!(target: "lb::audit", vip = %name, step = decision.step, slots_moved = decision.slots_moved, slots_moved_gradual = decision.slots_moved_gradual, slots_budget = decision.slots_budget, audit_step = %step, "learned weights applied");
-    let report =
-        apply_datapath(lb, config, health, learned).context("applying the learned weights")?;
+    let report = apply_datapath(lb, config, health, learned, timing)
+        .context("applying the learned weights")?;
     for (vip, moved, generation) in &report.tables {
         info!(%vip, moved, generation, "table updated");
     }

@@ -27,7 +27,7 @@ use crate::{
     config::{self, Config},
     control::{
         events::{self, Journal},
-        Changed, Handler, Request, Response, TableChange, VipName,
+        ApplyTiming, Changed, Handler, Request, Response, TableChange, VipName,
     },
     datapath::{ApplyReport, Balancer, VipId},
     health::HealthStatus,
@@ -46,7 +46,7 @@ use std::{
     time::Instant,
 };
 use tokio::sync::Mutex;
-use tracing::{error, info};
+use tracing::{debug, error, info};
 
 /// What the mutex protects: the datapath and the configuration it was built from.
 struct State {
@@ -64,6 +64,8 @@ struct State {
     learned: Learned,
     /// Refused fits since start, by refusal (`lb_model_refusals_total`).
     refusals: BTreeMap<String, u64>,
+    /// How long the datapath applies take (`lbctl status`).
+    timing: ApplyTiming,
 }
 
 fn vip_id(v: &config::Vip) -> VipId {
@@ -115,11 +117,44 @@ fn effective(cfg: &Config, health: &HealthMap, learned: &Learned) -> Config {
 impl State {
     /// Applies the current configuration with the runtime health and learned weights.
     fn reapply(&mut self) -> Result<ApplyReport> {
-        apply_datapath(&mut self.lb, &self.config, &self.health, &self.learned)
+        apply_datapath(
+            &mut self.lb,
+            &self.config,
+            &self.health,
+            &self.learned,
+            &mut self.timing,
+        )
     }
 }
 
 fn apply_datapath(
+    lb: &mut Balancer,
+    cfg: &Config,
+    health: &HealthMap,
+    learned: &Learned,
+    timing: &mut ApplyTiming,
+) -> Result<ApplyReport> {
+    let started = Instant::now();
+    let cpu_started = learning::thread_cpu_us();
+    let result = apply_datapath_untimed(lb, cfg, health, learned);
+    let us = started.elapsed().as_micros() as u64;
+    let cpu_us = learning::thread_cpu_us().saturating_sub(cpu_started);
+    timing.applies += 1;
+    timing.last_us = us;
+    timing.max_us = timing.max_us.max(us);
+    timing.last_cpu_us = cpu_us;
+    timing.max_cpu_us = timing.max_cpu_us.max(cpu_us);
+    timing.last_backends = lb.vips().map(|v| v.backends.len()).sum();
+    debug!(
+        apply_us = us,
+        cpu_us,
+        backends = timing.last_backends,
+        "datapath applied"
+    );
+    result
+}
+
+fn apply_datapath_untimed(
     lb: &mut Balancer,
     cfg: &Config,
     health: &HealthMap,
@@ -182,6 +217,7 @@ impl Agent {
                 learning,
                 learned,
                 refusals: BTreeMap::new(),
+                timing: ApplyTiming::default(),
             }),
             config_path: config_path.to_path_buf(),
             started: Instant::now(),
@@ -237,7 +273,7 @@ impl Agent {
                 .begin_change("reload (SIGHUP)", st.file_text.as_deref(), Some(&text));
         let health = sync_health(&st.health, &new);
         let (learning, learned) = sync_learning(&st.learning, &st.learned, &new);
-        match apply_datapath(&mut st.lb, &new, &health, &learned) {
+        match apply_datapath(&mut st.lb, &new, &health, &learned, &mut st.timing) {
             Ok(r) => {
                 st.config = new;
                 st.file_text = Some(text);
@@ -248,7 +284,7 @@ impl Agent {
                 Ok(r)
             }
             Err(e) => {
-                rollback(&mut st.lb, &prev, &st.health, &st.learned);
+                rollback(&mut st.lb, &prev, &st.health, &st.learned, &mut st.timing);
                 Err(e.context("reload failed; the previous configuration stays applied"))
             }
         }
@@ -305,10 +341,10 @@ impl Agent {
                 .begin_change(&message, st.file_text.as_deref(), next_text.as_deref());
         let health = sync_health(&st.health, &next);
         let (learning, learned) = sync_learning(&st.learning, &st.learned, &next);
-        let report = match apply_datapath(&mut st.lb, &next, &health, &learned) {
+        let report = match apply_datapath(&mut st.lb, &next, &health, &learned, &mut st.timing) {
             Ok(r) => r,
             Err(e) => {
-                rollback(&mut st.lb, &prev, &st.health, &st.learned);
+                rollback(&mut st.lb, &prev, &st.health, &st.learned, &mut st.timing);
                 return Err(e.context(events::RolledBack(
                     "the datapath rejected the change; nothing changed",
                 )));
@@ -317,7 +353,7 @@ impl Agent {
         let written = match persist(&self.config_path, &next) {
             Ok(t) => t,
             Err(e) => {
-                rollback(&mut st.lb, &prev, &st.health, &st.learned);
+                rollback(&mut st.lb, &prev, &st.health, &st.learned, &mut st.timing);
                 return Err(e.context(events::RolledBack(
                     "the change was rolled back because the configuration file could not be written",
                 )));
@@ -353,8 +389,14 @@ impl Agent {
 /// the datapath's VIP entries are the ones lbd believes in (a failure in the middle of the
 /// writes could leave one pointing at a table lbd did not keep; `apply` only rewrites tables it
 /// thinks changed). A mismatch is logged loudly: restarting lbd rewrites everything.
-fn rollback(lb: &mut Balancer, prev: &Config, health: &HealthMap, learned: &Learned) {
-    if let Err(e) = apply_datapath(lb, prev, health, learned) {
+fn rollback(
+    lb: &mut Balancer,
+    prev: &Config,
+    health: &HealthMap,
+    learned: &Learned,
+    timing: &mut ApplyTiming,
+) {
+    if let Err(e) = apply_datapath(lb, prev, health, learned, timing) {
         error!("rolling back to the previous configuration failed too: {e:#}");
     }
     for v in lb.vips() {

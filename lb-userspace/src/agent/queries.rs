@@ -155,6 +155,7 @@ impl Agent {
             control_socket: st.config.control_socket.display().to_string(),
             metrics_listen: st.config.metrics_listen.to_string(),
             events: self.events.recent(),
+            apply: st.timing.clone(),
             vips: st
                 .lb
                 .vips()

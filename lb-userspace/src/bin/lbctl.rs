@@ -405,6 +405,15 @@ fn print_status(s: &Status) {
     println!("config     {}", s.config_file);
     println!("control    {}", s.control_socket);
     println!("metrics    http://{}/metrics", s.metrics_listen);
+    if s.apply.applies > 0 {
+        println!(
+            "apply      last {:.1} ms ({} backends), slowest {:.1} ms, {} applies",
+            s.apply.last_us as f64 / 1e3,
+            s.apply.last_backends,
+            s.apply.max_us as f64 / 1e3,
+            s.apply.applies
+        );
+    }
     if s.vips.is_empty() {
         println!("no VIPs configured");
     } else {

@@ -398,6 +398,27 @@ pub struct Status {
     /// started, faults it saw or recovered from, backends going down or up, refused changes.
     #[serde(default)]
     pub events: Vec<crate::control::events::Event>,
+    /// How long applying the datapath takes (every change, health transition and learning step
+    /// that changed weights goes through it).
+    #[serde(default)]
+    pub apply: ApplyTiming,
+}
+
+/// Durations of the agent's datapath applies since start, in microseconds (wall clock, on the
+/// agent's thread: what a change or a learning step holds the agent for).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApplyTiming {
+    pub applies: u64,
+    pub last_us: u64,
+    pub max_us: u64,
+    /// Backends in the datapath at the last apply.
+    pub last_backends: usize,
+    /// CPU time of the agent's thread in the last and the costliest apply: the wall-clock
+    /// figures also hold whatever time another process had the core.
+    #[serde(default)]
+    pub last_cpu_us: u64,
+    #[serde(default)]
+    pub max_cpu_us: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -1,11 +1,11 @@
 //! Turning a validated configuration into map contents (`Balancer::apply`), in an order the
 //! datapath can never misread, and re-resolving next hops.
 use super::pool::{Region, RingPool};
+use super::tables;
 use super::{
     addr_bytes, bpf_maps::write_ring, vip_key, ApplyReport, BackendState, Balancer, TableWrite,
     VipId, VipState,
 };
-use super::{netif, tables};
 use crate::config::Config;
 use anyhow::{anyhow, bail, Context as _, Result};
 use aya::maps::PerCpuValues;
@@ -171,12 +171,44 @@ impl Balancer {
             }
         };
         let mut backends = plan_backends(v, old, plan)?;
-        let table = build_table(v, &backends)?;
-        for b in &mut backends {
-            b.slots = table.iter().filter(|&&s| s == b.id).count() as u32;
-        }
+        // A table depends only on the backends (address, id, weight) and the size: a VIP whose
+        // inputs did not change keeps its table without a build. With many VIPs, every apply
+        // (each learning step that changes one VIP's weights) rebuilt all of them, and pushed
+        // the tables the next step needs out of the small cache (`tables`).
+        // A state restored from pins has weight 0 everywhere (its weights are unknown): its
+        // table is always built again and compared.
+        let same_inputs = old.is_some_and(|o| {
+            o.backends.iter().any(|b| b.weight > 0)
+                && o.config.table_size == v.table_size
+                && o.backends.len() == backends.len()
+                && o.backends
+                    .iter()
+                    .zip(&backends)
+                    .all(|(x, y)| (x.address, x.id, x.weight) == (y.address, y.id, y.weight))
+        });
+        let table = match old {
+            Some(o) if same_inputs => {
+                for (b, x) in backends.iter_mut().zip(&o.backends) {
+                    b.slots = x.slots;
+                }
+                o.table.clone()
+            }
+            _ => {
+                let table = build_table(v, &backends)?;
+                let mut slots = vec![0u32; MAX_BACKENDS as usize];
+                for s in &table {
+                    if let Some(n) = slots.get_mut(*s as usize) {
+                        *n += 1;
+                    }
+                }
+                for b in &mut backends {
+                    b.slots = slots.get(b.id as usize).copied().unwrap_or(0);
+                }
+                table
+            }
+        };
         let changed = match old {
-            Some(o) => o.table != table || o.config.forwarding != v.forwarding,
+            Some(o) => (!same_inputs && o.table != table) || o.config.forwarding != v.forwarding,
             None => true,
         };
         let region = if changed {
@@ -384,20 +416,18 @@ impl Balancer {
     }
 
     /// Keeps the plan as the balancer's view once every write is done, and asks the kernel to
-    /// resolve every backend's next hop.
+    /// resolve the next hop of every backend it was not asked for yet (see
+    /// [`super::netif::NextHops`]: a learning step that only changes weights asks for nothing).
     fn adopt(&mut self, plan: Plan) -> ApplyReport {
         self.pool = plan.pool;
         self.used_backend_ids = plan.used_backend_ids;
         self.next_backend_id = plan.next_backend_id;
         self.used_vip_ids = plan.used_vip_ids;
         self.vips = plan.vips.into_iter().map(|(k, s, _)| (k, s)).collect();
-        if let Some((ifname, _, _)) = &self.interface {
-            for v in self.vips.values() {
-                for b in &v.backends {
-                    if let Err(e) = netif::ensure_neighbour(ifname, b.address) {
-                        tracing::warn!(backend = %b.address, "cannot keep the next hop resolved: {e:#}");
-                    }
-                }
+        if self.interface.is_some() {
+            let backends = self.backend_addrs();
+            for (addr, e) in self.next_hops.sync(&backends) {
+                tracing::warn!(backend = %addr, "cannot keep the next hop resolved: {e:#}");
             }
         }
         plan.report
@@ -427,21 +457,23 @@ impl Balancer {
     /// Asks the kernel again to keep every backend's next hop resolved (managed neighbour
     /// entries), now. lbd calls it when the interface comes back up, since taking it down
     /// flushed those entries. Returns how many backends' next hops were (re)requested.
-    pub fn resolve_next_hops(&self) -> usize {
-        let Some((ifname, _, _)) = &self.interface else {
+    pub fn resolve_next_hops(&mut self) -> usize {
+        if self.interface.is_none() {
             return 0;
-        };
-        let mut n = 0;
-        for v in self.vips.values() {
-            for b in &v.backends {
-                match netif::ensure_neighbour(ifname, b.address) {
-                    Ok(()) => n += 1,
-                    Err(e) => {
-                        tracing::debug!(backend = %b.address, "cannot resolve the next hop yet: {e:#}")
-                    }
-                }
-            }
+        }
+        let backends = self.backend_addrs();
+        let (n, failed) = self.next_hops.resolve_all(&backends);
+        for (addr, e) in failed {
+            tracing::debug!(backend = %addr, "cannot resolve the next hop yet: {e:#}");
         }
         n
+    }
+
+    /// Every backend address of every VIP (a backend of two VIPs once).
+    fn backend_addrs(&self) -> BTreeSet<std::net::IpAddr> {
+        self.vips
+            .values()
+            .flat_map(|v| v.backends.iter().map(|b| b.address))
+            .collect()
     }
 }

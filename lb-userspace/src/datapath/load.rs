@@ -122,6 +122,7 @@ impl Balancer {
             resumed: pins.resumed,
             logger,
             seen_drop_fib: 0,
+            next_hops: Default::default(),
             pins,
             table_writes: None,
         };

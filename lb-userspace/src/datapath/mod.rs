@@ -153,6 +153,8 @@ pub struct Balancer {
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
     /// `drop_fib` as [`Balancer::heal_next_hops`] last saw it.
     seen_drop_fib: u64,
+    /// The managed neighbour entries asked for, so that an apply asks only for new backends.
+    next_hops: netif::NextHops,
     /// What `load` found pinned.
     pins: PinReport,
     /// Told of the table `apply` is writing, so that the next lbd can tell whether a crash cut

@@ -1,6 +1,7 @@
 //! Small facts about interfaces and the kernel's neighbour table that the datapath relies on.
 use anyhow::{anyhow, bail, Context as _, Result};
-use std::{ffi::CString, net::IpAddr, process::Command};
+use netlink_packet_route::RouteNetlinkMessage;
+use std::{ffi::CString, net::IpAddr};
 
 /// Index of an interface, with an error that says what to check.
 pub fn ifindex(name: &str) -> Result<u32> {
@@ -116,42 +117,263 @@ pub fn interface_addrs(name: &str) -> Result<Vec<IpAddr>> {
     Ok(out)
 }
 
+/// Where the kernel sends packets for a backend, as `ip route get ADDR` says: the neighbour to
+/// resolve (the gateway, or the backend itself when it is on-link) and the interface.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct NextHop {
+    pub neighbour: IpAddr,
+    pub ifindex: u32,
+}
+
+/// A route netlink socket (`NETLINK_ROUTE`), opened in the calling thread's network namespace:
+/// route lookups and managed neighbour entries without forking iproute2. Blocking, one
+/// request at a time; each answer takes microseconds (no sleeping in the kernel: a managed
+/// entry is resolved in the background).
+pub struct Rtnl {
+    socket: netlink_sys::Socket,
+    seq: u32,
+    buf: Vec<u8>,
+}
+
+impl Rtnl {
+    pub fn open() -> Result<Rtnl> {
+        let mut socket = netlink_sys::Socket::new(netlink_sys::protocols::NETLINK_ROUTE)
+            .context("opening a route netlink socket")?;
+        socket
+            .bind_auto()
+            .context("binding the route netlink socket")?;
+        socket
+            .connect(&netlink_sys::SocketAddr::new(0, 0))
+            .context("connecting the route netlink socket to the kernel")?;
+        Ok(Rtnl {
+            socket,
+            seq: 0,
+            buf: vec![0; 16 * 1024],
+        })
+    }
+
+    /// Sends one request and returns the kernel's answer: the message it carried, or `None`
+    /// for an acknowledgement. A netlink error comes back as the OS error it names.
+    fn request(
+        &mut self,
+        flags: u16,
+        msg: RouteNetlinkMessage,
+    ) -> std::io::Result<Option<RouteNetlinkMessage>> {
+        use netlink_packet_core::{NetlinkHeader, NetlinkMessage, NetlinkPayload};
+        self.seq = self.seq.wrapping_add(1);
+        let mut req = NetlinkMessage::new(NetlinkHeader::default(), NetlinkPayload::from(msg));
+        req.header.flags = flags;
+        req.header.sequence_number = self.seq;
+        req.finalize();
+        let mut out = vec![0; req.buffer_len()];
+        req.serialize(&mut out);
+        self.socket.send(&out, 0)?;
+        loop {
+            let n = self.socket.recv(&mut &mut self.buf[..], 0)?;
+            let mut at = 0;
+            while at < n {
+                let reply = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&self.buf[at..n])
+                    .map_err(|e| {
+                        std::io::Error::new(
+                            std::io::ErrorKind::InvalidData,
+                            format!("undecodable netlink answer: {e}"),
+                        )
+                    })?;
+                let len = reply.header.length as usize;
+                at += len.div_ceil(4) * 4;
+                if reply.header.sequence_number != self.seq {
+                    continue; // an answer to an earlier request that gave up
+                }
+                return match reply.payload {
+                    NetlinkPayload::Error(e) if e.code.is_some() => Err(e.to_io()),
+                    NetlinkPayload::Error(_) | NetlinkPayload::Done(_) => Ok(None),
+                    NetlinkPayload::InnerMessage(m) => Ok(Some(m)),
+                    _ => continue,
+                };
+            }
+        }
+    }
+
+    /// `ip route get ADDR` (RTM_GETROUTE): the neighbour packets to `addr` go to, and the
+    /// interface they leave by.
+    pub fn route_get(&mut self, addr: IpAddr) -> Result<NextHop> {
+        use netlink_packet_route::{
+            route::{RouteAddress, RouteAttribute, RouteMessage, RouteVia},
+            AddressFamily,
+        };
+        let mut m = RouteMessage::default();
+        (m.header.address_family, m.header.destination_prefix_length) = match addr {
+            IpAddr::V4(_) => (AddressFamily::Inet, 32),
+            IpAddr::V6(_) => (AddressFamily::Inet6, 128),
+        };
+        m.attributes
+            .push(RouteAttribute::Destination(RouteAddress::from(addr)));
+        let answer = self
+            .request(
+                netlink_packet_core::NLM_F_REQUEST,
+                RouteNetlinkMessage::GetRoute(m),
+            )
+            .map_err(|e| anyhow!("no route to {addr}: {e}"))?;
+        let Some(RouteNetlinkMessage::NewRoute(route)) = answer else {
+            bail!("no route to {addr}: the kernel answered the route lookup with no route");
+        };
+        let mut hop = NextHop {
+            neighbour: addr,
+            ifindex: 0,
+        };
+        for a in route.attributes {
+            match a {
+                RouteAttribute::Gateway(RouteAddress::Inet(g)) => hop.neighbour = g.into(),
+                RouteAttribute::Gateway(RouteAddress::Inet6(g)) => hop.neighbour = g.into(),
+                RouteAttribute::Via(RouteVia::Inet(g)) => hop.neighbour = g.into(),
+                RouteAttribute::Via(RouteVia::Inet6(g)) => hop.neighbour = g.into(),
+                RouteAttribute::Oif(i) => hop.ifindex = i,
+                _ => {}
+            }
+        }
+        if hop.ifindex == 0 {
+            bail!("no route to {addr}: the route the kernel chose has no output interface");
+        }
+        Ok(hop)
+    }
+
+    /// `ip neigh replace NEIGHBOUR dev IF managed` (RTM_NEWNEIGH, create or replace, state
+    /// NONE, NTF_EXT_MANAGED): the kernel resolves the entry and keeps it resolved.
+    pub fn neigh_replace_managed(&mut self, hop: NextHop) -> Result<()> {
+        use netlink_packet_core::{NLM_F_ACK, NLM_F_CREATE, NLM_F_REPLACE, NLM_F_REQUEST};
+        use netlink_packet_route::{
+            neighbour::{
+                NeighbourAddress, NeighbourAttribute, NeighbourExtFlags, NeighbourMessage,
+                NeighbourState,
+            },
+            AddressFamily,
+        };
+        let mut m = NeighbourMessage::default();
+        m.header.family = match hop.neighbour {
+            IpAddr::V4(_) => AddressFamily::Inet,
+            IpAddr::V6(_) => AddressFamily::Inet6,
+        };
+        m.header.ifindex = hop.ifindex;
+        m.header.state = NeighbourState::None;
+        m.attributes
+            .push(NeighbourAttribute::Destination(match hop.neighbour {
+                IpAddr::V4(a) => NeighbourAddress::Inet(a),
+                IpAddr::V6(a) => NeighbourAddress::Inet6(a),
+            }));
+        m.attributes
+            .push(NeighbourAttribute::ExtFlags(NeighbourExtFlags::Managed));
+        self.request(
+            NLM_F_REQUEST | NLM_F_ACK | NLM_F_REPLACE | NLM_F_CREATE,
+            RouteNetlinkMessage::NewNeighbour(m),
+        )
+        .map_err(|e| {
+            anyhow!(
+                "managed neighbour entry for {} on {}: {e}",
+                hop.neighbour,
+                ifname(hop.ifindex)
+            )
+        })?;
+        Ok(())
+    }
+
+    /// The next hop towards `addr`, and a managed neighbour entry for it.
+    pub fn ensure_neighbour(&mut self, addr: IpAddr) -> Result<NextHop> {
+        let hop = self.route_get(addr)?;
+        self.neigh_replace_managed(hop)?;
+        Ok(hop)
+    }
+}
+
+/// An interface's name for messages (its index when it has none).
+fn ifname(index: u32) -> String {
+    let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];
+    // SAFETY: `buf` has room for IF_NAMESIZE bytes, as if_indextoname requires.
+    let p = unsafe { libc::if_indextoname(index, buf.as_mut_ptr()) };
+    if p.is_null() {
+        return format!("interface {index}");
+    }
+    // SAFETY: on success the kernel wrote a NUL-terminated name into `buf`.
+    unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) }
+        .to_string_lossy()
+        .into_owned()
+}
+
 /// Asks the kernel to keep the next hop towards `addr` resolved ("managed" neighbour entry,
 /// Linux 5.16+), so that `bpf_fib_lookup` finds its MAC address without traffic from the stack.
-pub fn ensure_neighbour(ifname: &str, addr: IpAddr) -> Result<()> {
-    let out = Command::new("ip")
-        .arg("route")
-        .arg("get")
-        .arg(addr.to_string())
-        .output()
-        .context("running `ip route get` (is iproute2 installed?)")?;
-    if !out.status.success() {
-        bail!(
-            "no route to {addr}: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    let text = String::from_utf8_lossy(&out.stdout);
-    let words: Vec<&str> = text.split_whitespace().collect();
-    let after = |w: &str| {
-        words
+/// `_ifname` is kept for callers of the iproute2 version (the route names the interface).
+pub fn ensure_neighbour(_ifname: &str, addr: IpAddr) -> Result<()> {
+    Rtnl::open()?.ensure_neighbour(addr).map(|_| ())
+}
+
+/// The managed neighbour entries `apply` asked the kernel for, by backend: an apply asks only
+/// for backends it has not asked for yet (or whose request failed), so that a learning step
+/// that changes weights does no kernel work at all. The kernel keeps a managed entry resolved
+/// by itself; what can undo it (the interface going down flushes the entries, a route change
+/// moves the next hop) shows as drops in `drop_fib`, and [`NextHops::resolve_all`] (called on
+/// those, and when the interface comes back) asks for every backend again with fresh route
+/// lookups.
+#[derive(Debug, Default)]
+pub struct NextHops {
+    asked: std::collections::BTreeMap<IpAddr, NextHop>,
+}
+
+impl NextHops {
+    /// Asks for the backends in `backends` not asked for yet, and forgets the ones no longer
+    /// there. Returns the failures, by backend (they are asked for again next time).
+    pub fn sync(
+        &mut self,
+        backends: &std::collections::BTreeSet<IpAddr>,
+    ) -> Vec<(IpAddr, anyhow::Error)> {
+        self.asked.retain(|a, _| backends.contains(a));
+        let todo: Vec<IpAddr> = backends
             .iter()
-            .position(|x| *x == w)
-            .and_then(|i| words.get(i + 1))
+            .filter(|a| !self.asked.contains_key(a))
             .copied()
-    };
-    let via = after("via").unwrap_or(&addr.to_string()).to_string();
-    let dev = after("dev").unwrap_or(ifname).to_string();
-    let st = Command::new("ip")
-        .args(["neigh", "replace", &via, "dev", &dev, "managed"])
-        .output()?;
-    if !st.status.success() {
-        bail!(
-            "ip neigh replace {via} dev {dev} managed: {}",
-            String::from_utf8_lossy(&st.stderr).trim()
-        );
+            .collect();
+        self.ask(&todo)
     }
-    Ok(())
+
+    /// Asks for every backend in `backends` again (route lookups included). Returns how many
+    /// were asked for successfully, and the failures.
+    pub fn resolve_all(
+        &mut self,
+        backends: &std::collections::BTreeSet<IpAddr>,
+    ) -> (usize, Vec<(IpAddr, anyhow::Error)>) {
+        self.asked.clear();
+        let todo: Vec<IpAddr> = backends.iter().copied().collect();
+        let failed = self.ask(&todo);
+        (todo.len() - failed.len(), failed)
+    }
+
+    /// The backends asked for, with the next hop their route had then.
+    pub fn asked(&self) -> impl Iterator<Item = (&IpAddr, &NextHop)> {
+        self.asked.iter()
+    }
+
+    fn ask(&mut self, todo: &[IpAddr]) -> Vec<(IpAddr, anyhow::Error)> {
+        if todo.is_empty() {
+            return Vec::new();
+        }
+        // A socket per batch, opened by the calling thread: in its network namespace, as the
+        // forked `ip` was.
+        let mut rtnl = match Rtnl::open() {
+            Ok(r) => r,
+            Err(e) => {
+                let msg = format!("{e:#}");
+                return todo.iter().map(|a| (*a, anyhow!("{msg}"))).collect();
+            }
+        };
+        let mut failed = Vec::new();
+        for a in todo {
+            match rtnl.ensure_neighbour(*a) {
+                Ok(hop) => {
+                    self.asked.insert(*a, hop);
+                }
+                Err(e) => failed.push((*a, e)),
+            }
+        }
+        failed
+    }
 }
 
 #[cfg(test)]
@@ -165,5 +387,31 @@ mod tests {
         let e = link_state("no-such-if9").unwrap_err();
         assert!(format!("{e:#}").contains("no-such-if9"), "{e:#}");
         assert!(link_state("a-name-much-too-long-for-linux").is_err());
+    }
+
+    #[test]
+    fn route_lookups_over_netlink_match_the_routing_table() {
+        let mut rtnl = Rtnl::open().expect("route netlink socket");
+        let lo = ifindex("lo").unwrap();
+        let local: IpAddr = "127.0.0.1".parse().unwrap();
+        assert_eq!(
+            rtnl.route_get(local).unwrap(),
+            NextHop {
+                neighbour: local,
+                ifindex: lo
+            }
+        );
+        // Errors name what failed and why, as `ip neigh` would.
+        let e = rtnl
+            .neigh_replace_managed(NextHop {
+                neighbour: "10.255.255.1".parse().unwrap(),
+                ifindex: 0x7fff_fff0,
+            })
+            .unwrap_err();
+        let msg = format!("{e:#}");
+        assert!(
+            msg.contains("managed neighbour entry for 10.255.255.1 on interface 2147483632"),
+            "{msg}"
+        );
     }
 }
