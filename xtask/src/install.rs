@@ -526,7 +526,8 @@ pub fn package(args: &PackageArgs) -> Result<()> {
         .collect();
     bins.sort();
     util::run(Command::new("strip").arg("--strip-debug").args(&bins))?;
-    let depends = format!("{}, iproute2", shlib_depends(&bins)?);
+    // lbd talks netlink itself (no `ip` forks): the C libraries its binaries link are all.
+    let depends = shlib_depends(&bins)?;
     let installed_kib = du_kib(&stage)?;
 
     let debian = stage.join("DEBIAN");
