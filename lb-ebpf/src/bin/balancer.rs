@@ -59,6 +59,10 @@ mod prog {
     static VIP_STATS: PerCpuArray<VipStats, { MAX_VIPS as usize }> = PerCpuArray::new();
     #[btf_map]
     static BACKEND_STATS: PerCpuArray<BackendStats, { MAX_BACKENDS as usize }> = PerCpuArray::new();
+    /// The agent's id allocation cursors (`AgentState`), pinned with the other maps so that
+    /// they survive a restart. Never read here.
+    #[btf_map]
+    static AGENT_STATE: Array<AgentState, 1> = Array::new();
 
     const AF_INET: u8 = 2;
     const AF_INET6: u8 = 10;
