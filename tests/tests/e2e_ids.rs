@@ -96,11 +96,21 @@ fn stop(child: &mut Child) {
     }
 }
 
+/// Removes the pins (and with them the link) when dropped, on failure too.
+struct PinsOnDrop(std::path::PathBuf);
+
+impl Drop for PinsOnDrop {
+    fn drop(&mut self) {
+        let _ = lb_userspace::datapath::remove_pins(&self.0);
+    }
+}
+
 #[test]
 fn flows_of_a_backend_removed_before_a_restart_never_reach_a_newcomer() {
     require_root();
     let lab = Lab::new(LabSpec { backends: 4 }).expect("building the lab");
     let pin_dir = Path::new("/sys/fs/bpf").join(format!("{}-ids", lab.prefix()));
+    let _pins = PinsOnDrop(pin_dir.clone());
     let vip = SocketAddr::new(IpAddr::from(VIP_V4), 80);
     let vip2 = SocketAddr::new(IpAddr::from(VIP_V4), 8080);
     let _servers: Vec<TcpServer> = (0..4)

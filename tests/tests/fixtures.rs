@@ -1046,7 +1046,7 @@ impl Env {
     }
 
     /// `frame` (from this namespace, untagged) as it leaves by eth1: eth1's source MAC.
-    fn from_eth1(&self, mut frame: Vec<u8>) -> Vec<u8> {
+    fn leaving_by_eth1(&self, mut frame: Vec<u8>) -> Vec<u8> {
         frame[6..12].copy_from_slice(&self.eth1_mac);
         frame
     }
@@ -1557,7 +1557,7 @@ fn table() -> Vec<Step> {
             let f = Flow::new(CLIENT4, VIP4_OUT, 40_400, 80, TCP);
             let ip = f.packet(0, SYN, 0);
             let id = e.maglev(&f);
-            let out = e.from_eth1(e.ipip(id, None, &ip, &f.key()));
+            let out = e.leaving_by_eth1(e.ipip(id, None, &ip, &f.key()));
             Case::new(e.frame_in(Some(0x202a), &ip), XDP_REDIRECT, out)
                 .count(CtNew)
                 .to(e, id, true)
@@ -1566,7 +1566,7 @@ fn table() -> Vec<Step> {
             let f = Flow::new(CLIENT4_B, VIP4_OUT, 40_401, 80, TCP);
             let ip = f.packet(0, SYN, 0);
             let id = e.maglev(&f);
-            let out = e.from_eth1(e.ipip(id, None, &ip, &f.key()));
+            let out = e.leaving_by_eth1(e.ipip(id, None, &ip, &f.key()));
             Case::new(e.frame_in(None, &ip), XDP_REDIRECT, out)
                 .count(CtNew)
                 .to(e, id, true)
@@ -1575,7 +1575,7 @@ fn table() -> Vec<Step> {
             let f = Flow::new(CLIENT4, VIP4_OUT, 40_402, 81, TCP);
             let ip = f.packet(0, SYN, 0);
             let id = e.maglev(&f);
-            let out = e.from_eth1(e.l2(id, &e.frame_in(None, &ip)));
+            let out = e.leaving_by_eth1(e.l2(id, &e.frame_in(None, &ip)));
             Case::new(e.frame_in(Some(0x202a), &ip), XDP_REDIRECT, out)
                 .count(CtNew)
                 .to(e, id, true)
