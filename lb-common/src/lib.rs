@@ -97,6 +97,7 @@ pub mod maps {
     pub const BENCH_INPUT: &str = "BENCH_INPUT";
     pub const BENCH_STATE: &str = "BENCH_STATE";
     pub const VIP_PORTS: &str = "VIP_PORTS";
+    pub const AGENT_STATE: &str = "AGENT_STATE";
 }
 
 /// Names of the programs in the eBPF objects.
@@ -278,6 +279,30 @@ impl VipStats {
         self.no_backend += o.no_backend;
     }
 }
+
+/// The agent's own state, kept beside the datapath's maps so that it outlives a restart with
+/// them (`AGENT_STATE`, one entry; the program never reads it): where backend and VIP id
+/// allocation goes on. Pinned connection-table entries outlive the backends they name, and the
+/// established path checks only that a tracked id is live, so an id must not be handed out
+/// again while entries may still name it: a restarted agent continues round-robin from the
+/// persisted cursors instead of deriving them from the ids in use (which hands out the ids of
+/// backends removed just before the restart first).
+///
+/// The layout is pinned: later fields take `_reserved` words, never change these.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct AgentState {
+    /// `AGENT_STATE_MAGIC` once an agent has written the cursors; 0 in a fresh map.
+    pub magic: u32,
+    /// The next backend id to try (1 to `MAX_BACKENDS - 1`).
+    pub next_backend_id: u32,
+    /// The next VIP id to try (0 to `MAX_VIPS - 1`).
+    pub next_vip_id: u32,
+    pub _reserved: [u32; 13],
+}
+
+/// `AgentState::magic` of a written entry ("lbAS").
+pub const AGENT_STATE_MAGIC: u32 = 0x6c62_4153;
 
 /// Key of the decapsulation program's VIP set.
 #[repr(C)]
@@ -502,6 +527,7 @@ mod pod {
     unsafe impl aya::Pod for VipStats {}
     unsafe impl aya::Pod for DecapKey {}
     unsafe impl aya::Pod for BenchInput {}
+    unsafe impl aya::Pod for AgentState {}
 }
 
 #[cfg(test)]
@@ -523,6 +549,7 @@ mod tests {
         assert_eq!(size_of::<VipStats>(), 32);
         assert_eq!(size_of::<DecapKey>(), 20);
         assert_eq!(size_of::<BenchInput>(), 8 + BENCH_MAX_PACKET);
+        assert_eq!(size_of::<AgentState>(), 64);
     }
 
     #[test]

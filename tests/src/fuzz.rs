@@ -1980,6 +1980,9 @@ fn run_inside(opts: &FuzzOptions, ifindex: [u32; 2]) -> Result<FuzzReport> {
                     exp.backends.remove(id);
                 }
             }
+            // So are removed VIPs'.
+            let vip_ids: BTreeSet<u32> = m.vips().values().map(|v| v.vip_id).collect();
+            exp.vips.retain(|id, _| vip_ids.contains(id));
         }
         if n.is_multiple_of(opts.down_every) {
             for id in std::mem::take(&mut down) {

@@ -52,8 +52,11 @@
 //! - encapsulation: outer IPv4 (tos copied, id 0, DF, TTL 64, protocol 4, checksum) or IPv6
 //!   (traffic class copied, flow label = flow hash & 0xfffff, next header 41, hop limit 64)
 //!   from the encapsulation source to the backend; the Ethernet header is rebuilt (backend's
-//!   MAC, egress MAC, same 802.1Q tag); everything after the original link header (the IP
-//!   packet and any Ethernet padding) follows unchanged.
+//!   MAC, egress MAC, the input's 802.1Q tag if the next hop is on the ingress interface,
+//!   untagged otherwise); everything after the original link header (the IP packet and any
+//!   Ethernet padding) follows unchanged.
+//! - L2 forwarding: the MACs rewritten (backend's, egress); a tagged frame keeps its tag when
+//!   the next hop is on the ingress interface (`XDP_TX`) and loses it otherwise (redirect).
 //! - too big (outer length > next-hop MTU): ICMP frag-needed (MTU − 20) quoting the IP header
 //!   and 8 bytes, or ICMPv6 packet-too-big (MTU − 40) quoting the first 128 bytes, from the
 //!   VIP to the client, MACs swapped, tag kept, sent back out (`XDP_TX`).
@@ -840,14 +843,18 @@ impl State {
         o.backend = Some(t.backend);
         let b = &self.backends[&t.backend];
         let nh = self.nexthops.get(&b.addr).ok_or(Stop::Fib)?;
+        // The 802.1Q tag belongs to the ingress link: it leaves with frames sent back out of
+        // it, not with frames redirected to another interface.
+        let same_link = nh.ifindex == self.ingress_ifindex;
+        let vlan = if same_link { ip.l2.vlan } else { None };
         let out = match b.mode {
             Mode::L2 => {
-                let mut out = ip.frame.to_vec();
-                out[0..6].copy_from_slice(&nh.dmac);
-                out[6..12].copy_from_slice(&nh.smac);
+                let et = be16(ip.frame, ip.l2.l3 - 2);
+                let mut out = frame_with(nh.dmac, nh.smac, vlan, et);
+                out.extend_from_slice(&ip.frame[ip.l2.l3..]);
                 out
             }
-            Mode::Ipip => self.encapsulate(ip, t.hash, b, nh, reply_too_big)?,
+            Mode::Ipip => self.encapsulate(ip, t.hash, b, nh, vlan, reply_too_big)?,
         };
         let len = ip.frame.len() as u64;
         let s = o.bstat(t.backend);
@@ -859,7 +866,7 @@ impl State {
         if let Some(c) = counter {
             o.counters.push(c);
         }
-        o.verdict = if nh.ifindex == self.ingress_ifindex {
+        o.verdict = if same_link {
             Verdict::Tx
         } else {
             Verdict::Redirect
@@ -874,6 +881,7 @@ impl State {
         hash: u32,
         b: &Backend,
         nh: &NextHop,
+        vlan: Option<u16>,
         reply_too_big: bool,
     ) -> Result<Vec<u8>, Stop> {
         let inner_len = ip.packet.len();
@@ -893,7 +901,7 @@ impl State {
                 hop: TTL,
                 ..Ip6::new(src, dst, IPV6)
             };
-            let mut out = frame_with(nh.dmac, nh.smac, ip.l2.vlan, pkt::ETH_IPV6);
+            let mut out = frame_with(nh.dmac, nh.smac, vlan, pkt::ETH_IPV6);
             out.extend_from_slice(&h.build(ip.packet));
             out.extend_from_slice(padding);
             Ok(out)
@@ -912,7 +920,7 @@ impl State {
                 ttl: TTL,
                 ..Ip4::new(src, dst, IPIP)
             };
-            let mut out = frame_with(nh.dmac, nh.smac, ip.l2.vlan, pkt::ETH_IPV4);
+            let mut out = frame_with(nh.dmac, nh.smac, vlan, pkt::ETH_IPV4);
             out.extend_from_slice(&h.build(ip.packet));
             out.extend_from_slice(padding);
             Ok(out)

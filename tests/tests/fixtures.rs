@@ -74,6 +74,11 @@ const VIP6_L2: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x210, 0, 0, 0, 0, 0, 0x101);
 /// IPv6 TCP :80 whose backends all have weight 0.
 const VIP6_EMPTY: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x210, 0, 0, 0, 0, 0, 0x102);
 const VIP6_MTU: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x210, 0, 0, 0, 0, 0, 0x103);
+/// IPv4 TCP :80 (ipip) and :81 (L2) whose only backend, 10.211.0.51, is behind eth1: its
+/// packets leave by another interface than they came in by (`bpf_redirect`).
+const VIP4_OUT: Ipv4Addr = Ipv4Addr::new(10, 210, 0, 104);
+/// The backend behind eth1 (10.211.0.0/24), its MAC 02:00:00:00:04:51.
+const OUT_BACKEND: Ipv4Addr = Ipv4Addr::new(10, 211, 0, 51);
 
 const CLIENT4: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 10);
 const CLIENT4_B: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 20);
@@ -585,6 +590,17 @@ fn config_text(v4_tcp: &[(u8, u32)]) -> String {
         1021,
         &[(b6(31), 1)],
     );
+    let out: IpAddr = OUT_BACKEND.into();
+    vip(
+        &mut t,
+        VIP4_OUT.into(),
+        80,
+        "tcp",
+        "ipip",
+        1021,
+        &[(out, 1)],
+    );
+    vip(&mut t, VIP4_OUT.into(), 81, "tcp", "l2", 1021, &[(out, 1)]);
     t
 }
 
@@ -600,6 +616,8 @@ struct Env {
     ns: NetNs,
     ifindex: u32,
     mac: Mac,
+    /// eth1's MAC: the source of frames redirected to [`OUT_BACKEND`].
+    eth1_mac: Mac,
     /// Source ports of two IPv4 TCP flows that the first table gives to 10.210.0.11.
     f1_sport: u16,
     f2_sport: u16,
@@ -633,14 +651,32 @@ impl Env {
             "eth0",
             "nodad",
         ])?;
-        for dev in ["lo", "eth0", "peer0"] {
+        // A second interface: the way to OUT_BACKEND, so its packets are redirected.
+        ns.ip([
+            "link", "add", "eth1", "mtu", "1600", "type", "veth", "peer", "name", "peer1", "mtu",
+            "1600",
+        ])?;
+        ns.ip(["addr", "add", "10.211.0.2/24", "dev", "eth1"])?;
+        for dev in ["lo", "eth0", "peer0", "eth1", "peer1"] {
             ns.ip(["link", "set", dev, "up"])?;
         }
+        ns.ip([
+            "neigh",
+            "replace",
+            &OUT_BACKEND.to_string(),
+            "lladdr",
+            &mac_str(&mac_of(OUT_BACKEND.into())),
+            "dev",
+            "eth1",
+            "nud",
+            "permanent",
+        ])?;
         ns.exec_ok(
             "sysctl",
             [
                 "-qw",
                 "net.ipv4.conf.all.forwarding=1",
+                "net.ipv4.conf.eth1.forwarding=1",
                 "net.ipv4.conf.eth0.forwarding=1",
                 "net.ipv6.conf.all.forwarding=1",
                 "net.ipv6.conf.eth0.forwarding=1",
@@ -674,6 +710,14 @@ impl Env {
         let mac: Mac = octets
             .try_into()
             .map_err(|_| anyhow::anyhow!("eth0 MAC {mac_text:?}"))?;
+        let eth1_text = ns.exec_ok("cat", ["/sys/class/net/eth1/address"])?;
+        let eth1_mac: Mac = eth1_text
+            .trim()
+            .split(':')
+            .map(|x| u8::from_str_radix(x, 16))
+            .collect::<Result<Vec<u8>, _>>()?
+            .try_into()
+            .map_err(|_| anyhow::anyhow!("eth1 MAC {eth1_text:?}"))?;
 
         let mut lb = Balancer::load(LoadOptions {
             pin_dir: None,
@@ -687,6 +731,7 @@ impl Env {
             ns,
             ifindex,
             mac,
+            eth1_mac,
             f1_sport: 0,
             f2_sport: 0,
             f3_sport: 0,
@@ -828,6 +873,12 @@ impl Env {
         out[0..6].copy_from_slice(&mac_of(addr));
         out[6..12].copy_from_slice(&self.mac);
         out
+    }
+
+    /// `frame` (from this namespace, untagged) as it leaves by eth1: eth1's source MAC.
+    fn leaving_by_eth1(&self, mut frame: Vec<u8>) -> Vec<u8> {
+        frame[6..12].copy_from_slice(&self.eth1_mac);
+        frame
     }
 }
 
@@ -1322,6 +1373,40 @@ fn table() -> Vec<Step> {
         Packet("L2 VIP [fd00:210::101]:80 IPv6 TCP SYN -> only the MACs rewritten", |e| {
             let f = Flow::new(CLIENT6, VIP6_L2, 40_300, 80, TCP);
             let input = e.frame_in(None, &f.packet(0, SYN, 0));
+            let id = e.maglev(&f);
+            Case::tx(input.clone(), e.l2(id, &input)).count(CtNew).to(e, id, true)
+        }),
+        // ---- 802.1Q and the egress interface: the tag belongs to the ingress link. ----
+        Packet("802.1Q (VID 42) IPv4 TCP SYN, backend behind eth1 -> IPIP redirected, untagged", |e| {
+            let f = Flow::new(CLIENT4, VIP4_OUT, 40_400, 80, TCP);
+            let ip = f.packet(0, SYN, 0);
+            let id = e.maglev(&f);
+            let out = e.leaving_by_eth1(e.ipip(id, None, &ip, &f.key()));
+            Case::new(e.frame_in(Some(0x202a), &ip), XDP_REDIRECT, out)
+                .count(CtNew)
+                .to(e, id, true)
+        }),
+        Packet("IPv4 TCP SYN (untagged), backend behind eth1 -> IPIP redirected, untagged", |e| {
+            let f = Flow::new(CLIENT4_B, VIP4_OUT, 40_401, 80, TCP);
+            let ip = f.packet(0, SYN, 0);
+            let id = e.maglev(&f);
+            let out = e.leaving_by_eth1(e.ipip(id, None, &ip, &f.key()));
+            Case::new(e.frame_in(None, &ip), XDP_REDIRECT, out)
+                .count(CtNew)
+                .to(e, id, true)
+        }),
+        Packet("802.1Q (VID 42) IPv4 TCP SYN, L2 VIP, backend behind eth1 -> MACs rewritten, redirected, untagged", |e| {
+            let f = Flow::new(CLIENT4, VIP4_OUT, 40_402, 81, TCP);
+            let ip = f.packet(0, SYN, 0);
+            let id = e.maglev(&f);
+            let out = e.leaving_by_eth1(e.l2(id, &e.frame_in(None, &ip)));
+            Case::new(e.frame_in(Some(0x202a), &ip), XDP_REDIRECT, out)
+                .count(CtNew)
+                .to(e, id, true)
+        }),
+        Packet("802.1Q (PCP 5, VID 42) IPv4 TCP SYN, L2 VIP, backend on eth0 -> MACs rewritten, XDP_TX, tag kept", |e| {
+            let f = Flow::new(CLIENT4_B, VIP4_L2, 40_403, 80, TCP);
+            let input = e.frame_in(Some(0xa02a), &f.packet(0, SYN, 0));
             let id = e.maglev(&f);
             Case::tx(input.clone(), e.l2(id, &input)).count(CtNew).to(e, id, true)
         }),

@@ -91,7 +91,18 @@ fn model_outputs_are_well_formed() {
             (14, eth.ether_type())
         };
         let ip = &o.output[l3..];
-        if o.output.len() == frame.len() && o.output[12..] == frame[12..] {
+        // The input's link header: tagged or not, the tag is kept only on XDP_TX.
+        let in_l3 = if frame[12..14] == [0x81, 0x00] {
+            18
+        } else {
+            14
+        };
+        if o.verdict == Verdict::Tx {
+            assert_eq!(l3, in_l3, "XDP_TX keeps the link header's tag: {}", hex());
+        } else {
+            assert_eq!(l3, 14, "a redirected frame leaves untagged: {}", hex());
+        }
+        if o.output[l3 - 2..] == frame[in_l3 - 2..] {
             rewritten += 1;
             continue;
         }
@@ -111,7 +122,7 @@ fn model_outputs_are_well_formed() {
                         encapsulated += 1;
                         assert_eq!(
                             &o.output[l3 + 20..],
-                            &frame[l3..],
+                            &frame[in_l3..],
                             "inner packet: {}",
                             hex()
                         );
@@ -137,7 +148,7 @@ fn model_outputs_are_well_formed() {
                         encapsulated += 1;
                         assert_eq!(
                             &o.output[l3 + 40..],
-                            &frame[l3..],
+                            &frame[in_l3..],
                             "inner packet: {}",
                             hex()
                         );

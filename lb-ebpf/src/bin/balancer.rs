@@ -59,6 +59,10 @@ mod prog {
     static VIP_STATS: PerCpuArray<VipStats, { MAX_VIPS as usize }> = PerCpuArray::new();
     #[btf_map]
     static BACKEND_STATS: PerCpuArray<BackendStats, { MAX_BACKENDS as usize }> = PerCpuArray::new();
+    /// The agent's id allocation cursors (`AgentState`), pinned with the other maps so that
+    /// they survive a restart. Never read here.
+    #[btf_map]
+    static AGENT_STATE: Array<AgentState, 1> = Array::new();
 
     const AF_INET: u8 = 2;
     const AF_INET6: u8 = 10;
@@ -791,9 +795,10 @@ mod prog {
         })
     }
 
+    /// Out of the ingress interface (`XDP_TX`) or another one (`bpf_redirect`).
     #[inline(always)]
-    fn transmit(ctx: &XdpContext, ifindex: u32) -> u32 {
-        if ifindex as usize == ctx.ingress_ifindex() {
+    fn transmit(same_link: bool, ifindex: u32) -> u32 {
+        if same_link {
             xdp_action::XDP_TX
         } else {
             // SAFETY: helper call with plain integers.
@@ -827,11 +832,19 @@ mod prog {
         let (id, b) = (d.id, &d.backend);
         let frame_len = (ctx.data_end() - ctx.data()) as u64;
         let nh = nexthop(ctx, id, b)?;
+        // An 802.1Q tag belongs to the ingress link: kept when the frame goes back out of it,
+        // dropped when it leaves by another interface (whose VLANs are not the ingress's).
+        let same_link = nh.ifindex as usize == ctx.ingress_ifindex();
+        let vlan = if same_link { pkt.l2.vlan_tci } else { None };
         if b.mode == MODE_L2 {
-            write(ctx, 0, nh.dmac)?;
-            write(ctx, 6, nh.smac)?;
+            if vlan.is_some() || pkt.l2.vlan_tci.is_none() {
+                write(ctx, 0, nh.dmac)?;
+                write(ctx, 6, nh.smac)?;
+            } else {
+                untag(ctx, &nh)?;
+            }
         } else {
-            encapsulate(ctx, pkt, key, d.hash, b, &nh, d.reply_too_big)?;
+            encapsulate(ctx, pkt, key, d.hash, b, &nh, vlan, d.reply_too_big)?;
         }
         if let Some(s) = backend_stats(id) {
             s.packets += 1;
@@ -841,10 +854,24 @@ mod prog {
             s.packets += 1;
             s.bytes += frame_len;
         }
-        Ok(transmit(ctx, nh.ifindex))
+        Ok(transmit(same_link, nh.ifindex))
     }
 
-    /// Prepends the outer IPv4 or IPv6 header (from the configured source to the backend).
+    /// L2 forwarding of a tagged frame out of another interface: the addresses are written 4
+    /// bytes further in, over the tag (the ethertype after the tag stays where it is), and the
+    /// head moves past the 4 bytes left in front.
+    #[inline(always)]
+    fn untag(ctx: &XdpContext, nh: &NextHop) -> Result<(), Error> {
+        write(ctx, VLAN_LEN, nh.dmac)?;
+        write(ctx, VLAN_LEN + 6, nh.smac)?;
+        adjust_head(ctx, VLAN_LEN as i32)
+    }
+
+    /// Prepends the outer IPv4 or IPv6 header (from the configured source to the backend),
+    /// behind a new Ethernet header with `vlan`'s tag, if any: the head moves by the outer
+    /// header's length plus the difference between the new and the old link header.
+    // One argument over clippy's limit: a struct would cost stack on the hot path.
+    #[allow(clippy::too_many_arguments)]
     #[inline(always)]
     fn encapsulate(
         ctx: &XdpContext,
@@ -853,8 +880,14 @@ mod prog {
         hash: u32,
         b: &BackendInfo,
         nh: &NextHop,
+        vlan: Option<u16>,
         reply_too_big: bool,
     ) -> Result<(), Error> {
+        let l2_len = if vlan.is_some() {
+            ETH_LEN + VLAN_LEN
+        } else {
+            ETH_LEN
+        };
         let cfg = CONFIG.get(0).ok_or(Error::NoEncapSource)?;
         if pkt.family == FAMILY_V4 {
             let outer_len = pkt.ip_len + IPV4_LEN;
@@ -864,9 +897,8 @@ mod prog {
             if cfg.flags & CONFIG_F_HAVE_V4_SRC == 0 {
                 return Err(Error::NoEncapSource);
             }
-            adjust_head(ctx, -(IPV4_LEN as i32))?;
-            let l3 =
-                write_l2(ctx, &nh.dmac, &nh.smac, pkt.l2.vlan_tci, ETH_P_IP).map_err(adjusted)?;
+            adjust_head(ctx, pkt.l2.l3 as i32 - (l2_len + IPV4_LEN) as i32)?;
+            let l3 = write_l2(ctx, &nh.dmac, &nh.smac, vlan, ETH_P_IP).map_err(adjusted)?;
             let h = bytes_mut::<IPV4_LEN>(ctx, l3).map_err(adjusted)?;
             h[0] = 0x45;
             h[1] = pkt.tos;
@@ -888,9 +920,8 @@ mod prog {
             if cfg.flags & CONFIG_F_HAVE_V6_SRC == 0 {
                 return Err(Error::NoEncapSource);
             }
-            adjust_head(ctx, -(IPV6_LEN as i32))?;
-            let l3 =
-                write_l2(ctx, &nh.dmac, &nh.smac, pkt.l2.vlan_tci, ETH_P_IPV6).map_err(adjusted)?;
+            adjust_head(ctx, pkt.l2.l3 as i32 - (l2_len + IPV6_LEN) as i32)?;
+            let l3 = write_l2(ctx, &nh.dmac, &nh.smac, vlan, ETH_P_IPV6).map_err(adjusted)?;
             // The flow label carries the flow's hash, so ECMP on the way keeps a flow on one path.
             let vtcfl = (6u32 << 28) | ((pkt.tos as u32) << 20) | (hash & 0xf_ffff);
             let h = bytes_mut::<IPV6_LEN>(ctx, l3).map_err(adjusted)?;

@@ -10,8 +10,9 @@ use crate::config::Config;
 use anyhow::{anyhow, bail, Context as _, Result};
 use aya::maps::PerCpuValues;
 use lb_common::{
-    maglev, BackendInfo, BackendStats, Counter, GlobalConfig, NextHop, VipMeta, BACKEND_F_ACTIVE,
-    BACKEND_F_DOWN, CONFIG_F_HAVE_V4_SRC, CONFIG_F_HAVE_V6_SRC, MAX_BACKENDS, MAX_VIPS,
+    maglev, AgentState, BackendInfo, BackendStats, Counter, GlobalConfig, NextHop, VipMeta,
+    VipStats, AGENT_STATE_MAGIC, BACKEND_F_ACTIVE, BACKEND_F_DOWN, CONFIG_F_HAVE_V4_SRC,
+    CONFIG_F_HAVE_V6_SRC, MAX_BACKENDS, MAX_VIPS,
 };
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -23,6 +24,7 @@ struct Plan {
     used_backend_ids: BTreeSet<u32>,
     next_backend_id: u32,
     used_vip_ids: BTreeSet<u32>,
+    next_vip_id: u32,
     vips: Vec<(VipId, VipState, Option<Region>)>,
     report: ApplyReport,
 }
@@ -107,18 +109,40 @@ pub(super) fn alloc_backend_id(used: &mut BTreeSet<u32>, next: &mut u32) -> Resu
     bail!("no free backend id (at most {} backends)", MAX_BACKENDS - 1)
 }
 
+/// Round-robin over `0..MAX_VIPS` like backend ids: a removed VIP's id (and its statistics
+/// slot) is reused as late as possible.
+pub(super) fn alloc_vip_id(used: &mut BTreeSet<u32>, next: &mut u32) -> Result<u32> {
+    for _ in 0..MAX_VIPS {
+        let id = *next;
+        *next = (*next + 1) % MAX_VIPS;
+        if used.insert(id) {
+            return Ok(id);
+        }
+    }
+    bail!("no free VIP slot (at most {MAX_VIPS})")
+}
+
 impl Balancer {
     /// Applies a configuration (interface and map sizes excepted: they are fixed at start).
     pub fn apply(&mut self, cfg: &Config) -> Result<ApplyReport> {
         cfg.validate()?;
         let mut plan = self.plan(cfg)?;
+        // The cursors go first: ids taken by this apply are never handed out again by a later
+        // lbd, even if this one dies half-way (skipping an id costs nothing).
+        if (plan.next_backend_id, plan.next_vip_id) != (self.next_backend_id, self.next_vip_id) {
+            self.write_cursors(plan.next_backend_id, plan.next_vip_id)?;
+        }
         self.write_global_config(cfg)?;
         // Port filter: ports of new VIPs are marked before the VIPs are published, ports no
         // VIP uses any more are cleared after the VIPs are gone (a stale bit only costs a lookup).
         let old_ports = port_bits(self.vips.values().map(|v| &v.config));
         let new_ports = port_bits(plan.vips.iter().map(|(_, st, _)| &st.config));
         self.mark_new_ports(&old_ports, &new_ports)?;
-        for (_, st, region) in &plan.vips {
+        for (id, st, region) in &plan.vips {
+            if !self.vips.contains_key(id) {
+                // A new VIP starts from zero, whatever a crash left in its statistics slot.
+                self.zero_vip_stats(st.vip_id)?;
+            }
             self.write_backends(st)?;
             if let Some(r) = region {
                 self.publish_table(st, *r)?;
@@ -137,6 +161,7 @@ impl Balancer {
             used_backend_ids: self.used_backend_ids.clone(),
             next_backend_id: self.next_backend_id,
             used_vip_ids: self.used_vip_ids.clone(),
+            next_vip_id: self.next_vip_id,
             vips: Vec::new(),
             report: ApplyReport::default(),
         };
@@ -162,10 +187,7 @@ impl Balancer {
         let vip_id = match old {
             Some(o) => o.vip_id,
             None => {
-                let n = (0..MAX_VIPS)
-                    .find(|i| !plan.used_vip_ids.contains(i))
-                    .ok_or_else(|| anyhow!("no free VIP slot (at most {MAX_VIPS})"))?;
-                plan.used_vip_ids.insert(n);
+                let n = alloc_vip_id(&mut plan.used_vip_ids, &mut plan.next_vip_id)?;
                 plan.report.vips_added += 1;
                 n
             }
@@ -371,6 +393,7 @@ impl Balancer {
     /// the backends that left.
     fn retire_gone(&mut self, plan: &mut Plan) -> Result<()> {
         let mut retired: Vec<u32> = Vec::new();
+        let mut removed_vips: Vec<u32> = Vec::new();
         for (id, old) in &self.vips {
             let new = plan
                 .vips
@@ -383,6 +406,7 @@ impl Balancer {
                         .vips
                         .remove(&vip_key(&old.config))
                         .context("removing a VIP")?;
+                    removed_vips.push(old.vip_id);
                     plan.used_vip_ids.remove(&old.vip_id);
                     plan.pool.release(old.region);
                     plan.report.vips_removed += 1;
@@ -400,19 +424,53 @@ impl Balancer {
                 }
             }
         }
+        for vip_id in removed_vips {
+            // Its counters go with it: a later VIP with this id must start from zero (its
+            // Prometheus counters would jump otherwise).
+            self.zero_vip_stats(vip_id)?;
+        }
         for bid in &retired {
-            // Inactive: flows still tracked to it are steered again through the table.
-            self.maps
-                .backends
-                .set(*bid, BackendInfo::default(), 0)
-                .context("retiring a backend")?;
-            self.maps.nexthops.set(*bid, NextHop::default(), 0)?;
-            let zero = PerCpuValues::try_from(vec![BackendStats::default(); nr_cpus()?])?;
-            self.maps.backend_stats.set(*bid, zero, 0)?;
+            self.clear_backend(*bid)?;
             plan.used_backend_ids.remove(bid);
             plan.report.backends_removed += 1;
         }
         Ok(())
+    }
+
+    /// Retires backend id `id` in the datapath: inactive (flows still tracked to it are steered
+    /// again through the table), no next hop, statistics zero.
+    pub(super) fn clear_backend(&mut self, id: u32) -> Result<()> {
+        self.maps
+            .backends
+            .set(id, BackendInfo::default(), 0)
+            .context("retiring a backend")?;
+        self.maps.nexthops.set(id, NextHop::default(), 0)?;
+        let zero = PerCpuValues::try_from(vec![BackendStats::default(); nr_cpus()?])?;
+        self.maps.backend_stats.set(id, zero, 0)?;
+        Ok(())
+    }
+
+    /// Zeroes VIP id `id`'s statistics on every CPU.
+    fn zero_vip_stats(&mut self, id: u32) -> Result<()> {
+        let zero = PerCpuValues::try_from(vec![VipStats::default(); nr_cpus()?])?;
+        self.maps
+            .vip_stats
+            .set(id, zero, 0)
+            .context("zeroing VIP_STATS")
+    }
+
+    /// Persists the id cursors in `AGENT_STATE` (see [`AgentState`]).
+    pub(super) fn write_cursors(&mut self, next_backend_id: u32, next_vip_id: u32) -> Result<()> {
+        let s = AgentState {
+            magic: AGENT_STATE_MAGIC,
+            next_backend_id,
+            next_vip_id,
+            ..AgentState::default()
+        };
+        self.maps
+            .agent_state
+            .set(0, s, 0)
+            .context("writing AGENT_STATE")
     }
 
     /// Keeps the plan as the balancer's view once every write is done, and asks the kernel to
@@ -423,6 +481,7 @@ impl Balancer {
         self.used_backend_ids = plan.used_backend_ids;
         self.next_backend_id = plan.next_backend_id;
         self.used_vip_ids = plan.used_vip_ids;
+        self.next_vip_id = plan.next_vip_id;
         self.vips = plan.vips.into_iter().map(|(k, s, _)| (k, s)).collect();
         if self.interface.is_some() {
             let backends = self.backend_addrs();

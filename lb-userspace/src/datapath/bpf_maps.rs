@@ -8,8 +8,8 @@ use aya::{
     Ebpf,
 };
 use lb_common::{
-    BackendInfo, BackendStats, Counter, CtValue, FlowKey, GlobalConfig, NextHop, VipKey, VipMeta,
-    VipStats, BACKEND_F_ACTIVE, BACKEND_F_DOWN,
+    AgentState, BackendInfo, BackendStats, Counter, CtValue, FlowKey, GlobalConfig, NextHop,
+    VipKey, VipMeta, VipStats, BACKEND_F_ACTIVE, BACKEND_F_DOWN,
 };
 use std::{mem::size_of, net::IpAddr};
 
@@ -27,6 +27,7 @@ pub(super) struct Maps {
     pub(super) backend_stats: PerCpuArray<MapData, BackendStats>,
     pub(super) ct: BpfHashMap<MapData, FlowKey, CtValue>,
     pub(super) ct_new: BpfHashMap<MapData, FlowKey, CtValue>,
+    pub(super) agent_state: Array<MapData, AgentState>,
 }
 
 /// Writes `slots` into RING from index `offset`. One `BPF_MAP_UPDATE_BATCH` call instead of a

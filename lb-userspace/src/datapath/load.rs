@@ -20,7 +20,8 @@ use aya::{
     EbpfLoader,
 };
 use lb_common::{
-    maps, progs, VipKey, VipMeta, BACKEND_F_ACTIVE, MAX_BACKENDS, MODE_L2, PROTO_TCP, PROTO_UDP,
+    maps, progs, VipKey, VipMeta, AGENT_STATE_MAGIC, BACKEND_F_ACTIVE, MAX_BACKENDS, MAX_VIPS,
+    MODE_L2, PROTO_TCP, PROTO_UDP,
 };
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -108,6 +109,7 @@ impl Balancer {
             backend_stats: PerCpuArray::try_from(take(&mut ebpf, maps::BACKEND_STATS)?)?,
             ct: BpfHashMap::try_from(take(&mut ebpf, maps::CT)?)?,
             ct_new: BpfHashMap::try_from(take(&mut ebpf, maps::CT_NEW)?)?,
+            agent_state: Array::try_from(take(&mut ebpf, maps::AGENT_STATE)?)?,
         };
         let mut lb = Balancer {
             ebpf,
@@ -117,6 +119,7 @@ impl Balancer {
             used_backend_ids: BTreeSet::new(),
             next_backend_id: 1,
             used_vip_ids: BTreeSet::new(),
+            next_vip_id: 0,
             interface: None,
             pin_dir: opts.pin_dir.clone(),
             resumed: pins.resumed,
@@ -159,8 +162,16 @@ impl Balancer {
 
     /// Rebuilds the agent's view (VIP ids, backend ids, table regions, tables) from the maps,
     /// so that applying the same configuration changes nothing and no flow moves.
+    ///
+    /// The id cursors come from `AGENT_STATE`, so allocation goes on where the previous lbd
+    /// left it and no id that pinned connection-table entries may still name is handed out
+    /// again soon. Pins of a build without it: derived from the ids in use, as that build did.
+    /// Backend entries whose VIP was never published (a crash between writing a new VIP's
+    /// backends and publishing its table) are retired: no table names them, and nothing would
+    /// ever retire them later.
     fn restore(&mut self) -> Result<()> {
         let mut by_vip: BTreeMap<u32, Vec<(u32, IpAddr)>> = BTreeMap::new();
+        let mut highest = 0;
         for id in 1..MAX_BACKENDS {
             let b = self.maps.backends.get(&id, 0)?;
             if b.flags & BACKEND_F_ACTIVE != 0 {
@@ -168,8 +179,7 @@ impl Balancer {
                     .entry(b.vip_id)
                     .or_default()
                     .push((id, addr_from_bytes(&b.addr, b.family)));
-                self.used_backend_ids.insert(id);
-                self.next_backend_id = if id + 1 >= MAX_BACKENDS { 1 } else { id + 1 };
+                highest = id;
             }
         }
         let entries: Vec<(VipKey, VipMeta)> = self.maps.vips.iter().collect::<Result<_, _>>()?;
@@ -191,9 +201,10 @@ impl Balancer {
             for i in 0..region.size {
                 table.push(self.maps.ring.get(&(region.offset + i), 0)?);
             }
-            let backends: Vec<BackendState> = by_vip
-                .remove(&meta.vip_id)
-                .unwrap_or_default()
+            let restored = by_vip.remove(&meta.vip_id).unwrap_or_default();
+            self.used_backend_ids
+                .extend(restored.iter().map(|(id, _)| *id));
+            let backends: Vec<BackendState> = restored
                 .into_iter()
                 .map(|(id, address)| BackendState {
                     address,
@@ -237,7 +248,37 @@ impl Balancer {
                 },
             );
         }
-        Ok(())
+        for (vip_id, orphans) in by_vip {
+            for (id, address) in orphans {
+                tracing::info!(
+                    backend = %address, id, vip_id,
+                    "retiring a backend entry of a VIP that was never published"
+                );
+                self.clear_backend(id)?;
+            }
+        }
+        self.restore_cursors(highest)
+    }
+
+    /// The id cursors from `AGENT_STATE`, or (pins of an older build, or an entry out of
+    /// range) derived from the highest ids in use; written back at once.
+    fn restore_cursors(&mut self, highest_backend: u32) -> Result<()> {
+        let s = self.maps.agent_state.get(&0, 0)?;
+        let valid = s.magic == AGENT_STATE_MAGIC
+            && (1..MAX_BACKENDS).contains(&s.next_backend_id)
+            && s.next_vip_id < MAX_VIPS;
+        if valid {
+            self.next_backend_id = s.next_backend_id;
+            self.next_vip_id = s.next_vip_id;
+        } else {
+            self.next_backend_id = if highest_backend + 1 >= MAX_BACKENDS {
+                1
+            } else {
+                highest_backend + 1
+            };
+            self.next_vip_id = self.used_vip_ids.last().map_or(0, |v| (v + 1) % MAX_VIPS);
+        }
+        self.write_cursors(self.next_backend_id, self.next_vip_id)
     }
 
     /// The loaded program (for BPF_PROG_TEST_RUN).

@@ -145,6 +145,8 @@ pub struct Balancer {
     used_backend_ids: BTreeSet<u32>,
     next_backend_id: u32,
     used_vip_ids: BTreeSet<u32>,
+    /// Where VIP id allocation goes on (round-robin, like backend ids).
+    next_vip_id: u32,
     interface: Option<(String, Option<XdpLinkId>, AyaXdpMode)>,
     pin_dir: Option<PathBuf>,
     /// Whether the maps were found pinned (a restart or an upgrade) rather than created.

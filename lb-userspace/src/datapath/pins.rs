@@ -4,8 +4,8 @@ use super::LoadOptions;
 use anyhow::{bail, Context as _, Result};
 use aya::{maps::MapInfo, programs::links::PinnedLink};
 use lb_common::{
-    maps, BackendInfo, BackendStats, CtValue, FlowKey, FragKey, GlobalConfig, NextHop, VipKey,
-    VipMeta, VipStats, COUNTER_SLOTS, FRAG_TABLE_SIZE, MAX_BACKENDS, MAX_VIPS,
+    maps, AgentState, BackendInfo, BackendStats, CtValue, FlowKey, FragKey, GlobalConfig, NextHop,
+    VipKey, VipMeta, VipStats, COUNTER_SLOTS, FRAG_TABLE_SIZE, MAX_BACKENDS, MAX_VIPS,
 };
 use std::{
     mem::size_of,
@@ -16,7 +16,7 @@ use std::{
 pub(super) const LINK_PIN: &str = "link";
 
 /// The maps kept across restarts, with the (key size, value size, capacity) this build expects.
-pub(super) fn pinned_maps(o: &LoadOptions) -> [(&'static str, usize, usize, u32); 12] {
+pub(super) fn pinned_maps(o: &LoadOptions) -> [(&'static str, usize, usize, u32); 13] {
     [
         (
             maps::VIPS,
@@ -55,7 +55,15 @@ pub(super) fn pinned_maps(o: &LoadOptions) -> [(&'static str, usize, usize, u32)
             size_of::<BackendStats>(),
             MAX_BACKENDS,
         ),
+        (maps::AGENT_STATE, 4, size_of::<AgentState>(), 1),
     ]
+}
+
+/// A pinned map an older build did not have: a pin set without it is still complete. Only
+/// `AGENT_STATE` (the agent's id cursors), which a build before it never pinned: the new map
+/// is created and pinned, and the cursors are derived from the maps as that build did.
+pub(super) fn optional_pin(name: &str) -> bool {
+    name == maps::AGENT_STATE
 }
 
 pub(super) const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
@@ -116,6 +124,9 @@ pub(super) fn check_pins(dir: &Path, o: &LoadOptions) -> Result<Option<u32>> {
     let mut counters = None;
     for (name, k, v, n) in pinned_maps(o) {
         let path = dir.join(name);
+        if optional_pin(name) && !path.exists() {
+            continue;
+        }
         let info = MapInfo::from_pin(&path).with_context(|| {
             format!(
                 "reading pinned map {}; remove stale pins with `lbd cleanup`",
@@ -188,6 +199,10 @@ pub struct PinReport {
     /// The pinned `COUNTERS` had this many slots (an older build) and was replaced by a
     /// fresh one: the datapath counters restart from zero, nothing else is lost.
     pub counters_replaced: Option<u32>,
+    /// The pins came from a build without `AGENT_STATE` (the id cursors): it was created, and
+    /// the cursors derived from the ids in use (ids of backends removed just before this start
+    /// may be handed out again first, as that build did).
+    pub agent_state_created: bool,
 }
 
 /// Looks at the pin directory before loading: which pins are there, whether they can be taken
@@ -203,14 +218,20 @@ pub(super) fn survey_pins(dir: &Path, o: &LoadOptions) -> Result<PinReport> {
         link: dir.join(LINK_PIN).exists(),
         ..PinReport::default()
     };
+    let mut optional_missing = false;
     for (name, ..) in pinned_maps(o) {
         if dir.join(name).exists() {
             r.found.push(name.to_string());
+        } else if optional_pin(name) {
+            optional_missing = true;
         } else {
             r.missing.push(name.to_string());
         }
     }
     if r.found.is_empty() {
+        if optional_missing {
+            r.missing.push(maps::AGENT_STATE.to_string());
+        }
         return Ok(r);
     }
     if !r.missing.is_empty() {
@@ -243,6 +264,13 @@ pub(super) fn survey_pins(dir: &Path, o: &LoadOptions) -> Result<PinReport> {
             "the pinned COUNTERS map comes from another build: replaced, datapath counters restart from zero (connection tables kept)"
         );
         r.counters_replaced = Some(slots);
+    }
+    if optional_missing {
+        tracing::info!(
+            "the pins come from a build without {}: creating it (id cursors derived from the ids in use)",
+            maps::AGENT_STATE
+        );
+        r.agent_state_created = true;
     }
     r.resumed = true;
     Ok(r)

@@ -1,0 +1,252 @@
+//! Backend and VIP ids across restarts (issue 19), at the level of `Balancer` with pinned
+//! maps: no namespace, nothing attached. Pinned connection-table entries outlive the backends
+//! they name, and the established path only checks that a tracked id is live, so an id must
+//! not be handed out again soon after its backend left, restart or not; a restart must not
+//! keep backend entries of a VIP that was never published; a new VIP's statistics start at 0.
+//!
+//! Run as root: `cargo test -p tests --test ids`.
+use aya::maps::{Array, Map, MapData, PerCpuArray};
+use lb_common::{maps, BackendInfo, VipStats, BACKEND_F_ACTIVE};
+use lb_userspace::{datapath::remove_pins, Balancer, Config, LoadOptions};
+use std::{
+    net::IpAddr,
+    path::{Path, PathBuf},
+    sync::atomic::{AtomicUsize, Ordering},
+};
+use tests::require_root;
+
+const VIP1: &str = "10.240.100.1";
+const VIP2: &str = "10.240.100.2";
+const VIP3: &str = "10.240.100.3";
+
+/// A pin directory of its own on /sys/fs/bpf, removed (maps and all) when dropped.
+struct Pins(PathBuf);
+
+impl Pins {
+    fn new(label: &str) -> Pins {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let dir = Path::new("/sys/fs/bpf").join(format!(
+            "lb-ids-{label}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = remove_pins(&dir);
+        Pins(dir)
+    }
+
+    fn load(&self) -> Balancer {
+        Balancer::load(LoadOptions {
+            pin_dir: Some(self.0.clone()),
+            table_pool: 1 << 16,
+            conntrack_size: 1024,
+            conntrack_new_size: 1024,
+        })
+        .expect("loading the balancer with pins")
+    }
+
+    fn array<V: aya::Pod>(&self, name: &str) -> Array<MapData, V> {
+        let data = MapData::from_pin(self.0.join(name)).expect("opening a pinned map");
+        Array::try_from(Map::Array(data)).unwrap()
+    }
+
+    fn backend(&self, id: u32) -> BackendInfo {
+        self.array::<BackendInfo>(maps::BACKENDS)
+            .get(&id, 0)
+            .unwrap()
+    }
+}
+
+impl Drop for Pins {
+    fn drop(&mut self) {
+        let _ = remove_pins(&self.0);
+    }
+}
+
+/// `vips`: (VIP address, backend last octets) on port 80/tcp, ipip.
+fn config(vips: &[(&str, &[u8])]) -> Config {
+    let mut t = String::from(
+        "interface = \"eth0\"\ntable_pool = 65536\n[encap]\nsource_v4 = \"10.240.0.2\"\n",
+    );
+    for (vip, backends) in vips {
+        t.push_str(&format!(
+            "[[vip]]\naddress = \"{vip}\"\nport = 80\nprotocol = \"tcp\"\ntable_size = 251\n"
+        ));
+        for b in *backends {
+            t.push_str(&format!(
+                "[[vip.backend]]\naddress = \"10.240.0.{b}\"\nweight = 1\n"
+            ));
+        }
+    }
+    Config::parse(&t).unwrap_or_else(|e| panic!("test config: {e}\n{t}"))
+}
+
+fn vip_id(lb: &Balancer, vip: &str) -> u32 {
+    let a: IpAddr = vip.parse().unwrap();
+    lb.vips()
+        .find(|v| v.config.address == a)
+        .unwrap_or_else(|| panic!("no VIP {vip}"))
+        .vip_id
+}
+
+fn backend_id(lb: &Balancer, vip: &str, n: u8) -> u32 {
+    let a: IpAddr = vip.parse().unwrap();
+    let b: IpAddr = format!("10.240.0.{n}").parse().unwrap();
+    lb.vips()
+        .find(|v| v.config.address == a)
+        .and_then(|v| v.backends.iter().find(|x| x.address == b))
+        .unwrap_or_else(|| panic!("no backend {b} on {vip}"))
+        .id
+}
+
+/// A backend removed just before a restart: its id must not be the next one handed out, to
+/// this VIP or another (flows pinned to it would go to the newcomer).
+#[test]
+fn backend_ids_of_removed_backends_are_not_reused_after_a_restart() {
+    require_root();
+    let pins = Pins::new("reuse");
+    let lb = pins.load();
+    let mut lb = lb;
+    lb.apply(&config(&[(VIP1, &[11, 12, 13])])).unwrap();
+    let gone = backend_id(&lb, VIP1, 13);
+    lb.apply(&config(&[(VIP1, &[11, 12])])).unwrap();
+    drop(lb);
+
+    let mut lb = pins.load();
+    assert!(lb.resumed());
+    lb.apply(&config(&[(VIP1, &[11, 12]), (VIP2, &[21])]))
+        .unwrap();
+    let new = backend_id(&lb, VIP2, 21);
+    assert_ne!(
+        new, gone,
+        "the restarted agent handed out id {gone} (10.240.0.13 of {VIP1}, removed before the restart) to {VIP2}'s new backend"
+    );
+    assert!(
+        new > gone,
+        "allocation goes on round-robin ({new} after {gone})"
+    );
+}
+
+/// VIP ids go round-robin too (from the persisted cursor), and a removed VIP's statistics are
+/// zeroed: a later VIP never starts with another VIP's counters.
+#[test]
+fn vip_ids_go_round_robin_and_removed_vip_stats_are_zeroed() {
+    require_root();
+    let pins = Pins::new("vipstats");
+    let mut lb = pins.load();
+    lb.apply(&config(&[(VIP1, &[11]), (VIP2, &[21])])).unwrap();
+    let old = vip_id(&lb, VIP2);
+    // Traffic the VIP saw (written as the datapath would).
+    let stats: PerCpuArray<MapData, VipStats> = PerCpuArray::try_from(Map::PerCpuArray(
+        MapData::from_pin(pins.0.join(maps::VIP_STATS)).unwrap(),
+    ))
+    .unwrap();
+    let mut stats = stats;
+    let ncpu = aya::util::nr_cpus().unwrap();
+    let busy = VipStats {
+        packets: 7,
+        bytes: 700,
+        new_flows: 1,
+        no_backend: 0,
+    };
+    stats
+        .set(
+            old,
+            aya::maps::PerCpuValues::try_from(vec![busy; ncpu]).unwrap(),
+            0,
+        )
+        .unwrap();
+    lb.apply(&config(&[(VIP1, &[11])])).unwrap();
+    assert_eq!(
+        lb.vip_stats(old).unwrap(),
+        VipStats::default(),
+        "VIP_STATS[{old}] must be zeroed when {VIP2} is removed"
+    );
+    drop(lb);
+    let mut lb = pins.load();
+    lb.apply(&config(&[(VIP1, &[11]), (VIP3, &[31])])).unwrap();
+    let new = vip_id(&lb, VIP3);
+    assert_ne!(
+        new, old,
+        "{VIP3} got the id {VIP2} had just before the restart"
+    );
+    assert_eq!(lb.vip_stats(new).unwrap(), VipStats::default());
+}
+
+/// A crash between writing a new VIP's backend entries and publishing its table leaves active
+/// backend entries that no published VIP owns: the next start retires them.
+#[test]
+fn restore_retires_backends_of_a_vip_never_published() {
+    require_root();
+    let pins = Pins::new("orphan");
+    let mut lb = pins.load();
+    lb.apply(&config(&[(VIP1, &[11])])).unwrap();
+    lb.on_table_write(|w| {
+        if let Some(w) = w {
+            if w.vip.starts_with(VIP2) {
+                panic!("simulated crash before {} is published", w.vip);
+            }
+        }
+    });
+    let crashed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let _ = lb.apply(&config(&[(VIP1, &[11]), (VIP2, &[21, 22])]));
+    }));
+    assert!(
+        crashed.is_err(),
+        "the hook stops apply before VIP2 is published"
+    );
+    let orphans: Vec<u32> = (1..lb_common::MAX_BACKENDS)
+        .filter(|&id| {
+            let b = pins.backend(id);
+            b.flags & BACKEND_F_ACTIVE != 0 && b.addr[..4] != [10, 240, 0, 11]
+        })
+        .collect();
+    assert_eq!(
+        orphans.len(),
+        2,
+        "VIP2's backends were written: {orphans:?}"
+    );
+    drop(lb);
+
+    let lb = pins.load();
+    assert_eq!(
+        lb.pin_report().restored_backends,
+        1,
+        "{:?}",
+        lb.pin_report()
+    );
+    for id in &orphans {
+        let b = pins.backend(*id);
+        assert_eq!(
+            b.flags & BACKEND_F_ACTIVE,
+            0,
+            "backend id {id} of the never-published VIP is still active after restore: {b:?}"
+        );
+    }
+}
+
+/// Pins of a build without `AGENT_STATE` are taken over whole (connection tables kept): the
+/// map is created, and the cursors derived from the ids in use.
+#[test]
+fn pins_without_agent_state_are_taken_over() {
+    require_root();
+    let pins = Pins::new("old");
+    let mut lb = pins.load();
+    lb.apply(&config(&[(VIP1, &[11, 12])])).unwrap();
+    drop(lb);
+    std::fs::remove_file(pins.0.join(maps::AGENT_STATE)).unwrap();
+    let mut lb = pins.load();
+    let r = lb.pin_report().clone();
+    assert!(r.resumed && r.agent_state_created, "{r:?}");
+    assert!(r.missing.is_empty() && r.dropped.is_empty(), "{r:?}");
+    assert_eq!(r.restored_backends, 2);
+    assert!(
+        pins.0.join(maps::AGENT_STATE).exists(),
+        "created and pinned"
+    );
+    let b11 = backend_id(&lb, VIP1, 11);
+    lb.apply(&config(&[(VIP1, &[11, 12, 13])])).unwrap();
+    assert_eq!(backend_id(&lb, VIP1, 11), b11, "nothing moved");
+    drop(lb);
+    let lb = pins.load();
+    assert!(!lb.pin_report().agent_state_created);
+}
