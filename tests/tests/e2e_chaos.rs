@@ -533,6 +533,7 @@ fn sigkill_mid_table_write_never_publishes_a_half_table() {
             std::thread::sleep(Duration::from_millis(1));
         }
         let started_writing = triggered.elapsed();
+        // The kill point inside the write, drawn per attempt (the scenario's parameter).
         std::thread::sleep(Duration::from_millis(delay_ms));
         fx.sigkill_lbd();
         let killed_at = Instant::now();
@@ -931,6 +932,7 @@ fn interface_flap_keeps_xdp_and_flows() {
             let st = long.check();
             (st, Instant::now())
         });
+        // The fault itself: eth0 stays down for a second (a duration, not a wait for state).
         std::thread::sleep(Duration::from_secs(1));
         assert!(xdp_attached(lb), "XDP gone while eth0 is down");
         lb.ip(["link", "set", "eth0", "up"]).unwrap();
