@@ -339,6 +339,22 @@ pub fn scrape_metrics(ns: &NetNs) -> std::collections::BTreeMap<String, f64> {
         .collect()
 }
 
+/// Runs `lbctl --socket SOCKET ARGS... --json`, which must succeed, and parses its output.
+pub fn lbctl_json(socket: &std::path::Path, args: &[&str]) -> serde_json::Value {
+    let mut all = args.to_vec();
+    all.push("--json");
+    let out = lbctl(socket, &all);
+    assert!(
+        out.status.success(),
+        "lbctl {args:?}: exit {:?}\nstdout: {}\nstderr: {}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("lbctl {args:?}: not JSON ({e}): {out:?}"))
+}
+
 /// Milliseconds since the Unix epoch: the clock lbd stamps its events with. Take it before
 /// the action whose event a test then waits for.
 pub fn now_ms() -> u64 {

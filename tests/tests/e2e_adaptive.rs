@@ -17,7 +17,7 @@ use std::{
 };
 use tests::{
     lab::{backend_v4, Lab, LabSpec, LB_V4, LB_V6, VIP_V4},
-    procs::{lbctl, scratch, start_decaps, Lbd},
+    procs::{scratch, start_decaps, Lbd},
     require_root,
 };
 
@@ -34,15 +34,7 @@ const RAMP_SECS: f64 = 40.0;
 const RUN_SECS: u64 = 70;
 
 fn json(lbd: &Lbd, args: &[&str]) -> Value {
-    let mut all = args.to_vec();
-    all.push("--json");
-    let out = lbctl(&lbd.socket, &all);
-    assert!(
-        out.status.success(),
-        "lbctl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("JSON")
+    tests::procs::lbctl_json(&lbd.socket, args)
 }
 
 /// Slots of each backend in the VIP's table, by backend index.

@@ -1017,28 +1017,31 @@ fn backend_namespace_deleted_under_load() {
     let client_ns = fx.lab.client().ns();
     let ns_name = fx.lab.backend(0).ns_name().to_string();
     let (decap0, server0) = (fx.decaps[0].take(), fx.servers[0].take());
-    let made = std::sync::atomic::AtomicUsize::new(0);
+    // Every connection's start and outcome; the main thread counts them to size its windows.
+    let made: std::sync::Mutex<Vec<(Instant, bool)>> = std::sync::Mutex::new(Vec::new());
     let (results, fault_at, down_after, down_at) = std::thread::scope(|s| {
         // Stops the load thread even when an assertion below fails (the scope joins it).
         let _stop = StopOnDrop(&stop);
         let load = s.spawn(|| {
-            let mut out = Vec::new();
             while !stop.load(Ordering::Relaxed) {
                 let t = Instant::now();
                 let r = client_once(client_ns, vip(), Duration::from_millis(300));
-                out.push((t, r.is_ok()));
-                made.fetch_add(1, Ordering::Relaxed);
+                made.lock().unwrap().push((t, r.is_ok()));
             }
-            out
         });
-        // Windows of load counted in connections, not time: a slow machine gets as many.
-        let load_for = |what: &str, n: usize| {
-            let from = made.load(Ordering::Relaxed);
+        // Windows of load counted in connections started after a point, not in time: a slow
+        // machine gets as many.
+        let load_after = |what: &str, from: Instant, n: usize| {
             wait_for(what, Duration::from_secs(30), || {
-                made.load(Ordering::Relaxed) >= from + n
+                made.lock()
+                    .unwrap()
+                    .iter()
+                    .filter(|(t, _)| *t >= from)
+                    .count()
+                    >= n
             })
         };
-        load_for("load before the fault", 50);
+        load_after("load before the fault", Instant::now(), 50);
         let fault_at = Instant::now();
         // The backend host vanishes: its processes, its sockets, its link, its namespace.
         // The kernel keeps a deleted namespace (and its veth) alive while orphaned TCP sockets
@@ -1076,10 +1079,17 @@ fn backend_namespace_deleted_under_load() {
         });
         let down_at = Instant::now();
         let down_after = down_at - deleted_at;
-        load_for("load after backend0 is down", 150);
+        // After the 100 ms the table switch may take (see `settle` below), enough connections
+        // to show that none fails.
+        load_after(
+            "load after backend0 is down",
+            down_at + Duration::from_millis(100),
+            100,
+        );
         stop.store(true, Ordering::Relaxed);
+        load.join().unwrap();
         (
-            load.join().unwrap(),
+            std::mem::take(&mut *made.lock().unwrap()),
             fault_at,
             (gone_after, down_after),
             down_at,

@@ -15,7 +15,7 @@ use tests::{
     lab::{Lab, LabSpec, LB_V4, LB_V6, VIP_V4},
     netns::NetNs,
     procs::{
-        bin_path, lbctl, scratch, start_decaps, wait_for, wait_neighbours, Control, Lbd,
+        bin_path, lbctl_json, scratch, start_decaps, wait_for, wait_neighbours, Control, Lbd,
         RemoveOnDrop,
     },
     require_root,
@@ -25,20 +25,6 @@ use tests::{
 const VIP1: &str = "10.200.100.1:80/tcp";
 const VIP2: &str = "10.200.100.1:8080/tcp";
 const LONG_LIVED: usize = 60;
-
-/// `lbctl ARGS --json`, which must succeed.
-fn json(socket: &Path, args: &[&str]) -> Value {
-    let mut a = args.to_vec();
-    a.push("--json");
-    let out = lbctl(socket, &a);
-    assert!(
-        out.status.success(),
-        "lbctl {args:?}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
-}
 
 /// `count` connections to `addr`, which must all succeed.
 fn client_many_ok(ns: &NetNs, addr: SocketAddr, count: usize) {
@@ -51,7 +37,7 @@ fn client_many_ok(ns: &NetNs, addr: SocketAddr, count: usize) {
 }
 
 fn stats(socket: &Path) -> Value {
-    json(socket, &["stats", "--interval", "0.1"])
+    lbctl_json(socket, &["stats", "--interval", "0.1"])
 }
 
 /// `stats` once the balancer's packet counters no longer move (polled every 100 ms).
@@ -81,7 +67,7 @@ fn vip_entry<'a>(stats: &'a Value, name: &str) -> &'a Value {
 }
 
 fn backend_id(socket: &Path, vip: &str, addr: &str) -> u64 {
-    json(socket, &["backend", "list", vip])
+    lbctl_json(socket, &["backend", "list", vip])
         .as_array()
         .unwrap()
         .iter()
@@ -176,13 +162,13 @@ fn flows_of_a_backend_removed_before_a_restart_never_reach_a_newcomer() {
     let before = at_rest(&socket);
 
     // Remove C, restart lbd (pins kept), then add a backend to another VIP.
-    json(&socket, &["backend", "remove", VIP1, &c]);
+    lbctl_json(&socket, &["backend", "remove", VIP1, &c]);
     stop(&mut agent);
     let mut agent = start_lbd(&lab, &config, &dir.join("lbd-2.log"));
     control.wait_ready(agent.id());
-    json(&socket, &["vip", "add", VIP2]);
+    lbctl_json(&socket, &["vip", "add", VIP2]);
     let d = lab.backend(3).v4().to_string();
-    json(&socket, &["backend", "add", VIP2, &d]);
+    lbctl_json(&socket, &["backend", "add", VIP2, &d]);
     let d_id = backend_id(&socket, VIP2, &d);
     wait_neighbours(lab.lb().ns(), &[lab.backend(3).v4().into()]);
     println!("backend2 had id {c_id} on {VIP1}; backend3 got id {d_id} on {VIP2}");
@@ -253,16 +239,16 @@ fn a_vip_added_after_another_was_removed_starts_from_zero() {
     let socket = lbd.socket.clone();
     wait_neighbours(lab.lb().ns(), &[lab.backend(0).v4().into()]);
 
-    json(&socket, &["vip", "add", VIP2]);
-    json(&socket, &["backend", "add", VIP2, &b]);
+    lbctl_json(&socket, &["vip", "add", VIP2]);
+    lbctl_json(&socket, &["backend", "add", VIP2, &b]);
     client_many_ok(lab.client().ns(), vip2, 20);
     let busy = vip_entry(&stats(&socket), VIP2)["packets"]
         .as_u64()
         .unwrap();
     assert!(busy > 0, "traffic to {VIP2} was counted");
-    json(&socket, &["vip", "remove", VIP2]);
+    lbctl_json(&socket, &["vip", "remove", VIP2]);
     let vip3 = "10.200.100.1:8081/tcp";
-    json(&socket, &["vip", "add", vip3]);
+    lbctl_json(&socket, &["vip", "add", vip3]);
     let fresh = stats(&socket);
     let v3 = vip_entry(&fresh, vip3);
     assert_eq!(

@@ -21,7 +21,10 @@ use std::{
 };
 use tests::{
     lab::{backend_v4, backend_v6, Lab, LabSpec, LB_V4, LB_V6, VIP_V4, VIP_V6},
-    procs::{self, bin_path, lbctl, scrape_metrics, start_decaps, wait_for, wait_neighbours, Lbd},
+    procs::{
+        self, bin_path, lbctl, lbctl_json, scrape_metrics, start_decaps, wait_for, wait_neighbours,
+        Lbd,
+    },
     require_root,
     tcp::{client_many, tally, LongLived, TcpServer},
 };
@@ -52,23 +55,9 @@ fn show(out: &Output) -> String {
     )
 }
 
-/// Runs `lbctl ARGS --json`, which must succeed, and parses its output.
-fn json(socket: &Path, args: &[&str]) -> Value {
-    let mut a = args.to_vec();
-    a.push("--json");
-    let out = lbctl(socket, &a);
-    assert!(
-        out.status.success(),
-        "lbctl {args:?} failed: {}",
-        show(&out)
-    );
-    serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("lbctl {args:?} printed no JSON ({e}): {}", show(&out)))
-}
-
 /// A change through lbctl: must succeed and report a change.
 fn change(socket: &Path, args: &[&str]) -> Value {
-    let v = json(socket, args);
+    let v = lbctl_json(socket, args);
     assert_eq!(v["changed"], true, "{args:?}: {v}");
     assert!(v["message"].as_str().is_some_and(|m| !m.is_empty()), "{v}");
     v
@@ -148,7 +137,7 @@ fn lbctl_drives_lbd_and_the_datapath_follows() {
     assert_eq!((meta.uid(), meta.gid()), (0, 0));
 
     // status
-    let st = json(&sock, &["status"]);
+    let st = lbctl_json(&sock, &["status"]);
     assert_eq!(st["interface"], "eth0");
     assert_eq!(st["xdp_mode"], "native");
     assert!(st["program_id"].as_u64().unwrap() > 0, "{st}");
@@ -177,7 +166,7 @@ fn lbctl_drives_lbd_and_the_datapath_follows() {
     assert!(String::from_utf8_lossy(&human.stdout).contains("interface  eth0 (native XDP"));
 
     // vip list
-    let vips = json(&sock, &["vip", "list"]);
+    let vips = lbctl_json(&sock, &["vip", "list"]);
     assert_eq!(vips.as_array().unwrap().len(), 1, "{vips}");
     let v = &vips[0];
     assert_eq!(v["vip"], VIP4);
@@ -192,7 +181,7 @@ fn lbctl_drives_lbd_and_the_datapath_follows() {
     assert_eq!(v["drained"], 0);
 
     // backend list
-    let list = json(&sock, &["backend", "list"]);
+    let list = lbctl_json(&sock, &["backend", "list"]);
     assert_eq!(list.as_array().unwrap().len(), 2, "{list}");
     for addr in [&b0, &b1] {
         let b = backend(&list, addr);
@@ -210,7 +199,7 @@ fn lbctl_drives_lbd_and_the_datapath_follows() {
             + backend(&list, &b1)["slots"].as_u64().unwrap(),
         65537
     );
-    assert_eq!(json(&sock, &["backend", "list", VIP4]), list);
+    assert_eq!(lbctl_json(&sock, &["backend", "list", VIP4]), list);
 
     let c = spread(&lab, vip4, 300);
     println!("b0:b1 = 1:1: {c:?}");
@@ -241,13 +230,13 @@ fn lbctl_drives_lbd_and_the_datapath_follows() {
     );
     let r = change(&sock, &["backend", "drain", VIP4, &b1]);
     assert!(r["message"].as_str().unwrap().contains("drained"), "{r}");
-    let list = json(&sock, &["backend", "list"]);
+    let list = lbctl_json(&sock, &["backend", "list"]);
     let d = backend(&list, &b1);
     assert_eq!(d["drained"], true);
     assert_eq!(d["weight"], 1, "drain keeps the weight");
     assert_eq!(d["effective_weight"], 0);
     assert_eq!(d["slots"], 0);
-    assert_eq!(json(&sock, &["vip", "list"])[0]["drained"], 1);
+    assert_eq!(lbctl_json(&sock, &["vip", "list"])[0]["drained"], 1);
     let c = spread(&lab, vip4, 300);
     println!("b1 drained: {c:?}");
     assert!(
@@ -258,13 +247,13 @@ fn lbctl_drives_lbd_and_the_datapath_follows() {
         .expect("established connections survive a drain");
     println!("{on_b1} long-lived connections on the drained backend still answer");
     // Draining again changes nothing and says so.
-    let again = json(&sock, &["backend", "drain", VIP4, &b1]);
+    let again = lbctl_json(&sock, &["backend", "drain", VIP4, &b1]);
     assert_eq!(again["changed"], false, "{again}");
     assert_eq!(again["tables"], Value::Array(vec![]));
 
     // undrain: back in the table.
     change(&sock, &["backend", "undrain", VIP4, &b1]);
-    let d = json(&sock, &["backend", "list", VIP4]);
+    let d = lbctl_json(&sock, &["backend", "list", VIP4]);
     assert_eq!(backend(&d, &b1)["drained"], false);
     assert!(backend(&d, &b1)["slots"].as_u64().unwrap() > 0);
     let c = spread(&lab, vip4, 300);
@@ -277,7 +266,7 @@ fn lbctl_drives_lbd_and_the_datapath_follows() {
     let r = change(&sock, &["backend", "set-weight", VIP4, &b2, "8"]);
     assert_eq!(r["tables"][0]["generation"], 5);
     assert_eq!(
-        backend(&json(&sock, &["backend", "list"]), &b2)["weight"],
+        backend(&lbctl_json(&sock, &["backend", "list"]), &b2)["weight"],
         8
     );
     let c = spread(&lab, vip4, 300);
@@ -286,7 +275,7 @@ fn lbctl_drives_lbd_and_the_datapath_follows() {
 
     // backend remove
     change(&sock, &["backend", "remove", VIP4, &b2]);
-    let list = json(&sock, &["backend", "list"]);
+    let list = lbctl_json(&sock, &["backend", "list"]);
     assert_eq!(list.as_array().unwrap().len(), 2);
     assert!(list
         .as_array()
@@ -310,7 +299,7 @@ fn lbctl_drives_lbd_and_the_datapath_follows() {
         ],
     );
     assert_eq!(r["tables"][0]["vip"], VIP6);
-    let v6 = json(&sock, &["vip", "list"]);
+    let v6 = lbctl_json(&sock, &["vip", "list"]);
     let e = v6
         .as_array()
         .unwrap()
@@ -324,7 +313,7 @@ fn lbctl_drives_lbd_and_the_datapath_follows() {
     for i in 0..2 {
         change(&sock, &["backend", "add", VIP6, &backend_v6(i).to_string()]);
     }
-    let six = json(&sock, &["backend", "list", VIP6]);
+    let six = lbctl_json(&sock, &["backend", "list", VIP6]);
     assert_eq!(six.as_array().unwrap().len(), 2, "{six}");
     let v6_backends: Vec<IpAddr> = (0..2).map(|i| backend_v6(i).into()).collect();
     wait_neighbours(lab.lb().ns(), &v6_backends);
@@ -346,7 +335,7 @@ fn lbctl_drives_lbd_and_the_datapath_follows() {
         wait_for("traffic to flow", Duration::from_secs(20), || {
             made.load(std::sync::atomic::Ordering::Relaxed) > 0
         });
-        let st = json(&sock, &["stats", "--interval", "0.5"]);
+        let st = lbctl_json(&sock, &["stats", "--interval", "0.5"]);
         done.store(true, std::sync::atomic::Ordering::Relaxed);
         println!(
             "{} connections while sampling rates",
@@ -424,7 +413,7 @@ fn lbctl_drives_lbd_and_the_datapath_follows() {
             totals(&std::mem::replace(&mut m1, again)) == totals(&m1)
         },
     );
-    let stats = json(&sock, &["stats", "--interval", "0.1"]);
+    let stats = lbctl_json(&sock, &["stats", "--interval", "0.1"]);
     let m2 = scrape_metrics(lab.lb().ns());
     let mut compared = 0;
     for v in stats["vips"].as_array().unwrap() {
@@ -503,13 +492,19 @@ fn lbctl_drives_lbd_and_the_datapath_follows() {
     println!("metrics == stats --json on {compared} values");
 
     change(&sock, &["vip", "remove", VIP6]);
-    assert_eq!(json(&sock, &["vip", "list"]).as_array().unwrap().len(), 1);
+    assert_eq!(
+        lbctl_json(&sock, &["vip", "list"])
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
 
     // Leave a drained backend and a non-default weight, then restart: same state comes back.
     change(&sock, &["backend", "set-weight", VIP4, &b0, "3"]);
     change(&sock, &["backend", "drain", VIP4, &b1]);
-    let before = json(&sock, &["backend", "list"]);
-    let vips_before = json(&sock, &["vip", "list"]);
+    let before = lbctl_json(&sock, &["backend", "list"]);
+    let vips_before = lbctl_json(&sock, &["vip", "list"]);
     let status = lbd.stop();
     assert!(status.success(), "lbd exit status {status}:\n{}", lbd.log());
     assert!(!sock.exists(), "the control socket is removed on exit");
@@ -521,13 +516,13 @@ fn lbctl_drives_lbd_and_the_datapath_follows() {
     );
     fs::write(&lbd.config, format!("control_group = \"nogroup\"\n{text}")).unwrap();
     let lbd2 = Lbd::start(lab.lb().ns(), &dir);
-    let after = json(&sock, &["backend", "list"]);
+    let after = lbctl_json(&sock, &["backend", "list"]);
     assert_eq!(
         without_ids(&after),
         without_ids(&before),
         "restart changed the backends"
     );
-    let vips_after = json(&sock, &["vip", "list"]);
+    let vips_after = lbctl_json(&sock, &["vip", "list"]);
     assert_eq!(vips_after[0]["vip"], vips_before[0]["vip"]);
     assert_eq!(vips_after[0]["drained"], 1);
     let c = spread(&lab, vip4, 200);
@@ -598,8 +593,8 @@ fn bad_input_is_refused_with_the_fix_and_changes_nothing() {
     .unwrap();
     let lbd = Lbd::start(lab.lb().ns(), &dir);
     let sock = lbd.socket.clone();
-    let vips = json(&sock, &["vip", "list"]);
-    let backends = json(&sock, &["backend", "list"]);
+    let vips = lbctl_json(&sock, &["vip", "list"]);
+    let backends = lbctl_json(&sock, &["backend", "list"]);
     let file = fs::read(&lbd.config).unwrap();
     assert_eq!(vips.as_array().unwrap().len(), 2);
     assert_eq!(backends.as_array().unwrap().len(), 2);
@@ -660,12 +655,12 @@ fn bad_input_is_refused_with_the_fix_and_changes_nothing() {
             show(&out)
         );
         assert_eq!(
-            json(&sock, &["vip", "list"]),
+            lbctl_json(&sock, &["vip", "list"]),
             vips,
             "vip list changed after {args:?}"
         );
         assert_eq!(
-            json(&sock, &["backend", "list"]),
+            lbctl_json(&sock, &["backend", "list"]),
             backends,
             "backend list changed after {args:?}"
         );
@@ -688,7 +683,11 @@ fn bad_input_is_refused_with_the_fix_and_changes_nothing() {
             "lbctl {args:?}: {}",
             show(&out)
         );
-        assert_eq!(json(&sock, &["backend", "list"]), backends, "{args:?}");
+        assert_eq!(
+            lbctl_json(&sock, &["backend", "list"]),
+            backends,
+            "{args:?}"
+        );
         assert_eq!(fs::read(&lbd.config).unwrap(), file, "{args:?}");
     }
 
@@ -763,12 +762,12 @@ fn bad_input_is_refused_with_the_fix_and_changes_nothing() {
         assert!(v["error"].as_str().unwrap().contains(want), "{line}: {v}");
         checked += 1;
     }
-    assert_eq!(json(&sock, &["vip", "list"]), vips);
-    assert_eq!(json(&sock, &["backend", "list"]), backends);
+    assert_eq!(lbctl_json(&sock, &["vip", "list"]), vips);
+    assert_eq!(lbctl_json(&sock, &["backend", "list"]), backends);
     assert_eq!(fs::read(&lbd.config).unwrap(), file);
     println!("{checked} bad inputs refused, state unchanged after each");
     // lbctl status keeps the changes lbd refused (not the command lines lbctl itself rejected).
-    let st = json(&sock, &["status"]);
+    let st = lbctl_json(&sock, &["status"]);
     let refused: Vec<&str> = st["events"]
         .as_array()
         .unwrap()
@@ -836,7 +835,7 @@ fn bad_input_is_refused_with_the_fix_and_changes_nothing() {
         );
     }
     // The running lbd was not disturbed by the one that found its socket taken.
-    assert_eq!(json(&sock, &["vip", "list"]), vips);
+    assert_eq!(lbctl_json(&sock, &["vip", "list"]), vips);
     println!("{} lbd startup errors reported", startup.len());
 
     // An operator edited the file but has not reloaded: lbctl refuses to overwrite the edit.
@@ -854,7 +853,7 @@ fn bad_input_is_refused_with_the_fix_and_changes_nothing() {
         show(&out)
     );
     assert_eq!(fs::read(&lbd.config).unwrap(), edited);
-    assert_eq!(json(&sock, &["backend", "list"]), backends);
+    assert_eq!(lbctl_json(&sock, &["backend", "list"]), backends);
     // Once reloaded (SIGHUP), changes go through again and the file is lbd's to write.
     lbd.signal(libc::SIGHUP);
     wait_for(
@@ -867,7 +866,7 @@ fn bad_input_is_refused_with_the_fix_and_changes_nothing() {
         },
     );
     assert_eq!(
-        backend(&json(&sock, &["backend", "list"]), &b0)["weight"],
+        backend(&lbctl_json(&sock, &["backend", "list"]), &b0)["weight"],
         6
     );
     let text = fs::read_to_string(&lbd.config).unwrap();
@@ -913,7 +912,7 @@ fn writer(socket: &Path, base: u8) -> (Model, Vec<u64>) {
                 vec!["backend", verb, VIP4, &addr]
             }
         };
-        let v = json(socket, &args);
+        let v = lbctl_json(socket, &args);
         for t in v["tables"].as_array().unwrap() {
             generations.push(t["generation"].as_u64().unwrap());
         }
@@ -962,7 +961,7 @@ fn racing_writers_never_leave_a_half_applied_state() {
     let mut want = ma;
     want.extend(mb);
     want.insert(backend_v4(0).to_string(), (2, false));
-    let list = json(&sock, &["backend", "list"]);
+    let list = lbctl_json(&sock, &["backend", "list"]);
     let got: Model = list
         .as_array()
         .unwrap()
@@ -989,7 +988,7 @@ fn racing_writers_never_leave_a_half_applied_state() {
     assert_eq!(from_file, got, "config file and lbd disagree");
 
     // The datapath's table is the one lbd built from that state.
-    let vips = json(&sock, &["vip", "list"]);
+    let vips = lbctl_json(&sock, &["vip", "list"]);
     assert_eq!(
         vips[0]["generation"], vips[0]["datapath_generation"],
         "{vips}"
