@@ -47,7 +47,7 @@ async fn main() {
             locals,
             xdp_mode,
         }) => run_decap(&interface, &vips, &locals, xdp_mode.into()).await,
-        Some(Command::Cleanup) => cleanup(&cli.config),
+        Some(Command::Cleanup { force }) => cleanup(&cli.config, force),
         None if cli.check => Config::load(&cli.config)
             .map(|_| {
                 println!("{}: ok", cli.config.display());
@@ -58,8 +58,34 @@ async fn main() {
     if let Err(e) = result {
         // Once, on stderr, where the journal reads it too (not also as a log record).
         eprintln!("lbd: error: {e:#}");
-        std::process::exit(1);
+        // 2: understood and deliberately not done (see `Refused`); 1: anything else.
+        let code = if e.downcast_ref::<Refused>().is_some() {
+            2
+        } else {
+            1
+        };
+        std::process::exit(code);
     }
+}
+
+/// A command lbd understood and refuses to carry out as things stand (exit status 2), e.g.
+/// `lbd cleanup` while an lbd runs on the datapath it would remove.
+#[derive(Debug)]
+struct Refused(String);
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Refused {}
+
+/// The lbd answering on `socket`, if one does: its `lbctl status`.
+fn running_lbd(socket: &std::path::Path) -> Option<lb_userspace::control::Status> {
+    let mut client = lb_userspace::control::Client::connect(socket).ok()?;
+    let resp = client.call(&lb_userspace::control::Request::Status).ok()?;
+    serde_json::from_value(resp.result).ok()
 }
 
 /// Runs the balancer; whatever the outcome, leaves lbd's run-state file saying how it ended
@@ -316,9 +342,25 @@ async fn on_link_change(agent: &Agent, journal: &Journal, ifname: &str, now: net
     }
 }
 
-/// `lbd cleanup`: detach and remove everything pinned in the configured pin_dir.
-fn cleanup(path: &std::path::Path) -> Result<()> {
+/// `lbd cleanup`: detach and remove everything pinned in the configured pin_dir. Refused while
+/// an lbd answers on the configured control socket, unless `force`.
+fn cleanup(path: &std::path::Path, force: bool) -> Result<()> {
     let cfg = Config::load(path)?;
+    let socket = cfg.control_socket.display();
+    match running_lbd(&cfg.control_socket) {
+        Some(running) if !force => {
+            return Err(Refused(format!(
+                "an lbd (pid {}, program id {}) is running on control socket {socket}: cleanup would detach its program and unpin the maps it writes, and it would go on as if nothing happened. Stop it first (systemctl stop lbd), or run `lbd cleanup --force` to take its datapath away anyway",
+                running.pid, running.program_id
+            ))
+            .into());
+        }
+        Some(running) => eprintln!(
+            "lbd cleanup --force: the lbd running on {socket} (pid {}) loses its datapath: no traffic is balanced and its changes reach no map until it is restarted",
+            running.pid
+        ),
+        None => {}
+    }
     if cfg.pin_dir.is_empty() {
         println!("pin_dir is empty: nothing is pinned, nothing to remove");
         return Ok(());
