@@ -7,7 +7,7 @@ use std::{
 };
 use tests::{
     lab::{Lab, LabSpec, LB_V4, VIP_V4},
-    procs::{bin_path, scratch, xdp_attached, Lbd, LbdOptions, RemoveOnDrop},
+    procs::{bin_path, now_ms, scratch, xdp_attached, Lbd, LbdOptions, RemoveOnDrop},
     require_root,
 };
 
@@ -109,6 +109,79 @@ fn cleanup_refuses_while_an_lbd_runs_unless_forced() {
         lbd.log()
     );
     // Without an lbd, cleanup needs no --force.
+    let out = lbd_cmd(&lab, &config, &["cleanup"]);
+    assert!(out.status.success(), "{out:?}");
+}
+
+/// The XDP mode on `eth0` in the lab balancer's namespace as `bpftool net show` says it, in
+/// lbd's words (`driver` is `native`), and the program id; `None` when nothing is attached.
+fn bpftool_xdp(lab: &Lab) -> Option<(String, u64)> {
+    let out = lab
+        .lb()
+        .ns()
+        .command("bpftool")
+        .args(["-j", "net", "show", "dev", "eth0"])
+        .output()
+        .expect("running bpftool (cargo xtask setup installs it)");
+    assert!(out.status.success(), "bpftool net show: {out:?}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("bpftool's JSON");
+    let xdp = v[0]["xdp"].as_array()?.first()?.clone();
+    let mode = match xdp["mode"].as_str()? {
+        "driver" => "native".to_string(),
+        m => m.to_string(),
+    };
+    Some((mode, xdp["id"].as_u64()?))
+}
+
+#[test]
+fn the_reported_xdp_mode_is_the_kernels_across_a_mode_change() {
+    require_root();
+    let (lab, dir, pin_dir, _pins, _dir) = pinned_setup("truth-mode");
+    let config = dir.join("lbd.toml");
+    let mut prev_id = None;
+    for (n, mode) in ["generic", "native", "native", "generic"]
+        .iter()
+        .enumerate()
+    {
+        std::fs::write(&config, pinned_config(&lab, &dir, &pin_dir, mode)).unwrap();
+        let asked = now_ms();
+        let mut lbd = start_pinned(&lab, &dir, n);
+        let status = lbd.wait_ready();
+        let (kernel_mode, kernel_id) = bpftool_xdp(&lab).expect("a program on eth0");
+        println!(
+            "start {n}: xdp_mode = {mode}: lbctl says {}, bpftool says {kernel_mode}",
+            status["xdp_mode"]
+        );
+        assert_eq!(
+            status["xdp_mode"], kernel_mode,
+            "lbctl status must report the kernel's mode (xdp_mode = {mode}, start {n})"
+        );
+        assert_eq!(
+            kernel_mode, *mode,
+            "xdp_mode = {mode} is applied on restart (start {n})"
+        );
+        assert_eq!(
+            status["program_id"], kernel_id,
+            "lbd's program is the one attached"
+        );
+        let changed =
+            status["events"].as_array().unwrap().iter().any(|e| {
+                e["kind"] == "xdp_mode_changed" && e["timestamp_ms"].as_u64() >= Some(asked)
+            });
+        assert_eq!(
+            changed,
+            n == 1 || n == 3,
+            "an xdp_mode_changed event exactly when the mode changed (start {n}): {status}"
+        );
+        assert_ne!(prev_id, Some(kernel_id), "each start swaps its program in");
+        prev_id = Some(kernel_id);
+        let s = lbd.stop();
+        assert!(s.success(), "lbd exited with {s}:\n{}", lbd.log());
+        assert!(
+            xdp_attached(lab.lb().ns()),
+            "the pinned datapath outlives lbd"
+        );
+    }
     let out = lbd_cmd(&lab, &config, &["cleanup"]);
     assert!(out.status.success(), "{out:?}");
 }

@@ -134,8 +134,16 @@ impl Agent {
 
     pub(super) async fn status(&self) -> Result<Status> {
         let st = self.state.lock().await;
+        // The mode the kernel reports now (as `bpftool net show` does), never the one asked for.
         let (interface, mode) = match st.lb.interface() {
-            Some((name, mode)) => (name.to_string(), xdp_mode_name(mode)),
+            Some((name, _)) => (
+                name.to_string(),
+                match crate::datapath::netif::kernel_xdp(name) {
+                    Ok(Some(k)) => xdp_mode_name(k.mode),
+                    Ok(None) => "detached",
+                    Err(_) => "unknown",
+                },
+            ),
             None => (st.config.interface.clone(), "detached"),
         };
         let program_id = st

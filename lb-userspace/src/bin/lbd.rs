@@ -122,6 +122,7 @@ async fn balance(path: &std::path::Path, journal: &Arc<Journal>) -> Result<()> {
     // Tables first, then attach: the first packet already sees every VIP.
     let report = lb.apply(&cfg)?;
     let mode = lb.attach(&cfg.interface, cfg.xdp_mode)?;
+    let lb_mode_changed = lb.mode_changed_from();
     // Now that the interface is known, keep every backend's next hop resolved.
     lb.apply(&cfg)?;
     info!(
@@ -148,6 +149,18 @@ async fn balance(path: &std::path::Path, journal: &Arc<Journal>) -> Result<()> {
             previous: previous.as_ref(),
         },
     );
+    if let Some(from) = lb_mode_changed {
+        journal.record(
+            Kind::XdpModeChanged,
+            format!(
+                "the pinned XDP link on {} was in {} mode, xdp_mode asks for {}: attached anew in {} mode (established flows kept; packets arriving during the switch reached the kernel's stack)",
+                cfg.interface,
+                xdp_mode_name(from),
+                format!("{:?}", cfg.xdp_mode).to_lowercase(),
+                xdp_mode_name(mode)
+            ),
+        );
+    }
     notify::balancer_ready(&cfg);
     let _watchdog = notify::spawn_watchdog();
     let interface = cfg.interface.clone();
