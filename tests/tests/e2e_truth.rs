@@ -7,7 +7,7 @@ use std::{
 };
 use tests::{
     lab::{Lab, LabSpec, LB_V4, VIP_V4},
-    procs::{bin_path, now_ms, scratch, xdp_attached, Lbd, LbdOptions, RemoveOnDrop},
+    procs::{bin_path, lbctl, now_ms, scratch, xdp_attached, Lbd, LbdOptions, RemoveOnDrop},
     require_root,
 };
 
@@ -184,4 +184,81 @@ fn the_reported_xdp_mode_is_the_kernels_across_a_mode_change() {
     }
     let out = lbd_cmd(&lab, &config, &["cleanup"]);
     assert!(out.status.success(), "{out:?}");
+}
+
+/// `lb_datapath_intact` from lbd's metrics in the lab balancer's namespace.
+fn intact_metric(lab: &Lab) -> f64 {
+    tests::procs::scrape_metrics(lab.lb().ns())["lb_datapath_intact"]
+}
+
+/// Waits at most 1 s for `lbctl status` to list a datapath fault containing `what`; returns
+/// the status.
+fn wait_fault(lbd: &Lbd, what: &str) -> serde_json::Value {
+    let t = std::time::Instant::now();
+    loop {
+        let s = lbd.control().status().expect("lbd answers");
+        let faults = s["datapath_faults"].as_array().expect("datapath_faults");
+        if faults.iter().any(|f| f.as_str().unwrap().contains(what)) {
+            println!("{what:?} reported after {:?}: {faults:?}", t.elapsed());
+            return s;
+        }
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(1),
+            "no datapath fault {what:?} within 1 s: {s}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_datapath_taken_away_is_reported_within_a_second() {
+    require_root();
+    let (lab, dir, pin_dir, _pins, _dir) = pinned_setup("truth-lost");
+    let config = dir.join("lbd.toml");
+    std::fs::write(&config, pinned_config(&lab, &dir, &pin_dir, "native")).unwrap();
+    let mut lbd = start_pinned(&lab, &dir, 1);
+    let status = lbd.wait_ready();
+    assert_eq!(status["datapath_faults"], serde_json::json!([]), "{status}");
+    assert_eq!(intact_metric(&lab), 1.0);
+
+    // A pin removed by hand: still balancing, but no longer surviving a restart.
+    let asked = now_ms();
+    std::fs::remove_file(pin_dir.join("CT")).unwrap();
+    let s = wait_fault(&lbd, "unpinned: CT missing from");
+    assert_eq!(s["xdp_mode"], "native", "still attached: {s}");
+    let t = std::time::Instant::now();
+    lbd.wait_event("datapath_lost", asked);
+    assert!(
+        t.elapsed() < std::time::Duration::from_secs(1),
+        "journalled within a second"
+    );
+    assert_eq!(intact_metric(&lab), 0.0);
+
+    // `lbd cleanup --force`: the program is gone from the interface.
+    let asked = now_ms();
+    let out = lbd_cmd(&lab, &config, &["cleanup", "--force"]);
+    assert!(out.status.success(), "{out:?}");
+    let s = wait_fault(&lbd, "detached: no XDP program on eth0");
+    assert_eq!(s["xdp_mode"], "detached", "{s}");
+    let lost = lbd.wait_event("datapath_lost", asked);
+    assert!(
+        lost["message"]
+            .as_str()
+            .unwrap()
+            .contains("balances nothing until it is restarted"),
+        "{lost}"
+    );
+    let text = String::from_utf8_lossy(&lbctl(&lbd.socket, &["status"]).stdout).to_string();
+    assert!(
+        text.contains("DATAPATH   detached"),
+        "lbctl status says it: {text}"
+    );
+    assert_eq!(intact_metric(&lab), 0.0);
+    let s = lbd.stop();
+    assert!(s.success(), "{s}");
+    assert!(
+        lbd.log().contains("taken away behind lbd's back"),
+        "the log says it: {}",
+        lbd.log()
+    );
 }

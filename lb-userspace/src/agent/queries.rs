@@ -128,6 +128,7 @@ impl Agent {
             vips,
             counters,
             model_refusals: st.refusals.clone(),
+            datapath_faults: st.lb.datapath_faults(),
             interval_seconds: None,
         })
     }
@@ -158,6 +159,7 @@ impl Agent {
             interface,
             xdp_mode: mode.to_string(),
             program_id,
+            datapath_faults: st.lb.datapath_faults(),
             uptime_seconds: self.started.elapsed().as_secs(),
             config_file: self.config_path.display().to_string(),
             control_socket: st.config.control_socket.display().to_string(),

@@ -206,6 +206,9 @@ async fn serve_until_stopped(agent: &Agent, journal: &Journal, interface: &str) 
     // The interface's state, for the journal, and to resolve next hops as soon as it is back.
     let mut link_tick = tokio::time::interval(Duration::from_millis(250));
     let mut link = netif::link_state(interface).ok();
+    // What is missing from the datapath (detached, replaced, unpinned), checked on the same
+    // tick: reported within 250 ms.
+    let mut faults: Vec<String> = Vec::new();
     loop {
         tokio::select! {
             _ = heal.tick() => {
@@ -224,6 +227,11 @@ async fn serve_until_stopped(agent: &Agent, journal: &Journal, interface: &str) 
                         on_link_change(agent, journal, interface, now).await;
                         link = Some(now);
                     }
+                }
+                let now = agent.with_balancer(|lb, _| lb.datapath_faults()).await;
+                if now != faults {
+                    on_datapath_change(journal, &now);
+                    faults = now;
                 }
             }
             _ = term.recv() => break,
@@ -353,6 +361,33 @@ async fn on_link_change(agent: &Agent, journal: &Journal, ifname: &str, now: net
             format!("interface {ifname} went down ({why}): no traffic arrives until it is up again; XDP stays attached"),
         );
     }
+}
+
+/// The datapath lost something behind lbd's back, or is whole again: said in the log (an
+/// error) and the journal; `lbctl status` (`datapath_faults`) and the `lb_datapath_intact`
+/// metric read the faults themselves. lbd does not put the datapath back by itself: whoever
+/// took it (`lbd cleanup --force`, bpftool, an `rm` in bpffs) meant something, and a restart of
+/// lbd rebuilds it from the configuration.
+fn on_datapath_change(journal: &Journal, faults: &[String]) {
+    if faults.is_empty() {
+        info!("the datapath is whole again");
+        journal.record(
+            Kind::DatapathRestored,
+            "the datapath is whole again: lbd's program is on the interface and every pin is in place".to_string(),
+        );
+        return;
+    }
+    let what = faults.join("; ");
+    let consequence = if faults.iter().all(|f| f.starts_with("unpinned")) {
+        "lbd still balances, but its datapath no longer outlives it: a restart starts from fresh maps (tracked flows are lost)"
+    } else {
+        "lbd balances nothing until it is restarted (systemctl restart lbd)"
+    };
+    error!("the datapath was taken away behind lbd's back: {what}; {consequence}");
+    journal.record(
+        Kind::DatapathLost,
+        format!("the datapath was taken away behind lbd's back: {what}; {consequence}"),
+    );
 }
 
 /// `lbd cleanup`: detach and remove everything pinned in the configured pin_dir. Refused while

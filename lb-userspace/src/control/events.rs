@@ -78,7 +78,7 @@ pub enum Kind {
     /// The datapath was taken away behind lbd's back: its program detached or replaced on the
     /// interface, or its pins removed.
     DatapathLost,
-    /// lbd put its datapath back (re-attached its program, pinned its maps and link again).
+    /// The datapath is whole again after `DatapathLost` (put back by hand).
     DatapathRestored,
 }
 

@@ -403,6 +403,54 @@ impl Balancer {
         Ok(())
     }
 
+    /// What is missing from this lbd's datapath, as the kernel and bpffs say now (empty: it is
+    /// whole): its program no longer on the interface, or another one there; pins of its maps
+    /// or link removed (`lbd cleanup --force`, an `rm` in /sys/fs/bpf). Cheap enough to ask
+    /// every second (one netlink request, a stat per pin).
+    pub fn datapath_faults(&self) -> Vec<String> {
+        let mut faults = Vec::new();
+        if let Some((name, ..)) = &self.interface {
+            let ours = self.program().info().map(|i| i.id()).unwrap_or(0);
+            match netif::kernel_xdp(name) {
+                Ok(None) => faults.push(format!(
+                    "detached: no XDP program on {name} (lbd's program {ours} was detached behind its back)"
+                )),
+                Ok(Some(k)) if k.program_id != ours => faults.push(format!(
+                    "replaced: the XDP program on {name} is id {}, not lbd's {ours}",
+                    k.program_id
+                )),
+                Ok(Some(_)) => {}
+                Err(e) => faults.push(format!("unknown: {e:#}")),
+            }
+        }
+        if let Some(dir) = &self.pin_dir {
+            let mut names: Vec<&str> = pinned_maps(&LoadOptions {
+                table_pool: 0,
+                conntrack_size: 0,
+                conntrack_new_size: 0,
+                pin_dir: None,
+            })
+            .iter()
+            .map(|m| m.0)
+            .collect();
+            if self.interface.is_some() {
+                names.push(LINK_PIN);
+            }
+            let missing: Vec<&str> = names
+                .into_iter()
+                .filter(|n| !dir.join(n).exists())
+                .collect();
+            if !missing.is_empty() {
+                faults.push(format!(
+                    "unpinned: {} missing from {}",
+                    missing.join(", "),
+                    dir.display()
+                ));
+            }
+        }
+        faults
+    }
+
     /// The pin directory, if pinning.
     pub fn pin_dir(&self) -> Option<&Path> {
         self.pin_dir.as_deref()
