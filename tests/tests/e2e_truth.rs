@@ -262,3 +262,138 @@ fn a_datapath_taken_away_is_reported_within_a_second() {
         lbd.log()
     );
 }
+
+/// `lbd --config PATH --check` on the host; asserted to fail with exactly `want` on stderr
+/// (once, as `lbd: error: ...`) and exit status 1.
+fn check_refuses(path: &Path, want: &str) {
+    let out = Command::new(bin_path("lbd"))
+        .args(["--config", path.to_str().unwrap(), "--check"])
+        .output()
+        .expect("running lbd --check");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        stderr,
+        format!("lbd: error: {want}\n"),
+        "lbd --check on {}",
+        path.display()
+    );
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+}
+
+#[test]
+fn check_runs_every_validation_start_runs() {
+    require_root();
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = scratch("truth-check");
+    let _dir = RemoveOnDrop(dir.clone());
+    let sock = dir.join("run/lbd.sock");
+    let base = format!("pin_dir = \"\"\ncontrol_socket = \"{}\"\n", sock.display());
+    let pins = dir.join("pins");
+    let cases = [
+        (
+            format!("interface = \"no-such-if0\"\n{base}"),
+            "interface: no interface named \"no-such-if0\" here; check `ip link` (and the network namespace)".to_string(),
+        ),
+        (
+            format!("interface = \"lo\"\ncontrol_group = \"no-such-group-lb\"\n{base}"),
+            "control_group: no group named \"no-such-group-lb\" on this host; create it (groupadd no-such-group-lb) or remove control_group from the configuration".to_string(),
+        ),
+        (
+            format!(
+                "interface = \"lo\"\npin_dir = \"{}\"\ncontrol_socket = \"{}\"\n",
+                pins.display(),
+                sock.display()
+            ),
+            format!(
+                "pin_dir: {} is not on a bpffs mount; mount one (`mount -t bpf bpf {}`) or use the default /sys/fs/bpf/lb",
+                pins.display(),
+                dir.display()
+            ),
+        ),
+    ];
+    for (i, (text, want)) in cases.iter().enumerate() {
+        let path = dir.join(format!("case{i}.toml"));
+        std::fs::write(&path, text).unwrap();
+        check_refuses(&path, want);
+    }
+    assert!(!pins.exists(), "--check creates no pin_dir");
+    for (mode, who) in [(0o666, "everyone"), (0o620, "its group")] {
+        let path = dir.join(format!("open{mode:o}.toml"));
+        std::fs::write(&path, format!("interface = \"lo\"\n{base}")).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+        check_refuses(
+            &path,
+            &format!(
+                "config file {p} is writable by {who} (mode {mode:04o}): lbd acts on it as root; `chmod go-w {p}`",
+                p = path.display()
+            ),
+        );
+    }
+    // A good file passes.
+    let path = dir.join("good.toml");
+    std::fs::write(&path, format!("interface = \"lo\"\n{base}")).unwrap();
+    let out = Command::new(bin_path("lbd"))
+        .args(["--config", path.to_str().unwrap(), "--check"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert!(!dir.join("run").exists(), "--check binds no control socket");
+}
+
+#[test]
+fn check_refuses_restart_only_changes_for_the_running_lbd() {
+    require_root();
+    let (lab, dir, pin_dir, _pins, _dir) = pinned_setup("truth-check-running");
+    let config = dir.join("lbd.toml");
+    let text = pinned_config(&lab, &dir, &pin_dir, "native");
+    std::fs::write(&config, &text).unwrap();
+    let mut lbd = start_pinned(&lab, &dir, 1);
+    let running = lbd.wait_ready();
+    let pid = running["pid"].as_u64().unwrap();
+
+    // A change a reload applies: ok.
+    std::fs::write(
+        &config,
+        text.replace("[[vip.backend]]", "[[vip.backend]]\nweight = 2"),
+    )
+    .unwrap();
+    let out = lbd_cmd(&lab, &config, &["--check"]);
+    assert!(out.status.success(), "{out:?}");
+    // Restart-only keys: refused, naming each and the running lbd.
+    std::fs::write(
+        &config,
+        text.replace(
+            "xdp_mode = \"native\"",
+            "xdp_mode = \"generic\"\nmetrics_listen = \"127.0.0.1:9470\"\nconntrack_size = 100000",
+        ),
+    )
+    .unwrap();
+    let out = lbd_cmd(&lab, &config, &["--check"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        stderr,
+        format!(
+            "lbd: error: xdp_mode, conntrack_size, metrics_listen differ from what the lbd running on {} (pid {pid}) runs with, and only change on restart: a reload would be refused; restart lbd to apply them (systemctl restart lbd)\n",
+            dir.join("run/lbd.sock").display()
+        )
+    );
+    assert_eq!(out.status.code(), Some(1));
+    // And lbd's own reload agrees.
+    let asked = now_ms();
+    lbd.signal(libc::SIGHUP);
+    let refused = lbd.wait_event("reload_refused", asked);
+    assert!(
+        refused["message"]
+            .as_str()
+            .unwrap()
+            .contains("xdp_mode, conntrack_size, metrics_listen only change on restart"),
+        "{refused}"
+    );
+    let s = lbd.stop();
+    assert!(s.success(), "{s}");
+    // Once no lbd answers, the same file passes (a restart applies it).
+    let out = lbd_cmd(&lab, &config, &["--check"]);
+    assert!(out.status.success(), "{out:?}");
+    let out = lbd_cmd(&lab, &config, &["cleanup"]);
+    assert!(out.status.success(), "{out:?}");
+}

@@ -48,11 +48,7 @@ async fn main() {
             xdp_mode,
         }) => run_decap(&interface, &vips, &locals, xdp_mode.into()).await,
         Some(Command::Cleanup { force }) => cleanup(&cli.config, force),
-        None if cli.check => Config::load(&cli.config)
-            .map(|_| {
-                println!("{}: ok", cli.config.display());
-            })
-            .map_err(Into::into),
+        None if cli.check => check(&cli.config),
         None => run_balancer(&cli.config).await,
     };
     if let Err(e) = result {
@@ -86,6 +82,45 @@ fn running_lbd(socket: &std::path::Path) -> Option<lb_userspace::control::Status
     let mut client = lb_userspace::control::Client::connect(socket).ok()?;
     let resp = client.call(&lb_userspace::control::Request::Status).ok()?;
     serde_json::from_value(resp.result).ok()
+}
+
+/// `lbd --check`: every validation `lbd` runs on the file at start, before touching anything
+/// (in the same order, with the same errors), and, when an lbd answers on the file's control
+/// socket, the one a reload runs: no key that only changes on restart may differ from what that
+/// lbd runs with. Creates, mounts and binds nothing.
+fn check(path: &std::path::Path) -> Result<()> {
+    lb_userspace::security::check_config_path(path)?;
+    let cfg = Config::load(path)?;
+    lb_userspace::security::check_state_dirs(&cfg)?;
+    netif::ifindex(&cfg.interface)?;
+    if let Some(g) = &cfg.control_group {
+        lb_userspace::control::group_id(g)?;
+    }
+    if !cfg.pin_dir.is_empty() {
+        lb_userspace::datapath::check_pin_dir(std::path::Path::new(&cfg.pin_dir))?;
+    }
+    if let Some((pid, running)) = running_config(&cfg.control_socket) {
+        let fixed = running.restart_only_changes(&cfg);
+        if !fixed.is_empty() {
+            anyhow::bail!(
+                "{} differ from what the lbd running on {} (pid {pid}) runs with, and only change on restart: a reload would be refused; restart lbd to apply them (systemctl restart lbd)",
+                fixed.join(", "),
+                cfg.control_socket.display()
+            );
+        }
+    }
+    println!("{}: ok", path.display());
+    Ok(())
+}
+
+/// The configuration the lbd answering on `socket` runs with, and its pid.
+fn running_config(socket: &std::path::Path) -> Option<(u32, Config)> {
+    let pid = running_lbd(socket)?.pid;
+    let mut client = lb_userspace::control::Client::connect(socket).ok()?;
+    let resp = client
+        .call(&lb_userspace::control::Request::RunningConfig)
+        .ok()?;
+    Some((pid, serde_json::from_value(resp.result).ok()?))
 }
 
 /// Runs the balancer; whatever the outcome, leaves lbd's run-state file saying how it ended

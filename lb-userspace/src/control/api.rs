@@ -181,6 +181,9 @@ pub enum Request {
     Stats,
     /// Result: [`Status`].
     Status,
+    /// Result: the running [`crate::config::Config`] (`lbd --check` compares a file's
+    /// restart-only keys with it).
+    RunningConfig,
 }
 
 impl Request {
@@ -193,6 +196,7 @@ impl Request {
                 | Request::ModelShow { .. }
                 | Request::Stats
                 | Request::Status
+                | Request::RunningConfig
         )
     }
 }

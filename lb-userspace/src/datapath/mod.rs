@@ -16,7 +16,7 @@ pub mod pool;
 pub mod tables;
 
 pub use load::attach_xdp;
-pub use pins::{remove_pins, PinReport};
+pub use pins::{check_pin_dir, remove_pins, PinReport};
 
 use crate::config::{Config, Forwarding};
 use aya::{
