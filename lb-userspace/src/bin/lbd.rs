@@ -89,8 +89,9 @@ fn running_lbd(socket: &std::path::Path) -> Option<lb_userspace::control::Status
 /// socket, the one a reload runs: no key that only changes on restart may differ from what that
 /// lbd runs with. Creates, mounts and binds nothing.
 fn check(path: &std::path::Path) -> Result<()> {
-    lb_userspace::security::check_config_path(path)?;
+    // Read first, so that a missing file is said as such; refused before anything is done.
     let cfg = Config::load(path)?;
+    lb_userspace::security::check_config_path(path)?;
     lb_userspace::security::check_state_dirs(&cfg)?;
     netif::ifindex(&cfg.interface)?;
     if let Some(g) = &cfg.control_group {
@@ -136,8 +137,9 @@ async fn run_balancer(path: &std::path::Path) -> Result<()> {
 }
 
 async fn balance(path: &std::path::Path, journal: &Arc<Journal>) -> Result<()> {
-    lb_userspace::security::check_config_path(path)?;
+    // Read first, so that a missing file is said as such (`--check` runs these in this order).
     let cfg = Config::load(path)?;
+    lb_userspace::security::check_config_path(path)?;
     lb_userspace::security::check_state_dirs(&cfg)?;
     // A missing interface is the likeliest mistake: say so before anything else is set up.
     netif::ifindex(&cfg.interface)?;
