@@ -54,7 +54,15 @@ pub enum LbdCommand {
     /// Take the datapath down for good: detach the program and remove the pinned maps (and
     /// with them every established flow) from the configuration's pin_dir. A stopped lbd
     /// leaves its datapath running on purpose, so that restarts and upgrades are hitless.
-    Cleanup,
+    ///
+    /// Refused (exit status 2) while an lbd answers on the configuration's control_socket:
+    /// that lbd would go on writing to maps that no longer exist. Stop it first.
+    Cleanup {
+        /// Clean up even though an lbd is running: it is left without a datapath (no program
+        /// attached, its maps unpinned) until it is restarted.
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 /// XDP attach mode on the command line.
@@ -262,7 +270,10 @@ mod tests {
             ["lbd", "cleanup", "--config", "x.toml"],
         ] {
             let cli = LbdCli::try_parse_from(args).expect("both orders parse");
-            assert!(matches!(cli.command, Some(LbdCommand::Cleanup)), "{args:?}");
+            assert!(
+                matches!(cli.command, Some(LbdCommand::Cleanup { force: false })),
+                "{args:?}"
+            );
             assert_eq!(cli.config, std::path::Path::new("x.toml"), "{args:?}");
         }
     }

@@ -154,6 +154,16 @@ pub fn render(s: &StatsSnapshot) -> String {
         "1 while lbd runs and its datapath answers.",
     );
     f.sample("lb_up", &[], 1);
+    f.header(
+        "lb_datapath_intact",
+        "gauge",
+        "1 while lbd's program is the one on its interface and every pin is in place; 0 once detached, replaced or unpinned behind its back (lbctl status says which).",
+    );
+    f.sample(
+        "lb_datapath_intact",
+        &[],
+        u64::from(s.datapath_faults.is_empty()),
+    );
     f.header("lb_uptime_seconds", "gauge", "Seconds since lbd started.");
     f.sample("lb_uptime_seconds", &[], s.uptime_ms as f64 / 1000.0);
     vip_families(&mut f, s);
@@ -373,6 +383,7 @@ mod tests {
     #[test]
     fn renders_every_family_with_labels() {
         let s = StatsSnapshot {
+            datapath_faults: Vec::new(),
             timestamp_ms: 1,
             uptime_ms: 2500,
             interval_seconds: None,

@@ -202,13 +202,11 @@ fn default_config_is_valid_and_balances_nothing() {
     let dir = scratch("config");
     let all = dir.join("all-examples.toml");
     std::fs::write(&all, &enabled).unwrap();
-    let out = lbd_check(&all);
-    assert!(
-        out.status.success(),
-        "packaging/lbd.toml with every example enabled is rejected:\n{}\n{enabled}",
-        output_text(&out)
-    );
-    let cfg = lb_userspace::Config::load(&all).unwrap();
+    // The file's own validation, as `lbd --check` runs it; not the host's: `--check` also
+    // wants the example's `control_group` to exist here.
+    let cfg = lb_userspace::Config::load(&all).unwrap_or_else(|e| {
+        panic!("packaging/lbd.toml with every example enabled is rejected:\n{e}\n{enabled}")
+    });
     assert_eq!(cfg.vips.len(), 1);
     assert_eq!(cfg.vips[0].backends.len(), 2);
     let _ = std::fs::remove_dir_all(&dir);

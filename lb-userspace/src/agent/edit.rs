@@ -165,7 +165,8 @@ pub(super) fn edit(cfg: &mut Config, req: &Request) -> Result<String> {
         | Request::BackendList { .. }
         | Request::ModelShow { .. }
         | Request::Stats
-        | Request::Status => {
+        | Request::Status
+        | Request::RunningConfig => {
             bail!("internal error: {req:?} is not a change")
         }
     }

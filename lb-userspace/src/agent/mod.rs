@@ -298,6 +298,7 @@ impl Agent {
             Request::ModelShow { vip } => self.model_show(vip.as_deref()).await,
             Request::Stats => self.snapshot().await.map(Response::ok),
             Request::Status => self.status().await.map(Response::ok),
+            Request::RunningConfig => Ok(Response::ok(self.config().await)),
             other => {
                 let r = self.change(other).await;
                 if let Err(e) = &r {

@@ -128,14 +128,23 @@ impl Agent {
             vips,
             counters,
             model_refusals: st.refusals.clone(),
+            datapath_faults: st.lb.datapath_faults(),
             interval_seconds: None,
         })
     }
 
     pub(super) async fn status(&self) -> Result<Status> {
         let st = self.state.lock().await;
+        // The mode the kernel reports now (as `bpftool net show` does), never the one asked for.
         let (interface, mode) = match st.lb.interface() {
-            Some((name, mode)) => (name.to_string(), xdp_mode_name(mode)),
+            Some((name, _)) => (
+                name.to_string(),
+                match crate::datapath::netif::kernel_xdp(name) {
+                    Ok(Some(k)) => xdp_mode_name(k.mode),
+                    Ok(None) => "detached",
+                    Err(_) => "unknown",
+                },
+            ),
             None => (st.config.interface.clone(), "detached"),
         };
         let program_id = st
@@ -150,6 +159,7 @@ impl Agent {
             interface,
             xdp_mode: mode.to_string(),
             program_id,
+            datapath_faults: st.lb.datapath_faults(),
             uptime_seconds: self.started.elapsed().as_secs(),
             config_file: self.config_path.display().to_string(),
             control_socket: st.config.control_socket.display().to_string(),

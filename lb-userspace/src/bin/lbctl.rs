@@ -402,6 +402,9 @@ fn print_status(s: &Status) {
         "interface  {} ({} XDP, program id {})",
         s.interface, s.xdp_mode, s.program_id
     );
+    for fault in &s.datapath_faults {
+        println!("DATAPATH   {fault}");
+    }
     println!("config     {}", s.config_file);
     println!("control    {}", s.control_socket);
     println!("metrics    http://{}/metrics", s.metrics_listen);

@@ -47,19 +47,81 @@ async fn main() {
             locals,
             xdp_mode,
         }) => run_decap(&interface, &vips, &locals, xdp_mode.into()).await,
-        Some(Command::Cleanup) => cleanup(&cli.config),
-        None if cli.check => Config::load(&cli.config)
-            .map(|_| {
-                println!("{}: ok", cli.config.display());
-            })
-            .map_err(Into::into),
+        Some(Command::Cleanup { force }) => cleanup(&cli.config, force),
+        None if cli.check => check(&cli.config),
         None => run_balancer(&cli.config).await,
     };
     if let Err(e) = result {
         // Once, on stderr, where the journal reads it too (not also as a log record).
         eprintln!("lbd: error: {e:#}");
-        std::process::exit(1);
+        // 2: understood and deliberately not done (see `Refused`); 1: anything else.
+        let code = if e.downcast_ref::<Refused>().is_some() {
+            2
+        } else {
+            1
+        };
+        std::process::exit(code);
     }
+}
+
+/// A command lbd understood and refuses to carry out as things stand (exit status 2), e.g.
+/// `lbd cleanup` while an lbd runs on the datapath it would remove.
+#[derive(Debug)]
+struct Refused(String);
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Refused {}
+
+/// The lbd answering on `socket`, if one does: its `lbctl status`.
+fn running_lbd(socket: &std::path::Path) -> Option<lb_userspace::control::Status> {
+    let mut client = lb_userspace::control::Client::connect(socket).ok()?;
+    let resp = client.call(&lb_userspace::control::Request::Status).ok()?;
+    serde_json::from_value(resp.result).ok()
+}
+
+/// `lbd --check`: every validation `lbd` runs on the file at start, before touching anything
+/// (in the same order, with the same errors), and, when an lbd answers on the file's control
+/// socket, the one a reload runs: no key that only changes on restart may differ from what that
+/// lbd runs with. Creates, mounts and binds nothing.
+fn check(path: &std::path::Path) -> Result<()> {
+    // Read first, so that a missing file is said as such; refused before anything is done.
+    let cfg = Config::load(path)?;
+    lb_userspace::security::check_config_path(path)?;
+    lb_userspace::security::check_state_dirs(&cfg)?;
+    netif::ifindex(&cfg.interface)?;
+    if let Some(g) = &cfg.control_group {
+        lb_userspace::control::group_id(g)?;
+    }
+    if !cfg.pin_dir.is_empty() {
+        lb_userspace::datapath::check_pin_dir(std::path::Path::new(&cfg.pin_dir))?;
+    }
+    if let Some((pid, running)) = running_config(&cfg.control_socket) {
+        let fixed = running.restart_only_changes(&cfg);
+        if !fixed.is_empty() {
+            anyhow::bail!(
+                "{} differ from what the lbd running on {} (pid {pid}) runs with, and only change on restart: a reload would be refused; restart lbd to apply them (systemctl restart lbd)",
+                fixed.join(", "),
+                cfg.control_socket.display()
+            );
+        }
+    }
+    println!("{}: ok", path.display());
+    Ok(())
+}
+
+/// The configuration the lbd answering on `socket` runs with, and its pid.
+fn running_config(socket: &std::path::Path) -> Option<(u32, Config)> {
+    let pid = running_lbd(socket)?.pid;
+    let mut client = lb_userspace::control::Client::connect(socket).ok()?;
+    let resp = client
+        .call(&lb_userspace::control::Request::RunningConfig)
+        .ok()?;
+    Some((pid, serde_json::from_value(resp.result).ok()?))
 }
 
 /// Runs the balancer; whatever the outcome, leaves lbd's run-state file saying how it ended
@@ -75,8 +137,9 @@ async fn run_balancer(path: &std::path::Path) -> Result<()> {
 }
 
 async fn balance(path: &std::path::Path, journal: &Arc<Journal>) -> Result<()> {
-    lb_userspace::security::check_config_path(path)?;
+    // Read first, so that a missing file is said as such (`--check` runs these in this order).
     let cfg = Config::load(path)?;
+    lb_userspace::security::check_config_path(path)?;
     lb_userspace::security::check_state_dirs(&cfg)?;
     // A missing interface is the likeliest mistake: say so before anything else is set up.
     netif::ifindex(&cfg.interface)?;
@@ -96,6 +159,7 @@ async fn balance(path: &std::path::Path, journal: &Arc<Journal>) -> Result<()> {
     // Tables first, then attach: the first packet already sees every VIP.
     let report = lb.apply(&cfg)?;
     let mode = lb.attach(&cfg.interface, cfg.xdp_mode)?;
+    let lb_mode_changed = lb.mode_changed_from();
     // Now that the interface is known, keep every backend's next hop resolved.
     lb.apply(&cfg)?;
     info!(
@@ -122,6 +186,18 @@ async fn balance(path: &std::path::Path, journal: &Arc<Journal>) -> Result<()> {
             previous: previous.as_ref(),
         },
     );
+    if let Some(from) = lb_mode_changed {
+        journal.record(
+            Kind::XdpModeChanged,
+            format!(
+                "the pinned XDP link on {} was in {} mode, xdp_mode asks for {}: attached anew in {} mode (established flows kept; packets arriving during the switch reached the kernel's stack)",
+                cfg.interface,
+                xdp_mode_name(from),
+                format!("{:?}", cfg.xdp_mode).to_lowercase(),
+                xdp_mode_name(mode)
+            ),
+        );
+    }
     notify::balancer_ready(&cfg);
     let _watchdog = notify::spawn_watchdog();
     let interface = cfg.interface.clone();
@@ -167,6 +243,9 @@ async fn serve_until_stopped(agent: &Agent, journal: &Journal, interface: &str) 
     // The interface's state, for the journal, and to resolve next hops as soon as it is back.
     let mut link_tick = tokio::time::interval(Duration::from_millis(250));
     let mut link = netif::link_state(interface).ok();
+    // What is missing from the datapath (detached, replaced, unpinned), checked on the same
+    // tick: reported within 250 ms.
+    let mut faults: Vec<String> = Vec::new();
     loop {
         tokio::select! {
             _ = heal.tick() => {
@@ -185,6 +264,11 @@ async fn serve_until_stopped(agent: &Agent, journal: &Journal, interface: &str) 
                         on_link_change(agent, journal, interface, now).await;
                         link = Some(now);
                     }
+                }
+                let now = agent.with_balancer(|lb, _| lb.datapath_faults()).await;
+                if now != faults {
+                    on_datapath_change(journal, &now);
+                    faults = now;
                 }
             }
             _ = term.recv() => break,
@@ -316,9 +400,52 @@ async fn on_link_change(agent: &Agent, journal: &Journal, ifname: &str, now: net
     }
 }
 
-/// `lbd cleanup`: detach and remove everything pinned in the configured pin_dir.
-fn cleanup(path: &std::path::Path) -> Result<()> {
+/// The datapath lost something behind lbd's back, or is whole again: said in the log (an
+/// error) and the journal; `lbctl status` (`datapath_faults`) and the `lb_datapath_intact`
+/// metric read the faults themselves. lbd does not put the datapath back by itself: whoever
+/// took it (`lbd cleanup --force`, bpftool, an `rm` in bpffs) meant something, and a restart of
+/// lbd rebuilds it from the configuration.
+fn on_datapath_change(journal: &Journal, faults: &[String]) {
+    if faults.is_empty() {
+        info!("the datapath is whole again");
+        journal.record(
+            Kind::DatapathRestored,
+            "the datapath is whole again: lbd's program is on the interface and every pin is in place".to_string(),
+        );
+        return;
+    }
+    let what = faults.join("; ");
+    let consequence = if faults.iter().all(|f| f.starts_with("unpinned")) {
+        "lbd still balances, but its datapath no longer outlives it: a restart starts from fresh maps (tracked flows are lost)"
+    } else {
+        "lbd balances nothing until it is restarted (systemctl restart lbd)"
+    };
+    error!("the datapath was taken away behind lbd's back: {what}; {consequence}");
+    journal.record(
+        Kind::DatapathLost,
+        format!("the datapath was taken away behind lbd's back: {what}; {consequence}"),
+    );
+}
+
+/// `lbd cleanup`: detach and remove everything pinned in the configured pin_dir. Refused while
+/// an lbd answers on the configured control socket, unless `force`.
+fn cleanup(path: &std::path::Path, force: bool) -> Result<()> {
     let cfg = Config::load(path)?;
+    let socket = cfg.control_socket.display();
+    match running_lbd(&cfg.control_socket) {
+        Some(running) if !force => {
+            return Err(Refused(format!(
+                "an lbd (pid {}, program id {}) is running on control socket {socket}: cleanup would detach its program and unpin the maps it writes, and it would go on as if nothing happened. Stop it first (systemctl stop lbd), or run `lbd cleanup --force` to take its datapath away anyway",
+                running.pid, running.program_id
+            ))
+            .into());
+        }
+        Some(running) => eprintln!(
+            "lbd cleanup --force: the lbd running on {socket} (pid {}) loses its datapath: no traffic is balanced and its changes reach no map until it is restarted",
+            running.pid
+        ),
+        None => {}
+    }
     if cfg.pin_dir.is_empty() {
         println!("pin_dir is empty: nothing is pinned, nothing to remove");
         return Ok(());

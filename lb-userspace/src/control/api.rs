@@ -181,6 +181,9 @@ pub enum Request {
     Stats,
     /// Result: [`Status`].
     Status,
+    /// Result: the running [`crate::config::Config`] (`lbd --check` compares a file's
+    /// restart-only keys with it).
+    RunningConfig,
 }
 
 impl Request {
@@ -193,6 +196,7 @@ impl Request {
                 | Request::ModelShow { .. }
                 | Request::Stats
                 | Request::Status
+                | Request::RunningConfig
         )
     }
 }
@@ -389,6 +393,11 @@ pub struct Status {
     /// `native`, `generic`, `offload` or `default`.
     pub xdp_mode: String,
     pub program_id: u32,
+    /// What is missing from the datapath now, checked against the kernel and bpffs: empty
+    /// while it is whole; otherwise each fault, starting with `detached:`, `replaced:` or
+    /// `unpinned:`.
+    #[serde(default)]
+    pub datapath_faults: Vec<String>,
     pub uptime_seconds: u64,
     pub config_file: String,
     pub control_socket: String,
@@ -443,6 +452,9 @@ pub struct StatsSnapshot {
     /// Refused model fits since lbd started, by refusal (`too_few_samples`, `poor_fit`, ...).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub model_refusals: BTreeMap<String, u64>,
+    /// What is missing from the datapath (as in [`Status`]); empty while it is whole.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub datapath_faults: Vec<String>,
     /// Seconds between the two samples the rates come from (set by `lbctl stats`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub interval_seconds: Option<f64>,
@@ -611,6 +623,7 @@ mod tests {
     #[test]
     fn rates_come_from_two_snapshots() {
         let snap = |ms, packets| StatsSnapshot {
+            datapath_faults: Vec::new(),
             timestamp_ms: 0,
             uptime_ms: ms,
             counters: BTreeMap::new(),

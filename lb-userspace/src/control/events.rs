@@ -73,6 +73,13 @@ pub enum Kind {
     /// A SIGHUP reload was refused (nothing changed) or applied.
     ReloadRefused,
     Reloaded,
+    /// The pinned XDP link was in another mode than `xdp_mode`: attached anew in the new one.
+    XdpModeChanged,
+    /// The datapath was taken away behind lbd's back: its program detached or replaced on the
+    /// interface, or its pins removed.
+    DatapathLost,
+    /// The datapath is whole again after `DatapathLost` (put back by hand).
+    DatapathRestored,
 }
 
 impl Kind {
@@ -93,6 +100,9 @@ impl Kind {
             Kind::ChangeRolledBack => "change_rolled_back",
             Kind::ReloadRefused => "reload_refused",
             Kind::Reloaded => "reloaded",
+            Kind::XdpModeChanged => "xdp_mode_changed",
+            Kind::DatapathLost => "datapath_lost",
+            Kind::DatapathRestored => "datapath_restored",
         }
     }
 }

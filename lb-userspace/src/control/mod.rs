@@ -8,4 +8,4 @@ mod server;
 
 pub use api::*;
 pub use client::{Client, ClientError};
-pub use server::{ControlSocket, Handler};
+pub use server::{group_id, ControlSocket, Handler};

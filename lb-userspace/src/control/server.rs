@@ -192,7 +192,7 @@ async fn send(w: &mut tokio::net::unix::OwnedWriteHalf, resp: &Response) -> Resu
 }
 
 /// The numeric id of a group, or an error that says what to do.
-fn group_id(name: &str) -> Result<u32> {
+pub fn group_id(name: &str) -> Result<u32> {
     let c = CString::new(name).map_err(|_| anyhow!("control_group: {name:?} is not a name"))?;
     let mut buf = vec![0 as libc::c_char; 16384];
     let mut grp: libc::group = unsafe { std::mem::zeroed() };

@@ -53,6 +53,15 @@ pub fn attach_xdp(
     }
 }
 
+/// The mode of the XDP program on `interface`, as the kernel reports it; an error if none is
+/// attached.
+fn kernel_mode(interface: &str) -> Result<AyaXdpMode> {
+    match netif::kernel_xdp(interface)? {
+        Some(k) => Ok(k.mode),
+        None => bail!("attached to {interface}, yet the kernel reports no XDP program on it"),
+    }
+}
+
 impl Balancer {
     /// Loads the program and creates its maps (verifier included); nothing is attached yet.
     /// With a pin directory that already holds maps (a restart or an upgrade), the maps are
@@ -128,6 +137,7 @@ impl Balancer {
             next_hops: Default::default(),
             pins,
             table_writes: None,
+            mode_changed: None,
         };
         if lb.resumed {
             lb.restore()
@@ -290,10 +300,14 @@ impl Balancer {
     }
 
     /// Attaches to `interface` and enables forwarding on it (`bpf_fib_lookup` requires it).
+    /// Returns the mode the kernel reports once attached, which is what lbd reports.
     ///
     /// With pinning, a link already pinned by a previous lbd is updated in place to this
-    /// program: the kernel swaps programs atomically, no packet sees no program. Otherwise the
-    /// new link is pinned, so it outlives this process.
+    /// program: the kernel swaps programs atomically, no packet sees no program. Unless the
+    /// pinned link is in another mode than `mode` asks for (not `auto`): a link cannot change
+    /// its mode, so it is unpinned and the program attached anew in the requested mode (packets
+    /// arriving in between reach the kernel's stack instead; the maps, and with them every
+    /// tracked flow, are kept). Otherwise the new link is pinned, so it outlives this process.
     pub fn attach(&mut self, interface: &str, mode: XdpMode) -> Result<AyaXdpMode> {
         netif::ifindex(interface)?;
         netif::enable_forwarding(interface)?;
@@ -303,25 +317,61 @@ impl Balancer {
             .expect("program loaded")
             .try_into()?;
         let Some(dir) = &self.pin_dir else {
-            let (link, used) = attach_xdp(prog, interface, mode)?;
+            let (link, _) = attach_xdp(prog, interface, mode)?;
+            let used = kernel_mode(interface)?;
             self.interface = Some((interface.to_string(), Some(link), used));
             return Ok(used);
         };
         let link_path = dir.join(LINK_PIN);
         if link_path.exists() {
-            let used = match mode {
-                XdpMode::Generic => AyaXdpMode::Skb,
-                _ => AyaXdpMode::Driver,
+            let pinned_mode = netif::kernel_xdp(interface)?.map(|k| k.mode);
+            let wanted = match mode {
+                XdpMode::Native => Some(AyaXdpMode::Driver),
+                XdpMode::Generic => Some(AyaXdpMode::Skb),
+                XdpMode::Auto => None,
             };
+            if wanted.is_some() && pinned_mode.is_some() && wanted != pinned_mode {
+                tracing::warn!(
+                    from = ?pinned_mode, to = ?wanted,
+                    "the pinned XDP link is in another mode than xdp_mode asks for: attaching anew in the new mode (established flows are kept)"
+                );
+                std::fs::remove_file(&link_path).with_context(|| {
+                    format!("unpinning the XDP link at {}", link_path.display())
+                })?;
+                self.mode_changed = pinned_mode;
+                return self.attach_and_pin(interface, mode);
+            }
             let pinned = PinnedLink::from_pin(&link_path).context("opening the pinned XDP link")?;
             let link = XdpLink::try_from(FdLink::from(pinned))
                 .context("the pinned link is not an XDP link; run `lbd cleanup`")?;
             prog.attach_to_link(link)
                 .context("replacing the running program in the pinned link")?;
+            let used = kernel_mode(interface)?;
             self.interface = Some((interface.to_string(), None, used));
             return Ok(used);
         }
-        let (id, used) = attach_xdp(prog, interface, mode)?;
+        self.attach_and_pin(interface, mode)
+    }
+
+    /// A new link in `mode`, pinned. A link just unpinned is released by the kernel a moment
+    /// later: until then the interface is busy, so the attach is retried for up to 2 s.
+    fn attach_and_pin(&mut self, interface: &str, mode: XdpMode) -> Result<AyaXdpMode> {
+        let link_path = self.pin_dir.as_ref().expect("pinning").join(LINK_PIN);
+        let prog: &mut Xdp = self
+            .ebpf
+            .program_mut(progs::BALANCER)
+            .expect("program loaded")
+            .try_into()?;
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        let (id, _) = loop {
+            match attach_xdp(prog, interface, mode) {
+                Ok(attached) => break attached,
+                Err(_) if std::time::Instant::now() < until => {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err(e) => return Err(e),
+            }
+        };
         let link = prog.take_link(id)?;
         let fd_link = FdLink::try_from(link).context(
             "pinning needs a bpf_link XDP attachment (Linux 5.9+); set pin_dir = \"\" to run without",
@@ -329,8 +379,14 @@ impl Balancer {
         fd_link
             .pin(&link_path)
             .with_context(|| format!("pinning the link at {}", link_path.display()))?;
+        let used = kernel_mode(interface)?;
         self.interface = Some((interface.to_string(), None, used));
         Ok(used)
+    }
+
+    /// The mode the pinned link was in when `attach` replaced it by one in another mode.
+    pub fn mode_changed_from(&self) -> Option<AyaXdpMode> {
+        self.mode_changed
     }
 
     /// Detaches from the interface, unless pinned: a pinned datapath outlives lbd on purpose
@@ -345,6 +401,54 @@ impl Balancer {
             prog.detach(link)?;
         }
         Ok(())
+    }
+
+    /// What is missing from this lbd's datapath, as the kernel and bpffs say now (empty: it is
+    /// whole): its program no longer on the interface, or another one there; pins of its maps
+    /// or link removed (`lbd cleanup --force`, an `rm` in /sys/fs/bpf). Cheap enough to ask
+    /// every second (one netlink request, a stat per pin).
+    pub fn datapath_faults(&self) -> Vec<String> {
+        let mut faults = Vec::new();
+        if let Some((name, ..)) = &self.interface {
+            let ours = self.program().info().map(|i| i.id()).unwrap_or(0);
+            match netif::kernel_xdp(name) {
+                Ok(None) => faults.push(format!(
+                    "detached: no XDP program on {name} (lbd's program {ours} was detached behind its back)"
+                )),
+                Ok(Some(k)) if k.program_id != ours => faults.push(format!(
+                    "replaced: the XDP program on {name} is id {}, not lbd's {ours}",
+                    k.program_id
+                )),
+                Ok(Some(_)) => {}
+                Err(e) => faults.push(format!("unknown: {e:#}")),
+            }
+        }
+        if let Some(dir) = &self.pin_dir {
+            let mut names: Vec<&str> = pinned_maps(&LoadOptions {
+                table_pool: 0,
+                conntrack_size: 0,
+                conntrack_new_size: 0,
+                pin_dir: None,
+            })
+            .iter()
+            .map(|m| m.0)
+            .collect();
+            if self.interface.is_some() {
+                names.push(LINK_PIN);
+            }
+            let missing: Vec<&str> = names
+                .into_iter()
+                .filter(|n| !dir.join(n).exists())
+                .collect();
+            if !missing.is_empty() {
+                faults.push(format!(
+                    "unpinned: {} missing from {}",
+                    missing.join(", "),
+                    dir.display()
+                ));
+            }
+        }
+        faults
     }
 
     /// The pin directory, if pinning.

@@ -16,7 +16,7 @@ pub mod pool;
 pub mod tables;
 
 pub use load::attach_xdp;
-pub use pins::{remove_pins, PinReport};
+pub use pins::{check_pin_dir, remove_pins, PinReport};
 
 use crate::config::{Config, Forwarding};
 use aya::{
@@ -162,6 +162,8 @@ pub struct Balancer {
     /// Told of the table `apply` is writing, so that the next lbd can tell whether a crash cut
     /// a write short (the agent passes its journal's note).
     table_writes: Option<TableWriteHook>,
+    /// The mode of the pinned link `attach` replaced because `xdp_mode` asked for another.
+    mode_changed: Option<AyaXdpMode>,
 }
 
 impl Balancer {}

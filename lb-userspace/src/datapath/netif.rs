@@ -1,5 +1,6 @@
 //! Small facts about interfaces and the kernel's neighbour table that the datapath relies on.
 use anyhow::{anyhow, bail, Context as _, Result};
+use aya::programs::XdpMode as AyaXdpMode;
 use netlink_packet_route::RouteNetlinkMessage;
 use std::{ffi::CString, net::IpAddr};
 
@@ -115,6 +116,20 @@ pub fn interface_addrs(name: &str) -> Result<Vec<IpAddr>> {
     // SAFETY: frees the list returned by getifaddrs above.
     unsafe { libc::freeifaddrs(ifap) };
     Ok(out)
+}
+
+/// An XDP program attached to an interface, as the kernel says: the mode (`Default` for
+/// several at once) and the program's id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KernelXdp {
+    pub mode: AyaXdpMode,
+    pub program_id: u32,
+}
+
+/// [`Rtnl::xdp_of`] for interface `name`, in the calling thread's network namespace.
+pub fn kernel_xdp(name: &str) -> Result<Option<KernelXdp>> {
+    let index = ifindex(name)?;
+    Rtnl::open()?.xdp_of(index)
 }
 
 /// Where the kernel sends packets for a backend, as `ip route get ADDR` says: the neighbour to
@@ -274,6 +289,43 @@ impl Rtnl {
             )
         })?;
         Ok(())
+    }
+
+    /// The XDP program on interface `ifindex` as the kernel reports it (RTM_GETLINK,
+    /// IFLA_XDP: what `ip link` and `bpftool net show` print): its attach mode and program id,
+    /// or `None` when no program is attached.
+    pub fn xdp_of(&mut self, ifindex: u32) -> Result<Option<KernelXdp>> {
+        use netlink_packet_route::link::{LinkAttribute, LinkMessage, LinkXdp, XdpAttached};
+        let mut m = LinkMessage::default();
+        m.header.index = ifindex;
+        let answer = self
+            .request(
+                netlink_packet_core::NLM_F_REQUEST,
+                RouteNetlinkMessage::GetLink(m),
+            )
+            .map_err(|e| anyhow!("reading {}'s XDP program: {e}", ifname(ifindex)))?;
+        let Some(RouteNetlinkMessage::NewLink(link)) = answer else {
+            bail!(
+                "reading {}'s XDP program: the kernel sent no link",
+                ifname(ifindex)
+            );
+        };
+        let (mut mode, mut program_id) = (None, 0);
+        for a in link.attributes {
+            let LinkAttribute::Xdp(xdp) = a else { continue };
+            for x in xdp {
+                match x {
+                    LinkXdp::Attached(XdpAttached::None) => mode = None,
+                    LinkXdp::Attached(XdpAttached::Driver) => mode = Some(AyaXdpMode::Driver),
+                    LinkXdp::Attached(XdpAttached::SocketBuffer) => mode = Some(AyaXdpMode::Skb),
+                    LinkXdp::Attached(XdpAttached::Hardware) => mode = Some(AyaXdpMode::Hardware),
+                    LinkXdp::Attached(_) => mode = Some(AyaXdpMode::Default),
+                    LinkXdp::ProgId(id) => program_id = id,
+                    _ => {}
+                }
+            }
+        }
+        Ok(mode.map(|mode| KernelXdp { mode, program_id }))
     }
 
     /// The next hop towards `addr`, and a managed neighbour entry for it.

@@ -79,6 +79,22 @@ pub(super) fn is_bpffs(p: &Path) -> bool {
     }
 }
 
+/// What [`ensure_pin_dir`] would refuse, without creating or mounting anything (`lbd
+/// --check`): a pin_dir whose parent is not on bpffs, unless it is /sys/fs/bpf, which lbd
+/// mounts itself.
+pub fn check_pin_dir(dir: &Path) -> Result<()> {
+    let parent = dir.parent().unwrap_or(Path::new("/"));
+    if !is_bpffs(parent) && parent != Path::new("/sys/fs/bpf") {
+        bail!(
+            "pin_dir: {} is not on a bpffs mount; mount one (`mount -t bpf bpf {}`) or use the default {}",
+            dir.display(),
+            parent.display(),
+            crate::config::DEFAULT_PIN_DIR
+        );
+    }
+    Ok(())
+}
+
 /// Makes sure `dir` exists on a bpffs mount; mounts bpffs on /sys/fs/bpf if that is where it
 /// should be and nothing is mounted there yet (fresh machines, private mount namespaces).
 pub(super) fn ensure_pin_dir(dir: &Path) -> Result<()> {
@@ -105,12 +121,7 @@ pub(super) fn ensure_pin_dir(dir: &Path) -> Result<()> {
                 );
             }
         } else {
-            bail!(
-                "pin_dir: {} is not on a bpffs mount; mount one (`mount -t bpf bpf {}`) or use the default {}",
-                dir.display(),
-                parent.display(),
-                crate::config::DEFAULT_PIN_DIR
-            );
+            check_pin_dir(dir)?;
         }
     }
     std::fs::create_dir_all(dir).with_context(|| format!("creating pin_dir {}", dir.display()))
