@@ -584,6 +584,7 @@ impl Config {
         let mut seen = HashSet::new();
         let mut slots: u64 = 0;
         let mut backends = 0usize;
+        let vip_addrs: HashSet<IpAddr> = self.vips.iter().map(|v| v.address).collect();
         for (i, vip) in self.vips.iter().enumerate() {
             let name = vip.name();
             let at = format!("vip[{i}] ({name})");
@@ -594,7 +595,7 @@ impl Config {
             }
             self.check_vip(&at, vip)?;
             slots += vip.table_size as u64;
-            check_backends(&at, vip)?;
+            check_backends(&at, vip, &vip_addrs)?;
             backends += vip.backends.len();
         }
         if backends >= MAX_BACKENDS as usize {
@@ -701,8 +702,9 @@ impl Config {
     }
 }
 
-/// A VIP's backends: family, unicast, unique, weight in range.
-fn check_backends(at: &str, vip: &Vip) -> Result<(), ConfigError> {
+/// A VIP's backends: family, unicast (not broadcast, multicast, unspecified or loopback), not
+/// one of the balancer's VIPs (`vip_addrs`), unique, weight in range.
+fn check_backends(at: &str, vip: &Vip, vip_addrs: &HashSet<IpAddr>) -> Result<(), ConfigError> {
     let mut addrs = HashSet::new();
     for (j, b) in vip.backends.iter().enumerate() {
         let bat = format!("{at}: backend[{j}] ({})", b.address);
@@ -716,9 +718,19 @@ fn check_backends(at: &str, vip: &Vip) -> Result<(), ConfigError> {
                 "{bat}: address is {bf} but the VIP is {vf}; use an {vf} backend address"
             ));
         }
-        if b.address.is_unspecified() || b.address.is_multicast() || b.address.is_loopback() {
+        let broadcast = matches!(b.address, IpAddr::V4(a) if a.is_broadcast());
+        if b.address.is_unspecified()
+            || b.address.is_multicast()
+            || b.address.is_loopback()
+            || broadcast
+        {
             return err(format!(
                 "{bat}: address must be a unicast address of another host"
+            ));
+        }
+        if vip_addrs.contains(&b.address) {
+            return err(format!(
+                "{bat}: address is a VIP of this balancer (its packets would come back here); a backend must be a unicast address of another host"
             ));
         }
         if !addrs.insert(b.address) {
@@ -807,6 +819,33 @@ source_v6 = "fd00::2"
             error(&v("", "10.0.0.11").replace("interface = \"eth0\"", "interface = \"\""))
                 .contains("interface")
         );
+    }
+
+    #[test]
+    fn backend_must_be_a_unicast_address_of_another_host() {
+        let v = |backend: &str| {
+            with_vip(&format!(
+                "[[vip]]\naddress = \"10.0.0.100\"\nport = 80\nprotocol = \"tcp\"\n[[vip]]\naddress = \"10.0.0.101\"\nport = 53\nprotocol = \"udp\"\n[[vip.backend]]\naddress = \"{backend}\"\n"
+            ))
+        };
+        for b in ["255.255.255.255", "224.0.0.1", "0.0.0.0", "127.0.0.1"] {
+            assert!(
+                error(&v(b)).ends_with(&format!(
+                    "vip[1] (10.0.0.101:53/udp): backend[0] ({b}): address must be a unicast address of another host"
+                )),
+                "{b}: {}",
+                error(&v(b))
+            );
+        }
+        // Any VIP of the balancer, its own or another's: the packet would come back here.
+        for b in ["10.0.0.100", "10.0.0.101"] {
+            assert!(
+                error(&v(b)).contains(&format!("backend[0] ({b}): address is a VIP of this balancer (its packets would come back here); a backend must be a unicast address of another host")),
+                "{b}: {}",
+                error(&v(b))
+            );
+        }
+        Config::parse(&v("10.0.0.11")).unwrap().validate().unwrap();
     }
 
     #[test]
