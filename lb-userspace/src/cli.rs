@@ -143,6 +143,10 @@ pub enum VipCommand {
         /// Maglev table size: a prime from 7 to 1048573 (default 65537).
         #[arg(long, value_parser = parse_table_size, allow_negative_numbers = true)]
         table_size: Option<u32>,
+        /// Accept a VIP that is an address of the balancer's own interface: its port is taken
+        /// over from this host's own service (such as SSH).
+        #[arg(long)]
+        force: bool,
     },
     /// Remove a VIP and its backends (their connections end).
     Remove { vip: VipName },

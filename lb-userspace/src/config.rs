@@ -97,6 +97,15 @@ impl Forwarding {
     }
 }
 
+/// This host's addresses, for [`Config::host_problems`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HostAddrs {
+    /// The addresses of the balancer's interface.
+    pub interface: Vec<IpAddr>,
+    /// The addresses of every interface in lbd's network namespace.
+    pub all: Vec<IpAddr>,
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Encap {
@@ -160,6 +169,10 @@ pub struct Vip {
     pub learning: Option<Learning>,
     #[serde(default, rename = "backend")]
     pub backends: Vec<Backend>,
+    /// The VIP may be an address of the balancer's own interface: its port is then taken over
+    /// from the host's own service (refused otherwise; `lbctl vip add --force` sets it).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub allow_host_address: bool,
 }
 
 fn default_table_size() -> u32 {
@@ -578,6 +591,46 @@ impl Config {
         out
     }
 
+    /// What the configuration asks of this host that the host does not allow: an encap source
+    /// that is none of its addresses, a VIP that is an address of the balancer's interface
+    /// (without `allow_host_address`). Each as (what it is about, the refusal naming the field
+    /// and the fix); `lbd` refuses any at start and reload, `lbctl` any new one.
+    pub fn host_problems(&self, host: &HostAddrs) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        let sources = [
+            (
+                "encap.source_v4",
+                self.encap.source_v4.map(IpAddr::V4),
+                "-4",
+            ),
+            (
+                "encap.source_v6",
+                self.encap.source_v6.map(IpAddr::V6),
+                "-6",
+            ),
+        ];
+        for (field, src, family) in sources {
+            if let Some(a) = src {
+                if !host.all.contains(&a) {
+                    out.push((field.to_string(), format!(
+                        "{field}: {a} is not an address of this host (no interface in lbd's network namespace has it), so tunnelled packets would carry a source that is not this host's (dropped by anti-spoofing filters, their ICMP errors lost); use an address of {} (`ip {family} addr show {}`)",
+                        self.interface, self.interface
+                    )));
+                }
+            }
+        }
+        for (i, vip) in self.vips.iter().enumerate() {
+            if !vip.allow_host_address && host.interface.contains(&vip.address) {
+                let name = vip.name();
+                out.push((name.clone(), format!(
+                    "vip[{i}] ({name}): {} is an address of the balancer's interface {}, so the balancer would take port {}/{} over from this host's own service (such as SSH); use an address that is not the balancer's own, or, to take the port over deliberately, `lbctl vip add --force` (allow_host_address = true in the file)",
+                    vip.address, self.interface, vip.port, vip.protocol
+                )));
+            }
+        }
+        out
+    }
+
     /// Checks everything the datapath relies on.
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.check_settings()?;
@@ -846,6 +899,53 @@ source_v6 = "fd00::2"
             );
         }
         Config::parse(&v("10.0.0.11")).unwrap().validate().unwrap();
+    }
+
+    #[test]
+    fn host_problems_name_the_field_and_the_fix() {
+        let c = Config::parse(&with_vip(
+            "[[vip]]\naddress = \"10.0.0.2\"\nport = 22\nprotocol = \"tcp\"\n",
+        ))
+        .unwrap();
+        let own = HostAddrs {
+            interface: vec!["10.0.0.2".parse().unwrap(), "fd00::2".parse().unwrap()],
+            all: vec!["10.0.0.2".parse().unwrap(), "fd00::2".parse().unwrap()],
+        };
+        let p = c.host_problems(&own);
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert_eq!(p[0].0, "10.0.0.2:22/tcp");
+        assert!(
+            p[0].1.starts_with(
+                "vip[0] (10.0.0.2:22/tcp): 10.0.0.2 is an address of the balancer's interface eth0"
+            ),
+            "{p:?}"
+        );
+        assert!(p[0]
+            .1
+            .contains("`lbctl vip add --force` (allow_host_address = true in the file)"));
+        let mut forced = c.clone();
+        forced.vips[0].allow_host_address = true;
+        assert!(forced.host_problems(&own).is_empty());
+        // Written back and read again, the key survives.
+        let again = Config::parse(&forced.to_toml().unwrap()).unwrap();
+        assert!(again.vips[0].allow_host_address);
+        // Sources on another interface are fine; sources on none are not.
+        let elsewhere = HostAddrs {
+            interface: vec![],
+            all: vec!["10.0.0.2".parse().unwrap()],
+        };
+        let p = c.host_problems(&elsewhere);
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert!(
+            p[0].1
+                .starts_with("encap.source_v6: fd00::2 is not an address of this host"),
+            "{p:?}"
+        );
+        assert!(
+            p[0].1
+                .ends_with("use an address of eth0 (`ip -6 addr show eth0`)"),
+            "{p:?}"
+        );
     }
 
     #[test]

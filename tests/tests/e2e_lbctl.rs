@@ -1059,3 +1059,145 @@ fn racing_writers_never_leave_a_half_applied_state() {
     drop(lbd);
     let _ = fs::remove_dir_all(&dir);
 }
+
+/// Runs `lbd --config PATH` in `lab`'s balancer namespace, expecting it to refuse to start
+/// with `want` in its error.
+fn lbd_refuses_to_start(lab: &Lab, path: &Path, want: &str) {
+    let out = lab
+        .lb()
+        .ns()
+        .command(bin_path("lbd"))
+        .arg("--config")
+        .arg(path)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "lbd started with {}",
+        fs::read_to_string(path).unwrap()
+    );
+    assert!(stderr.contains(want), "want {want:?}, got: {stderr}");
+}
+
+/// Issue 20: what would break the host. A VIP that is an address of the balancer's interface
+/// takes the host's own service on that port over (SSH on 22): refused by lbctl unless
+/// `--force` (which the file keeps as `allow_host_address`), and refused in the file at start and
+/// reload without that key. An encap source that is no address of the host: refused at start
+/// and reload. Each refusal names the field and the fix and changes nothing.
+#[test]
+fn the_hosts_own_addresses_are_refused_unless_forced() {
+    require_root();
+    let lab = Lab::new(LabSpec { backends: 1 }).expect("building the lab");
+    let dir = scratch("host");
+    let b0 = backend_v4(0).to_string();
+    let config = |extra: &str| {
+        format!(
+            "{}\n[[vip]]\naddress = \"{VIP_V4}\"\nport = 80\nprotocol = \"tcp\"\n\
+             [[vip.backend]]\naddress = \"{b0}\"\n{extra}",
+            header(&dir)
+        )
+    };
+    fs::write(dir.join("lbd.toml"), config("")).unwrap();
+    let lbd = Lbd::start(lab.lb().ns(), &dir);
+    let sock = lbd.socket.clone();
+    let vips = lbctl_json(&sock, &["vip", "list"]);
+    let file = fs::read(&lbd.config).unwrap();
+    let ssh = format!("{LB_V4}:22/tcp");
+    let ssh6 = format!("[{LB_V6}]:22/tcp");
+    for vip in [&ssh, &ssh6] {
+        let out = lbctl(&sock, &["vip", "add", vip]);
+        assert_eq!(out.status.code(), Some(1), "{}", show(&out));
+        let want = format!(
+            "vip[1] ({vip}): {} is an address of the balancer's interface eth0, so the balancer would take port 22/tcp over from this host's own service (such as SSH); use an address that is not the balancer's own, or, to take the port over deliberately, `lbctl vip add --force` (allow_host_address = true in the file)",
+            if vip == &ssh { LB_V4.to_string() } else { LB_V6.to_string() }
+        );
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains(&want),
+            "{}",
+            show(&out)
+        );
+        assert_eq!(lbctl_json(&sock, &["vip", "list"]), vips);
+        assert_eq!(fs::read(&lbd.config).unwrap(), file);
+    }
+    // Forced: accepted, and the file says so, so that a restart accepts it too.
+    change(&sock, &["vip", "add", &ssh, "--force"]);
+    let text = fs::read_to_string(&lbd.config).unwrap();
+    assert!(text.contains("allow_host_address = true"), "{text}");
+    drop(lbd);
+    let lbd = Lbd::start(lab.lb().ns(), &dir);
+    assert_eq!(
+        lbctl_json(&lbd.socket, &["vip", "list"])
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
+    // Without the key, the file is refused on reload (nothing changes) and at start.
+    let t = procs::now_ms();
+    fs::write(
+        &lbd.config,
+        config(&format!(
+            "[[vip]]\naddress = \"{LB_V4}\"\nport = 22\nprotocol = \"tcp\"\n"
+        )),
+    )
+    .unwrap();
+    lbd.signal(libc::SIGHUP);
+    let e = lbd.wait_event("reload_refused", t);
+    assert!(
+        e["message"].as_str().unwrap().contains(&format!(
+            "vip[1] ({ssh}): {LB_V4} is an address of the balancer's interface eth0"
+        )),
+        "{e}"
+    );
+    assert_eq!(
+        lbctl_json(&lbd.socket, &["vip", "list"])
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
+    drop(lbd);
+    let bad = dir.join("bad.toml");
+    fs::write(
+        &bad,
+        config(&format!(
+            "[[vip]]\naddress = \"{LB_V4}\"\nport = 22\nprotocol = \"tcp\"\n"
+        )),
+    )
+    .unwrap();
+    lbd_refuses_to_start(
+        &lab,
+        &bad,
+        &format!("vip[1] ({ssh}): {LB_V4} is an address of the balancer's interface eth0"),
+    );
+
+    // An encap source that is no address of this host, at start and on reload.
+    for (field, other, fix) in [
+        ("source_v4", "10.200.0.99", "`ip -4 addr show eth0`"),
+        ("source_v6", "fd00:200::99", "`ip -6 addr show eth0`"),
+    ] {
+        let own = if field == "source_v4" {
+            LB_V4.to_string()
+        } else {
+            LB_V6.to_string()
+        };
+        let text = config("").replace(
+            &format!("{field} = \"{own}\""),
+            &format!("{field} = \"{other}\""),
+        );
+        fs::write(&bad, &text).unwrap();
+        let want = format!("encap.{field}: {other} is not an address of this host (no interface in lbd's network namespace has it), so tunnelled packets would carry a source that is not this host's (dropped by anti-spoofing filters, their ICMP errors lost); use an address of eth0 ({fix})");
+        lbd_refuses_to_start(&lab, &bad, &want);
+        fs::write(dir.join("lbd.toml"), config("")).unwrap();
+        let lbd = Lbd::start(lab.lb().ns(), &dir);
+        let t = procs::now_ms();
+        fs::write(&lbd.config, &text).unwrap();
+        lbd.signal(libc::SIGHUP);
+        let e = lbd.wait_event("reload_refused", t);
+        assert!(e["message"].as_str().unwrap().contains(&want), "{e}");
+        drop(lbd);
+    }
+    let _ = fs::remove_dir_all(&dir);
+}

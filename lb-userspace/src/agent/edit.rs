@@ -56,6 +56,7 @@ pub(super) fn edit(cfg: &mut Config, req: &Request) -> Result<String> {
             vip,
             forwarding,
             table_size,
+            force,
         } => {
             let name = parse_vip(vip)?;
             let forwarding = forwarding.unwrap_or_default();
@@ -80,6 +81,7 @@ pub(super) fn edit(cfg: &mut Config, req: &Request) -> Result<String> {
                 health: None,
                 learning: None,
                 backends: Vec::new(),
+                allow_host_address: *force,
             });
             Ok(added)
         }

@@ -260,6 +260,7 @@ impl Agent {
         })?;
         let new = Config::parse(&text)
             .map_err(|e| anyhow!("reload rejected, nothing changed: config file {path}: {e}"))?;
+        check_host(&new).map_err(|e| anyhow!("reload rejected, nothing changed: {e:#}"))?;
         let fixed = st.config.restart_only_changes(&new);
         if !fixed.is_empty() {
             bail!(
@@ -327,6 +328,7 @@ impl Agent {
             });
         }
         next.validate()?;
+        refuse_new_host_problems(&prev, &next)?;
         let on_disk = fs::read_to_string(&self.config_path).ok();
         if on_disk.is_none() || on_disk != st.file_text {
             bail!(
@@ -382,6 +384,35 @@ impl Agent {
                 })
                 .collect(),
         })
+    }
+}
+
+/// Refuses a configuration that asks of this host what it does not allow (see
+/// [`Config::host_problems`]): at start and on reload.
+pub fn check_host(cfg: &Config) -> Result<()> {
+    let host = crate::datapath::netif::host_addrs(&cfg.interface)?;
+    match cfg.host_problems(&host).into_iter().next() {
+        Some((_, problem)) => bail!("{problem}"),
+        None => Ok(()),
+    }
+}
+
+/// An lbctl change is refused for a host problem it brings, not for one the running
+/// configuration already had (an address added to the host since): that stays the file's to fix.
+fn refuse_new_host_problems(prev: &Config, next: &Config) -> Result<()> {
+    let host = crate::datapath::netif::host_addrs(&next.interface)?;
+    let before: Vec<String> = prev
+        .host_problems(&host)
+        .into_iter()
+        .map(|(k, _)| k)
+        .collect();
+    match next
+        .host_problems(&host)
+        .into_iter()
+        .find(|(k, _)| !before.contains(k))
+    {
+        Some((_, problem)) => bail!("{problem}"),
+        None => Ok(()),
     }
 }
 
@@ -457,6 +488,7 @@ mod tests {
                 vip: VIP.into(),
                 forwarding: None,
                 table_size: None,
+                force: false,
             },
             Request::BackendAdd {
                 vip: VIP.into(),
@@ -496,19 +528,22 @@ mod tests {
         assert!(e(Request::VipAdd {
             vip: VIP.into(),
             forwarding: None,
-            table_size: Some(251)
+            table_size: Some(251),
+            force: false
         })
         .contains("already configured with other settings"));
         assert!(e(Request::VipAdd {
             vip: "10.0.0.101:80/tcp".into(),
             forwarding: None,
-            table_size: Some(65536)
+            table_size: Some(65536),
+            force: false
         })
         .contains("table_size 65536 is not prime"));
         assert!(e(Request::VipAdd {
             vip: "[fd00::1]:80/tcp".into(),
             forwarding: None,
-            table_size: None
+            table_size: None,
+            force: false
         })
         .contains("needs encap.source_v6"));
         assert!(e(Request::VipRemove {

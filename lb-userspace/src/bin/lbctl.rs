@@ -85,6 +85,7 @@ fn run(ctl: &mut Ctl, command: Command, json: bool) -> Result<(), Failure> {
             vip,
             forwarding,
             table_size,
+            force,
         }) => change(
             ctl,
             json,
@@ -92,6 +93,7 @@ fn run(ctl: &mut Ctl, command: Command, json: bool) -> Result<(), Failure> {
                 vip: vip.to_string(),
                 forwarding: Some(forwarding.into()),
                 table_size,
+                force,
             },
         ),
         Command::Vip(VipCommand::Remove { vip }) => change(

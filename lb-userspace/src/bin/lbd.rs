@@ -80,6 +80,7 @@ async fn balance(path: &std::path::Path, journal: &Arc<Journal>) -> Result<()> {
     lb_userspace::security::check_state_dirs(&cfg)?;
     // A missing interface is the likeliest mistake: say so before anything else is set up.
     netif::ifindex(&cfg.interface)?;
+    lb_userspace::agent::check_host(&cfg)?;
     // The control socket and the metrics port next: if either is unusable, fail before the
     // datapath is touched.
     let control = ControlSocket::bind(&cfg)?;

@@ -123,6 +123,10 @@ pub fn parse_backend_address(s: &str) -> Result<IpAddr, String> {
     }
 }
 
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
 /// One request. VIPs are written as in [`VipName`]; backend addresses as plain IP addresses.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "command", rename_all = "snake_case", deny_unknown_fields)]
@@ -134,6 +138,10 @@ pub enum Request {
         forwarding: Option<Forwarding>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         table_size: Option<u32>,
+        /// Accept a VIP that is an address of the balancer's interface (its port is taken over
+        /// from the host's own service); written to the file as `allow_host_address = true`.
+        #[serde(default, skip_serializing_if = "is_false")]
+        force: bool,
     },
     /// Removes a VIP and its backends (their flows end).
     VipRemove {
