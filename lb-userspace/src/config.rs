@@ -631,6 +631,30 @@ impl Config {
         out
     }
 
+    /// What is accepted but worth a warning (logged, and kept for `lbctl status`): a table with
+    /// fewer than 100 slots per backend, where a change of one backend moves other backends'
+    /// flows too (Maglev needs about 100 per backend for about 1% disruption). Each as (the
+    /// VIP, the warning).
+    pub fn warnings(&self) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        for (i, vip) in self.vips.iter().enumerate() {
+            let n = vip
+                .backends
+                .iter()
+                .filter(|b| b.effective_weight() > 0)
+                .count() as u64;
+            if u64::from(vip.table_size) < 100 * n {
+                let name = vip.name();
+                out.push((name.clone(), format!(
+                    "vip[{i}] ({name}): table_size {} is below 100 slots per backend ({n} backends), so a change of one backend also moves other backends' flows (Maglev needs about 100 per backend for about 1% disruption); use a prime table_size of at least {}",
+                    vip.table_size,
+                    next_prime(100 * n)
+                )));
+            }
+        }
+        out
+    }
+
     /// Checks everything the datapath relies on.
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.check_settings()?;
@@ -649,6 +673,7 @@ impl Config {
             self.check_vip(&at, vip)?;
             slots += vip.table_size as u64;
             check_backends(&at, vip, &vip_addrs)?;
+            check_table_fits(&at, vip)?;
             backends += vip.backends.len();
         }
         if backends >= MAX_BACKENDS as usize {
@@ -753,6 +778,52 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// The smallest prime at or above `n` (at least [`MIN_TABLE_SIZE`]).
+fn next_prime(n: u64) -> u64 {
+    let mut p = n.max(u64::from(MIN_TABLE_SIZE));
+    while p <= u64::from(u32::MAX) && !is_prime(p as u32) {
+        p += 1;
+    }
+    p
+}
+
+/// Every backend with weight must own at least one slot of the VIP's table: a table too small
+/// for its backends would give some none (they get no traffic, silently).
+fn check_table_fits(at: &str, vip: &Vip) -> Result<(), ConfigError> {
+    // Identity order, as the table is built (backends of a VIP share its family).
+    let mut sorted: Vec<&Backend> = vip.backends.iter().collect();
+    sorted.sort_by_key(|b| b.address);
+    let weights: Vec<u32> = sorted.iter().map(|b| b.effective_weight()).collect();
+    let slots = lb_common::maglev::slot_counts(&weights, vip.table_size);
+    let starved = sorted
+        .iter()
+        .zip(&slots)
+        .filter(|(b, &s)| b.effective_weight() > 0 && s == 0)
+        .map(|(b, _)| b)
+        .collect::<Vec<_>>();
+    let Some(first) = starved.first() else {
+        return Ok(());
+    };
+    let total: u64 = weights.iter().map(|&w| u64::from(w)).sum();
+    let lightest = weights
+        .iter()
+        .filter(|&&w| w > 0)
+        .min()
+        .copied()
+        .unwrap_or(1);
+    let serving = weights.iter().filter(|&&w| w > 0).count() as u64;
+    // With M >= W / w_min every backend's exact share is at least one slot.
+    let need = next_prime(total.div_ceil(u64::from(lightest)));
+    err(format!(
+        "{at}: table_size {} is too small for its {serving} backends: {} of them would own no slot and get no traffic (the first is {}, weight {}); use a prime table_size of at least {need}, or {} or more for about 1% disruption (100 slots per backend)",
+        vip.table_size,
+        starved.len(),
+        first.address,
+        first.effective_weight(),
+        next_prime((100 * serving).max(need))
+    ))
 }
 
 /// A VIP's backends: family, unicast (not broadcast, multicast, unspecified or loopback), not
@@ -946,6 +1017,57 @@ source_v6 = "fd00::2"
                 .ends_with("use an address of eth0 (`ip -6 addr show eth0`)"),
             "{p:?}"
         );
+    }
+
+    #[test]
+    fn a_table_too_small_for_its_backends_is_refused_and_a_small_one_warned() {
+        let vip = |size: u32, backends: usize, extra: &str| {
+            let mut t = format!(
+                "[[vip]]\naddress = \"10.0.0.100\"\nport = 80\nprotocol = \"tcp\"\ntable_size = {size}\n"
+            );
+            for b in 0..backends {
+                t.push_str(&format!(
+                    "[[vip.backend]]\naddress = \"10.0.1.{}\"\n",
+                    b + 1
+                ));
+            }
+            with_vip(&(t + extra))
+        };
+        assert!(error(&vip(7, 10, "")).ends_with("vip[0] (10.0.0.100:80/tcp): table_size 7 is too small for its 10 backends: 3 of them would own no slot and get no traffic (the first is 10.0.1.8, weight 1); use a prime table_size of at least 11, or 1009 or more for about 1% disruption (100 slots per backend)"), "{}", error(&vip(7, 10, "")));
+        // Draining three leaves seven: one slot each.
+        let drained = vip(7, 10, "").replace(
+            "address = \"10.0.1.8\"\n",
+            "address = \"10.0.1.8\"\ndrained = true\n",
+        );
+        let drained = drained
+            .replace(
+                "address = \"10.0.1.9\"\n",
+                "address = \"10.0.1.9\"\nweight = 0\n",
+            )
+            .replace(
+                "address = \"10.0.1.10\"\n",
+                "address = \"10.0.1.10\"\nweight = 0\n",
+            );
+        Config::parse(&drained).unwrap();
+        // Weights: one heavy backend starves a light one in a small table.
+        let heavy = vip(11, 2, "").replacen(
+            "address = \"10.0.1.1\"\n",
+            "address = \"10.0.1.1\"\nweight = 100\n",
+            1,
+        );
+        assert!(error(&heavy).contains("table_size 11 is too small for its 2 backends: 1 of them would own no slot and get no traffic (the first is 10.0.1.2, weight 1); use a prime table_size of at least 101"), "{}", error(&heavy));
+        // Accepted but warned below 100 slots per backend; not at the default size.
+        let w = Config::parse(&vip(251, 3, "")).unwrap().warnings();
+        assert_eq!(w.len(), 1);
+        assert_eq!(w[0].1, "vip[0] (10.0.0.100:80/tcp): table_size 251 is below 100 slots per backend (3 backends), so a change of one backend also moves other backends' flows (Maglev needs about 100 per backend for about 1% disruption); use a prime table_size of at least 307");
+        assert!(Config::parse(&vip(307, 3, ""))
+            .unwrap()
+            .warnings()
+            .is_empty());
+        assert!(Config::parse(&vip(65537, 100, ""))
+            .unwrap()
+            .warnings()
+            .is_empty());
     }
 
     #[test]

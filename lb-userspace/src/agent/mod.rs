@@ -46,7 +46,7 @@ use std::{
     time::Instant,
 };
 use tokio::sync::Mutex;
-use tracing::{debug, error, info};
+use tracing::{debug, error, info, warn};
 
 /// What the mutex protects: the datapath and the configuration it was built from.
 struct State {
@@ -208,6 +208,7 @@ impl Agent {
         let file_text = fs::read_to_string(config_path).ok();
         let health = sync_health(&HealthMap::new(), &config);
         let (learning, learned) = sync_learning(&LearnMap::new(), &Learned::new(), &config);
+        warn_new(&events, None, &config);
         Arc::new(Agent {
             state: Mutex::new(State {
                 lb,
@@ -276,6 +277,7 @@ impl Agent {
         let (learning, learned) = sync_learning(&st.learning, &st.learned, &new);
         match apply_datapath(&mut st.lb, &new, &health, &learned, &mut st.timing) {
             Ok(r) => {
+                warn_new(&self.events, Some(&st.config), &new);
                 st.config = new;
                 st.file_text = Some(text);
                 st.health = health;
@@ -361,6 +363,7 @@ impl Agent {
                 )));
             }
         };
+        let warnings = warn_new(&self.events, Some(&st.config), &next);
         st.config = next;
         st.file_text = Some(written);
         st.health = health;
@@ -372,7 +375,9 @@ impl Agent {
             info!(%vip, moved, generation, "table updated");
         }
         Ok(Changed {
-            message,
+            message: warnings
+                .iter()
+                .fold(message, |m, w| format!("{m}\nwarning: {w}")),
             changed: true,
             tables: report
                 .tables
@@ -385,6 +390,22 @@ impl Agent {
                 .collect(),
         })
     }
+}
+
+/// Logs and journals the warnings of `next` ([`Config::warnings`]) that `prev` did not have;
+/// returns them.
+fn warn_new(events: &Journal, prev: Option<&Config>, next: &Config) -> Vec<String> {
+    let before = prev.map(Config::warnings).unwrap_or_default();
+    let mut out = Vec::new();
+    for (key, w) in next.warnings() {
+        if before.iter().any(|(k, _)| *k == key) {
+            continue;
+        }
+        warn!("{w}");
+        events.record(events::Kind::ConfigWarning, w.clone());
+        out.push(w);
+    }
+    out
 }
 
 /// Refuses a configuration that asks of this host what it does not allow (see

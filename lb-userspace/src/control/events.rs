@@ -73,6 +73,8 @@ pub enum Kind {
     /// A SIGHUP reload was refused (nothing changed) or applied.
     ReloadRefused,
     Reloaded,
+    /// An accepted configuration has something worth a warning (a small Maglev table).
+    ConfigWarning,
 }
 
 impl Kind {
@@ -93,6 +95,7 @@ impl Kind {
             Kind::ChangeRolledBack => "change_rolled_back",
             Kind::ReloadRefused => "reload_refused",
             Kind::Reloaded => "reloaded",
+            Kind::ConfigWarning => "config_warning",
         }
     }
 }
