@@ -170,6 +170,9 @@ pub enum BackendCommand {
         vip: VipName,
         #[arg(value_parser = parse_backend_address)]
         address: IpAddr,
+        /// Do it even if it leaves the VIP no serving backend (all its traffic dropped).
+        #[arg(long)]
+        force: bool,
     },
     /// Change a backend's weight (0 to 10000).
     SetWeight {
@@ -178,12 +181,18 @@ pub enum BackendCommand {
         address: IpAddr,
         #[arg(value_parser = parse_weight, allow_negative_numbers = true)]
         weight: u32,
+        /// Do it even if it leaves the VIP no serving backend (all its traffic dropped).
+        #[arg(long)]
+        force: bool,
     },
     /// Stop sending new flows to a backend; its established flows continue.
     Drain {
         vip: VipName,
         #[arg(value_parser = parse_backend_address)]
         address: IpAddr,
+        /// Do it even if it leaves the VIP no serving backend (all its traffic dropped).
+        #[arg(long)]
+        force: bool,
     },
     /// Give a drained backend new flows again, at its weight.
     Undrain {

@@ -1258,3 +1258,73 @@ fn a_table_too_small_for_its_backends_is_refused() {
     drop(lbd);
     let _ = fs::remove_dir_all(&dir);
 }
+
+/// Issue 20: draining, removing or zeroing the weight of a VIP's last serving backend drops all
+/// its traffic: refused unless `--force`, changing nothing. A VIP without a serving backend
+/// shows in `lbctl status` (`serving_backends`, and a note in the text) and in
+/// `lb_vip_serving_backends`.
+#[test]
+fn the_last_serving_backend_stays_unless_forced() {
+    require_root();
+    let lab = Lab::new(LabSpec { backends: 2 }).expect("building the lab");
+    let dir = scratch("last");
+    let (b0, b1) = (backend_v4(0).to_string(), backend_v4(1).to_string());
+    fs::write(
+        dir.join("lbd.toml"),
+        format!(
+            "{}\n[[vip]]\naddress = \"{VIP_V4}\"\nport = 80\nprotocol = \"tcp\"\n\
+             [[vip.backend]]\naddress = \"{b0}\"\n[[vip.backend]]\naddress = \"{b1}\"\n",
+            header(&dir)
+        ),
+    )
+    .unwrap();
+    let lbd = Lbd::start(lab.lb().ns(), &dir);
+    let sock = lbd.socket.clone();
+    let serving = || lbctl_json(&sock, &["status"])["vips"][0]["serving_backends"].clone();
+    let metric =
+        || scrape_metrics(lab.lb().ns())[&format!("lb_vip_serving_backends{{vip=\"{VIP4}\"}}")];
+    assert_eq!(serving(), 2);
+    assert_eq!(metric(), 2.0);
+    change(&sock, &["backend", "drain", VIP4, &b0]);
+    assert_eq!(serving(), 1);
+    assert_eq!(metric(), 1.0);
+    let backends = lbctl_json(&sock, &["backend", "list"]);
+    let file = fs::read(&lbd.config).unwrap();
+    let want = "vip 10.200.100.1:80/tcp: this change leaves it no serving backend (the others are drained, down or at weight 0), so all its traffic would be dropped; add or undrain another backend first, or repeat the command with --force to do it anyway";
+    for args in [
+        vec!["backend", "drain", VIP4, &b1],
+        vec!["backend", "remove", VIP4, &b1],
+        vec!["backend", "set-weight", VIP4, &b1, "0"],
+    ] {
+        let out = lbctl(&sock, &args);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {}", show(&out));
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains(want),
+            "{args:?}: {}",
+            show(&out)
+        );
+        assert_eq!(
+            lbctl_json(&sock, &["backend", "list"]),
+            backends,
+            "{args:?}"
+        );
+        assert_eq!(fs::read(&lbd.config).unwrap(), file, "{args:?}");
+    }
+    // Forced: done, and shown.
+    change(&sock, &["backend", "drain", VIP4, &b1, "--force"]);
+    assert_eq!(serving(), 0);
+    assert_eq!(metric(), 0.0);
+    let text = lbctl(&sock, &["status"]);
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with(VIP4) && l.ends_with("no serving backend: traffic dropped")),
+        "{text}"
+    );
+    // Nothing serving already: removing one more is no loss, and needs no force.
+    change(&sock, &["backend", "remove", VIP4, &b0]);
+    change(&sock, &["backend", "undrain", VIP4, &b1]);
+    assert_eq!(serving(), 1);
+    drop(lbd);
+    let _ = fs::remove_dir_all(&dir);
+}

@@ -331,6 +331,9 @@ impl Agent {
         }
         next.validate()?;
         refuse_new_host_problems(&prev, &next)?;
+        if !req.forced() {
+            refuse_leaving_no_serving_backend(&prev, &next, &st.health, &st.learned)?;
+        }
         let on_disk = fs::read_to_string(&self.config_path).ok();
         if on_disk.is_none() || on_disk != st.file_text {
             bail!(
@@ -390,6 +393,44 @@ impl Agent {
                 .collect(),
         })
     }
+}
+
+/// Refuses a change that leaves a VIP which has a serving backend (weight in the table: not
+/// drained, not down) without one: all its traffic would be dropped. `--force` overrides.
+fn refuse_leaving_no_serving_backend(
+    prev: &Config,
+    next: &Config,
+    health: &HealthMap,
+    learned: &Learned,
+) -> Result<()> {
+    let serving = |cfg: &Config| -> BTreeMap<VipId, usize> {
+        effective(cfg, health, learned)
+            .vips
+            .iter()
+            .map(|v| {
+                let n = v
+                    .backends
+                    .iter()
+                    .filter(|b| b.effective_weight() > 0)
+                    .count();
+                (vip_id(v), n)
+            })
+            .collect()
+    };
+    let before = serving(prev);
+    for (id, n) in serving(next) {
+        if n == 0 && before.get(&id).is_some_and(|&b| b > 0) {
+            let name = VipName {
+                address: id.0,
+                port: id.1,
+                protocol: id.2,
+            };
+            bail!(
+                "vip {name}: this change leaves it no serving backend (the others are drained, down or at weight 0), so all its traffic would be dropped; add or undrain another backend first, or repeat the command with --force to do it anyway"
+            );
+        }
+    }
+    Ok(())
 }
 
 /// Logs and journals the warnings of `next` ([`Config::warnings`]) that `prev` did not have;
@@ -540,6 +581,7 @@ mod tests {
         let c = try_edit(Request::BackendDrain {
             vip: VIP.into(),
             address: "10.0.0.11".into(),
+            force: false,
         })
         .unwrap();
         assert!(c.vips[0].backends[0].drained);
@@ -573,13 +615,15 @@ mod tests {
         .contains("vip 10.0.0.9:80/tcp: no such VIP"));
         assert!(e(Request::BackendRemove {
             vip: VIP.into(),
-            address: "10.0.0.99".into()
+            address: "10.0.0.99".into(),
+            force: false,
         })
         .contains("backend 10.0.0.99 of vip 10.0.0.100:80/tcp: no such backend"));
         assert!(e(Request::BackendSetWeight {
             vip: VIP.into(),
             address: "10.0.0.11".into(),
-            weight: 10_001
+            weight: 10_001,
+            force: false,
         })
         .contains("weight 10001 is out of range; use 0 to 10000"));
         assert!(e(Request::BackendAdd {
