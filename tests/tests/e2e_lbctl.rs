@@ -1061,21 +1061,36 @@ fn racing_writers_never_leave_a_half_applied_state() {
 }
 
 /// Runs `lbd --config PATH` in `lab`'s balancer namespace, expecting it to refuse to start
-/// with `want` in its error.
+/// with `want` in its error (an lbd still running after 10 s is killed and the test fails).
 fn lbd_refuses_to_start(lab: &Lab, path: &Path, want: &str) {
-    let out = lab
+    let mut child = lab
         .lb()
         .ns()
         .command(bin_path("lbd"))
         .arg("--config")
         .arg(path)
         .stdin(Stdio::null())
-        .output()
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
         .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let end = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break Some(status);
+        }
+        if Instant::now() > end {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
     assert!(
-        !out.status.success(),
-        "lbd started with {}",
+        status.is_some_and(|s| !s.success()),
+        "lbd started ({status:?}) with {}\n{stderr}",
         fs::read_to_string(path).unwrap()
     );
     assert!(stderr.contains(want), "want {want:?}, got: {stderr}");
