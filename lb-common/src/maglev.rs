@@ -96,19 +96,31 @@ fn identity_hash(b: &Backend, seed: u64) -> u64 {
 /// (ties to the earlier backend in identity order). Exact shares, summing to exactly `M`, so
 /// the population loop knows when to stop and cannot drift.
 fn quotas(sorted: &[Backend], m: u64) -> Vec<u64> {
-    let total: u64 = sorted.iter().map(|b| u64::from(b.weight)).sum();
-    let mut q = vec![0u64; sorted.len()];
+    let weights: Vec<u32> = sorted.iter().map(|b| b.weight).collect();
+    quotas_of(&weights, m)
+}
+
+/// The slots each backend owns in a table of `size` slots ([`build`] fills exactly these), for
+/// backends whose weights are given in identity order (family, then address bytes): a check
+/// that every backend with weight gets a slot needs no table.
+pub fn slot_counts(weights_in_identity_order: &[u32], size: u32) -> Vec<u64> {
+    quotas_of(weights_in_identity_order, u64::from(size))
+}
+
+fn quotas_of(weights: &[u32], m: u64) -> Vec<u64> {
+    let total: u64 = weights.iter().map(|&w| u64::from(w)).sum();
+    let mut q = vec![0u64; weights.len()];
     if total == 0 {
         return q;
     }
-    let mut remainders = Vec::with_capacity(sorted.len());
+    let mut remainders = Vec::with_capacity(weights.len());
     let mut assigned = 0u64;
-    for (i, b) in sorted.iter().enumerate() {
-        if b.weight == 0 {
+    for (i, &w) in weights.iter().enumerate() {
+        if w == 0 {
             continue;
         }
         // m <= 2^20 and w < 2^32: no overflow.
-        let p = m * u64::from(b.weight);
+        let p = m * u64::from(w);
         q[i] = p / total;
         assigned += q[i];
         remainders.push((p % total, i));

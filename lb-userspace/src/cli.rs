@@ -151,6 +151,10 @@ pub enum VipCommand {
         /// Maglev table size: a prime from 7 to 1048573 (default 65537).
         #[arg(long, value_parser = parse_table_size, allow_negative_numbers = true)]
         table_size: Option<u32>,
+        /// Accept a VIP that is an address of the balancer's own interface: its port is taken
+        /// over from this host's own service (such as SSH).
+        #[arg(long)]
+        force: bool,
     },
     /// Remove a VIP and its backends (their connections end).
     Remove { vip: VipName },
@@ -174,6 +178,9 @@ pub enum BackendCommand {
         vip: VipName,
         #[arg(value_parser = parse_backend_address)]
         address: IpAddr,
+        /// Do it even if it leaves the VIP no serving backend (all its traffic dropped).
+        #[arg(long)]
+        force: bool,
     },
     /// Change a backend's weight (0 to 10000).
     SetWeight {
@@ -182,12 +189,18 @@ pub enum BackendCommand {
         address: IpAddr,
         #[arg(value_parser = parse_weight, allow_negative_numbers = true)]
         weight: u32,
+        /// Do it even if it leaves the VIP no serving backend (all its traffic dropped).
+        #[arg(long)]
+        force: bool,
     },
     /// Stop sending new flows to a backend; its established flows continue.
     Drain {
         vip: VipName,
         #[arg(value_parser = parse_backend_address)]
         address: IpAddr,
+        /// Do it even if it leaves the VIP no serving backend (all its traffic dropped).
+        #[arg(long)]
+        force: bool,
     },
     /// Give a drained backend new flows again, at its weight.
     Undrain {

@@ -97,6 +97,15 @@ impl Forwarding {
     }
 }
 
+/// This host's addresses, for [`Config::host_problems`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HostAddrs {
+    /// The addresses of the balancer's interface.
+    pub interface: Vec<IpAddr>,
+    /// The addresses of every interface in lbd's network namespace.
+    pub all: Vec<IpAddr>,
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Encap {
@@ -160,6 +169,10 @@ pub struct Vip {
     pub learning: Option<Learning>,
     #[serde(default, rename = "backend")]
     pub backends: Vec<Backend>,
+    /// The VIP may be an address of the balancer's own interface: its port is then taken over
+    /// from the host's own service (refused otherwise; `lbctl vip add --force` sets it).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub allow_host_address: bool,
 }
 
 fn default_table_size() -> u32 {
@@ -578,12 +591,77 @@ impl Config {
         out
     }
 
+    /// What the configuration asks of this host that the host does not allow: an encap source
+    /// that is none of its addresses, a VIP that is an address of the balancer's interface
+    /// (without `allow_host_address`). Each as (what it is about, the refusal naming the field
+    /// and the fix); `lbd` refuses any at start and reload, `lbctl` any new one.
+    pub fn host_problems(&self, host: &HostAddrs) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        let sources = [
+            (
+                "encap.source_v4",
+                self.encap.source_v4.map(IpAddr::V4),
+                "-4",
+            ),
+            (
+                "encap.source_v6",
+                self.encap.source_v6.map(IpAddr::V6),
+                "-6",
+            ),
+        ];
+        for (field, src, family) in sources {
+            if let Some(a) = src {
+                if !host.all.contains(&a) {
+                    out.push((field.to_string(), format!(
+                        "{field}: {a} is not an address of this host (no interface in lbd's network namespace has it), so tunnelled packets would carry a source that is not this host's (dropped by anti-spoofing filters, their ICMP errors lost); use an address of {} (`ip {family} addr show {}`)",
+                        self.interface, self.interface
+                    )));
+                }
+            }
+        }
+        for (i, vip) in self.vips.iter().enumerate() {
+            if !vip.allow_host_address && host.interface.contains(&vip.address) {
+                let name = vip.name();
+                out.push((name.clone(), format!(
+                    "vip[{i}] ({name}): {} is an address of the balancer's interface {}, so the balancer would take port {}/{} over from this host's own service (such as SSH); use an address that is not the balancer's own, or, to take the port over deliberately, `lbctl vip add --force` (allow_host_address = true in the file)",
+                    vip.address, self.interface, vip.port, vip.protocol
+                )));
+            }
+        }
+        out
+    }
+
+    /// What is accepted but worth a warning (logged, and kept for `lbctl status`): a table with
+    /// fewer than 100 slots per backend, where a change of one backend moves other backends'
+    /// flows too (Maglev needs about 100 per backend for about 1% disruption). Each as (the
+    /// VIP, the warning).
+    pub fn warnings(&self) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        for (i, vip) in self.vips.iter().enumerate() {
+            let n = vip
+                .backends
+                .iter()
+                .filter(|b| b.effective_weight() > 0)
+                .count() as u64;
+            if u64::from(vip.table_size) < 100 * n {
+                let name = vip.name();
+                out.push((name.clone(), format!(
+                    "vip[{i}] ({name}): table_size {} is below 100 slots per backend ({n} backends), so a change of one backend also moves other backends' flows (Maglev needs about 100 per backend for about 1% disruption); use a prime table_size of at least {}",
+                    vip.table_size,
+                    next_prime(100 * n)
+                )));
+            }
+        }
+        out
+    }
+
     /// Checks everything the datapath relies on.
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.check_settings()?;
         let mut seen = HashSet::new();
         let mut slots: u64 = 0;
         let mut backends = 0usize;
+        let vip_addrs: HashSet<IpAddr> = self.vips.iter().map(|v| v.address).collect();
         for (i, vip) in self.vips.iter().enumerate() {
             let name = vip.name();
             let at = format!("vip[{i}] ({name})");
@@ -594,7 +672,8 @@ impl Config {
             }
             self.check_vip(&at, vip)?;
             slots += vip.table_size as u64;
-            check_backends(&at, vip)?;
+            check_backends(&at, vip, &vip_addrs)?;
+            check_table_fits(&at, vip)?;
             backends += vip.backends.len();
         }
         if backends >= MAX_BACKENDS as usize {
@@ -701,8 +780,55 @@ impl Config {
     }
 }
 
-/// A VIP's backends: family, unicast, unique, weight in range.
-fn check_backends(at: &str, vip: &Vip) -> Result<(), ConfigError> {
+/// The smallest prime at or above `n` (at least [`MIN_TABLE_SIZE`]).
+fn next_prime(n: u64) -> u64 {
+    let mut p = n.max(u64::from(MIN_TABLE_SIZE));
+    while p <= u64::from(u32::MAX) && !is_prime(p as u32) {
+        p += 1;
+    }
+    p
+}
+
+/// Every backend with weight must own at least one slot of the VIP's table: a table too small
+/// for its backends would give some none (they get no traffic, silently).
+fn check_table_fits(at: &str, vip: &Vip) -> Result<(), ConfigError> {
+    // Identity order, as the table is built (backends of a VIP share its family).
+    let mut sorted: Vec<&Backend> = vip.backends.iter().collect();
+    sorted.sort_by_key(|b| b.address);
+    let weights: Vec<u32> = sorted.iter().map(|b| b.effective_weight()).collect();
+    let slots = lb_common::maglev::slot_counts(&weights, vip.table_size);
+    let starved = sorted
+        .iter()
+        .zip(&slots)
+        .filter(|(b, &s)| b.effective_weight() > 0 && s == 0)
+        .map(|(b, _)| b)
+        .collect::<Vec<_>>();
+    let Some(first) = starved.first() else {
+        return Ok(());
+    };
+    let total: u64 = weights.iter().map(|&w| u64::from(w)).sum();
+    let lightest = weights
+        .iter()
+        .filter(|&&w| w > 0)
+        .min()
+        .copied()
+        .unwrap_or(1);
+    let serving = weights.iter().filter(|&&w| w > 0).count() as u64;
+    // With M >= W / w_min every backend's exact share is at least one slot.
+    let need = next_prime(total.div_ceil(u64::from(lightest)));
+    err(format!(
+        "{at}: table_size {} is too small for its {serving} backends: {} of them would own no slot and get no traffic (the first is {}, weight {}); use a prime table_size of at least {need}, or {} or more for about 1% disruption (100 slots per backend)",
+        vip.table_size,
+        starved.len(),
+        first.address,
+        first.effective_weight(),
+        next_prime((100 * serving).max(need))
+    ))
+}
+
+/// A VIP's backends: family, unicast (not broadcast, multicast, unspecified or loopback), not
+/// one of the balancer's VIPs (`vip_addrs`), unique, weight in range.
+fn check_backends(at: &str, vip: &Vip, vip_addrs: &HashSet<IpAddr>) -> Result<(), ConfigError> {
     let mut addrs = HashSet::new();
     for (j, b) in vip.backends.iter().enumerate() {
         let bat = format!("{at}: backend[{j}] ({})", b.address);
@@ -716,9 +842,19 @@ fn check_backends(at: &str, vip: &Vip) -> Result<(), ConfigError> {
                 "{bat}: address is {bf} but the VIP is {vf}; use an {vf} backend address"
             ));
         }
-        if b.address.is_unspecified() || b.address.is_multicast() || b.address.is_loopback() {
+        let broadcast = matches!(b.address, IpAddr::V4(a) if a.is_broadcast());
+        if b.address.is_unspecified()
+            || b.address.is_multicast()
+            || b.address.is_loopback()
+            || broadcast
+        {
             return err(format!(
                 "{bat}: address must be a unicast address of another host"
+            ));
+        }
+        if vip_addrs.contains(&b.address) {
+            return err(format!(
+                "{bat}: address is a VIP of this balancer (its packets would come back here); a backend must be a unicast address of another host"
             ));
         }
         if !addrs.insert(b.address) {
@@ -807,6 +943,131 @@ source_v6 = "fd00::2"
             error(&v("", "10.0.0.11").replace("interface = \"eth0\"", "interface = \"\""))
                 .contains("interface")
         );
+    }
+
+    #[test]
+    fn backend_must_be_a_unicast_address_of_another_host() {
+        let v = |backend: &str| {
+            with_vip(&format!(
+                "[[vip]]\naddress = \"10.0.0.100\"\nport = 80\nprotocol = \"tcp\"\n[[vip]]\naddress = \"10.0.0.101\"\nport = 53\nprotocol = \"udp\"\n[[vip.backend]]\naddress = \"{backend}\"\n"
+            ))
+        };
+        for b in ["255.255.255.255", "224.0.0.1", "0.0.0.0", "127.0.0.1"] {
+            assert!(
+                error(&v(b)).ends_with(&format!(
+                    "vip[1] (10.0.0.101:53/udp): backend[0] ({b}): address must be a unicast address of another host"
+                )),
+                "{b}: {}",
+                error(&v(b))
+            );
+        }
+        // Any VIP of the balancer, its own or another's: the packet would come back here.
+        for b in ["10.0.0.100", "10.0.0.101"] {
+            assert!(
+                error(&v(b)).contains(&format!("backend[0] ({b}): address is a VIP of this balancer (its packets would come back here); a backend must be a unicast address of another host")),
+                "{b}: {}",
+                error(&v(b))
+            );
+        }
+        Config::parse(&v("10.0.0.11")).unwrap().validate().unwrap();
+    }
+
+    #[test]
+    fn host_problems_name_the_field_and_the_fix() {
+        let c = Config::parse(&with_vip(
+            "[[vip]]\naddress = \"10.0.0.2\"\nport = 22\nprotocol = \"tcp\"\n",
+        ))
+        .unwrap();
+        let own = HostAddrs {
+            interface: vec!["10.0.0.2".parse().unwrap(), "fd00::2".parse().unwrap()],
+            all: vec!["10.0.0.2".parse().unwrap(), "fd00::2".parse().unwrap()],
+        };
+        let p = c.host_problems(&own);
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert_eq!(p[0].0, "10.0.0.2:22/tcp");
+        assert!(
+            p[0].1.starts_with(
+                "vip[0] (10.0.0.2:22/tcp): 10.0.0.2 is an address of the balancer's interface eth0"
+            ),
+            "{p:?}"
+        );
+        assert!(p[0]
+            .1
+            .contains("`lbctl vip add --force` (allow_host_address = true in the file)"));
+        let mut forced = c.clone();
+        forced.vips[0].allow_host_address = true;
+        assert!(forced.host_problems(&own).is_empty());
+        // Written back and read again, the key survives.
+        let again = Config::parse(&forced.to_toml().unwrap()).unwrap();
+        assert!(again.vips[0].allow_host_address);
+        // Sources on another interface are fine; sources on none are not.
+        let elsewhere = HostAddrs {
+            interface: vec![],
+            all: vec!["10.0.0.2".parse().unwrap()],
+        };
+        let p = c.host_problems(&elsewhere);
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert!(
+            p[0].1
+                .starts_with("encap.source_v6: fd00::2 is not an address of this host"),
+            "{p:?}"
+        );
+        assert!(
+            p[0].1
+                .ends_with("use an address of eth0 (`ip -6 addr show eth0`)"),
+            "{p:?}"
+        );
+    }
+
+    #[test]
+    fn a_table_too_small_for_its_backends_is_refused_and_a_small_one_warned() {
+        let vip = |size: u32, backends: usize, extra: &str| {
+            let mut t = format!(
+                "[[vip]]\naddress = \"10.0.0.100\"\nport = 80\nprotocol = \"tcp\"\ntable_size = {size}\n"
+            );
+            for b in 0..backends {
+                t.push_str(&format!(
+                    "[[vip.backend]]\naddress = \"10.0.1.{}\"\n",
+                    b + 1
+                ));
+            }
+            with_vip(&(t + extra))
+        };
+        assert!(error(&vip(7, 10, "")).ends_with("vip[0] (10.0.0.100:80/tcp): table_size 7 is too small for its 10 backends: 3 of them would own no slot and get no traffic (the first is 10.0.1.8, weight 1); use a prime table_size of at least 11, or 1009 or more for about 1% disruption (100 slots per backend)"), "{}", error(&vip(7, 10, "")));
+        // Draining three leaves seven: one slot each.
+        let drained = vip(7, 10, "").replace(
+            "address = \"10.0.1.8\"\n",
+            "address = \"10.0.1.8\"\ndrained = true\n",
+        );
+        let drained = drained
+            .replace(
+                "address = \"10.0.1.9\"\n",
+                "address = \"10.0.1.9\"\nweight = 0\n",
+            )
+            .replace(
+                "address = \"10.0.1.10\"\n",
+                "address = \"10.0.1.10\"\nweight = 0\n",
+            );
+        Config::parse(&drained).unwrap();
+        // Weights: one heavy backend starves a light one in a small table.
+        let heavy = vip(11, 2, "").replacen(
+            "address = \"10.0.1.1\"\n",
+            "address = \"10.0.1.1\"\nweight = 100\n",
+            1,
+        );
+        assert!(error(&heavy).contains("table_size 11 is too small for its 2 backends: 1 of them would own no slot and get no traffic (the first is 10.0.1.2, weight 1); use a prime table_size of at least 101"), "{}", error(&heavy));
+        // Accepted but warned below 100 slots per backend; not at the default size.
+        let w = Config::parse(&vip(251, 3, "")).unwrap().warnings();
+        assert_eq!(w.len(), 1);
+        assert_eq!(w[0].1, "vip[0] (10.0.0.100:80/tcp): table_size 251 is below 100 slots per backend (3 backends), so a change of one backend also moves other backends' flows (Maglev needs about 100 per backend for about 1% disruption); use a prime table_size of at least 307");
+        assert!(Config::parse(&vip(307, 3, ""))
+            .unwrap()
+            .warnings()
+            .is_empty());
+        assert!(Config::parse(&vip(65537, 100, ""))
+            .unwrap()
+            .warnings()
+            .is_empty());
     }
 
     #[test]

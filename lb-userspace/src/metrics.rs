@@ -215,6 +215,16 @@ fn vip_families(f: &mut Family<'_>, s: &StatsSnapshot) {
             f.sample(name, &[("vip", &v.vip)], get(v));
         }
     }
+    let name = "lb_vip_serving_backends";
+    f.header(
+        name,
+        "gauge",
+        "Backends of the VIP with weight in its table (not drained, not down); 0: its traffic is dropped.",
+    );
+    for v in &s.vips {
+        let serving = v.backends.iter().filter(|b| b.effective_weight > 0).count();
+        f.sample(name, &[("vip", &v.vip)], serving);
+    }
 }
 
 /// Per-backend counters and gauges, one sample per backend of each VIP.

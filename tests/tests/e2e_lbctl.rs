@@ -623,6 +623,11 @@ fn bad_input_is_refused_with_the_fix_and_changes_nothing() {
         bad(&["backend", "add", VIP4, "10.200.0.300"], 2, "backend address \"10.200.0.300\": not an IP address; write e.g. 10.0.0.11 or 2001:db8::11"),
         bad(&["backend", "add", VIP4, "10.200.0.12:80"], 2, "backend address \"10.200.0.12:80\": write the address without a port (a backend serves the VIP's port)"),
         bad(&["backend", "add", VIP4, "127.0.0.1"], 1, "backend[1] (127.0.0.1): address must be a unicast address of another host"),
+        bad(&["backend", "add", VIP4, "255.255.255.255"], 1, "backend[1] (255.255.255.255): address must be a unicast address of another host"),
+        bad(&["backend", "add", VIP4, "0.0.0.0"], 1, "backend[1] (0.0.0.0): address must be a unicast address of another host"),
+        bad(&["backend", "add", VIP6, "ff02::1"], 1, "backend[1] (ff02::1): address must be a unicast address of another host"),
+        bad(&["backend", "add", VIP4, "10.200.100.1"], 1, "vip[0] (10.200.100.1:80/tcp): backend[1] (10.200.100.1): address is a VIP of this balancer (its packets would come back here); a backend must be a unicast address of another host"),
+        bad(&["backend", "add", VIP6, "fd00:200:100::1"], 1, "backend[1] (fd00:200:100::1): address is a VIP of this balancer"),
         bad(&["backend", "add", VIP4, "10.200.0.12", "--weight", "10001"], 1, "vip[0] (10.200.100.1:80/tcp): backend[1] (10.200.0.12): weight 10001 is out of range; use 0 to 10000"),
         bad(&["backend", "set-weight", VIP4, &b0, "-3"], 2, "weight \"-3\" is not a whole number; use 0 to 10000"),
         bad(&["backend", "set-weight", VIP4, &b0, "99999"], 1, "backend[0] (10.200.0.11): weight 99999 is out of range; use 0 to 10000"),
@@ -1051,6 +1056,290 @@ fn racing_writers_never_leave_a_half_applied_state() {
             .unwrap();
         assert_eq!(own, listed);
     }
+    drop(lbd);
+    let _ = fs::remove_dir_all(&dir);
+}
+
+/// Runs `lbd --config PATH` in `lab`'s balancer namespace, expecting it to refuse to start
+/// with `want` in its error (an lbd still running after 10 s is killed and the test fails).
+fn lbd_refuses_to_start(lab: &Lab, path: &Path, want: &str) {
+    let mut child = lab
+        .lb()
+        .ns()
+        .command(bin_path("lbd"))
+        .arg("--config")
+        .arg(path)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let end = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break Some(status);
+        }
+        if Instant::now() > end {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert!(
+        status.is_some_and(|s| !s.success()),
+        "lbd started ({status:?}) with {}\n{stderr}",
+        fs::read_to_string(path).unwrap()
+    );
+    assert!(stderr.contains(want), "want {want:?}, got: {stderr}");
+}
+
+/// Issue 20: what would break the host. A VIP that is an address of the balancer's interface
+/// takes the host's own service on that port over (SSH on 22): refused by lbctl unless
+/// `--force` (which the file keeps as `allow_host_address`), and refused in the file at start and
+/// reload without that key. An encap source that is no address of the host: refused at start
+/// and reload. Each refusal names the field and the fix and changes nothing.
+#[test]
+fn the_hosts_own_addresses_are_refused_unless_forced() {
+    require_root();
+    let lab = Lab::new(LabSpec { backends: 1 }).expect("building the lab");
+    let dir = scratch("host");
+    let b0 = backend_v4(0).to_string();
+    let config = |extra: &str| {
+        format!(
+            "{}\n[[vip]]\naddress = \"{VIP_V4}\"\nport = 80\nprotocol = \"tcp\"\n\
+             [[vip.backend]]\naddress = \"{b0}\"\n{extra}",
+            header(&dir)
+        )
+    };
+    fs::write(dir.join("lbd.toml"), config("")).unwrap();
+    let lbd = Lbd::start(lab.lb().ns(), &dir);
+    let sock = lbd.socket.clone();
+    let vips = lbctl_json(&sock, &["vip", "list"]);
+    let file = fs::read(&lbd.config).unwrap();
+    let ssh = format!("{LB_V4}:22/tcp");
+    let ssh6 = format!("[{LB_V6}]:22/tcp");
+    for vip in [&ssh, &ssh6] {
+        let out = lbctl(&sock, &["vip", "add", vip]);
+        assert_eq!(out.status.code(), Some(1), "{}", show(&out));
+        let want = format!(
+            "vip[1] ({vip}): {} is an address of the balancer's interface eth0, so the balancer would take port 22/tcp over from this host's own service (such as SSH); use an address that is not the balancer's own, or, to take the port over deliberately, `lbctl vip add --force` (allow_host_address = true in the file)",
+            if vip == &ssh { LB_V4.to_string() } else { LB_V6.to_string() }
+        );
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains(&want),
+            "{}",
+            show(&out)
+        );
+        assert_eq!(lbctl_json(&sock, &["vip", "list"]), vips);
+        assert_eq!(fs::read(&lbd.config).unwrap(), file);
+    }
+    // Forced: accepted, and the file says so, so that a restart accepts it too.
+    change(&sock, &["vip", "add", &ssh, "--force"]);
+    let text = fs::read_to_string(&lbd.config).unwrap();
+    assert!(text.contains("allow_host_address = true"), "{text}");
+    drop(lbd);
+    let lbd = Lbd::start(lab.lb().ns(), &dir);
+    assert_eq!(
+        lbctl_json(&lbd.socket, &["vip", "list"])
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
+    // Without the key, the file is refused on reload (nothing changes) and at start.
+    let t = procs::now_ms();
+    fs::write(
+        &lbd.config,
+        config(&format!(
+            "[[vip]]\naddress = \"{LB_V4}\"\nport = 22\nprotocol = \"tcp\"\n"
+        )),
+    )
+    .unwrap();
+    lbd.signal(libc::SIGHUP);
+    let e = lbd.wait_event("reload_refused", t);
+    assert!(
+        e["message"].as_str().unwrap().contains(&format!(
+            "vip[1] ({ssh}): {LB_V4} is an address of the balancer's interface eth0"
+        )),
+        "{e}"
+    );
+    assert_eq!(
+        lbctl_json(&lbd.socket, &["vip", "list"])
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
+    drop(lbd);
+    let bad = dir.join("bad.toml");
+    fs::write(
+        &bad,
+        config(&format!(
+            "[[vip]]\naddress = \"{LB_V4}\"\nport = 22\nprotocol = \"tcp\"\n"
+        )),
+    )
+    .unwrap();
+    lbd_refuses_to_start(
+        &lab,
+        &bad,
+        &format!("vip[1] ({ssh}): {LB_V4} is an address of the balancer's interface eth0"),
+    );
+
+    // An encap source that is no address of this host, at start and on reload.
+    for (field, other, fix) in [
+        ("source_v4", "10.200.0.99", "`ip -4 addr show eth0`"),
+        ("source_v6", "fd00:200::99", "`ip -6 addr show eth0`"),
+    ] {
+        let own = if field == "source_v4" {
+            LB_V4.to_string()
+        } else {
+            LB_V6.to_string()
+        };
+        let text = config("").replace(
+            &format!("{field} = \"{own}\""),
+            &format!("{field} = \"{other}\""),
+        );
+        fs::write(&bad, &text).unwrap();
+        let want = format!("encap.{field}: {other} is not an address of this host (no interface in lbd's network namespace has it), so tunnelled packets would carry a source that is not this host's (dropped by anti-spoofing filters, their ICMP errors lost); use an address of eth0 ({fix})");
+        lbd_refuses_to_start(&lab, &bad, &want);
+        fs::write(dir.join("lbd.toml"), config("")).unwrap();
+        let lbd = Lbd::start(lab.lb().ns(), &dir);
+        let t = procs::now_ms();
+        fs::write(&lbd.config, &text).unwrap();
+        lbd.signal(libc::SIGHUP);
+        let e = lbd.wait_event("reload_refused", t);
+        assert!(e["message"].as_str().unwrap().contains(&want), "{e}");
+        drop(lbd);
+    }
+    let _ = fs::remove_dir_all(&dir);
+}
+
+/// Issue 20: a table too small for its backends gives some no slot (no traffic, silently):
+/// refused at start and by lbctl, naming the field and the fix, changing nothing. Below 100
+/// slots per backend it is accepted with a warning (log, `lbctl status` event, and the lbctl
+/// answer).
+#[test]
+fn a_table_too_small_for_its_backends_is_refused() {
+    require_root();
+    let lab = Lab::new(LabSpec { backends: 1 }).expect("building the lab");
+    let dir = scratch("small");
+    let config = |backends: usize| {
+        let mut t = format!(
+            "{}\n[[vip]]\naddress = \"{VIP_V4}\"\nport = 80\nprotocol = \"tcp\"\ntable_size = 7\n",
+            header(&dir)
+        );
+        for i in 0..backends {
+            t.push_str(&format!(
+                "[[vip.backend]]\naddress = \"10.200.0.{}\"\n",
+                11 + i
+            ));
+        }
+        t
+    };
+    let bad = dir.join("bad.toml");
+    fs::write(&bad, config(10)).unwrap();
+    lbd_refuses_to_start(&lab, &bad, "vip[0] (10.200.100.1:80/tcp): table_size 7 is too small for its 10 backends: 3 of them would own no slot and get no traffic (the first is 10.200.0.18, weight 1); use a prime table_size of at least 11, or 1009 or more for about 1% disruption (100 slots per backend)");
+    // Seven backends fit seven slots, with a warning.
+    let t = procs::now_ms();
+    fs::write(dir.join("lbd.toml"), config(7)).unwrap();
+    let lbd = Lbd::start(lab.lb().ns(), &dir);
+    let sock = lbd.socket.clone();
+    let e = lbd.wait_event("config_warning", t);
+    assert_eq!(e["message"], "vip[0] (10.200.100.1:80/tcp): table_size 7 is below 100 slots per backend (7 backends), so a change of one backend also moves other backends' flows (Maglev needs about 100 per backend for about 1% disruption); use a prime table_size of at least 701");
+    assert!(lbd
+        .log()
+        .contains("table_size 7 is below 100 slots per backend"));
+    let backends = lbctl_json(&sock, &["backend", "list"]);
+    let file = fs::read(&lbd.config).unwrap();
+    let out = lbctl(&sock, &["backend", "add", VIP4, "10.200.0.18"]);
+    assert_eq!(out.status.code(), Some(1), "{}", show(&out));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("vip[0] (10.200.100.1:80/tcp): table_size 7 is too small for its 8 backends: 1 of them would own no slot and get no traffic (the first is 10.200.0.18, weight 1); use a prime table_size of at least 11"), "{}", show(&out));
+    assert_eq!(lbctl_json(&sock, &["backend", "list"]), backends);
+    assert_eq!(fs::read(&lbd.config).unwrap(), file);
+    // A new VIP with a small table: accepted, and the answer carries the warning.
+    let v = change(
+        &sock,
+        &["vip", "add", "10.200.100.2:80/tcp", "--table-size", "7"],
+    );
+    assert!(!v["message"].as_str().unwrap().contains("warning"), "{v}");
+    let v = change(
+        &sock,
+        &["backend", "add", "10.200.100.2:80/tcp", "10.200.0.11"],
+    );
+    assert!(v["message"].as_str().unwrap().contains("\nwarning: vip[1] (10.200.100.2:80/tcp): table_size 7 is below 100 slots per backend (1 backends)"), "{v}");
+    drop(lbd);
+    let _ = fs::remove_dir_all(&dir);
+}
+
+/// Issue 20: draining, removing or zeroing the weight of a VIP's last serving backend drops all
+/// its traffic: refused unless `--force`, changing nothing. A VIP without a serving backend
+/// shows in `lbctl status` (`serving_backends`, and a note in the text) and in
+/// `lb_vip_serving_backends`.
+#[test]
+fn the_last_serving_backend_stays_unless_forced() {
+    require_root();
+    let lab = Lab::new(LabSpec { backends: 2 }).expect("building the lab");
+    let dir = scratch("last");
+    let (b0, b1) = (backend_v4(0).to_string(), backend_v4(1).to_string());
+    fs::write(
+        dir.join("lbd.toml"),
+        format!(
+            "{}\n[[vip]]\naddress = \"{VIP_V4}\"\nport = 80\nprotocol = \"tcp\"\n\
+             [[vip.backend]]\naddress = \"{b0}\"\n[[vip.backend]]\naddress = \"{b1}\"\n",
+            header(&dir)
+        ),
+    )
+    .unwrap();
+    let lbd = Lbd::start(lab.lb().ns(), &dir);
+    let sock = lbd.socket.clone();
+    let serving = || lbctl_json(&sock, &["status"])["vips"][0]["serving_backends"].clone();
+    let metric =
+        || scrape_metrics(lab.lb().ns())[&format!("lb_vip_serving_backends{{vip=\"{VIP4}\"}}")];
+    assert_eq!(serving(), 2);
+    assert_eq!(metric(), 2.0);
+    change(&sock, &["backend", "drain", VIP4, &b0]);
+    assert_eq!(serving(), 1);
+    assert_eq!(metric(), 1.0);
+    let backends = lbctl_json(&sock, &["backend", "list"]);
+    let file = fs::read(&lbd.config).unwrap();
+    let want = "vip 10.200.100.1:80/tcp: this change leaves it no serving backend (the others are drained, down or at weight 0), so all its traffic would be dropped; add or undrain another backend first, or repeat the command with --force to do it anyway";
+    for args in [
+        vec!["backend", "drain", VIP4, &b1],
+        vec!["backend", "remove", VIP4, &b1],
+        vec!["backend", "set-weight", VIP4, &b1, "0"],
+    ] {
+        let out = lbctl(&sock, &args);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {}", show(&out));
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains(want),
+            "{args:?}: {}",
+            show(&out)
+        );
+        assert_eq!(
+            lbctl_json(&sock, &["backend", "list"]),
+            backends,
+            "{args:?}"
+        );
+        assert_eq!(fs::read(&lbd.config).unwrap(), file, "{args:?}");
+    }
+    // Forced: done, and shown.
+    change(&sock, &["backend", "drain", VIP4, &b1, "--force"]);
+    assert_eq!(serving(), 0);
+    assert_eq!(metric(), 0.0);
+    let text = lbctl(&sock, &["status"]);
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with(VIP4) && l.ends_with("no serving backend: traffic dropped")),
+        "{text}"
+    );
+    // Nothing serving already: removing one more is no loss, and needs no force.
+    change(&sock, &["backend", "remove", VIP4, &b0]);
+    change(&sock, &["backend", "undrain", VIP4, &b1]);
+    assert_eq!(serving(), 1);
     drop(lbd);
     let _ = fs::remove_dir_all(&dir);
 }

@@ -317,6 +317,17 @@ fn check_runs_every_validation_start_runs() {
         check_refuses(&path, want);
     }
     assert!(!pins.exists(), "--check creates no pin_dir");
+    // The host checks start runs (an encapsulation source this host does not have).
+    let path = dir.join("encap.toml");
+    std::fs::write(
+        &path,
+        format!("interface = \"lo\"\n{base}[encap]\nsource_v4 = \"192.0.2.99\"\n"),
+    )
+    .unwrap();
+    check_refuses(
+        &path,
+        "encap.source_v4: 192.0.2.99 is not an address of this host (no interface in lbd's network namespace has it), so tunnelled packets would carry a source that is not this host's (dropped by anti-spoofing filters, their ICMP errors lost); use an address of lo (`ip -4 addr show lo`)",
+    );
     for (mode, who) in [(0o666, "everyone"), (0o620, "its group")] {
         let path = dir.join(format!("open{mode:o}.toml"));
         std::fs::write(&path, format!("interface = \"lo\"\n{base}")).unwrap();

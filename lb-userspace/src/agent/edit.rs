@@ -56,6 +56,7 @@ pub(super) fn edit(cfg: &mut Config, req: &Request) -> Result<String> {
             vip,
             forwarding,
             table_size,
+            force,
         } => {
             let name = parse_vip(vip)?;
             let forwarding = forwarding.unwrap_or_default();
@@ -80,6 +81,7 @@ pub(super) fn edit(cfg: &mut Config, req: &Request) -> Result<String> {
                 health: None,
                 learning: None,
                 backends: Vec::new(),
+                allow_host_address: *force,
             });
             Ok(added)
         }
@@ -117,7 +119,7 @@ pub(super) fn edit(cfg: &mut Config, req: &Request) -> Result<String> {
                 "added backend {addr} to vip {name} with weight {weight}"
             ))
         }
-        Request::BackendRemove { vip, address } => {
+        Request::BackendRemove { vip, address, .. } => {
             let name = parse_vip(vip)?;
             let addr = parse_addr(address)?;
             let v = find_vip(cfg, &name)?;
@@ -129,6 +131,7 @@ pub(super) fn edit(cfg: &mut Config, req: &Request) -> Result<String> {
             vip,
             address,
             weight,
+            ..
         } => {
             let name = parse_vip(vip)?;
             let addr = parse_addr(address)?;
@@ -145,7 +148,7 @@ pub(super) fn edit(cfg: &mut Config, req: &Request) -> Result<String> {
                 }
             ))
         }
-        Request::BackendDrain { vip, address } | Request::BackendUndrain { vip, address } => {
+        Request::BackendDrain { vip, address, .. } | Request::BackendUndrain { vip, address } => {
             let drain = matches!(req, Request::BackendDrain { .. });
             let name = parse_vip(vip)?;
             let addr = parse_addr(address)?;

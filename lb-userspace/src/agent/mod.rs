@@ -46,7 +46,7 @@ use std::{
     time::Instant,
 };
 use tokio::sync::Mutex;
-use tracing::{debug, error, info};
+use tracing::{debug, error, info, warn};
 
 /// What the mutex protects: the datapath and the configuration it was built from.
 struct State {
@@ -208,6 +208,7 @@ impl Agent {
         let file_text = fs::read_to_string(config_path).ok();
         let health = sync_health(&HealthMap::new(), &config);
         let (learning, learned) = sync_learning(&LearnMap::new(), &Learned::new(), &config);
+        warn_new(&events, None, &config);
         Arc::new(Agent {
             state: Mutex::new(State {
                 lb,
@@ -260,6 +261,7 @@ impl Agent {
         })?;
         let new = Config::parse(&text)
             .map_err(|e| anyhow!("reload rejected, nothing changed: config file {path}: {e}"))?;
+        check_host(&new).map_err(|e| anyhow!("reload rejected, nothing changed: {e:#}"))?;
         let fixed = st.config.restart_only_changes(&new);
         if !fixed.is_empty() {
             bail!(
@@ -275,6 +277,7 @@ impl Agent {
         let (learning, learned) = sync_learning(&st.learning, &st.learned, &new);
         match apply_datapath(&mut st.lb, &new, &health, &learned, &mut st.timing) {
             Ok(r) => {
+                warn_new(&self.events, Some(&st.config), &new);
                 st.config = new;
                 st.file_text = Some(text);
                 st.health = health;
@@ -328,6 +331,10 @@ impl Agent {
             });
         }
         next.validate()?;
+        refuse_new_host_problems(&prev, &next)?;
+        if !req.forced() {
+            refuse_leaving_no_serving_backend(&prev, &next, &st.health, &st.learned)?;
+        }
         let on_disk = fs::read_to_string(&self.config_path).ok();
         if on_disk.is_none() || on_disk != st.file_text {
             bail!(
@@ -360,6 +367,7 @@ impl Agent {
                 )));
             }
         };
+        let warnings = warn_new(&self.events, Some(&st.config), &next);
         st.config = next;
         st.file_text = Some(written);
         st.health = health;
@@ -371,7 +379,9 @@ impl Agent {
             info!(%vip, moved, generation, "table updated");
         }
         Ok(Changed {
-            message,
+            message: warnings
+                .iter()
+                .fold(message, |m, w| format!("{m}\nwarning: {w}")),
             changed: true,
             tables: report
                 .tables
@@ -383,6 +393,89 @@ impl Agent {
                 })
                 .collect(),
         })
+    }
+}
+
+/// Refuses a change that leaves a VIP which has a serving backend (weight in the table: not
+/// drained, not down) without one: all its traffic would be dropped. `--force` overrides.
+fn refuse_leaving_no_serving_backend(
+    prev: &Config,
+    next: &Config,
+    health: &HealthMap,
+    learned: &Learned,
+) -> Result<()> {
+    let serving = |cfg: &Config| -> BTreeMap<VipId, usize> {
+        effective(cfg, health, learned)
+            .vips
+            .iter()
+            .map(|v| {
+                let n = v
+                    .backends
+                    .iter()
+                    .filter(|b| b.effective_weight() > 0)
+                    .count();
+                (vip_id(v), n)
+            })
+            .collect()
+    };
+    let before = serving(prev);
+    for (id, n) in serving(next) {
+        if n == 0 && before.get(&id).is_some_and(|&b| b > 0) {
+            let name = VipName {
+                address: id.0,
+                port: id.1,
+                protocol: id.2,
+            };
+            bail!(
+                "vip {name}: this change leaves it no serving backend (the others are drained, down or at weight 0), so all its traffic would be dropped; add or undrain another backend first, or repeat the command with --force to do it anyway"
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Logs and journals the warnings of `next` ([`Config::warnings`]) that `prev` did not have;
+/// returns them.
+fn warn_new(events: &Journal, prev: Option<&Config>, next: &Config) -> Vec<String> {
+    let before = prev.map(Config::warnings).unwrap_or_default();
+    let mut out = Vec::new();
+    for (key, w) in next.warnings() {
+        if before.iter().any(|(k, _)| *k == key) {
+            continue;
+        }
+        warn!("{w}");
+        events.record(events::Kind::ConfigWarning, w.clone());
+        out.push(w);
+    }
+    out
+}
+
+/// Refuses a configuration that asks of this host what it does not allow (see
+/// [`Config::host_problems`]): at start and on reload.
+pub fn check_host(cfg: &Config) -> Result<()> {
+    let host = crate::datapath::netif::host_addrs(&cfg.interface)?;
+    match cfg.host_problems(&host).into_iter().next() {
+        Some((_, problem)) => bail!("{problem}"),
+        None => Ok(()),
+    }
+}
+
+/// An lbctl change is refused for a host problem it brings, not for one the running
+/// configuration already had (an address added to the host since): that stays the file's to fix.
+fn refuse_new_host_problems(prev: &Config, next: &Config) -> Result<()> {
+    let host = crate::datapath::netif::host_addrs(&next.interface)?;
+    let before: Vec<String> = prev
+        .host_problems(&host)
+        .into_iter()
+        .map(|(k, _)| k)
+        .collect();
+    match next
+        .host_problems(&host)
+        .into_iter()
+        .find(|(k, _)| !before.contains(k))
+    {
+        Some((_, problem)) => bail!("{problem}"),
+        None => Ok(()),
     }
 }
 
@@ -458,6 +551,7 @@ mod tests {
                 vip: VIP.into(),
                 forwarding: None,
                 table_size: None,
+                force: false,
             },
             Request::BackendAdd {
                 vip: VIP.into(),
@@ -488,6 +582,7 @@ mod tests {
         let c = try_edit(Request::BackendDrain {
             vip: VIP.into(),
             address: "10.0.0.11".into(),
+            force: false,
         })
         .unwrap();
         assert!(c.vips[0].backends[0].drained);
@@ -497,19 +592,22 @@ mod tests {
         assert!(e(Request::VipAdd {
             vip: VIP.into(),
             forwarding: None,
-            table_size: Some(251)
+            table_size: Some(251),
+            force: false
         })
         .contains("already configured with other settings"));
         assert!(e(Request::VipAdd {
             vip: "10.0.0.101:80/tcp".into(),
             forwarding: None,
-            table_size: Some(65536)
+            table_size: Some(65536),
+            force: false
         })
         .contains("table_size 65536 is not prime"));
         assert!(e(Request::VipAdd {
             vip: "[fd00::1]:80/tcp".into(),
             forwarding: None,
-            table_size: None
+            table_size: None,
+            force: false
         })
         .contains("needs encap.source_v6"));
         assert!(e(Request::VipRemove {
@@ -518,13 +616,15 @@ mod tests {
         .contains("vip 10.0.0.9:80/tcp: no such VIP"));
         assert!(e(Request::BackendRemove {
             vip: VIP.into(),
-            address: "10.0.0.99".into()
+            address: "10.0.0.99".into(),
+            force: false,
         })
         .contains("backend 10.0.0.99 of vip 10.0.0.100:80/tcp: no such backend"));
         assert!(e(Request::BackendSetWeight {
             vip: VIP.into(),
             address: "10.0.0.11".into(),
-            weight: 10_001
+            weight: 10_001,
+            force: false,
         })
         .contains("weight 10001 is out of range; use 0 to 10000"));
         assert!(e(Request::BackendAdd {

@@ -174,6 +174,7 @@ impl Agent {
                     generation: v.generation,
                     table_size: v.config.table_size,
                     backends: v.backends.len(),
+                    serving_backends: v.backends.iter().filter(|b| b.weight > 0).count(),
                 })
                 .collect(),
         })

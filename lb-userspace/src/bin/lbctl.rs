@@ -85,6 +85,7 @@ fn run(ctl: &mut Ctl, command: Command, json: bool) -> Result<(), Failure> {
             vip,
             forwarding,
             table_size,
+            force,
         }) => change(
             ctl,
             json,
@@ -92,6 +93,7 @@ fn run(ctl: &mut Ctl, command: Command, json: bool) -> Result<(), Failure> {
                 vip: vip.to_string(),
                 forwarding: Some(forwarding.into()),
                 table_size,
+                force,
             },
         ),
         Command::Vip(VipCommand::Remove { vip }) => change(
@@ -156,9 +158,9 @@ fn change(ctl: &mut Ctl, json: bool, req: Request) -> Result<(), Failure> {
 fn backend(ctl: &mut Ctl, b: BackendCommand, json: bool) -> Result<(), Failure> {
     let (vip, address) = match &b {
         BackendCommand::Add { vip, address, .. }
-        | BackendCommand::Remove { vip, address }
+        | BackendCommand::Remove { vip, address, .. }
         | BackendCommand::SetWeight { vip, address, .. }
-        | BackendCommand::Drain { vip, address }
+        | BackendCommand::Drain { vip, address, .. }
         | BackendCommand::Undrain { vip, address } => (vip.to_string(), address.to_string()),
         BackendCommand::List { vip } => {
             let list: Vec<BackendEntry> = ctl.call(Request::BackendList {
@@ -178,13 +180,22 @@ fn backend(ctl: &mut Ctl, b: BackendCommand, json: bool) -> Result<(), Failure> 
             address,
             weight: Some(weight),
         },
-        BackendCommand::Remove { .. } => Request::BackendRemove { vip, address },
-        BackendCommand::SetWeight { weight, .. } => Request::BackendSetWeight {
+        BackendCommand::Remove { force, .. } => Request::BackendRemove {
+            vip,
+            address,
+            force,
+        },
+        BackendCommand::SetWeight { weight, force, .. } => Request::BackendSetWeight {
             vip,
             address,
             weight,
+            force,
         },
-        BackendCommand::Drain { .. } => Request::BackendDrain { vip, address },
+        BackendCommand::Drain { force, .. } => Request::BackendDrain {
+            vip,
+            address,
+            force,
+        },
         BackendCommand::Undrain { .. } => Request::BackendUndrain { vip, address },
         BackendCommand::List { .. } => unreachable!("handled above"),
     };
@@ -421,13 +432,22 @@ fn print_status(s: &Status) {
         println!("no VIPs configured");
     } else {
         println!(
-            "\n{:<32} {:>10} {:>10} {:>8}",
-            "VIP", "GENERATION", "TABLE_SIZE", "BACKENDS"
+            "\n{:<32} {:>10} {:>10} {:>8} {:>8}",
+            "VIP", "GENERATION", "TABLE_SIZE", "BACKENDS", "SERVING"
         );
         for v in &s.vips {
             println!(
-                "{:<32} {:>10} {:>10} {:>8}",
-                v.vip, v.generation, v.table_size, v.backends
+                "{:<32} {:>10} {:>10} {:>8} {:>8}{}",
+                v.vip,
+                v.generation,
+                v.table_size,
+                v.backends,
+                v.serving_backends,
+                if v.serving_backends == 0 {
+                    "  no serving backend: traffic dropped"
+                } else {
+                    ""
+                }
             );
         }
     }

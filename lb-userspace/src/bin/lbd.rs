@@ -94,6 +94,7 @@ fn check(path: &std::path::Path) -> Result<()> {
     lb_userspace::security::check_config_path(path)?;
     lb_userspace::security::check_state_dirs(&cfg)?;
     netif::ifindex(&cfg.interface)?;
+    lb_userspace::agent::check_host(&cfg)?;
     if let Some(g) = &cfg.control_group {
         lb_userspace::control::group_id(g)?;
     }
@@ -109,6 +110,10 @@ fn check(path: &std::path::Path) -> Result<()> {
                 cfg.control_socket.display()
             );
         }
+    }
+    // What start would log as a `config_warning`: said here too, on stderr, without failing.
+    for (_, warning) in cfg.warnings() {
+        eprintln!("lbd: warning: {warning}");
     }
     println!("{}: ok", path.display());
     Ok(())
@@ -143,6 +148,7 @@ async fn balance(path: &std::path::Path, journal: &Arc<Journal>) -> Result<()> {
     lb_userspace::security::check_state_dirs(&cfg)?;
     // A missing interface is the likeliest mistake: say so before anything else is set up.
     netif::ifindex(&cfg.interface)?;
+    lb_userspace::agent::check_host(&cfg)?;
     // The control socket and the metrics port next: if either is unusable, fail before the
     // datapath is touched.
     let control = ControlSocket::bind(&cfg)?;

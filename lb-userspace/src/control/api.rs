@@ -123,6 +123,10 @@ pub fn parse_backend_address(s: &str) -> Result<IpAddr, String> {
     }
 }
 
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
 /// One request. VIPs are written as in [`VipName`]; backend addresses as plain IP addresses.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "command", rename_all = "snake_case", deny_unknown_fields)]
@@ -134,6 +138,10 @@ pub enum Request {
         forwarding: Option<Forwarding>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         table_size: Option<u32>,
+        /// Accept a VIP that is an address of the balancer's interface (its port is taken over
+        /// from the host's own service); written to the file as `allow_host_address = true`.
+        #[serde(default, skip_serializing_if = "is_false")]
+        force: bool,
     },
     /// Removes a VIP and its backends (their flows end).
     VipRemove {
@@ -151,16 +159,25 @@ pub enum Request {
     BackendRemove {
         vip: String,
         address: String,
+        /// Do it even if it leaves the VIP no serving backend (all its traffic dropped).
+        #[serde(default, skip_serializing_if = "is_false")]
+        force: bool,
     },
     BackendSetWeight {
         vip: String,
         address: String,
         weight: u32,
+        /// Do it even if it leaves the VIP no serving backend (all its traffic dropped).
+        #[serde(default, skip_serializing_if = "is_false")]
+        force: bool,
     },
     /// No new flows to the backend; its established flows continue.
     BackendDrain {
         vip: String,
         address: String,
+        /// Do it even if it leaves the VIP no serving backend (all its traffic dropped).
+        #[serde(default, skip_serializing_if = "is_false")]
+        force: bool,
     },
     BackendUndrain {
         vip: String,
@@ -187,6 +204,17 @@ pub enum Request {
 }
 
 impl Request {
+    /// Whether the request carries `--force`.
+    pub fn forced(&self) -> bool {
+        match self {
+            Request::VipAdd { force, .. }
+            | Request::BackendRemove { force, .. }
+            | Request::BackendSetWeight { force, .. }
+            | Request::BackendDrain { force, .. } => *force,
+            _ => false,
+        }
+    }
+
     /// Whether the request changes the configuration.
     pub fn is_mutation(&self) -> bool {
         !matches!(
@@ -436,6 +464,10 @@ pub struct VipStatus {
     pub generation: u32,
     pub table_size: u32,
     pub backends: usize,
+    /// Backends with weight in the table (not drained, not down, weight above 0); 0: the VIP's
+    /// traffic is dropped.
+    #[serde(default)]
+    pub serving_backends: usize,
 }
 
 /// Statistics at one instant; `stats` and `/metrics` are rendered from this one type, so their
@@ -605,6 +637,7 @@ mod tests {
             vip: "10.0.0.1:80/tcp".into(),
             address: "10.0.0.11".into(),
             weight: 3,
+            force: false,
         };
         let text = serde_json::to_string(&r).unwrap();
         assert_eq!(

@@ -80,6 +80,8 @@ pub enum Kind {
     DatapathLost,
     /// The datapath is whole again after `DatapathLost` (put back by hand).
     DatapathRestored,
+    /// An accepted configuration has something worth a warning (a small Maglev table).
+    ConfigWarning,
 }
 
 impl Kind {
@@ -103,6 +105,7 @@ impl Kind {
             Kind::XdpModeChanged => "xdp_mode_changed",
             Kind::DatapathLost => "datapath_lost",
             Kind::DatapathRestored => "datapath_restored",
+            Kind::ConfigWarning => "config_warning",
         }
     }
 }

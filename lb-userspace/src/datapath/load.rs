@@ -235,6 +235,7 @@ impl Balancer {
                 table_size: region.size,
                 health: None,
                 learning: None,
+                allow_host_address: false,
                 backends: backends
                     .iter()
                     .map(|b| crate::config::Backend {

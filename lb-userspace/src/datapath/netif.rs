@@ -79,6 +79,30 @@ pub fn enable_forwarding(name: &str) -> Result<()> {
 
 /// Addresses configured on an interface.
 pub fn interface_addrs(name: &str) -> Result<Vec<IpAddr>> {
+    Ok(all_addrs()?
+        .into_iter()
+        .filter(|(ifname, _)| ifname == name)
+        .map(|(_, a)| a)
+        .collect())
+}
+
+/// This host's addresses as the checks of [`crate::config::Config::host_problems`] need them:
+/// those of `interface` and those of every interface in this network namespace.
+pub fn host_addrs(interface: &str) -> Result<crate::config::HostAddrs> {
+    let all = all_addrs()?;
+    Ok(crate::config::HostAddrs {
+        interface: all
+            .iter()
+            .filter(|(ifname, _)| ifname == interface)
+            .map(|(_, a)| *a)
+            .collect(),
+        all: all.into_iter().map(|(_, a)| a).collect(),
+    })
+}
+
+/// Every IPv4 and IPv6 address of every interface in this network namespace, with the
+/// interface's name.
+fn all_addrs() -> Result<Vec<(String, IpAddr)>> {
     let mut out = Vec::new();
     let mut ifap: *mut libc::ifaddrs = std::ptr::null_mut();
     // SAFETY: getifaddrs fills `ifap` with a list we free below.
@@ -94,20 +118,20 @@ pub fn interface_addrs(name: &str) -> Result<Vec<IpAddr>> {
             continue;
         }
         // SAFETY: ifa_name is a NUL-terminated string owned by the list.
-        let ifname = unsafe { std::ffi::CStr::from_ptr(ifa.ifa_name) }.to_string_lossy();
-        if ifname != name {
-            continue;
-        }
+        let ifname = unsafe { std::ffi::CStr::from_ptr(ifa.ifa_name) }
+            .to_string_lossy()
+            .into_owned();
         // SAFETY: ifa_addr points to a sockaddr whose family says which struct it is.
         unsafe {
             match (*ifa.ifa_addr).sa_family as i32 {
                 libc::AF_INET => {
                     let sa = &*(ifa.ifa_addr as *const libc::sockaddr_in);
-                    out.push(IpAddr::from(u32::from_be(sa.sin_addr.s_addr).to_be_bytes()));
+                    let a = IpAddr::from(u32::from_be(sa.sin_addr.s_addr).to_be_bytes());
+                    out.push((ifname, a));
                 }
                 libc::AF_INET6 => {
                     let sa = &*(ifa.ifa_addr as *const libc::sockaddr_in6);
-                    out.push(IpAddr::from(sa.sin6_addr.s6_addr));
+                    out.push((ifname, IpAddr::from(sa.sin6_addr.s6_addr)));
                 }
                 _ => {}
             }
