@@ -237,6 +237,7 @@ pub struct ModelVip {
     /// weights).
     pub learning: bool,
     pub interval_ms: u64,
+    #[serde(serialize_with = "super::round::ms")]
     pub latency_target_ms: f64,
     /// Steps taken so far (0: none yet).
     pub step: u64,
@@ -279,6 +280,7 @@ pub struct ModelBackend {
     pub configured_table_weight: u32,
     pub current_weight: u32,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(serialize_with = "super::round::opt_rate")]
     pub target_weight: Option<f64>,
     /// Drained by the model (latency, errors, SYN retries or RSTs far above its peers).
     pub drained_by_model: bool,
@@ -286,17 +288,21 @@ pub struct ModelBackend {
     pub samples: usize,
     /// The accepted fit (`1000 / latency_ms = intercept + slope × load`), or why there is none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(serialize_with = "super::round::opt_fit")]
     pub fit: Option<crate::learning::Fit>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub refusal: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub refusal_detail: Option<crate::learning::Refusal>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(serialize_with = "super::round::opt_rate")]
     pub capacity_at_target: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(serialize_with = "super::round::opt_ms")]
     pub predicted_latency_ms: Option<f64>,
     /// Means over the last few steps (load in new flows/s, probe latency, error share, ...).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(serialize_with = "super::round::opt_observed")]
     pub observed: Option<crate::learning::Observed>,
     /// The last decisions, oldest first, with their reasons.
     pub decisions: Vec<ModelDecisionEntry>,
@@ -309,6 +315,7 @@ pub struct ModelDecisionEntry {
     pub from_weight: u32,
     pub to_weight: u32,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(serialize_with = "super::round::opt_rate")]
     pub target_weight: Option<f64>,
     /// The reasons as the operator reads them.
     pub reasons: Vec<String>,
@@ -404,6 +411,7 @@ pub struct BackendEntry {
     /// Latency of the last probe in milliseconds (the timeout for a failed one); absent without
     /// health checks or before the first probe.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(serialize_with = "super::round::opt_ms")]
     pub last_probe_ms: Option<f64>,
     /// Why the last probe failed; absent when it passed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -489,6 +497,7 @@ pub struct StatsSnapshot {
     pub datapath_faults: Vec<String>,
     /// Seconds between the two samples the rates come from (set by `lbctl stats`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(serialize_with = "super::round::opt_rate")]
     pub interval_seconds: Option<f64>,
 }
 
@@ -528,6 +537,7 @@ pub struct BackendStatsEntry {
     pub learned_weight: Option<u32>,
     /// With `[vip.learning]` enabled: R² of the backend's accepted fit, if the last step had one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(serialize_with = "super::round::opt_ratio")]
     pub fit_r2: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rates: Option<Rates>,
@@ -536,8 +546,11 @@ pub struct BackendStatsEntry {
 /// Per-second rates between two snapshots.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct Rates {
+    #[serde(serialize_with = "super::round::rate")]
     pub packets_per_second: f64,
+    #[serde(serialize_with = "super::round::rate")]
     pub bytes_per_second: f64,
+    #[serde(serialize_with = "super::round::rate")]
     pub new_flows_per_second: f64,
 }
 
