@@ -415,6 +415,38 @@ counters! {
     }
 }
 
+impl Counter {
+    /// Whether the counter is a packet's final outcome (the packet was passed to the kernel or
+    /// dropped: every packet not forwarded counts once under exactly one of these) rather than
+    /// an event (a connection-table event, or a forwarded packet of a particular kind, which is
+    /// already counted as forwarded per VIP). Metrics export outcomes as
+    /// `lb_datapath_packets_total{reason}` and events as `lb_datapath_events_total{event}`.
+    pub const fn is_outcome(self) -> bool {
+        match self {
+            Counter::PassNonIp
+            | Counter::PassNotVip
+            | Counter::PassMalformed
+            | Counter::PassFragUnknown
+            | Counter::PassIcmpNotVip
+            | Counter::DropNoBackend
+            | Counter::DropFib
+            | Counter::IcmpTooBigSent
+            | Counter::DropAdjust
+            | Counter::DropTooBig
+            | Counter::DropNoEncapSource => true,
+            Counter::CtNew
+            | Counter::CtPromoted
+            | Counter::CtResteered
+            | Counter::CtInsertFailed
+            | Counter::IcmpForwarded
+            | Counter::FragForwarded
+            | Counter::CtLost
+            | Counter::CtNewInsertFailed
+            | Counter::FragInsertFailed => false,
+        }
+    }
+}
+
 /// Slots of the `COUNTERS` per-CPU array. Larger than [`Counter::COUNT`] on purpose: a later
 /// build can add counters without changing the map's layout, so its pins stay compatible and a
 /// restart keeps the connection tables. Slots past the last counter stay zero.

@@ -371,17 +371,26 @@ fn learning_families(f: &mut Family<'_>, s: &StatsSnapshot) {
     }
 }
 
-/// The datapath's global counters by reason.
+/// The datapath's global counters: packet outcomes by reason, events by event.
 fn datapath_family(f: &mut Family<'_>, s: &StatsSnapshot) {
+    let value = |c: lb_common::Counter| s.counters.get(c.name()).copied().unwrap_or(0);
     let name = "lb_datapath_packets_total";
     f.header(
         name,
         "counter",
-        "Datapath counters by reason: every packet not forwarded counts once under a pass_*/drop_* reason; ct_*, icmp_* and frag_* count events.",
+        "Packets the datapath did not forward, by reason: each counts once under one pass_*/drop_* reason (or icmp_too_big_sent).",
     );
-    for c in lb_common::Counter::ALL {
-        let v = s.counters.get(c.name()).copied().unwrap_or(0);
-        f.sample(name, &[("reason", c.name())], v);
+    for &c in lb_common::Counter::ALL.iter().filter(|c| c.is_outcome()) {
+        f.sample(name, &[("reason", c.name())], value(c));
+    }
+    let name = "lb_datapath_events_total";
+    f.header(
+        name,
+        "counter",
+        "Datapath events by event: connection-table events (ct_*) and kinds of forwarded packets (icmp_forwarded, frag_forwarded); not packet outcomes, a sum means nothing.",
+    );
+    for &c in lb_common::Counter::ALL.iter().filter(|c| !c.is_outcome()) {
+        f.sample(name, &[("event", c.name())], value(c));
     }
 }
 
@@ -442,9 +451,10 @@ mod tests {
             "lb_model_fit_r2{vip=\"[2001:db8::1]:443/tcp\",backend=\"2001:db8::11\"} 0.5",
             "lb_model_refusals_total{reason=\"poor_fit\"} 4",
             "lb_datapath_packets_total{reason=\"pass_not_vip\"} 0",
-            "lb_datapath_packets_total{reason=\"ct_lost\"} 0",
-            "lb_datapath_packets_total{reason=\"ct_new_insert_failed\"} 0",
-            "lb_datapath_packets_total{reason=\"frag_insert_failed\"} 0",
+            "lb_datapath_events_total{event=\"ct_lost\"} 0",
+            "lb_datapath_events_total{event=\"ct_new_insert_failed\"} 0",
+            "lb_datapath_events_total{event=\"frag_insert_failed\"} 0",
+            "# TYPE lb_datapath_events_total counter",
             "# TYPE lb_backend_packets_total counter",
         ] {
             assert!(

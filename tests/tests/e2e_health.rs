@@ -165,7 +165,7 @@ fn health_checks_take_dead_backends_out_and_bring_them_back() {
             for b in list.values() {
                 assert_eq!(b["effective_weight"], 1, "{b}");
                 assert!(b["slots"].as_u64().unwrap() > 1000, "{b}");
-                assert!(b.get("last_error").is_none(), "{b}");
+                assert!(b["last_error"].is_null(), "{b}");
             }
             break;
         }
@@ -256,7 +256,7 @@ fn health_checks_take_dead_backends_out_and_bring_them_back() {
     // The probes just sent on backend0's closed connections met its DOWN flag: the datapath
     // steered them to another backend instead of the dead one.
     let m = scrape_metrics(lab.lb().ns());
-    let resteered = m["lb_datapath_packets_total{reason=\"ct_resteered\"}"];
+    let resteered = m["lb_datapath_events_total{event=\"ct_resteered\"}"];
     println!("ct_resteered after backend0 went down: {resteered}");
     assert!(
         resteered > 0.0,

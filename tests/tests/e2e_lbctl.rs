@@ -461,7 +461,16 @@ fn lbctl_drives_lbd_and_the_datapath_follows() {
     assert_eq!(counters["ct_lost"], 0, "{stats}");
     assert!(counters["ct_new"].as_u64().unwrap() > 0, "{stats}");
     for c in lb_common::Counter::ALL {
-        let key = format!("lb_datapath_packets_total{{reason=\"{}\"}}", c.name());
+        // Every counter is exported in exactly one family: packet outcomes or events.
+        let outcome = format!("lb_datapath_packets_total{{reason=\"{}\"}}", c.name());
+        let event = format!("lb_datapath_events_total{{event=\"{}\"}}", c.name());
+        assert_eq!(
+            (m2.contains_key(&outcome), m2.contains_key(&event)),
+            (c.is_outcome(), !c.is_outcome()),
+            "{} must be in exactly one of lb_datapath_packets_total / lb_datapath_events_total",
+            c.name()
+        );
+        let key = if c.is_outcome() { outcome } else { event };
         let s = counters[c.name()].as_f64().unwrap();
         // Non-VIP packets (neighbour discovery, ...) may still arrive between the samples.
         assert!(

@@ -162,7 +162,7 @@ fn learning_explains_every_backend_and_cuts_the_slow_one_within_budget() {
             b["refusal"].as_str().unwrap().contains("too few samples"),
             "{b}"
         );
-        assert!(b.get("fit").is_none(), "{b}");
+        assert!(b["fit"].is_null(), "{b}");
     }
     let text = lbctl(&lbd.socket, &["model", "show"]);
     assert!(text.status.success());
@@ -201,7 +201,7 @@ fn learning_explains_every_backend_and_cuts_the_slow_one_within_budget() {
     for addr in [&b0, &b1, &b2] {
         let b = backend(&m, addr);
         assert!(
-            b.get("fit").is_some() || b["refusal"].as_str().is_some_and(|r| !r.is_empty()),
+            b["fit"].is_object() || b["refusal"].as_str().is_some_and(|r| !r.is_empty()),
             "backend {addr} unexplained: {b}"
         );
         assert!(b["observed"]["latency_ms"].as_f64().is_some(), "{b}");
@@ -311,7 +311,7 @@ fn without_drains_every_step_stays_within_the_budget() {
     for addr in [&b0, &b1, &b2] {
         let b = backend(&m, addr);
         assert!(
-            b.get("fit").is_some() || b["refusal"].as_str().is_some_and(|r| !r.is_empty()),
+            b["fit"].is_object() || b["refusal"].as_str().is_some_and(|r| !r.is_empty()),
             "backend {addr} unexplained: {b}"
         );
         assert!(b["current_weight"].as_u64().unwrap() > 0, "{b}");

@@ -153,10 +153,17 @@ pub(super) fn edit(cfg: &mut Config, req: &Request) -> Result<String> {
             let name = parse_vip(vip)?;
             let addr = parse_addr(address)?;
             let v = find_vip(cfg, &name)?;
+            let learns = v.learning_enabled();
             let b = find_backend(v, &name, addr)?;
             b.drained = drain;
             Ok(if drain {
                 format!("backend {addr} of vip {name}: drained (no new flows; established flows continue)")
+            } else if learns && !b.pinned {
+                // The learning model owns the weight: it brings the backend back gradually.
+                format!(
+                    "backend {addr} of vip {name}: undrained; the learning model ramps it back to weight {} over its next steps (`lbctl model show` follows it)",
+                    b.weight
+                )
             } else {
                 format!(
                     "backend {addr} of vip {name}: undrained (weight {} again)",
@@ -222,4 +229,56 @@ pub fn persist(path: &Path, cfg: &Config) -> Result<String> {
         )
     })?;
     Ok(text)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn undrain(text: &str, address: &str) -> String {
+        let mut cfg = Config::parse(text).unwrap();
+        let vip = "10.0.0.100:8080/tcp".to_string();
+        for req in [
+            Request::BackendDrain {
+                vip: vip.clone(),
+                address: address.into(),
+                force: false,
+            },
+            Request::BackendUndrain {
+                vip,
+                address: address.into(),
+            },
+        ] {
+            let msg = edit(&mut cfg, &req).unwrap();
+            if matches!(req, Request::BackendUndrain { .. }) {
+                return msg;
+            }
+        }
+        unreachable!()
+    }
+
+    /// With learning on, undrain says the model ramps the weight back; without it (or for a
+    /// pinned backend) the weight is back at once.
+    #[test]
+    fn undrain_says_what_will_happen() {
+        let vip = |learning: &str| {
+            format!(
+                "interface = \"eth0\"\n[encap]\nsource_v4 = \"10.0.0.2\"\n[[vip]]\naddress = \"10.0.0.100\"\nport = 8080\nprotocol = \"tcp\"\n[vip.health]\nkind = \"http\"\n{learning}[[vip.backend]]\naddress = \"10.0.0.11\"\nweight = 2\npinned = true\n[[vip.backend]]\naddress = \"10.0.0.12\"\nweight = 2\n[[vip.backend]]\naddress = \"10.0.0.13\"\n"
+            )
+        };
+        let learning = vip("[vip.learning]\nenabled = true\n");
+        let msg = undrain(&learning, "10.0.0.12");
+        assert!(
+            msg.contains("undrained; the learning model ramps it back to weight 2"),
+            "{msg}"
+        );
+        assert!(!msg.contains("again"), "{msg}");
+        let msg = undrain(&learning, "10.0.0.11");
+        assert!(msg.ends_with("undrained (weight 2 again)"), "pinned: {msg}");
+        let msg = undrain(&vip(""), "10.0.0.12");
+        assert!(
+            msg.ends_with("undrained (weight 2 again)"),
+            "no learning: {msg}"
+        );
+    }
 }

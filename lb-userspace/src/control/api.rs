@@ -237,6 +237,7 @@ pub struct ModelVip {
     /// weights).
     pub learning: bool,
     pub interval_ms: u64,
+    #[serde(serialize_with = "super::round::ms")]
     pub latency_target_ms: f64,
     /// Steps taken so far (0: none yet).
     pub step: u64,
@@ -278,25 +279,30 @@ pub struct ModelBackend {
     /// Table weights (configured × 100): the one in the table now, and what the model wants.
     pub configured_table_weight: u32,
     pub current_weight: u32,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
+    #[serde(serialize_with = "super::round::opt_rate")]
     pub target_weight: Option<f64>,
     /// Drained by the model (latency, errors, SYN retries or RSTs far above its peers).
     pub drained_by_model: bool,
     /// Samples in the backend's window.
     pub samples: usize,
     /// The accepted fit (`1000 / latency_ms = intercept + slope × load`), or why there is none.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
+    #[serde(serialize_with = "super::round::opt_fit")]
     pub fit: Option<crate::learning::Fit>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub refusal: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub refusal_detail: Option<crate::learning::Refusal>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
+    #[serde(serialize_with = "super::round::opt_rate")]
     pub capacity_at_target: Option<f64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
+    #[serde(serialize_with = "super::round::opt_ms")]
     pub predicted_latency_ms: Option<f64>,
     /// Means over the last few steps (load in new flows/s, probe latency, error share, ...).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
+    #[serde(serialize_with = "super::round::opt_observed")]
     pub observed: Option<crate::learning::Observed>,
     /// The last decisions, oldest first, with their reasons.
     pub decisions: Vec<ModelDecisionEntry>,
@@ -308,7 +314,8 @@ pub struct ModelDecisionEntry {
     pub step: u64,
     pub from_weight: u32,
     pub to_weight: u32,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
+    #[serde(serialize_with = "super::round::opt_rate")]
     pub target_weight: Option<f64>,
     /// The reasons as the operator reads them.
     pub reasons: Vec<String>,
@@ -403,10 +410,11 @@ pub struct BackendEntry {
     pub health: String,
     /// Latency of the last probe in milliseconds (the timeout for a failed one); absent without
     /// health checks or before the first probe.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
+    #[serde(serialize_with = "super::round::opt_ms")]
     pub last_probe_ms: Option<f64>,
     /// Why the last probe failed; absent when it passed.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub last_error: Option<String>,
     /// Backend id in the datapath (index of its statistics).
     pub id: u32,
@@ -482,13 +490,14 @@ pub struct StatsSnapshot {
     /// Every datapath counter (`Counter` names in lb-common: `drop_fib`, `pass_not_vip`, ...).
     pub counters: BTreeMap<String, u64>,
     /// Refused model fits since lbd started, by refusal (`too_few_samples`, `poor_fit`, ...).
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[serde(default)]
     pub model_refusals: BTreeMap<String, u64>,
     /// What is missing from the datapath (as in [`Status`]); empty while it is whole.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub datapath_faults: Vec<String>,
     /// Seconds between the two samples the rates come from (set by `lbctl stats`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
+    #[serde(serialize_with = "super::round::opt_rate")]
     pub interval_seconds: Option<f64>,
 }
 
@@ -501,7 +510,7 @@ pub struct VipStatsEntry {
     /// Packets dropped because the VIP had no backend with weight.
     pub no_backend: u64,
     pub generation: u32,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub rates: Option<Rates>,
     pub backends: Vec<BackendStatsEntry>,
 }
@@ -524,20 +533,24 @@ pub struct BackendStatsEntry {
     pub resteered: u64,
     /// With `[vip.learning]` enabled: the table weight in force (configured × 100 until the
     /// model changes it).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub learned_weight: Option<u32>,
     /// With `[vip.learning]` enabled: R² of the backend's accepted fit, if the last step had one.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
+    #[serde(serialize_with = "super::round::opt_ratio")]
     pub fit_r2: Option<f64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub rates: Option<Rates>,
 }
 
 /// Per-second rates between two snapshots.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct Rates {
+    #[serde(serialize_with = "super::round::rate")]
     pub packets_per_second: f64,
+    #[serde(serialize_with = "super::round::rate")]
     pub bytes_per_second: f64,
+    #[serde(serialize_with = "super::round::rate")]
     pub new_flows_per_second: f64,
 }
 
@@ -590,6 +603,256 @@ impl StatsSnapshot {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every key of `value` (an object), sorted.
+    fn keys(value: &serde_json::Value) -> Vec<&str> {
+        value
+            .as_object()
+            .unwrap_or_else(|| panic!("not an object: {value}"))
+            .keys()
+            .map(String::as_str)
+            .collect()
+    }
+
+    fn assert_keys(what: &str, value: &serde_json::Value, listed: &[&str]) {
+        let have = keys(value);
+        for k in listed {
+            assert!(have.contains(k), "{what}: {k:?} missing from {value}");
+        }
+    }
+
+    /// The shapes the README lists do not depend on state: with nothing known yet (no probe,
+    /// no step, no fit, no rates), every listed key is there, null when unknown.
+    #[test]
+    fn json_shapes_list_every_key_when_nothing_is_known() {
+        let backend = BackendEntry {
+            vip: "10.0.0.1:80/tcp".into(),
+            address: "10.0.0.11".parse().unwrap(),
+            weight: 1,
+            drained: false,
+            effective_weight: 1,
+            slots: 0,
+            up: true,
+            health: "up".into(),
+            last_probe_ms: None,
+            last_error: None,
+            id: 0,
+        };
+        let v = serde_json::to_value(&backend).unwrap();
+        assert_keys(
+            "backend list",
+            &v,
+            &[
+                "vip",
+                "address",
+                "weight",
+                "drained",
+                "effective_weight",
+                "slots",
+                "up",
+                "health",
+                "last_probe_ms",
+                "last_error",
+                "id",
+            ],
+        );
+        assert!(
+            v["last_probe_ms"].is_null() && v["last_error"].is_null(),
+            "{v}"
+        );
+
+        let model = ModelVip {
+            vip: "10.0.0.1:80/tcp".into(),
+            learning: true,
+            interval_ms: 1000,
+            latency_target_ms: 10.0,
+            step: 0,
+            table_size: 65537,
+            slots_budget: 0,
+            last_slots_moved: 0,
+            last_slots_moved_gradual: 0,
+            max_slots_moved_gradual: 0,
+            max_fit_us: 0,
+            fit_p99_us: 0,
+            fits: 0,
+            max_step_us: 0,
+            backends: vec![ModelBackend {
+                address: "10.0.0.11".parse().unwrap(),
+                id: 0,
+                health: "up".into(),
+                pinned: false,
+                learning: true,
+                configured_weight: 1,
+                configured_table_weight: 100,
+                current_weight: 100,
+                target_weight: None,
+                drained_by_model: false,
+                samples: 0,
+                fit: None,
+                refusal: None,
+                refusal_detail: None,
+                capacity_at_target: None,
+                predicted_latency_ms: None,
+                observed: None,
+                decisions: vec![ModelDecisionEntry {
+                    step: 1,
+                    from_weight: 100,
+                    to_weight: 100,
+                    target_weight: None,
+                    reasons: Vec::new(),
+                }],
+            }],
+        };
+        let v = serde_json::to_value(&model).unwrap();
+        assert_keys(
+            "model show",
+            &v,
+            &[
+                "vip",
+                "learning",
+                "interval_ms",
+                "latency_target_ms",
+                "step",
+                "table_size",
+                "slots_budget",
+                "last_slots_moved",
+                "last_slots_moved_gradual",
+                "max_slots_moved_gradual",
+                "backends",
+            ],
+        );
+        let b = &v["backends"][0];
+        let unknown = [
+            "target_weight",
+            "fit",
+            "refusal",
+            "refusal_detail",
+            "capacity_at_target",
+            "predicted_latency_ms",
+            "observed",
+        ];
+        assert_keys(
+            "model show backend",
+            b,
+            &[
+                "address",
+                "id",
+                "health",
+                "pinned",
+                "learning",
+                "configured_weight",
+                "configured_table_weight",
+                "current_weight",
+                "drained_by_model",
+                "samples",
+                "decisions",
+            ],
+        );
+        assert_keys("model show backend", b, &unknown);
+        for k in unknown {
+            assert!(b[k].is_null(), "{k} should be null: {b}");
+        }
+        assert_keys(
+            "model show decision",
+            &b["decisions"][0],
+            &[
+                "step",
+                "from_weight",
+                "to_weight",
+                "target_weight",
+                "reasons",
+            ],
+        );
+
+        let stats = StatsSnapshot {
+            timestamp_ms: 1,
+            uptime_ms: 1,
+            vips: vec![VipStatsEntry {
+                vip: "10.0.0.1:80/tcp".into(),
+                packets: 0,
+                bytes: 0,
+                new_flows: 0,
+                no_backend: 0,
+                generation: 1,
+                rates: None,
+                backends: vec![BackendStatsEntry {
+                    address: "10.0.0.11".parse().unwrap(),
+                    weight: 1,
+                    effective_weight: 1,
+                    drained: false,
+                    up: true,
+                    health: "up".into(),
+                    packets: 0,
+                    bytes: 0,
+                    new_flows: 0,
+                    syn_retries: 0,
+                    client_rsts: 0,
+                    resteered: 0,
+                    learned_weight: None,
+                    fit_r2: None,
+                    rates: None,
+                }],
+            }],
+            counters: BTreeMap::new(),
+            model_refusals: BTreeMap::new(),
+            datapath_faults: Vec::new(),
+            interval_seconds: None,
+        };
+        let v = serde_json::to_value(&stats).unwrap();
+        assert_keys(
+            "stats",
+            &v,
+            &[
+                "timestamp_ms",
+                "uptime_ms",
+                "interval_seconds",
+                "counters",
+                "vips",
+                "model_refusals",
+            ],
+        );
+        assert!(v["model_refusals"].is_object(), "{v}");
+        assert_keys(
+            "stats vip",
+            &v["vips"][0],
+            &[
+                "vip",
+                "packets",
+                "bytes",
+                "new_flows",
+                "no_backend",
+                "generation",
+                "rates",
+                "backends",
+            ],
+        );
+        assert_keys(
+            "stats backend",
+            &v["vips"][0]["backends"][0],
+            &[
+                "address",
+                "weight",
+                "effective_weight",
+                "drained",
+                "up",
+                "health",
+                "packets",
+                "bytes",
+                "new_flows",
+                "syn_retries",
+                "client_rsts",
+                "resteered",
+                "learned_weight",
+                "fit_r2",
+                "rates",
+            ],
+        );
+        // What lbctl reads back is what lbd sent.
+        let back: StatsSnapshot = serde_json::from_value(v).unwrap();
+        assert_eq!(back, stats);
+        let back: ModelVip = serde_json::from_value(serde_json::to_value(&model).unwrap()).unwrap();
+        assert_eq!(back, model);
+    }
 
     #[test]
     fn vip_names_parse_and_print() {

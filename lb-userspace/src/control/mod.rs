@@ -4,6 +4,7 @@
 mod api;
 mod client;
 pub mod events;
+pub mod round;
 mod server;
 
 pub use api::*;
