@@ -358,8 +358,8 @@ fn print_backends(list: &[BackendEntry]) {
         return;
     }
     println!(
-        "{:<32} {:<28} {:>6} {:<9} {:>9} {:>8}  LAST PROBE",
-        "VIP", "BACKEND", "WEIGHT", "STATE", "EFFECTIVE", "SLOTS"
+        "{:<32} {:<28} {:>6} {:<9} {:>9} {:>6} {:>8}  LAST PROBE",
+        "VIP", "BACKEND", "WEIGHT", "STATE", "EFFECTIVE", "TABLE", "SLOTS"
     );
     for b in list {
         let state = if !b.health.is_empty() {
@@ -377,12 +377,13 @@ fn print_backends(list: &[BackendEntry]) {
             (None, None) => "-".to_string(),
         };
         println!(
-            "{:<32} {:<28} {:>6} {:<9} {:>9} {:>8}  {}",
+            "{:<32} {:<28} {:>6} {:<9} {:>9} {:>6} {:>8}  {}",
             b.vip,
             b.address.to_string(),
             b.weight,
             state,
-            b.effective_weight,
+            lb_userspace::control::round::decimals(b.effective_weight, 3),
+            b.table_weight,
             b.slots,
             probe
         );
