@@ -14,6 +14,10 @@
 //! finds the file knows the previous one did not stop cleanly, and what it was doing: the table
 //! write it cut short (was it published? the pinned VIP entry says) and the change it was
 //! applying (is it in the configuration file? a hash of the file before and after says).
+//!
+//! The journal itself is the operator's history, so it outlives lbd too: every event is
+//! appended to `<control_socket>.events` (one JSON object per line, see [`history_path`]),
+//! trimmed to the last [`KEPT`] when it reaches twice that, and read back by the next lbd.
 use crate::{control::Status, health::HealthStatus};
 use anyhow::{Context as _, Result};
 use serde::{Deserialize, Serialize};
