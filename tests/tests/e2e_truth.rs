@@ -818,6 +818,10 @@ fn a_refused_reload_is_named_in_lbctls_refusal() {
     ] {
         assert!(stderr.contains(&want), "{want:?} in {stderr}");
     }
+    assert!(
+        !stderr.contains("reload rejected"),
+        "the reason, bare: {stderr}"
+    );
     assert_eq!(std::fs::read_to_string(&config).unwrap(), bad);
     assert_eq!(lbctl_json(&sock, &["backend", "list"]), list);
 

@@ -271,11 +271,21 @@ impl Agent {
         let text = fs::read_to_string(&self.config_path).map_err(|e| {
             anyhow!("reload rejected, nothing changed: cannot read config file {path}: {e}")
         })?;
-        let result = self.reload_text(st, &text);
-        st.refused_reload = result.as_ref().err().map(|e| RefusedReload {
+        // The bare reason is kept for lbctl's refusals; the error says the reload's outcome.
+        let (reason, result) = match self.reloadable(st, &text) {
+            Ok(new) => {
+                let r = self.reload_config(st, new, &text);
+                (r.as_ref().err().map(|e| format!("{e:#}")), r)
+            }
+            Err(e) => (
+                Some(format!("{e:#}")),
+                Err(anyhow!("reload rejected, nothing changed: {e:#}")),
+            ),
+        };
+        st.refused_reload = reason.map(|reason| RefusedReload {
             text_hash: events::text_hash(&text),
             time: events::rfc3339(events::now_ms()),
-            reason: format!("{e:#}"),
+            reason,
         });
         result
     }
@@ -293,10 +303,8 @@ impl Agent {
         Ok(new)
     }
 
-    fn reload_text(&self, st: &mut State, text: &str) -> Result<ApplyReport> {
-        let new = self
-            .reloadable(st, text)
-            .map_err(|e| anyhow!("reload rejected, nothing changed: {e:#}"))?;
+    /// Applies `new`, read from the file's `text`, as the reload of a valid file.
+    fn reload_config(&self, st: &mut State, new: Config, text: &str) -> Result<ApplyReport> {
         let prev = st.config.clone();
         let _busy =
             self.events
