@@ -222,7 +222,7 @@ fn vip_families(f: &mut Family<'_>, s: &StatsSnapshot) {
         "Backends of the VIP with weight in its table (not drained, not down); 0: its traffic is dropped.",
     );
     for v in &s.vips {
-        let serving = v.backends.iter().filter(|b| b.effective_weight > 0).count();
+        let serving = v.backends.iter().filter(|b| b.table_weight > 0).count();
         f.sample(name, &[("vip", &v.vip)], serving);
     }
 }
@@ -231,6 +231,12 @@ fn vip_families(f: &mut Family<'_>, s: &StatsSnapshot) {
 fn backend_families(f: &mut Family<'_>, s: &StatsSnapshot) {
     type BackendField = fn(&crate::control::BackendStatsEntry) -> u64;
     let backend_families: [(&str, &str, &str, BackendField); 10] = [
+        (
+            "lb_backend_table_weight",
+            "gauge",
+            "Weight of the backend in the VIP's Maglev table, in the table's units (configured x 100 with [vip.learning]); only ratios within a VIP mean something.",
+            |b| u64::from(b.table_weight),
+        ),
         (
             "lb_backend_packets_total",
             "counter",
@@ -274,12 +280,6 @@ fn backend_families(f: &mut Family<'_>, s: &StatsSnapshot) {
             |b| b.weight as u64,
         ),
         (
-            "lb_backend_effective_weight",
-            "gauge",
-            "Weight the Maglev table is built with (0 while drained).",
-            |b| b.effective_weight as u64,
-        ),
-        (
             "lb_backend_drained",
             "gauge",
             "1 if the backend is drained (no new flows).",
@@ -299,6 +299,19 @@ fn backend_families(f: &mut Family<'_>, s: &StatsSnapshot) {
                 let addr = b.address.to_string();
                 f.sample(name, &[("vip", &v.vip), ("backend", &addr)], get(b));
             }
+        }
+    }
+    let name = "lb_backend_effective_weight";
+    f.header(
+        name,
+        "gauge",
+        "Weight in force, in configured units whether or not the VIP learns (0 while drained or down, a quarter on probation, the learned weight with [vip.learning], fractional).",
+    );
+    for v in &s.vips {
+        for b in &v.backends {
+            let addr = b.address.to_string();
+            let w = crate::control::round::decimals(b.effective_weight, 3);
+            f.sample(name, &[("vip", &v.vip), ("backend", &addr)], w);
         }
     }
 }
@@ -336,11 +349,12 @@ fn learning_families(f: &mut Family<'_>, s: &StatsSnapshot) {
     f.header(
         name,
         "gauge",
-        "Table weight in force for backends of VIPs with [vip.learning] enabled (configured weight x 100 until the model changes it; runtime only).",
+        "Weight the model has set for backends of VIPs with [vip.learning] enabled, in configured units (the configured weight until the model changes it; runtime only).",
     );
     for v in &s.vips {
         for b in &v.backends {
             if let Some(w) = b.learned_weight {
+                let w = crate::control::round::decimals(w, 3);
                 let addr = b.address.to_string();
                 f.sample(name, &[("vip", &v.vip), ("backend", &addr)], w);
             }
@@ -419,7 +433,8 @@ mod tests {
                 backends: vec![BackendStatsEntry {
                     address: "2001:db8::11".parse().unwrap(),
                     weight: 5,
-                    effective_weight: 0,
+                    effective_weight: 0.0,
+                    table_weight: 0,
                     drained: true,
                     up: true,
                     health: "draining".into(),
@@ -429,7 +444,7 @@ mod tests {
                     syn_retries: 0,
                     client_rsts: 1,
                     resteered: 0,
-                    learned_weight: Some(75),
+                    learned_weight: Some(0.7300000001),
                     fit_r2: Some(0.5),
                     rates: None,
                 }],
@@ -447,7 +462,9 @@ mod tests {
             "lb_backend_health{vip=\"[2001:db8::1]:443/tcp\",backend=\"2001:db8::11\",state=\"draining\"} 1",
             "lb_backend_health{vip=\"[2001:db8::1]:443/tcp\",backend=\"2001:db8::11\",state=\"up\"} 0",
             "lb_datapath_packets_total{reason=\"drop_fib\"} 7",
-            "lb_backend_learned_weight{vip=\"[2001:db8::1]:443/tcp\",backend=\"2001:db8::11\"} 75",
+            "lb_backend_learned_weight{vip=\"[2001:db8::1]:443/tcp\",backend=\"2001:db8::11\"} 0.73",
+            "lb_backend_effective_weight{vip=\"[2001:db8::1]:443/tcp\",backend=\"2001:db8::11\"} 0",
+            "lb_backend_table_weight{vip=\"[2001:db8::1]:443/tcp\",backend=\"2001:db8::11\"} 0",
             "lb_model_fit_r2{vip=\"[2001:db8::1]:443/tcp\",backend=\"2001:db8::11\"} 0.5",
             "lb_model_refusals_total{reason=\"poor_fit\"} 4",
             "lb_datapath_packets_total{reason=\"pass_not_vip\"} 0",

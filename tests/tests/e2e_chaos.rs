@@ -89,6 +89,9 @@ struct Fixture {
     pin_dir: PathBuf,
     socket: PathBuf,
     lbd: Option<Lbd>,
+    /// When the running lbd was spawned (ms since the epoch): the journal keeps the events of
+    /// earlier lbds too (its history file), and these tests look at the running one's.
+    spawned_ms: u64,
     starts: usize,
     servers: Vec<Option<TcpServer>>,
     decaps: Vec<Option<Child>>,
@@ -117,6 +120,7 @@ impl Fixture {
             dir,
             pin_dir,
             lbd: None,
+            spawned_ms: 0,
             starts: 0,
             servers,
             decaps,
@@ -167,6 +171,7 @@ impl Fixture {
     fn spawn_lbd(&mut self) -> &mut Lbd {
         assert!(self.lbd.is_none(), "lbd already running");
         self.starts += 1;
+        self.spawned_ms = tests::procs::now_ms();
         let opts = LbdOptions {
             nsenter: true,
             env: vec![(
@@ -205,12 +210,20 @@ impl Fixture {
         xdp_attached(self.lab.lb().ns())
     }
 
-    /// `lbctl status --json`'s events and `lbctl status`'s text.
+    /// `lbctl status --json`'s events recorded by the running lbd (not the history of the
+    /// ones before it) and `lbctl status`'s text.
     fn status_events(&self) -> (Vec<Value>, String) {
         let json: Value = serde_json::from_str(&lbctl_ok(&self.socket, &["status", "--json"]))
             .expect("status JSON");
         let text = lbctl_ok(&self.socket, &["status"]);
-        (json["events"].as_array().expect("events").clone(), text)
+        let mine = json["events"]
+            .as_array()
+            .expect("events")
+            .iter()
+            .filter(|e| e["timestamp_ms"].as_u64() >= Some(self.spawned_ms))
+            .cloned()
+            .collect();
+        (mine, text)
     }
 
     /// The message of the event of `kind` that mentions every one of `words`, asserted to be

@@ -789,8 +789,14 @@ fn bad_input_is_refused_with_the_fix_and_changes_nothing() {
         .filter(|e| e["kind"] == "change_refused")
         .map(|e| e["message"].as_str().unwrap())
         .collect();
-    let want = "lbctl change: vip[0] (10.200.100.1:80/tcp): backend[1] (10.200.0.12): weight 10001 is out of range; use 0 to 10000";
-    assert!(refused.contains(&want), "{refused:#?}");
+    // Named as the lbctl command, with who asked (the peer's uid and pid), and why.
+    let want = "vip[0] (10.200.100.1:80/tcp): backend[1] (10.200.0.12): weight 10001 is out of range; use 0 to 10000";
+    assert!(
+        refused.iter().any(|m| m.starts_with(&format!(
+            "lbctl backend add {VIP4} 10.200.0.12 --weight 10001 (by uid 0 pid "
+        )) && m.ends_with(&format!("): {want}"))),
+        "{refused:#?}"
+    );
     assert!(
         refused
             .iter()
@@ -1048,7 +1054,7 @@ fn racing_writers_never_leave_a_half_applied_state() {
                 addr,
                 family,
                 id: b["id"].as_u64().unwrap() as u32,
-                weight: b["effective_weight"].as_u64().unwrap() as u32,
+                weight: b["table_weight"].as_u64().unwrap() as u32,
             }
         })
         .collect();

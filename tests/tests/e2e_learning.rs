@@ -230,6 +230,20 @@ fn learning_explains_every_backend_and_cuts_the_slow_one_within_budget() {
         "the slow backend's weight did not go down: {show}\n{}",
         lbd.log()
     );
+    // Operators read the learned weight in configured units (a fraction of 1), the table's
+    // own units apart, both from the same instant.
+    let list = tests::procs::lbctl_json(&lbd.socket, &["backend", "list"]);
+    for b in list.as_array().unwrap() {
+        let eff = b["effective_weight"].as_f64().unwrap();
+        let table = b["table_weight"].as_u64().unwrap();
+        assert_eq!((eff * 100.0).round() as u64, table, "{b}");
+        if b["address"] == b0.as_str() {
+            assert!(
+                eff < 1.0,
+                "the cut backend's weight in configured units: {b}"
+            );
+        }
+    }
 
     // The audit log: every change as JSON, every applied step within the budget.
     let log = lbd.log();

@@ -1,14 +1,21 @@
 //! The balancer must not lie about, or lose, its own datapath (issue 20): `lbd cleanup` under a
 //! running lbd, a program detached or unpinned behind lbd's back, the XDP mode lbd reports,
 //! and `lbd --check` running every validation lbd itself runs.
+use serde_json::{json, Value};
 use std::{
+    net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
     process::{Command, Output},
+    time::Duration,
 };
 use tests::{
     lab::{Lab, LabSpec, LB_V4, VIP_V4},
-    procs::{bin_path, lbctl, now_ms, scratch, xdp_attached, Lbd, LbdOptions, RemoveOnDrop},
+    procs::{
+        bin_path, lbctl, lbctl_json, now_ms, scratch, wait_for, xdp_attached, Lbd, LbdOptions,
+        RemoveOnDrop,
+    },
     require_root,
+    tcp::TcpServer,
 };
 
 /// A pinned lbd's configuration: pins under /sys/fs/bpf, control socket `dir/run/lbd.sock`.
@@ -407,4 +414,436 @@ fn check_refuses_restart_only_changes_for_the_running_lbd() {
     assert!(out.status.success(), "{out:?}");
     let out = lbd_cmd(&lab, &config, &["cleanup"]);
     assert!(out.status.success(), "{out:?}");
+}
+
+/// `lbd.toml` without pins: control socket `dir/run/lbd.sock`, one VIP with `vip_extra` and
+/// `backends` as `(address, weight)`.
+fn plain_config(dir: &Path, vip_extra: &str, backends: &[(String, u32)]) -> String {
+    let mut s = format!(
+        "interface = \"eth0\"\nxdp_mode = \"native\"\npin_dir = \"\"\ncontrol_socket = \"{}\"\n\
+         [encap]\nsource_v4 = \"{LB_V4}\"\n[[vip]]\naddress = \"{VIP_V4}\"\nport = 80\nprotocol = \"tcp\"\n{vip_extra}\n",
+        dir.join("run/lbd.sock").display()
+    );
+    for (a, w) in backends {
+        s.push_str(&format!(
+            "[[vip.backend]]\naddress = \"{a}\"\nweight = {w}\n"
+        ));
+    }
+    s
+}
+
+const VIP: &str = "10.200.100.1:80/tcp";
+
+/// Each backend's `(effective_weight, table_weight)` in `backend list`, `stats` and `/metrics`,
+/// and its `learned_weight` in `stats`, by address.
+type Shown = Vec<(String, Value, Value, Value, Value, f64, f64, Value)>;
+
+fn shown_weights(lab: &Lab, sock: &Path) -> Shown {
+    let list = lbctl_json(sock, &["backend", "list"]);
+    let stats = lbctl_json(sock, &["stats", "--interval", "0.1"]);
+    let metrics = tests::procs::scrape_metrics(lab.lb().ns());
+    let mut out = Vec::new();
+    for b in list.as_array().unwrap() {
+        let addr = b["address"].as_str().unwrap().to_string();
+        let s = stats["vips"][0]["backends"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["address"] == addr.as_str())
+            .unwrap()
+            .clone();
+        let series = |name: &str| metrics[&format!("{name}{{vip=\"{VIP}\",backend=\"{addr}\"}}")];
+        out.push((
+            addr.clone(),
+            b["effective_weight"].clone(),
+            b["table_weight"].clone(),
+            s["effective_weight"].clone(),
+            s["table_weight"].clone(),
+            series("lb_backend_effective_weight"),
+            series("lb_backend_table_weight"),
+            s["learned_weight"].clone(),
+        ));
+    }
+    out
+}
+
+/// Issue 20, "one truth": switching `[vip.learning]` on changes no weight an operator reads
+/// (`backend list`, `stats`, `lb_backend_effective_weight`): they stay in configured units,
+/// and the table's own units (configured x 100) show apart as `table_weight`.
+#[test]
+fn turning_learning_on_keeps_the_weights_in_configured_units() {
+    require_root();
+    let lab = Lab::new(LabSpec { backends: 2 }).expect("building the lab");
+    let dir = scratch("truth-weights");
+    let _dir = RemoveOnDrop(dir.clone());
+    let backends: Vec<(String, u32)> = vec![
+        (lab.backend(0).v4().to_string(), 1),
+        (lab.backend(1).v4().to_string(), 3),
+    ];
+    // Health probes (TCP to each backend's own address) must pass: learning needs them.
+    let _servers: Vec<TcpServer> = (0..2)
+        .map(|i| {
+            let a = SocketAddr::new(IpAddr::from(lab.backend(i).v4()), 80);
+            TcpServer::start(lab.backend(i).ns(), &[a], &format!("backend{i}")).unwrap()
+        })
+        .collect();
+    let health =
+        "[vip.health]\nkind = \"tcp\"\ninterval_ms = 100\ntimeout_ms = 100\nrise = 1\nfall = 3\n";
+    let config = dir.join("lbd.toml");
+    std::fs::write(&config, plain_config(&dir, health, &backends)).unwrap();
+    let lbd = Lbd::start(lab.lb().ns(), &dir);
+    let sock = lbd.socket.clone();
+    let all_up = || {
+        lbctl_json(&sock, &["backend", "list"])
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|b| b["health"] == "up")
+    };
+    wait_for("both backends up", Duration::from_secs(10), all_up);
+    let slots = |l: &Value| -> Vec<u64> {
+        l.as_array()
+            .unwrap()
+            .iter()
+            .map(|b| b["slots"].as_u64().unwrap())
+            .collect()
+    };
+    let slots_before = slots(&lbctl_json(&sock, &["backend", "list"]));
+    let before = shown_weights(&lab, &sock);
+    for ((addr, w), (a, list_eff, list_table, st_eff, st_table, m_eff, m_table, learned)) in
+        backends.iter().zip(&before)
+    {
+        assert_eq!(addr, a);
+        assert_eq!((list_eff, list_table), (&json!(w), &json!(w)), "{before:?}");
+        assert_eq!((st_eff, st_table), (&json!(w), &json!(w)), "{before:?}");
+        assert_eq!((*m_eff, *m_table), (*w as f64, *w as f64), "{before:?}");
+        assert!(
+            learned.is_null(),
+            "no learning, no learned weight: {before:?}"
+        );
+    }
+
+    // Learning on (a long interval: the model takes no step during the test), by reload.
+    let learning = format!("{health}[vip.learning]\nenabled = true\ninterval_ms = 600000\n");
+    std::fs::write(&config, plain_config(&dir, &learning, &backends)).unwrap();
+    let since = now_ms();
+    lbd.signal(libc::SIGHUP);
+    lbd.wait_event("reloaded", since);
+    wait_for("both backends up again", Duration::from_secs(10), all_up);
+    let after = shown_weights(&lab, &sock);
+    for ((addr, w), (a, list_eff, list_table, st_eff, st_table, m_eff, m_table, learned)) in
+        backends.iter().zip(&after)
+    {
+        assert_eq!(addr, a);
+        // What operators read did not move; the table's units are apart.
+        assert_eq!(list_eff, &json!(w), "backend list, learning on: {after:?}");
+        assert_eq!(st_eff, &json!(w), "stats, learning on: {after:?}");
+        assert_eq!(*m_eff, *w as f64, "lb_backend_effective_weight: {after:?}");
+        assert_eq!(learned, &json!(w), "stats learned_weight: {after:?}");
+        assert_eq!(list_table, &json!(w * 100), "{after:?}");
+        assert_eq!(st_table, &json!(w * 100), "{after:?}");
+        assert_eq!(*m_table, (w * 100) as f64, "{after:?}");
+    }
+    let m = tests::procs::scrape_metrics(lab.lb().ns());
+    assert_eq!(
+        m[&format!(
+            "lb_backend_learned_weight{{vip=\"{VIP}\",backend=\"{}\"}}",
+            backends[1].0
+        )],
+        3.0
+    );
+    // The same ratios: the table did not change, slot for slot.
+    assert_eq!(
+        slots(&lbctl_json(&sock, &["backend", "list"])),
+        slots_before,
+        "learning on rebuilt another table"
+    );
+    let text = lbctl(&sock, &["backend", "list"]);
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        text.contains("EFFECTIVE") && text.contains("TABLE"),
+        "{text}"
+    );
+}
+
+/// `lbctl ARGS...` run as a child whose pid is known: (pid, output).
+fn lbctl_with_pid(sock: &Path, args: &[&str]) -> (u32, Output) {
+    let child = Command::new(bin_path("lbctl"))
+        .arg("--socket")
+        .arg(sock)
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("running lbctl");
+    let pid = child.id();
+    (pid, child.wait_with_output().unwrap())
+}
+
+/// The journal's events of `kind`, from `lbctl status --json`.
+fn events_of(sock: &Path, kind: &str) -> Vec<Value> {
+    lbctl_json(sock, &["status"])["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["kind"] == kind)
+        .cloned()
+        .collect()
+}
+
+/// Issue 20, audit: every accepted change is logged once and journaled with who asked (uid,
+/// pid) and the request as the lbctl command; the journal survives a clean restart and a kill
+/// (restarts from pins), and the kill is said in the new lbd's log too.
+#[test]
+fn changes_are_audited_and_the_history_survives_restarts() {
+    require_root();
+    let (lab, dir, pin_dir, _pins, _dir) = pinned_setup("truth-audit");
+    std::fs::write(
+        dir.join("lbd.toml"),
+        pinned_config(&lab, &dir, &pin_dir, "native"),
+    )
+    .unwrap();
+    let mut lbd = start_pinned(&lab, &dir, 1);
+    let sock = dir.join("run/lbd.sock");
+
+    let (pid, out) = lbctl_with_pid(
+        &sock,
+        &["backend", "add", VIP, "10.200.0.99", "--weight", "2"],
+    );
+    assert!(out.status.success(), "{out:?}");
+    let words = format!("lbctl backend add {VIP} 10.200.0.99 --weight 2");
+    let by = format!("(by uid 0 pid {pid})");
+    let applied = events_of(&sock, "change_applied");
+    assert_eq!(applied.len(), 1, "{applied:#?}");
+    let event = applied[0].clone();
+    let msg = event["message"].as_str().unwrap();
+    assert!(msg.starts_with(&format!("{words} {by}: ")), "{msg}");
+    let logged = |log: &str, pid: u32| {
+        log.lines()
+            .filter(|l| {
+                l.contains("change applied")
+                    && l.contains(&words)
+                    && l.contains(&format!("uid 0 pid {pid}"))
+            })
+            .count()
+    };
+    assert_eq!(logged(&lbd.log(), pid), 1, "{}", lbd.log());
+
+    // The same request again changes nothing: neither logged as a change nor journaled.
+    let (again, out) = lbctl_with_pid(
+        &sock,
+        &["backend", "add", VIP, "10.200.0.99", "--weight", "2"],
+    );
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(events_of(&sock, "change_applied").len(), 1);
+    assert_eq!(logged(&lbd.log(), again), 0, "{}", lbd.log());
+    // A refused one: the same words and who asked, in the log and the journal.
+    let (refused_pid, out) = lbctl_with_pid(
+        &sock,
+        &["backend", "set-weight", VIP, "10.200.0.99", "10001"],
+    );
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let refused = events_of(&sock, "change_refused");
+    assert!(
+        refused
+            .iter()
+            .any(|e| e["message"].as_str().unwrap().starts_with(&format!(
+                "lbctl backend set-weight {VIP} 10.200.0.99 10001 (by uid 0 pid {refused_pid}): "
+            ))),
+        "{refused:#?}"
+    );
+    assert!(
+        lbd.log().lines().any(
+            |l| l.contains("change refused") && l.contains(&format!("uid 0 pid {refused_pid}"))
+        ),
+        "{}",
+        lbd.log()
+    );
+
+    // A clean restart from pins: the history is still there, before the new start.
+    assert!(lbd.stop().success());
+    let mut lbd = start_pinned(&lab, &dir, 2);
+    let st = lbctl_json(&sock, &["status"]);
+    let ev = st["events"].as_array().unwrap();
+    let at = ev
+        .iter()
+        .position(|e| *e == event)
+        .unwrap_or_else(|| panic!("the change_applied event did not survive the restart: {st:#}"));
+    assert!(
+        ev[at..].iter().any(|e| e["kind"] == "start"
+            && e["message"]
+                .as_str()
+                .unwrap()
+                .contains("restored from pins")),
+        "{st:#}"
+    );
+    assert!(events_of(&sock, "change_refused").len() >= refused.len());
+
+    // Killed: the next lbd says so in the journal and in its log, and the history stays.
+    lbd.sigkill();
+    let lbd = start_pinned(&lab, &dir, 3);
+    let unclean = events_of(&sock, "unclean_stop");
+    assert_eq!(unclean.len(), 1, "{unclean:#?}");
+    assert!(
+        lbd.log()
+            .lines()
+            .any(|l| l.contains("WARN") && l.contains("stopped without cleanup")),
+        "{}",
+        lbd.log()
+    );
+    assert!(events_of(&sock, "change_applied").contains(&event));
+    assert!(
+        events_of(&sock, "start").len() >= 3,
+        "{:#}",
+        lbctl_json(&sock, &["status"])
+    );
+    let history = events_history(&sock);
+    assert!(history.contains("change_applied"), "{history}");
+}
+
+/// The journal's file beside the control socket.
+fn events_history(sock: &Path) -> String {
+    let mut p = sock.as_os_str().to_owned();
+    p.push(".events");
+    std::fs::read_to_string(PathBuf::from(p)).unwrap_or_default()
+}
+
+/// `ip neigh show ADDR` in the balancer's namespace.
+fn neigh(lab: &Lab, addr: &str) -> String {
+    lab.lb()
+        .ns()
+        .ip(["-d", "neigh", "show", addr])
+        .unwrap_or_default()
+}
+
+/// Issue 20: `lbctl backend remove` and `lbd cleanup` remove the managed neighbour entries lbd
+/// installed, and only those (an operator's own entry stays).
+#[test]
+fn removed_backends_and_cleanup_leave_no_neighbour_entries_of_lbds() {
+    require_root();
+    let (lab, dir, pin_dir, _pins, _dir) = pinned_setup("truth-neigh");
+    let config = dir.join("lbd.toml");
+    std::fs::write(&config, pinned_config(&lab, &dir, &pin_dir, "native")).unwrap();
+    let operators = "10.200.0.98";
+    lab.lb()
+        .ns()
+        .ip([
+            "neigh",
+            "replace",
+            operators,
+            "dev",
+            "eth0",
+            "lladdr",
+            "02:00:00:00:00:98",
+            "nud",
+            "permanent",
+        ])
+        .unwrap();
+    let mut lbd = start_pinned(&lab, &dir, 1);
+    let sock = dir.join("run/lbd.sock");
+    let b0 = lab.backend(0).v4().to_string();
+    // 10.200.0.99 is on the lab's segment but nobody answers for it: `managed FAILED`.
+    let gone = "10.200.0.99";
+    assert!(lbctl(&sock, &["backend", "add", VIP, gone])
+        .status
+        .success());
+    for a in [b0.as_str(), gone] {
+        let n = neigh(&lab, a);
+        assert!(
+            n.contains("managed") && n.contains("proto 76"),
+            "{a}: {n:?}"
+        );
+    }
+    assert!(lbctl(&sock, &["backend", "remove", VIP, gone])
+        .status
+        .success());
+    assert_eq!(
+        neigh(&lab, gone).trim(),
+        "",
+        "left behind after backend remove"
+    );
+    assert!(neigh(&lab, &b0).contains("managed"), "{}", neigh(&lab, &b0));
+
+    assert!(lbd.stop().success());
+    let out = lbd_cmd(&lab, &config, &["cleanup"]);
+    assert!(out.status.success(), "{out:?}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains(&format!(
+            "removed the neighbour entries lbd had installed: {b0}"
+        )),
+        "{stdout}"
+    );
+    assert_eq!(neigh(&lab, &b0).trim(), "", "left behind after lbd cleanup");
+    let theirs = neigh(&lab, operators);
+    assert!(
+        theirs.contains("PERMANENT"),
+        "the operator's entry went: {theirs:?}"
+    );
+}
+
+/// Issue 20: after a refused reload, lbctl's refusal to overwrite the file says that it holds
+/// an edit lbd refused, and why; an edit not reloaded that lbd would refuse is said as such.
+/// Nothing changes either way.
+#[test]
+fn a_refused_reload_is_named_in_lbctls_refusal() {
+    require_root();
+    let lab = Lab::new(LabSpec { backends: 1 }).expect("building the lab");
+    let dir = scratch("truth-reload");
+    let _dir = RemoveOnDrop(dir.clone());
+    let b0 = lab.backend(0).v4().to_string();
+    let backends = vec![(b0.clone(), 1)];
+    let config = dir.join("lbd.toml");
+    std::fs::write(&config, plain_config(&dir, "", &backends)).unwrap();
+    let lbd = Lbd::start(lab.lb().ns(), &dir);
+    let sock = lbd.socket.clone();
+    let list = lbctl_json(&sock, &["backend", "list"]);
+
+    let bad = plain_config(&dir, "table_size = 100", &backends);
+    std::fs::write(&config, &bad).unwrap();
+    let since = now_ms();
+    lbd.signal(libc::SIGHUP);
+    lbd.wait_event("reload_refused", since);
+    let out = lbctl(&sock, &["backend", "set-weight", VIP, &b0, "5"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    for want in [
+        format!(
+            "config file {}: holds an edit that lbd refused to load (reload at ",
+            config.display()
+        ),
+        "table_size 100 is not prime".to_string(),
+        "Fix the edit".to_string(),
+    ] {
+        assert!(stderr.contains(&want), "{want:?} in {stderr}");
+    }
+    assert!(
+        !stderr.contains("reload rejected"),
+        "the reason, bare: {stderr}"
+    );
+    assert_eq!(std::fs::read_to_string(&config).unwrap(), bad);
+    assert_eq!(lbctl_json(&sock, &["backend", "list"]), list);
+
+    // Another edit, not reloaded, that lbd would refuse too.
+    let bad = plain_config(&dir, "table_size = 102", &backends);
+    std::fs::write(&config, &bad).unwrap();
+    let out = lbctl(&sock, &["backend", "drain", VIP, &b0, "--force"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("holds an edit that lbd has not loaded and would refuse to load: ")
+            && stderr.contains("table_size 102 is not prime"),
+        "{stderr}"
+    );
+    assert_eq!(std::fs::read_to_string(&config).unwrap(), bad);
+    assert_eq!(lbctl_json(&sock, &["backend", "list"]), list);
+
+    // A valid edit not reloaded yet: "apply the edit first", as before.
+    std::fs::write(&config, plain_config(&dir, "table_size = 251", &backends)).unwrap();
+    let out = lbctl(&sock, &["backend", "drain", VIP, &b0, "--force"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("Apply the edit first"), "{stderr}");
+    assert_eq!(lbctl_json(&sock, &["backend", "list"]), list);
 }

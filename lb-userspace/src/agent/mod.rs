@@ -27,7 +27,7 @@ use crate::{
     config::{self, Config},
     control::{
         events::{self, Journal},
-        ApplyTiming, Changed, Handler, Request, Response, TableChange, VipName,
+        ApplyTiming, Changed, Handler, Peer, Request, Response, TableChange, VipName,
     },
     datapath::{ApplyReport, Balancer, VipId},
     health::HealthStatus,
@@ -66,6 +66,16 @@ struct State {
     refusals: BTreeMap<String, u64>,
     /// How long the datapath applies take (`lbctl status`).
     timing: ApplyTiming,
+    /// The last reload lbd refused: the file's text (hash), when, and why. An lbctl change
+    /// refused because the file holds that edit says so.
+    refused_reload: Option<RefusedReload>,
+}
+
+/// A reload lbd refused, for the refusal of later lbctl changes.
+struct RefusedReload {
+    text_hash: u64,
+    time: String,
+    reason: String,
 }
 
 fn vip_id(v: &config::Vip) -> VipId {
@@ -219,6 +229,7 @@ impl Agent {
                 learned,
                 refusals: BTreeMap::new(),
                 timing: ApplyTiming::default(),
+                refused_reload: None,
             }),
             config_path: config_path.to_path_buf(),
             started: Instant::now(),
@@ -251,7 +262,8 @@ impl Agent {
     }
 
     /// SIGHUP: re-reads the configuration file and applies it, as one more serialized change.
-    /// A file that is invalid, or that changes settings fixed at start, changes nothing.
+    /// A file that is invalid, or that changes settings fixed at start, changes nothing; it is
+    /// remembered, so that lbctl's refusal to overwrite it says why it was not loaded.
     pub async fn reload(&self) -> Result<ApplyReport> {
         let mut guard = self.state.lock().await;
         let st = &mut *guard;
@@ -259,27 +271,51 @@ impl Agent {
         let text = fs::read_to_string(&self.config_path).map_err(|e| {
             anyhow!("reload rejected, nothing changed: cannot read config file {path}: {e}")
         })?;
-        let new = Config::parse(&text)
-            .map_err(|e| anyhow!("reload rejected, nothing changed: config file {path}: {e}"))?;
-        check_host(&new).map_err(|e| anyhow!("reload rejected, nothing changed: {e:#}"))?;
+        // The bare reason is kept for lbctl's refusals; the error says the reload's outcome.
+        let (reason, result) = match self.reloadable(st, &text) {
+            Ok(new) => {
+                let r = self.reload_config(st, new, &text);
+                (r.as_ref().err().map(|e| format!("{e:#}")), r)
+            }
+            Err(e) => (
+                Some(format!("{e:#}")),
+                Err(anyhow!("reload rejected, nothing changed: {e:#}")),
+            ),
+        };
+        st.refused_reload = reason.map(|reason| RefusedReload {
+            text_hash: events::text_hash(&text),
+            time: events::rfc3339(events::now_ms()),
+            reason,
+        });
+        result
+    }
+
+    /// Whether lbd would load `text` as its configuration on reload: the file's own checks,
+    /// the host's, and no restart-only key changed. The configuration it holds, or why not.
+    fn reloadable(&self, st: &State, text: &str) -> Result<Config> {
+        let path = self.config_path.display();
+        let new = Config::parse(text).map_err(|e| anyhow!("config file {path}: {e}"))?;
+        check_host(&new)?;
         let fixed = st.config.restart_only_changes(&new);
         if !fixed.is_empty() {
-            bail!(
-                "reload rejected, nothing changed: {} only change on restart",
-                fixed.join(", ")
-            );
+            bail!("{} only change on restart", fixed.join(", "));
         }
+        Ok(new)
+    }
+
+    /// Applies `new`, read from the file's `text`, as the reload of a valid file.
+    fn reload_config(&self, st: &mut State, new: Config, text: &str) -> Result<ApplyReport> {
         let prev = st.config.clone();
         let _busy =
             self.events
-                .begin_change("reload (SIGHUP)", st.file_text.as_deref(), Some(&text));
+                .begin_change("reload (SIGHUP)", st.file_text.as_deref(), Some(text));
         let health = sync_health(&st.health, &new);
         let (learning, learned) = sync_learning(&st.learning, &st.learned, &new);
         match apply_datapath(&mut st.lb, &new, &health, &learned, &mut st.timing) {
             Ok(r) => {
                 warn_new(&self.events, Some(&st.config), &new);
                 st.config = new;
-                st.file_text = Some(text);
+                st.file_text = Some(text.to_string());
                 st.health = health;
                 st.learning = learning;
                 st.learned = learned;
@@ -293,8 +329,40 @@ impl Agent {
         }
     }
 
-    /// Answers one control request.
-    pub async fn handle(&self, req: Request) -> Response {
+    /// Why an lbctl change cannot be saved while the file differs from what lbd last read or
+    /// wrote: unreadable, an edit lbd refused (or would refuse) to load and why, or an edit
+    /// not loaded yet.
+    fn file_differs(&self, st: &State, on_disk: Option<&str>) -> anyhow::Error {
+        let path = self.config_path.display();
+        let Some(text) = on_disk else {
+            return anyhow!(
+                "config file {path}: cannot be read, and saving this change would replace it; nothing changed. Make it readable again (or restore it), then retry"
+            );
+        };
+        let refused = st
+            .refused_reload
+            .as_ref()
+            .filter(|r| r.text_hash == events::text_hash(text));
+        if let Some(r) = refused {
+            return anyhow!(
+                "config file {path}: holds an edit that lbd refused to load (reload at {}: {}); saving this change would overwrite that edit, so nothing changed. Fix the edit (lbd --config {path} --check says what is wrong) and reload (systemctl reload lbd), or undo it, then retry",
+                r.time,
+                r.reason
+            );
+        }
+        if let Err(e) = self.reloadable(st, text) {
+            return anyhow!(
+                "config file {path}: holds an edit that lbd has not loaded and would refuse to load: {e:#}; saving this change would overwrite that edit, so nothing changed. Fix the edit (lbd --config {path} --check says what is wrong) and reload (systemctl reload lbd), or undo it, then retry"
+            );
+        }
+        anyhow!(
+            "config file {path}: edited since lbd last read or wrote it, and saving this change would overwrite that; nothing changed. Apply the edit first (systemctl reload lbd, or kill -HUP the lbd process) or undo it, then retry"
+        )
+    }
+
+    /// Answers one control request from `peer`. A change is logged once and journaled with
+    /// who asked and the request as the lbctl command (accepted or refused).
+    pub async fn handle(&self, req: Request, peer: Peer) -> Response {
         let result = match req {
             Request::VipList => self.vip_list().await.map(Response::ok),
             Request::BackendList { vip } => self.backend_list(vip.as_deref()).await,
@@ -303,13 +371,9 @@ impl Agent {
             Request::Status => self.status().await.map(Response::ok),
             Request::RunningConfig => Ok(Response::ok(self.config().await)),
             other => {
+                let words = other.as_lbctl();
                 let r = self.change(other).await;
-                if let Err(e) = &r {
-                    self.events.record(
-                        events::change_failure_kind(e),
-                        format!("lbctl change: {e:#}"),
-                    );
-                }
+                self.audit(&words, peer, &r);
                 r.map(Response::ok)
             }
         };
@@ -337,11 +401,7 @@ impl Agent {
         }
         let on_disk = fs::read_to_string(&self.config_path).ok();
         if on_disk.is_none() || on_disk != st.file_text {
-            bail!(
-                "config file {}: {} since lbd last read or wrote it, and saving this change would overwrite that; nothing changed. Apply the edit first (systemctl reload lbd, or kill -HUP the lbd process) or undo it, then retry",
-                self.config_path.display(),
-                if on_disk.is_none() { "cannot be read" } else { "edited" }
-            );
+            return Err(self.file_differs(st, on_disk.as_deref()));
         }
         let next_text = next.to_toml().ok();
         let _busy =
@@ -374,7 +434,6 @@ impl Agent {
         st.learning = learning;
         st.learned = learned;
         self.restart_probes(st);
-        info!(request = ?req, "{message}");
         for (vip, moved, generation) in &report.tables {
             info!(%vip, moved, generation, "table updated");
         }
@@ -393,6 +452,31 @@ impl Agent {
                 })
                 .collect(),
         })
+    }
+}
+
+impl Agent {
+    /// The audit trail of one lbctl change: the log (once) and the journal, with who asked
+    /// (`peer`) and what (`words`, the lbctl command). A request for what already was changes
+    /// nothing and is only logged at debug level.
+    fn audit(&self, words: &str, peer: Peer, r: &Result<Changed>) {
+        match r {
+            Ok(c) if c.changed => {
+                info!(%peer, request = %words, "change applied: {}", c.message);
+                self.events.record(
+                    events::Kind::ChangeApplied,
+                    format!("{words} (by {peer}): {}", c.message),
+                );
+            }
+            Ok(c) => debug!(%peer, request = %words, "{}", c.message),
+            Err(e) => {
+                info!(%peer, request = %words, "change refused: {e:#}");
+                self.events.record(
+                    events::change_failure_kind(e),
+                    format!("{words} (by {peer}): {e:#}"),
+                );
+            }
+        }
     }
 }
 
@@ -508,8 +592,12 @@ fn rollback(
 
 /// The control socket hands every request to the agent.
 impl Handler for Agent {
-    fn handle(&self, req: Request) -> impl std::future::Future<Output = Response> + Send {
-        Agent::handle(self, req)
+    fn handle(
+        &self,
+        req: Request,
+        peer: Peer,
+    ) -> impl std::future::Future<Output = Response> + Send {
+        Agent::handle(self, req, peer)
     }
 }
 

@@ -2,11 +2,15 @@
 //! from the datapath and configuration under the agent's lock.
 use super::edit::unknown_vip;
 use super::health::{configured, shown_health};
-use super::{vip_id, xdp_mode_name, Agent};
+use super::learning::learning_weight;
+use super::{vip_id, xdp_mode_name, Agent, State};
+use crate::config;
 use crate::control::{
     BackendEntry, BackendStatsEntry, Response, StatsSnapshot, Status, VipEntry, VipName,
     VipStatsEntry, VipStatus,
 };
+use crate::datapath::VipId;
+use crate::learning::{table_weight, WEIGHT_SCALE};
 use anyhow::{anyhow, Context as _, Result};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -54,7 +58,8 @@ impl Agent {
                     address: b.address,
                     weight: cfg.weight,
                     drained: cfg.drained,
-                    effective_weight: b.weight,
+                    effective_weight: shown_weights(&st, vid, cfg, b.weight).0,
+                    table_weight: b.weight,
                     slots: b.slots,
                     up,
                     health: shown.to_string(),
@@ -79,10 +84,12 @@ impl Agent {
                 let bs = st.lb.backend_stats(b.id)?;
                 let cfg = configured(&st.config, vid, b.address).unwrap_or(applied);
                 let (up, shown, _) = shown_health(&st.health, vid, cfg);
+                let (effective_weight, learned_weight) = shown_weights(&st, vid, cfg, b.weight);
                 backends.push(BackendStatsEntry {
                     address: b.address,
                     weight: cfg.weight,
-                    effective_weight: b.weight,
+                    effective_weight,
+                    table_weight: b.weight,
                     drained: cfg.drained,
                     up,
                     health: shown.to_string(),
@@ -92,7 +99,7 @@ impl Agent {
                     syn_retries: bs.syn_retries,
                     client_rsts: bs.client_rsts,
                     resteered: bs.resteered,
-                    learned_weight: st.learning.get(&vid).map(|_| b.weight),
+                    learned_weight,
                     fit_r2: st
                         .learning
                         .get(&vid)
@@ -179,6 +186,24 @@ impl Agent {
                 .collect(),
         })
     }
+}
+
+/// A backend's effective and learned weights as operators see them: in configured units
+/// whether or not the VIP learns (the table's units, configured x 100, stay internal and are
+/// shown apart as `table_weight`), so turning learning on changes no dashboard's scale.
+/// `table` is the weight the backend has in the applied table.
+fn shown_weights(st: &State, vid: VipId, b: &config::Backend, table: u32) -> (f64, Option<f64>) {
+    if !st.learning.contains_key(&vid) {
+        return (f64::from(table), None);
+    }
+    let scale = f64::from(WEIGHT_SCALE);
+    let effective = f64::from(learning_weight(b, vid, &st.health, &st.learned)) / scale;
+    let learned = st
+        .learned
+        .get(&(vid, b.address))
+        .copied()
+        .unwrap_or_else(|| table_weight(b.weight));
+    (effective, Some(f64::from(learned) / scale))
 }
 
 /// The VIP a listing is limited to (`lbctl ... [VIP]`), if one is named.

@@ -275,14 +275,21 @@ fn print_model(vips: &[ModelVip]) {
             if b.drained_by_model {
                 flags.push("drained by the model".into());
             }
+            // Weights in configured units, as `backend list` and `stats` show them; the
+            // table's units (configured x 100, what --json holds) in brackets.
+            let unit = f64::from(lb_userspace::learning::WEIGHT_SCALE);
+            let cfg_units = |w: f64| lb_userspace::control::round::decimals(w / unit, 3);
             println!(
-                "  {} [{}]: weight configured {} (table {}), current {}, target {}",
+                "  {} [{}]: weight configured {}, current {} (table {}), target {}",
                 b.address,
                 flags.join(", "),
                 b.configured_weight,
-                b.configured_table_weight,
+                cfg_units(f64::from(b.current_weight)),
                 b.current_weight,
-                opt(b.target_weight, 1)
+                b.target_weight.map_or("-".to_string(), |t| format!(
+                    "{} (table {t:.1})",
+                    cfg_units(t)
+                ))
             );
             match (&b.fit, &b.refusal) {
                 (Some(f), _) => println!(
@@ -313,8 +320,8 @@ fn print_model(vips: &[ModelVip]) {
                 println!(
                     "    step {}: {} -> {}: {}",
                     d.step,
-                    d.from_weight,
-                    d.to_weight,
+                    cfg_units(f64::from(d.from_weight)),
+                    cfg_units(f64::from(d.to_weight)),
                     if d.reasons.is_empty() {
                         "unchanged".to_string()
                     } else {
@@ -358,8 +365,8 @@ fn print_backends(list: &[BackendEntry]) {
         return;
     }
     println!(
-        "{:<32} {:<28} {:>6} {:<9} {:>9} {:>8}  LAST PROBE",
-        "VIP", "BACKEND", "WEIGHT", "STATE", "EFFECTIVE", "SLOTS"
+        "{:<32} {:<28} {:>6} {:<9} {:>9} {:>6} {:>8}  LAST PROBE",
+        "VIP", "BACKEND", "WEIGHT", "STATE", "EFFECTIVE", "TABLE", "SLOTS"
     );
     for b in list {
         let state = if !b.health.is_empty() {
@@ -377,12 +384,13 @@ fn print_backends(list: &[BackendEntry]) {
             (None, None) => "-".to_string(),
         };
         println!(
-            "{:<32} {:<28} {:>6} {:<9} {:>9} {:>8}  {}",
+            "{:<32} {:<28} {:>6} {:<9} {:>9} {:>6} {:>8}  {}",
             b.vip,
             b.address.to_string(),
             b.weight,
             state,
-            b.effective_weight,
+            lb_userspace::control::round::decimals(b.effective_weight, 3),
+            b.table_weight,
             b.slots,
             probe
         );

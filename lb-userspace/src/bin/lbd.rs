@@ -154,6 +154,10 @@ async fn balance(path: &std::path::Path, journal: &Arc<Journal>) -> Result<()> {
     let control = ControlSocket::bind(&cfg)?;
     // No other lbd serves this socket now: what the run-state file holds is the last one's.
     let previous = journal.begin_run(&events::state_path(control.path()))?;
+    // The operator's history: the events of the lbds before this one come first.
+    if let Err(e) = journal.open_history(&events::history_path(control.path())) {
+        warn!("{e:#}; lbctl status shows only this lbd's events");
+    }
     let metrics_listener = metrics::bind(cfg.metrics_listen).await?;
     let mut lb = Balancer::load(LoadOptions::from(&cfg))?;
     let notes = journal.clone();
@@ -451,6 +455,18 @@ fn cleanup(path: &std::path::Path, force: bool) -> Result<()> {
             running.pid
         ),
         None => {}
+    }
+    // The managed neighbour entries lbd installed for backends' next hops (tagged with lbd's
+    // protocol): without a datapath they only make the kernel probe addresses nobody uses.
+    let neighbours: Vec<String> = netif::remove_all_lbd_neighbours()?
+        .iter()
+        .map(|h| h.neighbour.to_string())
+        .collect();
+    if !neighbours.is_empty() {
+        println!(
+            "removed the neighbour entries lbd had installed: {}",
+            neighbours.join(", ")
+        );
     }
     if cfg.pin_dir.is_empty() {
         println!("pin_dir is empty: nothing is pinned, nothing to remove");

@@ -215,6 +215,77 @@ impl Request {
         }
     }
 
+    /// The request in the words of the `lbctl` command that sends it (`lbctl backend drain
+    /// 10.0.0.1:80/tcp 10.0.0.11 --force`): how lbd's log and journal name who asked for what.
+    pub fn as_lbctl(&self) -> String {
+        let force = |f: &bool| if *f { " --force" } else { "" };
+        match self {
+            Request::VipAdd {
+                vip,
+                forwarding,
+                table_size,
+                force: f,
+            } => {
+                let mut s = format!("lbctl vip add {vip}");
+                if let Some(fw) = forwarding {
+                    s.push_str(match fw {
+                        Forwarding::Ipip => " --forwarding ipip",
+                        Forwarding::L2 => " --forwarding l2",
+                    });
+                }
+                if let Some(t) = table_size {
+                    s.push_str(&format!(" --table-size {t}"));
+                }
+                s + force(f)
+            }
+            Request::VipRemove { vip } => format!("lbctl vip remove {vip}"),
+            Request::VipList => "lbctl vip list".into(),
+            Request::BackendAdd {
+                vip,
+                address,
+                weight,
+            } => match weight {
+                Some(w) => format!("lbctl backend add {vip} {address} --weight {w}"),
+                None => format!("lbctl backend add {vip} {address}"),
+            },
+            Request::BackendRemove {
+                vip,
+                address,
+                force: f,
+            } => format!("lbctl backend remove {vip} {address}{}", force(f)),
+            Request::BackendSetWeight {
+                vip,
+                address,
+                weight,
+                force: f,
+            } => format!(
+                "lbctl backend set-weight {vip} {address} {weight}{}",
+                force(f)
+            ),
+            Request::BackendDrain {
+                vip,
+                address,
+                force: f,
+            } => format!("lbctl backend drain {vip} {address}{}", force(f)),
+            Request::BackendUndrain { vip, address } => {
+                format!("lbctl backend undrain {vip} {address}")
+            }
+            Request::BackendList { vip } => {
+                format!("lbctl backend list {}", vip.as_deref().unwrap_or(""))
+                    .trim_end()
+                    .into()
+            }
+            Request::ModelShow { vip } => {
+                format!("lbctl model show {}", vip.as_deref().unwrap_or(""))
+                    .trim_end()
+                    .into()
+            }
+            Request::Stats => "lbctl stats".into(),
+            Request::Status => "lbctl status".into(),
+            Request::RunningConfig => "lbd --check (running_config)".into(),
+        }
+    }
+
     /// Whether the request changes the configuration.
     pub fn is_mutation(&self) -> bool {
         !matches!(
@@ -397,8 +468,15 @@ pub struct BackendEntry {
     /// Configured weight (kept while drained).
     pub weight: u32,
     pub drained: bool,
-    /// Weight the table is built with: 0 while drained.
-    pub effective_weight: u32,
+    /// The weight in force, in the configured weight's units: 0 while drained or down, a
+    /// quarter on probation, the learned weight (fractional, e.g. 0.73) with `[vip.learning]`.
+    #[serde(serialize_with = "super::round::weight")]
+    pub effective_weight: f64,
+    /// The weight the Maglev table is built with, in the table's own units (with learning:
+    /// configured x 100, scaled down to at most 10000 per VIP); only ratios within a VIP mean
+    /// something.
+    #[serde(default)]
+    pub table_weight: u32,
     /// Slots this backend owns in the VIP's current table.
     pub slots: u32,
     /// Health: false only while health checks say the backend is down (always true for a VIP
@@ -519,7 +597,12 @@ pub struct VipStatsEntry {
 pub struct BackendStatsEntry {
     pub address: IpAddr,
     pub weight: u32,
-    pub effective_weight: u32,
+    /// As in [`BackendEntry::effective_weight`]: configured units.
+    #[serde(serialize_with = "super::round::weight")]
+    pub effective_weight: f64,
+    /// As in [`BackendEntry::table_weight`].
+    #[serde(default)]
+    pub table_weight: u32,
     pub drained: bool,
     pub up: bool,
     /// `up`, `down`, `probation` or `draining` (see `BackendEntry::health`).
@@ -531,10 +614,11 @@ pub struct BackendStatsEntry {
     pub syn_retries: u64,
     pub client_rsts: u64,
     pub resteered: u64,
-    /// With `[vip.learning]` enabled: the table weight in force (configured × 100 until the
-    /// model changes it).
+    /// With `[vip.learning]` enabled: the weight the model has set, in configured units (the
+    /// configured weight until the model changes it; drains and health not applied).
     #[serde(default)]
-    pub learned_weight: Option<u32>,
+    #[serde(serialize_with = "super::round::opt_weight")]
+    pub learned_weight: Option<f64>,
     /// With `[vip.learning]` enabled: R² of the backend's accepted fit, if the last step had one.
     #[serde(default)]
     #[serde(serialize_with = "super::round::opt_ratio")]
@@ -604,6 +688,73 @@ impl StatsSnapshot {
 mod tests {
     use super::*;
 
+    /// The log's words for a request are an lbctl command that parses, with every option.
+    #[test]
+    fn requests_are_named_as_the_lbctl_command_that_sends_them() {
+        use clap::Parser as _;
+        let vip = "10.0.0.1:80/tcp".to_string();
+        let cases = [
+            (
+                Request::VipAdd {
+                    vip: vip.clone(),
+                    forwarding: Some(Forwarding::L2),
+                    table_size: Some(251),
+                    force: true,
+                },
+                "lbctl vip add 10.0.0.1:80/tcp --forwarding l2 --table-size 251 --force",
+            ),
+            (
+                Request::BackendAdd {
+                    vip: vip.clone(),
+                    address: "10.0.0.11".into(),
+                    weight: Some(3),
+                },
+                "lbctl backend add 10.0.0.1:80/tcp 10.0.0.11 --weight 3",
+            ),
+            (
+                Request::BackendSetWeight {
+                    vip: vip.clone(),
+                    address: "10.0.0.11".into(),
+                    weight: 0,
+                    force: true,
+                },
+                "lbctl backend set-weight 10.0.0.1:80/tcp 10.0.0.11 0 --force",
+            ),
+            (
+                Request::BackendDrain {
+                    vip: vip.clone(),
+                    address: "10.0.0.11".into(),
+                    force: false,
+                },
+                "lbctl backend drain 10.0.0.1:80/tcp 10.0.0.11",
+            ),
+            (
+                Request::BackendUndrain {
+                    vip: vip.clone(),
+                    address: "10.0.0.11".into(),
+                },
+                "lbctl backend undrain 10.0.0.1:80/tcp 10.0.0.11",
+            ),
+            (
+                Request::BackendRemove {
+                    vip: vip.clone(),
+                    address: "10.0.0.11".into(),
+                    force: false,
+                },
+                "lbctl backend remove 10.0.0.1:80/tcp 10.0.0.11",
+            ),
+            (
+                Request::VipRemove { vip },
+                "lbctl vip remove 10.0.0.1:80/tcp",
+            ),
+        ];
+        for (req, words) in cases {
+            assert_eq!(req.as_lbctl(), words);
+            crate::cli::LbctlCli::try_parse_from(words.split(' '))
+                .unwrap_or_else(|e| panic!("{words}: {e}"));
+        }
+    }
+
     /// Every key of `value` (an object), sorted.
     fn keys(value: &serde_json::Value) -> Vec<&str> {
         value
@@ -630,7 +781,8 @@ mod tests {
             address: "10.0.0.11".parse().unwrap(),
             weight: 1,
             drained: false,
-            effective_weight: 1,
+            effective_weight: 1.0,
+            table_weight: 1,
             slots: 0,
             up: true,
             health: "up".into(),
@@ -648,6 +800,7 @@ mod tests {
                 "weight",
                 "drained",
                 "effective_weight",
+                "table_weight",
                 "slots",
                 "up",
                 "health",
@@ -778,7 +931,8 @@ mod tests {
                 backends: vec![BackendStatsEntry {
                     address: "10.0.0.11".parse().unwrap(),
                     weight: 1,
-                    effective_weight: 1,
+                    effective_weight: 1.0,
+                    table_weight: 1,
                     drained: false,
                     up: true,
                     health: "up".into(),
@@ -833,6 +987,7 @@ mod tests {
                 "address",
                 "weight",
                 "effective_weight",
+                "table_weight",
                 "drained",
                 "up",
                 "health",

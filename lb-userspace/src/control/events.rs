@@ -14,6 +14,10 @@
 //! finds the file knows the previous one did not stop cleanly, and what it was doing: the table
 //! write it cut short (was it published? the pinned VIP entry says) and the change it was
 //! applying (is it in the configuration file? a hash of the file before and after says).
+//!
+//! The journal itself is the operator's history, so it outlives lbd too: every event is
+//! appended to `<control_socket>.events` (one JSON object per line, see [`history_path`]),
+//! trimmed to the last [`KEPT`] when it reaches twice that, and read back by the next lbd.
 use crate::{control::Status, health::HealthStatus};
 use anyhow::{Context as _, Result};
 use serde::{Deserialize, Serialize};
@@ -66,6 +70,8 @@ pub enum Kind {
     BackendDown,
     BackendProbation,
     BackendUp,
+    /// An lbctl change was applied: the request as the lbctl command, who asked, what it did.
+    ChangeApplied,
     /// An lbctl change was refused (bad input, or it conflicts with the file or the datapath).
     ChangeRefused,
     /// An lbctl change failed half-way and was rolled back.
@@ -98,6 +104,7 @@ impl Kind {
             Kind::BackendDown => "backend_down",
             Kind::BackendProbation => "backend_probation",
             Kind::BackendUp => "backend_up",
+            Kind::ChangeApplied => "change_applied",
             Kind::ChangeRefused => "change_refused",
             Kind::ChangeRolledBack => "change_rolled_back",
             Kind::ReloadRefused => "reload_refused",
@@ -164,7 +171,8 @@ pub fn text_hash(text: &str) -> u64 {
     })
 }
 
-fn now_ms() -> u64 {
+/// Milliseconds since the Unix epoch, now.
+pub fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
@@ -199,6 +207,56 @@ pub fn rfc3339(ms: u64) -> String {
 pub struct Journal {
     events: Mutex<VecDeque<Event>>,
     run: Mutex<Option<(PathBuf, RunState)>>,
+    /// The history file events are appended to, once [`Journal::begin_run`] opened it.
+    history: Mutex<Option<History>>,
+}
+
+/// The events file of the lbd serving `control_socket` (`<control_socket>.events`): one JSON
+/// event per line, so that the operator's history survives a restart (it goes with a reboot,
+/// like the pins).
+pub fn history_path(control_socket: &Path) -> PathBuf {
+    let mut s = control_socket.as_os_str().to_owned();
+    s.push(".events");
+    PathBuf::from(s)
+}
+
+/// Lines the history file may hold before it is rewritten with the last [`KEPT`] events.
+const HISTORY_LINES: usize = 2 * KEPT;
+
+/// The history file and how many lines it holds.
+struct History {
+    path: PathBuf,
+    lines: usize,
+}
+
+impl History {
+    /// Appends one event; past [`HISTORY_LINES`], rewrites the file with `kept` instead (atomic),
+    /// so it stays bounded.
+    fn append(&mut self, ev: &Event, kept: &VecDeque<Event>) -> Result<()> {
+        if self.lines >= HISTORY_LINES {
+            let text: String = kept
+                .iter()
+                .filter_map(|e| serde_json::to_string(e).ok())
+                .map(|l| l + "\n")
+                .collect();
+            write_private(&self.path, text.as_bytes())?;
+            self.lines = kept.len();
+            return Ok(());
+        }
+        let mut f = fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&self.path)
+            .with_context(|| format!("opening lbd's event history {}", self.path.display()))?;
+        let mut line = serde_json::to_vec(ev)?;
+        line.push(b'\n');
+        f.write_all(&line)
+            .with_context(|| format!("appending to lbd's event history {}", self.path.display()))?;
+        self.lines += 1;
+        Ok(())
+    }
 }
 
 impl Journal {
@@ -206,19 +264,55 @@ impl Journal {
         Self::default()
     }
 
-    /// Adds an event (the oldest goes beyond [`KEPT`]).
+    /// Adds an event (the oldest goes beyond [`KEPT`]), and appends it to the history file.
     pub fn record(&self, kind: Kind, message: impl Into<String>) {
         let ms = now_ms();
         let mut ev = self.events.lock().expect("journal lock");
-        ev.push_back(Event {
+        let event = Event {
             time: rfc3339(ms),
             timestamp_ms: ms,
             kind: kind.name().to_string(),
             message: message.into(),
-        });
+        };
+        ev.push_back(event.clone());
         while ev.len() > KEPT {
             ev.pop_front();
         }
+        if let Some(h) = self.history.lock().expect("history lock").as_mut() {
+            if let Err(e) = h.append(&event, &ev) {
+                tracing::warn!("{e:#}");
+            }
+        }
+    }
+
+    /// Takes over the history file at `path`: the events a previous lbd recorded there come
+    /// first (the last [`KEPT`]), then every event from now on is appended. Lines that do not
+    /// parse (a write cut short by a kill) are skipped. Returns how many events were read.
+    pub fn open_history(&self, path: &Path) -> Result<usize> {
+        let text = match fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+            Err(e) => {
+                return Err(e)
+                    .with_context(|| format!("reading lbd's event history {}", path.display()))
+            }
+        };
+        let old: Vec<Event> = text
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect();
+        let n = old.len();
+        let mut ev = self.events.lock().expect("journal lock");
+        let mine: Vec<Event> = ev.drain(..).collect();
+        ev.extend(old.into_iter().chain(mine));
+        while ev.len() > KEPT {
+            ev.pop_front();
+        }
+        *self.history.lock().expect("history lock") = Some(History {
+            path: path.to_path_buf(),
+            lines: text.lines().count(),
+        });
+        Ok(n)
     }
 
     /// The events kept, oldest first.
@@ -358,6 +452,13 @@ impl Drop for Busy<'_> {
 /// the previous version, never half of one. The temporary file is created exclusively, so a
 /// link planted at its name is not followed.
 fn write_state(path: &Path, state: &RunState) -> Result<()> {
+    let bytes = serde_json::to_vec(state)?;
+    write_private(path, &bytes).map_err(|e| anyhow::anyhow!("writing lbd's run state: {e:#}"))
+}
+
+/// Writes `bytes` to `path` atomically, mode 0600 (temporary file created exclusively, not
+/// following links, then renamed over `path`).
+fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(".tmp");
     let tmp = PathBuf::from(tmp);
@@ -369,13 +470,13 @@ fn write_state(path: &Path, state: &RunState) -> Result<()> {
             .mode(0o600)
             .custom_flags(libc::O_NOFOLLOW)
             .open(&tmp)?;
-        f.write_all(&serde_json::to_vec(state).map_err(std::io::Error::other)?)?;
+        f.write_all(bytes)?;
         drop(f);
         fs::rename(&tmp, path)
     };
     write().map_err(|e| {
         let _ = fs::remove_file(&tmp);
-        anyhow::anyhow!("writing lbd's run state {}: {e}", path.display())
+        anyhow::anyhow!("writing {}: {e}", path.display())
     })
 }
 
@@ -473,10 +574,9 @@ fn record_previous(journal: &Journal, prev: &RunState, f: &StartFacts, state: &s
         "previous lbd".to_string()
     };
     if let Some(err) = &prev.exit_error {
-        journal.record(
-            Kind::PreviousStartFailed,
-            format!("{who} exited with an error: {err}"),
-        );
+        let msg = format!("{who} exited with an error: {err}");
+        tracing::warn!("{msg}");
+        journal.record(Kind::PreviousStartFailed, msg);
         return;
     }
     let mut msg = format!("{who} stopped without cleanup (killed?)");
@@ -511,6 +611,7 @@ fn record_previous(journal: &Journal, prev: &RunState, f: &StartFacts, state: &s
         msg.push_str(&format!("; a change was in progress ({}): {file}", op.what));
     }
     msg.push_str(&format!("; {state}"));
+    tracing::warn!("{msg}");
     journal.record(Kind::UncleanStop, msg);
 }
 
@@ -548,6 +649,7 @@ pub fn format_recent(s: &Status, n: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt as _;
 
     #[test]
     fn rfc3339_matches_known_instants() {
@@ -575,6 +677,55 @@ mod tests {
         assert_eq!(ev.len(), KEPT);
         assert_eq!(ev[0].message, "event 5");
         assert_eq!(ev[KEPT - 1].kind, "backend_down");
+    }
+
+    #[test]
+    fn the_history_survives_a_restart_and_stays_bounded() {
+        let dir = std::env::temp_dir().join(format!("lb-history-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let path = history_path(&dir.join("lbd.sock"));
+        let _ = fs::remove_file(&path);
+        let j = Journal::new();
+        j.record(Kind::Start, "before the file was opened");
+        assert_eq!(j.open_history(&path).unwrap(), 0);
+        j.record(
+            Kind::ChangeApplied,
+            "lbctl backend drain x y (by uid 0 pid 1): drained",
+        );
+        drop(j);
+        // A write cut short by a kill leaves half a line: skipped.
+        let mut f = fs::OpenOptions::new().append(true).open(&path).unwrap();
+        f.write_all(b"{\"time\":\"20").unwrap();
+        drop(f);
+        let j = Journal::new();
+        j.record(Kind::Start, "second start");
+        assert_eq!(j.open_history(&path).unwrap(), 1);
+        let ev = j.recent();
+        let msgs: Vec<&str> = ev.iter().map(|e| e.message.as_str()).collect();
+        assert_eq!(
+            msgs,
+            [
+                "lbctl backend drain x y (by uid 0 pid 1): drained",
+                "second start"
+            ]
+        );
+        assert_eq!(
+            fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        // Bounded: however many events, the file holds at most twice KEPT lines and the
+        // journal the last KEPT.
+        for i in 0..5 * KEPT {
+            j.record(Kind::BackendDown, format!("event {i}"));
+        }
+        let lines = fs::read_to_string(&path).unwrap().lines().count();
+        assert!(lines <= HISTORY_LINES + 1, "{lines} lines");
+        let again = Journal::new();
+        again.open_history(&path).unwrap();
+        let ev = again.recent();
+        assert_eq!(ev.len(), KEPT);
+        assert_eq!(ev[KEPT - 1].message, format!("event {}", 5 * KEPT - 1));
+        fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -9,4 +9,4 @@ mod server;
 
 pub use api::*;
 pub use client::{Client, ClientError};
-pub use server::{group_id, ControlSocket, Handler};
+pub use server::{group_id, ControlSocket, Handler, Peer};

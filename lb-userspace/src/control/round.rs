@@ -58,6 +58,25 @@ pub fn opt_ratio<S: Serializer>(x: &Option<f64>, s: S) -> Result<S::Ok, S::Error
     x.map(|x| decimals(x, RATIO_DECIMALS)).serialize(s)
 }
 
+/// A weight in configured units: [`RATE_DECIMALS`] decimals, and a whole weight as an integer
+/// (`1`, not `1.0`), so that a VIP without learning prints its weights as it always did and a
+/// learned one shows its fraction (`0.73`).
+pub fn weight<S: Serializer>(x: &f64, s: S) -> Result<S::Ok, S::Error> {
+    let r = decimals(*x, RATE_DECIMALS);
+    if r.fract() == 0.0 && (0.0..=u32::MAX as f64).contains(&r) {
+        (r as u64).serialize(s)
+    } else {
+        r.serialize(s)
+    }
+}
+
+pub fn opt_weight<S: Serializer>(x: &Option<f64>, s: S) -> Result<S::Ok, S::Error> {
+    match x {
+        Some(x) => weight(x, s),
+        None => s.serialize_none(),
+    }
+}
+
 /// A fit with its coefficients to [`COEF_DIGITS`] significant digits, R² to
 /// [`RATIO_DECIMALS`], loads to [`RATE_DECIMALS`].
 pub fn opt_fit<S: Serializer>(x: &Option<Fit>, s: S) -> Result<S::Ok, S::Error> {
@@ -112,17 +131,23 @@ mod tests {
             packets_per_second: f64,
             #[serde(serialize_with = "opt_ratio")]
             r2: Option<f64>,
+            #[serde(serialize_with = "weight")]
+            whole: f64,
+            #[serde(serialize_with = "opt_weight")]
+            learned: Option<f64>,
         }
         let json = serde_json::to_string(&T {
             last_probe_ms: Some(1.0590160000000002),
             none_ms: None,
             packets_per_second: 1234.56789012,
             r2: Some(0.987654321),
+            whole: 1.0,
+            learned: Some(0.72999999),
         })
         .unwrap();
         assert_eq!(
             json,
-            r#"{"last_probe_ms":1.059,"none_ms":null,"packets_per_second":1234.568,"r2":0.9877}"#
+            r#"{"last_probe_ms":1.059,"none_ms":null,"packets_per_second":1234.568,"r2":0.9877,"whole":1,"learned":0.73}"#
         );
     }
 }

@@ -16,11 +16,30 @@ use tokio::{
     io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader},
     net::{UnixListener, UnixStream},
 };
-use tracing::{debug, info, warn};
+use tracing::{debug, warn};
 
-/// Answers one control request; the agent is the one handler.
+/// Answers one control request; the agent is the one handler. `peer` is who sent it, as the
+/// kernel says (SO_PEERCRED), for the log and the journal.
 pub trait Handler: Send + Sync + 'static {
-    fn handle(&self, req: Request) -> impl Future<Output = Response> + Send;
+    fn handle(&self, req: Request, peer: Peer) -> impl Future<Output = Response> + Send;
+}
+
+/// The process at the other end of a control connection (SO_PEERCRED).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Peer {
+    pub uid: Option<u32>,
+    pub pid: Option<i32>,
+}
+
+/// `uid 0 pid 4242`, or `unknown peer`.
+impl std::fmt::Display for Peer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (self.uid, self.pid) {
+            (Some(u), Some(p)) => write!(f, "uid {u} pid {p}"),
+            (Some(u), None) => write!(f, "uid {u}"),
+            _ => f.write_str("unknown peer"),
+        }
+    }
 }
 
 /// The control socket, bound and with its permissions set, ready to be served.
@@ -139,8 +158,11 @@ impl ControlSocket {
 async fn serve_connection<H: Handler>(stream: UnixStream, handler: Arc<H>) -> Result<()> {
     let peer = stream
         .peer_cred()
-        .map(|c| format!("uid {} pid {}", c.uid(), c.pid().unwrap_or(0)))
-        .unwrap_or_else(|_| "unknown peer".into());
+        .map(|c| Peer {
+            uid: Some(c.uid()),
+            pid: c.pid(),
+        })
+        .unwrap_or_default();
     let (read, mut write) = stream.into_split();
     let mut reader = BufReader::new(read);
     let mut line = Vec::new();
@@ -166,16 +188,8 @@ async fn serve_connection<H: Handler>(stream: UnixStream, handler: Arc<H>) -> Re
             continue;
         }
         let resp = match serde_json::from_str::<Request>(text) {
-            Ok(req) => {
-                let mutation = req.is_mutation();
-                let resp = handler.handle(req).await;
-                if mutation && !resp.ok {
-                    info!(%peer, "change rejected: {}", resp.error.as_deref().unwrap_or(""));
-                } else if mutation {
-                    debug!(%peer, "change applied");
-                }
-                resp
-            }
+            // The handler logs and journals every change with `peer`, accepted or refused.
+            Ok(req) => handler.handle(req, peer).await,
             Err(e) => Response::error(format!(
                 "request: {e}; send one JSON object per line with a \"command\" field (see the README's control API section)"
             )),

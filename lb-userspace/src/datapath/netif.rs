@@ -156,6 +156,10 @@ pub fn kernel_xdp(name: &str) -> Result<Option<KernelXdp>> {
     Rtnl::open()?.xdp_of(index)
 }
 
+/// The protocol tag (NDA_PROTOCOL) of the neighbour entries lbd installs, as `ip neigh`
+/// shows it (`proto 76`): what tells lbd's entries from the host's own when lbd removes them.
+pub const NEIGH_PROTOCOL: u8 = 76;
+
 /// Where the kernel sends packets for a backend, as `ip route get ADDR` says: the neighbour to
 /// resolve (the gateway, or the backend itself when it is on-link) and the interface.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -276,8 +280,137 @@ impl Rtnl {
         Ok(hop)
     }
 
-    /// `ip neigh replace NEIGHBOUR dev IF managed` (RTM_NEWNEIGH, create or replace, state
-    /// NONE, NTF_EXT_MANAGED): the kernel resolves the entry and keeps it resolved.
+    /// Sends a dump request and collects every message of the answer (until NLMSG_DONE).
+    fn dump(&mut self, msg: RouteNetlinkMessage) -> std::io::Result<Vec<RouteNetlinkMessage>> {
+        use netlink_packet_core::{
+            NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_DUMP, NLM_F_REQUEST,
+        };
+        self.seq = self.seq.wrapping_add(1);
+        let mut req = NetlinkMessage::new(NetlinkHeader::default(), NetlinkPayload::from(msg));
+        req.header.flags = NLM_F_REQUEST | NLM_F_DUMP;
+        req.header.sequence_number = self.seq;
+        req.finalize();
+        let mut out = vec![0; req.buffer_len()];
+        req.serialize(&mut out);
+        self.socket.send(&out, 0)?;
+        let mut got = Vec::new();
+        loop {
+            let n = self.socket.recv(&mut &mut self.buf[..], 0)?;
+            let mut at = 0;
+            while at < n {
+                let reply = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&self.buf[at..n])
+                    .map_err(|e| {
+                        std::io::Error::new(
+                            std::io::ErrorKind::InvalidData,
+                            format!("undecodable netlink answer: {e}"),
+                        )
+                    })?;
+                at += (reply.header.length as usize).div_ceil(4) * 4;
+                if reply.header.sequence_number != self.seq {
+                    continue;
+                }
+                match reply.payload {
+                    NetlinkPayload::Error(e) if e.code.is_some() => return Err(e.to_io()),
+                    NetlinkPayload::Done(_) | NetlinkPayload::Error(_) => return Ok(got),
+                    NetlinkPayload::InnerMessage(m) => got.push(m),
+                    _ => {}
+                }
+            }
+        }
+    }
+
+    /// The neighbour entries lbd installed (tagged [`NEIGH_PROTOCOL`]), in every interface of
+    /// this network namespace: `ip neigh show proto 76`.
+    pub fn lbd_neighbours(&mut self) -> Result<Vec<NextHop>> {
+        use netlink_packet_route::neighbour::{
+            NeighbourAddress, NeighbourAttribute, NeighbourMessage,
+        };
+        let mut out = Vec::new();
+        for family in [
+            netlink_packet_route::AddressFamily::Inet,
+            netlink_packet_route::AddressFamily::Inet6,
+        ] {
+            let mut m = NeighbourMessage::default();
+            m.header.family = family;
+            let answer = self
+                .dump(RouteNetlinkMessage::GetNeighbour(m))
+                .map_err(|e| anyhow!("listing the neighbour table: {e}"))?;
+            for msg in answer {
+                let RouteNetlinkMessage::NewNeighbour(n) = msg else {
+                    continue;
+                };
+                let mut ours = false;
+                let mut addr = None;
+                for a in &n.attributes {
+                    match a {
+                        NeighbourAttribute::Protocol(p) => ours = u8::from(*p) == NEIGH_PROTOCOL,
+                        NeighbourAttribute::Destination(NeighbourAddress::Inet(a)) => {
+                            addr = Some(IpAddr::from(*a))
+                        }
+                        NeighbourAttribute::Destination(NeighbourAddress::Inet6(a)) => {
+                            addr = Some(IpAddr::from(*a))
+                        }
+                        _ => {}
+                    }
+                }
+                if let (true, Some(neighbour)) = (ours, addr) {
+                    out.push(NextHop {
+                        neighbour,
+                        ifindex: n.header.ifindex,
+                    });
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// `ip neigh del NEIGHBOUR dev IF` (RTM_DELNEIGH). An entry already gone is not an error.
+    pub fn neigh_delete(&mut self, hop: NextHop) -> Result<()> {
+        use netlink_packet_core::{NLM_F_ACK, NLM_F_REQUEST};
+        use netlink_packet_route::{
+            neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourMessage},
+            AddressFamily,
+        };
+        let mut m = NeighbourMessage::default();
+        m.header.family = match hop.neighbour {
+            IpAddr::V4(_) => AddressFamily::Inet,
+            IpAddr::V6(_) => AddressFamily::Inet6,
+        };
+        m.header.ifindex = hop.ifindex;
+        m.attributes
+            .push(NeighbourAttribute::Destination(match hop.neighbour {
+                IpAddr::V4(a) => NeighbourAddress::Inet(a),
+                IpAddr::V6(a) => NeighbourAddress::Inet6(a),
+            }));
+        match self.request(
+            NLM_F_REQUEST | NLM_F_ACK,
+            RouteNetlinkMessage::DelNeighbour(m),
+        ) {
+            Ok(_) => Ok(()),
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+            Err(e) => Err(anyhow!(
+                "removing the neighbour entry for {} on {}: {e}",
+                hop.neighbour,
+                ifname(hop.ifindex)
+            )),
+        }
+    }
+
+    /// Removes those of `hops` that lbd installed (still tagged [`NEIGH_PROTOCOL`]: an entry an
+    /// operator has replaced since is theirs and stays). Returns the ones removed.
+    pub fn remove_lbd_neighbours(&mut self, hops: &[NextHop]) -> Result<Vec<NextHop>> {
+        let ours = self.lbd_neighbours()?;
+        let mut removed = Vec::new();
+        for hop in hops.iter().filter(|h| ours.contains(h)) {
+            self.neigh_delete(*hop)?;
+            removed.push(*hop);
+        }
+        Ok(removed)
+    }
+
+    /// `ip neigh replace NEIGHBOUR dev IF managed protocol 76` (RTM_NEWNEIGH, create or
+    /// replace, state NONE, NTF_EXT_MANAGED): the kernel resolves the entry and keeps it
+    /// resolved. The protocol tag marks it as lbd's, so that lbd removes only its own entries.
     pub fn neigh_replace_managed(&mut self, hop: NextHop) -> Result<()> {
         use netlink_packet_core::{NLM_F_ACK, NLM_F_CREATE, NLM_F_REPLACE, NLM_F_REQUEST};
         use netlink_packet_route::{
@@ -301,6 +434,9 @@ impl Rtnl {
             }));
         m.attributes
             .push(NeighbourAttribute::ExtFlags(NeighbourExtFlags::Managed));
+        m.attributes.push(NeighbourAttribute::Protocol(
+            netlink_packet_route::route::RouteProtocol::from(NEIGH_PROTOCOL),
+        ));
         self.request(
             NLM_F_REQUEST | NLM_F_ACK | NLM_F_REPLACE | NLM_F_CREATE,
             RouteNetlinkMessage::NewNeighbour(m),
@@ -381,6 +517,17 @@ pub fn ensure_neighbour(_ifname: &str, addr: IpAddr) -> Result<()> {
     Rtnl::open()?.ensure_neighbour(addr).map(|_| ())
 }
 
+/// `lbd cleanup`: removes every neighbour entry lbd installed in this network namespace
+/// (tagged [`NEIGH_PROTOCOL`]); the host's own entries stay. Returns the ones removed.
+pub fn remove_all_lbd_neighbours() -> Result<Vec<NextHop>> {
+    let mut rtnl = Rtnl::open()?;
+    let ours = rtnl.lbd_neighbours()?;
+    for hop in &ours {
+        rtnl.neigh_delete(*hop)?;
+    }
+    Ok(ours)
+}
+
 /// The managed neighbour entries `apply` asked the kernel for, by backend: an apply asks only
 /// for backends it has not asked for yet (or whose request failed), so that a learning step
 /// that changes weights does no kernel work at all. The kernel keeps a managed entry resolved
@@ -400,7 +547,14 @@ impl NextHops {
         &mut self,
         backends: &std::collections::BTreeSet<IpAddr>,
     ) -> Vec<(IpAddr, anyhow::Error)> {
+        let gone: Vec<NextHop> = self
+            .asked
+            .iter()
+            .filter(|(a, _)| !backends.contains(a))
+            .map(|(_, h)| *h)
+            .collect();
         self.asked.retain(|a, _| backends.contains(a));
+        self.forget(gone);
         let todo: Vec<IpAddr> = backends
             .iter()
             .filter(|a| !self.asked.contains_key(a))
@@ -419,6 +573,28 @@ impl NextHops {
         let todo: Vec<IpAddr> = backends.iter().copied().collect();
         let failed = self.ask(&todo);
         (todo.len() - failed.len(), failed)
+    }
+
+    /// Removes the neighbour entries of removed backends' next hops that no remaining backend
+    /// uses and that lbd installed: a removed backend leaves no `managed FAILED` entry behind.
+    fn forget(&mut self, gone: Vec<NextHop>) {
+        let mut gone: Vec<NextHop> = gone
+            .into_iter()
+            .filter(|h| !self.asked.values().any(|k| k == h))
+            .collect();
+        gone.sort();
+        gone.dedup();
+        if gone.is_empty() {
+            return;
+        }
+        match Rtnl::open().and_then(|mut r| r.remove_lbd_neighbours(&gone)) {
+            Ok(removed) => {
+                for h in removed {
+                    tracing::info!(neighbour = %h.neighbour, "removed the managed neighbour entry lbd installed for a removed backend");
+                }
+            }
+            Err(e) => tracing::warn!("removing the neighbour entries of removed backends: {e:#}"),
+        }
     }
 
     /// The backends asked for, with the next hop their route had then.
