@@ -22,6 +22,7 @@ mod capacity;
 mod failure;
 mod load;
 mod longlived;
+mod plot;
 mod run;
 mod slowdown;
 mod stability;
@@ -171,10 +172,16 @@ pub fn run(args: &BenchAdaptiveArgs) -> Result<()> {
             Scenario::Longlived => longlived::run(&mut bench, args, &mut verdicts)?,
             Scenario::Stability => stability::run(&mut bench, args, &mut verdicts)?,
         }
+        let name = format!("{s:?}").to_lowercase();
+        match plot::scenario(&name) {
+            Ok(Some(path)) => println!("plot: {}", path.display()),
+            Ok(None) => {}
+            Err(e) => eprintln!("warning: plotting {name}: {e:#}"),
+        }
     }
     drop(bench);
     println!(
-        "\nper run: lbd log, requests (CSV), table trace and final `lbctl model show` in {}",
+        "\nper run: lbd log, requests (CSV), table trace and final `lbctl model show`, and one SVG plot per scenario, in {}",
         results_dir().display()
     );
     println!("\n=== summary against issue #4's targets ===");
