@@ -8,6 +8,7 @@ use std::path::Path;
 
 use anyhow::{anyhow, Result};
 use plotters::prelude::*;
+use plotters::style::text_anchor::{HPos, Pos, VPos};
 
 /// Colours of the lines and bars, in order.
 pub const PALETTE: [RGBColor; 6] = [
@@ -31,7 +32,7 @@ pub fn bars(
     values: &[(String, f64)],
     reference: Option<(f64, &str)>,
 ) -> Result<()> {
-    let width = (160 + 110 * values.len() as u32).max(640);
+    let width = (160 + 150 * values.len() as u32).max(640);
     let root = SVGBackend::new(path, (width, 480)).into_drawing_area();
     root.fill(&WHITE).map_err(err)?;
     let top = values
@@ -48,7 +49,7 @@ pub fn bars(
         .margin(12)
         .x_label_area_size(70)
         .y_label_area_size(60)
-        .build_cartesian_2d((0..n).into_segmented(), 0.0..top)
+        .build_cartesian_2d((0..n.saturating_sub(1)).into_segmented(), 0.0..top)
         .map_err(err)?;
     chart
         .configure_mesh()
@@ -81,7 +82,10 @@ pub fn bars(
             Text::new(
                 format!("{v:.2}"),
                 (SegmentValue::CenterOf(i), *v + top * 0.02),
-                ("sans-serif", 13).into_font().color(&BLACK),
+                ("sans-serif", 13)
+                    .into_font()
+                    .color(&BLACK)
+                    .pos(Pos::new(HPos::Center, VPos::Bottom)),
             )
         }))
         .map_err(err)?;
@@ -98,6 +102,7 @@ pub fn bars(
             .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], BLACK));
         chart
             .configure_series_labels()
+            .position(SeriesLabelPosition::UpperRight)
             .border_style(BLACK)
             .background_style(WHITE.mix(0.8))
             .draw()
@@ -167,6 +172,8 @@ pub fn timeline(path: &Path, title: &str, panels: &[Panel]) -> Result<()> {
                 .configure_mesh()
                 .x_desc("seconds since the load started")
                 .y_desc(&panel.y_label)
+                .y_labels(12)
+                .y_label_formatter(&|y| format!("{y:.0}"))
                 .draw()
                 .map_err(err)?;
             draw_lines(&mut chart, panel)?;

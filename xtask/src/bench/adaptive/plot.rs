@@ -168,7 +168,7 @@ pub(super) fn scenario(name: &str) -> Result<Option<PathBuf>> {
             dashed: false,
         });
         latency.push(Series {
-            name: format!("{config} p50"),
+            name: format!("{config} p50 (dashed)"),
             points: p50,
             color,
             dashed: true,
