@@ -84,7 +84,7 @@ async fn serve_one(mut stream: TcpStream, agent: Arc<Agent>) -> Result<()> {
             Ok(s) => (
                 "200 OK",
                 "text/plain; version=0.0.4; charset=utf-8",
-                render(&s),
+                render(&s) + &render_events(&agent.events().counts()),
             ),
             Err(e) => (
                 "500 Internal Server Error",
@@ -408,6 +408,24 @@ fn datapath_family(f: &mut Family<'_>, s: &StatsSnapshot) {
     }
 }
 
+/// `lb_events_total{kind}`: the journal's events (`lbctl status`) since lbd started, every
+/// kind from 0 so that `increase()` sees the first one (alerts on `reload_refused`, dashboard
+/// annotations on `backend_down`).
+pub fn render_events(counts: &[(&str, u64)]) -> String {
+    let mut out = String::new();
+    let mut f = Family { out: &mut out };
+    let name = "lb_events_total";
+    f.header(
+        name,
+        "counter",
+        "Events of lbd's journal (lbctl status) since it started, by kind: reload_refused, backend_down, change_refused, ...",
+    );
+    for (kind, n) in counts {
+        f.sample(name, &[("kind", kind)], n);
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -480,5 +498,23 @@ mod tests {
             );
         }
         assert_eq!(label("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
+    }
+
+    #[test]
+    fn renders_every_event_kind_from_zero() {
+        let journal = crate::control::events::Journal::new();
+        journal.record(crate::control::events::Kind::ReloadRefused, "bad file");
+        let text = render_events(&journal.counts());
+        assert!(text.contains("# TYPE lb_events_total counter"), "{text}");
+        assert!(
+            text.lines()
+                .any(|l| l == "lb_events_total{kind=\"reload_refused\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.lines()
+                .any(|l| l == "lb_events_total{kind=\"backend_down\"} 0"),
+            "{text}"
+        );
     }
 }

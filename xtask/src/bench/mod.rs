@@ -7,6 +7,7 @@
 pub mod adaptive;
 pub mod datapath;
 pub mod lab;
+pub mod plot;
 
 use std::process::ExitCode;
 
