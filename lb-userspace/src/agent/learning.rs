@@ -1,7 +1,9 @@
 //! The learning step's wiring: which backends the weight model watches, feeding it probe
 //! samples and CPU time, applying its decisions, and showing them (`lbctl model show`).
 use super::edit::unknown_vip;
-use super::health::{configured, probed, shown_health, slow_start_weight, HealthKey, HealthMap};
+use super::health::{
+    configured, health_share, probed, share_weight, shown_health, HealthKey, HealthMap,
+};
 use super::queries::vip_filter;
 use super::{apply_datapath, vip_id, Agent, State};
 use crate::{
@@ -154,8 +156,8 @@ pub(super) fn refusal_name(r: &learning::Refusal) -> &'static str {
 
 /// The table weight of backend `b` of a learning VIP `id`, before any scaling: the learned
 /// weight in force (configured × 100 without one; 0 after being out of the table, until the
-/// model's next step brings it back), 0 while down or drained, at most the slow start on
-/// probation.
+/// model's next step brings it back), 0 while down, pending or drained, at most its slow
+/// start's share on probation: the model's weight wins when it is lower.
 pub(super) fn learning_weight(
     b: &config::Backend,
     id: VipId,
@@ -168,8 +170,8 @@ pub(super) fn learning_weight(
         return 0;
     }
     match probed(health, id, b.address) {
-        HealthStatus::Down => 0,
-        HealthStatus::Probation => w.min(slow_start_weight(tw)),
+        HealthStatus::Down | HealthStatus::Pending => 0,
+        HealthStatus::Probation => w.min(share_weight(tw, health_share(health, id, b.address))),
         _ => w,
     }
 }

@@ -1,7 +1,7 @@
 //! Answers to the read-only requests (`vip list`, `backend list`, `stats`, `status`), built
 //! from the datapath and configuration under the agent's lock.
 use super::edit::unknown_vip;
-use super::health::{configured, shown_health};
+use super::health::{configured, readmission, shown_health};
 use super::{vip_id, xdp_mode_name, Agent};
 use crate::control::{
     BackendEntry, BackendStatsEntry, Response, StatsSnapshot, Status, VipEntry, VipName,
@@ -49,6 +49,7 @@ impl Agent {
             for (b, applied) in v.backends.iter().zip(&v.config.backends) {
                 let cfg = configured(&st.config, vid, b.address).unwrap_or(applied);
                 let (up, shown, h) = shown_health(&st.health, vid, cfg);
+                let (ejections, returns_in_ms, ramp) = readmission(h);
                 out.push(BackendEntry {
                     vip: name.to_string(),
                     address: b.address,
@@ -60,6 +61,9 @@ impl Agent {
                     health: shown.to_string(),
                     last_probe_ms: h.and_then(|h| h.last_probe_ms),
                     last_error: h.and_then(|h| h.last_error.clone()),
+                    ejections,
+                    returns_in_ms,
+                    ramp,
                     id: b.id,
                 });
             }
@@ -78,7 +82,8 @@ impl Agent {
             for (b, applied) in v.backends.iter().zip(&v.config.backends) {
                 let bs = st.lb.backend_stats(b.id)?;
                 let cfg = configured(&st.config, vid, b.address).unwrap_or(applied);
-                let (up, shown, _) = shown_health(&st.health, vid, cfg);
+                let (up, shown, h) = shown_health(&st.health, vid, cfg);
+                let (ejections, returns_in_ms, ramp) = readmission(h);
                 backends.push(BackendStatsEntry {
                     address: b.address,
                     weight: cfg.weight,
@@ -101,6 +106,9 @@ impl Agent {
                         .and_then(|d| d.fit)
                         .map(|f| f.r2),
                     rates: None,
+                    ejections,
+                    returns_in_ms,
+                    ramp,
                 });
             }
             vips.push(VipStatsEntry {

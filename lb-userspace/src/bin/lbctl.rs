@@ -358,8 +358,8 @@ fn print_backends(list: &[BackendEntry]) {
         return;
     }
     println!(
-        "{:<32} {:<28} {:>6} {:<9} {:>9} {:>8}  LAST PROBE",
-        "VIP", "BACKEND", "WEIGHT", "STATE", "EFFECTIVE", "SLOTS"
+        "{:<32} {:<28} {:>6} {:<9} {:>9} {:>8} {:<20}  LAST PROBE",
+        "VIP", "BACKEND", "WEIGHT", "STATE", "EFFECTIVE", "SLOTS", "READMISSION"
     );
     for b in list {
         let state = if !b.health.is_empty() {
@@ -377,15 +377,33 @@ fn print_backends(list: &[BackendEntry]) {
             (None, None) => "-".to_string(),
         };
         println!(
-            "{:<32} {:<28} {:>6} {:<9} {:>9} {:>8}  {}",
+            "{:<32} {:<28} {:>6} {:<9} {:>9} {:>8} {:<20}  {}",
             b.vip,
             b.address.to_string(),
             b.weight,
             state,
             b.effective_weight,
             b.slots,
+            readmission(b),
             probe
         );
+    }
+}
+
+/// Where a health-checked backend is in coming back: its ramp, or the hold left and the
+/// ejections behind it.
+fn readmission(b: &BackendEntry) -> String {
+    let ejections = match b.ejections {
+        None => return "-".into(),
+        Some(0) => String::new(),
+        Some(1) => " (1 ejection)".into(),
+        Some(n) => format!(" ({n} ejections)"),
+    };
+    match (b.returns_in_ms, b.ramp) {
+        (Some(ms), _) => format!("held {:.1}s{ejections}", ms / 1e3),
+        (None, Some(r)) => format!("ramp {:.0}%{ejections}", r * 100.0),
+        (None, None) if ejections.is_empty() => "-".into(),
+        (None, None) => ejections.trim().to_string(),
     }
 }
 

@@ -404,8 +404,8 @@ pub struct BackendEntry {
     /// Health: false only while health checks say the backend is down (always true for a VIP
     /// without `[vip.health]`).
     pub up: bool,
-    /// `up`, `down`, `probation` (back from down, on a reduced weight) or `draining` (drained
-    /// by the operator, whatever the probes say).
+    /// `up`, `down`, `probation` (back from down, ramping its weight), `pending` (not probed
+    /// yet: no new flows) or `draining` (drained by the operator, whatever the probes say).
     #[serde(default)]
     pub health: String,
     /// Latency of the last probe in milliseconds (the timeout for a failed one); absent without
@@ -416,6 +416,20 @@ pub struct BackendEntry {
     /// Why the last probe failed; absent when it passed.
     #[serde(default)]
     pub last_error: Option<String>,
+    /// Health-checked backends: ejections that still count (forgotten after
+    /// `health.ejection_forget_ms` without one); null without health checks.
+    #[serde(default)]
+    pub ejections: Option<u32>,
+    /// A down backend held out after an ejection: milliseconds until it may return (its probes
+    /// must pass then too); null when not held.
+    #[serde(default)]
+    #[serde(serialize_with = "super::round::opt_ms")]
+    pub returns_in_ms: Option<f64>,
+    /// On a slow start: the share of its weight it has ramped to (0 to 1); null when not
+    /// ramping.
+    #[serde(default)]
+    #[serde(serialize_with = "super::round::opt_ratio")]
+    pub ramp: Option<f64>,
     /// Backend id in the datapath (index of its statistics).
     pub id: u32,
 }
@@ -541,6 +555,20 @@ pub struct BackendStatsEntry {
     pub fit_r2: Option<f64>,
     #[serde(default)]
     pub rates: Option<Rates>,
+    /// Health-checked backends: ejections that still count (forgotten after
+    /// `health.ejection_forget_ms` without one); null without health checks.
+    #[serde(default)]
+    pub ejections: Option<u32>,
+    /// A down backend held out after an ejection: milliseconds until it may return (its probes
+    /// must pass then too); null when not held.
+    #[serde(default)]
+    #[serde(serialize_with = "super::round::opt_ms")]
+    pub returns_in_ms: Option<f64>,
+    /// On a slow start: the share of its weight it has ramped to (0 to 1); null when not
+    /// ramping.
+    #[serde(default)]
+    #[serde(serialize_with = "super::round::opt_ratio")]
+    pub ramp: Option<f64>,
 }
 
 /// Per-second rates between two snapshots.
@@ -636,6 +664,9 @@ mod tests {
             health: "up".into(),
             last_probe_ms: None,
             last_error: None,
+            ejections: None,
+            returns_in_ms: None,
+            ramp: None,
             id: 0,
         };
         let v = serde_json::to_value(&backend).unwrap();
@@ -653,6 +684,9 @@ mod tests {
                 "health",
                 "last_probe_ms",
                 "last_error",
+                "ejections",
+                "returns_in_ms",
+                "ramp",
                 "id",
             ],
         );
@@ -791,6 +825,9 @@ mod tests {
                     learned_weight: None,
                     fit_r2: None,
                     rates: None,
+                    ejections: None,
+                    returns_in_ms: None,
+                    ramp: None,
                 }],
             }],
             counters: BTreeMap::new(),
