@@ -211,6 +211,13 @@ pub(super) fn shown_health<'a>(
     (up, shown, h)
 }
 
+/// Where backend `addr` of `vip` is on a slow start now (`None`: not ramping).
+pub(super) fn ramp_share(health: &HealthMap, vip: VipId, addr: IpAddr) -> Option<f64> {
+    health
+        .get(&(vip, addr))
+        .and_then(|h| h.state.ramp_position(Instant::now()))
+}
+
 /// How a health-checked backend is being let back in, as `backend list`, `stats` and the
 /// metrics show it: (recent ejections, milliseconds until it may return, ramp share).
 pub(super) fn readmission(h: Option<&BackendHealth>) -> (Option<u32>, Option<f64>, Option<f64>) {

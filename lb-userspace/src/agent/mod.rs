@@ -23,6 +23,7 @@ mod health;
 mod learning;
 mod queries;
 
+use crate::learning::WEIGHT_SCALE;
 use crate::{
     config::{self, Config},
     control::{
@@ -35,7 +36,9 @@ use crate::{
 use anyhow::{anyhow, bail, Result};
 use edit::edit;
 pub use edit::persist;
-use health::{health_share, probed, sync_health, HealthKey, HealthMap, Newcomers, Probes};
+use health::{
+    health_share, probed, ramp_share, sync_health, HealthKey, HealthMap, Newcomers, Probes,
+};
 pub use health::{share_weight, slow_start_weight, PinnedHealth};
 use learning::{learning_weight, sync_learning, LearnMap, Learned};
 use std::{
@@ -88,24 +91,39 @@ fn effective(cfg: &Config, health: &HealthMap, learned: &Learned) -> Config {
             for b in &mut v.backends {
                 b.weight = learning_weight(b, id, health, learned);
             }
-            // Tables depend only on weight ratios; keep within what the datapath accepts.
-            let max = v.backends.iter().map(|b| b.weight).max().unwrap_or(0);
-            if max > config::MAX_WEIGHT {
-                for b in &mut v.backends {
-                    if b.weight > 0 {
-                        b.weight = ((u64::from(b.weight) * u64::from(config::MAX_WEIGHT)
-                            / u64::from(max)) as u32)
-                            .max(1);
-                    }
-                }
-            }
+            within_max_weight(&mut v.backends);
             continue;
         }
+        // A ramp needs finer steps than weight 1: while one runs, the VIP's weights are in
+        // hundredths (the table depends only on their ratios).
+        let ramping = v
+            .backends
+            .iter()
+            .any(|b| ramp_share(health, id, b.address).is_some());
+        let scale = if ramping { WEIGHT_SCALE } else { 1 };
         for b in &mut v.backends {
-            b.weight = share_weight(b.weight, health_share(health, id, b.address));
+            b.weight = share_weight(
+                b.weight.saturating_mul(scale),
+                health_share(health, id, b.address),
+            );
         }
+        within_max_weight(&mut v.backends);
     }
     out
+}
+
+/// Tables depend only on weight ratios: scales weights down to what the datapath accepts.
+fn within_max_weight(backends: &mut [config::Backend]) {
+    let max = backends.iter().map(|b| b.weight).max().unwrap_or(0);
+    if max > config::MAX_WEIGHT {
+        for b in backends {
+            if b.weight > 0 {
+                b.weight = ((u64::from(b.weight) * u64::from(config::MAX_WEIGHT) / u64::from(max))
+                    as u32)
+                    .max(1);
+            }
+        }
+    }
 }
 
 /// Applies `cfg` as `health` has it: DOWN flags of backends no longer down cleared first (so
