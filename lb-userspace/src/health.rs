@@ -1016,7 +1016,11 @@ mod tests {
             Some(HealthStatus::Probation),
             "a backend added to a running VIP ramps"
         );
-        assert!(added.share(now) < 1e-9, "from nothing: {}", added.share(now));
+        assert!(
+            added.share(now) < 1e-9,
+            "from nothing: {}",
+            added.share(now)
+        );
         let mut missing = admitting(HealthState::pending(2, 3, true));
         assert_eq!(
             missing.on_probe_at(&fail(), now).map(|t| t.to),

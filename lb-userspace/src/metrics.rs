@@ -289,7 +289,7 @@ fn backend_families(f: &mut Family<'_>, s: &StatsSnapshot) {
         (
             "lb_backend_up",
             "gauge",
-            "1 unless health checks say the backend is down (1 for a VIP without health checks).",
+            "1 unless health checks say the backend is down or pending (1 for a VIP without health checks).",
             |b| b.up as u64,
         ),
     ];

@@ -339,6 +339,8 @@ impl Agent {
                 from = %before,
                 error,
                 consecutive_failures = h.state.consecutive_failures(),
+                recent_ejections = h.state.recent_ejections(now),
+                held_out_ms = h.state.held_for(now).map_or(0, |d| d.as_millis() as u64),
                 "backend down: no new flows, its established flows are steered to other backends"
             ),
             HealthStatus::Probation => info!(

@@ -2,7 +2,7 @@
 //! samples and CPU time, applying its decisions, and showing them (`lbctl model show`).
 use super::edit::unknown_vip;
 use super::health::{
-    configured, health_share, probed, share_weight, shown_health, HealthKey, HealthMap,
+    configured, health_share, probed, readmission, share_weight, shown_health, HealthKey, HealthMap,
 };
 use super::queries::vip_filter;
 use super::{apply_datapath, vip_id, Agent, State};
@@ -349,7 +349,9 @@ impl Agent {
                 let Some(cfg) = configured(&st.config, vid, b.address) else {
                     continue;
                 };
-                let (_, shown, _) = shown_health(&st.health, vid, cfg);
+                let (_, shown, h) = shown_health(&st.health, vid, cfg);
+                let (ejections, returns_in_ms, ramp) = readmission(h);
+                let pstate = l.policy.backends.get(&b.id);
                 let lbk = l.backends.get(&b.address);
                 let last = lbk.and_then(|x| x.last.as_ref());
                 let refusal = last.and_then(|d| d.refusal.clone()).or_else(|| {
@@ -379,6 +381,11 @@ impl Agent {
                         .and_then(|d| d.predicted_latency_ms)
                         .filter(|x| x.is_finite()),
                     observed: last.and_then(|d| d.observed),
+                    ejections,
+                    returns_in_ms,
+                    ramp,
+                    trial_flows: pstate.and_then(|p| p.trial_flows),
+                    failed_trials: pstate.map_or(0, |p| p.failed_trials),
                     decisions: lbk.map_or_else(Vec::new, |x| x.history.iter().cloned().collect()),
                 });
             }

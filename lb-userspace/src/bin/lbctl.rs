@@ -275,6 +275,20 @@ fn print_model(vips: &[ModelVip]) {
             if b.drained_by_model {
                 flags.push("drained by the model".into());
             }
+            if let Some(f) = b.trial_flows {
+                flags.push(format!("on trial, {f:.0} flows judged"));
+            }
+            if b.failed_trials > 0 {
+                flags.push(format!("{} failed trials", b.failed_trials));
+            }
+            match (b.returns_in_ms, b.ramp) {
+                (Some(ms), _) => flags.push(format!("held {:.1}s", ms / 1e3)),
+                (None, Some(r)) => flags.push(format!("ramp {:.0}%", r * 100.0)),
+                _ => {}
+            }
+            if let Some(n) = b.ejections.filter(|&n| n > 0) {
+                flags.push(format!("{n} recent ejections"));
+            }
             println!(
                 "  {} [{}]: weight configured {} (table {}), current {}, target {}",
                 b.address,

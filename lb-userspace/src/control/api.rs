@@ -304,6 +304,23 @@ pub struct ModelBackend {
     #[serde(default)]
     #[serde(serialize_with = "super::round::opt_observed")]
     pub observed: Option<crate::learning::Observed>,
+    /// Health's readmission (see `BackendEntry`): recent ejections, time until a held-out
+    /// backend may return, the ramp's share; null when unknown or not so.
+    #[serde(default)]
+    pub ejections: Option<u32>,
+    #[serde(default)]
+    #[serde(serialize_with = "super::round::opt_ms")]
+    pub returns_in_ms: Option<f64>,
+    #[serde(default)]
+    #[serde(serialize_with = "super::round::opt_ratio")]
+    pub ramp: Option<f64>,
+    /// The model's trial after a drain on a passive signal: flows judged so far (null when not
+    /// on trial), and the trials failed since the last one that passed.
+    #[serde(default)]
+    #[serde(serialize_with = "super::round::opt_rate")]
+    pub trial_flows: Option<f64>,
+    #[serde(default)]
+    pub failed_trials: u32,
     /// The last decisions, oldest first, with their reasons.
     pub decisions: Vec<ModelDecisionEntry>,
 }
@@ -728,6 +745,11 @@ mod tests {
                 capacity_at_target: None,
                 predicted_latency_ms: None,
                 observed: None,
+                ejections: None,
+                returns_in_ms: None,
+                ramp: None,
+                trial_flows: None,
+                failed_trials: 0,
                 decisions: vec![ModelDecisionEntry {
                     step: 1,
                     from_weight: 100,
@@ -764,6 +786,10 @@ mod tests {
             "capacity_at_target",
             "predicted_latency_ms",
             "observed",
+            "ejections",
+            "returns_in_ms",
+            "ramp",
+            "trial_flows",
         ];
         assert_keys(
             "model show backend",
@@ -779,6 +805,7 @@ mod tests {
                 "current_weight",
                 "drained_by_model",
                 "samples",
+                "failed_trials",
                 "decisions",
             ],
         );
