@@ -457,6 +457,12 @@ fn remember_decision(
         // instead put it straight back at its configured weight, past a model drain in force.
         let w = match d.health {
             HealthStatus::Up | HealthStatus::Probation => d.weight,
+            // Never in the table yet (a fresh start, or just added): its first pass decides,
+            // not this step (at a fresh start all come back together, as configured).
+            HealthStatus::Pending => {
+                learned.remove(&(id, d.addr));
+                continue;
+            }
             _ => 0,
         };
         learned.insert((id, d.addr), w);
