@@ -254,7 +254,13 @@ impl Agent {
         tokio::spawn(async move {
             while let Some(report) = rx.recv().await {
                 let Some(agent) = agent.upgrade() else { return };
-                agent.on_probe(report).await;
+                // Reports that arrived together (every pending backend's first probe at start)
+                // are applied together: one table write, not one per backend.
+                let mut batch = vec![report];
+                while let Ok(r) = rx.try_recv() {
+                    batch.push(r);
+                }
+                agent.on_probes(batch).await;
             }
         });
         let mut st = self.state.lock().await;
@@ -292,16 +298,35 @@ impl Agent {
         p.prober = Some(Prober::spawn(targets, tx));
     }
 
-    /// One probe outcome: updates the backend's health and, when its status changed, the
-    /// datapath.
-    pub(super) async fn on_probe(&self, report: ProbeReport<ProbeKey>) {
-        let (epoch, vip, addr) = report.key;
+    /// Probe outcomes: each updates its backend's health; when a status changed (or a ramp
+    /// moved), the datapath is applied once for all of them.
+    pub(super) async fn on_probes(&self, reports: Vec<ProbeReport<ProbeKey>>) {
         let mut st = self.state.lock().await;
-        if epoch != self.probes.lock().expect("probes lock").epoch {
+        let epoch = self.probes.lock().expect("probes lock").epoch;
+        let mut changed = false;
+        for report in reports {
+            if report.key.0 == epoch {
+                changed |= self.note_probe(&mut st, report);
+            }
+        }
+        if !changed {
             return;
         }
+        match st.reapply() {
+            Ok(r) => {
+                for (vip, moved, generation) in &r.tables {
+                    info!(%vip, moved, generation, "table updated");
+                }
+            }
+            Err(e) => error!("applying a health change failed: {e:#}"),
+        }
+    }
+
+    /// One probe outcome on its backend's health; whether the datapath needs applying.
+    fn note_probe(&self, st: &mut State, report: ProbeReport<ProbeKey>) -> bool {
+        let (_, vip, addr) = report.key;
         let Some(h) = st.health.get_mut(&(vip, addr)) else {
-            return;
+            return false;
         };
         let result = report.result;
         h.last_probe_ms = Some(result.latency_ms());
@@ -316,14 +341,12 @@ impl Agent {
         let share = h.state.share(now);
         if before == after {
             // A ramp moves the weight without a change of status: applied in steps of 5 %.
-            if (share - h.applied_share).abs() >= 0.05 || (share == 1.0) != (h.applied_share == 1.0)
-            {
+            let moved = (share - h.applied_share).abs() >= 0.05
+                || (share == 1.0) != (h.applied_share == 1.0);
+            if moved {
                 h.applied_share = share;
-                if let Err(e) = st.reapply() {
-                    error!(backend = %addr, "applying a slow-start step failed: {e:#}");
-                }
             }
-            return;
+            return moved;
         }
         h.applied_share = share;
         let name = VipName {
@@ -367,15 +390,6 @@ impl Agent {
             failures,
             result.latency_ms(),
         );
-        match st.reapply() {
-            Ok(r) => {
-                for (vip, moved, generation) in &r.tables {
-                    info!(%vip, moved, generation, "table updated");
-                }
-            }
-            Err(e) => {
-                error!(vip = %name, backend = %addr, "applying a health change failed: {e:#}")
-            }
-        }
+        true
     }
 }
