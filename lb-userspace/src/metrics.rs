@@ -169,6 +169,7 @@ pub fn render(s: &StatsSnapshot) -> String {
     vip_families(&mut f, s);
     backend_families(&mut f, s);
     health_family(&mut f, s);
+    readmission_family(&mut f, s);
     learning_families(&mut f, s);
     datapath_family(&mut f, s);
     out
@@ -288,7 +289,7 @@ fn backend_families(f: &mut Family<'_>, s: &StatsSnapshot) {
         (
             "lb_backend_up",
             "gauge",
-            "1 unless health checks say the backend is down (1 for a VIP without health checks).",
+            "1 unless health checks say the backend is down or pending (1 for a VIP without health checks).",
             |b| b.up as u64,
         ),
     ];
@@ -316,18 +317,49 @@ fn backend_families(f: &mut Family<'_>, s: &StatsSnapshot) {
     }
 }
 
+/// How health-checked backends are let back in: recent ejections, the hold left, the ramp.
+fn readmission_family(f: &mut Family<'_>, s: &StatsSnapshot) {
+    type Get = fn(&crate::control::BackendStatsEntry) -> f64;
+    let families: [(&str, &str, Get); 3] = [
+        (
+            "lb_backend_ejections",
+            "Health-checked backends: ejections (taken down by probes after serving) that still count towards the next hold; 0 after health.ejection_forget_ms without one.",
+            |b| f64::from(b.ejections.unwrap_or(0)),
+        ),
+        (
+            "lb_backend_returns_in_seconds",
+            "Health-checked backends: seconds until a backend held out after an ejection may return (0 when not held).",
+            |b| b.returns_in_ms.unwrap_or(0.0) / 1e3,
+        ),
+        (
+            "lb_backend_ramp",
+            "Health-checked backends: share of its weight the probes allow, 0 (down, pending) to 1 (up); in between on a slow start.",
+            |b| b.ramp.unwrap_or(if b.up && b.health != "pending" { 1.0 } else { 0.0 }),
+        ),
+    ];
+    for (name, help, get) in families {
+        f.header(name, "gauge", help);
+        for v in &s.vips {
+            for b in v.backends.iter().filter(|b| b.ejections.is_some()) {
+                let addr = b.address.to_string();
+                f.sample(name, &[("vip", &v.vip), ("backend", &addr)], get(b));
+            }
+        }
+    }
+}
+
 /// `lb_backend_health`: one sample per backend and state, 1 for the state it is in.
 fn health_family(f: &mut Family<'_>, s: &StatsSnapshot) {
     let name = "lb_backend_health";
     f.header(
         name,
         "gauge",
-        "1 for the backend's health state (up, down, probation: back on a reduced weight, draining: drained by the operator), 0 for the others.",
+        "1 for the backend's health state (up, down, probation: back on a ramping weight, draining: drained by the operator, pending: not probed yet), 0 for the others.",
     );
     for v in &s.vips {
         for b in &v.backends {
             let addr = b.address.to_string();
-            for state in ["up", "down", "probation", "draining"] {
+            for state in ["up", "down", "probation", "draining", "pending"] {
                 let now = if b.health.is_empty() {
                     "up"
                 } else {
@@ -465,12 +497,17 @@ mod tests {
                     learned_weight: Some(0.7300000001),
                     fit_r2: Some(0.5),
                     rates: None,
+                    ejections: Some(2),
+                    returns_in_ms: Some(1500.0),
+                    ramp: None,
                 }],
             }],
         };
         let text = render(&s);
         for line in [
             "lb_uptime_seconds 2.5",
+            "lb_backend_ejections{vip=\"[2001:db8::1]:443/tcp\",backend=\"2001:db8::11\"} 2",
+            "lb_backend_returns_in_seconds{vip=\"[2001:db8::1]:443/tcp\",backend=\"2001:db8::11\"} 1.5",
             "lb_vip_packets_total{vip=\"[2001:db8::1]:443/tcp\"} 10",
             "lb_vip_table_generation{vip=\"[2001:db8::1]:443/tcp\"} 3",
             "lb_backend_bytes_total{vip=\"[2001:db8::1]:443/tcp\",backend=\"2001:db8::11\"} 1000",

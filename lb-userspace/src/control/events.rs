@@ -92,7 +92,7 @@ pub enum Kind {
 
 impl Kind {
     /// Every kind, for counters that must exist (at 0) before the first event.
-    pub const ALL: [Kind; 19] = [
+    pub const ALL: [Kind; 20] = [
         Kind::Start,
         Kind::UncleanStop,
         Kind::PreviousStartFailed,
@@ -104,6 +104,7 @@ impl Kind {
         Kind::BackendDown,
         Kind::BackendProbation,
         Kind::BackendUp,
+        Kind::ChangeApplied,
         Kind::ChangeRefused,
         Kind::ChangeRolledBack,
         Kind::ReloadRefused,
