@@ -12,6 +12,7 @@ pub mod cli;
 pub mod config;
 pub mod control;
 pub mod datapath;
+pub mod fleet;
 pub mod health;
 pub mod learning;
 pub mod metrics;
