@@ -34,7 +34,7 @@ struct Fleet {
     dir: PathBuf,
     prefix: String,
     etcd: EtcdServer,
-    _servers: Vec<TcpServer>,
+    servers: Vec<Option<TcpServer>>,
     decaps: Vec<Child>,
     lab: Lab,
 }
@@ -57,7 +57,7 @@ impl Fleet {
                     SocketAddr::new(IpAddr::V4(VIP_V4), 80),
                     SocketAddr::new(IpAddr::from(backend_v4(i)), 80),
                 ];
-                TcpServer::start(lab.backend(i).ns(), &addrs, &format!("backend{i}")).unwrap()
+                Some(TcpServer::start(lab.backend(i).ns(), &addrs, &format!("backend{i}")).unwrap())
             })
             .collect();
         let decaps = start_decaps(&lab, 3);
@@ -67,7 +67,7 @@ impl Fleet {
             dir,
             prefix,
             etcd,
-            _servers: servers,
+            servers,
             decaps,
             lab,
         }
@@ -410,6 +410,38 @@ fn one_configuration_in_etcd_every_node_the_same_table() {
 
     // The killed node comes back and catches up.
     fx.start(old);
+    fx.wait_in_sync();
+    fx.same_tables();
+    drop(long);
+
+    // Health is decided once, by the leader, for every node: backend2 killed, every node's
+    // table leaves it out, and the tables stay the same on every node.
+    let mut vip: serde_json::Value =
+        serde_json::from_str(&fx.etcd.get(&key).unwrap().unwrap()).unwrap();
+    vip["health"] = serde_json::json!({"kind": "tcp", "interval_ms": 200, "timeout_ms": 200, "rise": 2, "fall": 2});
+    fx.etcd.put(&key, &vip.to_string()).unwrap();
+    fx.wait_in_sync();
+    let b2 = IpAddr::from(backend_v4(2));
+    assert!(shares(fx.same_tables().values().next().unwrap()).contains_key(&b2));
+    let t = Instant::now();
+    fx.servers[2] = None;
+    for i in fx.alive() {
+        wait_for(
+            "every node's table without the dead backend",
+            CONVERGE,
+            || {
+                !pinned_tables(&fx.pin_dir(i))
+                    .values()
+                    .next()
+                    .unwrap()
+                    .contains(&b2)
+            },
+        );
+    }
+    eprintln!(
+        "backend2 killed: out of every node's table after {:?} (probes every 200 ms, fall 2)",
+        t.elapsed()
+    );
     fx.wait_in_sync();
     fx.same_tables();
 }

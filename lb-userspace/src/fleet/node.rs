@@ -22,9 +22,11 @@ use tracing::{error, info, warn};
 
 /// The node's lease: a leader that stops renewing it loses the election key this long after.
 pub const LEASE_TTL_S: i64 = 3;
-/// How long the loop waits on the watch before reading again anyway (lease renewal, the
-/// leader's weights).
+/// How long a follower's loop waits on the watch before reading again anyway (lease
+/// renewal); a leader's waits less, since its health results and learned weights change
+/// without a store event and are published on its next round.
 const WATCH_WAIT: Duration = Duration::from_millis(1000);
+const LEADER_WATCH_WAIT: Duration = Duration::from_millis(200);
 
 /// What a node is started with.
 #[derive(Debug, Clone)]
@@ -76,10 +78,15 @@ pub async fn run(agent: Arc<Agent>, opts: NodeOptions) {
         node.agent.set_fleet_status(node.status.clone());
         match read {
             Some(rev) => {
+                let wait = if node.status.role == "leader" {
+                    LEADER_WATCH_WAIT
+                } else {
+                    WATCH_WAIT
+                };
                 let _ = node
                     .opts
                     .etcd
-                    .watch_prefix(&node.opts.prefix, rev + 1, WATCH_WAIT)
+                    .watch_prefix(&node.opts.prefix, rev + 1, wait)
                     .await;
             }
             None => tokio::time::sleep(Duration::from_millis(500)).await,
