@@ -297,6 +297,49 @@ fn one_configuration_in_etcd_every_node_the_same_table() {
     assert!((b2 / b0 - 2.0).abs() < 0.05, "weights 1:1:2 give {share:?}");
     eprintln!("revision {rev}: 3 nodes, identical tables, slots per backend {share:?}");
 
+    // A node's own control socket refuses service changes (they belong in the store) and
+    // says where it gets them from.
+    let own = tests::procs::lbctl(&fx.socket(1), &["backend", "set-weight", VIP, &b(0), "5"]);
+    assert_eq!(own.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&own.stderr).contains("this lbd is a fleet node"),
+        "{own:?}"
+    );
+    let text = tests::procs::lbctl(&fx.socket(1), &["status"]);
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(text.contains("fleet      node n1"), "{text}");
+    let text = fx.ctl(&["cluster", "status"]);
+    assert_eq!(text.matches("in sync").count(), NODES, "{text}");
+
+    // Concurrent writers lose nothing: each transaction holds only if what it read is
+    // unchanged, and is otherwise read, edited and tried again.
+    let extra = |w: usize, k: usize| format!("10.200.0.{}", 100 + 10 * w + k);
+    std::thread::scope(|s| {
+        for w in 0..2 {
+            let fx = &fx;
+            s.spawn(move || {
+                for k in 0..3 {
+                    fx.ctl(&["backend", "add", VIP, &extra(w, k)]);
+                }
+            });
+        }
+    });
+    let c = fx.cluster();
+    let key = format!("{}/config/vips/{VIP}", fx.prefix);
+    let stored = fx.etcd.get(&key).unwrap().unwrap();
+    for w in 0..2 {
+        for k in 0..3 {
+            assert!(
+                stored.contains(&extra(w, k)),
+                "{} lost: {stored}",
+                extra(w, k)
+            );
+            fx.ctl(&["backend", "remove", VIP, &extra(w, k)]);
+        }
+    }
+    assert!(c["config_revision"].as_i64().unwrap() > rev);
+    let rev = fx.wait_in_sync();
+
     // Every node forwards, and a connection keeps its backend when its packets move to another
     // node (no shared connection state: the tables are the same).
     for i in 0..NODES {
@@ -322,7 +365,6 @@ fn one_configuration_in_etcd_every_node_the_same_table() {
         .expect("long-lived connections after a weight change");
 
     // Bad data is refused whole by every node, naming the key; the revision before serves.
-    let key = format!("{}/config/vips/{VIP}", fx.prefix);
     let good = fx.etcd.get(&key).unwrap().expect("the VIP's key");
     let before = fx.same_tables();
     let bad = good.replacen("\"weight\":3", "\"weight\":10001", 1);
