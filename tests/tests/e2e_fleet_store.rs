@@ -8,7 +8,8 @@
 //! their backend when their packets move to another node); bad data in etcd is refused whole
 //! by every node, naming the key, the previous revision serving; etcd killed: forwarding goes
 //! on, every node says so (`lbctl status`, metrics), and a change made once it is back applies
-//! everywhere; the leader SIGKILLed: another node takes over within the lease.
+//! everywhere; the leader SIGKILLed: another node takes over within the lease; stopped
+//! cleanly: at once; health decided by the leader for every node.
 use std::{
     collections::BTreeMap,
     fs,
@@ -455,6 +456,26 @@ fn one_configuration_in_etcd_every_node_the_same_table() {
     fx.wait_in_sync();
     fx.same_tables();
     drop(long);
+
+    // A leader stopped cleanly hands over at once: it revokes its lease on the way out.
+    let lead = fx.leader().expect("a leader");
+    let t = Instant::now();
+    let status = fx.nodes[lead].take().unwrap().stop();
+    assert!(status.success(), "{status}");
+    wait_for("a new leader after a clean stop", CONVERGE, || {
+        fx.leader().is_some_and(|l| l != lead)
+    });
+    let took = t.elapsed();
+    eprintln!(
+        "leader n{lead} stopped (SIGTERM): n{} leads after {took:?}",
+        fx.leader().unwrap()
+    );
+    assert!(
+        took < Duration::from_secs(2),
+        "{took:?}: the lease was not revoked"
+    );
+    fx.start(lead);
+    fx.wait_in_sync();
 
     // Health is decided once, by the leader, for every node: backend2 killed, every node's
     // table leaves it out, and the tables stay the same on every node.

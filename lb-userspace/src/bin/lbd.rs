@@ -165,6 +165,7 @@ fn fleet_options(cli: &Cli) -> Result<Option<NodeOptions>> {
         endpoints: urls.clone(),
         prefix: lb_userspace::fleet::store::normalize_prefix(prefix)?,
         node,
+        lease: Arc::default(),
     }))
 }
 
@@ -249,13 +250,22 @@ async fn balance(
     let agent = Agent::new(path, cfg, lb, journal.clone());
     // Health checks of the VIPs with [vip.health]; their transitions re-apply the datapath.
     agent.start_health().await?;
-    if let Some(opts) = fleet {
+    if let Some(opts) = &fleet {
+        // Before the control socket serves: its service changes are refused from the start.
+        agent.set_fleet_status(opts.initial_status());
         info!(node = %opts.node, etcd = %opts.endpoints, prefix = %opts.prefix, "fleet mode: VIPs come from etcd");
-        tokio::spawn(lb_userspace::fleet::node::run(agent.clone(), opts));
     }
+    let fleet_task = fleet
+        .clone()
+        .map(|opts| tokio::spawn(lb_userspace::fleet::node::run(agent.clone(), opts)));
     let control_task = tokio::spawn(control.serve(agent.clone()));
     let metrics_task = tokio::spawn(metrics::serve(metrics_listener, agent.clone()));
     serve_until_stopped(&agent, journal, &interface).await?;
+    if let (Some(task), Some(opts)) = (fleet_task, &fleet) {
+        task.abort();
+        let _ = task.await;
+        lb_userspace::fleet::node::leave(opts).await;
+    }
     shut_down(&agent, control_task, metrics_task, &interface).await
 }
 
