@@ -19,10 +19,10 @@ use std::{
     time::{Duration, Instant},
 };
 use tests::{
-    backend_v4,
+    backend_v4, backend_v6,
     etcd::{lbctl_fleet, lbctl_fleet_ok, pinned_tables, EtcdServer},
     procs::{lbctl_json, scrape_metrics, start_decaps, wait_for, Lbd, LbdOptions},
-    require_root, Lab, LabSpec, LongLived, NetNs, Role, TcpServer, VIP_V4,
+    require_root, Lab, LabSpec, LongLived, NetNs, Role, TcpServer, VIP_V4, VIP_V6,
 };
 
 const NODES: usize = 3;
@@ -270,6 +270,14 @@ fn shares(slots: &[IpAddr]) -> BTreeMap<IpAddr, usize> {
     m
 }
 
+/// The IPv4 VIP's table among a node's tables.
+fn v4_table(tables: &BTreeMap<String, Vec<IpAddr>>) -> &Vec<IpAddr> {
+    tables
+        .values()
+        .find(|t| t.first().is_some_and(IpAddr::is_ipv4))
+        .expect("the IPv4 VIP's table")
+}
+
 fn vip_addr() -> SocketAddr {
     SocketAddr::new(IpAddr::V4(VIP_V4), 80)
 }
@@ -284,6 +292,11 @@ fn one_configuration_in_etcd_every_node_the_same_table() {
     for (i, w) in [(0, "1"), (1, "1"), (2, "2")] {
         fx.ctl(&["backend", "add", VIP, &b(i), "--weight", w]);
     }
+    let vip6 = format!("[{VIP_V6}]:80/tcp");
+    fx.ctl(&["vip", "add", &vip6]);
+    for i in 0..3 {
+        fx.ctl(&["backend", "add", &vip6, &backend_v6(i).to_string()]);
+    }
     for i in 0..NODES {
         fx.start(i);
     }
@@ -292,7 +305,8 @@ fn one_configuration_in_etcd_every_node_the_same_table() {
     assert_eq!(c["nodes"].as_array().unwrap().len(), NODES, "{c:#}");
     assert!(c["leader"].is_string(), "{c:#}");
     let tables = fx.same_tables();
-    let share = shares(&tables.values().next().unwrap().clone());
+    assert_eq!(tables.len(), 2, "an IPv4 and an IPv6 VIP");
+    let share = shares(v4_table(&tables));
     let b2 = share[&IpAddr::from(backend_v4(2))] as f64;
     let b0 = share[&IpAddr::from(backend_v4(0))] as f64;
     assert!((b2 / b0 - 2.0).abs() < 0.05, "weights 1:1:2 give {share:?}");
@@ -360,7 +374,7 @@ fn one_configuration_in_etcd_every_node_the_same_table() {
     fx.ctl(&["backend", "set-weight", VIP, &b(0), "3"]);
     let rev2 = fx.wait_in_sync();
     assert!(rev2 > rev);
-    let share = shares(fx.same_tables().values().next().unwrap());
+    let share = shares(v4_table(&fx.same_tables()));
     assert!(share[&IpAddr::from(backend_v4(0))] > share[&IpAddr::from(backend_v4(2))]);
     long.check_all()
         .expect("long-lived connections after a weight change");
@@ -418,7 +432,7 @@ fn one_configuration_in_etcd_every_node_the_same_table() {
     fx.etcd.restart().unwrap();
     fx.ctl(&["backend", "drain", VIP, &b(1)]);
     let rev3 = fx.wait_in_sync();
-    let share = shares(fx.same_tables().values().next().unwrap());
+    let share = shares(v4_table(&fx.same_tables()));
     assert!(
         !share.contains_key(&IpAddr::from(backend_v4(1))),
         "{share:?}"
@@ -485,7 +499,7 @@ fn one_configuration_in_etcd_every_node_the_same_table() {
     fx.etcd.put(&key, &vip.to_string()).unwrap();
     fx.wait_in_sync();
     let b2 = IpAddr::from(backend_v4(2));
-    assert!(shares(fx.same_tables().values().next().unwrap()).contains_key(&b2));
+    assert!(shares(v4_table(&fx.same_tables())).contains_key(&b2));
     let t = Instant::now();
     fx.servers[2] = None;
     for i in fx.alive() {
