@@ -462,3 +462,57 @@ impl Node {
         self.opts.etcd.txn_if_mod(&[], &[put]).await.map(|_| ())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vip(weights: &[u32]) -> Vip {
+        let mut text = String::from(
+            "interface = \"eth0\"\n[encap]\nsource_v4 = \"10.0.0.2\"\n[[vip]]\naddress = \"10.0.0.100\"\nport = 80\nprotocol = \"tcp\"\n[vip.health]\n",
+        );
+        for (i, w) in weights.iter().enumerate() {
+            text.push_str(&format!(
+                "[[vip.backend]]\naddress = \"10.0.1.{}\"\nweight = {w}\n",
+                i + 1
+            ));
+        }
+        crate::Config::parse(&text).unwrap().vips.remove(0)
+    }
+
+    #[test]
+    fn followers_take_the_leaders_weights_only_for_the_same_revision() {
+        let key = "/lb/config/vips/10.0.0.100:80/tcp".to_string();
+        let desired = Desired {
+            revision: 7,
+            vips: vec![(key.clone(), vip(&[2, 2, 2]))],
+            read: vec![(key.clone(), 7)],
+        };
+        let weights = |v: &[(String, Vip)]| -> Vec<u32> {
+            v[0].1.backends.iter().map(|b| b.weight).collect()
+        };
+        // No leader yet: the configured weights, without health checks of their own.
+        let out = follower_vips(&desired, None);
+        assert_eq!(weights(&out), [2, 2, 2]);
+        assert!(out[0].1.health.is_none() && out[0].1.learning.is_none());
+        // The leader's weights for this revision (a backend down: 0).
+        let p = Published {
+            leader: "n0".into(),
+            config_revision: 7,
+            vips: vec![vip(&[2, 0, 2])],
+        };
+        let out = follower_vips(&desired, Some(&(9, p.clone())));
+        assert_eq!(weights(&out), [2, 0, 2]);
+        assert_eq!(out[0].0, key);
+        assert!(out[0].1.health.is_none());
+        // Weights computed for another revision are not applied to this one.
+        let stale = Published {
+            config_revision: 6,
+            ..p
+        };
+        assert_eq!(
+            weights(&follower_vips(&desired, Some(&(9, stale)))),
+            [2, 2, 2]
+        );
+    }
+}
