@@ -31,6 +31,16 @@ pub struct LbdCli {
     /// Validate the configuration and exit.
     #[arg(long)]
     pub check: bool,
+    /// Fleet mode: take the VIPs and backends from etcd (endpoints http://HOST:PORT, comma
+    /// separated) instead of the file, which keeps the node's own settings.
+    #[arg(long, value_name = "URL[,URL]", requires = "prefix")]
+    pub etcd: Option<String>,
+    /// Fleet mode: the key prefix of this fleet in etcd (e.g. /lb/fleet1).
+    #[arg(long, value_name = "PREFIX", requires = "etcd")]
+    pub prefix: Option<String>,
+    /// Fleet mode: this node's name in the fleet (default: the host name).
+    #[arg(long, value_name = "NAME")]
+    pub node: Option<String>,
     #[command(subcommand)]
     pub command: Option<LbdCommand>,
 }
@@ -103,6 +113,13 @@ pub struct LbctlCli {
     /// Print JSON for scripts (field names are stable; see the README).
     #[arg(long, global = true)]
     pub json: bool,
+    /// Fleet mode: write changes to the fleet's configuration in etcd (http://HOST:PORT,
+    /// comma separated) instead of one lbd; every node applies them.
+    #[arg(long, global = true, value_name = "URL[,URL]", requires = "prefix")]
+    pub etcd: Option<String>,
+    /// Fleet mode: the fleet's key prefix in etcd (as given to lbd --prefix).
+    #[arg(long, global = true, value_name = "PREFIX", requires = "etcd")]
+    pub prefix: Option<String>,
     #[command(subcommand)]
     pub command: LbctlCommand,
 }
@@ -128,6 +145,15 @@ pub enum LbctlCommand {
         interval: f64,
     },
     /// Interface, XDP mode, program id, uptime and table generation per VIP.
+    Status,
+    /// The fleet (with --etcd and --prefix): nodes, their role and applied revision, leader.
+    #[command(subcommand)]
+    Cluster(ClusterCommand),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ClusterCommand {
+    /// Every node reporting under the prefix, the leader and the configuration's revision.
     Status,
 }
 

@@ -84,7 +84,7 @@ async fn serve_one(mut stream: TcpStream, agent: Arc<Agent>) -> Result<()> {
             Ok(s) => (
                 "200 OK",
                 "text/plain; version=0.0.4; charset=utf-8",
-                render(&s),
+                render(&s) + &render_fleet(agent.fleet_status().as_ref()),
             ),
             Err(e) => (
                 "500 Internal Server Error",
@@ -141,6 +141,42 @@ impl Family<'_> {
         }
         let _ = writeln!(self.out, " {value}");
     }
+}
+
+/// Fleet mode's families (none for a single-node lbd).
+pub fn render_fleet(fleet: Option<&crate::control::FleetStatus>) -> String {
+    let mut out = String::new();
+    let Some(fl) = fleet else { return out };
+    let mut f = Family { out: &mut out };
+    f.header(
+        "lb_fleet_store_connected",
+        "gauge",
+        "1 while the last read of the fleet's etcd succeeded; 0 while unreachable (forwarding goes on with lb_fleet_applied_revision).",
+    );
+    f.sample(
+        "lb_fleet_store_connected",
+        &[],
+        u64::from(fl.store_connected),
+    );
+    f.header(
+        "lb_fleet_applied_revision",
+        "gauge",
+        "The etcd revision of the fleet configuration this node applies.",
+    );
+    f.sample("lb_fleet_applied_revision", &[], fl.applied_revision);
+    f.header(
+        "lb_fleet_leader",
+        "gauge",
+        "1 while this node is the fleet's elected leader (runs health checks and learning, publishes the weights).",
+    );
+    f.sample("lb_fleet_leader", &[], u64::from(fl.role == "leader"));
+    f.header(
+        "lb_fleet_refused",
+        "gauge",
+        "1 while the newest revision in the store is refused (bad data; lbctl status says which key) or the store is unreachable.",
+    );
+    f.sample("lb_fleet_refused", &[], u64::from(fl.last_error.is_some()));
+    out
 }
 
 /// The metric families, in the text exposition format (names in the README, "Observe").

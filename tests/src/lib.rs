@@ -23,6 +23,7 @@
 //! lab.shutdown().unwrap();
 //! ```
 
+pub mod etcd;
 pub mod fuzz;
 pub mod lab;
 pub mod model;

@@ -25,6 +25,8 @@ pub const PACKAGES: &[&str] = &[
     "nftables",          // bench adaptive: a backend that drops SYNs
     "debootstrap",       // e2e_systemd: a Debian root for the container
     "systemd-container", // e2e_systemd: systemd-nspawn boots a real systemd
+    "etcd-server",       // fleet mode's store (e2e_fleet_store, tests/src/etcd.rs)
+    "etcd-client",       // etcdctl: the fleet tests read and write the store directly
 ];
 
 #[path = "../../lb-userspace/ebpf_toolchain.rs"]

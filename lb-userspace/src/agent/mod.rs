@@ -19,6 +19,7 @@
 //! flag in its datapath entry (its established flows are steered again at once); a backend on
 //! probation comes back with a quarter of its weight (slow start), then all of it once up.
 mod edit;
+mod fleet;
 mod health;
 mod learning;
 mod queries;
@@ -35,6 +36,7 @@ use crate::{
 use anyhow::{anyhow, bail, Result};
 use edit::edit;
 pub use edit::persist;
+pub use fleet::fleet_edit;
 pub use health::slow_start_weight;
 use health::{probed, sync_health, HealthKey, HealthMap, Probes};
 use learning::{learning_weight, sync_learning, LearnMap, Learned};
@@ -204,6 +206,8 @@ pub struct Agent {
     probes: std::sync::Mutex<Probes>,
     /// What happened, for `lbctl status` (see [`crate::control::events`]).
     events: Arc<Journal>,
+    /// Fleet mode's status (set by the store loop); None for a single-node lbd.
+    fleet: std::sync::Mutex<Option<crate::control::FleetStatus>>,
 }
 
 impl Agent {
@@ -235,6 +239,7 @@ impl Agent {
             started: Instant::now(),
             probes: std::sync::Mutex::new(Probes::default()),
             events,
+            fleet: std::sync::Mutex::new(None),
         })
     }
 
@@ -294,7 +299,11 @@ impl Agent {
     /// the host's, and no restart-only key changed. The configuration it holds, or why not.
     fn reloadable(&self, st: &State, text: &str) -> Result<Config> {
         let path = self.config_path.display();
-        let new = Config::parse(text).map_err(|e| anyhow!("config file {path}: {e}"))?;
+        let mut new = Config::parse(text).map_err(|e| anyhow!("config file {path}: {e}"))?;
+        if self.fleet_status().is_some() {
+            // A fleet node's VIPs come from the store; the file only holds its own settings.
+            new.vips = st.config.vips.clone();
+        }
         check_host(&new)?;
         let fixed = st.config.restart_only_changes(&new);
         if !fixed.is_empty() {
@@ -382,6 +391,9 @@ impl Agent {
 
     /// One mutating request, as a transaction (see the module docs).
     async fn change(&self, req: Request) -> Result<Changed> {
+        if let Some(refusal) = self.fleet_refusal() {
+            bail!("{refusal}");
+        }
         let mut guard = self.state.lock().await;
         let st = &mut *guard;
         let prev = st.config.clone();

@@ -173,6 +173,7 @@ impl Agent {
             metrics_listen: st.config.metrics_listen.to_string(),
             events: self.events.recent(),
             apply: st.timing.clone(),
+            fleet: self.fleet_status(),
             vips: st
                 .lb
                 .vips()

@@ -525,6 +525,36 @@ pub struct Status {
     /// that changed weights goes through it).
     #[serde(default)]
     pub apply: ApplyTiming,
+    /// Fleet mode (`lbd --etcd`): the store, this node's role and the revision it applies;
+    /// null for a single-node lbd.
+    #[serde(default)]
+    pub fleet: Option<FleetStatus>,
+}
+
+/// What a fleet node (`lbd --etcd URL --prefix P`) knows of the shared store and its role.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FleetStatus {
+    /// This node's name in the fleet (`--node`, default the host name).
+    pub node: String,
+    pub etcd: String,
+    pub prefix: String,
+    /// Whether the last read of the store succeeded. While false, the node keeps forwarding
+    /// on `applied_revision`.
+    pub store_connected: bool,
+    /// The store revision of the service configuration in force (the highest mod revision
+    /// under `PREFIX/config/`); 0 before the first apply.
+    pub applied_revision: i64,
+    /// The revision of the leader's published weights in force, 0 if none.
+    pub applied_weights_revision: i64,
+    /// `leader` or `follower`.
+    pub role: String,
+    /// The node holding the election key, if known.
+    pub leader: Option<String>,
+    /// Why the newest configuration in the store is not applied (bad data: the key and the
+    /// fix), or why the store is unreachable; null when all is well.
+    pub last_error: Option<String>,
+    /// Unix seconds of the last successful read of the store.
+    pub last_contact_unix: u64,
 }
 
 /// Durations of the agent's datapath applies since start, in microseconds (wall clock, on the

@@ -88,6 +88,15 @@ pub enum Kind {
     DatapathRestored,
     /// An accepted configuration has something worth a warning (a small Maglev table).
     ConfigWarning,
+    /// Fleet mode: the store became unreachable (forwarding goes on with the last revision),
+    /// or reachable again.
+    FleetStoreLost,
+    FleetStoreBack,
+    /// Fleet mode: a store revision was applied, or refused whole (the key and the fix).
+    FleetApplied,
+    FleetRefused,
+    /// Fleet mode: this node became the leader, or stopped being it.
+    FleetLeader,
 }
 
 impl Kind {
@@ -113,6 +122,11 @@ impl Kind {
             Kind::DatapathLost => "datapath_lost",
             Kind::DatapathRestored => "datapath_restored",
             Kind::ConfigWarning => "config_warning",
+            Kind::FleetStoreLost => "fleet_store_lost",
+            Kind::FleetStoreBack => "fleet_store_back",
+            Kind::FleetApplied => "fleet_applied",
+            Kind::FleetRefused => "fleet_refused",
+            Kind::FleetLeader => "fleet_leader",
         }
     }
 }
