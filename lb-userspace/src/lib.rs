@@ -5,13 +5,14 @@
 //! circle): `health` (probes and backend states, and the `[vip.health]` settings), `config`,
 //! `datapath` (the kernel side), `learning` (the weight model), `control` (the API, its socket
 //! and the journal), `agent` (the owner that wires them), then `metrics`; `cli`, `notify` and
-//! `security` serve the binaries. A future `cluster` room (etcd, BGP, leadership) would sit
-//! beside `control`, below `agent`, which would own it like the others.
+//! `security` serve the binaries. `fleet` (BGP announcements; etcd, leadership) sits beside
+//! `control`, below `agent`, which owns it like the others.
 pub mod agent;
 pub mod cli;
 pub mod config;
 pub mod control;
 pub mod datapath;
+pub mod fleet;
 pub mod health;
 pub mod learning;
 pub mod metrics;

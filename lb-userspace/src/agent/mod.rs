@@ -21,6 +21,7 @@
 mod edit;
 mod health;
 mod learning;
+mod node;
 mod queries;
 
 use crate::{
@@ -194,6 +195,8 @@ pub struct Agent {
     probes: std::sync::Mutex<Probes>,
     /// What happened, for `lbctl status` (see [`crate::control::events`]).
     events: Arc<Journal>,
+    /// BGP announcements and drain (locked after `state`; never held across an await).
+    node: std::sync::Mutex<node::Node>,
 }
 
 impl Agent {
@@ -224,6 +227,7 @@ impl Agent {
             started: Instant::now(),
             probes: std::sync::Mutex::new(Probes::default()),
             events,
+            node: std::sync::Mutex::new(node::Node::new()),
         })
     }
 
@@ -302,6 +306,11 @@ impl Agent {
             Request::Stats => self.snapshot().await.map(Response::ok),
             Request::Status => self.status().await.map(Response::ok),
             Request::RunningConfig => Ok(Response::ok(self.config().await)),
+            Request::NodeDrain { timeout_seconds } => self
+                .node_change(true, timeout_seconds)
+                .await
+                .map(Response::ok),
+            Request::NodeUndrain => self.node_change(false, None).await.map(Response::ok),
             other => {
                 let r = self.change(other).await;
                 if let Err(e) = &r {

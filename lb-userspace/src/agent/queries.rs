@@ -166,6 +166,7 @@ impl Agent {
             metrics_listen: st.config.metrics_listen.to_string(),
             events: self.events.recent(),
             apply: st.timing.clone(),
+            bgp: self.bgp_status(st.config.bgp.is_some()),
             vips: st
                 .lb
                 .vips()

@@ -212,6 +212,8 @@ async fn balance(path: &std::path::Path, journal: &Arc<Journal>) -> Result<()> {
     let agent = Agent::new(path, cfg, lb, journal.clone());
     // Health checks of the VIPs with [vip.health]; their transitions re-apply the datapath.
     agent.start_health().await?;
+    // [bgp]: the node-local BIRD; it announces what this node can serve from the first tick.
+    agent.start_bgp().await?;
     let control_task = tokio::spawn(control.serve(agent.clone()));
     let metrics_task = tokio::spawn(metrics::serve(metrics_listener, agent.clone()));
     serve_until_stopped(&agent, journal, &interface).await?;
@@ -276,6 +278,8 @@ async fn serve_until_stopped(agent: &Agent, journal: &Journal, interface: &str) 
                     on_datapath_change(journal, &now);
                     faults = now;
                 }
+                // What this node announces follows the datapath and the VIPs' backends.
+                agent.node_tick(&faults).await;
             }
             _ = term.recv() => break,
             _ = int.recv() => break,
@@ -324,6 +328,8 @@ async fn shut_down(
     interface: &str,
 ) -> Result<()> {
     notify::stopping();
+    // Routers first: no new flows are sent to a node that is going away.
+    agent.stop_bgp();
     // No more changes: stop serving.
     control_task.abort();
     metrics_task.abort();

@@ -82,6 +82,17 @@ pub enum Kind {
     DatapathRestored,
     /// An accepted configuration has something worth a warning (a small Maglev table).
     ConfigWarning,
+    /// The VIPs this node announces by BGP changed (served, drained, datapath lost, ...).
+    RoutesChanged,
+    /// A BGP session came up or went down.
+    BgpSessionUp,
+    BgpSessionDown,
+    /// The node-local BIRD exited (it is restarted).
+    BgpSpeakerFailed,
+    /// `lbctl node drain`, its timeout passing, `lbctl node undrain`.
+    NodeDraining,
+    NodeDrained,
+    NodeUndrained,
 }
 
 impl Kind {
@@ -106,6 +117,13 @@ impl Kind {
             Kind::DatapathLost => "datapath_lost",
             Kind::DatapathRestored => "datapath_restored",
             Kind::ConfigWarning => "config_warning",
+            Kind::RoutesChanged => "routes_changed",
+            Kind::BgpSessionUp => "bgp_session_up",
+            Kind::BgpSessionDown => "bgp_session_down",
+            Kind::BgpSpeakerFailed => "bgp_speaker_failed",
+            Kind::NodeDraining => "node_draining",
+            Kind::NodeDrained => "node_drained",
+            Kind::NodeUndrained => "node_undrained",
         }
     }
 }
