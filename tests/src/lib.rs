@@ -23,6 +23,7 @@
 //! lab.shutdown().unwrap();
 //! ```
 
+pub mod fleet;
 pub mod fuzz;
 pub mod lab;
 pub mod model;
