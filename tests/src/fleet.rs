@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 
 use crate::netns::{unique_prefix, NetNs};
-use crate::procs::{bin_path, lbctl_json, wait_for, Lbd, LbdOptions};
+use crate::procs::{bin_path, wait_for, Lbd, LbdOptions};
 use crate::tcp::TcpServer;
 
 pub const VIP_V4: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 10);
@@ -81,6 +81,8 @@ pub struct FleetNode {
 /// A running fleet; see the module docs.
 pub struct Fleet {
     pub prefix: String,
+    /// Where `lbd` and `lbctl` are.
+    pub bin_dir: PathBuf,
     pub dir: PathBuf,
     pub weights: Vec<u32>,
     // Dropped in this order: nodes (lbds and their BIRDs) first, then servers, then the rest.
@@ -116,6 +118,12 @@ impl Fleet {
     /// weight, starts the router's BIRD, the backends' `lbd decap` and their TCP servers
     /// (named `backend0`, ...).
     pub fn new(nodes: usize, weights: &[u32]) -> Result<Fleet> {
+        let lbd = bin_path("lbd");
+        Fleet::with_bins(nodes, weights, lbd.parent().unwrap())
+    }
+
+    /// [`Fleet::new`] with the `lbd` and `lbctl` of `bin_dir` (the lab's release build).
+    pub fn with_bins(nodes: usize, weights: &[u32], bin_dir: &Path) -> Result<Fleet> {
         assert!(nodes <= 9 && weights.len() <= 9);
         let prefix = unique_prefix();
         let dir = std::env::temp_dir().join(format!("{prefix}-fleet"));
@@ -135,6 +143,7 @@ impl Fleet {
         let router = NetNs::with_name(format!("{prefix}-rt"))?;
         let client = NetNs::with_name(format!("{prefix}-cl"))?;
         let mut fleet = Fleet {
+            bin_dir: bin_dir.to_path_buf(),
             prefix,
             dir,
             weights: weights.to_vec(),
@@ -351,8 +360,7 @@ impl Fleet {
             "via",
             &router_v6().to_string(),
         ])?;
-        let lbd = bin_path("lbd");
-        let mut cmd = ns.command(&lbd);
+        let mut cmd = ns.command(self.bin_dir.join("lbd"));
         cmd.args(["decap", "--interface", "eth0", "--xdp-mode", "native"])
             .args(["--vip", &VIP_V4.to_string(), "--vip", &VIP_V6.to_string()])
             .stdin(Stdio::null())
@@ -419,18 +427,37 @@ impl Fleet {
     }
 
     /// Starts lbd on node `i` (its BIRD with it) and waits until it serves its control socket.
+    /// Panics with its log if it does not.
     pub fn start_node(&mut self, i: usize) {
-        let n = &mut self.nodes[i];
+        if let Err(e) = self.try_start_node(i) {
+            panic!("{e:#}");
+        }
+    }
+
+    /// [`Fleet::start_node`], as a Result.
+    pub fn try_start_node(&mut self, i: usize) -> Result<()> {
         let opts = LbdOptions {
+            bin: Some(self.bin_dir.join("lbd")),
             // The root mount namespace: the pins (in /sys/fs/bpf) outlive a killed lbd, so its
             // datapath keeps forwarding the packets that still arrive.
             nsenter: true,
             env: vec![("RUST_LOG".into(), "info".into())],
             ..LbdOptions::default()
         };
+        let n = &self.nodes[i];
         let mut lbd = Lbd::spawn(&n.ns, &n.config, &n.socket, &opts);
-        lbd.wait_serving();
-        n.lbd = Some(lbd);
+        let t = Instant::now();
+        while self.try_lbctl(i, &["status"]).is_err() {
+            if let Some(s) = lbd.try_wait() {
+                bail!("node{i}'s lbd exited ({s}) before serving:\n{}", lbd.log());
+            }
+            if t.elapsed() > Duration::from_secs(30) {
+                bail!("node{i}'s lbd did not serve within 30 s:\n{}", lbd.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.nodes[i].lbd = Some(lbd);
+        Ok(())
     }
 
     /// The next hops the router's kernel has for `vip` (empty without a route).
@@ -451,6 +478,12 @@ impl Fleet {
     /// Waits until the router's next hops for both VIPs are exactly nodes `want`; returns how
     /// long that took. Panics with the router's routes and log after `timeout`.
     pub fn wait_next_hops(&self, want: &[usize], timeout: Duration) -> Duration {
+        self.try_wait_next_hops(want, timeout)
+            .unwrap_or_else(|e| panic!("{e:#}"))
+    }
+
+    /// [`Fleet::wait_next_hops`], as a Result.
+    pub fn try_wait_next_hops(&self, want: &[usize], timeout: Duration) -> Result<Duration> {
         let t = Instant::now();
         loop {
             let ok = [IpAddr::from(VIP_V4), IpAddr::from(VIP_V6)]
@@ -461,10 +494,10 @@ impl Fleet {
                     self.next_hops(vip) == expect
                 });
             if ok {
-                return t.elapsed();
+                return Ok(t.elapsed());
             }
             if t.elapsed() > timeout {
-                panic!(
+                bail!(
                     "the router's next hops for the VIPs did not become nodes {want:?} within {timeout:?}: v4 {:?}, v6 {:?}\nrouter BIRD log (end):\n{}",
                     self.next_hops(VIP_V4.into()),
                     self.next_hops(VIP_V6.into()),
@@ -475,9 +508,29 @@ impl Fleet {
         }
     }
 
-    /// `lbctl --json ARGS` on node `i`.
+    /// `lbctl --json ARGS` on node `i`; panics unless it succeeds.
     pub fn lbctl(&self, i: usize, args: &[&str]) -> serde_json::Value {
-        lbctl_json(&self.nodes[i].socket, args)
+        self.try_lbctl(i, args).unwrap_or_else(|e| panic!("{e:#}"))
+    }
+
+    /// `lbctl --json ARGS` on node `i`.
+    pub fn try_lbctl(&self, i: usize, args: &[&str]) -> Result<serde_json::Value> {
+        let out = std::process::Command::new(self.bin_dir.join("lbctl"))
+            .arg("--socket")
+            .arg(&self.nodes[i].socket)
+            .arg("--json")
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .context("running lbctl")?;
+        if !out.status.success() {
+            bail!(
+                "node{i}: lbctl {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(serde_json::from_slice(&out.stdout)?)
     }
 
     /// New flows node `i`'s datapath gave a backend, per VIP address, since its program was

@@ -25,6 +25,7 @@ pub const PACKAGES: &[&str] = &[
     "nftables",          // bench adaptive: a backend that drops SYNs
     "debootstrap",       // e2e_systemd: a Debian root for the container
     "systemd-container", // e2e_systemd: systemd-nspawn boots a real systemd
+    "bird2",             // fleet: the router and every lbd node's BGP speaker
 ];
 
 #[path = "../../lb-userspace/ebpf_toolchain.rs"]
