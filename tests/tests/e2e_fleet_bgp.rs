@@ -13,7 +13,7 @@ use std::{
 };
 use tests::{
     fleet::{require_bird, Fleet, PORT, VIP_V4, VIP_V6},
-    procs::{bin_path, wait_for},
+    procs::{bin_path, now_ms, wait_for},
     require_root,
     tcp::{client_many, tally, LongLived},
 };
@@ -210,6 +210,29 @@ fn fleet_spreads_and_keeps_connections_across_kill_drain_add_and_detach() {
     spread(&f, &[1, 2, 3], 200);
     check_long_lived("new connections", &mut [&mut ll4, &mut ll6], &backends);
 
+    // A node's BIRD killed alone: its routes go with it, lbd starts it again and announces.
+    let s = f.lbctl(1, &["status"]);
+    let speaker = s["bgp"]["speaker"].as_str().unwrap().to_string();
+    let pid: i32 = speaker
+        .strip_prefix("running (pid ")
+        .and_then(|r| r.split(')').next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no BIRD pid in {speaker:?}"));
+    let asked = now_ms();
+    // SAFETY: kill(2) on the pid lbd reports for its BIRD child.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+    f.wait_next_hops(&[2, 3], WITHDRAW_BOUND);
+    let t = f.wait_next_hops(&[1, 2, 3], CONVERGE);
+    println!(
+        "node1's BIRD SIGKILLed: withdrawn, then started again by lbd and announced after {t:?}"
+    );
+    f.nodes[1]
+        .lbd
+        .as_ref()
+        .unwrap()
+        .wait_event("bgp_speaker_failed", asked);
+    check_long_lived("node1's BIRD killed", &mut [&mut ll4, &mut ll6], &backends);
+
     // A node whose program is detached behind its lbd's back stops announcing.
     let t = Instant::now();
     detach(&f, 2);
@@ -221,6 +244,17 @@ fn fleet_spreads_and_keeps_connections_across_kill_drain_add_and_detach() {
     let s = f.lbctl(2, &["status"]);
     assert_eq!(s["bgp"]["withheld"][0]["reason"], "datapath_faults", "{s}");
     check_long_lived("node2 detached", &mut [&mut ll4, &mut ll6], &backends);
+
+    // A node stopped cleanly (SIGTERM): BIRD tells the router, which withdraws at once.
+    let t = Instant::now();
+    let status = f.nodes[3].lbd.as_mut().unwrap().stop();
+    assert!(status.success(), "node3's lbd exited with {status}");
+    f.wait_next_hops(&[1], WITHDRAW_BOUND);
+    println!(
+        "node3 stopped (SIGTERM): its routes withdrawn after {:?}",
+        t.elapsed()
+    );
+    check_long_lived("node3 stopped", &mut [&mut ll4, &mut ll6], &backends);
 }
 
 #[test]

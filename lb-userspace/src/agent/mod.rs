@@ -18,10 +18,10 @@
 //! changes applies the datapath again. A down backend gets weight 0 in the table and the DOWN
 //! flag in its datapath entry (its established flows are steered again at once); a backend on
 //! probation comes back with a quarter of its weight (slow start), then all of it once up.
+mod drain;
 mod edit;
 mod health;
 mod learning;
-mod node;
 mod queries;
 
 use crate::{
@@ -34,6 +34,7 @@ use crate::{
     health::HealthStatus,
 };
 use anyhow::{anyhow, bail, Result};
+pub use drain::NodeInputs;
 use edit::edit;
 pub use edit::persist;
 pub use health::slow_start_weight;
@@ -196,7 +197,9 @@ pub struct Agent {
     /// What happened, for `lbctl status` (see [`crate::control::events`]).
     events: Arc<Journal>,
     /// BGP announcements and drain (locked after `state`; never held across an await).
-    node: std::sync::Mutex<node::Node>,
+    node: std::sync::Mutex<drain::Node>,
+    /// Wakes the BGP announcer on a drain or undrain.
+    node_notify: tokio::sync::Notify,
 }
 
 impl Agent {
@@ -227,7 +230,8 @@ impl Agent {
             started: Instant::now(),
             probes: std::sync::Mutex::new(Probes::default()),
             events,
-            node: std::sync::Mutex::new(node::Node::new()),
+            node: std::sync::Mutex::new(drain::Node::new()),
+            node_notify: tokio::sync::Notify::new(),
         })
     }
 

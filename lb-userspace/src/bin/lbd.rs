@@ -19,6 +19,7 @@ use lb_userspace::{
         events::{self, Journal, Kind},
         ControlSocket,
     },
+    fleet::bgp,
     metrics, netif, notify, Balancer, Config, Decap, LoadOptions,
 };
 use std::{
@@ -212,12 +213,35 @@ async fn balance(path: &std::path::Path, journal: &Arc<Journal>) -> Result<()> {
     let agent = Agent::new(path, cfg, lb, journal.clone());
     // Health checks of the VIPs with [vip.health]; their transitions re-apply the datapath.
     agent.start_health().await?;
-    // [bgp]: the node-local BIRD; it announces what this node can serve from the first tick.
-    agent.start_bgp().await?;
+    // [bgp]: the node-local BIRD, started here (a refused configuration fails the start); the
+    // announcer tells it what this node can serve from its first tick.
+    let announcer = start_bgp(&agent).await?;
     let control_task = tokio::spawn(control.serve(agent.clone()));
     let metrics_task = tokio::spawn(metrics::serve(metrics_listener, agent.clone()));
     serve_until_stopped(&agent, journal, &interface).await?;
+    if let Some(task) = announcer {
+        // Routers first: no new flows are sent to a node that is going away. Dropping the
+        // announcer stops BIRD, which tells its peers.
+        task.abort();
+        let _ = task.await;
+        info!("BGP speaker stopped: this node's routes are withdrawn");
+    }
     shut_down(&agent, control_task, metrics_task, &interface).await
+}
+
+/// With `[bgp]`: starts the node-local BIRD and the announcer that drives it
+/// (`lb_userspace::fleet::bgp`).
+async fn start_bgp(agent: &Arc<Agent>) -> Result<Option<tokio::task::JoinHandle<()>>> {
+    let cfg = agent.config().await;
+    let Some(bgp) = cfg.bgp else { return Ok(None) };
+    let speaker = bgp::Speaker::try_start(&bgp, &cfg.control_socket)?;
+    info!(pid = speaker.pid(), peers = ?bgp.peers, "BGP speaker (BIRD) started");
+    Ok(Some(tokio::spawn(bgp::announce(
+        agent.clone(),
+        bgp,
+        cfg.control_socket,
+        speaker,
+    ))))
 }
 
 /// The datapath's rare events (aya-log records) go to lbd's log.
@@ -278,8 +302,7 @@ async fn serve_until_stopped(agent: &Agent, journal: &Journal, interface: &str) 
                     on_datapath_change(journal, &now);
                     faults = now;
                 }
-                // What this node announces follows the datapath and the VIPs' backends.
-                agent.node_tick(&faults).await;
+
             }
             _ = term.recv() => break,
             _ = int.recv() => break,
@@ -328,8 +351,6 @@ async fn shut_down(
     interface: &str,
 ) -> Result<()> {
     notify::stopping();
-    // Routers first: no new flows are sent to a node that is going away.
-    agent.stop_bgp();
     // No more changes: stop serving.
     control_task.abort();
     metrics_task.abort();

@@ -10,9 +10,15 @@
 //! address family, holding a `blackhole` route per VIP: BIRD only exports them to BGP, the
 //! kernel's table is never touched) and asking it to `configure` on its control socket; only
 //! the changed static protocols restart, the BGP sessions stay up.
+//!
+//! [`announce`] is the loop: every 250 ms (and at once on a drain or undrain) it asks the agent
+//! what this node may announce ([`Agent::node_inputs`]), tells BIRD, reads the sessions, and
+//! reports both back to the agent for `lbctl status` and the metrics. A BIRD that dies is
+//! started again (at most every 2 s); its routes are gone meanwhile, which is the truth.
 use crate::{
+    agent::Agent,
     config::Bgp,
-    control::{BgpSession, Withheld},
+    control::{events::Kind, BgpSession, BgpStatus, Withheld},
 };
 use anyhow::{anyhow, bail, Context as _, Result};
 use std::{
@@ -23,8 +29,15 @@ use std::{
     os::unix::{net::UnixStream, process::CommandExt as _},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
-    time::{Duration, Instant},
+    sync::Arc,
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
+use tracing::{error, info, warn};
+
+/// How often the announcer re-decides (lbd notices a datapath fault on the same period).
+const TICK: Duration = Duration::from_millis(250);
+/// Shortest time between two starts of BIRD.
+const RESTART_EVERY: Duration = Duration::from_secs(2);
 
 /// How long BIRD may take to answer on its control socket.
 const CONTROL_TIMEOUT: Duration = Duration::from_secs(2);
@@ -335,6 +348,178 @@ pub fn withheld(all: &[(IpAddr, bool)], node_reason: Option<&str>) -> Vec<Withhe
         }
     }
     out
+}
+
+/// The announcer: runs until its task is dropped, which stops BIRD (see [`Speaker`]'s drop).
+/// Must run on the thread that started `speaker` and will start its replacements (lbd's
+/// single-threaded runtime): `PR_SET_PDEATHSIG` fires when that thread exits.
+pub async fn announce(agent: Arc<Agent>, bgp: Bgp, control_socket: PathBuf, speaker: Speaker) {
+    let mut a = Announcer {
+        agent,
+        bgp,
+        control_socket,
+        speaker: Some(speaker),
+        started: Instant::now(),
+        fault: None,
+        sessions: Vec::new(),
+        changed_ms: None,
+    };
+    let mut tick = tokio::time::interval(TICK);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = a.agent.node_changed().notified() => {}
+        }
+        a.step().await;
+    }
+}
+
+struct Announcer {
+    agent: Arc<Agent>,
+    bgp: Bgp,
+    control_socket: PathBuf,
+    speaker: Option<Speaker>,
+    /// When BIRD was last started.
+    started: Instant,
+    /// What went wrong with BIRD last, until it works again.
+    fault: Option<String>,
+    sessions: Vec<BgpSession>,
+    changed_ms: Option<u64>,
+}
+
+impl Announcer {
+    async fn step(&mut self) {
+        let inputs = self.agent.node_inputs().await;
+        self.keep_bird_running();
+        let want: BTreeSet<IpAddr> = match inputs.withhold_all {
+            Some(_) => BTreeSet::new(),
+            None => inputs
+                .vips
+                .iter()
+                .filter(|(_, s)| *s)
+                .map(|(a, _)| *a)
+                .collect(),
+        };
+        let sessions = match self.speaker.as_mut() {
+            Some(speaker) => {
+                let before = speaker.announced().clone();
+                match speaker.try_announce(&want) {
+                    Ok(true) => {
+                        self.changed_ms = Some(now_ms());
+                        self.fault = None;
+                        let list = |s: &BTreeSet<IpAddr>| {
+                            s.iter().map(|a| prefix(*a)).collect::<Vec<_>>().join(", ")
+                        };
+                        let msg = format!(
+                            "BGP announcements changed ({}): now [{}], before [{}]",
+                            inputs.withhold_all.unwrap_or("serving"),
+                            list(&want),
+                            list(&before)
+                        );
+                        info!("{msg}");
+                        self.agent.events().record(Kind::RoutesChanged, msg);
+                    }
+                    Ok(false) => {}
+                    Err(e) => {
+                        warn!("telling BIRD what to announce: {e:#}");
+                        self.fault = Some(format!("{e:#}"));
+                    }
+                }
+                speaker
+                    .try_sessions()
+                    .unwrap_or_else(|e| unknown_sessions(&self.bgp, &format!("{e:#}")))
+            }
+            None => unknown_sessions(&self.bgp, "BIRD is not running"),
+        };
+        self.journal_sessions(&sessions);
+        self.sessions = sessions;
+        self.agent.set_bgp_report(BgpStatus {
+            node: String::new(),
+            drain_remaining_seconds: None,
+            speaker: self.speaker_text(),
+            sessions: self.sessions.clone(),
+            announced: self
+                .speaker
+                .as_ref()
+                .map(|s| s.announced().iter().map(|a| prefix(*a)).collect())
+                .unwrap_or_default(),
+            withheld: withheld(&inputs.vips, inputs.withhold_all),
+            changed_ms: self.changed_ms,
+        });
+    }
+
+    /// Notices a BIRD that exited and starts it again (at most every [`RESTART_EVERY`]).
+    fn keep_bird_running(&mut self) {
+        if let Some(status) = self.speaker.as_mut().and_then(Speaker::exited) {
+            let msg = format!(
+                "BGP speaker (BIRD) exited with {status}: this node's routes are withdrawn; starting it again"
+            );
+            error!("{msg}");
+            self.agent
+                .events()
+                .record(Kind::BgpSpeakerFailed, msg.clone());
+            self.speaker = None;
+            self.fault = Some(msg);
+        }
+        if self.speaker.is_some() || self.started.elapsed() < RESTART_EVERY {
+            return;
+        }
+        self.started = Instant::now();
+        match Speaker::try_start(&self.bgp, &self.control_socket) {
+            Ok(s) => {
+                info!(pid = s.pid(), "BGP speaker (BIRD) started again");
+                self.speaker = Some(s);
+                self.fault = None;
+            }
+            Err(e) => {
+                error!("starting BIRD again: {e:#}");
+                self.fault = Some(format!("{e:#}"));
+            }
+        }
+    }
+
+    fn speaker_text(&self) -> String {
+        match (&self.speaker, &self.fault) {
+            (Some(s), None) => format!("running (pid {})", s.pid()),
+            (Some(s), Some(f)) => format!("running (pid {}), last error: {f}", s.pid()),
+            (None, Some(f)) => f.clone(),
+            (None, None) => "not running".into(),
+        }
+    }
+
+    /// Journals sessions coming up or going down.
+    fn journal_sessions(&self, now: &[BgpSession]) {
+        for s in now {
+            let was = self
+                .sessions
+                .iter()
+                .find(|p| p.peer == s.peer)
+                .is_some_and(|p| p.established);
+            if was == s.established {
+                continue;
+            }
+            let (kind, msg) = if s.established {
+                (
+                    Kind::BgpSessionUp,
+                    format!("BGP session with {} established", s.peer),
+                )
+            } else {
+                (
+                    Kind::BgpSessionDown,
+                    format!("BGP session with {} down: {} ({})", s.peer, s.state, s.info),
+                )
+            };
+            info!("{msg}");
+            self.agent.events().record(kind, msg);
+        }
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 fn write_atomically(path: &Path, text: &str) -> Result<()> {
