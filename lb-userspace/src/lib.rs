@@ -5,8 +5,8 @@
 //! circle): `health` (probes and backend states, and the `[vip.health]` settings), `config`,
 //! `datapath` (the kernel side), `learning` (the weight model), `control` (the API, its socket
 //! and the journal), `agent` (the owner that wires them), then `metrics`; `cli`, `notify` and
-//! `security` serve the binaries. `fleet` (BGP announcements; etcd, leadership) sits beside
-//! `control`, below `agent`, which owns it like the others.
+//! `security` serve the binaries. `fleet` (BGP announcements; etcd, leadership) sits above
+//! `agent`: its loops ask the agent and report back to it.
 pub mod agent;
 pub mod cli;
 pub mod config;
