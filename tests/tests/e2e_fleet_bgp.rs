@@ -194,6 +194,17 @@ fn fleet_spreads_and_keeps_connections_across_kill_drain_add_and_detach() {
     wait_for("node1 to report drained", Duration::from_secs(5), || {
         f.lbctl(1, &["status"])["bgp"]["node"] == "drained"
     });
+    // Drained, still forwarding whatever arrives: the program stays on the interface.
+    let s = f.lbctl(1, &["status"]);
+    assert_eq!(s["xdp_mode"], "native", "{s}");
+    assert_eq!(s["datapath_faults"], serde_json::json!([]), "{s}");
+    let m = tests::procs::scrape_metrics(&f.nodes[1].ns);
+    assert_eq!(m.get("lb_node_state{state=\"drained\"}"), Some(&1.0));
+    f.nodes[1]
+        .lbd
+        .as_ref()
+        .unwrap()
+        .wait_event("node_drained", 0);
     let again = f.lbctl(1, &["node", "drain"]);
     assert_eq!(again["changed"], false, "{again}");
     let r = f.lbctl(1, &["node", "undrain"]);
