@@ -1186,6 +1186,15 @@ source_v6 = "fd00::2"
         .unwrap();
         c.vips[0].backends[1].drained = true;
         c.control_group = Some("lbops".into());
+        c.bgp = Some(Bgp {
+            local_as: 65001,
+            peer_as: 65000,
+            peers: vec!["10.0.0.1".parse().unwrap(), "fd00::1".parse().unwrap()],
+            router_id: "10.0.0.2".parse().unwrap(),
+            hold_time: 3,
+            bird: "bird".into(),
+            drain_timeout_seconds: 30,
+        });
         let text = c.to_toml().unwrap();
         assert_eq!(Config::parse(&text).unwrap(), c, "{text}");
         assert!(text.contains("drained = true"), "{text}");
