@@ -508,6 +508,28 @@ impl Fleet {
         }
     }
 
+    /// Waits until node `i`'s status says it serves, every session is established and both
+    /// VIPs are announced; returns that status.
+    pub fn try_wait_announcing(&self, i: usize, timeout: Duration) -> Result<serde_json::Value> {
+        let t = Instant::now();
+        loop {
+            let s = self.try_lbctl(i, &["status"])?;
+            let b = &s["bgp"];
+            if b["node"] == "serving"
+                && b["announced"].as_array().map(Vec::len) == Some(2)
+                && b["sessions"]
+                    .as_array()
+                    .is_some_and(|s| s.iter().all(|s| s["established"] == true))
+            {
+                return Ok(s);
+            }
+            if t.elapsed() > timeout {
+                bail!("node{i} does not announce both VIPs with every session up after {timeout:?}: {b}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// `lbctl --json ARGS` on node `i`; panics unless it succeeds.
     pub fn lbctl(&self, i: usize, args: &[&str]) -> serde_json::Value {
         self.try_lbctl(i, args).unwrap_or_else(|e| panic!("{e:#}"))

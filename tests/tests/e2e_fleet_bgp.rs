@@ -33,21 +33,6 @@ fn v6() -> SocketAddr {
     SocketAddr::new(VIP_V6.into(), PORT)
 }
 
-/// Waits until node `i` says its sessions are established and it announces both VIPs.
-fn wait_announcing(f: &Fleet, i: usize) -> serde_json::Value {
-    let mut last = serde_json::Value::Null;
-    wait_for("node to announce both VIPs", CONVERGE, || {
-        last = f.lbctl(i, &["status"]);
-        let b = &last["bgp"];
-        b["node"] == "serving"
-            && b["announced"].as_array().map(Vec::len) == Some(2)
-            && b["sessions"]
-                .as_array()
-                .is_some_and(|s| s.iter().all(|s| s["established"] == true))
-    });
-    last
-}
-
 fn check_long_lived(what: &str, sets: &mut [&mut LongLived], backends: &[Vec<String>]) {
     for (set, before) in sets.iter_mut().zip(backends) {
         if let Err(e) = set.check_all() {
@@ -142,7 +127,7 @@ fn fleet_spreads_and_keeps_connections_across_kill_drain_add_and_detach() {
     let t = f.wait_next_hops(&[0, 1, 2], CONVERGE);
     println!("three nodes announced; the router has 3 next hops per VIP after {t:?}");
     for i in 0..3 {
-        let s = wait_announcing(&f, i);
+        let s = f.try_wait_announcing(i, CONVERGE).unwrap();
         let metrics = tests::procs::scrape_metrics(&f.nodes[i].ns);
         assert_eq!(
             metrics.get("lb_bgp_announced{prefix=\"198.51.100.10/32\"}"),
@@ -157,6 +142,15 @@ fn fleet_spreads_and_keeps_connections_across_kill_drain_add_and_detach() {
             Some(&1.0)
         );
     }
+
+    let text = tests::procs::lbctl(&f.nodes[0].socket, &["status"]);
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(text.contains("node       serving"), "{text}");
+    assert!(
+        text.contains("announced 198.51.100.10/32, 2001:db8:100::10/128"),
+        "{text}"
+    );
+    assert!(text.contains("established"), "{text}");
 
     spread(&f, &[0, 1, 2], 300);
 

@@ -31,6 +31,9 @@ pub fn run(args: &LabArgs, nodes: usize) -> Result<()> {
         fleet.try_start_node(i)?;
     }
     let t = fleet.try_wait_next_hops(&all, Duration::from_secs(60))?;
+    for &i in &all {
+        fleet.try_wait_announcing(i, Duration::from_secs(30))?;
+    }
     print_header(&fleet, nodes, t);
     let mut failed = 0;
     for vip in [IpAddr::from(VIP_V4), IpAddr::from(VIP_V6)] {
