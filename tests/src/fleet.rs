@@ -85,6 +85,8 @@ pub struct Fleet {
     pub bin_dir: PathBuf,
     pub dir: PathBuf,
     pub weights: Vec<u32>,
+    /// Keep `dir` (configs, logs) after drop, as the lab does; tests remove it on success.
+    pub keep_dir: bool,
     // Dropped in this order: nodes (lbds and their BIRDs) first, then servers, then the rest.
     pub nodes: Vec<FleetNode>,
     pub servers: Vec<TcpServer>,
@@ -147,6 +149,7 @@ impl Fleet {
             prefix,
             dir,
             weights: weights.to_vec(),
+            keep_dir: false,
             nodes: Vec::new(),
             servers: Vec::new(),
             backends: Vec::new(),
@@ -576,7 +579,7 @@ impl Drop for Fleet {
             let _ = c.kill();
             let _ = c.wait();
         }
-        if !std::thread::panicking() {
+        if !std::thread::panicking() && !self.keep_dir {
             let _ = std::fs::remove_dir_all(&self.dir);
         }
     }

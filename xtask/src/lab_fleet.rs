@@ -26,6 +26,8 @@ pub fn run(args: &LabArgs, nodes: usize) -> Result<()> {
     let _ = tests::cleanup_stale_namespaces();
     let bin_dir = build()?;
     let mut fleet = Fleet::with_bins(nodes, &WEIGHTS, &bin_dir).context("building the fleet")?;
+    // Its logs stay readable after the run, like the single-node lab's.
+    fleet.keep_dir = true;
     let all: Vec<usize> = (0..nodes).collect();
     for &i in &all {
         fleet.try_start_node(i)?;
