@@ -212,7 +212,7 @@ fn fleet_spreads_and_keeps_connections_across_kill_drain_add_and_detach() {
     let t = f.wait_next_hops(&[1, 2, 3], CONVERGE);
     println!("node3 added: in the router's ECMP after {t:?}");
     check_long_lived("node3 added", &mut [&mut ll4, &mut ll6], &backends);
-    spread(&f, &[1, 2, 3], 200);
+    spread(&f, &[1, 2, 3], 300);
     check_long_lived("new connections", &mut [&mut ll4, &mut ll6], &backends);
 
     // A node's BIRD killed alone: its routes go with it, lbd starts it again and announces.
