@@ -144,17 +144,34 @@ pub enum LbctlCommand {
         #[arg(long, value_name = "SECS", default_value = "1", value_parser = parse_secs)]
         interval: f64,
     },
-    /// Interface, XDP mode, program id, uptime and table generation per VIP.
+    /// Interface, XDP mode, program id, uptime and table generation per VIP; with [bgp], the
+    /// sessions and the announced VIPs.
     Status,
     /// The fleet (with --etcd and --prefix): nodes, their role and applied revision, leader.
     #[command(subcommand)]
     Cluster(ClusterCommand),
+    /// This node in a fleet ([bgp]): take it out of the routers' ECMP and back.
+    #[command(subcommand)]
+    Node(NodeCommand),
 }
 
 #[derive(Subcommand, Debug)]
 pub enum ClusterCommand {
     /// Every node reporting under the prefix, the leader and the configuration's revision.
     Status,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum NodeCommand {
+    /// Withdraw this node's BGP routes (routers send it no new flows) and keep forwarding the
+    /// flows that still arrive; after the timeout the node reports `drained` (safe to stop).
+    Drain {
+        /// Seconds in `draining` (default: bgp.drain_timeout_seconds, 30).
+        #[arg(long, value_name = "SECS")]
+        timeout: Option<u64>,
+    },
+    /// Announce the VIPs this node can serve again.
+    Undrain,
 }
 
 #[derive(Subcommand, Debug)]

@@ -4,9 +4,9 @@
 //! Rooms, each importing only the ones before it (tests/architecture.rs checks there is no
 //! circle): `health` (probes and backend states, and the `[vip.health]` settings), `config`,
 //! `datapath` (the kernel side), `learning` (the weight model), `control` (the API, its socket
-//! and the journal), `agent` (the owner that wires them), `fleet` (etcd, leadership: it drives
-//! the agent like the control socket does), then `metrics`; `cli`, `notify` and `security`
-//! serve the binaries.
+//! and the journal), `agent` (the owner that wires them), `fleet` (etcd, leadership, BGP
+//! announcements: it drives the agent like the control socket does and its loops report back
+//! to it), then `metrics`; `cli`, `notify` and `security` serve the binaries.
 pub mod agent;
 pub mod cli;
 pub mod config;

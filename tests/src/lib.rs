@@ -24,6 +24,7 @@
 //! ```
 
 pub mod etcd;
+pub mod fleet;
 pub mod fuzz;
 pub mod lab;
 pub mod model;

@@ -27,6 +27,7 @@ pub const PACKAGES: &[&str] = &[
     "systemd-container", // e2e_systemd: systemd-nspawn boots a real systemd
     "etcd-server",       // fleet mode's store (e2e_fleet_store, tests/src/etcd.rs)
     "etcd-client",       // etcdctl: the fleet tests read and write the store directly
+    "bird2",             // fleet: the router and every lbd node's BGP speaker
 ];
 
 #[path = "../../lb-userspace/ebpf_toolchain.rs"]

@@ -18,6 +18,7 @@
 //! changes applies the datapath again. A down backend gets weight 0 in the table and the DOWN
 //! flag in its datapath entry (its established flows are steered again at once); a backend on
 //! probation comes back with a quarter of its weight (slow start), then all of it once up.
+mod drain;
 mod edit;
 mod fleet;
 mod health;
@@ -34,6 +35,7 @@ use crate::{
     health::HealthStatus,
 };
 use anyhow::{anyhow, bail, Result};
+pub use drain::NodeInputs;
 use edit::edit;
 pub use edit::persist;
 pub use fleet::fleet_edit;
@@ -208,6 +210,10 @@ pub struct Agent {
     events: Arc<Journal>,
     /// Fleet mode's status (set by the store loop); None for a single-node lbd.
     fleet: std::sync::Mutex<Option<crate::control::FleetStatus>>,
+    /// BGP announcements and drain (locked after `state`; never held across an await).
+    node: std::sync::Mutex<drain::Node>,
+    /// Wakes the BGP announcer on a drain or undrain.
+    node_notify: tokio::sync::Notify,
 }
 
 impl Agent {
@@ -240,6 +246,8 @@ impl Agent {
             probes: std::sync::Mutex::new(Probes::default()),
             events,
             fleet: std::sync::Mutex::new(None),
+            node: std::sync::Mutex::new(drain::Node::new()),
+            node_notify: tokio::sync::Notify::new(),
         })
     }
 
@@ -379,6 +387,16 @@ impl Agent {
             Request::Stats => self.snapshot().await.map(Response::ok),
             Request::Status => self.status().await.map(Response::ok),
             Request::RunningConfig => Ok(Response::ok(self.config().await)),
+            Request::NodeDrain { timeout_seconds } => {
+                let who = format!("{} (by {peer})", req.as_lbctl());
+                self.node_change(true, timeout_seconds, &who)
+                    .await
+                    .map(Response::ok)
+            }
+            Request::NodeUndrain => {
+                let who = format!("{} (by {peer})", req.as_lbctl());
+                self.node_change(false, None, &who).await.map(Response::ok)
+            }
             other => {
                 let words = other.as_lbctl();
                 let r = self.change(other).await;

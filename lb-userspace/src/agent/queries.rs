@@ -174,6 +174,7 @@ impl Agent {
             events: self.events.recent(),
             apply: st.timing.clone(),
             fleet: self.fleet_status(),
+            bgp: self.bgp_status(st.config.bgp.is_some()),
             vips: st
                 .lb
                 .vips()

@@ -5,11 +5,14 @@
 //! socket, or no permission on the socket).
 use clap::Parser as _;
 use lb_userspace::{
-    cli::{BackendCommand, LbctlCli as Cli, LbctlCommand as Command, ModelCommand, VipCommand},
+    cli::{
+        BackendCommand, LbctlCli as Cli, LbctlCommand as Command, ModelCommand, NodeCommand,
+        VipCommand,
+    },
     config::Forwarding,
     control::{
-        BackendEntry, Changed, Client, ClientError, ModelVip, Request, StatsSnapshot, Status,
-        VipEntry,
+        BackendEntry, BgpStatus, Changed, Client, ClientError, ModelVip, NodeChanged, Request,
+        StatsSnapshot, Status, VipEntry,
     },
 };
 use serde::de::DeserializeOwned;
@@ -168,6 +171,43 @@ fn run(ctl: &mut Ctl, command: Command, json: bool) -> Result<(), Failure> {
             "lbctl cluster status reads the fleet's store: give --etcd URL --prefix PREFIX".into(),
         )),
         Command::Vip(_) | Command::Backend(_) => unreachable!("changes are handled above"),
+        Command::Node(n) => {
+            let req = match n {
+                NodeCommand::Drain { timeout } => Request::NodeDrain {
+                    timeout_seconds: timeout,
+                },
+                NodeCommand::Undrain => Request::NodeUndrain,
+            };
+            let c: NodeChanged = ctl.call(req)?;
+            if json {
+                print_json(&c);
+            } else {
+                println!("{} (node {})", c.message, c.node);
+            }
+            Ok(())
+        }
+    }
+}
+
+/// `lbctl status`'s BGP part.
+fn print_bgp(b: &BgpStatus) {
+    let left = b
+        .drain_remaining_seconds
+        .map(|s| format!(", {s} s left"))
+        .unwrap_or_default();
+    println!("node       {}{left}", b.node);
+    println!("bgp        speaker {}", b.speaker);
+    for s in &b.sessions {
+        println!("  peer {:<28} {:<12} {}", s.peer, s.state, s.info);
+    }
+    let announced = if b.announced.is_empty() {
+        "nothing".to_string()
+    } else {
+        b.announced.join(", ")
+    };
+    println!("  announced {announced}");
+    for w in &b.withheld {
+        println!("  withheld  {} ({})", w.prefix, w.reason);
     }
 }
 
@@ -471,6 +511,9 @@ fn print_status(s: &Status) {
         if let Some(e) = &f.last_error {
             println!("FLEET      {e}");
         }
+    }
+    if let Some(b) = &s.bgp {
+        print_bgp(b);
     }
     if s.apply.applies > 0 {
         println!(

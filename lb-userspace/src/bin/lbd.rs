@@ -19,7 +19,7 @@ use lb_userspace::{
         events::{self, Journal, Kind},
         ControlSocket,
     },
-    fleet::{etcd::Etcd, node::NodeOptions},
+    fleet::{bgp, etcd::Etcd, node::NodeOptions},
     metrics, netif, notify, Balancer, Config, Decap, LoadOptions,
 };
 use std::{
@@ -262,15 +262,41 @@ async fn balance(
     let fleet_task = fleet
         .clone()
         .map(|opts| tokio::spawn(lb_userspace::fleet::node::run(agent.clone(), opts)));
+    // [bgp]: the node-local BIRD, started here (a refused configuration fails the start); the
+    // announcer tells it what this node can serve from its first tick.
+    let announcer = start_bgp(&agent).await?;
     let control_task = tokio::spawn(control.serve(agent.clone()));
     let metrics_task = tokio::spawn(metrics::serve(metrics_listener, agent.clone()));
     serve_until_stopped(&agent, journal, &interface).await?;
+    if let Some(task) = announcer {
+        // Routers first: no new flows are sent to a node that is going away. Dropping the
+        // announcer stops BIRD, which tells its peers.
+        task.abort();
+        let _ = task.await;
+        info!("BGP speaker stopped: this node's routes are withdrawn");
+    }
     if let (Some(task), Some(opts)) = (fleet_task, &fleet) {
+        // Then the store: the lease is revoked, so leadership moves at once.
         task.abort();
         let _ = task.await;
         lb_userspace::fleet::node::leave(opts).await;
     }
     shut_down(&agent, control_task, metrics_task, &interface).await
+}
+
+/// With `[bgp]`: starts the node-local BIRD and the announcer that drives it
+/// (`lb_userspace::fleet::bgp`).
+async fn start_bgp(agent: &Arc<Agent>) -> Result<Option<tokio::task::JoinHandle<()>>> {
+    let cfg = agent.config().await;
+    let Some(bgp) = cfg.bgp else { return Ok(None) };
+    let speaker = bgp::Speaker::try_start(&bgp, &cfg.control_socket)?;
+    info!(pid = speaker.pid(), peers = ?bgp.peers, "BGP speaker (BIRD) started");
+    Ok(Some(tokio::spawn(bgp::announce(
+        agent.clone(),
+        bgp,
+        cfg.control_socket,
+        speaker,
+    ))))
 }
 
 /// The datapath's rare events (aya-log records) go to lbd's log.
@@ -331,6 +357,7 @@ async fn serve_until_stopped(agent: &Agent, journal: &Journal, interface: &str) 
                     on_datapath_change(journal, &now);
                     faults = now;
                 }
+
             }
             _ = term.recv() => break,
             _ = int.recv() => break,

@@ -97,6 +97,17 @@ pub enum Kind {
     FleetRefused,
     /// Fleet mode: this node became the leader, or stopped being it.
     FleetLeader,
+    /// The VIPs this node announces by BGP changed (served, drained, datapath lost, ...).
+    RoutesChanged,
+    /// A BGP session came up or went down.
+    BgpSessionUp,
+    BgpSessionDown,
+    /// The node-local BIRD exited (it is restarted).
+    BgpSpeakerFailed,
+    /// `lbctl node drain`, its timeout passing, `lbctl node undrain`.
+    NodeDraining,
+    NodeDrained,
+    NodeUndrained,
 }
 
 impl Kind {
@@ -127,6 +138,13 @@ impl Kind {
             Kind::FleetApplied => "fleet_applied",
             Kind::FleetRefused => "fleet_refused",
             Kind::FleetLeader => "fleet_leader",
+            Kind::RoutesChanged => "routes_changed",
+            Kind::BgpSessionUp => "bgp_session_up",
+            Kind::BgpSessionDown => "bgp_session_down",
+            Kind::BgpSpeakerFailed => "bgp_speaker_failed",
+            Kind::NodeDraining => "node_draining",
+            Kind::NodeDrained => "node_drained",
+            Kind::NodeUndrained => "node_undrained",
         }
     }
 }
