@@ -444,7 +444,10 @@ impl Node {
             applied_weights_revision: self.status.applied_weights_revision,
             last_error: self.status.last_error.clone(),
             vips: self.agent.config().await.vips.len(),
-            bgp: None,
+            bgp: self.agent.node_status().await.map(|mut b| {
+                b.drain_remaining_seconds = None;
+                b
+            }),
         };
         let lease = self.lease.unwrap_or(0);
         let current = find(kvs, &key);

@@ -13,7 +13,7 @@
 use super::etcd::{Etcd, Kv, Op};
 use crate::{
     config::{Config, Vip},
-    control::{Changed, Request, VipName},
+    control::{BgpStatus, Changed, Request, VipName},
 };
 use anyhow::{anyhow, bail, Result};
 use serde::{Deserialize, Serialize};
@@ -79,9 +79,10 @@ pub struct NodeReport {
     /// Why the newest revision is not applied, if so.
     pub last_error: Option<String>,
     pub vips: usize,
-    /// BGP session state and announced VIPs: filled by the routing side (`fleet/bgp.rs`);
-    /// null until then.
-    pub bgp: Option<serde_json::Value>,
+    /// The node's BGP side as `lbctl status` shows it (`status.bgp`: serving or drained,
+    /// sessions, announced and withheld prefixes), without the drain's countdown so that the
+    /// report is rewritten only when something changes; null without `[bgp]`.
+    pub bgp: Option<BgpStatus>,
 }
 
 /// Reads the configuration keys of one range answer (keys outside `config/` are ignored).

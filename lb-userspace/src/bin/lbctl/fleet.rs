@@ -3,6 +3,7 @@
 use super::{change_of, print_json, Failure};
 use lb_userspace::{
     cli::{ClusterCommand, LbctlCommand as Command},
+    control::BgpStatus,
     fleet::{
         etcd::Etcd,
         store::{self, ClusterStatus},
@@ -79,8 +80,39 @@ fn print_cluster(s: &ClusterStatus) {
             "{:<20} {:<9} {:>9} {:>8} {:>5}  {state}",
             n.node, n.role, n.applied_revision, n.applied_weights_revision, n.vips
         );
+        if let Some(b) = &n.bgp {
+            println!("{:<20} {}", "", bgp_line(b));
+        }
     }
     if s.nodes.is_empty() {
         println!("(no node reports under this prefix)");
     }
+}
+
+/// A node's BGP side in one line: `bgp serving, sessions 2/2 established (...), announces ...`.
+fn bgp_line(b: &BgpStatus) -> String {
+    let up = b.sessions.iter().filter(|s| s.established).count();
+    let down: Vec<String> = b
+        .sessions
+        .iter()
+        .filter(|s| !s.established)
+        .map(|s| format!("{} {}", s.peer, s.state))
+        .collect();
+    let mut line = format!(
+        "bgp {}, sessions {up}/{} established",
+        b.node,
+        b.sessions.len()
+    );
+    if !down.is_empty() {
+        line.push_str(&format!(" (DOWN: {})", down.join(", ")));
+    }
+    if b.announced.is_empty() {
+        line.push_str(", announces nothing");
+    } else {
+        line.push_str(&format!(", announces {}", b.announced.join(" ")));
+    }
+    for w in &b.withheld {
+        line.push_str(&format!(", withholds {} ({})", w.prefix, w.reason));
+    }
+    line
 }
