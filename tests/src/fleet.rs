@@ -7,11 +7,15 @@
 //! ```
 //!
 //! Every node gets the same service configuration (VIPs, backends, weights), so their Maglev
-//! tables agree; only node-local keys differ (encap source, router id). Nodes are created
+//! tables agree; only node-local keys differ (encap source, router id). With a store
+//! ([`Fleet::with_store`]), a real etcd runs on the fabric (`store` namespace), the nodes run
+//! `lbd --etcd URL --prefix P --node nI` with only node-local keys in their files, and the
+//! service configuration is written once to etcd with `lbctl --etcd`. Nodes are created
 //! up front and started with [`Fleet::start_node`], so a test can add one later. Backends
-//! answer the client directly through the router (direct server return). Namespaces, BIRD and
-//! lbd processes, pinned maps and scratch files go on drop, on success, failure and panic.
-use std::collections::BTreeSet;
+//! answer the client directly through the router (direct server return). Namespaces, BIRD,
+//! etcd and lbd processes, pinned maps and scratch files go on drop, on success, failure and
+//! panic.
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::OwnedFd;
@@ -21,6 +25,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
+use crate::etcd::{pinned_tables, EtcdServer};
 use crate::netns::{unique_prefix, NetNs};
 use crate::procs::{bin_path, wait_for, Lbd, LbdOptions};
 use crate::tcp::TcpServer;
@@ -31,6 +36,9 @@ pub const PORT: u16 = 8080;
 pub const ROUTER_AS: u32 = 65000;
 pub const NODE_AS: u32 = 65001;
 const BRIDGE: &str = "br0";
+/// The VIPs' table size with a store: small enough that a test reads every slot of every
+/// node's tables from the pins many times a second (about 340 slots per backend).
+const STORE_TABLE_SIZE: &str = "1021";
 const FABRIC_MTU: u32 = 1500;
 /// Room for the IP-in-IP header on the fabric.
 const CLIENT_MTU: u32 = 1400;
@@ -52,6 +60,12 @@ pub fn backend_v4(i: usize) -> Ipv4Addr {
 }
 pub fn backend_v6(i: usize) -> Ipv6Addr {
     Ipv6Addr::new(0xfd80, 0, 0, 0, 0, 0, 0, 0x21 + i as u16)
+}
+pub fn store_v4() -> Ipv4Addr {
+    Ipv4Addr::new(10, 80, 0, 5)
+}
+pub fn store_v6() -> Ipv6Addr {
+    Ipv6Addr::new(0xfd80, 0, 0, 0, 0, 0, 0, 5)
 }
 pub fn client_v4() -> Ipv4Addr {
     Ipv4Addr::new(10, 81, 0, 2)
@@ -89,11 +103,16 @@ pub struct Fleet {
     pub keep_dir: bool,
     // Dropped in this order: nodes (lbds and their BIRDs) first, then servers, then the rest.
     pub nodes: Vec<FleetNode>,
-    pub servers: Vec<TcpServer>,
+    /// The fleet's etcd (with [`Fleet::with_store`]), killed before its namespace goes.
+    pub etcd: Option<EtcdServer>,
+    /// The key prefix of the fleet's configuration in etcd.
+    pub etcd_prefix: String,
+    pub servers: Vec<Option<TcpServer>>,
     pub backends: Vec<NetNs>,
     pub router: NetNs,
     pub client: NetNs,
     pub switch: NetNs,
+    store_ns: Option<NetNs>,
     router_bird: Option<Child>,
 }
 
@@ -126,6 +145,23 @@ impl Fleet {
 
     /// [`Fleet::new`] with the `lbd` and `lbctl` of `bin_dir` (the lab's release build).
     pub fn with_bins(nodes: usize, weights: &[u32], bin_dir: &Path) -> Result<Fleet> {
+        Fleet::build(nodes, weights, bin_dir, false)
+    }
+
+    /// [`Fleet::new`] in fleet mode: a real etcd on the fabric holds the service
+    /// configuration, written there once (`lbctl --etcd`); the nodes' files hold only their
+    /// own settings.
+    pub fn with_store(nodes: usize, weights: &[u32]) -> Result<Fleet> {
+        let lbd = bin_path("lbd");
+        Fleet::build(nodes, weights, lbd.parent().unwrap(), true)
+    }
+
+    /// [`Fleet::with_store`] with the `lbd` and `lbctl` of `bin_dir`.
+    pub fn with_bins_and_store(nodes: usize, weights: &[u32], bin_dir: &Path) -> Result<Fleet> {
+        Fleet::build(nodes, weights, bin_dir, true)
+    }
+
+    fn build(nodes: usize, weights: &[u32], bin_dir: &Path, store: bool) -> Result<Fleet> {
         assert!(nodes <= 9 && weights.len() <= 9);
         let prefix = unique_prefix();
         let dir = std::env::temp_dir().join(format!("{prefix}-fleet"));
@@ -146,19 +182,25 @@ impl Fleet {
         let client = NetNs::with_name(format!("{prefix}-cl"))?;
         let mut fleet = Fleet {
             bin_dir: bin_dir.to_path_buf(),
+            etcd_prefix: format!("/lbtest/{prefix}"),
             prefix,
             dir,
             weights: weights.to_vec(),
             keep_dir: false,
             nodes: Vec::new(),
+            etcd: None,
             servers: Vec::new(),
             backends: Vec::new(),
             router,
             client,
             switch,
+            store_ns: None,
             router_bird: None,
         };
         fleet.build_router_and_client()?;
+        if store {
+            fleet.start_store()?;
+        }
         for i in 0..nodes {
             let node = fleet.add_node(i)?;
             fleet.nodes.push(node);
@@ -168,7 +210,120 @@ impl Fleet {
             fleet.backends.push(b);
         }
         fleet.start_router_bird(nodes)?;
+        if store {
+            fleet.write_service_to_store()?;
+        }
         Ok(fleet)
+    }
+
+    /// The store's namespace on the fabric, and etcd in it.
+    fn start_store(&mut self) -> Result<()> {
+        let ns = NetNs::with_name(format!("{}-st", self.prefix))?;
+        self.plug(&ns, "st", store_v4(), store_v6())?;
+        self.store_ns = Some(ns);
+        let etcd = EtcdServer::start(self.store_ns.as_ref().unwrap(), store_v4().into())?;
+        self.etcd = Some(etcd);
+        Ok(())
+    }
+
+    /// The fleet's etcd; panics without a store.
+    pub fn store(&self) -> &EtcdServer {
+        self.etcd.as_ref().expect("a fleet with a store")
+    }
+
+    /// The service configuration ([`Fleet::service_config`]'s VIPs and backends), written
+    /// once to the store as an operator would: `lbctl --etcd ... vip add`, `backend add`.
+    fn write_service_to_store(&self) -> Result<()> {
+        for vip in [IpAddr::from(VIP_V4), IpAddr::from(VIP_V6)] {
+            let name = vip_name(vip);
+            self.try_ctl_store(&["vip", "add", &name, "--table-size", STORE_TABLE_SIZE])?;
+            for (i, w) in self.weights.iter().enumerate() {
+                let b: IpAddr = if vip.is_ipv4() {
+                    backend_v4(i).into()
+                } else {
+                    backend_v6(i).into()
+                };
+                self.try_ctl_store(&[
+                    "backend",
+                    "add",
+                    &name,
+                    &b.to_string(),
+                    "--weight",
+                    &w.to_string(),
+                ])?;
+            }
+        }
+        Ok(())
+    }
+
+    /// `lbctl --etcd URL --prefix P ARGS` (run in the store's namespace); its stdout.
+    pub fn try_ctl_store(&self, args: &[&str]) -> Result<String> {
+        let ns = self.store_ns.as_ref().context("a fleet with a store")?;
+        let out = ns
+            .command(self.bin_dir.join("lbctl"))
+            .args(["--etcd", &self.store().url, "--prefix", &self.etcd_prefix])
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .context("running lbctl --etcd")?;
+        if !out.status.success() {
+            bail!(
+                "lbctl --etcd {} --prefix {} {}: {}",
+                self.store().url,
+                self.etcd_prefix,
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).to_string())
+    }
+
+    /// [`Fleet::try_ctl_store`], asserted to succeed.
+    pub fn ctl_store(&self, args: &[&str]) -> String {
+        self.try_ctl_store(args).unwrap_or_else(|e| panic!("{e:#}"))
+    }
+
+    /// `lbctl --etcd ... cluster status --json`.
+    pub fn cluster(&self) -> serde_json::Value {
+        serde_json::from_str(&self.ctl_store(&["cluster", "status", "--json"])).unwrap()
+    }
+
+    /// Waits until nodes `nodes` apply the store's configuration revision (followers with the
+    /// leader's weights for it), the store reachable and nothing refused; that revision.
+    pub fn try_wait_in_sync(&self, nodes: &[usize], timeout: Duration) -> Result<i64> {
+        let t = Instant::now();
+        loop {
+            let c = self.cluster();
+            let rev = c["config_revision"].as_i64().unwrap_or(0);
+            let mut last = serde_json::Value::Null;
+            let synced = nodes.iter().all(|&i| {
+                let f = self.try_lbctl(i, &["status"]).unwrap_or_default()["fleet"].clone();
+                let ok = f["store_connected"] == true
+                    && f["applied_revision"].as_i64() == Some(rev)
+                    && f["last_error"].is_null()
+                    && (f["role"] == "leader" || f["applied_weights_revision"].as_i64() > Some(0));
+                last = f;
+                ok
+            });
+            if synced && c["weights_config_revision"].as_i64() == Some(rev) {
+                return Ok(rev);
+            }
+            if t.elapsed() > timeout {
+                bail!("nodes {nodes:?} not in sync on revision {rev} within {timeout:?}; last node status {last:#}; cluster {c:#}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// [`Fleet::try_wait_in_sync`], panicking on timeout.
+    pub fn wait_in_sync(&self, nodes: &[usize], timeout: Duration) -> i64 {
+        self.try_wait_in_sync(nodes, timeout)
+            .unwrap_or_else(|e| panic!("{e:#}"))
+    }
+
+    /// Node `i`'s Maglev tables from its pinned maps (see [`pinned_tables`]).
+    pub fn tables(&self, i: usize) -> BTreeMap<String, Vec<IpAddr>> {
+        pinned_tables(&self.nodes[i].pin_dir)
     }
 
     /// A fabric port on the bridge and its peer `eth0` in `ns`, with addresses and up.
@@ -308,7 +463,9 @@ impl Fleet {
             router_v6(),
             node_v4(i),
         );
-        c.push_str(&self.service_config());
+        if self.etcd.is_none() {
+            c.push_str(&self.service_config());
+        }
         c
     }
 
@@ -377,12 +534,15 @@ impl Fleet {
                 .map(|s| s.contains("xdp"))
                 .unwrap_or(false)
         });
+        // The backend's own addresses too: health probes go there.
         let addrs = [
             SocketAddr::new(VIP_V4.into(), PORT),
             SocketAddr::new(VIP_V6.into(), PORT),
+            SocketAddr::new(backend_v4(i).into(), PORT),
+            SocketAddr::new(backend_v6(i).into(), PORT),
         ];
         self.servers
-            .push(TcpServer::start(&ns, &addrs, &format!("backend{i}"))?);
+            .push(Some(TcpServer::start(&ns, &addrs, &format!("backend{i}"))?));
         Ok(ns)
     }
 
@@ -447,6 +607,17 @@ impl Fleet {
             env: vec![("RUST_LOG".into(), "info".into())],
             ..LbdOptions::default()
         };
+        let mut opts = opts;
+        if let Some(etcd) = &self.etcd {
+            opts.args = vec![
+                "--etcd".into(),
+                etcd.url.clone(),
+                "--prefix".into(),
+                self.etcd_prefix.clone(),
+                "--node".into(),
+                format!("n{i}"),
+            ];
+        }
         let n = &self.nodes[i];
         let mut lbd = Lbd::spawn(&n.ns, &n.config, &n.socket, &opts);
         let t = Instant::now();
@@ -601,4 +772,9 @@ pub fn require_bird() -> Result<()> {
         ),
         Err(e) => bail!("bird not found ({e}): cargo xtask setup installs bird2"),
     }
+}
+
+/// `ADDRESS:PORT/tcp` of a VIP as lbctl names it (`[v6]:PORT/tcp`).
+pub fn vip_name(vip: IpAddr) -> String {
+    format!("{}/tcp", SocketAddr::new(vip, PORT))
 }
