@@ -6,10 +6,10 @@
 //! Shown: a change written once with `lbctl --etcd` reaches every node, and their Maglev
 //! tables, read from each node's pinned maps, are the same slot for slot (so connections keep
 //! their backend when their packets move to another node); bad data in etcd is refused whole
-//! by every node, naming the key, the previous revision serving; etcd killed: forwarding goes
-//! on, every node says so (`lbctl status`, metrics), and a change made once it is back applies
-//! everywhere; the leader SIGKILLed: another node takes over within the lease; stopped
-//! cleanly: at once; health decided by the leader for every node.
+//! by every node, naming the key, the previous revision serving; concurrent writers lose
+//! nothing; the leader SIGKILLed: another node takes over within the lease; stopped cleanly:
+//! at once. etcd stopped for 30 s and health decided by the leader are shown with BGP and
+//! ECMP in front, in e2e_cluster.
 use std::{
     collections::BTreeMap,
     fs,
@@ -35,7 +35,8 @@ struct Fleet {
     dir: PathBuf,
     prefix: String,
     etcd: EtcdServer,
-    servers: Vec<Option<TcpServer>>,
+    /// Kept for their lifetime: the backends answer while the fleet lives.
+    _servers: Vec<Option<TcpServer>>,
     decaps: Vec<Child>,
     lab: Lab,
 }
@@ -68,7 +69,7 @@ impl Fleet {
             dir,
             prefix,
             etcd,
-            servers,
+            _servers: servers,
             decaps,
             lab,
         }
@@ -407,29 +408,7 @@ fn one_configuration_in_etcd_every_node_the_same_table() {
     long.check_all()
         .expect("long-lived connections through bad data");
 
-    // etcd gone: forwarding goes on, every node says so; back: a change applies everywhere.
-    fx.etcd.kill();
-    let t = Instant::now();
-    for i in fx.alive() {
-        wait_for("the node to see etcd gone", CONVERGE, || {
-            fx.fleet_status(i)["store_connected"] == false
-        });
-        let m = scrape_metrics(fx.node_ns(i));
-        assert_eq!(m["lb_fleet_store_connected"], 0.0, "n{i}");
-    }
-    let mut fresh = 0;
-    while t.elapsed() < Duration::from_secs(5) {
-        tests::client_once(fx.lab.client().ns(), vip_addr(), Duration::from_secs(3))
-            .expect("a new connection while etcd is down");
-        fresh += 1;
-    }
-    long.check_all()
-        .expect("long-lived connections while etcd is down");
-    eprintln!(
-        "etcd down {:?}: {fresh} new connections, all answered",
-        t.elapsed()
-    );
-    fx.etcd.restart().unwrap();
+    // (etcd stopped and back, with traffic and every node saying so: e2e_cluster.)
     fx.ctl(&["backend", "drain", VIP, &b(1)]);
     let rev3 = fx.wait_in_sync();
     let share = shares(v4_table(&fx.same_tables()));
@@ -490,35 +469,5 @@ fn one_configuration_in_etcd_every_node_the_same_table() {
     );
     fx.start(lead);
     fx.wait_in_sync();
-
-    // Health is decided once, by the leader, for every node: backend2 killed, every node's
-    // table leaves it out, and the tables stay the same on every node.
-    let mut vip: serde_json::Value =
-        serde_json::from_str(&fx.etcd.get(&key).unwrap().unwrap()).unwrap();
-    vip["health"] = serde_json::json!({"kind": "tcp", "interval_ms": 200, "timeout_ms": 200, "rise": 2, "fall": 2});
-    fx.etcd.put(&key, &vip.to_string()).unwrap();
-    fx.wait_in_sync();
-    let b2 = IpAddr::from(backend_v4(2));
-    assert!(shares(v4_table(&fx.same_tables())).contains_key(&b2));
-    let t = Instant::now();
-    fx.servers[2] = None;
-    for i in fx.alive() {
-        wait_for(
-            "every node's table without the dead backend",
-            CONVERGE,
-            || {
-                !pinned_tables(&fx.pin_dir(i))
-                    .values()
-                    .next()
-                    .unwrap()
-                    .contains(&b2)
-            },
-        );
-    }
-    eprintln!(
-        "backend2 killed: out of every node's table after {:?} (probes every 200 ms, fall 2)",
-        t.elapsed()
-    );
-    fx.wait_in_sync();
-    fx.same_tables();
+    // (Health decided by the leader for every node, a backend killed: e2e_cluster.)
 }

@@ -1,5 +1,6 @@
 //! `cargo xtask lab --nodes N`: the demo as a fleet. A router running BIRD 2 with ECMP (L4
-//! hash) in front of N lbd nodes that announce the VIPs by BGP, three backends (weights
+//! hash) in front of N lbd nodes that announce the VIPs by BGP, their configuration in etcd
+//! (written once with `lbctl --etcd`; every node runs `lbd --etcd`), three backends (weights
 //! 1:1:2) reached by IP-in-IP; connections from the client to each VIP, and each node's and
 //! each backend's share of them.
 use std::collections::BTreeMap;
@@ -25,7 +26,8 @@ pub fn run(args: &LabArgs, nodes: usize) -> Result<()> {
     catch_interrupts();
     let _ = tests::cleanup_stale_namespaces();
     let bin_dir = build()?;
-    let mut fleet = Fleet::with_bins(nodes, &WEIGHTS, &bin_dir).context("building the fleet")?;
+    let mut fleet =
+        Fleet::with_bins_and_store(nodes, &WEIGHTS, &bin_dir).context("building the fleet")?;
     // Its logs stay readable after the run, like the single-node lab's.
     fleet.keep_dir = true;
     let all: Vec<usize> = (0..nodes).collect();
@@ -36,6 +38,7 @@ pub fn run(args: &LabArgs, nodes: usize) -> Result<()> {
     for &i in &all {
         fleet.try_wait_announcing(i, Duration::from_secs(30))?;
     }
+    fleet.try_wait_in_sync(&all, Duration::from_secs(30))?;
     print_header(&fleet, nodes, t);
     let mut failed = 0;
     for vip in [IpAddr::from(VIP_V4), IpAddr::from(VIP_V6)] {
@@ -46,8 +49,11 @@ pub fn run(args: &LabArgs, nodes: usize) -> Result<()> {
     }
     if args.keep && !interrupted() {
         eprintln!(
-            "fleet is up; Ctrl-C tears it down. Try: lbctl --socket {} node drain",
-            fleet.nodes[0].socket.display()
+            "fleet is up; Ctrl-C tears it down. Try: lbctl --socket {} node drain; ip netns exec {}-st lbctl --etcd {} --prefix {} cluster status",
+            fleet.nodes[0].socket.display(),
+            fleet.prefix,
+            fleet.store().url,
+            fleet.etcd_prefix
         );
         while sleep_unless_interrupted(Duration::from_secs(3600)) {}
     }
@@ -79,7 +85,7 @@ fn build() -> Result<std::path::PathBuf> {
 
 fn print_header(f: &Fleet, nodes: usize, converged: Duration) {
     println!(
-        "fleet {} (namespaces {}-*): a client, a router (BIRD 2, ECMP by L4 hash), {nodes} lbd nodes, {} backends",
+        "fleet {} (namespaces {}-*): a client, a router (BIRD 2, ECMP by L4 hash), etcd, {nodes} lbd nodes, {} backends",
         f.prefix,
         f.prefix,
         WEIGHTS.len()
@@ -115,6 +121,20 @@ fn print_header(f: &Fleet, nodes: usize, converged: Duration) {
         .map(|(i, w)| format!("backend{i} weight {w}"))
         .collect();
     println!("  backends: {}", backends.join(", "));
+    println!(
+        "  etcd {} (namespace {}-st), prefix {}: every node's VIPs and backends",
+        f.store().url,
+        f.prefix,
+        f.etcd_prefix
+    );
+    match f.try_ctl_store(&["cluster", "status"]) {
+        Ok(text) => {
+            for line in text.lines() {
+                println!("  | {line}");
+            }
+        }
+        Err(e) => println!("  cluster status: {e:#}"),
+    }
     println!(
         "  router's BIRD: {}/router-bird.{{conf,log}}",
         f.dir.display()

@@ -8,10 +8,11 @@ use super::{
 };
 use crate::{
     config::{self, Config},
-    control::{events, FleetStatus, Request},
+    control::{events, FleetStatus, Request, VipName},
     datapath::ApplyReport,
 };
 use anyhow::Result;
+use std::net::IpAddr;
 use tracing::info;
 
 impl Agent {
@@ -39,7 +40,15 @@ impl Agent {
     /// Applies `vips` (a store revision, `what` names it for the journal) in place of the
     /// current ones, as one transaction: validated with the node's settings, applied to the
     /// datapath (rolled back on failure); the file is not written. An error changes nothing.
-    pub async fn apply_fleet(&self, vips: Vec<config::Vip>, what: &str) -> Result<ApplyReport> {
+    /// Backends in `known_down` whose health checks start here start down (a new leader takes
+    /// over the health its predecessor published instead of bringing dead backends back into
+    /// every node's tables until its own probes fail).
+    pub async fn apply_fleet(
+        &self,
+        vips: Vec<config::Vip>,
+        what: &str,
+        known_down: &[(VipName, IpAddr)],
+    ) -> Result<ApplyReport> {
         let mut guard = self.state.lock().await;
         let st = &mut *guard;
         let prev = st.config.clone();
@@ -51,7 +60,21 @@ impl Agent {
         next.validate()?;
         refuse_new_host_problems(&prev, &next)?;
         let _busy = self.events.begin_change(what, None, None);
-        let health = sync_health(&st.health, &next);
+        let mut health = sync_health(&st.health, &next);
+        for v in &next.vips {
+            let id = super::vip_id(v);
+            for b in &v.backends {
+                let key = (id, b.address);
+                if st.health.contains_key(&key)
+                    || !known_down.contains(&(VipName::of(v), b.address))
+                {
+                    continue;
+                }
+                if let Some(h) = health.get_mut(&key) {
+                    h.state = crate::health::HealthState::new_down(h.config.rise, h.config.fall);
+                }
+            }
+        }
         let (learning, learned) = sync_learning(&st.learning, &st.learned, &next);
         let report = match apply_datapath(&mut st.lb, &next, &health, &learned, &mut st.timing) {
             Ok(r) => r,

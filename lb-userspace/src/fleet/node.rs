@@ -183,6 +183,33 @@ fn follower_vips(desired: &Desired, published: Option<&(i64, Published)>) -> Vec
     }
 }
 
+/// The backends the last published weights (the previous leader's health results) give no
+/// weight although configured with some and not drained: down when they were published.
+fn published_down(
+    desired: &Desired,
+    published: Option<&(i64, Published)>,
+) -> Vec<(VipName, std::net::IpAddr)> {
+    let Some((_, p)) = published else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for (_, d) in &desired.vips {
+        let Some(pv) = p.vips.iter().find(|v| VipName::of(v) == VipName::of(d)) else {
+            continue;
+        };
+        for b in d.backends.iter().filter(|b| b.weight > 0 && !b.drained) {
+            if pv
+                .backends
+                .iter()
+                .any(|pb| pb.address == b.address && pb.weight == 0)
+            {
+                out.push((VipName::of(d), b.address));
+            }
+        }
+    }
+    out
+}
+
 fn now_unix() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -388,7 +415,12 @@ impl Node {
                 String::new()
             }
         );
-        let report = self.agent.apply_fleet(cfg.vips, &what).await?;
+        let known_down = if leader {
+            published_down(&desired, weights)
+        } else {
+            Vec::new()
+        };
+        let report = self.agent.apply_fleet(cfg.vips, &what, &known_down).await?;
         if !report.tables.is_empty() || desired.revision != self.status.applied_revision {
             self.agent.events().record(
                 Kind::FleetApplied,
@@ -517,5 +549,25 @@ mod tests {
             weights(&follower_vips(&desired, Some(&(9, stale)))),
             [2, 2, 2]
         );
+    }
+
+    #[test]
+    fn a_new_leader_takes_the_published_down_backends() {
+        let key = "/lb/config/vips/10.0.0.100:80/tcp".to_string();
+        let desired = Desired {
+            revision: 7,
+            vips: vec![(key.clone(), vip(&[2, 2, 2]))],
+            read: vec![(key, 7)],
+        };
+        assert!(published_down(&desired, None).is_empty());
+        let p = Published {
+            leader: "n0".into(),
+            config_revision: 6,
+            vips: vec![vip(&[2, 0, 1])],
+        };
+        let down = published_down(&desired, Some(&(9, p)));
+        let addrs: Vec<String> = down.iter().map(|(_, a)| a.to_string()).collect();
+        // Down only where the published weight is 0 (a slow start is not down).
+        assert_eq!(addrs, ["10.0.1.2"]);
     }
 }
