@@ -526,7 +526,7 @@ fn fleet_one_store_bgp_ecmp_identical_tables() {
     );
     // The leader applies its health result at once and publishes it; the followers apply it
     // a watch event later. In between, the slots that differ are the dead backend's, plus the
-    // few Maglev moves between live backends when one leaves (about 0.3% measured): a flow
+    // few Maglev moves between live backends when one leaves (0.3 to 0.6% measured): a flow
     // that changes node in that moment may change backend.
     assert!(
         max_live_differ * 100 <= 2042,
