@@ -315,6 +315,37 @@ impl Fleet {
         }
     }
 
+    /// Waits until `lbctl cluster status` lists exactly nodes `nodes`, each serving with every
+    /// session established and both VIPs announced (a node rewrites its report in etcd on its
+    /// loop, at least once a second, so the store's view lags the node's own).
+    pub fn try_wait_reported(&self, nodes: &[usize], timeout: Duration) -> Result<()> {
+        let t = Instant::now();
+        loop {
+            let c = self.cluster();
+            let reported = c["nodes"].as_array().cloned().unwrap_or_default();
+            let names: BTreeSet<String> = reported
+                .iter()
+                .filter_map(|n| n["node"].as_str().map(String::from))
+                .collect();
+            let want: BTreeSet<String> = nodes.iter().map(|i| format!("n{i}")).collect();
+            let serving = reported.iter().all(|n| {
+                let b = &n["bgp"];
+                b["node"] == "serving"
+                    && b["announced"].as_array().map(Vec::len) == Some(2)
+                    && b["sessions"]
+                        .as_array()
+                        .is_some_and(|s| s.len() == 2 && s.iter().all(|s| s["established"] == true))
+            });
+            if names == want && serving {
+                return Ok(());
+            }
+            if t.elapsed() > timeout {
+                bail!("cluster status does not show nodes {nodes:?} serving with every session up after {timeout:?}: {c:#}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// [`Fleet::try_wait_in_sync`], panicking on timeout.
     pub fn wait_in_sync(&self, nodes: &[usize], timeout: Duration) -> i64 {
         self.try_wait_in_sync(nodes, timeout)

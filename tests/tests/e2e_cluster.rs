@@ -162,19 +162,7 @@ fn v4_table(tables: &BTreeMap<String, Vec<IpAddr>>) -> &Vec<IpAddr> {
 /// `lbctl cluster status`: every node in `nodes`, in sync, with its BGP side serving, its
 /// sessions up and both VIPs announced (a node reports at least once a second).
 fn check_cluster_status(f: &Fleet, nodes: &[usize]) {
-    wait_for("cluster status to show every node's BGP side", SYNC, || {
-        let c = f.cluster();
-        let reported = c["nodes"].as_array().cloned().unwrap_or_default();
-        reported.len() == nodes.len()
-            && reported.iter().all(|n| {
-                let b = &n["bgp"];
-                b["node"] == "serving"
-                    && b["announced"].as_array().map(Vec::len) == Some(2)
-                    && b["sessions"]
-                        .as_array()
-                        .is_some_and(|s| s.len() == 2 && s.iter().all(|s| s["established"] == true))
-            })
-    });
+    f.try_wait_reported(nodes, SYNC).unwrap();
     let text = f.ctl_store(&["cluster", "status"]);
     assert_eq!(text.matches("in sync").count(), nodes.len(), "{text}");
     assert_eq!(

@@ -39,6 +39,7 @@ pub fn run(args: &LabArgs, nodes: usize) -> Result<()> {
         fleet.try_wait_announcing(i, Duration::from_secs(30))?;
     }
     fleet.try_wait_in_sync(&all, Duration::from_secs(30))?;
+    fleet.try_wait_reported(&all, Duration::from_secs(30))?;
     print_header(&fleet, nodes, t);
     let mut failed = 0;
     for vip in [IpAddr::from(VIP_V4), IpAddr::from(VIP_V6)] {
