@@ -31,6 +31,16 @@ pub struct LbdCli {
     /// Validate the configuration and exit.
     #[arg(long)]
     pub check: bool,
+    /// Fleet mode: take the VIPs and backends from etcd (endpoints http://HOST:PORT, comma
+    /// separated) instead of the file, which keeps the node's own settings.
+    #[arg(long, value_name = "URL[,URL]", requires = "prefix")]
+    pub etcd: Option<String>,
+    /// Fleet mode: the key prefix of this fleet in etcd (e.g. /lb/fleet1).
+    #[arg(long, value_name = "PREFIX", requires = "etcd")]
+    pub prefix: Option<String>,
+    /// Fleet mode: this node's name in the fleet (default: the host name).
+    #[arg(long, value_name = "NAME")]
+    pub node: Option<String>,
     #[command(subcommand)]
     pub command: Option<LbdCommand>,
 }
@@ -103,6 +113,13 @@ pub struct LbctlCli {
     /// Print JSON for scripts (field names are stable; see the README).
     #[arg(long, global = true)]
     pub json: bool,
+    /// Fleet mode: write changes to the fleet's configuration in etcd (http://HOST:PORT,
+    /// comma separated) instead of one lbd; every node applies them.
+    #[arg(long, global = true, value_name = "URL[,URL]", requires = "prefix")]
+    pub etcd: Option<String>,
+    /// Fleet mode: the fleet's key prefix in etcd (as given to lbd --prefix).
+    #[arg(long, global = true, value_name = "PREFIX", requires = "etcd")]
+    pub prefix: Option<String>,
     #[command(subcommand)]
     pub command: LbctlCommand,
 }
@@ -127,8 +144,34 @@ pub enum LbctlCommand {
         #[arg(long, value_name = "SECS", default_value = "1", value_parser = parse_secs)]
         interval: f64,
     },
-    /// Interface, XDP mode, program id, uptime and table generation per VIP.
+    /// Interface, XDP mode, program id, uptime and table generation per VIP; with [bgp], the
+    /// sessions and the announced VIPs.
     Status,
+    /// The fleet (with --etcd and --prefix): nodes, their role and applied revision, leader.
+    #[command(subcommand)]
+    Cluster(ClusterCommand),
+    /// This node in a fleet ([bgp]): take it out of the routers' ECMP and back.
+    #[command(subcommand)]
+    Node(NodeCommand),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ClusterCommand {
+    /// Every node reporting under the prefix, the leader and the configuration's revision.
+    Status,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum NodeCommand {
+    /// Withdraw this node's BGP routes (routers send it no new flows) and keep forwarding the
+    /// flows that still arrive; after the timeout the node reports `drained` (safe to stop).
+    Drain {
+        /// Seconds in `draining` (default: bgp.drain_timeout_seconds, 30).
+        #[arg(long, value_name = "SECS")]
+        timeout: Option<u64>,
+    },
+    /// Announce the VIPs this node can serve again.
+    Undrain,
 }
 
 #[derive(Subcommand, Debug)]

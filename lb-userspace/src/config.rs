@@ -582,8 +582,110 @@ pub struct Config {
     /// Address of the Prometheus metrics endpoint (`GET /metrics`).
     #[serde(default = "default_metrics_listen")]
     pub metrics_listen: SocketAddr,
+    /// Announce the VIPs to upstream routers by BGP (a fleet behind ECMP); see [`Bgp`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bgp: Option<Bgp>,
     #[serde(default, rename = "vip")]
     pub vips: Vec<Vip>,
+}
+
+/// `[bgp]`: this node announces each VIP it can serve (/32, /128) to its peers, through a
+/// node-local BIRD that lbd runs as its child (see `fleet::bgp` and docs/cluster.md). Node-local
+/// settings: they only change on restart.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Bgp {
+    /// This node's AS number.
+    pub local_as: u32,
+    /// The peers' AS number (eBGP when it differs from `local_as`).
+    pub peer_as: u32,
+    /// Peer addresses, each on a directly connected network: one session each. An IPv4 peer
+    /// carries the IPv4 VIPs, an IPv6 peer the IPv6 VIPs.
+    pub peers: Vec<IpAddr>,
+    /// BGP router id (an IPv4 address of this node, unique among the peers' neighbours).
+    pub router_id: Ipv4Addr,
+    /// Hold time offered, in seconds (3 to 65535); the session is declared down after this
+    /// long without a word from the peer. Keepalives go every third of it.
+    #[serde(default = "default_hold_time")]
+    pub hold_time: u16,
+    /// The BIRD 2 daemon lbd runs (a path, or a name looked up in PATH).
+    #[serde(default = "default_bird")]
+    pub bird: PathBuf,
+    /// How long `lbctl node drain` keeps a node in `draining` (its routes withdrawn, still
+    /// forwarding what arrives) before it reports `drained`, in seconds, unless the command
+    /// gives `--timeout`.
+    #[serde(default = "default_drain_timeout")]
+    pub drain_timeout_seconds: u64,
+}
+
+/// Longest drain accepted (a day).
+pub const MAX_DRAIN_SECONDS: u64 = 86_400;
+
+fn default_hold_time() -> u16 {
+    3
+}
+fn default_bird() -> PathBuf {
+    PathBuf::from("bird")
+}
+fn default_drain_timeout() -> u64 {
+    30
+}
+
+impl Bgp {
+    /// `[bgp]`'s own keys, and that each VIP's family has a peer to be announced to.
+    fn check(&self, vips: &[Vip]) -> Result<(), ConfigError> {
+        if self.local_as == 0 || self.peer_as == 0 {
+            return err("bgp: local_as and peer_as must be AS numbers from 1 to 4294967295 (private: 64512 to 65534, 4200000000 to 4294967294)");
+        }
+        if self.peers.is_empty() {
+            return err("bgp.peers: empty; list the upstream router's addresses, e.g. peers = [\"192.0.2.1\", \"2001:db8::1\"]");
+        }
+        let mut seen = HashSet::new();
+        for (i, p) in self.peers.iter().enumerate() {
+            if p.is_unspecified() || p.is_multicast() || p.is_loopback() {
+                return err(format!("bgp.peers[{i}]: {p} is not a router's unicast address; use the upstream router's address on this node's network"));
+            }
+            if !seen.insert(*p) {
+                return err(format!(
+                    "bgp.peers[{i}]: {p} is listed twice; list each peer once"
+                ));
+            }
+        }
+        if self.router_id.is_unspecified() || self.router_id.is_broadcast() {
+            return err(format!(
+                "bgp.router_id: {} is not usable; use an IPv4 address of this node",
+                self.router_id
+            ));
+        }
+        if self.hold_time < 3 {
+            return err(format!("bgp.hold_time: {} is below 3 seconds (the BGP minimum; 0, no hold timer, is not allowed: a dead peer would never be noticed); use 3 to 65535", self.hold_time));
+        }
+        if self.bird.as_os_str().is_empty() {
+            return err(
+                "bgp.bird: empty; name the BIRD 2 daemon, e.g. \"bird\" or \"/usr/sbin/bird\"",
+            );
+        }
+        if !(1..=MAX_DRAIN_SECONDS).contains(&self.drain_timeout_seconds) {
+            return err(format!(
+                "bgp.drain_timeout_seconds: {} is out of range; use 1 to {MAX_DRAIN_SECONDS}",
+                self.drain_timeout_seconds
+            ));
+        }
+        for (i, v) in vips.iter().enumerate() {
+            if !self
+                .peers
+                .iter()
+                .any(|p| p.is_ipv4() == v.address.is_ipv4())
+            {
+                let family = if v.address.is_ipv4() { "IPv4" } else { "IPv6" };
+                return err(format!(
+                    "vip[{i}] ({}): bgp has no {family} peer, so this VIP would never be announced; add the router's {family} address to bgp.peers",
+                    v.name()
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Where maps and the link are pinned by default.
@@ -665,6 +767,9 @@ impl Config {
         if self.metrics_listen != new.metrics_listen {
             out.push("metrics_listen");
         }
+        if self.bgp != new.bgp {
+            out.push("bgp");
+        }
         out
     }
 
@@ -735,6 +840,9 @@ impl Config {
     /// Checks everything the datapath relies on.
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.check_settings()?;
+        if let Some(bgp) = &self.bgp {
+            bgp.check(&self.vips)?;
+        }
         let mut seen = HashSet::new();
         let mut slots: u64 = 0;
         let mut backends = 0usize;
@@ -1155,6 +1263,15 @@ source_v6 = "fd00::2"
         .unwrap();
         c.vips[0].backends[1].drained = true;
         c.control_group = Some("lbops".into());
+        c.bgp = Some(Bgp {
+            local_as: 65001,
+            peer_as: 65000,
+            peers: vec!["10.0.0.1".parse().unwrap(), "fd00::1".parse().unwrap()],
+            router_id: "10.0.0.2".parse().unwrap(),
+            hold_time: 3,
+            bird: "bird".into(),
+            drain_timeout_seconds: 30,
+        });
         let text = c.to_toml().unwrap();
         assert_eq!(Config::parse(&text).unwrap(), c, "{text}");
         assert!(text.contains("drained = true"), "{text}");

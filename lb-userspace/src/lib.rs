@@ -4,14 +4,15 @@
 //! Rooms, each importing only the ones before it (tests/architecture.rs checks there is no
 //! circle): `health` (probes and backend states, and the `[vip.health]` settings), `config`,
 //! `datapath` (the kernel side), `learning` (the weight model), `control` (the API, its socket
-//! and the journal), `agent` (the owner that wires them), then `metrics`; `cli`, `notify` and
-//! `security` serve the binaries. A future `cluster` room (etcd, BGP, leadership) would sit
-//! beside `control`, below `agent`, which would own it like the others.
+//! and the journal), `agent` (the owner that wires them), `fleet` (etcd, leadership, BGP
+//! announcements: it drives the agent like the control socket does and its loops report back
+//! to it), then `metrics`; `cli`, `notify` and `security` serve the binaries.
 pub mod agent;
 pub mod cli;
 pub mod config;
 pub mod control;
 pub mod datapath;
+pub mod fleet;
 pub mod health;
 pub mod learning;
 pub mod metrics;

@@ -3,7 +3,10 @@
 //! prints, so the two always agree.
 //!
 //! The HTTP side is deliberately tiny: HTTP/1.x, one request per connection, `GET` or `HEAD`.
-use crate::{agent::Agent, control::StatsSnapshot};
+use crate::{
+    agent::Agent,
+    control::{BgpStatus, StatsSnapshot},
+};
 use anyhow::{Context as _, Result};
 use std::{fmt::Write as _, net::SocketAddr, sync::Arc, time::Duration};
 use tokio::{
@@ -84,7 +87,14 @@ async fn serve_one(mut stream: TcpStream, agent: Arc<Agent>) -> Result<()> {
             Ok(s) => (
                 "200 OK",
                 "text/plain; version=0.0.4; charset=utf-8",
-                render(&s) + &render_events(&agent.events().counts()),
+                render(&s)
+                    + &render_events(&agent.events().counts())
+                    + &render_fleet(agent.fleet_status().as_ref())
+                    + &agent
+                        .node_status()
+                        .await
+                        .map(|b| render_bgp(&b))
+                        .unwrap_or_default(),
             ),
             Err(e) => (
                 "500 Internal Server Error",
@@ -143,6 +153,42 @@ impl Family<'_> {
     }
 }
 
+/// Fleet mode's families (none for a single-node lbd).
+pub fn render_fleet(fleet: Option<&crate::control::FleetStatus>) -> String {
+    let mut out = String::new();
+    let Some(fl) = fleet else { return out };
+    let mut f = Family { out: &mut out };
+    f.header(
+        "lb_fleet_store_connected",
+        "gauge",
+        "1 while the last read of the fleet's etcd succeeded; 0 while unreachable (forwarding goes on with lb_fleet_applied_revision).",
+    );
+    f.sample(
+        "lb_fleet_store_connected",
+        &[],
+        u64::from(fl.store_connected),
+    );
+    f.header(
+        "lb_fleet_applied_revision",
+        "gauge",
+        "The etcd revision of the fleet configuration this node applies.",
+    );
+    f.sample("lb_fleet_applied_revision", &[], fl.applied_revision);
+    f.header(
+        "lb_fleet_leader",
+        "gauge",
+        "1 while this node is the fleet's elected leader (runs health checks and learning, publishes the weights).",
+    );
+    f.sample("lb_fleet_leader", &[], u64::from(fl.role == "leader"));
+    f.header(
+        "lb_fleet_refused",
+        "gauge",
+        "1 while the newest revision in the store is refused (bad data; lbctl status says which key) or the store is unreachable.",
+    );
+    f.sample("lb_fleet_refused", &[], u64::from(fl.last_error.is_some()));
+    out
+}
+
 /// The metric families, in the text exposition format (names in the README, "Observe").
 pub fn render(s: &StatsSnapshot) -> String {
     let mut out = String::new();
@@ -172,6 +218,52 @@ pub fn render(s: &StatsSnapshot) -> String {
     readmission_family(&mut f, s);
     learning_families(&mut f, s);
     datapath_family(&mut f, s);
+    out
+}
+
+/// With `[bgp]`: the node's sessions, announcements and drain.
+pub fn render_bgp(b: &BgpStatus) -> String {
+    let mut out = String::new();
+    let mut f = Family { out: &mut out };
+    f.header(
+        "lb_bgp_session_established",
+        "gauge",
+        "1 while the BGP session with the peer is established, else 0.",
+    );
+    for s in &b.sessions {
+        f.sample(
+            "lb_bgp_session_established",
+            &[("peer", &s.peer)],
+            u64::from(s.established),
+        );
+    }
+    f.header(
+        "lb_bgp_announced",
+        "gauge",
+        "1 for each VIP prefix this node announces, 0 for each it withholds (status.bgp.withheld says why).",
+    );
+    for p in &b.announced {
+        f.sample("lb_bgp_announced", &[("prefix", p)], 1);
+    }
+    for w in &b.withheld {
+        f.sample(
+            "lb_bgp_announced",
+            &[("prefix", &w.prefix), ("reason", &w.reason)],
+            0,
+        );
+    }
+    f.header(
+        "lb_node_state",
+        "gauge",
+        "1 for the node's state (serving, draining, drained), 0 for the other two.",
+    );
+    for state in ["serving", "draining", "drained"] {
+        f.sample(
+            "lb_node_state",
+            &[("state", state)],
+            u64::from(b.node == state),
+        );
+    }
     out
 }
 

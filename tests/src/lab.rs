@@ -86,6 +86,11 @@ pub enum Role {
     Lb,
     /// Backend `i` (0-based).
     Backend(usize),
+    /// A further load-balancer node of a fleet (`i` from 1; the [`Role::Lb`] is node 0), at
+    /// .(2+i) / ::(2+i), set up like the lb ([`Lab::add_host`]).
+    Node(usize),
+    /// The host running the fleet's store (etcd), at .9 / ::9.
+    Store,
 }
 
 impl Role {
@@ -95,6 +100,8 @@ impl Role {
             Role::Client => "client".into(),
             Role::Lb => "lb".into(),
             Role::Backend(i) => format!("backend{i}"),
+            Role::Node(i) => format!("node{i}"),
+            Role::Store => "store".into(),
         }
     }
 
@@ -103,6 +110,8 @@ impl Role {
             Role::Client => "lbp-client".into(),
             Role::Lb => "lbp-lb".into(),
             Role::Backend(i) => format!("lbp-b{i}"),
+            Role::Node(i) => format!("lbp-n{i}"),
+            Role::Store => "lbp-store".into(),
         }
     }
 
@@ -111,6 +120,8 @@ impl Role {
             Role::Client => 1,
             Role::Lb => 2,
             Role::Backend(i) => 0x11 + i as u8,
+            Role::Node(i) => 2 + i as u8,
+            Role::Store => 9,
         }
     }
 
@@ -119,6 +130,10 @@ impl Role {
             Role::Client => CLIENT_V4,
             Role::Lb => LB_V4,
             Role::Backend(i) => backend_v4(i),
+            Role::Node(_) | Role::Store => {
+                let o = NET_V4.octets();
+                Ipv4Addr::new(o[0], o[1], o[2], self.last_byte())
+            }
         }
     }
 
@@ -127,6 +142,11 @@ impl Role {
             Role::Client => CLIENT_V6,
             Role::Lb => LB_V6,
             Role::Backend(i) => backend_v6(i),
+            Role::Node(_) | Role::Store => {
+                let mut o = NET_V6.octets();
+                o[15] = self.last_byte();
+                Ipv6Addr::from(o)
+            }
         }
     }
 }
@@ -315,6 +335,26 @@ impl Lab {
         Ok(())
     }
 
+    /// Adds a host to a built lab (a fleet's further nodes, the store) and waits until its
+    /// link and addresses are usable.
+    pub fn add(&mut self, role: Role) -> Result<&Host> {
+        if self.hosts.iter().any(|h| h.role == role) {
+            bail!("the lab already has a {}", role.name());
+        }
+        let host = self.add_host(role)?;
+        self.hosts.push(host);
+        self.wait_ready()?;
+        Ok(self.hosts.last().expect("just added"))
+    }
+
+    /// The host of `role`; panics if the lab has none.
+    pub fn host(&self, role: Role) -> &Host {
+        self.hosts
+            .iter()
+            .find(|h| h.role == role)
+            .unwrap_or_else(|| panic!("the lab has no {}", role.name()))
+    }
+
     fn add_host(&self, role: Role) -> Result<Host> {
         let sw = self.switch.as_ref().unwrap();
         let ns = NetNs::with_name(format!("{}-{}", self.prefix, role.name()))?;
@@ -388,7 +428,8 @@ impl Lab {
                 // arrive from a wire with complete checksums, so make the client compute them.
                 ns.exec_ok("ethtool", ["-K", "eth0", "tx", "off"])?;
             }
-            Role::Lb => {
+            Role::Store => {}
+            Role::Lb | Role::Node(_) => {
                 ns.run_in(|| -> Result<()> {
                     for key in [
                         "net/ipv4/conf/all/forwarding",
@@ -431,7 +472,7 @@ impl Lab {
         let (mac, ifindex) = link_info(&ns, "eth0")?;
         let (port_mac, port_ifindex) = link_info(sw, &port)?;
         let port_xdp = match role {
-            Role::Lb => Some(
+            Role::Lb | Role::Node(_) => Some(
                 sw.run_in(|| attach_xdp_pass(port_ifindex))
                     .with_context(|| format!("attaching XDP_PASS to {port}"))?,
             ),
@@ -495,7 +536,7 @@ impl Lab {
     }
     /// All backends, in index order.
     pub fn backends(&self) -> &[Host] {
-        &self.hosts[2..]
+        &self.hosts[2..2 + self.backends]
     }
     /// Backend `i`.
     pub fn backend(&self, i: usize) -> &Host {

@@ -23,6 +23,8 @@
 //! lab.shutdown().unwrap();
 //! ```
 
+pub mod etcd;
+pub mod fleet;
 pub mod fuzz;
 pub mod lab;
 pub mod model;

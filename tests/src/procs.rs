@@ -124,6 +124,8 @@ pub struct LbdOptions {
     pub env: Vec<(String, String)>,
     /// Where lbd's stderr goes; default `lbd.log` beside the config file.
     pub log: Option<PathBuf>,
+    /// Extra arguments after `--config FILE` (fleet mode: `--etcd`, `--prefix`, `--node`).
+    pub args: Vec<String>,
 }
 
 /// How long an lbd may take to serve its control socket, and to exit on SIGTERM.
@@ -176,6 +178,7 @@ impl Lbd {
         };
         cmd.arg("--config")
             .arg(config)
+            .args(&opts.args)
             .envs(opts.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::null())

@@ -646,6 +646,8 @@ fn bad_input_is_refused_with_the_fix_and_changes_nothing() {
         bad(&["backend", "undrain", VIP4, "10.200.0.99"], 1, "backend 10.200.0.99 of vip 10.200.100.1:80/tcp: no such backend"),
         bad(&["stats", "--watch", "0"], 2, "\"0\" is not a number of seconds from 0.1 to 3600"),
         bad(&["frobnicate"], 2, "unrecognized subcommand 'frobnicate'"),
+        bad(&["node", "drain"], 1, "node drain/undrain: this lbd has no [bgp] section, so it announces nothing to withdraw; add [bgp] to lbd.toml"),
+        bad(&["node", "drain", "--timeout", "soon"], 2, "invalid value 'soon' for '--timeout <SECS>'"),
     ];
     let mut checked = 0;
     for case in &cases {

@@ -31,13 +31,14 @@ struct KeyFile {
 }
 
 /// The sections in the order the file and the docs present them, with their TOML header.
-pub const SECTIONS: [(&str, &str); 6] = [
+pub const SECTIONS: [(&str, &str); 7] = [
     ("", "top level"),
     ("encap", "[encap]"),
     ("vip", "[[vip]]"),
     ("vip.health", "[vip.health]"),
     ("vip.learning", "[vip.learning]"),
     ("vip.backend", "[[vip.backend]]"),
+    ("bgp", "[bgp]"),
 ];
 
 /// Markers around the generated list in README.md.
@@ -301,7 +302,9 @@ mod tests {
             .skip(1)
             .step_by(2)
             .map(str::to_string)
-            .filter(|k| !["encap", "vip", "health", "learning", "backend"].contains(&k.as_str()))
+            .filter(|k| {
+                !["encap", "vip", "health", "learning", "backend", "bgp"].contains(&k.as_str())
+            })
             .collect()
     }
 

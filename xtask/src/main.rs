@@ -15,6 +15,7 @@ mod env;
 mod fuzz;
 mod install;
 mod lab;
+mod lab_fleet;
 mod setup;
 mod util;
 
@@ -141,6 +142,10 @@ pub struct LabArgs {
     /// nginx without the balancer).
     #[arg(long)]
     pub no_lbd: bool,
+    /// Run the demo as a fleet: N lbd nodes announcing the VIPs by BGP to a router (BIRD 2,
+    /// ECMP), printing each node's and each backend's share.
+    #[arg(long, value_name = "N")]
+    pub nodes: Option<usize>,
 }
 
 fn main() -> ExitCode {
@@ -155,7 +160,10 @@ fn main() -> ExitCode {
         } else {
             setup::setup_quietly()
         }
-        .and_then(|_| lab::run(&args))
+        .and_then(|_| match args.nodes {
+            Some(n) => lab_fleet::run(&args, n),
+            None => lab::run(&args),
+        })
         .map(|_| ExitCode::SUCCESS),
         Cmd::Bench { which } => setup::setup().and_then(|_| bench::run(which)),
         Cmd::Install(args) => install::install(&args).map(|_| ExitCode::SUCCESS),

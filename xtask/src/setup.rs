@@ -27,6 +27,9 @@ pub const PACKAGES: &[&str] = &[
     "systemd-container", // e2e_systemd: systemd-nspawn boots a real systemd
     "prometheus", // promtool (alert rules) and e2e_prometheus (the Grafana dashboard's queries)
     "lintian",    // packaging: lintian on the .deb
+    "etcd-server", // fleet mode's store (e2e_fleet_store, tests/src/etcd.rs)
+    "etcd-client", // etcdctl: the fleet tests read and write the store directly
+    "bird2",      // fleet: the router and every lbd node's BGP speaker
 ];
 
 #[path = "../../lb-userspace/ebpf_toolchain.rs"]

@@ -176,7 +176,9 @@ pub(super) fn edit(cfg: &mut Config, req: &Request) -> Result<String> {
         | Request::ModelShow { .. }
         | Request::Stats
         | Request::Status
-        | Request::RunningConfig => {
+        | Request::RunningConfig
+        | Request::NodeDrain { .. }
+        | Request::NodeUndrain => {
             bail!("internal error: {req:?} is not a change")
         }
     }

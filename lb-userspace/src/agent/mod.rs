@@ -18,7 +18,9 @@
 //! changes applies the datapath again. A down backend gets weight 0 in the table and the DOWN
 //! flag in its datapath entry (its established flows are steered again at once); a backend on
 //! probation comes back with a quarter of its weight (slow start), then all of it once up.
+mod drain;
 mod edit;
+mod fleet;
 mod health;
 mod learning;
 mod queries;
@@ -34,8 +36,10 @@ use crate::{
     health::HealthStatus,
 };
 use anyhow::{anyhow, bail, Result};
+pub use drain::NodeInputs;
 use edit::edit;
 pub use edit::persist;
+pub use fleet::fleet_edit;
 use health::{
     health_share, probed, ramp_share, sync_health, HealthKey, HealthMap, Newcomers, Probes,
 };
@@ -219,6 +223,12 @@ pub struct Agent {
     probes: std::sync::Mutex<Probes>,
     /// What happened, for `lbctl status` (see [`crate::control::events`]).
     events: Arc<Journal>,
+    /// Fleet mode's status (set by the store loop); None for a single-node lbd.
+    fleet: std::sync::Mutex<Option<crate::control::FleetStatus>>,
+    /// BGP announcements and drain (locked after `state`; never held across an await).
+    node: std::sync::Mutex<drain::Node>,
+    /// Wakes the BGP announcer on a drain or undrain.
+    node_notify: tokio::sync::Notify,
 }
 
 impl Agent {
@@ -255,6 +265,9 @@ impl Agent {
             started: Instant::now(),
             probes: std::sync::Mutex::new(Probes::default()),
             events,
+            fleet: std::sync::Mutex::new(None),
+            node: std::sync::Mutex::new(drain::Node::new()),
+            node_notify: tokio::sync::Notify::new(),
         })
     }
 
@@ -314,7 +327,11 @@ impl Agent {
     /// the host's, and no restart-only key changed. The configuration it holds, or why not.
     fn reloadable(&self, st: &State, text: &str) -> Result<Config> {
         let path = self.config_path.display();
-        let new = Config::parse(text).map_err(|e| anyhow!("config file {path}: {e}"))?;
+        let mut new = Config::parse(text).map_err(|e| anyhow!("config file {path}: {e}"))?;
+        if self.fleet_status().is_some() {
+            // A fleet node's VIPs come from the store; the file only holds its own settings.
+            new.vips = st.config.vips.clone();
+        }
         check_host(&new)?;
         let fixed = st.config.restart_only_changes(&new);
         if !fixed.is_empty() {
@@ -390,6 +407,16 @@ impl Agent {
             Request::Stats => self.snapshot().await.map(Response::ok),
             Request::Status => self.status().await.map(Response::ok),
             Request::RunningConfig => Ok(Response::ok(self.config().await)),
+            Request::NodeDrain { timeout_seconds } => {
+                let who = format!("{} (by {peer})", req.as_lbctl());
+                self.node_change(true, timeout_seconds, &who)
+                    .await
+                    .map(Response::ok)
+            }
+            Request::NodeUndrain => {
+                let who = format!("{} (by {peer})", req.as_lbctl());
+                self.node_change(false, None, &who).await.map(Response::ok)
+            }
             other => {
                 let words = other.as_lbctl();
                 let r = self.change(other).await;
@@ -402,6 +429,9 @@ impl Agent {
 
     /// One mutating request, as a transaction (see the module docs).
     async fn change(&self, req: Request) -> Result<Changed> {
+        if let Some(refusal) = self.fleet_refusal() {
+            bail!("{refusal}");
+        }
         let mut guard = self.state.lock().await;
         let st = &mut *guard;
         let prev = st.config.clone();

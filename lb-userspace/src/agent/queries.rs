@@ -181,6 +181,8 @@ impl Agent {
             metrics_listen: st.config.metrics_listen.to_string(),
             events: self.events.recent(),
             apply: st.timing.clone(),
+            fleet: self.fleet_status(),
+            bgp: self.bgp_status(st.config.bgp.is_some()),
             vips: st
                 .lb
                 .vips()

@@ -5,14 +5,20 @@
 //! socket, or no permission on the socket).
 use clap::Parser as _;
 use lb_userspace::{
-    cli::{BackendCommand, LbctlCli as Cli, LbctlCommand as Command, ModelCommand, VipCommand},
+    cli::{
+        BackendCommand, LbctlCli as Cli, LbctlCommand as Command, ModelCommand, NodeCommand,
+        VipCommand,
+    },
     config::Forwarding,
     control::{
-        BackendEntry, Changed, Client, ClientError, ModelVip, Request, StatsSnapshot, Status,
-        VipEntry,
+        BackendEntry, BgpStatus, Changed, Client, ClientError, ModelVip, NodeChanged, Request,
+        StatsSnapshot, Status, VipEntry,
     },
 };
 use serde::de::DeserializeOwned;
+
+#[path = "lbctl/fleet.rs"]
+mod fleet;
 use std::{io::Write as _, process::ExitCode, time::Duration};
 
 /// What ends the command early, and with which exit status.
@@ -21,6 +27,8 @@ enum Failure {
     Refused(String),
     /// lbd could not be reached or did not answer (exit 3).
     Unreachable(String),
+    /// The command line asks for something this mode cannot do (exit 2).
+    Usage(String),
 }
 
 impl From<ClientError> for Failure {
@@ -51,6 +59,9 @@ impl Ctl {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let (Some(urls), Some(prefix)) = (&cli.etcd, &cli.prefix) {
+        return exit(fleet::run(urls, prefix, cli.command, cli.json));
+    }
     let client = match Client::connect(&cli.socket) {
         Ok(c) => c,
         Err(e) => {
@@ -59,8 +70,16 @@ fn main() -> ExitCode {
         }
     };
     let mut ctl = Ctl { client };
-    match run(&mut ctl, cli.command, cli.json) {
+    exit(run(&mut ctl, cli.command, cli.json))
+}
+
+fn exit(result: Result<(), Failure>) -> ExitCode {
+    match result {
         Ok(()) => ExitCode::SUCCESS,
+        Err(Failure::Usage(msg)) => {
+            eprintln!("lbctl: {msg}");
+            ExitCode::from(2)
+        }
         Err(Failure::Refused(msg)) => {
             eprintln!("lbctl: error: {msg}");
             ExitCode::from(1)
@@ -79,30 +98,34 @@ fn print_json(v: &impl serde::Serialize) {
     );
 }
 
-fn run(ctl: &mut Ctl, command: Command, json: bool) -> Result<(), Failure> {
+/// The change a command asks for, if it is one (the same request goes to one lbd or, with
+/// `--etcd`, to the fleet's store).
+fn change_of(command: &Command) -> Option<Request> {
     match command {
         Command::Vip(VipCommand::Add {
             vip,
             forwarding,
             table_size,
             force,
-        }) => change(
-            ctl,
-            json,
-            Request::VipAdd {
-                vip: vip.to_string(),
-                forwarding: Some(forwarding.into()),
-                table_size,
-                force,
-            },
-        ),
-        Command::Vip(VipCommand::Remove { vip }) => change(
-            ctl,
-            json,
-            Request::VipRemove {
-                vip: vip.to_string(),
-            },
-        ),
+        }) => Some(Request::VipAdd {
+            vip: vip.to_string(),
+            forwarding: Some((*forwarding).into()),
+            table_size: *table_size,
+            force: *force,
+        }),
+        Command::Vip(VipCommand::Remove { vip }) => Some(Request::VipRemove {
+            vip: vip.to_string(),
+        }),
+        Command::Backend(b) => backend_change(b),
+        _ => None,
+    }
+}
+
+fn run(ctl: &mut Ctl, command: Command, json: bool) -> Result<(), Failure> {
+    if let Some(req) = change_of(&command) {
+        return change(ctl, json, req);
+    }
+    match command {
         Command::Vip(VipCommand::List) => {
             let vips: Vec<VipEntry> = ctl.call(Request::VipList)?;
             if json {
@@ -112,7 +135,17 @@ fn run(ctl: &mut Ctl, command: Command, json: bool) -> Result<(), Failure> {
             }
             Ok(())
         }
-        Command::Backend(b) => backend(ctl, b, json),
+        Command::Backend(BackendCommand::List { vip }) => {
+            let list: Vec<BackendEntry> = ctl.call(Request::BackendList {
+                vip: vip.map(|v| v.to_string()),
+            })?;
+            if json {
+                print_json(&list);
+            } else {
+                print_backends(&list);
+            }
+            Ok(())
+        }
         Command::Model(ModelCommand::Show { vip }) => {
             let vips: Vec<ModelVip> = ctl.call(Request::ModelShow {
                 vip: vip.map(|v| v.to_string()),
@@ -134,6 +167,47 @@ fn run(ctl: &mut Ctl, command: Command, json: bool) -> Result<(), Failure> {
             Ok(())
         }
         Command::Stats { watch, interval } => stats(ctl, watch, interval, json),
+        Command::Cluster(_) => Err(Failure::Usage(
+            "lbctl cluster status reads the fleet's store: give --etcd URL --prefix PREFIX".into(),
+        )),
+        Command::Vip(_) | Command::Backend(_) => unreachable!("changes are handled above"),
+        Command::Node(n) => {
+            let req = match n {
+                NodeCommand::Drain { timeout } => Request::NodeDrain {
+                    timeout_seconds: timeout,
+                },
+                NodeCommand::Undrain => Request::NodeUndrain,
+            };
+            let c: NodeChanged = ctl.call(req)?;
+            if json {
+                print_json(&c);
+            } else {
+                println!("{} (node {})", c.message, c.node);
+            }
+            Ok(())
+        }
+    }
+}
+
+/// `lbctl status`'s BGP part.
+fn print_bgp(b: &BgpStatus) {
+    let left = b
+        .drain_remaining_seconds
+        .map(|s| format!(", {s} s left"))
+        .unwrap_or_default();
+    println!("node       {}{left}", b.node);
+    println!("bgp        speaker {}", b.speaker);
+    for s in &b.sessions {
+        println!("  peer {:<28} {:<12} {}", s.peer, s.state, s.info);
+    }
+    let announced = if b.announced.is_empty() {
+        "nothing".to_string()
+    } else {
+        b.announced.join(", ")
+    };
+    println!("  announced {announced}");
+    for w in &b.withheld {
+        println!("  withheld  {} ({})", w.prefix, w.reason);
     }
 }
 
@@ -154,27 +228,17 @@ fn change(ctl: &mut Ctl, json: bool, req: Request) -> Result<(), Failure> {
     Ok(())
 }
 
-/// `lbctl backend ...`: a list, or a change to one backend of a VIP.
-fn backend(ctl: &mut Ctl, b: BackendCommand, json: bool) -> Result<(), Failure> {
-    let (vip, address) = match &b {
+/// `lbctl backend ...`: the change to one backend of a VIP (None for a list).
+fn backend_change(b: &BackendCommand) -> Option<Request> {
+    let (vip, address) = match b {
         BackendCommand::Add { vip, address, .. }
         | BackendCommand::Remove { vip, address, .. }
         | BackendCommand::SetWeight { vip, address, .. }
         | BackendCommand::Drain { vip, address, .. }
         | BackendCommand::Undrain { vip, address } => (vip.to_string(), address.to_string()),
-        BackendCommand::List { vip } => {
-            let list: Vec<BackendEntry> = ctl.call(Request::BackendList {
-                vip: vip.map(|v| v.to_string()),
-            })?;
-            if json {
-                print_json(&list);
-            } else {
-                print_backends(&list);
-            }
-            return Ok(());
-        }
+        BackendCommand::List { .. } => return None,
     };
-    let req = match b {
+    Some(match *b {
         BackendCommand::Add { weight, .. } => Request::BackendAdd {
             vip,
             address,
@@ -197,9 +261,8 @@ fn backend(ctl: &mut Ctl, b: BackendCommand, json: bool) -> Result<(), Failure> 
             force,
         },
         BackendCommand::Undrain { .. } => Request::BackendUndrain { vip, address },
-        BackendCommand::List { .. } => unreachable!("handled above"),
-    };
-    change(ctl, json, req)
+        BackendCommand::List { .. } => return None,
+    })
 }
 
 /// `lbctl stats`: rates between two snapshots, once or every `--watch` seconds.
@@ -459,6 +522,31 @@ fn print_status(s: &Status) {
     println!("config     {}", s.config_file);
     println!("control    {}", s.control_socket);
     println!("metrics    http://{}/metrics", s.metrics_listen);
+    if let Some(f) = &s.fleet {
+        println!(
+            "fleet      node {} ({}), etcd {} prefix {}: {}, revision {} applied{}",
+            f.node,
+            f.role,
+            f.etcd,
+            f.prefix,
+            if f.store_connected {
+                "connected"
+            } else {
+                "UNREACHABLE, forwarding on the last applied revision"
+            },
+            f.applied_revision,
+            f.leader
+                .as_ref()
+                .map(|l| format!(", leader {l}"))
+                .unwrap_or_default()
+        );
+        if let Some(e) = &f.last_error {
+            println!("FLEET      {e}");
+        }
+    }
+    if let Some(b) = &s.bgp {
+        print_bgp(b);
+    }
     if s.apply.applies > 0 {
         println!(
             "apply      last {:.1} ms ({} backends), slowest {:.1} ms, {} applies",

@@ -19,6 +19,7 @@ use lb_userspace::{
         events::{self, Journal, Kind},
         ControlSocket,
     },
+    fleet::{bgp, etcd::Etcd, node::NodeOptions},
     metrics, netif, notify, Balancer, Config, Decap, LoadOptions,
 };
 use std::{
@@ -49,7 +50,10 @@ async fn main() {
         }) => run_decap(&interface, &vips, &locals, xdp_mode.into()).await,
         Some(Command::Cleanup { force }) => cleanup(&cli.config, force),
         None if cli.check => check(&cli.config),
-        None => run_balancer(&cli.config).await,
+        None => match fleet_options(&cli) {
+            Ok(fleet) => run_balancer(&cli.config, fleet).await,
+            Err(e) => Err(e),
+        },
     };
     if let Err(e) = result {
         // Once, on stderr, where the journal reads it too (not also as a log record).
@@ -131,9 +135,9 @@ fn running_config(socket: &std::path::Path) -> Option<(u32, Config)> {
 
 /// Runs the balancer; whatever the outcome, leaves lbd's run-state file saying how it ended
 /// (removed on a clean exit, the error on a failed one), for the next lbd's journal.
-async fn run_balancer(path: &std::path::Path) -> Result<()> {
+async fn run_balancer(path: &std::path::Path, fleet: Option<NodeOptions>) -> Result<()> {
     let journal = Arc::new(Journal::new());
-    let result = balance(path, &journal).await;
+    let result = balance(path, &journal, fleet).await;
     match &result {
         Ok(()) => journal.clean_exit(),
         Err(e) => journal.exit_failed(&format!("{e:#}")),
@@ -141,9 +145,43 @@ async fn run_balancer(path: &std::path::Path) -> Result<()> {
     result
 }
 
-async fn balance(path: &std::path::Path, journal: &Arc<Journal>) -> Result<()> {
+/// `--etcd`, `--prefix`, `--node`: fleet mode's options, None without `--etcd`.
+fn fleet_options(cli: &Cli) -> Result<Option<NodeOptions>> {
+    let (Some(urls), Some(prefix)) = (&cli.etcd, &cli.prefix) else {
+        return Ok(None);
+    };
+    let node = match &cli.node {
+        Some(n) => n.clone(),
+        None => std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .context("reading the host name for --node")?
+            .trim()
+            .to_string(),
+    };
+    if node.is_empty() || node.contains(['/', ' ']) {
+        anyhow::bail!("--node {node:?}: give a name without '/' or spaces");
+    }
+    Ok(Some(NodeOptions {
+        etcd: Etcd::try_new(urls)?,
+        endpoints: urls.clone(),
+        prefix: lb_userspace::fleet::store::normalize_prefix(prefix)?,
+        node,
+        lease: Arc::default(),
+    }))
+}
+
+async fn balance(
+    path: &std::path::Path,
+    journal: &Arc<Journal>,
+    fleet: Option<NodeOptions>,
+) -> Result<()> {
     // Read first, so that a missing file is said as such (`--check` runs these in this order).
-    let cfg = Config::load(path)?;
+    let mut cfg = Config::load(path)?;
+    if let Some(opts) = &fleet {
+        // The store's VIPs from the first table on (a restart over pins keeps its tables).
+        if let Some(vips) = lb_userspace::fleet::node::initial_vips(opts, &cfg).await {
+            cfg.vips = vips;
+        }
+    }
     lb_userspace::security::check_config_path(path)?;
     lb_userspace::security::check_state_dirs(&cfg)?;
     // A missing interface is the likeliest mistake: say so before anything else is set up.
@@ -220,10 +258,49 @@ async fn balance(path: &std::path::Path, journal: &Arc<Journal>) -> Result<()> {
     let agent = Agent::new(path, cfg, lb, journal.clone());
     // Health checks of the VIPs with [vip.health]; their transitions re-apply the datapath.
     agent.start_health(&pins).await?;
+    if let Some(opts) = &fleet {
+        // Before the control socket serves: its service changes are refused from the start.
+        agent.set_fleet_status(opts.initial_status());
+        info!(node = %opts.node, etcd = %opts.endpoints, prefix = %opts.prefix, "fleet mode: VIPs come from etcd");
+    }
+    let fleet_task = fleet
+        .clone()
+        .map(|opts| tokio::spawn(lb_userspace::fleet::node::run(agent.clone(), opts)));
+    // [bgp]: the node-local BIRD, started here (a refused configuration fails the start); the
+    // announcer tells it what this node can serve from its first tick.
+    let announcer = start_bgp(&agent).await?;
     let control_task = tokio::spawn(control.serve(agent.clone()));
     let metrics_task = tokio::spawn(metrics::serve(metrics_listener, agent.clone()));
     serve_until_stopped(&agent, journal, &interface).await?;
+    if let Some(task) = announcer {
+        // Routers first: no new flows are sent to a node that is going away. Dropping the
+        // announcer stops BIRD, which tells its peers.
+        task.abort();
+        let _ = task.await;
+        info!("BGP speaker stopped: this node's routes are withdrawn");
+    }
+    if let (Some(task), Some(opts)) = (fleet_task, &fleet) {
+        // Then the store: the lease is revoked, so leadership moves at once.
+        task.abort();
+        let _ = task.await;
+        lb_userspace::fleet::node::leave(opts).await;
+    }
     shut_down(&agent, control_task, metrics_task, &interface).await
+}
+
+/// With `[bgp]`: starts the node-local BIRD and the announcer that drives it
+/// (`lb_userspace::fleet::bgp`).
+async fn start_bgp(agent: &Arc<Agent>) -> Result<Option<tokio::task::JoinHandle<()>>> {
+    let cfg = agent.config().await;
+    let Some(bgp) = cfg.bgp else { return Ok(None) };
+    let speaker = bgp::Speaker::try_start(&bgp, &cfg.control_socket)?;
+    info!(pid = speaker.pid(), peers = ?bgp.peers, "BGP speaker (BIRD) started");
+    Ok(Some(tokio::spawn(bgp::announce(
+        agent.clone(),
+        bgp,
+        cfg.control_socket,
+        speaker,
+    ))))
 }
 
 /// The datapath's rare events (aya-log records) go to lbd's log.
@@ -284,6 +361,7 @@ async fn serve_until_stopped(agent: &Agent, journal: &Journal, interface: &str) 
                     on_datapath_change(journal, &now);
                     faults = now;
                 }
+
             }
             _ = term.recv() => break,
             _ = int.recv() => break,

@@ -201,6 +201,15 @@ pub enum Request {
     /// Result: the running [`crate::config::Config`] (`lbd --check` compares a file's
     /// restart-only keys with it).
     RunningConfig,
+    /// Result: [`NodeChanged`]. Withdraws this node's BGP routes (the router sends it no new
+    /// flows) and keeps forwarding what still arrives; `draining` for `timeout_seconds`
+    /// (default `bgp.drain_timeout_seconds`), then `drained`. Needs `[bgp]`.
+    NodeDrain {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        timeout_seconds: Option<u64>,
+    },
+    /// Result: [`NodeChanged`]. Announces the VIPs again (those it can serve).
+    NodeUndrain,
 }
 
 impl Request {
@@ -283,6 +292,13 @@ impl Request {
             Request::Stats => "lbctl stats".into(),
             Request::Status => "lbctl status".into(),
             Request::RunningConfig => "lbd --check (running_config)".into(),
+            Request::NodeDrain {
+                timeout_seconds: Some(t),
+            } => format!("lbctl node drain --timeout {t}"),
+            Request::NodeDrain {
+                timeout_seconds: None,
+            } => "lbctl node drain".into(),
+            Request::NodeUndrain => "lbctl node undrain".into(),
         }
     }
 
@@ -296,6 +312,8 @@ impl Request {
                 | Request::Stats
                 | Request::Status
                 | Request::RunningConfig
+                | Request::NodeDrain { .. }
+                | Request::NodeUndrain
         )
     }
 }
@@ -556,6 +574,90 @@ pub struct Status {
     /// that changed weights goes through it).
     #[serde(default)]
     pub apply: ApplyTiming,
+    /// Fleet mode (`lbd --etcd`): the store, this node's role and the revision it applies;
+    /// null for a single-node lbd.
+    #[serde(default)]
+    pub fleet: Option<FleetStatus>,
+    /// VIP announcement by BGP; null without `[bgp]`.
+    #[serde(default)]
+    pub bgp: Option<BgpStatus>,
+}
+
+/// What a fleet node (`lbd --etcd URL --prefix P`) knows of the shared store and its role.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FleetStatus {
+    /// This node's name in the fleet (`--node`, default the host name).
+    pub node: String,
+    pub etcd: String,
+    pub prefix: String,
+    /// Whether the last read of the store succeeded. While false, the node keeps forwarding
+    /// on `applied_revision`.
+    pub store_connected: bool,
+    /// The store revision of the service configuration in force (the highest mod revision
+    /// under `PREFIX/config/`); 0 before the first apply.
+    pub applied_revision: i64,
+    /// The revision of the leader's published weights in force, 0 if none.
+    pub applied_weights_revision: i64,
+    /// `leader` or `follower`.
+    pub role: String,
+    /// The node holding the election key, if known.
+    pub leader: Option<String>,
+    /// Why the newest configuration in the store is not applied (bad data: the key and the
+    /// fix), or why the store is unreachable; null when all is well.
+    pub last_error: Option<String>,
+    /// Unix seconds of the last successful read of the store.
+    pub last_contact_unix: u64,
+}
+
+/// `status.bgp`: this node's place in the fleet as its routers see it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BgpStatus {
+    /// `serving` (announcing what it can serve), `draining` (routes withdrawn by
+    /// `lbctl node drain`, still forwarding what arrives) or `drained` (the drain's timeout has
+    /// passed: safe to stop).
+    pub node: String,
+    /// Seconds left of the drain's timeout while `draining`, else null.
+    pub drain_remaining_seconds: Option<u64>,
+    /// The node-local BIRD: `running (pid N)`, or what went wrong with it.
+    pub speaker: String,
+    /// One per `bgp.peers` entry.
+    pub sessions: Vec<BgpSession>,
+    /// Prefixes announced now (`198.51.100.1/32`, `2001:db8::1/128`).
+    pub announced: Vec<String>,
+    /// Configured VIPs' prefixes not announced, and why.
+    pub withheld: Vec<Withheld>,
+    /// Milliseconds since the Unix epoch of the last change of `announced`; null before any.
+    pub changed_ms: Option<u64>,
+}
+
+/// One BGP session, as BIRD reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BgpSession {
+    pub peer: String,
+    /// BGP state in lower case: `established`, `active`, `connect`, `opensent`,
+    /// `openconfirm`, `idle`, or `unknown` when BIRD cannot be asked.
+    pub state: String,
+    pub established: bool,
+    /// BIRD's own words (e.g. `Socket: Connection refused`).
+    pub info: String,
+}
+
+/// A prefix this node does not announce.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Withheld {
+    pub prefix: String,
+    /// `node_draining`, `node_drained`, `datapath_faults` or `no_serving_backend`.
+    pub reason: String,
+}
+
+/// Result of `node drain` / `node undrain`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeChanged {
+    pub message: String,
+    /// False when the node already was in the state asked for.
+    pub changed: bool,
+    /// `serving`, `draining` or `drained`.
+    pub node: String,
 }
 
 /// Durations of the agent's datapath applies since start, in microseconds (wall clock, on the

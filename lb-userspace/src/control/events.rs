@@ -88,11 +88,31 @@ pub enum Kind {
     DatapathRestored,
     /// An accepted configuration has something worth a warning (a small Maglev table).
     ConfigWarning,
+    /// Fleet mode: the store became unreachable (forwarding goes on with the last revision),
+    /// or reachable again.
+    FleetStoreLost,
+    FleetStoreBack,
+    /// Fleet mode: a store revision was applied, or refused whole (the key and the fix).
+    FleetApplied,
+    FleetRefused,
+    /// Fleet mode: this node became the leader, or stopped being it.
+    FleetLeader,
+    /// The VIPs this node announces by BGP changed (served, drained, datapath lost, ...).
+    RoutesChanged,
+    /// A BGP session came up or went down.
+    BgpSessionUp,
+    BgpSessionDown,
+    /// The node-local BIRD exited (it is restarted).
+    BgpSpeakerFailed,
+    /// `lbctl node drain`, its timeout passing, `lbctl node undrain`.
+    NodeDraining,
+    NodeDrained,
+    NodeUndrained,
 }
 
 impl Kind {
     /// Every kind, for counters that must exist (at 0) before the first event.
-    pub const ALL: [Kind; 20] = [
+    pub const ALL: [Kind; 32] = [
         Kind::Start,
         Kind::UncleanStop,
         Kind::PreviousStartFailed,
@@ -113,6 +133,18 @@ impl Kind {
         Kind::DatapathLost,
         Kind::DatapathRestored,
         Kind::ConfigWarning,
+        Kind::FleetStoreLost,
+        Kind::FleetStoreBack,
+        Kind::FleetApplied,
+        Kind::FleetRefused,
+        Kind::FleetLeader,
+        Kind::RoutesChanged,
+        Kind::BgpSessionUp,
+        Kind::BgpSessionDown,
+        Kind::BgpSpeakerFailed,
+        Kind::NodeDraining,
+        Kind::NodeDrained,
+        Kind::NodeUndrained,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -137,6 +169,18 @@ impl Kind {
             Kind::DatapathLost => "datapath_lost",
             Kind::DatapathRestored => "datapath_restored",
             Kind::ConfigWarning => "config_warning",
+            Kind::FleetStoreLost => "fleet_store_lost",
+            Kind::FleetStoreBack => "fleet_store_back",
+            Kind::FleetApplied => "fleet_applied",
+            Kind::FleetRefused => "fleet_refused",
+            Kind::FleetLeader => "fleet_leader",
+            Kind::RoutesChanged => "routes_changed",
+            Kind::BgpSessionUp => "bgp_session_up",
+            Kind::BgpSessionDown => "bgp_session_down",
+            Kind::BgpSpeakerFailed => "bgp_speaker_failed",
+            Kind::NodeDraining => "node_draining",
+            Kind::NodeDrained => "node_drained",
+            Kind::NodeUndrained => "node_undrained",
         }
     }
 }
@@ -703,6 +747,9 @@ mod tests {
         let listed: Vec<&str> = line
             .split("`kind` one of")
             .nth(1)
+            .unwrap()
+            .split(';')
+            .next()
             .unwrap()
             .split('`')
             .skip(1)
