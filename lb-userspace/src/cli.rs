@@ -129,6 +129,31 @@ pub enum LbctlCommand {
     },
     /// Interface, XDP mode, program id, uptime and table generation per VIP.
     Status,
+    /// Tracked connections: client, VIP, backend, state, age and last packet.
+    #[command(subcommand)]
+    Conn(ConnCommand),
+    /// Which backend a new flow from CLIENT would get now (the Maglev choice), and which it
+    /// has if it is tracked. Without a port: each backend's share of the client's source
+    /// ports, and the client's tracked flows.
+    Lookup {
+        vip: VipName,
+        /// ADDRESS or ADDRESS:PORT ([ADDRESS]:PORT for IPv6).
+        client: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ConnCommand {
+    /// List tracked connections (like ipvsadm -Lnc), of one VIP or all.
+    List {
+        vip: Option<VipName>,
+        /// Only the connections of this backend.
+        #[arg(long, value_parser = parse_backend_address)]
+        backend: Option<IpAddr>,
+        /// At most N connections (the total that matched is still said).
+        #[arg(long, value_name = "N")]
+        limit: Option<u32>,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -193,7 +218,9 @@ pub enum BackendCommand {
         #[arg(long)]
         force: bool,
     },
-    /// Stop sending new flows to a backend; its established flows continue.
+    /// Stop sending new flows to a backend; its established flows continue. With --wait,
+    /// return when it has no active connection left (exit 0), or at --timeout with exit
+    /// status 4 and how many are left.
     Drain {
         vip: VipName,
         #[arg(value_parser = parse_backend_address)]
@@ -201,6 +228,13 @@ pub enum BackendCommand {
         /// Do it even if it leaves the VIP no serving backend (all its traffic dropped).
         #[arg(long)]
         force: bool,
+        /// Wait until the backend has no active connection (closing and idle ones do not
+        /// count; see conn_idle_tcp_seconds).
+        #[arg(long)]
+        wait: bool,
+        /// With --wait: give up after SECS seconds (exit status 4). Default: wait for ever.
+        #[arg(long, value_name = "SECS", requires = "wait", value_parser = parse_drain_timeout)]
+        timeout: Option<f64>,
     },
     /// Give a drained backend new flows again, at its weight.
     Undrain {
@@ -246,6 +280,16 @@ pub fn parse_secs(s: &str) -> Result<f64, String> {
     match s.parse::<f64>() {
         Ok(x) if (0.1..=3600.0).contains(&x) => Ok(x),
         _ => Err(format!("{s:?} is not a number of seconds from 0.1 to 3600")),
+    }
+}
+
+/// `backend drain --wait --timeout`: up to a day (long-lived connections take long).
+pub fn parse_drain_timeout(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(x) if (0.1..=86_400.0).contains(&x) => Ok(x),
+        _ => Err(format!(
+            "--timeout {s:?} is not a number of seconds from 0.1 to 86400"
+        )),
     }
 }
 

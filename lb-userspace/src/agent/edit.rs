@@ -176,7 +176,9 @@ pub(super) fn edit(cfg: &mut Config, req: &Request) -> Result<String> {
         | Request::ModelShow { .. }
         | Request::Stats
         | Request::Status
-        | Request::RunningConfig => {
+        | Request::RunningConfig
+        | Request::ConnList { .. }
+        | Request::Lookup { .. } => {
             bail!("internal error: {req:?} is not a change")
         }
     }

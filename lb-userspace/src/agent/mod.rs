@@ -18,6 +18,7 @@
 //! changes applies the datapath again. A down backend gets weight 0 in the table and the DOWN
 //! flag in its datapath entry (its established flows are steered again at once); a backend on
 //! probation comes back with a quarter of its weight (slow start), then all of it once up.
+mod conns;
 mod edit;
 mod health;
 mod learning;
@@ -204,6 +205,8 @@ pub struct Agent {
     probes: std::sync::Mutex<Probes>,
     /// What happened, for `lbctl status` (see [`crate::control::events`]).
     events: Arc<Journal>,
+    /// Whether `CT` and `CT_NEW` were above the fill warning at the last count.
+    fill_above: std::sync::Mutex<[bool; 2]>,
 }
 
 impl Agent {
@@ -235,6 +238,7 @@ impl Agent {
             started: Instant::now(),
             probes: std::sync::Mutex::new(Probes::default()),
             events,
+            fill_above: std::sync::Mutex::new([false; 2]),
         })
     }
 
@@ -370,6 +374,15 @@ impl Agent {
             Request::Stats => self.snapshot().await.map(Response::ok),
             Request::Status => self.status().await.map(Response::ok),
             Request::RunningConfig => Ok(Response::ok(self.config().await)),
+            Request::ConnList {
+                vip,
+                backend,
+                limit,
+            } => {
+                self.conn_list(vip.as_deref(), backend.as_deref(), limit)
+                    .await
+            }
+            Request::Lookup { vip, client } => self.lookup(&vip, &client).await,
             other => {
                 let words = other.as_lbctl();
                 let r = self.change(other).await;

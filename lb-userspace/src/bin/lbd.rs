@@ -256,8 +256,16 @@ async fn serve_until_stopped(agent: &Agent, journal: &Journal, interface: &str) 
     // What is missing from the datapath (detached, replaced, unpinned), checked on the same
     // tick: reported within 250 ms.
     let mut faults: Vec<String> = Vec::new();
+    // The connection tables' fill, counted now and then so that a table passing 80% is
+    // journaled (conntrack_fill) even when nobody asks for statistics.
+    let mut fill_tick = tokio::time::interval(Duration::from_secs(10));
     loop {
         tokio::select! {
+            _ = fill_tick.tick() => {
+                if let Err(e) = agent.census().await {
+                    error!("counting the connection tables: {e:#}");
+                }
+            }
             _ = heal.tick() => {
                 match agent.with_balancer(|lb, _| lb.heal_next_hops()).await {
                     Ok(true) => {

@@ -201,6 +201,18 @@ pub enum Request {
     /// Result: the running [`crate::config::Config`] (`lbd --check` compares a file's
     /// restart-only keys with it).
     RunningConfig,
+    /// Result: [`ConnList`]: tracked connections, of one VIP or all, of one backend or all.
+    ConnList {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        vip: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        backend: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        limit: Option<u32>,
+    },
+    /// Result: [`Lookup`]: the backend a new flow from `client` (`ADDR` or `ADDR:PORT`) gets
+    /// now, and the one it has if it is tracked.
+    Lookup { vip: String, client: String },
 }
 
 impl Request {
@@ -283,6 +295,24 @@ impl Request {
             Request::Stats => "lbctl stats".into(),
             Request::Status => "lbctl status".into(),
             Request::RunningConfig => "lbd --check (running_config)".into(),
+            Request::ConnList {
+                vip,
+                backend,
+                limit,
+            } => {
+                let mut s = "lbctl conn list".to_string();
+                if let Some(v) = vip {
+                    s.push_str(&format!(" {v}"));
+                }
+                if let Some(b) = backend {
+                    s.push_str(&format!(" --backend {b}"));
+                }
+                if let Some(n) = limit {
+                    s.push_str(&format!(" --limit {n}"));
+                }
+                s
+            }
+            Request::Lookup { vip, client } => format!("lbctl lookup {vip} {client}"),
         }
     }
 
@@ -296,6 +326,8 @@ impl Request {
                 | Request::Stats
                 | Request::Status
                 | Request::RunningConfig
+                | Request::ConnList { .. }
+                | Request::Lookup { .. }
         )
     }
 }
@@ -496,6 +528,87 @@ pub struct BackendEntry {
     pub last_error: Option<String>,
     /// Backend id in the datapath (index of its statistics).
     pub id: u32,
+    /// Tracked connections (`conns_active`, `conns_idle`, `conns_closing`).
+    #[serde(flatten)]
+    pub conns: ConnCounts,
+}
+
+/// A backend's tracked connections by what their entries say (see the README's "Connections"):
+/// active (the client sent within the idle window and has not closed), idle (silent for
+/// longer), closing (the client sent a FIN or RST).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConnCounts {
+    #[serde(default)]
+    pub conns_active: u64,
+    #[serde(default)]
+    pub conns_idle: u64,
+    #[serde(default)]
+    pub conns_closing: u64,
+}
+
+/// Entries and capacity of the connection tables, from the last count.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct TableFill {
+    pub ct_entries: u64,
+    pub ct_capacity: u32,
+    pub ct_new_entries: u64,
+    pub ct_new_capacity: u32,
+    /// How long the count took (both tables), in milliseconds.
+    #[serde(serialize_with = "super::round::ms")]
+    pub scan_ms: f64,
+}
+
+impl TableFill {
+    /// `CT`'s and `CT_NEW`'s fill, 0 to 1.
+    pub fn ratios(&self) -> (f64, f64) {
+        (
+            self.ct_entries as f64 / f64::from(self.ct_capacity.max(1)),
+            self.ct_new_entries as f64 / f64::from(self.ct_new_capacity.max(1)),
+        )
+    }
+}
+
+/// `conn list`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ConnList {
+    pub connections: Vec<ConnEntry>,
+    /// Connections that matched, listed or not (`--limit`).
+    pub matched: u64,
+}
+
+/// One tracked connection.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ConnEntry {
+    /// The client's address and port.
+    pub client: std::net::SocketAddr,
+    pub vip: String,
+    pub backend: IpAddr,
+    /// `new`, `established` or `closing`.
+    pub state: String,
+    /// Counted in `conns_active` (not closing, seen within the idle window).
+    pub active: bool,
+    /// Since the flow was first recorded, in seconds.
+    #[serde(serialize_with = "super::round::ms")]
+    pub age_seconds: f64,
+    /// Since its last packet, in seconds.
+    #[serde(serialize_with = "super::round::ms")]
+    pub last_seen_seconds: f64,
+}
+
+/// `lookup`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Lookup {
+    pub vip: String,
+    pub client: String,
+    /// With a port: the backend the table gives a new flow now (null: the slot is empty).
+    pub new_flow_backend: Option<IpAddr>,
+    /// With a port: the Maglev slot the flow hashes to.
+    pub slot: Option<u32>,
+    /// Without a port: each backend's share of the client's 65535 source ports.
+    #[serde(default)]
+    pub shares_by_port: BTreeMap<IpAddr, f64>,
+    /// Tracked flows from the client (with a port: that one flow, if tracked).
+    pub tracked: Vec<ConnEntry>,
 }
 
 /// `status`.
@@ -577,6 +690,9 @@ pub struct StatsSnapshot {
     #[serde(default)]
     #[serde(serialize_with = "super::round::opt_rate")]
     pub interval_seconds: Option<f64>,
+    /// The connection tables' fill (null if they could not be read).
+    #[serde(default)]
+    pub conntrack: Option<TableFill>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -625,6 +741,8 @@ pub struct BackendStatsEntry {
     pub fit_r2: Option<f64>,
     #[serde(default)]
     pub rates: Option<Rates>,
+    #[serde(flatten)]
+    pub conns: ConnCounts,
 }
 
 /// Per-second rates between two snapshots.
@@ -789,6 +907,7 @@ mod tests {
             last_probe_ms: None,
             last_error: None,
             id: 0,
+            conns: ConnCounts::default(),
         };
         let v = serde_json::to_value(&backend).unwrap();
         assert_keys(
@@ -807,6 +926,9 @@ mod tests {
                 "last_probe_ms",
                 "last_error",
                 "id",
+                "conns_active",
+                "conns_idle",
+                "conns_closing",
             ],
         );
         assert!(
@@ -945,12 +1067,14 @@ mod tests {
                     learned_weight: None,
                     fit_r2: None,
                     rates: None,
+                    conns: ConnCounts::default(),
                 }],
             }],
             counters: BTreeMap::new(),
             model_refusals: BTreeMap::new(),
             datapath_faults: Vec::new(),
             interval_seconds: None,
+            conntrack: None,
         };
         let v = serde_json::to_value(&stats).unwrap();
         assert_keys(
@@ -963,6 +1087,7 @@ mod tests {
                 "counters",
                 "vips",
                 "model_refusals",
+                "conntrack",
             ],
         );
         assert!(v["model_refusals"].is_object(), "{v}");
@@ -1080,6 +1205,7 @@ mod tests {
             counters: BTreeMap::new(),
             model_refusals: BTreeMap::new(),
             interval_seconds: None,
+            conntrack: None,
             vips: vec![VipStatsEntry {
                 vip: "10.0.0.1:80/tcp".into(),
                 packets,

@@ -88,6 +88,8 @@ pub enum Kind {
     DatapathRestored,
     /// An accepted configuration has something worth a warning (a small Maglev table).
     ConfigWarning,
+    /// A connection table passed 80% of its capacity (or went back under).
+    ConntrackFill,
 }
 
 impl Kind {
@@ -113,6 +115,7 @@ impl Kind {
             Kind::DatapathLost => "datapath_lost",
             Kind::DatapathRestored => "datapath_restored",
             Kind::ConfigWarning => "config_warning",
+            Kind::ConntrackFill => "conntrack_fill",
         }
     }
 }
