@@ -188,6 +188,53 @@ impl ConntrackReader {
     }
 }
 
+impl ConntrackReader {
+    /// Writes entries into `CT` or `CT_NEW` with `BPF_MAP_UPDATE_BATCH` (what `cargo xtask
+    /// bench conntrack` fills the tables with; lbd itself never writes them).
+    pub fn try_insert(&self, table: CtTable, entries: &[(FlowKey, CtValue)]) -> anyhow::Result<()> {
+        const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+        let fd = match table {
+            CtTable::Established => &self.ct,
+            CtTable::New => &self.ct_new,
+        };
+        for chunk in entries.chunks(LOOKUP_CHUNK) {
+            let keys: Vec<FlowKey> = chunk.iter().map(|e| e.0).collect();
+            let values: Vec<CtValue> = chunk.iter().map(|e| e.1).collect();
+            let mut done = 0usize;
+            while done < keys.len() {
+                let mut attr = super::bpf_maps::BatchAttr {
+                    keys: keys[done..].as_ptr() as u64,
+                    values: values[done..].as_ptr() as u64,
+                    count: (keys.len() - done) as u32,
+                    map_fd: fd.as_raw_fd() as u32,
+                    ..Default::default()
+                };
+                // SAFETY: a valid `bpf_attr.batch`; `keys` and `values` hold `count` elements
+                // of the map's key and value types and outlive the call.
+                let rc = unsafe {
+                    libc::syscall(
+                        libc::SYS_bpf,
+                        BPF_MAP_UPDATE_BATCH,
+                        &mut attr as *mut super::bpf_maps::BatchAttr,
+                        std::mem::size_of::<super::bpf_maps::BatchAttr>() as u32,
+                    )
+                };
+                if rc < 0 {
+                    anyhow::bail!(
+                        "writing the connection table (BPF_MAP_UPDATE_BATCH): {}",
+                        std::io::Error::last_os_error()
+                    );
+                }
+                if attr.count == 0 {
+                    anyhow::bail!("BPF_MAP_UPDATE_BATCH wrote nothing");
+                }
+                done += attr.count as usize;
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Every entry of a `FlowKey -> CtValue` hash map, in batches.
 fn lookup_all(fd: &OwnedFd, mut f: impl FnMut(&FlowKey, &CtValue)) -> std::io::Result<u64> {
     const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
