@@ -204,11 +204,13 @@ pub struct CtValue {
     /// days): with direct server return the balancer sees only the client's side, so idleness
     /// is what tells an active connection from one whose client went away. 0 in `FRAGS`.
     pub last_seen: u32,
-    /// When the flow was first recorded (same clock and unit): its age.
-    pub created: u32,
+    /// The low 32 bits of jiffies when `last_seen` was last written. Reading jiffies is one
+    /// load (the verifier inlines `bpf_jiffies64`), the coarse clock a helper call: the
+    /// datapath reads the clock only when jiffies moved, at most once a tick per flow.
+    pub touched: u32,
 }
 
-/// `CtValue::last_seen` and `created` are `CLOCK_MONOTONIC_COARSE` nanoseconds shifted right
+/// `CtValue::last_seen` is `CLOCK_MONOTONIC_COARSE` nanoseconds shifted right
 /// by this much: ticks of about 1.05 ms, so a busy flow's entry is written at most once a tick.
 pub const CT_TICK_SHIFT: u32 = 20;
 

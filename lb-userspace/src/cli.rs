@@ -31,6 +31,10 @@ pub struct LbdCli {
     /// Validate the configuration and exit.
     #[arg(long)]
     pub check: bool,
+    /// With --check: also say what reloading the running lbd with this file would do to the
+    /// Maglev tables (slots gained or lost per backend, share of new flows that would move).
+    #[arg(long, requires = "check")]
+    pub diff: bool,
     #[command(subcommand)]
     pub command: Option<LbdCommand>,
 }
@@ -103,6 +107,11 @@ pub struct LbctlCli {
     /// Print JSON for scripts (field names are stable; see the README).
     #[arg(long, global = true)]
     pub json: bool,
+    /// With a change (vip add/remove, backend add/remove/set-weight/drain/undrain): say what
+    /// it would do to the tables (slots each backend gains or loses, share of new flows that
+    /// would move) after the same checks, and change nothing.
+    #[arg(long, global = true)]
+    pub dry_run: bool,
     #[command(subcommand)]
     pub command: LbctlCommand,
 }

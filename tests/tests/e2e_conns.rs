@@ -4,6 +4,7 @@
 //! with the backend the next new connection gets), and drained: `backend drain --wait` returns
 //! 0 within a second of the last close while the test closes the drained backend's connections
 //! over 10 s, and exit status 4 naming how many are left when they stay open.
+use serde_json::Value;
 use std::{
     collections::BTreeMap,
     fs,
@@ -97,6 +98,100 @@ fn spawn_lbctl(sock: &Path, args: &[&str]) -> Lbctl {
             .spawn()
             .expect("running lbctl"),
     ))
+}
+
+/// Everything a change could touch: backend list (slots included), vip list, the file's bytes.
+fn state(sock: &Path, dir: &Path) -> (Value, Value, Vec<u8>) {
+    let mut backends = lbctl_json(sock, &["backend", "list"]);
+    for b in backends.as_array_mut().unwrap() {
+        for k in ["conns_active", "conns_idle", "conns_closing", "last_probe_ms"] {
+            b.as_object_mut().unwrap().remove(k);
+        }
+    }
+    (
+        backends,
+        lbctl_json(sock, &["vip", "list"]),
+        fs::read(dir.join("lbd.toml")).unwrap(),
+    )
+}
+
+/// `--dry-run` changes nothing and predicts exactly what the real change then does;
+/// `lbd --check --diff` says what a reload would do; --dry-run on a query is a usage error.
+fn dry_runs_change_nothing(lab: &Lab, sock: &Path, dir: &Path) {
+    let b0 = backend_v4(0).to_string();
+    let before = state(sock, dir);
+    let d = lbctl_json(sock, &["--dry-run", "backend", "undrain", VIP4, &b0]);
+    assert_eq!(d["changed"], true, "{d}");
+    assert!(d["message"].as_str().unwrap().starts_with("dry run, nothing changed"), "{d}");
+    let v = &d["vips"][0];
+    let gained: BTreeMap<String, i64> = v["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| (b["address"].as_str().unwrap().to_string(), b["slots_gained"].as_i64().unwrap()))
+        .collect();
+    assert!(gained[&b0] > 0, "{d}");
+    assert_eq!(gained.values().sum::<i64>(), 0, "slots move, none appear: {d}");
+    assert_eq!(v["slots_moved"].as_i64(), Some(gained[&b0]), "{d}");
+    // Refused like the change itself; the text form; a dry run of a query.
+    let b2 = backend_v4(2).to_string();
+    let out = lbctl(sock, &["--dry-run", "backend", "drain", VIP4, &backend_v4(1).to_string()]);
+    assert_eq!(out.status.code(), Some(1), "draining the last serving backend is refused");
+    let out = lbctl(sock, &["--dry-run", "backend", "remove", VIP4, &b2, "--force"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && text.contains("slots would move"), "{text}");
+    let out = lbctl(sock, &["--dry-run", "backend", "list"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(state(sock, dir), before, "a dry run changed something");
+
+    // lbd --check --diff: a file with backend 0 undrained, against the running lbd.
+    let file = dir.join("next.toml");
+    let text = String::from_utf8(before.2.clone()).unwrap();
+    let mut in_b0 = false;
+    let mut undrained = String::new();
+    for l in text.lines() {
+        if l.starts_with('[') {
+            in_b0 = false;
+        }
+        if l.trim() == format!("address = \"{b0}\"") {
+            in_b0 = true;
+        }
+        if !(in_b0 && l.trim_start().starts_with("drained")) {
+            undrained.push_str(l);
+            undrained.push('\n');
+        }
+    }
+    assert_ne!(undrained, text, "backend 0's drained key in:\n{text}");
+    fs::write(&file, &undrained).unwrap();
+    let out = Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{}", lab.lb().ns().name()))
+        .arg(bin_path("lbd"))
+        .args(["--config", file.to_str().unwrap(), "--check", "--diff"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        stdout.contains(&format!("{} of 65537 slots would move", v["slots_moved"])),
+        "{stdout}"
+    );
+    assert_eq!(state(sock, dir), before, "--check --diff changed something");
+
+    // The real change moves exactly the slots the dry run said.
+    let c = lbctl_json(sock, &["backend", "undrain", VIP4, &b0]);
+    assert_eq!(c["tables"][0]["slots_moved"], v["slots_moved"], "{c}
+{d}");
+    let after = lbctl_json(sock, &["backend", "list", VIP4]);
+    for b in v["backends"].as_array().unwrap() {
+        let got = after
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["address"] == b["address"])
+            .unwrap();
+        assert_eq!(got["slots"], b["slots_after"], "{b} vs {got}");
+    }
 }
 
 fn scratch(name: &str) -> PathBuf {
@@ -273,6 +368,8 @@ fn connections_are_counted_listed_looked_up_and_drained() {
         "{stderr}"
     );
     assert!(started.elapsed() >= Duration::from_secs(2), "{:?}", started.elapsed());
+
+    dry_runs_change_nothing(&lab, &sock, &dir);
 
     // The held connections still work.
     conns.check_all().expect("the remaining connections");

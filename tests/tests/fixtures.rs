@@ -302,7 +302,7 @@ impl Flow {
             syn_seq: u32::from_ne_bytes(syn_seq.to_be_bytes()),
             flags,
             last_seen: 0,
-            created: 0,
+            touched: 0,
         }
     }
 
@@ -1966,14 +1966,14 @@ fn run_case(env: &Env, case: &Case) -> Result<String, String> {
         let (got_ct, got_new) = env.lb.conntrack_entries(&f.key());
         // Times are the kernel's clock: checked to be set, then left out of the comparison.
         for v in [got_ct, got_new].iter().flatten() {
-            if v.last_seen == 0 || v.created == 0 || v.created > v.last_seen {
+            if v.last_seen == 0 || v.touched == 0 {
                 problems.push(format!("connection-table times not set: {v:?}"));
             }
         }
         let untimed = |v: Option<CtValue>| {
             v.map(|v| CtValue {
                 last_seen: 0,
-                created: 0,
+                touched: 0,
                 ..v
             })
         };

@@ -458,7 +458,7 @@ mod prog {
                 syn_seq: 0,
                 flags: 0,
                 last_seen: 0,
-                created: 0,
+                touched: 0,
             };
             if FRAGS.insert(&frag_key(key, frag_id), &value, 0).is_err() {
                 count(Counter::FragInsertFailed);
@@ -473,6 +473,13 @@ mod prog {
         })
     }
 
+    /// The low 32 bits of jiffies (`CtValue::touched`).
+    #[inline(always)]
+    fn jiffies32() -> u32 {
+        // SAFETY: a helper without arguments (inlined into a load by the verifier).
+        unsafe { bpf_jiffies64() as u32 }
+    }
+
     /// Now, in connection-table ticks (`CT_TICK_SHIFT`).
     #[inline(always)]
     fn now_tick() -> u32 {
@@ -485,13 +492,17 @@ mod prog {
     /// flag on the client's FIN or RST.
     #[inline(always)]
     fn touch(v: *mut CtValue, closes: bool) {
-        let now = now_tick();
+        let jiffies = jiffies32();
         // SAFETY: an LRU element found by the caller in this run of the program; its memory
         // stays valid until the program ends. Two CPUs writing the same fields write the same
         // values (a tick, a bit), so a race loses nothing that matters.
         unsafe {
-            if (*v).last_seen != now {
-                (*v).last_seen = now;
+            if (*v).touched != jiffies {
+                (*v).touched = jiffies;
+                let now = now_tick();
+                if (*v).last_seen != now {
+                    (*v).last_seen = now;
+                }
             }
             if closes && (*v).flags & CT_F_CLOSING == 0 {
                 (*v).flags |= CT_F_CLOSING;
@@ -609,7 +620,7 @@ mod prog {
                 syn_seq: old.syn_seq,
                 flags: old.flags | CT_F_RESTEERED | if closes { CT_F_CLOSING } else { 0 },
                 last_seen: now_tick(),
-                created: old.created,
+                touched: jiffies32(),
             };
             let (inserted, failed) = if resteer_ct.is_some() {
                 (CT.insert(key, &value, 0), Counter::CtInsertFailed)
@@ -631,7 +642,7 @@ mod prog {
                 syn_seq: if syn { seq } else { 0 },
                 flags: if closes { CT_F_CLOSING } else { 0 },
                 last_seen: now,
-                created: now,
+                touched: jiffies32(),
             };
             if CT_NEW.insert(key, &value, 0).is_ok() {
                 count(Counter::CtNew);

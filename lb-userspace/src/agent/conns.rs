@@ -70,7 +70,6 @@ impl Names {
             backend: *backend,
             state: c.state.name().to_string(),
             active: c.active,
-            age_seconds: c.age.as_secs_f64(),
             last_seen_seconds: c.idle_for.as_secs_f64(),
         })
     }

@@ -178,7 +178,9 @@ pub(super) fn edit(cfg: &mut Config, req: &Request) -> Result<String> {
         | Request::Status
         | Request::RunningConfig
         | Request::ConnList { .. }
-        | Request::Lookup { .. } => {
+        | Request::Lookup { .. }
+        | Request::DryRun { .. }
+        | Request::ConfigDiff { .. } => {
             bail!("internal error: {req:?} is not a change")
         }
     }

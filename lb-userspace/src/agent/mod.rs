@@ -19,6 +19,7 @@
 //! flag in its datapath entry (its established flows are steered again at once); a backend on
 //! probation comes back with a quarter of its weight (slow start), then all of it once up.
 mod conns;
+mod dryrun;
 mod edit;
 mod health;
 mod learning;
@@ -383,6 +384,8 @@ impl Agent {
                     .await
             }
             Request::Lookup { vip, client } => self.lookup(&vip, &client).await,
+            Request::DryRun { request } => self.dry_run(*request).await,
+            Request::ConfigDiff { text } => self.config_diff(&text).await,
             other => {
                 let words = other.as_lbctl();
                 let r = self.change(other).await;

@@ -12,7 +12,7 @@ use lb_userspace::{
     },
     config::Forwarding,
     control::{
-        BackendEntry, Changed, Client, ClientError, ConnEntry, ConnList, Lookup, ModelVip,
+        BackendEntry, Changed, Client, ClientError, ConnEntry, ConnList, DryRun, Lookup, ModelVip,
         Request, StatsSnapshot, Status, VipEntry,
     },
 };
@@ -37,6 +37,8 @@ impl From<ClientError> for Failure {
 
 struct Ctl {
     client: Client,
+    /// `--dry-run`: changes are sent as `Request::DryRun`.
+    dry_run: bool,
 }
 
 impl Ctl {
@@ -57,6 +59,21 @@ impl Ctl {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let changes = matches!(
+        cli.command,
+        Command::Vip(VipCommand::Add { .. } | VipCommand::Remove { .. })
+            | Command::Backend(
+                BackendCommand::Add { .. }
+                    | BackendCommand::Remove { .. }
+                    | BackendCommand::SetWeight { .. }
+                    | BackendCommand::Drain { .. }
+                    | BackendCommand::Undrain { .. }
+            )
+    );
+    if cli.dry_run && !changes {
+        eprintln!("lbctl: --dry-run goes with a change (vip add/remove, backend add/remove/set-weight/drain/undrain); this command changes nothing");
+        return ExitCode::from(2);
+    }
     let client = match Client::connect(&cli.socket) {
         Ok(c) => c,
         Err(e) => {
@@ -64,7 +81,10 @@ fn main() -> ExitCode {
             return ExitCode::from(3);
         }
     };
-    let mut ctl = Ctl { client };
+    let mut ctl = Ctl {
+        client,
+        dry_run: cli.dry_run,
+    };
     match run(&mut ctl, cli.command, cli.json) {
         Ok(()) => ExitCode::SUCCESS,
         Err(Failure::Refused(msg)) => {
@@ -185,6 +205,17 @@ fn run(ctl: &mut Ctl, command: Command, json: bool) -> Result<(), Failure> {
 
 /// Sends a change and prints lbd's answer: its message and the tables it moved.
 fn change(ctl: &mut Ctl, json: bool, req: Request) -> Result<(), Failure> {
+    if ctl.dry_run {
+        let d: DryRun = ctl.call(Request::DryRun {
+            request: Box::new(req),
+        })?;
+        if json {
+            print_json(&d);
+        } else {
+            print!("{d}");
+        }
+        return Ok(());
+    }
     let c: Changed = ctl.call(req)?;
     if json {
         print_json(&c);
@@ -242,7 +273,7 @@ fn backend(ctl: &mut Ctl, b: BackendCommand, json: bool) -> Result<(), Failure> 
             wait: true,
             timeout,
             ..
-        } => {
+        } if !ctl.dry_run => {
             let req = Request::BackendDrain {
                 vip: vip.clone(),
                 address: address.clone(),
@@ -339,18 +370,17 @@ fn print_conns(list: &[ConnEntry]) {
         return;
     }
     println!(
-        "{:<46} {:<32} {:<28} {:<11} {:>6} {:>10} {:>10}",
-        "CLIENT", "VIP", "BACKEND", "STATE", "ACTIVE", "AGE", "LAST SEEN"
+        "{:<46} {:<32} {:<28} {:<11} {:>6} {:>10}",
+        "CLIENT", "VIP", "BACKEND", "STATE", "ACTIVE", "LAST SEEN"
     );
     for c in list {
         println!(
-            "{:<46} {:<32} {:<28} {:<11} {:>6} {:>9.1}s {:>9.1}s",
+            "{:<46} {:<32} {:<28} {:<11} {:>6} {:>9.1}s",
             c.client.to_string(),
             c.vip,
             c.backend.to_string(),
             c.state,
             if c.active { "yes" } else { "no" },
-            c.age_seconds,
             c.last_seen_seconds
         );
     }

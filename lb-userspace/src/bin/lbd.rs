@@ -48,7 +48,13 @@ async fn main() {
             xdp_mode,
         }) => run_decap(&interface, &vips, &locals, xdp_mode.into()).await,
         Some(Command::Cleanup { force }) => cleanup(&cli.config, force),
-        None if cli.check => check(&cli.config),
+        None if cli.check => check(&cli.config).and_then(|()| {
+            if cli.diff {
+                check_diff(&cli.config)
+            } else {
+                Ok(())
+            }
+        }),
         None => run_balancer(&cli.config).await,
     };
     if let Err(e) = result {
@@ -116,6 +122,22 @@ fn check(path: &std::path::Path) -> Result<()> {
         eprintln!("lbd: warning: {warning}");
     }
     println!("{}: ok", path.display());
+    Ok(())
+}
+
+/// `lbd --check --diff`: what a reload with the file would do to the running lbd's tables.
+fn check_diff(path: &std::path::Path) -> Result<()> {
+    let text = std::fs::read_to_string(path)?;
+    let cfg = Config::parse(&text)?;
+    let mut client = lb_userspace::control::Client::connect(&cfg.control_socket).map_err(|e| {
+        anyhow::anyhow!("--diff compares with the running lbd, and none answers: {e}")
+    })?;
+    let resp = client.call(&lb_userspace::control::Request::ConfigDiff { text })?;
+    if !resp.ok {
+        anyhow::bail!("{}", resp.error.unwrap_or_default());
+    }
+    let d: lb_userspace::control::DryRun = serde_json::from_value(resp.result)?;
+    print!("{d}");
     Ok(())
 }
 

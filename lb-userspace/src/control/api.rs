@@ -213,6 +213,11 @@ pub enum Request {
     /// Result: [`Lookup`]: the backend a new flow from `client` (`ADDR` or `ADDR:PORT`) gets
     /// now, and the one it has if it is tracked.
     Lookup { vip: String, client: String },
+    /// Result: [`DryRun`]: what `request` (a change) would do to the tables; nothing changes.
+    DryRun { request: Box<Request> },
+    /// Result: [`DryRun`]: what reloading with this configuration file's text would do to the
+    /// tables (`lbd --check --diff`); nothing changes.
+    ConfigDiff { text: String },
 }
 
 impl Request {
@@ -313,6 +318,8 @@ impl Request {
                 s
             }
             Request::Lookup { vip, client } => format!("lbctl lookup {vip} {client}"),
+            Request::DryRun { request } => format!("{} --dry-run", request.as_lbctl()),
+            Request::ConfigDiff { .. } => "lbd --check --diff".into(),
         }
     }
 
@@ -328,6 +335,8 @@ impl Request {
                 | Request::RunningConfig
                 | Request::ConnList { .. }
                 | Request::Lookup { .. }
+                | Request::DryRun { .. }
+                | Request::ConfigDiff { .. }
         )
     }
 }
@@ -587,12 +596,78 @@ pub struct ConnEntry {
     pub state: String,
     /// Counted in `conns_active` (not closing, seen within the idle window).
     pub active: bool,
-    /// Since the flow was first recorded, in seconds.
-    #[serde(serialize_with = "super::round::ms")]
-    pub age_seconds: f64,
     /// Since its last packet, in seconds.
     #[serde(serialize_with = "super::round::ms")]
     pub last_seen_seconds: f64,
+}
+
+/// `--dry-run` and `lbd --check --diff`: what a change would do to the Maglev tables.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DryRun {
+    /// What the change would do, as its real run would say it.
+    pub message: String,
+    /// Whether the configuration would change at all.
+    pub changed: bool,
+    /// Every VIP whose table would change (or that would come or go).
+    pub vips: Vec<VipDiff>,
+}
+
+/// The message, then per VIP the slots that would move and each backend's gain or loss.
+impl std::fmt::Display for DryRun {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(f, "{}", self.message)?;
+        if self.changed && self.vips.is_empty() {
+            writeln!(f, "  no table would change")?;
+        }
+        for v in &self.vips {
+            writeln!(
+                f,
+                "  {} ({}): {} of {} slots would move ({:.2}% of new flows)",
+                v.vip,
+                v.change,
+                v.slots_moved,
+                v.table_size,
+                v.share_moved * 100.0
+            )?;
+            for b in &v.backends {
+                writeln!(
+                    f,
+                    "    {:<28} {:>8} -> {:>8} slots ({:+})",
+                    b.address.to_string(),
+                    b.slots_before,
+                    b.slots_after,
+                    b.slots_gained
+                )?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// One VIP's table before and after a change.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VipDiff {
+    pub vip: String,
+    /// `changed`, `added` or `removed`.
+    pub change: String,
+    pub table_size: u32,
+    /// Slots whose backend would change.
+    pub slots_moved: u64,
+    /// `slots_moved` / table size: the share of new flows that would go to another backend
+    /// than now (tracked connections keep theirs unless it is removed or down).
+    #[serde(serialize_with = "super::round::rate")]
+    pub share_moved: f64,
+    pub backends: Vec<BackendSlots>,
+}
+
+/// A backend's slots before and after a change.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BackendSlots {
+    pub address: IpAddr,
+    pub slots_before: u64,
+    pub slots_after: u64,
+    /// After minus before: slots gained (negative: lost).
+    pub slots_gained: i64,
 }
 
 /// `lookup`.

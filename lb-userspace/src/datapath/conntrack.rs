@@ -67,8 +67,6 @@ pub struct ConnView {
     pub active: bool,
     /// Since the last packet.
     pub idle_for: Duration,
-    /// Since the flow was first recorded.
-    pub age: Duration,
 }
 
 /// Now on the datapath's clock (`bpf_ktime_get_coarse_ns`, i.e. `CLOCK_MONOTONIC_COARSE`), in
@@ -103,7 +101,6 @@ pub fn classify(
     idle: &IdleWindows,
 ) -> ConnView {
     let idle_for = ticks_between(v.last_seen, now);
-    let age = ticks_between(v.created, now);
     let tcp = key.proto == PROTO_TCP;
     let state = if v.flags & CT_F_CLOSING != 0 {
         ConnState::Closing
@@ -121,7 +118,6 @@ pub fn classify(
         state,
         active: state != ConnState::Closing && idle_for <= window,
         idle_for,
-        age,
     }
 }
 
@@ -310,14 +306,12 @@ mod tests {
         let v = |flags, ago| CtValue {
             flags,
             last_seen: now - secs(ago),
-            created: now - secs(ago + 5),
             ..Default::default()
         };
         let tcp = key(PROTO_TCP);
         let udp = key(17);
         let c = classify(CtTable::Established, &tcp, &v(0, 100), now, &idle);
         assert_eq!((c.state, c.active), (ConnState::Established, true));
-        assert!(c.age > c.idle_for, "{c:?}");
         let c = classify(CtTable::Established, &tcp, &v(0, 400), now, &idle);
         assert_eq!((c.state, c.active), (ConnState::Established, false));
         let c = classify(CtTable::Established, &tcp, &v(CT_F_CLOSING, 0), now, &idle);

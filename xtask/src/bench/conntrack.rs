@@ -81,7 +81,7 @@ pub fn run(args: &BenchConntrackArgs) -> Result<ExitCode> {
         } else {
             now
         },
-        created: now,
+        touched: 0,
     };
     let started = Instant::now();
     let ct: Vec<(FlowKey, CtValue)> = (0..args.entries).map(|i| (key(i), value(i))).collect();
