@@ -98,7 +98,8 @@ impl From<ModeArg> for XdpMode {
         applied to the datapath and written to lbd's configuration file, or refused whole.\n\n\
         VIPs are written ADDRESS:PORT/PROTOCOL: 10.0.0.1:80/tcp, [2001:db8::1]:443/udp.\n\n\
         Exit status: 0 done, 1 refused by lbd (reason on stderr), 2 bad command line, \
-        3 lbd not reachable (not running, wrong --socket, or no permission)."
+        3 lbd not reachable (not running, wrong --socket, or no permission), \
+        4 backend drain --wait timed out with active connections left (how many on stderr)."
 )]
 pub struct LbctlCli {
     /// lbd's control socket (control_socket in lbd.toml).

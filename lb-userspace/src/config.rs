@@ -768,7 +768,11 @@ impl Config {
             if v == 0 || v > MAX_CONN_IDLE {
                 return err(format!(
                     "{name}: {v} is out of range; use 1 to {MAX_CONN_IDLE} seconds (default {})",
-                    if name.contains("tcp") { DEFAULT_CONN_IDLE_TCP } else { DEFAULT_CONN_IDLE_UDP }
+                    if name.contains("tcp") {
+                        DEFAULT_CONN_IDLE_TCP
+                    } else {
+                        DEFAULT_CONN_IDLE_UDP
+                    }
                 ));
             }
         }

@@ -60,8 +60,9 @@ fn counts(sock: &Path) -> BTreeMap<String, (u64, u64, u64)> {
 
 /// The test's connections per backend address, as `counts` shows them (none idle or closing).
 fn held(conns: &LongLived) -> BTreeMap<String, (u64, u64, u64)> {
-    let mut want: BTreeMap<String, (u64, u64, u64)> =
-        (0..3).map(|i| (backend_v4(i).to_string(), (0, 0, 0))).collect();
+    let mut want: BTreeMap<String, (u64, u64, u64)> = (0..3)
+        .map(|i| (backend_v4(i).to_string(), (0, 0, 0)))
+        .collect();
     for (name, n) in conns.backend_counts() {
         want.get_mut(&address_of(&name)).unwrap().0 = n as u64;
     }
@@ -104,7 +105,12 @@ fn spawn_lbctl(sock: &Path, args: &[&str]) -> Lbctl {
 fn state(sock: &Path, dir: &Path) -> (Value, Value, Vec<u8>) {
     let mut backends = lbctl_json(sock, &["backend", "list"]);
     for b in backends.as_array_mut().unwrap() {
-        for k in ["conns_active", "conns_idle", "conns_closing", "last_probe_ms"] {
+        for k in [
+            "conns_active",
+            "conns_idle",
+            "conns_closing",
+            "last_probe_ms",
+        ] {
             b.as_object_mut().unwrap().remove(k);
         }
     }
@@ -122,24 +128,61 @@ fn dry_runs_change_nothing(lab: &Lab, sock: &Path, dir: &Path) {
     let before = state(sock, dir);
     let d = lbctl_json(sock, &["--dry-run", "backend", "undrain", VIP4, &b0]);
     assert_eq!(d["changed"], true, "{d}");
-    assert!(d["message"].as_str().unwrap().starts_with("dry run, nothing changed"), "{d}");
+    assert!(
+        d["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("dry run, nothing changed"),
+        "{d}"
+    );
     let v = &d["vips"][0];
     let gained: BTreeMap<String, i64> = v["backends"]
         .as_array()
         .unwrap()
         .iter()
-        .map(|b| (b["address"].as_str().unwrap().to_string(), b["slots_gained"].as_i64().unwrap()))
+        .map(|b| {
+            (
+                b["address"].as_str().unwrap().to_string(),
+                b["slots_gained"].as_i64().unwrap(),
+            )
+        })
         .collect();
     assert!(gained[&b0] > 0, "{d}");
-    assert_eq!(gained.values().sum::<i64>(), 0, "slots move, none appear: {d}");
+    assert_eq!(
+        gained.values().sum::<i64>(),
+        0,
+        "slots move, none appear: {d}"
+    );
     assert_eq!(v["slots_moved"].as_i64(), Some(gained[&b0]), "{d}");
     // Refused like the change itself; the text form; a dry run of a query.
     let b2 = backend_v4(2).to_string();
-    let out = lbctl(sock, &["--dry-run", "backend", "drain", VIP4, &backend_v4(1).to_string()]);
-    assert_eq!(out.status.code(), Some(1), "draining the last serving backend is refused");
-    let out = lbctl(sock, &["--dry-run", "backend", "remove", VIP4, &b2, "--force"]);
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success() && text.contains("slots would move"), "{text}");
+    let out = lbctl(
+        sock,
+        &[
+            "--dry-run",
+            "backend",
+            "drain",
+            VIP4,
+            &backend_v4(1).to_string(),
+        ],
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "draining the last serving backend is refused"
+    );
+    // Backend 2 is drained: removing it moves no slot; neither does reweighting drained 0.
+    for args in [
+        vec!["--dry-run", "backend", "remove", VIP4, &b2],
+        vec!["--dry-run", "backend", "set-weight", VIP4, &b0, "3"],
+    ] {
+        let out = lbctl(sock, &args);
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && text.contains("no table would change"),
+            "{text}"
+        );
+    }
     let out = lbctl(sock, &["--dry-run", "backend", "list"]);
     assert_eq!(out.status.code(), Some(2));
     assert_eq!(state(sock, dir), before, "a dry run changed something");
@@ -171,7 +214,11 @@ fn dry_runs_change_nothing(lab: &Lab, sock: &Path, dir: &Path) {
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(
         stdout.contains(&format!("{} of 65537 slots would move", v["slots_moved"])),
         "{stdout}"
@@ -180,8 +227,11 @@ fn dry_runs_change_nothing(lab: &Lab, sock: &Path, dir: &Path) {
 
     // The real change moves exactly the slots the dry run said.
     let c = lbctl_json(sock, &["backend", "undrain", VIP4, &b0]);
-    assert_eq!(c["tables"][0]["slots_moved"], v["slots_moved"], "{c}
-{d}");
+    assert_eq!(
+        c["tables"][0]["slots_moved"], v["slots_moved"],
+        "{c}
+{d}"
+    );
     let after = lbctl_json(sock, &["backend", "list", VIP4]);
     for b in v["backends"].as_array().unwrap() {
         let got = after
@@ -245,12 +295,14 @@ fn connections_are_counted_listed_looked_up_and_drained() {
     let fill = &stats["conntrack"];
     assert_eq!(fill["ct_capacity"], 262_144, "{fill}");
     assert_eq!(fill["ct_new_capacity"], 65_536, "{fill}");
-    assert!(fill["ct_entries"].as_u64().unwrap() >= CONNS as u64, "{fill}");
+    assert!(
+        fill["ct_entries"].as_u64().unwrap() >= CONNS as u64,
+        "{fill}"
+    );
     let metrics = scrape_metrics(lab.lb().ns());
     for (addr, (active, _, _)) in &want {
-        let key = format!(
-            "lb_backend_connections{{vip=\"{VIP4}\",backend=\"{addr}\",state=\"active\"}}"
-        );
+        let key =
+            format!("lb_backend_connections{{vip=\"{VIP4}\",backend=\"{addr}\",state=\"active\"}}");
         assert_eq!(metrics.get(&key).copied(), Some(*active as f64), "{key}");
     }
     assert_eq!(
@@ -279,7 +331,11 @@ fn connections_are_counted_listed_looked_up_and_drained() {
         let got = listed
             .get(&local.to_string())
             .unwrap_or_else(|| panic!("{local} is not in conn list"));
-        assert_eq!(got, &(address_of(&name), "established".to_string()), "{local}");
+        assert_eq!(
+            got,
+            &(address_of(&name), "established".to_string()),
+            "{local}"
+        );
     }
     let b1 = backend_v4(1).to_string();
     let only = lbctl_json(&sock, &["conn", "list", "--backend", &b1, "--limit", "5"]);
@@ -287,7 +343,10 @@ fn connections_are_counted_listed_looked_up_and_drained() {
     assert_eq!(only["connections"].as_array().unwrap().len(), 5, "{only}");
     let text = lbctl(&sock, &["conn", "list", VIP4, "--limit", "3"]);
     let text = String::from_utf8_lossy(&text.stdout);
-    assert!(text.contains("established") && text.contains(&format!("(3 of {CONNS} connections shown")), "{text}");
+    assert!(
+        text.contains("established") && text.contains(&format!("(3 of {CONNS} connections shown")),
+        "{text}"
+    );
 
     // lookup: the tracked backend of a held connection, and the table's choice for a new flow
     // from a given port, which the next connection from that port gets.
@@ -314,7 +373,10 @@ fn connections_are_counted_listed_looked_up_and_drained() {
         .map(|v| v.as_f64().unwrap())
         .sum();
     assert!((total - 1.0).abs() < 0.01, "{shares}");
-    assert!(shares["tracked"].as_array().unwrap().len() >= CONNS, "every flow of the client");
+    assert!(
+        shares["tracked"].as_array().unwrap().len() >= CONNS,
+        "every flow of the client"
+    );
     let bad = lbctl(&sock, &["lookup", VIP4, "10.0.0.5:0"]);
     assert_eq!(bad.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&bad.stderr).contains("port 1 to 65535"));
@@ -323,7 +385,10 @@ fn connections_are_counted_listed_looked_up_and_drained() {
     // a second of the last close, not before it.
     let b0 = backend_v4(0).to_string();
     let n0 = want[&b0].0 as usize;
-    let mut drain = spawn_lbctl(&sock, &["backend", "drain", VIP4, &b0, "--wait", "--timeout", "60"]);
+    let mut drain = spawn_lbctl(
+        &sock,
+        &["backend", "drain", VIP4, &b0, "--wait", "--timeout", "60"],
+    );
     let steps = 10;
     let mut last_close = Instant::now();
     for step in 0..steps {
@@ -332,7 +397,11 @@ fn connections_are_counted_listed_looked_up_and_drained() {
             drain.child().try_wait().unwrap().is_none(),
             "drain --wait returned with connections still open (step {step})"
         );
-        let n = if step + 1 == steps { usize::MAX } else { n0 / steps };
+        let n = if step + 1 == steps {
+            usize::MAX
+        } else {
+            n0 / steps
+        };
         conns.close_some("backend0", n);
         last_close = Instant::now();
     }
@@ -344,7 +413,12 @@ fn connections_are_counted_listed_looked_up_and_drained() {
     let after_close = last_close.elapsed();
     let out = drain.0.take().unwrap().wait_with_output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(exited.unwrap().code(), Some(0), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        exited.unwrap().code(),
+        Some(0),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(
         after_close < Duration::from_secs(1),
         "drain --wait returned {after_close:?} after the last close"
@@ -354,20 +428,30 @@ fn connections_are_counted_listed_looked_up_and_drained() {
     let now = counts(&sock);
     assert_eq!(now[&b0].0, 0, "{now:?}");
     // (The lookups' connections above may have gone to backend 0 too.)
-    assert!(now[&b0].2 >= n0 as u64, "the closed connections count as closing: {now:?}");
+    assert!(
+        now[&b0].2 >= n0 as u64,
+        "the closed connections count as closing: {now:?}"
+    );
 
     // Drain backend 2 with its connections left open: exit 4 at the timeout, naming how many.
     let b2 = backend_v4(2).to_string();
     let n2 = want[&b2].0;
     let started = Instant::now();
-    let out = lbctl(&sock, &["backend", "drain", VIP4, &b2, "--wait", "--timeout", "2"]);
+    let out = lbctl(
+        &sock,
+        &["backend", "drain", VIP4, &b2, "--wait", "--timeout", "2"],
+    );
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(4), "{stderr}");
     assert!(
         stderr.contains(&format!("{n2} active connections left")),
         "{stderr}"
     );
-    assert!(started.elapsed() >= Duration::from_secs(2), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() >= Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
 
     dry_runs_change_nothing(&lab, &sock, &dir);
 

@@ -30,8 +30,8 @@ use etherparse::{
     Ipv4HeaderSlice, Ipv6HeaderSlice, SingleVlanHeaderSlice, TcpSlice, UdpSlice,
 };
 use lb_common::{
-    flow_hash, maglev_index, BackendStats, Counter, CtValue, FlowKey, VipStats, CT_F_CLOSING, CT_F_RESTEERED,
-    FAMILY_V4, FAMILY_V6,
+    flow_hash, maglev_index, BackendStats, Counter, CtValue, FlowKey, VipStats, CT_F_CLOSING,
+    CT_F_RESTEERED, FAMILY_V4, FAMILY_V6,
 };
 use lb_userspace::{datapath::VipState, Balancer, Config, LoadOptions};
 use std::collections::BTreeMap;
@@ -42,7 +42,8 @@ use tests::pkt::{
     self, ether_vlan as frame, frag6, icmp4, icmp6, ip4_addrs, ip4_ihl, ip6_addrs, mac_at, mac_str,
     set_ip4_checksum as fix_ip4_csum, udp as udp_seg, Ip4, Ip6, Mac, Tcp, ETH_8021AD, ETH_8021Q,
     ETH_ARP, ETH_IPV4 as ETH_IP, ETH_IPV6, GRE, ICMP, ICMPV6, IP4_DF as DF, IP4_MF as MF,
-    IPV6_FRAG as FRAG6, TCP, TCP_ACK as ACK, TCP_FIN as FIN, TCP_PSH as PSH, TCP_RST as RST, TCP_SYN as SYN, UDP,
+    IPV6_FRAG as FRAG6, TCP, TCP_ACK as ACK, TCP_FIN as FIN, TCP_PSH as PSH, TCP_RST as RST,
+    TCP_SYN as SYN, UDP,
 };
 use tests::{anyhow, require_root, NetNs};
 

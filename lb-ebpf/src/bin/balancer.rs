@@ -15,7 +15,8 @@ mod prog {
         bindings::{bpf_fib_lookup as FibParams, xdp_action, xdp_md, BPF_F_NO_PREALLOC},
         btf_maps::{Array, HashMap, LruHashMap, PerCpuArray},
         helpers::{
-            bpf_fib_lookup, bpf_jiffies64, bpf_ktime_get_coarse_ns, bpf_redirect, bpf_xdp_adjust_head, bpf_xdp_adjust_tail,
+            bpf_fib_lookup, bpf_jiffies64, bpf_ktime_get_coarse_ns, bpf_redirect,
+            bpf_xdp_adjust_head, bpf_xdp_adjust_tail,
         },
         macros::{btf_map, xdp},
         programs::XdpContext,

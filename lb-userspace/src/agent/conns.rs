@@ -174,7 +174,8 @@ impl Agent {
                     connections.push(e);
                 }
             })?;
-            connections.sort_by(|a, b| (&a.vip, a.backend, a.client).cmp(&(&b.vip, b.backend, b.client)));
+            connections
+                .sort_by(|a, b| (&a.vip, a.backend, a.client).cmp(&(&b.vip, b.backend, b.client)));
             Ok(ConnList {
                 connections,
                 matched,
@@ -196,7 +197,11 @@ impl Agent {
         if client_addr.is_ipv4() != v.config.address.is_ipv4() {
             return Err(anyhow!(
                 "client {client}: not the VIP's address family; give an {} address",
-                if v.config.address.is_ipv4() { "IPv4" } else { "IPv6" }
+                if v.config.address.is_ipv4() {
+                    "IPv4"
+                } else {
+                    "IPv6"
+                }
             ));
         }
         let (src, family) = addr_bytes(client_addr);
@@ -251,7 +256,12 @@ impl Agent {
         }
         out.shares_by_port = per
             .into_iter()
-            .map(|(a, n)| (a, crate::control::round::decimals(f64::from(n) / 65535.0, 4)))
+            .map(|(a, n)| {
+                (
+                    a,
+                    crate::control::round::decimals(f64::from(n) / 65535.0, 4),
+                )
+            })
             .collect();
         let reader = st.lb.conntrack_reader();
         drop(st);

@@ -124,7 +124,15 @@ fn diff_tables(st: &State, next: &Config) -> Result<Vec<VipDiff>> {
         if moved == 0 {
             continue;
         }
-        out.push(vip_diff(&name, change, v.table_size, moved, old, &table, &ids));
+        out.push(vip_diff(
+            &name,
+            change,
+            v.table_size,
+            moved,
+            old,
+            &table,
+            &ids,
+        ));
     }
     for c in st.lb.vips() {
         let name = VipName::of(&c.config);
@@ -133,7 +141,15 @@ fn diff_tables(st: &State, next: &Config) -> Result<Vec<VipDiff>> {
         }
         let ids = c.backends.iter().map(|b| (b.id, b.address)).collect();
         let size = c.table.len() as u64;
-        out.push(vip_diff(&name, "removed", c.config.table_size, size, &c.table, &[], &ids));
+        out.push(vip_diff(
+            &name,
+            "removed",
+            c.config.table_size,
+            size,
+            &c.table,
+            &[],
+            &ids,
+        ));
     }
     Ok(out)
 }

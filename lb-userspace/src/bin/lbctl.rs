@@ -311,9 +311,9 @@ fn drain_wait(
         let list: Vec<BackendEntry> = ctl.call(Request::BackendList {
             vip: Some(vip.to_string()),
         })?;
-        let addr: std::net::IpAddr = address.parse().map_err(|_| {
-            Failure::Refused(format!("backend {address:?} is not an IP address"))
-        })?;
+        let addr: std::net::IpAddr = address
+            .parse()
+            .map_err(|_| Failure::Refused(format!("backend {address:?} is not an IP address")))?;
         let Some(b) = list.iter().find(|b| b.address == addr) else {
             return Err(Failure::Refused(format!(
                 "backend {address} of {vip} is gone (removed while draining)"
@@ -388,8 +388,14 @@ fn print_conns(list: &[ConnEntry]) {
 
 fn print_lookup(l: &Lookup) {
     match (l.slot, l.new_flow_backend) {
-        (Some(slot), Some(b)) => println!("new flow {} -> {}: backend {b} (slot {slot})", l.client, l.vip),
-        (Some(slot), None) => println!("new flow {} -> {}: no backend (slot {slot} is empty: the VIP has no serving backend)", l.client, l.vip),
+        (Some(slot), Some(b)) => println!(
+            "new flow {} -> {}: backend {b} (slot {slot})",
+            l.client, l.vip
+        ),
+        (Some(slot), None) => println!(
+            "new flow {} -> {}: no backend (slot {slot} is empty: the VIP has no serving backend)",
+            l.client, l.vip
+        ),
         _ => {
             println!("new flows from {} to {} by source port (the choice depends on it; give CLIENT:PORT for one flow):", l.client, l.vip);
             for (b, share) in &l.shares_by_port {
@@ -569,7 +575,16 @@ fn print_backends(list: &[BackendEntry]) {
     }
     println!(
         "{:<32} {:<28} {:>6} {:<9} {:>9} {:>6} {:>8} {:>7} {:>7} {:>7}  LAST PROBE",
-        "VIP", "BACKEND", "WEIGHT", "STATE", "EFFECTIVE", "TABLE", "SLOTS", "ACTIVE", "IDLE", "CLOSING"
+        "VIP",
+        "BACKEND",
+        "WEIGHT",
+        "STATE",
+        "EFFECTIVE",
+        "TABLE",
+        "SLOTS",
+        "ACTIVE",
+        "IDLE",
+        "CLOSING"
     );
     for b in list {
         let state = if !b.health.is_empty() {

@@ -212,12 +212,19 @@ pub enum Request {
     },
     /// Result: [`Lookup`]: the backend a new flow from `client` (`ADDR` or `ADDR:PORT`) gets
     /// now, and the one it has if it is tracked.
-    Lookup { vip: String, client: String },
+    Lookup {
+        vip: String,
+        client: String,
+    },
     /// Result: [`DryRun`]: what `request` (a change) would do to the tables; nothing changes.
-    DryRun { request: Box<Request> },
+    DryRun {
+        request: Box<Request>,
+    },
     /// Result: [`DryRun`]: what reloading with this configuration file's text would do to the
     /// tables (`lbd --check --diff`); nothing changes.
-    ConfigDiff { text: String },
+    ConfigDiff {
+        text: String,
+    },
 }
 
 impl Request {

@@ -317,7 +317,11 @@ mod tests {
         let c = classify(CtTable::Established, &tcp, &v(CT_F_CLOSING, 0), now, &idle);
         assert_eq!((c.state, c.active), (ConnState::Closing, false));
         let c = classify(CtTable::New, &tcp, &v(0, 20), now, &idle);
-        assert_eq!((c.state, c.active), (ConnState::New, false), "a SYN 20 s ago");
+        assert_eq!(
+            (c.state, c.active),
+            (ConnState::New, false),
+            "a SYN 20 s ago"
+        );
         let c = classify(CtTable::New, &udp, &v(0, 20), now, &idle);
         assert_eq!((c.state, c.active), (ConnState::New, true));
         let c = classify(CtTable::Established, &udp, &v(0, 40), now, &idle);
@@ -329,6 +333,9 @@ mod tests {
 
     #[test]
     fn ticks_wrap() {
-        assert_eq!(ticks_between(u32::MAX, 1), Duration::from_nanos(2 << CT_TICK_SHIFT));
+        assert_eq!(
+            ticks_between(u32::MAX, 1),
+            Duration::from_nanos(2 << CT_TICK_SHIFT)
+        );
     }
 }

@@ -75,7 +75,11 @@ pub fn run(args: &BenchConntrackArgs) -> Result<ExitCode> {
         hash: i,
         syn_seq: 0,
         // A tenth closing, a tenth idle (last seen 20 minutes ago), the rest active.
-        flags: if i % 10 == 0 { lb_common::CT_F_CLOSING } else { 0 },
+        flags: if i % 10 == 0 {
+            lb_common::CT_F_CLOSING
+        } else {
+            0
+        },
         last_seen: if i % 10 == 1 {
             now.wrapping_sub(((1200u64 * 1_000_000_000) >> lb_common::CT_TICK_SHIFT) as u32)
         } else {
