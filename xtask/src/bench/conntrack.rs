@@ -75,7 +75,7 @@ pub fn run(args: &BenchConntrackArgs) -> Result<ExitCode> {
         hash: i,
         syn_seq: 0,
         // A tenth closing, a tenth idle (last seen 20 minutes ago), the rest active.
-        flags: if i % 10 == 0 {
+        flags: if i.is_multiple_of(10) {
             lb_common::CT_F_CLOSING
         } else {
             0
@@ -93,7 +93,7 @@ pub fn run(args: &BenchConntrackArgs) -> Result<ExitCode> {
     // Half of CT_NEW: copies of CT entries (left by promotions); half: flows seen once.
     let ct_new: Vec<(FlowKey, CtValue)> = (0..args.new_entries)
         .map(|i| {
-            let k = if i % 2 == 0 { i } else { args.entries + i };
+            let k = if i.is_multiple_of(2) { i } else { args.entries + i };
             (key(k), value(k))
         })
         .collect();
