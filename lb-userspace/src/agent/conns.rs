@@ -20,6 +20,12 @@ use std::time::Instant;
 /// past it, LRU evictions of live flows (`ct_lost`) are near.
 pub const FILL_WARNING: f64 = 0.8;
 
+/// A count this recent answers `backend list`, `stats` and scrapes instead of a new one: a
+/// count reads every entry (`cargo xtask bench conntrack`), and a script polling `backend list`
+/// must not keep lbd counting. `drain --wait` polls every 200 ms, so it still sees a backend
+/// empty within half a second.
+pub const CENSUS_MAX_AGE: std::time::Duration = std::time::Duration::from_millis(250);
+
 /// The idle windows of the configuration.
 pub(super) fn idle_windows(cfg: &Config) -> IdleWindows {
     IdleWindows {
@@ -89,11 +95,18 @@ impl Agent {
     /// Counts every backend's connections and the tables' fill (and reports a table that
     /// passed [`FILL_WARNING`]).
     pub async fn census(&self) -> Result<Census> {
+        if let Some((at, c)) = &*self.census_cache.lock().unwrap_or_else(|e| e.into_inner()) {
+            if at.elapsed() < CENSUS_MAX_AGE {
+                return Ok(c.clone());
+            }
+        }
         let (reader, idle, _) = self.conntrack_view().await;
         let census = tokio::task::spawn_blocking(move || count(&reader, &idle))
             .await
             .context("counting connections")??;
         self.note_fill(&census.fill);
+        *self.census_cache.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some((Instant::now(), census.clone()));
         Ok(census)
     }
 

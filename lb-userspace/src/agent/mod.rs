@@ -208,6 +208,8 @@ pub struct Agent {
     events: Arc<Journal>,
     /// Whether `CT` and `CT_NEW` were above the fill warning at the last count.
     fill_above: std::sync::Mutex<[bool; 2]>,
+    /// The last count of the connection tables, and when it was taken.
+    census_cache: std::sync::Mutex<Option<(Instant, conns::Census)>>,
 }
 
 impl Agent {
@@ -240,6 +242,7 @@ impl Agent {
             probes: std::sync::Mutex::new(Probes::default()),
             events,
             fill_above: std::sync::Mutex::new([false; 2]),
+            census_cache: std::sync::Mutex::new(None),
         })
     }
 

@@ -93,7 +93,11 @@ pub fn run(args: &BenchConntrackArgs) -> Result<ExitCode> {
     // Half of CT_NEW: copies of CT entries (left by promotions); half: flows seen once.
     let ct_new: Vec<(FlowKey, CtValue)> = (0..args.new_entries)
         .map(|i| {
-            let k = if i.is_multiple_of(2) { i } else { args.entries + i };
+            let k = if i.is_multiple_of(2) {
+                i
+            } else {
+                args.entries + i
+            };
             (key(k), value(k))
         })
         .collect();
