@@ -113,36 +113,8 @@ impl Agent {
     /// Journals a table crossing [`FILL_WARNING`] (once per crossing, and once when it is
     /// back under).
     fn note_fill(&self, fill: &TableFill) {
-        let (ct, ct_new) = fill.ratios();
         let mut above = self.fill_above.lock().unwrap_or_else(|e| e.into_inner());
-        for (i, (name, ratio, entries, capacity)) in [
-            ("CT", ct, fill.ct_entries, fill.ct_capacity),
-            ("CT_NEW", ct_new, fill.ct_new_entries, fill.ct_new_capacity),
-        ]
-        .into_iter()
-        .enumerate()
-        {
-            let now_above = ratio > FILL_WARNING;
-            if now_above == above[i] {
-                continue;
-            }
-            above[i] = now_above;
-            let size_key = if i == 0 {
-                "conntrack_size"
-            } else {
-                "conntrack_new_size"
-            };
-            let msg = if now_above {
-                format!(
-                    "connection table {name} is {:.0}% full ({entries} of {capacity}): past it, tracked flows are evicted (ct_lost); raise {size_key}",
-                    ratio * 100.0
-                )
-            } else {
-                format!(
-                    "connection table {name} is back under {:.0}% ({entries} of {capacity})",
-                    FILL_WARNING * 100.0
-                )
-            };
+        for msg in fill_crossings(&mut above, fill) {
             tracing::warn!("{msg}");
             self.events.record(Kind::ConntrackFill, msg);
         }
@@ -297,6 +269,50 @@ impl Agent {
     }
 }
 
+/// What crossed [`FILL_WARNING`] since the last count (`above`: each table's side then, kept
+/// up to date): a message per table that went over it or back under.
+fn fill_crossings(above: &mut [bool; 2], fill: &TableFill) -> Vec<String> {
+    let (ct, ct_new) = fill.ratios();
+    let mut out = Vec::new();
+    for (i, (name, ratio, entries, capacity, size_key)) in [
+        (
+            "CT",
+            ct,
+            fill.ct_entries,
+            fill.ct_capacity,
+            "conntrack_size",
+        ),
+        (
+            "CT_NEW",
+            ct_new,
+            fill.ct_new_entries,
+            fill.ct_new_capacity,
+            "conntrack_new_size",
+        ),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let now_above = ratio > FILL_WARNING;
+        if now_above == above[i] {
+            continue;
+        }
+        above[i] = now_above;
+        out.push(if now_above {
+            format!(
+                "connection table {name} is {:.0}% full ({entries} of {capacity}); once it is full, tracked flows are evicted (ct_lost): raise {size_key}",
+                ratio * 100.0
+            )
+        } else {
+            format!(
+                "connection table {name} is back under {:.0}% ({entries} of {capacity})",
+                FILL_WARNING * 100.0
+            )
+        });
+    }
+    out
+}
+
 /// `ADDR`, `ADDR:PORT` or `[ADDR]:PORT`.
 fn parse_client(s: &str) -> Result<(IpAddr, Option<u16>)> {
     if let Ok(a) = s.parse::<IpAddr>() {
@@ -337,6 +353,39 @@ fn count(reader: &ConntrackReader, idle: &IdleWindows) -> Result<Census> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fill_warns_once_per_crossing_and_when_back_under() {
+        let fill = |ct, ct_new| TableFill {
+            ct_entries: ct,
+            ct_capacity: 1000,
+            ct_new_entries: ct_new,
+            ct_new_capacity: 100,
+            scan_ms: 1.0,
+        };
+        let mut above = [false; 2];
+        assert!(
+            fill_crossings(&mut above, &fill(800, 80)).is_empty(),
+            "80% is not past 80%"
+        );
+        let m = fill_crossings(&mut above, &fill(801, 10));
+        assert_eq!(m.len(), 1, "{m:?}");
+        assert!(
+            m[0].starts_with("connection table CT is 80% full (801 of 1000)")
+                && m[0].contains("raise conntrack_size"),
+            "{m:?}"
+        );
+        assert!(
+            fill_crossings(&mut above, &fill(950, 10)).is_empty(),
+            "said once"
+        );
+        let m = fill_crossings(&mut above, &fill(100, 90));
+        assert_eq!(m.len(), 2, "{m:?}");
+        assert!(
+            m[0].contains("CT is back under 80%") && m[1].contains("CT_NEW is 90% full"),
+            "{m:?}"
+        );
+    }
 
     #[test]
     fn clients_parse_with_and_without_port() {
