@@ -1,7 +1,7 @@
 //! The agent's TOML configuration and its validation. Every error names the field and the fix;
 //! nothing is applied until the whole file is valid.
-use crate::health::HealthConfig;
 pub use crate::health::ProbeKind;
+use crate::health::{Admission, HealthConfig};
 use lb_common::{
     is_prime, DEFAULT_CT_NEW_SIZE, DEFAULT_CT_SIZE, DEFAULT_RING_POOL, DEFAULT_TABLE_SIZE,
     MAX_BACKENDS, MAX_TABLE_SIZE, MAX_VIPS, MIN_TABLE_SIZE,
@@ -207,6 +207,31 @@ pub struct Health {
     /// HTTP only: the status that counts as a pass.
     #[serde(default = "default_health_status")]
     pub expected_status: u16,
+    /// Time a returning or new backend's share ramps from nothing to full (0: a quarter of its
+    /// weight for `rise` passes, as before).
+    #[serde(
+        default = "default_slow_start_ms",
+        skip_serializing_if = "is_default_slow_start_ms"
+    )]
+    pub slow_start_ms: u64,
+    /// Hold after an ejection, times the recent ejections.
+    #[serde(
+        default = "default_ejection_base_ms",
+        skip_serializing_if = "is_default_ejection_base_ms"
+    )]
+    pub ejection_base_ms: u64,
+    /// Longest hold after an ejection.
+    #[serde(
+        default = "default_ejection_max_ms",
+        skip_serializing_if = "is_default_ejection_max_ms"
+    )]
+    pub ejection_max_ms: u64,
+    /// Ejections further apart than this are forgotten.
+    #[serde(
+        default = "default_ejection_forget_ms",
+        skip_serializing_if = "is_default_ejection_forget_ms"
+    )]
+    pub ejection_forget_ms: u64,
 }
 
 /// Shortest probe interval accepted.
@@ -239,6 +264,30 @@ fn default_health_path() -> String {
 fn default_health_status() -> u16 {
     200
 }
+fn is_default_slow_start_ms(v: &u64) -> bool {
+    *v == default_slow_start_ms()
+}
+fn default_slow_start_ms() -> u64 {
+    Admission::default().slow_start.as_millis() as u64
+}
+fn is_default_ejection_base_ms(v: &u64) -> bool {
+    *v == default_ejection_base_ms()
+}
+fn default_ejection_base_ms() -> u64 {
+    Admission::default().ejection_base.as_millis() as u64
+}
+fn is_default_ejection_max_ms(v: &u64) -> bool {
+    *v == default_ejection_max_ms()
+}
+fn default_ejection_max_ms() -> u64 {
+    Admission::default().ejection_max.as_millis() as u64
+}
+fn is_default_ejection_forget_ms(v: &u64) -> bool {
+    *v == default_ejection_forget_ms()
+}
+fn default_ejection_forget_ms() -> u64 {
+    Admission::default().ejection_forget.as_millis() as u64
+}
 
 impl Default for Health {
     fn default() -> Self {
@@ -251,6 +300,10 @@ impl Default for Health {
             port: None,
             path: default_health_path(),
             expected_status: default_health_status(),
+            slow_start_ms: default_slow_start_ms(),
+            ejection_base_ms: default_ejection_base_ms(),
+            ejection_max_ms: default_ejection_max_ms(),
+            ejection_forget_ms: default_ejection_forget_ms(),
         }
     }
 }
@@ -267,6 +320,12 @@ impl Health {
             port: self.port.unwrap_or(vip_port),
             path: self.path.clone(),
             expected_status: self.expected_status,
+            admission: Admission {
+                slow_start: Duration::from_millis(self.slow_start_ms),
+                ejection_base: Duration::from_millis(self.ejection_base_ms),
+                ejection_max: Duration::from_millis(self.ejection_max_ms),
+                ejection_forget: Duration::from_millis(self.ejection_forget_ms),
+            },
         }
     }
 
@@ -300,6 +359,24 @@ impl Health {
             return Err(format!(
                 "health.fall must be between 1 and {MAX_HEALTH_COUNT} (got {})",
                 self.fall
+            ));
+        }
+        for (key, ms) in [
+            ("slow_start_ms", self.slow_start_ms),
+            ("ejection_base_ms", self.ejection_base_ms),
+            ("ejection_max_ms", self.ejection_max_ms),
+            ("ejection_forget_ms", self.ejection_forget_ms),
+        ] {
+            if ms > MAX_HEALTH_MS {
+                return Err(format!(
+                    "health.{key} must be at most {MAX_HEALTH_MS} (one hour; got {ms})"
+                ));
+            }
+        }
+        if self.ejection_max_ms < self.ejection_base_ms {
+            return Err(format!(
+                "health.ejection_max_ms ({}) must be at least health.ejection_base_ms ({}): it caps the growing hold",
+                self.ejection_max_ms, self.ejection_base_ms
             ));
         }
         if self.port == Some(0) {
@@ -1174,7 +1251,7 @@ source_v6 = "fd00::2"
         assert_eq!((p.rise, p.fall), (2, 3));
 
         let c = Config::parse(&with_health(
-            "kind = \"http\"\ninterval_ms = 200\ntimeout_ms = 150\nrise = 1\nfall = 4\nport = 9000\npath = \"/healthz\"\nexpected_status = 204",
+            "kind = \"http\"\ninterval_ms = 200\ntimeout_ms = 150\nrise = 1\nfall = 4\nport = 9000\npath = \"/healthz\"\nexpected_status = 204\nslow_start_ms = 20000\nejection_base_ms = 5000",
         ))
         .unwrap();
         let p = c.vips[0].health.as_ref().unwrap().to_config(8080);
@@ -1189,6 +1266,11 @@ source_v6 = "fd00::2"
                 port: 9000,
                 path: "/healthz".into(),
                 expected_status: 204,
+                admission: crate::health::Admission {
+                    slow_start: Duration::from_secs(20),
+                    ejection_base: Duration::from_secs(5),
+                    ..crate::health::Admission::default()
+                },
             }
         );
         // Written back and read again, unchanged (lbd rewrites the file after lbctl changes).
@@ -1217,6 +1299,14 @@ source_v6 = "fd00::2"
             ("rise = 0", "health.rise must be between 1 and 100"),
             ("fall = 101", "health.fall must be between 1 and 100"),
             ("port = 0", "health.port must be between 1 and 65535"),
+            (
+                "slow_start_ms = 3600001",
+                "health.slow_start_ms must be at most 3600000",
+            ),
+            (
+                "ejection_base_ms = 20000\nejection_max_ms = 10000",
+                "health.ejection_max_ms (10000) must be at least health.ejection_base_ms (20000)",
+            ),
             (
                 "kind = \"http\"\npath = \"healthz\"",
                 "health.path \"healthz\" must start with '/'",

@@ -50,6 +50,8 @@ pub struct HealthConfig {
     pub path: String,
     /// HTTP only: the status that counts as a pass.
     pub expected_status: u16,
+    /// How a backend is let back in (ejection backoff, slow start).
+    pub admission: Admission,
 }
 
 impl Default for HealthConfig {
@@ -63,6 +65,7 @@ impl Default for HealthConfig {
             port: 80,
             path: "/".into(),
             expected_status: 200,
+            admission: Admission::default(),
         }
     }
 }
@@ -301,13 +304,17 @@ pub enum HealthStatus {
     Up,
     /// Failed `fall` consecutive probes: no new flows, tracked flows re-steered.
     Down,
-    /// Was down, passed `rise` consecutive probes: back in the table on a slow start (the weight
-    /// model ramps it up from its floor). One failure sends it back down; `rise` more passes make
-    /// it up.
+    /// Was down (or new), passed its probes: back in the table on a slow start, its share
+    /// ramping from nothing to full over `slow_start` (falling back when probes degrade). With
+    /// `slow_start` 0: a quarter of its weight until `rise` more passes, one failure sends it
+    /// back down.
     Probation,
     /// Taken out of rotation by the operator or the agent: no new flows, tracked flows continue.
     /// Probes still run underneath, so undraining returns to what they say.
     Draining,
+    /// Not probed yet (a new backend, or every backend at a fresh start): no new flows until its
+    /// first probe passes, so that a backend whose server does not exist never gets one.
+    Pending,
 }
 
 impl HealthStatus {
@@ -322,6 +329,7 @@ impl HealthStatus {
             HealthStatus::Down => "down",
             HealthStatus::Probation => "probation",
             HealthStatus::Draining => "draining",
+            HealthStatus::Pending => "pending",
         }
     }
 }
@@ -332,20 +340,82 @@ impl fmt::Display for HealthStatus {
     }
 }
 
-/// The health state machine of one backend: pure, driven only by probe outcomes and by
-/// drain/undrain calls, so it is tested without a network and without a clock.
+/// How a backend is let back in after an ejection (`[vip.health]`): an ejection holds it out
+/// for longer each time it fails again soon after returning, and its return is a ramp that
+/// stops and falls back when its probes degrade, so a backend that only fails under load
+/// settles at the share it can carry instead of going down and up (flapping).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Admission {
+    /// Time a returning (or new) backend's share takes to ramp from nothing to full. Zero:
+    /// probation at a quarter of its weight for `rise` passes (no ramp, no fallback).
+    pub slow_start: Duration,
+    /// Hold after an ejection: `ejection_base` × the recent ejections, at most `ejection_max`.
+    pub ejection_base: Duration,
+    pub ejection_max: Duration,
+    /// Ejections further apart than this are not recent: the count starts again at 1.
+    pub ejection_forget: Duration,
+}
+
+impl Default for Admission {
+    fn default() -> Self {
+        Admission {
+            slow_start: Duration::from_secs(10),
+            ejection_base: Duration::from_secs(10),
+            ejection_max: Duration::from_secs(300),
+            ejection_forget: Duration::from_secs(300),
+        }
+    }
+}
+
+impl Admission {
+    /// Readmission as before ejection backoff and slow start: no hold, a quarter of the weight
+    /// on probation. What the bare constructors use.
+    pub const NONE: Admission = Admission {
+        slow_start: Duration::ZERO,
+        ejection_base: Duration::ZERO,
+        ejection_max: Duration::ZERO,
+        ejection_forget: Duration::ZERO,
+    };
+}
+
+/// Smallest share a ramp falls back to (the weight is never below 1 while on probation).
+pub const MIN_RAMP_SHARE: f64 = 0.02;
+
+/// Most holds a ramp waits after falling back, in multiples of `slow_start`: a backend that
+/// recovers for real is ramping again within this.
+pub const MAX_RAMP_HOLD_STEPS: u32 = 4;
+
+/// A slow start in progress: the share grows linearly from `from` once `start` has passed.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Ramp {
+    from: f64,
+    /// When the share starts growing (later than the fallback that set `from`: held).
+    start: Instant,
+    /// When it last fell back (`None`: not since it began).
+    fell_back: Option<Instant>,
+    /// Fallbacks since it began: each holds the ramp for longer.
+    fallbacks: u32,
+}
+
+/// The health state machine of one backend, driven by probe outcomes (each with the instant it
+/// was seen, so that it is tested without a network and without a clock) and by drain/undrain
+/// calls.
 ///
 /// ```text
-///            fall consecutive failures
+///   Pending ──first pass──▶ Up (fresh start) or Probation (a backend added)
+///      └──first failure──▶ Down (not an ejection: it never served)
+///            fall consecutive failures (an ejection: held out, longer each recent time)
 ///   Up ─────────────────────────────────▶ Down
-///   ▲                                      │ rise consecutive passes
-///   │ rise more consecutive passes         ▼
-///   └────────────────────────────── Probation ──(one failure)──▶ Down
+///   ▲                                      │ rise consecutive passes, once the hold is over
+///   │ ramp reached full share              ▼
+///   └────────────────────────────── Probation ──(fall failures)──▶ Down
+///                           degraded probe (failure, or latency ≥ timeout/2):
+///                           share halved, ramp held (longer after each fallback)
 ///
 ///   drain(): any state ─▶ Draining (probes keep counting underneath)
 ///   undrain(): Draining ─▶ the state the probes put it in meanwhile
 /// ```
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct HealthState {
     rise: u32,
     fall: u32,
@@ -356,6 +426,21 @@ pub struct HealthState {
     passes: u32,
     /// Consecutive failures (reset by a pass).
     failures: u32,
+    admission: Admission,
+    /// A passing probe slower than this is degraded (half the probe timeout).
+    slow: Duration,
+    /// Probe interval: a ramp falls back at most once per two of them (the queue that made
+    /// its probes slow needs that long to drain).
+    interval: Duration,
+    /// Pending: whether the first pass starts a slow start (a backend added to a running VIP)
+    /// rather than making it up (every backend at a fresh start: they start together).
+    ramp_on_admit: bool,
+    /// Recent ejections (see `recent_ejections`) and the last one.
+    ejections: u32,
+    last_ejection: Option<Instant>,
+    /// A down backend does not return before this, whatever its probes say.
+    hold_until: Option<Instant>,
+    ramp: Option<Ramp>,
 }
 
 /// A change of status, returned by the calls that cause one.
@@ -366,15 +451,48 @@ pub struct Transition {
 }
 
 impl HealthState {
-    /// A configured backend starts up (as without health checks): `fall` failures take it down.
+    /// A backend that starts up (a restart that found it serving in the datapath): `fall`
+    /// failures take it down.
     pub fn new(rise: u32, fall: u32) -> Self {
         Self::starting(HealthStatus::Up, rise, fall)
     }
 
-    /// A backend that starts down, for example one added while its service is still starting:
-    /// it needs `rise` passes to enter probation.
+    /// A backend that starts down (a restart that found it down in the datapath): it needs
+    /// `rise` passes to enter probation.
     pub fn new_down(rise: u32, fall: u32) -> Self {
         Self::starting(HealthStatus::Down, rise, fall)
+    }
+
+    /// A backend not probed yet: no new flows until its first probe passes. `ramp`: it then
+    /// starts a slow start (a backend added to a running VIP) rather than being up at once.
+    pub fn pending(rise: u32, fall: u32, ramp: bool) -> Self {
+        HealthState {
+            ramp_on_admit: ramp,
+            ..Self::starting(HealthStatus::Pending, rise, fall)
+        }
+    }
+
+    /// The state `config`'s backend starts in, from `status` (Up, Down or Pending).
+    pub fn for_config(config: &HealthConfig, status: HealthStatus, ramp: bool) -> Self {
+        let base = match status {
+            HealthStatus::Down => Self::new_down(config.rise, config.fall),
+            HealthStatus::Pending => Self::pending(config.rise, config.fall, ramp),
+            _ => Self::new(config.rise, config.fall),
+        };
+        base.with_admission(config.admission, config.timeout / 2, config.interval)
+    }
+
+    /// Sets how the backend is let back in (`slow`: latency above which a pass is degraded).
+    pub fn with_admission(
+        mut self,
+        admission: Admission,
+        slow: Duration,
+        interval: Duration,
+    ) -> Self {
+        self.admission = admission;
+        self.slow = slow;
+        self.interval = interval;
+        self
     }
 
     fn starting(probed: HealthStatus, rise: u32, fall: u32) -> Self {
@@ -385,6 +503,14 @@ impl HealthState {
             draining: false,
             passes: 0,
             failures: 0,
+            admission: Admission::NONE,
+            slow: Duration::MAX,
+            interval: Duration::ZERO,
+            ramp_on_admit: false,
+            ejections: 0,
+            last_ejection: None,
+            hold_until: None,
+            ramp: None,
         }
     }
 
@@ -396,7 +522,7 @@ impl HealthState {
         }
     }
 
-    /// What the probes alone say (`Up`, `Down` or `Probation`), draining or not.
+    /// What the probes alone say (`Up`, `Down`, `Probation` or `Pending`), draining or not.
     pub fn probed_status(&self) -> HealthStatus {
         self.probed
     }
@@ -409,36 +535,155 @@ impl HealthState {
         self.failures
     }
 
-    /// Feeds one probe outcome; returns the change of `status()` it caused, if any.
+    /// Ejections that still count at `now` (0 once `ejection_forget` has passed since the last).
+    pub fn recent_ejections(&self, now: Instant) -> u32 {
+        match self.last_ejection {
+            Some(t) if now.saturating_duration_since(t) <= self.admission.ejection_forget => {
+                self.ejections
+            }
+            _ => 0,
+        }
+    }
+
+    /// How long a down backend is still held out at `now` (`None`: not held).
+    pub fn held_for(&self, now: Instant) -> Option<Duration> {
+        if self.probed != HealthStatus::Down {
+            return None;
+        }
+        self.hold_until
+            .map(|t| t.saturating_duration_since(now))
+            .filter(|d| !d.is_zero())
+    }
+
+    /// The share of its weight the probes allow at `now`: 0 when not serving, 1 when up, the
+    /// ramp's position on probation (a quarter without a slow start).
+    pub fn share(&self, now: Instant) -> f64 {
+        match self.probed {
+            HealthStatus::Up => 1.0,
+            // On probation it serves, however early in its ramp.
+            HealthStatus::Probation => match &self.ramp {
+                Some(r) => self.position(r, now).max(f64::MIN_POSITIVE),
+                None => 0.25,
+            },
+            _ => 0.0,
+        }
+    }
+
+    /// Where a slow start is at `now` (`None`: not ramping).
+    pub fn ramp_position(&self, now: Instant) -> Option<f64> {
+        (self.probed == HealthStatus::Probation)
+            .then(|| self.ramp.as_ref().map(|r| self.position(r, now)))
+            .flatten()
+    }
+
+    fn position(&self, r: &Ramp, now: Instant) -> f64 {
+        let grown = now.saturating_duration_since(r.start).as_secs_f64()
+            / self.admission.slow_start.as_secs_f64().max(1e-3);
+        (r.from + grown).min(1.0)
+    }
+
+    /// Feeds one probe outcome seen now; returns the change of `status()` it caused, if any.
     pub fn on_probe(&mut self, result: &ProbeResult) -> Option<Transition> {
+        self.on_probe_at(result, Instant::now())
+    }
+
+    /// Feeds one probe outcome seen at `now`; returns the change of `status()` it caused.
+    pub fn on_probe_at(&mut self, result: &ProbeResult, now: Instant) -> Option<Transition> {
         let before = self.status();
         if result.ok {
             self.passes = self.passes.saturating_add(1);
             self.failures = 0;
-            match self.probed {
-                HealthStatus::Down if self.passes >= self.rise => {
-                    self.probed = HealthStatus::Probation;
-                    self.passes = 0;
-                }
-                HealthStatus::Probation if self.passes >= self.rise => {
-                    self.probed = HealthStatus::Up;
-                    self.passes = 0;
-                }
-                _ => {}
-            }
         } else {
             self.failures = self.failures.saturating_add(1);
             self.passes = 0;
-            match self.probed {
-                HealthStatus::Up if self.failures >= self.fall => {
-                    self.probed = HealthStatus::Down;
+        }
+        let degraded = !result.ok || result.latency >= self.slow;
+        match self.probed {
+            HealthStatus::Pending if result.ok => {
+                self.passes = 0;
+                if self.ramp_on_admit && !self.admission.slow_start.is_zero() {
+                    self.start_ramp(now);
+                } else {
+                    self.probed = HealthStatus::Up;
                 }
-                // On probation a single failure is enough: the backend has just come back.
-                HealthStatus::Probation => self.probed = HealthStatus::Down,
-                _ => {}
             }
+            // It never served: down, but not an ejection (nothing to hold it out for).
+            HealthStatus::Pending => self.probed = HealthStatus::Down,
+            HealthStatus::Up if self.failures >= self.fall => self.eject(now),
+            HealthStatus::Down if self.passes >= self.rise && self.held_for(now).is_none() => {
+                self.passes = 0;
+                if self.admission.slow_start.is_zero() {
+                    self.probed = HealthStatus::Probation;
+                } else {
+                    self.start_ramp(now);
+                }
+            }
+            HealthStatus::Probation => self.on_probation(result.ok, degraded, now),
+            _ => {}
         }
         self.changed(before)
+    }
+
+    fn on_probation(&mut self, ok: bool, degraded: bool, now: Instant) {
+        let Some(mut r) = self.ramp else {
+            // Without a slow start: one failure is enough, `rise` passes make it up.
+            if !ok {
+                self.eject(now);
+            } else if self.passes >= self.rise {
+                self.probed = HealthStatus::Up;
+                self.passes = 0;
+            }
+            return;
+        };
+        if self.failures >= self.fall {
+            self.eject(now);
+            return;
+        }
+        if degraded {
+            let settled = r
+                .fell_back
+                .is_none_or(|t| now.saturating_duration_since(t) >= self.interval * 2);
+            if settled {
+                r.fallbacks += 1;
+                r.from = (self.position(&r, now) / 2.0).max(MIN_RAMP_SHARE);
+                let steps = 1u32 << (r.fallbacks - 1).min(MAX_RAMP_HOLD_STEPS.ilog2());
+                let hold = (self.admission.slow_start * steps).min(self.admission.ejection_max);
+                r.start = now + hold;
+                r.fell_back = Some(now);
+                self.ramp = Some(r);
+            }
+            return;
+        }
+        if self.position(&r, now) >= 1.0 {
+            self.probed = HealthStatus::Up;
+            self.ramp = None;
+            self.passes = 0;
+        }
+    }
+
+    fn start_ramp(&mut self, now: Instant) {
+        self.probed = HealthStatus::Probation;
+        self.ramp = Some(Ramp {
+            from: 0.0,
+            start: now,
+            fell_back: None,
+            fallbacks: 0,
+        });
+    }
+
+    /// Down after serving: held out for `ejection_base` × recent ejections (capped).
+    fn eject(&mut self, now: Instant) {
+        self.ejections = self.recent_ejections(now).saturating_add(1);
+        self.last_ejection = Some(now);
+        let hold = self
+            .admission
+            .ejection_base
+            .saturating_mul(self.ejections)
+            .min(self.admission.ejection_max);
+        self.hold_until = Some(now + hold);
+        self.probed = HealthStatus::Down;
+        self.ramp = None;
+        self.passes = 0;
     }
 
     /// Operator or agent drain: no new flows whatever the probes say.
@@ -494,7 +739,7 @@ impl<K> ProbeTarget<K> {
             key,
             probe: config.probe_for(addr),
             interval: config.interval,
-            state: HealthState::new(config.rise, config.fall),
+            state: HealthState::for_config(config, HealthStatus::Up, false),
         }
     }
 }
@@ -570,7 +815,12 @@ impl Prober {
             .into_iter()
             .enumerate()
             .map(|(i, target)| {
-                let offset = target.interval / n * i as u32;
+                // A backend not probed yet is probed at once: it takes no flows until then.
+                let offset = if target.state.probed_status() == HealthStatus::Pending {
+                    Duration::ZERO
+                } else {
+                    target.interval / n * i as u32
+                };
                 let stop = stop.subscribe();
                 rt.spawn(run_target(target, offset, reports.clone(), stop))
             })
@@ -729,6 +979,147 @@ mod tests {
         let mut h = HealthState::new(1, 2);
         h.drain();
         assert_eq!(h.undrain().map(|t| t.to), Some(HealthStatus::Up));
+    }
+
+    fn admitting(state: HealthState) -> HealthState {
+        state.with_admission(
+            Admission {
+                slow_start: Duration::from_secs(10),
+                ejection_base: Duration::from_secs(10),
+                ejection_max: Duration::from_secs(25),
+                ejection_forget: Duration::from_secs(100),
+            },
+            Duration::from_millis(500),
+            Duration::from_secs(1),
+        )
+    }
+
+    fn slow_pass() -> ProbeResult {
+        ProbeResult::pass(Duration::from_millis(600))
+    }
+
+    #[test]
+    fn pending_takes_no_flows_until_its_first_pass() {
+        let now = Instant::now();
+        let mut fresh = admitting(HealthState::pending(2, 3, false));
+        assert_eq!(fresh.status(), HealthStatus::Pending);
+        assert!(!fresh.status().serving());
+        assert_eq!(fresh.share(now), 0.0);
+        assert_eq!(
+            fresh.on_probe_at(&pass(), now).map(|t| t.to),
+            Some(HealthStatus::Up)
+        );
+        assert_eq!(fresh.share(now), 1.0, "a fresh start is up at once");
+        let mut added = admitting(HealthState::pending(2, 3, true));
+        assert_eq!(
+            added.on_probe_at(&pass(), now).map(|t| t.to),
+            Some(HealthStatus::Probation),
+            "a backend added to a running VIP ramps"
+        );
+        assert!(
+            added.share(now) < 1e-9,
+            "from nothing: {}",
+            added.share(now)
+        );
+        let mut missing = admitting(HealthState::pending(2, 3, true));
+        assert_eq!(
+            missing.on_probe_at(&fail(), now).map(|t| t.to),
+            Some(HealthStatus::Down)
+        );
+        assert_eq!(
+            missing.recent_ejections(now),
+            0,
+            "it never served: not an ejection"
+        );
+        assert_eq!(missing.held_for(now), None);
+    }
+
+    #[test]
+    fn ejections_hold_longer_each_recent_time_capped_and_forgotten() {
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let mut h = admitting(HealthState::new(1, 1));
+        h.on_probe_at(&fail(), at(0));
+        assert_eq!(h.recent_ejections(at(0)), 1);
+        assert_eq!(h.held_for(at(0)), Some(Duration::from_secs(10)));
+        assert_eq!(
+            h.on_probe_at(&pass(), at(5)),
+            None,
+            "held: passes do not bring it back"
+        );
+        assert_eq!(h.held_for(at(5)), Some(Duration::from_secs(5)));
+        assert_eq!(
+            h.on_probe_at(&pass(), at(10)).map(|t| t.to),
+            Some(HealthStatus::Probation)
+        );
+        h.on_probe_at(&fail(), at(12));
+        assert_eq!(h.status(), HealthStatus::Down);
+        assert_eq!(h.recent_ejections(at(12)), 2);
+        assert_eq!(
+            h.held_for(at(12)),
+            Some(Duration::from_secs(20)),
+            "base x 2"
+        );
+        h.on_probe_at(&pass(), at(32));
+        h.on_probe_at(&fail(), at(33));
+        assert_eq!(h.held_for(at(33)), Some(Duration::from_secs(25)), "capped");
+        assert_eq!(
+            h.recent_ejections(at(200)),
+            0,
+            "forgotten after the quiet period"
+        );
+        h.on_probe_at(&pass(), at(200));
+        h.on_probe_at(&fail(), at(201));
+        assert_eq!(h.recent_ejections(at(201)), 1);
+        assert_eq!(h.held_for(at(201)), Some(Duration::from_secs(10)));
+    }
+
+    #[test]
+    fn slow_start_ramps_over_time_and_falls_back_when_probes_degrade() {
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let mut h = admitting(HealthState::new_down(1, 3));
+        h.on_probe_at(&pass(), at(0));
+        assert_eq!(h.status(), HealthStatus::Probation);
+        assert!((h.share(at(4000)) - 0.4).abs() < 1e-9);
+        assert_eq!(h.ramp_position(at(4000)), h.share(at(4000)).into());
+        // Slow but passing at 40 %: halved, and held for one slow start.
+        assert_eq!(h.on_probe_at(&slow_pass(), at(4000)), None);
+        assert!((h.share(at(4000)) - 0.2).abs() < 1e-9);
+        assert!((h.share(at(13_999)) - 0.2).abs() < 1e-9, "held");
+        // Another degraded probe right after is the same episode (the queue drains).
+        h.on_probe_at(&fail(), at(4500));
+        assert!((h.share(at(5000)) - 0.2).abs() < 1e-9);
+        assert_eq!(
+            h.status(),
+            HealthStatus::Probation,
+            "one failure is not fall"
+        );
+        // Later, a second episode: halved again and held twice as long.
+        h.on_probe_at(&slow_pass(), at(7000));
+        assert!((h.share(at(7000)) - 0.1).abs() < 1e-9);
+        assert!((h.share(at(26_999)) - 0.1).abs() < 1e-9);
+        assert!((h.share(at(32_000)) - 0.6).abs() < 1e-9, "ramping again");
+        // Clean probes until full share: up.
+        assert_eq!(
+            h.on_probe_at(&pass(), at(37_000)).map(|t| t.to),
+            Some(HealthStatus::Up)
+        );
+        assert_eq!(h.share(at(37_000)), 1.0);
+        assert_eq!(h.ramp_position(at(37_000)), None);
+    }
+
+    #[test]
+    fn fall_failures_on_a_ramp_eject() {
+        let now = Instant::now();
+        let mut h = admitting(HealthState::new_down(1, 2));
+        h.on_probe_at(&pass(), now);
+        h.on_probe_at(&fail(), now);
+        assert_eq!(
+            h.on_probe_at(&fail(), now).map(|t| t.to),
+            Some(HealthStatus::Down)
+        );
+        assert_eq!(h.recent_ejections(now), 1);
     }
 
     #[test]

@@ -84,7 +84,7 @@ async fn serve_one(mut stream: TcpStream, agent: Arc<Agent>) -> Result<()> {
             Ok(s) => (
                 "200 OK",
                 "text/plain; version=0.0.4; charset=utf-8",
-                render(&s),
+                render(&s) + &render_events(&agent.events().counts()),
             ),
             Err(e) => (
                 "500 Internal Server Error",
@@ -170,6 +170,7 @@ pub fn render(s: &StatsSnapshot) -> String {
     backend_families(&mut f, s);
     conntrack_families(&mut f, s);
     health_family(&mut f, s);
+    readmission_family(&mut f, s);
     learning_families(&mut f, s);
     datapath_family(&mut f, s);
     out
@@ -289,7 +290,7 @@ fn backend_families(f: &mut Family<'_>, s: &StatsSnapshot) {
         (
             "lb_backend_up",
             "gauge",
-            "1 unless health checks say the backend is down (1 for a VIP without health checks).",
+            "1 unless health checks say the backend is down or pending (1 for a VIP without health checks).",
             |b| b.up as u64,
         ),
     ];
@@ -369,18 +370,49 @@ fn conntrack_families(f: &mut Family<'_>, s: &StatsSnapshot) {
     f.sample(name, &[], fill.scan_ms / 1e3);
 }
 
+/// How health-checked backends are let back in: recent ejections, the hold left, the ramp.
+fn readmission_family(f: &mut Family<'_>, s: &StatsSnapshot) {
+    type Get = fn(&crate::control::BackendStatsEntry) -> f64;
+    let families: [(&str, &str, Get); 3] = [
+        (
+            "lb_backend_ejections",
+            "Health-checked backends: ejections (taken down by probes after serving) that still count towards the next hold; 0 after health.ejection_forget_ms without one.",
+            |b| f64::from(b.ejections.unwrap_or(0)),
+        ),
+        (
+            "lb_backend_returns_in_seconds",
+            "Health-checked backends: seconds until a backend held out after an ejection may return (0 when not held).",
+            |b| b.returns_in_ms.unwrap_or(0.0) / 1e3,
+        ),
+        (
+            "lb_backend_ramp",
+            "Health-checked backends: share of its weight the probes allow, 0 (down, pending) to 1 (up); in between on a slow start.",
+            |b| b.ramp.unwrap_or(if b.up && b.health != "pending" { 1.0 } else { 0.0 }),
+        ),
+    ];
+    for (name, help, get) in families {
+        f.header(name, "gauge", help);
+        for v in &s.vips {
+            for b in v.backends.iter().filter(|b| b.ejections.is_some()) {
+                let addr = b.address.to_string();
+                f.sample(name, &[("vip", &v.vip), ("backend", &addr)], get(b));
+            }
+        }
+    }
+}
+
 /// `lb_backend_health`: one sample per backend and state, 1 for the state it is in.
 fn health_family(f: &mut Family<'_>, s: &StatsSnapshot) {
     let name = "lb_backend_health";
     f.header(
         name,
         "gauge",
-        "1 for the backend's health state (up, down, probation: back on a reduced weight, draining: drained by the operator), 0 for the others.",
+        "1 for the backend's health state (up, down, probation: back on a ramping weight, draining: drained by the operator, pending: not probed yet), 0 for the others.",
     );
     for v in &s.vips {
         for b in &v.backends {
             let addr = b.address.to_string();
-            for state in ["up", "down", "probation", "draining"] {
+            for state in ["up", "down", "probation", "draining", "pending"] {
                 let now = if b.health.is_empty() {
                     "up"
                 } else {
@@ -461,6 +493,24 @@ fn datapath_family(f: &mut Family<'_>, s: &StatsSnapshot) {
     }
 }
 
+/// `lb_events_total{kind}`: the journal's events (`lbctl status`) since lbd started, every
+/// kind from 0 so that `increase()` sees the first one (alerts on `reload_refused`, dashboard
+/// annotations on `backend_down`).
+pub fn render_events(counts: &[(&str, u64)]) -> String {
+    let mut out = String::new();
+    let mut f = Family { out: &mut out };
+    let name = "lb_events_total";
+    f.header(
+        name,
+        "counter",
+        "Events of lbd's journal (lbctl status) since it started, by kind: reload_refused, backend_down, change_refused, ...",
+    );
+    for (kind, n) in counts {
+        f.sample(name, &[("kind", kind)], n);
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -512,12 +562,17 @@ mod tests {
                         conns_idle: 1,
                         conns_closing: 2,
                     },
+                    ejections: Some(2),
+                    returns_in_ms: Some(1500.0),
+                    ramp: None,
                 }],
             }],
         };
         let text = render(&s);
         for line in [
             "lb_uptime_seconds 2.5",
+            "lb_backend_ejections{vip=\"[2001:db8::1]:443/tcp\",backend=\"2001:db8::11\"} 2",
+            "lb_backend_returns_in_seconds{vip=\"[2001:db8::1]:443/tcp\",backend=\"2001:db8::11\"} 1.5",
             "lb_vip_packets_total{vip=\"[2001:db8::1]:443/tcp\"} 10",
             "lb_vip_table_generation{vip=\"[2001:db8::1]:443/tcp\"} 3",
             "lb_backend_bytes_total{vip=\"[2001:db8::1]:443/tcp\",backend=\"2001:db8::11\"} 1000",
@@ -549,5 +604,23 @@ mod tests {
             );
         }
         assert_eq!(label("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
+    }
+
+    #[test]
+    fn renders_every_event_kind_from_zero() {
+        let journal = crate::control::events::Journal::new();
+        journal.record(crate::control::events::Kind::ReloadRefused, "bad file");
+        let text = render_events(&journal.counts());
+        assert!(text.contains("# TYPE lb_events_total counter"), "{text}");
+        assert!(
+            text.lines()
+                .any(|l| l == "lb_events_total{kind=\"reload_refused\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.lines()
+                .any(|l| l == "lb_events_total{kind=\"backend_down\"} 0"),
+            "{text}"
+        );
     }
 }

@@ -29,6 +29,7 @@ pub mod model;
 pub mod netns;
 pub mod pkt;
 pub mod procs;
+pub mod promql;
 pub mod tcp;
 pub mod xdp;
 

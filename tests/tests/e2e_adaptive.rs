@@ -17,7 +17,7 @@ use std::{
 };
 use tests::{
     lab::{backend_v4, Lab, LabSpec, LB_V4, LB_V6, VIP_V4},
-    procs::{scratch, start_decaps, Lbd},
+    procs::{scratch, start_decaps, wait_for, Lbd},
     require_root,
 };
 
@@ -102,6 +102,12 @@ fn learned_weights_follow_worker_pool_capacities_within_the_budget() {
     let mut lbd = Lbd::start(lab.lb().ns(), &dir);
     // The scratch directory goes with lbd, on success, failure and panic.
     lbd.own_dir = true;
+    // Backends are pending (no slots) until their first probe passes, sent at once.
+    wait_for(
+        "every backend probed into the table",
+        Duration::from_secs(10),
+        || slots(&lbd).iter().all(|&n| n > 0),
+    );
     assert_eq!(slots(&lbd).iter().sum::<u64>(), TABLE_SIZE);
 
     // The ramp: lb-loadgen re-reads its rate from this file every 200 ms.

@@ -141,7 +141,7 @@ fn health_checks_take_dead_backends_out_and_bring_them_back() {
              control_socket = \"{sock}\"\n\
              [encap]\nsource_v4 = \"{LB_V4}\"\nsource_v6 = \"{LB_V6}\"\n\n\
              [[vip]]\naddress = \"{VIP_V4}\"\nport = 80\nprotocol = \"tcp\"\ntable_size = 4099\n\
-             [vip.health]\nkind = \"tcp\"\ninterval_ms = {INTERVAL_MS}\ntimeout_ms = 200\nrise = 2\nfall = {FALL}\n\
+             [vip.health]\nkind = \"tcp\"\ninterval_ms = {INTERVAL_MS}\ntimeout_ms = 200\nrise = 2\nfall = {FALL}\nslow_start_ms = 1000\nejection_base_ms = 1000\n\
              [[vip.backend]]\naddress = \"{b0}\"\n[[vip.backend]]\naddress = \"{b1}\"\n[[vip.backend]]\naddress = \"{b2}\"\n\n\
              [[vip]]\naddress = \"{VIP_V4}\"\nport = 8080\nprotocol = \"tcp\"\ntable_size = 251\n\
              [vip.health]\nkind = \"http\"\ninterval_ms = {INTERVAL_MS}\ntimeout_ms = 200\nrise = 2\nfall = {FALL}\n\

@@ -289,7 +289,13 @@ fn install_lays_out_everything_and_is_idempotent() {
         p("etc/lb/lbd.toml"),
         prefix("share/lb/lbd.toml"),
         prefix("share/lb/decap.env"),
+        prefix("share/lb/grafana/lb.json"),
+        prefix("share/lb/prometheus/lb-rules.yml"),
+        prefix("share/doc/lb/copyright"),
+        prefix("share/doc/lb/changelog"),
+        prefix("share/doc/lb/README.md"),
         prefix("share/man/man8/lbd-decap.8"),
+        prefix("share/man/man5/lbd.toml.5"),
     ];
     for c in commands {
         expected.push(prefix(&format!("sbin/{c}")));
@@ -300,6 +306,21 @@ fn install_lays_out_everything_and_is_idempotent() {
     }
     for f in &expected {
         assert!(f.is_file(), "{} was not installed:\n{stdout}", f.display());
+    }
+
+    // The pages operators look for beyond the options clap renders.
+    for (page, sections) in [
+        ("man8/lbd.8", &["FILES", "EXIT STATUS", "EXAMPLES"][..]),
+        ("man8/lbctl.8", &["FILES", "EXIT STATUS", "EXAMPLES"][..]),
+        ("man5/lbd.toml.5", &["FILES", "EXAMPLES"][..]),
+    ] {
+        let text = read(&prefix(&format!("share/man/{page}")));
+        for s in sections {
+            assert!(
+                text.contains(&format!(".SH \"{s}\"")) || text.contains(&format!(".SH {s}\n")),
+                "{page} has no {s} section"
+            );
+        }
     }
 
     // Binaries: the build's, executable.
@@ -533,6 +554,11 @@ fn deb_package_holds_the_installation() {
             .to_string()
     };
     assert_eq!(field("Package"), "lb");
+    let maintainer = field("Maintainer");
+    assert!(
+        maintainer.contains('<') && !maintainer.contains("localhost"),
+        "Maintainer: {maintainer}"
+    );
     let depends = field("Depends");
     assert!(
         depends.contains("libc6") && !depends.contains("iproute2"),
@@ -562,6 +588,12 @@ fn deb_package_holds_the_installation() {
         "/usr/lib/systemd/system/lbd-decap@.service",
         "/etc/lb/lbd.toml",
         "/usr/share/lb/decap.env",
+        "/usr/share/lb/grafana/lb.json",
+        "/usr/share/lb/prometheus/lb-rules.yml",
+        "/usr/share/doc/lb/copyright",
+        "/usr/share/doc/lb/changelog.gz",
+        "/usr/share/doc/lb/README.md",
+        "/usr/share/man/man5/lbd.toml.5.gz",
         "/usr/share/man/man8/lbd.8.gz",
         "/usr/share/man/man8/lbd-decap.8.gz",
         "/usr/share/man/man8/lbctl.8.gz",
@@ -654,6 +686,31 @@ fn deb_package_holds_the_installation() {
         "packaged lbctl --version:\n{}",
         output_text(&out)
     );
+    // lintian: no error. The warnings and notes accepted are listed in the README (Install).
+    if have_tool("lintian", "lintian") {
+        let out = Command::new("lintian")
+            .args(["--info", "--pedantic"])
+            .arg(deb)
+            .output()
+            .unwrap();
+        let text = output_text(&out);
+        let errors: Vec<&str> = text.lines().filter(|l| l.starts_with("E: ")).collect();
+        assert!(errors.is_empty(), "lintian reports errors:\n{text}");
+        let accepted = [
+            "W: lb: maintainer-script-calls-systemctl",
+            "I: lb: hardening-no-fortify-functions",
+            "I: lb: package-supports-alternative-init-but-no-init.d-script",
+        ];
+        let new: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("W: ") || l.starts_with("I: ") || l.starts_with("P: "))
+            .filter(|l| !accepted.iter().any(|a| l.starts_with(a)))
+            .collect();
+        assert!(
+            new.is_empty(),
+            "lintian tags not accepted (fix, or list them with a reason in the README):\n{text}"
+        );
+    }
     let _ = std::fs::remove_dir_all(&out_dir);
 }
 

@@ -29,7 +29,7 @@ use anyhow::{bail, ensure, Context, Result};
 use clap::Args;
 use clap_complete::Shell;
 
-use crate::util;
+use crate::{docs, util};
 
 /// The path the unit files name lbd by; rewritten to `$PREFIX/sbin/lbd` on install.
 pub const UNIT_LBD_PATH: &str = "/usr/sbin/lbd";
@@ -204,12 +204,18 @@ fn man_pages(cmd: clap::Command) -> Result<Vec<(String, Vec<u8>)>> {
         for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()).cloned() {
             walk(sub, out)?;
         }
+        let name = cmd.get_name().to_string();
         let man = clap_mangen::Man::new(cmd)
             .section("8")
             .manual("lb")
             .source(format!("lb {}", env!("CARGO_PKG_VERSION")));
         let mut text = Vec::new();
         man.render(&mut text)?;
+        // clap knows the options; what operators also look for (files, exit status, examples)
+        // comes from docs.rs, after clap's sections.
+        if let Some(extra) = docs::extra_man_sections(&name) {
+            text.extend_from_slice(extra.as_bytes());
+        }
         out.push((man.get_filename(), text));
         Ok(())
     }
@@ -373,6 +379,28 @@ fn install_config(inst: &mut Installer, packaging: &Path, share: &Path) -> Resul
     inst.file(&share.join("lb/lbd.toml"), &default_config, 0o644)?;
     let decap_env = fs::read(packaging.join("decap.env")).context("reading packaging/decap.env")?;
     inst.file(&share.join("lb/decap.env"), &decap_env, 0o644)?;
+    // For the monitoring side: import the dashboard into Grafana, load the rules in Prometheus.
+    for (from, to) in [
+        ("grafana/lb.json", "lb/grafana/lb.json"),
+        ("prometheus/lb-rules.yml", "lb/prometheus/lb-rules.yml"),
+    ] {
+        let content =
+            fs::read(packaging.join(from)).with_context(|| format!("reading packaging/{from}"))?;
+        inst.file(&share.join(to), &content, 0o644)?;
+    }
+    // What Debian policy wants in the package's doc directory (the changelog is compressed
+    // by `package`, like the man pages).
+    let root = packaging
+        .parent()
+        .context("packaging/ is in the workspace")?;
+    for (from, to) in [
+        (packaging.join("copyright"), "doc/lb/copyright"),
+        (packaging.join("changelog"), "doc/lb/changelog"),
+        (root.join("README.md"), "doc/lb/README.md"),
+    ] {
+        let content = fs::read(&from).with_context(|| format!("reading {}", from.display()))?;
+        inst.file(&share.join(to), &content, 0o644)?;
+    }
     Ok(())
 }
 
@@ -403,6 +431,12 @@ fn install_docs(
             inst.file(&share.join("man/man8").join(file), &text, 0o644)?;
         }
     }
+    let keys = docs::keys()?;
+    inst.file(
+        &share.join("man/man5/lbd.toml.5"),
+        docs::lbd_toml_5(&keys).as_bytes(),
+        0o644,
+    )?;
     Ok(documented)
 }
 
@@ -509,37 +543,41 @@ pub fn package(args: &PackageArgs) -> Result<()> {
         no_build: args.no_build,
     })?;
 
-    // Debian policy: man pages compressed.
-    let man8 = stage.join("usr/share/man/man8");
-    let mut pages: Vec<PathBuf> = fs::read_dir(&man8)?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .collect();
+    // Debian policy: man pages and the changelog compressed.
+    let mut pages: Vec<PathBuf> = Vec::new();
+    for section in ["man5", "man8"] {
+        let dir = stage.join("usr/share/man").join(section);
+        pages.extend(fs::read_dir(&dir)?.filter_map(|e| e.ok().map(|e| e.path())));
+    }
     pages.sort();
+    pages.push(stage.join("usr/share/doc/lb/changelog"));
     util::run(Command::new("gzip").arg("-9nf").args(&pages))?;
 
-    // Binaries without DWARF (as dh_strip does; a dev build's is most of its size), but with
-    // their symbol tables, so that backtraces still name functions. The XDP object embedded
-    // in lbd is data, and keeps its BTF.
+    // Binaries stripped as dh_strip does (Debian policy; lintian's unstripped-binary-or-object
+    // is an error): no DWARF, no symbol table, no .comment/.note. Backtraces of the packaged
+    // binaries name no functions; `cargo xtask install` keeps the build's symbols. The XDP
+    // object embedded in lbd is data, and keeps its BTF.
     let sbin = stage.join("usr/sbin");
     let mut bins: Vec<PathBuf> = fs::read_dir(&sbin)?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .collect();
     bins.sort();
-    util::run(Command::new("strip").arg("--strip-debug").args(&bins))?;
+    util::run(
+        Command::new("strip")
+            .args([
+                "--remove-section=.comment",
+                "--remove-section=.note",
+                "--strip-unneeded",
+            ])
+            .args(&bins),
+    )?;
     // lbd talks netlink itself (no `ip` forks): the C libraries its binaries link are all.
     let depends = shlib_depends(&bins)?;
     let installed_kib = du_kib(&stage)?;
 
     let debian = stage.join("DEBIAN");
     mkdirs(&debian)?;
-    let maintainer = std::env::var("DEBEMAIL")
-        .ok()
-        .filter(|m| m.contains('@'))
-        .map(|email| match std::env::var("DEBFULLNAME") {
-            Ok(name) => format!("{name} <{email}>"),
-            Err(_) => email,
-        })
-        .unwrap_or_else(|| "lb maintainers <lb@localhost>".to_string());
+    let maintainer = maintainer()?;
     let control = format!(
         "Package: {DEB_NAME}\n\
          Version: {version}\n\
@@ -563,6 +601,7 @@ pub fn package(args: &PackageArgs) -> Result<()> {
         Ok(())
     };
     write("control", &control, 0o644)?;
+    write("md5sums", &md5sums(&stage)?, 0o644)?;
     write("conffiles", &format!("{CONFIG_PATH}\n"), 0o644)?;
     write("postinst", POSTINST, 0o755)?;
     write("prerm", PRERM, 0o755)?;
@@ -578,6 +617,49 @@ pub fn package(args: &PackageArgs) -> Result<()> {
     fs::remove_dir_all(&stage).with_context(|| format!("removing {}", stage.display()))?;
     println!("package: {}", deb.display());
     Ok(())
+}
+
+/// The maintainer: the signature of the newest entry of `packaging/changelog` (Debian's
+/// changelog format), so that the package's Maintainer field and its changelog agree.
+fn maintainer() -> Result<String> {
+    let path = util::workspace_root().join("packaging/changelog");
+    let text = fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let version = version()?;
+    ensure!(
+        text.starts_with(&format!("{DEB_NAME} ({version})")),
+        "{}: the newest entry must be for {DEB_NAME} {version} (the package's version); add one",
+        path.display()
+    );
+    text.lines()
+        .find_map(|l| l.strip_prefix(" -- "))
+        .and_then(|l| l.split_once("  ").map(|(who, _date)| who.to_string()))
+        .with_context(|| format!("{}: no ` -- NAME <EMAIL>  DATE` line", path.display()))
+}
+
+/// `DEBIAN/md5sums`: `md5sum` of every file of the tree outside `DEBIAN/` and `etc/` (dpkg
+/// checks conffiles by their own record), paths relative to the root, sorted.
+fn md5sums(stage: &Path) -> Result<String> {
+    fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
+        for e in fs::read_dir(dir)? {
+            let p = e?.path();
+            if fs::symlink_metadata(&p)?.is_dir() {
+                walk(&p, out)?;
+            } else {
+                out.push(p);
+            }
+        }
+        Ok(())
+    }
+    let mut files = Vec::new();
+    walk(&stage.join("usr"), &mut files)?;
+    files.sort();
+    let rel: Vec<&Path> = files
+        .iter()
+        .map(|f| f.strip_prefix(stage).expect("under the stage"))
+        .collect();
+    let mut cmd = Command::new("md5sum");
+    cmd.current_dir(stage).args(&rel);
+    Ok(command_output(&mut cmd)? + "\n")
 }
 
 /// Disk usage of a tree in KiB, as Installed-Size wants it.

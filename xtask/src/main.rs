@@ -6,9 +6,11 @@
 //! * `bench lab`: HTTP throughput through the balancer vs straight to the backends.
 //! * `install`: build and install lbd, lbctl, systemd units, config, man pages, completions.
 //! * `package`: the same as a Debian package.
+//! * `docs`: regenerate the README's configuration key list from `packaging/config-keys.toml`.
 //! * `fuzz`: differential fuzzing of the XDP balancer against the reference model.
 
 mod bench;
+mod docs;
 mod env;
 mod fuzz;
 mod install;
@@ -58,6 +60,9 @@ enum Cmd {
     Install(install::InstallArgs),
     /// Build a Debian package (.deb) of the installation (prefix /usr) with dpkg-deb.
     Package(install::PackageArgs),
+    /// Rewrite the README's configuration key list from packaging/config-keys.toml (the
+    /// source of the lbd.toml(5) man page too).
+    Docs,
     /// Differential fuzzing: random and mutated packets through the XDP balancer
     /// (BPF_PROG_TEST_RUN) and the reference model, for N minutes (needs root).
     Fuzz(fuzz::FuzzArgs),
@@ -155,6 +160,7 @@ fn main() -> ExitCode {
         Cmd::Bench { which } => setup::setup().and_then(|_| bench::run(which)),
         Cmd::Install(args) => install::install(&args).map(|_| ExitCode::SUCCESS),
         Cmd::Package(args) => install::package(&args).map(|_| ExitCode::SUCCESS),
+        Cmd::Docs => docs::update_readme().map(|_| ExitCode::SUCCESS),
         Cmd::Fuzz(args) => fuzz::run(&args),
     };
     match result {

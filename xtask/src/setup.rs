@@ -25,6 +25,8 @@ pub const PACKAGES: &[&str] = &[
     "nftables",          // bench adaptive: a backend that drops SYNs
     "debootstrap",       // e2e_systemd: a Debian root for the container
     "systemd-container", // e2e_systemd: systemd-nspawn boots a real systemd
+    "prometheus", // promtool (alert rules) and e2e_prometheus (the Grafana dashboard's queries)
+    "lintian",    // packaging: lintian on the .deb
 ];
 
 #[path = "../../lb-userspace/ebpf_toolchain.rs"]

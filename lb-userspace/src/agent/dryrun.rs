@@ -5,7 +5,7 @@
 use super::edit::edit;
 use super::{
     effective, refuse_leaving_no_serving_backend, refuse_new_host_problems, sync_health,
-    sync_learning, Agent, State,
+    sync_learning, Agent, Newcomers, State,
 };
 use crate::config::Config;
 use crate::control::{BackendSlots, DryRun, Request, Response, VipDiff, VipName};
@@ -77,7 +77,7 @@ fn slots_by_address(table: &[u32], ids: &BTreeMap<u32, IpAddr>) -> BTreeMap<IpAd
 
 /// Every VIP whose table `next` would change, with the weights the real change would use.
 fn diff_tables(st: &State, next: &Config) -> Result<Vec<VipDiff>> {
-    let health = sync_health(&st.health, next);
+    let health = sync_health(&st.health, next, Newcomers::Added);
     let (_, learned) = sync_learning(&st.learning, &st.learned, next);
     let eff = effective(next, &health, &learned);
     let mut out = Vec::new();

@@ -1,7 +1,9 @@
 //! The learning step's wiring: which backends the weight model watches, feeding it probe
 //! samples and CPU time, applying its decisions, and showing them (`lbctl model show`).
 use super::edit::unknown_vip;
-use super::health::{configured, probed, shown_health, slow_start_weight, HealthKey, HealthMap};
+use super::health::{
+    configured, health_share, probed, readmission, share_weight, shown_health, HealthKey, HealthMap,
+};
 use super::queries::vip_filter;
 use super::{apply_datapath, vip_id, Agent, State};
 use crate::{
@@ -154,8 +156,8 @@ pub(super) fn refusal_name(r: &learning::Refusal) -> &'static str {
 
 /// The table weight of backend `b` of a learning VIP `id`, before any scaling: the learned
 /// weight in force (configured × 100 without one; 0 after being out of the table, until the
-/// model's next step brings it back), 0 while down or drained, at most the slow start on
-/// probation.
+/// model's next step brings it back), 0 while down, pending or drained, at most its slow
+/// start's share on probation: the model's weight wins when it is lower.
 pub(super) fn learning_weight(
     b: &config::Backend,
     id: VipId,
@@ -168,8 +170,8 @@ pub(super) fn learning_weight(
         return 0;
     }
     match probed(health, id, b.address) {
-        HealthStatus::Down => 0,
-        HealthStatus::Probation => w.min(slow_start_weight(tw)),
+        HealthStatus::Down | HealthStatus::Pending => 0,
+        HealthStatus::Probation => w.min(share_weight(tw, health_share(health, id, b.address))),
         _ => w,
     }
 }
@@ -347,7 +349,9 @@ impl Agent {
                 let Some(cfg) = configured(&st.config, vid, b.address) else {
                     continue;
                 };
-                let (_, shown, _) = shown_health(&st.health, vid, cfg);
+                let (_, shown, h) = shown_health(&st.health, vid, cfg);
+                let (ejections, returns_in_ms, ramp) = readmission(h);
+                let pstate = l.policy.backends.get(&b.id);
                 let lbk = l.backends.get(&b.address);
                 let last = lbk.and_then(|x| x.last.as_ref());
                 let refusal = last.and_then(|d| d.refusal.clone()).or_else(|| {
@@ -377,6 +381,11 @@ impl Agent {
                         .and_then(|d| d.predicted_latency_ms)
                         .filter(|x| x.is_finite()),
                     observed: last.and_then(|d| d.observed),
+                    ejections,
+                    returns_in_ms,
+                    ramp,
+                    trial_flows: pstate.and_then(|p| p.trial_flows),
+                    failed_trials: pstate.map_or(0, |p| p.failed_trials),
                     decisions: lbk.map_or_else(Vec::new, |x| x.history.iter().cloned().collect()),
                 });
             }
@@ -448,6 +457,12 @@ fn remember_decision(
         // instead put it straight back at its configured weight, past a model drain in force.
         let w = match d.health {
             HealthStatus::Up | HealthStatus::Probation => d.weight,
+            // Never in the table yet (a fresh start, or just added): its first pass decides,
+            // not this step (at a fresh start all come back together, as configured).
+            HealthStatus::Pending => {
+                learned.remove(&(id, d.addr));
+                continue;
+            }
             _ => 0,
         };
         learned.insert((id, d.addr), w);

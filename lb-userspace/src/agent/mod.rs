@@ -25,6 +25,7 @@ mod health;
 mod learning;
 mod queries;
 
+use crate::learning::WEIGHT_SCALE;
 use crate::{
     config::{self, Config},
     control::{
@@ -37,8 +38,10 @@ use crate::{
 use anyhow::{anyhow, bail, Result};
 use edit::edit;
 pub use edit::persist;
-pub use health::slow_start_weight;
-use health::{probed, sync_health, HealthKey, HealthMap, Probes};
+use health::{
+    health_share, probed, ramp_share, sync_health, HealthKey, HealthMap, Newcomers, Probes,
+};
+pub use health::{share_weight, slow_start_weight, PinnedHealth};
 use learning::{learning_weight, sync_learning, LearnMap, Learned};
 use std::{
     collections::BTreeMap,
@@ -84,8 +87,9 @@ fn vip_id(v: &config::Vip) -> VipId {
     (v.address, v.port, v.protocol)
 }
 
-/// The configuration the datapath is built from: `cfg` with the weight of every down backend
-/// at 0 and of every backend on probation reduced ([`slow_start_weight`]). VIPs with learning
+/// The configuration the datapath is built from: `cfg` with the weight of every down or
+/// pending backend at 0 and of every backend on probation reduced to its ramp's share
+/// ([`share_weight`]). VIPs with learning
 /// enabled are built with table weights (configured × 100, or the learned weight in force):
 /// the same table as the configured weights until the model changes one. Health still wins.
 fn effective(cfg: &Config, health: &HealthMap, learned: &Learned) -> Config {
@@ -99,28 +103,39 @@ fn effective(cfg: &Config, health: &HealthMap, learned: &Learned) -> Config {
             for b in &mut v.backends {
                 b.weight = learning_weight(b, id, health, learned);
             }
-            // Tables depend only on weight ratios; keep within what the datapath accepts.
-            let max = v.backends.iter().map(|b| b.weight).max().unwrap_or(0);
-            if max > config::MAX_WEIGHT {
-                for b in &mut v.backends {
-                    if b.weight > 0 {
-                        b.weight = ((u64::from(b.weight) * u64::from(config::MAX_WEIGHT)
-                            / u64::from(max)) as u32)
-                            .max(1);
-                    }
-                }
-            }
+            within_max_weight(&mut v.backends);
             continue;
         }
+        // A ramp needs finer steps than weight 1: while one runs, the VIP's weights are in
+        // hundredths (the table depends only on their ratios).
+        let ramping = v
+            .backends
+            .iter()
+            .any(|b| ramp_share(health, id, b.address).is_some());
+        let scale = if ramping { WEIGHT_SCALE } else { 1 };
         for b in &mut v.backends {
-            match probed(health, id, b.address) {
-                HealthStatus::Down => b.weight = 0,
-                HealthStatus::Probation => b.weight = slow_start_weight(b.weight),
-                _ => {}
+            b.weight = share_weight(
+                b.weight.saturating_mul(scale),
+                health_share(health, id, b.address),
+            );
+        }
+        within_max_weight(&mut v.backends);
+    }
+    out
+}
+
+/// Tables depend only on weight ratios: scales weights down to what the datapath accepts.
+fn within_max_weight(backends: &mut [config::Backend]) {
+    let max = backends.iter().map(|b| b.weight).max().unwrap_or(0);
+    if max > config::MAX_WEIGHT {
+        for b in backends {
+            if b.weight > 0 {
+                b.weight = ((u64::from(b.weight) * u64::from(config::MAX_WEIGHT) / u64::from(max))
+                    as u32)
+                    .max(1);
             }
         }
     }
-    out
 }
 
 /// Applies `cfg` as `health` has it: DOWN flags of backends no longer down cleared first (so
@@ -222,7 +237,12 @@ impl Agent {
         events: Arc<Journal>,
     ) -> Arc<Self> {
         let file_text = fs::read_to_string(config_path).ok();
-        let health = sync_health(&HealthMap::new(), &config);
+        // Replaced by `start_health`, which knows what the datapath had.
+        let health = sync_health(
+            &HealthMap::new(),
+            &config,
+            Newcomers::Start(&PinnedHealth::default()),
+        );
         let (learning, learned) = sync_learning(&LearnMap::new(), &Learned::new(), &config);
         warn_new(&events, None, &config);
         Arc::new(Agent {
@@ -317,7 +337,7 @@ impl Agent {
         let _busy =
             self.events
                 .begin_change("reload (SIGHUP)", st.file_text.as_deref(), Some(text));
-        let health = sync_health(&st.health, &new);
+        let health = sync_health(&st.health, &new, Newcomers::Added);
         let (learning, learned) = sync_learning(&st.learning, &st.learned, &new);
         match apply_datapath(&mut st.lb, &new, &health, &learned, &mut st.timing) {
             Ok(r) => {
@@ -426,7 +446,7 @@ impl Agent {
         let _busy =
             self.events
                 .begin_change(&message, st.file_text.as_deref(), next_text.as_deref());
-        let health = sync_health(&st.health, &next);
+        let health = sync_health(&st.health, &next, Newcomers::Added);
         let (learning, learned) = sync_learning(&st.learning, &st.learned, &next);
         let report = match apply_datapath(&mut st.lb, &next, &health, &learned, &mut st.timing) {
             Ok(r) => r,
@@ -749,10 +769,81 @@ mod tests {
     }
 
     #[test]
-    fn health_sets_effective_weights_and_follows_the_configuration() {
-        let text = "interface = \"eth0\"\n[encap]\nsource_v4 = \"10.0.0.2\"\n\n[[vip]]\naddress = \"10.0.0.100\"\nport = 80\nprotocol = \"tcp\"\n[vip.health]\nrise = 1\nfall = 1\n[[vip.backend]]\naddress = \"10.0.0.11\"\nweight = 8\n[[vip.backend]]\naddress = \"10.0.0.12\"\nweight = 8\n[[vip.backend]]\naddress = \"10.0.0.13\"\nweight = 8\n";
+    fn new_backends_are_pending_and_a_restart_keeps_the_datapaths_health() {
+        let text = "interface = \"eth0\"\n[encap]\nsource_v4 = \"10.0.0.2\"\n\n[[vip]]\naddress = \"10.0.0.100\"\nport = 80\nprotocol = \"tcp\"\n[vip.health]\n[[vip.backend]]\naddress = \"10.0.0.11\"\nweight = 8\n[[vip.backend]]\naddress = \"10.0.0.12\"\nweight = 8\n";
         let cfg = Config::parse(text).unwrap();
-        let mut health = sync_health(&HealthMap::new(), &cfg);
+        let id = vip_id(&cfg.vips[0]);
+        let key = |a: &str| (id, a.parse::<IpAddr>().unwrap());
+        let weights = |h: &HealthMap, c: &Config| -> Vec<u32> {
+            effective(c, h, &Learned::new()).vips[0]
+                .backends
+                .iter()
+                .map(|b| b.weight)
+                .collect()
+        };
+        // A fresh start: nothing pinned, every backend pending, no slot for any.
+        let fresh = sync_health(
+            &HealthMap::new(),
+            &cfg,
+            Newcomers::Start(&PinnedHealth::default()),
+        );
+        assert!(fresh
+            .values()
+            .all(|h| h.state.probed_status() == HealthStatus::Pending));
+        assert_eq!(weights(&fresh, &cfg), [0, 0]);
+        assert_eq!(
+            PinnedHealth::default().startup_config(&cfg).vips[0].backends[0].weight,
+            0
+        );
+        // A restart that found .11 serving and .12 down keeps both as they were.
+        let pins = PinnedHealth(
+            [(key("10.0.0.11"), false), (key("10.0.0.12"), true)]
+                .into_iter()
+                .collect(),
+        );
+        let restarted = sync_health(&HealthMap::new(), &cfg, Newcomers::Start(&pins));
+        assert_eq!(weights(&restarted, &cfg), [8, 0]);
+        assert_eq!(
+            pins.startup_config(&cfg).vips[0]
+                .backends
+                .iter()
+                .map(|b| b.weight)
+                .collect::<Vec<_>>(),
+            [8, 0]
+        );
+        assert_eq!(
+            restarted[&key("10.0.0.12")].state.probed_status(),
+            HealthStatus::Down
+        );
+        // A backend added while running is pending: no slot before its first pass.
+        let mut next = cfg.clone();
+        let mut added = next.vips[0].backends[0].clone();
+        added.address = "10.0.0.13".parse().unwrap();
+        next.vips[0].backends.push(added);
+        let mut health = sync_health(&restarted, &next, Newcomers::Added);
+        assert_eq!(weights(&health, &next), [8, 0, 0]);
+        let pass = crate::health::ProbeResult::pass(std::time::Duration::from_millis(1));
+        let h13 = &mut health.get_mut(&key("10.0.0.13")).unwrap().state;
+        h13.on_probe(&pass);
+        assert_eq!(
+            h13.probed_status(),
+            HealthStatus::Probation,
+            "added to a serving VIP: a slow start from its first pass"
+        );
+        let w = weights(&health, &next)[2];
+        assert!((1..8).contains(&w), "ramping from nothing: {w}");
+    }
+
+    #[test]
+    fn health_sets_effective_weights_and_follows_the_configuration() {
+        // Without slow start and ejection hold: probation at a quarter of the weight.
+        let text = "interface = \"eth0\"\n[encap]\nsource_v4 = \"10.0.0.2\"\n\n[[vip]]\naddress = \"10.0.0.100\"\nport = 80\nprotocol = \"tcp\"\n[vip.health]\nrise = 1\nfall = 1\nslow_start_ms = 0\nejection_base_ms = 0\n[[vip.backend]]\naddress = \"10.0.0.11\"\nweight = 8\n[[vip.backend]]\naddress = \"10.0.0.12\"\nweight = 8\n[[vip.backend]]\naddress = \"10.0.0.13\"\nweight = 8\n";
+        let cfg = Config::parse(text).unwrap();
+        let mut health = sync_health(
+            &HealthMap::new(),
+            &cfg,
+            Newcomers::Start(&PinnedHealth::all_up(&cfg)),
+        );
         assert_eq!(health.len(), 3);
         let id = vip_id(&cfg.vips[0]);
         let key = |a: &str| (id, a.parse::<IpAddr>().unwrap());
@@ -791,7 +882,7 @@ mod tests {
         // [vip.health] nothing is tracked and nothing changes.
         let mut next = cfg.clone();
         next.vips[0].backends.pop();
-        let carried = sync_health(&health, &next);
+        let carried = sync_health(&health, &next, Newcomers::Added);
         assert_eq!(carried.len(), 2);
         assert_eq!(
             carried[&key("10.0.0.11")].state.probed_status(),
@@ -799,13 +890,13 @@ mod tests {
         );
         // New settings: a down backend stays down until it passes again.
         next.vips[0].health.as_mut().unwrap().interval_ms = 5000;
-        let changed = sync_health(&health, &next);
+        let changed = sync_health(&health, &next, Newcomers::Added);
         assert_eq!(
             changed[&key("10.0.0.11")].state.probed_status(),
             HealthStatus::Down
         );
         next.vips[0].health = None;
-        assert!(sync_health(&health, &next).is_empty());
+        assert!(sync_health(&health, &next, Newcomers::Added).is_empty());
         assert_eq!(effective(&next, &health, &Learned::new()), next);
     }
 
@@ -813,7 +904,11 @@ mod tests {
     fn learning_builds_table_weights_and_health_still_wins() {
         let text = "interface = \"eth0\"\n[encap]\nsource_v4 = \"10.0.0.2\"\n\n[[vip]]\naddress = \"10.0.0.100\"\nport = 80\nprotocol = \"tcp\"\n[vip.health]\nrise = 1\nfall = 1\n[vip.learning]\nenabled = true\n[[vip.backend]]\naddress = \"10.0.0.11\"\n[[vip.backend]]\naddress = \"10.0.0.12\"\n[[vip.backend]]\naddress = \"10.0.0.13\"\nweight = 200\n";
         let cfg = Config::parse(text).unwrap();
-        let mut health = sync_health(&HealthMap::new(), &cfg);
+        let mut health = sync_health(
+            &HealthMap::new(),
+            &cfg,
+            Newcomers::Start(&PinnedHealth::all_up(&cfg)),
+        );
         let (learning, mut learned) = sync_learning(&LearnMap::new(), &Learned::new(), &cfg);
         assert_eq!(learning.len(), 1);
         let id = vip_id(&cfg.vips[0]);

@@ -1,7 +1,7 @@
 //! Answers to the read-only requests (`vip list`, `backend list`, `stats`, `status`), built
 //! from the datapath and configuration under the agent's lock.
 use super::edit::unknown_vip;
-use super::health::{configured, shown_health};
+use super::health::{configured, health_share, readmission, shown_health};
 use super::learning::learning_weight;
 use super::{vip_id, xdp_mode_name, Agent, State};
 use crate::config;
@@ -55,6 +55,7 @@ impl Agent {
             for (b, applied) in v.backends.iter().zip(&v.config.backends) {
                 let cfg = configured(&st.config, vid, b.address).unwrap_or(applied);
                 let (up, shown, h) = shown_health(&st.health, vid, cfg);
+                let (ejections, returns_in_ms, ramp) = readmission(h);
                 out.push(BackendEntry {
                     vip: name.to_string(),
                     address: b.address,
@@ -67,6 +68,9 @@ impl Agent {
                     health: shown.to_string(),
                     last_probe_ms: h.and_then(|h| h.last_probe_ms),
                     last_error: h.and_then(|h| h.last_error.clone()),
+                    ejections,
+                    returns_in_ms,
+                    ramp,
                     id: b.id,
                     conns: census.per_backend.get(&b.id).copied().unwrap_or_default(),
                 });
@@ -95,7 +99,8 @@ impl Agent {
             for (b, applied) in v.backends.iter().zip(&v.config.backends) {
                 let bs = st.lb.backend_stats(b.id)?;
                 let cfg = configured(&st.config, vid, b.address).unwrap_or(applied);
-                let (up, shown, _) = shown_health(&st.health, vid, cfg);
+                let (up, shown, h) = shown_health(&st.health, vid, cfg);
+                let (ejections, returns_in_ms, ramp) = readmission(h);
                 let (effective_weight, learned_weight) = shown_weights(&st, vid, cfg, b.weight);
                 backends.push(BackendStatsEntry {
                     address: b.address,
@@ -120,6 +125,9 @@ impl Agent {
                         .and_then(|d| d.fit)
                         .map(|f| f.r2),
                     rates: None,
+                    ejections,
+                    returns_in_ms,
+                    ramp,
                     conns: census
                         .as_ref()
                         .and_then(|c| c.per_backend.get(&b.id).copied())
@@ -211,7 +219,14 @@ impl Agent {
 /// `table` is the weight the backend has in the applied table.
 fn shown_weights(st: &State, vid: VipId, b: &config::Backend, table: u32) -> (f64, Option<f64>) {
     if !st.learning.contains_key(&vid) {
-        return (f64::from(table), None);
+        // While a backend of the VIP ramps, the table is in hundredths: show the share of the
+        // configured weight the backend is allowed instead.
+        let effective = if table == 0 {
+            0.0
+        } else {
+            f64::from(b.weight) * health_share(&st.health, vid, b.address).min(1.0)
+        };
+        return (effective, None);
     }
     let scale = f64::from(WEIGHT_SCALE);
     let effective = f64::from(learning_weight(b, vid, &st.health, &st.learned)) / scale;

@@ -484,6 +484,20 @@ fn print_model(vips: &[ModelVip]) {
             if b.drained_by_model {
                 flags.push("drained by the model".into());
             }
+            if let Some(f) = b.trial_flows {
+                flags.push(format!("on trial, {f:.0} flows judged"));
+            }
+            if b.failed_trials > 0 {
+                flags.push(format!("{} failed trials", b.failed_trials));
+            }
+            match (b.returns_in_ms, b.ramp) {
+                (Some(ms), _) => flags.push(format!("held {:.1}s", ms / 1e3)),
+                (None, Some(r)) => flags.push(format!("ramp {:.0}%", r * 100.0)),
+                _ => {}
+            }
+            if let Some(n) = b.ejections.filter(|&n| n > 0) {
+                flags.push(format!("{n} recent ejections"));
+            }
             // Weights in configured units, as `backend list` and `stats` show them; the
             // table's units (configured x 100, what --json holds) in brackets.
             let unit = f64::from(lb_userspace::learning::WEIGHT_SCALE);
@@ -574,7 +588,7 @@ fn print_backends(list: &[BackendEntry]) {
         return;
     }
     println!(
-        "{:<32} {:<28} {:>6} {:<9} {:>9} {:>6} {:>8} {:>7} {:>7} {:>7}  LAST PROBE",
+        "{:<32} {:<28} {:>6} {:<9} {:>9} {:>6} {:>8} {:>7} {:>7} {:>7} {:<20}  LAST PROBE",
         "VIP",
         "BACKEND",
         "WEIGHT",
@@ -584,7 +598,8 @@ fn print_backends(list: &[BackendEntry]) {
         "SLOTS",
         "ACTIVE",
         "IDLE",
-        "CLOSING"
+        "CLOSING",
+        "READMISSION"
     );
     for b in list {
         let state = if !b.health.is_empty() {
@@ -602,7 +617,7 @@ fn print_backends(list: &[BackendEntry]) {
             (None, None) => "-".to_string(),
         };
         println!(
-            "{:<32} {:<28} {:>6} {:<9} {:>9} {:>6} {:>8} {:>7} {:>7} {:>7}  {}",
+            "{:<32} {:<28} {:>6} {:<9} {:>9} {:>6} {:>8} {:>7} {:>7} {:>7} {:<20}  {}",
             b.vip,
             b.address.to_string(),
             b.weight,
@@ -613,8 +628,26 @@ fn print_backends(list: &[BackendEntry]) {
             b.conns.conns_active,
             b.conns.conns_idle,
             b.conns.conns_closing,
+            readmission(b),
             probe
         );
+    }
+}
+
+/// Where a health-checked backend is in coming back: its ramp, or the hold left and the
+/// ejections behind it.
+fn readmission(b: &BackendEntry) -> String {
+    let ejections = match b.ejections {
+        None => return "-".into(),
+        Some(0) => String::new(),
+        Some(1) => " (1 ejection)".into(),
+        Some(n) => format!(" ({n} ejections)"),
+    };
+    match (b.returns_in_ms, b.ramp) {
+        (Some(ms), _) => format!("held {:.1}s{ejections}", ms / 1e3),
+        (None, Some(r)) => format!("ramp {:.0}%{ejections}", r * 100.0),
+        (None, None) if ejections.is_empty() => "-".into(),
+        (None, None) => ejections.trim().to_string(),
     }
 }
 

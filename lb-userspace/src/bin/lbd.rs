@@ -187,13 +187,17 @@ async fn balance(path: &std::path::Path, journal: &Arc<Journal>) -> Result<()> {
     // As found in the pins, before this lbd writes anything: tells whether a table write the
     // previous lbd was killed in had been published.
     let restored_generations = lb.vips().map(|v| (v.config.name(), v.generation)).collect();
+    // The health the datapath had (restart from pins): kept, so that the restart is hitless;
+    // a health-checked backend it did not have serving gets no flow before its first pass.
+    let pins = lb_userspace::agent::PinnedHealth::read(&lb);
+    let first = pins.startup_config(&cfg);
     forward_datapath_log(&mut lb)?;
     // Tables first, then attach: the first packet already sees every VIP.
-    let report = lb.apply(&cfg)?;
+    let report = lb.apply(&first)?;
     let mode = lb.attach(&cfg.interface, cfg.xdp_mode)?;
     let lb_mode_changed = lb.mode_changed_from();
     // Now that the interface is known, keep every backend's next hop resolved.
-    lb.apply(&cfg)?;
+    lb.apply(&first)?;
     info!(
         interface = %cfg.interface,
         mode = ?mode,
@@ -237,7 +241,7 @@ async fn balance(path: &std::path::Path, journal: &Arc<Journal>) -> Result<()> {
     // reloads and metrics scrapes go through it one at a time.
     let agent = Agent::new(path, cfg, lb, journal.clone());
     // Health checks of the VIPs with [vip.health]; their transitions re-apply the datapath.
-    agent.start_health().await?;
+    agent.start_health(&pins).await?;
     let control_task = tokio::spawn(control.serve(agent.clone()));
     let metrics_task = tokio::spawn(metrics::serve(metrics_listener, agent.clone()));
     serve_until_stopped(&agent, journal, &interface).await?;

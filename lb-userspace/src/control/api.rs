@@ -423,6 +423,23 @@ pub struct ModelBackend {
     #[serde(default)]
     #[serde(serialize_with = "super::round::opt_observed")]
     pub observed: Option<crate::learning::Observed>,
+    /// Health's readmission (see `BackendEntry`): recent ejections, time until a held-out
+    /// backend may return, the ramp's share; null when unknown or not so.
+    #[serde(default)]
+    pub ejections: Option<u32>,
+    #[serde(default)]
+    #[serde(serialize_with = "super::round::opt_ms")]
+    pub returns_in_ms: Option<f64>,
+    #[serde(default)]
+    #[serde(serialize_with = "super::round::opt_ratio")]
+    pub ramp: Option<f64>,
+    /// The model's trial after a drain on a passive signal: flows judged so far (null when not
+    /// on trial), and the trials failed since the last one that passed.
+    #[serde(default)]
+    #[serde(serialize_with = "super::round::opt_rate")]
+    pub trial_flows: Option<f64>,
+    #[serde(default)]
+    pub failed_trials: u32,
     /// The last decisions, oldest first, with their reasons.
     pub decisions: Vec<ModelDecisionEntry>,
 }
@@ -530,8 +547,8 @@ pub struct BackendEntry {
     /// Health: false only while health checks say the backend is down (always true for a VIP
     /// without `[vip.health]`).
     pub up: bool,
-    /// `up`, `down`, `probation` (back from down, on a reduced weight) or `draining` (drained
-    /// by the operator, whatever the probes say).
+    /// `up`, `down`, `probation` (back from down, ramping its weight), `pending` (not probed
+    /// yet: no new flows) or `draining` (drained by the operator, whatever the probes say).
     #[serde(default)]
     pub health: String,
     /// Latency of the last probe in milliseconds (the timeout for a failed one); absent without
@@ -542,6 +559,20 @@ pub struct BackendEntry {
     /// Why the last probe failed; absent when it passed.
     #[serde(default)]
     pub last_error: Option<String>,
+    /// Health-checked backends: ejections that still count (forgotten after
+    /// `health.ejection_forget_ms` without one); null without health checks.
+    #[serde(default)]
+    pub ejections: Option<u32>,
+    /// A down backend held out after an ejection: milliseconds until it may return (its probes
+    /// must pass then too); null when not held.
+    #[serde(default)]
+    #[serde(serialize_with = "super::round::opt_ms")]
+    pub returns_in_ms: Option<f64>,
+    /// On a slow start: the share of its weight it has ramped to (0 to 1); null when not
+    /// ramping.
+    #[serde(default)]
+    #[serde(serialize_with = "super::round::opt_ratio")]
+    pub ramp: Option<f64>,
     /// Backend id in the datapath (index of its statistics).
     pub id: u32,
     /// Tracked connections (`conns_active`, `conns_idle`, `conns_closing`).
@@ -823,6 +854,20 @@ pub struct BackendStatsEntry {
     pub fit_r2: Option<f64>,
     #[serde(default)]
     pub rates: Option<Rates>,
+    /// Health-checked backends: ejections that still count (forgotten after
+    /// `health.ejection_forget_ms` without one); null without health checks.
+    #[serde(default)]
+    pub ejections: Option<u32>,
+    /// A down backend held out after an ejection: milliseconds until it may return (its probes
+    /// must pass then too); null when not held.
+    #[serde(default)]
+    #[serde(serialize_with = "super::round::opt_ms")]
+    pub returns_in_ms: Option<f64>,
+    /// On a slow start: the share of its weight it has ramped to (0 to 1); null when not
+    /// ramping.
+    #[serde(default)]
+    #[serde(serialize_with = "super::round::opt_ratio")]
+    pub ramp: Option<f64>,
     #[serde(flatten)]
     pub conns: ConnCounts,
 }
@@ -988,6 +1033,9 @@ mod tests {
             health: "up".into(),
             last_probe_ms: None,
             last_error: None,
+            ejections: None,
+            returns_in_ms: None,
+            ramp: None,
             id: 0,
             conns: ConnCounts::default(),
         };
@@ -1007,6 +1055,9 @@ mod tests {
                 "health",
                 "last_probe_ms",
                 "last_error",
+                "ejections",
+                "returns_in_ms",
+                "ramp",
                 "id",
                 "conns_active",
                 "conns_idle",
@@ -1051,6 +1102,11 @@ mod tests {
                 capacity_at_target: None,
                 predicted_latency_ms: None,
                 observed: None,
+                ejections: None,
+                returns_in_ms: None,
+                ramp: None,
+                trial_flows: None,
+                failed_trials: 0,
                 decisions: vec![ModelDecisionEntry {
                     step: 1,
                     from_weight: 100,
@@ -1087,6 +1143,10 @@ mod tests {
             "capacity_at_target",
             "predicted_latency_ms",
             "observed",
+            "ejections",
+            "returns_in_ms",
+            "ramp",
+            "trial_flows",
         ];
         assert_keys(
             "model show backend",
@@ -1102,6 +1162,7 @@ mod tests {
                 "current_weight",
                 "drained_by_model",
                 "samples",
+                "failed_trials",
                 "decisions",
             ],
         );
@@ -1149,6 +1210,9 @@ mod tests {
                     learned_weight: None,
                     fit_r2: None,
                     rates: None,
+                    ejections: None,
+                    returns_in_ms: None,
+                    ramp: None,
                     conns: ConnCounts::default(),
                 }],
             }],

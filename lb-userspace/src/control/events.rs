@@ -93,6 +93,30 @@ pub enum Kind {
 }
 
 impl Kind {
+    /// Every kind, for counters that must exist (at 0) before the first event.
+    pub const ALL: [Kind; 20] = [
+        Kind::Start,
+        Kind::UncleanStop,
+        Kind::PreviousStartFailed,
+        Kind::PinsMissing,
+        Kind::CountersReplaced,
+        Kind::InterfaceDown,
+        Kind::InterfaceUp,
+        Kind::NextHopsResolved,
+        Kind::BackendDown,
+        Kind::BackendProbation,
+        Kind::BackendUp,
+        Kind::ChangeApplied,
+        Kind::ChangeRefused,
+        Kind::ChangeRolledBack,
+        Kind::ReloadRefused,
+        Kind::Reloaded,
+        Kind::XdpModeChanged,
+        Kind::DatapathLost,
+        Kind::DatapathRestored,
+        Kind::ConfigWarning,
+    ];
+
     pub const fn name(self) -> &'static str {
         match self {
             Kind::Start => "start",
@@ -209,6 +233,9 @@ pub fn rfc3339(ms: u64) -> String {
 #[derive(Default)]
 pub struct Journal {
     events: Mutex<VecDeque<Event>>,
+    /// Events recorded since lbd started, by kind (not capped like `events`): alerting rules
+    /// see a refused reload however many events followed it.
+    counts: Mutex<BTreeMap<&'static str, u64>>,
     run: Mutex<Option<(PathBuf, RunState)>>,
     /// The history file events are appended to, once [`Journal::begin_run`] opened it.
     history: Mutex<Option<History>>,
@@ -270,6 +297,12 @@ impl Journal {
     /// Adds an event (the oldest goes beyond [`KEPT`]), and appends it to the history file.
     pub fn record(&self, kind: Kind, message: impl Into<String>) {
         let ms = now_ms();
+        *self
+            .counts
+            .lock()
+            .expect("journal counts lock")
+            .entry(kind.name())
+            .or_default() += 1;
         let mut ev = self.events.lock().expect("journal lock");
         let event = Event {
             time: rfc3339(ms),
@@ -316,6 +349,15 @@ impl Journal {
             lines: text.lines().count(),
         });
         Ok(n)
+    }
+
+    /// How many events of each kind were recorded since lbd started, every kind present.
+    pub fn counts(&self) -> Vec<(&'static str, u64)> {
+        let counts = self.counts.lock().expect("journal counts lock");
+        Kind::ALL
+            .iter()
+            .map(|k| (k.name(), counts.get(k.name()).copied().unwrap_or(0)))
+            .collect()
     }
 
     /// The events kept, oldest first.
@@ -653,6 +695,25 @@ pub fn format_recent(s: &Status, n: usize) -> String {
 mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt as _;
+
+    #[test]
+    fn every_kind_is_counted_and_in_the_readme() {
+        let readme = include_str!("../../../README.md");
+        let line = readme
+            .lines()
+            .find(|l| l.contains("`kind` one of"))
+            .expect("README lists the event kinds");
+        let listed: Vec<&str> = line
+            .split("`kind` one of")
+            .nth(1)
+            .unwrap()
+            .split('`')
+            .skip(1)
+            .step_by(2)
+            .collect();
+        let all: Vec<&str> = Kind::ALL.iter().map(|k| k.name()).collect();
+        assert_eq!(listed, all, "README's event kinds and Kind::ALL differ");
+    }
 
     #[test]
     fn rfc3339_matches_known_instants() {

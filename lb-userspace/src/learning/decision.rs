@@ -46,6 +46,11 @@ pub enum Reason {
     },
     /// Drain ended: signals back within bounds.
     Undrained { drained_for_steps: u64 },
+    /// Back from a drain on a passive signal: on trial at a small share until `need` flows
+    /// (per second, summed over its steps with traffic) judge it; `flows` so far.
+    Trial { flows: f64, need: f64 },
+    /// The trial's flows were clean: it ramps back as after any return.
+    TrialPassed { flows: f64 },
     // Capacity estimation: `policy/capacity.rs`.
     /// The fitted capacity at the target is beyond `max_extrapolation` times the highest load
     /// in the window: taken as that limit.
@@ -370,6 +375,11 @@ mod tests {
             Reason::Undrained {
                 drained_for_steps: 10,
             },
+            Reason::Trial {
+                flows: 12.5,
+                need: 30.0,
+            },
+            Reason::TrialPassed { flows: 31.25 },
             Reason::Suspected {
                 outlier: Outlier {
                     signal: Signal::ErrorRate,

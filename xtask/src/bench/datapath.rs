@@ -967,11 +967,40 @@ pub fn run(args: &BenchDatapathArgs) -> Result<ExitCode> {
     let (established, variance) = print_table(&report);
     let all_ok = print_checks(&report);
     print_verdict(&established, &variance);
+    plot_ratios(&report)?;
     if !all_ok {
         println!("some checks FAILED (see above)");
         return Ok(ExitCode::FAILURE);
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `target/bench-datapath/ratios.svg`: lb / trivial ns per packet per scenario (medians).
+fn plot_ratios(report: &Report) -> Result<()> {
+    let values: Vec<(String, f64)> = report
+        .rows
+        .iter()
+        .map(|row| {
+            let lb = Stats::of(&kernel_ns(&row.lb));
+            let tr = Stats::of(&kernel_ns(&row.trivial));
+            (row.scenario.name(), lb.med / tr.med)
+        })
+        .collect();
+    let dir = crate::util::target_dir().join("bench-datapath");
+    std::fs::create_dir_all(&dir)?;
+    let path = dir.join("ratios.svg");
+    crate::bench::plot::bars(
+        &path,
+        &format!(
+            "bench datapath: ns per packet, lb / trivial XDP_TX (kernel {})",
+            kernel_release()
+        ),
+        "lb / trivial",
+        &values,
+        Some((TARGET_RATIO, "target")),
+    )?;
+    println!("plot: {}", path.display());
+    Ok(())
 }
 
 /// Established-flow ratios per family: (family, ratio of the medians, median per-round ratio).

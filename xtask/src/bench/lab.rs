@@ -157,6 +157,43 @@ pub fn run(args: &BenchLabArgs) -> Result<()> {
     let rows = measure(&mut env, args, &common, bin.is_some())?;
     env.shutdown()?;
     print_rows(&rows);
+    plot_ratios(&rows, &args.lb)?;
+    Ok(())
+}
+
+/// `target/bench-lab/ratios.svg`: via/direct req/s per family and variant (1.0: the balancer
+/// costs nothing).
+fn plot_ratios(rows: &[Row], lb: &crate::LbOpts) -> Result<()> {
+    let values: Vec<(String, f64)> = rows
+        .iter()
+        .filter_map(|r| {
+            let via = r.via.as_ref()?;
+            let short = if r.variant.starts_with("new") {
+                "new conn"
+            } else {
+                "keep-alive"
+            };
+            Some((format!("{} {short}", r.family), via.rps / r.direct.rps))
+        })
+        .collect();
+    if values.is_empty() {
+        return Ok(());
+    }
+    let dir = crate::util::target_dir().join("bench-lab");
+    std::fs::create_dir_all(&dir)?;
+    let path = dir.join("ratios.svg");
+    crate::bench::plot::bars(
+        &path,
+        &format!(
+            "bench lab: HTTP req/s via the balancer / direct ({}, {} XDP)",
+            lb.mode.config_value(),
+            lb.xdp_mode.config_value()
+        ),
+        "via / direct",
+        &values,
+        Some((1.0, "direct (no balancer)")),
+    )?;
+    println!("plot: {}", path.display());
     Ok(())
 }
 

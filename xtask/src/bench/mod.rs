@@ -9,6 +9,7 @@ pub mod adaptive;
 pub mod conntrack;
 pub mod datapath;
 pub mod lab;
+pub mod plot;
 
 use std::process::ExitCode;
 

@@ -9,6 +9,56 @@ use super::{
 };
 use crate::learning::Reason;
 
+/// Share of its configured weight a backend returns with on trial.
+pub(super) const TRIAL_SHARE: f64 = 0.05;
+/// Flows (per second, summed over the trial's steps with traffic) that judge a trial clean.
+pub(super) const TRIAL_MIN_FLOWS: f64 = 30.0;
+/// Each failed trial multiplies the wait before the next one by this.
+const TRIAL_WAIT_GROWTH: u64 = 6;
+/// Longest wait before a trial, in steps.
+const MAX_TRIAL_WAIT_STEPS: u64 = 3600;
+
+/// Signals that only traffic can show: measured while drained they say nothing.
+fn passive(signal: Signal) -> bool {
+    matches!(
+        signal,
+        Signal::SynRetryRatio | Signal::RstRatio | Signal::ErrorRate
+    )
+}
+
+/// Judges the backends on trial: their flows with traffic add up; enough of them without an
+/// outlier pass the trial (a passive outlier fails it in `drain`, at once).
+pub(super) fn judge_trials(s: &mut Step) {
+    for b in &mut s.all {
+        let Some(flows) = b.state.trial_flows else {
+            continue;
+        };
+        if !b.serving_now() {
+            continue;
+        }
+        let load = b.input.observed.map_or(0.0, |o| o.load);
+        // A step without traffic is no evidence either way.
+        let flows = if load >= 1.0 { flows + load } else { flows };
+        b.state.trial_flows = Some(flows);
+        if b.outlier.is_some_and(|o| passive(o.signal)) {
+            continue;
+        }
+        if flows >= TRIAL_MIN_FLOWS {
+            let st = &mut b.state;
+            st.trial_flows = None;
+            st.failed_trials = 0;
+            st.ramping_back = true;
+            (st.last_direction, st.reverse_steps, st.last_reversal) = (0, 0, None);
+            b.reasons.push(Reason::TrialPassed { flows });
+        } else {
+            b.reasons.push(Reason::Trial {
+                flows,
+                need: TRIAL_MIN_FLOWS,
+            });
+        }
+    }
+}
+
 /// Ends the drains that have served their time with clean signals, and every drain of a
 /// backend whose learning was switched off or that was pinned.
 ///
@@ -30,8 +80,12 @@ fn end_drain(b: &mut Backend, p: &WeightPolicy, step: u64, peers_latency: Option
     let learning = b.learning(p);
     let st = &mut b.state;
     let Some(at) = st.drained_at else { return };
-    let until =
-        at + u64::from(p.min_drain_steps) * (1u64 << st.drains.clamp(1, 6).saturating_sub(1));
+    let until = if st.drained_for.is_some() {
+        let growth = TRIAL_WAIT_GROWTH.saturating_pow(st.failed_trials);
+        at + (u64::from(p.min_drain_steps).saturating_mul(growth)).min(MAX_TRIAL_WAIT_STEPS)
+    } else {
+        at + u64::from(p.min_drain_steps) * (1u64 << st.drains.clamp(1, 6).saturating_sub(1))
+    };
     let clean = b.outlier.is_none()
         && b.input
             .observed
@@ -47,6 +101,10 @@ fn end_drain(b: &mut Backend, p: &WeightPolicy, step: u64, peers_latency: Option
     } else if step >= until && st.clean_steps >= p.outlier_steps.max(1) {
         st.drained_at = None;
         st.clean_steps = 0;
+        // Drained on a signal only traffic shows: back on trial, not back.
+        if st.drained_for.take().is_some() {
+            st.trial_flows = Some(0.0);
+        }
         b.undrained = true;
         b.reasons.push(Reason::Undrained {
             drained_for_steps: step - at,
@@ -101,6 +159,10 @@ pub(super) fn drain(s: &mut Step) {
             None => {
                 out += 1;
                 let st = &mut b.state;
+                if st.trial_flows.take().is_some() {
+                    st.failed_trials = st.failed_trials.saturating_add(1);
+                }
+                st.drained_for = passive(o.signal).then_some(o.signal);
                 st.drained_at = Some(step);
                 st.drains = st.drains.saturating_add(1);
                 st.clean_steps = 0;
@@ -118,12 +180,21 @@ pub(super) fn drain(s: &mut Step) {
 /// Counts outlier streaks of serving backends; those long enough, as (severity, index), most
 /// severe first, then by id.
 fn drain_candidates(s: &mut Step) -> Vec<(f64, usize)> {
-    let need = s.p.outlier_steps.max(1);
     let mut candidates: Vec<(f64, usize)> = Vec::new();
     for (i, b) in s.all.iter_mut().enumerate() {
         if b.state.drained_at.is_some() || b.undrained {
             continue;
         }
+        // On trial, one step of a passive outlier with traffic decides: that is what it was
+        // let back in to show.
+        let on_trial = b.state.trial_flows.is_some()
+            && b.outlier.is_some_and(|o| passive(o.signal))
+            && b.input.observed.is_some_and(|o| o.load >= 1.0);
+        let need = if on_trial {
+            1
+        } else {
+            s.p.outlier_steps.max(1)
+        };
         match (&b.outlier, b.serving_now()) {
             (Some(o), true) => {
                 b.state.outlier_steps += 1;
@@ -213,6 +284,15 @@ pub(super) fn describe(r: &Reason, f: &mut fmt::Formatter<'_>) -> fmt::Result {
                 "undrained after {drained_for_steps} steps: signals back within bounds"
             )
         }
+        Reason::Trial { flows, need } => write!(
+            f,
+            "on trial at {:.0}% of its weight: {flows:.0} of {need:.0} flows judged (signals measured while drained are no evidence)",
+            TRIAL_SHARE * 100.0
+        ),
+        Reason::TrialPassed { flows } => write!(
+            f,
+            "trial passed: {flows:.0} flows without an outlier; ramping back"
+        ),
         _ => unreachable!("not a drain reason: {r:?}"),
     }
 }
@@ -249,6 +329,80 @@ mod tests {
             reasons(ds.last().unwrap(), 1)[0],
             Reason::Undrained { .. }
         ));
+    }
+
+    /// A backend that drops SYNs only while it carries traffic: each trial fails at its first
+    /// step with traffic, and the wait before the next one grows sixfold.
+    #[test]
+    fn failed_trials_drain_at_once_and_wait_longer_each_time() {
+        let p = WeightPolicy {
+            min_drain_steps: 5,
+            outlier_steps: 2,
+            ..unbudgeted()
+        };
+        let clean = |load: f64| Observed {
+            syn_retries_per_s: 0.01 * load,
+            ..observed(load, 20.0)
+        };
+        let dropping = |load: f64| Observed {
+            syn_retries_per_s: 1.5 * load,
+            ..observed(load, 20.0)
+        };
+        let mut inputs: Vec<BackendInput> = (1..=4)
+            .map(|id| {
+                let mut b = input(id, 100, Ok(mm1_fit(100.0)));
+                b.observed = Some(clean(50.0));
+                b
+            })
+            .collect();
+        inputs[3].observed = Some(dropping(50.0));
+        let mut state = PolicyState::default();
+        let mut trials = Vec::new();
+        let mut drains = Vec::new();
+        for step in 0..300u64 {
+            let d = decide(&inputs, &p, &state);
+            apply(&mut inputs, &d);
+            state = d.state.clone();
+            let b = &d.backends[3];
+            if b.reasons
+                .iter()
+                .any(|r| matches!(r, Reason::Drained { .. }))
+            {
+                drains.push(step);
+            }
+            if b.reasons
+                .iter()
+                .any(|r| matches!(r, Reason::Undrained { .. }))
+            {
+                trials.push(step);
+            }
+            // Its signals show only while it carries flows: drained, it looks clean.
+            let load = if b.weight > 0 { 3.0 } else { 0.0 };
+            inputs[3].observed = Some(if load > 0.0 {
+                dropping(load)
+            } else {
+                clean(0.0)
+            });
+            assert!(
+                b.drained || b.weight == 0 || b.weight <= 500 || step < 2,
+                "step {step}: on trial above 5%: {}",
+                b.weight
+            );
+        }
+        // Drained after outlier_steps, each trial drained again at once, waits 5, 30, 180.
+        assert_eq!(drains.len(), trials.len() + 1, "{drains:?} {trials:?}");
+        let waits: Vec<u64> = trials.iter().zip(&drains).map(|(t, d)| t - d).collect();
+        assert!(waits.len() >= 3, "{waits:?}");
+        assert!(
+            waits[0] >= 5 && waits[1] >= 30 && waits[2] >= 180,
+            "{waits:?}"
+        );
+        for (t, d) in trials.iter().zip(&drains[1..]) {
+            assert!(
+                d - t <= 2,
+                "a failed trial lasts a step with traffic: {trials:?} {drains:?}"
+            );
+        }
     }
 
     #[test]

@@ -124,6 +124,18 @@ pub struct BackendState {
     /// against before it may replace that mean.
     #[serde(default)]
     pub measured: Option<Fit>,
+    /// The signal of the model's drain in force when it is a passive one (retried SYNs,
+    /// resets, errors): a drained backend carries no traffic, so its clean signals prove
+    /// nothing and its return is a trial.
+    #[serde(default)]
+    pub drained_for: Option<Signal>,
+    /// On trial: new flows per second summed over the trial's steps with traffic (the
+    /// evidence it is judged on).
+    #[serde(default)]
+    pub trial_flows: Option<f64>,
+    /// Trials failed since the last one that passed: each multiplies the next wait.
+    #[serde(default)]
+    pub failed_trials: u32,
 }
 
 /// How a backend's weight is set this step.
@@ -264,6 +276,7 @@ pub fn decide(inputs: &[BackendInput], policy: &WeightPolicy, prev: &PolicyState
     outliers::find_outliers(&mut s);
     outliers::suspect(&mut s);
     drains::undrain(&mut s);
+    drains::judge_trials(&mut s);
     drains::drain(&mut s);
     capacity::form_group(&mut s);
     exploration::count_ease(&mut s);
@@ -289,7 +302,9 @@ pub(super) fn describe(r: &Reason, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         | R::DrainDeferred { .. }
         | R::Drained { .. }
         | R::StillDrained { .. }
-        | R::Undrained { .. } => drains::describe(r, f),
+        | R::Undrained { .. }
+        | R::Trial { .. }
+        | R::TrialPassed { .. } => drains::describe(r, f),
         R::Extrapolation { .. } | R::Remembered { .. } => capacity::describe(r, f),
         R::ExplorationHeld { .. } => exploration::describe(r, f),
         R::Health { .. }
@@ -638,7 +653,7 @@ mod tests {
         }
         assert_eq!(
             (out.len(), fnv1a(&out)),
-            (3_498_141, 6_900_282_050_516_342_620),
+            (3_631_534, 15_555_659_309_363_879_168),
             "transcript changed; LB_GOLDEN_DUMP=/tmp/x writes it to diff"
         );
     }

@@ -41,6 +41,12 @@ fn fixed(b: &mut Backend, p: &WeightPolicy) -> bool {
     } else if let Some(w) = input.pinned {
         b.mode = Mode::Urgent;
         b.reasons.push(Reason::Pinned { weight: w });
+    } else if b.state.trial_flows.is_some() {
+        // On trial (see `drains`): a small share until its flows judge it.
+        b.mode = Mode::Gradual {
+            target: (super::drains::TRIAL_SHARE * b.configured).round().max(1.0),
+            learned: false,
+        };
     } else if input.current_weight == 0
         && b.reasons
             .iter()

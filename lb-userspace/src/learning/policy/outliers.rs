@@ -328,7 +328,7 @@ mod tests {
     }
 
     #[test]
-    fn error_and_passive_outliers_and_undrain_with_slow_start() {
+    fn error_and_passive_outliers_and_a_trial_before_the_slow_start() {
         let p = WeightPolicy {
             min_drain_steps: 4,
             outlier_steps: 2,
@@ -360,8 +360,8 @@ mod tests {
             }
             r => panic!("{r:?}"),
         }
-        // It recovers (probes at no load look normal): stays out for min_drain_steps, then
-        // comes back at the floor and ramps.
+        // Drained, it carries nothing (probes at no load look normal, which proves nothing of
+        // its SYNs): out for min_drain_steps, then back on trial at 5% of its weight.
         inputs[1].observed = Some(observed(0.0, 10.0));
         let ds = run(&mut inputs, &p, &mut state, 12);
         let back = ds.iter().position(|d| !d.backends[1].drained).unwrap();
@@ -371,9 +371,23 @@ mod tests {
                 drained_for_steps: 4
             }
         ));
-        assert_eq!(weight(&ds[back], 2), 2_500, "slow start at the floor");
+        assert_eq!(weight(&ds[back], 2), 500, "on trial at 5%");
         assert!(ds[back].events.iter().any(|e| e.kind == AuditKind::Undrain));
-        assert!(weight(&ds[back + 1], 2) > 2_500, "ramping up");
+        assert!(
+            ds[back..].iter().all(|d| weight(d, 2) == 500),
+            "held on trial while it carries no traffic"
+        );
+        // With traffic and clean SYNs, 30 flows pass the trial; then it ramps.
+        inputs[1].observed = Some(observed(12.0, 10.0));
+        let ds = run(&mut inputs, &p, &mut state, 4);
+        assert!(
+            reasons(&ds[2], 2)
+                .iter()
+                .any(|r| matches!(r, Reason::TrialPassed { .. })),
+            "{:?}",
+            reasons(&ds[2], 2)
+        );
+        assert!(weight(&ds[3], 2) > 500, "ramping up");
         // Errors: one backend failing half its probes.
         let mut inputs: Vec<BackendInput> = (1..=4)
             .map(|id| {

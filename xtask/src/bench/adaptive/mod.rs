@@ -22,6 +22,7 @@ mod capacity;
 mod failure;
 mod load;
 mod longlived;
+mod plot;
 mod run;
 mod slowdown;
 mod stability;
@@ -101,6 +102,31 @@ pub struct BenchAdaptiveArgs {
     /// Load of the fault scenarios, as a share of the pool's capacity.
     #[arg(long, default_value_t = 0.5)]
     pub fault_load: f64,
+    /// Run nothing: redraw the scenarios' plots from the files the last run left in
+    /// target/bench-adaptive/.
+    #[arg(long)]
+    pub plot_only: bool,
+}
+
+/// Every scenario, in the order they run.
+const ALL: [Scenario; 6] = [
+    Scenario::Capacity,
+    Scenario::Slowdown,
+    Scenario::Failure,
+    Scenario::Syndrop,
+    Scenario::Longlived,
+    Scenario::Stability,
+];
+
+/// Draws scenario `s`'s plot, saying where (a failure to draw is a warning: the figures
+/// printed are the result).
+fn plot_scenario(s: Scenario) {
+    let name = format!("{s:?}").to_lowercase();
+    match plot::scenario(&name) {
+        Ok(Some(path)) => println!("plot: {}", path.display()),
+        Ok(None) => {}
+        Err(e) => eprintln!("warning: plotting {name}: {e:#}"),
+    }
 }
 
 fn pool_capacity() -> f64 {
@@ -132,6 +158,15 @@ impl Weights {
 type Verdicts = Vec<(String, String, bool)>;
 
 pub fn run(args: &BenchAdaptiveArgs) -> Result<()> {
+    if args.plot_only {
+        let scenarios = if args.scenario.is_empty() {
+            ALL.to_vec()
+        } else {
+            args.scenario.clone()
+        };
+        scenarios.into_iter().for_each(plot_scenario);
+        return Ok(());
+    }
     ensure_root("bench adaptive")?;
     util::catch_interrupts();
     let _ = tests::cleanup_stale_namespaces();
@@ -140,14 +175,7 @@ pub fn run(args: &BenchAdaptiveArgs) -> Result<()> {
     let mut bench = Bench::new(bins)?;
     let mut scenarios = args.scenario.clone();
     if scenarios.is_empty() {
-        scenarios = vec![
-            Scenario::Capacity,
-            Scenario::Slowdown,
-            Scenario::Failure,
-            Scenario::Syndrop,
-            Scenario::Longlived,
-            Scenario::Stability,
-        ];
+        scenarios = ALL.to_vec();
     }
     println!(
         "backends: lb-workpool with {:?} workers × {SERVICE_MS} ms (capacities {:?} req/s, pool {:.0} req/s), queue {QUEUE}; \
@@ -171,10 +199,11 @@ pub fn run(args: &BenchAdaptiveArgs) -> Result<()> {
             Scenario::Longlived => longlived::run(&mut bench, args, &mut verdicts)?,
             Scenario::Stability => stability::run(&mut bench, args, &mut verdicts)?,
         }
+        plot_scenario(s);
     }
     drop(bench);
     println!(
-        "\nper run: lbd log, requests (CSV), table trace and final `lbctl model show` in {}",
+        "\nper run: lbd log, requests (CSV), table trace and final `lbctl model show`, and one SVG plot per scenario, in {}",
         results_dir().display()
     );
     println!("\n=== summary against issue #4's targets ===");
