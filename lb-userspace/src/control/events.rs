@@ -94,7 +94,7 @@ pub enum Kind {
 
 impl Kind {
     /// Every kind, for counters that must exist (at 0) before the first event.
-    pub const ALL: [Kind; 20] = [
+    pub const ALL: [Kind; 21] = [
         Kind::Start,
         Kind::UncleanStop,
         Kind::PreviousStartFailed,
@@ -115,6 +115,7 @@ impl Kind {
         Kind::DatapathLost,
         Kind::DatapathRestored,
         Kind::ConfigWarning,
+        Kind::ConntrackFill,
     ];
 
     pub const fn name(self) -> &'static str {
