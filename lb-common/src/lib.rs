@@ -199,7 +199,24 @@ pub struct CtValue {
     pub syn_seq: u32,
     /// `CT_F_*`.
     pub flags: u32,
+    /// When the flow's last packet was seen, in `CT_TICK_SHIFT` ticks of the kernel's coarse
+    /// monotonic clock (`bpf_ktime_get_coarse_ns() >> CT_TICK_SHIFT`, wrapping after about 52
+    /// days): with direct server return the balancer sees only the client's side, so idleness
+    /// is what tells an active connection from one whose client went away. 0 in `FRAGS`.
+    pub last_seen: u32,
+    /// The low 32 bits of jiffies when `last_seen` was last written. Reading jiffies is one
+    /// load (the verifier inlines `bpf_jiffies64`), the coarse clock a helper call: the
+    /// datapath reads the clock only when jiffies moved, at most once a tick per flow.
+    pub touched: u32,
 }
+
+/// `CtValue::last_seen` is `CLOCK_MONOTONIC_COARSE` nanoseconds shifted right
+/// by this much: ticks of about 1.05 ms, so a busy flow's entry is written at most once a tick.
+pub const CT_TICK_SHIFT: u32 = 20;
+
+/// Connection-table value flag: the client sent a FIN or a RST on this flow. It is not active
+/// any more (it is counted as closing); a new SYN on the tuple starts a fresh entry.
+pub const CT_F_CLOSING: u32 = 2;
 
 /// Connection-table value flag: the flow was steered again because its backend was down or
 /// retired. Its client's RSTs are not counted against the backend it has now (they answer
@@ -574,7 +591,7 @@ mod tests {
         assert_eq!(size_of::<BackendInfo>(), 32);
         assert_eq!(size_of::<NextHop>(), 32);
         assert_eq!(size_of::<FlowKey>(), 40);
-        assert_eq!(size_of::<CtValue>(), 16);
+        assert_eq!(size_of::<CtValue>(), 24);
         assert_eq!(size_of::<FragKey>(), 40);
         assert_eq!(size_of::<GlobalConfig>(), 24);
         assert_eq!(size_of::<BackendStats>(), 48);

@@ -41,6 +41,10 @@ pub struct LbdCli {
     /// Fleet mode: this node's name in the fleet (default: the host name).
     #[arg(long, value_name = "NAME")]
     pub node: Option<String>,
+    /// With --check: also say what reloading the running lbd with this file would do to the
+    /// Maglev tables (slots gained or lost per backend, share of new flows that would move).
+    #[arg(long, requires = "check")]
+    pub diff: bool,
     #[command(subcommand)]
     pub command: Option<LbdCommand>,
 }
@@ -104,7 +108,8 @@ impl From<ModeArg> for XdpMode {
         applied to the datapath and written to lbd's configuration file, or refused whole.\n\n\
         VIPs are written ADDRESS:PORT/PROTOCOL: 10.0.0.1:80/tcp, [2001:db8::1]:443/udp.\n\n\
         Exit status: 0 done, 1 refused by lbd (reason on stderr), 2 bad command line, \
-        3 lbd not reachable (not running, wrong --socket, or no permission)."
+        3 lbd not reachable (not running, wrong --socket, or no permission), \
+        4 backend drain --wait timed out with active connections left (how many on stderr)."
 )]
 pub struct LbctlCli {
     /// lbd's control socket (control_socket in lbd.toml).
@@ -120,6 +125,11 @@ pub struct LbctlCli {
     /// Fleet mode: the fleet's key prefix in etcd (as given to lbd --prefix).
     #[arg(long, global = true, value_name = "PREFIX", requires = "etcd")]
     pub prefix: Option<String>,
+    /// With a change (vip add/remove, backend add/remove/set-weight/drain/undrain): say what
+    /// it would do to the tables (slots each backend gains or loses, share of new flows that
+    /// would move) after the same checks, and change nothing.
+    #[arg(long, global = true)]
+    pub dry_run: bool,
     #[command(subcommand)]
     pub command: LbctlCommand,
 }
@@ -147,6 +157,17 @@ pub enum LbctlCommand {
     /// Interface, XDP mode, program id, uptime and table generation per VIP; with [bgp], the
     /// sessions and the announced VIPs.
     Status,
+    /// Tracked connections: client, VIP, backend, state, age and last packet.
+    #[command(subcommand)]
+    Conn(ConnCommand),
+    /// Which backend a new flow from CLIENT would get now (the Maglev choice), and which it
+    /// has if it is tracked. Without a port: each backend's share of the client's source
+    /// ports, and the client's tracked flows.
+    Lookup {
+        vip: VipName,
+        /// ADDRESS or ADDRESS:PORT ([ADDRESS]:PORT for IPv6).
+        client: String,
+    },
     /// The fleet (with --etcd and --prefix): nodes, their role and applied revision, leader.
     #[command(subcommand)]
     Cluster(ClusterCommand),
@@ -172,6 +193,20 @@ pub enum NodeCommand {
     },
     /// Announce the VIPs this node can serve again.
     Undrain,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ConnCommand {
+    /// List tracked connections (like ipvsadm -Lnc), of one VIP or all.
+    List {
+        vip: Option<VipName>,
+        /// Only the connections of this backend.
+        #[arg(long, value_parser = parse_backend_address)]
+        backend: Option<IpAddr>,
+        /// At most N connections (the total that matched is still said).
+        #[arg(long, value_name = "N")]
+        limit: Option<u32>,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -236,7 +271,9 @@ pub enum BackendCommand {
         #[arg(long)]
         force: bool,
     },
-    /// Stop sending new flows to a backend; its established flows continue.
+    /// Stop sending new flows to a backend; its established flows continue. With --wait,
+    /// return when it has no active connection left (exit 0), or at --timeout with exit
+    /// status 4 and how many are left.
     Drain {
         vip: VipName,
         #[arg(value_parser = parse_backend_address)]
@@ -244,6 +281,13 @@ pub enum BackendCommand {
         /// Do it even if it leaves the VIP no serving backend (all its traffic dropped).
         #[arg(long)]
         force: bool,
+        /// Wait until the backend has no active connection (closing and idle ones do not
+        /// count; see conn_idle_tcp_seconds).
+        #[arg(long)]
+        wait: bool,
+        /// With --wait: give up after SECS seconds (exit status 4). Default: wait for ever.
+        #[arg(long, value_name = "SECS", requires = "wait", value_parser = parse_drain_timeout)]
+        timeout: Option<f64>,
     },
     /// Give a drained backend new flows again, at its weight.
     Undrain {
@@ -289,6 +333,16 @@ pub fn parse_secs(s: &str) -> Result<f64, String> {
     match s.parse::<f64>() {
         Ok(x) if (0.1..=3600.0).contains(&x) => Ok(x),
         _ => Err(format!("{s:?} is not a number of seconds from 0.1 to 3600")),
+    }
+}
+
+/// `backend drain --wait --timeout`: up to a day (long-lived connections take long).
+pub fn parse_drain_timeout(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(x) if (0.1..=86_400.0).contains(&x) => Ok(x),
+        _ => Err(format!(
+            "--timeout {s:?} is not a number of seconds from 0.1 to 86400"
+        )),
     }
 }
 

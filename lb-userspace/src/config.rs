@@ -564,6 +564,19 @@ pub struct Config {
     /// Capacity of the table of flows seen once.
     #[serde(default = "default_ct_new_size")]
     pub conntrack_new_size: u32,
+    /// A tracked TCP connection whose client sent nothing for this long is idle, not active
+    /// (`lbctl backend list`, `lbctl backend drain --wait`).
+    #[serde(
+        default = "default_conn_idle_tcp",
+        skip_serializing_if = "is_default_conn_idle_tcp"
+    )]
+    pub conn_idle_tcp_seconds: u32,
+    /// The same for UDP flows.
+    #[serde(
+        default = "default_conn_idle_udp",
+        skip_serializing_if = "is_default_conn_idle_udp"
+    )]
+    pub conn_idle_udp_seconds: u32,
     /// Slots in the pool that holds every VIP's Maglev table (two per VIP during an update).
     #[serde(default = "default_table_pool")]
     pub table_pool: u32,
@@ -700,6 +713,25 @@ fn default_ct_size() -> u32 {
 }
 fn default_ct_new_size() -> u32 {
     DEFAULT_CT_NEW_SIZE
+}
+/// Default TCP idle window: ipvs keeps an established connection 15 minutes; 5 minutes of
+/// silence from a client (no data, no keepalive) is already a connection nobody uses.
+pub const DEFAULT_CONN_IDLE_TCP: u32 = 300;
+/// Default UDP idle window (the kernel's conntrack keeps a UDP stream 120 s, a single exchange 30 s).
+pub const DEFAULT_CONN_IDLE_UDP: u32 = 30;
+/// Longest idle window: a day.
+pub const MAX_CONN_IDLE: u32 = 86_400;
+fn default_conn_idle_tcp() -> u32 {
+    DEFAULT_CONN_IDLE_TCP
+}
+fn default_conn_idle_udp() -> u32 {
+    DEFAULT_CONN_IDLE_UDP
+}
+fn is_default_conn_idle_tcp(v: &u32) -> bool {
+    *v == DEFAULT_CONN_IDLE_TCP
+}
+fn is_default_conn_idle_udp(v: &u32) -> bool {
+    *v == DEFAULT_CONN_IDLE_UDP
 }
 fn default_table_pool() -> u32 {
     DEFAULT_RING_POOL
@@ -913,6 +945,21 @@ impl Config {
                 "conntrack_new_size: {} is too small; use at least 1024",
                 self.conntrack_new_size
             ));
+        }
+        for (name, v) in [
+            ("conn_idle_tcp_seconds", self.conn_idle_tcp_seconds),
+            ("conn_idle_udp_seconds", self.conn_idle_udp_seconds),
+        ] {
+            if v == 0 || v > MAX_CONN_IDLE {
+                return err(format!(
+                    "{name}: {v} is out of range; use 1 to {MAX_CONN_IDLE} seconds (default {})",
+                    if name.contains("tcp") {
+                        DEFAULT_CONN_IDLE_TCP
+                    } else {
+                        DEFAULT_CONN_IDLE_UDP
+                    }
+                ));
+            }
         }
         if self.vips.len() > MAX_VIPS as usize {
             return err(format!(

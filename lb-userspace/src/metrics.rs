@@ -214,6 +214,7 @@ pub fn render(s: &StatsSnapshot) -> String {
     f.sample("lb_uptime_seconds", &[], s.uptime_ms as f64 / 1000.0);
     vip_families(&mut f, s);
     backend_families(&mut f, s);
+    conntrack_families(&mut f, s);
     health_family(&mut f, s);
     readmission_family(&mut f, s);
     learning_families(&mut f, s);
@@ -409,6 +410,58 @@ fn backend_families(f: &mut Family<'_>, s: &StatsSnapshot) {
     }
 }
 
+/// `lb_backend_connections` per state, and the connection tables' fill.
+fn conntrack_families(f: &mut Family<'_>, s: &StatsSnapshot) {
+    let name = "lb_backend_connections";
+    f.header(
+        name,
+        "gauge",
+        "Tracked connections of the backend by state: active (client sent within the idle window, not closed), idle (silent longer), closing (client sent FIN or RST).",
+    );
+    for v in &s.vips {
+        for b in &v.backends {
+            let addr = b.address.to_string();
+            for (state, n) in [
+                ("active", b.conns.conns_active),
+                ("idle", b.conns.conns_idle),
+                ("closing", b.conns.conns_closing),
+            ] {
+                f.sample(
+                    name,
+                    &[("vip", &v.vip), ("backend", &addr), ("state", state)],
+                    n,
+                );
+            }
+        }
+    }
+    let Some(fill) = &s.conntrack else {
+        return;
+    };
+    let name = "lb_conntrack_entries";
+    f.header(
+        name,
+        "gauge",
+        "Entries in a connection table (CT: established flows, CT_NEW: flows seen once).",
+    );
+    f.sample(name, &[("table", "CT")], fill.ct_entries);
+    f.sample(name, &[("table", "CT_NEW")], fill.ct_new_entries);
+    let name = "lb_conntrack_capacity";
+    f.header(
+        name,
+        "gauge",
+        "Capacity of a connection table (conntrack_size, conntrack_new_size).",
+    );
+    f.sample(name, &[("table", "CT")], fill.ct_capacity);
+    f.sample(name, &[("table", "CT_NEW")], fill.ct_new_capacity);
+    let name = "lb_conntrack_scan_seconds";
+    f.header(
+        name,
+        "gauge",
+        "How long counting the connection tables took at this scrape.",
+    );
+    f.sample(name, &[], fill.scan_ms / 1e3);
+}
+
 /// How health-checked backends are let back in: recent ejections, the hold left, the ramp.
 fn readmission_family(f: &mut Family<'_>, s: &StatsSnapshot) {
     type Get = fn(&crate::control::BackendStatsEntry) -> f64;
@@ -562,6 +615,13 @@ mod tests {
             timestamp_ms: 1,
             uptime_ms: 2500,
             interval_seconds: None,
+            conntrack: Some(crate::control::TableFill {
+                ct_entries: 5,
+                ct_capacity: 1024,
+                ct_new_entries: 1,
+                ct_new_capacity: 2048,
+                scan_ms: 0.5,
+            }),
             counters: [("drop_fib".to_string(), 7u64)].into_iter().collect(),
             model_refusals: [("poor_fit".to_string(), 4u64)].into_iter().collect(),
             vips: vec![VipStatsEntry {
@@ -589,6 +649,11 @@ mod tests {
                     learned_weight: Some(0.7300000001),
                     fit_r2: Some(0.5),
                     rates: None,
+                    conns: crate::control::ConnCounts {
+                        conns_active: 3,
+                        conns_idle: 1,
+                        conns_closing: 2,
+                    },
                     ejections: Some(2),
                     returns_in_ms: Some(1500.0),
                     ramp: None,
@@ -614,6 +679,10 @@ mod tests {
             "lb_backend_table_weight{vip=\"[2001:db8::1]:443/tcp\",backend=\"2001:db8::11\"} 0",
             "lb_model_fit_r2{vip=\"[2001:db8::1]:443/tcp\",backend=\"2001:db8::11\"} 0.5",
             "lb_model_refusals_total{reason=\"poor_fit\"} 4",
+            "lb_backend_connections{vip=\"[2001:db8::1]:443/tcp\",backend=\"2001:db8::11\",state=\"active\"} 3",
+            "lb_backend_connections{vip=\"[2001:db8::1]:443/tcp\",backend=\"2001:db8::11\",state=\"closing\"} 2",
+            "lb_conntrack_entries{table=\"CT_NEW\"} 1",
+            "lb_conntrack_capacity{table=\"CT\"} 1024",
             "lb_datapath_packets_total{reason=\"pass_not_vip\"} 0",
             "lb_datapath_events_total{event=\"ct_lost\"} 0",
             "lb_datapath_events_total{event=\"ct_new_insert_failed\"} 0",

@@ -267,6 +267,30 @@ fn connect_and_greet(
     Ok((reader, name))
 }
 
+/// Connects from `ns` to `addr` from the source address and port `local`, reads the server's
+/// name line, closes, and returns the name (a flow whose 5-tuple the test knows in advance).
+pub fn client_from(
+    ns: &NetNs,
+    local: SocketAddr,
+    addr: SocketAddr,
+    timeout: Duration,
+) -> io::Result<String> {
+    ns.run_in(|| {
+        let deadline = Instant::now() + timeout;
+        let sock = socket2::Socket::new(
+            socket2::Domain::for_address(addr),
+            socket2::Type::STREAM,
+            Some(socket2::Protocol::TCP),
+        )?;
+        sock.set_reuse_address(true)?;
+        sock.bind(&local.into())?;
+        sock.connect_timeout(&addr.into(), timeout)?;
+        let stream: TcpStream = sock.into();
+        let mut reader = BufReader::new(stream);
+        read_line_by(&mut reader, deadline)
+    })
+}
+
 /// Connects from `ns` to `addr`, reads the server's name line, closes, and returns the name.
 /// The whole exchange is bounded by `timeout` (connect gets all of it, the read what is left).
 pub fn client_once(ns: &NetNs, addr: SocketAddr, timeout: Duration) -> io::Result<String> {
@@ -418,6 +442,29 @@ impl LongLived {
     /// The server name each connection got, by index.
     pub fn backends(&self) -> Vec<String> {
         self.conns.iter().map(|c| c.backend.clone()).collect()
+    }
+
+    /// Each connection's local (client) address and the server name it got, by index.
+    pub fn locals(&self) -> Vec<(SocketAddr, String)> {
+        self.conns
+            .iter()
+            .map(|c| (c.local, c.backend.clone()))
+            .collect()
+    }
+
+    /// Closes up to `n` of the connections served by `backend` (the client's FIN goes out
+    /// now); they leave the set. Returns how many were closed.
+    pub fn close_some(&mut self, backend: &str, n: usize) -> usize {
+        let mut closed = 0;
+        self.conns.retain(|c| {
+            if closed < n && c.backend == backend {
+                closed += 1;
+                false
+            } else {
+                true
+            }
+        });
+        closed
     }
 
     /// How many connections each server got.

@@ -94,11 +94,15 @@ fn vip_servers(lab: &Lab, n: usize) -> Vec<TcpServer> {
         .collect()
 }
 
-/// Backend list without the datapath ids (which a fresh lbd allocates anew).
+/// Backend list without the datapath ids (which a fresh lbd allocates anew) and connection
+/// counts (fresh maps track no connection).
 fn without_ids(list: &Value) -> Value {
     let mut l = list.clone();
     for b in l.as_array_mut().unwrap() {
-        b.as_object_mut().unwrap().remove("id");
+        let b = b.as_object_mut().unwrap();
+        for k in ["id", "conns_active", "conns_idle", "conns_closing"] {
+            b.remove(k);
+        }
     }
     l
 }

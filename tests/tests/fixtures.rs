@@ -30,8 +30,8 @@ use etherparse::{
     Ipv4HeaderSlice, Ipv6HeaderSlice, SingleVlanHeaderSlice, TcpSlice, UdpSlice,
 };
 use lb_common::{
-    flow_hash, maglev_index, BackendStats, Counter, CtValue, FlowKey, VipStats, CT_F_RESTEERED,
-    FAMILY_V4, FAMILY_V6,
+    flow_hash, maglev_index, BackendStats, Counter, CtValue, FlowKey, VipStats, CT_F_CLOSING,
+    CT_F_RESTEERED, FAMILY_V4, FAMILY_V6,
 };
 use lb_userspace::{datapath::VipState, Balancer, Config, LoadOptions};
 use std::collections::BTreeMap;
@@ -42,7 +42,8 @@ use tests::pkt::{
     self, ether_vlan as frame, frag6, icmp4, icmp6, ip4_addrs, ip4_ihl, ip6_addrs, mac_at, mac_str,
     set_ip4_checksum as fix_ip4_csum, udp as udp_seg, Ip4, Ip6, Mac, Tcp, ETH_8021AD, ETH_8021Q,
     ETH_ARP, ETH_IPV4 as ETH_IP, ETH_IPV6, GRE, ICMP, ICMPV6, IP4_DF as DF, IP4_MF as MF,
-    IPV6_FRAG as FRAG6, TCP, TCP_ACK as ACK, TCP_PSH as PSH, TCP_RST as RST, TCP_SYN as SYN, UDP,
+    IPV6_FRAG as FRAG6, TCP, TCP_ACK as ACK, TCP_FIN as FIN, TCP_PSH as PSH, TCP_RST as RST,
+    TCP_SYN as SYN, UDP,
 };
 use tests::{anyhow, require_root, NetNs};
 
@@ -301,6 +302,8 @@ impl Flow {
             hash: flow_hash(&self.key()),
             syn_seq: u32::from_ne_bytes(syn_seq.to_be_bytes()),
             flags,
+            last_seen: 0,
+            touched: 0,
         }
     }
 
@@ -1260,14 +1263,15 @@ fn table() -> Vec<Step> {
                 .to(e, id, false)
                 .backend_also(|s| s.syn_retries = 1)
         }),
-        Packet("IPv4 TCP RST on re-steered flow 6 -> .12, promoted with its flag, no client_rsts", |e| {
+        Packet("IPv4 TCP RST on re-steered flow 6 -> .12, promoted with its flag and marked closing, no client_rsts", |e| {
             let f = e.f6();
             let ip = f.packet_seq(0, RST, ISN.wrapping_add(1), 0);
             let id = e.id_v4(12);
+            let flags = CT_F_RESTEERED | CT_F_CLOSING;
             Case::tx(e.frame_in(None, &ip), e.ipip(id, None, &ip, &f.key()))
                 .count(CtPromoted)
                 .to(e, id, false)
-                .tables(&f, Some(f.ct(id, ISN, CT_F_RESTEERED)), Some(f.ct(id, ISN, CT_F_RESTEERED)))
+                .tables(&f, Some(f.ct(id, ISN, flags)), Some(f.ct(id, ISN, flags)))
         }),
         // ---- Lost connection state. ----
         Packet("IPv4 TCP ACK+data of a flow neither table knows (state evicted, or older than the balancer) -> the table's backend, ct_lost +1, recorded as new", |e| {
@@ -1287,6 +1291,15 @@ fn table() -> Vec<Step> {
             Case::tx(e.frame_in(None, &ip), e.ipip(id, None, &ip, &f.key()))
                 .count(CtPromoted)
                 .to(e, id, false)
+                .tables(&f, Some(f.ct(id, 0, 0)), Some(f.ct(id, 0, 0)))
+        }),
+        Packet("IPv4 TCP FIN+ACK of that established flow -> same backend, its CT entry marked closing (CT_NEW's copy untouched)", |e| {
+            let f = Flow::new(CLIENT4, VIP4, 40_777, 80, TCP);
+            let ip = f.packet(0, FIN | ACK, 0);
+            let id = e.maglev(&f);
+            Case::tx(e.frame_in(None, &ip), e.ipip(id, None, &ip, &f.key()))
+                .to(e, id, false)
+                .tables(&f, Some(f.ct(id, 0, CT_F_CLOSING)), Some(f.ct(id, 0, 0)))
         }),
         Packet("IPv4 TCP RST of a flow neither table knows -> the table's backend, ct_lost +1 (a new flow's RST is not a client_rsts)", |e| {
             let f = Flow::new(CLIENT4, VIP4, 40_778, 80, TCP);
@@ -1952,6 +1965,20 @@ fn run_case(env: &Env, case: &Case) -> Result<String, String> {
     }
     for (f, ct, ct_new) in &case.tables {
         let (got_ct, got_new) = env.lb.conntrack_entries(&f.key());
+        // Times are the kernel's clock: checked to be set, then left out of the comparison.
+        for v in [got_ct, got_new].iter().flatten() {
+            if v.last_seen == 0 || v.touched == 0 {
+                problems.push(format!("connection-table times not set: {v:?}"));
+            }
+        }
+        let untimed = |v: Option<CtValue>| {
+            v.map(|v| CtValue {
+                last_seen: 0,
+                touched: 0,
+                ..v
+            })
+        };
+        let (got_ct, got_new) = (untimed(got_ct), untimed(got_new));
         if (got_ct, got_new) != (*ct, *ct_new) {
             problems.push(format!(
                 "connection tables of {}:{} -> {}:{}: CT {got_ct:?}, CT_NEW {got_new:?}; expected CT {ct:?}, CT_NEW {ct_new:?}",

@@ -15,7 +15,8 @@ mod prog {
         bindings::{bpf_fib_lookup as FibParams, xdp_action, xdp_md, BPF_F_NO_PREALLOC},
         btf_maps::{Array, HashMap, LruHashMap, PerCpuArray},
         helpers::{
-            bpf_fib_lookup, bpf_jiffies64, bpf_redirect, bpf_xdp_adjust_head, bpf_xdp_adjust_tail,
+            bpf_fib_lookup, bpf_jiffies64, bpf_ktime_get_coarse_ns, bpf_redirect,
+            bpf_xdp_adjust_head, bpf_xdp_adjust_tail,
         },
         macros::{btf_map, xdp},
         programs::XdpContext,
@@ -70,7 +71,6 @@ mod prog {
     const TCP_SYN: u8 = 0x02;
     const TCP_RST: u8 = 0x04;
     const TCP_ACK: u8 = 0x10;
-    const _: u8 = TCP_FIN;
 
     /// Why a packet was not forwarded. Mapped to an XDP action and a counter in one place.
     #[derive(Clone, Copy)]
@@ -409,23 +409,28 @@ mod prog {
         }
         let syn = tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
         let rst = tcp_flags & TCP_RST != 0;
+        let closes = tcp_flags & (TCP_FIN | TCP_RST) != 0;
+        let established_ptr = CT.get_ptr_mut(&*key);
         // SAFETY: LRU element, read in place (a copy would cost stack); the memory stays
         // valid while the program runs, a concurrent eviction yields stale fields at worst.
-        let established = CT.get_ptr(&*key).map(|v| unsafe { &*v });
+        let established = established_ptr.map(|v| unsafe { &*v });
         // An established connection never sends a bare SYN: a SYN that finds its 4-tuple in
         // `CT` opens a new connection on a reused tuple (clients cycle through their ephemeral
         // ports), so it is not served from `CT`.
-        let served = if syn { None } else { established };
-        let (id, backend, hash) = match served.and_then(|v| {
+        let served = if syn { None } else { established_ptr };
+        let (id, backend, hash) = match served.and_then(|p| {
+            // SAFETY: as `established`.
+            let v = unsafe { &*p };
             let id = v.backend;
-            live_backend(id).map(|b| (id, b, v.hash, v.flags))
+            live_backend(id).map(|b| (p, id, b, v.hash, v.flags))
         }) {
-            Some((id, b, hash, flags)) => {
+            Some((p, id, b, hash, flags)) => {
                 if rst && flags & CT_F_RESTEERED == 0 {
                     if let Some(s) = backend_stats(id) {
                         s.client_rsts += 1;
                     }
                 }
+                touch(p, closes);
                 (id, b, hash)
             }
             None => {
@@ -437,7 +442,14 @@ mod prog {
                     // practically never have, so a SYN flood still only churns `CT_NEW`.
                     let _ = CT.remove(&*key);
                 }
-                choose(key, &vip, syn, seq, rst, established.is_some(), served)?
+                let flow = FlowPacket {
+                    syn,
+                    seq,
+                    rst,
+                    closes,
+                };
+                let resteer = if syn { None } else { established };
+                choose(key, &vip, flow, established.is_some(), resteer)?
             }
         };
         if let Some(frag_id) = first_fragment {
@@ -446,6 +458,8 @@ mod prog {
                 hash,
                 syn_seq: 0,
                 flags: 0,
+                last_seen: 0,
+                touched: 0,
             };
             if FRAGS.insert(&frag_key(key, frag_id), &value, 0).is_err() {
                 count(Counter::FragInsertFailed);
@@ -458,6 +472,53 @@ mod prog {
             reply_too_big: true,
             counter: None,
         })
+    }
+
+    /// The low 32 bits of jiffies (`CtValue::touched`).
+    #[inline(always)]
+    fn jiffies32() -> u32 {
+        // SAFETY: a helper without arguments (inlined into a load by the verifier).
+        unsafe { bpf_jiffies64() as u32 }
+    }
+
+    /// Now, in connection-table ticks (`CT_TICK_SHIFT`).
+    #[inline(always)]
+    fn now_tick() -> u32 {
+        // SAFETY: a helper without arguments.
+        (unsafe { bpf_ktime_get_coarse_ns() } >> CT_TICK_SHIFT) as u32
+    }
+
+    /// A tracked flow's packet: its entry's last-seen time, written only when the tick changed
+    /// (a busy flow does not dirty the entry's cache line on every packet), and the closing
+    /// flag on the client's FIN or RST.
+    #[inline(always)]
+    fn touch(v: *mut CtValue, closes: bool) {
+        let jiffies = jiffies32();
+        // SAFETY: an LRU element found by the caller in this run of the program; its memory
+        // stays valid until the program ends. Two CPUs writing the same fields write the same
+        // values (a tick, a bit), so a race loses nothing that matters.
+        unsafe {
+            if (*v).touched != jiffies {
+                (*v).touched = jiffies;
+                let now = now_tick();
+                if (*v).last_seen != now {
+                    (*v).last_seen = now;
+                }
+            }
+            if closes && (*v).flags & CT_F_CLOSING == 0 {
+                (*v).flags |= CT_F_CLOSING;
+            }
+        }
+    }
+
+    /// What `choose` needs of a TCP or UDP packet: a bare SYN and its sequence number (0 for
+    /// other packets), a RST, a FIN or RST (the client closes).
+    #[derive(Clone, Copy)]
+    struct FlowPacket {
+        syn: bool,
+        seq: u32,
+        rst: bool,
+        closes: bool,
     }
 
     /// The backend behind `id`, if it may carry traffic.
@@ -510,18 +571,19 @@ mod prog {
     fn choose(
         key: &FlowKey,
         vip: &VipMeta,
-        syn: bool,
-        seq: u32,
-        rst: bool,
+        p: FlowPacket,
         in_ct: bool,
         resteer_ct: Option<&CtValue>,
     ) -> Result<(u32, BackendInfo, u32), Error> {
+        let FlowPacket {
+            syn,
+            seq,
+            rst,
+            closes,
+        } = p;
+        let seen_ptr = if in_ct { None } else { CT_NEW.get_ptr_mut(key) };
         // SAFETY: LRU element, read in place like `CT`'s in `new_or_tracked`.
-        let seen = if in_ct {
-            None
-        } else {
-            CT_NEW.get_ptr(key).map(|v| unsafe { &*v })
-        };
+        let seen = seen_ptr.map(|v| unsafe { &*v });
         // Neither table knows the flow, yet the packet is not the one that opens a TCP
         // connection: its state was lost (LRU eviction, replaced maps) or predates us.
         if !in_ct && seen.is_none() && key.proto == PROTO_TCP && !syn {
@@ -529,8 +591,10 @@ mod prog {
         }
         // A SYN with another initial sequence number: a new connection, the entry is not its.
         let seen = seen.filter(|v| !syn || v.syn_seq == seq);
-        if let Some(v) = seen {
+        if let (Some(v), Some(ptr)) = (seen, seen_ptr) {
             if let Some(b) = live_backend(v.backend) {
+                // Before the promotion copies it.
+                touch(ptr, closes);
                 if let Some(s) = backend_stats(v.backend) {
                     s.syn_retries += syn as u64;
                     s.client_rsts += (rst && v.flags & CT_F_RESTEERED == 0) as u64;
@@ -555,7 +619,9 @@ mod prog {
                 backend: id,
                 hash,
                 syn_seq: old.syn_seq,
-                flags: old.flags | CT_F_RESTEERED,
+                flags: old.flags | CT_F_RESTEERED | if closes { CT_F_CLOSING } else { 0 },
+                last_seen: now_tick(),
+                touched: jiffies32(),
             };
             let (inserted, failed) = if resteer_ct.is_some() {
                 (CT.insert(key, &value, 0), Counter::CtInsertFailed)
@@ -570,11 +636,14 @@ mod prog {
                 s.resteered += 1;
             }
         } else {
+            let now = now_tick();
             let value = CtValue {
                 backend: id,
                 hash,
                 syn_seq: if syn { seq } else { 0 },
-                flags: 0,
+                flags: if closes { CT_F_CLOSING } else { 0 },
+                last_seen: now,
+                touched: jiffies32(),
             };
             if CT_NEW.insert(key, &value, 0).is_ok() {
                 count(Counter::CtNew);

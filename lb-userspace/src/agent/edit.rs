@@ -178,7 +178,11 @@ pub(super) fn edit(cfg: &mut Config, req: &Request) -> Result<String> {
         | Request::Status
         | Request::RunningConfig
         | Request::NodeDrain { .. }
-        | Request::NodeUndrain => {
+        | Request::NodeUndrain
+        | Request::ConnList { .. }
+        | Request::Lookup { .. }
+        | Request::DryRun { .. }
+        | Request::ConfigDiff { .. } => {
             bail!("internal error: {req:?} is not a change")
         }
     }

@@ -18,7 +18,9 @@
 //! changes applies the datapath again. A down backend gets weight 0 in the table and the DOWN
 //! flag in its datapath entry (its established flows are steered again at once); a backend on
 //! probation comes back with a quarter of its weight (slow start), then all of it once up.
+mod conns;
 mod drain;
+mod dryrun;
 mod edit;
 mod fleet;
 mod health;
@@ -229,6 +231,10 @@ pub struct Agent {
     node: std::sync::Mutex<drain::Node>,
     /// Wakes the BGP announcer on a drain or undrain.
     node_notify: tokio::sync::Notify,
+    /// Whether `CT` and `CT_NEW` were above the fill warning at the last count.
+    fill_above: std::sync::Mutex<[bool; 2]>,
+    /// The last count of the connection tables, and when it was taken.
+    census_cache: std::sync::Mutex<Option<(Instant, conns::Census)>>,
 }
 
 impl Agent {
@@ -268,6 +274,8 @@ impl Agent {
             fleet: std::sync::Mutex::new(None),
             node: std::sync::Mutex::new(drain::Node::new()),
             node_notify: tokio::sync::Notify::new(),
+            fill_above: std::sync::Mutex::new([false; 2]),
+            census_cache: std::sync::Mutex::new(None),
         })
     }
 
@@ -417,6 +425,17 @@ impl Agent {
                 let who = format!("{} (by {peer})", req.as_lbctl());
                 self.node_change(false, None, &who).await.map(Response::ok)
             }
+            Request::ConnList {
+                vip,
+                backend,
+                limit,
+            } => {
+                self.conn_list(vip.as_deref(), backend.as_deref(), limit)
+                    .await
+            }
+            Request::Lookup { vip, client } => self.lookup(&vip, &client).await,
+            Request::DryRun { request } => self.dry_run(*request).await,
+            Request::ConfigDiff { text } => self.config_diff(&text).await,
             other => {
                 let words = other.as_lbctl();
                 let r = self.change(other).await;

@@ -37,6 +37,8 @@ impl Agent {
 
     pub(super) async fn backend_list(&self, vip: Option<&str>) -> Result<Response> {
         let want = vip_filter(vip)?;
+        // Counted before the lock is taken: a scan of a full table takes a while.
+        let census = self.census().await?;
         let st = self.state.lock().await;
         if let Some(w) = want {
             if !st.lb.vips().any(|v| VipName::of(&v.config) == w) {
@@ -70,6 +72,7 @@ impl Agent {
                     returns_in_ms,
                     ramp,
                     id: b.id,
+                    conns: census.per_backend.get(&b.id).copied().unwrap_or_default(),
                 });
             }
         }
@@ -78,6 +81,15 @@ impl Agent {
 
     /// Statistics of every VIP and backend and every datapath counter, at one instant.
     pub async fn snapshot(&self) -> Result<StatsSnapshot> {
+        // Tables that cannot be read leave the counts at 0 and `conntrack` null: the
+        // statistics are still worth having.
+        let census = match self.census().await {
+            Ok(c) => Some(c),
+            Err(e) => {
+                tracing::warn!("counting connections: {e:#}");
+                None
+            }
+        };
         let st = self.state.lock().await;
         let mut vips = Vec::new();
         for v in st.lb.vips() {
@@ -116,6 +128,10 @@ impl Agent {
                     ejections,
                     returns_in_ms,
                     ramp,
+                    conns: census
+                        .as_ref()
+                        .and_then(|c| c.per_backend.get(&b.id).copied())
+                        .unwrap_or_default(),
                 });
             }
             vips.push(VipStatsEntry {
@@ -145,6 +161,7 @@ impl Agent {
             model_refusals: st.refusals.clone(),
             datapath_faults: st.lb.datapath_faults(),
             interval_seconds: None,
+            conntrack: census.map(|c| c.fill),
         })
     }
 

@@ -2,17 +2,18 @@
 //!
 //! Exit status: 0 done; 1 lbd refused the request (the reason, naming the field and the fix,
 //! is on stderr); 2 the command line is wrong; 3 lbd could not be reached (not running, wrong
-//! socket, or no permission on the socket).
+//! socket, or no permission on the socket); 4 `backend drain --wait` timed out with active
+//! connections left (how many is on stderr).
 use clap::Parser as _;
 use lb_userspace::{
     cli::{
-        BackendCommand, LbctlCli as Cli, LbctlCommand as Command, ModelCommand, NodeCommand,
-        VipCommand,
+        BackendCommand, ConnCommand, LbctlCli as Cli, LbctlCommand as Command, ModelCommand,
+        NodeCommand, VipCommand,
     },
     config::Forwarding,
     control::{
-        BackendEntry, BgpStatus, Changed, Client, ClientError, ModelVip, NodeChanged, Request,
-        StatsSnapshot, Status, VipEntry,
+        BackendEntry, BgpStatus, Changed, Client, ClientError, ConnEntry, ConnList, DryRun, Lookup,
+        ModelVip, NodeChanged, Request, StatsSnapshot, Status, VipEntry,
     },
 };
 use serde::de::DeserializeOwned;
@@ -29,6 +30,8 @@ enum Failure {
     Unreachable(String),
     /// The command line asks for something this mode cannot do (exit 2).
     Usage(String),
+    /// `backend drain --wait` timed out with active connections left (exit 4).
+    DrainTimeout(String),
 }
 
 impl From<ClientError> for Failure {
@@ -39,6 +42,8 @@ impl From<ClientError> for Failure {
 
 struct Ctl {
     client: Client,
+    /// `--dry-run`: changes are sent as `Request::DryRun`.
+    dry_run: bool,
 }
 
 impl Ctl {
@@ -59,7 +64,33 @@ impl Ctl {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let changes = matches!(
+        cli.command,
+        Command::Vip(VipCommand::Add { .. } | VipCommand::Remove { .. })
+            | Command::Backend(
+                BackendCommand::Add { .. }
+                    | BackendCommand::Remove { .. }
+                    | BackendCommand::SetWeight { .. }
+                    | BackendCommand::Drain { .. }
+                    | BackendCommand::Undrain { .. }
+            )
+    );
+    if cli.dry_run && !changes {
+        eprintln!("lbctl: --dry-run goes with a change (vip add/remove, backend add/remove/set-weight/drain/undrain); this command changes nothing");
+        return ExitCode::from(2);
+    }
     if let (Some(urls), Some(prefix)) = (&cli.etcd, &cli.prefix) {
+        if matches!(
+            cli.command,
+            Command::Backend(BackendCommand::Drain { wait: true, .. })
+        ) {
+            eprintln!("lbctl: --wait counts one node's connections and goes without --etcd: write the drain with --etcd (without --wait), then watch conns_active in `lbctl backend list VIP --json` on each node");
+            return ExitCode::from(2);
+        }
+        if cli.dry_run {
+            eprintln!("lbctl: --dry-run asks one lbd what a change would do to its tables; with --etcd, run the same command with --dry-run against any node's socket (without --etcd) instead");
+            return ExitCode::from(2);
+        }
         return exit(fleet::run(urls, prefix, cli.command, cli.json));
     }
     let client = match Client::connect(&cli.socket) {
@@ -69,7 +100,10 @@ fn main() -> ExitCode {
             return ExitCode::from(3);
         }
     };
-    let mut ctl = Ctl { client };
+    let mut ctl = Ctl {
+        client,
+        dry_run: cli.dry_run,
+    };
     exit(run(&mut ctl, cli.command, cli.json))
 }
 
@@ -87,6 +121,10 @@ fn exit(result: Result<(), Failure>) -> ExitCode {
         Err(Failure::Unreachable(msg)) => {
             eprintln!("lbctl: {msg}");
             ExitCode::from(3)
+        }
+        Err(Failure::DrainTimeout(msg)) => {
+            eprintln!("lbctl: {msg}");
+            ExitCode::from(4)
         }
     }
 }
@@ -122,6 +160,20 @@ fn change_of(command: &Command) -> Option<Request> {
 }
 
 fn run(ctl: &mut Ctl, command: Command, json: bool) -> Result<(), Failure> {
+    if let Command::Backend(BackendCommand::Drain {
+        vip,
+        address,
+        wait: true,
+        timeout,
+        ..
+    }) = &command
+    {
+        if !ctl.dry_run {
+            let req = change_of(&command).expect("a drain is a change");
+            change(ctl, json, req)?;
+            return drain_wait(ctl, &vip.to_string(), &address.to_string(), *timeout, json);
+        }
+    }
     if let Some(req) = change_of(&command) {
         return change(ctl, json, req);
     }
@@ -167,6 +219,42 @@ fn run(ctl: &mut Ctl, command: Command, json: bool) -> Result<(), Failure> {
             Ok(())
         }
         Command::Stats { watch, interval } => stats(ctl, watch, interval, json),
+        Command::Conn(ConnCommand::List {
+            vip,
+            backend,
+            limit,
+        }) => {
+            let list: ConnList = ctl.call(Request::ConnList {
+                vip: vip.map(|v| v.to_string()),
+                backend: backend.map(|b| b.to_string()),
+                limit,
+            })?;
+            if json {
+                print_json(&list);
+            } else {
+                print_conns(&list.connections);
+                if list.matched > list.connections.len() as u64 {
+                    println!(
+                        "({} of {} connections shown; --limit)",
+                        list.connections.len(),
+                        list.matched
+                    );
+                }
+            }
+            Ok(())
+        }
+        Command::Lookup { vip, client } => {
+            let l: Lookup = ctl.call(Request::Lookup {
+                vip: vip.to_string(),
+                client,
+            })?;
+            if json {
+                print_json(&l);
+            } else {
+                print_lookup(&l);
+            }
+            Ok(())
+        }
         Command::Cluster(_) => Err(Failure::Usage(
             "lbctl cluster status reads the fleet's store: give --etcd URL --prefix PREFIX".into(),
         )),
@@ -213,6 +301,17 @@ fn print_bgp(b: &BgpStatus) {
 
 /// Sends a change and prints lbd's answer: its message and the tables it moved.
 fn change(ctl: &mut Ctl, json: bool, req: Request) -> Result<(), Failure> {
+    if ctl.dry_run {
+        let d: DryRun = ctl.call(Request::DryRun {
+            request: Box::new(req),
+        })?;
+        if json {
+            print_json(&d);
+        } else {
+            print!("{d}");
+        }
+        return Ok(());
+    }
     let c: Changed = ctl.call(req)?;
     if json {
         print_json(&c);
@@ -263,6 +362,124 @@ fn backend_change(b: &BackendCommand) -> Option<Request> {
         BackendCommand::Undrain { .. } => Request::BackendUndrain { vip, address },
         BackendCommand::List { .. } => return None,
     })
+}
+
+/// How often `drain --wait` counts: a backend found empty is reported within this.
+const DRAIN_POLL: Duration = Duration::from_millis(200);
+
+/// `backend drain --wait`: counts the backend's connections until none is active (progress on
+/// stderr when it is a terminal), or the timeout passes (exit 4, with how many are left).
+fn drain_wait(
+    ctl: &mut Ctl,
+    vip: &str,
+    address: &str,
+    timeout: Option<f64>,
+    json: bool,
+) -> Result<(), Failure> {
+    let started = std::time::Instant::now();
+    let terminal = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    loop {
+        let list: Vec<BackendEntry> = ctl.call(Request::BackendList {
+            vip: Some(vip.to_string()),
+        })?;
+        let addr: std::net::IpAddr = address
+            .parse()
+            .map_err(|_| Failure::Refused(format!("backend {address:?} is not an IP address")))?;
+        let Some(b) = list.iter().find(|b| b.address == addr) else {
+            return Err(Failure::Refused(format!(
+                "backend {address} of {vip} is gone (removed while draining)"
+            )));
+        };
+        let c = b.conns;
+        let waited = started.elapsed().as_secs_f64();
+        let done = c.conns_active == 0;
+        let timed_out = !done && timeout.is_some_and(|t| waited >= t);
+        if done || timed_out {
+            if terminal {
+                eprint!("\r\x1b[K");
+            }
+            if json {
+                print_json(&serde_json::json!({
+                    "vip": vip,
+                    "backend": address,
+                    "empty": done,
+                    "waited_seconds": lb_userspace::control::round::decimals(waited, 3),
+                    "conns_active": c.conns_active,
+                    "conns_idle": c.conns_idle,
+                    "conns_closing": c.conns_closing,
+                }));
+            }
+        }
+        if done {
+            if !json {
+                println!(
+                    "backend {address} of {vip} has no active connection (after {waited:.1}s; {} idle, {} closing)",
+                    c.conns_idle, c.conns_closing
+                );
+            }
+            return Ok(());
+        }
+        if timed_out {
+            return Err(Failure::DrainTimeout(format!(
+                "drain of {address} ({vip}) timed out after {waited:.1}s: {} active connections left ({} idle, {} closing)",
+                c.conns_active, c.conns_idle, c.conns_closing
+            )));
+        }
+        if terminal {
+            eprint!(
+                "\r\x1b[Kwaiting for {address}: {} active, {} idle, {} closing ({waited:.0}s)",
+                c.conns_active, c.conns_idle, c.conns_closing
+            );
+        }
+        std::thread::sleep(DRAIN_POLL);
+    }
+}
+
+fn print_conns(list: &[ConnEntry]) {
+    if list.is_empty() {
+        println!("no tracked connection");
+        return;
+    }
+    println!(
+        "{:<46} {:<32} {:<28} {:<11} {:>6} {:>10}",
+        "CLIENT", "VIP", "BACKEND", "STATE", "ACTIVE", "LAST SEEN"
+    );
+    for c in list {
+        println!(
+            "{:<46} {:<32} {:<28} {:<11} {:>6} {:>9.1}s",
+            c.client.to_string(),
+            c.vip,
+            c.backend.to_string(),
+            c.state,
+            if c.active { "yes" } else { "no" },
+            c.last_seen_seconds
+        );
+    }
+}
+
+fn print_lookup(l: &Lookup) {
+    match (l.slot, l.new_flow_backend) {
+        (Some(slot), Some(b)) => println!(
+            "new flow {} -> {}: backend {b} (slot {slot})",
+            l.client, l.vip
+        ),
+        (Some(slot), None) => println!(
+            "new flow {} -> {}: no backend (slot {slot} is empty: the VIP has no serving backend)",
+            l.client, l.vip
+        ),
+        _ => {
+            println!("new flows from {} to {} by source port (the choice depends on it; give CLIENT:PORT for one flow):", l.client, l.vip);
+            for (b, share) in &l.shares_by_port {
+                println!("  {b}: {:.1}% of ports", share * 100.0);
+            }
+        }
+    }
+    if l.tracked.is_empty() {
+        println!("tracked: none");
+    } else {
+        println!("tracked:");
+        print_conns(&l.tracked);
+    }
 }
 
 /// `lbctl stats`: rates between two snapshots, once or every `--watch` seconds.
@@ -442,8 +659,18 @@ fn print_backends(list: &[BackendEntry]) {
         return;
     }
     println!(
-        "{:<32} {:<28} {:>6} {:<9} {:>9} {:>6} {:>8} {:<20}  LAST PROBE",
-        "VIP", "BACKEND", "WEIGHT", "STATE", "EFFECTIVE", "TABLE", "SLOTS", "READMISSION"
+        "{:<32} {:<28} {:>6} {:<9} {:>9} {:>6} {:>8} {:>7} {:>7} {:>7} {:<20}  LAST PROBE",
+        "VIP",
+        "BACKEND",
+        "WEIGHT",
+        "STATE",
+        "EFFECTIVE",
+        "TABLE",
+        "SLOTS",
+        "ACTIVE",
+        "IDLE",
+        "CLOSING",
+        "READMISSION"
     );
     for b in list {
         let state = if !b.health.is_empty() {
@@ -461,7 +688,7 @@ fn print_backends(list: &[BackendEntry]) {
             (None, None) => "-".to_string(),
         };
         println!(
-            "{:<32} {:<28} {:>6} {:<9} {:>9} {:>6} {:>8} {:<20}  {}",
+            "{:<32} {:<28} {:>6} {:<9} {:>9} {:>6} {:>8} {:>7} {:>7} {:>7} {:<20}  {}",
             b.vip,
             b.address.to_string(),
             b.weight,
@@ -469,6 +696,9 @@ fn print_backends(list: &[BackendEntry]) {
             lb_userspace::control::round::decimals(b.effective_weight, 3),
             b.table_weight,
             b.slots,
+            b.conns.conns_active,
+            b.conns.conns_idle,
+            b.conns.conns_closing,
             readmission(b),
             probe
         );
@@ -638,6 +868,33 @@ fn print_stats(s: &StatsSnapshot) {
     // Connection-table pressure, always shown: a flood shows in `new` (first packets), lost
     // state in `lost` (packets past the SYN of flows no table knew), full tables in the
     // insert failures.
+    println!("\nconnections (active / idle / closing):");
+    for v in &s.vips {
+        for b in &v.backends {
+            let c = b.conns;
+            println!(
+                "  {:<32} {:<28} {} / {} / {}",
+                v.vip,
+                b.address.to_string(),
+                c.conns_active,
+                c.conns_idle,
+                c.conns_closing
+            );
+        }
+    }
+    if let Some(f) = &s.conntrack {
+        let (ct, ct_new) = f.ratios();
+        println!(
+            "table fill: CT {} of {} ({:.1}%), CT_NEW {} of {} ({:.1}%); counted in {:.1} ms",
+            f.ct_entries,
+            f.ct_capacity,
+            ct * 100.0,
+            f.ct_new_entries,
+            f.ct_new_capacity,
+            ct_new * 100.0,
+            f.scan_ms
+        );
+    }
     let c = |name: &str| s.counters.get(name).copied().unwrap_or(0);
     println!(
         "\nconnection tables: {} new, {} promoted, {} lost (state evicted or older than the maps), {} re-steered; insert failures: {} established, {} new, {} fragments",

@@ -49,7 +49,13 @@ async fn main() {
             xdp_mode,
         }) => run_decap(&interface, &vips, &locals, xdp_mode.into()).await,
         Some(Command::Cleanup { force }) => cleanup(&cli.config, force),
-        None if cli.check => check(&cli.config),
+        None if cli.check => check(&cli.config).and_then(|()| {
+            if cli.diff {
+                check_diff(&cli.config)
+            } else {
+                Ok(())
+            }
+        }),
         None => match fleet_options(&cli) {
             Ok(fleet) => run_balancer(&cli.config, fleet).await,
             Err(e) => Err(e),
@@ -120,6 +126,22 @@ fn check(path: &std::path::Path) -> Result<()> {
         eprintln!("lbd: warning: {warning}");
     }
     println!("{}: ok", path.display());
+    Ok(())
+}
+
+/// `lbd --check --diff`: what a reload with the file would do to the running lbd's tables.
+fn check_diff(path: &std::path::Path) -> Result<()> {
+    let text = std::fs::read_to_string(path)?;
+    let cfg = Config::parse(&text)?;
+    let mut client = lb_userspace::control::Client::connect(&cfg.control_socket).map_err(|e| {
+        anyhow::anyhow!("--diff compares with the running lbd, and none answers: {e}")
+    })?;
+    let resp = client.call(&lb_userspace::control::Request::ConfigDiff { text })?;
+    if !resp.ok {
+        anyhow::bail!("{}", resp.error.unwrap_or_default());
+    }
+    let d: lb_userspace::control::DryRun = serde_json::from_value(resp.result)?;
+    print!("{d}");
     Ok(())
 }
 
@@ -337,8 +359,16 @@ async fn serve_until_stopped(agent: &Agent, journal: &Journal, interface: &str) 
     // What is missing from the datapath (detached, replaced, unpinned), checked on the same
     // tick: reported within 250 ms.
     let mut faults: Vec<String> = Vec::new();
+    // The connection tables' fill, counted now and then so that a table passing 80% is
+    // journaled (conntrack_fill) even when nobody asks for statistics.
+    let mut fill_tick = tokio::time::interval(Duration::from_secs(10));
     loop {
         tokio::select! {
+            _ = fill_tick.tick() => {
+                if let Err(e) = agent.census().await {
+                    error!("counting the connection tables: {e:#}");
+                }
+            }
             _ = heal.tick() => {
                 match agent.with_balancer(|lb, _| lb.heal_next_hops()).await {
                     Ok(true) => {

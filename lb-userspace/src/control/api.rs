@@ -210,6 +210,30 @@ pub enum Request {
     },
     /// Result: [`NodeChanged`]. Announces the VIPs again (those it can serve).
     NodeUndrain,
+    /// Result: [`ConnList`]: tracked connections, of one VIP or all, of one backend or all.
+    ConnList {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        vip: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        backend: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        limit: Option<u32>,
+    },
+    /// Result: [`Lookup`]: the backend a new flow from `client` (`ADDR` or `ADDR:PORT`) gets
+    /// now, and the one it has if it is tracked.
+    Lookup {
+        vip: String,
+        client: String,
+    },
+    /// Result: [`DryRun`]: what `request` (a change) would do to the tables; nothing changes.
+    DryRun {
+        request: Box<Request>,
+    },
+    /// Result: [`DryRun`]: what reloading with this configuration file's text would do to the
+    /// tables (`lbd --check --diff`); nothing changes.
+    ConfigDiff {
+        text: String,
+    },
 }
 
 impl Request {
@@ -299,6 +323,26 @@ impl Request {
                 timeout_seconds: None,
             } => "lbctl node drain".into(),
             Request::NodeUndrain => "lbctl node undrain".into(),
+            Request::ConnList {
+                vip,
+                backend,
+                limit,
+            } => {
+                let mut s = "lbctl conn list".to_string();
+                if let Some(v) = vip {
+                    s.push_str(&format!(" {v}"));
+                }
+                if let Some(b) = backend {
+                    s.push_str(&format!(" --backend {b}"));
+                }
+                if let Some(n) = limit {
+                    s.push_str(&format!(" --limit {n}"));
+                }
+                s
+            }
+            Request::Lookup { vip, client } => format!("lbctl lookup {vip} {client}"),
+            Request::DryRun { request } => format!("{} --dry-run", request.as_lbctl()),
+            Request::ConfigDiff { .. } => "lbd --check --diff".into(),
         }
     }
 
@@ -314,6 +358,10 @@ impl Request {
                 | Request::RunningConfig
                 | Request::NodeDrain { .. }
                 | Request::NodeUndrain
+                | Request::ConnList { .. }
+                | Request::Lookup { .. }
+                | Request::DryRun { .. }
+                | Request::ConfigDiff { .. }
         )
     }
 }
@@ -545,6 +593,153 @@ pub struct BackendEntry {
     pub ramp: Option<f64>,
     /// Backend id in the datapath (index of its statistics).
     pub id: u32,
+    /// Tracked connections (`conns_active`, `conns_idle`, `conns_closing`).
+    #[serde(flatten)]
+    pub conns: ConnCounts,
+}
+
+/// A backend's tracked connections by what their entries say (see the README's "Connections"):
+/// active (the client sent within the idle window and has not closed), idle (silent for
+/// longer), closing (the client sent a FIN or RST).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConnCounts {
+    #[serde(default)]
+    pub conns_active: u64,
+    #[serde(default)]
+    pub conns_idle: u64,
+    #[serde(default)]
+    pub conns_closing: u64,
+}
+
+/// Entries and capacity of the connection tables, from the last count.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct TableFill {
+    pub ct_entries: u64,
+    pub ct_capacity: u32,
+    pub ct_new_entries: u64,
+    pub ct_new_capacity: u32,
+    /// How long the count took (both tables), in milliseconds.
+    #[serde(serialize_with = "super::round::ms")]
+    pub scan_ms: f64,
+}
+
+impl TableFill {
+    /// `CT`'s and `CT_NEW`'s fill, 0 to 1.
+    pub fn ratios(&self) -> (f64, f64) {
+        (
+            self.ct_entries as f64 / f64::from(self.ct_capacity.max(1)),
+            self.ct_new_entries as f64 / f64::from(self.ct_new_capacity.max(1)),
+        )
+    }
+}
+
+/// `conn list`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ConnList {
+    pub connections: Vec<ConnEntry>,
+    /// Connections that matched, listed or not (`--limit`).
+    pub matched: u64,
+}
+
+/// One tracked connection.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ConnEntry {
+    /// The client's address and port.
+    pub client: std::net::SocketAddr,
+    pub vip: String,
+    pub backend: IpAddr,
+    /// `new`, `established` or `closing`.
+    pub state: String,
+    /// Counted in `conns_active` (not closing, seen within the idle window).
+    pub active: bool,
+    /// Since its last packet, in seconds.
+    #[serde(serialize_with = "super::round::ms")]
+    pub last_seen_seconds: f64,
+}
+
+/// `--dry-run` and `lbd --check --diff`: what a change would do to the Maglev tables.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DryRun {
+    /// What the change would do, as its real run would say it.
+    pub message: String,
+    /// Whether the configuration would change at all.
+    pub changed: bool,
+    /// Every VIP whose table would change (or that would come or go).
+    pub vips: Vec<VipDiff>,
+}
+
+/// The message, then per VIP the slots that would move and each backend's gain or loss.
+impl std::fmt::Display for DryRun {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(f, "{}", self.message)?;
+        if self.changed && self.vips.is_empty() {
+            writeln!(f, "  no table would change")?;
+        }
+        for v in &self.vips {
+            writeln!(
+                f,
+                "  {} ({}): {} of {} slots would move ({:.2}% of new flows)",
+                v.vip,
+                v.change,
+                v.slots_moved,
+                v.table_size,
+                v.share_moved * 100.0
+            )?;
+            for b in &v.backends {
+                writeln!(
+                    f,
+                    "    {:<28} {:>8} -> {:>8} slots ({:+})",
+                    b.address.to_string(),
+                    b.slots_before,
+                    b.slots_after,
+                    b.slots_gained
+                )?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// One VIP's table before and after a change.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VipDiff {
+    pub vip: String,
+    /// `changed`, `added` or `removed`.
+    pub change: String,
+    pub table_size: u32,
+    /// Slots whose backend would change.
+    pub slots_moved: u64,
+    /// `slots_moved` / table size: the share of new flows that would go to another backend
+    /// than now (tracked connections keep theirs unless it is removed or down).
+    #[serde(serialize_with = "super::round::rate")]
+    pub share_moved: f64,
+    pub backends: Vec<BackendSlots>,
+}
+
+/// A backend's slots before and after a change.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BackendSlots {
+    pub address: IpAddr,
+    pub slots_before: u64,
+    pub slots_after: u64,
+    /// After minus before: slots gained (negative: lost).
+    pub slots_gained: i64,
+}
+
+/// `lookup`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Lookup {
+    pub vip: String,
+    pub client: String,
+    /// With a port: the backend the table gives a new flow now (null: the slot is empty).
+    pub new_flow_backend: Option<IpAddr>,
+    /// With a port: the Maglev slot the flow hashes to.
+    pub slot: Option<u32>,
+    /// Without a port: each backend's share of the client's 65535 source ports.
+    #[serde(default)]
+    pub shares_by_port: BTreeMap<IpAddr, f64>,
+    /// Tracked flows from the client (with a port: that one flow, if tracked).
+    pub tracked: Vec<ConnEntry>,
 }
 
 /// `status`.
@@ -710,6 +905,9 @@ pub struct StatsSnapshot {
     #[serde(default)]
     #[serde(serialize_with = "super::round::opt_rate")]
     pub interval_seconds: Option<f64>,
+    /// The connection tables' fill (null if they could not be read).
+    #[serde(default)]
+    pub conntrack: Option<TableFill>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -772,6 +970,8 @@ pub struct BackendStatsEntry {
     #[serde(default)]
     #[serde(serialize_with = "super::round::opt_ratio")]
     pub ramp: Option<f64>,
+    #[serde(flatten)]
+    pub conns: ConnCounts,
 }
 
 /// Per-second rates between two snapshots.
@@ -939,6 +1139,7 @@ mod tests {
             returns_in_ms: None,
             ramp: None,
             id: 0,
+            conns: ConnCounts::default(),
         };
         let v = serde_json::to_value(&backend).unwrap();
         assert_keys(
@@ -960,6 +1161,9 @@ mod tests {
                 "returns_in_ms",
                 "ramp",
                 "id",
+                "conns_active",
+                "conns_idle",
+                "conns_closing",
             ],
         );
         assert!(
@@ -1111,12 +1315,14 @@ mod tests {
                     ejections: None,
                     returns_in_ms: None,
                     ramp: None,
+                    conns: ConnCounts::default(),
                 }],
             }],
             counters: BTreeMap::new(),
             model_refusals: BTreeMap::new(),
             datapath_faults: Vec::new(),
             interval_seconds: None,
+            conntrack: None,
         };
         let v = serde_json::to_value(&stats).unwrap();
         assert_keys(
@@ -1129,6 +1335,7 @@ mod tests {
                 "counters",
                 "vips",
                 "model_refusals",
+                "conntrack",
             ],
         );
         assert!(v["model_refusals"].is_object(), "{v}");
@@ -1246,6 +1453,7 @@ mod tests {
             counters: BTreeMap::new(),
             model_refusals: BTreeMap::new(),
             interval_seconds: None,
+            conntrack: None,
             vips: vec![VipStatsEntry {
                 vip: "10.0.0.1:80/tcp".into(),
                 packets,

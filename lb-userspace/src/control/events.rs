@@ -108,11 +108,13 @@ pub enum Kind {
     NodeDraining,
     NodeDrained,
     NodeUndrained,
+    /// A connection table passed 80% of its capacity (or went back under).
+    ConntrackFill,
 }
 
 impl Kind {
     /// Every kind, for counters that must exist (at 0) before the first event.
-    pub const ALL: [Kind; 32] = [
+    pub const ALL: [Kind; 33] = [
         Kind::Start,
         Kind::UncleanStop,
         Kind::PreviousStartFailed,
@@ -145,6 +147,7 @@ impl Kind {
         Kind::NodeDraining,
         Kind::NodeDrained,
         Kind::NodeUndrained,
+        Kind::ConntrackFill,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -181,6 +184,7 @@ impl Kind {
             Kind::NodeDraining => "node_draining",
             Kind::NodeDrained => "node_drained",
             Kind::NodeUndrained => "node_undrained",
+            Kind::ConntrackFill => "conntrack_fill",
         }
     }
 }

@@ -28,6 +28,8 @@ pub(super) struct Maps {
     pub(super) ct: BpfHashMap<MapData, FlowKey, CtValue>,
     pub(super) ct_new: BpfHashMap<MapData, FlowKey, CtValue>,
     pub(super) agent_state: Array<MapData, AgentState>,
+    /// CT's and CT_NEW's fds again, for the batch reads aya does not wrap.
+    pub(super) conntrack: super::conntrack::ConntrackReader,
 }
 
 /// Writes `slots` into RING from index `offset`. One `BPF_MAP_UPDATE_BATCH` call instead of a
@@ -49,6 +51,20 @@ pub(super) fn write_ring(maps: &mut Maps, offset: u32, slots: &[u32]) -> Result<
     }
 }
 
+/// The `batch` member of `union bpf_attr` (include/uapi/linux/bpf.h).
+#[repr(C)]
+#[derive(Default)]
+pub(super) struct BatchAttr {
+    pub(super) in_batch: u64,
+    pub(super) out_batch: u64,
+    pub(super) keys: u64,
+    pub(super) values: u64,
+    pub(super) count: u32,
+    pub(super) map_fd: u32,
+    pub(super) elem_flags: u64,
+    pub(super) flags: u64,
+}
+
 /// Slots per `BPF_MAP_UPDATE_BATCH` call: big enough that syscalls cost little (a 65537-slot
 /// table is 8 calls), small enough that one call is short and a signal (SIGTERM, or SIGKILL in
 /// the chaos tests) is never held off by one write of a million slots.
@@ -62,19 +78,6 @@ pub(super) fn update_batch(
     values: &[u32],
 ) -> std::io::Result<()> {
     use std::os::fd::AsRawFd as _;
-    /// The `batch` member of `union bpf_attr` (include/uapi/linux/bpf.h).
-    #[repr(C)]
-    #[derive(Default)]
-    struct BatchAttr {
-        in_batch: u64,
-        out_batch: u64,
-        keys: u64,
-        values: u64,
-        count: u32,
-        map_fd: u32,
-        elem_flags: u64,
-        flags: u64,
-    }
     const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
     debug_assert_eq!(keys.len(), values.len());
     let mut done = 0usize;

@@ -5,6 +5,7 @@ use super::pool::{Region, RingPool};
 use super::{
     addr_from_bytes,
     bpf_maps::{take, Maps},
+    conntrack::ConntrackReader,
     pins::{ensure_pin_dir, pinned_maps, survey_pins, PinReport, LINK_PIN},
     BackendState, Balancer, LoadOptions, TableWrite, VipState, BALANCER_OBJ,
 };
@@ -105,6 +106,13 @@ impl Balancer {
                 .context("duplicating RING's fd")?,
             _ => bail!("the balancer object's {} is not an array", maps::RING),
         };
+        let ct = take(&mut ebpf, maps::CT)?;
+        let ct_new = take(&mut ebpf, maps::CT_NEW)?;
+        let conntrack = ConntrackReader::new(
+            dup_hash_fd(&ct, maps::CT)?,
+            dup_hash_fd(&ct_new, maps::CT_NEW)?,
+            (opts.conntrack_size, opts.conntrack_new_size),
+        );
         let maps = Maps {
             vips: BpfHashMap::try_from(take(&mut ebpf, maps::VIPS)?)?,
             ring: Array::try_from(ring)?,
@@ -116,9 +124,10 @@ impl Balancer {
             counters: PerCpuArray::try_from(take(&mut ebpf, maps::COUNTERS)?)?,
             vip_stats: PerCpuArray::try_from(take(&mut ebpf, maps::VIP_STATS)?)?,
             backend_stats: PerCpuArray::try_from(take(&mut ebpf, maps::BACKEND_STATS)?)?,
-            ct: BpfHashMap::try_from(take(&mut ebpf, maps::CT)?)?,
-            ct_new: BpfHashMap::try_from(take(&mut ebpf, maps::CT_NEW)?)?,
+            ct: BpfHashMap::try_from(ct)?,
+            ct_new: BpfHashMap::try_from(ct_new)?,
             agent_state: Array::try_from(take(&mut ebpf, maps::AGENT_STATE)?)?,
+            conntrack,
         };
         let mut lb = Balancer {
             ebpf,
@@ -459,5 +468,17 @@ impl Balancer {
 
     pub fn interface(&self) -> Option<(&str, AyaXdpMode)> {
         self.interface.as_ref().map(|(n, _, m)| (n.as_str(), *m))
+    }
+}
+
+/// A second fd of a connection table, for the batch reads aya does not wrap.
+fn dup_hash_fd(m: &Map, name: &str) -> Result<std::os::fd::OwnedFd> {
+    match m {
+        Map::LruHashMap(d) | Map::HashMap(d) => d
+            .fd()
+            .as_fd()
+            .try_clone_to_owned()
+            .with_context(|| format!("duplicating {name}'s fd")),
+        _ => bail!("the balancer object's {name} is not a hash map"),
     }
 }

@@ -8,6 +8,7 @@
 //! retirement of what is gone.
 mod apply;
 mod bpf_maps;
+pub mod conntrack;
 pub mod decap;
 mod load;
 pub mod netif;

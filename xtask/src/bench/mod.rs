@@ -2,9 +2,11 @@
 //!
 //! * [`lab`]: HTTP requests/s with wrk through the balancer vs straight to the backends.
 //! * [`datapath`]: the XDP balancer's cost per packet (BPF_PROG_TEST_RUN).
+//! * [`conntrack`]: what counting full connection tables costs (issue 21).
 //! * [`adaptive`]: learned weights against static-equal and oracle weights (issue #4).
 
 pub mod adaptive;
+pub mod conntrack;
 pub mod datapath;
 pub mod lab;
 pub mod plot;
@@ -25,6 +27,9 @@ pub enum BenchCmd {
     /// worker-pool backends and open-loop load (issue #4's scenarios). Needs root; takes about
     /// 45 minutes with the defaults.
     Adaptive(adaptive::BenchAdaptiveArgs),
+    /// What counting the connection tables costs lbd with CT holding a million entries (ms and
+    /// CPU per count). Needs root.
+    Conntrack(conntrack::BenchConntrackArgs),
 }
 
 /// Runs one benchmark.
@@ -33,5 +38,6 @@ pub fn run(which: BenchCmd) -> Result<ExitCode> {
         BenchCmd::Lab(args) => lab::run(&args).map(|_| ExitCode::SUCCESS),
         BenchCmd::Datapath(args) => datapath::run(&args),
         BenchCmd::Adaptive(args) => adaptive::run(&args).map(|_| ExitCode::SUCCESS),
+        BenchCmd::Conntrack(args) => conntrack::run(&args),
     }
 }
