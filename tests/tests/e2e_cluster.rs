@@ -12,8 +12,10 @@
 //!   a node drained and undrained, a node added once etcd is back: 0 resets and 0 backend
 //!   changes; a change made after etcd returns applies everywhere;
 //! - a backend killed: the leader's health checks take it out of every node's table within
-//!   the health bound, and the nodes' tables differ only for the moment the followers take to
-//!   apply the leader's published weights (measured).
+//!   the health bound; every node, the leader too, applies it from the published weights, so
+//!   every node goes through the same tables and they differ only for the skew between the
+//!   nodes' watch deliveries (measured, bounded); the followers set its DOWN flag too, so
+//!   long-lived connections to it through them are re-steered.
 //!
 //! A backend change would show as a failed echo on a long-lived connection: the other backend
 //! has no such connection and answers with a reset.
