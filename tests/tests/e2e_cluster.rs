@@ -12,8 +12,10 @@
 //!   a node drained and undrained, a node added once etcd is back: 0 resets and 0 backend
 //!   changes; a change made after etcd returns applies everywhere;
 //! - a backend killed: the leader's health checks take it out of every node's table within
-//!   the health bound, and the nodes' tables differ only for the moment the followers take to
-//!   apply the leader's published weights (measured).
+//!   the health bound; every node, the leader too, applies it from the published weights, so
+//!   every node goes through the same tables and they differ only for the skew between the
+//!   nodes' watch deliveries (measured, bounded); the followers set its DOWN flag too, so
+//!   long-lived connections to it through them are re-steered.
 //!
 //! A backend change would show as a failed echo on a long-lived connection: the other backend
 //! has no such connection and answers with a reset.
@@ -47,6 +49,8 @@ const FALL: u64 = 2;
 /// Down after `FALL` failed probes (one interval apart, each at most the timeout), then one
 /// leader round (200 ms) to publish and a watch event to every follower: 1 s allowed for
 /// those and for scheduling on a busy machine.
+/// How long the nodes' tables may differ while a revision reaches each node's watch.
+const SKEW_BOUND: Duration = Duration::from_millis(500);
 const HEALTH_BOUND: Duration =
     Duration::from_millis(FALL * PROBE_INTERVAL_MS + PROBE_TIMEOUT_MS + 1000);
 
@@ -454,6 +458,33 @@ fn fleet_one_store_bgp_ecmp_identical_tables() {
             .all(|&i| shares(v4_table(&f.tables(i))).contains_key(&dead))
     });
     same_tables(&f, &live);
+    // Long-lived connections, some through followers to backend2: once every node sets its
+    // DOWN flag, their next packets are steered to another backend on whichever node they hit.
+    let mut ll_dead = LongLived::open(&f.client, v4(), 150, Duration::from_secs(10)).unwrap();
+    let to_dead = ll_dead
+        .backend_counts()
+        .get("backend2")
+        .copied()
+        .unwrap_or(0);
+    assert!(
+        to_dead > 0,
+        "no long-lived connection to backend2: {:?}",
+        ll_dead.backend_counts()
+    );
+    let leader = f.cluster()["leader"].as_str().unwrap().to_string();
+    let followers: Vec<usize> = live
+        .iter()
+        .copied()
+        .filter(|i| format!("n{i}") != leader)
+        .collect();
+    let resteered = |i: usize| {
+        scrape_metrics(&f.nodes[i].ns)["lb_datapath_events_total{event=\"ct_resteered\"}"]
+    };
+    let before: Vec<f64> = followers.iter().map(|&i| resteered(i)).collect();
+    // Every distinct table each node showed for each VIP, in order: every node must go
+    // through the same. By VIP: a revision rewrites one VIP's table after the other, and each
+    // table switches at once, but a sample can fall between the two.
+    let mut seen: BTreeMap<(usize, String), Vec<Vec<IpAddr>>> = BTreeMap::new();
     let t = Instant::now();
     f.servers[2] = None;
     let mut out_at: BTreeMap<usize, Duration> = BTreeMap::new();
@@ -464,6 +495,14 @@ fn fleet_one_store_bgp_ecmp_identical_tables() {
         let tables: Vec<_> = live.iter().map(|&i| f.tables(i)).collect();
         let now = t.elapsed();
         samples += 1;
+        for (k, &i) in live.iter().enumerate() {
+            for (vip, slots) in &tables[k] {
+                let states = seen.entry((i, vip.clone())).or_default();
+                if states.last() != Some(slots) {
+                    states.push(slots.clone());
+                }
+            }
+        }
         for (k, &i) in live.iter().enumerate() {
             if !tables[k]
                 .values()
@@ -503,23 +542,53 @@ fn fleet_one_store_bgp_ecmp_identical_tables() {
         (Some(a), Some(b)) => b - a,
         _ => Duration::ZERO,
     };
-    println!("  tables sampled {samples} times meanwhile: {differing} samples differed, over {window:?}, in up to {max_differ_slots} slots (both VIPs, 2042 slots), {max_live_differ} of them between two live backends");
+    println!("  tables sampled {samples} times meanwhile: {differing} samples differed, over {window:?} (the skew between the first and the last node applying the leader's revision), in up to {max_differ_slots} slots (both VIPs, 2042 slots), {max_live_differ} of them between two live backends");
     assert!(
         slowest <= HEALTH_BOUND,
         "backend2 left the last table after {slowest:?}, bound {HEALTH_BOUND:?}"
     );
+    // Every node, the leader too, builds from the weights the leader published: each went
+    // through the same tables, in the same order.
+    let mut per_vip = Vec::new();
+    for ((i, vip), states) in &seen {
+        let first = &seen[&(live[0], vip.clone())];
+        assert!(
+            states == first,
+            "node{i} went through {} tables of {vip}, node{} through {}: not the same sequence",
+            states.len(),
+            live[0],
+            first.len()
+        );
+        if *i == live[0] {
+            per_vip.push(states.len());
+        }
+    }
+    println!("  every node went through the same tables (per VIP: {per_vip:?})");
+    // They differ only while the watch delivers the revision to each node.
     assert!(
-        window < Duration::from_secs(1),
-        "the nodes' tables differed for {window:?}"
+        window < SKEW_BOUND,
+        "the nodes' tables differed for {window:?}, bound {SKEW_BOUND:?}"
     );
-    // The leader applies its health result at once and publishes it; the followers apply it
-    // a watch event later. In between, the slots that differ are the dead backend's, plus the
-    // few Maglev moves between live backends when one leaves (0.3 to 0.6% measured): a flow
-    // that changes node in that moment may change backend.
     assert!(
         max_live_differ * 100 <= 2042,
         "while the nodes' tables differed, {max_live_differ} slots led to two different live backends"
     );
+    // The followers set backend2's DOWN flag too: the connections to it that reach them are
+    // steered to another backend.
+    let _ = ll_dead.check();
+    wait_for("a follower to re-steer a flow of backend2", SYNC, || {
+        followers
+            .iter()
+            .zip(&before)
+            .any(|(&i, b)| resteered(i) > *b)
+    });
+    let moved: Vec<f64> = followers
+        .iter()
+        .zip(&before)
+        .map(|(&i, b)| resteered(i) - b)
+        .collect();
+    println!("  {to_dead} long-lived connections to backend2: flows re-steered by the followers {followers:?}: {moved:?}");
+    drop(ll_dead);
     same_tables(&f, &live);
     let results: Vec<_> = [v4(), v6()]
         .into_iter()

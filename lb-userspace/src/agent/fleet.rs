@@ -4,7 +4,8 @@
 //! loop lives in [`crate::fleet`]; this room only offers it the transaction and the status.
 use super::{
     apply_datapath, effective, refuse_leaving_no_serving_backend, refuse_new_host_problems,
-    rollback, sync_health, sync_learning, warn_new, Agent, HealthMap, Learned, Newcomers,
+    rollback, sync_health, sync_learning, warn_new, Agent, FleetTable, HealthMap, Learned,
+    Newcomers,
 };
 use crate::{
     config::{self, Config},
@@ -49,6 +50,7 @@ impl Agent {
         vips: Vec<config::Vip>,
         what: &str,
         known_down: &[(VipName, IpAddr)],
+        table: Option<FleetTable>,
     ) -> Result<ApplyReport> {
         let mut guard = self.state.lock().await;
         let st = &mut *guard;
@@ -56,7 +58,24 @@ impl Agent {
         let mut next = prev.clone();
         next.vips = vips;
         if next == prev {
-            return Ok(ApplyReport::default());
+            if table == st.fleet_table {
+                return Ok(ApplyReport::default());
+            }
+            // Only the published weights changed: the probes and models go on as they are.
+            let inputs = (&st.health, &st.learned, table.as_ref());
+            return match apply_datapath(&mut st.lb, &next, inputs, &mut st.timing) {
+                Ok(report) => {
+                    st.fleet_table = table;
+                    Ok(report)
+                }
+                Err(e) => {
+                    let old = (&st.health, &st.learned, st.fleet_table.as_ref());
+                    rollback(&mut st.lb, &prev, old, &mut st.timing);
+                    Err(e.context(events::RolledBack(
+                        "the datapath rejected the published weights; the previous ones stay applied",
+                    )))
+                }
+            };
         }
         next.validate()?;
         refuse_new_host_problems(&prev, &next)?;
@@ -84,10 +103,12 @@ impl Agent {
             }
         }
         let (learning, learned) = sync_learning(&st.learning, &st.learned, &next);
-        let report = match apply_datapath(&mut st.lb, &next, &health, &learned, &mut st.timing) {
+        let inputs = (&health, &learned, table.as_ref());
+        let report = match apply_datapath(&mut st.lb, &next, inputs, &mut st.timing) {
             Ok(r) => r,
             Err(e) => {
-                rollback(&mut st.lb, &prev, &st.health, &st.learned, &mut st.timing);
+                let old = (&st.health, &st.learned, st.fleet_table.as_ref());
+                rollback(&mut st.lb, &prev, old, &mut st.timing);
                 return Err(e.context(events::RolledBack(
                     "the datapath rejected the revision; the previous one stays applied",
                 )));
@@ -98,6 +119,7 @@ impl Agent {
         st.health = health;
         st.learning = learning;
         st.learned = learned;
+        st.fleet_table = table;
         self.restart_probes(st);
         info!(
             tables_changed = report.tables.len(),
@@ -106,11 +128,20 @@ impl Agent {
         Ok(report)
     }
 
-    /// The VIPs as the datapath is built from them now: health and learned weights folded
-    /// into each backend's weight. The fleet's leader publishes these for every node.
-    pub async fn effective_vips(&self) -> Vec<config::Vip> {
+    /// The VIPs as this node's own health and learning would build them: health and learned
+    /// weights folded into each backend's weight; and the backends its probes find down. The
+    /// fleet's leader publishes these for every node (itself included) to build from.
+    pub async fn effective_vips(&self) -> (Vec<config::Vip>, Vec<(VipName, IpAddr)>) {
         let st = self.state.lock().await;
-        effective(&st.config, &st.health, &st.learned).vips
+        let mut down = Vec::new();
+        for v in &st.config.vips {
+            for b in &v.backends {
+                if super::probed(&st.health, super::vip_id(v), b.address) == HealthStatus::Down {
+                    down.push((VipName::of(v), b.address));
+                }
+            }
+        }
+        (effective(&st.config, &st.health, &st.learned).vips, down)
     }
 }
 

@@ -201,6 +201,7 @@ pub(super) fn learn_step(st: &mut State, id: VipId, now: Instant, t_secs: f64) -
         learned,
         refusals,
         timing,
+        fleet_table,
         ..
     } = st;
     let Some(l) = learning.get_mut(&id) else {
@@ -273,7 +274,8 @@ pub(super) fn learn_step(st: &mut State, id: VipId, now: Instant, t_secs: f64) -
     l.max_step_us = l.max_step_us.max(now.elapsed().as_micros() as u64);
     remember_decision(l, learned, id, &name, &decision)?;
     if decision.changed() {
-        apply_learned((lb, config, health, learned, timing), &name, &decision)?;
+        let inputs = (&*health, &*learned, fleet_table.as_ref());
+        apply_learned((lb, config, inputs, timing), &name, &decision)?;
     }
     Ok(())
 }
@@ -472,13 +474,7 @@ fn remember_decision(
 
 /// Applies the weights a step changed to the datapath, with the audit record of the step.
 fn apply_learned(
-    (lb, config, health, learned, timing): (
-        &mut Balancer,
-        &Config,
-        &HealthMap,
-        &Learned,
-        &mut ApplyTiming,
-    ),
+    (lb, config, inputs, timing): (&mut Balancer, &Config, super::Inputs, &mut ApplyTiming),
     name: &VipName,
     decision: &learning::Decision,
 ) -> Result<()> {
@@ -494,8 +490,8 @@ fn apply_learned(
         })).collect::<Vec<_>>(),
     });
     info!(target: "lb::audit", vip = %name, step = decision.step, slots_moved = decision.slots_moved, slots_moved_gradual = decision.slots_moved_gradual, slots_budget = decision.slots_budget, audit_step = %step, "learned weights applied");
-    let report = apply_datapath(lb, config, health, learned, timing)
-        .context("applying the learned weights")?;
+    let report =
+        apply_datapath(lb, config, inputs, timing).context("applying the learned weights")?;
     for (vip, moved, generation) in &report.tables {
         info!(%vip, moved, generation, "table updated");
     }

@@ -75,6 +75,9 @@ struct State {
     refusals: BTreeMap<String, u64>,
     /// How long the datapath applies take (`lbctl status`).
     timing: ApplyTiming,
+    /// Fleet mode: the table the store's published weights give (None: built from this
+    /// node's own health and learning, as a single lbd).
+    fleet_table: Option<FleetTable>,
     /// The last reload lbd refused: the file's text (hash), when, and why. An lbctl change
     /// refused because the file holds that edit says so.
     refused_reload: Option<RefusedReload>,
@@ -85,6 +88,18 @@ struct RefusedReload {
     text_hash: u64,
     time: String,
     reason: String,
+}
+
+/// What a fleet node builds its datapath from once the leader has published for the revision
+/// it applied: the published weights and down backends, in place of its own health results
+/// and learned weights. The leader builds from them too, so that every node's table follows
+/// the same sequence of store revisions (its own results reach its table through the store).
+#[derive(Debug, Clone, PartialEq)]
+pub struct FleetTable {
+    /// Every VIP with the weights to build (health and learning folded in by the leader).
+    pub vips: Vec<config::Vip>,
+    /// Backends whose DOWN flag is set: their established flows move on every node.
+    pub down: Vec<(VipName, std::net::IpAddr)>,
 }
 
 fn vip_id(v: &config::Vip) -> VipId {
@@ -151,23 +166,27 @@ impl State {
         apply_datapath(
             &mut self.lb,
             &self.config,
-            &self.health,
-            &self.learned,
+            (&self.health, &self.learned, self.fleet_table.as_ref()),
             &mut self.timing,
         )
     }
 }
 
+/// What a table's weights come from: health, learned weights, and in fleet mode the store's.
+type Inputs<'a> = (&'a HealthMap, &'a Learned, Option<&'a FleetTable>);
+
 fn apply_datapath(
     lb: &mut Balancer,
     cfg: &Config,
-    health: &HealthMap,
-    learned: &Learned,
+    (health, learned, fleet): Inputs,
     timing: &mut ApplyTiming,
 ) -> Result<ApplyReport> {
     let started = Instant::now();
     let cpu_started = learning::thread_cpu_us();
-    let result = apply_datapath_untimed(lb, cfg, health, learned);
+    let result = match fleet {
+        Some(t) => apply_fleet_table(lb, cfg, t),
+        None => apply_datapath_untimed(lb, cfg, health, learned),
+    };
     let us = started.elapsed().as_micros() as u64;
     let cpu_us = learning::thread_cpu_us().saturating_sub(cpu_started);
     timing.applies += 1;
@@ -183,6 +202,42 @@ fn apply_datapath(
         "datapath applied"
     );
     result
+}
+
+/// Applies `cfg` with the store's weights and DOWN flags (`t`) in place of local health.
+fn apply_fleet_table(lb: &mut Balancer, cfg: &Config, t: &FleetTable) -> Result<ApplyReport> {
+    let down: Vec<HealthKey> = t
+        .down
+        .iter()
+        .filter_map(|(name, addr)| {
+            t.vips
+                .iter()
+                .find(|v| VipName::of(v) == *name)
+                .map(|v| (vip_id(v), *addr))
+        })
+        .collect();
+    let applied: Vec<HealthKey> = lb
+        .vips()
+        .flat_map(|v| {
+            v.backends
+                .iter()
+                .map(move |b| (vip_id(&v.config), b.address))
+        })
+        .collect();
+    for (vip, addr) in applied {
+        if !down.contains(&(vip, addr)) && lb.backend_down(vip, addr) == Some(true) {
+            lb.set_backend_down(vip, addr, false)?;
+        }
+    }
+    let mut built = cfg.clone();
+    built.vips = t.vips.clone();
+    let report = lb.apply(&built)?;
+    for (vip, addr) in down {
+        if lb.backend_down(vip, addr) == Some(false) {
+            lb.set_backend_down(vip, addr, true)?;
+        }
+    }
+    Ok(report)
 }
 
 fn apply_datapath_untimed(
@@ -266,6 +321,7 @@ impl Agent {
                 refusals: BTreeMap::new(),
                 timing: ApplyTiming::default(),
                 refused_reload: None,
+                fleet_table: None,
             }),
             config_path: config_path.to_path_buf(),
             started: Instant::now(),
@@ -356,7 +412,13 @@ impl Agent {
                 .begin_change("reload (SIGHUP)", st.file_text.as_deref(), Some(text));
         let health = sync_health(&st.health, &new, Newcomers::Added);
         let (learning, learned) = sync_learning(&st.learning, &st.learned, &new);
-        match apply_datapath(&mut st.lb, &new, &health, &learned, &mut st.timing) {
+        let fleet = st.fleet_table.clone();
+        match apply_datapath(
+            &mut st.lb,
+            &new,
+            (&health, &learned, fleet.as_ref()),
+            &mut st.timing,
+        ) {
             Ok(r) => {
                 warn_new(&self.events, Some(&st.config), &new);
                 st.config = new;
@@ -368,7 +430,8 @@ impl Agent {
                 Ok(r)
             }
             Err(e) => {
-                rollback(&mut st.lb, &prev, &st.health, &st.learned, &mut st.timing);
+                let old = (&st.health, &st.learned, fleet.as_ref());
+                rollback(&mut st.lb, &prev, old, &mut st.timing);
                 Err(e.context("reload failed; the previous configuration stays applied"))
             }
         }
@@ -478,10 +541,17 @@ impl Agent {
                 .begin_change(&message, st.file_text.as_deref(), next_text.as_deref());
         let health = sync_health(&st.health, &next, Newcomers::Added);
         let (learning, learned) = sync_learning(&st.learning, &st.learned, &next);
-        let report = match apply_datapath(&mut st.lb, &next, &health, &learned, &mut st.timing) {
+        let fleet = st.fleet_table.clone();
+        let report = match apply_datapath(
+            &mut st.lb,
+            &next,
+            (&health, &learned, fleet.as_ref()),
+            &mut st.timing,
+        ) {
             Ok(r) => r,
             Err(e) => {
-                rollback(&mut st.lb, &prev, &st.health, &st.learned, &mut st.timing);
+                let old = (&st.health, &st.learned, fleet.as_ref());
+                rollback(&mut st.lb, &prev, old, &mut st.timing);
                 return Err(e.context(events::RolledBack(
                     "the datapath rejected the change; nothing changed",
                 )));
@@ -490,7 +560,8 @@ impl Agent {
         let written = match persist(&self.config_path, &next) {
             Ok(t) => t,
             Err(e) => {
-                rollback(&mut st.lb, &prev, &st.health, &st.learned, &mut st.timing);
+                let old = (&st.health, &st.learned, fleet.as_ref());
+                rollback(&mut st.lb, &prev, old, &mut st.timing);
                 return Err(e.context(events::RolledBack(
                     "the change was rolled back because the configuration file could not be written",
                 )));
@@ -636,14 +707,8 @@ fn refuse_new_host_problems(prev: &Config, next: &Config) -> Result<()> {
 /// the datapath's VIP entries are the ones lbd believes in (a failure in the middle of the
 /// writes could leave one pointing at a table lbd did not keep; `apply` only rewrites tables it
 /// thinks changed). A mismatch is logged loudly: restarting lbd rewrites everything.
-fn rollback(
-    lb: &mut Balancer,
-    prev: &Config,
-    health: &HealthMap,
-    learned: &Learned,
-    timing: &mut ApplyTiming,
-) {
-    if let Err(e) = apply_datapath(lb, prev, health, learned, timing) {
+fn rollback(lb: &mut Balancer, prev: &Config, inputs: Inputs, timing: &mut ApplyTiming) {
+    if let Err(e) = apply_datapath(lb, prev, inputs, timing) {
         error!("rolling back to the previous configuration failed too: {e:#}");
     }
     for v in lb.vips() {

@@ -6,10 +6,10 @@
 //! it applied last, says so, and catches up on the first read that works.
 use super::{
     etcd::{Etcd, Kv, Op},
-    store::{self, Desired, NodeReport, Published},
+    store::{self, Desired, DownBackend, NodeReport, Published},
 };
 use crate::{
-    agent::Agent,
+    agent::{Agent, FleetTable},
     config::Vip,
     control::{events::Kind, FleetStatus, VipName},
 };
@@ -362,11 +362,7 @@ impl Node {
                     .map(|kv| (kv.key.clone(), kv.mod_revision))
                     .collect(),
             },
-            weights_revision: if leader {
-                0
-            } else {
-                weights.as_ref().map_or(0, |w| w.0)
-            },
+            weights_revision: weights.as_ref().map_or(0, |w| w.0),
             leader,
         };
         if self.tried.as_ref() == Some(&tried) {
@@ -401,9 +397,33 @@ impl Node {
         };
         let local = self.agent.config().await;
         let cfg = store::with_vips(&local, &self.opts.prefix, &vips)?;
-        let weights_revision = match weights {
-            Some((rev, p)) if !leader && p.config_revision == desired.revision => *rev,
-            _ => 0,
+        // Every node, the leader too, builds its tables from the published weights once they
+        // are for this revision: the leader's own health results reach its table through the
+        // store, in the same revision as on every other node.
+        let (weights_revision, table) = match weights {
+            Some((rev, p)) if p.config_revision == desired.revision => {
+                let built =
+                    store::with_vips(&local, &self.opts.prefix, &follower_vips(&desired, weights))?;
+                let down = p
+                    .down
+                    .iter()
+                    .filter_map(|d| {
+                        built
+                            .vips
+                            .iter()
+                            .find(|v| VipName::of(v).to_string() == d.vip)
+                            .map(|v| (VipName::of(v), d.backend))
+                    })
+                    .collect();
+                (
+                    *rev,
+                    Some(FleetTable {
+                        vips: built.vips,
+                        down,
+                    }),
+                )
+            }
+            _ => (0, None),
         };
         let what = format!(
             "fleet revision {} ({}{})",
@@ -420,7 +440,10 @@ impl Node {
         } else {
             Vec::new()
         };
-        let report = self.agent.apply_fleet(cfg.vips, &what, &known_down).await?;
+        let report = self
+            .agent
+            .apply_fleet(cfg.vips, &what, &known_down, table)
+            .await?;
         if !report.tables.is_empty() || desired.revision != self.status.applied_revision {
             self.agent.events().record(
                 Kind::FleetApplied,
@@ -439,10 +462,18 @@ impl Node {
         let Some(leader_kv) = find(kvs, &store::leader_key(prefix)) else {
             return Ok(());
         };
+        let (vips, down) = self.agent.effective_vips().await;
         let mine = Published {
             leader: self.opts.node.clone(),
             config_revision: self.status.applied_revision,
-            vips: self.agent.effective_vips().await,
+            vips,
+            down: down
+                .into_iter()
+                .map(|(vip, backend)| DownBackend {
+                    vip: vip.to_string(),
+                    backend,
+                })
+                .collect(),
         };
         if published(prefix, kvs).is_some_and(|(_, p)| p == mine) {
             return Ok(());
@@ -535,6 +566,7 @@ mod tests {
             leader: "n0".into(),
             config_revision: 7,
             vips: vec![vip(&[2, 0, 2])],
+            down: Vec::new(),
         };
         let out = follower_vips(&desired, Some(&(9, p.clone())));
         assert_eq!(weights(&out), [2, 0, 2]);
@@ -564,6 +596,7 @@ mod tests {
             leader: "n0".into(),
             config_revision: 6,
             vips: vec![vip(&[2, 0, 1])],
+            down: Vec::new(),
         };
         let down = published_down(&desired, Some(&(9, p)));
         let addrs: Vec<String> = down.iter().map(|(_, a)| a.to_string()).collect();

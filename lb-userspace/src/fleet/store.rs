@@ -67,6 +67,17 @@ pub struct Published {
     /// Every VIP as the leader's datapath has it: health and learned weights folded into the
     /// backends' weights.
     pub vips: Vec<Vip>,
+    /// The backends the leader's probes find down: every node sets their DOWN flag, so that
+    /// their established flows move on every node, not only on the leader.
+    #[serde(default)]
+    pub down: Vec<DownBackend>,
+}
+
+/// A backend published down: its VIP (as `lbctl` names it) and address.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DownBackend {
+    pub vip: String,
+    pub backend: std::net::IpAddr,
 }
 
 /// What each node writes to `nodes/<node>` (on its lease: it vanishes with the node).
