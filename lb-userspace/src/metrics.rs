@@ -469,23 +469,27 @@ fn readmission_family(f: &mut Family<'_>, s: &StatsSnapshot) {
         (
             "lb_backend_ejections",
             "Health-checked backends: ejections (taken down by probes after serving) that still count towards the next hold; 0 after health.ejection_forget_ms without one.",
-            |b| f64::from(b.ejections.unwrap_or(0)),
+            |b| f64::from(b.readmission.ejections.unwrap_or(0)),
         ),
         (
             "lb_backend_returns_in_seconds",
             "Health-checked backends: seconds until a backend held out after an ejection may return (0 when not held).",
-            |b| b.returns_in_ms.unwrap_or(0.0) / 1e3,
+            |b| b.readmission.returns_in_ms.unwrap_or(0.0) / 1e3,
         ),
         (
             "lb_backend_ramp",
             "Health-checked backends: share of its weight the probes allow, 0 (down, pending) to 1 (up); in between on a slow start.",
-            |b| b.ramp.unwrap_or(if b.up && b.health != "pending" { 1.0 } else { 0.0 }),
+            |b| b.readmission.ramp.unwrap_or(if b.up && b.health != "pending" { 1.0 } else { 0.0 }),
         ),
     ];
     for (name, help, get) in families {
         f.header(name, "gauge", help);
         for v in &s.vips {
-            for b in v.backends.iter().filter(|b| b.ejections.is_some()) {
+            for b in v
+                .backends
+                .iter()
+                .filter(|b| b.readmission.ejections.is_some())
+            {
                 let addr = b.address.to_string();
                 f.sample(name, &[("vip", &v.vip), ("backend", &addr)], get(b));
             }
@@ -654,9 +658,11 @@ mod tests {
                         conns_idle: 1,
                         conns_closing: 2,
                     },
-                    ejections: Some(2),
-                    returns_in_ms: Some(1500.0),
-                    ramp: None,
+                    readmission: crate::control::Readmission {
+                        ejections: Some(2),
+                        returns_in_ms: Some(1500.0),
+                        ramp: None,
+                    },
                 }],
             }],
         };

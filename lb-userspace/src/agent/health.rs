@@ -1,6 +1,7 @@
 //! Health checks as the agent runs them: one prober per set of `[vip.health]` backends, each
 //! outcome fed to the backend's state machine, and the datapath applied again on a change.
 use super::{vip_id, Agent, State};
+use crate::control::Readmission;
 use crate::{
     config::{self, Config},
     control::VipName,
@@ -218,18 +219,18 @@ pub(super) fn ramp_share(health: &HealthMap, vip: VipId, addr: IpAddr) -> Option
         .and_then(|h| h.state.ramp_position(Instant::now()))
 }
 
-/// How a health-checked backend is being let back in, as `backend list`, `stats` and the
-/// metrics show it: (recent ejections, milliseconds until it may return, ramp share).
-pub(super) fn readmission(h: Option<&BackendHealth>) -> (Option<u32>, Option<f64>, Option<f64>) {
+/// How a health-checked backend is being let back in, as `backend list`, `stats`, `model show`
+/// and the metrics show it (all null without health checks).
+pub(super) fn readmission(h: Option<&BackendHealth>) -> Readmission {
     let Some(h) = h else {
-        return (None, None, None);
+        return Readmission::default();
     };
     let now = Instant::now();
-    (
-        Some(h.state.recent_ejections(now)),
-        h.state.held_for(now).map(|d| d.as_secs_f64() * 1e3),
-        h.state.ramp_position(now),
-    )
+    Readmission {
+        ejections: Some(h.state.recent_ejections(now)),
+        returns_in_ms: h.state.held_for(now).map(|d| d.as_secs_f64() * 1e3),
+        ramp: h.state.ramp_position(now),
+    }
 }
 
 /// The configured backend `addr` of `vip` (the datapath's copy has effective weights).

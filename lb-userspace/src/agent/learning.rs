@@ -352,7 +352,6 @@ impl Agent {
                     continue;
                 };
                 let (_, shown, h) = shown_health(&st.health, vid, cfg);
-                let (ejections, returns_in_ms, ramp) = readmission(h);
                 let pstate = l.policy.backends.get(&b.id);
                 let lbk = l.backends.get(&b.address);
                 let last = lbk.and_then(|x| x.last.as_ref());
@@ -383,9 +382,7 @@ impl Agent {
                         .and_then(|d| d.predicted_latency_ms)
                         .filter(|x| x.is_finite()),
                     observed: last.and_then(|d| d.observed),
-                    ejections,
-                    returns_in_ms,
-                    ramp,
+                    readmission: readmission(h),
                     trial_flows: pstate.and_then(|p| p.trial_flows),
                     failed_trials: pstate.map_or(0, |p| p.failed_trials),
                     decisions: lbk.map_or_else(Vec::new, |x| x.history.iter().cloned().collect()),

@@ -55,7 +55,6 @@ impl Agent {
             for (b, applied) in v.backends.iter().zip(&v.config.backends) {
                 let cfg = configured(&st.config, vid, b.address).unwrap_or(applied);
                 let (up, shown, h) = shown_health(&st.health, vid, cfg);
-                let (ejections, returns_in_ms, ramp) = readmission(h);
                 out.push(BackendEntry {
                     vip: name.to_string(),
                     address: b.address,
@@ -68,9 +67,7 @@ impl Agent {
                     health: shown.to_string(),
                     last_probe_ms: h.and_then(|h| h.last_probe_ms),
                     last_error: h.and_then(|h| h.last_error.clone()),
-                    ejections,
-                    returns_in_ms,
-                    ramp,
+                    readmission: readmission(h),
                     id: b.id,
                     conns: census.per_backend.get(&b.id).copied().unwrap_or_default(),
                 });
@@ -100,7 +97,6 @@ impl Agent {
                 let bs = st.lb.backend_stats(b.id)?;
                 let cfg = configured(&st.config, vid, b.address).unwrap_or(applied);
                 let (up, shown, h) = shown_health(&st.health, vid, cfg);
-                let (ejections, returns_in_ms, ramp) = readmission(h);
                 let (effective_weight, learned_weight) = shown_weights(&st, vid, cfg, b.weight);
                 backends.push(BackendStatsEntry {
                     address: b.address,
@@ -125,9 +121,7 @@ impl Agent {
                         .and_then(|d| d.fit)
                         .map(|f| f.r2),
                     rates: None,
-                    ejections,
-                    returns_in_ms,
-                    ramp,
+                    readmission: readmission(h),
                     conns: census
                         .as_ref()
                         .and_then(|c| c.per_backend.get(&b.id).copied())

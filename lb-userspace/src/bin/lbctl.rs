@@ -561,12 +561,12 @@ fn print_model(vips: &[ModelVip]) {
             if b.failed_trials > 0 {
                 flags.push(format!("{} failed trials", b.failed_trials));
             }
-            match (b.returns_in_ms, b.ramp) {
+            match (b.readmission.returns_in_ms, b.readmission.ramp) {
                 (Some(ms), _) => flags.push(format!("held {:.1}s", ms / 1e3)),
                 (None, Some(r)) => flags.push(format!("ramp {:.0}%", r * 100.0)),
                 _ => {}
             }
-            if let Some(n) = b.ejections.filter(|&n| n > 0) {
+            if let Some(n) = b.readmission.ejections.filter(|&n| n > 0) {
                 flags.push(format!("{n} recent ejections"));
             }
             // Weights in configured units, as `backend list` and `stats` show them; the
@@ -708,13 +708,13 @@ fn print_backends(list: &[BackendEntry]) {
 /// Where a health-checked backend is in coming back: its ramp, or the hold left and the
 /// ejections behind it.
 fn readmission(b: &BackendEntry) -> String {
-    let ejections = match b.ejections {
+    let ejections = match b.readmission.ejections {
         None => return "-".into(),
         Some(0) => String::new(),
         Some(1) => " (1 ejection)".into(),
         Some(n) => format!(" ({n} ejections)"),
     };
-    match (b.returns_in_ms, b.ramp) {
+    match (b.readmission.returns_in_ms, b.readmission.ramp) {
         (Some(ms), _) => format!("held {:.1}s{ejections}", ms / 1e3),
         (None, Some(r)) => format!("ramp {:.0}%{ejections}", r * 100.0),
         (None, None) if ejections.is_empty() => "-".into(),

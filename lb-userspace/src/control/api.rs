@@ -441,16 +441,9 @@ pub struct ModelBackend {
     #[serde(default)]
     #[serde(serialize_with = "super::round::opt_observed")]
     pub observed: Option<crate::learning::Observed>,
-    /// Health's readmission (see `BackendEntry`): recent ejections, time until a held-out
-    /// backend may return, the ramp's share; null when unknown or not so.
-    #[serde(default)]
-    pub ejections: Option<u32>,
-    #[serde(default)]
-    #[serde(serialize_with = "super::round::opt_ms")]
-    pub returns_in_ms: Option<f64>,
-    #[serde(default)]
-    #[serde(serialize_with = "super::round::opt_ratio")]
-    pub ramp: Option<f64>,
+    /// Health's readmission, as in `BackendEntry`.
+    #[serde(flatten)]
+    pub readmission: Readmission,
     /// The model's trial after a drain on a passive signal: flows judged so far (null when not
     /// on trial), and the trials failed since the last one that passed.
     #[serde(default)]
@@ -577,6 +570,20 @@ pub struct BackendEntry {
     /// Why the last probe failed; absent when it passed.
     #[serde(default)]
     pub last_error: Option<String>,
+    /// How health lets the backend back in (`ejections`, `returns_in_ms`, `ramp`).
+    #[serde(flatten)]
+    pub readmission: Readmission,
+    /// Backend id in the datapath (index of its statistics).
+    pub id: u32,
+    /// Tracked connections (`conns_active`, `conns_idle`, `conns_closing`).
+    #[serde(flatten)]
+    pub conns: ConnCounts,
+}
+
+/// How health lets a backend back in after an ejection, as `backend list`, `stats` and
+/// `model show` show it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct Readmission {
     /// Health-checked backends: ejections that still count (forgotten after
     /// `health.ejection_forget_ms` without one); null without health checks.
     #[serde(default)]
@@ -591,11 +598,6 @@ pub struct BackendEntry {
     #[serde(default)]
     #[serde(serialize_with = "super::round::opt_ratio")]
     pub ramp: Option<f64>,
-    /// Backend id in the datapath (index of its statistics).
-    pub id: u32,
-    /// Tracked connections (`conns_active`, `conns_idle`, `conns_closing`).
-    #[serde(flatten)]
-    pub conns: ConnCounts,
 }
 
 /// A backend's tracked connections by what their entries say (see the README's "Connections"):
@@ -956,20 +958,9 @@ pub struct BackendStatsEntry {
     pub fit_r2: Option<f64>,
     #[serde(default)]
     pub rates: Option<Rates>,
-    /// Health-checked backends: ejections that still count (forgotten after
-    /// `health.ejection_forget_ms` without one); null without health checks.
-    #[serde(default)]
-    pub ejections: Option<u32>,
-    /// A down backend held out after an ejection: milliseconds until it may return (its probes
-    /// must pass then too); null when not held.
-    #[serde(default)]
-    #[serde(serialize_with = "super::round::opt_ms")]
-    pub returns_in_ms: Option<f64>,
-    /// On a slow start: the share of its weight it has ramped to (0 to 1); null when not
-    /// ramping.
-    #[serde(default)]
-    #[serde(serialize_with = "super::round::opt_ratio")]
-    pub ramp: Option<f64>,
+    /// How health lets the backend back in (`ejections`, `returns_in_ms`, `ramp`).
+    #[serde(flatten)]
+    pub readmission: Readmission,
     #[serde(flatten)]
     pub conns: ConnCounts,
 }
@@ -1135,9 +1126,7 @@ mod tests {
             health: "up".into(),
             last_probe_ms: None,
             last_error: None,
-            ejections: None,
-            returns_in_ms: None,
-            ramp: None,
+            readmission: Readmission::default(),
             id: 0,
             conns: ConnCounts::default(),
         };
@@ -1204,9 +1193,7 @@ mod tests {
                 capacity_at_target: None,
                 predicted_latency_ms: None,
                 observed: None,
-                ejections: None,
-                returns_in_ms: None,
-                ramp: None,
+                readmission: Readmission::default(),
                 trial_flows: None,
                 failed_trials: 0,
                 decisions: vec![ModelDecisionEntry {
@@ -1312,9 +1299,7 @@ mod tests {
                     learned_weight: None,
                     fit_r2: None,
                     rates: None,
-                    ejections: None,
-                    returns_in_ms: None,
-                    ramp: None,
+                    readmission: Readmission::default(),
                     conns: ConnCounts::default(),
                 }],
             }],
