@@ -229,3 +229,20 @@ fn backend_addr(b: &lb_common::BackendInfo) -> IpAddr {
         IpAddr::from(a)
     }
 }
+
+/// Slots per backend address in a table (from [`pinned_tables`]).
+pub fn shares(slots: &[IpAddr]) -> BTreeMap<IpAddr, usize> {
+    let mut m = BTreeMap::new();
+    for a in slots {
+        *m.entry(*a).or_default() += 1;
+    }
+    m
+}
+
+/// The IPv4 VIP's table among a node's tables (from [`pinned_tables`]).
+pub fn v4_table(tables: &BTreeMap<String, Vec<IpAddr>>) -> &Vec<IpAddr> {
+    tables
+        .values()
+        .find(|t| t.first().is_some_and(IpAddr::is_ipv4))
+        .expect("the IPv4 VIP's table")
+}

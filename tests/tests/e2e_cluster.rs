@@ -27,6 +27,7 @@ use std::{
     time::{Duration, Instant},
 };
 use tests::{
+    etcd::{shares, v4_table},
     fleet::{backend_v4, backend_v6, require_bird, vip_name, Fleet, PORT, VIP_V4, VIP_V6},
     procs::{bin_path, now_ms, scrape_metrics, wait_for},
     require_root,
@@ -145,22 +146,6 @@ fn same_tables(f: &Fleet, nodes: &[usize]) -> BTreeMap<String, Vec<IpAddr>> {
         }
     }
     first
-}
-
-/// Slots per backend address in a table.
-fn shares(slots: &[IpAddr]) -> BTreeMap<IpAddr, usize> {
-    let mut m = BTreeMap::new();
-    for a in slots {
-        *m.entry(*a).or_default() += 1;
-    }
-    m
-}
-
-fn v4_table(tables: &BTreeMap<String, Vec<IpAddr>>) -> &Vec<IpAddr> {
-    tables
-        .values()
-        .find(|t| t.first().is_some_and(IpAddr::is_ipv4))
-        .expect("the IPv4 VIP's table")
 }
 
 /// `lbctl cluster status`: every node in `nodes`, in sync, with its BGP side serving, its

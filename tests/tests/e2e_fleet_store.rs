@@ -20,7 +20,7 @@ use std::{
 };
 use tests::{
     backend_v4, backend_v6,
-    etcd::{lbctl_fleet, lbctl_fleet_ok, pinned_tables, EtcdServer},
+    etcd::{lbctl_fleet, lbctl_fleet_ok, pinned_tables, shares, v4_table, EtcdServer},
     procs::{lbctl_json, scrape_metrics, start_decaps, wait_for, Lbd, LbdOptions},
     require_root, Lab, LabSpec, LongLived, NetNs, Role, TcpServer, VIP_V4, VIP_V6,
 };
@@ -261,22 +261,6 @@ impl Drop for Fleet {
         }
         let _ = fs::remove_dir_all(&self.dir);
     }
-}
-
-fn shares(slots: &[IpAddr]) -> BTreeMap<IpAddr, usize> {
-    let mut m = BTreeMap::new();
-    for a in slots {
-        *m.entry(*a).or_default() += 1;
-    }
-    m
-}
-
-/// The IPv4 VIP's table among a node's tables.
-fn v4_table(tables: &BTreeMap<String, Vec<IpAddr>>) -> &Vec<IpAddr> {
-    tables
-        .values()
-        .find(|t| t.first().is_some_and(IpAddr::is_ipv4))
-        .expect("the IPv4 VIP's table")
 }
 
 fn vip_addr() -> SocketAddr {
