@@ -57,8 +57,8 @@ use lb_userspace::config::Forwarding;
 use lb_userspace::{Balancer, Config, LoadOptions};
 
 use crate::model::{self, Flow, FragId, Mode, NextHop, State, Track, Verdict};
-use crate::pkt::{self, mac_str, Ip4, Ip6, Mac, Tcp, ICMP, ICMPV6, IPV6_FRAG, TCP, UDP};
 use crate::NetNs;
+use lb_pkt::{self as pkt, mac_str, Ip4, Ip6, Mac, Tcp, ICMP, ICMPV6, IPV6_FRAG, TCP, UDP};
 
 // ---------------------------------------------------------------------------------------------
 // Options and report.
@@ -729,7 +729,7 @@ impl Kernel {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Packet building (generator side; the model never uses these): `crate::pkt`.
+// Packet building (generator side; the model never uses these): `lb_pkt`.
 
 /// A TCP (20 bytes, or with `opts` bytes of NOP options; flags and sequence number; an ACK
 /// carries acknowledgement number 0x5e6f7081) or UDP segment with a valid checksum.
