@@ -27,7 +27,7 @@ use anyhow::{bail, Context, Result};
 
 use crate::etcd::{pinned_tables, EtcdServer};
 use crate::netns::{unique_prefix, NetNs};
-use crate::procs::{bin_path, wait_for, Lbd, LbdOptions};
+use crate::procs::{bin_path, start_decap, Lbd, LbdOptions};
 use crate::tcp::TcpServer;
 
 pub const VIP_V4: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 10);
@@ -551,20 +551,13 @@ impl Fleet {
             "via",
             &router_v6().to_string(),
         ])?;
-        let mut cmd = ns.command(self.bin_dir.join("lbd"));
-        cmd.args(["decap", "--interface", "eth0", "--xdp-mode", "native"])
-            .args(["--vip", &VIP_V4.to_string(), "--vip", &VIP_V6.to_string()])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(
-                self.dir.join(format!("decap{i}.log")),
-            )?);
-        ns.spawn_command(&mut cmd)?;
-        wait_for("lbd decap to attach", Duration::from_secs(20), || {
-            ns.ip(["link", "show", "dev", "eth0"])
-                .map(|s| s.contains("xdp"))
-                .unwrap_or(false)
-        });
+        let log = self.dir.join(format!("decap{i}.log"));
+        start_decap(
+            &ns,
+            &self.bin_dir.join("lbd"),
+            &[VIP_V4.into(), VIP_V6.into()],
+            Some(&log),
+        )?;
         // The backend's own addresses too: health probes go there.
         let addrs = [
             SocketAddr::new(VIP_V4.into(), PORT),
@@ -651,15 +644,8 @@ impl Fleet {
         }
         let n = &self.nodes[i];
         let mut lbd = Lbd::spawn(&n.ns, &n.config, &n.socket, &opts);
-        let t = Instant::now();
-        while self.try_lbctl(i, &["status"]).is_err() {
-            if let Some(s) = lbd.try_wait() {
-                bail!("node{i}'s lbd exited ({s}) before serving:\n{}", lbd.log());
-            }
-            if t.elapsed() > Duration::from_secs(30) {
-                bail!("node{i}'s lbd did not serve within 30 s:\n{}", lbd.log());
-            }
-            std::thread::sleep(Duration::from_millis(20));
+        if let Err(e) = lbd.try_wait_serving() {
+            bail!("node{i}: {e}");
         }
         self.nodes[i].lbd = Some(lbd);
         Ok(())

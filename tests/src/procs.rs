@@ -23,14 +23,33 @@ pub fn bin_path(name: &str) -> PathBuf {
     p
 }
 
+/// Polls `f` every 20 ms until it returns `Some`, and returns that; `None` after `timeout`.
+/// The one polling loop of the tests: [`poll`], [`wait_for`], [`Control`]'s waits and the
+/// fleet's go through it.
+pub fn poll_until<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let t = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        if t.elapsed() >= timeout {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// [`poll_until`], panicking naming `what` after `timeout`.
+pub fn poll<T>(what: &str, timeout: Duration, f: impl FnMut() -> Option<T>) -> T {
+    poll_until(timeout, f)
+        .unwrap_or_else(|| panic!("timed out after {timeout:?} waiting for {what}"))
+}
+
 /// Polls `f` every 20 ms until it holds and returns how long that took; panics naming `what`
 /// after `timeout`.
 pub fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) -> Duration {
     let t = Instant::now();
-    while !f() {
-        assert!(t.elapsed() < timeout, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    poll(what, timeout, || f().then_some(()));
     t.elapsed()
 }
 
@@ -51,33 +70,42 @@ pub fn xdp_attached(ns: &NetNs) -> bool {
         .unwrap_or(false)
 }
 
+/// Starts `bin decap --interface eth0 --xdp-mode native --vip V...` in `ns`, its stderr to
+/// `log` (or nowhere), and waits until it has attached. The process is tracked by `ns`'s guard
+/// (killed when the namespace goes).
+pub fn start_decap(
+    ns: &NetNs,
+    bin: &Path,
+    vips: &[std::net::IpAddr],
+    log: Option<&Path>,
+) -> std::io::Result<Child> {
+    let mut cmd = ns.command(bin);
+    cmd.args(["decap", "--interface", "eth0", "--xdp-mode", "native"]);
+    for vip in vips {
+        cmd.arg("--vip").arg(vip.to_string());
+    }
+    let stderr = match log {
+        Some(p) => Stdio::from(std::fs::File::create(p)?),
+        None => Stdio::null(),
+    };
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(stderr);
+    let child = ns.spawn_command(&mut cmd)?;
+    wait_for("lbd decap to attach", Duration::from_secs(20), || {
+        xdp_attached(ns)
+    });
+    Ok(child)
+}
+
 /// Starts `lbd decap` for the IPv4 VIP on backends `0..n` and waits until each has attached.
 /// The processes are tracked by the backends' namespace guards (killed when the lab drops).
 pub fn start_decaps(lab: &Lab, n: usize) -> Vec<Child> {
     let lbd = bin_path("lbd");
-    let vip = crate::lab::VIP_V4.to_string();
-    let out: Vec<Child> = (0..n)
-        .map(|i| {
-            lab.backend(i).ns().spawn(
-                lbd.to_str().unwrap(),
-                [
-                    "decap",
-                    "--interface",
-                    "eth0",
-                    "--vip",
-                    &vip,
-                    "--xdp-mode",
-                    "native",
-                ],
-            )
-        })
-        .collect();
-    for i in 0..n {
-        wait_for("lbd decap to attach", Duration::from_secs(20), || {
-            xdp_attached(lab.backend(i).ns())
-        });
-    }
-    out
+    let vip = [crate::lab::VIP_V4.into()];
+    (0..n)
+        .map(|i| start_decap(lab.backend(i).ns(), &lbd, &vip, None).expect("starting lbd decap"))
+        .collect()
 }
 
 /// Removes a test's scratch directory when dropped, so it goes on success, failure and panic.
@@ -199,20 +227,28 @@ impl Lbd {
     /// Waits until lbd answers `lbctl status`; returns how long that took. Panics with the log
     /// if lbd exits first or does not answer within 30 s.
     pub fn wait_serving(&mut self) -> Duration {
+        self.try_wait_serving().unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// [`Lbd::wait_serving`], the failure (with the log) as an error.
+    pub fn try_wait_serving(&mut self) -> Result<Duration, String> {
         let t = Instant::now();
         while !lbctl(&self.socket, &["status"]).status.success() {
             if let Some(s) = self.try_wait() {
-                self.child = None;
-                panic!("lbd exited ({s}) before serving lbctl:\n{}", self.log());
+                return Err(format!(
+                    "lbd exited ({s}) before serving lbctl:\n{}",
+                    self.log()
+                ));
             }
-            assert!(
-                t.elapsed() < LBD_START_TIMEOUT,
-                "lbd did not serve its control socket within {LBD_START_TIMEOUT:?}:\n{}",
-                self.log()
-            );
+            if t.elapsed() >= LBD_START_TIMEOUT {
+                return Err(format!(
+                    "lbd did not serve its control socket within {LBD_START_TIMEOUT:?}:\n{}",
+                    self.log()
+                ));
+            }
             std::thread::sleep(Duration::from_millis(20));
         }
-        t.elapsed()
+        Ok(t.elapsed())
     }
 
     /// The running lbd's process id.
@@ -294,18 +330,23 @@ impl Drop for Lbd {
     }
 }
 
-/// `lbd --config CONFIG cleanup` in `ns`'s network namespace and the host's mount namespace
-/// (where the pins are), asserted to succeed.
-pub fn lbd_cleanup(ns: &NetNs, config: &Path) -> Output {
-    let out = Command::new("nsenter")
+/// `lbd --config CONFIG ARGS...` run to completion in `ns`'s network namespace and the host's
+/// mount namespace (where the pins are): `cleanup`, `--check`, ... Its output, not checked.
+pub fn lbd_run(ns: &NetNs, config: &Path, args: &[&str]) -> Output {
+    Command::new("nsenter")
         .arg(format!("--net=/run/netns/{}", ns.name()))
         .arg(bin_path("lbd"))
         .arg("--config")
         .arg(config)
-        .arg("cleanup")
+        .args(args)
         .stdin(Stdio::null())
         .output()
-        .expect("running lbd cleanup");
+        .unwrap_or_else(|e| panic!("running lbd {args:?}: {e}"))
+}
+
+/// `lbd --config CONFIG cleanup` ([`lbd_run`]), asserted to succeed.
+pub fn lbd_cleanup(ns: &NetNs, config: &Path) -> Output {
+    let out = lbd_run(ns, config, &["cleanup"]);
     assert!(
         out.status.success(),
         "lbd cleanup: {}",
@@ -395,21 +436,14 @@ impl Control {
     /// Polls `f` on each status until it returns `Some`; panics naming `what`, with the last
     /// status, after [`STATE_TIMEOUT`].
     fn poll<T>(&self, what: &str, mut f: impl FnMut(&serde_json::Value) -> Option<T>) -> T {
-        let end = Instant::now() + STATE_TIMEOUT;
         let mut last = None;
-        loop {
-            if let Some(status) = self.status() {
-                if let Some(t) = f(&status) {
-                    return t;
-                }
-                last = Some(status);
-            }
-            assert!(
-                Instant::now() < end,
-                "timed out waiting for {what}; last status: {last:?}"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let found = poll_until(STATE_TIMEOUT, || {
+            let status = self.status()?;
+            let t = f(&status);
+            last = Some(status);
+            t
+        });
+        found.unwrap_or_else(|| panic!("timed out waiting for {what}; last status: {last:?}"))
     }
 
     /// Waits until the lbd with process id `pid` answers (a restarted lbd, not the one before

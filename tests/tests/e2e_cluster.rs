@@ -22,14 +22,13 @@
 use std::{
     collections::BTreeMap,
     net::{IpAddr, SocketAddr},
-    process::{Command, Stdio},
     sync::atomic::{AtomicBool, Ordering},
     time::{Duration, Instant},
 };
 use tests::{
     etcd::{shares, v4_table},
     fleet::{backend_v4, backend_v6, require_bird, vip_name, Fleet, PORT, VIP_V4, VIP_V6},
-    procs::{bin_path, now_ms, scrape_metrics, wait_for},
+    procs::{lbd_run, now_ms, scrape_metrics, wait_for},
     require_root,
     tcp::{client_many, tally, LongLived},
 };
@@ -193,15 +192,7 @@ fn traffic(client: &tests::NetNs, stop: &AtomicBool) -> (usize, Vec<String>) {
 /// `lbd cleanup --force` on node `i`: its program is detached behind its lbd's back.
 fn detach(f: &Fleet, i: usize) {
     let n = &f.nodes[i];
-    let out = Command::new("nsenter")
-        .arg(format!("--net=/run/netns/{}", n.ns.name()))
-        .arg(bin_path("lbd"))
-        .arg("--config")
-        .arg(&n.config)
-        .args(["cleanup", "--force"])
-        .stdin(Stdio::null())
-        .output()
-        .expect("running lbd cleanup --force");
+    let out = lbd_run(&n.ns, &n.config, &["cleanup", "--force"]);
     assert!(out.status.success(), "lbd cleanup --force: {out:?}");
 }
 

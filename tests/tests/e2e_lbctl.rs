@@ -22,8 +22,8 @@ use std::{
 use tests::{
     lab::{backend_v4, backend_v6, Lab, LabSpec, LB_V4, LB_V6, VIP_V4, VIP_V6},
     procs::{
-        self, bin_path, lbctl, lbctl_json, scrape_metrics, start_decaps, wait_for, wait_neighbours,
-        Lbd,
+        self, bin_path, lbctl, lbctl_json, poll_until, scrape_metrics, start_decaps, wait_for,
+        wait_neighbours, Lbd,
     },
     require_root,
     tcp::{client_many, tally, LongLived, TcpServer},
@@ -1095,18 +1095,11 @@ fn lbd_refuses_to_start(lab: &Lab, path: &Path, want: &str) {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let end = Instant::now() + Duration::from_secs(10);
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break Some(status);
-        }
-        if Instant::now() > end {
-            let _ = child.kill();
-            let _ = child.wait();
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let status = poll_until(Duration::from_secs(10), || child.try_wait().unwrap());
+    if status.is_none() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
     let mut stderr = String::new();
     std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
     assert!(

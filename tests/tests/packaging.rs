@@ -15,7 +15,10 @@ use std::{
     sync::OnceLock,
     time::{Duration, Instant},
 };
-use tests::{require_root, NetNs};
+use tests::{
+    procs::{poll, signal},
+    require_root, NetNs,
+};
 
 /// Prefix of the shared test installation (the default of `cargo xtask install`).
 const PREFIX: &str = "usr/local";
@@ -835,20 +838,9 @@ fn spawn_lbd(
     ns.spawn_command(&mut cmd).expect("starting setpriv lbd")
 }
 
-fn signal(child: &Child, sig: i32) {
-    // SAFETY: signalling our own child (`ip netns exec` and setpriv exec lbd in place).
-    assert_eq!(unsafe { libc::kill(child.id() as i32, sig) }, 0);
-}
-
+/// Waits up to `timeout` for `child` to exit; its status.
 fn wait_exit(child: &mut Child, timeout: Duration) -> std::process::ExitStatus {
-    let end = Instant::now() + timeout;
-    loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            return s;
-        }
-        assert!(Instant::now() < end, "lbd did not exit within {timeout:?}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    poll("lbd to exit", timeout, || child.try_wait().unwrap())
 }
 
 /// Runs lbd with one capability of the unit's set left out, and asserts that it fails before
