@@ -26,7 +26,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 
 use crate::etcd::{pinned_tables, EtcdServer};
-use crate::netns::{unique_prefix, NetNs};
+use crate::lab::{hold_vips, plug, BRIDGE, EARLY_SYSCTLS};
+use crate::netns::{unique_prefix, NetNs, Veth};
 use crate::procs::{bin_path, start_decap, Lbd, LbdOptions};
 use crate::tcp::TcpServer;
 
@@ -35,7 +36,6 @@ pub const VIP_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x100, 0, 0, 0, 0, 0x1
 pub const PORT: u16 = 8080;
 pub const ROUTER_AS: u32 = 65000;
 pub const NODE_AS: u32 = 65001;
-const BRIDGE: &str = "br0";
 /// The VIPs' table size with a store: small enough that a test reads every slot of every
 /// node's tables from the pins many times a second (about 340 slots per backend).
 const STORE_TABLE_SIZE: &str = "1021";
@@ -115,24 +115,6 @@ pub struct Fleet {
     store_ns: Option<NetNs>,
     router_bird: Option<Child>,
 }
-
-fn sysctl(ns: &NetNs, pairs: &[(&str, &str)]) -> Result<()> {
-    ns.run_in(|| -> Result<()> {
-        for (k, v) in pairs {
-            let path = format!("/proc/sys/{k}");
-            std::fs::write(&path, v).with_context(|| format!("writing {v} to {path}"))?;
-        }
-        Ok(())
-    })
-}
-
-/// Sysctls set in a namespace before its devices arrive (they take the defaults then).
-const EARLY: &[(&str, &str)] = &[
-    ("net/ipv6/conf/all/accept_dad", "0"),
-    ("net/ipv6/conf/default/accept_dad", "0"),
-    ("net/ipv4/conf/all/rp_filter", "0"),
-    ("net/ipv4/conf/default/rp_filter", "0"),
-];
 
 impl Fleet {
     /// Builds the topology with `nodes` node namespaces (none started) and one backend per
@@ -359,81 +341,47 @@ impl Fleet {
 
     /// A fabric port on the bridge and its peer `eth0` in `ns`, with addresses and up.
     fn plug(&self, ns: &NetNs, port: &str, v4: Ipv4Addr, v6: Ipv6Addr) -> Result<()> {
-        sysctl(ns, EARLY)?;
-        let mtu = FABRIC_MTU.to_string();
-        self.switch.ip([
-            "link",
-            "add",
-            port,
-            "mtu",
-            &mtu,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "mtu",
-            &mtu,
-            "netns",
-            ns.name(),
-        ])?;
-        self.switch
-            .ip(["link", "set", port, "master", BRIDGE, "up"])?;
-        ns.ip(["link", "set", "lo", "up"])?;
-        ns.ip(["addr", "add", &format!("{v4}/24"), "dev", "eth0"])?;
-        ns.ip([
-            "-6",
-            "addr",
-            "add",
+        ns.sysctls(EARLY_SYSCTLS)?;
+        let veth = Veth {
+            name: port,
+            peer: "eth0",
+            mtu: FABRIC_MTU,
+            mac: None,
+            peer_mac: None,
+            peer_ns: Some(ns),
+        };
+        plug(
+            &self.switch,
+            &veth,
+            &format!("{v4}/24"),
             &format!("{v6}/64"),
-            "dev",
-            "eth0",
-            "nodad",
-        ])?;
-        ns.ip(["link", "set", "eth0", "up"])?;
-        Ok(())
+        )
     }
 
     fn build_router_and_client(&self) -> Result<()> {
         let (rt, cl) = (&self.router, &self.client);
         self.plug(rt, "rt", router_v4(), router_v6())?;
-        sysctl(cl, EARLY)?;
-        let mtu = CLIENT_MTU.to_string();
-        rt.ip([
-            "link",
-            "add",
-            "eth1",
-            "mtu",
-            &mtu,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "mtu",
-            &mtu,
-            "netns",
-            cl.name(),
+        cl.sysctls(EARLY_SYSCTLS)?;
+        rt.add_veth(&Veth {
+            name: "eth1",
+            peer: "eth0",
+            mtu: CLIENT_MTU,
+            mac: None,
+            peer_mac: None,
+            peer_ns: Some(cl),
+        })?;
+        rt.addrs_up("eth1", "10.81.0.1/24", "fd81::1/64")?;
+        rt.sysctls(&[
+            ("net/ipv4/ip_forward", "1"),
+            ("net/ipv6/conf/all/forwarding", "1"),
+            // ECMP by the 5-tuple (L4 hash), for both families.
+            ("net/ipv4/fib_multipath_hash_policy", "1"),
+            ("net/ipv6/fib_multipath_hash_policy", "1"),
+            ("net/ipv4/conf/eth0/rp_filter", "0"),
+            ("net/ipv4/conf/eth1/rp_filter", "0"),
         ])?;
-        rt.ip(["addr", "add", "10.81.0.1/24", "dev", "eth1"])?;
-        rt.ip(["-6", "addr", "add", "fd81::1/64", "dev", "eth1", "nodad"])?;
-        rt.ip(["link", "set", "eth1", "up"])?;
-        sysctl(
-            rt,
-            &[
-                ("net/ipv4/ip_forward", "1"),
-                ("net/ipv6/conf/all/forwarding", "1"),
-                // ECMP by the 5-tuple (L4 hash), for both families.
-                ("net/ipv4/fib_multipath_hash_policy", "1"),
-                ("net/ipv6/fib_multipath_hash_policy", "1"),
-                ("net/ipv4/conf/eth0/rp_filter", "0"),
-                ("net/ipv4/conf/eth1/rp_filter", "0"),
-            ],
-        )?;
         cl.ip(["link", "set", "lo", "up"])?;
-        cl.ip(["addr", "add", &format!("{}/24", client_v4()), "dev", "eth0"])?;
-        cl.ip(["-6", "addr", "add", "fd81::2/64", "dev", "eth0", "nodad"])?;
-        cl.ip(["link", "set", "eth0", "up"])?;
+        cl.addrs_up("eth0", &format!("{}/24", client_v4()), "fd81::2/64")?;
         cl.ip(["route", "add", "default", "via", "10.81.0.1"])?;
         cl.ip(["-6", "route", "add", "default", "via", "fd81::1"])?;
         // Packets leaving a veth carry CHECKSUM_PARTIAL; a node's XDP_TX would send them on
@@ -446,14 +394,11 @@ impl Fleet {
         let ns = NetNs::with_name(format!("{}-n{i}", self.prefix))?;
         let port = format!("n{i}");
         self.plug(&ns, &port, node_v4(i), node_v6(i))?;
-        sysctl(
-            &ns,
-            &[
-                ("net/ipv4/conf/all/forwarding", "1"),
-                ("net/ipv6/conf/all/forwarding", "1"),
-                ("net/ipv4/conf/eth0/rp_filter", "0"),
-            ],
-        )?;
+        ns.sysctls(&[
+            ("net/ipv4/conf/all/forwarding", "1"),
+            ("net/ipv6/conf/all/forwarding", "1"),
+            ("net/ipv4/conf/eth0/rp_filter", "0"),
+        ])?;
         ns.ip(["route", "add", "default", "via", &router_v4().to_string()])?;
         // XDP_TX on a veth reaches its peer only if the peer runs NAPI: GRO and an XDP program.
         self.switch.exec_ok("ethtool", ["-K", &port, "gro", "on"])?;
@@ -523,25 +468,7 @@ impl Fleet {
     fn add_backend(&mut self, i: usize) -> Result<NetNs> {
         let ns = NetNs::with_name(format!("{}-b{i}", self.prefix))?;
         self.plug(&ns, &format!("b{i}"), backend_v4(i), backend_v6(i))?;
-        ns.ip(["addr", "add", &format!("{VIP_V4}/32"), "dev", "lo"])?;
-        ns.ip([
-            "-6",
-            "addr",
-            "add",
-            &format!("{VIP_V6}/128"),
-            "dev",
-            "lo",
-            "nodad",
-        ])?;
-        sysctl(
-            &ns,
-            &[
-                ("net/ipv4/conf/all/arp_ignore", "1"),
-                ("net/ipv4/conf/all/arp_announce", "2"),
-                ("net/ipv4/conf/eth0/rp_filter", "0"),
-                ("net/ipv4/conf/lo/rp_filter", "0"),
-            ],
-        )?;
+        hold_vips(&ns, VIP_V4, VIP_V6)?;
         ns.ip(["route", "add", "default", "via", &router_v4().to_string()])?;
         ns.ip([
             "-6",
