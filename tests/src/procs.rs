@@ -139,6 +139,19 @@ pub fn lbctl(socket: &std::path::Path, args: &[&str]) -> std::process::Output {
         .expect("running lbctl")
 }
 
+/// A config for [`Lbd::start`] in a [`Lab`]: the balancer's eth0 in native mode, nothing
+/// pinned, the control socket `dir/run/lbd.sock`, the lab's encap sources, then `vips` (the
+/// test's `[[vip]]` tables).
+pub fn lab_config(dir: &Path, vips: &str) -> String {
+    use crate::lab::{LB_V4, LB_V6};
+    format!(
+        "interface = \"eth0\"\nxdp_mode = \"native\"\npin_dir = \"\"\n\
+         control_socket = \"{}\"\n\
+         [encap]\nsource_v4 = \"{LB_V4}\"\nsource_v6 = \"{LB_V6}\"\n\n{vips}",
+        dir.join("run/lbd.sock").display()
+    )
+}
+
 /// How [`Lbd::spawn`] starts lbd.
 #[derive(Clone, Debug, Default)]
 pub struct LbdOptions {

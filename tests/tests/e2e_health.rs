@@ -15,8 +15,8 @@ use std::{
     time::{Duration, Instant},
 };
 use tests::{
-    lab::{backend_v4, Lab, LabSpec, LB_V4, LB_V6, VIP_V4},
-    procs::{lbctl, scrape_metrics, scratch, start_decaps, Lbd},
+    lab::{backend_v4, Lab, LabSpec, VIP_V4},
+    procs::{lab_config, lbctl, scrape_metrics, scratch, start_decaps, Lbd},
     require_root,
     tcp::{client_many, tally, HttpResponder, LongLived, TcpServer},
 };
@@ -136,18 +136,17 @@ fn health_checks_take_dead_backends_out_and_bring_them_back() {
     let _cleanup = tests::procs::RemoveOnDrop(dir.clone());
     fs::write(
         dir.join("lbd.toml"),
-        format!(
-            "interface = \"eth0\"\nxdp_mode = \"native\"\npin_dir = \"\"\n\
-             control_socket = \"{sock}\"\n\
-             [encap]\nsource_v4 = \"{LB_V4}\"\nsource_v6 = \"{LB_V6}\"\n\n\
-             [[vip]]\naddress = \"{VIP_V4}\"\nport = 80\nprotocol = \"tcp\"\ntable_size = 4099\n\
+        lab_config(
+            &dir,
+            &format!(
+            "[[vip]]\naddress = \"{VIP_V4}\"\nport = 80\nprotocol = \"tcp\"\ntable_size = 4099\n\
              [vip.health]\nkind = \"tcp\"\ninterval_ms = {INTERVAL_MS}\ntimeout_ms = 200\nrise = 2\nfall = {FALL}\nslow_start_ms = 1000\nejection_base_ms = 1000\n\
              [[vip.backend]]\naddress = \"{b0}\"\n[[vip.backend]]\naddress = \"{b1}\"\n[[vip.backend]]\naddress = \"{b2}\"\n\n\
              [[vip]]\naddress = \"{VIP_V4}\"\nport = 8080\nprotocol = \"tcp\"\ntable_size = 251\n\
              [vip.health]\nkind = \"http\"\ninterval_ms = {INTERVAL_MS}\ntimeout_ms = 200\nrise = 2\nfall = {FALL}\n\
              port = {HTTP_PORT}\npath = \"/healthz\"\nexpected_status = 200\n\
-             [[vip.backend]]\naddress = \"{b0}\"\n[[vip.backend]]\naddress = \"{b1}\"\n",
-            sock = dir.join("run/lbd.sock").display()
+             [[vip.backend]]\naddress = \"{b0}\"\n[[vip.backend]]\naddress = \"{b1}\"\n"
+        ),
         ),
     )
     .unwrap();
