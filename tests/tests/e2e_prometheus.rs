@@ -255,7 +255,7 @@ fn write_lbd_config(dir: &Path) {
     fs::write(
         dir.join("lbd.toml"),
         lab_config(
-            &dir,
+            dir,
             &format!(
             "[[vip]]\naddress = \"{VIP_V4}\"\nport = 80\nprotocol = \"tcp\"\ntable_size = 1021\n\
              [vip.health]\nkind = \"http\"\ninterval_ms = 200\ntimeout_ms = 200\nrise = 2\nfall = 3\n\
