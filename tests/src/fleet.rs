@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-use crate::etcd::{pinned_tables, EtcdServer};
+use crate::etcd::{fleet_applied, pinned_tables, EtcdServer};
 use crate::lab::{hold_vips, plug, BRIDGE, EARLY_SYSCTLS};
 use crate::netns::{unique_prefix, NetNs, Veth};
 use crate::procs::{bin_path, start_decap, Lbd, LbdOptions};
@@ -280,10 +280,7 @@ impl Fleet {
             let mut last = serde_json::Value::Null;
             let synced = nodes.iter().all(|&i| {
                 let f = self.try_lbctl(i, &["status"]).unwrap_or_default()["fleet"].clone();
-                let ok = f["store_connected"] == true
-                    && f["applied_revision"].as_i64() == Some(rev)
-                    && f["last_error"].is_null()
-                    && (f["role"] == "leader" || f["applied_weights_revision"].as_i64() > Some(0));
+                let ok = fleet_applied(&f, rev);
                 last = f;
                 ok
             });

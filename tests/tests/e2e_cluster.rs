@@ -26,7 +26,7 @@ use std::{
     time::{Duration, Instant},
 };
 use tests::{
-    etcd::{shares, v4_table},
+    etcd::{assert_same_tables, shares, v4_table},
     fleet::{backend_v4, backend_v6, require_bird, vip_name, Fleet, PORT, VIP_V4, VIP_V6},
     procs::{lbd_run, now_ms, scrape_metrics, wait_for},
     require_root,
@@ -127,23 +127,13 @@ fn spread(f: &Fleet, nodes: &[usize], per_family: usize) {
 /// leads to: the ids in the ring index each node's own backend array, numbered by that node's
 /// history, so a node added later may use other ids for the same backends); returns them.
 fn same_tables(f: &Fleet, nodes: &[usize]) -> BTreeMap<String, Vec<IpAddr>> {
-    let first = f.tables(nodes[0]);
+    let first = assert_same_tables(
+        nodes
+            .iter()
+            .map(|&i| (format!("node{i}"), f.tables(i)))
+            .collect(),
+    );
     assert_eq!(first.len(), 2, "node{}: an IPv4 and an IPv6 VIP", nodes[0]);
-    for &i in &nodes[1..] {
-        let t = f.tables(i);
-        assert_eq!(
-            t.keys().collect::<Vec<_>>(),
-            first.keys().collect::<Vec<_>>()
-        );
-        for (vip, slots) in &first {
-            let differ = slots.iter().zip(&t[vip]).filter(|(a, b)| a != b).count();
-            assert_eq!(
-                differ, 0,
-                "node{i}'s table of {vip} differs from node{}'s in {differ} slots",
-                nodes[0]
-            );
-        }
-    }
     first
 }
 

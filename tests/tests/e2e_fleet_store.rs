@@ -20,7 +20,10 @@ use std::{
 };
 use tests::{
     backend_v4, backend_v6,
-    etcd::{lbctl_fleet, lbctl_fleet_ok, pinned_tables, shares, v4_table, EtcdServer},
+    etcd::{
+        assert_same_tables, fleet_applied, lbctl_fleet, lbctl_fleet_ok, pinned_tables, shares,
+        v4_table, EtcdServer,
+    },
     procs::{lbctl_json, scrape_metrics, start_decaps, wait_for, Lbd, LbdOptions},
     require_root, Lab, LabSpec, LongLived, NetNs, Role, TcpServer, VIP_V4, VIP_V6,
 };
@@ -167,10 +170,7 @@ impl Fleet {
             rev = c["config_revision"].as_i64().unwrap();
             let synced = self.alive().iter().all(|&i| {
                 let f = self.fleet_status(i);
-                let ok = f["store_connected"] == true
-                    && f["applied_revision"].as_i64() == Some(rev)
-                    && f["last_error"].is_null()
-                    && (f["role"] == "leader" || f["applied_weights_revision"].as_i64() > Some(0));
+                let ok = fleet_applied(&f, rev);
                 last = f;
                 ok
             });
@@ -189,24 +189,12 @@ impl Fleet {
     /// Every live node's tables, asserted identical; returns them.
     fn same_tables(&self) -> BTreeMap<String, Vec<IpAddr>> {
         let alive = self.alive();
-        let first = pinned_tables(&self.pin_dir(alive[0]));
-        assert!(!first.is_empty(), "node {} has no table", alive[0]);
-        for &i in &alive[1..] {
-            let t = pinned_tables(&self.pin_dir(i));
-            assert_eq!(
-                t.keys().collect::<Vec<_>>(),
-                first.keys().collect::<Vec<_>>()
-            );
-            for (vip, slots) in &first {
-                let differ = slots.iter().zip(&t[vip]).filter(|(a, b)| a != b).count();
-                assert_eq!(
-                    differ, 0,
-                    "node n{i}'s table of {vip} differs from n{}'s in {differ} slots",
-                    alive[0]
-                );
-            }
-        }
-        first
+        let tables: Vec<_> = alive
+            .iter()
+            .map(|&i| (format!("node n{i}"), pinned_tables(&self.pin_dir(i))))
+            .collect();
+        assert!(!tables[0].1.is_empty(), "node {} has no table", alive[0]);
+        assert_same_tables(tables)
     }
 
     /// Sends the client's traffic for the VIP to node `i`.
