@@ -1,6 +1,7 @@
 //! Running the shipped binaries (`lbd`, `lbctl`) in a lab, shared by the end-to-end tests.
 use crate::{lab::Lab, netns::NetNs};
 use std::{
+    ffi::OsString,
     path::{Path, PathBuf},
     process::{Child, Command, ExitStatus, Output, Stdio},
     time::{Duration, Instant},
@@ -163,10 +164,15 @@ pub struct LbdOptions {
     pub nsenter: bool,
     /// Extra environment (`RUST_LOG`, ...).
     pub env: Vec<(String, String)>,
-    /// Where lbd's stderr goes; default `lbd.log` beside the config file.
+    /// Where lbd's stderr and stdout go; default `lbd.log` beside the config file.
     pub log: Option<PathBuf>,
     /// Extra arguments after `--config FILE` (fleet mode: `--etcd`, `--prefix`, `--node`).
     pub args: Vec<String>,
+    /// Environment variables removed from lbd's (inherited) environment.
+    pub env_remove: Vec<String>,
+    /// A command lbd runs under inside the namespace, with its arguments (`setpriv
+    /// --bounding-set=...`); not with `nsenter`.
+    pub wrapper: Vec<String>,
 }
 
 /// How long an lbd may take to serve its control socket, and to exit on SIGTERM.
@@ -177,8 +183,9 @@ const LBD_STOP_TIMEOUT: Duration = Duration::from_secs(10);
 /// `dir` goes too.
 pub struct Lbd {
     child: Option<Child>,
-    /// The directory of the config file.
+    /// The directory of the config file (of the log, with [`Lbd::spawn_args`]).
     pub dir: PathBuf,
+    /// The config file; empty with [`Lbd::spawn_args`].
     pub config: PathBuf,
     pub socket: PathBuf,
     pub log_path: PathBuf,
@@ -202,34 +209,55 @@ impl Lbd {
     /// Starts `lbd --config CONFIG` in `ns` without waiting for it; `socket` is the config's
     /// `control_socket`.
     pub fn spawn(ns: &NetNs, config: &Path, socket: impl Into<PathBuf>, opts: &LbdOptions) -> Lbd {
+        let dir = config.parent().expect("config in a directory");
+        let mut args = vec![OsString::from("--config"), config.into()];
+        args.extend(opts.args.iter().map(OsString::from));
+        let mut lbd = Lbd::spawn_args(ns, &args, dir, socket, opts);
+        lbd.config = config.to_path_buf();
+        lbd
+    }
+
+    /// Starts `lbd ARGS` in `ns` without waiting for it (`decap`, or a daemon under a
+    /// [`LbdOptions::wrapper`]); `dir` holds the default log, `socket` is where it serves its
+    /// control socket, if it does.
+    pub fn spawn_args(
+        ns: &NetNs,
+        args: &[OsString],
+        dir: &Path,
+        socket: impl Into<PathBuf>,
+        opts: &LbdOptions,
+    ) -> Lbd {
         let bin = opts.bin.clone().unwrap_or_else(|| bin_path("lbd"));
-        let dir = config
-            .parent()
-            .expect("config in a directory")
-            .to_path_buf();
         let log_path = opts.log.clone().unwrap_or_else(|| dir.join("lbd.log"));
         let log = std::fs::File::create(&log_path)
             .unwrap_or_else(|e| panic!("creating {}: {e}", log_path.display()));
-        let mut cmd = if opts.nsenter {
-            let mut c = Command::new("nsenter");
-            c.arg(format!("--net=/run/netns/{}", ns.name())).arg(&bin);
-            c
-        } else {
-            ns.command(&bin)
+        let mut cmd = match (opts.nsenter, opts.wrapper.split_first()) {
+            (true, _) => {
+                let mut c = Command::new("nsenter");
+                c.arg(format!("--net=/run/netns/{}", ns.name())).arg(&bin);
+                c
+            }
+            (false, Some((wrapper, wargs))) => {
+                let mut c = ns.command(wrapper);
+                c.args(wargs).arg(&bin);
+                c
+            }
+            (false, None) => ns.command(&bin),
         };
-        cmd.arg("--config")
-            .arg(config)
-            .args(&opts.args)
+        cmd.args(args)
             .envs(opts.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
+            .stdout(log.try_clone().expect("the log file"))
             .stderr(log);
+        for k in &opts.env_remove {
+            cmd.env_remove(k);
+        }
         let child = ns.spawn_command(&mut cmd).expect("starting lbd");
         let socket = socket.into();
         Lbd {
             child: Some(child),
-            dir,
-            config: config.to_path_buf(),
+            dir: dir.to_path_buf(),
+            config: PathBuf::new(),
             control: Control::new(&socket),
             socket,
             log_path,
