@@ -85,29 +85,6 @@ fn server(lab: &Lab, i: usize) -> TcpServer {
     TcpServer::start(lab.backend(i).ns(), &addrs, &format!("backend{i}")).unwrap()
 }
 
-/// The long-lived connections that reached a backend other than `backend0` must all answer.
-fn others_intact(long: &mut LongLived, when: &str) -> usize {
-    let statuses = long.check();
-    let others: Vec<_> = statuses
-        .iter()
-        .filter(|s| s.backend != "backend0")
-        .collect();
-    let failed: Vec<String> = others
-        .iter()
-        .filter_map(|s| {
-            s.outcome
-                .as_ref()
-                .err()
-                .map(|e| format!("#{} (backend {}): {e}", s.index, s.backend))
-        })
-        .collect();
-    assert!(
-        failed.is_empty(),
-        "{when}: long-lived connections on healthy backends failed: {failed:?}"
-    );
-    others.len()
-}
-
 #[test]
 fn health_checks_take_dead_backends_out_and_bring_them_back() {
     require_root();
@@ -185,7 +162,7 @@ fn health_checks_take_dead_backends_out_and_bring_them_back() {
 
     // Long-lived connections, most of them on the backends that stay healthy.
     let mut long = LongLived::open(lab.client().ns(), vip, 30, Duration::from_secs(3)).unwrap();
-    let on_others = others_intact(&mut long, "at the start");
+    let on_others = long.assert_intact(&["backend0"], "at the start");
     assert!(on_others >= 10, "{:?}", long.backend_counts());
 
     // (4) HTTP: the backend answering 500 goes down, the one answering 200 stays up.
@@ -251,7 +228,7 @@ fn health_checks_take_dead_backends_out_and_bring_them_back() {
     let c = tally(&results);
     println!("while backend0 is down: {c:?}");
     assert!(!c.contains_key("backend0"), "{c:?}");
-    others_intact(&mut long, "after backend0 went down");
+    long.assert_intact(&["backend0"], "after backend0 went down");
     // The probes just sent on backend0's closed connections met its DOWN flag: the datapath
     // steered them to another backend instead of the dead one.
     let m = scrape_metrics(lab.lb().ns());
@@ -295,7 +272,7 @@ fn health_checks_take_dead_backends_out_and_bring_them_back() {
     assert!(c.get("backend0").is_some_and(|&n| n > 10), "{c:?}");
 
     // (3) No reset on the healthy backends through all of it.
-    let n = others_intact(&mut long, "after backend0 came back");
+    let n = long.assert_intact(&["backend0"], "after backend0 came back");
     println!(
         "{n} long-lived connections on backend1/backend2 intact; test took {:?}",
         t0.elapsed()
