@@ -23,12 +23,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 
 use crate::etcd::{fleet_applied, pinned_tables, EtcdServer};
 use crate::lab::{hold_vips, plug, BRIDGE, EARLY_SYSCTLS};
 use crate::netns::{unique_prefix, NetNs, Veth};
-use crate::procs::{bin_path, start_decap, Lbd, LbdOptions};
+use crate::procs::{bin_path, poll_until, start_decap, Lbd, LbdOptions};
 use crate::tcp::TcpServer;
 
 pub const VIP_V4: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 10);
@@ -273,40 +273,37 @@ impl Fleet {
     /// Waits until nodes `nodes` apply the store's configuration revision (followers with the
     /// leader's weights for it), the store reachable and nothing refused; that revision.
     pub fn try_wait_in_sync(&self, nodes: &[usize], timeout: Duration) -> Result<i64> {
-        let t = Instant::now();
-        loop {
+        let (mut rev, mut last, mut cluster) =
+            (0, serde_json::Value::Null, serde_json::Value::Null);
+        let synced = poll_until(timeout, || {
             let c = self.cluster();
-            let rev = c["config_revision"].as_i64().unwrap_or(0);
-            let mut last = serde_json::Value::Null;
+            rev = c["config_revision"].as_i64().unwrap_or(0);
             let synced = nodes.iter().all(|&i| {
                 let f = self.try_lbctl(i, &["status"]).unwrap_or_default()["fleet"].clone();
                 let ok = fleet_applied(&f, rev);
                 last = f;
                 ok
             });
-            if synced && c["weights_config_revision"].as_i64() == Some(rev) {
-                return Ok(rev);
-            }
-            if t.elapsed() > timeout {
-                bail!("nodes {nodes:?} not in sync on revision {rev} within {timeout:?}; last node status {last:#}; cluster {c:#}");
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+            let done = synced && c["weights_config_revision"].as_i64() == Some(rev);
+            cluster = c;
+            done.then_some(rev)
+        });
+        synced.ok_or_else(|| anyhow!("nodes {nodes:?} not in sync on revision {rev} within {timeout:?}; last node status {last:#}; cluster {cluster:#}"))
     }
 
     /// Waits until `lbctl cluster status` lists exactly nodes `nodes`, each serving with every
     /// session established and both VIPs announced (a node rewrites its report in etcd on its
     /// loop, at least once a second, so the store's view lags the node's own).
     pub fn try_wait_reported(&self, nodes: &[usize], timeout: Duration) -> Result<()> {
-        let t = Instant::now();
-        loop {
+        let want: BTreeSet<String> = nodes.iter().map(|i| format!("n{i}")).collect();
+        let mut last = serde_json::Value::Null;
+        let reported = poll_until(timeout, || {
             let c = self.cluster();
             let reported = c["nodes"].as_array().cloned().unwrap_or_default();
             let names: BTreeSet<String> = reported
                 .iter()
                 .filter_map(|n| n["node"].as_str().map(String::from))
                 .collect();
-            let want: BTreeSet<String> = nodes.iter().map(|i| format!("n{i}")).collect();
             let serving = reported.iter().all(|n| {
                 let b = &n["bgp"];
                 b["node"] == "serving"
@@ -315,14 +312,10 @@ impl Fleet {
                         .as_array()
                         .is_some_and(|s| s.len() == 2 && s.iter().all(|s| s["established"] == true))
             });
-            if names == want && serving {
-                return Ok(());
-            }
-            if t.elapsed() > timeout {
-                bail!("cluster status does not show nodes {nodes:?} serving with every session up after {timeout:?}: {c:#}");
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+            last = c;
+            (names == want && serving).then_some(())
+        });
+        reported.ok_or_else(|| anyhow!("cluster status does not show nodes {nodes:?} serving with every session up after {timeout:?}: {last:#}"))
     }
 
     /// [`Fleet::try_wait_in_sync`], panicking on timeout.
@@ -626,22 +619,30 @@ impl Fleet {
     /// Waits until node `i`'s status says it serves, every session is established and both
     /// VIPs are announced; returns that status.
     pub fn try_wait_announcing(&self, i: usize, timeout: Duration) -> Result<serde_json::Value> {
-        let t = Instant::now();
-        loop {
-            let s = self.try_lbctl(i, &["status"])?;
+        let mut last = Ok(serde_json::Value::Null);
+        let announcing = poll_until(timeout, || {
+            let s = match self.try_lbctl(i, &["status"]) {
+                Ok(s) => s,
+                Err(e) => {
+                    last = Err(e);
+                    return Some(None);
+                }
+            };
             let b = &s["bgp"];
-            if b["node"] == "serving"
+            let ok = b["node"] == "serving"
                 && b["announced"].as_array().map(Vec::len) == Some(2)
                 && b["sessions"]
                     .as_array()
-                    .is_some_and(|s| s.iter().all(|s| s["established"] == true))
-            {
-                return Ok(s);
-            }
-            if t.elapsed() > timeout {
-                bail!("node{i} does not announce both VIPs with every session up after {timeout:?}: {b}");
-            }
-            std::thread::sleep(Duration::from_millis(20));
+                    .is_some_and(|s| s.iter().all(|s| s["established"] == true));
+            last = Ok(b.clone());
+            ok.then_some(Some(s))
+        });
+        match (announcing, last) {
+            (Some(Some(s)), _) => Ok(s),
+            (_, Err(e)) => Err(e),
+            (_, Ok(b)) => bail!(
+                "node{i} does not announce both VIPs with every session up after {timeout:?}: {b}"
+            ),
         }
     }
 

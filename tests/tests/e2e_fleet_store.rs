@@ -24,7 +24,7 @@ use tests::{
         assert_same_tables, fleet_applied, lbctl_fleet, lbctl_fleet_ok, pinned_tables, shares,
         v4_table, EtcdServer,
     },
-    procs::{lbctl_json, scrape_metrics, start_decaps, wait_for, Lbd, LbdOptions},
+    procs::{lbctl_json, poll_until, scrape_metrics, start_decaps, wait_for, Lbd, LbdOptions},
     require_root, Lab, LabSpec, LongLived, NetNs, Role, TcpServer, VIP_V4, VIP_V6,
 };
 
@@ -162,10 +162,8 @@ impl Fleet {
     /// Waits until every live node applies the store's configuration revision (and the
     /// leader's weights for it) with the store reachable; returns that revision.
     fn wait_in_sync(&self) -> i64 {
-        let mut rev = 0;
-        let mut last = serde_json::Value::Null;
-        let t = Instant::now();
-        while t.elapsed() < CONVERGE {
+        let (mut rev, mut last) = (0, serde_json::Value::Null);
+        let synced = poll_until(CONVERGE, || {
             let c = self.cluster();
             rev = c["config_revision"].as_i64().unwrap();
             let synced = self.alive().iter().all(|&i| {
@@ -174,16 +172,15 @@ impl Fleet {
                 last = f;
                 ok
             });
-            if synced && c["weights_config_revision"].as_i64() == Some(rev) {
-                return rev;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        panic!(
-            "nodes not in sync on revision {rev} within {CONVERGE:?}; last node status {last:#}; cluster {:#}; logs:\n{}",
-            self.cluster(),
-            self.logs()
-        );
+            (synced && c["weights_config_revision"].as_i64() == Some(rev)).then_some(rev)
+        });
+        synced.unwrap_or_else(|| {
+            panic!(
+                "nodes not in sync on revision {rev} within {CONVERGE:?}; last node status {last:#}; cluster {:#}; logs:\n{}",
+                self.cluster(),
+                self.logs()
+            )
+        })
     }
 
     /// Every live node's tables, asserted identical; returns them.

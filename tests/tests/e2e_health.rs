@@ -16,7 +16,7 @@ use std::{
 };
 use tests::{
     lab::{backend_v4, Lab, LabSpec, VIP_V4},
-    procs::{lab_config, lbctl, scrape_metrics, scratch, start_decaps, Lbd},
+    procs::{lab_config, lbctl, poll_until, scrape_metrics, scratch, start_decaps, Lbd},
     require_root,
     tcp::{client_many, tally, HttpResponder, LongLived, TcpServer},
 };
@@ -56,23 +56,23 @@ fn wait_health(
 ) -> (Duration, Vec<String>) {
     let start = Instant::now();
     let mut seen: Vec<String> = Vec::new();
-    loop {
+    let mut last = Value::Null;
+    let reached = poll_until(timeout, || {
         let list = backends(&lbd.socket, vip);
         let h = list[addr]["health"].as_str().unwrap().to_string();
         if seen.last() != Some(&h) {
             seen.push(h.clone());
         }
-        if h == want {
-            return (start.elapsed(), seen);
-        }
-        assert!(
-            start.elapsed() < timeout,
-            "backend {addr} of {vip} not {want} within {timeout:?} (states seen: {seen:?}): {}\nlbd log:\n{}",
-            list[addr],
+        last = list[addr].clone();
+        (h == want).then(|| start.elapsed())
+    });
+    let Some(took) = reached else {
+        panic!(
+            "backend {addr} of {vip} not {want} within {timeout:?} (states seen: {seen:?}): {last}\nlbd log:\n{}",
             lbd.log()
         );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    };
+    (took, seen)
 }
 
 /// The name-then-echo server of backend `i`, on the VIP (for balanced traffic) and on the
@@ -131,26 +131,20 @@ fn health_checks_take_dead_backends_out_and_bring_them_back() {
     let vip = SocketAddr::new(IpAddr::from(VIP_V4), 80);
 
     // Every backend probed and up.
-    let end = Instant::now() + Duration::from_secs(5);
-    loop {
+    let mut last = BTreeMap::new();
+    let up = poll_until(Duration::from_secs(5), || {
         let list = backends(&lbd.socket, VIP);
         let ready = list.values().all(|b| {
             b["health"] == "up" && b["up"] == true && b["last_probe_ms"].as_f64().is_some()
         });
-        if ready {
-            for b in list.values() {
-                assert_eq!(b["effective_weight"], 1, "{b}");
-                assert!(b["slots"].as_u64().unwrap() > 1000, "{b}");
-                assert!(b["last_error"].is_null(), "{b}");
-            }
-            break;
-        }
-        assert!(
-            Instant::now() < end,
-            "backends not all probed up: {list:?}\n{}",
-            lbd.log()
-        );
-        std::thread::sleep(Duration::from_millis(50));
+        last = list.clone();
+        ready.then_some(list)
+    });
+    let list = up.unwrap_or_else(|| panic!("backends not all probed up: {last:?}\n{}", lbd.log()));
+    for b in list.values() {
+        assert_eq!(b["effective_weight"], 1, "{b}");
+        assert!(b["slots"].as_u64().unwrap() > 1000, "{b}");
+        assert!(b["last_error"].is_null(), "{b}");
     }
     let before = tally(&client_many(
         lab.client().ns(),

@@ -11,8 +11,8 @@ use std::{
 use tests::{
     lab::{Lab, LabSpec, LB_V4, VIP_V4},
     procs::{
-        bin_path, lbctl, lbctl_json, lbd_run, now_ms, scratch, wait_for, xdp_attached, Lbd,
-        LbdOptions, RemoveOnDrop,
+        bin_path, lbctl, lbctl_json, lbd_run, now_ms, poll_until, scratch, wait_for, xdp_attached,
+        Lbd, LbdOptions, RemoveOnDrop,
     },
     require_root,
     tcp::TcpServer,
@@ -189,19 +189,18 @@ fn intact_metric(lab: &Lab) -> f64 {
 /// the status.
 fn wait_fault(lbd: &Lbd, what: &str) -> serde_json::Value {
     let t = std::time::Instant::now();
-    loop {
+    let mut last = serde_json::Value::Null;
+    let found = poll_until(std::time::Duration::from_secs(1), || {
         let s = lbd.control().status().expect("lbd answers");
         let faults = s["datapath_faults"].as_array().expect("datapath_faults");
-        if faults.iter().any(|f| f.as_str().unwrap().contains(what)) {
+        let hit = faults.iter().any(|f| f.as_str().unwrap().contains(what));
+        if hit {
             println!("{what:?} reported after {:?}: {faults:?}", t.elapsed());
-            return s;
         }
-        assert!(
-            t.elapsed() < std::time::Duration::from_secs(1),
-            "no datapath fault {what:?} within 1 s: {s}"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+        last = s.clone();
+        hit.then_some(s)
+    });
+    found.unwrap_or_else(|| panic!("no datapath fault {what:?} within 1 s: {last}"))
 }
 
 #[test]
