@@ -822,7 +822,6 @@ fn bad_input_is_refused_with_the_fix_and_changes_nothing() {
     );
 
     // lbd's own startup errors: non-zero exit, the message names the field and the fix.
-    let lbd_bin = bin_path("lbd");
     let run_dir = dir.join("startup");
     fs::create_dir_all(&run_dir).unwrap();
     let base = |extra: &str| {
@@ -844,21 +843,7 @@ fn bad_input_is_refused_with_the_fix_and_changes_nothing() {
     for (i, (text, want)) in startup.iter().enumerate() {
         let path = run_dir.join(format!("bad{i}.toml"));
         fs::write(&path, text).unwrap();
-        let out = lab
-            .lb()
-            .ns()
-            .command(&lbd_bin)
-            .arg("--config")
-            .arg(&path)
-            .stdin(Stdio::null())
-            .output()
-            .unwrap();
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success(), "lbd started with {text:?}");
-        assert!(
-            stderr.contains(want),
-            "lbd's error for {text:?} should contain {want:?}, got: {stderr}"
-        );
+        lbd_refuses_to_start(&lab, &path, want);
     }
     // The running lbd was not disturbed by the one that found its socket taken.
     assert_eq!(lbctl_json(&sock, &["vip", "list"]), vips);
