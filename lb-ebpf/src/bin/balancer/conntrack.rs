@@ -195,7 +195,7 @@ pub fn from_table(key: &FlowKey, vip: &VipMeta) -> Result<(u32, BackendInfo, u32
         Some(b) => Ok((id, b, hash)),
         None => {
             if let Some(s) = stats::vip(vip.vip_id) {
-                s.no_backend();
+                s.no_backend(1);
             }
             Err(Error::NoBackend)
         }
@@ -210,7 +210,6 @@ pub fn from_table(key: &FlowKey, vip: &VipMeta) -> Result<(u32, BackendInfo, u32
 ///
 /// `tracked` says what `CT` knew of the flow (see [`Tracked`]); only an untracked flow is
 /// looked up in `CT_NEW`.
-
 ///
 /// Tuple reuse in `CT_NEW`: `seq` is the SYN's sequence number (0 for other packets). A SYN
 /// with the recorded `syn_seq` is a retry (`syn_retries`); with another one it is a new
@@ -233,17 +232,15 @@ pub fn choose(
         rst,
         closes,
     } = p;
-    let in_ct = !matches!(tracked, Tracked::No);
-    let resteer_ct = match tracked {
-        Tracked::BackendGone(v) => Some(v),
-        Tracked::No | Tracked::Reused => None,
+    let seen_ptr = match tracked {
+        Tracked::No => CT_NEW.get_ptr_mut(key),
+        Tracked::Reused | Tracked::BackendGone(_) => None,
     };
-    let seen_ptr = if in_ct { None } else { CT_NEW.get_ptr_mut(key) };
     // SAFETY: LRU element, read in place like `CT`'s in `new_or_tracked`.
     let seen = seen_ptr.map(|v| unsafe { &*v });
     // Neither table knows the flow, yet the packet is not the one that opens a TCP
     // connection: its state was lost (LRU eviction, replaced maps) or predates us.
-    if !in_ct && seen.is_none() && key.proto == PROTO_TCP && !syn {
+    if seen_ptr.is_none() && matches!(tracked, Tracked::No) && key.proto == PROTO_TCP && !syn {
         count(Counter::CtLost);
     }
     // A SYN with another initial sequence number: a new connection, the entry is not its.
@@ -252,6 +249,8 @@ pub fn choose(
         if let Some(b) = live_backend(v.backend) {
             // Before the promotion copies it.
             touch(ptr, closes);
+            // SAFETY: as `seen`; borrowed again, since `touch` wrote through the pointer.
+            let v = unsafe { &*ptr };
             if let Some(s) = stats::backend(v.backend) {
                 s.syn_retries(syn as u64);
                 s.client_rsts((rst && v.flags & CT_F_RESTEERED == 0) as u64);
@@ -270,6 +269,10 @@ pub fn choose(
     }
     let (id, b, hash) = from_table(key, vip)?;
     let backend_stats = stats::backend(id);
+    let resteer_ct = match tracked {
+        Tracked::BackendGone(v) => Some(v),
+        Tracked::No | Tracked::Reused => None,
+    };
     if let Some(old) = resteer_ct.or(seen) {
         // The flow keeps its initial sequence number: a retry of its SYN is still one.
         let value = CtValue {
@@ -290,7 +293,7 @@ pub fn choose(
         }
         count(Counter::CtResteered);
         if let Some(s) = backend_stats {
-            s.resteered();
+            s.resteered(1);
         }
     } else {
         let now = now_tick();
@@ -308,10 +311,10 @@ pub fn choose(
             count(Counter::CtNewInsertFailed);
         }
         if let Some(s) = backend_stats {
-            s.new_flow();
+            s.new_flows(1);
         }
         if let Some(s) = stats::vip(vip.vip_id) {
-            s.new_flow();
+            s.new_flows(1);
         }
     }
     Ok((id, b, hash))

@@ -174,10 +174,12 @@ pub fn forward(ctx: &XdpContext, pkt: &Packet, key: &FlowKey, d: &Decision) -> R
         encapsulate(ctx, pkt, key, d.hash, b, &nh, vlan, d.reply_too_big)?;
     }
     if let Some(s) = stats::backend(id) {
-        s.forwarded(frame_len);
+        s.packets(1);
+        s.bytes(frame_len);
     }
     if let Some(s) = stats::vip(b.vip_id) {
-        s.forwarded(frame_len);
+        s.packets(1);
+        s.bytes(frame_len);
     }
     Ok(transmit(same_link, nh.ifindex))
 }
