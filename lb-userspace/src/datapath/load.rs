@@ -82,7 +82,7 @@ impl Balancer {
             }
         }
         let mut ebpf = loader
-            .load(BALANCER_OBJ)
+            .load(super::try_embedded(BALANCER_OBJ, "balancer")?)
             .context("loading the balancer object")?;
         let prog: &mut Xdp = ebpf
             .program_mut(progs::BALANCER)

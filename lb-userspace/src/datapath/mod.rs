@@ -37,6 +37,18 @@ use std::{
 pub static BALANCER_OBJ: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-balancer"));
 
+/// `object` (one of the embedded programs, named `name`), or an error if this build holds
+/// none: without the `ebpf` feature (xtask's build) build.rs leaves the objects empty.
+pub fn try_embedded(object: &'static [u8], name: &str) -> anyhow::Result<&'static [u8]> {
+    if object.is_empty() {
+        anyhow::bail!(
+            "this build of lb-userspace has no {name} program: it was built without its `ebpf` \
+             feature (build it with default features, e.g. `cargo build -p lb-userspace`)"
+        );
+    }
+    Ok(object)
+}
+
 /// 16-byte address and family tag, as stored in the maps.
 pub fn addr_bytes(a: IpAddr) -> ([u8; 16], u8) {
     let mut out = [0u8; 16];
