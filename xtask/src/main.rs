@@ -12,7 +12,6 @@
 mod bench;
 mod docs;
 mod env;
-mod fuzz;
 mod install;
 mod lab;
 mod lab_fleet;
@@ -65,8 +64,10 @@ enum Cmd {
     /// source of the lbd.toml(5) man page too).
     Docs,
     /// Differential fuzzing: random and mutated packets through the XDP balancer
-    /// (BPF_PROG_TEST_RUN) and the reference model, for N minutes (needs root).
-    Fuzz(fuzz::FuzzArgs),
+    /// (BPF_PROG_TEST_RUN) and the reference model, for N minutes (needs root). Runs the tests
+    /// crate's `lb-fuzz`; `cargo xtask fuzz --help` shows its options.
+    #[command(disable_help_flag = true)]
+    Fuzz(util::ToolArgs),
 }
 
 /// How the balancer forwards to backends.
@@ -169,7 +170,9 @@ fn main() -> ExitCode {
         Cmd::Install(args) => install::install(&args).map(|_| ExitCode::SUCCESS),
         Cmd::Package(args) => install::package(&args).map(|_| ExitCode::SUCCESS),
         Cmd::Docs => docs::update_readme().map(|_| ExitCode::SUCCESS),
-        Cmd::Fuzz(args) => fuzz::run(&args),
+        Cmd::Fuzz(args) => {
+            setup::setup_quietly().and_then(|_| util::run_tool("lb-fuzz", &args.args))
+        }
     };
     match result {
         Ok(code) => code,

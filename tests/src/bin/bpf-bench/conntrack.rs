@@ -14,7 +14,7 @@ use lb_userspace::{
     Balancer, Config, LoadOptions,
 };
 
-use crate::util::ensure_root;
+use tests::ensure_root;
 
 #[derive(Args, Debug)]
 pub struct BenchConntrackArgs {

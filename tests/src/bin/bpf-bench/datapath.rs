@@ -39,7 +39,7 @@ use tests::{
     NetNs,
 };
 
-use crate::util::ensure_root;
+use tests::ensure_root;
 
 const XDP_ABORTED: u32 = 0;
 const XDP_DROP: u32 = 1;
@@ -986,10 +986,10 @@ fn plot_ratios(report: &Report) -> Result<()> {
             (row.scenario.name(), lb.med / tr.med)
         })
         .collect();
-    let dir = crate::util::target_dir().join("bench-datapath");
+    let dir = crate::target_dir()?.join("bench-datapath");
     std::fs::create_dir_all(&dir)?;
     let path = dir.join("ratios.svg");
-    crate::bench::plot::bars(
+    tests::plot::bars(
         &path,
         &format!(
             "bench datapath: ns per packet, lb / trivial XDP_TX (kernel {})",
