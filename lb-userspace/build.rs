@@ -25,7 +25,15 @@ mod ebpf_btf;
 const PACKAGE: &str = "lb-ebpf";
 const PROGRAMS: [&str; 3] = ["lb-balancer", "lb-decap", "lb-bench"];
 
-fn main() -> Result<()> {
+fn main() {
+    // The error alone, without the backtrace a returned error gets under RUST_BACKTRACE.
+    if let Err(e) = build() {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn build() -> Result<()> {
     println!(
         "cargo:rerun-if-env-changed={}",
         ebpf_toolchain::TOOLCHAIN_ENV
@@ -54,11 +62,11 @@ fn main() -> Result<()> {
     if !missing.is_empty() {
         let list: Vec<String> = missing
             .iter()
-            .map(|m| format!("  {}: install it with `{}`", m.what, m.command()))
+            .map(|m| format!("  {}: `{}`", m.what, m.command()))
             .collect();
         bail!(
-            "building the XDP programs needs what is missing here:\n{}\n\
-             Run `cargo xtask setup` (installs them, idempotent), or the commands above.",
+            "building the XDP programs needs what is missing here; run `cargo xtask setup` \
+             (installs it all, idempotent) or the command after each:\n{}",
             list.join("\n")
         );
     }

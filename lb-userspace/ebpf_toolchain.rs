@@ -188,14 +188,14 @@ pub fn missing_bpf_linker(cargo_bin: bool) -> Option<Missing> {
     let found = match (&on_path, &in_cargo_bin) {
         (_, Some(_)) if cargo_bin => return None,
         (_, Some((p, _))) => format!(
-            "not on PATH, though {} is: add its directory to PATH",
+            "{} has it: add its directory to PATH, or install it on PATH",
             p.display()
         ),
         (Some(v), None) => format!("PATH has {v}"),
-        (None, None) => "not on PATH".to_owned(),
+        (None, None) => "none on PATH".to_owned(),
     };
     Some(Missing {
-        what: format!("bpf-linker {BPF_LINKER_VERSION} ({found})"),
+        what: format!("bpf-linker {BPF_LINKER_VERSION} on PATH ({found})"),
         install: args(&[
             "cargo",
             "install",
