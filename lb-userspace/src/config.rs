@@ -40,7 +40,8 @@ fn err<T>(msg: impl Into<String>) -> Result<T, ConfigError> {
     Err(ConfigError(msg.into()))
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+/// `xdp_mode`. Also a `clap` value (xtask's `--xdp-mode`), spelled as in the file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum XdpMode {
     /// Driver mode, falling back to generic mode if the driver has no XDP support.
@@ -50,6 +51,17 @@ pub enum XdpMode {
     Native,
     /// Generic (skb) mode: works everywhere, slower.
     Generic,
+}
+
+impl XdpMode {
+    /// The value of `xdp_mode` in the file.
+    pub fn config_value(self) -> &'static str {
+        match self {
+            XdpMode::Auto => "auto",
+            XdpMode::Native => "native",
+            XdpMode::Generic => "generic",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize, Serialize)]
@@ -77,7 +89,8 @@ impl fmt::Display for Protocol {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+/// A VIP's `forwarding`. Also a `clap` value (xtask's `--mode`), spelled as in the file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Forwarding {
     /// IPv4-in-IPv4 / IPv6-in-IPv6 to the backend, which decapsulates and answers directly.
@@ -93,6 +106,14 @@ impl Forwarding {
         match self {
             Forwarding::Ipip => lb_common::MODE_IPIP,
             Forwarding::L2 => lb_common::MODE_L2,
+        }
+    }
+
+    /// The value of `forwarding` in the file.
+    pub fn config_value(self) -> &'static str {
+        match self {
+            Forwarding::Ipip => "ipip",
+            Forwarding::L2 => "l2",
         }
     }
 }

@@ -21,7 +21,7 @@ mod util;
 use std::process::ExitCode;
 
 use anyhow::Result;
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand};
 
 #[derive(Parser)]
 #[command(
@@ -70,46 +70,8 @@ enum Cmd {
     Fuzz(util::ToolArgs),
 }
 
-/// How the balancer forwards to backends.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum Forwarding {
-    /// IP-in-IP encapsulation (backends decapsulate with `lbd decap`).
-    Ipip,
-    /// L2 direct server return (destination MAC rewrite).
-    L2,
-}
-
-impl Forwarding {
-    /// The value of `forwarding` in lbd's config.
-    pub fn config_value(self) -> &'static str {
-        match self {
-            Forwarding::Ipip => "ipip",
-            Forwarding::L2 => "l2",
-        }
-    }
-}
-
-/// How lbd attaches its XDP program.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum XdpMode {
-    /// Driver mode (veth supports it).
-    Native,
-    /// SKB mode.
-    Generic,
-    /// Let lbd pick.
-    Auto,
-}
-
-impl XdpMode {
-    /// The value of `xdp_mode` in lbd's config.
-    pub fn config_value(self) -> &'static str {
-        match self {
-            XdpMode::Native => "native",
-            XdpMode::Generic => "generic",
-            XdpMode::Auto => "auto",
-        }
-    }
-}
+/// The lab's `--mode` and `--xdp-mode`: lbd's own config values.
+pub use lb_userspace::config::{Forwarding, XdpMode};
 
 /// Options shared by the lab demo and the lab benchmark.
 #[derive(Args, Clone, Debug)]

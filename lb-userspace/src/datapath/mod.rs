@@ -19,7 +19,7 @@ pub mod tables;
 pub use load::attach_xdp;
 pub use pins::{check_pin_dir, remove_pins, PinReport};
 
-use crate::config::{Config, Forwarding};
+use crate::config::Config;
 use aya::{
     programs::{xdp::XdpLinkId, XdpMode as AyaXdpMode},
     Ebpf,
@@ -180,14 +180,6 @@ pub struct Balancer {
 }
 
 impl Balancer {}
-
-/// Forwarding mode as configured, for status output.
-pub fn forwarding_name(f: Forwarding) -> &'static str {
-    match f {
-        Forwarding::Ipip => "ipip",
-        Forwarding::L2 => "l2",
-    }
-}
 
 /// The benchmark harness (restore-then-tail-call) and the trivial `XDP_TX` program it is
 /// compared with; used by `cargo xtask bench datapath`.
