@@ -73,12 +73,27 @@ pub struct ToolArgs {
     pub args: Vec<String>,
 }
 
-/// Builds the tool binary `bin` of the tests crate (debug, like xtask) and runs it with `args`,
-/// returning its exit status: the commands that load lb's XDP programs (`bench datapath`,
-/// `bench conntrack`, `fuzz`) run there, so that xtask itself builds no eBPF.
+/// Builds the tool binary `bin` of the tests crate in xtask's own profile (a release xtask
+/// measures with a release tool) and runs it with `args`, returning its exit status: the
+/// commands that load lb's XDP programs (`bench datapath`, `bench conntrack`, `fuzz`) run
+/// there, so that xtask itself builds no eBPF.
 pub fn run_tool(bin: &str, args: &[String]) -> Result<ExitCode> {
-    run(cargo().args(["build", "--quiet", "-p", "tests", "--bin", bin]))?;
-    let path = target_dir().join("debug").join(bin);
+    let (profile, dir) = if cfg!(debug_assertions) {
+        ("dev", "debug")
+    } else {
+        ("release", "release")
+    };
+    run(cargo().args([
+        "build",
+        "--quiet",
+        "--profile",
+        profile,
+        "-p",
+        "tests",
+        "--bin",
+        bin,
+    ]))?;
+    let path = target_dir().join(dir).join(bin);
     let status = Command::new(&path)
         .args(args)
         .status()
