@@ -39,6 +39,7 @@ use tests::{
     NetNs,
 };
 
+use crate::thread_cpu_ns;
 use tests::ensure_root;
 
 const XDP_ABORTED: u32 = 0;
@@ -309,16 +310,6 @@ struct Sample {
 enum Target<'a> {
     Trivial,
     Balancer(&'a ProgramFd),
-}
-
-fn thread_cpu_ns() -> u128 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `ts` is a valid timespec to write to.
-    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
-    ts.tv_sec as u128 * 1_000_000_000 + ts.tv_nsec as u128
 }
 
 fn take_map(ebpf: &mut Ebpf, name: &str) -> Result<aya::maps::Map> {

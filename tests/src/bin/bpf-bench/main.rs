@@ -49,3 +49,14 @@ fn target_dir() -> Result<PathBuf> {
         .map(PathBuf::from)
         .context("lb-bpf-bench is not in target/<profile>/")
 }
+
+/// CPU time of the calling thread, in ns: both benchmarks report it beside the wall time.
+fn thread_cpu_ns() -> u128 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid timespec to write to.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    ts.tv_sec as u128 * 1_000_000_000 + ts.tv_nsec as u128
+}
