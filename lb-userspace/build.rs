@@ -1,12 +1,13 @@
 //! Builds the XDP programs (lb-ebpf) for the BPF target with the nightly toolchain, so that the
 //! agent embeds the exact programs it was built with, and makes their BTF loadable (see
-//! `ebpf_btf.rs`). On a fresh machine it first installs what that needs (rust-src for the
-//! nightly, bpf-linker): xtask depends on this crate, so nothing of ours runs before this script,
-//! and `cargo xtask test` must work from a fresh clone.
+//! `ebpf_btf.rs`). It installs nothing: when the nightly's rust-src or bpf-linker is missing it
+//! fails with the command that installs it (`cargo xtask setup` does it all, and xtask itself
+//! builds no eBPF, so it runs on a fresh machine). Without the `ebpf` feature (xtask turns it
+//! off) it builds nothing and leaves empty objects, which the loaders refuse.
 //!
-//! It says something (a `cargo:warning`) only when it installs a piece of the toolchain, when
-//! the eBPF build itself warns, or when it fails (then with the eBPF build's whole output). Not
-//! aya-build: that forwards every line of the nested cargo (`Compiling ...`) as a warning.
+//! It says something (a `cargo:warning`) only when the eBPF build itself warns or when it fails
+//! (then with the eBPF build's whole output). Not aya-build: that forwards every line of the
+//! nested cargo (`Compiling ...`) as a warning.
 use std::{
     path::{Path, PathBuf},
     process::Stdio,
@@ -24,7 +25,15 @@ mod ebpf_btf;
 const PACKAGE: &str = "lb-ebpf";
 const PROGRAMS: [&str; 3] = ["lb-balancer", "lb-decap", "lb-bench"];
 
-fn main() -> Result<()> {
+fn main() {
+    // The error alone, without the backtrace a returned error gets under RUST_BACKTRACE.
+    if let Err(e) = build() {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn build() -> Result<()> {
     println!(
         "cargo:rerun-if-env-changed={}",
         ebpf_toolchain::TOOLCHAIN_ENV
@@ -37,22 +46,32 @@ fn main() -> Result<()> {
     ] {
         println!("cargo:rerun-if-changed={path}");
     }
-    // Say something only when an install is needed (cargo shows every warning line).
-    let log = |m: &str| {
-        if !m.ends_with(ebpf_toolchain::PRESENT) {
-            println!("cargo:warning=eBPF toolchain: {m}")
-        }
-    };
-    let toolchain = ebpf_toolchain::detect_bpf_toolchain()?;
-    ebpf_toolchain::ensure_toolchain(&toolchain, &log)
-        .context("installing the eBPF toolchain (see `cargo xtask setup`)")?;
-    ebpf_toolchain::ensure_bpf_linker(&log)
-        .context("installing bpf-linker (see `cargo xtask setup`)")?;
-
     let out_dir = PathBuf::from(std::env::var_os("OUT_DIR").context("OUT_DIR not set")?);
-    let built = build_ebpf(&toolchain, &out_dir.join("ebpf-target")).context(
-        "building the XDP programs (run `cargo xtask setup` for rust-src and bpf-linker)",
-    )?;
+    if std::env::var_os("CARGO_FEATURE_EBPF").is_none() {
+        for program in PROGRAMS {
+            let dst = out_dir.join(program);
+            std::fs::write(&dst, []).with_context(|| format!("writing {}", dst.display()))?;
+        }
+        return Ok(());
+    }
+    let toolchain = ebpf_toolchain::detect_bpf_toolchain()?;
+    let missing: Vec<ebpf_toolchain::Missing> = ebpf_toolchain::missing_rust_src(&toolchain)?
+        .into_iter()
+        .chain(ebpf_toolchain::missing_bpf_linker(false))
+        .collect();
+    if !missing.is_empty() {
+        let list: Vec<String> = missing
+            .iter()
+            .map(|m| format!("  {}: `{}`", m.what, m.command()))
+            .collect();
+        bail!(
+            "building the XDP programs needs what is missing here; run `cargo xtask setup` \
+             (installs it all, idempotent) or the command after each:\n{}",
+            list.join("\n")
+        );
+    }
+    let built = build_ebpf(&toolchain, &out_dir.join("ebpf-target"))
+        .context("building the XDP programs")?;
     for program in PROGRAMS {
         let mut object = std::fs::read(built.join(program))
             .with_context(|| format!("reading the built {program}"))?;
@@ -99,9 +118,6 @@ fn build_ebpf(toolchain: &str, target_dir: &Path) -> Result<PathBuf> {
         ]
         .join("\x1f"),
     );
-    if let Some(path) = ebpf_toolchain::path_with_cargo_bin() {
-        cmd.env("PATH", path);
-    }
     let out = cmd
         .stdin(Stdio::null())
         .output()

@@ -1,7 +1,7 @@
 //! The eBPF toolchain: a nightly with `rust-src` and `bpf-linker` 0.10.0. Shared (by `#[path]`)
-//! between lb-userspace's build script, which must be able to build the XDP programs on a fresh
-//! machine before anything else of ours has run (xtask itself depends on lb-userspace), and
-//! `cargo xtask setup`. Every step checks first and installs only what is missing.
+//! between `cargo xtask setup`, which installs what is missing, and lb-userspace's build script,
+//! which only detects it and fails naming the command to run: a build script must not reach the
+//! network (distribution builders forbid it), and xtask builds no eBPF, so setup runs first.
 //! Only `std` and `anyhow`, which both users already have.
 
 #![allow(dead_code)] // each user calls a different part
@@ -53,7 +53,7 @@ fn run(mut cmd: Command, log: &dyn Fn(&str)) -> Result<()> {
         .collect();
     let shown = shown.join(" ");
     log(&format!("running `{shown}`"));
-    // Output goes to our stderr: in a build script cargo shows it when the build fails.
+    // Output goes to our stderr, beside setup's own messages.
     let status = cmd
         .stdout(Stdio::null())
         .status()
@@ -98,17 +98,45 @@ pub fn detect_bpf_toolchain() -> Result<String> {
     })
 }
 
-/// Makes sure toolchain `tc` is installed with `rust-src` (needed for `-Z build-std=core`).
-pub fn ensure_toolchain(tc: &str, log: &dyn Fn(&str)) -> Result<()> {
+/// A piece of the eBPF toolchain that is missing, and the command that installs it.
+pub struct Missing {
+    /// What is missing, for messages ("rust-src for nightly").
+    pub what: String,
+    /// The command that installs it (program and arguments).
+    pub install: Vec<String>,
+}
+
+impl Missing {
+    /// The install command as one would type it.
+    pub fn command(&self) -> String {
+        self.install.join(" ")
+    }
+}
+
+fn args(words: &[&str]) -> Vec<String> {
+    words.iter().map(|w| (*w).to_owned()).collect()
+}
+
+/// Whether toolchain `tc` is installed with `rust-src` (needed for `-Z build-std=core`); if
+/// not, what to install. Installs nothing.
+pub fn missing_rust_src(tc: &str) -> Result<Option<Missing>> {
     let installed = rustup_toolchains()?
         .iter()
         .any(|t| t == tc || t.starts_with(&format!("{tc}-")));
     if !installed {
-        log(&format!("no toolchain {tc}; installing it with rust-src"));
-        let mut cmd = clean("rustup");
-        cmd.args(["toolchain", "install", tc, "--profile", "minimal"])
-            .args(["--component", "rust-src"]);
-        run(cmd, log)?;
+        return Ok(Some(Missing {
+            what: format!("toolchain {tc} with rust-src"),
+            install: args(&[
+                "rustup",
+                "toolchain",
+                "install",
+                tc,
+                "--profile",
+                "minimal",
+                "--component",
+                "rust-src",
+            ]),
+        }));
     }
     let out = clean("rustup")
         .args(["component", "list", "--installed", "--toolchain", tc])
@@ -117,14 +145,10 @@ pub fn ensure_toolchain(tc: &str, log: &dyn Fn(&str)) -> Result<()> {
     let has_src = String::from_utf8_lossy(&out.stdout)
         .lines()
         .any(|l| l.trim() == "rust-src" || l.starts_with("rust-src-"));
-    if has_src {
-        log(&format!("rust-src for {tc} {PRESENT}"));
-    } else {
-        let mut cmd = clean("rustup");
-        cmd.args(["component", "add", "rust-src", "--toolchain", tc]);
-        run(cmd, log)?;
-    }
-    Ok(())
+    Ok((!has_src).then(|| Missing {
+        what: format!("rust-src for {tc}"),
+        install: args(&["rustup", "component", "add", "rust-src", "--toolchain", tc]),
+    }))
 }
 
 /// `$CARGO_HOME/bin` (default `~/.cargo/bin`), where `cargo install` puts bpf-linker.
@@ -135,44 +159,78 @@ pub fn cargo_bin_dir() -> Option<PathBuf> {
         .map(|h| h.join("bin"))
 }
 
-/// The installed bpf-linker's `--version` line, if there is one on `PATH` or in
-/// [`cargo_bin_dir`].
-fn bpf_linker_version() -> Option<String> {
-    let candidates = std::iter::once(PathBuf::from("bpf-linker"))
-        .chain(cargo_bin_dir().map(|d| d.join("bpf-linker")));
-    candidates.into_iter().find_map(|p| {
-        Command::new(p)
-            .arg("--version")
-            .output()
-            .ok()
-            .filter(|o| o.status.success())
-            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+/// The `--version` line of the bpf-linker at `program` (a path, or a name looked up on `PATH`).
+fn bpf_linker_version(program: &std::path::Path) -> Option<String> {
+    Command::new(program)
+        .arg("--version")
+        .stdin(Stdio::null())
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+}
+
+fn is_wanted_version(version: &str) -> bool {
+    version.split_whitespace().any(|w| w == BPF_LINKER_VERSION)
+}
+
+/// Whether bpf-linker [`BPF_LINKER_VERSION`] is on `PATH` (where rustc looks for it) or, with
+/// `cargo_bin`, in [`cargo_bin_dir`]; if not, what to install. Installs nothing.
+pub fn missing_bpf_linker(cargo_bin: bool) -> Option<Missing> {
+    let on_path = bpf_linker_version("bpf-linker".as_ref());
+    if on_path.as_deref().is_some_and(is_wanted_version) {
+        return None;
+    }
+    let in_cargo_bin = cargo_bin_dir()
+        .map(|d| d.join("bpf-linker"))
+        .and_then(|p| bpf_linker_version(&p).map(|v| (p, v)))
+        .filter(|(_, v)| is_wanted_version(v));
+    let found = match (&on_path, &in_cargo_bin) {
+        (_, Some(_)) if cargo_bin => return None,
+        (_, Some((p, _))) => format!(
+            "{} has it: add its directory to PATH, or install it on PATH",
+            p.display()
+        ),
+        (Some(v), None) => format!("PATH has {v}"),
+        (None, None) => "none on PATH".to_owned(),
+    };
+    Some(Missing {
+        what: format!("bpf-linker {BPF_LINKER_VERSION} on PATH ({found})"),
+        install: args(&[
+            "cargo",
+            "install",
+            "bpf-linker",
+            "--version",
+            BPF_LINKER_VERSION,
+            "--locked",
+        ]),
     })
 }
 
-/// Makes sure bpf-linker [`BPF_LINKER_VERSION`] is installed (`cargo install --locked`, a few
-/// minutes on two cores the first time).
-pub fn ensure_bpf_linker(log: &dyn Fn(&str)) -> Result<()> {
-    match bpf_linker_version() {
-        Some(v) if v.split_whitespace().any(|w| w == BPF_LINKER_VERSION) => {
-            log(&format!("{v} {PRESENT}"));
-            Ok(())
-        }
-        other => {
-            log(&format!(
-                "bpf-linker is {}; installing {BPF_LINKER_VERSION} (takes a few minutes)",
-                other.as_deref().unwrap_or("missing")
-            ));
-            let mut cmd = clean("cargo");
-            cmd.args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION])
-                .arg("--locked");
-            run(cmd, log)
-        }
+/// Installs what [`missing_rust_src`] and [`missing_bpf_linker`] (looking in [`cargo_bin_dir`]
+/// too) find missing: `cargo xtask setup`'s step. bpf-linker takes a few minutes on two cores
+/// the first time.
+pub fn ensure_toolchain(tc: &str, log: &dyn Fn(&str)) -> Result<()> {
+    let missing: Vec<Missing> = missing_rust_src(tc)?
+        .into_iter()
+        .chain(missing_bpf_linker(true))
+        .collect();
+    if missing.is_empty() {
+        log(&format!(
+            "rust-src for {tc} and bpf-linker {BPF_LINKER_VERSION} {PRESENT}"
+        ));
     }
+    for m in missing {
+        log(&format!("missing {}; installing it", m.what));
+        let mut cmd = clean(&m.install[0]);
+        cmd.args(&m.install[1..]);
+        run(cmd, log)?;
+    }
+    Ok(())
 }
 
-/// `PATH` with [`cargo_bin_dir`] appended if it is not there, so a freshly installed
-/// bpf-linker is found by the eBPF build.
+/// `PATH` with [`cargo_bin_dir`] appended if it is not there, so that a bpf-linker
+/// [`ensure_toolchain`] installed is found by the eBPF build of the cargo commands xtask starts.
 pub fn path_with_cargo_bin() -> Option<std::ffi::OsString> {
     let dir = cargo_bin_dir()?;
     let path = std::env::var_os("PATH").unwrap_or_default();

@@ -32,7 +32,8 @@ pub enum ProbeKind {
     Http,
 }
 
-/// One backend's health-check settings.
+/// One backend's health-check settings, built from `[vip.health]` (`crate::config`, which
+/// validates them and takes its defaults from [`HealthConfig::default`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HealthConfig {
     pub kind: ProbeKind,
@@ -71,37 +72,6 @@ impl Default for HealthConfig {
 }
 
 impl HealthConfig {
-    /// The problem with these settings, phrased for the operator, if any.
-    pub fn validate(&self) -> Result<(), String> {
-        if self.timeout.is_zero() {
-            return Err("health check timeout must be above 0".into());
-        }
-        if self.interval < self.timeout {
-            return Err(format!(
-                "health check interval ({:?}) must be at least the timeout ({:?}), so that probes of one backend never overlap",
-                self.interval, self.timeout
-            ));
-        }
-        if self.rise == 0 || self.fall == 0 {
-            return Err("health check rise and fall must be at least 1".into());
-        }
-        if self.kind == ProbeKind::Http {
-            if !self.path.starts_with('/') || self.path.bytes().any(|b| b <= b' ' || b == 0x7f) {
-                return Err(format!(
-                    "health check path {:?} must start with '/' and contain no spaces or control characters",
-                    self.path
-                ));
-            }
-            if !(100..=599).contains(&self.expected_status) {
-                return Err(format!(
-                    "health check expected_status {} is not an HTTP status (100..=599)",
-                    self.expected_status
-                ));
-            }
-        }
-        Ok(())
-    }
-
     /// The probe these settings describe, aimed at `addr` (the port comes from `self.port`).
     pub fn probe_for(&self, addr: std::net::IpAddr) -> Probe {
         let target = SocketAddr::new(addr, self.port);
@@ -1120,23 +1090,6 @@ mod tests {
             Some(HealthStatus::Down)
         );
         assert_eq!(h.recent_ejections(now), 1);
-    }
-
-    #[test]
-    fn config_validation() {
-        let mut c = HealthConfig::default();
-        assert_eq!(c.validate(), Ok(()));
-        c.interval = Duration::from_millis(100);
-        assert!(c.validate().unwrap_err().contains("interval"));
-        c = HealthConfig {
-            kind: ProbeKind::Http,
-            path: "/a b".into(),
-            ..HealthConfig::default()
-        };
-        assert!(c.validate().unwrap_err().contains("path"));
-        c.path = "/healthz".into();
-        c.expected_status = 42;
-        assert!(c.validate().unwrap_err().contains("expected_status"));
     }
 
     #[test]

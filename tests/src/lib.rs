@@ -29,6 +29,7 @@ pub mod fuzz;
 pub mod lab;
 pub mod model;
 pub mod netns;
+pub mod plot;
 pub mod procs;
 pub mod promql;
 pub mod tcp;
@@ -47,6 +48,18 @@ pub use tcp::{client_many, client_once, tally, ConnFailure, ConnStatus, LongLive
 pub fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions.
     unsafe { libc::geteuid() == 0 }
+}
+
+/// Fails unless running as root, naming the command (`cargo xtask <what>`) to run with sudo:
+/// for xtask and the tools it runs (`lb-fuzz`, `lb-bpf-bench`).
+pub fn ensure_root(what: &str) -> anyhow::Result<()> {
+    if !is_root() {
+        anyhow::bail!(
+            "`cargo xtask {what}` needs root (network namespaces, veth, XDP, apt-get): \
+             run `sudo cargo xtask {what}`"
+        );
+    }
+    Ok(())
 }
 
 /// Panics unless running as root. Privileged tests call this first so that they fail (never

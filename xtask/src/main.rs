@@ -12,7 +12,6 @@
 mod bench;
 mod docs;
 mod env;
-mod fuzz;
 mod install;
 mod lab;
 mod lab_fleet;
@@ -22,7 +21,7 @@ mod util;
 use std::process::ExitCode;
 
 use anyhow::Result;
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand};
 
 #[derive(Parser)]
 #[command(
@@ -65,50 +64,14 @@ enum Cmd {
     /// source of the lbd.toml(5) man page too).
     Docs,
     /// Differential fuzzing: random and mutated packets through the XDP balancer
-    /// (BPF_PROG_TEST_RUN) and the reference model, for N minutes (needs root).
-    Fuzz(fuzz::FuzzArgs),
+    /// (BPF_PROG_TEST_RUN) and the reference model, for N minutes (needs root). Runs the tests
+    /// crate's `lb-fuzz`; `cargo xtask fuzz --help` shows its options.
+    #[command(disable_help_flag = true)]
+    Fuzz(util::ToolArgs),
 }
 
-/// How the balancer forwards to backends.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum Forwarding {
-    /// IP-in-IP encapsulation (backends decapsulate with `lbd decap`).
-    Ipip,
-    /// L2 direct server return (destination MAC rewrite).
-    L2,
-}
-
-impl Forwarding {
-    /// The value of `forwarding` in lbd's config.
-    pub fn config_value(self) -> &'static str {
-        match self {
-            Forwarding::Ipip => "ipip",
-            Forwarding::L2 => "l2",
-        }
-    }
-}
-
-/// How lbd attaches its XDP program.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum XdpMode {
-    /// Driver mode (veth supports it).
-    Native,
-    /// SKB mode.
-    Generic,
-    /// Let lbd pick.
-    Auto,
-}
-
-impl XdpMode {
-    /// The value of `xdp_mode` in lbd's config.
-    pub fn config_value(self) -> &'static str {
-        match self {
-            XdpMode::Native => "native",
-            XdpMode::Generic => "generic",
-            XdpMode::Auto => "auto",
-        }
-    }
-}
+/// The lab's `--mode` and `--xdp-mode`: lbd's own config values.
+pub use lb_userspace::config::{Forwarding, XdpMode};
 
 /// Options shared by the lab demo and the lab benchmark.
 #[derive(Args, Clone, Debug)]
@@ -169,7 +132,9 @@ fn main() -> ExitCode {
         Cmd::Install(args) => install::install(&args).map(|_| ExitCode::SUCCESS),
         Cmd::Package(args) => install::package(&args).map(|_| ExitCode::SUCCESS),
         Cmd::Docs => docs::update_readme().map(|_| ExitCode::SUCCESS),
-        Cmd::Fuzz(args) => fuzz::run(&args),
+        Cmd::Fuzz(args) => {
+            setup::setup_quietly().and_then(|_| util::run_tool("lb-fuzz", &args.args))
+        }
     };
     match result {
         Ok(code) => code,

@@ -34,7 +34,7 @@ pub const PACKAGES: &[&str] = &[
 
 #[path = "../../lb-userspace/ebpf_toolchain.rs"]
 mod ebpf_toolchain;
-pub use ebpf_toolchain::{detect_bpf_toolchain, TOOLCHAIN_ENV};
+pub use ebpf_toolchain::{detect_bpf_toolchain, path_with_cargo_bin, TOOLCHAIN_ENV};
 
 /// Runs every setup step, saying what it did or skipped. Returns the eBPF toolchain name,
 /// which is also exported as [`TOOLCHAIN_ENV`] for the cargo commands this process starts.
@@ -57,7 +57,6 @@ fn setup_with(verbose: bool) -> Result<String> {
     packages(verbose)?;
     let toolchain = detect_bpf_toolchain()?;
     ebpf_toolchain::ensure_toolchain(&toolchain, &log)?;
-    ebpf_toolchain::ensure_bpf_linker(&log)?;
     bpffs(verbose)?;
     // Children started later (cargo build/test) inherit it.
     std::env::set_var(TOOLCHAIN_ENV, &toolchain);

@@ -26,7 +26,8 @@ pub fn target_dir() -> PathBuf {
 }
 
 /// A `cargo` command (the cargo that runs us, if known) in the workspace root, with the eBPF
-/// toolchain exported for lb-userspace's build script.
+/// toolchain exported for lb-userspace's build script and cargo's bin directory on `PATH` (where
+/// setup installs bpf-linker).
 pub fn cargo() -> Command {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut cmd = Command::new(cargo);
@@ -34,6 +35,9 @@ pub fn cargo() -> Command {
     // `$LB_EBPF_TOOLCHAIN` if the caller set it, else what the machine has.
     if let Ok(tc) = setup::detect_bpf_toolchain() {
         cmd.env(setup::TOOLCHAIN_ENV, tc);
+    }
+    if let Some(path) = setup::path_with_cargo_bin() {
+        cmd.env("PATH", path);
     }
     cmd
 }
@@ -59,15 +63,49 @@ pub fn show(cmd: &Command) -> String {
         .join(" ")
 }
 
-/// Fails with a message unless running as root.
-pub fn ensure_root(what: &str) -> Result<()> {
-    if !tests::is_root() {
-        bail!(
-            "`cargo xtask {what}` needs root (network namespaces, veth, XDP, apt-get): \
-             run `sudo cargo xtask {what}`"
-        );
-    }
-    Ok(())
+pub use tests::ensure_root;
+
+/// The arguments of a command that [`run_tool`] runs, passed on as they are (its `--help`
+/// lists them).
+#[derive(clap::Args, Debug)]
+pub struct ToolArgs {
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+    pub args: Vec<String>,
+}
+
+/// Builds the tool binary `bin` of the tests crate in xtask's own profile (a release xtask
+/// measures with a release tool) and runs it with `args`, returning its exit status: the
+/// commands that load lb's XDP programs (`bench datapath`, `bench conntrack`, `fuzz`) run
+/// there, so that xtask itself builds no eBPF.
+pub fn run_tool(bin: &str, args: &[String]) -> Result<ExitCode> {
+    let (profile, dir) = if cfg!(debug_assertions) {
+        ("dev", "debug")
+    } else {
+        ("release", "release")
+    };
+    run(cargo().args([
+        "build",
+        "--quiet",
+        "--profile",
+        profile,
+        "-p",
+        "tests",
+        "--bin",
+        bin,
+    ]))?;
+    let path = target_dir().join(dir).join(bin);
+    let status = Command::new(&path)
+        .args(args)
+        .status()
+        .with_context(|| format!("starting {}", path.display()))?;
+    Ok(match status.code() {
+        Some(0) => ExitCode::SUCCESS,
+        Some(c) => ExitCode::from(u8::try_from(c).unwrap_or(1)),
+        None => {
+            eprintln!("{bin} was killed ({status})");
+            ExitCode::FAILURE
+        }
+    })
 }
 
 /// `cargo xtask test`: root check, setup, build everything, run every test.

@@ -63,7 +63,7 @@ pub(super) fn edit(cfg: &mut Config, req: &Request) -> Result<String> {
             let table_size = table_size.unwrap_or(lb_common::DEFAULT_TABLE_SIZE);
             let added = format!(
                 "added vip {name} (forwarding {}, table_size {table_size})",
-                crate::datapath::forwarding_name(forwarding)
+                forwarding.config_value()
             );
             if let Some(x) = cfg.vips.iter().find(|x| VipName::of(x) == name) {
                 // The same request again changes nothing and succeeds (`already so`).

@@ -10,7 +10,6 @@ use lb_userspace::{
         BackendCommand, ConnCommand, LbctlCli as Cli, LbctlCommand as Command, ModelCommand,
         NodeCommand, VipCommand,
     },
-    config::Forwarding,
     control::{
         BackendEntry, BgpStatus, Changed, Client, ClientError, ConnEntry, ConnList, DryRun, Lookup,
         ModelVip, NodeChanged, Request, StatsSnapshot, Status, VipEntry,
@@ -627,10 +626,6 @@ fn print_model(vips: &[ModelVip]) {
     }
 }
 
-fn forwarding_name(f: Forwarding) -> &'static str {
-    lb_userspace::datapath::forwarding_name(f)
-}
-
 fn print_vips(vips: &[VipEntry]) {
     if vips.is_empty() {
         println!("no VIPs configured (add one with `lbctl vip add ADDRESS:PORT/PROTOCOL`)");
@@ -644,7 +639,7 @@ fn print_vips(vips: &[VipEntry]) {
         println!(
             "{:<32} {:<10} {:>10} {:>10} {:>8} {:>7}",
             v.vip,
-            forwarding_name(v.forwarding),
+            v.forwarding.config_value(),
             v.table_size,
             v.generation,
             v.backends,

@@ -21,7 +21,8 @@ pub struct Decap {
 
 impl Decap {
     pub fn load() -> Result<Self> {
-        let mut ebpf = Ebpf::load(DECAP_OBJ).context("loading the decap object")?;
+        let mut ebpf = Ebpf::load(super::try_embedded(DECAP_OBJ, "decap")?)
+            .context("loading the decap object")?;
         let prog: &mut Xdp = ebpf
             .program_mut(progs::DECAP)
             .ok_or_else(|| anyhow!("no program {}", progs::DECAP))?

@@ -84,7 +84,7 @@ impl Balancer {
             }
         }
         let mut ebpf = loader
-            .load(BALANCER_OBJ)
+            .load(super::try_embedded(BALANCER_OBJ, "balancer")?)
             .context("loading the balancer object")?;
         check_object_maps(&ebpf, &opts)?;
         let prog: &mut Xdp = ebpf

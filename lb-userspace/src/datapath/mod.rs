@@ -19,7 +19,7 @@ pub mod tables;
 pub use load::attach_xdp;
 pub use pins::{check_pin_dir, remove_pins, PinReport};
 
-use crate::config::{Config, Forwarding};
+use crate::config::Config;
 use aya::{
     programs::{xdp::XdpLinkId, XdpMode as AyaXdpMode},
     Ebpf,
@@ -36,6 +36,18 @@ use std::{
 /// The balancer program, built by build.rs for the BPF target.
 pub static BALANCER_OBJ: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-balancer"));
+
+/// `object` (one of the embedded programs, named `name`), or an error if this build holds
+/// none: without the `ebpf` feature (xtask's build) build.rs leaves the objects empty.
+pub fn try_embedded(object: &'static [u8], name: &str) -> anyhow::Result<&'static [u8]> {
+    if object.is_empty() {
+        anyhow::bail!(
+            "this build of lb-userspace has no {name} program: it was built without its `ebpf` \
+             feature (build it with default features, e.g. `cargo build -p lb-userspace`)"
+        );
+    }
+    Ok(object)
+}
 
 /// 16-byte address and family tag, as stored in the maps.
 pub fn addr_bytes(a: IpAddr) -> ([u8; 16], u8) {
@@ -168,14 +180,6 @@ pub struct Balancer {
 }
 
 impl Balancer {}
-
-/// Forwarding mode as configured, for status output.
-pub fn forwarding_name(f: Forwarding) -> &'static str {
-    match f {
-        Forwarding::Ipip => "ipip",
-        Forwarding::L2 => "l2",
-    }
-}
 
 /// The benchmark harness (restore-then-tail-call) and the trivial `XDP_TX` program it is
 /// compared with; used by `cargo xtask bench datapath`.

@@ -170,10 +170,10 @@ pub(crate) fn outlier_pool(slow: u32, p: &WeightPolicy) -> Vec<Decision> {
 
 /// A policy state two steps in, backend 3 drained by the model since step 1.
 pub(crate) fn third_drained_at_step_1() -> PolicyState {
-    let drained = BackendState {
+    let drained = BackendMemory {
         drained_at: Some(1),
         drains: 1,
-        ..BackendState::default()
+        ..BackendMemory::default()
     };
     PolicyState {
         step: 2,

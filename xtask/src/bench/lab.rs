@@ -182,7 +182,7 @@ fn plot_ratios(rows: &[Row], lb: &crate::LbOpts) -> Result<()> {
     let dir = crate::util::target_dir().join("bench-lab");
     std::fs::create_dir_all(&dir)?;
     let path = dir.join("ratios.svg");
-    crate::bench::plot::bars(
+    tests::plot::bars(
         &path,
         &format!(
             "bench lab: HTTP req/s via the balancer / direct ({}, {} XDP)",

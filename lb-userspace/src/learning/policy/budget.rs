@@ -1,10 +1,11 @@
 //! Stage: the disruption budget. Gradual changes move at most `slots_budget` slots of the real
 //! Maglev table; a larger step is shortened to the largest fraction that fits.
-use std::{fmt, net::IpAddr};
+use std::fmt;
 
-use lb_common::{maglev, FAMILY_V4, FAMILY_V6};
+use lb_common::maglev;
 
 use super::{step_limit::Weights, BackendInput, Mode, Step};
+use crate::datapath::addr_bytes;
 use crate::learning::Reason;
 
 /// Table builds at most when a change must be cut to the disruption budget.
@@ -148,17 +149,6 @@ fn search(
     Ok((lo, best))
 }
 
-fn maglev_addr(addr: IpAddr) -> ([u8; 16], u8) {
-    let mut a = [0u8; 16];
-    match addr {
-        IpAddr::V4(v4) => {
-            a[..4].copy_from_slice(&v4.octets());
-            (a, FAMILY_V4)
-        }
-        IpAddr::V6(v6) => (v6.octets(), FAMILY_V6),
-    }
-}
-
 /// The Maglev table of `weights` (by position in `inputs`).
 pub(crate) fn table<'a>(
     inputs: impl IntoIterator<Item = &'a BackendInput>,
@@ -169,7 +159,7 @@ pub(crate) fn table<'a>(
         .into_iter()
         .zip(weights)
         .map(|(b, &w)| {
-            let (addr, family) = maglev_addr(b.addr);
+            let (addr, family) = addr_bytes(b.addr);
             maglev::Backend {
                 addr,
                 family,

@@ -72,12 +72,12 @@ pub struct BackendInput {
 pub struct PolicyState {
     /// Steps taken so far.
     pub step: u64,
-    pub backends: BTreeMap<u32, BackendState>,
+    pub backends: BTreeMap<u32, BackendMemory>,
 }
 
 /// Per-backend memory of the policy.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct BackendState {
+pub struct BackendMemory {
     /// Direction of the last learned change: -1, 0 (none yet) or +1.
     pub last_direction: i8,
     /// Consecutive steps whose learned target pointed against `last_direction`.
@@ -156,7 +156,7 @@ enum Mode {
 /// have found so far.
 struct Backend {
     input: BackendInput,
-    state: BackendState,
+    state: BackendMemory,
     reasons: Vec<Reason>,
     /// Table weight as reported, before any rescaling.
     reported: u32,

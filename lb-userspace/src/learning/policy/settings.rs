@@ -107,19 +107,21 @@ fn default_reversal_hold_steps() -> u32 {
 }
 
 impl Default for WeightPolicy {
+    /// The knobs `[vip.learning]` has take its defaults (`config::Learning`), written once.
     fn default() -> Self {
+        let l = crate::config::Learning::default();
         WeightPolicy {
             learning: true,
             table_size: lb_common::DEFAULT_TABLE_SIZE,
-            latency_target_ms: 100.0,
+            latency_target_ms: l.latency_target_ms,
             fit: FitConfig::default(),
-            floor: 0.25,
-            ceiling: 4.0,
-            max_step_ratio: 0.25,
-            deadband: 0.05,
+            floor: l.floor,
+            ceiling: l.ceiling,
+            max_step_ratio: l.max_step,
+            deadband: l.deadband,
             hysteresis_steps: 3,
-            disruption_budget: 0.05,
-            max_drained_share: 0.34,
+            disruption_budget: l.disruption_budget,
+            max_drained_share: l.max_drained_share,
             outlier_factor: 5.0,
             latency_outlier_factor: 10.0,
             outlier_steps: 3,

@@ -10,7 +10,7 @@ use anyhow::{Context, Result};
 
 use super::load::{percentile, read_csv, Req};
 use super::results_dir;
-use crate::bench::plot::{timeline, Marks, Panel, Series, PALETTE};
+use ::tests::plot::{timeline, Marks, Panel, Series, PALETTE};
 
 /// Width of the latency windows, seconds.
 const BIN_S: f64 = 2.0;

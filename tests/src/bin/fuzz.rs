@@ -1,16 +1,37 @@
-//! `cargo xtask fuzz`: the differential fuzzer of `tests/tests/fuzz.rs` (the XDP balancer
-//! through BPF_PROG_TEST_RUN against the reference model in `tests/src/model.rs`), run for as
-//! long as asked. Same loop, same checks, same seeds: a failure found here reproduces with
-//! `LB_FUZZ_SEED=<seed> cargo xtask fuzz` or the test.
+//! `lb-fuzz`, run by `cargo xtask fuzz`: the differential fuzzer of `tests/tests/fuzz.rs` (the
+//! XDP balancer through BPF_PROG_TEST_RUN against the reference model in `tests/src/model.rs`),
+//! run for as long as asked. Same loop, same checks, same seeds: a failure found here
+//! reproduces with `LB_FUZZ_SEED=<seed> cargo xtask fuzz` or the test. A binary of its own
+//! because it loads the XDP programs, which xtask does not build.
 
 use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{bail, Result};
-use clap::Args;
+use clap::{Args, Parser};
 use tests::fuzz::{self, FuzzOptions};
 
-use crate::util::ensure_root;
+use tests::ensure_root;
+
+#[derive(Parser, Debug)]
+#[command(
+    bin_name = "cargo xtask fuzz",
+    about = "Differential fuzzing of the XDP balancer"
+)]
+struct Cli {
+    #[command(flatten)]
+    args: FuzzArgs,
+}
+
+fn main() -> ExitCode {
+    match run(&Cli::parse().args) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
 
 #[derive(Args, Debug)]
 pub struct FuzzArgs {

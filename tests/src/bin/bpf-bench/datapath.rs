@@ -37,7 +37,8 @@ use lb_pkt::{self as pkt, verdict_name, Ip4, Ip6, Tcp, TCP_ACK, TCP_SYN, XDP_PAS
 use lb_userspace::{datapath::BENCH_OBJ, netif, Balancer, Config, LoadOptions};
 use tests::NetNs;
 
-use crate::util::ensure_root;
+use crate::thread_cpu_ns;
+use tests::ensure_root;
 
 /// The established-flow target, in multiples of the trivial program's cost.
 const TARGET_RATIO: f64 = 2.5;
@@ -290,16 +291,6 @@ struct Sample {
 enum Target<'a> {
     Trivial,
     Balancer(&'a ProgramFd),
-}
-
-fn thread_cpu_ns() -> u128 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `ts` is a valid timespec to write to.
-    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
-    ts.tv_sec as u128 * 1_000_000_000 + ts.tv_nsec as u128
 }
 
 fn take_map(ebpf: &mut Ebpf, name: &str) -> Result<aya::maps::Map> {
@@ -967,10 +958,10 @@ fn plot_ratios(report: &Report) -> Result<()> {
             (row.scenario.name(), lb.med / tr.med)
         })
         .collect();
-    let dir = crate::util::target_dir().join("bench-datapath");
+    let dir = crate::target_dir()?.join("bench-datapath");
     std::fs::create_dir_all(&dir)?;
     let path = dir.join("ratios.svg");
-    crate::bench::plot::bars(
+    tests::plot::bars(
         &path,
         &format!(
             "bench datapath: ns per packet, lb / trivial XDP_TX (kernel {})",

@@ -14,7 +14,8 @@ use lb_userspace::{
     Balancer, Config, LoadOptions,
 };
 
-use crate::util::ensure_root;
+use crate::thread_cpu_ns;
+use tests::ensure_root;
 
 #[derive(Args, Debug)]
 pub struct BenchConntrackArgs {
@@ -43,16 +44,6 @@ fn key(i: u32) -> FlowKey {
         family: FAMILY_V4,
         _pad: [0; 2],
     }
-}
-
-fn thread_cpu_ns() -> u128 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `ts` is a valid timespec to write to.
-    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
-    ts.tv_sec as u128 * 1_000_000_000 + ts.tv_nsec as u128
 }
 
 pub fn run(args: &BenchConntrackArgs) -> Result<ExitCode> {

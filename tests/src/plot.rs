@@ -1,5 +1,5 @@
-//! SVG plots of the benchmarks (plotters' SVG backend: text is left to the viewer's fonts, so
-//! nothing but Rust is needed to draw them).
+//! SVG plots of the benchmarks, xtask's and `lb-bpf-bench`'s (plotters' SVG backend: text is
+//! left to the viewer's fonts, so nothing but Rust is needed to draw them).
 //!
 //! * [`bars`]: a bar chart of ratios (`bench lab`, `bench datapath`), with a reference line.
 //! * [`Series`] and [`timeline`]: lines over time in stacked panels (`bench adaptive`).
@@ -259,9 +259,26 @@ where
 mod tests {
     use super::*;
 
+    /// Removed on drop.
+    struct TempDir(std::path::PathBuf);
+
+    impl TempDir {
+        fn path(&self) -> &Path {
+            &self.0
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
     #[test]
     fn draws_bars_and_timelines() {
-        let dir = crate::util::TempDir::new("plot-test").unwrap();
+        let dir =
+            TempDir(std::env::temp_dir().join(format!("lb-plot-test-{}", std::process::id())));
+        std::fs::create_dir_all(dir.path()).unwrap();
         let bars_path = dir.path().join("bars.svg");
         bars(
             &bars_path,
