@@ -21,7 +21,15 @@ pub(super) fn choose(s: &mut Step) {
         } else {
             let t = target(b, p, group_cfg, pool_cap);
             b.target = Some(t);
-            b.learned = Some(t);
+            if let Some(Reason::LowerBound { .. }) = b.reasons.last() {
+                // Not a learned move: no deadband, no reversal hold, as any return's ramp.
+                b.mode = Mode::Gradual {
+                    target: t,
+                    learned: false,
+                };
+            } else {
+                b.learned = Some(t);
+            }
         }
     }
 }
@@ -42,7 +50,18 @@ fn target(b: &mut Backend, p: &WeightPolicy, group_cfg: f64, pool_cap: f64) -> f
         hi = hi.min(b.configured);
         b.reasons.push(Reason::Probation);
     }
-    let t = raw.clamp(lo, hi);
+    let mut t = raw.clamp(lo, hi);
+    // Returning, meeting the target, with an estimate bound by its own load: that load is
+    // the ramp's, so the estimate is a lower bound, no evidence against its configured share
+    // (held there by the deadband, a recovered backend stayed at 76% of it for minutes).
+    if b.state.ramping_back && b.load_bound && !b.misses_target(p) && t < b.configured {
+        t = b.configured.min(hi);
+        b.reasons.push(Reason::LowerBound {
+            capacity: b.cap,
+            weight: t,
+        });
+        return t;
+    }
     if raw < lo {
         b.reasons.push(Reason::AtFloor { floor_weight: lo });
     } else if raw > hi && !probation {
@@ -82,6 +101,11 @@ pub(super) fn describe(r: &Reason, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         } => write!(
             f,
             "no model ({refusal}), but below the latency target at its load: capacity taken as load x min(target / latency, max_extrapolation) = {capacity_estimate:.1}/s"
+        ),
+        Reason::LowerBound { capacity, weight } => write!(
+            f,
+            "returning: its capacity estimate {capacity:.1}/s is bound by its own ramping load, a lower bound: ramping back to the configured {:.2}",
+            weight / s
         ),
         _ => unreachable!("not a target reason: {r:?}"),
     }
