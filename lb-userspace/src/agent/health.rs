@@ -394,3 +394,71 @@ impl Agent {
         true
     }
 }
+
+/// The active check of a backend's service port while the model keeps it drained on a passive
+/// signal (docs/model.md, "Trials"): a drained backend carries no traffic, so only a check of
+/// the port its clients' SYNs go to can see a fault there end. Consecutive outcomes; a
+/// refused connection is no outcome (the service may listen on the VIP's address only).
+#[derive(Debug, Default)]
+pub(super) struct ServiceChecker {
+    passes: u32,
+    failures: u32,
+    /// Bumped when checking stops: a check still in flight then counts for nothing.
+    generation: u64,
+    in_flight: bool,
+    last_started: Option<Instant>,
+}
+
+/// One backend's checker, shared with the check in flight.
+pub(super) type SharedCheck = Arc<std::sync::Mutex<ServiceChecker>>;
+
+/// At most one check per backend in this period.
+const SERVICE_CHECK_PERIOD: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The service check's outcomes so far while `on` (`None`: none conclusive yet, or off), and
+/// the next check started if one is due (needs the tokio runtime). Off: forgotten.
+pub(super) fn service_check(
+    check: &SharedCheck,
+    target: std::net::SocketAddr,
+    timeout: std::time::Duration,
+    on: bool,
+) -> Option<crate::learning::ServiceCheck> {
+    let mut c = check.lock().expect("service check lock");
+    if !on {
+        if c.passes > 0 || c.failures > 0 || c.in_flight || c.last_started.is_some() {
+            c.generation += 1;
+            (c.passes, c.failures, c.in_flight, c.last_started) = (0, 0, false, None);
+        }
+        return None;
+    }
+    let now = Instant::now();
+    let due = c
+        .last_started
+        .is_none_or(|t| now.duration_since(t) >= SERVICE_CHECK_PERIOD);
+    if !c.in_flight && due {
+        (c.in_flight, c.last_started) = (true, Some(now));
+        let (shared, generation) = (Arc::clone(check), c.generation);
+        tokio::spawn(async move {
+            let outcome =
+                match tokio::time::timeout(timeout, tokio::net::TcpStream::connect(target)).await {
+                    Ok(Ok(_)) => Some(true),
+                    Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => None,
+                    _ => Some(false),
+                };
+            let mut c = shared.lock().expect("service check lock");
+            if c.generation != generation {
+                return;
+            }
+            c.in_flight = false;
+            match outcome {
+                Some(true) => (c.passes, c.failures) = (c.passes.saturating_add(1), 0),
+                Some(false) => (c.passes, c.failures) = (0, c.failures.saturating_add(1)),
+                None => {}
+            }
+        });
+    }
+    (c.passes > 0 || c.failures > 0).then_some(crate::learning::ServiceCheck {
+        passes: c.passes,
+        failures: c.failures,
+    })
+}

@@ -2,7 +2,8 @@
 //! samples and CPU time, applying its decisions, and showing them (`lbctl model show`).
 use super::edit::unknown_vip;
 use super::health::{
-    configured, health_share, probed, readmission, share_weight, shown_health, HealthKey, HealthMap,
+    configured, health_share, probed, readmission, service_check, share_weight, shown_health,
+    HealthKey, HealthMap, SharedCheck,
 };
 use super::queries::vip_filter;
 use super::{apply_datapath, vip_id, Agent, State};
@@ -62,6 +63,8 @@ pub(super) struct LearnedBackend {
     pub(super) counters: Option<(Instant, BackendStats)>,
     pub(super) last: Option<BackendDecision>,
     pub(super) history: VecDeque<ModelDecisionEntry>,
+    /// Its service port's check while drained on a passive signal.
+    pub(super) check: SharedCheck,
 }
 
 impl LearnedBackend {
@@ -73,6 +76,7 @@ impl LearnedBackend {
             counters: None,
             last: None,
             history: VecDeque::new(),
+            check: SharedCheck::default(),
         }
     }
 }
@@ -250,6 +254,19 @@ pub(super) fn learn_step(st: &mut State, id: VipId, now: Instant, t_secs: f64) -
         let fit_started = thread_cpu_us();
         let fit = learning::fit_with(&samples, &policy.fit);
         let fit_us = thread_cpu_us().saturating_sub(fit_started);
+        // Drained on a passive signal (a TCP VIP): its service port is checked actively.
+        let checked = vcfg.protocol == config::Protocol::Tcp
+            && l.policy
+                .backends
+                .get(&b.id)
+                .is_some_and(|s| s.drained_at.is_some() && s.drained_for.is_some());
+        let timeout = vcfg.health.as_ref().map_or(1000, |h| h.timeout_ms);
+        let service_check = service_check(
+            &lbk.check,
+            std::net::SocketAddr::new(b.address, vcfg.port),
+            std::time::Duration::from_millis(timeout),
+            checked,
+        );
         let (observed, peak_load) = (lbk.window.observed(observe_secs), lbk.window.peak_load());
         l.record_fit_time(fit_us);
         if let Err(r) = &fit {
@@ -268,6 +285,7 @@ pub(super) fn learn_step(st: &mut State, id: VipId, now: Instant, t_secs: f64) -
             observed,
             peak_load,
             probe_timeout_ms: vcfg.health.as_ref().map(|h| h.timeout_ms as f64),
+            service_check,
         });
     }
     let decision = learning::decide(&inputs, &policy, &l.policy);

@@ -51,6 +51,15 @@ pub enum Reason {
     Trial { flows: f64, need: f64 },
     /// The trial's flows were clean: it ramps back as after any return.
     TrialPassed { flows: f64 },
+    /// Drained on a passive signal, its service port checked: `failures` in a row (no trial
+    /// while it fails, and no failed trial either), or `passes` in a row of the `need` that
+    /// show the fault the check saw has ended (the trial then waits no longer than a first
+    /// drain's minimum, whatever failed before).
+    ServiceCheck {
+        passes: u32,
+        failures: u32,
+        need: u32,
+    },
     // Capacity estimation: `policy/capacity.rs`.
     /// The fitted capacity at the target is beyond `max_extrapolation` times the highest load
     /// in the window: taken as that limit.
@@ -113,6 +122,10 @@ pub enum Reason {
     AtFloor { floor_weight: f64 },
     /// Target clamped to ceiling × configured.
     AtCeiling { ceiling_weight: f64 },
+    /// Back from a drain or from down, meeting the target, its capacity estimate bound by
+    /// its own (ramping) load: a lower bound, no reason to keep it under its configured
+    /// weight, to which it ramps back.
+    LowerBound { capacity: f64, weight: f64 },
     // Deadband: `policy/deadband.rs`.
     /// Target within the deadband: held.
     Deadband {
@@ -380,6 +393,25 @@ mod tests {
                 need: 30.0,
             },
             Reason::TrialPassed { flows: 31.25 },
+            Reason::ServiceCheck {
+                passes: 0,
+                failures: 4,
+                need: 3,
+            },
+            Reason::ServiceCheck {
+                passes: 1,
+                failures: 0,
+                need: 3,
+            },
+            Reason::ServiceCheck {
+                passes: 3,
+                failures: 0,
+                need: 3,
+            },
+            Reason::LowerBound {
+                capacity: 45.5,
+                weight: 10_000.0,
+            },
             Reason::Suspected {
                 outlier: Outlier {
                     signal: Signal::ErrorRate,

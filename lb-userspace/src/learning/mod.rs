@@ -30,7 +30,8 @@ mod window;
 pub use decision::{AuditEvent, AuditKind, BackendDecision, Decision, Reason};
 pub use fit::{fit, fit_with, Fit, FitConfig, Refusal};
 pub use policy::{
-    decide, BackendInput, BackendMemory, Outlier, PolicyState, Reference, Signal, WeightPolicy,
+    decide, BackendInput, BackendMemory, Outlier, PolicyState, Reference, ServiceCheck, Signal,
+    WeightPolicy,
 };
 pub use window::{Observed, Sample, Window};
 

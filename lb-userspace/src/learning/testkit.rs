@@ -73,6 +73,7 @@ pub(crate) fn input(id: u32, configured: u32, fit: Result<Fit, Refusal>) -> Back
         observed: None,
         peak_load: None,
         probe_timeout_ms: None,
+        service_check: None,
     }
 }
 

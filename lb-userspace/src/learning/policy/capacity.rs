@@ -8,7 +8,7 @@ use crate::learning::Reason;
 
 /// A fit measures a capacity (which is then remembered) when the capacity is at most this
 /// multiple of the highest load in its window.
-const MEASURED_REACH: f64 = 1.25;
+pub(super) const MEASURED_REACH: f64 = 1.25;
 /// A remembered capacity is dropped when the backend's latency falls below this share of what
 /// the measured model predicts at its load: it has become faster than it was measured.
 const REMEMBERED_LATENCY_SHARE: f64 = 0.7;

@@ -17,6 +17,9 @@ pub(super) const TRIAL_MIN_FLOWS: f64 = 30.0;
 const TRIAL_WAIT_GROWTH: u64 = 6;
 /// Longest wait before a trial, in steps.
 const MAX_TRIAL_WAIT_STEPS: u64 = 3600;
+/// Passes in a row of the service check, after it failed during the drain, that end the wait
+/// for a trial.
+pub(super) const SERVICE_CHECK_PASSES: u32 = 3;
 
 /// Signals that only traffic can show: measured while drained they say nothing.
 fn passive(signal: Signal) -> bool {
@@ -78,8 +81,9 @@ pub(super) fn undrain(s: &mut Step) {
 
 fn end_drain(b: &mut Backend, p: &WeightPolicy, step: u64, peers_latency: Option<f64>) {
     let learning = b.learning(p);
+    let Some(at) = b.state.drained_at else { return };
+    let check = service_check(b);
     let st = &mut b.state;
-    let Some(at) = st.drained_at else { return };
     let until = if st.drained_for.is_some() {
         let growth = TRIAL_WAIT_GROWTH.saturating_pow(st.failed_trials);
         at + (u64::from(p.min_drain_steps).saturating_mul(growth)).min(MAX_TRIAL_WAIT_STEPS)
@@ -98,9 +102,19 @@ fn end_drain(b: &mut Backend, p: &WeightPolicy, step: u64, peers_latency: Option
         b.reasons.push(Reason::Undrained {
             drained_for_steps: step - at,
         });
-    } else if step >= until && st.clean_steps >= p.outlier_steps.max(1) {
+    } else if check == Check::Waits {
+        // The check sees the fault: no trial yet, and none failed.
+        b.reasons.push(Reason::StillDrained {
+            since_step: at,
+            until_step: until,
+            outlier: b.outlier,
+        });
+    } else if (step >= until || check == Check::Recovered)
+        && st.clean_steps >= p.outlier_steps.max(1)
+    {
         st.drained_at = None;
         st.clean_steps = 0;
+        st.check_failed = false;
         // Drained on a signal only traffic shows: back on trial, not back.
         if st.drained_for.take().is_some() {
             st.trial_flows = Some(0.0);
@@ -115,6 +129,45 @@ fn end_drain(b: &mut Backend, p: &WeightPolicy, step: u64, peers_latency: Option
             until_step: until,
             outlier: b.outlier,
         });
+    }
+}
+
+/// What the service check of a backend drained on a passive signal says of its return.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Check {
+    /// No evidence: not checked, no conclusive answer, or a check that never failed during
+    /// the drain (the fault shows only under load, or not on that path): the waits as they are.
+    Silent,
+    /// Failing, or not yet passing `SERVICE_CHECK_PASSES` times in a row since it failed.
+    Waits,
+    /// It failed during the drain and has passed `SERVICE_CHECK_PASSES` times in a row since:
+    /// the fault it saw has ended, so the trial waits no longer than a first drain's minimum.
+    Recovered,
+}
+
+/// Reads backend `b`'s service check (drained on a passive signal only), remembers whether it
+/// failed during the drain, and says what it means for the trial.
+fn service_check(b: &mut Backend) -> Check {
+    let (Some(_), Some(c)) = (b.state.drained_for, b.input.service_check) else {
+        return Check::Silent;
+    };
+    if c.failures > 0 {
+        b.state.check_failed = true;
+    }
+    if !b.state.check_failed {
+        return Check::Silent;
+    }
+    b.reasons.push(Reason::ServiceCheck {
+        passes: c.passes,
+        failures: c.failures,
+        need: SERVICE_CHECK_PASSES,
+    });
+    if c.passes >= SERVICE_CHECK_PASSES {
+        // Its earlier failed trials were failures of a fault that has ended.
+        b.state.failed_trials = 0;
+        Check::Recovered
+    } else {
+        Check::Waits
     }
 }
 
@@ -163,6 +216,7 @@ pub(super) fn drain(s: &mut Step) {
                     st.failed_trials = st.failed_trials.saturating_add(1);
                 }
                 st.drained_for = passive(o.signal).then_some(o.signal);
+                st.check_failed = false;
                 st.drained_at = Some(step);
                 st.drains = st.drains.saturating_add(1);
                 st.clean_steps = 0;
@@ -293,12 +347,35 @@ pub(super) fn describe(r: &Reason, f: &mut fmt::Formatter<'_>) -> fmt::Result {
             f,
             "trial passed: {flows:.0} flows without an outlier; ramping back"
         ),
+        Reason::ServiceCheck {
+            passes,
+            failures,
+            need,
+        } => {
+            if *failures > 0 {
+                write!(
+                    f,
+                    "service port check failing ({failures} in a row): no trial while it fails (and no failed trial)"
+                )
+            } else if passes >= need {
+                write!(
+                    f,
+                    "service port check passing again ({passes} in a row): the fault it saw has ended, trial without further wait"
+                )
+            } else {
+                write!(
+                    f,
+                    "service port check passing again ({passes} of {need} in a row needed for a trial)"
+                )
+            }
+        }
         _ => unreachable!("not a drain reason: {r:?}"),
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use super::SERVICE_CHECK_PASSES;
     use crate::learning::testkit::*;
     use crate::learning::*;
 
@@ -403,6 +480,91 @@ mod tests {
                 "a failed trial lasts a step with traffic: {trials:?} {drains:?}"
             );
         }
+    }
+
+    /// The SYN-dropping backend of the test above, its service port checked while drained:
+    /// first a fault the check cannot see (two failed trials), then one it sees (no trial
+    /// while the check fails, however long), then the fault ends: the check's passes start a
+    /// trial at once, past the 180 steps the failed trials had made it wait, and the passed
+    /// trial ramps it back to its configured weight.
+    #[test]
+    fn a_service_check_holds_trials_while_it_fails_and_starts_one_when_it_passes_again() {
+        let p = WeightPolicy {
+            min_drain_steps: 5,
+            outlier_steps: 2,
+            ..unbudgeted()
+        };
+        let syn = |load: f64, ratio: f64| Observed {
+            syn_retries_per_s: ratio * load,
+            ..observed(load, 20.0)
+        };
+        let mut inputs: Vec<BackendInput> = (1..=4)
+            .map(|id| {
+                let mut b = input(id, 100, Err(Refusal::PoorFit { r2: 0.1, need: 0.6 }));
+                b.observed = Some(syn(50.0, 0.01));
+                b
+            })
+            .collect();
+        let mut state = PolicyState::default();
+        let (mut trials, mut drains) = (Vec::new(), Vec::new());
+        // (from step, the check's outcome while drained, dropping SYNs under traffic)
+        let phases = [
+            (0u64, None, true),
+            (45, Some(false), true),
+            (150, Some(true), false),
+        ];
+        let mut check = ServiceCheck::default();
+        let mut weights = Vec::new();
+        for step in 0..210u64 {
+            let &(_, outcome, dropping) = phases.iter().rev().find(|p| p.0 <= step).unwrap();
+            let d = decide(&inputs, &p, &state);
+            apply(&mut inputs, &d);
+            state = d.state.clone();
+            let b = &d.backends[3];
+            weights.push(b.weight);
+            let has = |f: fn(&Reason) -> bool| b.reasons.iter().any(f);
+            if has(|r| matches!(r, Reason::Drained { .. })) {
+                drains.push(step);
+            }
+            if has(|r| matches!(r, Reason::Undrained { .. })) {
+                trials.push(step);
+            }
+            let load = if b.weight > 0 { 3.0 } else { 0.0 };
+            let ratio = if dropping && load > 0.0 { 1.5 } else { 0.01 };
+            inputs[3].observed = Some(syn(load, ratio));
+            // The agent checks while the model keeps it drained on a passive signal.
+            check = match (outcome, state.backends[&4].drained_for.is_some()) {
+                (Some(true), true) => ServiceCheck {
+                    passes: check.passes + 1,
+                    failures: 0,
+                },
+                (Some(false), true) => ServiceCheck {
+                    passes: 0,
+                    failures: check.failures + 1,
+                },
+                _ => ServiceCheck::default(),
+            };
+            inputs[3].service_check = (check != ServiceCheck::default()).then_some(check);
+        }
+        // Two failed trials while the check saw nothing (waits 5 and 30), then none while it
+        // failed, though the next was due 180 steps after the third drain.
+        assert_eq!(drains.len(), 3, "{drains:?} {trials:?}");
+        assert!(trials[..2].iter().all(|&t| t < 45), "{trials:?}");
+        assert_eq!(
+            state.backends[&4].failed_trials, 0,
+            "the check's recovery forgives the failed trials"
+        );
+        // Recovered at 150: trial after the check's 3 passes, not at drain + 180.
+        assert_eq!(trials.len(), 3, "{trials:?}");
+        assert!(
+            (150..=150 + u64::from(SERVICE_CHECK_PASSES) + 2).contains(&trials[2]),
+            "{trials:?} {drains:?}"
+        );
+        assert!(
+            drains[2] + 180 > trials[2] + 10,
+            "the hard case: {drains:?}"
+        );
+        assert_eq!(*weights.last().unwrap(), 10_000, "{:?}", &weights[150..]);
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! Stage: what supports a backend's weight this step, its fit or its headroom, and how long it
 //! has gone without either.
-use super::{BackendInput, Step, WeightPolicy};
+use super::{capacity::MEASURED_REACH, BackendInput, Step, WeightPolicy};
 use crate::learning::Refusal;
 
 /// Estimates the capacity of backends whose latency is flat while they meet the target.
@@ -51,7 +51,11 @@ pub(super) fn track_fits(s: &mut Step) {
                 st.refused_steps = 0;
                 st.unsupported_steps = 0;
                 st.last_fit = Some((step, *f));
-                st.ramping_back = false;
+                // A returning backend's fit that measured its capacity sets its weight from
+                // now on; one extrapolated past its (ramping) load does not end the ramp.
+                if f.capacity_at(p.latency_target_ms) <= MEASURED_REACH * f.load_max {
+                    st.ramping_back = false;
+                }
             }
             Err(_) => {
                 st.refused_steps = st.refused_steps.saturating_add(1);

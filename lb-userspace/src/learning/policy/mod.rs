@@ -64,6 +64,20 @@ pub struct BackendInput {
     /// separates the latency of the probes that succeeded from the failures' share of it.
     #[serde(default)]
     pub probe_timeout_ms: Option<f64>,
+    /// The active check of its service port while it is drained on a passive signal (`None`:
+    /// not checked, or no conclusive answer yet).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_check: Option<ServiceCheck>,
+}
+
+/// Consecutive outcomes of the active check of a drained backend's service port (a TCP
+/// connect to its address and the VIP's port, the port its clients' SYNs go to): only one of
+/// the two counts is non-zero. A refused connection is no outcome (the service may listen on
+/// the VIP's address only).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceCheck {
+    pub passes: u32,
+    pub failures: u32,
 }
 
 /// What the policy remembers between steps (per VIP). Feed a decision's `state` into the next
@@ -136,6 +150,14 @@ pub struct BackendMemory {
     /// Trials failed since the last one that passed: each multiplies the next wait.
     #[serde(default)]
     pub failed_trials: u32,
+    /// The service check failed during the drain in force: it sees the fault, so its passes
+    /// are evidence that the fault ended.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub check_failed: bool,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 /// How a backend's weight is set this step.
@@ -304,7 +326,8 @@ pub(super) fn describe(r: &Reason, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         | R::StillDrained { .. }
         | R::Undrained { .. }
         | R::Trial { .. }
-        | R::TrialPassed { .. } => drains::describe(r, f),
+        | R::TrialPassed { .. }
+        | R::ServiceCheck { .. } => drains::describe(r, f),
         R::Extrapolation { .. } | R::Remembered { .. } => capacity::describe(r, f),
         R::ExplorationHeld { .. } => exploration::describe(r, f),
         R::Health { .. }
@@ -320,7 +343,8 @@ pub(super) fn describe(r: &Reason, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         | R::Headroom { .. }
         | R::Probation
         | R::AtFloor { .. }
-        | R::AtCeiling { .. } => target::describe(r, f),
+        | R::AtCeiling { .. }
+        | R::LowerBound { .. } => target::describe(r, f),
         R::Deadband { .. } => deadband::describe(r, f),
         R::Hysteresis { .. } | R::ReversalHold { .. } => reversal::describe(r, f),
         R::StepLimited { .. } => step_limit::describe(r, f),
@@ -653,7 +677,7 @@ mod tests {
         }
         assert_eq!(
             (out.len(), fnv1a(&out)),
-            (3_631_534, 15_555_659_309_363_879_168),
+            (3_621_248, 6_329_318_336_237_794_615),
             "transcript changed; LB_GOLDEN_DUMP=/tmp/x writes it to diff"
         );
     }

@@ -3,17 +3,12 @@
 use std::fmt;
 
 use super::{Backend, Mode, Step, WeightPolicy};
-use crate::learning::{table_weight, Reason, WEIGHT_SCALE};
+use crate::learning::{Reason, WEIGHT_SCALE};
 
-/// Ends ramp-backs that reached the configured weight, then settles every backend whose weight
-/// no model decides this step.
+/// Settles every backend whose weight no model decides this step. (A return's ramp does not end
+/// at the configured weight: see `target`'s lower bound.)
 pub(super) fn fix(s: &mut Step) {
     let p = s.p;
-    for b in &mut s.all {
-        if b.input.current_weight >= table_weight(b.input.configured_weight) {
-            b.state.ramping_back = false;
-        }
-    }
     for b in &mut s.all {
         b.settled = fixed(b, p);
     }

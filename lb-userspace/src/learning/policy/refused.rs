@@ -30,7 +30,7 @@ pub(super) fn choose(s: &mut Step) {
         };
         if let Some((latency_ms, peers_latency_ms)) = overloaded {
             cut_overloaded(b, p, step, refusal, latency_ms, peers_latency_ms);
-        } else if ramps_back(b, p, &refusal) {
+        } else if ramps_back(b, p) {
             // Back from a slow start with its window still filling (cleared while it was
             // down): without a model it returns, gradually, to where a backend without one
             // starts, rather than staying at the floor until the window refills.
@@ -57,9 +57,11 @@ pub(super) fn choose(s: &mut Step) {
     }
 }
 
-fn ramps_back(b: &Backend, p: &WeightPolicy, refusal: &Refusal) -> bool {
+/// Returning (after a health failure, a drain or a passed trial) below its configured weight
+/// and meeting the target, without a model: any refusal, not only too few samples (a passed
+/// trial's window holds the drain's idle samples, and its fit is refused as flat).
+fn ramps_back(b: &Backend, p: &WeightPolicy) -> bool {
     b.state.ramping_back
-        && matches!(refusal, Refusal::TooFewSamples { .. })
         && f64::from(b.input.current_weight) < b.configured
         && b.input
             .observed

@@ -21,7 +21,15 @@ pub(super) fn choose(s: &mut Step) {
         } else {
             let t = target(b, p, group_cfg, pool_cap);
             b.target = Some(t);
-            b.learned = Some(t);
+            if let Some(Reason::LowerBound { .. }) = b.reasons.last() {
+                // Not a learned move: no deadband, no reversal hold, as any return's ramp.
+                b.mode = Mode::Gradual {
+                    target: t,
+                    learned: false,
+                };
+            } else {
+                b.learned = Some(t);
+            }
         }
     }
 }
@@ -42,7 +50,24 @@ fn target(b: &mut Backend, p: &WeightPolicy, group_cfg: f64, pool_cap: f64) -> f
         hi = hi.min(b.configured);
         b.reasons.push(Reason::Probation);
     }
-    let t = raw.clamp(lo, hi);
+    let mut t = raw.clamp(lo, hi);
+    // Returned, meeting the target, with an estimate bound by its own load: that load is the
+    // ramp's, or the share it was given back, so the estimate is a lower bound, no evidence
+    // against its configured share (held by the deadband, a recovered backend stayed at 76%
+    // of it for minutes; back at it, the peers' estimates, bound by the higher loads they
+    // carried while it was out, cut it to 70%). Missing the target ends the return: the
+    // weight rule takes over.
+    if b.misses_target(p) {
+        b.state.ramping_back = false;
+    }
+    if b.state.ramping_back && b.load_bound && t < b.configured {
+        t = b.configured.min(hi);
+        b.reasons.push(Reason::LowerBound {
+            capacity: b.cap,
+            weight: t,
+        });
+        return t;
+    }
     if raw < lo {
         b.reasons.push(Reason::AtFloor { floor_weight: lo });
     } else if raw > hi && !probation {
@@ -83,6 +108,11 @@ pub(super) fn describe(r: &Reason, f: &mut fmt::Formatter<'_>) -> fmt::Result {
             f,
             "no model ({refusal}), but below the latency target at its load: capacity taken as load x min(target / latency, max_extrapolation) = {capacity_estimate:.1}/s"
         ),
+        Reason::LowerBound { capacity, weight } => write!(
+            f,
+            "returning: its capacity estimate {capacity:.1}/s is bound by its own ramping load, a lower bound: ramping back to the configured {:.2}",
+            weight / s
+        ),
         _ => unreachable!("not a target reason: {r:?}"),
     }
 }
@@ -91,6 +121,41 @@ pub(super) fn describe(r: &Reason, f: &mut fmt::Formatter<'_>) -> fmt::Result {
 mod tests {
     use crate::learning::testkit::*;
     use crate::learning::*;
+
+    /// Four equal backends whose fits extrapolate past their loads (estimates bound by the
+    /// load, twice the highest seen); backend 4 is back from a drain and has carried less
+    /// (its peers took its share meanwhile). Its lower estimate is no reason to cut it below
+    /// its configured weight while it meets the target; missing the target is.
+    #[test]
+    fn a_returned_backend_is_not_cut_on_an_estimate_bound_by_its_own_load() {
+        let p = unbudgeted();
+        let bound = |load_max: f64| {
+            let mut f = mm1_fit(1000.0);
+            (f.load_min, f.load_max, f.load_mean) = (0.5 * load_max, load_max, 0.75 * load_max);
+            f
+        };
+        let mut inputs: Vec<BackendInput> = (1..=4)
+            .map(|id| {
+                let mut b = input(id, 100, Ok(bound(if id == 4 { 30.0 } else { 50.0 })));
+                b.observed = Some(observed(40.0, 20.0));
+                b
+            })
+            .collect();
+        let mut returned = PolicyState::default();
+        returned.backends.entry(4).or_default().ramping_back = true;
+        let d = decide(&inputs, &p, &returned);
+        assert_eq!(weight(&d, 4), 10_000, "{:?}", reasons(&d, 4));
+        assert!(reasons(&d, 4)
+            .iter()
+            .any(|r| matches!(r, Reason::LowerBound { .. })));
+        // Without the return, the same estimates cut it (60 of the pool's 360 per second).
+        let d = decide(&inputs, &p, &PolicyState::default());
+        assert!(weight(&d, 4) < 9_000, "{:?}", d.weights());
+        // Missing the target ends the return.
+        inputs[3].observed = Some(observed(40.0, 150.0));
+        let d = decide(&inputs, &p, &returned);
+        assert!(!d.state.backends[&4].ramping_back);
+    }
 
     #[test]
     fn floor_and_ceiling_bound_learned_weights() {
