@@ -78,27 +78,8 @@ pub const BACKEND_F_DOWN: u32 = 2;
 pub const CONFIG_F_HAVE_V4_SRC: u32 = 1;
 pub const CONFIG_F_HAVE_V6_SRC: u32 = 2;
 
-/// Names of the maps, shared so that userspace never spells them differently.
-pub mod maps {
-    pub const VIPS: &str = "VIPS";
-    pub const RING: &str = "RING";
-    pub const BACKENDS: &str = "BACKENDS";
-    pub const NEXTHOPS: &str = "NEXTHOPS";
-    pub const CT: &str = "CT";
-    pub const CT_NEW: &str = "CT_NEW";
-    pub const FRAGS: &str = "FRAGS";
-    pub const CONFIG: &str = "CONFIG";
-    pub const COUNTERS: &str = "COUNTERS";
-    pub const VIP_STATS: &str = "VIP_STATS";
-    pub const BACKEND_STATS: &str = "BACKEND_STATS";
-    pub const DECAP_VIPS: &str = "DECAP_VIPS";
-    pub const DECAP_COUNTERS: &str = "DECAP_COUNTERS";
-    pub const BENCH_PROGS: &str = "BENCH_PROGS";
-    pub const BENCH_INPUT: &str = "BENCH_INPUT";
-    pub const BENCH_STATE: &str = "BENCH_STATE";
-    pub const VIP_PORTS: &str = "VIP_PORTS";
-    pub const AGENT_STATE: &str = "AGENT_STATE";
-}
+/// The maps: one registry of names, kinds, types, capacities and pins.
+pub mod maps;
 
 /// Names of the programs in the eBPF objects.
 pub mod progs {

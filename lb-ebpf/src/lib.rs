@@ -105,17 +105,23 @@ pub mod net {
         })
     }
 
-    /// Mutable view of `N` packet bytes at `offset`.
+    /// Mutable view of `N` packet bytes at `offset` (bounds checked).
+    ///
+    /// # Safety
+    /// No other reference into the packet (from `bytes_mut` or a header read) may be used
+    /// while the returned one lives, and the packet must not be resized meanwhile: the
+    /// reference is tied to `ctx`, which does not own the bytes, so the compiler cannot see
+    /// two views of one packet.
     // The bytes belong to the packet, not to the context that locates them.
     #[allow(clippy::mut_from_ref)]
     #[inline(always)]
-    pub fn bytes_mut<const N: usize>(
+    pub unsafe fn bytes_mut<const N: usize>(
         ctx: &XdpContext,
         offset: usize,
     ) -> Result<&mut [u8; N], Truncated> {
         let p = ptr_at_mut::<[u8; N]>(ctx, offset)?;
-        // SAFETY: `ptr_at_mut` checked the bounds; callers do not resize the packet while the
-        // reference lives, and `[u8; N]` has alignment 1.
+        // SAFETY: `ptr_at_mut` checked the bounds and `[u8; N]` has alignment 1; the caller
+        // keeps the reference unique and the packet unresized (the contract above).
         Ok(unsafe { &mut *p })
     }
 
@@ -131,7 +137,8 @@ pub mod net {
     ) -> Result<usize, Truncated> {
         match vlan_tci {
             Some(tci) => {
-                let h = bytes_mut::<18>(ctx, 0)?;
+                // SAFETY: the only view of the packet while the header is written.
+                let h = unsafe { bytes_mut::<18>(ctx, 0)? };
                 h[0..6].copy_from_slice(dst);
                 h[6..12].copy_from_slice(src);
                 h[12..14].copy_from_slice(&ETH_P_8021Q.to_be_bytes());
@@ -140,7 +147,8 @@ pub mod net {
                 Ok(ETH_LEN + VLAN_LEN)
             }
             None => {
-                let h = bytes_mut::<14>(ctx, 0)?;
+                // SAFETY: the only view of the packet while the header is written.
+                let h = unsafe { bytes_mut::<14>(ctx, 0)? };
                 h[0..6].copy_from_slice(dst);
                 h[6..12].copy_from_slice(src);
                 h[12..14].copy_from_slice(&ethertype.to_be_bytes());

@@ -188,6 +188,39 @@ pub fn lbctl_fleet_ok(ns: &NetNs, url: &str, prefix: &str, args: &[&str]) -> Str
     String::from_utf8_lossy(&out.stdout).to_string()
 }
 
+/// Whether a node's `lbctl status` `fleet` section shows store revision `rev` applied: store
+/// connected, no error, and (a follower) the leader's weights for it.
+pub fn fleet_applied(f: &serde_json::Value, rev: i64) -> bool {
+    f["store_connected"] == true
+        && f["applied_revision"].as_i64() == Some(rev)
+        && f["last_error"].is_null()
+        && (f["role"] == "leader" || f["applied_weights_revision"].as_i64() > Some(0))
+}
+
+/// Asserts that every node's tables ([`pinned_tables`]) equal the first's, slot for slot (by
+/// the backend address each slot leads to); `tables` names each node. Returns the first's.
+pub fn assert_same_tables(
+    tables: Vec<(String, BTreeMap<String, Vec<IpAddr>>)>,
+) -> BTreeMap<String, Vec<IpAddr>> {
+    let mut it = tables.into_iter();
+    let (first_name, first) = it.next().expect("at least one node");
+    for (name, t) in it {
+        assert_eq!(
+            t.keys().collect::<Vec<_>>(),
+            first.keys().collect::<Vec<_>>(),
+            "{name}'s VIPs and {first_name}'s"
+        );
+        for (vip, slots) in &first {
+            let differ = slots.iter().zip(&t[vip]).filter(|(a, b)| a != b).count();
+            assert_eq!(
+                differ, 0,
+                "{name}'s table of {vip} differs from {first_name}'s in {differ} slots"
+            );
+        }
+    }
+    first
+}
+
 /// Every VIP's Maglev table as a node's kernel reads it, from its pinned maps: per VIP (as
 /// "address:port/protocol-number"), the backend address of each slot of the published RING
 /// region, in slot order. Backend ids may differ between nodes (they follow each node's

@@ -23,11 +23,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 
-use crate::etcd::{pinned_tables, EtcdServer};
-use crate::netns::{unique_prefix, NetNs};
-use crate::procs::{bin_path, wait_for, Lbd, LbdOptions};
+use crate::etcd::{fleet_applied, pinned_tables, EtcdServer};
+use crate::lab::{hold_vips, plug, BRIDGE, EARLY_SYSCTLS};
+use crate::netns::{unique_prefix, NetNs, Veth};
+use crate::procs::{bin_path, poll_until, start_decap, Lbd, LbdOptions};
 use crate::tcp::TcpServer;
 
 pub const VIP_V4: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 10);
@@ -35,7 +36,6 @@ pub const VIP_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x100, 0, 0, 0, 0, 0x1
 pub const PORT: u16 = 8080;
 pub const ROUTER_AS: u32 = 65000;
 pub const NODE_AS: u32 = 65001;
-const BRIDGE: &str = "br0";
 /// The VIPs' table size with a store: small enough that a test reads every slot of every
 /// node's tables from the pins many times a second (about 340 slots per backend).
 const STORE_TABLE_SIZE: &str = "1021";
@@ -115,24 +115,6 @@ pub struct Fleet {
     store_ns: Option<NetNs>,
     router_bird: Option<Child>,
 }
-
-fn sysctl(ns: &NetNs, pairs: &[(&str, &str)]) -> Result<()> {
-    ns.run_in(|| -> Result<()> {
-        for (k, v) in pairs {
-            let path = format!("/proc/sys/{k}");
-            std::fs::write(&path, v).with_context(|| format!("writing {v} to {path}"))?;
-        }
-        Ok(())
-    })
-}
-
-/// Sysctls set in a namespace before its devices arrive (they take the defaults then).
-const EARLY: &[(&str, &str)] = &[
-    ("net/ipv6/conf/all/accept_dad", "0"),
-    ("net/ipv6/conf/default/accept_dad", "0"),
-    ("net/ipv4/conf/all/rp_filter", "0"),
-    ("net/ipv4/conf/default/rp_filter", "0"),
-];
 
 impl Fleet {
     /// Builds the topology with `nodes` node namespaces (none started) and one backend per
@@ -291,43 +273,37 @@ impl Fleet {
     /// Waits until nodes `nodes` apply the store's configuration revision (followers with the
     /// leader's weights for it), the store reachable and nothing refused; that revision.
     pub fn try_wait_in_sync(&self, nodes: &[usize], timeout: Duration) -> Result<i64> {
-        let t = Instant::now();
-        loop {
+        let (mut rev, mut last, mut cluster) =
+            (0, serde_json::Value::Null, serde_json::Value::Null);
+        let synced = poll_until(timeout, || {
             let c = self.cluster();
-            let rev = c["config_revision"].as_i64().unwrap_or(0);
-            let mut last = serde_json::Value::Null;
+            rev = c["config_revision"].as_i64().unwrap_or(0);
             let synced = nodes.iter().all(|&i| {
                 let f = self.try_lbctl(i, &["status"]).unwrap_or_default()["fleet"].clone();
-                let ok = f["store_connected"] == true
-                    && f["applied_revision"].as_i64() == Some(rev)
-                    && f["last_error"].is_null()
-                    && (f["role"] == "leader" || f["applied_weights_revision"].as_i64() > Some(0));
+                let ok = fleet_applied(&f, rev);
                 last = f;
                 ok
             });
-            if synced && c["weights_config_revision"].as_i64() == Some(rev) {
-                return Ok(rev);
-            }
-            if t.elapsed() > timeout {
-                bail!("nodes {nodes:?} not in sync on revision {rev} within {timeout:?}; last node status {last:#}; cluster {c:#}");
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+            let done = synced && c["weights_config_revision"].as_i64() == Some(rev);
+            cluster = c;
+            done.then_some(rev)
+        });
+        synced.ok_or_else(|| anyhow!("nodes {nodes:?} not in sync on revision {rev} within {timeout:?}; last node status {last:#}; cluster {cluster:#}"))
     }
 
     /// Waits until `lbctl cluster status` lists exactly nodes `nodes`, each serving with every
     /// session established and both VIPs announced (a node rewrites its report in etcd on its
     /// loop, at least once a second, so the store's view lags the node's own).
     pub fn try_wait_reported(&self, nodes: &[usize], timeout: Duration) -> Result<()> {
-        let t = Instant::now();
-        loop {
+        let want: BTreeSet<String> = nodes.iter().map(|i| format!("n{i}")).collect();
+        let mut last = serde_json::Value::Null;
+        let reported = poll_until(timeout, || {
             let c = self.cluster();
             let reported = c["nodes"].as_array().cloned().unwrap_or_default();
             let names: BTreeSet<String> = reported
                 .iter()
                 .filter_map(|n| n["node"].as_str().map(String::from))
                 .collect();
-            let want: BTreeSet<String> = nodes.iter().map(|i| format!("n{i}")).collect();
             let serving = reported.iter().all(|n| {
                 let b = &n["bgp"];
                 b["node"] == "serving"
@@ -336,14 +312,10 @@ impl Fleet {
                         .as_array()
                         .is_some_and(|s| s.len() == 2 && s.iter().all(|s| s["established"] == true))
             });
-            if names == want && serving {
-                return Ok(());
-            }
-            if t.elapsed() > timeout {
-                bail!("cluster status does not show nodes {nodes:?} serving with every session up after {timeout:?}: {c:#}");
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+            last = c;
+            (names == want && serving).then_some(())
+        });
+        reported.ok_or_else(|| anyhow!("cluster status does not show nodes {nodes:?} serving with every session up after {timeout:?}: {last:#}"))
     }
 
     /// [`Fleet::try_wait_in_sync`], panicking on timeout.
@@ -359,81 +331,47 @@ impl Fleet {
 
     /// A fabric port on the bridge and its peer `eth0` in `ns`, with addresses and up.
     fn plug(&self, ns: &NetNs, port: &str, v4: Ipv4Addr, v6: Ipv6Addr) -> Result<()> {
-        sysctl(ns, EARLY)?;
-        let mtu = FABRIC_MTU.to_string();
-        self.switch.ip([
-            "link",
-            "add",
-            port,
-            "mtu",
-            &mtu,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "mtu",
-            &mtu,
-            "netns",
-            ns.name(),
-        ])?;
-        self.switch
-            .ip(["link", "set", port, "master", BRIDGE, "up"])?;
-        ns.ip(["link", "set", "lo", "up"])?;
-        ns.ip(["addr", "add", &format!("{v4}/24"), "dev", "eth0"])?;
-        ns.ip([
-            "-6",
-            "addr",
-            "add",
+        ns.sysctls(EARLY_SYSCTLS)?;
+        let veth = Veth {
+            name: port,
+            peer: "eth0",
+            mtu: FABRIC_MTU,
+            mac: None,
+            peer_mac: None,
+            peer_ns: Some(ns),
+        };
+        plug(
+            &self.switch,
+            &veth,
+            &format!("{v4}/24"),
             &format!("{v6}/64"),
-            "dev",
-            "eth0",
-            "nodad",
-        ])?;
-        ns.ip(["link", "set", "eth0", "up"])?;
-        Ok(())
+        )
     }
 
     fn build_router_and_client(&self) -> Result<()> {
         let (rt, cl) = (&self.router, &self.client);
         self.plug(rt, "rt", router_v4(), router_v6())?;
-        sysctl(cl, EARLY)?;
-        let mtu = CLIENT_MTU.to_string();
-        rt.ip([
-            "link",
-            "add",
-            "eth1",
-            "mtu",
-            &mtu,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "mtu",
-            &mtu,
-            "netns",
-            cl.name(),
+        cl.sysctls(EARLY_SYSCTLS)?;
+        rt.add_veth(&Veth {
+            name: "eth1",
+            peer: "eth0",
+            mtu: CLIENT_MTU,
+            mac: None,
+            peer_mac: None,
+            peer_ns: Some(cl),
+        })?;
+        rt.addrs_up("eth1", "10.81.0.1/24", "fd81::1/64")?;
+        rt.sysctls(&[
+            ("net/ipv4/ip_forward", "1"),
+            ("net/ipv6/conf/all/forwarding", "1"),
+            // ECMP by the 5-tuple (L4 hash), for both families.
+            ("net/ipv4/fib_multipath_hash_policy", "1"),
+            ("net/ipv6/fib_multipath_hash_policy", "1"),
+            ("net/ipv4/conf/eth0/rp_filter", "0"),
+            ("net/ipv4/conf/eth1/rp_filter", "0"),
         ])?;
-        rt.ip(["addr", "add", "10.81.0.1/24", "dev", "eth1"])?;
-        rt.ip(["-6", "addr", "add", "fd81::1/64", "dev", "eth1", "nodad"])?;
-        rt.ip(["link", "set", "eth1", "up"])?;
-        sysctl(
-            rt,
-            &[
-                ("net/ipv4/ip_forward", "1"),
-                ("net/ipv6/conf/all/forwarding", "1"),
-                // ECMP by the 5-tuple (L4 hash), for both families.
-                ("net/ipv4/fib_multipath_hash_policy", "1"),
-                ("net/ipv6/fib_multipath_hash_policy", "1"),
-                ("net/ipv4/conf/eth0/rp_filter", "0"),
-                ("net/ipv4/conf/eth1/rp_filter", "0"),
-            ],
-        )?;
         cl.ip(["link", "set", "lo", "up"])?;
-        cl.ip(["addr", "add", &format!("{}/24", client_v4()), "dev", "eth0"])?;
-        cl.ip(["-6", "addr", "add", "fd81::2/64", "dev", "eth0", "nodad"])?;
-        cl.ip(["link", "set", "eth0", "up"])?;
+        cl.addrs_up("eth0", &format!("{}/24", client_v4()), "fd81::2/64")?;
         cl.ip(["route", "add", "default", "via", "10.81.0.1"])?;
         cl.ip(["-6", "route", "add", "default", "via", "fd81::1"])?;
         // Packets leaving a veth carry CHECKSUM_PARTIAL; a node's XDP_TX would send them on
@@ -446,14 +384,11 @@ impl Fleet {
         let ns = NetNs::with_name(format!("{}-n{i}", self.prefix))?;
         let port = format!("n{i}");
         self.plug(&ns, &port, node_v4(i), node_v6(i))?;
-        sysctl(
-            &ns,
-            &[
-                ("net/ipv4/conf/all/forwarding", "1"),
-                ("net/ipv6/conf/all/forwarding", "1"),
-                ("net/ipv4/conf/eth0/rp_filter", "0"),
-            ],
-        )?;
+        ns.sysctls(&[
+            ("net/ipv4/conf/all/forwarding", "1"),
+            ("net/ipv6/conf/all/forwarding", "1"),
+            ("net/ipv4/conf/eth0/rp_filter", "0"),
+        ])?;
         ns.ip(["route", "add", "default", "via", &router_v4().to_string()])?;
         // XDP_TX on a veth reaches its peer only if the peer runs NAPI: GRO and an XDP program.
         self.switch.exec_ok("ethtool", ["-K", &port, "gro", "on"])?;
@@ -523,25 +458,7 @@ impl Fleet {
     fn add_backend(&mut self, i: usize) -> Result<NetNs> {
         let ns = NetNs::with_name(format!("{}-b{i}", self.prefix))?;
         self.plug(&ns, &format!("b{i}"), backend_v4(i), backend_v6(i))?;
-        ns.ip(["addr", "add", &format!("{VIP_V4}/32"), "dev", "lo"])?;
-        ns.ip([
-            "-6",
-            "addr",
-            "add",
-            &format!("{VIP_V6}/128"),
-            "dev",
-            "lo",
-            "nodad",
-        ])?;
-        sysctl(
-            &ns,
-            &[
-                ("net/ipv4/conf/all/arp_ignore", "1"),
-                ("net/ipv4/conf/all/arp_announce", "2"),
-                ("net/ipv4/conf/eth0/rp_filter", "0"),
-                ("net/ipv4/conf/lo/rp_filter", "0"),
-            ],
-        )?;
+        hold_vips(&ns, VIP_V4, VIP_V6)?;
         ns.ip(["route", "add", "default", "via", &router_v4().to_string()])?;
         ns.ip([
             "-6",
@@ -551,20 +468,13 @@ impl Fleet {
             "via",
             &router_v6().to_string(),
         ])?;
-        let mut cmd = ns.command(self.bin_dir.join("lbd"));
-        cmd.args(["decap", "--interface", "eth0", "--xdp-mode", "native"])
-            .args(["--vip", &VIP_V4.to_string(), "--vip", &VIP_V6.to_string()])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(
-                self.dir.join(format!("decap{i}.log")),
-            )?);
-        ns.spawn_command(&mut cmd)?;
-        wait_for("lbd decap to attach", Duration::from_secs(20), || {
-            ns.ip(["link", "show", "dev", "eth0"])
-                .map(|s| s.contains("xdp"))
-                .unwrap_or(false)
-        });
+        let log = self.dir.join(format!("decap{i}.log"));
+        start_decap(
+            &ns,
+            &self.bin_dir.join("lbd"),
+            &[VIP_V4.into(), VIP_V6.into()],
+            Some(&log),
+        )?;
         // The backend's own addresses too: health probes go there.
         let addrs = [
             SocketAddr::new(VIP_V4.into(), PORT),
@@ -651,15 +561,8 @@ impl Fleet {
         }
         let n = &self.nodes[i];
         let mut lbd = Lbd::spawn(&n.ns, &n.config, &n.socket, &opts);
-        let t = Instant::now();
-        while self.try_lbctl(i, &["status"]).is_err() {
-            if let Some(s) = lbd.try_wait() {
-                bail!("node{i}'s lbd exited ({s}) before serving:\n{}", lbd.log());
-            }
-            if t.elapsed() > Duration::from_secs(30) {
-                bail!("node{i}'s lbd did not serve within 30 s:\n{}", lbd.log());
-            }
-            std::thread::sleep(Duration::from_millis(20));
+        if let Err(e) = lbd.try_wait_serving() {
+            bail!("node{i}: {e}");
         }
         self.nodes[i].lbd = Some(lbd);
         Ok(())
@@ -716,22 +619,30 @@ impl Fleet {
     /// Waits until node `i`'s status says it serves, every session is established and both
     /// VIPs are announced; returns that status.
     pub fn try_wait_announcing(&self, i: usize, timeout: Duration) -> Result<serde_json::Value> {
-        let t = Instant::now();
-        loop {
-            let s = self.try_lbctl(i, &["status"])?;
+        let mut last = Ok(serde_json::Value::Null);
+        let announcing = poll_until(timeout, || {
+            let s = match self.try_lbctl(i, &["status"]) {
+                Ok(s) => s,
+                Err(e) => {
+                    last = Err(e);
+                    return Some(None);
+                }
+            };
             let b = &s["bgp"];
-            if b["node"] == "serving"
+            let ok = b["node"] == "serving"
                 && b["announced"].as_array().map(Vec::len) == Some(2)
                 && b["sessions"]
                     .as_array()
-                    .is_some_and(|s| s.iter().all(|s| s["established"] == true))
-            {
-                return Ok(s);
-            }
-            if t.elapsed() > timeout {
-                bail!("node{i} does not announce both VIPs with every session up after {timeout:?}: {b}");
-            }
-            std::thread::sleep(Duration::from_millis(20));
+                    .is_some_and(|s| s.iter().all(|s| s["established"] == true));
+            last = Ok(b.clone());
+            ok.then_some(Some(s))
+        });
+        match (announcing, last) {
+            (Some(Some(s)), _) => Ok(s),
+            (_, Err(e)) => Err(e),
+            (_, Ok(b)) => bail!(
+                "node{i} does not announce both VIPs with every session up after {timeout:?}: {b}"
+            ),
         }
     }
 

@@ -57,8 +57,8 @@ use lb_userspace::config::Forwarding;
 use lb_userspace::{Balancer, Config, LoadOptions};
 
 use crate::model::{self, Flow, FragId, Mode, NextHop, State, Track, Verdict};
-use crate::pkt::{self, mac_str, Ip4, Ip6, Mac, Tcp, ICMP, ICMPV6, IPV6_FRAG, TCP, UDP};
-use crate::NetNs;
+use crate::netns::{NetNs, Veth};
+use lb_pkt::{self as pkt, mac_str, Ip4, Ip6, Mac, Tcp, ICMP, ICMPV6, IPV6_FRAG, TCP, UDP};
 
 // ---------------------------------------------------------------------------------------------
 // Options and report.
@@ -509,23 +509,15 @@ fn config(n: u64) -> Result<Config> {
 fn setup_namespace(ns: &NetNs) -> Result<[u32; 2]> {
     let mut ifindex = [0u32; 2];
     for (i, mac) in [ETH0_MAC, ETH1_MAC].iter().enumerate() {
-        let (dev, peer, mtu) = (format!("eth{i}"), format!("peer{i}"), MTU[i].to_string());
-        ns.ip([
-            "link",
-            "add",
-            &dev,
-            "address",
-            &mac_str(mac),
-            "mtu",
-            &mtu,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            &peer,
-            "mtu",
-            &mtu,
-        ])?;
+        let (dev, peer) = (format!("eth{i}"), format!("peer{i}"));
+        ns.add_veth(&Veth {
+            name: &dev,
+            peer: &peer,
+            mtu: MTU[i].into(),
+            mac: Some(&mac_str(mac)),
+            peer_mac: None,
+            peer_ns: None,
+        })?;
         ns.ip(["addr", "add", &format!("10.230.{i}.2/24"), "dev", &dev])?;
         ns.ip([
             "-6",
@@ -729,7 +721,7 @@ impl Kernel {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Packet building (generator side; the model never uses these): `crate::pkt`.
+// Packet building (generator side; the model never uses these): `lb_pkt`.
 
 /// A TCP (20 bytes, or with `opts` bytes of NOP options; flags and sequence number; an ACK
 /// carries acknowledgement number 0x5e6f7081) or UDP segment with a valid checksum.

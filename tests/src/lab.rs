@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-use crate::netns::{list_namespaces, unique_prefix, NetNs};
+use crate::netns::{list_namespaces, unique_prefix, NetNs, Veth};
 use crate::xdp::attach_xdp_pass;
 
 /// The IPv4 VIP, configured (as /32) on every backend's `lo`.
@@ -360,50 +360,25 @@ impl Lab {
         let ns = NetNs::with_name(format!("{}-{}", self.prefix, role.name()))?;
         let port = role.port_name();
         debug_assert!(port.len() <= 15);
-        // Must be set before eth0 arrives: a device moved into a namespace takes its defaults.
-        ns.run_in(|| -> Result<()> {
-            for scope in ["all", "default"] {
-                write_sysctl(&format!("net/ipv6/conf/{scope}/accept_dad"), "0")?;
-                write_sysctl(&format!("net/ipv4/conf/{scope}/rp_filter"), "0")?;
-            }
-            Ok(())
-        })?;
+        ns.sysctls(EARLY_SYSCTLS)?;
         let mtu = match role {
             Role::Client => CLIENT_MTU,
             _ => FABRIC_MTU,
-        }
-        .to_string();
+        };
         let b = role.last_byte();
         let host_mac = MacAddr([0x02, 0, 0, 0, 0, b]).to_string();
         let port_mac = MacAddr([0x02, 0, 0, 0, 1, b]).to_string();
-        sw.ip([
-            "link",
-            "add",
-            &port,
-            "mtu",
-            &mtu,
-            "address",
-            &port_mac,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "mtu",
-            &mtu,
-            "address",
-            &host_mac,
-            "netns",
-            ns.name(),
-        ])?;
-        sw.ip(["link", "set", &port, "master", BRIDGE, "up"])?;
-
+        let veth = Veth {
+            name: &port,
+            peer: "eth0",
+            mtu,
+            mac: Some(&port_mac),
+            peer_mac: Some(&host_mac),
+            peer_ns: Some(&ns),
+        };
         let v4 = format!("{}/{PREFIX_V4}", role.v4());
         let v6 = format!("{}/{PREFIX_V6}", role.v6());
-        ns.ip(["link", "set", "lo", "up"])?;
-        ns.ip(["addr", "add", &v4, "dev", "eth0"])?;
-        ns.ip(["-6", "addr", "add", &v6, "dev", "eth0", "nodad"])?;
-        ns.ip(["link", "set", "eth0", "up"])?;
+        plug(sw, &veth, &v4, &v6)?;
 
         match role {
             Role::Client => {
@@ -447,26 +422,7 @@ impl Lab {
                 // both are set up (the program is attached below, see crate::xdp).
                 sw.exec_ok("ethtool", ["-K", &port, "gro", "on"])?;
             }
-            Role::Backend(_) => {
-                ns.ip(["addr", "add", &format!("{VIP_V4}/32"), "dev", "lo"])?;
-                ns.ip([
-                    "-6",
-                    "addr",
-                    "add",
-                    &format!("{VIP_V6}/128"),
-                    "dev",
-                    "lo",
-                    "nodad",
-                ])?;
-                ns.run_in(|| -> Result<()> {
-                    for dev in ["all", "eth0"] {
-                        write_sysctl(&format!("net/ipv4/conf/{dev}/rp_filter"), "0")?;
-                        write_sysctl(&format!("net/ipv4/conf/{dev}/arp_ignore"), "1")?;
-                        write_sysctl(&format!("net/ipv4/conf/{dev}/arp_announce"), "2")?;
-                    }
-                    write_sysctl("net/ipv4/conf/lo/rp_filter", "0")
-                })?;
-            }
+            Role::Backend(_) => hold_vips(&ns, VIP_V4, VIP_V6)?,
         }
 
         let (mac, ifindex) = link_info(&ns, "eth0")?;
@@ -669,6 +625,42 @@ fn link_info(ns: &NetNs, dev: &str) -> Result<(MacAddr, u32)> {
 }
 
 /// Writes `/proc/sys/<key>` for the calling thread's network namespace.
+/// Sysctls set in a namespace before its devices arrive (a device moved into a namespace
+/// takes the defaults then): no duplicate address detection, no reverse-path filter.
+pub(crate) const EARLY_SYSCTLS: &[(&str, &str)] = &[
+    ("net/ipv6/conf/all/accept_dad", "0"),
+    ("net/ipv6/conf/default/accept_dad", "0"),
+    ("net/ipv4/conf/all/rp_filter", "0"),
+    ("net/ipv4/conf/default/rp_filter", "0"),
+];
+
+/// Plugs `veth` (created in `sw`, its peer `eth0` in the host's namespace) into [`BRIDGE`] and
+/// gives `eth0` the addresses `v4` and `v6`, loopback and `eth0` up.
+pub(crate) fn plug(sw: &NetNs, veth: &Veth, v4: &str, v6: &str) -> Result<()> {
+    let ns = veth.peer_ns.expect("the port's peer in a host namespace");
+    sw.add_veth(veth)?;
+    sw.ip(["link", "set", veth.name, "master", BRIDGE, "up"])?;
+    ns.ip(["link", "set", "lo", "up"])?;
+    ns.addrs_up(veth.peer, v4, v6)
+}
+
+/// A backend's side of direct server return: the VIPs `v4` and `v6` on its loopback, answered
+/// for by no ARP on eth0 and not dropped by the reverse-path filter.
+pub(crate) fn hold_vips(ns: &NetNs, v4: Ipv4Addr, v6: Ipv6Addr) -> Result<()> {
+    ns.ip(["addr", "add", &format!("{v4}/32"), "dev", "lo"])?;
+    let v6 = format!("{v6}/128");
+    ns.ip(["-6", "addr", "add", &v6, "dev", "lo", "nodad"])?;
+    let mut keys = Vec::new();
+    for dev in ["all", "eth0"] {
+        keys.push((format!("net/ipv4/conf/{dev}/rp_filter"), "0"));
+        keys.push((format!("net/ipv4/conf/{dev}/arp_ignore"), "1"));
+        keys.push((format!("net/ipv4/conf/{dev}/arp_announce"), "2"));
+    }
+    keys.push(("net/ipv4/conf/lo/rp_filter".to_string(), "0"));
+    let pairs: Vec<(&str, &str)> = keys.iter().map(|(k, v)| (k.as_str(), *v)).collect();
+    ns.sysctls(&pairs)
+}
+
 fn write_sysctl(key: &str, value: &str) -> Result<()> {
     let path = format!("/proc/sys/{key}");
     std::fs::write(&path, value).with_context(|| format!("writing {value} to {path}"))

@@ -29,7 +29,6 @@ pub mod fuzz;
 pub mod lab;
 pub mod model;
 pub mod netns;
-pub mod pkt;
 pub mod plot;
 pub mod procs;
 pub mod promql;

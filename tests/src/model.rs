@@ -1,6 +1,6 @@
 //! A reference model of the XDP balancer, written from the spec (`docs/datapath.md` and the
 //! comments of `lb-ebpf/src/bin/balancer.rs`), independent of the eBPF code: packets are parsed
-//! with `etherparse`, and the packets the balancer sends are built with [`crate::pkt`] (itself
+//! with `etherparse`, and the packets the balancer sends are built with [`lb_pkt`] (itself
 //! checked against `etherparse` by its unit tests). The only code shared with the
 //! datapath is `lb_common::flow_hash` and `lb_common::maglev_index`, the documented contract for
 //! which Maglev slot a flow lands in, and the map key layouts (`FlowKey`, `FragKey`), used only
@@ -78,9 +78,9 @@ use lb_common::{
     FAMILY_V6,
 };
 
-use crate::pkt::{
-    self, be16, be32, Ip4, Ip6, Mac, ICMP, ICMPV6, IP4_DF, IPIP, IPV6, IPV6_FRAG, TCP, TCP_ACK,
-    TCP_RST, TCP_SYN, UDP,
+use lb_pkt::{
+    self as pkt, be16, be32, Ip4, Ip6, Mac, ICMP, ICMPV6, IP4_DF, IPIP, IPV6, IPV6_FRAG, TCP,
+    TCP_ACK, TCP_RST, TCP_SYN, UDP,
 };
 
 /// Outer TTL / hop limit of what the balancer sends.
@@ -305,11 +305,11 @@ pub enum Verdict {
 impl Verdict {
     pub fn from_xdp(v: u32) -> Option<Verdict> {
         Some(match v {
-            0 => Verdict::Aborted,
-            1 => Verdict::Drop,
-            2 => Verdict::Pass,
-            3 => Verdict::Tx,
-            4 => Verdict::Redirect,
+            pkt::XDP_ABORTED => Verdict::Aborted,
+            pkt::XDP_DROP => Verdict::Drop,
+            pkt::XDP_PASS => Verdict::Pass,
+            pkt::XDP_TX => Verdict::Tx,
+            pkt::XDP_REDIRECT => Verdict::Redirect,
             _ => return None,
         })
     }

@@ -176,6 +176,18 @@ pub struct NetNs {
     deleted: bool,
 }
 
+/// A veth pair for [`NetNs::add_veth`]: `name` in the namespace that creates it, `peer` in
+/// `peer_ns` (or beside it), both with `mtu` and with the MACs given (the kernel's otherwise).
+#[derive(Clone, Copy, Debug)]
+pub struct Veth<'a> {
+    pub name: &'a str,
+    pub peer: &'a str,
+    pub mtu: u32,
+    pub mac: Option<&'a str>,
+    pub peer_mac: Option<&'a str>,
+    pub peer_ns: Option<&'a NetNs>,
+}
+
 impl NetNs {
     /// Creates a namespace named `lbt-<pid>-<counter>-<role>` (see [`unique_prefix`]).
     pub fn new(role: &str) -> Result<Self> {
@@ -284,6 +296,42 @@ impl NetNs {
             .output()
             .context("running `ip`")?;
         check_output(out, &format!("ip -n {} {}", self.name, join_args(&args)))
+    }
+
+    /// Writes each `(key, value)` to `/proc/sys/KEY` inside the namespace.
+    pub fn sysctls(&self, pairs: &[(&str, &str)]) -> Result<()> {
+        self.run_in(|| -> Result<()> {
+            for (k, v) in pairs {
+                let path = format!("/proc/sys/{k}");
+                std::fs::write(&path, v).with_context(|| format!("writing {v} to {path}"))?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Creates the veth pair `v` here (its peer moved to `v.peer_ns` if set).
+    pub fn add_veth(&self, v: &Veth) -> Result<()> {
+        let mtu = v.mtu.to_string();
+        let mut args = vec!["link", "add", v.name, "mtu", &mtu];
+        if let Some(mac) = v.mac {
+            args.extend(["address", mac]);
+        }
+        args.extend(["type", "veth", "peer", "name", v.peer, "mtu", &mtu]);
+        if let Some(mac) = v.peer_mac {
+            args.extend(["address", mac]);
+        }
+        if let Some(ns) = v.peer_ns {
+            args.extend(["netns", ns.name()]);
+        }
+        self.ip(args).map(drop)
+    }
+
+    /// Gives `dev` the addresses `v4` and `v6` (with their prefix lengths; IPv6 without
+    /// duplicate address detection) and sets it up.
+    pub fn addrs_up(&self, dev: &str, v4: &str, v6: &str) -> Result<()> {
+        self.ip(["addr", "add", v4, "dev", dev])?;
+        self.ip(["-6", "addr", "add", v6, "dev", dev, "nodad"])?;
+        self.ip(["link", "set", dev, "up"]).map(drop)
     }
 
     /// Starts `program args...` inside the namespace (stdin null, stdout/stderr inherited) and

@@ -1,6 +1,7 @@
 //! Running the shipped binaries (`lbd`, `lbctl`) in a lab, shared by the end-to-end tests.
 use crate::{lab::Lab, netns::NetNs};
 use std::{
+    ffi::OsString,
     path::{Path, PathBuf},
     process::{Child, Command, ExitStatus, Output, Stdio},
     time::{Duration, Instant},
@@ -23,14 +24,33 @@ pub fn bin_path(name: &str) -> PathBuf {
     p
 }
 
+/// Polls `f` every 20 ms until it returns `Some`, and returns that; `None` after `timeout`.
+/// The one polling loop of the tests: [`poll`], [`wait_for`], [`Control`]'s waits and the
+/// fleet's go through it.
+pub fn poll_until<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let t = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        if t.elapsed() >= timeout {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// [`poll_until`], panicking naming `what` after `timeout`.
+pub fn poll<T>(what: &str, timeout: Duration, f: impl FnMut() -> Option<T>) -> T {
+    poll_until(timeout, f)
+        .unwrap_or_else(|| panic!("timed out after {timeout:?} waiting for {what}"))
+}
+
 /// Polls `f` every 20 ms until it holds and returns how long that took; panics naming `what`
 /// after `timeout`.
 pub fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) -> Duration {
     let t = Instant::now();
-    while !f() {
-        assert!(t.elapsed() < timeout, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    poll(what, timeout, || f().then_some(()));
     t.elapsed()
 }
 
@@ -51,33 +71,42 @@ pub fn xdp_attached(ns: &NetNs) -> bool {
         .unwrap_or(false)
 }
 
+/// Starts `bin decap --interface eth0 --xdp-mode native --vip V...` in `ns`, its stderr to
+/// `log` (or nowhere), and waits until it has attached. The process is tracked by `ns`'s guard
+/// (killed when the namespace goes).
+pub fn start_decap(
+    ns: &NetNs,
+    bin: &Path,
+    vips: &[std::net::IpAddr],
+    log: Option<&Path>,
+) -> std::io::Result<Child> {
+    let mut cmd = ns.command(bin);
+    cmd.args(["decap", "--interface", "eth0", "--xdp-mode", "native"]);
+    for vip in vips {
+        cmd.arg("--vip").arg(vip.to_string());
+    }
+    let stderr = match log {
+        Some(p) => Stdio::from(std::fs::File::create(p)?),
+        None => Stdio::null(),
+    };
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(stderr);
+    let child = ns.spawn_command(&mut cmd)?;
+    wait_for("lbd decap to attach", Duration::from_secs(20), || {
+        xdp_attached(ns)
+    });
+    Ok(child)
+}
+
 /// Starts `lbd decap` for the IPv4 VIP on backends `0..n` and waits until each has attached.
 /// The processes are tracked by the backends' namespace guards (killed when the lab drops).
 pub fn start_decaps(lab: &Lab, n: usize) -> Vec<Child> {
     let lbd = bin_path("lbd");
-    let vip = crate::lab::VIP_V4.to_string();
-    let out: Vec<Child> = (0..n)
-        .map(|i| {
-            lab.backend(i).ns().spawn(
-                lbd.to_str().unwrap(),
-                [
-                    "decap",
-                    "--interface",
-                    "eth0",
-                    "--vip",
-                    &vip,
-                    "--xdp-mode",
-                    "native",
-                ],
-            )
-        })
-        .collect();
-    for i in 0..n {
-        wait_for("lbd decap to attach", Duration::from_secs(20), || {
-            xdp_attached(lab.backend(i).ns())
-        });
-    }
-    out
+    let vip = [crate::lab::VIP_V4.into()];
+    (0..n)
+        .map(|i| start_decap(lab.backend(i).ns(), &lbd, &vip, None).expect("starting lbd decap"))
+        .collect()
 }
 
 /// Removes a test's scratch directory when dropped, so it goes on success, failure and panic.
@@ -111,6 +140,19 @@ pub fn lbctl(socket: &std::path::Path, args: &[&str]) -> std::process::Output {
         .expect("running lbctl")
 }
 
+/// A config for [`Lbd::start`] in a [`Lab`]: the balancer's eth0 in native mode, nothing
+/// pinned, the control socket `dir/run/lbd.sock`, the lab's encap sources, then `vips` (the
+/// test's `[[vip]]` tables).
+pub fn lab_config(dir: &Path, vips: &str) -> String {
+    use crate::lab::{LB_V4, LB_V6};
+    format!(
+        "interface = \"eth0\"\nxdp_mode = \"native\"\npin_dir = \"\"\n\
+         control_socket = \"{}\"\n\
+         [encap]\nsource_v4 = \"{LB_V4}\"\nsource_v6 = \"{LB_V6}\"\n\n{vips}",
+        dir.join("run/lbd.sock").display()
+    )
+}
+
 /// How [`Lbd::spawn`] starts lbd.
 #[derive(Clone, Debug, Default)]
 pub struct LbdOptions {
@@ -122,10 +164,15 @@ pub struct LbdOptions {
     pub nsenter: bool,
     /// Extra environment (`RUST_LOG`, ...).
     pub env: Vec<(String, String)>,
-    /// Where lbd's stderr goes; default `lbd.log` beside the config file.
+    /// Where lbd's stderr and stdout go; default `lbd.log` beside the config file.
     pub log: Option<PathBuf>,
     /// Extra arguments after `--config FILE` (fleet mode: `--etcd`, `--prefix`, `--node`).
     pub args: Vec<String>,
+    /// Environment variables removed from lbd's (inherited) environment.
+    pub env_remove: Vec<String>,
+    /// A command lbd runs under inside the namespace, with its arguments (`setpriv
+    /// --bounding-set=...`); not with `nsenter`.
+    pub wrapper: Vec<String>,
 }
 
 /// How long an lbd may take to serve its control socket, and to exit on SIGTERM.
@@ -136,8 +183,9 @@ const LBD_STOP_TIMEOUT: Duration = Duration::from_secs(10);
 /// `dir` goes too.
 pub struct Lbd {
     child: Option<Child>,
-    /// The directory of the config file.
+    /// The directory of the config file (of the log, with [`Lbd::spawn_args`]).
     pub dir: PathBuf,
+    /// The config file; empty with [`Lbd::spawn_args`].
     pub config: PathBuf,
     pub socket: PathBuf,
     pub log_path: PathBuf,
@@ -161,34 +209,55 @@ impl Lbd {
     /// Starts `lbd --config CONFIG` in `ns` without waiting for it; `socket` is the config's
     /// `control_socket`.
     pub fn spawn(ns: &NetNs, config: &Path, socket: impl Into<PathBuf>, opts: &LbdOptions) -> Lbd {
+        let dir = config.parent().expect("config in a directory");
+        let mut args = vec![OsString::from("--config"), config.into()];
+        args.extend(opts.args.iter().map(OsString::from));
+        let mut lbd = Lbd::spawn_args(ns, &args, dir, socket, opts);
+        lbd.config = config.to_path_buf();
+        lbd
+    }
+
+    /// Starts `lbd ARGS` in `ns` without waiting for it (`decap`, or a daemon under a
+    /// [`LbdOptions::wrapper`]); `dir` holds the default log, `socket` is where it serves its
+    /// control socket, if it does.
+    pub fn spawn_args(
+        ns: &NetNs,
+        args: &[OsString],
+        dir: &Path,
+        socket: impl Into<PathBuf>,
+        opts: &LbdOptions,
+    ) -> Lbd {
         let bin = opts.bin.clone().unwrap_or_else(|| bin_path("lbd"));
-        let dir = config
-            .parent()
-            .expect("config in a directory")
-            .to_path_buf();
         let log_path = opts.log.clone().unwrap_or_else(|| dir.join("lbd.log"));
         let log = std::fs::File::create(&log_path)
             .unwrap_or_else(|e| panic!("creating {}: {e}", log_path.display()));
-        let mut cmd = if opts.nsenter {
-            let mut c = Command::new("nsenter");
-            c.arg(format!("--net=/run/netns/{}", ns.name())).arg(&bin);
-            c
-        } else {
-            ns.command(&bin)
+        let mut cmd = match (opts.nsenter, opts.wrapper.split_first()) {
+            (true, _) => {
+                let mut c = Command::new("nsenter");
+                c.arg(format!("--net=/run/netns/{}", ns.name())).arg(&bin);
+                c
+            }
+            (false, Some((wrapper, wargs))) => {
+                let mut c = ns.command(wrapper);
+                c.args(wargs).arg(&bin);
+                c
+            }
+            (false, None) => ns.command(&bin),
         };
-        cmd.arg("--config")
-            .arg(config)
-            .args(&opts.args)
+        cmd.args(args)
             .envs(opts.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
+            .stdout(log.try_clone().expect("the log file"))
             .stderr(log);
+        for k in &opts.env_remove {
+            cmd.env_remove(k);
+        }
         let child = ns.spawn_command(&mut cmd).expect("starting lbd");
         let socket = socket.into();
         Lbd {
             child: Some(child),
-            dir,
-            config: config.to_path_buf(),
+            dir: dir.to_path_buf(),
+            config: PathBuf::new(),
             control: Control::new(&socket),
             socket,
             log_path,
@@ -199,20 +268,28 @@ impl Lbd {
     /// Waits until lbd answers `lbctl status`; returns how long that took. Panics with the log
     /// if lbd exits first or does not answer within 30 s.
     pub fn wait_serving(&mut self) -> Duration {
+        self.try_wait_serving().unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// [`Lbd::wait_serving`], the failure (with the log) as an error.
+    pub fn try_wait_serving(&mut self) -> Result<Duration, String> {
         let t = Instant::now();
         while !lbctl(&self.socket, &["status"]).status.success() {
             if let Some(s) = self.try_wait() {
-                self.child = None;
-                panic!("lbd exited ({s}) before serving lbctl:\n{}", self.log());
+                return Err(format!(
+                    "lbd exited ({s}) before serving lbctl:\n{}",
+                    self.log()
+                ));
             }
-            assert!(
-                t.elapsed() < LBD_START_TIMEOUT,
-                "lbd did not serve its control socket within {LBD_START_TIMEOUT:?}:\n{}",
-                self.log()
-            );
+            if t.elapsed() >= LBD_START_TIMEOUT {
+                return Err(format!(
+                    "lbd did not serve its control socket within {LBD_START_TIMEOUT:?}:\n{}",
+                    self.log()
+                ));
+            }
             std::thread::sleep(Duration::from_millis(20));
         }
-        t.elapsed()
+        Ok(t.elapsed())
     }
 
     /// The running lbd's process id.
@@ -294,18 +371,23 @@ impl Drop for Lbd {
     }
 }
 
-/// `lbd --config CONFIG cleanup` in `ns`'s network namespace and the host's mount namespace
-/// (where the pins are), asserted to succeed.
-pub fn lbd_cleanup(ns: &NetNs, config: &Path) -> Output {
-    let out = Command::new("nsenter")
+/// `lbd --config CONFIG ARGS...` run to completion in `ns`'s network namespace and the host's
+/// mount namespace (where the pins are): `cleanup`, `--check`, ... Its output, not checked.
+pub fn lbd_run(ns: &NetNs, config: &Path, args: &[&str]) -> Output {
+    Command::new("nsenter")
         .arg(format!("--net=/run/netns/{}", ns.name()))
         .arg(bin_path("lbd"))
         .arg("--config")
         .arg(config)
-        .arg("cleanup")
+        .args(args)
         .stdin(Stdio::null())
         .output()
-        .expect("running lbd cleanup");
+        .unwrap_or_else(|e| panic!("running lbd {args:?}: {e}"))
+}
+
+/// `lbd --config CONFIG cleanup` ([`lbd_run`]), asserted to succeed.
+pub fn lbd_cleanup(ns: &NetNs, config: &Path) -> Output {
+    let out = lbd_run(ns, config, &["cleanup"]);
     assert!(
         out.status.success(),
         "lbd cleanup: {}",
@@ -395,21 +477,14 @@ impl Control {
     /// Polls `f` on each status until it returns `Some`; panics naming `what`, with the last
     /// status, after [`STATE_TIMEOUT`].
     fn poll<T>(&self, what: &str, mut f: impl FnMut(&serde_json::Value) -> Option<T>) -> T {
-        let end = Instant::now() + STATE_TIMEOUT;
         let mut last = None;
-        loop {
-            if let Some(status) = self.status() {
-                if let Some(t) = f(&status) {
-                    return t;
-                }
-                last = Some(status);
-            }
-            assert!(
-                Instant::now() < end,
-                "timed out waiting for {what}; last status: {last:?}"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let found = poll_until(STATE_TIMEOUT, || {
+            let status = self.status()?;
+            let t = f(&status);
+            last = Some(status);
+            t
+        });
+        found.unwrap_or_else(|| panic!("timed out waiting for {what}; last status: {last:?}"))
     }
 
     /// Waits until the lbd with process id `pid` answers (a restarted lbd, not the one before

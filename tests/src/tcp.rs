@@ -514,6 +514,32 @@ impl LongLived {
         out
     }
 
+    /// [`LongLived::check`], asserting that every connection whose backend is not in `except`
+    /// answered (`when` names the moment in the failure); how many such connections there are.
+    pub fn assert_intact(&mut self, except: &[&str], when: &str) -> usize {
+        let statuses = self.check();
+        let kept: Vec<_> = statuses
+            .iter()
+            .filter(|s| !except.contains(&s.backend.as_str()))
+            .collect();
+        let failed: Vec<String> = kept
+            .iter()
+            .filter_map(|s| {
+                s.outcome
+                    .as_ref()
+                    .err()
+                    .map(|e| format!("#{} (backend {}): {e}", s.index, s.backend))
+            })
+            .collect();
+        assert!(
+            failed.is_empty(),
+            "{when}: {} of {} long-lived connections (backends other than {except:?}) failed: {failed:?}",
+            failed.len(),
+            kept.len()
+        );
+        kept.len()
+    }
+
     /// [`LongLived::check`], turned into an error listing every failed connection.
     pub fn check_all(&mut self) -> Result<()> {
         let failed: Vec<String> = self

@@ -16,8 +16,8 @@ use std::{
     time::{Duration, Instant},
 };
 use tests::{
-    lab::{backend_v4, Lab, LabSpec, LB_V4, LB_V6, VIP_V4},
-    procs::{scratch, start_decaps, wait_for, Lbd},
+    lab::{backend_v4, Lab, LabSpec, VIP_V4},
+    procs::{lab_config, scratch, start_decaps, wait_for, Lbd},
     require_root,
 };
 
@@ -83,19 +83,18 @@ fn learned_weights_follow_worker_pool_capacities_within_the_budget() {
     let mut decaps = start_decaps(&lab, 3);
     fs::write(
         dir.join("lbd.toml"),
-        format!(
-            "interface = \"eth0\"\nxdp_mode = \"native\"\npin_dir = \"\"\n\
-             control_socket = \"{sock}\"\n\
-             [encap]\nsource_v4 = \"{LB_V4}\"\nsource_v6 = \"{LB_V6}\"\n\n\
-             [[vip]]\naddress = \"{VIP_V4}\"\nport = 80\nprotocol = \"tcp\"\ntable_size = {TABLE_SIZE}\n\
+        lab_config(
+            &dir,
+            &format!(
+            "[[vip]]\naddress = \"{VIP_V4}\"\nport = 80\nprotocol = \"tcp\"\ntable_size = {TABLE_SIZE}\n\
              [vip.health]\nkind = \"http\"\ninterval_ms = 400\ntimeout_ms = 400\nrise = 2\nfall = 3\n\
              port = {PROBE_PORT}\npath = \"/health\"\n\
              [vip.learning]\nenabled = true\ninterval_ms = 1000\nlatency_target_ms = 40\n\
              [[vip.backend]]\naddress = \"{}\"\n[[vip.backend]]\naddress = \"{}\"\n[[vip.backend]]\naddress = \"{}\"\n",
             backend_v4(0),
             backend_v4(1),
-            backend_v4(2),
-            sock = dir.join("run/lbd.sock").display()
+            backend_v4(2)
+        ),
         ),
     )
     .unwrap();

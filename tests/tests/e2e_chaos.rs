@@ -382,31 +382,6 @@ fn lbctl_ok(socket: &Path, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// Zero failures among the long-lived connections whose backend is not in `except`.
-fn intact(long: &mut LongLived, except: &[&str], when: &str) -> usize {
-    let statuses = long.check();
-    let kept: Vec<_> = statuses
-        .iter()
-        .filter(|s| !except.contains(&s.backend.as_str()))
-        .collect();
-    let failed: Vec<String> = kept
-        .iter()
-        .filter_map(|s| {
-            s.outcome
-                .as_ref()
-                .err()
-                .map(|e| format!("#{} (backend {}): {e}", s.index, s.backend))
-        })
-        .collect();
-    assert!(
-        failed.is_empty(),
-        "{when}: {} of {} long-lived connections failed: {failed:?}",
-        failed.len(),
-        kept.len()
-    );
-    kept.len()
-}
-
 fn open_map(pin_dir: &Path, name: &str) -> Map {
     let data = MapData::from_pin(pin_dir.join(name))
         .unwrap_or_else(|e| panic!("opening pinned {name}: {e}"));
@@ -479,7 +454,7 @@ fn sigkill_mid_table_write_never_publishes_a_half_table() {
     println!("lbd with a {BIG_TABLE}-slot table ready in {first_start:?}");
     let mut long = LongLived::open(fx.lab.client().ns(), vip(), 100, Duration::from_secs(3))
         .expect("opening long-lived connections");
-    intact(&mut long, &[], "at the start");
+    long.assert_intact(&[], "at the start");
     let (meta0, counts0) = published_table(&fx.pin_dir);
     assert_eq!(meta0.ring_size, BIG_TABLE);
     println!("published before: {meta0:?} {counts0:?}");
@@ -583,7 +558,7 @@ fn sigkill_mid_table_write_never_publishes_a_half_table() {
 
         // lbd is dead: the datapath serves on its own.
         assert!(fx.xdp_on_lb(), "XDP detached by the SIGKILL");
-        intact(&mut long, &[], "lbd SIGKILLed");
+        long.assert_intact(&[], "lbd SIGKILLed");
         let t = Instant::now();
         let dead = fx.all_new_succeed(200, "lbd SIGKILLed");
         println!(
@@ -644,7 +619,7 @@ fn sigkill_mid_table_write_never_publishes_a_half_table() {
         );
         println!("  lbctl status: {unclean}");
         println!("  restart: serving lbctl after {restart:?} ({since_kill:?} after the SIGKILL)");
-        intact(&mut long, &[], "after the restart");
+        long.assert_intact(&[], "after the restart");
         used.extend(offsets(&fx.log()));
         if partial {
             landed = Some((attempt, delay_ms));
@@ -665,7 +640,7 @@ fn sigkill_mid_table_write_never_publishes_a_half_table() {
         (share - 0.6).abs() < 0.02,
         "weight 3 of 5: {share} {counts:?}"
     );
-    intact(&mut long, &[], "after the change");
+    long.assert_intact(&[], "after the change");
     let after = fx.all_new_succeed(200, "after the change");
     println!(
         "landed on attempt {attempt} ({delay_ms} ms); the full {BIG_TABLE}-slot change then took {took:?}; \
@@ -680,7 +655,7 @@ fn map_pins_removed_under_the_link_recover() {
     fx.start_lbd();
     let mut long = LongLived::open(fx.lab.client().ns(), vip(), 60, Duration::from_secs(3))
         .expect("opening long-lived connections");
-    intact(&mut long, &[], "at the start");
+    long.assert_intact(&[], "at the start");
     fx.expect_event("start", &["started (fresh)", "fresh maps pinned in"]);
 
     // 1. An older build's COUNTERS (one slot per counter, 17 then) is replaced alone: the
@@ -733,7 +708,7 @@ fn map_pins_removed_under_the_link_recover() {
         "start",
         &["started (restored from pins)", "connection tables kept"],
     );
-    let kept = intact(&mut long, &[], "after replacing the old COUNTERS");
+    let kept = long.assert_intact(&[], "after replacing the old COUNTERS");
     assert_eq!(
         fx.counter("ct_lost"),
         0,
@@ -761,7 +736,7 @@ fn map_pins_removed_under_the_link_recover() {
     fx.expect_event("start", &["started (fresh)"]);
     let counts = fx.all_new_succeed(100, "after a partial pin set");
     assert_eq!(counts.len(), 3, "{counts:?}");
-    let kept = intact(&mut long, &[], "after a partial pin set");
+    let kept = long.assert_intact(&[], "after a partial pin set");
     // Their state went with the old maps: each established connection's next packet found
     // neither table (and went, by the identical table, to the same backend).
     let lost = fx.counter("ct_lost");
@@ -788,7 +763,7 @@ fn map_pins_removed_under_the_link_recover() {
         fx.xdp_on_lb(),
         "the link pin keeps the old program attached"
     );
-    intact(&mut long, &[], "map pins removed, lbd stopped");
+    long.assert_intact(&[], "map pins removed, lbd stopped");
 
     let took = fx.start_lbd();
     let log = fx.log();
@@ -821,7 +796,7 @@ fn map_pins_removed_under_the_link_recover() {
     let counts = fx.all_new_succeed(200, "after recovery");
     assert_eq!(counts.len(), 3, "{counts:?}");
     // Fresh connection tables, same Maglev table (same backends, same ids): flows stay put.
-    let kept = intact(&mut long, &[], "after recovery with fresh maps");
+    let kept = long.assert_intact(&[], "after recovery with fresh maps");
     println!(
         "map pins removed ({}), link kept: lbd recovered in {took:?} (prog {prog_before:?} -> {prog_after:?}); \
          200/200 new in {:?} {counts:?}; {kept} long-lived, zero resets; lbctl status: {missing}",
@@ -935,7 +910,7 @@ fn interface_flap_keeps_xdp_and_flows() {
     fx.start_lbd();
     let mut long = LongLived::open(fx.lab.client().ns(), vip(), 100, Duration::from_secs(6))
         .expect("opening long-lived connections");
-    intact(&mut long, &[], "at the start");
+    long.assert_intact(&[], "at the start");
     let prog = fx.prog_id();
     let lb = fx.lab.lb().ns();
     // Probes go out while eth0 is down: their echoes need TCP retransmits after it comes up.
@@ -970,7 +945,7 @@ fn interface_flap_keeps_xdp_and_flows() {
     );
     let since_up = up_at.elapsed();
     let counts = fx.all_new_succeed(200, "after the flap");
-    intact(&mut long, &[], "after the flap");
+    long.assert_intact(&[], "after the flap");
     // The flap flushed the managed neighbour entries: lbd saw eth0 come back and resolved
     // them again (without that, every backend stays blackholed until the next change), and
     // lbctl status says so, in order.
@@ -1023,7 +998,7 @@ fn backend_namespace_deleted_under_load() {
     });
     let mut long = LongLived::open(fx.lab.client().ns(), vip(), 60, Duration::from_secs(3))
         .expect("opening long-lived connections");
-    let on_others = intact(&mut long, &["backend0"], "at the start");
+    let on_others = long.assert_intact(&["backend0"], "at the start");
     assert!(on_others >= 20, "{:?}", long.backend_counts());
 
     let stop = AtomicBool::new(false);
@@ -1132,7 +1107,7 @@ fn backend_namespace_deleted_under_load() {
         "{failed_after} of {} new connections failed after backend0 was marked down",
         after.len()
     );
-    let kept = intact(&mut long, &["backend0"], "after the deletion");
+    let kept = long.assert_intact(&["backend0"], "after the deletion");
     let l = list();
     assert_eq!(l[&b0]["up"], false, "{}", l[&b0]);
     assert_eq!(l[&b0]["slots"], 0, "{}", l[&b0]);

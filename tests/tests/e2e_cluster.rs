@@ -22,14 +22,13 @@
 use std::{
     collections::BTreeMap,
     net::{IpAddr, SocketAddr},
-    process::{Command, Stdio},
     sync::atomic::{AtomicBool, Ordering},
     time::{Duration, Instant},
 };
 use tests::{
-    etcd::{shares, v4_table},
+    etcd::{assert_same_tables, shares, v4_table},
     fleet::{backend_v4, backend_v6, require_bird, vip_name, Fleet, PORT, VIP_V4, VIP_V6},
-    procs::{bin_path, now_ms, scrape_metrics, wait_for},
+    procs::{lbd_run, now_ms, scrape_metrics, wait_for},
     require_root,
     tcp::{client_many, tally, LongLived},
 };
@@ -128,23 +127,13 @@ fn spread(f: &Fleet, nodes: &[usize], per_family: usize) {
 /// leads to: the ids in the ring index each node's own backend array, numbered by that node's
 /// history, so a node added later may use other ids for the same backends); returns them.
 fn same_tables(f: &Fleet, nodes: &[usize]) -> BTreeMap<String, Vec<IpAddr>> {
-    let first = f.tables(nodes[0]);
+    let first = assert_same_tables(
+        nodes
+            .iter()
+            .map(|&i| (format!("node{i}"), f.tables(i)))
+            .collect(),
+    );
     assert_eq!(first.len(), 2, "node{}: an IPv4 and an IPv6 VIP", nodes[0]);
-    for &i in &nodes[1..] {
-        let t = f.tables(i);
-        assert_eq!(
-            t.keys().collect::<Vec<_>>(),
-            first.keys().collect::<Vec<_>>()
-        );
-        for (vip, slots) in &first {
-            let differ = slots.iter().zip(&t[vip]).filter(|(a, b)| a != b).count();
-            assert_eq!(
-                differ, 0,
-                "node{i}'s table of {vip} differs from node{}'s in {differ} slots",
-                nodes[0]
-            );
-        }
-    }
     first
 }
 
@@ -193,15 +182,7 @@ fn traffic(client: &tests::NetNs, stop: &AtomicBool) -> (usize, Vec<String>) {
 /// `lbd cleanup --force` on node `i`: its program is detached behind its lbd's back.
 fn detach(f: &Fleet, i: usize) {
     let n = &f.nodes[i];
-    let out = Command::new("nsenter")
-        .arg(format!("--net=/run/netns/{}", n.ns.name()))
-        .arg(bin_path("lbd"))
-        .arg("--config")
-        .arg(&n.config)
-        .args(["cleanup", "--force"])
-        .stdin(Stdio::null())
-        .output()
-        .expect("running lbd cleanup --force");
+    let out = lbd_run(&n.ns, &n.config, &["cleanup", "--force"]);
     assert!(out.status.success(), "lbd cleanup --force: {out:?}");
 }
 

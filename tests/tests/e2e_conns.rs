@@ -206,13 +206,7 @@ fn dry_runs_change_nothing(lab: &Lab, sock: &Path, dir: &Path) {
     }
     assert_ne!(undrained, text, "backend 0's drained key in:\n{text}");
     fs::write(&file, &undrained).unwrap();
-    let out = Command::new("nsenter")
-        .arg(format!("--net=/run/netns/{}", lab.lb().ns().name()))
-        .arg(bin_path("lbd"))
-        .args(["--config", file.to_str().unwrap(), "--check", "--diff"])
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
+    let out = procs::lbd_run(lab.lb().ns(), &file, &["--check", "--diff"]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),

@@ -20,8 +20,11 @@ use std::{
 };
 use tests::{
     backend_v4, backend_v6,
-    etcd::{lbctl_fleet, lbctl_fleet_ok, pinned_tables, shares, v4_table, EtcdServer},
-    procs::{lbctl_json, scrape_metrics, start_decaps, wait_for, Lbd, LbdOptions},
+    etcd::{
+        assert_same_tables, fleet_applied, lbctl_fleet, lbctl_fleet_ok, pinned_tables, shares,
+        v4_table, EtcdServer,
+    },
+    procs::{lbctl_json, poll_until, scrape_metrics, start_decaps, wait_for, Lbd, LbdOptions},
     require_root, Lab, LabSpec, LongLived, NetNs, Role, TcpServer, VIP_V4, VIP_V6,
 };
 
@@ -159,54 +162,36 @@ impl Fleet {
     /// Waits until every live node applies the store's configuration revision (and the
     /// leader's weights for it) with the store reachable; returns that revision.
     fn wait_in_sync(&self) -> i64 {
-        let mut rev = 0;
-        let mut last = serde_json::Value::Null;
-        let t = Instant::now();
-        while t.elapsed() < CONVERGE {
+        let (mut rev, mut last) = (0, serde_json::Value::Null);
+        let synced = poll_until(CONVERGE, || {
             let c = self.cluster();
             rev = c["config_revision"].as_i64().unwrap();
             let synced = self.alive().iter().all(|&i| {
                 let f = self.fleet_status(i);
-                let ok = f["store_connected"] == true
-                    && f["applied_revision"].as_i64() == Some(rev)
-                    && f["last_error"].is_null()
-                    && (f["role"] == "leader" || f["applied_weights_revision"].as_i64() > Some(0));
+                let ok = fleet_applied(&f, rev);
                 last = f;
                 ok
             });
-            if synced && c["weights_config_revision"].as_i64() == Some(rev) {
-                return rev;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        panic!(
-            "nodes not in sync on revision {rev} within {CONVERGE:?}; last node status {last:#}; cluster {:#}; logs:\n{}",
-            self.cluster(),
-            self.logs()
-        );
+            (synced && c["weights_config_revision"].as_i64() == Some(rev)).then_some(rev)
+        });
+        synced.unwrap_or_else(|| {
+            panic!(
+                "nodes not in sync on revision {rev} within {CONVERGE:?}; last node status {last:#}; cluster {:#}; logs:\n{}",
+                self.cluster(),
+                self.logs()
+            )
+        })
     }
 
     /// Every live node's tables, asserted identical; returns them.
     fn same_tables(&self) -> BTreeMap<String, Vec<IpAddr>> {
         let alive = self.alive();
-        let first = pinned_tables(&self.pin_dir(alive[0]));
-        assert!(!first.is_empty(), "node {} has no table", alive[0]);
-        for &i in &alive[1..] {
-            let t = pinned_tables(&self.pin_dir(i));
-            assert_eq!(
-                t.keys().collect::<Vec<_>>(),
-                first.keys().collect::<Vec<_>>()
-            );
-            for (vip, slots) in &first {
-                let differ = slots.iter().zip(&t[vip]).filter(|(a, b)| a != b).count();
-                assert_eq!(
-                    differ, 0,
-                    "node n{i}'s table of {vip} differs from n{}'s in {differ} slots",
-                    alive[0]
-                );
-            }
-        }
-        first
+        let tables: Vec<_> = alive
+            .iter()
+            .map(|&i| (format!("node n{i}"), pinned_tables(&self.pin_dir(i))))
+            .collect();
+        assert!(!tables[0].1.is_empty(), "node {} has no table", alive[0]);
+        assert_same_tables(tables)
     }
 
     /// Sends the client's traffic for the VIP to node `i`.

@@ -2,6 +2,7 @@
 //! connection table, while a backend is added, must not move or reset established flows, and
 //! legitimate new connections must still succeed. First packets only ever land in the small
 //! new-flow table; the established table is only written by promotion (a later, non-SYN packet).
+use lb_pkt::{self as pkt, Ip4, Tcp};
 use lb_userspace::{config::XdpMode, netif, Balancer, Config, Decap, LoadOptions};
 use std::{
     net::{IpAddr, Ipv4Addr, SocketAddr},
@@ -9,7 +10,6 @@ use std::{
 };
 use tests::{
     lab::{Lab, LabSpec, LB_V4, LB_V6, VIP_V4, VIP_V6},
-    pkt::{self, Ip4, Tcp},
     procs::{backend_addrs, wait_neighbours},
     require_root,
     tcp::{client_many, LongLived, TcpServer},

@@ -15,8 +15,8 @@ use std::{
     time::{Duration, Instant},
 };
 use tests::{
-    lab::{backend_v4, Lab, LabSpec, LB_V4, LB_V6, VIP_V4},
-    procs::{lbctl, scrape_metrics, scratch, start_decaps, Lbd},
+    lab::{backend_v4, Lab, LabSpec, VIP_V4},
+    procs::{lab_config, lbctl, poll_until, scrape_metrics, scratch, start_decaps, Lbd},
     require_root,
     tcp::{client_many, tally, HttpResponder, LongLived, TcpServer},
 };
@@ -56,23 +56,23 @@ fn wait_health(
 ) -> (Duration, Vec<String>) {
     let start = Instant::now();
     let mut seen: Vec<String> = Vec::new();
-    loop {
+    let mut last = Value::Null;
+    let reached = poll_until(timeout, || {
         let list = backends(&lbd.socket, vip);
         let h = list[addr]["health"].as_str().unwrap().to_string();
         if seen.last() != Some(&h) {
             seen.push(h.clone());
         }
-        if h == want {
-            return (start.elapsed(), seen);
-        }
-        assert!(
-            start.elapsed() < timeout,
-            "backend {addr} of {vip} not {want} within {timeout:?} (states seen: {seen:?}): {}\nlbd log:\n{}",
-            list[addr],
+        last = list[addr].clone();
+        (h == want).then(|| start.elapsed())
+    });
+    let Some(took) = reached else {
+        panic!(
+            "backend {addr} of {vip} not {want} within {timeout:?} (states seen: {seen:?}): {last}\nlbd log:\n{}",
             lbd.log()
         );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    };
+    (took, seen)
 }
 
 /// The name-then-echo server of backend `i`, on the VIP (for balanced traffic) and on the
@@ -83,29 +83,6 @@ fn server(lab: &Lab, i: usize) -> TcpServer {
         SocketAddr::new(IpAddr::from(backend_v4(i)), 80),
     ];
     TcpServer::start(lab.backend(i).ns(), &addrs, &format!("backend{i}")).unwrap()
-}
-
-/// The long-lived connections that reached a backend other than `backend0` must all answer.
-fn others_intact(long: &mut LongLived, when: &str) -> usize {
-    let statuses = long.check();
-    let others: Vec<_> = statuses
-        .iter()
-        .filter(|s| s.backend != "backend0")
-        .collect();
-    let failed: Vec<String> = others
-        .iter()
-        .filter_map(|s| {
-            s.outcome
-                .as_ref()
-                .err()
-                .map(|e| format!("#{} (backend {}): {e}", s.index, s.backend))
-        })
-        .collect();
-    assert!(
-        failed.is_empty(),
-        "{when}: long-lived connections on healthy backends failed: {failed:?}"
-    );
-    others.len()
 }
 
 #[test]
@@ -136,18 +113,17 @@ fn health_checks_take_dead_backends_out_and_bring_them_back() {
     let _cleanup = tests::procs::RemoveOnDrop(dir.clone());
     fs::write(
         dir.join("lbd.toml"),
-        format!(
-            "interface = \"eth0\"\nxdp_mode = \"native\"\npin_dir = \"\"\n\
-             control_socket = \"{sock}\"\n\
-             [encap]\nsource_v4 = \"{LB_V4}\"\nsource_v6 = \"{LB_V6}\"\n\n\
-             [[vip]]\naddress = \"{VIP_V4}\"\nport = 80\nprotocol = \"tcp\"\ntable_size = 4099\n\
+        lab_config(
+            &dir,
+            &format!(
+            "[[vip]]\naddress = \"{VIP_V4}\"\nport = 80\nprotocol = \"tcp\"\ntable_size = 4099\n\
              [vip.health]\nkind = \"tcp\"\ninterval_ms = {INTERVAL_MS}\ntimeout_ms = 200\nrise = 2\nfall = {FALL}\nslow_start_ms = 1000\nejection_base_ms = 1000\n\
              [[vip.backend]]\naddress = \"{b0}\"\n[[vip.backend]]\naddress = \"{b1}\"\n[[vip.backend]]\naddress = \"{b2}\"\n\n\
              [[vip]]\naddress = \"{VIP_V4}\"\nport = 8080\nprotocol = \"tcp\"\ntable_size = 251\n\
              [vip.health]\nkind = \"http\"\ninterval_ms = {INTERVAL_MS}\ntimeout_ms = 200\nrise = 2\nfall = {FALL}\n\
              port = {HTTP_PORT}\npath = \"/healthz\"\nexpected_status = 200\n\
-             [[vip.backend]]\naddress = \"{b0}\"\n[[vip.backend]]\naddress = \"{b1}\"\n",
-            sock = dir.join("run/lbd.sock").display()
+             [[vip.backend]]\naddress = \"{b0}\"\n[[vip.backend]]\naddress = \"{b1}\"\n"
+        ),
         ),
     )
     .unwrap();
@@ -155,26 +131,20 @@ fn health_checks_take_dead_backends_out_and_bring_them_back() {
     let vip = SocketAddr::new(IpAddr::from(VIP_V4), 80);
 
     // Every backend probed and up.
-    let end = Instant::now() + Duration::from_secs(5);
-    loop {
+    let mut last = BTreeMap::new();
+    let up = poll_until(Duration::from_secs(5), || {
         let list = backends(&lbd.socket, VIP);
         let ready = list.values().all(|b| {
             b["health"] == "up" && b["up"] == true && b["last_probe_ms"].as_f64().is_some()
         });
-        if ready {
-            for b in list.values() {
-                assert_eq!(b["effective_weight"], 1, "{b}");
-                assert!(b["slots"].as_u64().unwrap() > 1000, "{b}");
-                assert!(b["last_error"].is_null(), "{b}");
-            }
-            break;
-        }
-        assert!(
-            Instant::now() < end,
-            "backends not all probed up: {list:?}\n{}",
-            lbd.log()
-        );
-        std::thread::sleep(Duration::from_millis(50));
+        last = list.clone();
+        ready.then_some(list)
+    });
+    let list = up.unwrap_or_else(|| panic!("backends not all probed up: {last:?}\n{}", lbd.log()));
+    for b in list.values() {
+        assert_eq!(b["effective_weight"], 1, "{b}");
+        assert!(b["slots"].as_u64().unwrap() > 1000, "{b}");
+        assert!(b["last_error"].is_null(), "{b}");
     }
     let before = tally(&client_many(
         lab.client().ns(),
@@ -186,7 +156,7 @@ fn health_checks_take_dead_backends_out_and_bring_them_back() {
 
     // Long-lived connections, most of them on the backends that stay healthy.
     let mut long = LongLived::open(lab.client().ns(), vip, 30, Duration::from_secs(3)).unwrap();
-    let on_others = others_intact(&mut long, "at the start");
+    let on_others = long.assert_intact(&["backend0"], "at the start");
     assert!(on_others >= 10, "{:?}", long.backend_counts());
 
     // (4) HTTP: the backend answering 500 goes down, the one answering 200 stays up.
@@ -252,7 +222,7 @@ fn health_checks_take_dead_backends_out_and_bring_them_back() {
     let c = tally(&results);
     println!("while backend0 is down: {c:?}");
     assert!(!c.contains_key("backend0"), "{c:?}");
-    others_intact(&mut long, "after backend0 went down");
+    long.assert_intact(&["backend0"], "after backend0 went down");
     // The probes just sent on backend0's closed connections met its DOWN flag: the datapath
     // steered them to another backend instead of the dead one.
     let m = scrape_metrics(lab.lb().ns());
@@ -296,7 +266,7 @@ fn health_checks_take_dead_backends_out_and_bring_them_back() {
     assert!(c.get("backend0").is_some_and(|&n| n > 10), "{c:?}");
 
     // (3) No reset on the healthy backends through all of it.
-    let n = others_intact(&mut long, "after backend0 came back");
+    let n = long.assert_intact(&["backend0"], "after backend0 came back");
     println!(
         "{n} long-lived connections on backend1/backend2 intact; test took {:?}",
         t0.elapsed()

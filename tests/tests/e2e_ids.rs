@@ -8,14 +8,13 @@ use serde_json::Value;
 use std::{
     net::{IpAddr, SocketAddr},
     path::Path,
-    process::{Child, Command, Stdio},
-    time::{Duration, Instant},
+    time::Duration,
 };
 use tests::{
     lab::{Lab, LabSpec, LB_V4, LB_V6, VIP_V4},
     netns::NetNs,
     procs::{
-        bin_path, lbctl_json, scratch, start_decaps, wait_for, wait_neighbours, Control, Lbd,
+        lbctl_json, lbd_cleanup, scratch, start_decaps, wait_for, wait_neighbours, Lbd, LbdOptions,
         RemoveOnDrop,
     },
     require_root,
@@ -78,28 +77,18 @@ fn backend_id(socket: &Path, vip: &str, addr: &str) -> u64 {
 }
 
 /// lbd in the lab's balancer namespace through `nsenter --net` (pins land in the host's
-/// /sys/fs/bpf and outlive it, as in e2e_restart), logging to `log`.
-fn start_lbd(lab: &Lab, config: &Path, log: &Path) -> Child {
-    let ns = lab.lb().ns();
-    let mut cmd = Command::new("nsenter");
-    cmd.arg(format!("--net=/run/netns/{}", ns.name()))
-        .arg(bin_path("lbd"))
-        .args(["--config", config.to_str().unwrap()])
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(log).unwrap());
-    ns.spawn_command(&mut cmd).expect("starting lbd")
-}
-
-fn stop(child: &mut Child) {
-    // SAFETY: signalling our own child.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    let end = Instant::now() + Duration::from_secs(10);
-    while child.try_wait().unwrap().is_none() {
-        assert!(Instant::now() < end, "lbd did not stop on SIGTERM");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+/// /sys/fs/bpf and outlive it, as in e2e_restart), logging to `log`; waits until it serves
+/// with its program attached.
+fn start_lbd(lab: &Lab, config: &Path, socket: &Path, log: &Path) -> Lbd {
+    let opts = LbdOptions {
+        nsenter: true,
+        env: vec![("RUST_LOG".into(), "info".into())],
+        log: Some(log.to_path_buf()),
+        ..LbdOptions::default()
+    };
+    let lbd = Lbd::spawn(lab.lb().ns(), config, socket, &opts);
+    lbd.wait_ready();
+    lbd
 }
 
 /// Removes the pins (and with them the link) when dropped, on failure too.
@@ -142,9 +131,7 @@ fn flows_of_a_backend_removed_before_a_restart_never_reach_a_newcomer() {
         ));
     }
     std::fs::write(&config, text).unwrap();
-    let control = Control::new(&socket);
-    let mut agent = start_lbd(&lab, &config, &dir.join("lbd-1.log"));
-    control.wait_ready(agent.id());
+    let mut agent = start_lbd(&lab, &config, &socket, &dir.join("lbd-1.log"));
     let backends: Vec<IpAddr> = (0..3).map(|i| lab.backend(i).v4().into()).collect();
     wait_neighbours(lab.lb().ns(), &backends);
 
@@ -163,9 +150,8 @@ fn flows_of_a_backend_removed_before_a_restart_never_reach_a_newcomer() {
 
     // Remove C, restart lbd (pins kept), then add a backend to another VIP.
     lbctl_json(&socket, &["backend", "remove", VIP1, &c]);
-    stop(&mut agent);
-    let mut agent = start_lbd(&lab, &config, &dir.join("lbd-2.log"));
-    control.wait_ready(agent.id());
+    agent.stop();
+    let mut agent = start_lbd(&lab, &config, &socket, &dir.join("lbd-2.log"));
     lbctl_json(&socket, &["vip", "add", VIP2]);
     let d = lab.backend(3).v4().to_string();
     lbctl_json(&socket, &["backend", "add", VIP2, &d]);
@@ -205,14 +191,8 @@ fn flows_of_a_backend_removed_before_a_restart_never_reach_a_newcomer() {
             > 0
     );
 
-    stop(&mut agent);
-    let out = Command::new("nsenter")
-        .arg(format!("--net=/run/netns/{}", lab.lb().ns().name()))
-        .arg(bin_path("lbd"))
-        .args(["--config", config.to_str().unwrap(), "cleanup"])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "lbd cleanup: {out:?}");
+    agent.stop();
+    lbd_cleanup(lab.lb().ns(), &config);
 }
 
 #[test]

@@ -22,8 +22,8 @@ use std::{
 use tests::{
     lab::{backend_v4, backend_v6, Lab, LabSpec, LB_V4, LB_V6, VIP_V4, VIP_V6},
     procs::{
-        self, bin_path, lbctl, lbctl_json, scrape_metrics, start_decaps, wait_for, wait_neighbours,
-        Lbd,
+        self, bin_path, lbctl, lbctl_json, poll_until, scrape_metrics, start_decaps, wait_for,
+        wait_neighbours, Lbd,
     },
     require_root,
     tcp::{client_many, tally, LongLived, TcpServer},
@@ -822,7 +822,6 @@ fn bad_input_is_refused_with_the_fix_and_changes_nothing() {
     );
 
     // lbd's own startup errors: non-zero exit, the message names the field and the fix.
-    let lbd_bin = bin_path("lbd");
     let run_dir = dir.join("startup");
     fs::create_dir_all(&run_dir).unwrap();
     let base = |extra: &str| {
@@ -844,21 +843,7 @@ fn bad_input_is_refused_with_the_fix_and_changes_nothing() {
     for (i, (text, want)) in startup.iter().enumerate() {
         let path = run_dir.join(format!("bad{i}.toml"));
         fs::write(&path, text).unwrap();
-        let out = lab
-            .lb()
-            .ns()
-            .command(&lbd_bin)
-            .arg("--config")
-            .arg(&path)
-            .stdin(Stdio::null())
-            .output()
-            .unwrap();
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success(), "lbd started with {text:?}");
-        assert!(
-            stderr.contains(want),
-            "lbd's error for {text:?} should contain {want:?}, got: {stderr}"
-        );
+        lbd_refuses_to_start(&lab, &path, want);
     }
     // The running lbd was not disturbed by the one that found its socket taken.
     assert_eq!(lbctl_json(&sock, &["vip", "list"]), vips);
@@ -1095,18 +1080,11 @@ fn lbd_refuses_to_start(lab: &Lab, path: &Path, want: &str) {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let end = Instant::now() + Duration::from_secs(10);
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break Some(status);
-        }
-        if Instant::now() > end {
-            let _ = child.kill();
-            let _ = child.wait();
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let status = poll_until(Duration::from_secs(10), || child.try_wait().unwrap());
+    if status.is_none() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
     let mut stderr = String::new();
     std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
     assert!(

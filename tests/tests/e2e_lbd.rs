@@ -129,6 +129,24 @@ fn assert_once(stderr: &str) {
     assert!(!stderr.contains("ERROR"), "no log record of it: {stderr}");
 }
 
+/// Writes `text` to `path` and runs `lbd --config PATH`, which must fail with `want` in its
+/// error; its exit code and stderr.
+fn refuses(path: &std::path::Path, text: &str, want: &str) -> (Option<i32>, String) {
+    std::fs::write(path, text).unwrap();
+    let out = std::process::Command::new(bin_path("lbd"))
+        .arg("--config")
+        .arg(path)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "lbd accepted {text:?}: {stderr}");
+    assert!(
+        stderr.contains(want),
+        "lbd's error for {text:?} should contain {want:?}, got: {stderr}"
+    );
+    (out.status.code(), stderr)
+}
+
 #[test]
 fn lbd_rejects_bad_config_with_clear_errors() {
     require_root();
@@ -147,18 +165,7 @@ fn lbd_rejects_bad_config_with_clear_errors() {
         ),
     ];
     for (i, (text, want)) in cases.iter().enumerate() {
-        let path = dir.join(format!("bad{i}.toml"));
-        std::fs::write(&path, text).unwrap();
-        let out = std::process::Command::new(&lbd)
-            .args(["--config", path.to_str().unwrap()])
-            .output()
-            .unwrap();
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success(), "lbd accepted {text:?}");
-        assert!(
-            stderr.contains(want),
-            "lbd's error for {text:?} should contain {want:?}, got: {stderr}"
-        );
+        let (_, stderr) = refuses(&dir.join(format!("bad{i}.toml")), text, want);
         assert_once(&stderr);
     }
     // Also with --check, and for a file that is not there.
@@ -227,22 +234,8 @@ fn lbd_rejects_bad_config_with_clear_errors() {
         ),
     ];
     for (i, (text, want)) in state_cases.iter().enumerate() {
-        let path = dir.join(format!("state{i}.toml"));
-        std::fs::write(&path, text).unwrap();
-        let out = std::process::Command::new(&lbd)
-            .args(["--config", path.to_str().unwrap()])
-            .output()
-            .unwrap();
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(
-            out.status.code(),
-            Some(1),
-            "lbd accepted {text:?}: {stderr}"
-        );
-        assert!(
-            stderr.contains(want.as_str()),
-            "lbd's error for {text:?} should contain {want:?}, got: {stderr}"
-        );
+        let (code, stderr) = refuses(&dir.join(format!("state{i}.toml")), text, want);
+        assert_eq!(code, Some(1), "{stderr}");
     }
     assert!(
         !dir.join("run").exists(),

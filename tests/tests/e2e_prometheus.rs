@@ -16,9 +16,9 @@ use std::{
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 use tests::{
-    lab::{backend_v4, Lab, LabSpec, LB_V4, LB_V6, VIP_V4},
+    lab::{backend_v4, Lab, LabSpec, VIP_V4},
     netns::NetNs,
-    procs::{lbctl, lbctl_json, now_ms, scratch, start_decaps, wait_for, Lbd},
+    procs::{lab_config, lbctl, lbctl_json, now_ms, scratch, start_decaps, wait_for, Lbd},
     promql::{metric_names, readme_metrics, workspace_root},
     require_root,
     tcp::{client_many, HttpResponder, TcpServer},
@@ -254,19 +254,18 @@ fn write_lbd_config(dir: &Path) {
     let b: Vec<String> = (0..3).map(|i| backend_v4(i).to_string()).collect();
     fs::write(
         dir.join("lbd.toml"),
-        format!(
-            "interface = \"eth0\"\nxdp_mode = \"native\"\npin_dir = \"\"\n\
-             control_socket = \"{sock}\"\n\
-             [encap]\nsource_v4 = \"{LB_V4}\"\nsource_v6 = \"{LB_V6}\"\n\n\
-             [[vip]]\naddress = \"{VIP_V4}\"\nport = 80\nprotocol = \"tcp\"\ntable_size = 1021\n\
+        lab_config(
+            dir,
+            &format!(
+            "[[vip]]\naddress = \"{VIP_V4}\"\nport = 80\nprotocol = \"tcp\"\ntable_size = 1021\n\
              [vip.health]\nkind = \"http\"\ninterval_ms = 200\ntimeout_ms = 200\nrise = 2\nfall = 3\n\
              port = {HTTP_PORT}\npath = \"/healthz\"\n\
              [vip.learning]\nenabled = true\ninterval_ms = 200\nlatency_target_ms = 50\n\
              [[vip.backend]]\naddress = \"{}\"\n[[vip.backend]]\naddress = \"{}\"\n[[vip.backend]]\naddress = \"{}\"\n",
             b[0],
             b[1],
-            b[2],
-            sock = dir.join("run/lbd.sock").display()
+            b[2]
+        ),
         ),
     )
     .unwrap();

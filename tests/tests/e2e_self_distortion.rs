@@ -27,8 +27,8 @@ use std::{
     time::{Duration, Instant},
 };
 use tests::{
-    lab::{Lab, LabSpec, LB_V4, LB_V6, VIP_V4},
-    procs::{lbctl, scratch, Control, Lbd},
+    lab::{Lab, LabSpec, VIP_V4},
+    procs::{lab_config, lbctl, scratch, Control, Lbd},
     require_root,
     tcp::TcpServer,
 };
@@ -93,15 +93,14 @@ fn probes_and_applies_with_50_backends_are_not_distorted() {
     );
 
     let dir = scratch("self-distortion-e2e");
-    let mut text = format!(
-        "interface = \"eth0\"\nxdp_mode = \"native\"\npin_dir = \"\"\n\
-         control_socket = \"{sock}\"\n\
-         [encap]\nsource_v4 = \"{LB_V4}\"\nsource_v6 = \"{LB_V6}\"\n\n\
-         [[vip]]\naddress = \"{VIP_V4}\"\nport = 80\nprotocol = \"tcp\"\ntable_size = 4099\n\
+    let mut text = lab_config(
+        &dir,
+        &format!(
+            "[[vip]]\naddress = \"{VIP_V4}\"\nport = 80\nprotocol = \"tcp\"\ntable_size = 4099\n\
          [vip.health]\nkind = \"tcp\"\ninterval_ms = 200\ntimeout_ms = 200\nrise = 1\nfall = 50\n\
          port = {PROBE_PORT}\n\
-         [vip.learning]\nenabled = true\ninterval_ms = 300\n",
-        sock = dir.join("run/lbd.sock").display()
+         [vip.learning]\nenabled = true\ninterval_ms = 300\n"
+        ),
     );
     for i in 0..BACKENDS {
         text.push_str(&format!("[[vip.backend]]\naddress = \"{}\"\n", addr(i)));

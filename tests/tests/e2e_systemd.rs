@@ -50,8 +50,8 @@ use std::{
     time::{Duration, Instant},
 };
 use tests::{
-    cleanup_stale_namespaces, client_many, require_root, tally, Lab, LabSpec, LongLived, NetNs,
-    TcpServer, VIP_V4,
+    cleanup_stale_namespaces, client_many, procs::poll, require_root, tally, Lab, LabSpec,
+    LongLived, NetNs, TcpServer, VIP_V4,
 };
 
 /// The debootstrapped root file system, kept between runs (read-only to the containers).
@@ -116,22 +116,6 @@ fn cargo_profile() -> String {
     match dir.file_name().and_then(OsStr::to_str) {
         Some("debug") | None => "dev".to_string(),
         Some(other) => other.to_string(),
-    }
-}
-
-/// Polls `f` every 50 ms until it returns `Some`; panics with `what` and the last value seen
-/// (from `describe`) after `timeout`.
-fn poll<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
-    let end = Instant::now() + timeout;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(
-            Instant::now() < end,
-            "timed out after {timeout:?} waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
     }
 }
 

@@ -11,8 +11,8 @@ use std::{
 use tests::{
     lab::{Lab, LabSpec, LB_V4, VIP_V4},
     procs::{
-        bin_path, lbctl, lbctl_json, now_ms, scratch, wait_for, xdp_attached, Lbd, LbdOptions,
-        RemoveOnDrop,
+        bin_path, lbctl, lbctl_json, lbd_run, now_ms, poll_until, scratch, wait_for, xdp_attached,
+        Lbd, LbdOptions, RemoveOnDrop,
     },
     require_root,
     tcp::TcpServer,
@@ -48,19 +48,6 @@ fn start_pinned(lab: &Lab, dir: &Path, n: usize) -> Lbd {
     lbd
 }
 
-/// `lbd --config CONFIG ARGS...` in the lab balancer's network namespace (host mounts).
-fn lbd_cmd(lab: &Lab, config: &Path, args: &[&str]) -> Output {
-    Command::new("nsenter")
-        .arg(format!("--net=/run/netns/{}", lab.lb().ns().name()))
-        .arg(bin_path("lbd"))
-        .arg("--config")
-        .arg(config)
-        .args(args)
-        .stdin(std::process::Stdio::null())
-        .output()
-        .expect("running lbd")
-}
-
 /// A lab, a scratch directory and a pin directory that is removed however the test ends.
 fn pinned_setup(label: &str) -> (Lab, PathBuf, PathBuf, RemoveOnDrop, RemoveOnDrop) {
     let lab = Lab::new(LabSpec { backends: 1 }).expect("building the lab");
@@ -80,7 +67,7 @@ fn cleanup_refuses_while_an_lbd_runs_unless_forced() {
     std::fs::write(&config, pinned_config(&lab, &dir, &pin_dir, "native")).unwrap();
     let mut lbd = start_pinned(&lab, &dir, 1);
 
-    let out = lbd_cmd(&lab, &config, &["cleanup"]);
+    let out = lbd_run(lab.lb().ns(), &config, &["cleanup"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(
         out.status.code(),
@@ -101,7 +88,7 @@ fn cleanup_refuses_while_an_lbd_runs_unless_forced() {
         "a refused cleanup removed nothing"
     );
 
-    let out = lbd_cmd(&lab, &config, &["cleanup", "--force"]);
+    let out = lbd_run(lab.lb().ns(), &config, &["cleanup", "--force"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "cleanup --force: {stderr}");
     assert!(
@@ -116,7 +103,7 @@ fn cleanup_refuses_while_an_lbd_runs_unless_forced() {
         lbd.log()
     );
     // Without an lbd, cleanup needs no --force.
-    let out = lbd_cmd(&lab, &config, &["cleanup"]);
+    let out = lbd_run(lab.lb().ns(), &config, &["cleanup"]);
     assert!(out.status.success(), "{out:?}");
 }
 
@@ -189,7 +176,7 @@ fn the_reported_xdp_mode_is_the_kernels_across_a_mode_change() {
             "the pinned datapath outlives lbd"
         );
     }
-    let out = lbd_cmd(&lab, &config, &["cleanup"]);
+    let out = lbd_run(lab.lb().ns(), &config, &["cleanup"]);
     assert!(out.status.success(), "{out:?}");
 }
 
@@ -202,19 +189,18 @@ fn intact_metric(lab: &Lab) -> f64 {
 /// the status.
 fn wait_fault(lbd: &Lbd, what: &str) -> serde_json::Value {
     let t = std::time::Instant::now();
-    loop {
+    let mut last = serde_json::Value::Null;
+    let found = poll_until(std::time::Duration::from_secs(1), || {
         let s = lbd.control().status().expect("lbd answers");
         let faults = s["datapath_faults"].as_array().expect("datapath_faults");
-        if faults.iter().any(|f| f.as_str().unwrap().contains(what)) {
+        let hit = faults.iter().any(|f| f.as_str().unwrap().contains(what));
+        if hit {
             println!("{what:?} reported after {:?}: {faults:?}", t.elapsed());
-            return s;
         }
-        assert!(
-            t.elapsed() < std::time::Duration::from_secs(1),
-            "no datapath fault {what:?} within 1 s: {s}"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+        last = s.clone();
+        hit.then_some(s)
+    });
+    found.unwrap_or_else(|| panic!("no datapath fault {what:?} within 1 s: {last}"))
 }
 
 #[test]
@@ -243,7 +229,7 @@ fn a_datapath_taken_away_is_reported_within_a_second() {
 
     // `lbd cleanup --force`: the program is gone from the interface.
     let asked = now_ms();
-    let out = lbd_cmd(&lab, &config, &["cleanup", "--force"]);
+    let out = lbd_run(lab.lb().ns(), &config, &["cleanup", "--force"]);
     assert!(out.status.success(), "{out:?}");
     let s = wait_fault(&lbd, "detached: no XDP program on eth0");
     assert_eq!(s["xdp_mode"], "detached", "{s}");
@@ -375,7 +361,7 @@ fn check_refuses_restart_only_changes_for_the_running_lbd() {
         text.replace("[[vip.backend]]", "[[vip.backend]]\nweight = 2"),
     )
     .unwrap();
-    let out = lbd_cmd(&lab, &config, &["--check"]);
+    let out = lbd_run(lab.lb().ns(), &config, &["--check"]);
     assert!(out.status.success(), "{out:?}");
     // Restart-only keys: refused, naming each and the running lbd.
     std::fs::write(
@@ -386,7 +372,7 @@ fn check_refuses_restart_only_changes_for_the_running_lbd() {
         ),
     )
     .unwrap();
-    let out = lbd_cmd(&lab, &config, &["--check"]);
+    let out = lbd_run(lab.lb().ns(), &config, &["--check"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(
         stderr,
@@ -410,9 +396,9 @@ fn check_refuses_restart_only_changes_for_the_running_lbd() {
     let s = lbd.stop();
     assert!(s.success(), "{s}");
     // Once no lbd answers, the same file passes (a restart applies it).
-    let out = lbd_cmd(&lab, &config, &["--check"]);
+    let out = lbd_run(lab.lb().ns(), &config, &["--check"]);
     assert!(out.status.success(), "{out:?}");
-    let out = lbd_cmd(&lab, &config, &["cleanup"]);
+    let out = lbd_run(lab.lb().ns(), &config, &["cleanup"]);
     assert!(out.status.success(), "{out:?}");
 }
 
@@ -766,7 +752,7 @@ fn removed_backends_and_cleanup_leave_no_neighbour_entries_of_lbds() {
     assert!(neigh(&lab, &b0).contains("managed"), "{}", neigh(&lab, &b0));
 
     assert!(lbd.stop().success());
-    let out = lbd_cmd(&lab, &config, &["cleanup"]);
+    let out = lbd_run(lab.lb().ns(), &config, &["cleanup"]);
     assert!(out.status.success(), "{out:?}");
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(

@@ -11,7 +11,7 @@
 //! of eth0 is `XDP_TX`. The balancer is loaded and configured, never attached.
 //!
 //! Expected bytes are built here, independently of the program, with the tests' packet builder
-//! ([`tests::pkt`], its own Internet checksum), and the expected backend of a new flow is
+//! ([`lb_pkt`], its own Internet checksum), and the expected backend of a new flow is
 //! `table[maglev_index(flow_hash(key), size)]` over the table the agent applied. Every output
 //! that goes back on the wire is also checked with an independent parser (`etherparse`): IPv4
 //! header checksums, ICMP/ICMPv6 checksums, and the inner TCP/UDP checksums.
@@ -33,28 +33,22 @@ use lb_common::{
     flow_hash, maglev_index, BackendStats, Counter, CtValue, FlowKey, VipStats, CT_F_CLOSING,
     CT_F_RESTEERED, FAMILY_V4, FAMILY_V6,
 };
+use lb_pkt::{
+    self as pkt, ether_vlan as frame, frag6, icmp4, icmp6, ip4_addrs, ip4_ihl, ip6_addrs, mac_at,
+    mac_str, set_ip4_checksum as fix_ip4_csum, udp as udp_seg, verdict_name, Ip4, Ip6, Mac, Tcp,
+    ETH_8021AD, ETH_8021Q, ETH_ARP, ETH_IPV4 as ETH_IP, ETH_IPV6, GRE, ICMP, ICMPV6, IP4_DF as DF,
+    IP4_MF as MF, IPV6_FRAG as FRAG6, TCP, TCP_ACK as ACK, TCP_FIN as FIN, TCP_PSH as PSH,
+    TCP_RST as RST, TCP_SYN as SYN, UDP, XDP_ABORTED, XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX,
+};
 use lb_userspace::{datapath::VipState, Balancer, Config, LoadOptions};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::Instant;
-use tests::pkt::{
-    self, ether_vlan as frame, frag6, icmp4, icmp6, ip4_addrs, ip4_ihl, ip6_addrs, mac_at, mac_str,
-    set_ip4_checksum as fix_ip4_csum, udp as udp_seg, Ip4, Ip6, Mac, Tcp, ETH_8021AD, ETH_8021Q,
-    ETH_ARP, ETH_IPV4 as ETH_IP, ETH_IPV6, GRE, ICMP, ICMPV6, IP4_DF as DF, IP4_MF as MF,
-    IPV6_FRAG as FRAG6, TCP, TCP_ACK as ACK, TCP_FIN as FIN, TCP_PSH as PSH, TCP_RST as RST,
-    TCP_SYN as SYN, UDP,
-};
 use tests::{anyhow, require_root, NetNs};
 
 // ---------------------------------------------------------------------------------------------
 // Constants of the environment.
-
-const XDP_ABORTED: u32 = 0;
-const XDP_DROP: u32 = 1;
-const XDP_PASS: u32 = 2;
-const XDP_TX: u32 = 3;
-const XDP_REDIRECT: u32 = 4;
 
 /// The upstream router every client packet arrives from.
 const ROUTER_MAC: Mac = [0x02, 0xee, 0x00, 0x00, 0x00, 0x01];
@@ -118,7 +112,7 @@ fn mac_of(a: IpAddr) -> Mac {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Packets (`tests::pkt`) as the fixture rows build them.
+// Packets (`lb_pkt`) as the fixture rows build them.
 
 /// A client's IPv4 header: DF set, TTL 57, id 0x4d2e.
 fn client_ip4(src: Ipv4Addr, dst: Ipv4Addr, proto: u8) -> Ip4 {
@@ -1747,17 +1741,6 @@ fn table() -> Vec<Step> {
 
 // ---------------------------------------------------------------------------------------------
 // Running a case.
-
-fn verdict_name(v: u32) -> String {
-    match v {
-        XDP_ABORTED => "XDP_ABORTED".into(),
-        XDP_DROP => "XDP_DROP".into(),
-        XDP_PASS => "XDP_PASS".into(),
-        XDP_TX => "XDP_TX".into(),
-        XDP_REDIRECT => "XDP_REDIRECT".into(),
-        v => format!("verdict {v}"),
-    }
-}
 
 /// Runs the program once on `frame` from a thread inside the namespace, with eth0 as the
 /// ingress interface. Returns the verdict and the output frame, or the errno and the error.

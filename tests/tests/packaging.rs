@@ -9,13 +9,17 @@
 use std::{
     collections::BTreeMap,
     ffi::OsStr,
+    ffi::OsString,
     os::unix::{fs::PermissionsExt, net::UnixDatagram},
     path::{Path, PathBuf},
-    process::{Child, Command, Output, Stdio},
+    process::{Command, Output, Stdio},
     sync::OnceLock,
     time::{Duration, Instant},
 };
-use tests::{require_root, NetNs};
+use tests::{
+    procs::{Lbd, LbdOptions},
+    require_root, NetNs,
+};
 
 /// Prefix of the shared test installation (the default of `cargo xtask install`).
 const PREFIX: &str = "usr/local";
@@ -760,9 +764,9 @@ impl NotifySocket {
         }
     }
 
-    /// Waits for a message containing `what` (every message is recorded). `child` is checked
+    /// Waits for a message containing `what` (every message is recorded). `lbd` is checked
     /// so that a crashed lbd fails fast with its status.
-    fn wait_for(&mut self, what: &str, timeout: Duration, child: &mut Child) -> String {
+    fn wait_message(&mut self, what: &str, timeout: Duration, lbd: &mut Lbd) -> String {
         let end = Instant::now() + timeout;
         let mut buf = [0u8; 4096];
         loop {
@@ -789,7 +793,7 @@ impl NotifySocket {
                         std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
                     ) =>
                 {
-                    if let Some(status) = child.try_wait().unwrap() {
+                    if let Some(status) = lbd.try_wait() {
                         panic!(
                             "lbd exited ({status}) before sending {what:?}; got {:?}",
                             self.seen
@@ -812,43 +816,27 @@ fn spawn_lbd(
     notify: &Path,
     watchdog: bool,
     log: &Path,
-) -> Child {
-    let out = std::fs::File::create(log).unwrap();
+) -> Lbd {
     let bounding: String = std::iter::once("-all".to_string())
         .chain(caps.iter().map(|c| format!("+{c}")))
         .collect::<Vec<_>>()
         .join(",");
-    let mut cmd = ns.command("setpriv");
-    cmd.arg(format!("--bounding-set={bounding}"))
-        .arg(lbd_path())
-        .args(args)
-        .env("NOTIFY_SOCKET", notify)
-        .env_remove("WATCHDOG_PID")
-        .stdin(Stdio::null())
-        .stdout(out.try_clone().unwrap())
-        .stderr(out);
+    let mut opts = LbdOptions {
+        bin: Some(lbd_path()),
+        wrapper: vec!["setpriv".into(), format!("--bounding-set={bounding}")],
+        env: vec![("NOTIFY_SOCKET".into(), notify.display().to_string())],
+        env_remove: vec!["WATCHDOG_PID".into()],
+        log: Some(log.to_path_buf()),
+        ..LbdOptions::default()
+    };
     if watchdog {
-        cmd.env("WATCHDOG_USEC", "200000");
+        opts.env.push(("WATCHDOG_USEC".into(), "200000".into()));
     } else {
-        cmd.env_remove("WATCHDOG_USEC");
+        opts.env_remove.push("WATCHDOG_USEC".into());
     }
-    ns.spawn_command(&mut cmd).expect("starting setpriv lbd")
-}
-
-fn signal(child: &Child, sig: i32) {
-    // SAFETY: signalling our own child (`ip netns exec` and setpriv exec lbd in place).
-    assert_eq!(unsafe { libc::kill(child.id() as i32, sig) }, 0);
-}
-
-fn wait_exit(child: &mut Child, timeout: Duration) -> std::process::ExitStatus {
-    let end = Instant::now() + timeout;
-    loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            return s;
-        }
-        assert!(Instant::now() < end, "lbd did not exit within {timeout:?}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let args: Vec<OsString> = args.iter().map(OsString::from).collect();
+    let dir = log.parent().expect("log in a directory");
+    Lbd::spawn_args(ns, &args, dir, dir.join("lbd.sock"), &opts)
 }
 
 /// Runs lbd with one capability of the unit's set left out, and asserts that it fails before
@@ -874,20 +862,18 @@ fn assert_fails_without(
                 .lines()
                 .any(|l| l == "READY=1")
             {
-                let _ = lbd.kill();
-                let _ = lbd.wait();
+                drop(lbd);
                 panic!(
                     "`lbd {}` got ready with only {fewer:?}: the unit's CapabilityBoundingSet= is not minimal ({cap} can go, or one of the others implies it)",
                     args.join(" ")
                 );
             }
         }
-        if let Some(s) = lbd.try_wait().unwrap() {
+        if let Some(s) = lbd.try_wait() {
             break s;
         }
         if Instant::now() > end {
-            let _ = lbd.kill();
-            let _ = lbd.wait();
+            drop(lbd);
             panic!(
                 "`lbd {}` without {cap} neither failed nor got ready in 30 s: {}",
                 args.join(" "),
@@ -949,7 +935,7 @@ fn lbd_notifies_systemd_under_the_units_capabilities() {
         true,
         &log,
     );
-    let ready = notify.wait_for("READY=1", Duration::from_secs(30), &mut lbd);
+    let ready = notify.wait_message("READY=1", Duration::from_secs(30), &mut lbd);
     assert!(
         ready.contains("STATUS=balancing 1 VIPs on veth0"),
         "{ready:?}"
@@ -957,19 +943,19 @@ fn lbd_notifies_systemd_under_the_units_capabilities() {
     // WATCHDOG_USEC=200ms: a ping every 100ms.
     let start = Instant::now();
     for _ in 0..3 {
-        notify.wait_for("WATCHDOG=1", Duration::from_secs(2), &mut lbd);
+        notify.wait_message("WATCHDOG=1", Duration::from_secs(2), &mut lbd);
     }
     assert!(
         start.elapsed() < Duration::from_secs(2),
         "watchdog pings too slow"
     );
-    signal(&lbd, libc::SIGHUP);
-    notify.wait_for("RELOADING=1", Duration::from_secs(10), &mut lbd);
-    let ready = notify.wait_for("READY=1", Duration::from_secs(10), &mut lbd);
+    lbd.signal(libc::SIGHUP);
+    notify.wait_message("RELOADING=1", Duration::from_secs(10), &mut lbd);
+    let ready = notify.wait_message("READY=1", Duration::from_secs(10), &mut lbd);
     assert!(ready.contains("STATUS="), "{ready:?}");
-    signal(&lbd, libc::SIGTERM);
-    notify.wait_for("STOPPING=1", Duration::from_secs(10), &mut lbd);
-    let status = wait_exit(&mut lbd, Duration::from_secs(10));
+    lbd.signal(libc::SIGTERM);
+    notify.wait_message("STOPPING=1", Duration::from_secs(10), &mut lbd);
+    let status = lbd.wait_exit(Duration::from_secs(10));
     assert!(status.success(), "lbd exit {status}: {}", tail(&log));
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -1010,12 +996,12 @@ fn decap_notifies_and_needs_every_capability_of_its_unit() {
     let mut notify = NotifySocket::bind(dir.join("notify.sock"));
     let log = dir.join("decap.log");
     let mut lbd = spawn_lbd(&ns, &caps, &args, &notify.path, true, &log);
-    let ready = notify.wait_for("READY=1", Duration::from_secs(30), &mut lbd);
+    let ready = notify.wait_message("READY=1", Duration::from_secs(30), &mut lbd);
     assert!(ready.contains("STATUS=decapsulating"), "{ready:?}");
-    notify.wait_for("WATCHDOG=1", Duration::from_secs(2), &mut lbd);
-    signal(&lbd, libc::SIGTERM);
-    notify.wait_for("STOPPING=1", Duration::from_secs(10), &mut lbd);
-    let status = wait_exit(&mut lbd, Duration::from_secs(10));
+    notify.wait_message("WATCHDOG=1", Duration::from_secs(2), &mut lbd);
+    lbd.signal(libc::SIGTERM);
+    notify.wait_message("STOPPING=1", Duration::from_secs(10), &mut lbd);
+    let status = lbd.wait_exit(Duration::from_secs(10));
     assert!(status.success(), "lbd decap exit {status}: {}", tail(&log));
     let _ = std::fs::remove_dir_all(&dir);
 }

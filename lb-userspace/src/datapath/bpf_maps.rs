@@ -1,13 +1,15 @@
 //! The maps as the agent holds them, the batched ring write, and the reads and single-entry
 //! writes the agent makes outside `apply` (stats, conntrack, DOWN flags).
+use super::pins::entries;
 use super::VipState;
-use super::{vip_key, Balancer, VipId};
+use super::{vip_key, Balancer, LoadOptions, VipId};
 use anyhow::{anyhow, bail, Context as _, Result};
 use aya::{
     maps::{Array, HashMap as BpfHashMap, Map, MapData, PerCpuArray},
     Ebpf,
 };
 use lb_common::{
+    maps::{self, Kind, MapSpec},
     AgentState, BackendInfo, BackendStats, Counter, CtValue, FlowKey, GlobalConfig, NextHop,
     VipKey, VipMeta, VipStats, BACKEND_F_ACTIVE, BACKEND_F_DOWN,
 };
@@ -115,6 +117,90 @@ pub(super) fn update_batch(
 pub(super) fn take(ebpf: &mut Ebpf, name: &str) -> Result<Map> {
     ebpf.take_map(name)
         .ok_or_else(|| anyhow!("the balancer object has no map {name}"))
+}
+
+/// A map as the kernel created it (or as it was pinned): what [`check_map`] compares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct MapShape {
+    pub(super) kind: Kind,
+    pub(super) key_size: u32,
+    pub(super) value_size: u32,
+    pub(super) max_entries: u32,
+    pub(super) flags: u32,
+}
+
+impl MapShape {
+    /// What the registry says a map must be, with the capacity this lbd gives it.
+    pub(super) fn of(spec: &MapSpec, max_entries: u32) -> Self {
+        MapShape {
+            kind: spec.kind,
+            key_size: spec.key_size,
+            value_size: spec.value_size,
+            max_entries,
+            flags: spec.flags,
+        }
+    }
+}
+
+impl std::fmt::Display for MapShape {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} map, key/value size {}/{}, {} entries, flags {:#x}",
+            self.kind.describe(),
+            self.key_size,
+            self.value_size,
+            self.max_entries,
+            self.flags
+        )
+    }
+}
+
+/// One loaded map against its registry entry; the error names the map.
+pub(super) fn check_map(spec: &MapSpec, max_entries: u32, found: MapShape) -> Result<()> {
+    let want = MapShape::of(spec, max_entries);
+    if found != want {
+        bail!(
+            "the balancer object's map {} is a {found}, but lb_common::maps (the registry lbd \
+             was built with) says {want}: the XDP program and lbd were built from different \
+             sources; rebuild lbd (`cargo build -p lb-userspace`)",
+            spec.name
+        );
+    }
+    Ok(())
+}
+
+/// Every map of the registry, as the loaded object has it (pins reused included): a map the
+/// object lacks or has in another shape is an error naming it, before any map is used.
+pub(super) fn check_object_maps(ebpf: &Ebpf, o: &LoadOptions) -> Result<()> {
+    for spec in maps::BALANCER {
+        let name = spec.name;
+        let map = ebpf.map(name).ok_or_else(|| {
+            anyhow!("the balancer object has no map {name}, which lb_common::maps lists")
+        })?;
+        let (kind, data) = match map {
+            Map::HashMap(d) => (Kind::Hash, d),
+            Map::LruHashMap(d) => (Kind::LruHash, d),
+            Map::Array(d) => (Kind::Array, d),
+            Map::PerCpuArray(d) => (Kind::PerCpuArray, d),
+            other => bail!(
+                "the balancer object's map {name} is a {other:?}, but lb_common::maps says {}",
+                MapShape::of(spec, entries(spec, o))
+            ),
+        };
+        let info = data
+            .info()
+            .with_context(|| format!("reading the kernel's description of map {name}"))?;
+        let found = MapShape {
+            kind,
+            key_size: info.key_size(),
+            value_size: info.value_size(),
+            max_entries: info.max_entries(),
+            flags: info.map_flags(),
+        };
+        check_map(spec, entries(spec, o), found)?;
+    }
+    Ok(())
 }
 
 impl Balancer {
@@ -226,5 +312,47 @@ impl Balancer {
             .find(|b| b.address == addr)?;
         let info = self.maps.backends.get(&b.id, 0).ok()?;
         Some(info.flags & BACKEND_F_DOWN != 0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_map_unlike_the_registry_is_refused_by_name() {
+        let ct = &maps::ct::SPEC;
+        let good = MapShape::of(ct, 4096);
+        check_map(ct, 4096, good).unwrap();
+        // An object built when CT's value was 8 bytes, and one whose CT is a plain hash map.
+        let old_value = MapShape {
+            value_size: 8,
+            ..good
+        };
+        let plain_hash = MapShape {
+            kind: Kind::Hash,
+            ..good
+        };
+        let smaller = MapShape {
+            max_entries: 1024,
+            ..good
+        };
+        for found in [old_value, plain_hash, smaller] {
+            let e = check_map(ct, 4096, found).unwrap_err().to_string();
+            assert!(e.starts_with("the balancer object's map CT is a "), "{e}");
+            assert!(e.contains(&found.to_string()), "{e}");
+            assert!(e.contains("rebuild lbd"), "{e}");
+        }
+    }
+
+    #[test]
+    fn the_registry_names_each_map_once_and_sizes_from_the_types() {
+        let mut names: Vec<&str> = maps::BALANCER.iter().map(|s| s.name).collect();
+        names.sort();
+        names.dedup();
+        assert_eq!(names.len(), maps::BALANCER.len());
+        assert_eq!(maps::ct::SPEC.key_size as usize, size_of::<FlowKey>());
+        assert_eq!(maps::ct::SPEC.value_size as usize, size_of::<CtValue>());
+        assert_eq!(maps::ct::ENTRIES, lb_common::DEFAULT_CT_SIZE as usize);
     }
 }

@@ -4,9 +4,9 @@ use super::netif;
 use super::pool::{Region, RingPool};
 use super::{
     addr_from_bytes,
-    bpf_maps::{take, Maps},
+    bpf_maps::{check_object_maps, take, Maps},
     conntrack::ConntrackReader,
-    pins::{ensure_pin_dir, pinned_maps, survey_pins, PinReport, LINK_PIN},
+    pins::{ensure_pin_dir, entries, pinned_maps, survey_pins, PinReport, LINK_PIN},
     BackendState, Balancer, LoadOptions, TableWrite, VipState, BALANCER_OBJ,
 };
 use crate::config::{Forwarding, XdpMode};
@@ -21,8 +21,9 @@ use aya::{
     EbpfLoader,
 };
 use lb_common::{
-    maps, progs, VipKey, VipMeta, AGENT_STATE_MAGIC, BACKEND_F_ACTIVE, MAX_BACKENDS, MAX_VIPS,
-    MODE_L2, PROTO_TCP, PROTO_UDP,
+    maps::{self, Capacity},
+    progs, VipKey, VipMeta, AGENT_STATE_MAGIC, BACKEND_F_ACTIVE, MAX_BACKENDS, MAX_VIPS, MODE_L2,
+    PROTO_TCP, PROTO_UDP,
 };
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -69,10 +70,11 @@ impl Balancer {
     /// reused, connection tables and counters included, and the agent's view of them restored.
     pub fn load(opts: LoadOptions) -> Result<Self> {
         let mut loader = EbpfLoader::new();
-        loader
-            .map_max_entries(maps::RING, opts.table_pool)
-            .map_max_entries(maps::CT, opts.conntrack_size)
-            .map_max_entries(maps::CT_NEW, opts.conntrack_new_size);
+        for spec in maps::BALANCER {
+            if matches!(spec.capacity, Capacity::Configured { .. }) {
+                loader.map_max_entries(spec.name, entries(spec, &opts));
+            }
+        }
         let mut pins = PinReport::default();
         if let Some(dir) = &opts.pin_dir {
             ensure_pin_dir(dir)?;
@@ -84,6 +86,7 @@ impl Balancer {
         let mut ebpf = loader
             .load(super::try_embedded(BALANCER_OBJ, "balancer")?)
             .context("loading the balancer object")?;
+        check_object_maps(&ebpf, &opts)?;
         let prog: &mut Xdp = ebpf
             .program_mut(progs::BALANCER)
             .ok_or_else(|| anyhow!("no program {}", progs::BALANCER))?
@@ -434,15 +437,7 @@ impl Balancer {
             }
         }
         if let Some(dir) = &self.pin_dir {
-            let mut names: Vec<&str> = pinned_maps(&LoadOptions {
-                table_pool: 0,
-                conntrack_size: 0,
-                conntrack_new_size: 0,
-                pin_dir: None,
-            })
-            .iter()
-            .map(|m| m.0)
-            .collect();
+            let mut names: Vec<&str> = maps::BALANCER.iter().map(|s| s.name).collect();
             if self.interface.is_some() {
                 names.push(LINK_PIN);
             }

@@ -4,66 +4,47 @@ use super::LoadOptions;
 use anyhow::{bail, Context as _, Result};
 use aya::{maps::MapInfo, programs::links::PinnedLink};
 use lb_common::{
-    maps, AgentState, BackendInfo, BackendStats, CtValue, FlowKey, FragKey, GlobalConfig, NextHop,
-    VipKey, VipMeta, VipStats, COUNTER_SLOTS, FRAG_TABLE_SIZE, MAX_BACKENDS, MAX_VIPS,
+    maps::{self, Capacity, MapSpec, Pin, Setting},
+    COUNTER_SLOTS,
 };
-use std::{
-    mem::size_of,
-    path::{Path, PathBuf},
-};
+use std::path::{Path, PathBuf};
 
 /// Name of the pinned XDP link inside the pin directory.
 pub(super) const LINK_PIN: &str = "link";
 
-/// The maps kept across restarts, with the (key size, value size, capacity) this build expects.
-pub(super) fn pinned_maps(o: &LoadOptions) -> [(&'static str, usize, usize, u32); 13] {
-    [
-        (
-            maps::VIPS,
-            size_of::<VipKey>(),
-            size_of::<VipMeta>(),
-            MAX_VIPS,
-        ),
-        (maps::RING, 4, 4, o.table_pool),
-        (maps::BACKENDS, 4, size_of::<BackendInfo>(), MAX_BACKENDS),
-        (maps::NEXTHOPS, 4, size_of::<NextHop>(), MAX_BACKENDS),
-        (
-            maps::CT,
-            size_of::<FlowKey>(),
-            size_of::<CtValue>(),
-            o.conntrack_size,
-        ),
-        (
-            maps::CT_NEW,
-            size_of::<FlowKey>(),
-            size_of::<CtValue>(),
-            o.conntrack_new_size,
-        ),
-        (
-            maps::FRAGS,
-            size_of::<FragKey>(),
-            size_of::<CtValue>(),
-            FRAG_TABLE_SIZE,
-        ),
-        (maps::CONFIG, 4, size_of::<GlobalConfig>(), 1),
-        (maps::VIP_PORTS, 4, 1, 65_536),
-        (maps::COUNTERS, 4, 8, COUNTER_SLOTS),
-        (maps::VIP_STATS, 4, size_of::<VipStats>(), MAX_VIPS),
-        (
-            maps::BACKEND_STATS,
-            4,
-            size_of::<BackendStats>(),
-            MAX_BACKENDS,
-        ),
-        (maps::AGENT_STATE, 4, size_of::<AgentState>(), 1),
-    ]
+/// The capacity this lbd gives a map of the registry: fixed by the build, or the setting.
+pub(super) fn entries(spec: &MapSpec, o: &LoadOptions) -> u32 {
+    match spec.capacity {
+        Capacity::Fixed(n) => n,
+        Capacity::Configured { setting, .. } => match setting {
+            Setting::TablePool => o.table_pool,
+            Setting::ConntrackSize => o.conntrack_size,
+            Setting::ConntrackNewSize => o.conntrack_new_size,
+        },
+    }
 }
 
-/// A pinned map an older build did not have: a pin set without it is still complete. Only
-/// `AGENT_STATE` (the agent's id cursors), which a build before it never pinned: the new map
-/// is created and pinned, and the cursors are derived from the maps as that build did.
+/// The maps kept across restarts (every map of the registry), with the (key size, value size,
+/// capacity) this build expects.
+pub(super) fn pinned_maps(
+    o: &LoadOptions,
+) -> impl Iterator<Item = (&'static str, usize, usize, u32)> + '_ {
+    maps::BALANCER.iter().map(move |s| {
+        (
+            s.name,
+            s.key_size as usize,
+            s.value_size as usize,
+            entries(s, o),
+        )
+    })
+}
+
+/// A pinned map an older build did not have (`Pin::Optional` in the registry): a pin set
+/// without it is still complete. Only `AGENT_STATE` (the agent's id cursors), which a build
+/// before it never pinned: the new map is created and pinned, and the cursors are derived from
+/// the maps as that build did.
 pub(super) fn optional_pin(name: &str) -> bool {
-    name == maps::AGENT_STATE
+    maps::spec(name).is_some_and(|s| s.pin == Pin::Optional)
 }
 
 pub(super) const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
@@ -313,6 +294,8 @@ pub fn remove_pins(dir: &Path) -> Result<Vec<String>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use lb_common::{CtValue, FlowKey};
+    use std::mem::size_of;
 
     #[test]
     fn pin_mismatch_names_cleanup() {

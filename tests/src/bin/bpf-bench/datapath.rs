@@ -33,20 +33,12 @@ use clap::Args;
 use lb_common::{
     maps, progs, BenchInput, Counter, BENCH_MAX_PACKET, BENCH_RUNS, BENCH_TAIL_CALL_FAILED,
 };
+use lb_pkt::{self as pkt, verdict_name, Ip4, Ip6, Tcp, TCP_ACK, TCP_SYN, XDP_PASS, XDP_TX};
 use lb_userspace::{datapath::BENCH_OBJ, netif, Balancer, Config, LoadOptions};
-use tests::{
-    pkt::{self, Ip4, Ip6, Tcp, TCP_ACK, TCP_SYN},
-    NetNs,
-};
+use tests::NetNs;
 
 use crate::thread_cpu_ns;
 use tests::ensure_root;
-
-const XDP_ABORTED: u32 = 0;
-const XDP_DROP: u32 = 1;
-const XDP_PASS: u32 = 2;
-const XDP_TX: u32 = 3;
-const XDP_REDIRECT: u32 = 4;
 
 /// The established-flow target, in multiples of the trivial program's cost.
 const TARGET_RATIO: f64 = 2.5;
@@ -266,17 +258,6 @@ impl Scenario {
             Kind::NotVip => XDP_PASS,
             _ => XDP_TX,
         }
-    }
-}
-
-fn verdict_name(v: u32) -> String {
-    match v {
-        XDP_ABORTED => "XDP_ABORTED".into(),
-        XDP_DROP => "XDP_DROP".into(),
-        XDP_PASS => "XDP_PASS".into(),
-        XDP_TX => "XDP_TX".into(),
-        XDP_REDIRECT => "XDP_REDIRECT".into(),
-        n => format!("verdict {n}"),
     }
 }
 

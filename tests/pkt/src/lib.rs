@@ -12,7 +12,7 @@
 //!
 //! ```
 //! use std::net::Ipv4Addr;
-//! use tests::pkt::{self, Ip4, Tcp, ETH_IPV4, TCP_SYN};
+//! use lb_pkt::{self as pkt, Ip4, Tcp, ETH_IPV4, TCP_SYN};
 //!
 //! let (c, v) = (Ipv4Addr::new(198, 51, 100, 1), Ipv4Addr::new(10, 0, 0, 1));
 //! let seg = Tcp { flags: TCP_SYN, ..Tcp::new(40_000, 80) }.build(c.into(), v.into(), b"");
@@ -57,6 +57,25 @@ pub const TCP_ACK: u8 = 0x10;
 /// IPv4 "don't fragment" and "more fragments" bits of the flags/fragment-offset word.
 pub const IP4_DF: u16 = 0x4000;
 pub const IP4_MF: u16 = 0x2000;
+
+/// XDP verdicts (`enum xdp_action`): what `BPF_PROG_TEST_RUN` returns for a packet.
+pub const XDP_ABORTED: u32 = 0;
+pub const XDP_DROP: u32 = 1;
+pub const XDP_PASS: u32 = 2;
+pub const XDP_TX: u32 = 3;
+pub const XDP_REDIRECT: u32 = 4;
+
+/// `XDP_TX` for 3, `verdict 7` for a value that is no verdict.
+pub fn verdict_name(v: u32) -> String {
+    match v {
+        XDP_ABORTED => "XDP_ABORTED".into(),
+        XDP_DROP => "XDP_DROP".into(),
+        XDP_PASS => "XDP_PASS".into(),
+        XDP_TX => "XDP_TX".into(),
+        XDP_REDIRECT => "XDP_REDIRECT".into(),
+        v => format!("verdict {v}"),
+    }
+}
 
 // ---------------------------------------------------------------------------------------------
 // The Internet checksum.
@@ -658,6 +677,10 @@ mod unit {
             (0x123, ETH_IPV6.into())
         );
         assert_eq!(mac_str(&d), "02:00:00:00:00:01");
+        assert_eq!(
+            (verdict_name(XDP_TX).as_str(), verdict_name(7).as_str()),
+            ("XDP_TX", "verdict 7")
+        );
         assert_eq!(be32(&[0, 1, 2, 3, 4], 1), 0x0102_0304);
     }
 }

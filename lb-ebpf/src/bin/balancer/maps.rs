@@ -1,0 +1,74 @@
+//! The program's maps. Types, capacities and flags come from `lb_common::maps`, the registry
+//! lbd loads and checks them by, so the two cannot drift; lbd sets the configured sizes (the
+//! capacities here are their defaults) before loading.
+//!
+//! BTF-defined maps (the `.maps` section): the kernel gets each map's key and value types, so
+//! `bpftool map dump` prints them as structs.
+use aya_ebpf::{
+    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    macros::btf_map,
+};
+use lb_common::{
+    maps::{
+        agent_state, backend_stats, backends, config, counters, ct, ct_new, frags, nexthops, ring,
+        vip_ports, vip_stats, vips,
+    },
+    BackendInfo, FlowKey, VipKey, VipMeta, BACKEND_F_ACTIVE, BACKEND_F_DOWN,
+};
+
+#[btf_map]
+pub static VIPS: HashMap<vips::Key, vips::Value, { vips::ENTRIES }, { vips::SPEC.flags as usize }> =
+    HashMap::new();
+#[btf_map]
+pub static RING: Array<ring::Value, { ring::ENTRIES }> = Array::new();
+#[btf_map]
+pub static BACKENDS: Array<backends::Value, { backends::ENTRIES }> = Array::new();
+#[btf_map]
+pub static NEXTHOPS: Array<nexthops::Value, { nexthops::ENTRIES }> = Array::new();
+#[btf_map]
+pub static CT: LruHashMap<ct::Key, ct::Value, { ct::ENTRIES }> = LruHashMap::new();
+#[btf_map]
+pub static CT_NEW: LruHashMap<ct_new::Key, ct_new::Value, { ct_new::ENTRIES }> = LruHashMap::new();
+#[btf_map]
+pub static FRAGS: LruHashMap<frags::Key, frags::Value, { frags::ENTRIES }> = LruHashMap::new();
+#[btf_map]
+pub static CONFIG: Array<config::Value, { config::ENTRIES }> = Array::new();
+/// A one-load filter in front of the connection-table lookup, so traffic to ports no VIP
+/// uses costs no hash lookup at all.
+#[btf_map]
+pub static VIP_PORTS: Array<vip_ports::Value, { vip_ports::ENTRIES }> = Array::new();
+#[btf_map]
+pub static COUNTERS: PerCpuArray<counters::Value, { counters::ENTRIES }> = PerCpuArray::new();
+#[btf_map]
+pub static VIP_STATS: PerCpuArray<vip_stats::Value, { vip_stats::ENTRIES }> = PerCpuArray::new();
+#[btf_map]
+pub static BACKEND_STATS: PerCpuArray<backend_stats::Value, { backend_stats::ENTRIES }> =
+    PerCpuArray::new();
+/// Pinned with the other maps so that the agent's cursors survive a restart. Never read here.
+#[btf_map]
+pub static AGENT_STATE: Array<agent_state::Value, { agent_state::ENTRIES }> = Array::new();
+
+/// The VIP a flow is addressed to.
+#[inline(always)]
+pub fn lookup_vip(key: &FlowKey) -> Option<VipMeta> {
+    let vk = VipKey {
+        addr: key.dst,
+        port: key.dport,
+        proto: key.proto,
+        family: key.family,
+    };
+    // SAFETY: the map has no preallocation (elements are RCU-freed), and the value is
+    // copied out at once.
+    unsafe { VIPS.get(&vk) }.copied()
+}
+
+/// The backend behind `id`, if it may carry traffic.
+#[inline(always)]
+pub fn live_backend(id: u32) -> Option<BackendInfo> {
+    let b = *BACKENDS.get(id)?;
+    if b.flags & BACKEND_F_ACTIVE != 0 && b.flags & BACKEND_F_DOWN == 0 {
+        Some(b)
+    } else {
+        None
+    }
+}
