@@ -85,6 +85,10 @@ pub struct BenchDatapathArgs {
     /// CPU to pin the measuring thread to (default: the last CPU this process may use).
     #[arg(long)]
     pub cpu: Option<usize>,
+    /// Only the scenarios whose name contains this (e.g. "established", "ipv4 not"), for a
+    /// profiler run; the targets of the others are then not printed.
+    #[arg(long)]
+    pub only: Option<String>,
 }
 
 /// `host` written with decimal digits read as hex: 11 -> 0x11 (so that the MAC and the IPv6
@@ -887,6 +891,11 @@ fn measure(args: &BenchDatapathArgs) -> Result<Report> {
     let fd = lb.program().fd()?;
     let mut rows: Vec<Row> = Scenario::all()
         .into_iter()
+        .filter(|sc| {
+            args.only
+                .as_ref()
+                .is_none_or(|o| sc.name().contains(o.as_str()))
+        })
         .map(|scenario| Row {
             scenario,
             lb: Vec::new(),
@@ -1048,6 +1057,14 @@ pub fn run(args: &BenchDatapathArgs) -> Result<ExitCode> {
     }
     if args.rounds > 1000 {
         bail!("--rounds: at most 1000");
+    }
+    if let Some(o) = &args.only {
+        if !Scenario::all()
+            .iter()
+            .any(|sc| sc.name().contains(o.as_str()))
+        {
+            bail!("--only {o:?}: no scenario's name contains it");
+        }
     }
     let ns = NetNs::new("bench")?;
     setup_namespace(&ns)?;
