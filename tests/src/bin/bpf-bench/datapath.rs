@@ -71,7 +71,7 @@ const NEW_FLOW_PORT_BASE: u16 = 20_000;
 /// Source ports of the promotion scenario, likewise (rounds are at most 1000).
 const PROMOTE_PORT_BASE: u16 = 30_000;
 /// Repetitions of the promotion scenario: each needs a CT_NEW entry made by an untimed SYN
-/// run just before, so no more than half of CT_NEW, lest the LRU evict them first.
+/// run just before (into an emptied CT_NEW), so no more than half of it.
 const PROMOTE_MAX_REPEAT: u32 = maps::ct_new::ENTRIES as u32 / 2;
 
 #[derive(Args, Debug)]
@@ -832,6 +832,7 @@ fn record_syns(
     let Some((pkt, vary)) = sc.syn_input(round) else {
         return Ok(None);
     };
+    empty_ct_new()?;
     let fd = lb.program().fd()?;
     let before = snapshot(lb, ids)?;
     let s = h.run(&Target::Balancer(fd), &pkt, vary, repeat, ifindex, None)?;
@@ -1275,9 +1276,10 @@ fn computed_bytes_per_entry() -> u64 {
     HTAB_ELEM_HEADER + key + value + HTAB_BUCKET
 }
 
-/// Finds the balancer's map `name` among this process's fds by its shape (LRU hash of
-/// FlowKey -> CtValue with the registry's default capacity) and reads the kernel's figures.
-fn map_memory(name: &'static str) -> Result<MapMemory> {
+/// The balancer's connection table `name` among this process's fds, found by its shape (LRU
+/// hash of FlowKey -> CtValue with the registry's default capacity; the balancer has no
+/// accessor for it): (fd, its fdinfo text).
+fn find_ct_map(name: &str) -> Result<(i32, String)> {
     let spec = maps::spec(name).ok_or_else(|| anyhow!("no map {name} in the registry"))?;
     let want = [
         ("map_type", 9u64), // BPF_MAP_TYPE_LRU_HASH
@@ -1289,23 +1291,56 @@ fn map_memory(name: &'static str) -> Result<MapMemory> {
         ("max_entries", u64::from(spec.default_entries())),
     ];
     for entry in std::fs::read_dir("/proc/self/fdinfo")? {
-        let Ok(text) = std::fs::read_to_string(entry?.path()) else {
+        let entry = entry?;
+        let Ok(text) = std::fs::read_to_string(entry.path()) else {
             continue;
         };
-        let field = |f: &str| {
-            text.lines()
-                .find_map(|l| l.strip_prefix(f)?.strip_prefix(':'))
-                .and_then(|v| v.trim().parse::<u64>().ok())
-        };
-        if want.iter().all(|(f, v)| field(f) == Some(*v)) {
-            return Ok(MapMemory {
-                name,
-                max_entries: want[3].1,
-                memlock: field("memlock").context("fdinfo without memlock")?,
-            });
+        if want.iter().all(|(f, v)| fdinfo_field(&text, f) == Some(*v)) {
+            let fd = entry.file_name().to_string_lossy().parse()?;
+            return Ok((fd, text));
         }
     }
-    bail!("no map fd of {name}'s shape (LRU hash, FlowKey -> CtValue, {} entries) in /proc/self/fdinfo", want[3].1)
+    bail!(
+        "no map fd of {name}'s shape (LRU hash, FlowKey -> CtValue, {} entries) in /proc/self/fdinfo",
+        want[3].1
+    )
+}
+
+fn fdinfo_field(text: &str, field: &str) -> Option<u64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.trim().parse::<u64>().ok())
+}
+
+/// The kernel's figures for the connection table `name`.
+fn map_memory(name: &'static str) -> Result<MapMemory> {
+    let (_, text) = find_ct_map(name)?;
+    Ok(MapMemory {
+        name,
+        max_entries: fdinfo_field(&text, "max_entries").context("fdinfo without max_entries")?,
+        memlock: fdinfo_field(&text, "memlock").context("fdinfo without memlock")?,
+    })
+}
+
+/// Empties `CT_NEW`, so that the SYNs of a promotion run find room without the LRU evicting
+/// any of them (the table is approximate LRU: full of earlier rounds' flows, it evicted some
+/// of the new ones before their ACK came). Established flows live in `CT` and are untouched.
+fn empty_ct_new() -> Result<()> {
+    use std::os::fd::{AsFd, BorrowedFd};
+    let (fd, _) = find_ct_map(maps::ct_new::SPEC.name)?;
+    // SAFETY: the fd was just listed in /proc/self/fdinfo and the balancer (which owns it)
+    // lives on; it is only borrowed long enough to duplicate it.
+    let owned = unsafe { BorrowedFd::borrow_raw(fd) }
+        .as_fd()
+        .try_clone_to_owned()?;
+    let data = MapData::from_fd(owned)?;
+    let mut map: aya::maps::HashMap<MapData, lb_common::FlowKey, lb_common::CtValue> =
+        aya::maps::HashMap::try_from(aya::maps::Map::LruHashMap(data))?;
+    let keys: Vec<lb_common::FlowKey> = map.keys().collect::<Result<_, _>>()?;
+    for k in &keys {
+        map.remove(k)?;
+    }
+    Ok(())
 }
 
 fn print_memory(tables: &[MapMemory]) {
