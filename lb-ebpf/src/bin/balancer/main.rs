@@ -128,22 +128,25 @@ mod prog {
     #[inline(always)]
     fn try_balance(ctx: &XdpContext) -> Result<u32, Error> {
         let l2 = parse_l2(ctx)?;
-        let mut key = FlowKey::default();
+        let mut key = core::mem::MaybeUninit::<FlowKey>::uninit();
+        parse::zero_key(key.as_mut_ptr());
+        // SAFETY: `zero_key` wrote every byte; all zeros is a valid `FlowKey`.
+        let key = unsafe { key.assume_init_mut() };
         let (pkt, kind) = match l2.ethertype {
-            ETH_P_IP => parse::ipv4(ctx, l2, &mut key)?,
-            ETH_P_IPV6 => parse::ipv6(ctx, l2, &mut key)?,
+            ETH_P_IP => parse::ipv4(ctx, l2, key)?,
+            ETH_P_IPV6 => parse::ipv6(ctx, l2, key)?,
             _ => return Err(Error::NonIp),
         };
         // From here on, one path for both families: `key` is the flow as the client sees it.
         let end = pkt.l2.l3 + pkt.ip_len;
         let d = match kind {
             parse::Kind::Flow { l4, first_fragment } => {
-                conntrack::new_or_tracked(ctx, &mut key, l4, end, first_fragment)?
+                conntrack::new_or_tracked(ctx, key, l4, end, first_fragment)?
             }
-            parse::Kind::LaterFragment { id } => conntrack::later_fragment(&key, id)?,
-            parse::Kind::Icmp { l4 } => icmp::icmp_error(ctx, l4, end, &mut key)?,
+            parse::Kind::LaterFragment { id } => conntrack::later_fragment(key, id)?,
+            parse::Kind::Icmp { l4 } => icmp::icmp_error(ctx, l4, end, key)?,
         };
-        let action = forward(ctx, &pkt, &key, &d)?;
+        let action = forward(ctx, &pkt, key, &d)?;
         if let Some(c) = d.counter {
             count(c);
         }

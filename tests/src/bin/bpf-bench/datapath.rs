@@ -40,11 +40,15 @@ use tests::NetNs;
 use crate::thread_cpu_ns;
 use tests::ensure_root;
 
-/// The established-flow target, in multiples of the trivial program's cost.
-const TARGET_RATIO: f64 = 2.5;
-/// Katran's balancer measured with the same harness on this machine: a reference figure
-/// given with the task, not something this command measures.
-const KATRAN_RATIO: f64 = 4.5;
+/// Issue 24's targets, in multiples of the trivial program's cost in the same run.
+const TARGETS: [(Kind, f64); 4] = [
+    (Kind::Established, 2.5),
+    (Kind::NotVip, 1.5),
+    (Kind::NewFlow, 4.0),
+    (Kind::Promote, 6.0),
+];
+/// The established-flow target, drawn on the plot.
+const TARGET_RATIO: f64 = TARGETS[0].1;
 
 const IFNAME: &str = "eth0";
 const PEER: &str = "peer0";
@@ -64,6 +68,11 @@ const CLIENT_PORT: u16 = 40_000;
 /// Source ports of the new-flow scenario are this plus the round number, so that no round
 /// meets a flow an earlier round left in the connection tables.
 const NEW_FLOW_PORT_BASE: u16 = 20_000;
+/// Source ports of the promotion scenario, likewise (rounds are at most 1000).
+const PROMOTE_PORT_BASE: u16 = 30_000;
+/// Repetitions of the promotion scenario: each needs a CT_NEW entry made by an untimed SYN
+/// run just before (into an emptied CT_NEW), so no more than half of it.
+const PROMOTE_MAX_REPEAT: u32 = maps::ct_new::ENTRIES as u32 / 2;
 
 #[derive(Args, Debug)]
 pub struct BenchDatapathArgs {
@@ -76,6 +85,10 @@ pub struct BenchDatapathArgs {
     /// CPU to pin the measuring thread to (default: the last CPU this process may use).
     #[arg(long)]
     pub cpu: Option<usize>,
+    /// Only the scenarios whose name contains this (e.g. "established", "ipv4 not"), for a
+    /// profiler run; the targets of the others are then not printed.
+    #[arg(long)]
+    pub only: Option<String>,
 }
 
 /// `host` written with decimal digits read as hex: 11 -> 0x11 (so that the MAC and the IPv6
@@ -196,8 +209,12 @@ impl Fam {
 enum Kind {
     /// TCP to the balancer host's own address: not a VIP, passed.
     NotVip,
-    /// A SYN to the VIP from a different source address every repetition.
+    /// A SYN to the VIP from a different source address every repetition: a connection's
+    /// first packet, which lb records in CT_NEW.
     NewFlow,
+    /// The ACK that follows each of those SYNs (an untimed SYN run recorded them in CT_NEW
+    /// first): the packet that creates the tracked entry, promoting it to CT.
+    Promote,
     /// The same ACK to the VIP every repetition, on a flow already in the established table.
     Established,
 }
@@ -212,7 +229,12 @@ impl Scenario {
     fn all() -> Vec<Scenario> {
         let mut v = Vec::new();
         for fam in [Fam::V4, Fam::V6] {
-            for kind in [Kind::NotVip, Kind::NewFlow, Kind::Established] {
+            for kind in [
+                Kind::NotVip,
+                Kind::NewFlow,
+                Kind::Promote,
+                Kind::Established,
+            ] {
                 v.push(Scenario { fam, kind });
             }
         }
@@ -222,7 +244,8 @@ impl Scenario {
     fn name(&self) -> String {
         let k = match self.kind {
             Kind::NotVip => "not a VIP (PASS)",
-            Kind::NewFlow => "VIP, new flow",
+            Kind::NewFlow => "VIP, SYN (new flow)",
+            Kind::Promote => "VIP, ACK (promotes)",
             Kind::Established => "VIP, established",
         };
         format!("{} {k}", self.fam.name())
@@ -246,10 +269,46 @@ impl Scenario {
                 ),
                 f.src_tail_offset(),
             ),
+            Kind::Promote => (
+                tcp_frame(
+                    f.client(),
+                    f.vip(),
+                    PROMOTE_PORT_BASE + round as u16,
+                    VIP_PORT,
+                    TCP_ACK,
+                ),
+                f.src_tail_offset(),
+            ),
             Kind::Established => (
                 tcp_frame(f.client(), f.vip(), CLIENT_PORT, VIP_PORT, TCP_ACK),
                 0,
             ),
+        }
+    }
+
+    /// The SYNs a promotion run needs recorded first: the same flows as `input`'s ACKs
+    /// (the harness numbers repetitions from 1 in every run).
+    fn syn_input(&self, round: usize) -> Option<(Vec<u8>, u32)> {
+        let f = self.fam;
+        (self.kind == Kind::Promote).then(|| {
+            (
+                tcp_frame(
+                    f.client(),
+                    f.vip(),
+                    PROMOTE_PORT_BASE + round as u16,
+                    VIP_PORT,
+                    TCP_SYN,
+                ),
+                f.src_tail_offset(),
+            )
+        })
+    }
+
+    /// Repetitions per run of this scenario (both programs run the same number).
+    fn repeat(&self, repeat: u32) -> u32 {
+        match self.kind {
+            Kind::Promote => repeat.min(PROMOTE_MAX_REPEAT),
+            _ => repeat,
         }
     }
 
@@ -496,16 +555,23 @@ fn check_balancer(
                 bad.push("a backend received packets".to_string());
             }
         }
-        Kind::NewFlow => {
-            expected[Counter::CtNew as usize] = repeat;
+        Kind::NewFlow | Kind::Promote => {
+            // A SYN makes a CT_NEW entry and a new flow; its ACK promotes the entry.
+            let (counter, want_new) = if sc.kind == Kind::NewFlow {
+                (Counter::CtNew, repeat)
+            } else {
+                (Counter::CtPromoted, 0)
+            };
+            expected[counter as usize] = repeat;
             parts.push(format!(
-                "backends' packets +{packets} = {split} (want +{repeat}), new_flows +{new_flows}, ct_new +{}",
-                counter_delta(before, after, Counter::CtNew)
+                "backends' packets +{packets} = {split} (want +{repeat}), new_flows +{new_flows} (want +{want_new}), {} +{}",
+                counter.name(),
+                counter_delta(before, after, counter)
             ));
             if packets != repeat {
                 bad.push("backends' packets".to_string());
             }
-            if new_flows != repeat {
+            if new_flows != want_new {
                 bad.push("backends' new_flows".to_string());
             }
         }
@@ -667,8 +733,11 @@ struct Row {
 struct Report {
     cpu: usize,
     rows: Vec<Row>,
-    /// Warm-up facts (established flows), one line per family.
+    /// Warm-up facts (established flows), one line per family, and failed SYN runs before
+    /// promotion runs.
     warmup: Vec<Check>,
+    /// The connection tables as the kernel accounts them.
+    tables: Vec<MapMemory>,
 }
 
 /// The warm-up of an established flow: the first packet must create it in CT_NEW, the second
@@ -749,6 +818,40 @@ fn warm_up(
     Ok(Check { ok, text })
 }
 
+/// For the promotion scenario: the untimed SYN run that records in CT_NEW the flows whose
+/// ACKs the timed run sends. Returns a failed check if not every SYN made a CT_NEW entry.
+fn record_syns(
+    h: &mut Harness,
+    lb: &Balancer,
+    sc: &Scenario,
+    round: usize,
+    repeat: u32,
+    ifindex: u32,
+    ids: &[u32],
+) -> Result<Option<Check>> {
+    let Some((pkt, vary)) = sc.syn_input(round) else {
+        return Ok(None);
+    };
+    empty_ct_new()?;
+    let fd = lb.program().fd()?;
+    let before = snapshot(lb, ids)?;
+    let s = h.run(&Target::Balancer(fd), &pkt, vary, repeat, ifindex, None)?;
+    let after = snapshot(lb, ids)?;
+    let made = counter_delta(&before, &after, Counter::CtNew);
+    if made == repeat as u64 && s.runs == repeat as u64 && s.verdict == XDP_TX {
+        return Ok(None);
+    }
+    Ok(Some(Check {
+        ok: false,
+        text: format!(
+            "{} round {round}: the SYNs before the promotion run made {made} CT_NEW entries (want {repeat}), harness runs {}, verdict {}",
+            sc.name(),
+            s.runs,
+            verdict_name(s.verdict)
+        ),
+    }))
+}
+
 fn measure(args: &BenchDatapathArgs) -> Result<Report> {
     let cpu = pin_current_thread(args.cpu)?;
     for f in [
@@ -783,6 +886,11 @@ fn measure(args: &BenchDatapathArgs) -> Result<Report> {
     let fd = lb.program().fd()?;
     let mut rows: Vec<Row> = Scenario::all()
         .into_iter()
+        .filter(|sc| {
+            args.only
+                .as_ref()
+                .is_none_or(|o| sc.name().contains(o.as_str()))
+        })
         .map(|scenario| Row {
             scenario,
             lb: Vec::new(),
@@ -802,10 +910,18 @@ fn measure(args: &BenchDatapathArgs) -> Result<Report> {
             warmup.push(warm_up(&mut h, &lb, &sc, ifindex, &all_ids)?);
         }
         let (pkt, vary) = sc.input(args.rounds);
-        let n = (args.repeat / 10).max(1);
-        for target in [Target::Trivial, Target::Balancer(fd)] {
-            h.run(&target, &pkt, vary, n, ifindex, None)?;
-        }
+        let n = (sc.repeat(args.repeat) / 10).max(1);
+        h.run(&Target::Trivial, &pkt, vary, n, ifindex, None)?;
+        warmup.extend(record_syns(
+            &mut h,
+            &lb,
+            &sc,
+            args.rounds,
+            n,
+            ifindex,
+            &all_ids,
+        )?);
+        h.run(&Target::Balancer(fd), &pkt, vary, n, ifindex, None)?;
     }
     for round in 0..args.rounds {
         eprintln!("round {}/{}", round + 1, args.rounds);
@@ -823,6 +939,7 @@ fn measure(args: &BenchDatapathArgs) -> Result<Report> {
                 }
             }
             let (pkt, vary) = sc.input(round);
+            let repeat = sc.repeat(args.repeat);
             // Alternate the order, so that a drift during a round favours neither program.
             let order: [bool; 2] = if round % 2 == 0 {
                 [false, true]
@@ -830,13 +947,18 @@ fn measure(args: &BenchDatapathArgs) -> Result<Report> {
                 [true, false]
             };
             for is_lb in order {
+                if is_lb {
+                    warmup.extend(record_syns(
+                        &mut h, &lb, &sc, round, repeat, ifindex, &all_ids,
+                    )?);
+                }
                 let before = snapshot(&lb, &all_ids)?;
                 let target = if is_lb {
                     Target::Balancer(fd)
                 } else {
                     Target::Trivial
                 };
-                let s = h.run(&target, &pkt, vary, args.repeat, ifindex, None)?;
+                let s = h.run(&target, &pkt, vary, repeat, ifindex, None)?;
                 let after = snapshot(&lb, &all_ids)?;
                 if is_lb {
                     let ids_here: &[u32] = if sc.kind == Kind::NotVip {
@@ -845,24 +967,27 @@ fn measure(args: &BenchDatapathArgs) -> Result<Report> {
                         ids
                     };
                     row.lb_checks.push(check_balancer(
-                        &sc,
-                        &s,
-                        args.repeat,
-                        &before,
-                        &after,
-                        ids_here,
-                        &all_ids,
+                        &sc, &s, repeat, &before, &after, ids_here, &all_ids,
                     ));
                     row.lb.push(s);
                 } else {
                     row.trivial_checks
-                        .push(check_trivial(&s, args.repeat, &before, &after));
+                        .push(check_trivial(&s, repeat, &before, &after));
                     row.trivial.push(s);
                 }
             }
         }
     }
-    Ok(Report { cpu, rows, warmup })
+    let tables = [maps::ct::SPEC.name, maps::ct_new::SPEC.name]
+        .into_iter()
+        .map(map_memory)
+        .collect::<Result<_>>()?;
+    Ok(Report {
+        cpu,
+        rows,
+        warmup,
+        tables,
+    })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -928,6 +1053,14 @@ pub fn run(args: &BenchDatapathArgs) -> Result<ExitCode> {
     if args.rounds > 1000 {
         bail!("--rounds: at most 1000");
     }
+    if let Some(o) = &args.only {
+        if !Scenario::all()
+            .iter()
+            .any(|sc| sc.name().contains(o.as_str()))
+        {
+            bail!("--only {o:?}: no scenario's name contains it");
+        }
+    }
     let ns = NetNs::new("bench")?;
     setup_namespace(&ns)?;
     let report = ns.run_in(|| measure(args));
@@ -936,9 +1069,12 @@ pub fn run(args: &BenchDatapathArgs) -> Result<ExitCode> {
     deleted?;
 
     print_intro(args, &report);
-    let (established, variance) = print_table(&report);
+    let (ratios, variance) = print_table(&report);
     let all_ok = print_checks(&report);
-    print_verdict(&established, &variance);
+    print_variance(&variance);
+    print_targets(&ratios);
+    print_memory(&report.tables);
+    print_maglev_build()?;
     plot_ratios(&report)?;
     if !all_ok {
         println!("some checks FAILED (see above)");
@@ -975,8 +1111,8 @@ fn plot_ratios(report: &Report) -> Result<()> {
     Ok(())
 }
 
-/// Established-flow ratios per family: (family, ratio of the medians, median per-round ratio).
-type Established = Vec<(Fam, f64, f64)>;
+/// Ratio to trivial per scenario: (scenario, ratio of the medians, median per-round ratio).
+type Ratios = Vec<(Scenario, f64, f64)>;
 /// Spread between rounds per scenario: (scenario, lb %, trivial %).
 type Variance = Vec<(String, f64, f64)>;
 
@@ -1000,14 +1136,14 @@ fn print_intro(args: &BenchDatapathArgs, report: &Report) {
 
 /// The table of ns per packet and ratios; returns the established-flow ratios and the
 /// spread between rounds.
-fn print_table(report: &Report) -> (Established, Variance) {
+fn print_table(report: &Report) -> (Ratios, Variance) {
     let w = 26;
     println!(
         "{:<w$} | {:>20} | {:>20} | {:>6} | {:>16}",
         "scenario", "lb ns/pkt", "trivial ns/pkt", "ratio", "per round"
     );
     println!("{}", "-".repeat(w + 3 + 20 + 3 + 20 + 3 + 6 + 3 + 16));
-    let mut established = Vec::new();
+    let mut ratios = Vec::new();
     let mut variance = Vec::new();
     let mut cpu_gap = 0.0f64;
     for row in &report.rows {
@@ -1030,16 +1166,14 @@ fn print_table(report: &Report) -> (Established, Variance) {
             ratio,
             format!("{:.2}..{:.2}x", min(&paired), max(&paired))
         );
-        if row.scenario.kind == Kind::Established {
-            established.push((row.scenario.fam, ratio, median(&paired)));
-        }
+        ratios.push((row.scenario, ratio, median(&paired)));
         variance.push((row.scenario.name(), lb.spread_pct(), tr.spread_pct()));
     }
     println!(
         "cross-check: the thread's CPU time around each call (fractional ns, syscall included) gives ratios within {:.0}% of these.",
         100.0 * cpu_gap
     );
-    (established, variance)
+    (ratios, variance)
 }
 
 /// What every repetition did, checked; returns whether all checks passed.
@@ -1071,8 +1205,8 @@ fn print_checks(report: &Report) -> bool {
     all_ok
 }
 
-/// The spread between rounds, and the established flow against the target.
-fn print_verdict(established: &Established, variance: &Variance) {
+/// The spread between rounds.
+fn print_variance(variance: &Variance) {
     println!();
     let worst = variance.iter().map(|v| v.1.max(v.2)).fold(0.0f64, f64::max);
     println!(
@@ -1088,14 +1222,193 @@ fn print_verdict(established: &Established, variance: &Variance) {
             "variance: up to {worst:.0}% between rounds: the machine was busy (other work on the CPUs); trust the medians, rerun on an idle machine or with more --rounds for tighter numbers."
         );
     }
-    let parts: Vec<String> = established
-        .iter()
-        .map(|(f, r, p)| format!("{} {r:.2}x (median per-round ratio {p:.2}x)", f.name()))
-        .collect();
-    let reached = established.iter().all(|(_, r, _)| *r <= TARGET_RATIO);
+}
+
+/// Issue 24's targets against this run's ratios (lb median / trivial median).
+fn print_targets(ratios: &Ratios) {
+    println!();
+    println!("targets (lb / trivial, medians of this run):");
+    for (kind, limit) in TARGETS {
+        let what = match kind {
+            Kind::Established => "established flow",
+            Kind::NotVip => "not a VIP",
+            Kind::NewFlow => "a connection's first packet (SYN, inserts into CT_NEW)",
+            Kind::Promote => {
+                "the packet that creates the tracked entry (first ACK, promotes to CT)"
+            }
+        };
+        for (sc, r, p) in ratios.iter().filter(|(sc, _, _)| sc.kind == kind) {
+            println!(
+                "  {} {what} <= {limit}x: {r:.2}x (median per-round {p:.2}x): {}",
+                sc.fam.name(),
+                if *r <= limit {
+                    "target met"
+                } else {
+                    "target NOT met"
+                }
+            );
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Memory per tracked flow, and the Maglev build time.
+
+/// A connection table as the kernel accounts it (`/proc/self/fdinfo` of its map fd).
+struct MapMemory {
+    name: &'static str,
+    max_entries: u64,
+    /// The kernel's `memlock` for the map: what it charges for the whole preallocated table.
+    memlock: u64,
+}
+
+/// The sizes `htab_map_alloc` uses for a preallocated (LRU) hash map element, kernel 6.x:
+/// `struct htab_elem` (hash node 16 + LRU node 24 + hash 4, the key aligned to 8: 48 bytes),
+/// then the key and the value, each rounded up to 8; plus one `struct bucket` (list head 8 +
+/// lock 4, aligned: 16 bytes) per bucket, buckets = max_entries rounded up to a power of two.
+const HTAB_ELEM_HEADER: u64 = 48;
+const HTAB_BUCKET: u64 = 16;
+
+/// Bytes per entry of a connection table (FlowKey -> CtValue), computed from the layout.
+fn computed_bytes_per_entry() -> u64 {
+    let key = (std::mem::size_of::<lb_common::FlowKey>() as u64).next_multiple_of(8);
+    let value = (std::mem::size_of::<lb_common::CtValue>() as u64).next_multiple_of(8);
+    HTAB_ELEM_HEADER + key + value + HTAB_BUCKET
+}
+
+/// The balancer's connection table `name` among this process's fds, found by its shape (LRU
+/// hash of FlowKey -> CtValue with the registry's default capacity; the balancer has no
+/// accessor for it): (fd, its fdinfo text).
+fn find_ct_map(name: &str) -> Result<(i32, String)> {
+    let spec = maps::spec(name).ok_or_else(|| anyhow!("no map {name} in the registry"))?;
+    let want = [
+        ("map_type", 9u64), // BPF_MAP_TYPE_LRU_HASH
+        ("key_size", std::mem::size_of::<lb_common::FlowKey>() as u64),
+        (
+            "value_size",
+            std::mem::size_of::<lb_common::CtValue>() as u64,
+        ),
+        ("max_entries", u64::from(spec.default_entries())),
+    ];
+    for entry in std::fs::read_dir("/proc/self/fdinfo")? {
+        let entry = entry?;
+        let Ok(text) = std::fs::read_to_string(entry.path()) else {
+            continue;
+        };
+        if want.iter().all(|(f, v)| fdinfo_field(&text, f) == Some(*v)) {
+            let fd = entry.file_name().to_string_lossy().parse()?;
+            return Ok((fd, text));
+        }
+    }
+    bail!(
+        "no map fd of {name}'s shape (LRU hash, FlowKey -> CtValue, {} entries) in /proc/self/fdinfo",
+        want[3].1
+    )
+}
+
+fn fdinfo_field(text: &str, field: &str) -> Option<u64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.trim().parse::<u64>().ok())
+}
+
+/// The kernel's figures for the connection table `name`.
+fn map_memory(name: &'static str) -> Result<MapMemory> {
+    let (_, text) = find_ct_map(name)?;
+    Ok(MapMemory {
+        name,
+        max_entries: fdinfo_field(&text, "max_entries").context("fdinfo without max_entries")?,
+        memlock: fdinfo_field(&text, "memlock").context("fdinfo without memlock")?,
+    })
+}
+
+/// Empties `CT_NEW`, so that the SYNs of a promotion run find room without the LRU evicting
+/// any of them (the table is approximate LRU: full of earlier rounds' flows, it evicted some
+/// of the new ones before their ACK came). Established flows live in `CT` and are untouched.
+fn empty_ct_new() -> Result<()> {
+    use std::os::fd::{AsFd, BorrowedFd};
+    let (fd, _) = find_ct_map(maps::ct_new::SPEC.name)?;
+    // SAFETY: the fd was just listed in /proc/self/fdinfo and the balancer (which owns it)
+    // lives on; it is only borrowed long enough to duplicate it.
+    let owned = unsafe { BorrowedFd::borrow_raw(fd) }
+        .as_fd()
+        .try_clone_to_owned()?;
+    let data = MapData::from_fd(owned)?;
+    let mut map: aya::maps::HashMap<MapData, lb_common::FlowKey, lb_common::CtValue> =
+        aya::maps::HashMap::try_from(aya::maps::Map::LruHashMap(data))?;
+    let keys: Vec<lb_common::FlowKey> = map.keys().collect::<Result<_, _>>()?;
+    for k in &keys {
+        map.remove(k)?;
+    }
+    Ok(())
+}
+
+fn print_memory(tables: &[MapMemory]) {
+    let computed = computed_bytes_per_entry();
+    println!();
     println!(
-        "established flow vs trivial: {}; target <= {TARGET_RATIO}x: {} (Katran measured this way here: about {KATRAN_RATIO}x)",
-        parts.join(", "),
-        if reached { "reached" } else { "NOT reached" }
+        "memory per tracked flow: an established flow holds one CT entry (FlowKey {} B -> CtValue {} B); computed {computed} B = htab_elem header {HTAB_ELEM_HEADER} + key and value rounded to 8 + one {HTAB_BUCKET} B bucket (tables are preallocated: the memory is taken at load, full or empty)",
+        std::mem::size_of::<lb_common::FlowKey>(),
+        std::mem::size_of::<lb_common::CtValue>(),
     );
+    for t in tables {
+        println!(
+            "  kernel's memlock for {}: {} B for {} entries = {:.1} B per entry",
+            t.name,
+            t.memlock,
+            t.max_entries,
+            t.memlock as f64 / t.max_entries as f64
+        );
+    }
+    let per = tables
+        .first()
+        .map_or(computed as f64, |t| t.memlock as f64 / t.max_entries as f64);
+    println!(
+        "  1M tracked flows (conntrack_size = 1048576): {:.0} MiB for CT at the kernel's {per:.1} B per entry, plus CT_NEW at its own size",
+        per * 1_048_576.0 / (1 << 20) as f64
+    );
+}
+
+/// Maglev table builds of 1,000 backends x 65537 slots (`lb_common::maglev::build`), timed.
+fn print_maglev_build() -> Result<()> {
+    const BACKENDS: u32 = 1_000;
+    const SLOTS: u32 = 65_537;
+    const BUILDS: usize = 5;
+    const TARGET_MS: f64 = 50.0;
+    let backends: Vec<lb_common::maglev::Backend> = (0..BACKENDS)
+        .map(|i| {
+            let mut addr = [0u8; 16];
+            addr[..4].copy_from_slice(&[10, 30, (i >> 8) as u8, i as u8]);
+            lb_common::maglev::Backend {
+                addr,
+                family: lb_common::FAMILY_V4,
+                id: i + 1,
+                weight: 1,
+            }
+        })
+        .collect();
+    let mut ms = Vec::with_capacity(BUILDS);
+    for _ in 0..BUILDS {
+        let t0 = std::time::Instant::now();
+        let table =
+            lb_common::maglev::build(&backends, SLOTS).map_err(|e| anyhow!("maglev build: {e}"))?;
+        ms.push(t0.elapsed().as_secs_f64() * 1e3);
+        std::hint::black_box(table);
+    }
+    let s = Stats::of(&ms);
+    let release = !cfg!(debug_assertions);
+    println!();
+    println!(
+        "maglev build, {BACKENDS} backends x {SLOTS} slots, {} build: median {:.1} ms [{:.1}..{:.1}] over {BUILDS} builds; target < {TARGET_MS} ms (release build): {}",
+        if release { "release" } else { "debug" },
+        s.med,
+        s.min,
+        s.max,
+        match (release, s.med < TARGET_MS) {
+            (false, _) => "not judged (debug build: run `cargo run --release -p xtask -- bench datapath`)",
+            (true, true) => "target met",
+            (true, false) => "target NOT met",
+        }
+    );
+    Ok(())
 }
