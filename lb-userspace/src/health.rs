@@ -1102,15 +1102,20 @@ mod tests {
         assert_eq!(h.ramp_position(at(37_000)), None);
     }
 
+    /// A backend (rise 1, fall 2) whose ramp began at 0 ms, and the clock in ms from then.
+    fn ramping_from_0() -> (HealthState, impl Fn(u64) -> Instant) {
+        let t0 = Instant::now();
+        let mut h = admitting(HealthState::new_down(1, 2));
+        h.on_probe_at(&pass(), t0);
+        (h, move |ms: u64| t0 + Duration::from_millis(ms))
+    }
+
     /// Issue 25: failures above the ramp's floor are the queue its share built, not a dead
     /// backend: they lower the share; only `fall` failures once it has been at the floor for
     /// `fall` probe intervals eject it.
     #[test]
     fn fall_failures_on_a_ramp_eject_only_at_its_floor() {
-        let t0 = Instant::now();
-        let at = |ms: u64| t0 + Duration::from_millis(ms);
-        let mut h = admitting(HealthState::new_down(1, 2));
-        h.on_probe_at(&pass(), at(0));
+        let (mut h, at) = ramping_from_0();
         // At 30 % its queue overflows: failures halve the share, once per two intervals.
         for ms in [3000, 3500, 4000, 5000, 7000, 9000] {
             assert_eq!(h.on_probe_at(&fail(), at(ms)), None, "at {ms} ms");
@@ -1128,10 +1133,7 @@ mod tests {
 
     #[test]
     fn a_pass_at_the_floor_keeps_a_ramp_in() {
-        let t0 = Instant::now();
-        let at = |ms: u64| t0 + Duration::from_millis(ms);
-        let mut h = admitting(HealthState::new_down(1, 2));
-        h.on_probe_at(&pass(), at(0));
+        let (mut h, at) = ramping_from_0();
         h.on_probe_at(&fail(), at(100));
         assert!(
             (h.share(at(100)) - MIN_RAMP_SHARE).abs() < 1e-9,
