@@ -365,6 +365,8 @@ struct Ramp {
     fell_back: Option<Instant>,
     /// Fallbacks since it began: each holds the ramp for longer.
     fallbacks: u32,
+    /// When a fallback first brought it to `MIN_RAMP_SHARE` (`None`: above it).
+    at_floor_since: Option<Instant>,
 }
 
 /// The health state machine of one backend, driven by probe outcomes (each with the instant it
@@ -380,7 +382,9 @@ struct Ramp {
 ///   │ ramp reached full share              ▼
 ///   └────────────────────────────── Probation ──(fall failures)──▶ Down
 ///                           degraded probe (failure, or latency ≥ timeout/2):
-///                           share halved, ramp held (longer after each fallback)
+///                           share halved, ramp held (longer after each fallback);
+///                           with a ramp, failures eject only once it has been at
+///                           MIN_RAMP_SHARE for `fall` probe intervals
 ///
 ///   drain(): any state ─▶ Draining (probes keep counting underneath)
 ///   undrain(): Draining ─▶ the state the probes put it in meanwhile
@@ -605,7 +609,15 @@ impl HealthState {
             }
             return;
         };
-        if self.failures >= self.fall {
+        // Failures eject only once the ramp is at its floor: above it, a failure is the
+        // queue its share built (the fallback below lowers the share, the queue needs a few
+        // probe intervals to drain), so a backend that fails only under load settles at the
+        // share it can carry instead of going down again (issue 25). At the floor it carries
+        // next to nothing: failing there means it cannot serve at all.
+        let floor_held = r
+            .at_floor_since
+            .is_some_and(|t| now.saturating_duration_since(t) >= self.interval * self.fall);
+        if self.failures >= self.fall && floor_held {
             self.eject(now);
             return;
         }
@@ -616,6 +628,11 @@ impl HealthState {
             if settled {
                 r.fallbacks += 1;
                 r.from = (self.position(&r, now) / 2.0).max(MIN_RAMP_SHARE);
+                r.at_floor_since = if r.from > MIN_RAMP_SHARE {
+                    None
+                } else {
+                    r.at_floor_since.or(Some(now))
+                };
                 let steps = 1u32 << (r.fallbacks - 1).min(MAX_RAMP_HOLD_STEPS.ilog2());
                 let hold = (self.admission.slow_start * steps).min(self.admission.ejection_max);
                 r.start = now + hold;
@@ -638,6 +655,7 @@ impl HealthState {
             start: now,
             fell_back: None,
             fallbacks: 0,
+            at_floor_since: None,
         });
     }
 
@@ -1022,6 +1040,9 @@ mod tests {
             h.on_probe_at(&pass(), at(10)).map(|t| t.to),
             Some(HealthStatus::Probation)
         );
+        // On its ramp a failure first drops it to its floor; failing there ejects it.
+        h.on_probe_at(&fail(), at(10));
+        assert_eq!(h.status(), HealthStatus::Probation);
         h.on_probe_at(&fail(), at(12));
         assert_eq!(h.status(), HealthStatus::Down);
         assert_eq!(h.recent_ejections(at(12)), 2);
@@ -1031,6 +1052,7 @@ mod tests {
             "base x 2"
         );
         h.on_probe_at(&pass(), at(32));
+        h.on_probe_at(&fail(), at(32));
         h.on_probe_at(&fail(), at(33));
         assert_eq!(h.held_for(at(33)), Some(Duration::from_secs(25)), "capped");
         assert_eq!(
@@ -1039,6 +1061,7 @@ mod tests {
             "forgotten after the quiet period"
         );
         h.on_probe_at(&pass(), at(200));
+        h.on_probe_at(&fail(), at(200));
         h.on_probe_at(&fail(), at(201));
         assert_eq!(h.recent_ejections(at(201)), 1);
         assert_eq!(h.held_for(at(201)), Some(Duration::from_secs(10)));
@@ -1079,17 +1102,55 @@ mod tests {
         assert_eq!(h.ramp_position(at(37_000)), None);
     }
 
-    #[test]
-    fn fall_failures_on_a_ramp_eject() {
-        let now = Instant::now();
+    /// A backend (rise 1, fall 2) whose ramp began at 0 ms, and the clock in ms from then.
+    fn ramping_from_0() -> (HealthState, impl Fn(u64) -> Instant) {
+        let t0 = Instant::now();
         let mut h = admitting(HealthState::new_down(1, 2));
-        h.on_probe_at(&pass(), now);
-        h.on_probe_at(&fail(), now);
+        h.on_probe_at(&pass(), t0);
+        (h, move |ms: u64| t0 + Duration::from_millis(ms))
+    }
+
+    /// Issue 25: failures above the ramp's floor are the queue its share built, not a dead
+    /// backend: they lower the share; only `fall` failures once it has been at the floor for
+    /// `fall` probe intervals eject it.
+    #[test]
+    fn fall_failures_on_a_ramp_eject_only_at_its_floor() {
+        let (mut h, at) = ramping_from_0();
+        // At 30 % its queue overflows: failures halve the share, once per two intervals.
+        for ms in [3000, 3500, 4000, 5000, 7000, 9000] {
+            assert_eq!(h.on_probe_at(&fail(), at(ms)), None, "at {ms} ms");
+        }
+        assert!((h.share(at(9000)) - MIN_RAMP_SHARE).abs() < 1e-9);
+        // At its floor since 9 s: one more interval is not yet `fall` of them.
+        assert_eq!(h.on_probe_at(&fail(), at(10_000)), None);
         assert_eq!(
-            h.on_probe_at(&fail(), now).map(|t| t.to),
+            h.on_probe_at(&fail(), at(11_000)).map(|t| t.to),
+            Some(HealthStatus::Down),
+            "failing at its floor: it cannot serve at all"
+        );
+        assert_eq!(h.recent_ejections(at(11_000)), 1);
+    }
+
+    #[test]
+    fn a_pass_at_the_floor_keeps_a_ramp_in() {
+        let (mut h, at) = ramping_from_0();
+        h.on_probe_at(&fail(), at(100));
+        assert!(
+            (h.share(at(100)) - MIN_RAMP_SHARE).abs() < 1e-9,
+            "floor at once"
+        );
+        h.on_probe_at(&fail(), at(1500));
+        h.on_probe_at(&pass(), at(3000));
+        h.on_probe_at(&fail(), at(3500));
+        assert_eq!(
+            h.status(),
+            HealthStatus::Probation,
+            "the pass reset the count"
+        );
+        assert_eq!(
+            h.on_probe_at(&fail(), at(4000)).map(|t| t.to),
             Some(HealthStatus::Down)
         );
-        assert_eq!(h.recent_ejections(now), 1);
     }
 
     #[test]
