@@ -258,6 +258,8 @@ fn connections_are_counted_listed_looked_up_and_drained() {
     let dir = scratch("view");
     fs::write(dir.join("lbd.toml"), config(&dir)).unwrap();
     let mut lbd = Lbd::start(lab.lb().ns(), &dir);
+    // The scratch directory (config, socket, log) goes with lbd, on success and on panic.
+    lbd.own_dir = true;
     let sock = lbd.socket.clone();
     let vip = SocketAddr::new(IpAddr::from(VIP_V4), 80);
 
