@@ -11,8 +11,8 @@
 //!   percentile; no probe reported as failed);
 //! * an `apply` of the 50 backends (`lbctl status --json`, `apply.last_us`) takes under
 //!   10 ms: every one in CPU time, nine in ten in wall-clock time (the rest may have waited
-//!   for a core on a shared machine); the one at start, which asks the kernel for the 50
-//!   managed neighbour entries, too.
+//!   for a core on a shared machine); the ones at start, which ask the kernel for the 50
+//!   managed neighbour entries, in CPU time (three are too few for a wall-clock percentile).
 //!
 //! `twenty_vips_cost_one_table_per_learning_step` measures, in-process, what an apply costs
 //! when a learning step changes one VIP's weights in a 20-VIP configuration.
@@ -118,8 +118,10 @@ fn probes_and_applies_with_50_backends_are_not_distorted() {
     };
     let start = control.status().expect("status");
     println!("lbd's applies at start: {}", start["apply"]);
+    // Like every apply below: 10 ms of CPU each. Three applies are too few for a wall-clock
+    // percentile (one wait for the CPU on a 2-core machine is the maximum), so wall time is printed.
     assert!(
-        start["apply"]["max_us"].as_u64().unwrap() < 10_000,
+        start["apply"]["max_cpu_us"].as_u64().unwrap() < 10_000,
         "the applies at start (50 managed neighbour entries asked for) took too long: {}",
         start["apply"]
     );
