@@ -216,14 +216,7 @@ fn apply_fleet_table(lb: &mut Balancer, cfg: &Config, t: &FleetTable) -> Result<
                 .map(|v| (vip_id(v), *addr))
         })
         .collect();
-    let applied: Vec<HealthKey> = lb
-        .vips()
-        .flat_map(|v| {
-            v.backends
-                .iter()
-                .map(move |b| (vip_id(&v.config), b.address))
-        })
-        .collect();
+    let applied = applied_backends(lb);
     for (vip, addr) in applied {
         if !down.contains(&(vip, addr)) && lb.backend_down(vip, addr) == Some(true) {
             lb.set_backend_down(vip, addr, false)?;
@@ -240,20 +233,24 @@ fn apply_fleet_table(lb: &mut Balancer, cfg: &Config, t: &FleetTable) -> Result<
     Ok(report)
 }
 
+/// Every (VIP, backend) the datapath holds now.
+fn applied_backends(lb: &Balancer) -> Vec<HealthKey> {
+    lb.vips()
+        .flat_map(|v| {
+            v.backends
+                .iter()
+                .map(move |b| (vip_id(&v.config), b.address))
+        })
+        .collect()
+}
+
 fn apply_datapath_untimed(
     lb: &mut Balancer,
     cfg: &Config,
     health: &HealthMap,
     learned: &Learned,
 ) -> Result<ApplyReport> {
-    let applied: Vec<HealthKey> = lb
-        .vips()
-        .flat_map(|v| {
-            v.backends
-                .iter()
-                .map(move |b| (vip_id(&v.config), b.address))
-        })
-        .collect();
+    let applied = applied_backends(lb);
     for (vip, addr) in applied {
         if probed(health, vip, addr) != HealthStatus::Down
             && lb.backend_down(vip, addr) == Some(true)
