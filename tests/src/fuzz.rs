@@ -1763,6 +1763,9 @@ fn run_inside(opts: &FuzzOptions, ifindex: [u32; 2]) -> Result<FuzzReport> {
     // Packets since the last counter comparison, for the report if it fails.
     let mut window: Vec<(u64, &'static str, Vec<u8>, Vec<Counter>)> = Vec::new();
     let mut tracked_keys: Vec<Flow> = Vec::new();
+    // The model has no clock: flushing the tables this often keeps every entry younger than
+    // `CT_CLOSED_TICKS`, after which the datapath treats a closing entry as gone.
+    let mut flushed = Instant::now();
     let mut down: BTreeSet<u32> = BTreeSet::new();
 
     let start = Instant::now();
@@ -1925,7 +1928,12 @@ fn run_inside(opts: &FuzzOptions, ifindex: [u32; 2]) -> Result<FuzzReport> {
                 continue;
             }
         }
-        if m.ct.len() > 16_384 || m.ct_new.len() > 16_384 || m.frags.len() > 2048 {
+        if m.ct.len() > 16_384
+            || m.ct_new.len() > 16_384
+            || m.frags.len() > 2048
+            || flushed.elapsed() > MODEL_ENTRY_AGE
+        {
+            flushed = Instant::now();
             report.flushes += 1;
             let (compared, problems) = compare_and_flush(&mut k, &mut m)?;
             report.entries_compared += compared;
@@ -2207,6 +2215,10 @@ fn diff_tables<K: Ord + Copy + std::fmt::Debug>(
         }
     }
 }
+
+/// How long the model's table entries may live: half the quiet time after which the datapath
+/// takes a closing entry for a connection that is over (`lb_common::CT_CLOSED_TICKS`, 10 s).
+const MODEL_ENTRY_AGE: Duration = Duration::from_secs(5);
 
 /// Compares `CT`, `CT_NEW` and `FRAGS` entry by entry with the model, then empties both.
 fn compare_and_flush(k: &mut Kernel, m: &mut State) -> Result<(u64, Vec<String>)> {

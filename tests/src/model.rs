@@ -42,6 +42,9 @@
 //!   entry replaces the old one.
 //! - per-backend `syn_retries` only for SYN retries in `CT_NEW`; `client_rsts` for RSTs on a
 //!   tracked flow with a live backend that is not marked re-steered.
+//! - a closing `CT` entry (the client sent a FIN or RST) quiet for 10 s belongs to a
+//!   connection that is over: the datapath treats any packet on it like a SYN on a tracked
+//!   tuple. Not modelled (no clock here): the fuzzer empties the tables every 5 s.
 //! - a TCP packet other than a SYN that neither table knows counts `ct_lost` (its state was
 //!   lost or predates the balancer), then goes through the table like a first packet
 //!   (`ct_new`). UDP never counts `ct_lost`. Inserts never fail here (the model has no

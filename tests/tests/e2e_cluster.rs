@@ -21,6 +21,7 @@
 //! has no such connection and answers with a reset.
 use std::{
     collections::BTreeMap,
+    fmt::Write as _,
     net::{IpAddr, SocketAddr},
     sync::atomic::{AtomicBool, Ordering},
     time::{Duration, Instant},
@@ -61,15 +62,62 @@ fn v6() -> SocketAddr {
     SocketAddr::new(VIP_V6.into(), PORT)
 }
 
-fn check_long_lived(what: &str, sets: &mut [&mut LongLived], backends: &[Vec<String>]) {
+fn check_long_lived(f: &Fleet, what: &str, sets: &mut [&mut LongLived], backends: &[Vec<String>]) {
     for (set, before) in sets.iter_mut().zip(backends) {
-        if let Err(e) = set.check_all() {
-            panic!("after {what}: {e}");
+        let failed: Vec<_> = set
+            .check()
+            .into_iter()
+            .filter(|s| s.outcome.is_err())
+            .collect();
+        if !failed.is_empty() {
+            let mut why = String::new();
+            for s in &failed {
+                let _ = write!(
+                    why,
+                    "\n  #{} {} (backend {}): {}",
+                    s.index,
+                    s.local,
+                    s.backend,
+                    s.outcome.as_ref().unwrap_err()
+                );
+                why.push_str(&tracked_on_nodes(f, s.local));
+            }
+            panic!(
+                "after {what}: {} of {} long-lived connections failed:{why}",
+                failed.len(),
+                set.len()
+            );
         }
         assert_eq!(&set.backends(), before, "after {what}: a backend changed");
     }
     let n: usize = sets.iter().map(|s| s.len()).sum();
     println!("after {what}: {n} long-lived connections, 0 resets, 0 backend changes");
+}
+
+/// What each running node's connection tables hold for the client address `local`: where a
+/// failed connection's packets went.
+fn tracked_on_nodes(f: &Fleet, local: SocketAddr) -> String {
+    let mut out = String::new();
+    for (i, n) in f.nodes.iter().enumerate() {
+        if n.lbd.is_none() {
+            continue;
+        }
+        let entries = match f.try_lbctl(i, &["conn", "list"]) {
+            Ok(list) => list["connections"]
+                .as_array()
+                .map(|c| {
+                    c.iter()
+                        .filter(|e| e["client"].as_str() == Some(local.to_string().as_str()))
+                        .map(|e| e.to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                })
+                .unwrap_or_default(),
+            Err(e) => format!("lbctl conn list failed: {e:#}"),
+        };
+        let _ = write!(out, "\n      node{i}: [{entries}]");
+    }
+    out
 }
 
 /// Connections from the client, with each node's share (new flows its datapath gave a
@@ -225,7 +273,12 @@ fn node_failures(f: &mut Fleet) {
         .as_ref()
         .unwrap()
         .wait_event("bgp_speaker_failed", asked);
-    check_long_lived("a node's BIRD killed", &mut [&mut ll4, &mut ll6], &backends);
+    check_long_lived(
+        f,
+        "a node's BIRD killed",
+        &mut [&mut ll4, &mut ll6],
+        &backends,
+    );
 
     let t = Instant::now();
     detach(f, b);
@@ -236,7 +289,7 @@ fn node_failures(f: &mut Fleet) {
     );
     let s = f.lbctl(b, &["status"]);
     assert_eq!(s["bgp"]["withheld"][0]["reason"], "datapath_faults", "{s}");
-    check_long_lived("a node detached", &mut [&mut ll4, &mut ll6], &backends);
+    check_long_lived(f, "a node detached", &mut [&mut ll4, &mut ll6], &backends);
 
     let t = Instant::now();
     let status = f.nodes[leader].lbd.as_mut().unwrap().stop();
@@ -258,7 +311,12 @@ fn node_failures(f: &mut Fleet) {
         !v4_table(&f.tables(a)).contains(&dead),
         "node{a} brought backend2 back"
     );
-    check_long_lived("the leader stopped", &mut [&mut ll4, &mut ll6], &backends);
+    check_long_lived(
+        f,
+        "the leader stopped",
+        &mut [&mut ll4, &mut ll6],
+        &backends,
+    );
 }
 
 #[test]
@@ -304,7 +362,7 @@ fn fleet_one_store_bgp_ecmp_identical_tables() {
     let mut ll4 = LongLived::open(&f.client, v4(), LONG_V4, Duration::from_secs(10)).unwrap();
     let mut ll6 = LongLived::open(&f.client, v6(), LONG_V6, Duration::from_secs(10)).unwrap();
     let backends = [ll4.backends(), ll6.backends()];
-    check_long_lived("opening", &mut [&mut ll4, &mut ll6], &backends);
+    check_long_lived(&f, "opening", &mut [&mut ll4, &mut ll6], &backends);
 
     // etcd stopped for 30 s while new connections keep coming; meanwhile a node dies and
     // another is drained and undrained (node-local: no store needed).
@@ -336,7 +394,7 @@ fn fleet_one_store_bgp_ecmp_identical_tables() {
             t.elapsed()
         );
         f.wait_next_hops(&[1, 2], Duration::from_secs(1));
-        check_long_lived("node0 SIGKILLed", &mut [&mut ll4, &mut ll6], &backends);
+        check_long_lived(&f, "node0 SIGKILLed", &mut [&mut ll4, &mut ll6], &backends);
 
         let t = Instant::now();
         let r = f.lbctl(1, &["node", "drain", "--timeout", "2"]);
@@ -346,7 +404,7 @@ fn fleet_one_store_bgp_ecmp_identical_tables() {
             "node1 drained: its routes withdrawn after {:?}",
             t.elapsed()
         );
-        check_long_lived("node1 drained", &mut [&mut ll4, &mut ll6], &backends);
+        check_long_lived(&f, "node1 drained", &mut [&mut ll4, &mut ll6], &backends);
         wait_for("node1 to report drained", Duration::from_secs(5), || {
             f.lbctl(1, &["status"])["bgp"]["node"] == "drained"
         });
@@ -354,7 +412,7 @@ fn fleet_one_store_bgp_ecmp_identical_tables() {
         assert_eq!(r["node"], "serving", "{r}");
         let t = f.wait_next_hops(&[1, 2], CONVERGE);
         println!("node1 undrained: announced again after {t:?}");
-        check_long_lived("node1 undrained", &mut [&mut ll4, &mut ll6], &backends);
+        check_long_lived(&f, "node1 undrained", &mut [&mut ll4, &mut ll6], &backends);
 
         // The rest of the outage: the nodes keep forwarding on the revision they applied.
         while down.elapsed() < OUTAGE {
@@ -379,7 +437,7 @@ fn fleet_one_store_bgp_ecmp_identical_tables() {
         failed.len()
     );
     println!("during the etcd outage: {n} new connections, 0 failed");
-    check_long_lived("etcd outage", &mut [&mut ll4, &mut ll6], &backends);
+    check_long_lived(&f, "etcd outage", &mut [&mut ll4, &mut ll6], &backends);
     f.wait_in_sync(&[1, 2], SYNC);
 
     // A node added: it takes the store's configuration and the leader's weights before it
@@ -389,7 +447,7 @@ fn fleet_one_store_bgp_ecmp_identical_tables() {
     println!("node3 added: in the router's ECMP after {t:?}");
     f.wait_in_sync(&[1, 2, 3], SYNC);
     same_tables(&f, &[1, 2, 3]);
-    check_long_lived("node3 added", &mut [&mut ll4, &mut ll6], &backends);
+    check_long_lived(&f, "node3 added", &mut [&mut ll4, &mut ll6], &backends);
     spread(&f, &[1, 2, 3], 150);
 
     // A change made after etcd returned is applied everywhere (moving no established flow).
@@ -406,6 +464,7 @@ fn fleet_one_store_bgp_ecmp_identical_tables() {
     let share = shares(v4_table(&same_tables(&f, &[1, 2, 3])));
     println!("after etcd returned, backend1's weight set to 2: every node on revision {rev3} after {:?}, identical tables {share:?}", t.elapsed());
     check_long_lived(
+        &f,
         "a change after etcd returned",
         &mut [&mut ll4, &mut ll6],
         &backends,

@@ -40,7 +40,10 @@ use lb_pkt::{
     IP4_MF as MF, IPV6_FRAG as FRAG6, TCP, TCP_ACK as ACK, TCP_FIN as FIN, TCP_PSH as PSH,
     TCP_RST as RST, TCP_SYN as SYN, UDP, XDP_ABORTED, XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX,
 };
-use lb_userspace::{datapath::VipState, Balancer, Config, LoadOptions};
+use lb_userspace::{
+    datapath::{conntrack::now_tick, VipState},
+    Balancer, Config, LoadOptions,
+};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -829,6 +832,21 @@ impl Env {
         self.id_of(VIP4.into(), 80, TCP, b4(n))
     }
 
+    /// What a connection on `f`'s 4-tuple left behind `quiet_s` seconds ago: its `CT` entry
+    /// (backend `id`, `flags`) and the `CT_NEW` copy its promotion left.
+    fn old_entries(&mut self, f: &Flow, id: u32, flags: u32, quiet_s: u64) {
+        let ticks = ((quiet_s * 1_000_000_000) >> lb_common::CT_TICK_SHIFT) as u32;
+        let then = now_tick().wrapping_sub(ticks);
+        let at = |flags| CtValue {
+            last_seen: then,
+            touched: 1,
+            ..f.ct(id, 0, flags)
+        };
+        self.lb
+            .set_conntrack_entries(&f.key(), Some(at(flags)), Some(at(0)))
+            .expect("writing the connection tables");
+    }
+
     /// A frame from the router to eth0 carrying `ip`.
     fn frame_in(&self, vlan: Option<u16>, ip: &[u8]) -> Vec<u8> {
         let et = if ip[0] >> 4 == 6 { ETH_IPV6 } else { ETH_IP };
@@ -1303,6 +1321,55 @@ fn table() -> Vec<Step> {
                 .count(CtLost)
                 .count(CtNew)
                 .to(e, id, true)
+        }),
+        // ---- A reused 4-tuple whose old connection's entries this balancer still holds (a
+        // new connection's SYN went to another balancer behind the same ECMP). ----
+        Do("flow 40_779: CT says .11, closing, quiet for 11 s; CT_NEW's copy says .11", |e| {
+            let f = Flow::new(CLIENT4, VIP4, 40_779, 80, TCP);
+            e.old_entries(&f, e.id11(), CT_F_CLOSING, 11);
+        }),
+        Packet("IPv4 TCP ACK+data on flow 40_779 -> the table's backend (.12), not the closed connection's .11 (which would answer with a RST); recorded as new, CT_NEW's copy replaced", |e| {
+            let f = Flow::new(CLIENT4, VIP4, 40_779, 80, TCP);
+            let id = e.maglev(&f);
+            assert_eq!(id, e.id_v4(12), "precondition: .12 has every slot");
+            let ip = f.packet(0, ACK | PSH, 40);
+            Case::tx(e.frame_in(None, &ip), e.ipip(id, None, &ip, &f.key()))
+                .count(CtNew)
+                .to(e, id, true)
+                .tables(&f, None, Some(f.ct(id, 0, 0)))
+        }),
+        Packet("IPv4 TCP ACK on flow 40_779 again -> .12, promoted", |e| {
+            let f = Flow::new(CLIENT4, VIP4, 40_779, 80, TCP);
+            let id = e.id_v4(12);
+            let ip = f.packet(0, ACK, 0);
+            Case::tx(e.frame_in(None, &ip), e.ipip(id, None, &ip, &f.key()))
+                .count(CtPromoted)
+                .to(e, id, false)
+                .tables(&f, Some(f.ct(id, 0, 0)), Some(f.ct(id, 0, 0)))
+        }),
+        Do("flow 40_780: CT says .11, closing, quiet for 5 s; CT_NEW's copy says .11", |e| {
+            let f = Flow::new(CLIENT4, VIP4, 40_780, 80, TCP);
+            e.old_entries(&f, e.id11(), CT_F_CLOSING, 5);
+        }),
+        Packet("IPv4 TCP ACK on flow 40_780 -> .11: a late ACK of a connection closing 5 s ago keeps its backend", |e| {
+            let f = Flow::new(CLIENT4, VIP4, 40_780, 80, TCP);
+            let id = e.id11();
+            let ip = f.packet(0, ACK, 0);
+            Case::tx(e.frame_in(None, &ip), e.ipip(id, None, &ip, &f.key()))
+                .to(e, id, false)
+                .tables(&f, Some(f.ct(id, 0, CT_F_CLOSING)), Some(f.ct(id, 0, 0)))
+        }),
+        Do("flow 40_781: CT says .11, not closing, quiet for an hour; CT_NEW's copy says .11", |e| {
+            let f = Flow::new(CLIENT4, VIP4, 40_781, 80, TCP);
+            e.old_entries(&f, e.id11(), 0, 3600);
+        }),
+        Packet("IPv4 TCP ACK+data on flow 40_781 -> .11: a connection keeps its backend however long it was quiet", |e| {
+            let f = Flow::new(CLIENT4, VIP4, 40_781, 80, TCP);
+            let id = e.id11();
+            let ip = f.packet(0, ACK | PSH, 20);
+            Case::tx(e.frame_in(None, &ip), e.ipip(id, None, &ip, &f.key()))
+                .to(e, id, false)
+                .tables(&f, Some(f.ct(id, 0, 0)), Some(f.ct(id, 0, 0)))
         }),
         // ---- UDP and IPv6. ----
         Packet("IPv4 UDP to 10.210.0.100:53 -> new flow, IPIP", |e| {

@@ -257,6 +257,25 @@ impl Balancer {
         )
     }
 
+    /// Writes a flow's entries in `CT` and `CT_NEW` (`None` removes one): what the datapath
+    /// finds of a connection seen long ago, for tests of how it treats old entries.
+    pub fn set_conntrack_entries(
+        &mut self,
+        key: &FlowKey,
+        ct: Option<CtValue>,
+        ct_new: Option<CtValue>,
+    ) -> Result<()> {
+        for (map, v) in [(&mut self.maps.ct, ct), (&mut self.maps.ct_new, ct_new)] {
+            match v {
+                Some(v) => map.insert(key, v, 0)?,
+                None => {
+                    let _ = map.remove(key);
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// The VIP entry the datapath currently reads.
     pub fn vip_meta(&self, v: &crate::config::Vip) -> Option<VipMeta> {
         self.maps.vips.get(&vip_key(v), 0).ok()

@@ -62,8 +62,14 @@ pub fn new_or_tracked(
     let established = established_ptr.map(|v| unsafe { &*v });
     // An established connection never sends a bare SYN: a SYN that finds its 4-tuple in
     // `CT` opens a new connection on a reused tuple (clients cycle through their ephemeral
-    // ports), so it is not served from `CT`.
-    let served = if syn { None } else { established_ptr };
+    // ports), so it is not served from `CT`. Nor is any packet that finds a closing entry
+    // quiet for `CT_CLOSED_TICKS`: the connection it belonged to is over, the packet is a
+    // later one's whose SYN another balancer saw. The clock is read only for closing entries.
+    let reused = syn
+        || established.is_some_and(|v| {
+            v.flags & CT_F_CLOSING != 0 && ct_closed_long_ago(v.last_seen, now_tick())
+        });
+    let served = if reused { None } else { established_ptr };
     let (id, backend, hash) = match served.and_then(|p| {
         // SAFETY: as `established`.
         let v = unsafe { &*p };
@@ -81,7 +87,7 @@ pub fn new_or_tracked(
         }
         None => {
             let vip = lookup_vip(key).ok_or(Error::NotVip)?;
-            if syn && established.is_some() {
+            if reused && established.is_some() {
                 // The old connection's entry goes; the new one starts in `CT_NEW` with a
                 // backend from the current table. Flood-safe: a hit needs a client's exact
                 // address and port, which spoofed SYNs from random sources and ports
@@ -96,7 +102,7 @@ pub fn new_or_tracked(
             };
             let tracked = match established {
                 None => Tracked::No,
-                Some(_) if syn => Tracked::Reused,
+                Some(_) if reused => Tracked::Reused,
                 Some(v) => Tracked::BackendGone(v),
             };
             choose(key, &vip, flow, tracked)?
@@ -166,9 +172,9 @@ pub fn touch(v: *mut CtValue, closes: bool) {
 pub enum Tracked<'a> {
     /// Not in `CT`: `CT_NEW` may know it.
     No,
-    /// In `CT`, but the packet is a bare SYN: a new connection on a reused 4-tuple (the
-    /// caller removed the entry). A new flow; `CT_NEW` (the old connection's entry, if any)
-    /// is not consulted.
+    /// In `CT`, but the packet is a bare SYN, or the entry is closing and long quiet: a new
+    /// connection on a reused 4-tuple (the caller removed the entry). A new flow; `CT_NEW`
+    /// (the old connection's entry, if any) is not consulted.
     Reused,
     /// In `CT` with this value, but its backend is down or retired: steered again through
     /// the table and kept in `CT`.
