@@ -224,6 +224,30 @@ pub fn ct_closed_long_ago(last_seen: u32, now: u32) -> bool {
 /// what the old backend did, or did not, send).
 pub const CT_F_RESTEERED: u32 = 1;
 
+/// Slots of the SYN cache (`SYN_SEEN`, direct-mapped by `flow_hash & SYN_SEEN_MASK`): the last
+/// bare SYN whose slot this is, sent on while no table changes (SYNs then make no
+/// connection-table entry), as a `CtValue` (`backend`, `hash`, `syn_seq`; the rest is written
+/// when the handshake's ACK copies the slot into `CT`, which saves building the value on the
+/// stack). A SYN finding its own hash and sequence number is a retry (`syn_retries`); the
+/// handshake's ACK finding its hash and the sequence number plus one goes straight into `CT`.
+/// Lossy by design: a SYN of another flow with the same slot overwrites it (a statistic and a
+/// shortcut, never the only record of a flow). A power of two: 24 bytes each, 1.5 MiB.
+pub const SYN_SEEN_SLOTS: u32 = 65_536;
+/// `flow_hash & SYN_SEEN_MASK` is a flow's slot.
+pub const SYN_SEEN_MASK: u32 = SYN_SEEN_SLOTS - 1;
+
+/// How long lbd keeps SYN recording armed after it writes a changed table: in `CT_TICK_SHIFT`
+/// ticks, 10 s (a client retries an unanswered SYN after 1, 3 and 7 s).
+pub const SYN_RECORD_TICKS: u32 = (10_000_000_000u64 >> CT_TICK_SHIFT) as u32;
+
+/// Whether SYNs are recorded in `CT_NEW` at tick `now`: `deadline` (`SYN_RECORD`'s one entry,
+/// written by lbd before it writes a changed table) is non-zero and still ahead of `now`
+/// (wrapping ticks).
+#[inline(always)]
+pub fn syn_recording(deadline: u32, now: u32) -> bool {
+    deadline != 0 && (deadline.wrapping_sub(now) as i32) > 0
+}
+
 /// Key of the fragment table: what identifies one datagram's fragments.
 #[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
@@ -597,6 +621,18 @@ mod tests {
             assert!(ct_closed_long_ago(ago(3_600_000), now), "an hour ago");
             // Written on another CPU a little after this one read the clock.
             assert!(!ct_closed_long_ago(now.wrapping_add(2), now));
+        }
+    }
+
+    #[test]
+    fn syn_recording_is_armed_until_its_deadline() {
+        assert!(!syn_recording(0, 5), "never armed");
+        for now in [3u32, 1 << 30, u32::MAX - 2] {
+            let deadline = now.wrapping_add(SYN_RECORD_TICKS);
+            assert!(syn_recording(deadline, now));
+            assert!(syn_recording(deadline, deadline.wrapping_sub(1)));
+            assert!(!syn_recording(deadline, deadline));
+            assert!(!syn_recording(deadline, deadline.wrapping_add(1_000_000)));
         }
     }
 

@@ -7,7 +7,7 @@
 use crate::{
     AgentState, BackendInfo, BackendStats, CtValue, FlowKey, FragKey, GlobalConfig, NextHop,
     VipKey, VipMeta, VipStats, COUNTER_SLOTS, DEFAULT_CT_NEW_SIZE, DEFAULT_CT_SIZE,
-    DEFAULT_RING_POOL, FRAG_TABLE_SIZE, MAX_BACKENDS, MAX_VIPS,
+    DEFAULT_RING_POOL, FRAG_TABLE_SIZE, MAX_BACKENDS, MAX_VIPS, SYN_SEEN_SLOTS,
 };
 use core::mem::size_of;
 
@@ -76,6 +76,8 @@ pub enum Pin {
     /// Pinned, but an older build did not pin it: a pin set without it is still complete (the
     /// map is created and pinned).
     Optional,
+    /// Never pinned: each loaded program gets a fresh one (state that a restart may lose).
+    Never,
 }
 
 /// One map of the balancer object.
@@ -178,6 +180,10 @@ balancer_maps! {
     backend_stats / BACKEND_STATS = PerCpuArray<u32, BackendStats>, Capacity::Fixed(MAX_BACKENDS), 0, Required;
     /// The agent's id allocation cursors (one entry; never read by the program).
     agent_state / AGENT_STATE = Array<u32, AgentState>, Capacity::Fixed(1), 0, Optional;
+    /// Until when SYNs are recorded in `CT_NEW` (one entry, a tick; see `syn_recording`).
+    syn_record / SYN_RECORD = Array<u32, u32>, Capacity::Fixed(1), 0, Never;
+    /// The SYN cache, direct-mapped by flow hash (`SYN_SEEN_SLOTS`).
+    syn_seen / SYN_SEEN = Array<u32, CtValue>, Capacity::Fixed(SYN_SEEN_SLOTS), 0, Never;
 }
 
 /// The maps of the other objects (not pinned, not resized).

@@ -56,7 +56,7 @@ use lb_common::{
 use lb_userspace::config::Forwarding;
 use lb_userspace::{Balancer, Config, LoadOptions};
 
-use crate::model::{self, Flow, FragId, Mode, NextHop, State, Track, Verdict};
+use crate::model::{self, Flow, FragId, Mode, NextHop, State, SynSlot, Track, Verdict};
 use crate::netns::{NetNs, Veth};
 use lb_pkt::{self as pkt, mac_str, Ip4, Ip6, Mac, Tcp, ICMP, ICMPV6, IPV6_FRAG, TCP, UDP};
 
@@ -156,6 +156,10 @@ impl FuzzReport {
             "ct(resteered)",
             "ct_new(syn)",
             "ct_new+promote",
+            "syn_seen(new)",
+            "syn_seen(retry)",
+            "syn_seen+ack",
+            "ct_new(syn_seen retry)",
             "new",
             "reuse(ct)",
             "reuse(ct_new)",
@@ -650,6 +654,7 @@ struct Kernel {
     ct: BpfHashMap<MapData, FlowKey, CtValue>,
     ct_new: BpfHashMap<MapData, FlowKey, CtValue>,
     frags: BpfHashMap<MapData, FragKey, CtValue>,
+    syn_seen: Array<MapData, CtValue>,
     backends: Array<MapData, BackendInfo>,
     /// For mismatch reports only.
     nexthops: Array<MapData, lb_common::NextHop>,
@@ -678,6 +683,7 @@ impl Kernel {
             ct: program_map(&lb, maps::CT)?.try_into()?,
             ct_new: program_map(&lb, maps::CT_NEW)?.try_into()?,
             frags: program_map(&lb, maps::FRAGS)?.try_into()?,
+            syn_seen: program_map(&lb, maps::SYN_SEEN)?.try_into()?,
             backends: program_map(&lb, maps::BACKENDS)?.try_into()?,
             nexthops: program_map(&lb, maps::NEXTHOPS)?.try_into()?,
             lb,
@@ -1027,7 +1033,12 @@ impl Generator {
             }
             self.pool[i].isn
         } else {
-            let n = self.rng.below(100_000) as u32;
+            // The handshake's ACK (the initial number plus one) often: the SYN cache's shortcut.
+            let n = if self.rng.chance(0.3) {
+                0
+            } else {
+                self.rng.below(100_000) as u32
+            };
             self.pool[i].isn.wrapping_add(1).wrapping_add(n)
         }
     }
@@ -1738,6 +1749,7 @@ fn run_inside(opts: &FuzzOptions, ifindex: [u32; 2]) -> Result<FuzzReport> {
     let mut variant = 0u64;
     lb.apply(&config(variant)?)?;
     let mut k = Kernel::new(lb, ifindex[0])?;
+    let mut ctl = Rng::new(opts.seed ^ 0x00c0_ffee);
 
     let mut m = State::new();
     m.ingress_ifindex = ifindex[0];
@@ -1745,15 +1757,15 @@ fn run_inside(opts: &FuzzOptions, ifindex: [u32; 2]) -> Result<FuzzReport> {
     m.encap_v6 = Some(LB_V6);
     m.nexthops = nexthops(ifindex);
     sync_model(&mut m, &k.lb);
+    set_syn_recording(&mut k, &mut m, &mut ctl)?;
 
     let mut report = FuzzReport {
         seed: opts.seed,
         ..Default::default()
     };
     let mut gen = Generator::new(opts.seed);
-    // Control decisions (down marks) draw from their own stream, so the packet sequence
-    // depends on the seed alone.
-    let mut ctl = Rng::new(opts.seed ^ 0x00c0_ffee);
+    // Control decisions (down marks, SYN recording) draw from their own stream (`ctl`), so
+    // the packet sequence depends on the seed alone.
     let mut baseline = k.counters()?;
     let mut exp = Expect {
         counters: vec![0; Counter::COUNT as usize],
@@ -1973,6 +1985,7 @@ fn run_inside(opts: &FuzzOptions, ifindex: [u32; 2]) -> Result<FuzzReport> {
             report.reconfigs += 1;
             k.lb.apply(&config(variant)?)?;
             sync_model(&mut m, &k.lb);
+            set_syn_recording(&mut k, &mut m, &mut ctl)?;
             down.retain(|id| m.backends[id].active);
             // Retired backends' statistics are zeroed by the agent.
             for (id, b) in &m.backends {
@@ -2216,6 +2229,14 @@ fn diff_tables<K: Ord + Copy + std::fmt::Debug>(
     }
 }
 
+/// SYN recording on or off until the next reconfiguration, at random (lbd arms it for 10 s
+/// after changing a table; the fuzzer holds either state for a whole variant instead, so
+/// that no packet races the deadline).
+fn set_syn_recording(k: &mut Kernel, m: &mut State, ctl: &mut Rng) -> Result<()> {
+    m.syn_record = ctl.chance(0.5);
+    k.lb.set_syn_recording(if m.syn_record { 1 << 28 } else { 0 })
+}
+
 /// How long the model's table entries may live: half the quiet time after which the datapath
 /// takes a closing entry for a connection that is over (`lb_common::CT_CLOSED_TICKS`, 10 s).
 const MODEL_ENTRY_AGE: Duration = Duration::from_secs(5);
@@ -2267,6 +2288,23 @@ fn compare_and_flush(k: &mut Kernel, m: &mut State) -> Result<(u64, Vec<String>)
     diff_tables("FRAGS", &kernel, &model, &mut problems);
     for key in keys {
         k.frags.remove(&key)?;
+    }
+    // The SYN cache: the slots the model wrote (the kernel writing others shows up as packets
+    // that differ), compared and zeroed.
+    for (slot, want) in m.syn_seen.drain() {
+        let got = k.syn_seen.get(&slot, 0)?;
+        let got = SynSlot {
+            hash: got.hash,
+            seq: u32::from_be(got.syn_seq),
+            backend: got.backend,
+        };
+        compared += 1;
+        if got != want {
+            problems.push(format!(
+                "SYN_SEEN[{slot}]: {want:?} in the model, {got:?} in the kernel"
+            ));
+        }
+        k.syn_seen.set(slot, CtValue::default(), 0)?;
     }
     Ok((compared, problems))
 }

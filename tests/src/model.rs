@@ -30,6 +30,18 @@
 //! - a later fragment (offset ≠ 0) of any protocol follows `FRAGS` or is `pass_frag_unknown`.
 //! - port filter (`VIP_PORTS`: does a TCP/UDP VIP use this destination port), then `CT` (live
 //!   backend: served, VIP not consulted), then the VIP, then `CT_NEW`/Maglev (`choose`).
+//! - SYN recording (`SYN_RECORD`, armed by lbd around table changes; here `syn_record`): while
+//!   it is off, a SYN (SYN without ACK) that `CT` does not serve makes no table entry: the
+//!   table chooses, and the SYN cache slot `flow_hash & 0xffff` (hash, sequence number,
+//!   backend) tells a retry (same hash and number: `syn_retries` of the chosen backend, nothing
+//!   written) from a new connection (`ct_new`, `new_flows`, the slot is overwritten).
+//!   `CT_NEW` is not consulted. A TCP packet other than a SYN that `CT` does not know, whose
+//!   slot holds its hash and a sequence number one less than its own, with a live backend,
+//!   goes straight into `CT` on that backend with that SYN's number (`ct_promoted`; `CT_NEW`
+//!   not consulted). While recording is on, SYNs follow the rules below, as every other
+//!   packet, except that a SYN `CT_NEW` does not know (or knows with another number) whose
+//!   slot holds its hash and number, with a live backend, is a retry of a SYN sent before
+//!   recording: recorded in `CT_NEW` on the slot's backend, `syn_retries`, no `ct_new`.
 //! - a SYN (SYN without ACK) never promotes; any other packet of a `CT_NEW` flow promotes it
 //!   (the `CT_NEW` entry stays). A tracked flow whose backend is not live is re-steered
 //!   through the table in the table it was found in, keeps its SYN's sequence number and is
@@ -291,7 +303,22 @@ pub struct State {
     pub ct: HashMap<Flow, Track>,
     pub ct_new: HashMap<Flow, Track>,
     pub frags: HashMap<FragId, Track>,
+    /// Whether SYNs are recorded in `CT_NEW` (the datapath's `SYN_RECORD` is armed).
+    pub syn_record: bool,
+    /// The SYN cache by slot (an absent slot is all zeros).
+    pub syn_seen: HashMap<u32, SynSlot>,
 }
+
+/// A SYN cache slot: the flow hash, the SYN's sequence number (host order) and its backend.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SynSlot {
+    pub hash: u32,
+    pub seq: u32,
+    pub backend: u32,
+}
+
+/// SYN cache slots (a power of two).
+pub const SYN_SLOTS: u32 = 65_536;
 
 /// The XDP verdict, or the kernel's refusal to run the program (frames shorter than an
 /// Ethernet header never reach XDP).
@@ -344,6 +371,8 @@ pub enum Change {
     CtRemove(Flow),
     /// A first fragment's choice, for the later fragments of its datagram.
     Frag(FragId, Track),
+    /// A SYN sent on without recording: its SYN cache slot.
+    SynSeen(u32, SynSlot),
 }
 
 /// What one packet does.
@@ -513,6 +542,9 @@ impl State {
                 Change::CtRemove(f) => {
                     self.ct.remove(&f);
                 }
+                Change::SynSeen(i, slot) => {
+                    self.syn_seen.insert(i, slot);
+                }
             }
         }
     }
@@ -632,6 +664,7 @@ impl State {
             proto,
         };
         let syn = flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+        let tcp_seq = seq;
         let seq = if syn { seq } else { 0 };
         let rst = flags & TCP_RST != 0;
         let established = self.ct.get(&flow).copied();
@@ -652,7 +685,16 @@ impl State {
                 if syn && established.is_some() {
                     o.changes.push(Change::CtRemove(flow));
                 }
-                self.choose(&flow, vip, syn, seq, rst, established, o)?
+                if syn && !self.syn_record {
+                    self.syn_unrecorded(&flow, vip, seq, o)?
+                } else if let Some(t) = (!syn && proto == TCP && established.is_none())
+                    .then(|| self.handshake_ack(&flow, tcp_seq, o))
+                    .flatten()
+                {
+                    t
+                } else {
+                    self.choose(&flow, vip, syn, seq, rst, established, o)?
+                }
             }
         };
         if let Some(id) = first_fragment {
@@ -712,7 +754,32 @@ impl State {
             }
             return Ok(t);
         }
-        let t = self.maglev_choice(flow, vip, o)?;
+        // A SYN `CT_NEW` does not know, while recording: a retry of a SYN in the SYN cache
+        // keeps that SYN's backend.
+        let cached = syn
+            .then(|| {
+                let hash = flow_hash(&flow.key());
+                let c = self.syn_seen.get(&(hash & (SYN_SLOTS - 1))).copied();
+                c.filter(|c| c.hash == hash && c.seq == seq && self.live(c.backend))
+            })
+            .flatten()
+            .filter(|_| seen.is_none());
+        let t = match cached {
+            Some(c) => Track {
+                backend: c.backend,
+                hash: c.hash,
+                syn_seq: 0,
+                resteered: false,
+            },
+            None => self.maglev_choice(flow, vip, o)?,
+        };
+        if cached.is_some() {
+            let t = Track { syn_seq: seq, ..t };
+            o.changes.push(Change::CtNew(*flow, t));
+            o.bstat(t.backend).syn_retries += 1;
+            o.path = "ct_new(syn_seen retry)";
+            return Ok(t);
+        }
         if let Some(old) = in_ct.or(seen) {
             let t = Track {
                 syn_seq: old.syn_seq,
@@ -747,6 +814,62 @@ impl State {
             };
             Ok(t)
         }
+    }
+
+    /// A SYN while recording is off: the table's choice; the SYN cache tells a retry from a
+    /// new connection, which takes the slot.
+    fn syn_unrecorded(
+        &self,
+        flow: &Flow,
+        vip: &Vip,
+        seq: u32,
+        o: &mut Outcome,
+    ) -> Result<Track, Stop> {
+        let t = self.maglev_choice(flow, vip, o)?;
+        let slot = t.hash & (SYN_SLOTS - 1);
+        let seen = self.syn_seen.get(&slot).copied().unwrap_or_default();
+        if seen.hash == t.hash && seen.seq == seq {
+            o.bstat(t.backend).syn_retries += 1;
+            o.path = "syn_seen(retry)";
+        } else {
+            o.changes.push(Change::SynSeen(
+                slot,
+                SynSlot {
+                    hash: t.hash,
+                    seq,
+                    backend: t.backend,
+                },
+            ));
+            o.counters.push(Counter::CtNew);
+            o.bstat(t.backend).new_flows += 1;
+            o.vstat(vip.vip_id).new_flows += 1;
+            o.path = "syn_seen(new)";
+        }
+        Ok(t)
+    }
+
+    /// A TCP packet past the SYN that `CT` does not know: its SYN in the SYN cache (same
+    /// hash, sequence number one less) with a live backend puts it straight into `CT`.
+    fn handshake_ack(&self, flow: &Flow, seq: u32, o: &mut Outcome) -> Option<Track> {
+        let hash = flow_hash(&flow.key());
+        let seen = self
+            .syn_seen
+            .get(&(hash & (SYN_SLOTS - 1)))
+            .copied()
+            .unwrap_or_default();
+        if seen.hash != hash || seen.seq.wrapping_add(1) != seq || !self.live(seen.backend) {
+            return None;
+        }
+        let t = Track {
+            backend: seen.backend,
+            hash,
+            syn_seq: seen.seq,
+            resteered: false,
+        };
+        o.changes.push(Change::Promote(*flow, t));
+        o.counters.push(Counter::CtPromoted);
+        o.path = "syn_seen+ack";
+        Some(t)
     }
 
     /// The Maglev choice: `table[flow_hash % size]`, which must be a live backend.

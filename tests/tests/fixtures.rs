@@ -31,7 +31,7 @@ use etherparse::{
 };
 use lb_common::{
     flow_hash, maglev_index, BackendStats, Counter, CtValue, FlowKey, VipStats, CT_F_CLOSING,
-    CT_F_RESTEERED, FAMILY_V4, FAMILY_V6,
+    CT_F_RESTEERED, FAMILY_V4, FAMILY_V6, SYN_RECORD_TICKS,
 };
 use lb_pkt::{
     self as pkt, ether_vlan as frame, frag6, icmp4, icmp6, ip4_addrs, ip4_ihl, ip6_addrs, mac_at,
@@ -276,7 +276,13 @@ impl Flow {
 
     /// The IP packet client -> VIP.
     fn packet(&self, tos: u8, flags: u8, len: usize) -> Vec<u8> {
-        self.packet_seq(tos, flags, ISN, len)
+        // After the SYN, the client's next sequence number is its ISN plus one.
+        let seq = if flags & SYN != 0 {
+            ISN
+        } else {
+            ISN.wrapping_add(1)
+        };
+        self.packet_seq(tos, flags, seq, len)
     }
 
     /// The IP packet client -> VIP with TCP sequence number `seq`.
@@ -1078,7 +1084,8 @@ use Step::{Do, Packet};
 fn table() -> Vec<Step> {
     vec![
         // ---- IPv4 TCP VIP (ipip): connection tracking. ----
-        Packet("IPv4 TCP SYN to 10.210.0.100:80 (tos 0xb8): new flow -> IPIP to its Maglev backend, recorded in CT_NEW with the SYN's sequence number", |e| {
+        // While no table changes (no apply changed one yet), a SYN makes no table entry.
+        Packet("IPv4 TCP SYN to 10.210.0.100:80 (tos 0xb8): new flow -> IPIP to its Maglev backend, no table entry (no table is changing: the SYN cache holds it)", |e| {
             let f = e.f1();
             let ip = f.packet(0xb8, SYN, 0);
             let id = e.maglev(&f);
@@ -1086,25 +1093,25 @@ fn table() -> Vec<Step> {
             Case::tx(e.frame_in(None, &ip), e.ipip(id, None, &ip, &f.key()))
                 .count(CtNew)
                 .to(e, id, true)
-                .tables(&f, None, Some(f.ct(id, ISN, 0)))
+                .tables(&f, None, None)
         }),
-        Packet("IPv4 TCP SYN retransmit, same sequence number (flow only in CT_NEW) -> same backend, syn_retries +1, not promoted", |e| {
+        Packet("IPv4 TCP SYN retransmit, same sequence number (found in the SYN cache) -> same backend, syn_retries +1, still no entry", |e| {
             let f = e.f1();
             let ip = f.packet(0xb8, SYN, 0);
             let id = e.id11();
             Case::tx(e.frame_in(None, &ip), e.ipip(id, None, &ip, &f.key()))
                 .to(e, id, false)
                 .backend_also(|s| s.syn_retries = 1)
-                .tables(&f, None, Some(f.ct(id, ISN, 0)))
+                .tables(&f, None, None)
         }),
-        Packet("IPv4 TCP ACK (second packet of the flow) -> same backend, promoted to established (value copied, SYN sequence number kept)", |e| {
+        Packet("IPv4 TCP ACK (the handshake's: sequence number ISN + 1) -> the SYN's backend, straight into CT from the SYN cache (SYN sequence number kept)", |e| {
             let f = e.f1();
             let ip = f.packet(0xb8, ACK, 0);
             let id = e.id11();
             Case::tx(e.frame_in(None, &ip), e.ipip(id, None, &ip, &f.key()))
                 .count(CtPromoted)
                 .to(e, id, false)
-                .tables(&f, Some(f.ct(id, ISN, 0)), Some(f.ct(id, ISN, 0)))
+                .tables(&f, Some(f.ct(id, ISN, 0)), None)
         }),
         Packet("IPv4 TCP SYN of flow 3 -> its Maglev backend 10.210.0.13", |e| {
             let f = e.f3();
@@ -1132,14 +1139,17 @@ fn table() -> Vec<Step> {
                 .count(CtNew)
                 .to(e, id, true)
         }),
-        Packet("IPv4 TCP ACK of flow 4 -> 10.210.0.11, promoted (flow 4 is established)", |e| {
+        Packet("IPv4 TCP ACK of flow 4 -> 10.210.0.11, into CT from the SYN cache (flow 4 is established)", |e| {
             let f = e.f4();
             let ip = f.packet(0, ACK, 0);
             let id = e.id11();
             Case::tx(e.frame_in(None, &ip), e.ipip(id, None, &ip, &f.key()))
                 .count(CtPromoted)
                 .to(e, id, false)
-                .tables(&f, Some(f.ct(id, ISN, 0)), Some(f.ct(id, ISN, 0)))
+                .tables(&f, Some(f.ct(id, ISN, 0)), None)
+        }),
+        Do("arm SYN recording, as apply does before it writes a changed table (from here on SYNs are recorded in CT_NEW)", |e| {
+            e.lb.set_syn_recording(SYN_RECORD_TICKS).expect("arming SYN recording");
         }),
         Packet("IPv4 TCP SYN of flow 5 -> 10.210.0.11 (flow 5 stays in CT_NEW: no answer yet)", |e| {
             let f = e.f5();
@@ -1243,7 +1253,8 @@ fn table() -> Vec<Step> {
                 .count(CtResteered)
                 .to(e, id, false)
                 .backend_also(|s| s.resteered = 1)
-                .tables(&f, Some(f.ct(id, ISN, CT_F_RESTEERED)), Some(f.ct(e.id13, ISN, 0)))
+                // Into CT from the SYN cache, so never in CT_NEW.
+                .tables(&f, Some(f.ct(id, ISN, CT_F_RESTEERED)), None)
         }),
         Packet("IPv4 TCP ACK of flow 3 again -> stays on .12 (connection table updated)", |e| {
             let f = e.f3();

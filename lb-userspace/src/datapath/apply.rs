@@ -12,7 +12,7 @@ use aya::maps::PerCpuValues;
 use lb_common::{
     maglev, AgentState, BackendInfo, BackendStats, Counter, GlobalConfig, NextHop, VipMeta,
     VipStats, AGENT_STATE_MAGIC, BACKEND_F_ACTIVE, BACKEND_F_DOWN, CONFIG_F_HAVE_V4_SRC,
-    CONFIG_F_HAVE_V6_SRC, MAX_BACKENDS, MAX_VIPS,
+    CONFIG_F_HAVE_V6_SRC, MAX_BACKENDS, MAX_VIPS, SYN_RECORD_TICKS,
 };
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -138,6 +138,16 @@ impl Balancer {
         let old_ports = port_bits(self.vips.values().map(|v| &v.config));
         let new_ports = port_bits(plan.vips.iter().map(|(_, st, _)| &st.config));
         self.mark_new_ports(&old_ports, &new_ports)?;
+        // While a VIP's table changes, the datapath records SYNs (they make no entry
+        // otherwise): armed before the first write, so a handshake whose SYN and ACK straddle
+        // the change keeps its backend. A new VIP has no handshakes in flight.
+        if plan
+            .vips
+            .iter()
+            .any(|(id, _, region)| region.is_some() && self.vips.contains_key(id))
+        {
+            self.set_syn_recording(SYN_RECORD_TICKS)?;
+        }
         for (id, st, region) in &plan.vips {
             if !self.vips.contains_key(id) {
                 // A new VIP starts from zero, whatever a crash left in its statistics slot.
@@ -457,6 +467,20 @@ impl Balancer {
             .vip_stats
             .set(id, zero, 0)
             .context("zeroing VIP_STATS")
+    }
+
+    /// Makes the datapath record SYNs in `CT_NEW` for `ticks` (`CT_TICK_SHIFT` ticks) from
+    /// now, or no longer (0). `apply` arms it for [`SYN_RECORD_TICKS`] before it writes a
+    /// changed table; tests and benches set it to choose a path.
+    pub fn set_syn_recording(&mut self, ticks: u32) -> Result<()> {
+        let deadline = match ticks {
+            0 => 0,
+            t => super::conntrack::now_tick().wrapping_add(t).max(1),
+        };
+        self.maps
+            .syn_record
+            .set(0, deadline, 0)
+            .context("writing SYN_RECORD")
     }
 
     /// Persists the id cursors in `AGENT_STATE` (see [`AgentState`]).

@@ -130,6 +130,7 @@ impl Balancer {
             ct: BpfHashMap::try_from(ct)?,
             ct_new: BpfHashMap::try_from(ct_new)?,
             agent_state: Array::try_from(take(&mut ebpf, maps::AGENT_STATE)?)?,
+            syn_record: Array::try_from(take(&mut ebpf, maps::SYN_RECORD)?)?,
             conntrack,
         };
         let mut lb = Balancer {

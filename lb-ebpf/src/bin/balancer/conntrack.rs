@@ -1,7 +1,9 @@
 //! Connection tracking: a flow's backend from `CT` (established) or `CT_NEW` (seen once), or
 //! chosen through the VIP's Maglev table and recorded; later fragments follow their first.
 //! Entries are read and updated in place (no copies on the stack).
-use crate::maps::{live_backend, lookup_vip, CT, CT_NEW, FRAGS, RING, VIP_PORTS};
+use crate::maps::{
+    live_backend, lookup_vip, BACKENDS, CT, CT_NEW, FRAGS, RING, SYN_RECORD, SYN_SEEN, VIP_PORTS,
+};
 use crate::parse::{frag_key, header_within};
 use crate::stats::{self, count};
 use crate::{Decision, Error};
@@ -208,11 +210,18 @@ pub fn from_table(key: &FlowKey, vip: &VipMeta) -> Result<(u32, BackendInfo, u32
     }
 }
 
-/// Connection tracking in two stages: a flow's first packet is recorded in `CT_NEW`, and
-/// only a later non-SYN packet promotes it to `CT`, so a flood of first packets churns
-/// `CT_NEW` and never evicts established flows. A tracked flow keeps its backend whatever
-/// the table says (`new_or_tracked` serves `CT` hits), unless that backend is down; then it
-/// is steered again and flagged `CT_F_RESTEERED`.
+/// Connection tracking. While no table changes, a bare SYN makes no entry: the table gives
+/// its backend, and the SYN cache (`SYN_SEEN`) remembers it (`syn_unrecorded`). The packet
+/// that creates the entry is the first non-SYN one: if it is the handshake's ACK of a SYN in
+/// the cache (its hash, the SYN's sequence number plus one) it goes straight into `CT`
+/// (`handshake_ack`); otherwise it is recorded in `CT_NEW` and only a later non-SYN packet
+/// promotes it to `CT`. Either way `CT` is only written for flows that sent two packets from
+/// one 4-tuple, so a flood of first packets (SYNs, or ACKs without a SYN) never evicts
+/// established flows. While lbd changes a table (`SYN_RECORD` armed), SYNs are recorded in
+/// `CT_NEW` as first packets, so a handshake whose SYN and ACK straddle the change keeps its
+/// backend. A tracked flow keeps its backend whatever the table says (`new_or_tracked`
+/// serves `CT` hits), unless that backend is down; then it is steered again and flagged
+/// `CT_F_RESTEERED`.
 ///
 /// `tracked` says what `CT` knew of the flow (see [`Tracked`]); only an untracked flow is
 /// looked up in `CT_NEW`.
@@ -223,8 +232,8 @@ pub fn from_table(key: &FlowKey, vip: &VipMeta) -> Result<(u32, BackendInfo, u32
 /// old entry like any new flow.
 ///
 /// LRU maps do not report evictions, so pressure is counted where it shows: a TCP packet
-/// past the SYN that neither table knows (`ct_lost`), and inserts that fail
-/// (`ct_insert_failed` for `CT`, `ct_new_insert_failed` for `CT_NEW`).
+/// past the SYN that neither table nor the SYN cache knows (`ct_lost`), and inserts that
+/// fail (`ct_insert_failed` for `CT`, `ct_new_insert_failed` for `CT_NEW`).
 #[inline(always)]
 pub fn choose(
     key: &FlowKey,
@@ -238,6 +247,22 @@ pub fn choose(
         rst,
         closes,
     } = p;
+    if syn {
+        // The clock is read only once lbd has armed recording at least once.
+        let deadline = SYN_RECORD.get(0).copied().unwrap_or(0);
+        if !(deadline != 0 && syn_recording(deadline, now_tick())) {
+            return syn_unrecorded(key, vip, seq);
+        }
+    } else if key.proto == PROTO_TCP && matches!(tracked, Tracked::No) {
+        let found = handshake_ack(key, seq, closes);
+        if found != 0 {
+            let id = (found >> 32) as u32;
+            if let Some(b) = live_backend(id) {
+                return Ok((id, b, found as u32));
+            }
+        }
+    }
+    let seq = if syn { seq } else { 0 };
     let seen_ptr = match tracked {
         Tracked::No => CT_NEW.get_ptr_mut(key),
         Tracked::Reused | Tracked::BackendGone(_) => None,
@@ -271,6 +296,17 @@ pub fn choose(
                 }
             }
             return Ok((v.backend, b, v.hash));
+        }
+    }
+    // A SYN `CT_NEW` does not know, while recording: if the SYN cache holds it, it is a retry
+    // of a SYN sent on before recording was armed, and it keeps that SYN's backend.
+    if syn && seen.is_none() {
+        let found = syn_retry_recorded(key, seq, closes);
+        if found != 0 {
+            let id = (found >> 32) as u32;
+            if let Some(b) = live_backend(id) {
+                return Ok((id, b, found as u32));
+            }
         }
     }
     let (id, b, hash) = from_table(key, vip)?;
@@ -324,6 +360,122 @@ pub fn choose(
         }
     }
     Ok((id, b, hash))
+}
+
+/// A bare SYN while no table changes: the table's backend, no connection-table entry. The SYN
+/// cache slot of the flow's hash tells a retry (same hash, same sequence number:
+/// `syn_retries`) from a new connection (`ct_new`, `new_flows`), which takes the slot.
+#[inline(always)]
+fn syn_unrecorded(
+    key: &FlowKey,
+    vip: &VipMeta,
+    seq: u32,
+) -> Result<(u32, BackendInfo, u32), Error> {
+    let (id, b, hash) = from_table(key, vip)?;
+    let backend_stats = stats::backend(id);
+    if let Some(slot) = SYN_SEEN.get_ptr_mut(hash & SYN_SEEN_MASK) {
+        // SAFETY: an array element, valid while the program runs. Two CPUs writing one slot
+        // at once may leave it mixed: a lost or bogus entry of a lossy cache, never a fault.
+        unsafe {
+            if (*slot).hash == hash && (*slot).syn_seq == seq {
+                if let Some(s) = backend_stats {
+                    s.syn_retries(1);
+                }
+                return Ok((id, b, hash));
+            }
+            (*slot).hash = hash;
+            (*slot).syn_seq = seq;
+            (*slot).backend = id;
+        }
+    }
+    count(Counter::CtNew);
+    if let Some(s) = backend_stats {
+        s.new_flows(1);
+    }
+    if let Some(s) = stats::vip(vip.vip_id) {
+        s.new_flows(1);
+    }
+    Ok((id, b, hash))
+}
+
+/// The first non-SYN packet of a TCP flow `CT` does not know: if the SYN cache holds its SYN
+/// (the flow's hash, and this packet's sequence number is the SYN's plus one: the handshake's
+/// ACK) and that backend is live, the flow goes straight into `CT` on the SYN's backend
+/// (`ct_promoted`). Two packets from one 4-tuple with matching sequence numbers are what a
+/// `CT_NEW` promotion proves too, so a flood of ACKs alone cannot reach `CT`.
+///
+/// Returns the backend id (high half) and the flow hash (low half), or 0. A BPF function of
+/// its own with a scalar result, inserting the cache slot itself (no value on the stack):
+/// inlined, or with a value built on its own stack, it took the frames past the verifier's
+/// budget (see "Stack budget" in docs/datapath.md).
+#[inline(never)]
+fn handshake_ack(key: &FlowKey, seq: u32, closes: bool) -> u64 {
+    let hash = flow_hash(key);
+    let Some(s) = SYN_SEEN.get_ptr_mut(hash & SYN_SEEN_MASK) else {
+        return 0;
+    };
+    // SAFETY: an array element, valid while the program runs.
+    let (slot_hash, slot_seq, id) = unsafe { ((*s).hash, (*s).syn_seq, (*s).backend) };
+    if slot_hash != hash || u32::from_be(slot_seq).wrapping_add(1) != u32::from_be(seq) {
+        return 0;
+    }
+    if !backend_live(id) {
+        return 0;
+    }
+    // SAFETY: the array element just read; valid while the program runs. The slot is the
+    // value: its backend, hash and SYN sequence number, and the fields written here.
+    unsafe {
+        (*s).flags = if closes { CT_F_CLOSING } else { 0 };
+        (*s).last_seen = now_tick();
+        (*s).touched = jiffies32();
+    }
+    // SAFETY: as above; a map value is a valid value argument of an update.
+    if CT.insert(key, unsafe { &*s }, 0).is_ok() {
+        count(Counter::CtPromoted);
+    } else {
+        count(Counter::CtInsertFailed);
+    }
+    ((id as u64) << 32) | hash as u64
+}
+
+/// A SYN that `CT_NEW` does not know while recording is armed: if the SYN cache holds it (same
+/// hash, same sequence number) and its backend is live, it is a retry of a SYN sent on before
+/// recording began; it is recorded in `CT_NEW` on that backend (the slot is the value) and
+/// counted as a retry. Returns the backend id (high half) and the flow hash (low half), or 0.
+/// A BPF function of its own, like `handshake_ack`.
+#[inline(never)]
+fn syn_retry_recorded(key: &FlowKey, seq: u32, closes: bool) -> u64 {
+    let hash = flow_hash(key);
+    let Some(s) = SYN_SEEN.get_ptr_mut(hash & SYN_SEEN_MASK) else {
+        return 0;
+    };
+    // SAFETY: an array element, valid while the program runs.
+    let (slot_hash, slot_seq, id) = unsafe { ((*s).hash, (*s).syn_seq, (*s).backend) };
+    if slot_hash != hash || slot_seq != seq || !backend_live(id) {
+        return 0;
+    }
+    // SAFETY: as above; the slot is the value, as in `handshake_ack`.
+    unsafe {
+        (*s).flags = if closes { CT_F_CLOSING } else { 0 };
+        (*s).last_seen = now_tick();
+        (*s).touched = jiffies32();
+    }
+    // SAFETY: as above.
+    if CT_NEW.insert(key, unsafe { &*s }, 0).is_err() {
+        count(Counter::CtNewInsertFailed);
+    }
+    if let Some(st) = stats::backend(id) {
+        st.syn_retries(1);
+    }
+    ((id as u64) << 32) | hash as u64
+}
+
+/// Whether backend `id` may carry traffic, read in place (no copy on the stack).
+#[inline(always)]
+fn backend_live(id: u32) -> bool {
+    BACKENDS
+        .get(id)
+        .is_some_and(|b| b.flags & BACKEND_F_ACTIVE != 0 && b.flags & BACKEND_F_DOWN == 0)
 }
 
 /// A later fragment: it has no ports, so it follows its first fragment's choice.

@@ -11,7 +11,7 @@ use aya_ebpf::{
 use lb_common::{
     maps::{
         agent_state, backend_stats, backends, config, counters, ct, ct_new, frags, nexthops, ring,
-        vip_ports, vip_stats, vips,
+        syn_record, syn_seen, vip_ports, vip_stats, vips,
     },
     BackendInfo, FlowKey, VipKey, VipMeta, BACKEND_F_ACTIVE, BACKEND_F_DOWN,
 };
@@ -47,6 +47,13 @@ pub static BACKEND_STATS: PerCpuArray<backend_stats::Value, { backend_stats::ENT
 /// Pinned with the other maps so that the agent's cursors survive a restart. Never read here.
 #[btf_map]
 pub static AGENT_STATE: Array<agent_state::Value, { agent_state::ENTRIES }> = Array::new();
+
+/// Until when SYNs are recorded in `CT_NEW` (lbd arms it around table changes).
+#[btf_map]
+pub static SYN_RECORD: Array<syn_record::Value, { syn_record::ENTRIES }> = Array::new();
+/// The SYN cache: SYNs sent on while no table changes, for retries and the handshake's ACK.
+#[btf_map]
+pub static SYN_SEEN: Array<syn_seen::Value, { syn_seen::ENTRIES }> = Array::new();
 
 /// The VIP a flow is addressed to.
 #[inline(always)]
