@@ -2001,6 +2001,9 @@ fn run_inside(opts: &FuzzOptions, ifindex: [u32; 2]) -> Result<FuzzReport> {
             for id in std::mem::take(&mut down) {
                 set_down(&mut k, &mut m, id, false)?;
             }
+            // Recording switched between reconfigurations too: SYNs sent on before it and
+            // retried after (the SYN cache's retries while recording).
+            set_syn_recording(&mut k, &mut m, &mut ctl)?;
             let mut live: Vec<u32> = m
                 .backends
                 .iter()
@@ -2229,9 +2232,9 @@ fn diff_tables<K: Ord + Copy + std::fmt::Debug>(
     }
 }
 
-/// SYN recording on or off until the next reconfiguration, at random (lbd arms it for 10 s
-/// after changing a table; the fuzzer holds either state for a whole variant instead, so
-/// that no packet races the deadline).
+/// SYN recording on or off, at random, after each reconfiguration and down-mark round (lbd
+/// arms it for 10 s when it changes a table; the fuzzer sets either state explicitly
+/// instead, so that no packet races the deadline).
 fn set_syn_recording(k: &mut Kernel, m: &mut State, ctl: &mut Rng) -> Result<()> {
     m.syn_record = ctl.chance(0.5);
     k.lb.set_syn_recording(if m.syn_record { 1 << 28 } else { 0 })
