@@ -1,7 +1,9 @@
-//! Flood-safe connection tracking: a SYN flood from random sources, many times the size of the
-//! connection table, while a backend is added, must not move or reset established flows, and
-//! legitimate new connections must still succeed. First packets only ever land in the small
-//! new-flow table; the established table is only written by promotion (a later, non-SYN packet).
+//! Flood-safe connection tracking: a flood of SYNs and of ACKs from random sources, many times
+//! the size of the connection table, while a backend is added, must not move or reset
+//! established flows, and legitimate new connections must succeed during and after it. A SYN
+//! makes no entry (or, for 10 s after a table change, one in the small new-flow table); an
+//! ACK without a SYN lands in the new-flow table; the established table is only written for a
+//! flow's second packet (the handshake's ACK of a SYN in the SYN cache, or a promotion).
 use lb_pkt::{self as pkt, Ip4, Tcp};
 use lb_userspace::{config::XdpMode, netif, Balancer, Config, Decap, LoadOptions};
 use std::{
@@ -36,12 +38,12 @@ fn config(lab: &Lab, backends: usize) -> Config {
     Config::parse(&text).unwrap()
 }
 
-/// A SYN from a spoofed source in 198.18.0.0/15 (the benchmarking range) to the VIP: IPv4 with
-/// DF and TTL 64, a bare 20-byte TCP header.
-fn syn(src: Ipv4Addr, sport: u16, seq: u32) -> Vec<u8> {
+/// A SYN (or a bare ACK) from a spoofed source in 198.18.0.0/15 (the benchmarking range) to
+/// the VIP: IPv4 with DF and TTL 64, a bare 20-byte TCP header.
+fn spoofed(src: Ipv4Addr, sport: u16, seq: u32, flags: u8) -> Vec<u8> {
     let seg = Tcp {
         seq,
-        flags: pkt::TCP_SYN,
+        flags,
         ..Tcp::new(sport, 80)
     }
     .build(src.into(), VIP_V4.into(), &[]);
@@ -52,8 +54,9 @@ fn syn(src: Ipv4Addr, sport: u16, seq: u32) -> Vec<u8> {
     .build(&seg)
 }
 
-/// Sends `count` spoofed SYNs through a raw socket from the calling thread's namespace.
-fn flood(count: u64, seed: &mut u64) -> std::io::Result<u64> {
+/// Sends `count` spoofed packets, SYNs and ACKs at random, through a raw socket from the
+/// calling thread's namespace. Returns (sent, of which ACKs).
+fn flood(count: u64, seed: &mut u64) -> std::io::Result<(u64, u64)> {
     // SAFETY: plain socket(2); the fd is closed below.
     let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW) };
     if fd < 0 {
@@ -67,14 +70,21 @@ fn flood(count: u64, seed: &mut u64) -> std::io::Result<u64> {
         },
         sin_zero: [0; 8],
     };
-    let mut sent = 0;
+    let (mut sent, mut acks) = (0, 0);
     for _ in 0..count {
         *seed ^= *seed << 13;
         *seed ^= *seed >> 7;
         *seed ^= *seed << 17;
         let r = *seed;
         let src = Ipv4Addr::from(0xc612_0000u32 | (r as u32 & 0x1_ffff));
-        let p = syn(src, 1024 + (r >> 20) as u16 % 60000, (r >> 32) as u32);
+        let ack = r & (1 << 17) != 0;
+        let flags = if ack { pkt::TCP_ACK } else { pkt::TCP_SYN };
+        let p = spoofed(
+            src,
+            1024 + (r >> 20) as u16 % 60000,
+            (r >> 32) as u32,
+            flags,
+        );
         // SAFETY: valid buffer and address for the duration of the call.
         let n = unsafe {
             libc::sendto(
@@ -88,11 +98,12 @@ fn flood(count: u64, seed: &mut u64) -> std::io::Result<u64> {
         };
         if n == p.len() as isize {
             sent += 1;
+            acks += ack as u64;
         }
     }
     // SAFETY: closing the socket opened above.
     unsafe { libc::close(fd) };
-    Ok(sent)
+    Ok((sent, acks))
 }
 
 #[test]
@@ -157,7 +168,7 @@ fn syn_flood_does_not_evict_established_flows() {
     let target = FLOOD_FACTOR * CT_SIZE as u64;
     let start = Instant::now();
     let mut seed = 0x9e37_79b9_7f4a_7c15u64;
-    let mut sent = 0;
+    let (mut sent, mut acks) = (0, 0);
     let mut added = false;
     while counter(&lb, "ct_new") - ct_new_before < target {
         assert!(
@@ -165,11 +176,13 @@ fn syn_flood_does_not_evict_established_flows() {
             "flood too slow: {} first packets seen",
             counter(&lb, "ct_new") - ct_new_before
         );
-        sent += lab
+        let (n, a) = lab
             .client()
             .ns()
             .run_in(|| flood(8192, &mut seed))
             .expect("raw socket");
+        sent += n;
+        acks += a;
         if !added && sent >= target / 2 {
             let cfg4 = config(&lab, 4);
             lab.lb()
@@ -182,6 +195,7 @@ fn syn_flood_does_not_evict_established_flows() {
     let first_packets = counter(&lb, "ct_new") - ct_new_before;
     let promoted = counter(&lb, "ct_promoted") - promoted_before;
     assert!(added, "backend3 must be added during the flood");
+    let pressure_flood = pressure(&lb);
 
     let statuses = long.check();
     let broken: Vec<_> = statuses.iter().filter(|s| !s.is_ok()).collect();
@@ -193,25 +207,31 @@ fn syn_flood_does_not_evict_established_flows() {
         .count();
     let (ct, ct_new) = lb.conntrack_len();
     println!(
-        "flood: C = {CT_SIZE} (new-flow table {CT_NEW_SIZE}), {sent} spoofed SYNs sent, {first_packets} first packets seen by XDP ({:.1} x C) in {:.1} s, {promoted} promotions; \
+        "flood: C = {CT_SIZE} (new-flow table {CT_NEW_SIZE}), {sent} spoofed packets sent, {first_packets} first packets seen by XDP ({:.1} x C) in {:.1} s, {promoted} promotions; \
          CT holds {ct} entries, CT_NEW {ct_new}; {ESTABLISHED} established connections: {} broken, {moved} moved",
         first_packets as f64 / CT_SIZE as f64,
         elapsed.as_secs_f64(),
         broken.len()
     );
     let pressure_after = pressure(&lb);
-    let delta: Vec<(&str, u64)> = pressure_after
-        .iter()
-        .zip(&pressure_before)
-        .map(|((n, a), (_, b))| (*n, a - b))
-        .collect();
-    println!(
-        "connection-table counters over the flood and the echo check: ct_new +{first_packets}, ct_promoted +{promoted}, {}",
-        delta
-            .iter()
+    let delta_of = |a: &[(&'static str, u64); 4], b: &[(&'static str, u64); 4]| {
+        a.iter()
+            .zip(b)
+            .map(|((n, a), (_, b))| (*n, a - b))
+            .collect::<Vec<(&str, u64)>>()
+    };
+    let delta = delta_of(&pressure_flood, &pressure_before);
+    let echo = delta_of(&pressure_after, &pressure_flood);
+    let show = |d: &[(&str, u64)]| {
+        d.iter()
             .map(|(n, d)| format!("{n} +{d}"))
             .collect::<Vec<_>>()
             .join(", ")
+    };
+    println!(
+        "connection-table counters over the flood ({acks} of the {sent} spoofed packets ACKs): ct_new +{first_packets}, ct_promoted +{promoted}, {}; over the echo check after it: {}",
+        show(&delta),
+        show(&echo)
     );
     assert!(
         broken.is_empty(),
@@ -219,20 +239,69 @@ fn syn_flood_does_not_evict_established_flows() {
         broken.len(),
         broken.first()
     );
-    // The flood went through the new-flow table: at least 10 x C first packets recorded there
-    // (ct_new_insert_failed, printed above, counts any the LRU could not take).
+    // At least 10 x C first packets (SYNs, and ACKs recorded in the new-flow table;
+    // ct_new_insert_failed, printed above, counts any the LRU could not take).
     assert!(first_packets >= target, "{first_packets} < {target}");
-    // Not one packet of the established connections (the echoes after the flood included)
-    // found its flow's state gone: the flood evicted nothing from CT.
-    assert_eq!(delta[0], ("ct_lost", 0), "{delta:?}");
+    // Every flow without state during the flood was a spoofed ACK's (the established
+    // connections were quiet), and the spoofed SYNs never became established flows.
+    assert!(
+        delta[0].1 <= acks,
+        "ct_lost +{} > {acks} spoofed ACKs",
+        delta[0].1
+    );
+    assert!(acks > target / 4, "the flood sent only {acks} ACKs");
+    // Not one packet of the established connections' echoes after the flood found its flow's
+    // state gone: the flood evicted nothing from CT.
+    assert_eq!(echo[0], ("ct_lost", 0), "{echo:?}");
     assert_eq!(delta[1], ("ct_insert_failed", 0), "{delta:?}");
+    assert_eq!(echo[1], ("ct_insert_failed", 0), "{echo:?}");
     assert_eq!(moved, 0);
     assert!(
         ct <= CT_SIZE as usize && ct >= ESTABLISHED,
         "the established table must still hold the {ESTABLISHED} flows ({ct})"
     );
 
-    // Legitimate clients still get through, to every backend including the new one.
+    // Legitimate clients get through during a flood (a second one, from another thread, while
+    // they connect) and after it, to every backend including the new one.
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+    let stop = AtomicBool::new(false);
+    let flooded = AtomicU64::new(0);
+    let (during, flooded) = std::thread::scope(|s| {
+        let flooder = s.spawn(|| {
+            let mut seed = 0x2545_f491_4f6c_dd1du64;
+            while !stop.load(Relaxed) && flooded.load(Relaxed) < 50 * target {
+                let (n, _) = lab
+                    .client()
+                    .ns()
+                    .run_in(|| flood(1024, &mut seed))
+                    .expect("raw socket");
+                flooded.fetch_add(n, Relaxed);
+            }
+        });
+        // The flood is under way before the first connection.
+        let started = Instant::now();
+        while flooded.load(Relaxed) < 4096 {
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "the second flood did not start"
+            );
+            std::thread::yield_now();
+        }
+        let results = client_many(lab.client().ns(), vip, 200, Duration::from_secs(3));
+        let during = flooded.load(Relaxed);
+        stop.store(true, Relaxed);
+        flooder.join().expect("flood thread");
+        (results, during)
+    });
+    let ok = during.iter().filter(|r| r.is_ok()).count();
+    println!(
+        "during a second flood ({flooded} spoofed packets sent until the last connection): {ok}/200 new connections succeeded"
+    );
+    assert_eq!(
+        ok, 200,
+        "legitimate new connections failed during the flood"
+    );
+    assert!(flooded > 0, "the second flood sent nothing");
     let results = client_many(lab.client().ns(), vip, 400, Duration::from_secs(3));
     let ok = results.iter().filter(|r| r.is_ok()).count();
     println!("after the flood: {ok}/400 new connections succeeded");
