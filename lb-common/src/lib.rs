@@ -282,7 +282,9 @@ pub struct BackendStats {
     /// Flows whose first packet chose this backend.
     pub new_flows: u64,
     /// SYNs repeating the tracked SYN of a flow not yet established (same 4-tuple, same
-    /// initial sequence number): the client retried because nobody answered.
+    /// initial sequence number, found in `CT_NEW` or in the SYN cache): the client retried
+    /// because nobody answered. Lossy: a SYN whose cache slot another SYN took in between
+    /// counts as a new flow.
     pub syn_retries: u64,
     /// RSTs sent by clients on flows of this backend (not counted on flows re-steered here
     /// from a backend that was down: see `CT_F_RESTEERED`).
@@ -426,11 +428,14 @@ counters! {
         DropTooBig = 9, "drop_too_big";
         /// Encapsulation needs a source address of this family and none is configured: dropped.
         DropNoEncapSource = 10, "drop_no_encap_source";
-        /// A flow seen for the first time (recorded in the new-flow table), including a new
-        /// connection on a reused 4-tuple (a SYN with another initial sequence number than the
-        /// tracked one, or any SYN on an established flow).
+        /// A flow seen for the first time: a SYN that is not a retry (recorded in the new-flow
+        /// table only while a table changes, otherwise noted in the SYN cache), or another
+        /// first packet recorded in the new-flow table; including a new connection on a reused
+        /// 4-tuple (a SYN with another initial sequence number than the tracked one, or any
+        /// SYN on an established flow).
         CtNew = 11, "ct_new";
-        /// A flow promoted to the established table on its second packet.
+        /// A flow that entered the established table on a packet after its first: promoted
+        /// from the new-flow table, or the handshake's ACK of a SYN in the SYN cache.
         CtPromoted = 12, "ct_promoted";
         /// A tracked flow whose backend was down, steered again through the table.
         CtResteered = 13, "ct_resteered";
@@ -442,11 +447,13 @@ counters! {
         IcmpForwarded = 15, "icmp_forwarded";
         /// Fragments forwarded through the fragment table.
         FragForwarded = 16, "frag_forwarded";
-        /// A TCP packet other than a first SYN found its flow in neither connection table: the
-        /// flow's state was lost (evicted from `CT`, evicted from `CT_NEW` before the handshake
-        /// completed, or tracked by maps that were since replaced), or the flow started before
-        /// this balancer saw it. The packet goes through the table (and is counted under
-        /// `ct_new` too). UDP has no such marker: a datagram of a lost flow looks like a new one.
+        /// A TCP packet other than a first SYN found its flow in neither connection table, and
+        /// is not the handshake's ACK of a SYN in the SYN cache: the flow's state was lost
+        /// (evicted from `CT`, evicted from `CT_NEW` before the handshake completed, its SYN's
+        /// cache slot taken by another SYN, or tracked by maps that were since replaced), or
+        /// the flow started before this balancer saw it (or is a spoofed ACK). The packet goes
+        /// through the table (and is counted under `ct_new` too). UDP has no such marker: a
+        /// datagram of a lost flow looks like a new one.
         CtLost = 17, "ct_lost";
         /// Recording a first packet in `CT_NEW` failed (the LRU could not free an entry): the
         /// packet is forwarded, its flow is not tracked.
