@@ -193,6 +193,11 @@ pub const BENCH_PROGS: &str = "BENCH_PROGS";
 pub const BENCH_INPUT: &str = "BENCH_INPUT";
 pub const BENCH_STATE: &str = "BENCH_STATE";
 
+/// The maps lbd pins: all but `Pin::Never`.
+pub fn pinned() -> impl Iterator<Item = &'static MapSpec> {
+    BALANCER.iter().filter(|s| s.pin != Pin::Never)
+}
+
 /// The registry entry of a balancer map.
 pub fn spec(name: &str) -> Option<&'static MapSpec> {
     BALANCER.iter().find(|s| s.name == name)

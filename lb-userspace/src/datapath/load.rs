@@ -438,7 +438,7 @@ impl Balancer {
             }
         }
         if let Some(dir) = &self.pin_dir {
-            let mut names: Vec<&str> = maps::BALANCER.iter().map(|s| s.name).collect();
+            let mut names: Vec<&str> = maps::pinned().map(|s| s.name).collect();
             if self.interface.is_some() {
                 names.push(LINK_PIN);
             }

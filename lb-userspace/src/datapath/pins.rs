@@ -29,17 +29,14 @@ pub(super) fn entries(spec: &MapSpec, o: &LoadOptions) -> u32 {
 pub(super) fn pinned_maps(
     o: &LoadOptions,
 ) -> impl Iterator<Item = (&'static str, usize, usize, u32)> + '_ {
-    maps::BALANCER
-        .iter()
-        .filter(|s| s.pin != Pin::Never)
-        .map(move |s| {
-            (
-                s.name,
-                s.key_size as usize,
-                s.value_size as usize,
-                entries(s, o),
-            )
-        })
+    maps::pinned().map(move |s| {
+        (
+            s.name,
+            s.key_size as usize,
+            s.value_size as usize,
+            entries(s, o),
+        )
+    })
 }
 
 /// A pinned map an older build did not have (`Pin::Optional` in the registry): a pin set

@@ -352,14 +352,44 @@ pub fn choose(
         } else {
             count(Counter::CtNewInsertFailed);
         }
-        if let Some(s) = backend_stats {
-            s.new_flows(1);
-        }
-        if let Some(s) = stats::vip(vip.vip_id) {
-            s.new_flows(1);
-        }
+        new_flow(backend_stats, vip.vip_id);
     }
     Ok((id, b, hash))
+}
+
+/// A new flow in the backend's and the VIP's statistics.
+#[inline(always)]
+fn new_flow(backend_stats: Option<stats::Slot<BackendStats>>, vip_id: u32) {
+    if let Some(s) = backend_stats {
+        s.new_flows(1);
+    }
+    if let Some(s) = stats::vip(vip_id) {
+        s.new_flows(1);
+    }
+}
+
+/// The flow's hash and its SYN cache slot.
+#[inline(always)]
+fn syn_slot(key: &FlowKey) -> Option<(u32, *mut CtValue)> {
+    let hash = flow_hash(key);
+    SYN_SEEN
+        .get_ptr_mut(hash & SYN_SEEN_MASK)
+        .map(|slot| (hash, slot))
+}
+
+/// Makes a cached SYN's slot the value of its flow's new entry: the slot already holds the
+/// backend, hash and SYN sequence number; the flags and times are written here, and the caller
+/// inserts the slot itself (a map value is a valid value argument of an update, so nothing is
+/// built on the stack).
+#[inline(always)]
+fn stamp(slot: *mut CtValue, closes: bool) {
+    // SAFETY: a SYN cache element found by the caller in this run of the program; valid
+    // while it runs.
+    unsafe {
+        (*slot).flags = if closes { CT_F_CLOSING } else { 0 };
+        (*slot).last_seen = now_tick();
+        (*slot).touched = jiffies32();
+    }
 }
 
 /// A bare SYN while no table changes: the table's backend, no connection-table entry. The SYN
@@ -389,12 +419,7 @@ fn syn_unrecorded(
         }
     }
     count(Counter::CtNew);
-    if let Some(s) = backend_stats {
-        s.new_flows(1);
-    }
-    if let Some(s) = stats::vip(vip.vip_id) {
-        s.new_flows(1);
-    }
+    new_flow(backend_stats, vip.vip_id);
     Ok((id, b, hash))
 }
 
@@ -410,8 +435,7 @@ fn syn_unrecorded(
 /// budget (see "Stack budget" in docs/datapath.md).
 #[inline(never)]
 fn handshake_ack(key: &FlowKey, seq: u32, closes: bool) -> u64 {
-    let hash = flow_hash(key);
-    let Some(s) = SYN_SEEN.get_ptr_mut(hash & SYN_SEEN_MASK) else {
+    let Some((hash, s)) = syn_slot(key) else {
         return 0;
     };
     // SAFETY: an array element, valid while the program runs.
@@ -422,14 +446,8 @@ fn handshake_ack(key: &FlowKey, seq: u32, closes: bool) -> u64 {
     if !backend_live(id) {
         return 0;
     }
-    // SAFETY: the array element just read; valid while the program runs. The slot is the
-    // value: its backend, hash and SYN sequence number, and the fields written here.
-    unsafe {
-        (*s).flags = if closes { CT_F_CLOSING } else { 0 };
-        (*s).last_seen = now_tick();
-        (*s).touched = jiffies32();
-    }
-    // SAFETY: as above; a map value is a valid value argument of an update.
+    stamp(s, closes);
+    // SAFETY: as above.
     if CT.insert(key, unsafe { &*s }, 0).is_ok() {
         count(Counter::CtPromoted);
     } else {
@@ -445,8 +463,7 @@ fn handshake_ack(key: &FlowKey, seq: u32, closes: bool) -> u64 {
 /// A BPF function of its own, like `handshake_ack`.
 #[inline(never)]
 fn syn_retry_recorded(key: &FlowKey, seq: u32, closes: bool) -> u64 {
-    let hash = flow_hash(key);
-    let Some(s) = SYN_SEEN.get_ptr_mut(hash & SYN_SEEN_MASK) else {
+    let Some((hash, s)) = syn_slot(key) else {
         return 0;
     };
     // SAFETY: an array element, valid while the program runs.
@@ -454,12 +471,7 @@ fn syn_retry_recorded(key: &FlowKey, seq: u32, closes: bool) -> u64 {
     if slot_hash != hash || slot_seq != seq || !backend_live(id) {
         return 0;
     }
-    // SAFETY: as above; the slot is the value, as in `handshake_ack`.
-    unsafe {
-        (*s).flags = if closes { CT_F_CLOSING } else { 0 };
-        (*s).last_seen = now_tick();
-        (*s).touched = jiffies32();
-    }
+    stamp(s, closes);
     // SAFETY: as above.
     if CT_NEW.insert(key, unsafe { &*s }, 0).is_err() {
         count(Counter::CtNewInsertFailed);
