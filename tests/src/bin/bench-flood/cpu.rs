@@ -67,7 +67,7 @@ pub fn cpu_times() -> Result<Vec<CpuTimes>> {
     Ok(out)
 }
 
-/// User plus system CPU time of process `pid` (fields 14 and 15 of `/proc/PID/stat`).
+/// User plus system CPU time of process or thread `pid` (fields 14 and 15 of `/proc/PID/stat`).
 pub fn process_cpu(pid: u32) -> Result<Duration> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .with_context(|| format!("reading /proc/{pid}/stat"))?;
@@ -103,4 +103,19 @@ pub fn prog_run_stats(id: u32) -> Result<(Duration, u64)> {
 /// machine-wide: every BPF program pays two clock reads per run meanwhile.
 pub fn enable_bpf_stats() -> Result<OwnedFd> {
     aya::sys::enable_stats(aya::sys::Stats::RunTime).context("BPF_ENABLE_STATS")
+}
+
+/// Pins thread `pid` (0: the calling thread) to `cpu` (sched_setaffinity).
+pub fn pin(pid: i32, cpu: usize) -> std::io::Result<()> {
+    // SAFETY: a zeroed cpu_set_t is the empty set; CPU_SET and sched_setaffinity get a valid
+    // set of the size passed.
+    let r = unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(pid, std::mem::size_of::<libc::cpu_set_t>(), &set)
+    };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }

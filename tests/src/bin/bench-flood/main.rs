@@ -57,7 +57,8 @@ struct Args {
     /// Established connections held through the flood.
     #[arg(long, default_value_t = 500)]
     established: usize,
-    /// The CPU the sender is pinned to (and with it the flood's path); default the last one.
+    /// The CPU the whole lab runs on (this process's threads, lbd, the packets' softirq
+    /// work); default the last one.
     #[arg(long)]
     cpu: Option<usize>,
     /// Turn the kernel's BPF run-time statistics on during the flood to measure the XDP
@@ -95,9 +96,15 @@ fn run(args: &Args) -> Result<()> {
         (1..=5000).contains(&args.established),
         "--established: 1 to 5000"
     );
-    let cpus = cpu::cpu_times()?.len();
-    let flood_cpu = args.cpu.unwrap_or(cpus - 1);
-    ensure!(flood_cpu < cpus, "--cpu: 0 to {}", cpus - 1);
+    let n = cpu::cpu_times()?.len();
+    let core = args.cpu.unwrap_or(n - 1);
+    ensure!(core < n, "--cpu: 0 to {}", n - 1);
+    // Every thread of this process and every process it starts (lbd, `lbd decap`) inherits
+    // the pin: each packet is sent from this CPU, so each veth schedules its NAPI (the XDP
+    // programs, the bridge, the backends' TCP) here. Pinned only to its sender, the balancer's
+    // NAPI could start on the other CPU with a legitimate client's packet and stay there
+    // through the flood (it did, in trials).
+    cpu::pin(0, core).context("pinning the bench to its CPU")?;
     let handler = on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
     // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
     unsafe {
@@ -142,7 +149,7 @@ fn run(args: &Args) -> Result<()> {
     wait_neighbours(lab.lb().ns(), &addrs);
     println!(
         "bench flood: lab {} ready in {:.1} s: lbd {} (XDP program {program_id}, native on the balancer's eth0), \
-         {BACKENDS} backends behind {vip}, default connection tables",
+         {BACKENDS} backends behind {vip}, default connection tables; all of it on CPU {core}",
         lab.prefix(),
         t0.elapsed().as_secs_f64(),
         lbd.pid(),
@@ -170,7 +177,7 @@ fn run(args: &Args) -> Result<()> {
     );
     check_stopped()?;
 
-    let flood = flood_window(args, &lab, &lbd, program_id, flood_cpu, &mut long)?;
+    let flood = flood_window(args, &lab, &lbd, program_id, &mut long)?;
     check_stopped()?;
     let after = long.check();
     let broken: Vec<String> = after
@@ -180,7 +187,7 @@ fn run(args: &Args) -> Result<()> {
             Some(format!("#{} {} ({}): {e}", s.index, s.local, s.backend))
         })
         .collect();
-    report(args, flood_cpu, &before, &flood, &broken);
+    report(args, core, &before, &flood, &broken);
     drop(lbd);
     lab.shutdown().context("tearing the lab down")?;
     println!("bench flood: {:.1} s in all", t0.elapsed().as_secs_f64());
@@ -323,7 +330,6 @@ fn flood_window(
     lab: &Lab,
     lbd: &Lbd,
     program_id: u32,
-    flood_cpu: usize,
     long: &mut LongLived,
 ) -> Result<Flood> {
     let client = lab.client();
@@ -340,7 +346,6 @@ fn flood_window(
     let start = Snapshot::take(lab, &lbd.socket, lbd.pid(), prog)?;
     let (sent, ran_on, legit, probes, failed_during) = std::thread::scope(|s| {
         let flooder = s.spawn(|| -> Result<_> {
-            sender::pin_to_cpu(flood_cpu).context("pinning the sender")?;
             let mut syns = SpoofedSyns::new(0x9e37_79b9_7f4a_7c15);
             let sent = sock.flood(&mut syns, src, duration, &STOP);
             Ok((sent, sender::current_cpu()))
@@ -381,7 +386,7 @@ fn vip() -> SocketAddr {
 }
 
 /// Prints the figures and issue 24's targets.
-fn report(args: &Args, flood_cpu: usize, before: &Admitted, f: &Flood, broken: &[String]) {
+fn report(args: &Args, core: usize, before: &Admitted, f: &Flood, broken: &[String]) {
     let secs = f.sent.elapsed.as_secs_f64();
     let (s, e) = (&f.start, &f.end);
     let per_s = |n: u64| n as f64 / secs;
@@ -391,9 +396,9 @@ fn report(args: &Args, flood_cpu: usize, before: &Admitted, f: &Flood, broken: &
     let spoofed = ct_new.saturating_sub((f.legit.ok + f.legit.failed) as u64);
     println!();
     println!(
-        "flood: {secs:.1} s from a sender pinned to CPU {flood_cpu} (ran on {}): the veth hands each frame to its peer \
-         on the sending CPU, so the bridge, the XDP balancer, XDP_TX and the backends' decap and TCP all run in that \
-         CPU's softirq: \"one core\" is that CPU, shared with the sender",
+        "flood: {secs:.1} s. \"One core\" is CPU {core} (the sender ran on {}): a veth hands each frame to its peer on \
+         the sending CPU, so the client's veth, the bridge, the balancer's XDP program, XDP_TX, the backends' decap \
+         and TCP all run in that CPU's softirq, beside the sender, the clients, the servers and lbd",
         f.ran_on.map_or("?".into(), |c| c.to_string())
     );
     println!(
@@ -430,9 +435,9 @@ fn report(args: &Args, flood_cpu: usize, before: &Admitted, f: &Flood, broken: &
     );
     for (i, (now, then)) in e.cpus.iter().zip(&s.cpus).enumerate() {
         let (user, sys, soft, busy) = now.shares_since(then);
+        let role = if i == core { " (the lab)" } else { "" };
         println!(
-            "  CPU {i}{}: busy {busy:.0}% (user {user:.0}%, system {sys:.0}%, softirq {soft:.0}%; /proc/stat, everything the machine ran there)",
-            if i == flood_cpu { " (flood)" } else { "" }
+            "  CPU {i}{role}: busy {busy:.0}% (user {user:.0}%, system {sys:.0}%, softirq {soft:.0}%; /proc/stat, everything the machine ran there)"
         );
     }
     println!(
@@ -493,7 +498,7 @@ fn report(args: &Args, flood_cpu: usize, before: &Admitted, f: &Flood, broken: &
         met(f.legit.ok > 0 && f.legit.failed == 0)
     );
     println!(
-        "  spoofed SYNs absorbed on one core (CPU {flood_cpu}) meanwhile: {:.0}/s (a figure, no target)",
+        "  spoofed SYNs absorbed on one core (CPU {core}) meanwhile: {:.0}/s (a figure, no target)",
         per_s(spoofed)
     );
 }

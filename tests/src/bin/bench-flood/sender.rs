@@ -206,20 +206,6 @@ fn thread_cpu() -> (Duration, Duration) {
     (d(ru.ru_utime), d(ru.ru_stime))
 }
 
-/// Pins the calling thread to `cpu` (sched_setaffinity).
-pub fn pin_to_cpu(cpu: usize) -> io::Result<()> {
-    // SAFETY: a zeroed cpu_set_t is the empty set; CPU_SET and sched_setaffinity get a valid
-    // set of the size passed.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu, &mut set);
-        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
-            return Err(io::Error::last_os_error());
-        }
-    }
-    Ok(())
-}
-
 /// The CPU the calling thread runs on now.
 pub fn current_cpu() -> Option<usize> {
     // SAFETY: sched_getcpu has no preconditions.
