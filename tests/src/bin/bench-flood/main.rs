@@ -5,12 +5,14 @@
 //! In a namespace lab (client, balancer, three backends; torn down on success, failure, panic
 //! and Ctrl-C): lbd on the balancer with `lbd decap` and the tests' name-then-echo servers on
 //! the backends, 500 long-lived connections, legitimate new connections for a few seconds,
-//! then a spoofed SYN flood from a sender pinned to one CPU ([`sender`]) while the legitimate
-//! clients go on and the established connections are probed every second. It prints the rates
-//! offered and handled (lbd's counters, as `lbctl stats` shows them), where the CPU went
-//! ([`cpu`]), and issue 24's targets, met or not.
+//! then a spoofed SYN flood ([`sender`]) while the legitimate clients go on and the
+//! established connections are probed every second. The balancer's receive NAPI runs alone
+//! on one CPU ([`napi`]), the rest of the lab on the other. It prints the rates offered and
+//! handled (lbd's counters, as `lbctl stats` shows them), where the CPU went ([`cpu`]), and
+//! issue 24's targets, met or not.
 
 mod cpu;
+mod napi;
 mod sender;
 
 use std::{
@@ -57,10 +59,15 @@ struct Args {
     /// Established connections held through the flood.
     #[arg(long, default_value_t = 500)]
     established: usize,
-    /// The CPU the whole lab runs on (this process's threads, lbd, the packets' softirq
-    /// work); default the last one.
+    /// The balancer's core: the CPU its receive NAPI thread (where its XDP program runs) is
+    /// pinned to, alone; default the last one.
     #[arg(long)]
     cpu: Option<usize>,
+    /// The CPU the rest of the lab runs on: this process's threads (the sender, the clients,
+    /// the servers), lbd, and the veths before and behind the balancer (the bridge, the
+    /// backends' decap and TCP); default the first one that is not the balancer's.
+    #[arg(long)]
+    lab_cpu: Option<usize>,
     /// Turn the kernel's BPF run-time statistics on during the flood to measure the XDP
     /// balancer's own CPU. Machine-wide: every BPF program (other benchmarks' too) pays two
     /// clock reads per run meanwhile, so it is off unless asked for.
@@ -96,15 +103,11 @@ fn run(args: &Args) -> Result<()> {
         (1..=5000).contains(&args.established),
         "--established: 1 to 5000"
     );
-    let n = cpu::cpu_times()?.len();
-    let core = args.cpu.unwrap_or(n - 1);
-    ensure!(core < n, "--cpu: 0 to {}", n - 1);
+    let cores = Cores::choose(args)?;
     // Every thread of this process and every process it starts (lbd, `lbd decap`) inherits
-    // the pin: each packet is sent from this CPU, so each veth schedules its NAPI (the XDP
-    // programs, the bridge, the backends' TCP) here. Pinned only to its sender, the balancer's
-    // NAPI could start on the other CPU with a legitimate client's packet and stay there
-    // through the flood (it did, in trials).
-    cpu::pin(0, core).context("pinning the bench to its CPU")?;
+    // the pin, and the veths without a NAPI thread do their work on the sending CPU: the
+    // whole lab but the balancer's NAPI thread runs on the lab's CPU.
+    cpu::pin(0, cores.lab).context("pinning the bench to the lab's CPU")?;
     let handler = on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
     // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
     unsafe {
@@ -147,12 +150,19 @@ fn run(args: &Args) -> Result<()> {
         .context("no program_id in lbctl status")? as u32;
     let addrs: Vec<IpAddr> = (0..BACKENDS).map(|i| backend_v4(i).into()).collect();
     wait_neighbours(lab.lb().ns(), &addrs);
+    // The balancer's eth0 on its core, alone; the switch port behind it (its XDP_TX frames
+    // arrive there, on their way to the backends) on the lab's.
+    let napi = napi::pin_napi(lab.lb().ns(), "eth0", cores.balancer)?;
+    napi::pin_napi(lab.switch(), lab.lb().switch_port(), cores.lab)?;
     println!(
-        "bench flood: lab {} ready in {:.1} s: lbd {} (XDP program {program_id}, native on the balancer's eth0), \
-         {BACKENDS} backends behind {vip}, default connection tables; all of it on CPU {core}",
+        "bench flood: lab {} ready in {:.1} s: lbd {} (XDP program {program_id}, native on the balancer's eth0, \
+         its NAPI thread {napi:?} alone on CPU {}), {BACKENDS} backends behind {vip}, default connection tables, \
+         the rest of the lab on CPU {}",
         lab.prefix(),
         t0.elapsed().as_secs_f64(),
         lbd.pid(),
+        cores.balancer,
+        cores.lab,
     );
 
     let mut long = LongLived::open(lab.client().ns(), vip, args.established, CONN_TIMEOUT)
@@ -177,7 +187,7 @@ fn run(args: &Args) -> Result<()> {
     );
     check_stopped()?;
 
-    let flood = flood_window(args, &lab, &lbd, program_id, &mut long)?;
+    let flood = flood_window(args, &lab, &lbd, program_id, &napi, &mut long)?;
     check_stopped()?;
     let after = long.check();
     let broken: Vec<String> = after
@@ -187,11 +197,34 @@ fn run(args: &Args) -> Result<()> {
             Some(format!("#{} {} ({}): {e}", s.index, s.local, s.backend))
         })
         .collect();
-    report(args, core, &before, &flood, &broken);
+    report(args, cores, &before, &flood, &broken);
     drop(lbd);
     lab.shutdown().context("tearing the lab down")?;
     println!("bench flood: {:.1} s in all", t0.elapsed().as_secs_f64());
     Ok(())
+}
+
+/// Which CPU does what.
+#[derive(Clone, Copy, Debug)]
+struct Cores {
+    /// The balancer's receive NAPI thread: its XDP program and the hand-off of what it
+    /// forwards to the next veth.
+    balancer: usize,
+    /// Everything else of the lab.
+    lab: usize,
+}
+
+impl Cores {
+    fn choose(args: &Args) -> Result<Self> {
+        let n = cpu::cpu_times()?.len();
+        let balancer = args.cpu.unwrap_or(n - 1);
+        ensure!(balancer < n, "--cpu: 0 to {}", n - 1);
+        let lab = args
+            .lab_cpu
+            .unwrap_or_else(|| (0..n).find(|&c| c != balancer).unwrap_or(balancer));
+        ensure!(lab < n, "--lab-cpu: 0 to {}", n - 1);
+        Ok(Self { balancer, lab })
+    }
 }
 
 fn check_stopped() -> Result<()> {
@@ -254,13 +287,26 @@ struct Snapshot {
     /// balancer's receive ring was full), before XDP saw them.
     ring_drops: u64,
     lbd_cpu: Duration,
+    /// CPU time of the balancer's NAPI thread: its XDP program and the hand-off of what it
+    /// forwards (softirq work it raises for the veth behind it is the CPU's, not the thread's).
+    napi_cpu: Duration,
     /// The balancer's run time and count, with `--bpf-stats`.
     prog: Option<(Duration, u64)>,
 }
 
 impl Snapshot {
-    fn take(lab: &Lab, socket: &Path, lbd_pid: u32, program_id: Option<u32>) -> Result<Self> {
+    fn take(
+        lab: &Lab,
+        socket: &Path,
+        lbd_pid: u32,
+        napi: &[i32],
+        program_id: Option<u32>,
+    ) -> Result<Self> {
         let cpus = cpu::cpu_times()?;
+        let napi_cpu = napi
+            .iter()
+            .map(|&pid| cpu::process_cpu(pid as u32))
+            .sum::<Result<Duration>>()?;
         let ring_drops = tx_dropped(lab.switch(), lab.lb().switch_port())?;
         let lbd_cpu = cpu::process_cpu(lbd_pid)?;
         let prog = program_id.map(cpu::prog_run_stats).transpose()?;
@@ -281,6 +327,7 @@ impl Snapshot {
             cpus,
             ring_drops,
             lbd_cpu,
+            napi_cpu,
             prog,
         })
     }
@@ -330,6 +377,7 @@ fn flood_window(
     lab: &Lab,
     lbd: &Lbd,
     program_id: u32,
+    napi: &[i32],
     long: &mut LongLived,
 ) -> Result<Flood> {
     let client = lab.client();
@@ -343,7 +391,7 @@ fn flood_window(
     let prog = stats_fd.as_ref().map(|_| program_id);
     let legit_stop = AtomicBool::new(false);
     let duration = Duration::from_secs(args.duration);
-    let start = Snapshot::take(lab, &lbd.socket, lbd.pid(), prog)?;
+    let start = Snapshot::take(lab, &lbd.socket, lbd.pid(), napi, prog)?;
     let (sent, ran_on, legit, probes, failed_during) = std::thread::scope(|s| {
         let flooder = s.spawn(|| -> Result<_> {
             let mut syns = SpoofedSyns::new(0x9e37_79b9_7f4a_7c15);
@@ -367,7 +415,7 @@ fn flood_window(
         let legit = legit.join().expect("the legitimate clients' thread");
         flooded.map(|(sent, ran_on)| (sent, ran_on, legit, probes, failed))
     })?;
-    let end = Snapshot::take(lab, &lbd.socket, lbd.pid(), prog)?;
+    let end = Snapshot::take(lab, &lbd.socket, lbd.pid(), napi, prog)?;
     drop(stats_fd);
     Ok(Flood {
         sent,
@@ -386,7 +434,7 @@ fn vip() -> SocketAddr {
 }
 
 /// Prints the figures and issue 24's targets.
-fn report(args: &Args, core: usize, before: &Admitted, f: &Flood, broken: &[String]) {
+fn report(args: &Args, cores: Cores, before: &Admitted, f: &Flood, broken: &[String]) {
     let secs = f.sent.elapsed.as_secs_f64();
     let (s, e) = (&f.start, &f.end);
     let per_s = |n: u64| n as f64 / secs;
@@ -396,9 +444,11 @@ fn report(args: &Args, core: usize, before: &Admitted, f: &Flood, broken: &[Stri
     let spoofed = ct_new.saturating_sub((f.legit.ok + f.legit.failed) as u64);
     println!();
     println!(
-        "flood: {secs:.1} s. \"One core\" is CPU {core} (the sender ran on {}): a veth hands each frame to its peer on \
-         the sending CPU, so the client's veth, the bridge, the balancer's XDP program, XDP_TX, the backends' decap \
-         and TCP all run in that CPU's softirq, beside the sender, the clients, the servers and lbd",
+        "flood: {secs:.1} s. \"One core\" is CPU {}: the balancer's receive NAPI thread, alone there, runs its XDP \
+         program and hands what it forwards to the next veth. The sender ran on CPU {} with the rest of the lab: \
+         the client's veth and the bridge in its system calls, the veth behind the balancer (the bridge again, the \
+         backends' decap and TCP) in a NAPI thread pinned there, the clients, the servers and lbd",
+        cores.balancer,
         f.ran_on.map_or("?".into(), |c| c.to_string())
     );
     println!(
@@ -418,10 +468,6 @@ fn report(args: &Args, core: usize, before: &Admitted, f: &Flood, broken: &[Stri
         per_s(vip_packets)
     );
     println!(
-        "  dropped before the balancer's XDP program (its veth's receive ring full): {}",
-        e.ring_drops.saturating_sub(s.ring_drops)
-    );
-    println!(
         "  not forwarded: drop_* +{}, pass_* +{}; connection tables: ct_lost +{}, ct_insert_failed +{}, \
          ct_new_insert_failed +{}, ct_promoted +{}; CT {} entries, CT_NEW {} after",
         e.grew_all(s, "drop_"),
@@ -433,9 +479,36 @@ fn report(args: &Args, core: usize, before: &Admitted, f: &Flood, broken: &[Stri
         e.ct_entries,
         e.ct_new_entries
     );
+    println!(
+        "  dropped before the balancer's XDP program (its veth's receive ring full): {}",
+        e.ring_drops.saturating_sub(s.ring_drops)
+    );
+    let through_xdp = vip_packets + e.grew_all(s, "drop_") + e.grew_all(s, "pass_");
+    let napi = e.napi_cpu.saturating_sub(s.napi_cpu);
+    let napi_ns = napi.as_nanos() as f64 / through_xdp.max(1) as f64;
+    let napi_share = napi.as_secs_f64() / secs;
+    let ring_drops = e.ring_drops.saturating_sub(s.ring_drops);
+    // Saturated: the thread could not keep its ring from overflowing, or had no time left.
+    let saturated = ring_drops * 100 > f.sent.frames || napi_share > 0.9;
+    println!(
+        "  the balancer's NAPI thread: {:.0}% of CPU {}, {napi_ns:.0} ns per packet through XDP ({through_xdp} packets; \
+         the veth's copy of each frame and the thread's wake-ups included); {}",
+        napi_share * 100.0,
+        cores.balancer,
+        if saturated {
+            "saturated: what it handled is what the core absorbs"
+        } else {
+            "not saturated: the offered rate is the lab CPU's limit, the core absorbs more"
+        }
+    );
     for (i, (now, then)) in e.cpus.iter().zip(&s.cpus).enumerate() {
         let (user, sys, soft, busy) = now.shares_since(then);
-        let role = if i == core { " (the lab)" } else { "" };
+        let role = match i {
+            _ if i == cores.balancer && i == cores.lab => " (the balancer and the lab)",
+            _ if i == cores.balancer => " (the balancer)",
+            _ if i == cores.lab => " (the lab)",
+            _ => "",
+        };
         println!(
             "  CPU {i}{role}: busy {busy:.0}% (user {user:.0}%, system {sys:.0}%, softirq {soft:.0}%; /proc/stat, everything the machine ran there)"
         );
@@ -498,7 +571,11 @@ fn report(args: &Args, core: usize, before: &Admitted, f: &Flood, broken: &[Stri
         met(f.legit.ok > 0 && f.legit.failed == 0)
     );
     println!(
-        "  spoofed SYNs absorbed on one core (CPU {core}) meanwhile: {:.0}/s (a figure, no target)",
-        per_s(spoofed)
+        "  spoofed SYNs absorbed on one core (CPU {}) meanwhile: {:.0}/s, the balancer's thread at {:.0}% of it{} \
+         (figures, no target)",
+        cores.balancer,
+        per_s(spoofed),
+        napi_share * 100.0,
+        if saturated { ", saturated" } else { "" }
     );
 }

@@ -1,9 +1,8 @@
 //! The flood's sender: spoofed SYN frames written to the client's `eth0` through an AF_PACKET
-//! socket (no pktgen: no kernel modules here), from a thread pinned to one CPU.
+//! socket (no pktgen: no kernel modules here).
 //!
-//! A veth hands a frame to its peer on the sending CPU, and everything behind it (the bridge,
-//! the balancer's XDP program, `XDP_TX`, the backends' decapsulation and TCP) runs in that
-//! CPU's softirq: the pinned CPU carries the whole flood path, the sender included.
+//! A veth without a NAPI thread hands a frame to its peer on the sending CPU: the client's
+//! veth and the bridge run in the sender's system calls, up to the balancer's receive ring.
 use std::{
     io,
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
