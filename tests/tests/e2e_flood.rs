@@ -2,13 +2,13 @@
 //! connection table, while a backend is added, must not move or reset established flows, and
 //! legitimate new connections must still succeed. First packets only ever land in the small
 //! new-flow table; the established table is only written by promotion (a later, non-SYN packet).
-use lb_pkt::{self as pkt, Ip4, Tcp};
 use lb_userspace::{config::XdpMode, netif, Balancer, Config, Decap, LoadOptions};
 use std::{
-    net::{IpAddr, Ipv4Addr, SocketAddr},
+    net::{IpAddr, SocketAddr},
     time::{Duration, Instant},
 };
 use tests::{
+    flood::SpoofedSyns,
     lab::{Lab, LabSpec, LB_V4, LB_V6, VIP_V4, VIP_V6},
     procs::{backend_addrs, wait_neighbours},
     require_root,
@@ -36,24 +36,8 @@ fn config(lab: &Lab, backends: usize) -> Config {
     Config::parse(&text).unwrap()
 }
 
-/// A SYN from a spoofed source in 198.18.0.0/15 (the benchmarking range) to the VIP: IPv4 with
-/// DF and TTL 64, a bare 20-byte TCP header.
-fn syn(src: Ipv4Addr, sport: u16, seq: u32) -> Vec<u8> {
-    let seg = Tcp {
-        seq,
-        flags: pkt::TCP_SYN,
-        ..Tcp::new(sport, 80)
-    }
-    .build(src.into(), VIP_V4.into(), &[]);
-    Ip4 {
-        frag: pkt::IP4_DF,
-        ..Ip4::new(src, VIP_V4, pkt::TCP)
-    }
-    .build(&seg)
-}
-
 /// Sends `count` spoofed SYNs through a raw socket from the calling thread's namespace.
-fn flood(count: u64, seed: &mut u64) -> std::io::Result<u64> {
+fn flood(count: u64, syns: &mut SpoofedSyns) -> std::io::Result<u64> {
     // SAFETY: plain socket(2); the fd is closed below.
     let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW) };
     if fd < 0 {
@@ -69,12 +53,7 @@ fn flood(count: u64, seed: &mut u64) -> std::io::Result<u64> {
     };
     let mut sent = 0;
     for _ in 0..count {
-        *seed ^= *seed << 13;
-        *seed ^= *seed >> 7;
-        *seed ^= *seed << 17;
-        let r = *seed;
-        let src = Ipv4Addr::from(0xc612_0000u32 | (r as u32 & 0x1_ffff));
-        let p = syn(src, 1024 + (r >> 20) as u16 % 60000, (r >> 32) as u32);
+        let p = syns.next_packet();
         // SAFETY: valid buffer and address for the duration of the call.
         let n = unsafe {
             libc::sendto(
@@ -156,7 +135,7 @@ fn syn_flood_does_not_evict_established_flows() {
     // The flood: at least 10 x C first packets reach the balancer, while backend3 is added.
     let target = FLOOD_FACTOR * CT_SIZE as u64;
     let start = Instant::now();
-    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    let mut syns = SpoofedSyns::new(0x9e37_79b9_7f4a_7c15);
     let mut sent = 0;
     let mut added = false;
     while counter(&lb, "ct_new") - ct_new_before < target {
@@ -168,7 +147,7 @@ fn syn_flood_does_not_evict_established_flows() {
         sent += lab
             .client()
             .ns()
-            .run_in(|| flood(8192, &mut seed))
+            .run_in(|| flood(8192, &mut syns))
             .expect("raw socket");
         if !added && sent >= target / 2 {
             let cfg4 = config(&lab, 4);
