@@ -1,7 +1,9 @@
 //! Connection tracking: a flow's backend from `CT` (established) or `CT_NEW` (seen once), or
 //! chosen through the VIP's Maglev table and recorded; later fragments follow their first.
 //! Entries are read and updated in place (no copies on the stack).
-use crate::maps::{live_backend, lookup_vip, CT, CT_NEW, FRAGS, RING, VIP_PORTS};
+use crate::maps::{
+    live_backend, live_backend_ref, lookup_vip, BACKENDS, CT, CT_NEW, FRAGS, RING, VIP_PORTS,
+};
 use crate::parse::{frag_key, header_within};
 use crate::stats::{self, count};
 use crate::{Decision, Error};
@@ -74,7 +76,7 @@ pub fn new_or_tracked(
         // SAFETY: as `established`.
         let v = unsafe { &*p };
         let id = v.backend;
-        live_backend(id).map(|b| (p, id, b, v.hash, v.flags))
+        live_backend_ref(id).map(|b| (p, id, b, v.hash, v.flags))
     }) {
         Some((p, id, b, hash, flags)) => {
             if rst && flags & CT_F_RESTEERED == 0 {
@@ -105,7 +107,9 @@ pub fn new_or_tracked(
                 Some(_) if reused => Tracked::Reused,
                 Some(v) => Tracked::BackendGone(v),
             };
-            choose(key, &vip, flow, tracked)?
+            let (id, _, hash) = choose(key, &vip, flow, tracked)?;
+            // `choose` found the backend live: its entry, in place.
+            (id, BACKENDS.get(id).ok_or(Error::NoBackend)?, hash)
         }
     };
     if let Some(frag_id) = first_fragment {
@@ -335,7 +339,7 @@ pub fn later_fragment(key: &FlowKey, frag_id: u32) -> Result<Decision, Error> {
         .ok_or(Error::FragUnknown)?;
     // SAFETY: LRU element, copied out at once.
     let v = unsafe { *v };
-    let backend = live_backend(v.backend).ok_or(Error::FragUnknown)?;
+    let backend = live_backend_ref(v.backend).ok_or(Error::FragUnknown)?;
     Ok(Decision {
         id: v.backend,
         backend,

@@ -2,7 +2,7 @@
 //! backend; packets too big once encapsulated are answered with one. The replies are cold
 //! paths in separate BPF functions, so the hot path does not carry their stack frames.
 use crate::forward::{adjust_head, adjust_tail};
-use crate::maps::{live_backend, lookup_vip, CT, CT_NEW};
+use crate::maps::{live_backend_ref, lookup_vip, BACKENDS, CT, CT_NEW};
 use crate::parse::{header_within, Packet};
 use crate::{adjusted, conntrack::from_table, Decision, Error};
 use aya_ebpf::{bindings::xdp_md, programs::XdpContext};
@@ -36,9 +36,13 @@ pub fn icmp_error(
         None => CT_NEW.get_ptr(&*key).map(|v| unsafe { *v }),
     };
     let (id, backend, hash) =
-        match tracked.and_then(|v| live_backend(v.backend).map(|b| (v.backend, b, v.hash))) {
+        match tracked.and_then(|v| live_backend_ref(v.backend).map(|b| (v.backend, b, v.hash))) {
             Some(t) => t,
-            None => from_table(key, &vip)?,
+            None => {
+                let (id, _, hash) = from_table(key, &vip)?;
+                // `from_table` found the backend live: its entry, in place.
+                (id, BACKENDS.get(id).ok_or(Error::NoBackend)?, hash)
+            }
         };
     Ok(Decision {
         id,

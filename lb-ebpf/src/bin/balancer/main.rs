@@ -104,7 +104,9 @@ mod prog {
     /// Where a packet goes: decided once, carried out by `forward`.
     pub struct Decision {
         pub id: u32,
-        pub backend: BackendInfo,
+        /// The backend's entry in `BACKENDS`, read in place (a copy costs 32 bytes of stack
+        /// and the moves in and out of it on every packet).
+        pub backend: &'static BackendInfo,
         /// The flow's hash (IPv6 flow label of the outer header).
         pub hash: u32,
         /// Answer "too big" to the sender (never for ICMP errors themselves).
