@@ -118,11 +118,10 @@ pub mod net {
         }
     }
 
-    /// The link layer of a frame: where the IP header starts and what the frame said.
+    /// The link layer of a frame: where the IP header starts and what the frame said. The
+    /// addresses stay in the packet ([`read_macs`]): most packets never need them.
     #[derive(Clone, Copy)]
     pub struct L2 {
-        pub dst: [u8; 6],
-        pub src: [u8; 6],
         /// The 802.1Q tag control information, as read (network order), if tagged.
         pub vlan_tci: Option<u16>,
         /// Ethertype of the payload (host order).
@@ -134,29 +133,30 @@ pub mod net {
     /// Parses Ethernet with at most one 802.1Q tag.
     #[inline(always)]
     pub fn parse_l2(ctx: &XdpContext) -> Result<L2, Truncated> {
-        let hdr: [u8; 14] = read(ctx, 0)?;
-        let mut dst = [0u8; 6];
-        let mut src = [0u8; 6];
-        dst.copy_from_slice(&hdr[0..6]);
-        src.copy_from_slice(&hdr[6..12]);
-        let ethertype = u16::from_be_bytes([hdr[12], hdr[13]]);
+        let p = ptr_at::<[u8; ETH_LEN]>(ctx, 0)? as *const u8;
+        // SAFETY: `ptr_at` checked the 14 bytes at `p`.
+        let ethertype = u16::from_be(unsafe { wide::load16(p.add(12)) });
         if ethertype == ETH_P_8021Q {
-            let tag: [u8; 4] = read(ctx, ETH_LEN)?;
+            let p = ptr_at::<[u8; ETH_LEN + VLAN_LEN]>(ctx, 0)? as *const u8;
+            // SAFETY: `ptr_at` checked the 18 bytes at `p`.
+            let tag = unsafe { wide::load32(p.add(ETH_LEN)) };
             return Ok(L2 {
-                dst,
-                src,
-                vlan_tci: Some(u16::from_ne_bytes([tag[0], tag[1]])),
-                ethertype: u16::from_be_bytes([tag[2], tag[3]]),
+                vlan_tci: Some(tag as u16),
+                ethertype: u16::from_be((tag >> 16) as u16),
                 l3: ETH_LEN + VLAN_LEN,
             });
         }
         Ok(L2 {
-            dst,
-            src,
             vlan_tci: None,
             ethertype,
             l3: ETH_LEN,
         })
+    }
+
+    /// The frame's destination and source MAC addresses.
+    #[inline(always)]
+    pub fn read_macs(ctx: &XdpContext) -> Result<([u8; 6], [u8; 6]), Truncated> {
+        Ok((read(ctx, 0)?, read(ctx, 6)?))
     }
 
     /// Mutable view of `N` packet bytes at `offset` (bounds checked).
