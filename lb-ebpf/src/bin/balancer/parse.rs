@@ -147,11 +147,13 @@ pub fn header_within<const N: usize>(
 pub fn ipv4(ctx: &XdpContext, l2: L2) -> Result<(Packet, Kind), Error> {
     let l3 = l2.l3;
     let h = header::<IPV4_LEN>(ctx, l3)?;
-    let ihl = ((h[0] & 0x0f) as usize) * 4;
-    if h[0] >> 4 != 4 || ihl < IPV4_LEN {
+    // SAFETY: `header` checked the 20 bytes at `h`: its first two words, in two loads.
+    let (w0, w1) = unsafe { (wide::load32(h.as_ptr()), wide::load32(h.as_ptr().add(4))) };
+    let ihl = ((w0 & 0x0f) as usize) * 4;
+    if (w0 >> 4) & 0x0f != 4 || ihl < IPV4_LEN {
         return Err(Error::Malformed);
     }
-    let ip_len = u16::from_be_bytes([h[2], h[3]]) as usize;
+    let ip_len = u16::from_be((w0 >> 16) as u16) as usize;
     if ip_len < ihl || l3 + ip_len > ctx.data_end() - ctx.data() {
         return Err(Error::Malformed);
     }
@@ -161,10 +163,10 @@ pub fn ipv4(ctx: &XdpContext, l2: L2) -> Result<(Packet, Kind), Error> {
         proto: h[9],
         ihl,
         ip_len,
-        tos: h[1],
+        tos: (w0 >> 8) as u8,
     };
-    let frag = u16::from_be_bytes([h[6], h[7]]);
-    let frag_id = u16::from_ne_bytes([h[4], h[5]]) as u32;
+    let frag = u16::from_be((w1 >> 16) as u16);
+    let frag_id = w1 & 0xffff;
     if frag & 0x1fff != 0 {
         return Ok((pkt, Kind::LaterFragment { id: frag_id }));
     }
@@ -187,18 +189,21 @@ pub fn ipv4(ctx: &XdpContext, l2: L2) -> Result<(Packet, Kind), Error> {
 pub fn ipv6(ctx: &XdpContext, l2: L2) -> Result<(Packet, Kind), Error> {
     let l3 = l2.l3;
     let h = header::<IPV6_LEN>(ctx, l3)?;
-    if h[0] >> 4 != 6 {
+    // SAFETY: `header` checked the 40 bytes at `h`: its first 8 bytes in one load.
+    let w = unsafe { wide::load64(h.as_ptr()) };
+    let (b0, b1) = (w as u8, (w >> 8) as u8);
+    if b0 >> 4 != 6 {
         return Err(Error::Malformed);
     }
-    let ip_len = IPV6_LEN + u16::from_be_bytes([h[4], h[5]]) as usize;
+    let ip_len = IPV6_LEN + u16::from_be((w >> 32) as u16) as usize;
     if l3 + ip_len > ctx.data_end() - ctx.data() {
         return Err(Error::Malformed);
     }
-    let tos = (h[0] << 4) | (h[1] >> 4);
+    let tos = (b0 << 4) | (b1 >> 4);
     let mut pkt = Packet {
         l2,
         family: FAMILY_V6,
-        proto: h[6],
+        proto: (w >> 48) as u8,
         ihl: IPV6_LEN,
         ip_len,
         tos,
