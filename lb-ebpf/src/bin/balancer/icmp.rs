@@ -102,6 +102,10 @@ pub fn too_big(ctx: &XdpContext, pkt: &Packet, key: &FlowKey, mtu: u16, reply: b
     if !reply {
         return Error::TooBig;
     }
+    // The cold functions get a copy made here, on the cold path: the hot path's `Packet`
+    // itself is never referenced from outside, so it stays in registers (a referenced one was
+    // written to the stack on every packet).
+    let pkt = &{ *pkt };
     let sent = if pkt.family == FAMILY_V4 {
         icmp4_too_big(ctx.ctx, pkt, key, mtu.saturating_sub(IPV4_LEN as u16))
     } else {
