@@ -179,36 +179,59 @@ pub mod net {
         Ok(unsafe { &mut *p })
     }
 
-    /// Writes a destination and a source MAC address at `offset`.
+    /// A destination and a source MAC address as the two words an Ethernet header starts
+    /// with: bytes 0..8 (the destination, then 2 bytes of the source) and 8..12.
+    #[derive(Clone, Copy)]
+    pub struct Macs(pub u64, pub u32);
+
+    impl Macs {
+        /// From two addresses anywhere, the stack included (read as plain Rust: the verifier
+        /// refuses misaligned stack accesses, so `wide` is not for them).
+        #[inline(always)]
+        pub fn new(dst: &[u8; 6], src: &[u8; 6]) -> Self {
+            let d_lo = u16::from_ne_bytes([dst[0], dst[1]]) as u64;
+            let d_hi = u32::from_ne_bytes([dst[2], dst[3], dst[4], dst[5]]) as u64;
+            let s_lo = u32::from_ne_bytes([src[0], src[1], src[2], src[3]]);
+            let s_hi = u16::from_ne_bytes([src[4], src[5]]) as u32;
+            Macs(
+                d_lo | d_hi << 16 | ((s_lo & 0xffff) as u64) << 48,
+                s_lo >> 16 | s_hi << 16,
+            )
+        }
+
+        /// From 12 bytes of a map value holding the source, then the destination address:
+        /// two wide loads instead of twelve byte loads.
+        ///
+        /// # Safety
+        /// `src_dst` must point to 12 readable bytes of a map value (not the stack).
+        #[inline(always)]
+        pub unsafe fn from_src_dst(src_dst: *const u8) -> Self {
+            // SAFETY: the caller's contract.
+            let (a, b) = unsafe { (wide::load64(src_dst), wide::load32(src_dst.add(8))) };
+            let src = a & 0xffff_ffff_ffff;
+            let dst = a >> 48 | (b as u64) << 16;
+            Macs(dst | src << 48, (src >> 16) as u32)
+        }
+    }
+
+    /// Writes a destination and a source MAC address at `offset`: one 8-byte and one 4-byte
+    /// store instead of twelve.
     #[inline(always)]
-    pub fn write_macs(
-        ctx: &XdpContext,
-        offset: usize,
-        dst: &[u8; 6],
-        src: &[u8; 6],
-    ) -> Result<(), Truncated> {
+    pub fn write_macs(ctx: &XdpContext, offset: usize, macs: Macs) -> Result<(), Truncated> {
         let p = ptr_at_mut::<[u8; 12]>(ctx, offset)? as *mut u8;
         // SAFETY: `ptr_at_mut` checked the 12 bytes at `p`.
-        unsafe { store_macs(p, dst, src) };
+        unsafe { store_macs(p, macs) };
         Ok(())
     }
 
-    /// The two addresses as one 8-byte and one 4-byte store (`wide`) instead of twelve. They
-    /// are read as plain Rust (2-, 4-byte loads where their alignment allows): they may be
-    /// on the stack, where the verifier refuses misaligned accesses.
-    ///
     /// # Safety
     /// `p` must be valid for writes of 12 bytes, with no reference covering them.
     #[inline(always)]
-    unsafe fn store_macs(p: *mut u8, dst: &[u8; 6], src: &[u8; 6]) {
-        let d_lo = u16::from_ne_bytes([dst[0], dst[1]]) as u64;
-        let d_hi = u32::from_ne_bytes([dst[2], dst[3], dst[4], dst[5]]) as u64;
-        let s_lo = u32::from_ne_bytes([src[0], src[1], src[2], src[3]]);
-        let s_hi = u16::from_ne_bytes([src[4], src[5]]) as u32;
+    unsafe fn store_macs(p: *mut u8, macs: Macs) {
         // SAFETY: the caller's contract.
         unsafe {
-            wide::store64(p, d_lo | d_hi << 16 | ((s_lo & 0xffff) as u64) << 48);
-            wide::store32(p.add(8), s_lo >> 16 | s_hi << 16);
+            wide::store64(p, macs.0);
+            wide::store32(p.add(8), macs.1);
         }
     }
 
@@ -217,8 +240,7 @@ pub mod net {
     #[inline(always)]
     pub fn write_l2(
         ctx: &XdpContext,
-        dst: &[u8; 6],
-        src: &[u8; 6],
+        macs: Macs,
         vlan_tci: Option<u16>,
         ethertype: u16,
     ) -> Result<usize, Truncated> {
@@ -228,7 +250,7 @@ pub mod net {
                 let tag = ETH_P_8021Q.to_be() as u32 | (tci as u32) << 16;
                 // SAFETY: `ptr_at_mut` checked the 18 bytes at `p`.
                 unsafe {
-                    store_macs(p, dst, src);
+                    store_macs(p, macs);
                     wide::store32(p.add(12), tag);
                     wide::store16(p.add(16), ethertype.to_be());
                 }
@@ -238,7 +260,7 @@ pub mod net {
                 let p = ptr_at_mut::<[u8; ETH_LEN]>(ctx, 0)? as *mut u8;
                 // SAFETY: `ptr_at_mut` checked the 14 bytes at `p`.
                 unsafe {
-                    store_macs(p, dst, src);
+                    store_macs(p, macs);
                     wide::store16(p.add(12), ethertype.to_be());
                 }
                 Ok(ETH_LEN)

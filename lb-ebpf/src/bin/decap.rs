@@ -151,7 +151,8 @@ mod prog {
             return Err(Error::Adjust);
         }
         // The inner packet has the outer one's family, so the ethertype is unchanged.
-        write_l2(ctx, &dst, &src, l2.vlan_tci, l2.ethertype).map_err(|_| Error::Adjust)?;
+        write_l2(ctx, Macs::new(&dst, &src), l2.vlan_tci, l2.ethertype)
+            .map_err(|_| Error::Adjust)?;
         Ok(())
     }
 }

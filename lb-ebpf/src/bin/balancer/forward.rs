@@ -65,6 +65,14 @@ pub fn nexthop(ctx: &XdpContext, id: u32, b: &BackendInfo) -> Result<&'static Ne
     }
 }
 
+/// The next hop's addresses as the frame's first two words: `NextHop` keeps the source
+/// address right before the destination, so two wide loads of the map value read both.
+#[inline(always)]
+pub fn macs(nh: &'static NextHop) -> Macs {
+    // SAFETY: `smac` and `dmac` are 12 contiguous bytes of a `NEXTHOPS` value.
+    unsafe { Macs::from_src_dst(nh.smac.as_ptr()) }
+}
+
 /// Tells the agent (through aya-log) that a backend became unreachable from here.
 #[inline(never)]
 pub fn report_no_route(ctx: *mut xdp_md, id: u32) {
@@ -169,7 +177,7 @@ pub fn forward(ctx: &XdpContext, pkt: &Packet, key: &FlowKey, d: &Decision) -> R
     let vlan = if same_link { pkt.l2.vlan_tci } else { None };
     if b.mode == MODE_L2 {
         if vlan.is_some() || pkt.l2.vlan_tci.is_none() {
-            write_macs(ctx, 0, &nh.dmac, &nh.smac)?;
+            write_macs(ctx, 0, macs(nh))?;
         } else {
             untag(ctx, nh)?;
         }
@@ -191,8 +199,8 @@ pub fn forward(ctx: &XdpContext, pkt: &Packet, key: &FlowKey, d: &Decision) -> R
 /// bytes further in, over the tag (the ethertype after the tag stays where it is), and the
 /// head moves past the 4 bytes left in front.
 #[inline(always)]
-pub fn untag(ctx: &XdpContext, nh: &NextHop) -> Result<(), Error> {
-    write_macs(ctx, VLAN_LEN, &nh.dmac, &nh.smac)?;
+pub fn untag(ctx: &XdpContext, nh: &'static NextHop) -> Result<(), Error> {
+    write_macs(ctx, VLAN_LEN, macs(nh))?;
     adjust_head(ctx, VLAN_LEN as i32)
 }
 
@@ -208,7 +216,7 @@ pub fn encapsulate(
     key: &FlowKey,
     hash: u32,
     b: &BackendInfo,
-    nh: &NextHop,
+    nh: &'static NextHop,
     vlan: Option<u16>,
     reply_too_big: bool,
 ) -> Result<(), Error> {
@@ -227,7 +235,7 @@ pub fn encapsulate(
             return Err(Error::NoEncapSource);
         }
         adjust_head(ctx, pkt.l2.l3 as i32 - (l2_len + IPV4_LEN) as i32)?;
-        let l3 = write_l2(ctx, &nh.dmac, &nh.smac, vlan, ETH_P_IP).map_err(adjusted)?;
+        let l3 = write_l2(ctx, macs(nh), vlan, ETH_P_IP).map_err(adjusted)?;
         let h = ptr_at_mut::<[u8; IPV4_LEN]>(ctx, l3).map_err(adjusted)? as *mut u8;
         // Five 4-byte words in native order, the checksum summed over them.
         let w0 = 0x45 | (pkt.tos as u32) << 8 | ((outer_len as u16).to_be() as u32) << 16;
@@ -255,7 +263,7 @@ pub fn encapsulate(
             return Err(Error::NoEncapSource);
         }
         adjust_head(ctx, pkt.l2.l3 as i32 - (l2_len + IPV6_LEN) as i32)?;
-        let l3 = write_l2(ctx, &nh.dmac, &nh.smac, vlan, ETH_P_IPV6).map_err(adjusted)?;
+        let l3 = write_l2(ctx, macs(nh), vlan, ETH_P_IPV6).map_err(adjusted)?;
         // The flow label carries the flow's hash, so ECMP on the way keeps a flow on one path.
         let vtcfl = (6u32 << 28) | ((pkt.tos as u32) << 20) | (hash & 0xf_ffff);
         let w0 = vtcfl.to_be() as u64

@@ -134,7 +134,7 @@ pub fn icmp4_too_big(ctx: *mut xdp_md, pkt: &Packet, key: &FlowKey, mtu: u16) ->
     let len = ctx.data_end() - ctx.data();
     let want = pkt.l2.l3 + GROW + quote;
     adjust_tail(ctx, want as i32 - len as i32)?;
-    let l3 = write_l2(ctx, &client, &us, pkt.l2.vlan_tci, ETH_P_IP).map_err(adjusted)?;
+    let l3 = write_l2(ctx, Macs::new(&client, &us), pkt.l2.vlan_tci, ETH_P_IP).map_err(adjusted)?;
     // SAFETY: the only view of the packet while `h` is used (earlier views are
     // dead), and the packet is not resized meanwhile.
     let h = unsafe { bytes_mut::<IPV4_LEN>(ctx, l3) }.map_err(adjusted)?;
@@ -178,7 +178,8 @@ pub fn icmp6_too_big(ctx: *mut xdp_md, pkt: &Packet, key: &FlowKey, mtu: u16) ->
     let len = ctx.data_end() - ctx.data();
     let want = pkt.l2.l3 + GROW + quote;
     adjust_tail(ctx, want as i32 - len as i32)?;
-    let l3 = write_l2(ctx, &client, &us, pkt.l2.vlan_tci, ETH_P_IPV6).map_err(adjusted)?;
+    let l3 =
+        write_l2(ctx, Macs::new(&client, &us), pkt.l2.vlan_tci, ETH_P_IPV6).map_err(adjusted)?;
     let plen = (8 + quote) as u16;
     // SAFETY: the only view of the packet while `h` is used (earlier views are
     // dead), and the packet is not resized meanwhile.
