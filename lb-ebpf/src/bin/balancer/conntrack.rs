@@ -1,14 +1,11 @@
 //! Connection tracking: a flow's backend from `CT` (established) or `CT_NEW` (seen once), or
 //! chosen through the VIP's Maglev table and recorded; later fragments follow their first.
 //! Entries are read and updated in place (no copies on the stack).
-use crate::maps::{live_backend, lookup_vip, CT, CT_NEW, FRAGS, RING, VIP_PORTS};
-use crate::parse::{frag_key, header_within};
+use crate::maps::{live_backend, live_backend_ref, lookup_vip, BACKENDS, CT, CT_NEW, FRAGS, RING};
+use crate::parse::{frag_key, Ports};
 use crate::stats::{self, count};
 use crate::{Decision, Error};
-use aya_ebpf::{
-    helpers::{bpf_jiffies64, bpf_ktime_get_coarse_ns},
-    programs::XdpContext,
-};
+use aya_ebpf::helpers::{bpf_jiffies64, bpf_ktime_get_coarse_ns};
 use lb_common::*;
 
 const TCP_FIN: u8 = 0x01;
@@ -20,39 +17,15 @@ const TCP_ACK: u8 = 0x10;
 ///
 /// An established flow whose backend is up is served from `CT` alone: it needs neither the
 /// VIP entry (the backend entry carries the mode and VIP id) nor the table. The port filter
-/// in front keeps that lookup off traffic to ports no VIP uses. A bare SYN is never served
+/// in front (`try_balance`) keeps that lookup off traffic to ports no VIP uses. A bare SYN is never served
 /// from `CT`: it opens a new connection on a reused 4-tuple (`choose`).
 #[inline(always)]
 pub fn new_or_tracked(
-    ctx: &XdpContext,
     key: &mut FlowKey,
-    l4: usize,
-    end: usize,
+    ports: &Ports,
     first_fragment: Option<u32>,
 ) -> Result<Decision, Error> {
-    let (tcp_flags, seq, port_bit) = if key.proto == PROTO_TCP {
-        let th = header_within::<20>(ctx, l4, end)?;
-        key.sport = u16::from_ne_bytes([th[0], th[1]]);
-        key.dport = u16::from_ne_bytes([th[2], th[3]]);
-        // The sequence number as read (network order): only compared, never computed with.
-        (
-            th[13],
-            u32::from_ne_bytes([th[4], th[5], th[6], th[7]]),
-            VIP_PORT_TCP,
-        )
-    } else {
-        let uh = header_within::<8>(ctx, l4, end)?;
-        key.sport = u16::from_ne_bytes([uh[0], uh[1]]);
-        key.dport = u16::from_ne_bytes([uh[2], uh[3]]);
-        (0, 0, VIP_PORT_UDP)
-    };
-    let ports = VIP_PORTS
-        .get(u16::from_be(key.dport) as u32)
-        .copied()
-        .unwrap_or(0);
-    if ports & port_bit == 0 {
-        return Err(Error::NotVip);
-    }
+    let (tcp_flags, seq) = (ports.tcp_flags, ports.seq);
     let syn = tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
     let rst = tcp_flags & TCP_RST != 0;
     let closes = tcp_flags & (TCP_FIN | TCP_RST) != 0;
@@ -74,7 +47,7 @@ pub fn new_or_tracked(
         // SAFETY: as `established`.
         let v = unsafe { &*p };
         let id = v.backend;
-        live_backend(id).map(|b| (p, id, b, v.hash, v.flags))
+        live_backend_ref(id).map(|b| (p, id, b, v.hash, v.flags))
     }) {
         Some((p, id, b, hash, flags)) => {
             if rst && flags & CT_F_RESTEERED == 0 {
@@ -105,7 +78,9 @@ pub fn new_or_tracked(
                 Some(_) if reused => Tracked::Reused,
                 Some(v) => Tracked::BackendGone(v),
             };
-            choose(key, &vip, flow, tracked)?
+            let (id, _, hash) = choose(key, &vip, flow, tracked)?;
+            // `choose` found the backend live: its entry, in place.
+            (id, BACKENDS.get(id).ok_or(Error::NoBackend)?, hash)
         }
     };
     if let Some(frag_id) = first_fragment {
@@ -335,7 +310,7 @@ pub fn later_fragment(key: &FlowKey, frag_id: u32) -> Result<Decision, Error> {
         .ok_or(Error::FragUnknown)?;
     // SAFETY: LRU element, copied out at once.
     let v = unsafe { *v };
-    let backend = live_backend(v.backend).ok_or(Error::FragUnknown)?;
+    let backend = live_backend_ref(v.backend).ok_or(Error::FragUnknown)?;
     Ok(Decision {
         id: v.backend,
         backend,
