@@ -2,6 +2,8 @@
 //! Internet checksums. Everything is `#[inline(always)]`: BPF-to-BPF calls cost more than the
 //! code they would save, and the verifier tracks packet bounds better inside one function.
 #![cfg_attr(target_arch = "bpf", no_std)]
+// Wide loads and stores at addresses of unknown alignment (`net::wide`).
+#![cfg_attr(target_arch = "bpf", feature(asm_experimental_arch))]
 
 #[cfg(all(target_arch = "bpf", not(test)))]
 #[panic_handler]
@@ -64,11 +66,62 @@ pub mod net {
         Ok(())
     }
 
-    /// The link layer of a frame: where the IP header starts and what the frame said.
+    /// One BPF load or store of 2, 4 or 8 bytes at an address of unknown alignment.
+    ///
+    /// LLVM's BPF backend splits an access it cannot prove aligned into single bytes (a
+    /// 16-byte address becomes 16 loads, 16 stores and the shifts between them), and packet
+    /// data has no alignment it could prove. The verifier allows misaligned packet and map
+    /// value accesses where the CPU handles them (x86: `CONFIG_HAVE_EFFICIENT_UNALIGNED_ACCESS`,
+    /// no strict alignment), so one instruction, written in assembly, does the same work.
+    /// The value is the memory's bytes in native (little-endian) order, like `from_ne_bytes`.
+    pub mod wide {
+        use core::arch::asm;
+
+        macro_rules! wide {
+            ($($load:ident, $store:ident, $t:ty, $w:literal;)*) => {$(
+                /// Loads the bytes at `p` (any alignment) in native order.
+                ///
+                /// # Safety
+                /// `p` must be valid for reads of the type's size: a bounds-checked packet
+                /// pointer (the verifier checks it again) or a map value.
+                #[inline(always)]
+                pub unsafe fn $load(p: *const u8) -> $t {
+                    let v: u64;
+                    // SAFETY: the caller's contract; one load instruction, no other effect.
+                    unsafe {
+                        asm!(concat!("{v} = *(", $w, " *)({p} + 0)"), p = in(reg) p,
+                            v = lateout(reg) v, options(nostack, readonly, preserves_flags));
+                    }
+                    v as $t
+                }
+
+                /// Stores `v` at `p` (any alignment) in native order.
+                ///
+                /// # Safety
+                /// `p` must be valid for writes of the type's size (a bounds-checked packet
+                /// pointer) and no reference may cover those bytes meanwhile.
+                #[inline(always)]
+                pub unsafe fn $store(p: *mut u8, v: $t) {
+                    // SAFETY: the caller's contract; one store instruction.
+                    unsafe {
+                        asm!(concat!("*(", $w, " *)({p} + 0) = {v}"), p = in(reg) p,
+                            v = in(reg) v as u64, options(nostack, preserves_flags));
+                    }
+                }
+            )*};
+        }
+
+        wide! {
+            load16, store16, u16, "u16";
+            load32, store32, u32, "u32";
+            load64, store64, u64, "u64";
+        }
+    }
+
+    /// The link layer of a frame: where the IP header starts and what the frame said. The
+    /// addresses stay in the packet ([`read_macs`]): most packets never need them.
     #[derive(Clone, Copy)]
     pub struct L2 {
-        pub dst: [u8; 6],
-        pub src: [u8; 6],
         /// The 802.1Q tag control information, as read (network order), if tagged.
         pub vlan_tci: Option<u16>,
         /// Ethertype of the payload (host order).
@@ -80,29 +133,30 @@ pub mod net {
     /// Parses Ethernet with at most one 802.1Q tag.
     #[inline(always)]
     pub fn parse_l2(ctx: &XdpContext) -> Result<L2, Truncated> {
-        let hdr: [u8; 14] = read(ctx, 0)?;
-        let mut dst = [0u8; 6];
-        let mut src = [0u8; 6];
-        dst.copy_from_slice(&hdr[0..6]);
-        src.copy_from_slice(&hdr[6..12]);
-        let ethertype = u16::from_be_bytes([hdr[12], hdr[13]]);
+        let p = ptr_at::<[u8; ETH_LEN]>(ctx, 0)? as *const u8;
+        // SAFETY: `ptr_at` checked the 14 bytes at `p`.
+        let ethertype = u16::from_be(unsafe { wide::load16(p.add(12)) });
         if ethertype == ETH_P_8021Q {
-            let tag: [u8; 4] = read(ctx, ETH_LEN)?;
+            let p = ptr_at::<[u8; ETH_LEN + VLAN_LEN]>(ctx, 0)? as *const u8;
+            // SAFETY: `ptr_at` checked the 18 bytes at `p`.
+            let tag = unsafe { wide::load32(p.add(ETH_LEN)) };
             return Ok(L2 {
-                dst,
-                src,
-                vlan_tci: Some(u16::from_ne_bytes([tag[0], tag[1]])),
-                ethertype: u16::from_be_bytes([tag[2], tag[3]]),
+                vlan_tci: Some(tag as u16),
+                ethertype: u16::from_be((tag >> 16) as u16),
                 l3: ETH_LEN + VLAN_LEN,
             });
         }
         Ok(L2 {
-            dst,
-            src,
             vlan_tci: None,
             ethertype,
             l3: ETH_LEN,
         })
+    }
+
+    /// The frame's destination and source MAC addresses.
+    #[inline(always)]
+    pub fn read_macs(ctx: &XdpContext) -> Result<([u8; 6], [u8; 6]), Truncated> {
+        Ok((read(ctx, 0)?, read(ctx, 6)?))
     }
 
     /// Mutable view of `N` packet bytes at `offset` (bounds checked).
@@ -125,36 +179,101 @@ pub mod net {
         Ok(unsafe { &mut *p })
     }
 
+    /// A destination and a source MAC address as the two words an Ethernet header starts
+    /// with: bytes 0..8 (the destination, then 2 bytes of the source) and 8..12.
+    #[derive(Clone, Copy)]
+    pub struct Macs(pub u64, pub u32);
+
+    impl Macs {
+        /// From two addresses anywhere, the stack included (read as plain Rust: the verifier
+        /// refuses misaligned stack accesses, so `wide` is not for them).
+        #[inline(always)]
+        pub fn new(dst: &[u8; 6], src: &[u8; 6]) -> Self {
+            let d_lo = u16::from_ne_bytes([dst[0], dst[1]]) as u64;
+            let d_hi = u32::from_ne_bytes([dst[2], dst[3], dst[4], dst[5]]) as u64;
+            let s_lo = u32::from_ne_bytes([src[0], src[1], src[2], src[3]]);
+            let s_hi = u16::from_ne_bytes([src[4], src[5]]) as u32;
+            Macs(
+                d_lo | d_hi << 16 | ((s_lo & 0xffff) as u64) << 48,
+                s_lo >> 16 | s_hi << 16,
+            )
+        }
+
+        /// From 12 bytes of a map value holding the source, then the destination address:
+        /// two wide loads instead of twelve byte loads.
+        ///
+        /// # Safety
+        /// `src_dst` must point to 12 readable bytes of a map value (not the stack).
+        #[inline(always)]
+        pub unsafe fn from_src_dst(src_dst: *const u8) -> Self {
+            // SAFETY: the caller's contract.
+            let (a, b) = unsafe { (wide::load64(src_dst), wide::load32(src_dst.add(8))) };
+            let src = a & 0xffff_ffff_ffff;
+            let dst = a >> 48 | (b as u64) << 16;
+            Macs(dst | src << 48, (src >> 16) as u32)
+        }
+    }
+
+    /// Writes a destination and a source MAC address at `offset`: one 8-byte and one 4-byte
+    /// store instead of twelve.
+    #[inline(always)]
+    pub fn write_macs(ctx: &XdpContext, offset: usize, macs: Macs) -> Result<(), Truncated> {
+        let p = ptr_at_mut::<[u8; 12]>(ctx, offset)? as *mut u8;
+        // SAFETY: `ptr_at_mut` checked the 12 bytes at `p`.
+        unsafe { store_macs(p, macs) };
+        Ok(())
+    }
+
+    /// # Safety
+    /// `p` must be valid for writes of 12 bytes, with no reference covering them.
+    #[inline(always)]
+    unsafe fn store_macs(p: *mut u8, macs: Macs) {
+        // SAFETY: the caller's contract.
+        unsafe {
+            wide::store64(p, macs.0);
+            wide::store32(p.add(8), macs.1);
+        }
+    }
+
     /// Writes an Ethernet header (and the 802.1Q tag, if any) at the start of the packet and
     /// returns the offset of the layer-3 header. Written in place: no stack copies.
     #[inline(always)]
     pub fn write_l2(
         ctx: &XdpContext,
-        dst: &[u8; 6],
-        src: &[u8; 6],
+        macs: Macs,
         vlan_tci: Option<u16>,
         ethertype: u16,
     ) -> Result<usize, Truncated> {
         match vlan_tci {
             Some(tci) => {
-                // SAFETY: the only view of the packet while the header is written.
-                let h = unsafe { bytes_mut::<18>(ctx, 0)? };
-                h[0..6].copy_from_slice(dst);
-                h[6..12].copy_from_slice(src);
-                h[12..14].copy_from_slice(&ETH_P_8021Q.to_be_bytes());
-                h[14..16].copy_from_slice(&tci.to_ne_bytes());
-                h[16..18].copy_from_slice(&ethertype.to_be_bytes());
+                let p = ptr_at_mut::<[u8; ETH_LEN + VLAN_LEN]>(ctx, 0)? as *mut u8;
+                let tag = ETH_P_8021Q.to_be() as u32 | (tci as u32) << 16;
+                // SAFETY: `ptr_at_mut` checked the 18 bytes at `p`.
+                unsafe {
+                    store_macs(p, macs);
+                    wide::store32(p.add(12), tag);
+                    wide::store16(p.add(16), ethertype.to_be());
+                }
                 Ok(ETH_LEN + VLAN_LEN)
             }
             None => {
-                // SAFETY: the only view of the packet while the header is written.
-                let h = unsafe { bytes_mut::<14>(ctx, 0)? };
-                h[0..6].copy_from_slice(dst);
-                h[6..12].copy_from_slice(src);
-                h[12..14].copy_from_slice(&ethertype.to_be_bytes());
+                let p = ptr_at_mut::<[u8; ETH_LEN]>(ctx, 0)? as *mut u8;
+                // SAFETY: `ptr_at_mut` checked the 14 bytes at `p`.
+                unsafe {
+                    store_macs(p, macs);
+                    wide::store16(p.add(12), ethertype.to_be());
+                }
                 Ok(ETH_LEN)
             }
         }
+    }
+
+    /// Folds a sum of 32-bit words into a 32-bit one's-complement sum for [`csum_fold`]: the
+    /// same checksum as summing the 16-bit words (RFC 1071's byte-order independence).
+    #[inline(always)]
+    pub fn csum_fold64(sum: u64) -> u32 {
+        let sum = (sum & 0xffff_ffff) + (sum >> 32);
+        ((sum & 0xffff_ffff) + (sum >> 32)) as u32
     }
 
     /// Adds 16-bit words of `b` (native order) to a running one's-complement sum.

@@ -25,6 +25,7 @@
 
 pub mod etcd;
 pub mod fleet;
+pub mod flood;
 pub mod fuzz;
 pub mod lab;
 pub mod model;

@@ -8,12 +8,16 @@ use std::{
 };
 
 /// `target/<profile>/<name>`: the binaries `cargo build --workspace` (run by `cargo xtask
-/// test`) puts beside the test binaries.
+/// test`) puts beside the test binaries (in `target/<profile>/deps/`) and beside the tests
+/// crate's own tools (`lb-bench-flood`, in `target/<profile>/`).
 pub fn bin_path(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test binary path");
     let dir = exe
         .parent()
-        .and_then(|d| d.parent())
+        .map(|d| match d.file_name() {
+            Some(n) if n == "deps" => d.parent().unwrap_or(d),
+            _ => d,
+        })
         .expect("target/<profile>");
     let p = dir.join(name);
     assert!(

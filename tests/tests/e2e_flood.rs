@@ -4,13 +4,14 @@
 //! makes no entry (or, for 10 s after a table change, one in the small new-flow table); an
 //! ACK without a SYN lands in the new-flow table; the established table is only written for a
 //! flow's second packet (the handshake's ACK of a SYN in the SYN cache, or a promotion).
-use lb_pkt::{self as pkt, Ip4, Tcp};
+use lb_pkt as pkt;
 use lb_userspace::{config::XdpMode, netif, Balancer, Config, Decap, LoadOptions};
 use std::{
-    net::{IpAddr, Ipv4Addr, SocketAddr},
+    net::{IpAddr, SocketAddr},
     time::{Duration, Instant},
 };
 use tests::{
+    flood::{self as spoof, SpoofedSyns},
     lab::{Lab, LabSpec, LB_V4, LB_V6, VIP_V4, VIP_V6},
     procs::{backend_addrs, wait_neighbours},
     require_root,
@@ -38,25 +39,10 @@ fn config(lab: &Lab, backends: usize) -> Config {
     Config::parse(&text).unwrap()
 }
 
-/// A SYN (or a bare ACK) from a spoofed source in 198.18.0.0/15 (the benchmarking range) to
-/// the VIP: IPv4 with DF and TTL 64, a bare 20-byte TCP header.
-fn spoofed(src: Ipv4Addr, sport: u16, seq: u32, flags: u8) -> Vec<u8> {
-    let seg = Tcp {
-        seq,
-        flags,
-        ..Tcp::new(sport, 80)
-    }
-    .build(src.into(), VIP_V4.into(), &[]);
-    Ip4 {
-        frag: pkt::IP4_DF,
-        ..Ip4::new(src, VIP_V4, pkt::TCP)
-    }
-    .build(&seg)
-}
-
-/// Sends `count` spoofed packets, SYNs and ACKs at random, through a raw socket from the
-/// calling thread's namespace. Returns (sent, of which ACKs).
-fn flood(count: u64, seed: &mut u64) -> std::io::Result<(u64, u64)> {
+/// Sends `count` spoofed packets, SYNs and ACKs at random (the generator's tuples, an ACK when
+/// the sequence number is odd), through a raw socket from the calling thread's namespace.
+/// Returns (sent, of which ACKs).
+fn flood(count: u64, syns: &mut SpoofedSyns) -> std::io::Result<(u64, u64)> {
     // SAFETY: plain socket(2); the fd is closed below.
     let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW) };
     if fd < 0 {
@@ -72,19 +58,13 @@ fn flood(count: u64, seed: &mut u64) -> std::io::Result<(u64, u64)> {
     };
     let (mut sent, mut acks) = (0, 0);
     for _ in 0..count {
-        *seed ^= *seed << 13;
-        *seed ^= *seed >> 7;
-        *seed ^= *seed << 17;
-        let r = *seed;
-        let src = Ipv4Addr::from(0xc612_0000u32 | (r as u32 & 0x1_ffff));
-        let ack = r & (1 << 17) != 0;
-        let flags = if ack { pkt::TCP_ACK } else { pkt::TCP_SYN };
-        let p = spoofed(
-            src,
-            1024 + (r >> 20) as u16 % 60000,
-            (r >> 32) as u32,
-            flags,
-        );
+        let (src, sport, seq) = syns.next_tuple();
+        let ack = seq & 1 == 1;
+        let p = if ack {
+            spoof::segment(src, sport, seq, pkt::TCP_ACK)
+        } else {
+            spoof::syn(src, sport, seq)
+        };
         // SAFETY: valid buffer and address for the duration of the call.
         let n = unsafe {
             libc::sendto(
@@ -167,7 +147,7 @@ fn syn_flood_does_not_evict_established_flows() {
     // The flood: at least 10 x C first packets reach the balancer, while backend3 is added.
     let target = FLOOD_FACTOR * CT_SIZE as u64;
     let start = Instant::now();
-    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    let mut syns = SpoofedSyns::new(0x9e37_79b9_7f4a_7c15);
     let (mut sent, mut acks) = (0, 0);
     let mut added = false;
     while counter(&lb, "ct_new") - ct_new_before < target {
@@ -179,7 +159,7 @@ fn syn_flood_does_not_evict_established_flows() {
         let (n, a) = lab
             .client()
             .ns()
-            .run_in(|| flood(8192, &mut seed))
+            .run_in(|| flood(8192, &mut syns))
             .expect("raw socket");
         sent += n;
         acks += a;
@@ -268,12 +248,12 @@ fn syn_flood_does_not_evict_established_flows() {
     let flooded = AtomicU64::new(0);
     let (during, flooded) = std::thread::scope(|s| {
         let flooder = s.spawn(|| {
-            let mut seed = 0x2545_f491_4f6c_dd1du64;
+            let mut syns = SpoofedSyns::new(0x2545_f491_4f6c_dd1d);
             while !stop.load(Relaxed) && flooded.load(Relaxed) < 50 * target {
                 let (n, _) = lab
                     .client()
                     .ns()
-                    .run_in(|| flood(1024, &mut seed))
+                    .run_in(|| flood(1024, &mut syns))
                     .expect("raw socket");
                 flooded.fetch_add(n, Relaxed);
             }

@@ -78,12 +78,19 @@ pub struct ToolArgs {
 /// commands that load lb's XDP programs (`bench datapath`, `bench conntrack`, `fuzz`) run
 /// there, so that xtask itself builds no eBPF.
 pub fn run_tool(bin: &str, args: &[String]) -> Result<ExitCode> {
+    run_tool_with(bin, &[], args)
+}
+
+/// [`run_tool`], building lb-userspace's binaries `also` (`lbd`, `lbctl`) beside the tool
+/// first, in the same profile, for a tool that runs them (`bench flood`).
+pub fn run_tool_with(bin: &str, also: &[&str], args: &[String]) -> Result<ExitCode> {
     let (profile, dir) = if cfg!(debug_assertions) {
         ("dev", "debug")
     } else {
         ("release", "release")
     };
-    run(cargo().args([
+    let mut build = cargo();
+    build.args([
         "build",
         "--quiet",
         "--profile",
@@ -92,7 +99,14 @@ pub fn run_tool(bin: &str, args: &[String]) -> Result<ExitCode> {
         "tests",
         "--bin",
         bin,
-    ]))?;
+    ]);
+    if !also.is_empty() {
+        build.args(["-p", "lb-userspace"]);
+        for b in also {
+            build.args(["--bin", b]);
+        }
+    }
+    run(&mut build)?;
     let path = target_dir().join(dir).join(bin);
     let status = Command::new(&path)
         .args(args)

@@ -95,6 +95,7 @@ mod prog {
     #[inline(always)]
     fn try_decap(ctx: &XdpContext) -> Result<(), Error> {
         let l2 = parse_l2(ctx)?;
+        let (dst, src) = read_macs(ctx)?;
         let l3 = l2.l3;
         let outer = match l2.ethertype {
             ETH_P_IP => {
@@ -150,7 +151,8 @@ mod prog {
             return Err(Error::Adjust);
         }
         // The inner packet has the outer one's family, so the ethertype is unchanged.
-        write_l2(ctx, &l2.dst, &l2.src, l2.vlan_tci, l2.ethertype).map_err(|_| Error::Adjust)?;
+        write_l2(ctx, Macs::new(&dst, &src), l2.vlan_tci, l2.ethertype)
+            .map_err(|_| Error::Adjust)?;
         Ok(())
     }
 }

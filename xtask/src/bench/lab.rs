@@ -35,7 +35,14 @@ pub struct BenchLabArgs {
     /// Only measure the direct path (no lbd needed).
     #[arg(long)]
     pub direct_only: bool,
+    /// Runs of each path per variant, interleaved (direct, via, direct, via, ...); the
+    /// ratio judged is the median of the runs' via/direct ratios.
+    #[arg(long, default_value_t = 3)]
+    pub runs: usize,
 }
+
+/// Issue 24's target: through the balancer at least this share of direct, for both loads.
+const TARGET_RATIO: f64 = 0.9;
 
 /// IP family selection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -135,12 +142,39 @@ fn split_script(addrs: &[IpAddr]) -> String {
 struct Row {
     family: &'static str,
     variant: &'static str,
-    via: Option<WrkResult>,
-    direct: WrkResult,
+    /// One per run (empty with `--direct-only`).
+    via: Vec<WrkResult>,
+    /// One per run.
+    direct: Vec<WrkResult>,
+}
+
+impl Row {
+    /// The median run of a path, by requests/s.
+    fn median(runs: &[WrkResult]) -> Option<&WrkResult> {
+        let mut sorted: Vec<&WrkResult> = runs.iter().collect();
+        sorted.sort_by(|a, b| a.rps.total_cmp(&b.rps));
+        sorted.get(sorted.len() / 2).copied()
+    }
+
+    /// The median of the runs' via/direct ratios (each via run against the direct run just
+    /// before it), if the balancer was measured.
+    fn ratio(&self) -> Option<f64> {
+        let mut r: Vec<f64> = self
+            .via
+            .iter()
+            .zip(&self.direct)
+            .map(|(v, d)| v.rps / d.rps)
+            .collect();
+        r.sort_by(f64::total_cmp);
+        r.get(r.len() / 2).copied()
+    }
 }
 
 pub fn run(args: &BenchLabArgs) -> Result<()> {
     ensure_root("bench lab")?;
+    if args.runs == 0 {
+        bail!("--runs must be at least 1 (the runs of each path per variant)");
+    }
     catch_interrupts();
     let _ = tests::cleanup_stale_namespaces();
     let bin = if args.direct_only {
@@ -167,13 +201,13 @@ fn plot_ratios(rows: &[Row], lb: &crate::LbOpts) -> Result<()> {
     let values: Vec<(String, f64)> = rows
         .iter()
         .filter_map(|r| {
-            let via = r.via.as_ref()?;
+            let ratio = r.ratio()?;
             let short = if r.variant.starts_with("new") {
                 "new conn"
             } else {
                 "keep-alive"
             };
-            Some((format!("{} {short}", r.family), via.rps / r.direct.rps))
+            Some((format!("{} {short}", r.family), ratio))
         })
         .collect();
     if values.is_empty() {
@@ -231,6 +265,11 @@ fn print_intro(args: &BenchLabArgs, common: &[String], via_lbd: bool) {
          of the load either way and only the packets' path differs.",
         args.connections_per_backend
     );
+    println!(
+        "{} interleaved runs of each path per variant; judged: the median of the runs' \
+         via/direct ratios against {TARGET_RATIO}",
+        args.runs
+    );
 }
 
 /// Both variants (new connection per request, keep-alive) of each family, direct and (unless
@@ -263,20 +302,20 @@ fn measure(
             }
             let mut direct_args = extra.clone();
             direct_args.extend(["-s".into(), script.display().to_string(), url(backends[0])]);
-            eprintln!("{family} {variant}: direct ...");
-            let direct = wrk(env, common, &direct_args)?;
-            check_interrupted()?;
-            let via = if via_lbd {
-                eprintln!("{family} {variant}: via the balancer ...");
-                let mut via_args = extra.clone();
-                via_args.push(url(vip));
-                let r = wrk(env, common, &via_args)?;
-                env.check_lbd_alive()?;
+            let mut via_args = extra.clone();
+            via_args.push(url(vip));
+            let (mut direct, mut via) = (Vec::new(), Vec::new());
+            for run in 1..=args.runs {
+                eprintln!("{family} {variant}: direct, run {run} of {} ...", args.runs);
+                direct.push(wrk(env, common, &direct_args)?);
                 check_interrupted()?;
-                Some(r)
-            } else {
-                None
-            };
+                if via_lbd {
+                    eprintln!("{family} {variant}: via the balancer, run {run} ...");
+                    via.push(wrk(env, common, &via_args)?);
+                    env.check_lbd_alive()?;
+                    check_interrupted()?;
+                }
+            }
             rows.push(Row {
                 family,
                 variant,
@@ -296,28 +335,47 @@ fn print_rows(rows: &[Row]) {
         "", "", "via balancer", "direct", "via/direct", "split via", "split direct"
     );
     for r in rows {
-        let via = r
-            .via
-            .as_ref()
-            .map_or("-".into(), |v| format!("{:.0} req/s", v.rps));
-        let ratio = r
-            .via
-            .as_ref()
-            .map_or("-".into(), |v| format!("{:.2}", v.rps / r.direct.rps));
+        let via = Row::median(&r.via);
+        let direct = Row::median(&r.direct);
         println!(
             "{:<5} {:<27} {:>14} {:>14} {:>10}   {:<12} {:<12}",
             r.family,
             r.variant,
-            via,
-            format!("{:.0} req/s", r.direct.rps),
-            ratio,
-            r.via.as_ref().map_or("-".into(), WrkResult::split),
-            r.direct.split()
+            via.map_or("-".into(), |v| format!("{:.0} req/s", v.rps)),
+            direct.map_or("-".into(), |d| format!("{:.0} req/s", d.rps)),
+            r.ratio().map_or("-".into(), |x| format!("{x:.2}")),
+            via.map_or("-".into(), WrkResult::split),
+            direct.map_or("-".into(), WrkResult::split)
+        );
+    }
+    println!("(medians of the runs; via/direct: the median of the runs' ratios)");
+    for r in rows {
+        let Some(ratio) = r.ratio() else { continue };
+        let each: Vec<String> = r
+            .via
+            .iter()
+            .zip(&r.direct)
+            .map(|(v, d)| format!("{:.2}", v.rps / d.rps))
+            .collect();
+        println!(
+            "target: {} {} via/direct >= {TARGET_RATIO}: {ratio:.2} (runs {}): {}",
+            r.family,
+            r.variant,
+            each.join(", "),
+            if ratio >= TARGET_RATIO {
+                "target met"
+            } else {
+                "target NOT met"
+            }
         );
     }
     for r in rows {
-        for (path, res) in [("via", r.via.as_ref()), ("direct", Some(&r.direct))] {
-            let Some(res) = res else { continue };
+        let paths = r
+            .via
+            .iter()
+            .map(|v| ("via", v))
+            .chain(r.direct.iter().map(|d| ("direct", d)));
+        for (path, res) in paths {
             if res.socket_errors.is_some() || res.non2xx > 0 {
                 println!(
                     "note: {} {} {path}: {} {}",

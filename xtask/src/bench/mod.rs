@@ -4,6 +4,8 @@
 //! * [`adaptive`]: learned weights against static-equal and oracle weights (issue #4).
 //! * `datapath` and `conntrack` load the XDP programs, so they are the tests crate's
 //!   `lb-bpf-bench` (`tests/src/bin/bpf-bench/`), which xtask builds and runs.
+//! * `flood` runs lbd in a namespace lab under a spoofed SYN flood: the tests crate's
+//!   `lb-bench-flood` (`tests/src/bin/bench-flood/`), built with lbd and lbctl beside it.
 
 pub mod adaptive;
 pub mod lab;
@@ -13,7 +15,7 @@ use std::process::ExitCode;
 use anyhow::Result;
 use clap::Subcommand;
 
-use crate::util::{run_tool, ToolArgs};
+use crate::util::{run_tool, run_tool_with, ToolArgs};
 
 #[derive(Subcommand)]
 pub enum BenchCmd {
@@ -32,6 +34,12 @@ pub enum BenchCmd {
     /// CPU per count). Needs root. Runs `lb-bpf-bench conntrack`; `--help` shows its options.
     #[command(disable_help_flag = true)]
     Conntrack(ToolArgs),
+    /// Spoofed SYNs per second lbd's XDP balancer absorbs on one core while 500 established
+    /// connections must see no failure and legitimate clients keep connecting (issue 24), in
+    /// a namespace lab; under a minute. Needs root. Runs `lb-bench-flood`; `--help` shows its
+    /// options.
+    #[command(disable_help_flag = true)]
+    Flood(ToolArgs),
 }
 
 /// Runs one benchmark.
@@ -41,6 +49,7 @@ pub fn run(which: BenchCmd) -> Result<ExitCode> {
         BenchCmd::Datapath(args) => run_tool("lb-bpf-bench", &with_first("datapath", args)),
         BenchCmd::Adaptive(args) => adaptive::run(&args).map(|_| ExitCode::SUCCESS),
         BenchCmd::Conntrack(args) => run_tool("lb-bpf-bench", &with_first("conntrack", args)),
+        BenchCmd::Flood(args) => run_tool_with("lb-bench-flood", &["lbd", "lbctl"], &args.args),
     }
 }
 

@@ -2,15 +2,13 @@
 //! chosen through the VIP's Maglev table and recorded; later fragments follow their first.
 //! Entries are read and updated in place (no copies on the stack).
 use crate::maps::{
-    live_backend, lookup_vip, BACKENDS, CT, CT_NEW, FRAGS, RING, SYN_RECORD, SYN_SEEN, VIP_PORTS,
+    live_backend, live_backend_ref, lookup_vip, BACKENDS, CT, CT_NEW, FRAGS, RING, SYN_RECORD,
+    SYN_SEEN,
 };
-use crate::parse::{frag_key, header_within};
+use crate::parse::{frag_key, Ports};
 use crate::stats::{self, count};
 use crate::{Decision, Error};
-use aya_ebpf::{
-    helpers::{bpf_jiffies64, bpf_ktime_get_coarse_ns},
-    programs::XdpContext,
-};
+use aya_ebpf::helpers::{bpf_jiffies64, bpf_ktime_get_coarse_ns};
 use lb_common::*;
 
 const TCP_FIN: u8 = 0x01;
@@ -22,39 +20,15 @@ const TCP_ACK: u8 = 0x10;
 ///
 /// An established flow whose backend is up is served from `CT` alone: it needs neither the
 /// VIP entry (the backend entry carries the mode and VIP id) nor the table. The port filter
-/// in front keeps that lookup off traffic to ports no VIP uses. A bare SYN is never served
+/// in front (`try_balance`) keeps that lookup off traffic to ports no VIP uses. A bare SYN is never served
 /// from `CT`: it opens a new connection on a reused 4-tuple (`choose`).
 #[inline(always)]
 pub fn new_or_tracked(
-    ctx: &XdpContext,
     key: &mut FlowKey,
-    l4: usize,
-    end: usize,
+    ports: &Ports,
     first_fragment: Option<u32>,
 ) -> Result<Decision, Error> {
-    let (tcp_flags, seq, port_bit) = if key.proto == PROTO_TCP {
-        let th = header_within::<20>(ctx, l4, end)?;
-        key.sport = u16::from_ne_bytes([th[0], th[1]]);
-        key.dport = u16::from_ne_bytes([th[2], th[3]]);
-        // The sequence number as read (network order): only compared, never computed with.
-        (
-            th[13],
-            u32::from_ne_bytes([th[4], th[5], th[6], th[7]]),
-            VIP_PORT_TCP,
-        )
-    } else {
-        let uh = header_within::<8>(ctx, l4, end)?;
-        key.sport = u16::from_ne_bytes([uh[0], uh[1]]);
-        key.dport = u16::from_ne_bytes([uh[2], uh[3]]);
-        (0, 0, VIP_PORT_UDP)
-    };
-    let ports = VIP_PORTS
-        .get(u16::from_be(key.dport) as u32)
-        .copied()
-        .unwrap_or(0);
-    if ports & port_bit == 0 {
-        return Err(Error::NotVip);
-    }
+    let (tcp_flags, seq) = (ports.tcp_flags, ports.seq);
     let syn = tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
     let rst = tcp_flags & TCP_RST != 0;
     let closes = tcp_flags & (TCP_FIN | TCP_RST) != 0;
@@ -76,7 +50,7 @@ pub fn new_or_tracked(
         // SAFETY: as `established`.
         let v = unsafe { &*p };
         let id = v.backend;
-        live_backend(id).map(|b| (p, id, b, v.hash, v.flags))
+        live_backend_ref(id).map(|b| (p, id, b, v.hash, v.flags))
     }) {
         Some((p, id, b, hash, flags)) => {
             if rst && flags & CT_F_RESTEERED == 0 {
@@ -90,10 +64,10 @@ pub fn new_or_tracked(
         None => {
             let vip = lookup_vip(key).ok_or(Error::NotVip)?;
             if reused && established.is_some() {
-                // The old connection's entry goes; the new one starts in `CT_NEW` with a
+                // The old connection's entry goes; the new one starts as a new flow with a
                 // backend from the current table. Flood-safe: a hit needs a client's exact
                 // address and port, which spoofed SYNs from random sources and ports
-                // practically never have, so a SYN flood still only churns `CT_NEW`.
+                // practically never have, so a SYN flood never reaches `CT`.
                 let _ = CT.remove(&*key);
             }
             let flow = FlowPacket {
@@ -107,7 +81,9 @@ pub fn new_or_tracked(
                 Some(_) if reused => Tracked::Reused,
                 Some(v) => Tracked::BackendGone(v),
             };
-            choose(key, &vip, flow, tracked)?
+            let (id, _, hash) = choose(key, &vip, flow, tracked)?;
+            // `choose` found the backend live: its entry, in place.
+            (id, BACKENDS.get(id).ok_or(Error::NoBackend)?, hash)
         }
     };
     if let Some(frag_id) = first_fragment {
@@ -485,9 +461,7 @@ fn syn_retry_recorded(key: &FlowKey, seq: u32, closes: bool) -> u64 {
 /// Whether backend `id` may carry traffic, read in place (no copy on the stack).
 #[inline(always)]
 fn backend_live(id: u32) -> bool {
-    BACKENDS
-        .get(id)
-        .is_some_and(|b| b.flags & BACKEND_F_ACTIVE != 0 && b.flags & BACKEND_F_DOWN == 0)
+    live_backend_ref(id).is_some()
 }
 
 /// A later fragment: it has no ports, so it follows its first fragment's choice.
@@ -499,7 +473,7 @@ pub fn later_fragment(key: &FlowKey, frag_id: u32) -> Result<Decision, Error> {
         .ok_or(Error::FragUnknown)?;
     // SAFETY: LRU element, copied out at once.
     let v = unsafe { *v };
-    let backend = live_backend(v.backend).ok_or(Error::FragUnknown)?;
+    let backend = live_backend_ref(v.backend).ok_or(Error::FragUnknown)?;
     Ok(Decision {
         id: v.backend,
         backend,

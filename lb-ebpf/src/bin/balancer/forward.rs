@@ -21,14 +21,16 @@ const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
 
 /// Next hop towards a backend: `bpf_fib_lookup`, cached per backend for `NEXTHOP_TTL_JIFFIES`
-/// so that an established flow does not pay for a route lookup on every packet.
+/// so that an established flow does not pay for a route lookup on every packet. The cache
+/// entry is returned in place (no copy on the stack).
 #[inline(always)]
-pub fn nexthop(ctx: &XdpContext, id: u32, b: &BackendInfo) -> Result<NextHop, Error> {
+pub fn nexthop(ctx: &XdpContext, id: u32, b: &BackendInfo) -> Result<&'static NextHop, Error> {
     // SAFETY: calling a helper without arguments.
     let now = unsafe { bpf_jiffies64() };
     let slot = NEXTHOPS.get_ptr_mut(id).ok_or(Error::Fib)?;
-    // SAFETY: array slot; a concurrent refresh writes the same kind of value.
-    let cached = unsafe { *slot };
+    // SAFETY: array slot of a map that lives as long as the program; a concurrent refresh
+    // writes the same kind of value.
+    let cached = unsafe { &*slot };
     if cached.expires > now {
         // ifindex 0: a failed lookup, remembered briefly so a dead route costs no lookup
         // per packet.
@@ -38,11 +40,13 @@ pub fn nexthop(ctx: &XdpContext, id: u32, b: &BackendInfo) -> Result<NextHop, Er
             Err(Error::Fib)
         };
     }
+    let was_reachable = cached.ifindex != 0 || cached.expires == 0;
     match fib_lookup(ctx.ctx, b, now) {
         Some(nh) => {
             // SAFETY: array slot owned by this backend id.
             unsafe { *slot = nh };
-            Ok(nh)
+            // SAFETY: as `cached`.
+            Ok(unsafe { &*slot })
         }
         None => {
             let failed = NextHop {
@@ -53,12 +57,20 @@ pub fn nexthop(ctx: &XdpContext, id: u32, b: &BackendInfo) -> Result<NextHop, Er
             unsafe { *slot = failed };
             // Log the change from reachable (or never looked up) to unreachable only: a
             // rare event, never one line per packet.
-            if cached.ifindex != 0 || cached.expires == 0 {
+            if was_reachable {
                 report_no_route(ctx.ctx, id);
             }
             Err(Error::Fib)
         }
     }
+}
+
+/// The next hop's addresses as the frame's first two words: `NextHop` keeps the source
+/// address right before the destination, so two wide loads of the map value read both.
+#[inline(always)]
+pub fn macs(nh: &'static NextHop) -> Macs {
+    // SAFETY: `smac` and `dmac` are 12 contiguous bytes of a `NEXTHOPS` value.
+    unsafe { Macs::from_src_dst(nh.smac.as_ptr()) }
 }
 
 /// Tells the agent (through aya-log) that a backend became unreachable from here.
@@ -156,7 +168,7 @@ pub fn adjust_tail(ctx: &XdpContext, delta: i32) -> Result<(), Error> {
 /// instead, when `reply_too_big` (never for ICMP errors themselves).
 #[inline(always)]
 pub fn forward(ctx: &XdpContext, pkt: &Packet, key: &FlowKey, d: &Decision) -> Result<u32, Error> {
-    let (id, b) = (d.id, &d.backend);
+    let (id, b) = (d.id, d.backend);
     let frame_len = (ctx.data_end() - ctx.data()) as u64;
     let nh = nexthop(ctx, id, b)?;
     // An 802.1Q tag belongs to the ingress link: kept when the frame goes back out of it,
@@ -165,13 +177,12 @@ pub fn forward(ctx: &XdpContext, pkt: &Packet, key: &FlowKey, d: &Decision) -> R
     let vlan = if same_link { pkt.l2.vlan_tci } else { None };
     if b.mode == MODE_L2 {
         if vlan.is_some() || pkt.l2.vlan_tci.is_none() {
-            write(ctx, 0, nh.dmac)?;
-            write(ctx, 6, nh.smac)?;
+            write_macs(ctx, 0, macs(nh))?;
         } else {
-            untag(ctx, &nh)?;
+            untag(ctx, nh)?;
         }
     } else {
-        encapsulate(ctx, pkt, key, d.hash, b, &nh, vlan, d.reply_too_big)?;
+        encapsulate(ctx, pkt, key, d.hash, b, nh, vlan, d.reply_too_big)?;
     }
     if let Some(s) = stats::backend(id) {
         s.packets(1);
@@ -188,9 +199,8 @@ pub fn forward(ctx: &XdpContext, pkt: &Packet, key: &FlowKey, d: &Decision) -> R
 /// bytes further in, over the tag (the ethertype after the tag stays where it is), and the
 /// head moves past the 4 bytes left in front.
 #[inline(always)]
-pub fn untag(ctx: &XdpContext, nh: &NextHop) -> Result<(), Error> {
-    write(ctx, VLAN_LEN, nh.dmac)?;
-    write(ctx, VLAN_LEN + 6, nh.smac)?;
+pub fn untag(ctx: &XdpContext, nh: &'static NextHop) -> Result<(), Error> {
+    write_macs(ctx, VLAN_LEN, macs(nh))?;
     adjust_head(ctx, VLAN_LEN as i32)
 }
 
@@ -206,7 +216,7 @@ pub fn encapsulate(
     key: &FlowKey,
     hash: u32,
     b: &BackendInfo,
-    nh: &NextHop,
+    nh: &'static NextHop,
     vlan: Option<u16>,
     reply_too_big: bool,
 ) -> Result<(), Error> {
@@ -225,22 +235,25 @@ pub fn encapsulate(
             return Err(Error::NoEncapSource);
         }
         adjust_head(ctx, pkt.l2.l3 as i32 - (l2_len + IPV4_LEN) as i32)?;
-        let l3 = write_l2(ctx, &nh.dmac, &nh.smac, vlan, ETH_P_IP).map_err(adjusted)?;
-        // SAFETY: the only view of the packet while `h` is used (earlier views are
-        // dead), and the packet is not resized meanwhile.
-        let h = unsafe { bytes_mut::<IPV4_LEN>(ctx, l3) }.map_err(adjusted)?;
-        h[0] = 0x45;
-        h[1] = pkt.tos;
-        h[2..4].copy_from_slice(&(outer_len as u16).to_be_bytes());
-        h[4..6].copy_from_slice(&[0, 0]);
-        h[6..8].copy_from_slice(&[0x40, 0]); // DF: we answer "too big" instead of fragmenting.
-        h[8] = DEFAULT_TTL;
-        h[9] = PROTO_IPIP;
-        h[10..12].copy_from_slice(&[0, 0]);
-        h[12..16].copy_from_slice(&cfg.encap_src_v4);
-        h[16..20].copy_from_slice(&b.addr[..4]);
-        let c = csum_fold(csum_add_bytes(0, h));
-        h[10..12].copy_from_slice(&c.to_ne_bytes());
+        let l3 = write_l2(ctx, macs(nh), vlan, ETH_P_IP).map_err(adjusted)?;
+        let h = ptr_at_mut::<[u8; IPV4_LEN]>(ctx, l3).map_err(adjusted)? as *mut u8;
+        // Five 4-byte words in native order, the checksum summed over them.
+        let w0 = 0x45 | (pkt.tos as u32) << 8 | ((outer_len as u16).to_be() as u32) << 16;
+        let w1 = 0x40 << 16; // DF: we answer "too big" instead of fragmenting.
+        let w2 = DEFAULT_TTL as u32 | (PROTO_IPIP as u32) << 8;
+        // SAFETY: `ptr_at_mut` checked the 20 bytes at `h`, the only view of the packet while
+        // they are written; the addresses are 4 bytes of map values.
+        unsafe {
+            let src = wide::load32(cfg.encap_src_v4.as_ptr());
+            let dst = wide::load32(b.addr.as_ptr());
+            let sum = w0 as u64 + w1 as u64 + w2 as u64 + src as u64 + dst as u64;
+            let c = csum_fold(csum_fold64(sum));
+            wide::store32(h, w0);
+            wide::store32(h.add(4), w1);
+            wide::store32(h.add(8), w2 | (c as u32) << 16);
+            wide::store32(h.add(12), src);
+            wide::store32(h.add(16), dst);
+        }
     } else {
         let outer_len = pkt.ip_len + IPV6_LEN;
         if outer_len > nh.mtu as usize {
@@ -250,18 +263,24 @@ pub fn encapsulate(
             return Err(Error::NoEncapSource);
         }
         adjust_head(ctx, pkt.l2.l3 as i32 - (l2_len + IPV6_LEN) as i32)?;
-        let l3 = write_l2(ctx, &nh.dmac, &nh.smac, vlan, ETH_P_IPV6).map_err(adjusted)?;
+        let l3 = write_l2(ctx, macs(nh), vlan, ETH_P_IPV6).map_err(adjusted)?;
         // The flow label carries the flow's hash, so ECMP on the way keeps a flow on one path.
         let vtcfl = (6u32 << 28) | ((pkt.tos as u32) << 20) | (hash & 0xf_ffff);
-        // SAFETY: the only view of the packet while `h` is used (earlier views are
-        // dead), and the packet is not resized meanwhile.
-        let h = unsafe { bytes_mut::<IPV6_LEN>(ctx, l3) }.map_err(adjusted)?;
-        h[0..4].copy_from_slice(&vtcfl.to_be_bytes());
-        h[4..6].copy_from_slice(&(pkt.ip_len as u16).to_be_bytes());
-        h[6] = PROTO_IPV6;
-        h[7] = DEFAULT_TTL;
-        h[8..24].copy_from_slice(&cfg.encap_src_v6);
-        h[24..40].copy_from_slice(&b.addr);
+        let w0 = vtcfl.to_be() as u64
+            | ((pkt.ip_len as u16).to_be() as u64) << 32
+            | (PROTO_IPV6 as u64) << 48
+            | (DEFAULT_TTL as u64) << 56;
+        let h = ptr_at_mut::<[u8; IPV6_LEN]>(ctx, l3).map_err(adjusted)? as *mut u8;
+        let (src, dst) = (cfg.encap_src_v6.as_ptr(), b.addr.as_ptr());
+        // SAFETY: `ptr_at_mut` checked the 40 bytes at `h`, the only view of the packet while
+        // they are written; the addresses are 16 bytes of map values.
+        unsafe {
+            wide::store64(h, w0);
+            wide::store64(h.add(8), wide::load64(src));
+            wide::store64(h.add(16), wide::load64(src.add(8)));
+            wide::store64(h.add(24), wide::load64(dst));
+            wide::store64(h.add(32), wide::load64(dst.add(8)));
+        }
     }
     Ok(())
 }

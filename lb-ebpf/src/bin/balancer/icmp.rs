@@ -2,7 +2,7 @@
 //! backend; packets too big once encapsulated are answered with one. The replies are cold
 //! paths in separate BPF functions, so the hot path does not carry their stack frames.
 use crate::forward::{adjust_head, adjust_tail};
-use crate::maps::{live_backend, lookup_vip, CT, CT_NEW};
+use crate::maps::{live_backend_ref, lookup_vip, BACKENDS, CT, CT_NEW};
 use crate::parse::{header_within, Packet};
 use crate::{adjusted, conntrack::from_table, Decision, Error};
 use aya_ebpf::{bindings::xdp_md, programs::XdpContext};
@@ -36,9 +36,13 @@ pub fn icmp_error(
         None => CT_NEW.get_ptr(&*key).map(|v| unsafe { *v }),
     };
     let (id, backend, hash) =
-        match tracked.and_then(|v| live_backend(v.backend).map(|b| (v.backend, b, v.hash))) {
+        match tracked.and_then(|v| live_backend_ref(v.backend).map(|b| (v.backend, b, v.hash))) {
             Some(t) => t,
-            None => from_table(key, &vip)?,
+            None => {
+                let (id, _, hash) = from_table(key, &vip)?;
+                // `from_table` found the backend live: its entry, in place.
+                (id, BACKENDS.get(id).ok_or(Error::NoBackend)?, hash)
+            }
         };
     Ok(Decision {
         id,
@@ -98,6 +102,10 @@ pub fn too_big(ctx: &XdpContext, pkt: &Packet, key: &FlowKey, mtu: u16, reply: b
     if !reply {
         return Error::TooBig;
     }
+    // The cold functions get a copy made here, on the cold path: the hot path's `Packet`
+    // itself is never referenced from outside, so it stays in registers (a referenced one was
+    // written to the stack on every packet).
+    let pkt = &{ *pkt };
     let sent = if pkt.family == FAMILY_V4 {
         icmp4_too_big(ctx.ctx, pkt, key, mtu.saturating_sub(IPV4_LEN as u16))
     } else {
@@ -119,13 +127,14 @@ pub fn icmp4_too_big(ctx: *mut xdp_md, pkt: &Packet, key: &FlowKey, mtu: u16) ->
     if pkt.ip_len < quote {
         return Err(Error::TooBig);
     }
+    // The client's frame goes back to it: the addresses swap.
+    let (us, client) = read_macs(ctx)?;
     const GROW: usize = IPV4_LEN + 8;
     adjust_head(ctx, -(GROW as i32))?;
     let len = ctx.data_end() - ctx.data();
     let want = pkt.l2.l3 + GROW + quote;
     adjust_tail(ctx, want as i32 - len as i32)?;
-    let l3 =
-        write_l2(ctx, &pkt.l2.src, &pkt.l2.dst, pkt.l2.vlan_tci, ETH_P_IP).map_err(adjusted)?;
+    let l3 = write_l2(ctx, Macs::new(&client, &us), pkt.l2.vlan_tci, ETH_P_IP).map_err(adjusted)?;
     // SAFETY: the only view of the packet while `h` is used (earlier views are
     // dead), and the packet is not resized meanwhile.
     let h = unsafe { bytes_mut::<IPV4_LEN>(ctx, l3) }.map_err(adjusted)?;
@@ -162,13 +171,15 @@ pub fn icmp6_too_big(ctx: *mut xdp_md, pkt: &Packet, key: &FlowKey, mtu: u16) ->
     } else {
         ICMP6_QUOTE_LEN
     };
+    // The client's frame goes back to it: the addresses swap.
+    let (us, client) = read_macs(ctx)?;
     const GROW: usize = IPV6_LEN + 8;
     adjust_head(ctx, -(GROW as i32))?;
     let len = ctx.data_end() - ctx.data();
     let want = pkt.l2.l3 + GROW + quote;
     adjust_tail(ctx, want as i32 - len as i32)?;
     let l3 =
-        write_l2(ctx, &pkt.l2.src, &pkt.l2.dst, pkt.l2.vlan_tci, ETH_P_IPV6).map_err(adjusted)?;
+        write_l2(ctx, Macs::new(&client, &us), pkt.l2.vlan_tci, ETH_P_IPV6).map_err(adjusted)?;
     let plen = (8 + quote) as u16;
     // SAFETY: the only view of the packet while `h` is used (earlier views are
     // dead), and the packet is not resized meanwhile.

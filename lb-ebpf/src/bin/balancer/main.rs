@@ -29,7 +29,7 @@ mod stats;
 
 #[cfg(target_arch = "bpf")]
 mod prog {
-    use crate::{conntrack, forward::forward, icmp, parse, stats::count};
+    use crate::{conntrack, forward::forward, icmp, maps::VIP_PORTS, parse, stats::count};
     use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
     use lb_common::*;
     use lb_ebpf::net::*;
@@ -104,7 +104,9 @@ mod prog {
     /// Where a packet goes: decided once, carried out by `forward`.
     pub struct Decision {
         pub id: u32,
-        pub backend: BackendInfo,
+        /// The backend's entry in `BACKENDS`, read in place (a copy costs 32 bytes of stack
+        /// and the moves in and out of it on every packet).
+        pub backend: &'static BackendInfo,
         /// The flow's hash (IPv6 flow label of the outer header).
         pub hash: u32,
         /// Answer "too big" to the sender (never for ICMP errors themselves).
@@ -128,24 +130,46 @@ mod prog {
     #[inline(always)]
     fn try_balance(ctx: &XdpContext) -> Result<u32, Error> {
         let l2 = parse_l2(ctx)?;
-        let mut key = core::mem::MaybeUninit::<FlowKey>::uninit();
-        parse::zero_key(key.as_mut_ptr());
-        // SAFETY: `zero_key` wrote every byte; all zeros is a valid `FlowKey`.
-        let key = unsafe { key.assume_init_mut() };
         let (pkt, kind) = match l2.ethertype {
-            ETH_P_IP => parse::ipv4(ctx, l2, key)?,
-            ETH_P_IPV6 => parse::ipv6(ctx, l2, key)?,
+            ETH_P_IP => parse::ipv4(ctx, l2)?,
+            ETH_P_IPV6 => parse::ipv6(ctx, l2)?,
             _ => return Err(Error::NonIp),
         };
-        // From here on, one path for both families: `key` is the flow as the client sees it.
-        let end = pkt.l2.l3 + pkt.ip_len;
+        // From here on, one path for both families.
+        let end = l2.l3 + pkt.ip_len;
+        let mut key = core::mem::MaybeUninit::<FlowKey>::uninit();
         let d = match kind {
             parse::Kind::Flow { l4, first_fragment } => {
-                conntrack::new_or_tracked(ctx, key, l4, end, first_fragment)?
+                let ports = parse::ports(ctx, &pkt, l4, end)?;
+                // The port filter, before anything is built: a packet to a port no VIP of
+                // its protocol uses is not ours.
+                let port_bit = if pkt.proto == PROTO_TCP {
+                    VIP_PORT_TCP
+                } else {
+                    VIP_PORT_UDP
+                };
+                let used = VIP_PORTS.get(ports.dport() as u32).copied().unwrap_or(0);
+                if used & port_bit == 0 {
+                    return Err(Error::NotVip);
+                }
+                parse::flow_key(ctx, l2.l3, &pkt, ports.both, &mut key)?;
+                // SAFETY: `flow_key` wrote every byte.
+                let key = unsafe { key.assume_init_mut() };
+                conntrack::new_or_tracked(key, &ports, first_fragment)?
             }
-            parse::Kind::LaterFragment { id } => conntrack::later_fragment(key, id)?,
-            parse::Kind::Icmp { l4 } => icmp::icmp_error(ctx, l4, end, key)?,
+            parse::Kind::LaterFragment { id } => {
+                parse::flow_key(ctx, l2.l3, &pkt, 0, &mut key)?;
+                // SAFETY: `flow_key` wrote every byte.
+                conntrack::later_fragment(unsafe { key.assume_init_ref() }, id)?
+            }
+            parse::Kind::Icmp { l4 } => {
+                parse::flow_key(ctx, l2.l3, &pkt, 0, &mut key)?;
+                // SAFETY: `flow_key` wrote every byte.
+                icmp::icmp_error(ctx, l4, end, unsafe { key.assume_init_mut() })?
+            }
         };
+        // SAFETY: every arm above wrote the key before it got here.
+        let key = unsafe { key.assume_init_ref() };
         let action = forward(ctx, &pkt, key, &d)?;
         if let Some(c) = d.counter {
             count(c);

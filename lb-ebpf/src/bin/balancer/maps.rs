@@ -69,13 +69,19 @@ pub fn lookup_vip(key: &FlowKey) -> Option<VipMeta> {
     unsafe { VIPS.get(&vk) }.copied()
 }
 
-/// The backend behind `id`, if it may carry traffic.
+/// The backend behind `id`, if it may carry traffic: its entry in `BACKENDS`, read in place.
 #[inline(always)]
-pub fn live_backend(id: u32) -> Option<BackendInfo> {
-    let b = *BACKENDS.get(id)?;
+pub fn live_backend_ref(id: u32) -> Option<&'static BackendInfo> {
+    let b = BACKENDS.get(id)?;
     if b.flags & BACKEND_F_ACTIVE != 0 && b.flags & BACKEND_F_DOWN == 0 {
         Some(b)
     } else {
         None
     }
+}
+
+/// A copy of [`live_backend_ref`]'s entry.
+#[inline(always)]
+pub fn live_backend(id: u32) -> Option<BackendInfo> {
+    live_backend_ref(id).copied()
 }
