@@ -460,7 +460,7 @@ fn report(args: &Args, cores: Cores, before: &Admitted, f: &Flood, broken: &[Str
         f.sent.system.as_secs_f64()
     );
     println!(
-        "  handled by the XDP balancer: {ct_new} first packets recorded in CT_NEW = {:.0}/s, of which spoofed about {spoofed} = {:.0}/s \
+        "  handled by the XDP balancer: {ct_new} first packets counted (ct_new: a SYN makes no entry while no table changes) = {:.0}/s, of which spoofed about {spoofed} = {:.0}/s \
          ({:.1}% of offered); {vip_packets} packets forwarded for the VIP = {:.0}/s",
         per_s(ct_new),
         per_s(spoofed),
