@@ -2,7 +2,7 @@
 //! chosen through the VIP's Maglev table and recorded; later fragments follow their first.
 //! Entries are read and updated in place (no copies on the stack).
 use crate::maps::{
-    live_backend, live_backend_ref, lookup_vip, BACKENDS, CT, CT_NEW, FRAGS, RING, SYN_RECORD,
+    backend_live, live_backend_ref, lookup_vip, BACKENDS, CT, CT_NEW, FRAGS, RING, SYN_RECORD,
     SYN_SEEN,
 };
 use crate::parse::{frag_key, Ports};
@@ -81,7 +81,7 @@ pub fn new_or_tracked(
                 Some(_) if reused => Tracked::Reused,
                 Some(v) => Tracked::BackendGone(v),
             };
-            let (id, _, hash) = choose(key, &vip, flow, tracked)?;
+            let (id, hash) = choose(key, &vip, flow, tracked)?;
             // `choose` found the backend live: its entry, in place.
             (id, BACKENDS.get(id).ok_or(Error::NoBackend)?, hash)
         }
@@ -169,20 +169,19 @@ pub struct FlowPacket {
     pub closes: bool,
 }
 
-/// The Maglev choice for a flow: (backend id, backend, flow hash).
+/// The Maglev choice for a flow: (live backend id, flow hash).
 #[inline(always)]
-pub fn from_table(key: &FlowKey, vip: &VipMeta) -> Result<(u32, BackendInfo, u32), Error> {
+pub fn from_table(key: &FlowKey, vip: &VipMeta) -> Result<(u32, u32), Error> {
     let hash = flow_hash(key);
     let slot = vip.ring_offset + maglev_index(hash, vip.ring_size);
     let id = RING.get(slot).copied().unwrap_or(0);
-    match if id == 0 { None } else { live_backend(id) } {
-        Some(b) => Ok((id, b, hash)),
-        None => {
-            if let Some(s) = stats::vip(vip.vip_id) {
-                s.no_backend(1);
-            }
-            Err(Error::NoBackend)
+    if id != 0 && backend_live(id) {
+        Ok((id, hash))
+    } else {
+        if let Some(s) = stats::vip(vip.vip_id) {
+            s.no_backend(1);
         }
+        Err(Error::NoBackend)
     }
 }
 
@@ -216,7 +215,7 @@ pub fn choose(
     vip: &VipMeta,
     p: FlowPacket,
     tracked: Tracked,
-) -> Result<(u32, BackendInfo, u32), Error> {
+) -> Result<(u32, u32), Error> {
     let FlowPacket {
         syn,
         seq,
@@ -232,10 +231,7 @@ pub fn choose(
     } else if key.proto == PROTO_TCP && matches!(tracked, Tracked::No) {
         let found = handshake_ack(key, seq, closes);
         if found != 0 {
-            let id = (found >> 32) as u32;
-            if let Some(b) = live_backend(id) {
-                return Ok((id, b, found as u32));
-            }
+            return Ok(((found >> 32) as u32, found as u32));
         }
     }
     let seq = if syn { seq } else { 0 };
@@ -253,7 +249,7 @@ pub fn choose(
     // A SYN with another initial sequence number: a new connection, the entry is not its.
     let seen = seen.filter(|v| !syn || v.syn_seq == seq);
     if let (Some(v), Some(ptr)) = (seen, seen_ptr) {
-        if let Some(b) = live_backend(v.backend) {
+        if backend_live(v.backend) {
             // Before the promotion copies it.
             touch(ptr, closes);
             // SAFETY: as `seen`; borrowed again, since `touch` wrote through the pointer.
@@ -271,7 +267,7 @@ pub fn choose(
                     count(Counter::CtInsertFailed);
                 }
             }
-            return Ok((v.backend, b, v.hash));
+            return Ok((v.backend, v.hash));
         }
     }
     // A SYN `CT_NEW` does not know, while recording: if the SYN cache holds it, it is a retry
@@ -279,13 +275,10 @@ pub fn choose(
     if syn && seen.is_none() {
         let found = syn_retry_recorded(key, seq, closes);
         if found != 0 {
-            let id = (found >> 32) as u32;
-            if let Some(b) = live_backend(id) {
-                return Ok((id, b, found as u32));
-            }
+            return Ok(((found >> 32) as u32, found as u32));
         }
     }
-    let (id, b, hash) = from_table(key, vip)?;
+    let (id, hash) = from_table(key, vip)?;
     let backend_stats = stats::backend(id);
     let resteer_ct = match tracked {
         Tracked::BackendGone(v) => Some(v),
@@ -330,7 +323,7 @@ pub fn choose(
         }
         new_flow(backend_stats, vip.vip_id);
     }
-    Ok((id, b, hash))
+    Ok((id, hash))
 }
 
 /// A new flow in the backend's and the VIP's statistics.
@@ -372,12 +365,8 @@ fn stamp(slot: *mut CtValue, closes: bool) {
 /// cache slot of the flow's hash tells a retry (same hash, same sequence number:
 /// `syn_retries`) from a new connection (`ct_new`, `new_flows`), which takes the slot.
 #[inline(always)]
-fn syn_unrecorded(
-    key: &FlowKey,
-    vip: &VipMeta,
-    seq: u32,
-) -> Result<(u32, BackendInfo, u32), Error> {
-    let (id, b, hash) = from_table(key, vip)?;
+fn syn_unrecorded(key: &FlowKey, vip: &VipMeta, seq: u32) -> Result<(u32, u32), Error> {
+    let (id, hash) = from_table(key, vip)?;
     let backend_stats = stats::backend(id);
     if let Some(slot) = SYN_SEEN.get_ptr_mut(hash & SYN_SEEN_MASK) {
         // SAFETY: an array element, valid while the program runs. Two CPUs writing one slot
@@ -387,7 +376,7 @@ fn syn_unrecorded(
                 if let Some(s) = backend_stats {
                     s.syn_retries(1);
                 }
-                return Ok((id, b, hash));
+                return Ok((id, hash));
             }
             (*slot).hash = hash;
             (*slot).syn_seq = seq;
@@ -396,7 +385,7 @@ fn syn_unrecorded(
     }
     count(Counter::CtNew);
     new_flow(backend_stats, vip.vip_id);
-    Ok((id, b, hash))
+    Ok((id, hash))
 }
 
 /// The first non-SYN packet of a TCP flow `CT` does not know: if the SYN cache holds its SYN
@@ -456,12 +445,6 @@ fn syn_retry_recorded(key: &FlowKey, seq: u32, closes: bool) -> u64 {
         st.syn_retries(1);
     }
     ((id as u64) << 32) | hash as u64
-}
-
-/// Whether backend `id` may carry traffic, read in place (no copy on the stack).
-#[inline(always)]
-fn backend_live(id: u32) -> bool {
-    live_backend_ref(id).is_some()
 }
 
 /// A later fragment: it has no ports, so it follows its first fragment's choice.

@@ -39,7 +39,7 @@ pub fn icmp_error(
         match tracked.and_then(|v| live_backend_ref(v.backend).map(|b| (v.backend, b, v.hash))) {
             Some(t) => t,
             None => {
-                let (id, _, hash) = from_table(key, &vip)?;
+                let (id, hash) = from_table(key, &vip)?;
                 // `from_table` found the backend live: its entry, in place.
                 (id, BACKENDS.get(id).ok_or(Error::NoBackend)?, hash)
             }

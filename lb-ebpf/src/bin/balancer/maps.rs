@@ -80,8 +80,8 @@ pub fn live_backend_ref(id: u32) -> Option<&'static BackendInfo> {
     }
 }
 
-/// A copy of [`live_backend_ref`]'s entry.
+/// Whether backend `id` may carry traffic (its entry read in place, nothing copied).
 #[inline(always)]
-pub fn live_backend(id: u32) -> Option<BackendInfo> {
-    live_backend_ref(id).copied()
+pub fn backend_live(id: u32) -> bool {
+    live_backend_ref(id).is_some()
 }
