@@ -551,3 +551,25 @@ pub fn backend_addrs(cfg: &lb_userspace::Config) -> Vec<std::net::IpAddr> {
         .flat_map(|v| v.backends.iter().map(|b| b.address))
         .collect()
 }
+
+/// User plus system CPU time of process or thread `pid` (fields 14 and 15 of `/proc/PID/stat`).
+pub fn process_cpu(pid: u32) -> anyhow::Result<Duration> {
+    use anyhow::Context as _;
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .with_context(|| format!("reading /proc/{pid}/stat"))?;
+    // The command name (field 2) is in parentheses and may hold spaces: count after it.
+    let after = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r)
+        .context("no ')' in /proc/PID/stat")?;
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    // After ")": state is field 3, so utime (14) and stime (15) are at 11 and 12.
+    Ok(ticks_to_duration(ticks(11) + ticks(12)))
+}
+
+fn ticks_to_duration(ticks: u64) -> Duration {
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    Duration::from_nanos(ticks * 1_000_000_000 / hz)
+}

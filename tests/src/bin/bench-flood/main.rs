@@ -305,10 +305,10 @@ impl Snapshot {
         let cpus = cpu::cpu_times()?;
         let napi_cpu = napi
             .iter()
-            .map(|&pid| cpu::process_cpu(pid as u32))
+            .map(|&pid| tests::procs::process_cpu(pid as u32))
             .sum::<Result<Duration>>()?;
         let ring_drops = tx_dropped(lab.switch(), lab.lb().switch_port())?;
-        let lbd_cpu = cpu::process_cpu(lbd_pid)?;
+        let lbd_cpu = tests::procs::process_cpu(lbd_pid)?;
         let prog = program_id.map(cpu::prog_run_stats).transpose()?;
         let stats = lbctl_json(socket, &["stats"]);
         let counters =

@@ -29,14 +29,7 @@ pub(super) struct RunOut {
 pub(super) type Event<'a> = (f64, Box<dyn FnMut(&mut Bench) -> Result<()> + 'a>);
 
 pub(super) fn cpu_secs(pid: u32) -> Option<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = &stat[stat.rfind(')')? + 2..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    // Fields 14 and 15 (utime, stime) are 12 and 13 after the state field.
-    let ticks: f64 = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    Some(ticks / hz)
+    tests::procs::process_cpu(pid).ok().map(|d| d.as_secs_f64())
 }
 
 #[allow(clippy::too_many_arguments)]
