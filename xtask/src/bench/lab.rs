@@ -37,8 +37,8 @@ pub struct BenchLabArgs {
     pub direct_only: bool,
     /// Runs of each path per variant, interleaved (direct, via, direct, via, ...); the
     /// ratio judged is the median of the runs' via/direct ratios.
-    #[arg(long, default_value_t = 3)]
-    pub runs: usize,
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+    pub runs: u32,
 }
 
 /// Issue 24's target: through the balancer at least this share of direct, for both loads.
@@ -172,9 +172,6 @@ impl Row {
 
 pub fn run(args: &BenchLabArgs) -> Result<()> {
     ensure_root("bench lab")?;
-    if args.runs == 0 {
-        bail!("--runs must be at least 1 (the runs of each path per variant)");
-    }
     catch_interrupts();
     let _ = tests::cleanup_stale_namespaces();
     let bin = if args.direct_only {
@@ -422,4 +419,29 @@ fn wrk(env: &LabEnv, common: &[String], args: &[String]) -> Result<WrkResult> {
             .unwrap_or_default()
     );
     Ok(r)
+}
+
+#[cfg(test)]
+mod args_tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        lab: BenchLabArgs,
+    }
+
+    #[test]
+    fn runs_must_be_at_least_one() {
+        assert_eq!(Cli::parse_from(["bench-lab"]).lab.runs, 3);
+        let err = Cli::try_parse_from(["bench-lab", "--runs", "0"])
+            .err()
+            .expect("--runs 0 refused")
+            .to_string();
+        assert!(
+            err.contains("invalid value '0' for '--runs <RUNS>'"),
+            "{err}"
+        );
+    }
 }
