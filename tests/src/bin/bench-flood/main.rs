@@ -92,8 +92,8 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(args: &Args) -> Result<()> {
-    ensure_root("bench flood")?;
+/// The bounds that keep the bench bounded (flood length, baseline, connections held).
+fn check_args(args: &Args) -> Result<()> {
     ensure!(
         (10..=20).contains(&args.duration),
         "--duration: 10 to 20 seconds"
@@ -103,6 +103,12 @@ fn run(args: &Args) -> Result<()> {
         (1..=5000).contains(&args.established),
         "--established: 1 to 5000"
     );
+    Ok(())
+}
+
+fn run(args: &Args) -> Result<()> {
+    ensure_root("bench flood")?;
+    check_args(args)?;
     let cores = Cores::choose(args)?;
     // Every thread of this process and every process it starts (lbd, `lbd decap`) inherits
     // the pin, and the veths without a NAPI thread do their work on the sending CPU: the
@@ -578,4 +584,29 @@ fn report(args: &Args, cores: Cores, before: &Admitted, f: &Flood, broken: &[Str
         napi_share * 100.0,
         if saturated { ", saturated" } else { "" }
     );
+}
+
+#[cfg(test)]
+mod args_tests {
+    use super::*;
+
+    fn check(argv: &[&str]) -> String {
+        let args = Args::try_parse_from([&["lb-bench-flood"], argv].concat()).expect("parses");
+        match check_args(&args) {
+            Ok(()) => "ok".into(),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn out_of_range_arguments_are_refused_by_name() {
+        assert_eq!(check(&[]), "ok");
+        assert_eq!(check(&["--duration", "9"]), "--duration: 10 to 20 seconds");
+        assert_eq!(check(&["--duration", "21"]), "--duration: 10 to 20 seconds");
+        assert_eq!(check(&["--baseline", "0"]), "--baseline: 1 to 30 s");
+        assert_eq!(
+            check(&["--established", "5001"]),
+            "--established: 1 to 5000"
+        );
+    }
 }
