@@ -20,8 +20,10 @@ const TCP_ACK: u8 = 0x10;
 ///
 /// An established flow whose backend is up is served from `CT` alone: it needs neither the
 /// VIP entry (the backend entry carries the mode and VIP id) nor the table. The port filter
-/// in front (`try_balance`) keeps that lookup off traffic to ports no VIP uses. A bare SYN is never served
-/// from `CT`: it opens a new connection on a reused 4-tuple (`choose`).
+/// in front (`try_balance`) keeps that lookup off traffic to ports no VIP uses. A bare SYN
+/// does not look at `CT`: it opens a connection, so the table chooses (`choose`), and a
+/// flood of SYNs costs no connection-table lookup. A new connection on a reused 4-tuple is
+/// told from the old one by its handshake (`reopened`), when the old entry may be over.
 #[inline(always)]
 pub fn new_or_tracked(
     key: &mut FlowKey,
@@ -32,20 +34,28 @@ pub fn new_or_tracked(
     let syn = tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
     let rst = tcp_flags & TCP_RST != 0;
     let closes = tcp_flags & (TCP_FIN | TCP_RST) != 0;
-    let established_ptr = CT.get_ptr_mut(&*key);
+    let established_ptr = if syn { None } else { CT.get_ptr_mut(&*key) };
     // SAFETY: LRU element, read in place (a copy would cost stack); the memory stays
     // valid while the program runs, a concurrent eviction yields stale fields at worst.
     let established = established_ptr.map(|v| unsafe { &*v });
-    // An established connection never sends a bare SYN: a SYN that finds its 4-tuple in
-    // `CT` opens a new connection on a reused tuple (clients cycle through their ephemeral
-    // ports), so it is not served from `CT`. Nor is any packet that finds a closing entry
-    // quiet for `CT_CLOSED_TICKS`: the connection it belonged to is over, the packet is a
-    // later one's whose SYN another balancer saw. The clock is read only for closing entries.
-    let reused = syn
-        || established.is_some_and(|v| {
-            v.flags & CT_F_CLOSING != 0 && ct_closed_long_ago(v.last_seen, now_tick())
-        });
-    let served = if reused { None } else { established_ptr };
+    // An entry that may be a past connection's (closing, or jiffies moved since its last
+    // packet) is looked at apart (`past`); the entry of a busy connection costs two compares.
+    let jiffies = jiffies32();
+    let past = match established {
+        Some(v)
+            if key.proto == PROTO_TCP && (v.flags & CT_F_CLOSING != 0 || v.touched != jiffies) =>
+        {
+            past(key, v.flags, v.last_seen, seq, closes)
+        }
+        _ => PAST_NO,
+    };
+    let reused = past == PAST_OVER;
+    let reopened = if past > PAST_OVER { past } else { 0 };
+    let served = if reused || reopened != 0 {
+        None
+    } else {
+        established_ptr
+    };
     let (id, backend, hash) = match served.and_then(|p| {
         // SAFETY: as `established`.
         let v = unsafe { &*p };
@@ -58,16 +68,22 @@ pub fn new_or_tracked(
                     s.client_rsts(1);
                 }
             }
-            touch(p, closes);
+            touch_at(p, closes, jiffies);
             (id, b, hash)
+        }
+        None if reopened != 0 => {
+            let id = (reopened >> 32) as u32;
+            (
+                id,
+                BACKENDS.get(id).ok_or(Error::NoBackend)?,
+                reopened as u32,
+            )
         }
         None => {
             let vip = lookup_vip(key).ok_or(Error::NotVip)?;
-            if reused && established.is_some() {
-                // The old connection's entry goes; the new one starts as a new flow with a
-                // backend from the current table. Flood-safe: a hit needs a client's exact
-                // address and port, which spoofed SYNs from random sources and ports
-                // practically never have, so a SYN flood never reaches `CT`.
+            if reused {
+                // The old connection's entry goes; the packet starts a new flow with a
+                // backend from the current table.
                 let _ = CT.remove(&*key);
             }
             let flow = FlowPacket {
@@ -127,7 +143,12 @@ pub fn now_tick() -> u32 {
 /// flag on the client's FIN or RST.
 #[inline(always)]
 pub fn touch(v: *mut CtValue, closes: bool) {
-    let jiffies = jiffies32();
+    touch_at(v, closes, jiffies32());
+}
+
+/// `touch` with jiffies (`jiffies32`) already read.
+#[inline(always)]
+pub fn touch_at(v: *mut CtValue, closes: bool, jiffies: u32) {
     // SAFETY: an LRU element found by the caller in this run of the program; its memory
     // stays valid until the program ends. Two CPUs writing the same fields write the same
     // values (a tick, a bit), so a race loses nothing that matters.
@@ -145,14 +166,79 @@ pub fn touch(v: *mut CtValue, closes: bool) {
     }
 }
 
+/// `past`: the entry is the packet's connection's.
+const PAST_NO: u64 = 0;
+/// `past`: the entry is closing and quiet for `CT_QUIET_TICKS`: that connection is over, the
+/// packet is a later one's (`Tracked::Reused`).
+const PAST_OVER: u64 = 1;
+
+/// A TCP packet on a `CT` entry with these `flags` and `last_seen` that may belong to a
+/// connection that is over: closing (the client sent a FIN or RST), or quiet for
+/// `CT_QUIET_TICKS`. If the packet is the handshake of a new connection on the tuple
+/// (`reopened`), that connection's backend id (high half) and flow hash (low half); else
+/// `PAST_OVER` for a closing entry quiet for `CT_QUIET_TICKS`, or `PAST_NO`. A BPF function
+/// of its own, called only when jiffies moved since the entry's last packet or the entry is
+/// closing, so the clock is read as rarely as in `touch`.
+#[inline(never)]
+fn past(key: &FlowKey, flags: u32, last_seen: u32, seq: u32, closes: bool) -> u64 {
+    let closing = flags & CT_F_CLOSING != 0;
+    let quiet = ct_long_quiet(last_seen, now_tick());
+    if !closing && !quiet {
+        return PAST_NO;
+    }
+    let found = reopened(key, seq, closes);
+    if found != 0 {
+        return found;
+    }
+    if closing && quiet {
+        PAST_OVER
+    } else {
+        PAST_NO
+    }
+}
+
+/// A TCP packet on a `CT` entry that may be over: the handshake of a new connection on the
+/// reused 4-tuple, if its SYN (this packet's sequence number minus one) is in the SYN cache
+/// (`handshake_ack`) or recorded in `CT_NEW` while a table changed. Either way the new
+/// connection's entry replaces the old one in `CT` (`ct_promoted`) on the SYN's backend, if
+/// live. Returns the backend id (high half) and the flow hash (low half), or 0: the packet is
+/// the old connection's. A match on the old connection's own handshake (a client that never
+/// sent data) finds the backend the entry already has.
+#[inline(always)]
+fn reopened(key: &FlowKey, seq: u32, closes: bool) -> u64 {
+    let found = handshake_ack(key, seq, closes);
+    if found != 0 {
+        return found;
+    }
+    let Some(p) = CT_NEW.get_ptr_mut(key) else {
+        return 0;
+    };
+    // SAFETY: LRU element, read in place like `CT`'s in `new_or_tracked`.
+    let (syn_seq, id, hash) = unsafe { ((*p).syn_seq, (*p).backend, (*p).hash) };
+    if syn_seq == 0
+        || u32::from_be(syn_seq).wrapping_add(1) != u32::from_be(seq)
+        || !backend_live(id)
+    {
+        return 0;
+    }
+    touch(p, closes);
+    // SAFETY: as above; the update copies the value (no copy on the stack).
+    if CT.insert(key, unsafe { &*p }, 0).is_ok() {
+        count(Counter::CtPromoted);
+    } else {
+        count(Counter::CtInsertFailed);
+    }
+    ((id as u64) << 32) | hash as u64
+}
+
 /// What the established table (`CT`) knew of a flow it does not serve.
 #[derive(Clone, Copy)]
 pub enum Tracked<'a> {
     /// Not in `CT`: `CT_NEW` may know it.
     No,
-    /// In `CT`, but the packet is a bare SYN, or the entry is closing and long quiet: a new
-    /// connection on a reused 4-tuple (the caller removed the entry). A new flow; `CT_NEW`
-    /// (the old connection's entry, if any) is not consulted.
+    /// In `CT`, but the entry is closing and long quiet: the packet is a later connection's
+    /// on the reused 4-tuple (the caller removed the entry). A new flow; `CT_NEW` (the old
+    /// connection's entry, if any) is not consulted.
     Reused,
     /// In `CT` with this value, but its backend is down or retired: steered again through
     /// the table and kept in `CT`.
