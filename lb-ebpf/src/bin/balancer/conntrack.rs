@@ -72,12 +72,8 @@ pub fn new_or_tracked(
             (id, b, hash)
         }
         None if reopened != 0 => {
-            let id = (reopened >> 32) as u32;
-            (
-                id,
-                BACKENDS.get(id).ok_or(Error::NoBackend)?,
-                reopened as u32,
-            )
+            let (id, hash) = unpacked(reopened);
+            (id, BACKENDS.get(id).ok_or(Error::NoBackend)?, hash)
         }
         None => {
             let vip = lookup_vip(key).ok_or(Error::NotVip)?;
@@ -222,13 +218,34 @@ fn reopened(key: &FlowKey, seq: u32, closes: bool) -> u64 {
         return 0;
     }
     touch(p, closes);
-    // SAFETY: as above; the update copies the value (no copy on the stack).
-    if CT.insert(key, unsafe { &*p }, 0).is_ok() {
+    promote(key, p);
+    packed(id, hash)
+}
+
+/// Inserts `v`, a map value (nothing is built on the stack), as the flow's `CT` entry:
+/// `ct_promoted`, or `ct_insert_failed`.
+#[inline(always)]
+fn promote(key: &FlowKey, v: *const CtValue) {
+    // SAFETY: the callers pass an element of a map this program uses, valid while it runs;
+    // the update copies it.
+    if CT.insert(key, unsafe { &*v }, 0).is_ok() {
         count(Counter::CtPromoted);
     } else {
         count(Counter::CtInsertFailed);
     }
+}
+
+/// A backend id and a flow hash as one BPF function result (the id, never 0, in the high
+/// half; 0 means none).
+#[inline(always)]
+fn packed(id: u32, hash: u32) -> u64 {
     ((id as u64) << 32) | hash as u64
+}
+
+/// `packed`'s (backend id, flow hash).
+#[inline(always)]
+fn unpacked(found: u64) -> (u32, u32) {
+    ((found >> 32) as u32, found as u32)
 }
 
 /// What the established table (`CT`) knew of a flow it does not serve.
@@ -317,7 +334,7 @@ pub fn choose(
     } else if key.proto == PROTO_TCP && matches!(tracked, Tracked::No) {
         let found = handshake_ack(key, seq, closes);
         if found != 0 {
-            return Ok(((found >> 32) as u32, found as u32));
+            return Ok(unpacked(found));
         }
     }
     let seq = if syn { seq } else { 0 };
@@ -346,12 +363,7 @@ pub fn choose(
             }
             // A retried SYN proves nothing about the client: only a later packet promotes.
             if !syn {
-                // Straight from the map value: no copy on the stack.
-                if CT.insert(key, v, 0).is_ok() {
-                    count(Counter::CtPromoted);
-                } else {
-                    count(Counter::CtInsertFailed);
-                }
+                promote(key, v);
             }
             return Ok((v.backend, v.hash));
         }
@@ -361,7 +373,7 @@ pub fn choose(
     if syn && seen.is_none() {
         let found = syn_retry_recorded(key, seq, closes);
         if found != 0 {
-            return Ok(((found >> 32) as u32, found as u32));
+            return Ok(unpacked(found));
         }
     }
     let (id, hash) = from_table(key, vip)?;
@@ -498,13 +510,8 @@ fn handshake_ack(key: &FlowKey, seq: u32, closes: bool) -> u64 {
         return 0;
     }
     stamp(s, closes);
-    // SAFETY: as above.
-    if CT.insert(key, unsafe { &*s }, 0).is_ok() {
-        count(Counter::CtPromoted);
-    } else {
-        count(Counter::CtInsertFailed);
-    }
-    ((id as u64) << 32) | hash as u64
+    promote(key, s);
+    packed(id, hash)
 }
 
 /// A SYN that `CT_NEW` does not know while recording is armed: if the SYN cache holds it (same
@@ -530,7 +537,7 @@ fn syn_retry_recorded(key: &FlowKey, seq: u32, closes: bool) -> u64 {
     if let Some(st) = stats::backend(id) {
         st.syn_retries(1);
     }
-    ((id as u64) << 32) | hash as u64
+    packed(id, hash)
 }
 
 /// A later fragment: it has no ports, so it follows its first fragment's choice.
