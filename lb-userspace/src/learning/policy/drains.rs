@@ -567,6 +567,43 @@ mod tests {
         assert_eq!(*weights.last().unwrap(), 10_000, "{:?}", &weights[150..]);
     }
 
+    /// A backend failing its flows (here: retried SYNs) leaves the table in the step it is
+    /// drained, whatever the disruption budget: each step it kept slots would fail the new
+    /// connections they send it. (A slow one leaves gradually: the test below.)
+    #[test]
+    fn a_backend_drained_for_a_passive_signal_leaves_the_table_at_once() {
+        let p = policy();
+        let mut inputs: Vec<BackendInput> = (1..=4)
+            .map(|id| {
+                let mut b = input(id, 100, Ok(mm1_fit(100.0)));
+                b.observed = Some(observed(50.0, 20.0));
+                b
+            })
+            .collect();
+        inputs[3].observed = Some(Observed {
+            syn_retries_per_s: 1.5 * 50.0,
+            ..observed(50.0, 20.0)
+        });
+        let mut state = PolicyState::default();
+        let ds = run(&mut inputs, &p, &mut state, p.outlier_steps as usize);
+        let last = ds.last().unwrap();
+        assert!(
+            reasons(last, 4)
+                .iter()
+                .any(|r| matches!(r, Reason::Drained { .. })),
+            "{:?}",
+            reasons(last, 4)
+        );
+        assert_eq!(weight(last, 4), 0, "{:?}", reasons(last, 4));
+        assert!(
+            last.slots_moved > last.slots_budget,
+            "a quarter of the table, past the budget: {} of {}",
+            last.slots_moved,
+            last.slots_budget
+        );
+        assert!(last.slots_moved_gradual <= last.slots_budget);
+    }
+
     #[test]
     fn outliers_are_drained_within_the_pool_share() {
         let p = policy();

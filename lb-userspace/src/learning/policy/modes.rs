@@ -27,8 +27,11 @@ fn fixed(b: &mut Backend, p: &WeightPolicy) -> bool {
         b.mode = Mode::Urgent;
         b.reasons.push(Reason::ConfiguredZero);
     } else if b.state.drained_at.is_some() {
-        // The model's drains are spread over steps within the disruption budget.
-        b.mode = if input.current_weight > 0 {
+        // A drain for latency is spread over steps within the disruption budget: a slow
+        // backend still serves. One for a passive signal (retried SYNs, resets, errors) takes
+        // the backend out at once, as health does: every step it keeps slots fails the new
+        // connections they send it.
+        b.mode = if input.current_weight > 0 && b.state.drained_for.is_none() {
             Mode::Drain
         } else {
             Mode::Urgent
