@@ -13,13 +13,14 @@ use crate::{
 /// nothing to compare capacities with.
 pub(super) fn choose(s: &mut Step) {
     let (p, group_len, pool_cap, group_cfg) = (s.p, s.group_len, s.pool_cap, s.group_cfg);
+    let peer_scale = s.peer_scale;
     for b in s.all.iter_mut().filter(|b| !b.settled) {
         if b.input.fit.is_ok() && group_len < 2 {
             b.reasons.push(Reason::NoPeers { fitted: group_len });
         } else if pool_cap <= 0.0 {
             b.reasons.push(Reason::NoCapacity);
         } else {
-            let t = target(b, p, group_cfg, pool_cap);
+            let t = target(b, p, (group_cfg, pool_cap), peer_scale);
             b.target = Some(t);
             if let Some(Reason::LowerBound { .. }) = b.reasons.last() {
                 // Not a learned move: no deadband, no reversal hold, as any return's ramp.
@@ -35,7 +36,13 @@ pub(super) fn choose(s: &mut Step) {
 }
 
 /// The capacity's share of the group's configured weight, clamped to floor and ceiling.
-fn target(b: &mut Backend, p: &WeightPolicy, group_cfg: f64, pool_cap: f64) -> f64 {
+/// `peer_scale`: the weight per configured unit of the backends that are not returning.
+fn target(
+    b: &mut Backend,
+    p: &WeightPolicy,
+    (group_cfg, pool_cap): (f64, f64),
+    peer_scale: f64,
+) -> f64 {
     if let (Err(refusal), Some(capacity)) = (&b.input.fit, b.headroom) {
         b.reasons.push(Reason::Headroom {
             refusal: refusal.clone(),
@@ -55,13 +62,15 @@ fn target(b: &mut Backend, p: &WeightPolicy, group_cfg: f64, pool_cap: f64) -> f
     // ramp's, or the share it was given back, so the estimate is a lower bound, no evidence
     // against its configured share (held by the deadband, a recovered backend stayed at 76%
     // of it for minutes; back at it, the peers' estimates, bound by the higher loads they
-    // carried while it was out, cut it to 70%). Missing the target ends the return: the
-    // weight rule takes over.
+    // carried while it was out, cut it to 70%). Its configured share is at the pool's scale:
+    // the peers were raised while it was out, and at its configured weight it stayed at 85%
+    // of an equal share. Missing the target ends the return: the weight rule takes over.
     if b.misses_target(p) {
         b.state.ramping_back = false;
     }
-    if b.state.ramping_back && b.load_bound && t < b.configured {
-        t = b.configured.min(hi);
+    let share = b.configured * peer_scale.max(1.0);
+    if b.state.ramping_back && b.load_bound && t < share {
+        t = share.min(hi);
         b.reasons.push(Reason::LowerBound {
             capacity: b.cap,
             weight: t,
@@ -110,7 +119,7 @@ pub(super) fn describe(r: &Reason, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         ),
         Reason::LowerBound { capacity, weight } => write!(
             f,
-            "returning: its capacity estimate {capacity:.1}/s is bound by its own ramping load, a lower bound: ramping back to the configured {:.2}",
+            "returning: its capacity estimate {capacity:.1}/s is bound by its own ramping load, a lower bound: ramping back to its configured share at the pool's scale, {:.2}",
             weight / s
         ),
         _ => unreachable!("not a target reason: {r:?}"),
@@ -155,6 +164,39 @@ mod tests {
         inputs[3].observed = Some(observed(40.0, 150.0));
         let d = decide(&inputs, &p, &returned);
         assert!(!d.state.backends[&4].ramping_back);
+    }
+
+    /// The same return in a pool whose peers were raised while it was out (117 per configured
+    /// 100): its lower bound is its configured share at that scale, an equal share, not its
+    /// configured weight (which left it at 85% of an equal share).
+    #[test]
+    fn a_returned_backend_ramps_to_its_configured_share_at_the_pools_scale() {
+        let p = unbudgeted();
+        let bound = |load_max: f64| {
+            let mut f = mm1_fit(1000.0);
+            (f.load_min, f.load_max, f.load_mean) = (0.5 * load_max, load_max, 0.75 * load_max);
+            f
+        };
+        let inputs: Vec<BackendInput> = (1..=4)
+            .map(|id| {
+                let mut b = input(id, 100, Ok(bound(if id == 4 { 30.0 } else { 50.0 })));
+                b.observed = Some(observed(40.0, 20.0));
+                b.current_weight = if id == 4 { 5_000 } else { 11_700 };
+                b
+            })
+            .collect();
+        let mut returned = PolicyState::default();
+        returned.backends.entry(4).or_default().ramping_back = true;
+        let d = decide(&inputs, &p, &returned);
+        let lower = reasons(&d, 4)
+            .iter()
+            .find_map(|r| match r {
+                Reason::LowerBound { weight, .. } => Some(*weight),
+                _ => None,
+            })
+            .expect("a lower bound");
+        assert_eq!(lower, 11_700.0, "{:?}", reasons(&d, 4));
+        assert_eq!(d.backends[3].target_weight, Some(11_700.0));
     }
 
     #[test]
