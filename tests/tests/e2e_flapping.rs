@@ -11,15 +11,14 @@
 //! * with learning, a backend slowed 5x: never back at full weight while slow, no 503 after
 //!   the first removal, the other backends' p99 from 30 s after the fault printed against
 //!   their level before it (the issue's 1.5x is out of reach with the slowed backend out, see
-//!   the test and docs/model.md); back at its full share within 60 s of recovering printed
-//!   (a "target NOT met" line when not: it was not reliably met on a loaded machine);
+//!   the test and docs/model.md); back at its full share within 60 s of recovering;
 //! * with learning, a backend dropping SYNs on its service port (nftables in its namespace)
 //!   while its probe port answers: drained within 10 s, at most 2 failed trials in the next
 //!   5 minutes, each costing a few dozen requests at most; in a second lab the drop ends
 //!   100 s after it began (without lbd's check of the service port, after two failed trials
 //!   and 360 s before the next): no trial while it drops, back at its configured table
-//!   weight within 60 s of the drop's end and still there at the end (the issue's "full
-//!   share", 90% of an equal share of slots, printed: the peers may keep raised weights).
+//!   weight and at 90% of an equal share of slots (the issue's "full share") within 60 s of
+//!   the drop's end, and at its configured weight or more at the end.
 //!
 //! The scenarios are separate tests of one binary, so they run concurrently; each prints its
 //! measured figures.
@@ -573,9 +572,8 @@ fn with_learning_a_slowed_backend_is_never_readmitted_at_full_weight() {
         },
     );
     // Issue 25: back at its full share (within 10% of an equal share) within 60 s of the
-    // slowdown's end. Printed, not asserted: it passed in 2 of 5 runs on a machine loaded by
-    // other engineers' tests (the model's capacity estimate of a returning backend is bound
-    // by its own ramping load; docs/model.md).
+    // slowdown's end. Its return's lower bound is its configured share at the pool's scale
+    // (docs/model.md, "Ramping back"): 15.9-18.0 s in the last runs.
     println!(
         "issue 25 target: learning, slowed 5x: back at full share {full_again:?} s after the slowdown's end (target {recover_secs} s: {})",
         if full_again.is_some_and(|b| b <= recover_secs) {
@@ -584,6 +582,8 @@ fn with_learning_a_slowed_backend_is_never_readmitted_at_full_weight() {
             "NOT met"
         },
     );
+    let back = full_again.expect("back at its full share after the slowdown's end");
+    assert!(back <= recover_secs, "back at its full share after {back:.1} s");
     s.finish();
 }
 
@@ -777,9 +777,10 @@ fn with_learning_a_backend_that_stops_dropping_syns_is_back_within_60_s() {
         "syn drop lifted after {DROP_SECS} s: drained {drained:?} s after the drop, trials while it dropped {during:?} (failed requests {failed:?}), back at its configured table weight {back:?} s after the drop ended, at 90% of an equal share of slots {share_back:?} s after, {:.0}% of an equal share and table weight {table_weight} at the end; load {summary}",
         end_share * 100.0
     );
-    // Issue 25 asks for its full share within 60 s: printed, not asserted. The peers keep the
-    // weights they were raised to while it was out (their capacity estimates are bound by
-    // their own load), so its share of slots can stay near 86% at its full weight.
+    // Issue 25 asks for its full share within 60 s. The peers keep the weights they were
+    // raised to while it was out (their capacity estimates are bound by their own load); its
+    // return ramps to its configured share at that scale (29.6 s to 90% in the last run; at its
+    // configured weight alone it stayed near 86%).
     println!(
         "issue 25 target: back at 90% of an equal share within 60 s of the lift: {}",
         if share_back.is_some_and(|b| b <= 60.0) {
@@ -789,6 +790,8 @@ fn with_learning_a_backend_that_stops_dropping_syns_is_back_within_60_s() {
         }
     );
     assert!(drained.is_some(), "drained while dropping SYNs");
+    let share_back = share_back.expect("back at 90% of an equal share of slots");
+    assert!(share_back <= 60.0, "at 90% of an equal share after {share_back:.1} s");
     let sent = summary["sent"].as_f64().unwrap();
     let ok = summary["ok"].as_f64().unwrap();
     assert!(ok / sent > 0.97, "the pool served: {summary}");
