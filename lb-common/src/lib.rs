@@ -196,29 +196,27 @@ pub struct CtValue {
 pub const CT_TICK_SHIFT: u32 = 20;
 
 /// Connection-table value flag: the client sent a FIN or a RST on this flow. It is not active
-/// any more (it is counted as closing); the handshake of a new connection on the tuple
-/// replaces the entry, and so does any packet once the entry has been quiet for
-/// [`CT_QUIET_TICKS`].
+/// any more (it is counted as closing); a new SYN on the tuple starts a fresh entry, and so
+/// does any packet once the entry has been quiet for [`CT_CLOSED_TICKS`].
 pub const CT_F_CLOSING: u32 = 2;
 
-/// How long an entry may be quiet before it may be a past connection's: after this many ticks
-/// (10 s) without a packet, the handshake of a new connection on the tuple replaces it, and a
-/// closing entry is over: the tuple's next packet is a new connection's, steered by the
-/// current table, not by the old backend. Why: a client reuses its ports, and with ECMP in
-/// front of several balancers a new connection's packets can reach a balancer that still
-/// holds the old connection's entry (the new one's SYN went to another): following it would
-/// send them to a backend that never saw the connection and answers with a RST. 10 s, as
-/// Cilium's close timeout: after its FIN a client only acknowledges what its server still
-/// sends (each ACK keeps the entry fresh), and a port leaves TIME_WAIT only after 60 s.
-pub const CT_QUIET_TICKS: u32 = (10_000_000_000u64 >> CT_TICK_SHIFT) as u32;
+/// How long a closing entry outlives its connection: after this many ticks (10 s) without a
+/// packet, the tuple's next packet is a new connection's, steered by the current table, not
+/// by the old backend. Why: a client reuses its ports, and with ECMP in front of several
+/// balancers a new connection's packets can reach a balancer that still holds the old
+/// connection's entry (the new one's SYN went to another): following it would send them to a
+/// backend that never saw the connection and answers with a RST. 10 s, as Cilium's close
+/// timeout: after its FIN a client only acknowledges what its server still sends (each ACK
+/// keeps the entry fresh), and a port leaves TIME_WAIT only after 60 s.
+pub const CT_CLOSED_TICKS: u32 = (10_000_000_000u64 >> CT_TICK_SHIFT) as u32;
 
-/// Whether an entry last seen at tick `last_seen` has been quiet for longer than
-/// [`CT_QUIET_TICKS`] at tick `now` (wrapping ticks; a `last_seen` a little after `now`, read
+/// Whether a closing entry last seen at tick `last_seen` has been quiet for longer than
+/// [`CT_CLOSED_TICKS`] at tick `now` (wrapping ticks; a `last_seen` a little after `now`, read
 /// on another CPU, is not old).
 #[inline(always)]
-pub fn ct_long_quiet(last_seen: u32, now: u32) -> bool {
+pub fn ct_closed_long_ago(last_seen: u32, now: u32) -> bool {
     let quiet = now.wrapping_sub(last_seen);
-    quiet > CT_QUIET_TICKS && quiet < u32::MAX / 2
+    quiet > CT_CLOSED_TICKS && quiet < u32::MAX / 2
 }
 
 /// Connection-table value flag: the flow was steered again because its backend was down or
@@ -632,15 +630,15 @@ mod tests {
     #[test]
     fn a_closing_entry_is_over_after_ten_quiet_seconds() {
         // 10 s of ~1.05 ms ticks.
-        assert_eq!(CT_QUIET_TICKS, 9536);
-        for now in [CT_QUIET_TICKS + 5, 3, u32::MAX - 7] {
+        assert_eq!(CT_CLOSED_TICKS, 9536);
+        for now in [CT_CLOSED_TICKS + 5, 3, u32::MAX - 7] {
             let ago = |t: u32| now.wrapping_sub(t);
-            assert!(!ct_long_quiet(ago(0), now));
-            assert!(!ct_long_quiet(ago(CT_QUIET_TICKS), now));
-            assert!(ct_long_quiet(ago(CT_QUIET_TICKS + 1), now));
-            assert!(ct_long_quiet(ago(3_600_000), now), "an hour ago");
+            assert!(!ct_closed_long_ago(ago(0), now));
+            assert!(!ct_closed_long_ago(ago(CT_CLOSED_TICKS), now));
+            assert!(ct_closed_long_ago(ago(CT_CLOSED_TICKS + 1), now));
+            assert!(ct_closed_long_ago(ago(3_600_000), now), "an hour ago");
             // Written on another CPU a little after this one read the clock.
-            assert!(!ct_long_quiet(now.wrapping_add(2), now));
+            assert!(!ct_closed_long_ago(now.wrapping_add(2), now));
         }
     }
 

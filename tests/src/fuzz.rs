@@ -161,8 +161,7 @@ impl FuzzReport {
             "syn_seen+ack",
             "ct_new(syn_seen retry)",
             "new",
-            "reopened(syn_seen)",
-            "reopened(ct_new)",
+            "reuse(ct)",
             "reuse(ct_new)",
             "resteer(ct)",
             "resteer(ct_new)",
@@ -1777,7 +1776,7 @@ fn run_inside(opts: &FuzzOptions, ifindex: [u32; 2]) -> Result<FuzzReport> {
     let mut window: Vec<(u64, &'static str, Vec<u8>, Vec<Counter>)> = Vec::new();
     let mut tracked_keys: Vec<Flow> = Vec::new();
     // The model has no clock: flushing the tables this often keeps every entry younger than
-    // `CT_QUIET_TICKS`, after which the datapath treats a closing entry as gone.
+    // `CT_CLOSED_TICKS`, after which the datapath treats a closing entry as gone.
     let mut flushed = Instant::now();
     let mut down: BTreeSet<u32> = BTreeSet::new();
 
@@ -2242,14 +2241,14 @@ fn set_syn_recording(k: &mut Kernel, m: &mut State, ctl: &mut Rng) -> Result<()>
 }
 
 /// How long the model's table entries may live: half the quiet time after which the datapath
-/// takes a closing entry for a connection that is over (`lb_common::CT_QUIET_TICKS`, 10 s).
+/// takes a closing entry for a connection that is over (`lb_common::CT_CLOSED_TICKS`, 10 s).
 const MODEL_ENTRY_AGE: Duration = Duration::from_secs(5);
 
 /// Compares `CT`, `CT_NEW` and `FRAGS` entry by entry with the model, then empties both.
 fn compare_and_flush(k: &mut Kernel, m: &mut State) -> Result<(u64, Vec<String>)> {
     // The documented value layout: `syn_seq` as read from the packet (network order), `flags`
-    // with `CT_F_RESTEERED` and `CT_F_CLOSING` as the only bits. The times are not modelled
-    // (the fixtures and e2e_conns check them).
+    // with `CT_F_RESTEERED` and `CT_F_CLOSING` as the only bits. The closing flag and the
+    // times are not modelled (the fixtures and e2e_conns check them).
     fn track(what: &str, v: CtValue, problems: &mut Vec<String>) -> Track {
         if v.flags & !(CT_F_RESTEERED | CT_F_CLOSING) != 0 {
             problems.push(format!("{what}: value {v:?} has unknown flags"));
@@ -2259,7 +2258,6 @@ fn compare_and_flush(k: &mut Kernel, m: &mut State) -> Result<(u64, Vec<String>)
             hash: v.hash,
             syn_seq: u32::from_be(v.syn_seq),
             resteered: v.flags & CT_F_RESTEERED != 0,
-            closing: v.flags & CT_F_CLOSING != 0,
         }
     }
     let mut problems = Vec::new();

@@ -31,7 +31,7 @@
 //! - port filter (`VIP_PORTS`: does a TCP/UDP VIP use this destination port), then `CT` (live
 //!   backend: served, VIP not consulted), then the VIP, then `CT_NEW`/Maglev (`choose`).
 //! - SYN recording (`SYN_RECORD`, armed by lbd around table changes; here `syn_record`): while
-//!   it is off, a SYN (SYN without ACK) makes no table entry: the
+//!   it is off, a SYN (SYN without ACK) that `CT` does not serve makes no table entry: the
 //!   table chooses, and the SYN cache slot `flow_hash & 0xffff` (hash, sequence number,
 //!   backend) tells a retry (same hash and number: `syn_retries` of the chosen backend, nothing
 //!   written) from a new connection (`ct_new`, `new_flows`, the slot is overwritten).
@@ -47,21 +47,16 @@
 //!   through the table in the table it was found in, keeps its SYN's sequence number and is
 //!   marked re-steered.
 //! - tuple reuse: a flow's entry records the sequence number of the SYN that opened it (0 for
-//!   UDP and for flows opened by another packet). A SYN never looks at `CT` (it is never served
-//!   from it and does not change it). A TCP packet other than a SYN on a closing `CT` entry
-//!   (the client sent a FIN or RST: `CT_F_CLOSING`, set by any tracked packet with FIN or RST)
-//!   is checked first for the handshake of a new connection on the reused tuple: its SYN cache
-//!   slot holding its hash and a sequence number one less (as the SYN cache's handshake ACK,
-//!   path `reopened(syn_seen)`), else its `CT_NEW` entry with a SYN's number (non-zero) one
-//!   less, both with a live backend: that entry, touched, goes into `CT` over the old one
-//!   (`ct_promoted`, path `reopened(ct_new)`). A SYN that finds its flow in `CT_NEW` with the
-//!   same sequence number is a retry (`syn_retries`, same backend); with another one it is a
-//!   new flow whose entry replaces the old one.
+//!   UDP and for flows opened by another packet). A SYN that finds its flow in `CT` is a new
+//!   connection: the `CT` entry is deleted and the SYN is a new flow (table, `CT_NEW`, `ct_new`;
+//!   `CT_NEW` is not consulted). A SYN that finds its flow in `CT_NEW` with the same sequence
+//!   number is a retry (`syn_retries`, same backend); with another one it is a new flow whose
+//!   entry replaces the old one.
 //! - per-backend `syn_retries` only for SYN retries in `CT_NEW`; `client_rsts` for RSTs on a
 //!   tracked flow with a live backend that is not marked re-steered.
-//! - an entry quiet for 10 s may be a past connection's (the handshake check above applies to
-//!   it too), and a closing one quiet for 10 s is over: the datapath treats any packet on it
-//!   as a new flow's. Not modelled (no clock here): the fuzzer empties the tables every 5 s.
+//! - a closing `CT` entry (the client sent a FIN or RST) quiet for 10 s belongs to a
+//!   connection that is over: the datapath treats any packet on it like a SYN on a tracked
+//!   tuple. Not modelled (no clock here): the fuzzer empties the tables every 5 s.
 //! - a TCP packet other than a SYN that neither table knows counts `ct_lost` (its state was
 //!   lost or predates the balancer), then goes through the table like a first packet
 //!   (`ct_new`). UDP never counts `ct_lost`. Inserts never fail here (the model has no
@@ -100,7 +95,7 @@ use lb_common::{
 
 use lb_pkt::{
     self as pkt, be16, be32, Ip4, Ip6, Mac, ICMP, ICMPV6, IP4_DF, IPIP, IPV6, IPV6_FRAG, TCP,
-    TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, UDP,
+    TCP_ACK, TCP_RST, TCP_SYN, UDP,
 };
 
 /// Outer TTL / hop limit of what the balancer sends.
@@ -245,15 +240,13 @@ impl FragId {
 
 /// A connection-table or fragment-table value: the backend, the flow's hash, the sequence
 /// number of the SYN that opened the flow (0 for UDP, for flows opened by another packet, and
-/// in the fragment table), whether the flow was re-steered from a backend that was down and
-/// whether its client sent a FIN or RST (`CT_F_CLOSING`).
+/// in the fragment table) and whether the flow was re-steered from a backend that was down.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Track {
     pub backend: u32,
     pub hash: u32,
     pub syn_seq: u32,
     pub resteered: bool,
-    pub closing: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -374,10 +367,8 @@ pub enum Change {
     ResteerCt(Flow, Track),
     /// A `CT_NEW` flow whose backend is not live, steered again: `CT_NEW` updated.
     ResteerCtNew(Flow, Track),
-    /// A packet of a `CT` flow that changes its entry (the closing flag): `CT` updated.
-    SetCt(Flow, Track),
-    /// A packet of a `CT_NEW` flow that changes its entry (the closing flag): `CT_NEW` updated.
-    SetCtNew(Flow, Track),
+    /// A SYN on a `CT` flow (a new connection on a reused 4-tuple): the `CT` entry is deleted.
+    CtRemove(Flow),
     /// A first fragment's choice, for the later fragments of its datagram.
     Frag(FragId, Track),
     /// A SYN sent on without recording: its SYN cache slot.
@@ -539,14 +530,17 @@ impl State {
     pub fn apply(&mut self, o: &Outcome) {
         for c in &o.changes {
             match *c {
-                Change::CtNew(f, t) | Change::ResteerCtNew(f, t) | Change::SetCtNew(f, t) => {
+                Change::CtNew(f, t) | Change::ResteerCtNew(f, t) => {
                     self.ct_new.insert(f, t);
                 }
-                Change::Promote(f, t) | Change::ResteerCt(f, t) | Change::SetCt(f, t) => {
+                Change::Promote(f, t) | Change::ResteerCt(f, t) => {
                     self.ct.insert(f, t);
                 }
                 Change::Frag(k, t) => {
                     self.frags.insert(k, t);
+                }
+                Change::CtRemove(f) => {
+                    self.ct.remove(&f);
                 }
                 Change::SynSeen(i, slot) => {
                     self.syn_seen.insert(i, slot);
@@ -673,43 +667,33 @@ impl State {
         let tcp_seq = seq;
         let seq = if syn { seq } else { 0 };
         let rst = flags & TCP_RST != 0;
-        let closes = flags & (TCP_FIN | TCP_RST) != 0;
-        // A SYN does not look at `CT`: it opens a connection.
-        let established = if syn {
-            None
-        } else {
-            self.ct.get(&flow).copied()
-        };
-        // A closing entry may be a past connection's: the handshake of a new one replaces it.
-        let reopened = established
-            .filter(|e| proto == TCP && e.closing)
-            .and_then(|_| self.reopened(&flow, tcp_seq, closes, o));
-        let t = match (reopened, established.filter(|t| self.live(t.backend))) {
-            (Some(t), _) => t,
-            (None, Some(t)) => {
+        let established = self.ct.get(&flow).copied();
+        // A SYN is never served from `CT`: it opens a new connection on a reused tuple.
+        let served = if syn { None } else { established };
+        let t = match served.filter(|t| self.live(t.backend)) {
+            Some(t) => {
                 let s = o.bstat(t.backend);
                 s.client_rsts += (rst && !t.resteered) as u64;
-                if closes && !t.closing {
-                    let closing = Track { closing: true, ..t };
-                    o.changes.push(Change::SetCt(flow, closing));
-                }
                 o.path = if t.resteered { "ct(resteered)" } else { "ct" };
                 t
             }
-            (None, None) => {
+            None => {
                 let vip = self
                     .vips
                     .get(&(flow.dst, flow.dport, flow.proto))
                     .ok_or(Stop::NotVip)?;
+                if syn && established.is_some() {
+                    o.changes.push(Change::CtRemove(flow));
+                }
                 if syn && !self.syn_record {
                     self.syn_unrecorded(&flow, vip, seq, o)?
                 } else if let Some(t) = (!syn && proto == TCP && established.is_none())
-                    .then(|| self.handshake_ack(&flow, tcp_seq, closes, o))
+                    .then(|| self.handshake_ack(&flow, tcp_seq, o))
                     .flatten()
                 {
                     t
                 } else {
-                    self.choose(&flow, vip, (syn, seq), rst, closes, established, o)?
+                    self.choose(&flow, vip, syn, seq, rst, established, o)?
                 }
             }
         };
@@ -723,7 +707,6 @@ impl State {
             let ft = Track {
                 syn_seq: 0,
                 resteered: false,
-                closing: false,
                 ..t
             };
             o.changes.push(Change::Frag(k, ft));
@@ -731,23 +714,22 @@ impl State {
         self.forward(ip, t, true, None, o)
     }
 
-    /// `CT_NEW`, else the table. `established`: the flow's `CT` entry (one whose backend is
-    /// not live; never a SYN's); `CT_NEW` is then not consulted. `(syn, seq)`: whether the
-    /// packet is a bare SYN, and its sequence number (0 for any other packet). `closes`: a
-    /// FIN or RST.
+    /// `CT_NEW`, else the table. `established`: the flow's `CT` entry (a SYN's, which the
+    /// caller deleted, or one whose backend is not live); `CT_NEW` is then not consulted.
+    /// `seq`: the SYN's sequence number (0 for any other packet).
     #[allow(clippy::too_many_arguments)]
     fn choose(
         &self,
         flow: &Flow,
         vip: &Vip,
-        (syn, seq): (bool, u32),
+        syn: bool,
+        seq: u32,
         rst: bool,
-        closes: bool,
         established: Option<Track>,
         o: &mut Outcome,
     ) -> Result<Track, Stop> {
-        // Kept in `CT` and steered again there.
-        let in_ct = established;
+        // Kept in `CT` and steered again there (not a SYN: a SYN's entry was deleted).
+        let in_ct = if syn { None } else { established };
         let seen = if established.is_some() {
             None
         } else {
@@ -763,14 +745,6 @@ impl State {
             let s = o.bstat(t.backend);
             s.syn_retries += syn as u64;
             s.client_rsts += (rst && !t.resteered) as u64;
-            // The entry's closing flag, before the promotion copies it.
-            let t = Track {
-                closing: t.closing || closes,
-                ..t
-            };
-            if closes {
-                o.changes.push(Change::SetCtNew(*flow, t));
-            }
             if syn {
                 o.path = "ct_new(syn)";
             } else {
@@ -796,7 +770,6 @@ impl State {
                 hash: c.hash,
                 syn_seq: 0,
                 resteered: false,
-                closing: closes,
             },
             None => self.maglev_choice(flow, vip, o)?,
         };
@@ -811,7 +784,6 @@ impl State {
             let t = Track {
                 syn_seq: old.syn_seq,
                 resteered: true,
-                closing: old.closing || closes,
                 ..t
             };
             o.changes.push(if in_ct.is_some() {
@@ -828,16 +800,18 @@ impl State {
             };
             Ok(t)
         } else {
-            let t = Track {
-                syn_seq: seq,
-                closing: closes,
-                ..t
-            };
+            let t = Track { syn_seq: seq, ..t };
             o.changes.push(Change::CtNew(*flow, t));
             o.counters.push(Counter::CtNew);
             o.bstat(t.backend).new_flows += 1;
             o.vstat(vip.vip_id).new_flows += 1;
-            o.path = if reused { "reuse(ct_new)" } else { "new" };
+            o.path = if established.is_some() {
+                "reuse(ct)"
+            } else if reused {
+                "reuse(ct_new)"
+            } else {
+                "new"
+            };
             Ok(t)
         }
     }
@@ -874,34 +848,9 @@ impl State {
         Ok(t)
     }
 
-    /// A TCP packet past the SYN on a closing `CT` entry: the handshake of a new connection on
-    /// the reused tuple if its SYN (sequence number one less) is in the SYN cache or recorded
-    /// in `CT_NEW`, with a live backend; that connection then replaces the entry in `CT`.
-    fn reopened(&self, flow: &Flow, seq: u32, closes: bool, o: &mut Outcome) -> Option<Track> {
-        if let Some(t) = self.handshake_ack(flow, seq, closes, o) {
-            o.path = "reopened(syn_seen)";
-            return Some(t);
-        }
-        let v = self.ct_new.get(flow).copied()?;
-        if v.syn_seq == 0 || v.syn_seq.wrapping_add(1) != seq || !self.live(v.backend) {
-            return None;
-        }
-        let t = Track {
-            closing: v.closing || closes,
-            ..v
-        };
-        if closes {
-            o.changes.push(Change::SetCtNew(*flow, t));
-        }
-        o.changes.push(Change::Promote(*flow, t));
-        o.counters.push(Counter::CtPromoted);
-        o.path = "reopened(ct_new)";
-        Some(t)
-    }
-
     /// A TCP packet past the SYN that `CT` does not know: its SYN in the SYN cache (same
     /// hash, sequence number one less) with a live backend puts it straight into `CT`.
-    fn handshake_ack(&self, flow: &Flow, seq: u32, closes: bool, o: &mut Outcome) -> Option<Track> {
+    fn handshake_ack(&self, flow: &Flow, seq: u32, o: &mut Outcome) -> Option<Track> {
         let hash = flow_hash(&flow.key());
         let seen = self
             .syn_seen
@@ -916,7 +865,6 @@ impl State {
             hash,
             syn_seq: seen.seq,
             resteered: false,
-            closing: closes,
         };
         o.changes.push(Change::Promote(*flow, t));
         o.counters.push(Counter::CtPromoted);
@@ -942,7 +890,6 @@ impl State {
             hash,
             syn_seq: 0,
             resteered: false,
-            closing: false,
         })
     }
 

@@ -267,9 +267,15 @@ fn scenario(v6: bool, forwarding: &str) {
         SHORT_CONNECTIONS / 2,
         Duration::from_secs(3),
     );
+    let failed: Vec<_> = results.iter().filter_map(|r| r.as_ref().err()).collect();
     assert!(
-        results.iter().all(|r| r.is_ok()),
-        "{what}: connections failed after the change"
+        failed.is_empty(),
+        "{what}: {} of {} connections failed after the change, first: {:?}; counters {:?}\n{}",
+        failed.len(),
+        results.len(),
+        failed.first(),
+        run.counters(),
+        run.lab.diagnostics()
     );
     assert_shares(&tally(&results), &third, &format!("{what} after change"));
 }

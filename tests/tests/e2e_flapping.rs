@@ -583,7 +583,10 @@ fn with_learning_a_slowed_backend_is_never_readmitted_at_full_weight() {
         },
     );
     let back = full_again.expect("back at its full share after the slowdown's end");
-    assert!(back <= recover_secs, "back at its full share after {back:.1} s");
+    assert!(
+        back <= recover_secs,
+        "back at its full share after {back:.1} s"
+    );
     s.finish();
 }
 
@@ -791,7 +794,10 @@ fn with_learning_a_backend_that_stops_dropping_syns_is_back_within_60_s() {
     );
     assert!(drained.is_some(), "drained while dropping SYNs");
     let share_back = share_back.expect("back at 90% of an equal share of slots");
-    assert!(share_back <= 60.0, "at 90% of an equal share after {share_back:.1} s");
+    assert!(
+        share_back <= 60.0,
+        "at 90% of an equal share after {share_back:.1} s"
+    );
     let sent = summary["sent"].as_f64().unwrap();
     let ok = summary["ok"].as_f64().unwrap();
     assert!(ok / sent > 0.97, "the pool served: {summary}");

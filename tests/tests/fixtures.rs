@@ -1220,25 +1220,18 @@ fn table() -> Vec<Step> {
                 .to(e, id, true)
                 .tables(&f, None, Some(f.ct(id, ISN2, 0)))
         }),
-        Packet("IPv4 TCP FIN+ACK of flow 4 (its client closes) -> still .11, its CT entry marked closing", |e| {
-            let f = e.f4();
-            let id = e.id11();
-            let ip = f.packet(0, FIN | ACK, 0);
-            Case::tx(e.frame_in(None, &ip), e.ipip(id, None, &ip, &f.key()))
-                .to(e, id, false)
-                .tables(&f, Some(f.ct(id, ISN, CT_F_CLOSING)), None)
-        }),
-        Packet("IPv4 TCP SYN on closed flow 4's 4-tuple (new connection, old entry in CT) -> the current table's backend, a new flow recorded in CT_NEW; a SYN does not look at CT, the old entry stays", |e| {
+        Packet("IPv4 TCP SYN on established flow 4's 4-tuple (new connection, tuple in CT) -> CT entry deleted, the current table's backend, a new flow recorded in CT_NEW", |e| {
             let f = e.f4();
             let id = e.maglev(&f);
             assert_ne!(id, e.id11(), "precondition: the new table has no slot for .11");
+            assert_eq!(e.lb.conntrack_entries(&f.key()).0.map(|v| v.backend), Some(e.id11()), "precondition: flow 4 established on .11");
             let ip = f.packet_seq(0, SYN, ISN2, 0);
             Case::tx(e.frame_in(None, &ip), e.ipip(id, None, &ip, &f.key()))
                 .count(CtNew)
                 .to(e, id, true)
-                .tables(&f, Some(f.ct(e.id11(), ISN, CT_F_CLOSING)), Some(f.ct(id, ISN2, 0)))
+                .tables(&f, None, Some(f.ct(id, ISN2, 0)))
         }),
-        Packet("IPv4 TCP ACK of the new connection on flow 4's 4-tuple (its SYN's number plus one, recorded in CT_NEW) -> its new backend, promoted over the old closing entry", |e| {
+        Packet("IPv4 TCP ACK of the new connection on flow 4's 4-tuple -> its new backend, promoted", |e| {
             let f = e.f4();
             let id = e.maglev(&f);
             let ip = f.packet_seq(0, ACK, ISN2.wrapping_add(1), 0);
@@ -1388,56 +1381,6 @@ fn table() -> Vec<Step> {
             Case::tx(e.frame_in(None, &ip), e.ipip(id, None, &ip, &f.key()))
                 .to(e, id, false)
                 .tables(&f, Some(f.ct(id, 0, 0)), Some(f.ct(id, 0, 0)))
-        }),
-        // ---- A reused 4-tuple whose old entry is not closing: replaced only once quiet. ----
-        Do("SYN recording off (no table change for 10 s: SYNs go to the SYN cache)", |e| {
-            e.lb.set_syn_recording(0).expect("disarming SYN recording");
-        }),
-        Do("flow 40_782: CT says .11, not closing, quiet for 11 s; CT_NEW's copy says .11", |e| {
-            let f = Flow::new(CLIENT4, VIP4, 40_782, 80, TCP);
-            e.old_entries(&f, e.id11(), 0, 11);
-        }),
-        Packet("IPv4 TCP SYN on flow 40_782 -> the table's backend (.12), into the SYN cache; CT's old entry untouched", |e| {
-            let f = Flow::new(CLIENT4, VIP4, 40_782, 80, TCP);
-            let id = e.maglev(&f);
-            assert_eq!(id, e.id_v4(12), "precondition: .12 has every slot");
-            let ip = f.packet_seq(0, SYN, ISN2, 0);
-            Case::tx(e.frame_in(None, &ip), e.ipip(id, None, &ip, &f.key()))
-                .count(CtNew)
-                .to(e, id, true)
-                .tables(&f, Some(f.ct(e.id11(), 0, 0)), Some(f.ct(e.id11(), 0, 0)))
-        }),
-        Packet("IPv4 TCP ACK of that SYN (its number plus one) -> .12: the quiet entry was a past connection's; the new one goes into CT from the SYN cache", |e| {
-            let f = Flow::new(CLIENT4, VIP4, 40_782, 80, TCP);
-            let id = e.id_v4(12);
-            let ip = f.packet_seq(0, ACK, ISN2.wrapping_add(1), 0);
-            Case::tx(e.frame_in(None, &ip), e.ipip(id, None, &ip, &f.key()))
-                .count(CtPromoted)
-                .to(e, id, false)
-                .tables(&f, Some(f.ct(id, ISN2, 0)), Some(f.ct(e.id11(), 0, 0)))
-        }),
-        Do("flow 40_783: CT says .11, not closing, last packet just now; CT_NEW's copy says .11", |e| {
-            let f = Flow::new(CLIENT4, VIP4, 40_783, 80, TCP);
-            e.old_entries(&f, e.id11(), 0, 0);
-        }),
-        Packet("IPv4 TCP SYN on flow 40_783 -> the table's backend (.12), into the SYN cache", |e| {
-            let f = Flow::new(CLIENT4, VIP4, 40_783, 80, TCP);
-            let id = e.id_v4(12);
-            let ip = f.packet_seq(0, SYN, ISN2, 0);
-            Case::tx(e.frame_in(None, &ip), e.ipip(id, None, &ip, &f.key()))
-                .count(CtNew)
-                .to(e, id, true)
-        }),
-        Packet("IPv4 TCP ACK matching that SYN on a busy, open entry -> .11: a live connection's entry is never second-guessed (a client cannot reuse the tuple of a connection it still has open)", |e| {
-            let f = Flow::new(CLIENT4, VIP4, 40_783, 80, TCP);
-            let id = e.id11();
-            let ip = f.packet_seq(0, ACK, ISN2.wrapping_add(1), 0);
-            Case::tx(e.frame_in(None, &ip), e.ipip(id, None, &ip, &f.key()))
-                .to(e, id, false)
-                .tables(&f, Some(f.ct(id, 0, 0)), Some(f.ct(id, 0, 0)))
-        }),
-        Do("SYN recording armed again", |e| {
-            e.lb.set_syn_recording(SYN_RECORD_TICKS).expect("arming SYN recording");
         }),
         // ---- UDP and IPv6. ----
         Packet("IPv4 UDP to 10.210.0.100:53 -> new flow, IPIP", |e| {

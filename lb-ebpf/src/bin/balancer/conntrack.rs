@@ -20,10 +20,8 @@ const TCP_ACK: u8 = 0x10;
 ///
 /// An established flow whose backend is up is served from `CT` alone: it needs neither the
 /// VIP entry (the backend entry carries the mode and VIP id) nor the table. The port filter
-/// in front (`try_balance`) keeps that lookup off traffic to ports no VIP uses. A bare SYN
-/// does not look at `CT`: it opens a connection, so the table chooses (`choose`), and a
-/// flood of SYNs costs no connection-table lookup. A new connection on a reused 4-tuple is
-/// told from the old one by its handshake (`reopened`), when the old entry may be over.
+/// in front (`try_balance`) keeps that lookup off traffic to ports no VIP uses. A bare SYN is never served
+/// from `CT`: it opens a new connection on a reused 4-tuple (`choose`).
 #[inline(always)]
 pub fn new_or_tracked(
     key: &mut FlowKey,
@@ -34,28 +32,20 @@ pub fn new_or_tracked(
     let syn = tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
     let rst = tcp_flags & TCP_RST != 0;
     let closes = tcp_flags & (TCP_FIN | TCP_RST) != 0;
-    let established_ptr = if syn { None } else { CT.get_ptr_mut(&*key) };
+    let established_ptr = CT.get_ptr_mut(&*key);
     // SAFETY: LRU element, read in place (a copy would cost stack); the memory stays
     // valid while the program runs, a concurrent eviction yields stale fields at worst.
     let established = established_ptr.map(|v| unsafe { &*v });
-    // An entry that may be a past connection's (closing, or jiffies moved since its last
-    // packet) is looked at apart (`past`); the entry of a busy connection costs two compares.
-    let jiffies = jiffies32();
-    let past = match established {
-        Some(v)
-            if key.proto == PROTO_TCP && (v.flags & CT_F_CLOSING != 0 || v.touched != jiffies) =>
-        {
-            past(key, v.flags, v.last_seen, seq, closes)
-        }
-        _ => PAST_NO,
-    };
-    let reused = past == PAST_OVER;
-    let reopened = if past > PAST_OVER { past } else { 0 };
-    let served = if reused || reopened != 0 {
-        None
-    } else {
-        established_ptr
-    };
+    // An established connection never sends a bare SYN: a SYN that finds its 4-tuple in
+    // `CT` opens a new connection on a reused tuple (clients cycle through their ephemeral
+    // ports), so it is not served from `CT`. Nor is any packet that finds a closing entry
+    // quiet for `CT_CLOSED_TICKS`: the connection it belonged to is over, the packet is a
+    // later one's whose SYN another balancer saw. The clock is read only for closing entries.
+    let reused = syn
+        || established.is_some_and(|v| {
+            v.flags & CT_F_CLOSING != 0 && ct_closed_long_ago(v.last_seen, now_tick())
+        });
+    let served = if reused { None } else { established_ptr };
     let (id, backend, hash) = match served.and_then(|p| {
         // SAFETY: as `established`.
         let v = unsafe { &*p };
@@ -68,18 +58,16 @@ pub fn new_or_tracked(
                     s.client_rsts(1);
                 }
             }
-            touch_at(p, closes, jiffies);
+            touch(p, closes);
             (id, b, hash)
-        }
-        None if reopened != 0 => {
-            let (id, hash) = unpacked(reopened);
-            (id, BACKENDS.get(id).ok_or(Error::NoBackend)?, hash)
         }
         None => {
             let vip = lookup_vip(key).ok_or(Error::NotVip)?;
-            if reused {
-                // The old connection's entry goes; the packet starts a new flow with a
-                // backend from the current table.
+            if reused && established.is_some() {
+                // The old connection's entry goes; the new one starts as a new flow with a
+                // backend from the current table. Flood-safe: a hit needs a client's exact
+                // address and port, which spoofed SYNs from random sources and ports
+                // practically never have, so a SYN flood never reaches `CT`.
                 let _ = CT.remove(&*key);
             }
             let flow = FlowPacket {
@@ -139,12 +127,7 @@ pub fn now_tick() -> u32 {
 /// flag on the client's FIN or RST.
 #[inline(always)]
 pub fn touch(v: *mut CtValue, closes: bool) {
-    touch_at(v, closes, jiffies32());
-}
-
-/// `touch` with jiffies (`jiffies32`) already read.
-#[inline(always)]
-pub fn touch_at(v: *mut CtValue, closes: bool, jiffies: u32) {
+    let jiffies = jiffies32();
     // SAFETY: an LRU element found by the caller in this run of the program; its memory
     // stays valid until the program ends. Two CPUs writing the same fields write the same
     // values (a tick, a bit), so a race loses nothing that matters.
@@ -162,100 +145,14 @@ pub fn touch_at(v: *mut CtValue, closes: bool, jiffies: u32) {
     }
 }
 
-/// `past`: the entry is the packet's connection's.
-const PAST_NO: u64 = 0;
-/// `past`: the entry is closing and quiet for `CT_QUIET_TICKS`: that connection is over, the
-/// packet is a later one's (`Tracked::Reused`).
-const PAST_OVER: u64 = 1;
-
-/// A TCP packet on a `CT` entry with these `flags` and `last_seen` that may belong to a
-/// connection that is over: closing (the client sent a FIN or RST), or quiet for
-/// `CT_QUIET_TICKS`. If the packet is the handshake of a new connection on the tuple
-/// (`reopened`), that connection's backend id (high half) and flow hash (low half); else
-/// `PAST_OVER` for a closing entry quiet for `CT_QUIET_TICKS`, or `PAST_NO`. A BPF function
-/// of its own, called only when jiffies moved since the entry's last packet or the entry is
-/// closing, so the clock is read as rarely as in `touch`.
-#[inline(never)]
-fn past(key: &FlowKey, flags: u32, last_seen: u32, seq: u32, closes: bool) -> u64 {
-    let closing = flags & CT_F_CLOSING != 0;
-    let quiet = ct_long_quiet(last_seen, now_tick());
-    if !closing && !quiet {
-        return PAST_NO;
-    }
-    let found = reopened(key, seq, closes);
-    if found != 0 {
-        return found;
-    }
-    if closing && quiet {
-        PAST_OVER
-    } else {
-        PAST_NO
-    }
-}
-
-/// A TCP packet on a `CT` entry that may be over: the handshake of a new connection on the
-/// reused 4-tuple, if its SYN (this packet's sequence number minus one) is in the SYN cache
-/// (`handshake_ack`) or recorded in `CT_NEW` while a table changed. Either way the new
-/// connection's entry replaces the old one in `CT` (`ct_promoted`) on the SYN's backend, if
-/// live. Returns the backend id (high half) and the flow hash (low half), or 0: the packet is
-/// the old connection's. A match on the old connection's own handshake (a client that never
-/// sent data) finds the backend the entry already has.
-#[inline(always)]
-fn reopened(key: &FlowKey, seq: u32, closes: bool) -> u64 {
-    let found = handshake_ack(key, seq, closes);
-    if found != 0 {
-        return found;
-    }
-    let Some(p) = CT_NEW.get_ptr_mut(key) else {
-        return 0;
-    };
-    // SAFETY: LRU element, read in place like `CT`'s in `new_or_tracked`.
-    let (syn_seq, id, hash) = unsafe { ((*p).syn_seq, (*p).backend, (*p).hash) };
-    if syn_seq == 0
-        || u32::from_be(syn_seq).wrapping_add(1) != u32::from_be(seq)
-        || !backend_live(id)
-    {
-        return 0;
-    }
-    touch(p, closes);
-    promote(key, p);
-    packed(id, hash)
-}
-
-/// Inserts `v`, a map value (nothing is built on the stack), as the flow's `CT` entry:
-/// `ct_promoted`, or `ct_insert_failed`.
-#[inline(always)]
-fn promote(key: &FlowKey, v: *const CtValue) {
-    // SAFETY: the callers pass an element of a map this program uses, valid while it runs;
-    // the update copies it.
-    if CT.insert(key, unsafe { &*v }, 0).is_ok() {
-        count(Counter::CtPromoted);
-    } else {
-        count(Counter::CtInsertFailed);
-    }
-}
-
-/// A backend id and a flow hash as one BPF function result (the id, never 0, in the high
-/// half; 0 means none).
-#[inline(always)]
-fn packed(id: u32, hash: u32) -> u64 {
-    ((id as u64) << 32) | hash as u64
-}
-
-/// `packed`'s (backend id, flow hash).
-#[inline(always)]
-fn unpacked(found: u64) -> (u32, u32) {
-    ((found >> 32) as u32, found as u32)
-}
-
 /// What the established table (`CT`) knew of a flow it does not serve.
 #[derive(Clone, Copy)]
 pub enum Tracked<'a> {
     /// Not in `CT`: `CT_NEW` may know it.
     No,
-    /// In `CT`, but the entry is closing and long quiet: the packet is a later connection's
-    /// on the reused 4-tuple (the caller removed the entry). A new flow; `CT_NEW` (the old
-    /// connection's entry, if any) is not consulted.
+    /// In `CT`, but the packet is a bare SYN, or the entry is closing and long quiet: a new
+    /// connection on a reused 4-tuple (the caller removed the entry). A new flow; `CT_NEW`
+    /// (the old connection's entry, if any) is not consulted.
     Reused,
     /// In `CT` with this value, but its backend is down or retired: steered again through
     /// the table and kept in `CT`.
@@ -334,7 +231,7 @@ pub fn choose(
     } else if key.proto == PROTO_TCP && matches!(tracked, Tracked::No) {
         let found = handshake_ack(key, seq, closes);
         if found != 0 {
-            return Ok(unpacked(found));
+            return Ok(((found >> 32) as u32, found as u32));
         }
     }
     let seq = if syn { seq } else { 0 };
@@ -363,7 +260,12 @@ pub fn choose(
             }
             // A retried SYN proves nothing about the client: only a later packet promotes.
             if !syn {
-                promote(key, v);
+                // Straight from the map value: no copy on the stack.
+                if CT.insert(key, v, 0).is_ok() {
+                    count(Counter::CtPromoted);
+                } else {
+                    count(Counter::CtInsertFailed);
+                }
             }
             return Ok((v.backend, v.hash));
         }
@@ -373,7 +275,7 @@ pub fn choose(
     if syn && seen.is_none() {
         let found = syn_retry_recorded(key, seq, closes);
         if found != 0 {
-            return Ok(unpacked(found));
+            return Ok(((found >> 32) as u32, found as u32));
         }
     }
     let (id, hash) = from_table(key, vip)?;
@@ -510,8 +412,13 @@ fn handshake_ack(key: &FlowKey, seq: u32, closes: bool) -> u64 {
         return 0;
     }
     stamp(s, closes);
-    promote(key, s);
-    packed(id, hash)
+    // SAFETY: as above.
+    if CT.insert(key, unsafe { &*s }, 0).is_ok() {
+        count(Counter::CtPromoted);
+    } else {
+        count(Counter::CtInsertFailed);
+    }
+    ((id as u64) << 32) | hash as u64
 }
 
 /// A SYN that `CT_NEW` does not know while recording is armed: if the SYN cache holds it (same
@@ -537,7 +444,7 @@ fn syn_retry_recorded(key: &FlowKey, seq: u32, closes: bool) -> u64 {
     if let Some(st) = stats::backend(id) {
         st.syn_retries(1);
     }
-    packed(id, hash)
+    ((id as u64) << 32) | hash as u64
 }
 
 /// A later fragment: it has no ports, so it follows its first fragment's choice.
