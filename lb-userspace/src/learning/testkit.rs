@@ -152,15 +152,21 @@ pub(crate) fn reasons(d: &Decision, id: u32) -> &[Reason] {
     &d.backends.iter().find(|b| b.id == id).unwrap().reasons
 }
 
-/// Four backends with models; `slow` of them now answer 20× slower than predicted.
-pub(crate) fn outlier_pool(slow: u32, p: &WeightPolicy) -> Vec<Decision> {
-    let mut inputs: Vec<BackendInput> = (1..=4)
+/// Four backends of configured weight `configured` with models of 100 per second, each seen
+/// at 50 per second and 20 ms: a healthy pool, for a test to spoil one of.
+pub(crate) fn healthy_pool(configured: u32) -> Vec<BackendInput> {
+    (1..=4)
         .map(|id| {
-            let mut b = input(id, 100, Ok(mm1_fit(100.0)));
+            let mut b = input(id, configured, Ok(mm1_fit(100.0)));
             b.observed = Some(observed(50.0, 20.0));
             b
         })
-        .collect();
+        .collect()
+}
+
+/// Four backends with models; `slow` of them now answer 20× slower than predicted.
+pub(crate) fn outlier_pool(slow: u32, p: &WeightPolicy) -> Vec<Decision> {
+    let mut inputs = healthy_pool(100);
     for b in inputs.iter_mut().take(slow as usize) {
         // Predicted 20 ms at load 50; observed up to 400 ms.
         b.observed = Some(observed(50.0, 300.0 + 20.0 * f64::from(b.id)));

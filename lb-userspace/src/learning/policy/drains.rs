@@ -382,13 +382,7 @@ mod tests {
     #[test]
     fn a_backend_drained_for_latency_returns_only_once_it_meets_the_target() {
         let p = policy();
-        let mut inputs: Vec<BackendInput> = (1..=4)
-            .map(|id| {
-                let mut b = input(id, 100, Ok(mm1_fit(100.0)));
-                b.observed = Some(observed(50.0, 20.0));
-                b
-            })
-            .collect();
+        let mut inputs = healthy_pool(100);
         inputs[0].observed = Some(observed(50.0, 400.0));
         let mut state = PolicyState::default();
         let ds = run(&mut inputs, &p, &mut state, p.outlier_steps as usize);
@@ -573,13 +567,7 @@ mod tests {
     #[test]
     fn a_backend_drained_for_a_passive_signal_leaves_the_table_at_once() {
         let p = policy();
-        let mut inputs: Vec<BackendInput> = (1..=4)
-            .map(|id| {
-                let mut b = input(id, 100, Ok(mm1_fit(100.0)));
-                b.observed = Some(observed(50.0, 20.0));
-                b
-            })
-            .collect();
+        let mut inputs = healthy_pool(100);
         inputs[3].observed = Some(Observed {
             syn_retries_per_s: 1.5 * 50.0,
             ..observed(50.0, 20.0)

@@ -290,13 +290,7 @@ mod tests {
     #[test]
     fn a_few_percent_of_errors_is_suspected_not_drained() {
         let p = policy();
-        let mut inputs: Vec<BackendInput> = (1..=4)
-            .map(|id| {
-                let mut b = input(id, 1, Ok(mm1_fit(100.0)));
-                b.observed = Some(observed(50.0, 20.0));
-                b
-            })
-            .collect();
+        let mut inputs = healthy_pool(1);
         let mut o = observed(50.0, 20.0);
         o.error_rate = 0.05;
         inputs[1].observed = Some(o);
@@ -389,13 +383,7 @@ mod tests {
         );
         assert!(weight(&ds[3], 2) > 500, "ramping up");
         // Errors: one backend failing half its probes.
-        let mut inputs: Vec<BackendInput> = (1..=4)
-            .map(|id| {
-                let mut b = input(id, 100, Ok(mm1_fit(100.0)));
-                b.observed = Some(observed(50.0, 20.0));
-                b
-            })
-            .collect();
+        let mut inputs = healthy_pool(100);
         inputs[3].observed = Some(Observed {
             error_rate: 0.5,
             ..observed(50.0, 20.0)

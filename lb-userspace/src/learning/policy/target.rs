@@ -131,6 +131,27 @@ mod tests {
     use crate::learning::testkit::*;
     use crate::learning::*;
 
+    /// A fit that extrapolates past the loads it saw (up to `load_max`): an estimate bound by
+    /// the load.
+    fn load_bound_fit(load_max: f64) -> Fit {
+        let mut f = mm1_fit(1000.0);
+        (f.load_min, f.load_max, f.load_mean) = (0.5 * load_max, load_max, 0.75 * load_max);
+        f
+    }
+
+    /// Four equal backends meeting the target, their estimates bound by their loads; backend
+    /// 4 carried less (it is the one returning).
+    fn returned_pool() -> Vec<BackendInput> {
+        (1..=4)
+            .map(|id| {
+                let load_max = if id == 4 { 30.0 } else { 50.0 };
+                let mut b = input(id, 100, Ok(load_bound_fit(load_max)));
+                b.observed = Some(observed(40.0, 20.0));
+                b
+            })
+            .collect()
+    }
+
     /// Four equal backends whose fits extrapolate past their loads (estimates bound by the
     /// load, twice the highest seen); backend 4 is back from a drain and has carried less
     /// (its peers took its share meanwhile). Its lower estimate is no reason to cut it below
@@ -138,18 +159,7 @@ mod tests {
     #[test]
     fn a_returned_backend_is_not_cut_on_an_estimate_bound_by_its_own_load() {
         let p = unbudgeted();
-        let bound = |load_max: f64| {
-            let mut f = mm1_fit(1000.0);
-            (f.load_min, f.load_max, f.load_mean) = (0.5 * load_max, load_max, 0.75 * load_max);
-            f
-        };
-        let mut inputs: Vec<BackendInput> = (1..=4)
-            .map(|id| {
-                let mut b = input(id, 100, Ok(bound(if id == 4 { 30.0 } else { 50.0 })));
-                b.observed = Some(observed(40.0, 20.0));
-                b
-            })
-            .collect();
+        let mut inputs = returned_pool();
         let mut returned = PolicyState::default();
         returned.backends.entry(4).or_default().ramping_back = true;
         let d = decide(&inputs, &p, &returned);
@@ -172,19 +182,10 @@ mod tests {
     #[test]
     fn a_returned_backend_ramps_to_its_configured_share_at_the_pools_scale() {
         let p = unbudgeted();
-        let bound = |load_max: f64| {
-            let mut f = mm1_fit(1000.0);
-            (f.load_min, f.load_max, f.load_mean) = (0.5 * load_max, load_max, 0.75 * load_max);
-            f
-        };
-        let inputs: Vec<BackendInput> = (1..=4)
-            .map(|id| {
-                let mut b = input(id, 100, Ok(bound(if id == 4 { 30.0 } else { 50.0 })));
-                b.observed = Some(observed(40.0, 20.0));
-                b.current_weight = if id == 4 { 5_000 } else { 11_700 };
-                b
-            })
-            .collect();
+        let mut inputs = returned_pool();
+        for b in &mut inputs {
+            b.current_weight = if b.id == 4 { 5_000 } else { 11_700 };
+        }
         let mut returned = PolicyState::default();
         returned.backends.entry(4).or_default().ramping_back = true;
         let d = decide(&inputs, &p, &returned);
