@@ -63,18 +63,6 @@ pub(super) fn estimate(s: &mut Step) {
         .filter(|b| b.in_group)
         .map(|b| b.configured)
         .sum();
-    let (current, configured) = s
-        .all
-        .iter()
-        .filter(|b| b.in_group && !b.state.ramping_back && b.input.current_weight > 0)
-        .fold((0.0, 0.0), |(w, c), b| {
-            (w + f64::from(b.input.current_weight), c + b.configured)
-        });
-    s.peer_scale = if configured > 0.0 {
-        current / configured
-    } else {
-        1.0
-    };
 }
 
 fn estimate_one(b: &mut Backend, p: &WeightPolicy) {

@@ -237,10 +237,6 @@ struct Step<'a> {
     /// Sum of the group's capacities at the target, and of its configured table weights.
     pool_cap: f64,
     group_cfg: f64,
-    /// The weight per configured unit of the group's backends in the table that are not
-    /// returning (1: none, or their weights are their configured ones): a returning backend's
-    /// configured share at the pool's scale.
-    peer_scale: f64,
 }
 
 impl<'a> Step<'a> {
@@ -277,7 +273,6 @@ impl<'a> Step<'a> {
             group_len: 0,
             pool_cap: 0.0,
             group_cfg: 0.0,
-            peer_scale: 1.0,
         }
     }
 

@@ -13,14 +13,14 @@ use crate::{
 /// nothing to compare capacities with.
 pub(super) fn choose(s: &mut Step) {
     let (p, group_len, pool_cap, group_cfg) = (s.p, s.group_len, s.pool_cap, s.group_cfg);
-    let peer_scale = s.peer_scale;
+    let peer_scale = peer_scale(s);
     for b in s.all.iter_mut().filter(|b| !b.settled) {
         if b.input.fit.is_ok() && group_len < 2 {
             b.reasons.push(Reason::NoPeers { fitted: group_len });
         } else if pool_cap <= 0.0 {
             b.reasons.push(Reason::NoCapacity);
         } else {
-            let t = target(b, p, (group_cfg, pool_cap), peer_scale);
+            let t = target(b, p, group_cfg, pool_cap, peer_scale);
             b.target = Some(t);
             if let Some(Reason::LowerBound { .. }) = b.reasons.last() {
                 // Not a learned move: no deadband, no reversal hold, as any return's ramp.
@@ -35,12 +35,31 @@ pub(super) fn choose(s: &mut Step) {
     }
 }
 
+/// The weight per configured unit of the group's backends in the table that are not
+/// returning (1 when there are none): a returning backend's configured share at the pool's
+/// scale.
+fn peer_scale(s: &Step) -> f64 {
+    let (current, configured) = s
+        .all
+        .iter()
+        .filter(|b| b.in_group && !b.state.ramping_back && b.input.current_weight > 0)
+        .fold((0.0, 0.0), |(w, c), b| {
+            (w + f64::from(b.input.current_weight), c + b.configured)
+        });
+    if configured > 0.0 {
+        current / configured
+    } else {
+        1.0
+    }
+}
+
 /// The capacity's share of the group's configured weight, clamped to floor and ceiling.
-/// `peer_scale`: the weight per configured unit of the backends that are not returning.
+/// `peer_scale`: see [`peer_scale`].
 fn target(
     b: &mut Backend,
     p: &WeightPolicy,
-    (group_cfg, pool_cap): (f64, f64),
+    group_cfg: f64,
+    pool_cap: f64,
     peer_scale: f64,
 ) -> f64 {
     if let (Err(refusal), Some(capacity)) = (&b.input.fit, b.headroom) {
