@@ -236,6 +236,30 @@ pub const SYN_SEEN_SLOTS: u32 = 65_536;
 /// `flow_hash & SYN_SEEN_MASK` is a flow's slot.
 pub const SYN_SEEN_MASK: u32 = SYN_SEEN_SLOTS - 1;
 
+/// Bits in each half of the tracked-flow filter (`CT_FILTER`): a bit per flow-hash value
+/// (`flow_hash & (CT_FILTER_BITS - 1)`), set for every flow `CT` holds. A bare SYN whose bit is
+/// clear is certainly not in `CT`, so it skips the `CT` probe (a cache miss on the table's
+/// buckets, about half of a SYN's cost); a set bit may be a collision and costs the probe.
+/// 2^21 bits (256 KiB) a half: at the default `CT` size, full, about 12% of SYNs probe.
+pub const CT_FILTER_BITS: u32 = 1 << 21;
+/// 64-bit words in each half of `CT_FILTER`.
+pub const CT_FILTER_WORDS: u32 = CT_FILTER_BITS / 64;
+/// The entry of `CT_FILTER` after its two halves: which half SYNs read (0 or 1). The datapath
+/// sets a flow's bit in both halves when it inserts the flow into `CT`; lbd rebuilds the other
+/// half from a scan of `CT` (zero it, scan, set each entry's bit) and then makes it the one
+/// read, so bits of flows `CT` no longer holds do not pile up.
+pub const CT_FILTER_ACTIVE: u32 = 2 * CT_FILTER_WORDS;
+/// Entries of `CT_FILTER`: two halves and the selector.
+pub const CT_FILTER_ENTRIES: u32 = CT_FILTER_ACTIVE + 1;
+
+/// A flow hash's bit in `CT_FILTER`: the entry of its word in half 0 (half 1's is the next
+/// one, so that an insert marks both in one cache line) and the bit's mask.
+#[inline(always)]
+pub fn ct_filter_bit(hash: u32) -> (u32, u64) {
+    let i = hash & (CT_FILTER_BITS - 1);
+    ((i >> 6) << 1, 1u64 << (i & 63))
+}
+
 /// How long lbd keeps SYN recording armed after it writes a changed table: in `CT_TICK_SHIFT`
 /// ticks, 10 s (a client retries an unanswered SYN after 1, 3 and 7 s).
 pub const SYN_RECORD_TICKS: u32 = (10_000_000_000u64 >> CT_TICK_SHIFT) as u32;
@@ -717,6 +741,34 @@ mod tests {
         k.proto = PROTO_TCP;
         k.family = FAMILY_V4;
         k
+    }
+
+    #[test]
+    fn ct_filter_bits_stay_in_their_half_and_pair_up() {
+        let mut seen = std::collections::HashSet::new();
+        for hash in [
+            0u32,
+            1,
+            63,
+            64,
+            CT_FILTER_BITS - 1,
+            CT_FILTER_BITS,
+            u32::MAX,
+        ] {
+            let (entry, bit) = ct_filter_bit(hash);
+            // Half 1's word is `entry + 1`: both below the selector.
+            assert!(
+                entry % 2 == 0 && entry + 1 < CT_FILTER_ACTIVE,
+                "{hash}: {entry}"
+            );
+            assert_eq!(bit.count_ones(), 1);
+            seen.insert((entry, bit));
+        }
+        // Hashes equal below `CT_FILTER_BITS` share a bit; 0, 1, 63 and 64 do not.
+        assert_eq!(ct_filter_bit(0), ct_filter_bit(CT_FILTER_BITS));
+        assert_eq!(ct_filter_bit(CT_FILTER_BITS - 1), ct_filter_bit(u32::MAX));
+        assert_eq!(seen.len(), 5);
+        assert_eq!(CT_FILTER_ENTRIES, CT_FILTER_ACTIVE + 1);
     }
 
     #[test]

@@ -6,8 +6,8 @@
 //! `balancer_maps!` plus its static in the program (and a field in lbd if lbd reads it).
 use crate::{
     AgentState, BackendInfo, BackendStats, CtValue, FlowKey, FragKey, GlobalConfig, NextHop,
-    VipKey, VipMeta, VipStats, COUNTER_SLOTS, DEFAULT_CT_NEW_SIZE, DEFAULT_CT_SIZE,
-    DEFAULT_RING_POOL, FRAG_TABLE_SIZE, MAX_BACKENDS, MAX_VIPS, SYN_SEEN_SLOTS,
+    VipKey, VipMeta, VipStats, COUNTER_SLOTS, CT_FILTER_ENTRIES, DEFAULT_CT_NEW_SIZE,
+    DEFAULT_CT_SIZE, DEFAULT_RING_POOL, FRAG_TABLE_SIZE, MAX_BACKENDS, MAX_VIPS, SYN_SEEN_SLOTS,
 };
 use core::mem::size_of;
 
@@ -124,6 +124,9 @@ impl MapSpec {
 /// `BPF_F_NO_PREALLOC`: hash map elements allocated on insert (and RCU-freed).
 pub const BPF_F_NO_PREALLOC: u32 = 1;
 
+/// `BPF_F_MMAPABLE`: an array lbd maps into its memory (and updates with atomic operations).
+pub const BPF_F_MMAPABLE: u32 = 1 << 10;
+
 /// Declares each map once: a module named after it with its `Key`, `Value`, `SPEC` and
 /// `ENTRIES` (what the program's static uses), its name constant, and [`BALANCER`].
 macro_rules! balancer_maps {
@@ -184,6 +187,10 @@ balancer_maps! {
     syn_record / SYN_RECORD = Array<u32, u32>, Capacity::Fixed(1), 0, Never;
     /// The SYN cache, direct-mapped by flow hash (`SYN_SEEN_SLOTS`).
     syn_seen / SYN_SEEN = Array<u32, CtValue>, Capacity::Fixed(SYN_SEEN_SLOTS), 0, Never;
+    /// The tracked-flow filter: two halves of `CT_FILTER_BITS` bits and the selector
+    /// (`CT_FILTER_ACTIVE`). Fresh with every loaded program, all bits set until lbd's first
+    /// rebuild (a program replaced under pinned tables must not miss their flows).
+    ct_filter / CT_FILTER = Array<u32, u64>, Capacity::Fixed(CT_FILTER_ENTRIES), BPF_F_MMAPABLE, Never;
 }
 
 /// The maps of the other objects (not pinned, not resized).

@@ -11,6 +11,26 @@ fn panic(_info: &core::panic::PanicInfo) -> ! {
     loop {}
 }
 
+/// Atomic read-modify-write on map memory. The BPF target has no compare-and-swap in Rust's
+/// eyes, so `AtomicU64::fetch_or` does not exist there; the instruction itself does.
+#[cfg(target_arch = "bpf")]
+pub mod atomic {
+    use core::arch::asm;
+
+    /// `*p |= v` as one atomic instruction (`BPF_ATOMIC | BPF_OR`, no value fetched).
+    ///
+    /// # Safety
+    /// `p` must be a valid, 8-byte aligned pointer into a map value.
+    #[inline(always)]
+    pub unsafe fn or_u64(p: *mut u64, v: u64) {
+        // SAFETY: the caller's contract; one atomic instruction on that word.
+        unsafe {
+            asm!("lock *(u64 *)({p} + 0) |= {v}", p = in(reg) p, v = in(reg) v,
+                options(nostack, preserves_flags));
+        }
+    }
+}
+
 #[cfg(target_arch = "bpf")]
 pub mod net {
     use aya_ebpf::programs::XdpContext;

@@ -141,6 +141,8 @@ pub struct FuzzReport {
     pub entries_compared: u64,
     pub tracked_checked: u64,
     pub counter_checks: u64,
+    /// Rebuilds of the tracked-flow filter (`CT_FILTER`) during the run.
+    pub filter_rebuilds: u64,
 }
 
 impl FuzzReport {
@@ -213,13 +215,14 @@ impl FuzzReport {
         .unwrap();
         writeln!(
             s,
-            "checks: {} counter comparisons, {} tracked flows sampled, {} table entries compared in {} flushes; {} reconfigurations, {} down-marks",
+            "checks: {} counter comparisons, {} tracked flows sampled, {} table entries compared in {} flushes; {} reconfigurations, {} down-marks, {} tracked-flow filter rebuilds",
             self.counter_checks,
             self.tracked_checked,
             self.entries_compared,
             self.flushes,
             self.reconfigs,
-            self.downs
+            self.downs,
+            self.filter_rebuilds
         )
         .unwrap();
         let table = |s: &mut String, title: &str, m: &BTreeMap<&'static str, u64>| {
@@ -1911,6 +1914,18 @@ fn run_inside(opts: &FuzzOptions, ifindex: [u32; 2]) -> Result<FuzzReport> {
         }
         if n.is_multiple_of(opts.check_every) {
             let mut problems = check_stats(&k, &m, &exp)?;
+            // The tracked-flow filter must hold every flow `CT` holds (the kernel marks its
+            // inserts; a flow missing would send a SYN on its tuple past its entry), then it
+            // is rebuilt from `CT` as lbd's scans do, so that SYNs also take the unprobed path.
+            let reader = k.lb.conntrack_reader();
+            for f in m.ct.keys() {
+                if !reader.filter().may_be_tracked(&f.key()) {
+                    problems.push(format!("{f} is in CT but not in the tracked-flow filter"));
+                }
+            }
+            if reader.rebuild_filter()?.is_some() {
+                report.filter_rebuilds += 1;
+            }
             for _ in 0..8 {
                 if tracked_keys.is_empty() {
                     break;

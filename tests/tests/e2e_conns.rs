@@ -295,6 +295,14 @@ fn connections_are_counted_listed_looked_up_and_drained() {
         fill["ct_entries"].as_u64().unwrap() >= CONNS as u64,
         "{fill}"
     );
+    // The tracked-flow filter, rebuilt by the count: a bit per tracked flow, at most one per
+    // entry (collisions share one), of 2^21.
+    let set = fill["syn_filter_set"].as_f64().unwrap();
+    let bits = (set * f64::from(lb_common::CT_FILTER_BITS)).round() as u64;
+    assert!(
+        bits > 0 && bits <= fill["ct_entries"].as_u64().unwrap(),
+        "{fill}: {bits} bits set"
+    );
     let metrics = scrape_metrics(lab.lb().ns());
     for (addr, (active, _, _)) in &want {
         let key =
@@ -304,6 +312,13 @@ fn connections_are_counted_listed_looked_up_and_drained() {
     assert_eq!(
         metrics.get("lb_conntrack_capacity{table=\"CT\"}").copied(),
         Some(262_144.0)
+    );
+    assert!(
+        metrics
+            .get("lb_conntrack_syn_filter_set_ratio")
+            .is_some_and(|r| *r > 0.0 && *r < 0.01),
+        "lb_conntrack_syn_filter_set_ratio: {:?}",
+        metrics.get("lb_conntrack_syn_filter_set_ratio")
     );
 
     // conn list: every connection of the test, with its backend.

@@ -1,10 +1,18 @@
 //! End to end through the kernel: a client namespace, the balancer namespace with XDP attached
 //! to its veth, and backend namespaces (VIP on loopback, decapsulation attached), all on one
 //! bridge. Real TCP clients and servers; both forwarding modes, both address families.
-use lb_userspace::{config::XdpMode, netif, Balancer, Config, Decap, LoadOptions};
+use lb_userspace::{
+    config::XdpMode, datapath::conntrack::ConntrackReader, netif, Balancer, Config, Decap,
+    LoadOptions,
+};
 use std::{
     collections::BTreeMap,
     net::{IpAddr, SocketAddr},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    thread::JoinHandle,
     time::Duration,
 };
 use tests::{
@@ -64,6 +72,56 @@ fn assert_shares(counts: &BTreeMap<String, usize>, weights: &[(usize, u32)], wha
                 .any(|(i, w)| *w > 0 && name == &format!("backend{i}")),
             "{what}: {name} got connections but has no weight (counts {counts:?})"
         );
+    }
+}
+
+/// Rebuilds the tracked-flow filter from `CT` every 20 ms while the traffic runs (lbd does it
+/// with every scan, every 10 s at least), so that the SYNs of reused tuples meet filters
+/// rebuilt under them: a flow of `CT` missing from the filter would send its tuple's next
+/// SYN past its entry, to the old connection's backend. Stopped when dropped.
+struct Rebuilds {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<u64>>,
+}
+
+impl Rebuilds {
+    fn start(reader: ConntrackReader) -> Rebuilds {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut n = 0;
+            while !flag.load(Ordering::Relaxed) {
+                if reader
+                    .rebuild_filter()
+                    .expect("rebuilding the filter")
+                    .is_some()
+                {
+                    n += 1;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            n
+        });
+        Rebuilds {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// Stops the thread; the number of rebuilds it made.
+    fn finish(mut self) -> u64 {
+        self.stop.store(true, Ordering::Relaxed);
+        let t = self.thread.take().expect("running");
+        t.join().expect("the rebuild thread panicked")
+    }
+}
+
+impl Drop for Rebuilds {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
     }
 }
 
@@ -151,6 +209,7 @@ fn scenario(v6: bool, forwarding: &str) {
     let mut run = Running::start(v6, forwarding, 4, &weights);
     let vip = run.vip(v6);
     let what = format!("{} {forwarding}", if v6 { "IPv6" } else { "IPv4" });
+    let rebuilds = Rebuilds::start(run.lb.conntrack_reader());
 
     // Thousands of short connections: all complete, shares follow the weights.
     let results = client_many(
@@ -278,6 +337,12 @@ fn scenario(v6: bool, forwarding: &str) {
         run.lab.diagnostics()
     );
     assert_shares(&tally(&results), &third, &format!("{what} after change"));
+    let n = rebuilds.finish();
+    println!("{what}: the tracked-flow filter was rebuilt {n} times under the traffic");
+    assert!(
+        n >= 10,
+        "{what}: only {n} rebuilds of the tracked-flow filter"
+    );
 }
 
 #[test]

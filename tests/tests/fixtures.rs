@@ -1220,6 +1220,14 @@ fn table() -> Vec<Step> {
                 .to(e, id, true)
                 .tables(&f, None, Some(f.ct(id, ISN2, 0)))
         }),
+        Do("rebuild the tracked-flow filter from CT, as lbd's scans do: flow 4's tuple is in it (its SYN probes CT), a tuple CT does not hold is not (its SYN skips the probe)", |e| {
+            let r = e.lb.conntrack_reader();
+            let fill = r.rebuild_filter().expect("rebuilding the filter").expect("no other rebuild runs");
+            assert!(fill.bits_set > 0 && fill.bits_set < 100, "bits set: {fill:?}");
+            assert!(r.filter().may_be_tracked(&e.f4().key()), "flow 4 is in CT");
+            let unknown = Flow::new(CLIENT4, VIP4, 40_999, 80, TCP);
+            assert!(!r.filter().may_be_tracked(&unknown.key()), "flow 40_999 is not in CT");
+        }),
         Packet("IPv4 TCP SYN on established flow 4's 4-tuple (new connection, tuple in CT) -> CT entry deleted, the current table's backend, a new flow recorded in CT_NEW", |e| {
             let f = e.f4();
             let id = e.maglev(&f);

@@ -42,6 +42,11 @@ fn differential_fuzz() {
         report.mismatches[0]
     );
     assert_eq!(report.packets, packets, "the run stopped early");
+    assert!(
+        report.filter_rebuilds >= packets / opts.check_every,
+        "the tracked-flow filter was rebuilt {} times in {packets} packets",
+        report.filter_rebuilds
+    );
     if packets >= CI_PACKETS {
         let missing = report.uncovered();
         assert!(

@@ -275,6 +275,9 @@ impl Balancer {
                 }
             }
         }
+        if ct.is_some() {
+            self.maps.conntrack.filter().mark(key);
+        }
         Ok(())
     }
 

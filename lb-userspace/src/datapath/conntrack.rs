@@ -7,6 +7,7 @@
 //! client went quiet or away: LRU maps never expire an entry). A TCP flow still in `CT_NEW`
 //! (a SYN and nothing after it) is idle after [`NEW_TCP_IDLE`]: a handshake that did not finish
 //! by then never will, and a SYN flood must not look like active connections.
+use super::ct_filter::{CtFilter, FilterFill};
 use super::Balancer;
 use lb_common::{CtValue, FlowKey, CT_F_CLOSING, CT_TICK_SHIFT, PROTO_TCP};
 use serde::{Deserialize, Serialize};
@@ -127,6 +128,8 @@ pub fn classify(
 pub struct ConntrackReader {
     ct: Arc<OwnedFd>,
     ct_new: Arc<OwnedFd>,
+    /// Rebuilt with every scan of `CT`.
+    filter: Arc<CtFilter>,
     /// Capacities of `CT` and `CT_NEW` (their `max_entries`).
     pub capacity: (u32, u32),
 }
@@ -136,6 +139,8 @@ pub struct ConntrackReader {
 pub struct ScanTotals {
     pub ct: u64,
     pub ct_new: u64,
+    /// The tracked-flow filter as this scan rebuilt it (`None`: another scan was rebuilding).
+    pub filter: Option<FilterFill>,
 }
 
 impl Balancer {
@@ -146,25 +151,50 @@ impl Balancer {
 }
 
 impl ConntrackReader {
-    pub(super) fn new(ct: OwnedFd, ct_new: OwnedFd, capacity: (u32, u32)) -> Self {
+    pub(super) fn new(
+        ct: OwnedFd,
+        ct_new: OwnedFd,
+        filter: CtFilter,
+        capacity: (u32, u32),
+    ) -> Self {
         ConntrackReader {
             ct: Arc::new(ct),
             ct_new: Arc::new(ct_new),
+            filter: Arc::new(filter),
             capacity,
         }
+    }
+
+    /// The tracked-flow filter in front of a SYN's `CT` probe.
+    pub fn filter(&self) -> &CtFilter {
+        &self.filter
+    }
+
+    /// Rebuilds the tracked-flow filter from a scan of `CT` alone (what every
+    /// [`try_connections`](Self::try_connections) does on the way); `None` if another scan
+    /// was rebuilding it.
+    pub fn rebuild_filter(&self) -> anyhow::Result<Option<FilterFill>> {
+        let Some(rebuild) = self.filter.begin_rebuild() else {
+            return Ok(None);
+        };
+        let scanned = lookup_all(&self.ct, |k, _| rebuild.mark(k))
+            .map_err(|e| anyhow::anyhow!("reading CT (BPF_MAP_LOOKUP_BATCH): {e}"))?;
+        Ok(Some(rebuild.finish(scanned)))
     }
 
     /// Calls `f` for every tracked connection with what its entry says now: each entry of
     /// `CT`, and each of `CT_NEW` that `CT` does not have (a promotion copies the entry to `CT`
     /// and leaves the first one behind). Read with `BPF_MAP_LOOKUP_BATCH` while the datapath
     /// runs: a flow inserted or evicted meanwhile may be missed or seen, none twice. Blocking:
-    /// a million entries take tens of milliseconds (`cargo xtask bench conntrack`).
+    /// a million entries take tens of milliseconds (`cargo xtask bench conntrack`). The scan
+    /// of `CT` rebuilds the tracked-flow filter on the way.
     pub fn try_connections(
         &self,
         idle: &IdleWindows,
         mut f: impl FnMut(&FlowKey, &CtValue, ConnView),
     ) -> anyhow::Result<ScanTotals> {
         let now = now_tick();
+        let rebuild = self.filter.begin_rebuild();
         // `CT_NEW` first (the smaller table is the one kept in memory): a flow promoted
         // between the two reads is then found in both, and counted once.
         let mut fresh: HashMap<FlowKey, CtValue> = HashMap::new();
@@ -173,14 +203,18 @@ impl ConntrackReader {
         })
         .map_err(|e| anyhow::anyhow!("reading CT_NEW (BPF_MAP_LOOKUP_BATCH): {e}"))?;
         let ct = lookup_all(&self.ct, |k, v| {
+            if let Some(r) = &rebuild {
+                r.mark(k);
+            }
             fresh.remove(k);
             f(k, v, classify(CtTable::Established, k, v, now, idle));
         })
         .map_err(|e| anyhow::anyhow!("reading CT (BPF_MAP_LOOKUP_BATCH): {e}"))?;
+        let filter = rebuild.map(|r| r.finish(ct));
         for (k, v) in &fresh {
             f(k, v, classify(CtTable::New, k, v, now, idle));
         }
-        Ok(ScanTotals { ct, ct_new })
+        Ok(ScanTotals { ct, ct_new, filter })
     }
 }
 
@@ -225,6 +259,11 @@ impl ConntrackReader {
                     anyhow::bail!("BPF_MAP_UPDATE_BATCH wrote nothing");
                 }
                 done += attr.count as usize;
+            }
+            if table == CtTable::Established {
+                for k in &keys {
+                    self.filter.mark(k);
+                }
             }
         }
         Ok(())

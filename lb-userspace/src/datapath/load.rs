@@ -6,6 +6,7 @@ use super::{
     addr_from_bytes,
     bpf_maps::{check_object_maps, take, Maps},
     conntrack::ConntrackReader,
+    ct_filter::CtFilter,
     pins::{ensure_pin_dir, entries, pinned_maps, survey_pins, PinReport, LINK_PIN},
     BackendState, Balancer, LoadOptions, TableWrite, VipState, BALANCER_OBJ,
 };
@@ -111,9 +112,15 @@ impl Balancer {
         };
         let ct = take(&mut ebpf, maps::CT)?;
         let ct_new = take(&mut ebpf, maps::CT_NEW)?;
+        let filter = match take(&mut ebpf, maps::CT_FILTER)? {
+            // The mapping keeps the map alive once the fd is closed.
+            Map::Array(d) => CtFilter::map(d.fd().as_fd())?,
+            _ => bail!("the balancer object's {} is not an array", maps::CT_FILTER),
+        };
         let conntrack = ConntrackReader::new(
             dup_hash_fd(&ct, maps::CT)?,
             dup_hash_fd(&ct_new, maps::CT_NEW)?,
+            filter,
             (opts.conntrack_size, opts.conntrack_new_size),
         );
         let maps = Maps {

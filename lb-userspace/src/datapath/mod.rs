@@ -9,6 +9,7 @@
 mod apply;
 mod bpf_maps;
 pub mod conntrack;
+pub mod ct_filter;
 pub mod decap;
 mod load;
 pub mod netif;

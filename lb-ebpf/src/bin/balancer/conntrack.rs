@@ -2,8 +2,8 @@
 //! chosen through the VIP's Maglev table and recorded; later fragments follow their first.
 //! Entries are read and updated in place (no copies on the stack).
 use crate::maps::{
-    backend_live, live_backend_ref, lookup_vip, BACKENDS, CT, CT_NEW, FRAGS, RING, SYN_RECORD,
-    SYN_SEEN,
+    backend_live, live_backend_ref, lookup_vip, mark_tracked, may_be_tracked, prefetch_tracked,
+    BACKENDS, CT, CT_NEW, FRAGS, RING, SYN_RECORD, SYN_SEEN,
 };
 use crate::parse::{frag_key, Ports};
 use crate::stats::{self, count};
@@ -21,7 +21,8 @@ const TCP_ACK: u8 = 0x10;
 /// An established flow whose backend is up is served from `CT` alone: it needs neither the
 /// VIP entry (the backend entry carries the mode and VIP id) nor the table. The port filter
 /// in front (`try_balance`) keeps that lookup off traffic to ports no VIP uses. A bare SYN is never served
-/// from `CT`: it opens a new connection on a reused 4-tuple (`choose`).
+/// from `CT`: it opens a new connection on a reused 4-tuple (`choose`). It probes `CT` only if
+/// the tracked-flow filter says its tuple may be there (`may_be_tracked`): mostly it is not.
 #[inline(always)]
 pub fn new_or_tracked(
     key: &mut FlowKey,
@@ -32,7 +33,12 @@ pub fn new_or_tracked(
     let syn = tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
     let rst = tcp_flags & TCP_RST != 0;
     let closes = tcp_flags & (TCP_FIN | TCP_RST) != 0;
-    let established_ptr = CT.get_ptr_mut(&*key);
+    // A SYN's hash, computed once: for the filter, the table and the SYN cache.
+    let syn_hash = if syn { Some(flow_hash(key)) } else { None };
+    let established_ptr = match syn_hash {
+        Some(h) if !may_be_tracked(h) => None,
+        _ => CT.get_ptr_mut(&*key),
+    };
     // SAFETY: LRU element, read in place (a copy would cost stack); the memory stays
     // valid while the program runs, a concurrent eviction yields stale fields at worst.
     let established = established_ptr.map(|v| unsafe { &*v });
@@ -75,6 +81,7 @@ pub fn new_or_tracked(
                 seq,
                 rst,
                 closes,
+                hash: syn_hash,
             };
             let tracked = match established {
                 None => Tracked::No,
@@ -160,19 +167,26 @@ pub enum Tracked<'a> {
 }
 
 /// What `choose` needs of a TCP or UDP packet: a bare SYN and its sequence number (0 for
-/// other packets), a RST, a FIN or RST (the client closes).
+/// other packets), a RST, a FIN or RST (the client closes), and the flow hash if the caller
+/// has it (a SYN's).
 #[derive(Clone, Copy)]
 pub struct FlowPacket {
     pub syn: bool,
     pub seq: u32,
     pub rst: bool,
     pub closes: bool,
+    pub hash: Option<u32>,
 }
 
 /// The Maglev choice for a flow: (live backend id, flow hash).
 #[inline(always)]
 pub fn from_table(key: &FlowKey, vip: &VipMeta) -> Result<(u32, u32), Error> {
-    let hash = flow_hash(key);
+    from_table_hashed(flow_hash(key), vip)
+}
+
+/// The Maglev choice for a flow whose hash the caller has.
+#[inline(always)]
+pub fn from_table_hashed(hash: u32, vip: &VipMeta) -> Result<(u32, u32), Error> {
     let slot = vip.ring_offset + maglev_index(hash, vip.ring_size);
     let id = RING.get(slot).copied().unwrap_or(0);
     if id != 0 && backend_live(id) {
@@ -221,12 +235,13 @@ pub fn choose(
         seq,
         rst,
         closes,
+        hash: known_hash,
     } = p;
     if syn {
         // The clock is read only once lbd has armed recording at least once.
         let deadline = SYN_RECORD.get(0).copied().unwrap_or(0);
         if !(deadline != 0 && syn_recording(deadline, now_tick())) {
-            return syn_unrecorded(key, vip, seq);
+            return syn_unrecorded(key, vip, seq, known_hash);
         }
     } else if key.proto == PROTO_TCP && matches!(tracked, Tracked::No) {
         let found = handshake_ack(key, seq, closes);
@@ -262,6 +277,8 @@ pub fn choose(
             if !syn {
                 // Straight from the map value: no copy on the stack.
                 if CT.insert(key, v, 0).is_ok() {
+                    // Hashed again: an entry lbd wrote may carry another hash.
+                    mark_tracked(flow_hash(key));
                     count(Counter::CtPromoted);
                 } else {
                     count(Counter::CtInsertFailed);
@@ -278,7 +295,10 @@ pub fn choose(
             return Ok(((found >> 32) as u32, found as u32));
         }
     }
-    let (id, hash) = from_table(key, vip)?;
+    let (id, hash) = match known_hash {
+        Some(h) => from_table_hashed(h, vip)?,
+        None => from_table(key, vip)?,
+    };
     let backend_stats = stats::backend(id);
     let resteer_ct = match tracked {
         Tracked::BackendGone(v) => Some(v),
@@ -299,8 +319,10 @@ pub fn choose(
         } else {
             (CT_NEW.insert(key, &value, 0), Counter::CtNewInsertFailed)
         };
-        if inserted.is_err() {
-            count(failed);
+        match inserted {
+            Ok(()) if resteer_ct.is_some() => mark_tracked(hash),
+            Ok(()) => {}
+            Err(_) => count(failed),
         }
         count(Counter::CtResteered);
         if let Some(s) = backend_stats {
@@ -365,8 +387,16 @@ fn stamp(slot: *mut CtValue, closes: bool) {
 /// cache slot of the flow's hash tells a retry (same hash, same sequence number:
 /// `syn_retries`) from a new connection (`ct_new`, `new_flows`), which takes the slot.
 #[inline(always)]
-fn syn_unrecorded(key: &FlowKey, vip: &VipMeta, seq: u32) -> Result<(u32, u32), Error> {
-    let (id, hash) = from_table(key, vip)?;
+fn syn_unrecorded(
+    key: &FlowKey,
+    vip: &VipMeta,
+    seq: u32,
+    known_hash: Option<u32>,
+) -> Result<(u32, u32), Error> {
+    let (id, hash) = match known_hash {
+        Some(h) => from_table_hashed(h, vip)?,
+        None => from_table(key, vip)?,
+    };
     let backend_stats = stats::backend(id);
     if let Some(slot) = SYN_SEEN.get_ptr_mut(hash & SYN_SEEN_MASK) {
         // SAFETY: an array element, valid while the program runs. Two CPUs writing one slot
@@ -403,6 +433,7 @@ fn handshake_ack(key: &FlowKey, seq: u32, closes: bool) -> u64 {
     let Some((hash, s)) = syn_slot(key) else {
         return 0;
     };
+    prefetch_tracked(hash);
     // SAFETY: an array element, valid while the program runs.
     let (slot_hash, slot_seq, id) = unsafe { ((*s).hash, (*s).syn_seq, (*s).backend) };
     if slot_hash != hash || u32::from_be(slot_seq).wrapping_add(1) != u32::from_be(seq) {
@@ -414,6 +445,7 @@ fn handshake_ack(key: &FlowKey, seq: u32, closes: bool) -> u64 {
     stamp(s, closes);
     // SAFETY: as above.
     if CT.insert(key, unsafe { &*s }, 0).is_ok() {
+        mark_tracked(hash);
         count(Counter::CtPromoted);
     } else {
         count(Counter::CtInsertFailed);

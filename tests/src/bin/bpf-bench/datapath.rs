@@ -34,7 +34,10 @@ use lb_common::{
     maps, progs, BenchInput, Counter, BENCH_MAX_PACKET, BENCH_RUNS, BENCH_TAIL_CALL_FAILED,
 };
 use lb_pkt::{self as pkt, verdict_name, Ip4, Ip6, Tcp, TCP_ACK, TCP_SYN, XDP_PASS, XDP_TX};
-use lb_userspace::{datapath::BENCH_OBJ, netif, Balancer, Config, LoadOptions};
+use lb_userspace::{
+    datapath::{ct_filter::FilterFill, BENCH_OBJ},
+    netif, Balancer, Config, LoadOptions,
+};
 use tests::NetNs;
 
 use crate::thread_cpu_ns;
@@ -770,6 +773,8 @@ struct Report {
     warmup: Vec<Check>,
     /// The connection tables as the kernel accounts them.
     tables: Vec<MapMemory>,
+    /// The tracked-flow filter as rebuilt before each timed SYN run.
+    filter: Vec<FilterFill>,
 }
 
 /// The warm-up of an established flow: the first packet must create it in CT_NEW, the second
@@ -937,6 +942,7 @@ fn measure(args: &BenchDatapathArgs) -> Result<Report> {
         })
         .collect();
     let mut warmup = Vec::new();
+    let mut filter = Vec::new();
     // An untimed pass first (a tenth of the repetitions, every scenario and program), so that
     // the first round does not pay for cold caches. The established flows are set up (and that
     // checked) before it; the new flows use source ports no round uses.
@@ -984,6 +990,12 @@ fn measure(args: &BenchDatapathArgs) -> Result<Report> {
                 [true, false]
             };
             for is_lb in order {
+                if is_lb && sc.kind == Kind::NewFlow {
+                    // The filter as lbd keeps it: rebuilt from CT with every scan (at least
+                    // every 10 s), so it holds what CT holds now (the promotion runs filled
+                    // CT), not every flow inserted since the program was loaded.
+                    filter.extend(lb.conntrack_reader().rebuild_filter()?);
+                }
                 if is_lb {
                     warmup.extend(record_syns(
                         &mut h, &lb, &sc, round, repeat, ifindex, &all_ids,
@@ -1024,6 +1036,7 @@ fn measure(args: &BenchDatapathArgs) -> Result<Report> {
         rows,
         warmup,
         tables,
+        filter,
     })
 }
 
@@ -1168,6 +1181,15 @@ fn print_intro(args: &BenchDatapathArgs, report: &Report) {
     println!(
         "ns/pkt: median [min..max] over the rounds of the kernel's mean time per repetition (whole ns, truncated by the kernel). ratio: lb median / trivial median; per round: lb / trivial of the same round (run back to back)."
     );
+    if !report.filter.is_empty() {
+        let share = |f: &FilterFill| f.share * 100.0;
+        let lo = report.filter.iter().map(share).fold(f64::MAX, f64::min);
+        let hi = report.filter.iter().map(share).fold(0.0, f64::max);
+        let entries = report.filter.iter().map(|f| f.scanned).max().unwrap_or(0);
+        println!(
+            "SYN runs: the tracked-flow filter rebuilt from CT before each, as lbd's scans do: {lo:.1}-{hi:.1}% of its bits set (CT up to {entries} entries), the share of these SYNs that still probe CT."
+        );
+    }
     println!();
 }
 
