@@ -264,9 +264,9 @@ pub fn ct_filter_bit(hash: u32) -> (u32, u64) {
 /// ticks, 10 s (a client retries an unanswered SYN after 1, 3 and 7 s).
 pub const SYN_RECORD_TICKS: u32 = (10_000_000_000u64 >> CT_TICK_SHIFT) as u32;
 
-/// Whether SYNs are recorded in `CT_NEW` at tick `now`: `deadline` (`SYN_RECORD`'s one entry,
-/// written by lbd before it writes a changed table) is non-zero and still ahead of `now`
-/// (wrapping ticks).
+/// Whether a VIP's SYNs are recorded in `CT_NEW` at tick `now`: `deadline` (the VIP's entry of
+/// `SYN_RECORD`, written by lbd before it writes the VIP's changed table) is non-zero and still
+/// ahead of `now` (wrapping ticks).
 #[inline(always)]
 pub fn syn_recording(deadline: u32, now: u32) -> bool {
     deadline != 0 && (deadline.wrapping_sub(now) as i32) > 0

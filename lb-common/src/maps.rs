@@ -183,8 +183,9 @@ balancer_maps! {
     backend_stats / BACKEND_STATS = PerCpuArray<u32, BackendStats>, Capacity::Fixed(MAX_BACKENDS), 0, Required;
     /// The agent's id allocation cursors (one entry; never read by the program).
     agent_state / AGENT_STATE = Array<u32, AgentState>, Capacity::Fixed(1), 0, Optional;
-    /// Until when SYNs are recorded in `CT_NEW` (one entry, a tick; see `syn_recording`).
-    syn_record / SYN_RECORD = Array<u32, u32>, Capacity::Fixed(1), 0, Never;
+    /// Until when each VIP's SYNs are recorded in `CT_NEW` (by VIP id, a tick; see
+    /// `syn_recording`): a VIP whose table changes does not slow the others' SYNs.
+    syn_record / SYN_RECORD = Array<u32, u32>, Capacity::Fixed(MAX_VIPS), 0, Never;
     /// The SYN cache, direct-mapped by flow hash (`SYN_SEEN_SLOTS`).
     syn_seen / SYN_SEEN = Array<u32, CtValue>, Capacity::Fixed(SYN_SEEN_SLOTS), 0, Never;
     /// The tracked-flow filter: two halves of `CT_FILTER_BITS` bits and the selector

@@ -1822,6 +1822,33 @@ fn table() -> Vec<Step> {
                 .count(CtPromoted)
                 .to(e, id, false)
         }),
+        // ---- SYN recording is per VIP: a VIP whose table changes does not slow the others. ----
+        Do("SYN recording disarmed for every VIP, then a re-apply that changes 10.210.0.100:80/tcp's table (.11 back at weight 1): that VIP records its SYNs, [fd00:210::100]:80 does not", |e| {
+            e.lb.set_syn_recording(0).expect("disarming SYN recording");
+            e.lb.apply(&config(&[(11, 1), (12, 1)])).expect("re-apply");
+            let tcp4 = e.vip(VIP4.into(), 80, TCP).vip_id;
+            let tcp6 = e.vip(VIP6.into(), 80, TCP).vip_id;
+            assert!(e.lb.vip_syn_recording(tcp4).expect("reading SYN_RECORD"), "the changed VIP records");
+            assert!(!e.lb.vip_syn_recording(tcp6).expect("reading SYN_RECORD"), "an unchanged VIP does not");
+        }),
+        Packet("IPv6 TCP SYN to [fd00:210::100]:80 while only 10.210.0.100:80/tcp records -> no entry (the SYN cache only)", |e| {
+            let f = Flow::new(CLIENT6, VIP6, 41_100, 80, TCP);
+            let ip = f.packet(0, SYN, 0);
+            let id = e.maglev(&f);
+            Case::tx(e.frame_in(None, &ip), e.ipip(id, None, &ip, &f.key()))
+                .count(CtNew)
+                .to(e, id, true)
+                .tables(&f, None, None)
+        }),
+        Packet("IPv4 TCP SYN to 10.210.0.100:80 (its table just changed) -> recorded in CT_NEW", |e| {
+            let f = Flow::new(CLIENT4, VIP4, 41_101, 80, TCP);
+            let ip = f.packet(0, SYN, 0);
+            let id = e.maglev(&f);
+            Case::tx(e.frame_in(None, &ip), e.ipip(id, None, &ip, &f.key()))
+                .count(CtNew)
+                .to(e, id, true)
+                .tables(&f, None, Some(f.ct(id, ISN, 0)))
+        }),
     ]
 }
 

@@ -138,15 +138,18 @@ impl Balancer {
         let old_ports = port_bits(self.vips.values().map(|v| &v.config));
         let new_ports = port_bits(plan.vips.iter().map(|(_, st, _)| &st.config));
         self.mark_new_ports(&old_ports, &new_ports)?;
-        // While a VIP's table changes, the datapath records SYNs (they make no entry
+        // While a VIP's table changes, the datapath records its SYNs (they make no entry
         // otherwise): armed before the first write, so a handshake whose SYN and ACK straddle
-        // the change keeps its backend. A new VIP has no handshakes in flight.
-        if plan
+        // the change keeps its backend. A new VIP has no handshakes in flight; the VIPs whose
+        // tables stay keep their SYNs unrecorded.
+        let changing: Vec<u32> = plan
             .vips
             .iter()
-            .any(|(id, _, region)| region.is_some() && self.vips.contains_key(id))
-        {
-            self.set_syn_recording(SYN_RECORD_TICKS)?;
+            .filter(|(id, _, region)| region.is_some() && self.vips.contains_key(id))
+            .map(|(_, st, _)| st.vip_id)
+            .collect();
+        for vip_id in changing {
+            self.set_vip_syn_recording(vip_id, SYN_RECORD_TICKS)?;
         }
         for (id, st, region) in &plan.vips {
             if !self.vips.contains_key(id) {
@@ -469,18 +472,40 @@ impl Balancer {
             .context("zeroing VIP_STATS")
     }
 
-    /// Makes the datapath record SYNs in `CT_NEW` for `ticks` (`CT_TICK_SHIFT` ticks) from
-    /// now, or no longer (0). `apply` arms it for [`SYN_RECORD_TICKS`] before it writes a
-    /// changed table; tests and benches set it to choose a path.
+    /// Makes the datapath record every VIP's SYNs in `CT_NEW` for `ticks` (`CT_TICK_SHIFT`
+    /// ticks) from now, or no longer (0): tests and benches set it to choose a path.
     pub fn set_syn_recording(&mut self, ticks: u32) -> Result<()> {
+        for vip_id in 0..MAX_VIPS {
+            self.set_vip_syn_recording(vip_id, ticks)?;
+        }
+        Ok(())
+    }
+
+    /// Makes the datapath record VIP `vip_id`'s SYNs in `CT_NEW` for `ticks` from now, or no
+    /// longer (0). `apply` arms it for [`SYN_RECORD_TICKS`] before it writes the VIP's changed
+    /// table.
+    pub fn set_vip_syn_recording(&mut self, vip_id: u32, ticks: u32) -> Result<()> {
         let deadline = match ticks {
             0 => 0,
             t => super::conntrack::now_tick().wrapping_add(t).max(1),
         };
         self.maps
             .syn_record
-            .set(0, deadline, 0)
-            .context("writing SYN_RECORD")
+            .set(vip_id, deadline, 0)
+            .with_context(|| format!("writing SYN_RECORD[{vip_id}]"))
+    }
+
+    /// Whether the datapath records VIP `vip_id`'s SYNs now.
+    pub fn vip_syn_recording(&self, vip_id: u32) -> Result<bool> {
+        let deadline = self
+            .maps
+            .syn_record
+            .get(&vip_id, 0)
+            .with_context(|| format!("reading SYN_RECORD[{vip_id}]"))?;
+        Ok(lb_common::syn_recording(
+            deadline,
+            super::conntrack::now_tick(),
+        ))
     }
 
     /// Persists the id cursors in `AGENT_STATE` (see [`AgentState`]).

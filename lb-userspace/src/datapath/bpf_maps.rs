@@ -30,7 +30,7 @@ pub(super) struct Maps {
     pub(super) ct: BpfHashMap<MapData, FlowKey, CtValue>,
     pub(super) ct_new: BpfHashMap<MapData, FlowKey, CtValue>,
     pub(super) agent_state: Array<MapData, AgentState>,
-    /// Until when the datapath records SYNs (`SYN_RECORD`, one tick).
+    /// Until when the datapath records each VIP's SYNs (`SYN_RECORD`, a tick per VIP id).
     pub(super) syn_record: Array<MapData, u32>,
     /// CT's and CT_NEW's fds again, for the batch reads aya does not wrap.
     pub(super) conntrack: super::conntrack::ConntrackReader,

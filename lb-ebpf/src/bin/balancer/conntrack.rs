@@ -206,7 +206,7 @@ pub fn from_table_hashed(hash: u32, vip: &VipMeta) -> Result<(u32, u32), Error> 
 /// (`handshake_ack`); otherwise it is recorded in `CT_NEW` and only a later non-SYN packet
 /// promotes it to `CT`. Either way `CT` is only written for flows that sent two packets from
 /// one 4-tuple, so a flood of first packets (SYNs, or ACKs without a SYN) never evicts
-/// established flows. While lbd changes a table (`SYN_RECORD` armed), SYNs are recorded in
+/// established flows. While lbd changes a VIP's table (its `SYN_RECORD` armed), its SYNs are recorded in
 /// `CT_NEW` as first packets, so a handshake whose SYN and ACK straddle the change keeps its
 /// backend. A tracked flow keeps its backend whatever the table says (`new_or_tracked`
 /// serves `CT` hits), unless that backend is down; then it is steered again and flagged
@@ -238,8 +238,8 @@ pub fn choose(
         hash: known_hash,
     } = p;
     if syn {
-        // The clock is read only once lbd has armed recording at least once.
-        let deadline = SYN_RECORD.get(0).copied().unwrap_or(0);
+        // The clock is read only once lbd has armed this VIP's recording at least once.
+        let deadline = SYN_RECORD.get(vip.vip_id).copied().unwrap_or(0);
         if !(deadline != 0 && syn_recording(deadline, now_tick())) {
             return syn_unrecorded(key, vip, seq, known_hash);
         }

@@ -49,7 +49,8 @@ pub static BACKEND_STATS: PerCpuArray<backend_stats::Value, { backend_stats::ENT
 #[btf_map]
 pub static AGENT_STATE: Array<agent_state::Value, { agent_state::ENTRIES }> = Array::new();
 
-/// Until when SYNs are recorded in `CT_NEW` (lbd arms it around table changes).
+/// Until when each VIP's SYNs are recorded in `CT_NEW` (lbd arms a VIP's entry around changes
+/// of its table).
 #[btf_map]
 pub static SYN_RECORD: Array<syn_record::Value, { syn_record::ENTRIES }> = Array::new();
 /// The SYN cache: SYNs sent on while no table changes, for retries and the handshake's ACK.
