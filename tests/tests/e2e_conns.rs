@@ -296,7 +296,7 @@ fn connections_are_counted_listed_looked_up_and_drained() {
         "{fill}"
     );
     // The tracked-flow filter, rebuilt by the count: a bit per tracked flow, at most one per
-    // entry (collisions share one), of 2^21.
+    // entry (collisions share one), of `CT_FILTER_BITS`.
     let set = fill["syn_filter_set"].as_f64().unwrap();
     let bits = (set * f64::from(lb_common::CT_FILTER_BITS)).round() as u64;
     assert!(
