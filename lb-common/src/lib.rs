@@ -236,12 +236,12 @@ pub const SYN_SEEN_SLOTS: u32 = 65_536;
 /// `flow_hash & SYN_SEEN_MASK` is a flow's slot.
 pub const SYN_SEEN_MASK: u32 = SYN_SEEN_SLOTS - 1;
 
-/// Bits in each half of the tracked-flow filter (`CT_FILTER`): a bit per flow-hash value
-/// (`flow_hash & (CT_FILTER_BITS - 1)`), set for every flow `CT` holds. A bare SYN whose bit is
-/// clear is certainly not in `CT`, so it skips the `CT` probe (a cache miss on the table's
-/// buckets, about half of a SYN's cost); a set bit may be a collision and costs the probe.
-/// 2^22 bits (512 KiB) a half: at the default `CT` size, full, about 6% of SYNs probe (a probe
-/// of a full table costs a few hundred ns; half the bits made full-table SYNs 10-40 ns dearer).
+/// Bits in each half of the tracked-flow filter (`CT_FILTER`): a blocked Bloom filter, two bits
+/// per flow in one 64-bit word (`ct_filter_slot`), set for every flow `CT` holds. A bare SYN
+/// with either bit clear is certainly not in `CT`, so it skips the `CT` probe (a cache miss on
+/// the table's buckets, about half of a SYN's cost); both set may be collisions and cost the
+/// probe. 2^22 bits (512 KiB) a half: at the default `CT` size, full, about 1.5% of SYNs probe
+/// (a probe of a full table costs a few hundred ns).
 pub const CT_FILTER_BITS: u32 = 1 << 22;
 /// 64-bit words in each half of `CT_FILTER`.
 pub const CT_FILTER_WORDS: u32 = CT_FILTER_BITS / 64;
@@ -253,12 +253,13 @@ pub const CT_FILTER_ACTIVE: u32 = 2 * CT_FILTER_WORDS;
 /// Entries of `CT_FILTER`: two halves and the selector.
 pub const CT_FILTER_ENTRIES: u32 = CT_FILTER_ACTIVE + 1;
 
-/// A flow hash's bit in `CT_FILTER`: the entry of its word in half 0 (half 1's is the next
-/// one, so that an insert marks both in one cache line) and the bit's mask.
+/// A flow hash's place in `CT_FILTER`: the entry of its word in half 0 (half 1's is the next
+/// one, so that an insert marks both in one cache line) and the mask of its two bits in it
+/// (hash bits 6-21 choose the word, 0-5 and 22-27 the bits; one bit when those agree).
 #[inline(always)]
-pub fn ct_filter_bit(hash: u32) -> (u32, u64) {
-    let i = hash & (CT_FILTER_BITS - 1);
-    ((i >> 6) << 1, 1u64 << (i & 63))
+pub fn ct_filter_slot(hash: u32) -> (u32, u64) {
+    let word = (hash & (CT_FILTER_BITS - 1)) >> 6;
+    (word << 1, 1u64 << (hash & 63) | 1u64 << ((hash >> 22) & 63))
 }
 
 /// How long lbd keeps SYN recording armed after it writes a changed table: in `CT_TICK_SHIFT`
@@ -801,30 +802,29 @@ mod tests {
     }
 
     #[test]
-    fn ct_filter_bits_stay_in_their_half_and_pair_up() {
+    fn ct_filter_slots_stay_in_their_half_and_pair_up() {
         let mut seen = std::collections::HashSet::new();
-        for hash in [
-            0u32,
-            1,
-            63,
-            64,
-            CT_FILTER_BITS - 1,
-            CT_FILTER_BITS,
-            u32::MAX,
-        ] {
-            let (entry, bit) = ct_filter_bit(hash);
+        for hash in [0u32, 1, 63, 64, 1 << 22, CT_FILTER_BITS - 1, u32::MAX] {
+            let (entry, mask) = ct_filter_slot(hash);
             // Half 1's word is `entry + 1`: both below the selector.
             assert!(
                 entry % 2 == 0 && entry + 1 < CT_FILTER_ACTIVE,
                 "{hash}: {entry}"
             );
-            assert_eq!(bit.count_ones(), 1);
-            seen.insert((entry, bit));
+            assert!((1..=2).contains(&mask.count_ones()), "{hash}: {mask:#x}");
+            seen.insert((entry, mask));
         }
-        // Hashes equal below `CT_FILTER_BITS` share a bit; 0, 1, 63 and 64 do not.
-        assert_eq!(ct_filter_bit(0), ct_filter_bit(CT_FILTER_BITS));
-        assert_eq!(ct_filter_bit(CT_FILTER_BITS - 1), ct_filter_bit(u32::MAX));
-        assert_eq!(seen.len(), 5);
+        // 1 and 1 << 22 set the same two bits of word 0 (bits 0 and 1, from either end).
+        assert_eq!(seen.len(), 6, "{seen:?}");
+        // The word comes from bits 6-21, the bits from 0-5 and 22-27.
+        assert_eq!(ct_filter_slot(0), (0, 1));
+        assert_eq!(ct_filter_slot(1 << 22), (0, 0b11));
+        assert_eq!(ct_filter_slot(1 << 6).0, 2);
+        assert_eq!(
+            ct_filter_slot(0),
+            ct_filter_slot(1 << 28),
+            "bits 28-31 unused"
+        );
         assert_eq!(CT_FILTER_ENTRIES, CT_FILTER_ACTIVE + 1);
     }
 

@@ -460,13 +460,13 @@ fn conntrack_families(f: &mut Family<'_>, s: &StatsSnapshot) {
         "How long counting the connection tables took at this scrape.",
     );
     f.sample(name, &[], fill.scan_ms / 1e3);
-    let name = "lb_conntrack_syn_filter_set_ratio";
+    let name = "lb_conntrack_syn_filter_probe_ratio";
     f.header(
         name,
         "gauge",
-        "Share of the tracked-flow filter's bits set at the last count: the share of SYNs on untracked tuples that still probe CT.",
+        "Share of SYNs on untracked tuples that still look them up in CT (the tracked-flow filter's collisions at the last count).",
     );
-    f.sample(name, &[], fill.syn_filter_set);
+    f.sample(name, &[], fill.syn_filter_probe);
 }
 
 /// How health-checked backends are let back in: recent ejections, the hold left, the ramp.
@@ -632,7 +632,7 @@ mod tests {
                 ct_new_entries: 1,
                 ct_new_capacity: 2048,
                 scan_ms: 0.5,
-                syn_filter_set: 0.25,
+                syn_filter_probe: 0.25,
             }),
             counters: [("drop_fib".to_string(), 7u64)].into_iter().collect(),
             model_refusals: [("poor_fit".to_string(), 4u64)].into_iter().collect(),
@@ -697,7 +697,7 @@ mod tests {
             "lb_backend_connections{vip=\"[2001:db8::1]:443/tcp\",backend=\"2001:db8::11\",state=\"closing\"} 2",
             "lb_conntrack_entries{table=\"CT_NEW\"} 1",
             "lb_conntrack_capacity{table=\"CT\"} 1024",
-            "lb_conntrack_syn_filter_set_ratio 0.25",
+            "lb_conntrack_syn_filter_probe_ratio 0.25",
             "lb_datapath_packets_total{reason=\"pass_not_vip\"} 0",
             "lb_datapath_events_total{event=\"ct_lost\"} 0",
             "lb_datapath_events_total{event=\"ct_new_insert_failed\"} 0",

@@ -346,10 +346,10 @@ fn count(reader: &ConntrackReader, idle: &IdleWindows) -> Result<Census> {
             ct_new_entries: totals.ct_new,
             ct_new_capacity: reader.capacity.1,
             scan_ms: started.elapsed().as_secs_f64() * 1e3,
-            syn_filter_set: totals
+            syn_filter_probe: totals
                 .filter
                 .unwrap_or_else(|| reader.filter().fill())
-                .share,
+                .probe_share,
         },
     })
 }
@@ -366,7 +366,7 @@ mod tests {
             ct_new_entries: ct_new,
             ct_new_capacity: 100,
             scan_ms: 1.0,
-            syn_filter_set: 0.0,
+            syn_filter_probe: 0.0,
         };
         let mut above = [false; 2];
         assert!(

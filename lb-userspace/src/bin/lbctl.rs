@@ -880,7 +880,7 @@ fn print_stats(s: &StatsSnapshot) {
     if let Some(f) = &s.conntrack {
         let (ct, ct_new) = f.ratios();
         println!(
-            "table fill: CT {} of {} ({:.1}%), CT_NEW {} of {} ({:.1}%); counted in {:.1} ms; SYN filter {:.1}% set",
+            "table fill: CT {} of {} ({:.1}%), CT_NEW {} of {} ({:.1}%); counted in {:.1} ms; SYNs of untracked tuples looking in CT: {:.2}%",
             f.ct_entries,
             f.ct_capacity,
             ct * 100.0,
@@ -888,7 +888,7 @@ fn print_stats(s: &StatsSnapshot) {
             f.ct_new_capacity,
             ct_new * 100.0,
             f.scan_ms,
-            f.syn_filter_set * 100.0
+            f.syn_filter_probe * 100.0
         );
     }
     let c = |name: &str| s.counters.get(name).copied().unwrap_or(0);

@@ -623,10 +623,10 @@ pub struct TableFill {
     /// How long the count took (both tables), in milliseconds.
     #[serde(serialize_with = "super::round::ms")]
     pub scan_ms: f64,
-    /// Share of the tracked-flow filter's bits set (0 to 1): the share of SYNs on tuples `CT`
-    /// does not hold that still probe it. Rebuilt with every count.
+    /// The share of SYNs on tuples `CT` does not hold that still look them up there (0 to 1):
+    /// the tracked-flow filter's collisions, rebuilt with every count.
     #[serde(default)]
-    pub syn_filter_set: f64,
+    pub syn_filter_probe: f64,
 }
 
 impl TableFill {

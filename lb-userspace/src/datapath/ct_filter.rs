@@ -12,8 +12,7 @@
 //! The map is fresh with every loaded program and starts with every bit set (all SYNs probe):
 //! a program loaded over pinned tables must not miss their flows before the first rebuild.
 use lb_common::{
-    ct_filter_bit, flow_hash, FlowKey, CT_FILTER_ACTIVE, CT_FILTER_BITS, CT_FILTER_ENTRIES,
-    CT_FILTER_WORDS,
+    ct_filter_slot, flow_hash, FlowKey, CT_FILTER_ACTIVE, CT_FILTER_ENTRIES, CT_FILTER_WORDS,
 };
 use std::os::fd::{AsRawFd as _, BorrowedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -50,10 +49,10 @@ impl Drop for CtFilter {
 pub struct FilterFill {
     /// Entries of `CT` the rebuild's scan found (0 for [`CtFilter::fill`]).
     pub scanned: u64,
-    /// Bits set in the half now read.
+    /// Bits set in the half now read (of `CT_FILTER_BITS`).
     pub bits_set: u64,
-    /// Of `CT_FILTER_BITS`: the share of SYNs from unknown tuples that still probe `CT`.
-    pub share: f64,
+    /// The share of SYNs of tuples `CT` does not hold that still probe it.
+    pub probe_share: f64,
 }
 
 /// A rebuild under way: the half being rebuilt, zeroed; [`Rebuild::finish`] makes it the one
@@ -120,10 +119,10 @@ impl CtFilter {
         self.words().iter().skip(half as usize).step_by(2)
     }
 
-    /// `key`'s word in `half`, and its bit.
+    /// `key`'s word in `half`, and the mask of its bits.
     fn word_of(&self, key: &FlowKey, half: u32) -> (&AtomicU64, u64) {
-        let (entry, bit) = ct_filter_bit(flow_hash(key));
-        (&self.all()[(entry + half) as usize], bit)
+        let (entry, mask) = ct_filter_slot(flow_hash(key));
+        (&self.all()[(entry + half) as usize], mask)
     }
 
     fn selector(&self) -> &AtomicU64 {
@@ -135,31 +134,35 @@ impl CtFilter {
         (self.selector().load(Ordering::Acquire) & 1) as u32
     }
 
-    /// Sets `key`'s bit in both halves, as the datapath does when it inserts a flow into `CT`:
-    /// for entries lbd or a test writes itself, after writing them.
+    /// Sets `key`'s bits in both halves, as the datapath does when it inserts a flow into
+    /// `CT`: for entries lbd or a test writes itself, after writing them.
     pub fn mark(&self, key: &FlowKey) {
         for half in 0..2 {
-            let (w, bit) = self.word_of(key, half);
-            w.fetch_or(bit, Ordering::Relaxed);
+            let (w, mask) = self.word_of(key, half);
+            w.fetch_or(mask, Ordering::Relaxed);
         }
     }
 
-    /// Whether a SYN of `key` would probe `CT` now (its bit is set in the half read).
+    /// Whether a SYN of `key` would probe `CT` now (its bits are set in the half read).
     pub fn may_be_tracked(&self, key: &FlowKey) -> bool {
-        let (w, bit) = self.word_of(key, self.active());
-        w.load(Ordering::Relaxed) & bit != 0
+        let (w, mask) = self.word_of(key, self.active());
+        w.load(Ordering::Relaxed) & mask == mask
     }
 
-    /// Bits set in the half read, and their share.
+    /// Bits set in the half read, and the share of untracked flows' SYNs that would probe
+    /// `CT`: both of a SYN's bits are in one random word, so it is the mean over the words of
+    /// the square of their share of bits set.
     pub fn fill(&self) -> FilterFill {
-        let bits_set: u64 = self
-            .half(self.active())
-            .map(|w| w.load(Ordering::Relaxed).count_ones() as u64)
-            .sum();
+        let (mut bits_set, mut squares) = (0u64, 0f64);
+        for w in self.half(self.active()) {
+            let n = w.load(Ordering::Relaxed).count_ones();
+            bits_set += u64::from(n);
+            squares += (f64::from(n) / 64.0).powi(2);
+        }
         FilterFill {
             scanned: 0,
             bits_set,
-            share: bits_set as f64 / CT_FILTER_BITS as f64,
+            probe_share: squares / f64::from(CT_FILTER_WORDS),
         }
     }
 

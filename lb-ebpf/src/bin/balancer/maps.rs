@@ -9,7 +9,7 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use lb_common::{
-    ct_filter_bit,
+    ct_filter_slot,
     maps::{
         agent_state, backend_stats, backends, config, counters, ct, ct_filter, ct_new, frags,
         nexthops, ring, syn_record, syn_seen, vip_ports, vip_stats, vips,
@@ -66,39 +66,41 @@ pub static CT_FILTER: Array<
 > = Array::new();
 
 /// Whether `CT` may hold the flow of `hash`. `false` is certain: every flow in `CT` has its
-/// bit set in the half read (`mark_tracked`, and lbd's rebuild); `true` may be a collision.
+/// two bits set in the half read (`mark_tracked`, and lbd's rebuild); `true` may be collisions.
 #[inline(always)]
 pub fn may_be_tracked(hash: u32) -> bool {
     let half = CT_FILTER.get(CT_FILTER_ACTIVE).copied().unwrap_or(0) as u32 & 1;
-    let (entry, bit) = ct_filter_bit(hash);
-    CT_FILTER.get(entry + half).is_none_or(|w| *w & bit != 0)
+    let (entry, mask) = ct_filter_slot(hash);
+    CT_FILTER
+        .get(entry + half)
+        .is_none_or(|w| *w & mask == mask)
 }
 
 /// Reads the filter word of `hash` and drops it: issued before an insert into `CT`, the cache
 /// miss on it overlaps the insert's own (BPF has no prefetch instruction).
 #[inline(always)]
 pub fn prefetch_tracked(hash: u32) {
-    let (entry, _) = ct_filter_bit(hash);
+    let (entry, _) = ct_filter_slot(hash);
     if let Some(w) = CT_FILTER.get_ptr(entry) {
         // SAFETY: an array element, valid while the program runs; the value is not used.
         let _ = unsafe { core::ptr::read_volatile(w) };
     }
 }
 
-/// Sets the bit of a flow just inserted into `CT` in both halves of the filter. After the
-/// insert, not before: if lbd's rebuild zeroes the bit again, the insert came before its scan
+/// Sets the bits of a flow just inserted into `CT` in both halves of the filter. After the
+/// insert, not before: if lbd's rebuild zeroes them again, the insert came before its scan
 /// of `CT`, which then finds the flow.
 #[inline(always)]
 pub fn mark_tracked(hash: u32) {
-    let (entry, bit) = ct_filter_bit(hash);
+    let (entry, mask) = ct_filter_slot(hash);
     for half in 0..2 {
         if let Some(w) = CT_FILTER.get_ptr_mut(entry + half) {
             // SAFETY: an array element, valid while the program runs; an atomic OR, since other
-            // CPUs and lbd (through its mapping) write the same words. Read first: a set bit
+            // CPUs and lbd (through its mapping) write the same words. Read first: set bits
             // does not dirty the line again.
             unsafe {
-                if *w & bit == 0 {
-                    lb_ebpf::atomic::or_u64(w, bit);
+                if *w & mask != mask {
+                    lb_ebpf::atomic::or_u64(w, mask);
                 }
             }
         }

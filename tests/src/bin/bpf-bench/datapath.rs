@@ -99,8 +99,8 @@ pub struct BenchDatapathArgs {
     #[arg(long)]
     pub record_syns: bool,
     /// Fill CT to its capacity with other clients' flows before the rounds, as on a busy
-    /// balancer: the tracked-flow filter then has about 6% of its bits set, and that share of
-    /// SYNs looks in CT.
+    /// balancer: the tracked-flow filter then has about 12% of its bits set, and 1.5% of
+    /// SYNs look in CT.
     #[arg(long)]
     pub fill_ct: bool,
 }
@@ -1229,12 +1229,14 @@ fn print_intro(args: &BenchDatapathArgs, report: &Report) {
         "ns/pkt: median [min..max] over the rounds of the kernel's mean time per repetition (whole ns, truncated by the kernel). ratio: lb median / trivial median; per round: lb / trivial of the same round (run back to back)."
     );
     if !report.filter.is_empty() {
-        let share = |f: &FilterFill| f.share * 100.0;
+        let share = |f: &FilterFill| f.probe_share * 100.0;
         let lo = report.filter.iter().map(share).fold(f64::MAX, f64::min);
         let hi = report.filter.iter().map(share).fold(0.0, f64::max);
         let entries = report.filter.iter().map(|f| f.scanned).max().unwrap_or(0);
+        let bits = report.filter.iter().map(|f| f.bits_set).max().unwrap_or(0);
         println!(
-            "SYN runs: the tracked-flow filter rebuilt from CT before each, as lbd's scans do: {lo:.1}-{hi:.1}% of its bits set (CT up to {entries} entries), the share of these SYNs that still probe CT."
+            "SYN runs: the tracked-flow filter rebuilt from CT before each, as lbd's scans do (CT up to {entries} entries, up to {:.1}% of the filter's bits set): {lo:.2}-{hi:.2}% of these SYNs still look in CT.",
+            bits as f64 * 100.0 / f64::from(lb_common::CT_FILTER_BITS)
         );
     }
     println!();
