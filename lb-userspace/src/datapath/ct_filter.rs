@@ -1,13 +1,14 @@
-//! The tracked-flow filter (`CT_FILTER`): a bit per flow-hash value that says "`CT` may hold
-//! this flow", so that a bare SYN skips its `CT` probe when it certainly does not (the datapath
-//! side is in the balancer's `maps.rs`; the layout in `lb_common::CT_FILTER_BITS`).
+//! The tracked-flow filter (`CT_FILTER`): two bits per flow in one word (a blocked Bloom
+//! filter) that say "`CT` may hold this flow", so that a bare SYN skips its `CT` probe when it
+//! certainly does not (the datapath side is in the balancer's `maps.rs`; the layout in
+//! `lb_common::CT_FILTER_BITS` and `ct_filter_slot`).
 //!
-//! The datapath sets a flow's bit in both halves after it inserts the flow into `CT`. Bits of
+//! The datapath sets a flow's bits in both halves after it inserts the flow into `CT`. Bits of
 //! flows `CT` no longer holds (evicted, removed) would pile up, so lbd rebuilds the half SYNs
-//! do not read with every scan of `CT`: zero it, scan, set each entry's bit, then make it the
+//! do not read with every scan of `CT`: zero it, scan, set each entry's bits, then make it the
 //! one read. No flow of `CT` is ever missing from the half read: a flow inserted before the
-//! zeroing is found by the scan; one inserted after it sets its own bit after its insert, so
-//! if the zeroing clears that bit again the insert came before the scan, which finds it.
+//! zeroing is found by the scan; one inserted after it sets its own bits after its insert, so
+//! if the zeroing clears them again the insert came before the scan, which finds it.
 //!
 //! The map is fresh with every loaded program and starts with every bit set (all SYNs probe):
 //! a program loaded over pinned tables must not miss their flows before the first rebuild.

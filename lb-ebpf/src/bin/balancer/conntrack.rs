@@ -20,9 +20,10 @@ const TCP_ACK: u8 = 0x10;
 ///
 /// An established flow whose backend is up is served from `CT` alone: it needs neither the
 /// VIP entry (the backend entry carries the mode and VIP id) nor the table. The port filter
-/// in front (`try_balance`) keeps that lookup off traffic to ports no VIP uses. A bare SYN is never served
-/// from `CT`: it opens a new connection on a reused 4-tuple (`choose`). It probes `CT` only if
-/// the tracked-flow filter says its tuple may be there (`may_be_tracked`): mostly it is not.
+/// in front (`try_balance`) keeps that lookup off traffic to ports no VIP uses. A bare SYN is
+/// never served from `CT`: it opens a new connection on a reused 4-tuple (`choose`). It probes
+/// `CT` only if the tracked-flow filter says its tuple may be there (`may_be_tracked`): mostly
+/// it is not.
 #[inline(always)]
 pub fn new_or_tracked(
     key: &mut FlowKey,
@@ -206,11 +207,11 @@ pub fn from_table_hashed(hash: u32, vip: &VipMeta) -> Result<(u32, u32), Error> 
 /// (`handshake_ack`); otherwise it is recorded in `CT_NEW` and only a later non-SYN packet
 /// promotes it to `CT`. Either way `CT` is only written for flows that sent two packets from
 /// one 4-tuple, so a flood of first packets (SYNs, or ACKs without a SYN) never evicts
-/// established flows. While lbd changes a VIP's table (its `SYN_RECORD` armed), its SYNs are recorded in
-/// `CT_NEW` as first packets, so a handshake whose SYN and ACK straddle the change keeps its
-/// backend. A tracked flow keeps its backend whatever the table says (`new_or_tracked`
-/// serves `CT` hits), unless that backend is down; then it is steered again and flagged
-/// `CT_F_RESTEERED`.
+/// established flows. While lbd changes a VIP's table (its `SYN_RECORD` entry armed), its
+/// SYNs are recorded in `CT_NEW` as first packets, so a handshake whose SYN and ACK straddle
+/// the change keeps its backend. A tracked flow keeps its backend whatever the table says
+/// (`new_or_tracked` serves `CT` hits), unless that backend is down; then it is steered again
+/// and flagged `CT_F_RESTEERED`.
 ///
 /// `tracked` says what `CT` knew of the flow (see [`Tracked`]); only an untracked flow is
 /// looked up in `CT_NEW`.

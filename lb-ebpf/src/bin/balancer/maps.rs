@@ -96,8 +96,8 @@ pub fn mark_tracked(hash: u32) {
     for half in 0..2 {
         if let Some(w) = CT_FILTER.get_ptr_mut(entry + half) {
             // SAFETY: an array element, valid while the program runs; an atomic OR, since other
-            // CPUs and lbd (through its mapping) write the same words. Read first: set bits
-            // does not dirty the line again.
+            // CPUs and lbd (through its mapping) write the same words. Read first: bits already
+            // set do not dirty the line again.
             unsafe {
                 if *w & mask != mask {
                     lb_ebpf::atomic::or_u64(w, mask);
