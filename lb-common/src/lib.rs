@@ -246,8 +246,8 @@ pub const CT_FILTER_BITS: u32 = 1 << 22;
 /// 64-bit words in each half of `CT_FILTER`.
 pub const CT_FILTER_WORDS: u32 = CT_FILTER_BITS / 64;
 /// The entry of `CT_FILTER` after its two halves: which half SYNs read (0 or 1). The datapath
-/// sets a flow's bit in both halves when it inserts the flow into `CT`; lbd rebuilds the other
-/// half from a scan of `CT` (zero it, scan, set each entry's bit) and then makes it the one
+/// sets a flow's bits in both halves when it inserts the flow into `CT`; lbd rebuilds the other
+/// half from a scan of `CT` (zero it, scan, set each entry's bits) and then makes it the one
 /// read, so bits of flows `CT` no longer holds do not pile up.
 pub const CT_FILTER_ACTIVE: u32 = 2 * CT_FILTER_WORDS;
 /// Entries of `CT_FILTER`: two halves and the selector.

@@ -26,8 +26,8 @@ const QUIET_AFTER_SWITCH: Duration = Duration::from_millis(10);
 
 /// `CT_FILTER`, mapped into lbd's memory.
 pub struct CtFilter {
+    /// `CT_FILTER_ENTRIES` words.
     words: *mut AtomicU64,
-    len: usize,
     /// One rebuild at a time; when the last switch happened.
     rebuild: Mutex<Option<Instant>>,
 }
@@ -41,7 +41,7 @@ unsafe impl Sync for CtFilter {}
 impl Drop for CtFilter {
     fn drop(&mut self) {
         // SAFETY: the mapping `map` made, of this length, used by nothing after this.
-        unsafe { libc::munmap(self.words.cast(), self.mapped_len()) };
+        unsafe { libc::munmap(self.words.cast(), mapped_len()) };
     }
 }
 
@@ -68,14 +68,12 @@ impl CtFilter {
     /// Maps the `CT_FILTER` array (created `BPF_F_MMAPABLE`) of a freshly loaded program and
     /// sets every bit.
     pub(super) fn map(fd: BorrowedFd<'_>) -> anyhow::Result<Self> {
-        let len = CT_FILTER_ENTRIES as usize;
-        let bytes = len * 8;
         // SAFETY: a shared read-write mapping of an mmapable BPF array, as long as its values;
         // the kernel checks the length and the map's flags.
         let p = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
-                page_round(bytes),
+                mapped_len(),
                 libc::PROT_READ | libc::PROT_WRITE,
                 libc::MAP_SHARED,
                 fd.as_raw_fd(),
@@ -90,7 +88,6 @@ impl CtFilter {
         }
         let f = CtFilter {
             words: p.cast(),
-            len,
             rebuild: Mutex::new(None),
         };
         for w in f.words() {
@@ -100,14 +97,10 @@ impl CtFilter {
         Ok(f)
     }
 
-    fn mapped_len(&self) -> usize {
-        page_round(self.len * 8)
-    }
-
     fn all(&self) -> &[AtomicU64] {
-        // SAFETY: `len` 8-byte words, mapped for as long as `self` lives, only ever accessed
-        // atomically.
-        unsafe { std::slice::from_raw_parts(self.words, self.len) }
+        // SAFETY: `CT_FILTER_ENTRIES` 8-byte words, mapped for as long as `self` lives, only
+        // ever accessed atomically.
+        unsafe { std::slice::from_raw_parts(self.words, CT_FILTER_ENTRIES as usize) }
     }
 
     /// Both halves.
@@ -115,7 +108,7 @@ impl CtFilter {
         &self.all()[..(2 * CT_FILTER_WORDS) as usize]
     }
 
-    /// The words of one half (the halves are interleaved: `ct_filter_bit`).
+    /// The words of one half (the halves are interleaved: `ct_filter_slot`).
     fn half(&self, half: u32) -> impl Iterator<Item = &AtomicU64> {
         self.words().iter().skip(half as usize).step_by(2)
     }
@@ -124,6 +117,12 @@ impl CtFilter {
     fn word_of(&self, key: &FlowKey, half: u32) -> (&AtomicU64, u64) {
         let (entry, mask) = ct_filter_slot(flow_hash(key));
         (&self.all()[(entry + half) as usize], mask)
+    }
+
+    /// Sets `key`'s bits in `half`.
+    fn set(&self, key: &FlowKey, half: u32) {
+        let (w, mask) = self.word_of(key, half);
+        w.fetch_or(mask, Ordering::Relaxed);
     }
 
     fn selector(&self) -> &AtomicU64 {
@@ -139,8 +138,7 @@ impl CtFilter {
     /// `CT`: for entries lbd or a test writes itself, after writing them.
     pub fn mark(&self, key: &FlowKey) {
         for half in 0..2 {
-            let (w, mask) = self.word_of(key, half);
-            w.fetch_or(mask, Ordering::Relaxed);
+            self.set(key, half);
         }
     }
 
@@ -194,8 +192,7 @@ impl CtFilter {
 impl Rebuild<'_> {
     /// An entry of `CT` found by the scan.
     pub fn mark(&self, key: &FlowKey) {
-        let (w, bit) = self.filter.word_of(key, self.half);
-        w.fetch_or(bit, Ordering::Relaxed);
+        self.filter.set(key, self.half);
     }
 
     /// The scan is complete (it found `scanned` entries): the rebuilt half is the one read
@@ -212,8 +209,9 @@ impl Rebuild<'_> {
     }
 }
 
-fn page_round(bytes: usize) -> usize {
+/// The mapping's length: the array's values, whole pages.
+fn mapped_len() -> usize {
     // SAFETY: a query without side effects.
     let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as usize;
-    bytes.div_ceil(page) * page
+    (CT_FILTER_ENTRIES as usize * 8).div_ceil(page) * page
 }

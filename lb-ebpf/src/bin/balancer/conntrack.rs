@@ -82,7 +82,8 @@ pub fn new_or_tracked(
                 seq,
                 rst,
                 closes,
-                hash: syn_hash,
+                // Every path of `choose` needs it: a SYN's was computed above.
+                hash: syn_hash.unwrap_or_else(|| flow_hash(key)),
             };
             let tracked = match established {
                 None => Tracked::No,
@@ -168,15 +169,15 @@ pub enum Tracked<'a> {
 }
 
 /// What `choose` needs of a TCP or UDP packet: a bare SYN and its sequence number (0 for
-/// other packets), a RST, a FIN or RST (the client closes), and the flow hash if the caller
-/// has it (a SYN's).
+/// other packets), a RST, a FIN or RST (the client closes), and the flow hash (every path of
+/// `choose` needs it: the table, the SYN cache, the filter's mark).
 #[derive(Clone, Copy)]
 pub struct FlowPacket {
     pub syn: bool,
     pub seq: u32,
     pub rst: bool,
     pub closes: bool,
-    pub hash: Option<u32>,
+    pub hash: u32,
 }
 
 /// The Maglev choice for a flow: (live backend id, flow hash).
@@ -236,18 +237,18 @@ pub fn choose(
         seq,
         rst,
         closes,
-        hash: known_hash,
+        hash,
     } = p;
     if syn {
         // The clock is read only once lbd has armed this VIP's recording at least once.
         let deadline = SYN_RECORD.get(vip.vip_id).copied().unwrap_or(0);
         if !(deadline != 0 && syn_recording(deadline, now_tick())) {
-            return syn_unrecorded(key, vip, seq, known_hash);
+            return syn_unrecorded(vip, hash, seq);
         }
     } else if key.proto == PROTO_TCP && matches!(tracked, Tracked::No) {
-        let found = handshake_ack(key, seq, closes);
+        let found = handshake_ack(key, hash, seq, closes);
         if found != 0 {
-            return Ok(((found >> 32) as u32, found as u32));
+            return Ok(unpacked(found));
         }
     }
     let seq = if syn { seq } else { 0 };
@@ -276,14 +277,9 @@ pub fn choose(
             }
             // A retried SYN proves nothing about the client: only a later packet promotes.
             if !syn {
-                // Straight from the map value: no copy on the stack.
-                if CT.insert(key, v, 0).is_ok() {
-                    // Hashed again: an entry lbd wrote may carry another hash.
-                    mark_tracked(flow_hash(key));
-                    count(Counter::CtPromoted);
-                } else {
-                    count(Counter::CtInsertFailed);
-                }
+                // The key's hash for the filter, not the entry's: an entry lbd wrote may carry
+                // another.
+                promote(key, v, hash);
             }
             return Ok((v.backend, v.hash));
         }
@@ -291,15 +287,12 @@ pub fn choose(
     // A SYN `CT_NEW` does not know, while recording: if the SYN cache holds it, it is a retry
     // of a SYN sent on before recording was armed, and it keeps that SYN's backend.
     if syn && seen.is_none() {
-        let found = syn_retry_recorded(key, seq, closes);
+        let found = syn_retry_recorded(key, hash, seq, closes);
         if found != 0 {
-            return Ok(((found >> 32) as u32, found as u32));
+            return Ok(unpacked(found));
         }
     }
-    let (id, hash) = match known_hash {
-        Some(h) => from_table_hashed(h, vip)?,
-        None => from_table(key, vip)?,
-    };
+    let (id, hash) = from_table_hashed(hash, vip)?;
     let backend_stats = stats::backend(id);
     let resteer_ct = match tracked {
         Tracked::BackendGone(v) => Some(v),
@@ -360,13 +353,31 @@ fn new_flow(backend_stats: Option<stats::Slot<BackendStats>>, vip_id: u32) {
     }
 }
 
-/// The flow's hash and its SYN cache slot.
+/// Inserts `v`, a map value (nothing is built on the stack), as the flow's `CT` entry and
+/// marks `hash` in the tracked-flow filter: `ct_promoted`, or `ct_insert_failed`.
 #[inline(always)]
-fn syn_slot(key: &FlowKey) -> Option<(u32, *mut CtValue)> {
-    let hash = flow_hash(key);
-    SYN_SEEN
-        .get_ptr_mut(hash & SYN_SEEN_MASK)
-        .map(|slot| (hash, slot))
+fn promote(key: &FlowKey, v: *const CtValue, hash: u32) {
+    // SAFETY: the callers pass an element of a map this program uses, valid while it runs;
+    // the update copies it.
+    if CT.insert(key, unsafe { &*v }, 0).is_ok() {
+        mark_tracked(hash);
+        count(Counter::CtPromoted);
+    } else {
+        count(Counter::CtInsertFailed);
+    }
+}
+
+/// A backend id and a flow hash as one BPF function result (the id, never 0, in the high
+/// half; 0 means none).
+#[inline(always)]
+fn packed(id: u32, hash: u32) -> u64 {
+    ((id as u64) << 32) | hash as u64
+}
+
+/// `packed`'s (backend id, flow hash).
+#[inline(always)]
+fn unpacked(found: u64) -> (u32, u32) {
+    ((found >> 32) as u32, found as u32)
 }
 
 /// Makes a cached SYN's slot the value of its flow's new entry: the slot already holds the
@@ -388,16 +399,8 @@ fn stamp(slot: *mut CtValue, closes: bool) {
 /// cache slot of the flow's hash tells a retry (same hash, same sequence number:
 /// `syn_retries`) from a new connection (`ct_new`, `new_flows`), which takes the slot.
 #[inline(always)]
-fn syn_unrecorded(
-    key: &FlowKey,
-    vip: &VipMeta,
-    seq: u32,
-    known_hash: Option<u32>,
-) -> Result<(u32, u32), Error> {
-    let (id, hash) = match known_hash {
-        Some(h) => from_table_hashed(h, vip)?,
-        None => from_table(key, vip)?,
-    };
+fn syn_unrecorded(vip: &VipMeta, hash: u32, seq: u32) -> Result<(u32, u32), Error> {
+    let (id, hash) = from_table_hashed(hash, vip)?;
     let backend_stats = stats::backend(id);
     if let Some(slot) = SYN_SEEN.get_ptr_mut(hash & SYN_SEEN_MASK) {
         // SAFETY: an array element, valid while the program runs. Two CPUs writing one slot
@@ -430,8 +433,8 @@ fn syn_unrecorded(
 /// inlined, or with a value built on its own stack, it took the frames past the verifier's
 /// budget (see "Stack budget" in docs/datapath.md).
 #[inline(never)]
-fn handshake_ack(key: &FlowKey, seq: u32, closes: bool) -> u64 {
-    let Some((hash, s)) = syn_slot(key) else {
+fn handshake_ack(key: &FlowKey, hash: u32, seq: u32, closes: bool) -> u64 {
+    let Some(s) = SYN_SEEN.get_ptr_mut(hash & SYN_SEEN_MASK) else {
         return 0;
     };
     prefetch_tracked(hash);
@@ -444,14 +447,8 @@ fn handshake_ack(key: &FlowKey, seq: u32, closes: bool) -> u64 {
         return 0;
     }
     stamp(s, closes);
-    // SAFETY: as above.
-    if CT.insert(key, unsafe { &*s }, 0).is_ok() {
-        mark_tracked(hash);
-        count(Counter::CtPromoted);
-    } else {
-        count(Counter::CtInsertFailed);
-    }
-    ((id as u64) << 32) | hash as u64
+    promote(key, s, hash);
+    packed(id, hash)
 }
 
 /// A SYN that `CT_NEW` does not know while recording is armed: if the SYN cache holds it (same
@@ -460,8 +457,8 @@ fn handshake_ack(key: &FlowKey, seq: u32, closes: bool) -> u64 {
 /// counted as a retry. Returns the backend id (high half) and the flow hash (low half), or 0.
 /// A BPF function of its own, like `handshake_ack`.
 #[inline(never)]
-fn syn_retry_recorded(key: &FlowKey, seq: u32, closes: bool) -> u64 {
-    let Some((hash, s)) = syn_slot(key) else {
+fn syn_retry_recorded(key: &FlowKey, hash: u32, seq: u32, closes: bool) -> u64 {
+    let Some(s) = SYN_SEEN.get_ptr_mut(hash & SYN_SEEN_MASK) else {
         return 0;
     };
     // SAFETY: an array element, valid while the program runs.
@@ -477,7 +474,7 @@ fn syn_retry_recorded(key: &FlowKey, seq: u32, closes: bool) -> u64 {
     if let Some(st) = stats::backend(id) {
         st.syn_retries(1);
     }
-    ((id as u64) << 32) | hash as u64
+    packed(id, hash)
 }
 
 /// A later fragment: it has no ports, so it follows its first fragment's choice.
