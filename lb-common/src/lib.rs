@@ -331,6 +331,11 @@ impl BackendStats {
 }
 
 /// Per-CPU statistics of one VIP.
+///
+/// The datapath counts a forwarded packet once, on its backend (`BackendStats`): `packets`
+/// and `bytes` here are written only by programs before `VIP_RETIRED` existed. A VIP's
+/// packets and bytes are its backends' plus those of the backends it retired (`VipTotals`),
+/// summed by lbd.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct VipStats {
@@ -348,6 +353,16 @@ impl VipStats {
         self.new_flows += o.new_flows;
         self.no_backend += o.no_backend;
     }
+}
+
+/// What a VIP's retired backends forwarded (`VIP_RETIRED`, by VIP id): lbd adds a backend's
+/// statistics here before it zeroes them for the id's next owner, so the VIP's totals (this
+/// plus its current backends') never go back.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct VipTotals {
+    pub packets: u64,
+    pub bytes: u64,
 }
 
 /// The agent's own state, kept beside the datapath's maps so that it outlives a restart with
@@ -368,8 +383,14 @@ pub struct AgentState {
     pub next_backend_id: u32,
     /// The next VIP id to try (0 to `MAX_VIPS - 1`).
     pub next_vip_id: u32,
-    pub _reserved: [u32; 13],
+    /// `AGENT_F_*`.
+    pub flags: u32,
+    pub _reserved: [u32; 12],
 }
+
+/// `AgentState::flags`: `VIP_RETIRED` holds the retired backends' share of every VIP's
+/// totals (set once lbd has derived it from the older programs' per-VIP counters).
+pub const AGENT_F_VIP_RETIRED: u32 = 1;
 
 /// `AgentState::magic` of a written entry ("lbAS").
 pub const AGENT_STATE_MAGIC: u32 = 0x6c62_4153;
@@ -641,6 +662,7 @@ mod pod {
     unsafe impl aya::Pod for GlobalConfig {}
     unsafe impl aya::Pod for BackendStats {}
     unsafe impl aya::Pod for VipStats {}
+    unsafe impl aya::Pod for VipTotals {}
     unsafe impl aya::Pod for DecapKey {}
     unsafe impl aya::Pod for BenchInput {}
     unsafe impl aya::Pod for AgentState {}

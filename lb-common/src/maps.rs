@@ -6,7 +6,7 @@
 //! `balancer_maps!` plus its static in the program (and a field in lbd if lbd reads it).
 use crate::{
     AgentState, BackendInfo, BackendStats, CtValue, FlowKey, FragKey, GlobalConfig, NextHop,
-    VipKey, VipMeta, VipStats, COUNTER_SLOTS, CT_FILTER_ENTRIES, DEFAULT_CT_NEW_SIZE,
+    VipKey, VipMeta, VipStats, VipTotals, COUNTER_SLOTS, CT_FILTER_ENTRIES, DEFAULT_CT_NEW_SIZE,
     DEFAULT_CT_SIZE, DEFAULT_RING_POOL, FRAG_TABLE_SIZE, MAX_BACKENDS, MAX_VIPS, SYN_SEEN_SLOTS,
 };
 use core::mem::size_of;
@@ -183,6 +183,8 @@ balancer_maps! {
     backend_stats / BACKEND_STATS = PerCpuArray<u32, BackendStats>, Capacity::Fixed(MAX_BACKENDS), 0, Required;
     /// The agent's id allocation cursors (one entry; never read by the program).
     agent_state / AGENT_STATE = Array<u32, AgentState>, Capacity::Fixed(1), 0, Optional;
+    /// Packets and bytes of each VIP's retired backends (by VIP id; written by lbd only).
+    vip_retired / VIP_RETIRED = Array<u32, VipTotals>, Capacity::Fixed(MAX_VIPS), 0, Optional;
     /// Until when each VIP's SYNs are recorded in `CT_NEW` (by VIP id, a tick; see
     /// `syn_recording`): a VIP whose table changes does not slow the others' SYNs.
     syn_record / SYN_RECORD = Array<u32, u32>, Capacity::Fixed(MAX_VIPS), 0, Never;

@@ -2,11 +2,14 @@
 //! maps: no namespace, nothing attached. Pinned connection-table entries outlive the backends
 //! they name, and the established path only checks that a tracked id is live, so an id must
 //! not be handed out again soon after its backend left, restart or not; a restart must not
-//! keep backend entries of a VIP that was never published; a new VIP's statistics start at 0.
+//! keep backend entries of a VIP that was never published; a new VIP's statistics start at 0,
+//! and a VIP's totals keep the traffic of the backends it removed.
 //!
 //! Run as root: `cargo test -p tests --test ids`.
 use aya::maps::{Array, Map, MapData, PerCpuArray};
-use lb_common::{maps, BackendInfo, VipStats, BACKEND_F_ACTIVE};
+use lb_common::{
+    maps, AgentState, BackendInfo, BackendStats, VipStats, AGENT_F_VIP_RETIRED, BACKEND_F_ACTIVE,
+};
 use lb_userspace::{datapath::remove_pins, Balancer, Config, LoadOptions};
 use std::{
     net::IpAddr,
@@ -249,4 +252,159 @@ fn pins_without_agent_state_are_taken_over() {
     drop(lb);
     let lb = pins.load();
     assert!(!lb.pin_report().agent_state_created);
+}
+
+/// Writes every CPU's slot of backend `id`'s statistics, as the datapath would count them.
+fn set_backend_stats(pins: &Pins, id: u32, packets: u64, bytes: u64) {
+    let mut stats: PerCpuArray<MapData, BackendStats> = PerCpuArray::try_from(Map::PerCpuArray(
+        MapData::from_pin(pins.0.join(maps::BACKEND_STATS)).unwrap(),
+    ))
+    .unwrap();
+    let s = BackendStats {
+        packets,
+        bytes,
+        ..Default::default()
+    };
+    let ncpu = aya::util::nr_cpus().unwrap();
+    stats
+        .set(
+            id,
+            aya::maps::PerCpuValues::try_from(vec![s; ncpu]).unwrap(),
+            0,
+        )
+        .unwrap();
+}
+
+/// The datapath counts a packet once, on its backend; a VIP's packets and bytes are its
+/// backends' plus its retired backends' (`VIP_RETIRED`). Removing a backend (whose id's
+/// statistics are zeroed for the next owner) or restarting must not take anything off them.
+#[test]
+fn vip_totals_keep_a_removed_backends_traffic() {
+    require_root();
+    let pins = Pins::new("totals");
+    let mut lb = pins.load();
+    lb.apply(&config(&[(VIP1, &[11, 12]), (VIP2, &[21])]))
+        .unwrap();
+    let (vip, b11, b12) = (
+        vip_id(&lb, VIP1),
+        backend_id(&lb, VIP1, 11),
+        backend_id(&lb, VIP1, 12),
+    );
+    let n = aya::util::nr_cpus().unwrap() as u64;
+    set_backend_stats(&pins, b11, 5, 500);
+    set_backend_stats(&pins, b12, 3, 300);
+    set_backend_stats(&pins, backend_id(&lb, VIP2, 21), 100, 10_000);
+    let totals = |lb: &Balancer| {
+        let s = lb.vip_stats(vip).unwrap();
+        (s.packets, s.bytes)
+    };
+    assert_eq!(
+        totals(&lb),
+        (8 * n, 800 * n),
+        "the sum of the VIP's backends"
+    );
+    lb.apply(&config(&[(VIP1, &[11]), (VIP2, &[21])])).unwrap();
+    assert_eq!(
+        lb.backend_stats(b12).unwrap().packets,
+        0,
+        "the id's slot is zeroed"
+    );
+    assert_eq!(
+        totals(&lb),
+        (8 * n, 800 * n),
+        "the removed backend's traffic stays"
+    );
+    set_backend_stats(&pins, b11, 6, 600);
+    assert_eq!(totals(&lb), (9 * n, 900 * n));
+    drop(lb);
+    let lb = pins.load();
+    assert!(lb.resumed());
+    assert_eq!(totals(&lb), (9 * n, 900 * n), "after a restart");
+    let mut lb = lb;
+    lb.apply(&config(&[(VIP2, &[21])])).unwrap();
+    lb.apply(&config(&[(VIP2, &[21]), (VIP3, &[31])])).unwrap();
+    let v3 = vip_id(&lb, VIP3);
+    assert_eq!(
+        lb.vip_stats(vip).unwrap(),
+        VipStats::default(),
+        "removed VIP zeroed"
+    );
+    assert_eq!(
+        lb.vip_stats(v3).unwrap(),
+        VipStats::default(),
+        "a new VIP starts at 0"
+    );
+}
+
+/// Pins of a build whose program counted every packet on its VIP as well as on its backend
+/// (no `VIP_RETIRED`, `AGENT_STATE` without `AGENT_F_VIP_RETIRED`): the map is created and
+/// each VIP's retired share derived, so its totals go on from where that build left them.
+#[test]
+fn pins_that_counted_per_vip_are_taken_over_without_a_jump() {
+    require_root();
+    let pins = Pins::new("pervip");
+    let mut lb = pins.load();
+    lb.apply(&config(&[(VIP1, &[11, 12])])).unwrap();
+    let vip = vip_id(&lb, VIP1);
+    let n = aya::util::nr_cpus().unwrap() as u64;
+    drop(lb);
+    // The older program: 9 packets on the VIP, of which 5 and 1 on its current backends (the
+    // rest on backends it retired before).
+    let lb = pins.load();
+    set_backend_stats(&pins, backend_id(&lb, VIP1, 11), 5, 500);
+    set_backend_stats(&pins, backend_id(&lb, VIP1, 12), 1, 100);
+    drop(lb);
+    let mut stats: PerCpuArray<MapData, VipStats> = PerCpuArray::try_from(Map::PerCpuArray(
+        MapData::from_pin(pins.0.join(maps::VIP_STATS)).unwrap(),
+    ))
+    .unwrap();
+    let counted = VipStats {
+        packets: 9,
+        bytes: 900,
+        new_flows: 2,
+        no_backend: 1,
+    };
+    stats
+        .set(
+            vip,
+            aya::maps::PerCpuValues::try_from(vec![counted; n as usize]).unwrap(),
+            0,
+        )
+        .unwrap();
+    let mut state = pins.array::<AgentState>(maps::AGENT_STATE);
+    let s = state.get(&0, 0).unwrap();
+    state.set(0, AgentState { flags: 0, ..s }, 0).unwrap();
+    std::fs::remove_file(pins.0.join(maps::VIP_RETIRED)).unwrap();
+
+    let lb = pins.load();
+    let r = lb.pin_report().clone();
+    assert!(
+        r.resumed && r.missing.is_empty() && r.dropped.is_empty(),
+        "{r:?}"
+    );
+    assert!(
+        pins.0.join(maps::VIP_RETIRED).exists(),
+        "created and pinned"
+    );
+    let want = VipStats {
+        packets: 9 * n,
+        bytes: 900 * n,
+        new_flows: 2 * n,
+        no_backend: n,
+    };
+    assert_eq!(
+        lb.vip_stats(vip).unwrap(),
+        want,
+        "the totals the older build had"
+    );
+    let flags = pins
+        .array::<AgentState>(maps::AGENT_STATE)
+        .get(&0, 0)
+        .unwrap()
+        .flags;
+    assert_ne!(flags & AGENT_F_VIP_RETIRED, 0, "derived once");
+    drop(lb);
+    // Derived once: the next start takes the pinned share as it is.
+    let lb = pins.load();
+    assert_eq!(lb.vip_stats(vip).unwrap(), want);
 }

@@ -11,8 +11,8 @@ use anyhow::{anyhow, bail, Context as _, Result};
 use aya::maps::PerCpuValues;
 use lb_common::{
     maglev, AgentState, BackendInfo, BackendStats, Counter, GlobalConfig, NextHop, VipMeta,
-    VipStats, AGENT_STATE_MAGIC, BACKEND_F_ACTIVE, BACKEND_F_DOWN, CONFIG_F_HAVE_V4_SRC,
-    CONFIG_F_HAVE_V6_SRC, MAX_BACKENDS, MAX_VIPS, SYN_RECORD_TICKS,
+    VipStats, VipTotals, AGENT_F_VIP_RETIRED, AGENT_STATE_MAGIC, BACKEND_F_ACTIVE, BACKEND_F_DOWN,
+    CONFIG_F_HAVE_V4_SRC, CONFIG_F_HAVE_V6_SRC, MAX_BACKENDS, MAX_VIPS, SYN_RECORD_TICKS,
 };
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -437,39 +437,58 @@ impl Balancer {
                 }
             }
         }
-        for vip_id in removed_vips {
-            // Its counters go with it: a later VIP with this id must start from zero (its
-            // Prometheus counters would jump otherwise).
-            self.zero_vip_stats(vip_id)?;
-        }
         for bid in &retired {
             self.clear_backend(*bid)?;
             plan.used_backend_ids.remove(bid);
             plan.report.backends_removed += 1;
         }
+        // After its backends (whose statistics `clear_backend` adds to their VIP's).
+        for vip_id in removed_vips {
+            // Its counters go with it: a later VIP with this id must start from zero (its
+            // Prometheus counters would jump otherwise).
+            self.zero_vip_stats(vip_id)?;
+        }
         Ok(())
     }
 
     /// Retires backend id `id` in the datapath: inactive (flows still tracked to it are steered
-    /// again through the table), no next hop, statistics zero.
+    /// again through the table), no next hop, statistics added to its VIP's retired share
+    /// (`VIP_RETIRED`), then zero for the id's next owner. Read once the entry is inactive, so
+    /// only packets already past the liveness check can still count on it (and be lost to the
+    /// VIP's totals).
     pub(super) fn clear_backend(&mut self, id: u32) -> Result<()> {
+        let old = self.maps.backends.get(&id, 0)?;
         self.maps
             .backends
             .set(id, BackendInfo::default(), 0)
             .context("retiring a backend")?;
         self.maps.nexthops.set(id, NextHop::default(), 0)?;
+        if old.flags & BACKEND_F_ACTIVE != 0 {
+            let s = self.backend_stats(id)?;
+            let mut t = self.maps.vip_retired.get(&old.vip_id, 0)?;
+            t.packets += s.packets;
+            t.bytes += s.bytes;
+            self.maps
+                .vip_retired
+                .set(old.vip_id, t, 0)
+                .context("writing VIP_RETIRED")?;
+        }
         let zero = PerCpuValues::try_from(vec![BackendStats::default(); nr_cpus()?])?;
         self.maps.backend_stats.set(id, zero, 0)?;
         Ok(())
     }
 
-    /// Zeroes VIP id `id`'s statistics on every CPU.
+    /// Zeroes VIP id `id`'s statistics on every CPU, and its retired backends' share.
     fn zero_vip_stats(&mut self, id: u32) -> Result<()> {
         let zero = PerCpuValues::try_from(vec![VipStats::default(); nr_cpus()?])?;
         self.maps
             .vip_stats
             .set(id, zero, 0)
-            .context("zeroing VIP_STATS")
+            .context("zeroing VIP_STATS")?;
+        self.maps
+            .vip_retired
+            .set(id, VipTotals::default(), 0)
+            .context("zeroing VIP_RETIRED")
     }
 
     /// Makes the datapath record every VIP's SYNs in `CT_NEW` for `ticks` (`CT_TICK_SHIFT`
@@ -514,6 +533,7 @@ impl Balancer {
             magic: AGENT_STATE_MAGIC,
             next_backend_id,
             next_vip_id,
+            flags: AGENT_F_VIP_RETIRED,
             ..AgentState::default()
         };
         self.maps

@@ -11,7 +11,7 @@ use aya::{
 use lb_common::{
     maps::{self, Kind, MapSpec},
     AgentState, BackendInfo, BackendStats, Counter, CtValue, FlowKey, GlobalConfig, NextHop,
-    VipKey, VipMeta, VipStats, BACKEND_F_ACTIVE, BACKEND_F_DOWN,
+    VipKey, VipMeta, VipStats, VipTotals, BACKEND_F_ACTIVE, BACKEND_F_DOWN,
 };
 use std::{mem::size_of, net::IpAddr};
 
@@ -30,6 +30,8 @@ pub(super) struct Maps {
     pub(super) ct: BpfHashMap<MapData, FlowKey, CtValue>,
     pub(super) ct_new: BpfHashMap<MapData, FlowKey, CtValue>,
     pub(super) agent_state: Array<MapData, AgentState>,
+    /// The retired backends' share of each VIP's packets and bytes.
+    pub(super) vip_retired: Array<MapData, VipTotals>,
     /// Until when the datapath records each VIP's SYNs (`SYN_RECORD`, a tick per VIP id).
     pub(super) syn_record: Array<MapData, u32>,
     /// CT's and CT_NEW's fds again, for the batch reads aya does not wrap.
@@ -219,10 +221,23 @@ impl Balancer {
             .collect()
     }
 
+    /// A VIP's statistics: `new_flows` and `no_backend` as the datapath counts them; packets
+    /// and bytes its backends' (the datapath counts a packet once, on its backend) plus those
+    /// of the backends it retired (`VIP_RETIRED`).
     pub fn vip_stats(&self, vip_id: u32) -> Result<VipStats> {
         let mut s = VipStats::default();
         for v in self.maps.vip_stats.get(&vip_id, 0)?.iter() {
-            s.add(v);
+            s.new_flows += v.new_flows;
+            s.no_backend += v.no_backend;
+        }
+        let retired = self.maps.vip_retired.get(&vip_id, 0)?;
+        (s.packets, s.bytes) = (retired.packets, retired.bytes);
+        if let Some(v) = self.vips.values().find(|v| v.vip_id == vip_id) {
+            for b in &v.backends {
+                let bs = self.backend_stats(b.id)?;
+                s.packets += bs.packets;
+                s.bytes += bs.bytes;
+            }
         }
         Ok(s)
     }

@@ -23,8 +23,8 @@ use aya::{
 };
 use lb_common::{
     maps::{self, Capacity},
-    progs, VipKey, VipMeta, AGENT_STATE_MAGIC, BACKEND_F_ACTIVE, MAX_BACKENDS, MAX_VIPS, MODE_L2,
-    PROTO_TCP, PROTO_UDP,
+    progs, VipKey, VipMeta, VipStats, VipTotals, AGENT_F_VIP_RETIRED, AGENT_STATE_MAGIC,
+    BACKEND_F_ACTIVE, MAX_BACKENDS, MAX_VIPS, MODE_L2, PROTO_TCP, PROTO_UDP,
 };
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -137,6 +137,7 @@ impl Balancer {
             ct: BpfHashMap::try_from(ct)?,
             ct_new: BpfHashMap::try_from(ct_new)?,
             agent_state: Array::try_from(take(&mut ebpf, maps::AGENT_STATE)?)?,
+            vip_retired: Array::try_from(take(&mut ebpf, maps::VIP_RETIRED)?)?,
             syn_record: Array::try_from(take(&mut ebpf, maps::SYN_RECORD)?)?,
             conntrack,
         };
@@ -288,7 +289,39 @@ impl Balancer {
                 self.clear_backend(id)?;
             }
         }
+        self.derive_vip_retired()?;
         self.restore_cursors(highest)
+    }
+
+    /// Pins of a build whose program also counted every packet on its VIP (`AGENT_STATE`
+    /// without `AGENT_F_VIP_RETIRED`): each VIP's retired share is what it counted beyond its
+    /// current backends. The backends are read first: packets the old program, still attached,
+    /// counts meanwhile make the share a little high, never low, so no VIP's totals go back.
+    fn derive_vip_retired(&mut self) -> Result<()> {
+        if self.maps.agent_state.get(&0, 0)?.flags & AGENT_F_VIP_RETIRED != 0 {
+            return Ok(());
+        }
+        for v in self.vips.values() {
+            let mut current = VipTotals::default();
+            for b in &v.backends {
+                let s = self.backend_stats(b.id)?;
+                current.packets += s.packets;
+                current.bytes += s.bytes;
+            }
+            let mut counted = VipStats::default();
+            for c in self.maps.vip_stats.get(&v.vip_id, 0)?.iter() {
+                counted.add(c);
+            }
+            let retired = VipTotals {
+                packets: counted.packets.saturating_sub(current.packets),
+                bytes: counted.bytes.saturating_sub(current.bytes),
+            };
+            self.maps
+                .vip_retired
+                .set(v.vip_id, retired, 0)
+                .context("writing VIP_RETIRED")?;
+        }
+        Ok(())
     }
 
     /// The id cursors from `AGENT_STATE`, or (pins of an older build, or an entry out of

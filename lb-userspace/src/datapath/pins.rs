@@ -40,9 +40,9 @@ pub(super) fn pinned_maps(
 }
 
 /// A pinned map an older build did not have (`Pin::Optional` in the registry): a pin set
-/// without it is still complete. Only `AGENT_STATE` (the agent's id cursors), which a build
-/// before it never pinned: the new map is created and pinned, and the cursors are derived from
-/// the maps as that build did.
+/// without it is still complete, the map is created and pinned. `AGENT_STATE` (the agent's id
+/// cursors: derived from the maps as that build did) and `VIP_RETIRED` (the retired backends'
+/// share of each VIP's totals: derived from the older program's per-VIP counters).
 pub(super) fn optional_pin(name: &str) -> bool {
     maps::spec(name).is_some_and(|s| s.pin == Pin::Optional)
 }
@@ -210,20 +210,19 @@ pub(super) fn survey_pins(dir: &Path, o: &LoadOptions) -> Result<PinReport> {
         link: dir.join(LINK_PIN).exists(),
         ..PinReport::default()
     };
-    let mut optional_missing = false;
+    let mut optional_missing: Vec<&str> = Vec::new();
     for (name, ..) in pinned_maps(o) {
         if dir.join(name).exists() {
             r.found.push(name.to_string());
         } else if optional_pin(name) {
-            optional_missing = true;
+            optional_missing.push(name);
         } else {
             r.missing.push(name.to_string());
         }
     }
     if r.found.is_empty() {
-        if optional_missing {
-            r.missing.push(maps::AGENT_STATE.to_string());
-        }
+        r.missing
+            .extend(optional_missing.iter().map(|n| n.to_string()));
         return Ok(r);
     }
     if !r.missing.is_empty() {
@@ -257,12 +256,12 @@ pub(super) fn survey_pins(dir: &Path, o: &LoadOptions) -> Result<PinReport> {
         );
         r.counters_replaced = Some(slots);
     }
-    if optional_missing {
+    if !optional_missing.is_empty() {
         tracing::info!(
-            "the pins come from a build without {}: creating it (id cursors derived from the ids in use)",
-            maps::AGENT_STATE
+            "the pins come from a build without {}: creating them (derived from the other maps)",
+            optional_missing.join(", ")
         );
-        r.agent_state_created = true;
+        r.agent_state_created = optional_missing.contains(&maps::AGENT_STATE);
     }
     r.resumed = true;
     Ok(r)

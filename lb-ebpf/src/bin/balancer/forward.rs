@@ -184,11 +184,9 @@ pub fn forward(ctx: &XdpContext, pkt: &Packet, key: &FlowKey, d: &Decision) -> R
     } else {
         encapsulate(ctx, pkt, key, d.hash, b, nh, vlan, d.reply_too_big)?;
     }
+    // Counted once, on the backend: lbd sums a VIP's from its backends' (one per-CPU slot
+    // fewer per packet).
     if let Some(s) = stats::backend(id) {
-        s.packets(1);
-        s.bytes(frame_len);
-    }
-    if let Some(s) = stats::vip(b.vip_id) {
         s.packets(1);
         s.bytes(frame_len);
     }

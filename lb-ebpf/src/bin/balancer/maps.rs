@@ -12,7 +12,7 @@ use lb_common::{
     ct_filter_slot,
     maps::{
         agent_state, backend_stats, backends, config, counters, ct, ct_filter, ct_new, frags,
-        nexthops, ring, syn_record, syn_seen, vip_ports, vip_stats, vips,
+        nexthops, ring, syn_record, syn_seen, vip_ports, vip_retired, vip_stats, vips,
     },
     BackendInfo, FlowKey, VipKey, VipMeta, BACKEND_F_ACTIVE, BACKEND_F_DOWN, CT_FILTER_ACTIVE,
 };
@@ -48,6 +48,10 @@ pub static BACKEND_STATS: PerCpuArray<backend_stats::Value, { backend_stats::ENT
 /// Pinned with the other maps so that the agent's cursors survive a restart. Never read here.
 #[btf_map]
 pub static AGENT_STATE: Array<agent_state::Value, { agent_state::ENTRIES }> = Array::new();
+/// What each VIP's retired backends forwarded: lbd's, pinned with the other maps, never read
+/// here (a packet is counted once, on its backend).
+#[btf_map]
+pub static VIP_RETIRED: Array<vip_retired::Value, { vip_retired::ENTRIES }> = Array::new();
 
 /// Until when each VIP's SYNs are recorded in `CT_NEW` (lbd arms a VIP's entry around changes
 /// of its table).

@@ -46,4 +46,4 @@ macro_rules! adders {
 }
 
 adders!(BackendStats: packets, bytes, new_flows, syn_retries, client_rsts, resteered);
-adders!(VipStats: packets, bytes, new_flows, no_backend);
+adders!(VipStats: new_flows, no_backend);

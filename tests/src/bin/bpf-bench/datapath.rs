@@ -1390,7 +1390,7 @@ fn computed_bytes_per_entry() -> u64 {
 fn find_ct_map(name: &str) -> Result<(i32, String)> {
     let spec = maps::spec(name).ok_or_else(|| anyhow!("no map {name} in the registry"))?;
     let want = [
-        ("map_type", 9u64), // BPF_MAP_TYPE_LRU_HASH
+        ("map_type", u64::from(spec.kind.bpf_map_type())),
         ("key_size", std::mem::size_of::<lb_common::FlowKey>() as u64),
         (
             "value_size",
