@@ -5,7 +5,6 @@
 use std::{
     net::{IpAddr, SocketAddr},
     path::Path,
-    process::Command,
     time::Duration,
 };
 use tests::{
@@ -51,38 +50,21 @@ fn stop(lbd: &mut Lbd) {
     assert!(s.success(), "lbd exited with {s}:\n{}", lbd.log());
 }
 
-/// Packets the VIP has seen, from the pinned per-CPU stats (read with bpftool, as an operator
-/// would, so the check does not depend on lbd).
-fn vip_packets(pin_dir: &Path) -> u64 {
-    let out = Command::new("bpftool")
-        .args(["-j", "map", "dump", "pinned"])
-        .arg(pin_dir.join("VIP_STATS"))
-        .output()
-        .expect("running bpftool (cargo xtask setup installs it)");
-    assert!(
-        out.status.success(),
-        "bpftool: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = String::from_utf8_lossy(&out.stdout);
-    // Entry 0 (the only VIP); each CPU's value starts with its `packets` u64 as 8 hex bytes.
-    let mut total = 0u64;
-    let first_entry = text.split("\"key\"").nth(1).unwrap_or("");
-    let first_entry = first_entry.split("\"key\"").next().unwrap_or("");
-    for cpu in first_entry.split("\"value\":[").skip(1) {
-        let bytes: Vec<u8> = cpu
-            .split(']')
-            .next()
-            .unwrap()
-            .split(',')
-            .take(8)
-            .map(|b| {
-                u8::from_str_radix(b.trim().trim_matches('"').trim_start_matches("0x"), 16).unwrap()
-            })
-            .collect();
-        total += u64::from_le_bytes(bytes.try_into().unwrap());
-    }
-    total
+/// Packets the datapath forwarded, from the pinned per-backend statistics (it counts a packet
+/// once, on its backend).
+fn forwarded_packets(pin_dir: &Path) -> u64 {
+    use aya::maps::{Map, MapData, PerCpuArray};
+    let data = MapData::from_pin(pin_dir.join(lb_common::maps::BACKEND_STATS))
+        .expect("opening the pinned BACKEND_STATS");
+    let stats: PerCpuArray<MapData, lb_common::BackendStats> =
+        PerCpuArray::try_from(Map::PerCpuArray(data)).unwrap();
+    (1..lb_common::MAX_BACKENDS)
+        .map(|id| {
+            stats
+                .get(&id, 0)
+                .map_or(0, |v| v.iter().map(|s| s.packets).sum::<u64>())
+        })
+        .sum()
 }
 
 #[test]
@@ -140,13 +122,13 @@ fn restart_and_upgrade_keep_established_flows() {
         down.iter().all(|r| r.is_ok()),
         "new connections failed while lbd was stopped"
     );
-    let before = vip_packets(&pin_dir);
+    let before = forwarded_packets(&pin_dir);
 
     // 2. Start again: the pinned maps and link are taken over; nothing moves.
     let mut agent = start_lbd(&lab, &lbd, &config, 2);
     assert!(agent.try_wait().is_none(), "lbd exited on restart");
     long.check_all().expect("zero resets across the restart");
-    let after = vip_packets(&pin_dir);
+    let after = forwarded_packets(&pin_dir);
     assert!(
         after > before,
         "counters must keep counting across the restart ({before} -> {after})"
