@@ -164,7 +164,56 @@ pub struct FlowKey {
     pub _pad: [u8; 2],
 }
 
-/// Value of the connection tables (`CT`, `CT_NEW`) and of the fragment table (`FRAGS`, where
+impl FlowKey {
+    /// The key of an IPv4 flow in `CT4`; `None` for IPv6.
+    #[inline(always)]
+    pub fn v4(&self) -> Option<FlowKey4> {
+        if self.family != FAMILY_V4 {
+            return None;
+        }
+        Some(FlowKey4 {
+            src: [self.src[0], self.src[1], self.src[2], self.src[3]],
+            dst: [self.dst[0], self.dst[1], self.dst[2], self.dst[3]],
+            sport: self.sport,
+            dport: self.dport,
+            proto: self.proto,
+            _pad: [0; 3],
+        })
+    }
+}
+
+/// Key of `CT4`, the established IPv4 flows: the 5-tuple in 16 bytes. The kernel hashes and
+/// compares a table's whole key on every lookup, and `FlowKey` is 40 bytes for IPv6's sake.
+#[repr(C, align(8))]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct FlowKey4 {
+    pub src: [u8; 4],
+    pub dst: [u8; 4],
+    /// Network byte order.
+    pub sport: u16,
+    /// Network byte order.
+    pub dport: u16,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+
+impl FlowKey4 {
+    /// The same flow as a `FlowKey`.
+    pub fn flow_key(&self) -> FlowKey {
+        let mut k = FlowKey {
+            sport: self.sport,
+            dport: self.dport,
+            proto: self.proto,
+            family: FAMILY_V4,
+            ..FlowKey::default()
+        };
+        k.src[..4].copy_from_slice(&self.src);
+        k.dst[..4].copy_from_slice(&self.dst);
+        k
+    }
+}
+
+/// Value of the connection tables (`CT`, `CT4`, `CT_NEW`) and of the fragment table (`FRAGS`, where
 /// `syn_seq` and `flags` are 0).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -657,6 +706,7 @@ mod pod {
     unsafe impl aya::Pod for BackendInfo {}
     unsafe impl aya::Pod for NextHop {}
     unsafe impl aya::Pod for FlowKey {}
+    unsafe impl aya::Pod for FlowKey4 {}
     unsafe impl aya::Pod for CtValue {}
     unsafe impl aya::Pod for FragKey {}
     unsafe impl aya::Pod for GlobalConfig {}
@@ -707,6 +757,7 @@ mod tests {
         assert_eq!(size_of::<BackendInfo>(), 32);
         assert_eq!(size_of::<NextHop>(), 32);
         assert_eq!(size_of::<FlowKey>(), 40);
+        assert_eq!(size_of::<FlowKey4>(), 16);
         assert_eq!(size_of::<CtValue>(), 24);
         assert_eq!(size_of::<FragKey>(), 40);
         assert_eq!(size_of::<GlobalConfig>(), 24);
@@ -715,6 +766,27 @@ mod tests {
         assert_eq!(size_of::<DecapKey>(), 20);
         assert_eq!(size_of::<BenchInput>(), 8 + BENCH_MAX_PACKET);
         assert_eq!(size_of::<AgentState>(), 64);
+    }
+
+    #[test]
+    fn v4_keys_round_trip() {
+        let mut k = FlowKey {
+            sport: 0x1234,
+            dport: 0x5000,
+            proto: PROTO_TCP,
+            family: FAMILY_V4,
+            ..Default::default()
+        };
+        k.src[..4].copy_from_slice(&[10, 0, 0, 1]);
+        k.dst[..4].copy_from_slice(&[10, 0, 0, 2]);
+        let k4 = k.v4().expect("an IPv4 key");
+        assert_eq!(
+            (k4.src, k4.dst, k4.proto),
+            ([10, 0, 0, 1], [10, 0, 0, 2], PROTO_TCP)
+        );
+        assert_eq!(k4.flow_key(), k);
+        k.family = FAMILY_V6;
+        assert!(k.v4().is_none());
     }
 
     #[test]

@@ -5,9 +5,10 @@
 //! are these (a mismatch is an error naming the map). Adding a map is one line in
 //! `balancer_maps!` plus its static in the program (and a field in lbd if lbd reads it).
 use crate::{
-    AgentState, BackendInfo, BackendStats, CtValue, FlowKey, FragKey, GlobalConfig, NextHop,
-    VipKey, VipMeta, VipStats, VipTotals, COUNTER_SLOTS, CT_FILTER_ENTRIES, DEFAULT_CT_NEW_SIZE,
-    DEFAULT_CT_SIZE, DEFAULT_RING_POOL, FRAG_TABLE_SIZE, MAX_BACKENDS, MAX_VIPS, SYN_SEEN_SLOTS,
+    AgentState, BackendInfo, BackendStats, CtValue, FlowKey, FlowKey4, FragKey, GlobalConfig,
+    NextHop, VipKey, VipMeta, VipStats, VipTotals, COUNTER_SLOTS, CT_FILTER_ENTRIES,
+    DEFAULT_CT_NEW_SIZE, DEFAULT_CT_SIZE, DEFAULT_RING_POOL, FRAG_TABLE_SIZE, MAX_BACKENDS,
+    MAX_VIPS, SYN_SEEN_SLOTS,
 };
 use core::mem::size_of;
 
@@ -163,9 +164,12 @@ balancer_maps! {
     backends / BACKENDS = Array<u32, BackendInfo>, Capacity::Fixed(MAX_BACKENDS), 0, Required;
     /// The cached next hop per backend id.
     nexthops / NEXTHOPS = Array<u32, NextHop>, Capacity::Fixed(MAX_BACKENDS), 0, Required;
-    /// Established flows.
+    /// Established IPv6 flows (and, in pins of builds before `CT4`, IPv4 ones: lbd moves them).
     ct / CT = LruHash<FlowKey, CtValue>,
         Capacity::Configured { setting: Setting::ConntrackSize, default: DEFAULT_CT_SIZE }, 0, Required;
+    /// Established IPv4 flows, under a 16-byte key.
+    ct4 / CT4 = LruHash<FlowKey4, CtValue>,
+        Capacity::Configured { setting: Setting::ConntrackSize, default: DEFAULT_CT_SIZE }, 0, Optional;
     /// Flows seen once.
     ct_new / CT_NEW = LruHash<FlowKey, CtValue>,
         Capacity::Configured { setting: Setting::ConntrackNewSize, default: DEFAULT_CT_NEW_SIZE }, 0, Required;

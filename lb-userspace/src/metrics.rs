@@ -441,9 +441,11 @@ fn conntrack_families(f: &mut Family<'_>, s: &StatsSnapshot) {
     f.header(
         name,
         "gauge",
-        "Entries in a connection table (CT: established flows, CT_NEW: flows seen once).",
+        "Entries in a connection table (CT4, CT: established IPv4 and IPv6 flows, CT_NEW: flows seen once).",
     );
-    f.sample(name, &[("table", "CT")], fill.ct_entries);
+    let (v4, v6) = fill.established();
+    f.sample(name, &[("table", "CT4")], v4);
+    f.sample(name, &[("table", "CT")], v6);
     f.sample(name, &[("table", "CT_NEW")], fill.ct_new_entries);
     let name = "lb_conntrack_capacity";
     f.header(
@@ -451,6 +453,7 @@ fn conntrack_families(f: &mut Family<'_>, s: &StatsSnapshot) {
         "gauge",
         "Capacity of a connection table (conntrack_size, conntrack_new_size).",
     );
+    f.sample(name, &[("table", "CT4")], fill.ct_capacity);
     f.sample(name, &[("table", "CT")], fill.ct_capacity);
     f.sample(name, &[("table", "CT_NEW")], fill.ct_new_capacity);
     let name = "lb_conntrack_scan_seconds";
@@ -628,6 +631,7 @@ mod tests {
             interval_seconds: None,
             conntrack: Some(crate::control::TableFill {
                 ct_entries: 5,
+                ct4_entries: 3,
                 ct_capacity: 1024,
                 ct_new_entries: 1,
                 ct_new_capacity: 2048,
@@ -696,6 +700,9 @@ mod tests {
             "lb_backend_connections{vip=\"[2001:db8::1]:443/tcp\",backend=\"2001:db8::11\",state=\"active\"} 3",
             "lb_backend_connections{vip=\"[2001:db8::1]:443/tcp\",backend=\"2001:db8::11\",state=\"closing\"} 2",
             "lb_conntrack_entries{table=\"CT_NEW\"} 1",
+            "lb_conntrack_entries{table=\"CT4\"} 3",
+            "lb_conntrack_entries{table=\"CT\"} 2",
+            "lb_conntrack_capacity{table=\"CT4\"} 1024",
             "lb_conntrack_capacity{table=\"CT\"} 1024",
             "lb_conntrack_syn_filter_probe_ratio 0.25",
             "lb_datapath_packets_total{reason=\"pass_not_vip\"} 0",

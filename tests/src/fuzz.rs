@@ -50,8 +50,8 @@ use anyhow::{anyhow, bail, Context, Result};
 use aya::maps::{Array, HashMap as BpfHashMap, Map, MapData};
 use aya::programs::{ProgramError, TestRun, TestRunOptions};
 use lb_common::{
-    maps, BackendInfo, BackendStats, Counter, CtValue, FlowKey, FragKey, VipStats, BACKEND_F_DOWN,
-    CT_F_CLOSING, CT_F_RESTEERED,
+    maps, BackendInfo, BackendStats, Counter, CtValue, FlowKey, FlowKey4, FragKey, VipStats,
+    BACKEND_F_DOWN, CT_F_CLOSING, CT_F_RESTEERED,
 };
 use lb_userspace::config::Forwarding;
 use lb_userspace::{Balancer, Config, LoadOptions};
@@ -655,6 +655,7 @@ struct Kernel {
     lb: Balancer,
     ingress: u32,
     ct: BpfHashMap<MapData, FlowKey, CtValue>,
+    ct4: BpfHashMap<MapData, FlowKey4, CtValue>,
     ct_new: BpfHashMap<MapData, FlowKey, CtValue>,
     frags: BpfHashMap<MapData, FragKey, CtValue>,
     syn_seen: Array<MapData, CtValue>,
@@ -684,6 +685,7 @@ impl Kernel {
     fn new(lb: Balancer, ingress: u32) -> Result<Kernel> {
         Ok(Kernel {
             ct: program_map(&lb, maps::CT)?.try_into()?,
+            ct4: program_map(&lb, maps::CT4)?.try_into()?,
             ct_new: program_map(&lb, maps::CT_NEW)?.try_into()?,
             frags: program_map(&lb, maps::FRAGS)?.try_into()?,
             syn_seen: program_map(&lb, maps::SYN_SEEN)?.try_into()?,
@@ -2277,21 +2279,52 @@ fn compare_and_flush(k: &mut Kernel, m: &mut State) -> Result<(u64, Vec<String>)
     }
     let mut problems = Vec::new();
     let mut compared = 0u64;
-    for (name, which) in [("CT", 0), ("CT_NEW", 1)] {
-        let map = if which == 0 { &mut k.ct } else { &mut k.ct_new };
+    // The model has one table of established flows: the kernel's are CT4 (IPv4) and CT (IPv6).
+    {
         let mut kernel = BTreeMap::new();
-        let mut keys = Vec::new();
-        for r in map.iter() {
+        let mut keys4 = Vec::new();
+        for r in k.ct4.iter() {
             let (key, v) = r?;
-            kernel.insert(Flow::from_key(&key), track(name, v, &mut problems));
+            kernel.insert(
+                Flow::from_key(&key.flow_key()),
+                track("CT4", v, &mut problems),
+            );
+            keys4.push(key);
+        }
+        let mut keys = Vec::new();
+        for r in k.ct.iter() {
+            let (key, v) = r?;
+            if key.v4().is_some() {
+                problems.push(format!(
+                    "CT holds IPv4 flow {key:?}: IPv4 flows belong in CT4"
+                ));
+            }
+            kernel.insert(Flow::from_key(&key), track("CT", v, &mut problems));
             keys.push(key);
         }
-        let model_t = if which == 0 { &mut m.ct } else { &mut m.ct_new };
-        let model: BTreeMap<Flow, Track> = model_t.drain().collect();
+        let model: BTreeMap<Flow, Track> = m.ct.drain().collect();
         compared += kernel.len().max(model.len()) as u64;
-        diff_tables(name, &kernel, &model, &mut problems);
+        diff_tables("CT4/CT", &kernel, &model, &mut problems);
+        for key in keys4 {
+            k.ct4.remove(&key)?;
+        }
         for key in keys {
-            map.remove(&key)?;
+            k.ct.remove(&key)?;
+        }
+    }
+    {
+        let mut kernel = BTreeMap::new();
+        let mut keys = Vec::new();
+        for r in k.ct_new.iter() {
+            let (key, v) = r?;
+            kernel.insert(Flow::from_key(&key), track("CT_NEW", v, &mut problems));
+            keys.push(key);
+        }
+        let model: BTreeMap<Flow, Track> = m.ct_new.drain().collect();
+        compared += kernel.len().max(model.len()) as u64;
+        diff_tables("CT_NEW", &kernel, &model, &mut problems);
+        for key in keys {
+            k.ct_new.remove(&key)?;
         }
     }
     let mut kernel = BTreeMap::new();

@@ -295,6 +295,11 @@ fn connections_are_counted_listed_looked_up_and_drained() {
         fill["ct_entries"].as_u64().unwrap() >= CONNS as u64,
         "{fill}"
     );
+    // The connections are IPv4: tracked in CT4, under its 16-byte key.
+    assert!(
+        fill["ct4_entries"].as_u64().unwrap() >= CONNS as u64,
+        "{fill}"
+    );
     // The tracked-flow filter, rebuilt by the count: with a few hundred flows in it, a few in
     // a million SYNs of other tuples collide with them, and not none.
     let probe = fill["syn_filter_probe"].as_f64().unwrap();
@@ -308,6 +313,12 @@ fn connections_are_counted_listed_looked_up_and_drained() {
     assert_eq!(
         metrics.get("lb_conntrack_capacity{table=\"CT\"}").copied(),
         Some(262_144.0)
+    );
+    assert!(
+        metrics
+            .get("lb_conntrack_entries{table=\"CT4\"}")
+            .is_some_and(|n| *n >= CONNS as f64),
+        "lb_conntrack_entries{{table=\"CT4\"}}"
     );
     assert!(
         metrics

@@ -8,7 +8,8 @@
 //! Run as root: `cargo test -p tests --test ids`.
 use aya::maps::{Array, Map, MapData, PerCpuArray};
 use lb_common::{
-    maps, AgentState, BackendInfo, BackendStats, VipStats, AGENT_F_VIP_RETIRED, BACKEND_F_ACTIVE,
+    maps, AgentState, BackendInfo, BackendStats, CtValue, FlowKey, VipStats, AGENT_F_VIP_RETIRED,
+    BACKEND_F_ACTIVE, FAMILY_V4, FAMILY_V6, PROTO_TCP,
 };
 use lb_userspace::{datapath::remove_pins, Balancer, Config, LoadOptions};
 use std::{
@@ -407,4 +408,67 @@ fn pins_that_counted_per_vip_are_taken_over_without_a_jump() {
     // Derived once: the next start takes the pinned share as it is.
     let lb = pins.load();
     assert_eq!(lb.vip_stats(vip).unwrap(), want);
+}
+
+/// Pins of a build before `CT4` hold the established IPv4 flows in `CT`: taken over whole, the
+/// new table is created and the IPv4 flows moved into it (the IPv6 ones stay), once.
+#[test]
+fn pins_before_ct4_have_their_ipv4_flows_moved() {
+    require_root();
+    let pins = Pins::new("ct4");
+    let mut lb = pins.load();
+    lb.apply(&config(&[(VIP1, &[11, 12])])).unwrap();
+    let b11 = backend_id(&lb, VIP1, 11);
+    drop(lb);
+    let flow = |family: u8, n: u8| {
+        let mut k = FlowKey {
+            sport: 40_000u16.to_be(),
+            dport: 80u16.to_be(),
+            proto: PROTO_TCP,
+            family,
+            ..Default::default()
+        };
+        if family == FAMILY_V4 {
+            k.src[..4].copy_from_slice(&[10, 9, 0, n]);
+            k.dst[..4].copy_from_slice(&[10, 240, 100, 1]);
+        } else {
+            k.src = std::net::Ipv6Addr::new(0xfd09, 0, 0, 0, 0, 0, 0, n as u16).octets();
+            k.dst = std::net::Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 1).octets();
+        }
+        k
+    };
+    let value = CtValue {
+        backend: b11,
+        hash: 7,
+        ..Default::default()
+    };
+    // What the older program left: both families in CT, and no CT4.
+    let mut ct: aya::maps::HashMap<MapData, FlowKey, CtValue> = aya::maps::HashMap::try_from(
+        Map::LruHashMap(MapData::from_pin(pins.0.join(maps::CT)).unwrap()),
+    )
+    .unwrap();
+    let (v4a, v4b, v6) = (flow(FAMILY_V4, 1), flow(FAMILY_V4, 2), flow(FAMILY_V6, 3));
+    for k in [v4a, v4b, v6] {
+        ct.insert(k, value, 0).unwrap();
+    }
+    std::fs::remove_file(pins.0.join(maps::CT4)).unwrap();
+
+    let lb = pins.load();
+    let r = lb.pin_report().clone();
+    assert!(r.resumed && r.ct4_created && r.missing.is_empty(), "{r:?}");
+    assert_eq!(r.v4_flows_moved, 2, "{r:?}");
+    for k in [v4a, v4b, v6] {
+        assert_eq!(
+            lb.conntrack_entries(&k).0,
+            Some(value),
+            "{k:?} is tracked where the program looks"
+        );
+    }
+    let left: Vec<FlowKey> = ct.keys().collect::<Result<_, _>>().unwrap();
+    assert_eq!(left, vec![v6], "CT keeps the IPv6 flow only");
+    drop(lb);
+    let lb = pins.load();
+    let r = lb.pin_report();
+    assert!(!r.ct4_created && r.v4_flows_moved == 0, "once: {r:?}");
+    assert_eq!(lb.conntrack_entries(&v4a).0, Some(value));
 }

@@ -271,17 +271,14 @@ impl Agent {
 
 /// What crossed [`FILL_WARNING`] since the last count (`above`: each table's side then, kept
 /// up to date): a message per table that went over it or back under.
-fn fill_crossings(above: &mut [bool; 2], fill: &TableFill) -> Vec<String> {
-    let (ct, ct_new) = fill.ratios();
+fn fill_crossings(above: &mut [bool; 3], fill: &TableFill) -> Vec<String> {
+    let (_, ct_new) = fill.ratios();
+    let (v4, v6) = fill.established();
+    let ratio = |n: u64| n as f64 / f64::from(fill.ct_capacity.max(1));
     let mut out = Vec::new();
     for (i, (name, ratio, entries, capacity, size_key)) in [
-        (
-            "CT",
-            ct,
-            fill.ct_entries,
-            fill.ct_capacity,
-            "conntrack_size",
-        ),
+        ("CT4", ratio(v4), v4, fill.ct_capacity, "conntrack_size"),
+        ("CT", ratio(v6), v6, fill.ct_capacity, "conntrack_size"),
         (
             "CT_NEW",
             ct_new,
@@ -342,6 +339,7 @@ fn count(reader: &ConntrackReader, idle: &IdleWindows) -> Result<Census> {
         per_backend,
         fill: TableFill {
             ct_entries: totals.ct,
+            ct4_entries: totals.ct4,
             ct_capacity: reader.capacity.0,
             ct_new_entries: totals.ct_new,
             ct_new_capacity: reader.capacity.1,
@@ -362,13 +360,14 @@ mod tests {
     fn fill_warns_once_per_crossing_and_when_back_under() {
         let fill = |ct, ct_new| TableFill {
             ct_entries: ct,
+            ct4_entries: 0,
             ct_capacity: 1000,
             ct_new_entries: ct_new,
             ct_new_capacity: 100,
             scan_ms: 1.0,
             syn_filter_probe: 0.0,
         };
-        let mut above = [false; 2];
+        let mut above = [false; 3];
         assert!(
             fill_crossings(&mut above, &fill(800, 80)).is_empty(),
             "80% is not past 80%"

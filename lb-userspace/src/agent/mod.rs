@@ -284,7 +284,7 @@ pub struct Agent {
     /// Wakes the BGP announcer on a drain or undrain.
     node_notify: tokio::sync::Notify,
     /// Whether `CT` and `CT_NEW` were above the fill warning at the last count.
-    fill_above: std::sync::Mutex<[bool; 2]>,
+    fill_above: std::sync::Mutex<[bool; 3]>,
     /// The last count of the connection tables, and when it was taken.
     census_cache: std::sync::Mutex<Option<(Instant, conns::Census)>>,
 }
@@ -327,7 +327,7 @@ impl Agent {
             fleet: std::sync::Mutex::new(None),
             node: std::sync::Mutex::new(drain::Node::new()),
             node_notify: tokio::sync::Notify::new(),
-            fill_above: std::sync::Mutex::new([false; 2]),
+            fill_above: std::sync::Mutex::new([false; 3]),
             census_cache: std::sync::Mutex::new(None),
         })
     }

@@ -616,8 +616,13 @@ pub struct ConnCounts {
 /// Entries and capacity of the connection tables, from the last count.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
 pub struct TableFill {
+    /// Established flows: `CT4`'s (IPv4) and `CT`'s (IPv6) entries.
     pub ct_entries: u64,
+    /// Capacity of `CT4` and of `CT`, each (`conntrack_size`).
     pub ct_capacity: u32,
+    /// Of `ct_entries`, those in `CT4`.
+    #[serde(default)]
+    pub ct4_entries: u64,
     pub ct_new_entries: u64,
     pub ct_new_capacity: u32,
     /// How long the count took (both tables), in milliseconds.
@@ -630,11 +635,21 @@ pub struct TableFill {
 }
 
 impl TableFill {
-    /// `CT`'s and `CT_NEW`'s fill, 0 to 1.
+    /// The established tables' fill (the fuller of `CT4` and `CT`, which evicts first) and
+    /// `CT_NEW`'s, 0 to 1.
     pub fn ratios(&self) -> (f64, f64) {
+        let (v4, v6) = self.established();
         (
-            self.ct_entries as f64 / f64::from(self.ct_capacity.max(1)),
+            v4.max(v6) as f64 / f64::from(self.ct_capacity.max(1)),
             self.ct_new_entries as f64 / f64::from(self.ct_new_capacity.max(1)),
+        )
+    }
+
+    /// Entries of `CT4` (IPv4) and `CT` (IPv6).
+    pub fn established(&self) -> (u64, u64) {
+        (
+            self.ct4_entries,
+            self.ct_entries.saturating_sub(self.ct4_entries),
         )
     }
 }

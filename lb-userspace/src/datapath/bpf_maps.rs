@@ -10,8 +10,8 @@ use aya::{
 };
 use lb_common::{
     maps::{self, Kind, MapSpec},
-    AgentState, BackendInfo, BackendStats, Counter, CtValue, FlowKey, GlobalConfig, NextHop,
-    VipKey, VipMeta, VipStats, VipTotals, BACKEND_F_ACTIVE, BACKEND_F_DOWN,
+    AgentState, BackendInfo, BackendStats, Counter, CtValue, FlowKey, FlowKey4, GlobalConfig,
+    NextHop, VipKey, VipMeta, VipStats, VipTotals, BACKEND_F_ACTIVE, BACKEND_F_DOWN,
 };
 use std::{mem::size_of, net::IpAddr};
 
@@ -28,6 +28,7 @@ pub(super) struct Maps {
     pub(super) vip_stats: PerCpuArray<MapData, VipStats>,
     pub(super) backend_stats: PerCpuArray<MapData, BackendStats>,
     pub(super) ct: BpfHashMap<MapData, FlowKey, CtValue>,
+    pub(super) ct4: BpfHashMap<MapData, FlowKey4, CtValue>,
     pub(super) ct_new: BpfHashMap<MapData, FlowKey, CtValue>,
     pub(super) agent_state: Array<MapData, AgentState>,
     /// The retired backends' share of each VIP's packets and bytes.
@@ -250,44 +251,55 @@ impl Balancer {
         Ok(s)
     }
 
-    /// Entries in the established and new-flow tables (walks the maps: not for hot loops).
+    /// Entries in the established tables (`CT4` and `CT`) and the new-flow table (walks the
+    /// maps: not for hot loops).
     pub fn conntrack_len(&self) -> (usize, usize) {
-        (self.maps.ct.keys().count(), self.maps.ct_new.keys().count())
+        (
+            self.maps.ct4.keys().count() + self.maps.ct.keys().count(),
+            self.maps.ct_new.keys().count(),
+        )
     }
 
     /// The backend id a tracked flow is pinned to, if any.
     pub fn tracked_backend(&self, key: &FlowKey) -> Option<u32> {
-        self.maps
-            .ct
-            .get(key, 0)
-            .or_else(|_| self.maps.ct_new.get(key, 0))
-            .ok()
-            .map(|v| v.backend)
+        let (ct, ct_new) = self.conntrack_entries(key);
+        ct.or(ct_new).map(|v| v.backend)
     }
 
-    /// A flow's entries in the established table (`CT`) and the new-flow table (`CT_NEW`), as
-    /// stored (backend, hash, SYN sequence number in network order, `CT_F_*` flags).
+    /// A flow's entries in the established table of its family (`CT4` or `CT`) and the
+    /// new-flow table (`CT_NEW`), as stored (backend, hash, SYN sequence number in network
+    /// order, `CT_F_*` flags).
     pub fn conntrack_entries(&self, key: &FlowKey) -> (Option<CtValue>, Option<CtValue>) {
-        (
-            self.maps.ct.get(key, 0).ok(),
-            self.maps.ct_new.get(key, 0).ok(),
-        )
+        let established = match key.v4() {
+            Some(k4) => self.maps.ct4.get(&k4, 0).ok(),
+            None => self.maps.ct.get(key, 0).ok(),
+        };
+        (established, self.maps.ct_new.get(key, 0).ok())
     }
 
-    /// Writes a flow's entries in `CT` and `CT_NEW` (`None` removes one): what the datapath
-    /// finds of a connection seen long ago, for tests of how it treats old entries.
+    /// Writes a flow's entries in the established table of its family and `CT_NEW` (`None`
+    /// removes one): what the datapath finds of a connection seen long ago, for tests of how
+    /// it treats old entries.
     pub fn set_conntrack_entries(
         &mut self,
         key: &FlowKey,
         ct: Option<CtValue>,
         ct_new: Option<CtValue>,
     ) -> Result<()> {
-        for (map, v) in [(&mut self.maps.ct, ct), (&mut self.maps.ct_new, ct_new)] {
-            match v {
-                Some(v) => map.insert(key, v, 0)?,
-                None => {
-                    let _ = map.remove(key);
-                }
+        match (key.v4(), ct) {
+            (Some(k4), Some(v)) => self.maps.ct4.insert(k4, v, 0)?,
+            (Some(k4), None) => {
+                let _ = self.maps.ct4.remove(&k4);
+            }
+            (None, Some(v)) => self.maps.ct.insert(key, v, 0)?,
+            (None, None) => {
+                let _ = self.maps.ct.remove(key);
+            }
+        }
+        match ct_new {
+            Some(v) => self.maps.ct_new.insert(key, v, 0)?,
+            None => {
+                let _ = self.maps.ct_new.remove(key);
             }
         }
         if ct.is_some() {

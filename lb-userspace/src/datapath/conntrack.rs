@@ -1,4 +1,5 @@
-//! Reading the connection tables (`CT`, `CT_NEW`) in bulk, without stopping the datapath, and
+//! Reading the connection tables (`CT4` and `CT`, the established IPv4 and IPv6 flows, and
+//! `CT_NEW`) in bulk, without stopping the datapath, and
 //! what an entry says about its connection: new, established or closing; active or idle.
 //!
 //! With direct server return the balancer sees only the client's packets, so a connection is
@@ -9,7 +10,7 @@
 //! by then never will, and a SYN flood must not look like active connections.
 use super::ct_filter::{CtFilter, FilterFill};
 use super::Balancer;
-use lb_common::{CtValue, FlowKey, CT_F_CLOSING, CT_TICK_SHIFT, PROTO_TCP};
+use lb_common::{CtValue, FlowKey, FlowKey4, CT_F_CLOSING, CT_TICK_SHIFT, PROTO_TCP};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::os::fd::{AsRawFd as _, OwnedFd};
@@ -27,7 +28,7 @@ const LOOKUP_CHUNK: usize = 8192;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum CtTable {
-    /// `CT`: flows seen past their first packet.
+    /// `CT4` (IPv4) or `CT` (IPv6): flows seen past their first packet.
     Established,
     /// `CT_NEW`: flows seen once (or only by SYNs).
     New,
@@ -127,17 +128,21 @@ pub fn classify(
 #[derive(Clone)]
 pub struct ConntrackReader {
     ct: Arc<OwnedFd>,
+    ct4: Arc<OwnedFd>,
     ct_new: Arc<OwnedFd>,
-    /// Rebuilt with every scan of `CT`.
+    /// Rebuilt with every scan of `CT4` and `CT`.
     filter: Arc<CtFilter>,
-    /// Capacities of `CT` and `CT_NEW` (their `max_entries`).
+    /// Capacities of `CT` (and of `CT4`, the same) and `CT_NEW` (their `max_entries`).
     pub capacity: (u32, u32),
 }
 
 /// Entries found by one scan, per table.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct ScanTotals {
+    /// Established flows: `CT4`'s and `CT`'s entries.
     pub ct: u64,
+    /// Of which in `CT4` (IPv4).
+    pub ct4: u64,
     pub ct_new: u64,
     /// The tracked-flow filter as this scan rebuilt it (`None`: another scan was rebuilding).
     pub filter: Option<FilterFill>,
@@ -153,12 +158,14 @@ impl Balancer {
 impl ConntrackReader {
     pub(super) fn new(
         ct: OwnedFd,
+        ct4: OwnedFd,
         ct_new: OwnedFd,
         filter: CtFilter,
         capacity: (u32, u32),
     ) -> Self {
         ConntrackReader {
             ct: Arc::new(ct),
+            ct4: Arc::new(ct4),
             ct_new: Arc::new(ct_new),
             filter: Arc::new(filter),
             capacity,
@@ -170,20 +177,28 @@ impl ConntrackReader {
         &self.filter
     }
 
-    /// Rebuilds the tracked-flow filter from a scan of `CT` alone (what every
+    /// Rebuilds the tracked-flow filter from a scan of `CT4` and `CT` alone (what every
     /// [`try_connections`](Self::try_connections) does on the way); `None` if another scan
     /// was rebuilding it.
     pub fn rebuild_filter(&self) -> anyhow::Result<Option<FilterFill>> {
         let Some(rebuild) = self.filter.begin_rebuild() else {
             return Ok(None);
         };
-        let scanned = lookup_all(&self.ct, |k, _| rebuild.mark(k))
+        let scanned = self.established(|k, _| rebuild.mark(k))?;
+        Ok(Some(rebuild.finish(scanned.0 + scanned.1)))
+    }
+
+    /// Calls `f` for every entry of `CT4` (as a `FlowKey`) and of `CT`: (`CT4`'s, `CT`'s).
+    fn established(&self, mut f: impl FnMut(&FlowKey, &CtValue)) -> anyhow::Result<(u64, u64)> {
+        let v4 = lookup_all(&self.ct4, |k: &FlowKey4, v| f(&k.flow_key(), v))
+            .map_err(|e| anyhow::anyhow!("reading CT4 (BPF_MAP_LOOKUP_BATCH): {e}"))?;
+        let v6 = lookup_all(&self.ct, |k: &FlowKey, v| f(k, v))
             .map_err(|e| anyhow::anyhow!("reading CT (BPF_MAP_LOOKUP_BATCH): {e}"))?;
-        Ok(Some(rebuild.finish(scanned)))
+        Ok((v4, v6))
     }
 
     /// Calls `f` for every tracked connection with what its entry says now: each entry of
-    /// `CT`, and each of `CT_NEW` that `CT` does not have (a promotion copies the entry to `CT`
+    /// `CT4` and `CT`, and each of `CT_NEW` that they do not have (a promotion copies the entry
     /// and leaves the first one behind). Read with `BPF_MAP_LOOKUP_BATCH` while the datapath
     /// runs: a flow inserted or evicted meanwhile may be missed or seen, none twice. Blocking:
     /// a million entries take tens of milliseconds (`cargo xtask bench conntrack`). The scan
@@ -198,37 +213,136 @@ impl ConntrackReader {
         // `CT_NEW` first (the smaller table is the one kept in memory): a flow promoted
         // between the two reads is then found in both, and counted once.
         let mut fresh: HashMap<FlowKey, CtValue> = HashMap::new();
-        let ct_new = lookup_all(&self.ct_new, |k, v| {
+        let ct_new = lookup_all(&self.ct_new, |k: &FlowKey, v| {
             fresh.insert(*k, *v);
         })
         .map_err(|e| anyhow::anyhow!("reading CT_NEW (BPF_MAP_LOOKUP_BATCH): {e}"))?;
-        let ct = lookup_all(&self.ct, |k, v| {
+        let (ct4, ct6) = self.established(|k, v| {
             if let Some(r) = &rebuild {
                 r.mark(k);
             }
             fresh.remove(k);
             f(k, v, classify(CtTable::Established, k, v, now, idle));
-        })
-        .map_err(|e| anyhow::anyhow!("reading CT (BPF_MAP_LOOKUP_BATCH): {e}"))?;
-        let filter = rebuild.map(|r| r.finish(ct));
+        })?;
+        let filter = rebuild.map(|r| r.finish(ct4 + ct6));
         for (k, v) in &fresh {
             f(k, v, classify(CtTable::New, k, v, now, idle));
         }
-        Ok(ScanTotals { ct, ct_new, filter })
+        Ok(ScanTotals {
+            ct: ct4 + ct6,
+            ct4,
+            ct_new,
+            filter,
+        })
     }
 }
 
 impl ConntrackReader {
-    /// Writes entries into `CT` or `CT_NEW` with `BPF_MAP_UPDATE_BATCH` (what `cargo xtask
-    /// bench conntrack` fills the tables with; lbd itself never writes them).
+    /// Writes entries into the established tables (`CT4` for IPv4, `CT` for IPv6) or
+    /// `CT_NEW` with `BPF_MAP_UPDATE_BATCH` (what `cargo xtask bench conntrack` fills the
+    /// tables with; lbd itself never writes them, but for moving pinned IPv4 flows).
     pub fn try_insert(&self, table: CtTable, entries: &[(FlowKey, CtValue)]) -> anyhow::Result<()> {
-        const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
-        let fd = match table {
-            CtTable::Established => &self.ct,
-            CtTable::New => &self.ct_new,
-        };
+        if table == CtTable::Established {
+            let v4: Vec<(FlowKey4, CtValue)> = entries
+                .iter()
+                .filter_map(|(k, v)| Some((k.v4()?, *v)))
+                .collect();
+            let v6: Vec<(FlowKey, CtValue)> = entries
+                .iter()
+                .filter(|(k, _)| k.v4().is_none())
+                .copied()
+                .collect();
+            update_all(&self.ct4, &v4)?;
+            update_all(&self.ct, &v6)?;
+            for (k, _) in entries {
+                self.filter.mark(k);
+            }
+            return Ok(());
+        }
+        update_all(&self.ct_new, entries)
+    }
+
+    /// Moves the IPv4 flows a build before `CT4` left in `CT` into `CT4`, keeping what `CT4`
+    /// already holds for a flow (newer: the program wrote it): the number moved.
+    pub(super) fn move_v4_from_ct(&self) -> anyhow::Result<u64> {
+        let mut found: Vec<(FlowKey, CtValue)> = Vec::new();
+        lookup_all(&self.ct, |k: &FlowKey, v| {
+            if k.v4().is_some() {
+                found.push((*k, *v));
+            }
+        })
+        .map_err(|e| anyhow::anyhow!("reading CT (BPF_MAP_LOOKUP_BATCH): {e}"))?;
+        let mut moved = 0;
+        for (k, v) in &found {
+            let k4 = k.v4().expect("an IPv4 key");
+            self.filter.mark(k);
+            match elem(&self.ct4, BPF_MAP_UPDATE_ELEM, &k4, Some(v), BPF_NOEXIST) {
+                Ok(()) => moved += 1,
+                Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {}
+                Err(e) => anyhow::bail!("writing CT4: {e}"),
+            }
+            match elem::<FlowKey>(&self.ct, BPF_MAP_DELETE_ELEM, k, None, 0) {
+                Ok(()) => {}
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+                Err(e) => anyhow::bail!("removing a moved flow from CT: {e}"),
+            }
+        }
+        Ok(moved)
+    }
+}
+
+const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
+const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
+const BPF_NOEXIST: u64 = 1;
+
+/// `bpf_attr` for the element commands.
+#[repr(C)]
+#[derive(Default)]
+struct ElemAttr {
+    map_fd: u32,
+    _pad: u32,
+    key: u64,
+    value: u64,
+    flags: u64,
+}
+
+/// One element command on a hash map of `K -> CtValue`.
+fn elem<K>(
+    fd: &OwnedFd,
+    cmd: libc::c_long,
+    key: &K,
+    value: Option<&CtValue>,
+    flags: u64,
+) -> std::io::Result<()> {
+    let mut attr = ElemAttr {
+        map_fd: fd.as_raw_fd() as u32,
+        key: key as *const K as u64,
+        value: value.map_or(0, |v| v as *const CtValue as u64),
+        flags,
+        ..Default::default()
+    };
+    // SAFETY: a valid `bpf_attr` for the command; key and value point to the map's key and
+    // value types and outlive the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            &mut attr as *mut ElemAttr,
+            std::mem::size_of::<ElemAttr>() as u32,
+        )
+    };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Writes `entries` into the hash map `fd` of `K -> CtValue` with `BPF_MAP_UPDATE_BATCH`.
+fn update_all<K: Copy>(fd: &OwnedFd, entries: &[(K, CtValue)]) -> anyhow::Result<()> {
+    const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+    {
         for chunk in entries.chunks(LOOKUP_CHUNK) {
-            let keys: Vec<FlowKey> = chunk.iter().map(|e| e.0).collect();
+            let keys: Vec<K> = chunk.iter().map(|e| e.0).collect();
             let values: Vec<CtValue> = chunk.iter().map(|e| e.1).collect();
             let mut done = 0usize;
             while done < keys.len() {
@@ -260,20 +374,18 @@ impl ConntrackReader {
                 }
                 done += attr.count as usize;
             }
-            if table == CtTable::Established {
-                for k in &keys {
-                    self.filter.mark(k);
-                }
-            }
         }
-        Ok(())
     }
+    Ok(())
 }
 
-/// Every entry of a `FlowKey -> CtValue` hash map, in batches.
-fn lookup_all(fd: &OwnedFd, mut f: impl FnMut(&FlowKey, &CtValue)) -> std::io::Result<u64> {
+/// Every entry of a `K -> CtValue` hash map (`K`: `FlowKey` or `FlowKey4`), in batches.
+fn lookup_all<K: Copy + Default>(
+    fd: &OwnedFd,
+    mut f: impl FnMut(&K, &CtValue),
+) -> std::io::Result<u64> {
     const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
-    let mut keys = vec![FlowKey::default(); LOOKUP_CHUNK];
+    let mut keys = vec![K::default(); LOOKUP_CHUNK];
     let mut values = vec![CtValue::default(); LOOKUP_CHUNK];
     // The hash map's batch token is a bucket index (u32).
     let mut token_in: u32 = 0;

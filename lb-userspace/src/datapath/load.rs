@@ -111,6 +111,7 @@ impl Balancer {
             _ => bail!("the balancer object's {} is not an array", maps::RING),
         };
         let ct = take(&mut ebpf, maps::CT)?;
+        let ct4 = take(&mut ebpf, maps::CT4)?;
         let ct_new = take(&mut ebpf, maps::CT_NEW)?;
         let filter = match take(&mut ebpf, maps::CT_FILTER)? {
             // The mapping keeps the map alive once the fd is closed.
@@ -119,6 +120,7 @@ impl Balancer {
         };
         let conntrack = ConntrackReader::new(
             dup_hash_fd(&ct, maps::CT)?,
+            dup_hash_fd(&ct4, maps::CT4)?,
             dup_hash_fd(&ct_new, maps::CT_NEW)?,
             filter,
             (opts.conntrack_size, opts.conntrack_new_size),
@@ -135,6 +137,7 @@ impl Balancer {
             vip_stats: PerCpuArray::try_from(take(&mut ebpf, maps::VIP_STATS)?)?,
             backend_stats: PerCpuArray::try_from(take(&mut ebpf, maps::BACKEND_STATS)?)?,
             ct: BpfHashMap::try_from(ct)?,
+            ct4: BpfHashMap::try_from(ct4)?,
             ct_new: BpfHashMap::try_from(ct_new)?,
             agent_state: Array::try_from(take(&mut ebpf, maps::AGENT_STATE)?)?,
             vip_retired: Array::try_from(take(&mut ebpf, maps::VIP_RETIRED)?)?,
@@ -165,8 +168,29 @@ impl Balancer {
                 .context("restoring state from the pinned maps")?;
             lb.pins.restored_vips = lb.vips.len();
             lb.pins.restored_backends = lb.used_backend_ids.len();
+            if lb.pins.ct4_created {
+                lb.move_v4_flows("taking the pins over")?;
+            }
         }
         Ok(lb)
+    }
+
+    /// Pins of a build before `CT4` hold the established IPv4 flows in `CT`, where this
+    /// program does not look: they are moved into `CT4` when the pins are taken over, and again
+    /// once this program has replaced the old one (which may have added flows meanwhile; a
+    /// flow's entry that this program already wrote in `CT4` is kept).
+    fn move_v4_flows(&mut self, when: &str) -> Result<()> {
+        let moved = self
+            .maps
+            .conntrack
+            .move_v4_from_ct()
+            .context("moving the pinned IPv4 flows from CT to CT4")?;
+        tracing::info!(
+            moved,
+            "pins of a build before CT4: IPv4 flows moved from CT to CT4 ({when})"
+        );
+        self.pins.v4_flows_moved += moved;
+        Ok(())
     }
 
     /// The reader of the program's log records (aya-log): poll it when its fd is readable and
@@ -363,6 +387,14 @@ impl Balancer {
     /// arriving in between reach the kernel's stack instead; the maps, and with them every
     /// tracked flow, are kept). Otherwise the new link is pinned, so it outlives this process.
     pub fn attach(&mut self, interface: &str, mode: XdpMode) -> Result<AyaXdpMode> {
+        let used = self.attach_program(interface, mode)?;
+        if self.pins.ct4_created {
+            self.move_v4_flows("the old program replaced")?;
+        }
+        Ok(used)
+    }
+
+    fn attach_program(&mut self, interface: &str, mode: XdpMode) -> Result<AyaXdpMode> {
         netif::ifindex(interface)?;
         netif::enable_forwarding(interface)?;
         let prog: &mut Xdp = self

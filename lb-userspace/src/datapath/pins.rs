@@ -195,6 +195,11 @@ pub struct PinReport {
     /// the cursors derived from the ids in use (ids of backends removed just before this start
     /// may be handed out again first, as that build did).
     pub agent_state_created: bool,
+    /// The pins came from a build without `CT4`: it was created, and the IPv4 flows that build
+    /// kept in `CT` are moved into it (at load, and again once the new program is attached).
+    pub ct4_created: bool,
+    /// IPv4 flows moved from `CT` to `CT4` so far.
+    pub v4_flows_moved: u64,
 }
 
 /// Looks at the pin directory before loading: which pins are there, whether they can be taken
@@ -262,6 +267,7 @@ pub(super) fn survey_pins(dir: &Path, o: &LoadOptions) -> Result<PinReport> {
             optional_missing.join(", ")
         );
         r.agent_state_created = optional_missing.contains(&maps::AGENT_STATE);
+        r.ct4_created = optional_missing.contains(&maps::CT4);
     }
     r.resumed = true;
     Ok(r)

@@ -30,7 +30,7 @@ pub enum BenchCmd {
     /// worker-pool backends and open-loop load (issue #4's scenarios). Needs root; takes about
     /// 45 minutes with the defaults.
     Adaptive(adaptive::BenchAdaptiveArgs),
-    /// What counting the connection tables costs lbd with CT holding a million entries (ms and
+    /// What counting the connection tables costs lbd with CT4 holding a million entries (ms and
     /// CPU per count). Needs root. Runs `lb-bpf-bench conntrack`; `--help` shows its options.
     #[command(disable_help_flag = true)]
     Conntrack(ToolArgs),

@@ -2,8 +2,9 @@
 //! chosen through the VIP's Maglev table and recorded; later fragments follow their first.
 //! Entries are read and updated in place (no copies on the stack).
 use crate::maps::{
-    backend_live, live_backend_ref, lookup_vip, mark_tracked, may_be_tracked, prefetch_tracked,
-    BACKENDS, CT, CT_NEW, FRAGS, RING, SYN_RECORD, SYN_SEEN,
+    backend_live, establish, established, forget_established, live_backend_ref, lookup_vip,
+    mark_tracked, may_be_tracked, prefetch_tracked, BACKENDS, CT_NEW, FRAGS, RING, SYN_RECORD,
+    SYN_SEEN,
 };
 use crate::parse::{frag_key, Ports};
 use crate::stats::{self, count};
@@ -38,7 +39,7 @@ pub fn new_or_tracked(
     let syn_hash = if syn { Some(flow_hash(key)) } else { None };
     let established_ptr = match syn_hash {
         Some(h) if !may_be_tracked(h) => None,
-        _ => CT.get_ptr_mut(&*key),
+        _ => established(key),
     };
     // SAFETY: LRU element, read in place (a copy would cost stack); the memory stays
     // valid while the program runs, a concurrent eviction yields stale fields at worst.
@@ -75,7 +76,7 @@ pub fn new_or_tracked(
                 // backend from the current table. Flood-safe: a hit needs a client's exact
                 // address and port, which spoofed SYNs from random sources and ports
                 // practically never have, so a SYN flood never reaches `CT`.
-                let _ = CT.remove(&*key);
+                forget_established(key);
             }
             let flow = FlowPacket {
                 syn,
@@ -309,14 +310,17 @@ pub fn choose(
             touched: jiffies32(),
         };
         let (inserted, failed) = if resteer_ct.is_some() {
-            (CT.insert(key, &value, 0), Counter::CtInsertFailed)
+            (establish(key, &value), Counter::CtInsertFailed)
         } else {
-            (CT_NEW.insert(key, &value, 0), Counter::CtNewInsertFailed)
+            (
+                CT_NEW.insert(key, &value, 0).is_ok(),
+                Counter::CtNewInsertFailed,
+            )
         };
         match inserted {
-            Ok(()) if resteer_ct.is_some() => mark_tracked(hash),
-            Ok(()) => {}
-            Err(_) => count(failed),
+            true if resteer_ct.is_some() => mark_tracked(hash),
+            true => {}
+            false => count(failed),
         }
         count(Counter::CtResteered);
         if let Some(s) = backend_stats {
@@ -353,13 +357,13 @@ fn new_flow(backend_stats: Option<stats::Slot<BackendStats>>, vip_id: u32) {
     }
 }
 
-/// Inserts `v`, a map value (nothing is built on the stack), as the flow's `CT` entry and
+/// Inserts `v`, a map value (nothing is built on the stack), as the flow's established entry (`CT4` or `CT`) and
 /// marks `hash` in the tracked-flow filter: `ct_promoted`, or `ct_insert_failed`.
 #[inline(always)]
 fn promote(key: &FlowKey, v: *const CtValue, hash: u32) {
     // SAFETY: the callers pass an element of a map this program uses, valid while it runs;
     // the update copies it.
-    if CT.insert(key, unsafe { &*v }, 0).is_ok() {
+    if establish(key, unsafe { &*v }) {
         mark_tracked(hash);
         count(Counter::CtPromoted);
     } else {

@@ -2,7 +2,7 @@
 //! backend; packets too big once encapsulated are answered with one. The replies are cold
 //! paths in separate BPF functions, so the hot path does not carry their stack frames.
 use crate::forward::{adjust_head, adjust_tail};
-use crate::maps::{live_backend_ref, lookup_vip, BACKENDS, CT, CT_NEW};
+use crate::maps::{established, live_backend_ref, lookup_vip, BACKENDS, CT_NEW};
 use crate::parse::{header_within, Packet};
 use crate::{adjusted, conntrack::from_table, Decision, Error};
 use aya_ebpf::{bindings::xdp_md, programs::XdpContext};
@@ -31,7 +31,7 @@ pub fn icmp_error(
     }
     let vip = quoted_flow(ctx, l4 + 8, end, key)?;
     // SAFETY: LRU elements, copied out at once.
-    let tracked = match CT.get_ptr(&*key) {
+    let tracked = match established(key) {
         Some(v) => Some(unsafe { *v }),
         None => CT_NEW.get_ptr(&*key).map(|v| unsafe { *v }),
     };

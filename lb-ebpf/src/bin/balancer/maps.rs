@@ -11,10 +11,11 @@ use aya_ebpf::{
 use lb_common::{
     ct_filter_slot,
     maps::{
-        agent_state, backend_stats, backends, config, counters, ct, ct_filter, ct_new, frags,
+        agent_state, backend_stats, backends, config, counters, ct, ct4, ct_filter, ct_new, frags,
         nexthops, ring, syn_record, syn_seen, vip_ports, vip_retired, vip_stats, vips,
     },
-    BackendInfo, FlowKey, VipKey, VipMeta, BACKEND_F_ACTIVE, BACKEND_F_DOWN, CT_FILTER_ACTIVE,
+    BackendInfo, CtValue, FlowKey, FlowKey4, VipKey, VipMeta, BACKEND_F_ACTIVE, BACKEND_F_DOWN,
+    CT_FILTER_ACTIVE, FAMILY_V4,
 };
 
 #[btf_map]
@@ -28,6 +29,8 @@ pub static BACKENDS: Array<backends::Value, { backends::ENTRIES }> = Array::new(
 pub static NEXTHOPS: Array<nexthops::Value, { nexthops::ENTRIES }> = Array::new();
 #[btf_map]
 pub static CT: LruHashMap<ct::Key, ct::Value, { ct::ENTRIES }> = LruHashMap::new();
+#[btf_map]
+pub static CT4: LruHashMap<ct4::Key, ct4::Value, { ct4::ENTRIES }> = LruHashMap::new();
 #[btf_map]
 pub static CT_NEW: LruHashMap<ct_new::Key, ct_new::Value, { ct_new::ENTRIES }> = LruHashMap::new();
 #[btf_map]
@@ -68,6 +71,53 @@ pub static CT_FILTER: Array<
     { ct_filter::ENTRIES },
     { ct_filter::SPEC.flags as usize },
 > = Array::new();
+
+/// An IPv4 flow's `CT4` key, in two 8-byte words: `FlowKey` keeps the IPv4 addresses in
+/// the first word of each address field and the ports and protocol at byte 32, so three
+/// aligned loads build it (the field-by-field copy of `FlowKey::v4` costs more than the
+/// smaller key saves). Little-endian: the program's target.
+#[inline(always)]
+fn ct4_key(key: &FlowKey) -> FlowKey4 {
+    let p = key as *const FlowKey as *const u32;
+    // SAFETY: `FlowKey` is 40 bytes, 8-aligned: u32 words 0 and 4 are the source and
+    // destination (IPv4), the u64 at byte 32 holds sport, dport, proto, family and padding.
+    let (src, dst, rest) = unsafe { (*p, *p.add(4), *(p.add(8) as *const u64)) };
+    // Bytes 0 to 4 of `rest`: the ports and the protocol; family and padding become zeros.
+    let words = [src as u64 | (dst as u64) << 32, rest & 0xff_ffff_ffff];
+    // SAFETY: `FlowKey4` is 16 bytes of plain integers, 8-aligned, without padding rules.
+    unsafe { core::mem::transmute::<[u64; 2], FlowKey4>(words) }
+}
+
+/// A flow's entry among the established flows, in place: `CT4` (16-byte key) for IPv4,
+/// `CT` for IPv6. The kernel hashes and compares a table's whole key on every lookup.
+#[inline(always)]
+pub fn established(key: &FlowKey) -> Option<*mut CtValue> {
+    if key.family == FAMILY_V4 {
+        CT4.get_ptr_mut(&ct4_key(key))
+    } else {
+        CT.get_ptr_mut(key)
+    }
+}
+
+/// Inserts (or replaces) a flow's established entry; `false` if the table refused it.
+#[inline(always)]
+pub fn establish(key: &FlowKey, v: &CtValue) -> bool {
+    if key.family == FAMILY_V4 {
+        CT4.insert(&ct4_key(key), v, 0).is_ok()
+    } else {
+        CT.insert(key, v, 0).is_ok()
+    }
+}
+
+/// Removes a flow's established entry, if any.
+#[inline(always)]
+pub fn forget_established(key: &FlowKey) {
+    let _ = if key.family == FAMILY_V4 {
+        CT4.remove(&ct4_key(key))
+    } else {
+        CT.remove(key)
+    };
+}
 
 /// Whether `CT` may hold the flow of `hash`. `false` is certain: every flow in `CT` has its
 /// two bits set in the half read (`mark_tracked`, and lbd's rebuild); `true` may be collisions.

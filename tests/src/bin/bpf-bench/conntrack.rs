@@ -19,7 +19,7 @@ use tests::ensure_root;
 
 #[derive(Args, Debug)]
 pub struct BenchConntrackArgs {
-    /// Capacity of `CT` (conntrack_size), filled to the brim.
+    /// Capacity of `CT4` and `CT` (conntrack_size); `CT4` is filled to the brim with IPv4 flows.
     #[arg(long, default_value_t = 1 << 20)]
     pub entries: u32,
     /// Capacity of `CT_NEW` (conntrack_new_size), filled too.
@@ -95,7 +95,7 @@ pub fn run(args: &BenchConntrackArgs) -> Result<ExitCode> {
     reader.try_insert(CtTable::New, &ct_new)?;
     drop((ct, ct_new));
     println!(
-        "bench conntrack: filled CT ({}) and CT_NEW ({}) in {:.1} s",
+        "bench conntrack: filled CT4 ({}, IPv4 flows) and CT_NEW ({}) in {:.1} s",
         args.entries,
         args.new_entries,
         started.elapsed().as_secs_f64()
@@ -130,7 +130,7 @@ pub fn run(args: &BenchConntrackArgs) -> Result<ExitCode> {
     let (wm, wmin, wmax) = stats(&mut wall);
     let (cm, cmin, cmax) = stats(&mut cpu);
     println!(
-        "entries read: CT {}, CT_NEW {}; connections counted: {} active, {} idle, {} closing",
+        "entries read: CT4 and CT {}, CT_NEW {}; connections counted: {} active, {} idle, {} closing",
         last.0, last.1, last.2, last.3, last.4
     );
     println!(

@@ -21,7 +21,7 @@ enum Cmd {
     /// Cost per packet of the XDP balancer vs a trivial XDP_TX program (BPF_PROG_TEST_RUN
     /// through the restoring harness), with counter checks. Needs root.
     Datapath(datapath::BenchDatapathArgs),
-    /// What counting the connection tables costs lbd with CT holding a million entries (ms and
+    /// What counting the connection tables costs lbd with CT4 holding a million entries (ms and
     /// CPU per count). Needs root.
     Conntrack(conntrack::BenchConntrackArgs),
 }
