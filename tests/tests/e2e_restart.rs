@@ -67,6 +67,15 @@ fn forwarded_packets(pin_dir: &Path) -> u64 {
         .sum()
 }
 
+/// Removes a pin directory (maps and link) when dropped, on success, failure or panic.
+struct PinsOnDrop(std::path::PathBuf);
+
+impl Drop for PinsOnDrop {
+    fn drop(&mut self) {
+        let _ = lb_userspace::datapath::remove_pins(&self.0);
+    }
+}
+
 #[test]
 fn restart_and_upgrade_keep_established_flows() {
     require_root();
@@ -78,6 +87,8 @@ fn restart_and_upgrade_keep_established_flows() {
     let lbd = bin_path("lbd");
     let lab = Lab::new(LabSpec { backends: 3 }).expect("building the lab");
     let pin_dir = bpffs.join(format!("{}-pins", lab.prefix()));
+    // Removed whatever happens: a failed assertion must not leave the pinned maps behind.
+    let _pins = PinsOnDrop(pin_dir.clone());
     let vip = SocketAddr::new(IpAddr::from(VIP_V4), 80);
     let _servers: Vec<TcpServer> = (0..3)
         .map(|i| TcpServer::start(lab.backend(i).ns(), &[vip], &format!("backend{i}")).unwrap())
