@@ -317,10 +317,10 @@ pub fn choose(
                 Counter::CtNewInsertFailed,
             )
         };
-        match inserted {
-            true if resteer_ct.is_some() => mark_tracked(hash),
-            true => {}
-            false => count(failed),
+        if !inserted {
+            count(failed);
+        } else if resteer_ct.is_some() {
+            mark_tracked(hash);
         }
         count(Counter::CtResteered);
         if let Some(s) = backend_stats {
@@ -357,8 +357,9 @@ fn new_flow(backend_stats: Option<stats::Slot<BackendStats>>, vip_id: u32) {
     }
 }
 
-/// Inserts `v`, a map value (nothing is built on the stack), as the flow's established entry (`CT4` or `CT`) and
-/// marks `hash` in the tracked-flow filter: `ct_promoted`, or `ct_insert_failed`.
+/// Inserts `v`, a map value (nothing is built on the stack), as the flow's established entry
+/// (`CT4` or `CT`) and marks `hash` in the tracked-flow filter: `ct_promoted`, or
+/// `ct_insert_failed`.
 #[inline(always)]
 fn promote(key: &FlowKey, v: *const CtValue, hash: u32) {
     // SAFETY: the callers pass an element of a map this program uses, valid while it runs;

@@ -119,8 +119,9 @@ pub fn forget_established(key: &FlowKey) {
     };
 }
 
-/// Whether `CT` may hold the flow of `hash`. `false` is certain: every flow in `CT` has its
-/// two bits set in the half read (`mark_tracked`, and lbd's rebuild); `true` may be collisions.
+/// Whether the established tables (`CT4`, `CT`) may hold the flow of `hash`. `false` is
+/// certain: every flow in them has its two bits set in the half read (`mark_tracked`, and lbd's
+/// rebuild); `true` may be collisions.
 #[inline(always)]
 pub fn may_be_tracked(hash: u32) -> bool {
     let half = CT_FILTER.get(CT_FILTER_ACTIVE).copied().unwrap_or(0) as u32 & 1;
@@ -130,8 +131,8 @@ pub fn may_be_tracked(hash: u32) -> bool {
         .is_none_or(|w| *w & mask == mask)
 }
 
-/// Reads the filter word of `hash` and drops it: issued before an insert into `CT`, the cache
-/// miss on it overlaps the insert's own (BPF has no prefetch instruction).
+/// Reads the filter word of `hash` and drops it: issued before an insert into `CT4` or `CT`,
+/// the cache miss on it overlaps the insert's own (BPF has no prefetch instruction).
 #[inline(always)]
 pub fn prefetch_tracked(hash: u32) {
     let (entry, _) = ct_filter_slot(hash);
@@ -141,9 +142,9 @@ pub fn prefetch_tracked(hash: u32) {
     }
 }
 
-/// Sets the bits of a flow just inserted into `CT` in both halves of the filter. After the
-/// insert, not before: if lbd's rebuild zeroes them again, the insert came before its scan
-/// of `CT`, which then finds the flow.
+/// Sets the bits of a flow just inserted into `CT4` or `CT` in both halves of the filter. After
+/// the insert, not before: if lbd's rebuild zeroes them again, the insert came before its scan
+/// of the tables, which then finds the flow.
 #[inline(always)]
 pub fn mark_tracked(hash: u32) {
     let (entry, mask) = ct_filter_slot(hash);
