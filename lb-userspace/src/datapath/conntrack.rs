@@ -240,7 +240,7 @@ impl ConntrackReader {
 impl ConntrackReader {
     /// Writes entries into the established tables (`CT4` for IPv4, `CT` for IPv6) or
     /// `CT_NEW` with `BPF_MAP_UPDATE_BATCH` (what `cargo xtask bench conntrack` fills the
-    /// tables with; lbd itself never writes them, but for moving pinned IPv4 flows).
+    /// tables with; lbd itself never writes them this way).
     pub fn try_insert(&self, table: CtTable, entries: &[(FlowKey, CtValue)]) -> anyhow::Result<()> {
         if table == CtTable::Established {
             let v4: Vec<(FlowKey4, CtValue)> = entries
@@ -262,79 +262,17 @@ impl ConntrackReader {
         update_all(&self.ct_new, entries)
     }
 
-    /// Moves the IPv4 flows a build before `CT4` left in `CT` into `CT4`, keeping what `CT4`
-    /// already holds for a flow (newer: the program wrote it): the number moved.
-    pub(super) fn move_v4_from_ct(&self) -> anyhow::Result<u64> {
-        let mut found: Vec<(FlowKey, CtValue)> = Vec::new();
+    /// The IPv4 flows a build before `CT4` left in `CT` (lbd moves them into `CT4`).
+    pub(super) fn v4_in_ct(&self) -> anyhow::Result<Vec<(FlowKey, CtValue)>> {
+        let mut found = Vec::new();
         lookup_all(&self.ct, |k: &FlowKey, v| {
             if k.v4().is_some() {
                 found.push((*k, *v));
             }
         })
         .map_err(|e| anyhow::anyhow!("reading CT (BPF_MAP_LOOKUP_BATCH): {e}"))?;
-        let mut moved = 0;
-        for (k, v) in &found {
-            let k4 = k.v4().expect("an IPv4 key");
-            self.filter.mark(k);
-            match elem(&self.ct4, BPF_MAP_UPDATE_ELEM, &k4, Some(v), BPF_NOEXIST) {
-                Ok(()) => moved += 1,
-                Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {}
-                Err(e) => anyhow::bail!("writing CT4: {e}"),
-            }
-            match elem::<FlowKey>(&self.ct, BPF_MAP_DELETE_ELEM, k, None, 0) {
-                Ok(()) => {}
-                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
-                Err(e) => anyhow::bail!("removing a moved flow from CT: {e}"),
-            }
-        }
-        Ok(moved)
+        Ok(found)
     }
-}
-
-const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
-const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
-const BPF_NOEXIST: u64 = 1;
-
-/// `bpf_attr` for the element commands.
-#[repr(C)]
-#[derive(Default)]
-struct ElemAttr {
-    map_fd: u32,
-    _pad: u32,
-    key: u64,
-    value: u64,
-    flags: u64,
-}
-
-/// One element command on a hash map of `K -> CtValue`.
-fn elem<K>(
-    fd: &OwnedFd,
-    cmd: libc::c_long,
-    key: &K,
-    value: Option<&CtValue>,
-    flags: u64,
-) -> std::io::Result<()> {
-    let mut attr = ElemAttr {
-        map_fd: fd.as_raw_fd() as u32,
-        key: key as *const K as u64,
-        value: value.map_or(0, |v| v as *const CtValue as u64),
-        flags,
-        ..Default::default()
-    };
-    // SAFETY: a valid `bpf_attr` for the command; key and value point to the map's key and
-    // value types and outlive the call.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            cmd,
-            &mut attr as *mut ElemAttr,
-            std::mem::size_of::<ElemAttr>() as u32,
-        )
-    };
-    if rc < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
 }
 
 /// Writes `entries` into the hash map `fd` of `K -> CtValue` with `BPF_MAP_UPDATE_BATCH`.

@@ -13,7 +13,7 @@ use super::{
 use crate::config::{Forwarding, XdpMode};
 use anyhow::{anyhow, bail, Context as _, Result};
 use aya::{
-    maps::{Array, HashMap as BpfHashMap, Map, PerCpuArray},
+    maps::{Array, HashMap as BpfHashMap, Map, MapError, PerCpuArray},
     programs::{
         links::{FdLink, PinnedLink},
         xdp::{XdpLink, XdpLinkId},
@@ -180,11 +180,28 @@ impl Balancer {
     /// once this program has replaced the old one (which may have added flows meanwhile; a
     /// flow's entry that this program already wrote in `CT4` is kept).
     fn move_v4_flows(&mut self, when: &str) -> Result<()> {
-        let moved = self
+        const BPF_NOEXIST: u64 = 1;
+        let found = self
             .maps
             .conntrack
-            .move_v4_from_ct()
-            .context("moving the pinned IPv4 flows from CT to CT4")?;
+            .v4_in_ct()
+            .context("reading the pinned IPv4 flows in CT")?;
+        let mut moved = 0;
+        for (k, v) in &found {
+            let k4 = k.v4().expect("`v4_in_ct` returns IPv4 flows");
+            self.maps.conntrack.filter().mark(k);
+            match self.maps.ct4.insert(k4, v, BPF_NOEXIST) {
+                Ok(()) => moved += 1,
+                Err(e) if os_error(&e) == Some(libc::EEXIST) => {}
+                Err(e) => return Err(e).context("writing a pinned IPv4 flow into CT4"),
+            }
+            match self.maps.ct.remove(k) {
+                Err(e) if os_error(&e) != Some(libc::ENOENT) => {
+                    return Err(e).context("removing a moved IPv4 flow from CT")
+                }
+                _ => {}
+            }
+        }
         tracing::info!(
             moved,
             "pins of a build before CT4: IPv4 flows moved from CT to CT4 ({when})"
@@ -548,5 +565,13 @@ fn dup_hash_fd(m: &Map, name: &str) -> Result<std::os::fd::OwnedFd> {
             .try_clone_to_owned()
             .with_context(|| format!("duplicating {name}'s fd")),
         _ => bail!("the balancer object's {name} is not a hash map"),
+    }
+}
+
+/// The errno of a failed map system call.
+fn os_error(e: &MapError) -> Option<i32> {
+    match e {
+        MapError::SyscallError(s) => s.io_error.raw_os_error(),
+        _ => None,
     }
 }
