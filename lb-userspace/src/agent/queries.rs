@@ -90,11 +90,12 @@ impl Agent {
         let st = self.state.lock().await;
         let mut vips = Vec::new();
         for v in st.lb.vips() {
-            let s = st.lb.vip_stats(v.vip_id)?;
+            // Each backend's statistics read once: the VIP's packets and bytes are their sum.
+            let current = st.lb.backends_stats(v)?;
+            let s = st.lb.vip_stats_with(v.vip_id, &current)?;
             let mut backends = Vec::new();
             let vid = vip_id(&v.config);
-            for (b, applied) in v.backends.iter().zip(&v.config.backends) {
-                let bs = st.lb.backend_stats(b.id)?;
+            for ((b, applied), bs) in v.backends.iter().zip(&v.config.backends).zip(&current) {
                 let cfg = configured(&st.config, vid, b.address).unwrap_or(applied);
                 let (up, shown, h) = shown_health(&st.health, vid, cfg);
                 let (effective_weight, learned_weight) = shown_weights(&st, vid, cfg, b.weight);

@@ -226,21 +226,34 @@ impl Balancer {
     /// and bytes its backends' (the datapath counts a packet once, on its backend) plus those
     /// of the backends it retired (`VIP_RETIRED`).
     pub fn vip_stats(&self, vip_id: u32) -> Result<VipStats> {
+        let current = match self.vips.values().find(|v| v.vip_id == vip_id) {
+            Some(v) => self.backends_stats(v)?,
+            None => Vec::new(),
+        };
+        self.vip_stats_with(vip_id, &current)
+    }
+
+    /// [`vip_stats`](Self::vip_stats) from its current backends' statistics, read by the
+    /// caller ([`backends_stats`](Self::backends_stats)), which needs them too.
+    pub fn vip_stats_with(&self, vip_id: u32, current: &[BackendStats]) -> Result<VipStats> {
         let mut s = VipStats::default();
         for v in self.maps.vip_stats.get(&vip_id, 0)?.iter() {
             s.new_flows += v.new_flows;
             s.no_backend += v.no_backend;
         }
         let retired = self.maps.vip_retired.get(&vip_id, 0)?;
-        (s.packets, s.bytes) = (retired.packets, retired.bytes);
-        if let Some(v) = self.vips.values().find(|v| v.vip_id == vip_id) {
-            for b in &v.backends {
-                let bs = self.backend_stats(b.id)?;
-                s.packets += bs.packets;
-                s.bytes += bs.bytes;
-            }
-        }
+        let current = forwarded(current);
+        s.packets = retired.packets + current.packets;
+        s.bytes = retired.bytes + current.bytes;
         Ok(s)
+    }
+
+    /// The statistics of each of a VIP's current backends, in its order.
+    pub fn backends_stats(&self, v: &VipState) -> Result<Vec<BackendStats>> {
+        v.backends
+            .iter()
+            .map(|b| self.backend_stats(b.id))
+            .collect()
     }
 
     pub fn backend_stats(&self, id: u32) -> Result<BackendStats> {
@@ -364,6 +377,16 @@ impl Balancer {
         let info = self.maps.backends.get(&b.id, 0).ok()?;
         Some(info.flags & BACKEND_F_DOWN != 0)
     }
+}
+
+/// The packets and bytes of backends' statistics, summed.
+pub(super) fn forwarded(stats: &[BackendStats]) -> VipTotals {
+    let mut t = VipTotals::default();
+    for s in stats {
+        t.packets += s.packets;
+        t.bytes += s.bytes;
+    }
+    t
 }
 
 #[cfg(test)]

@@ -343,12 +343,7 @@ impl Balancer {
             return Ok(());
         }
         for v in self.vips.values() {
-            let mut current = VipTotals::default();
-            for b in &v.backends {
-                let s = self.backend_stats(b.id)?;
-                current.packets += s.packets;
-                current.bytes += s.bytes;
-            }
+            let current = super::bpf_maps::forwarded(&self.backends_stats(v)?);
             let mut counted = VipStats::default();
             for c in self.maps.vip_stats.get(&v.vip_id, 0)?.iter() {
                 counted.add(c);
