@@ -272,23 +272,10 @@ impl Agent {
 /// What crossed [`FILL_WARNING`] since the last count (`above`: each table's side then, kept
 /// up to date): a message per table that went over it or back under.
 fn fill_crossings(above: &mut [bool; 3], fill: &TableFill) -> Vec<String> {
-    let (_, ct_new) = fill.ratios();
-    let (v4, v6) = fill.established();
-    let ratio = |n: u64| n as f64 / f64::from(fill.ct_capacity.max(1));
     let mut out = Vec::new();
-    for (i, (name, ratio, entries, capacity, size_key)) in [
-        ("CT4", ratio(v4), v4, fill.ct_capacity, "conntrack_size"),
-        ("CT", ratio(v6), v6, fill.ct_capacity, "conntrack_size"),
-        (
-            "CT_NEW",
-            ct_new,
-            fill.ct_new_entries,
-            fill.ct_new_capacity,
-            "conntrack_new_size",
-        ),
-    ]
-    .into_iter()
-    .enumerate()
+    let size_keys = ["conntrack_size", "conntrack_size", "conntrack_new_size"];
+    for (i, ((name, entries, capacity, ratio), size_key)) in
+        fill.tables().into_iter().zip(size_keys).enumerate()
     {
         let now_above = ratio > FILL_WARNING;
         if now_above == above[i] {

@@ -878,17 +878,17 @@ fn print_stats(s: &StatsSnapshot) {
         }
     }
     if let Some(f) = &s.conntrack {
-        let (_, ct_new) = f.ratios();
-        let (v4, v6) = f.established();
-        let cap = f.ct_capacity;
-        let pct = |n: u64| n as f64 * 100.0 / f64::from(cap.max(1));
+        let tables: Vec<String> = f
+            .tables()
+            .iter()
+            .zip(["CT4 (IPv4)", "CT (IPv6)", "CT_NEW"])
+            .map(|((_, n, cap, fill), label)| {
+                format!("{label} {n} of {cap} ({:.1}%)", fill * 100.0)
+            })
+            .collect();
         println!(
-            "table fill: CT4 (IPv4) {v4} of {cap} ({:.1}%), CT (IPv6) {v6} of {cap} ({:.1}%), CT_NEW {} of {} ({:.1}%); counted in {:.1} ms; SYNs of untracked tuples looking in CT4/CT: {:.2}%",
-            pct(v4),
-            pct(v6),
-            f.ct_new_entries,
-            f.ct_new_capacity,
-            ct_new * 100.0,
+            "table fill: {}; counted in {:.1} ms; SYNs of untracked tuples looking in CT4/CT: {:.2}%",
+            tables.join(", "),
             f.scan_ms,
             f.syn_filter_probe * 100.0
         );

@@ -635,14 +635,20 @@ pub struct TableFill {
 }
 
 impl TableFill {
-    /// The established tables' fill (the fuller of `CT4` and `CT`, which evicts first) and
-    /// `CT_NEW`'s, 0 to 1.
-    pub fn ratios(&self) -> (f64, f64) {
+    /// Each table's name, entries, capacity and fill (0 to 1): `CT4`, `CT`, `CT_NEW`.
+    pub fn tables(&self) -> [(&'static str, u64, u32, f64); 3] {
         let (v4, v6) = self.established();
-        (
-            v4.max(v6) as f64 / f64::from(self.ct_capacity.max(1)),
-            self.ct_new_entries as f64 / f64::from(self.ct_new_capacity.max(1)),
-        )
+        let fill = |n: u64, capacity: u32| n as f64 / f64::from(capacity.max(1));
+        [
+            ("CT4", v4, self.ct_capacity, fill(v4, self.ct_capacity)),
+            ("CT", v6, self.ct_capacity, fill(v6, self.ct_capacity)),
+            (
+                "CT_NEW",
+                self.ct_new_entries,
+                self.ct_new_capacity,
+                fill(self.ct_new_entries, self.ct_new_capacity),
+            ),
+        ]
     }
 
     /// Entries of `CT4` (IPv4) and `CT` (IPv6).
