@@ -2277,69 +2277,64 @@ fn compare_and_flush(k: &mut Kernel, m: &mut State) -> Result<(u64, Vec<String>)
             resteered: v.flags & CT_F_RESTEERED != 0,
         }
     }
+    /// Empties a connection table into `into` (by `id` of each key), returning its keys.
+    fn drain<K: aya::Pod, I: Ord>(
+        map: &mut BpfHashMap<MapData, K, CtValue>,
+        name: &str,
+        id: impl Fn(&K) -> I,
+        into: &mut BTreeMap<I, Track>,
+        problems: &mut Vec<String>,
+    ) -> Result<Vec<K>> {
+        let entries: Vec<(K, CtValue)> = map.iter().collect::<Result<_, _>>()?;
+        for (key, v) in &entries {
+            into.insert(id(key), track(name, *v, problems));
+            map.remove(key)?;
+        }
+        Ok(entries.into_iter().map(|(key, _)| key).collect())
+    }
     let mut problems = Vec::new();
     let mut compared = 0u64;
     // The model has one table of established flows: the kernel's are CT4 (IPv4) and CT (IPv6).
-    {
-        let mut kernel = BTreeMap::new();
-        let mut keys4 = Vec::new();
-        for r in k.ct4.iter() {
-            let (key, v) = r?;
-            kernel.insert(
-                Flow::from_key(&key.flow_key()),
-                track("CT4", v, &mut problems),
-            );
-            keys4.push(key);
-        }
-        let mut keys = Vec::new();
-        for r in k.ct.iter() {
-            let (key, v) = r?;
-            if key.v4().is_some() {
-                problems.push(format!(
-                    "CT holds IPv4 flow {key:?}: IPv4 flows belong in CT4"
-                ));
-            }
-            kernel.insert(Flow::from_key(&key), track("CT", v, &mut problems));
-            keys.push(key);
-        }
-        let model: BTreeMap<Flow, Track> = m.ct.drain().collect();
-        compared += kernel.len().max(model.len()) as u64;
-        diff_tables("CT4/CT", &kernel, &model, &mut problems);
-        for key in keys4 {
-            k.ct4.remove(&key)?;
-        }
-        for key in keys {
-            k.ct.remove(&key)?;
-        }
-    }
-    {
-        let mut kernel = BTreeMap::new();
-        let mut keys = Vec::new();
-        for r in k.ct_new.iter() {
-            let (key, v) = r?;
-            kernel.insert(Flow::from_key(&key), track("CT_NEW", v, &mut problems));
-            keys.push(key);
-        }
-        let model: BTreeMap<Flow, Track> = m.ct_new.drain().collect();
-        compared += kernel.len().max(model.len()) as u64;
-        diff_tables("CT_NEW", &kernel, &model, &mut problems);
-        for key in keys {
-            k.ct_new.remove(&key)?;
-        }
-    }
     let mut kernel = BTreeMap::new();
-    let mut keys = Vec::new();
-    for r in k.frags.iter() {
-        let (key, v) = r?;
-        kernel.insert(FragId::from_key(&key), track("FRAGS", v, &mut problems));
-        keys.push(key);
+    drain(
+        &mut k.ct4,
+        "CT4",
+        |key| Flow::from_key(&key.flow_key()),
+        &mut kernel,
+        &mut problems,
+    )?;
+    for key in drain(&mut k.ct, "CT", Flow::from_key, &mut kernel, &mut problems)? {
+        if key.v4().is_some() {
+            problems.push(format!(
+                "CT holds IPv4 flow {key:?}: IPv4 flows belong in CT4"
+            ));
+        }
     }
+    let model: BTreeMap<Flow, Track> = m.ct.drain().collect();
+    compared += kernel.len().max(model.len()) as u64;
+    diff_tables("CT4/CT", &kernel, &model, &mut problems);
+    let mut kernel = BTreeMap::new();
+    drain(
+        &mut k.ct_new,
+        "CT_NEW",
+        Flow::from_key,
+        &mut kernel,
+        &mut problems,
+    )?;
+    let model: BTreeMap<Flow, Track> = m.ct_new.drain().collect();
+    compared += kernel.len().max(model.len()) as u64;
+    diff_tables("CT_NEW", &kernel, &model, &mut problems);
+    let mut kernel = BTreeMap::new();
+    drain(
+        &mut k.frags,
+        "FRAGS",
+        FragId::from_key,
+        &mut kernel,
+        &mut problems,
+    )?;
     let model: BTreeMap<FragId, Track> = m.frags.drain().collect();
     compared += kernel.len().max(model.len()) as u64;
     diff_tables("FRAGS", &kernel, &model, &mut problems);
-    for key in keys {
-        k.frags.remove(&key)?;
-    }
     // The SYN cache: the slots the model wrote (the kernel writing others shows up as packets
     // that differ), compared and zeroed.
     for (slot, want) in m.syn_seen.drain() {
