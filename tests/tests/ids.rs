@@ -53,6 +53,21 @@ impl Pins {
         Array::try_from(Map::Array(data)).unwrap()
     }
 
+    /// Writes `value` into every CPU's slot of entry `index` of the pinned per-CPU array
+    /// `name`, as the datapath would have counted it.
+    fn set_every_cpu<V: aya::Pod>(&self, name: &str, index: u32, value: V) {
+        let data = MapData::from_pin(self.0.join(name)).expect("opening a pinned map");
+        let mut map: PerCpuArray<MapData, V> =
+            PerCpuArray::try_from(Map::PerCpuArray(data)).unwrap();
+        let ncpu = aya::util::nr_cpus().unwrap();
+        map.set(
+            index,
+            aya::maps::PerCpuValues::try_from(vec![value; ncpu]).unwrap(),
+            0,
+        )
+        .unwrap();
+    }
+
     fn backend(&self, id: u32) -> BackendInfo {
         self.array::<BackendInfo>(maps::BACKENDS)
             .get(&id, 0)
@@ -140,25 +155,13 @@ fn vip_ids_go_round_robin_and_removed_vip_stats_are_zeroed() {
     lb.apply(&config(&[(VIP1, &[11]), (VIP2, &[21])])).unwrap();
     let old = vip_id(&lb, VIP2);
     // Traffic the VIP saw (written as the datapath would).
-    let stats: PerCpuArray<MapData, VipStats> = PerCpuArray::try_from(Map::PerCpuArray(
-        MapData::from_pin(pins.0.join(maps::VIP_STATS)).unwrap(),
-    ))
-    .unwrap();
-    let mut stats = stats;
-    let ncpu = aya::util::nr_cpus().unwrap();
     let busy = VipStats {
         packets: 7,
         bytes: 700,
         new_flows: 1,
         no_backend: 0,
     };
-    stats
-        .set(
-            old,
-            aya::maps::PerCpuValues::try_from(vec![busy; ncpu]).unwrap(),
-            0,
-        )
-        .unwrap();
+    pins.set_every_cpu(maps::VIP_STATS, old, busy);
     lb.apply(&config(&[(VIP1, &[11])])).unwrap();
     assert_eq!(
         lb.vip_stats(old).unwrap(),
@@ -257,23 +260,12 @@ fn pins_without_agent_state_are_taken_over() {
 
 /// Writes every CPU's slot of backend `id`'s statistics, as the datapath would count them.
 fn set_backend_stats(pins: &Pins, id: u32, packets: u64, bytes: u64) {
-    let mut stats: PerCpuArray<MapData, BackendStats> = PerCpuArray::try_from(Map::PerCpuArray(
-        MapData::from_pin(pins.0.join(maps::BACKEND_STATS)).unwrap(),
-    ))
-    .unwrap();
     let s = BackendStats {
         packets,
         bytes,
         ..Default::default()
     };
-    let ncpu = aya::util::nr_cpus().unwrap();
-    stats
-        .set(
-            id,
-            aya::maps::PerCpuValues::try_from(vec![s; ncpu]).unwrap(),
-            0,
-        )
-        .unwrap();
+    pins.set_every_cpu(maps::BACKEND_STATS, id, s);
 }
 
 /// The datapath counts a packet once, on its backend; a VIP's packets and bytes are its
@@ -355,23 +347,13 @@ fn pins_that_counted_per_vip_are_taken_over_without_a_jump() {
     set_backend_stats(&pins, backend_id(&lb, VIP1, 11), 5, 500);
     set_backend_stats(&pins, backend_id(&lb, VIP1, 12), 1, 100);
     drop(lb);
-    let mut stats: PerCpuArray<MapData, VipStats> = PerCpuArray::try_from(Map::PerCpuArray(
-        MapData::from_pin(pins.0.join(maps::VIP_STATS)).unwrap(),
-    ))
-    .unwrap();
     let counted = VipStats {
         packets: 9,
         bytes: 900,
         new_flows: 2,
         no_backend: 1,
     };
-    stats
-        .set(
-            vip,
-            aya::maps::PerCpuValues::try_from(vec![counted; n as usize]).unwrap(),
-            0,
-        )
-        .unwrap();
+    pins.set_every_cpu(maps::VIP_STATS, vip, counted);
     let mut state = pins.array::<AgentState>(maps::AGENT_STATE);
     let s = state.get(&0, 0).unwrap();
     state.set(0, AgentState { flags: 0, ..s }, 0).unwrap();
