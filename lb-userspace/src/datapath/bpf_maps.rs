@@ -77,12 +77,12 @@ pub(super) struct BatchAttr {
 /// the chaos tests) is never held off by one write of a million slots.
 pub(super) const BATCH_SLOTS: usize = 8192;
 
-/// `BPF_MAP_UPDATE_BATCH` of `u32` keys and `u32` values (`bpf(2)`) in calls of at most
-/// [`BATCH_SLOTS`]; all, or an error.
-pub(super) fn update_batch(
+/// `BPF_MAP_UPDATE_BATCH` (`bpf(2)`) of `keys` and `values`, of the map's key and value
+/// types, in calls of at most [`BATCH_SLOTS`]; all, or an error.
+pub(super) fn update_batch<K: Copy, V: Copy>(
     fd: &std::os::fd::OwnedFd,
-    keys: &[u32],
-    values: &[u32],
+    keys: &[K],
+    values: &[V],
 ) -> std::io::Result<()> {
     use std::os::fd::AsRawFd as _;
     const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
@@ -97,8 +97,8 @@ pub(super) fn update_batch(
             ..Default::default()
         };
         // SAFETY: `attr` is a valid `bpf_attr.batch` for its whole size; `keys` and `values`
-        // outlive the call and hold `count` elements of the map's key and value size (4 bytes);
-        // the kernel writes only `attr.count` back.
+        // outlive the call and hold `count` elements of the map's key and value types (the
+        // caller's contract); the kernel writes only `attr.count` back.
         let rc = unsafe {
             libc::syscall(
                 libc::SYS_bpf,

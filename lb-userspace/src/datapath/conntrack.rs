@@ -277,44 +277,10 @@ impl ConntrackReader {
 
 /// Writes `entries` into the hash map `fd` of `K -> CtValue` with `BPF_MAP_UPDATE_BATCH`.
 fn update_all<K: Copy>(fd: &OwnedFd, entries: &[(K, CtValue)]) -> anyhow::Result<()> {
-    const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
-    {
-        for chunk in entries.chunks(LOOKUP_CHUNK) {
-            let keys: Vec<K> = chunk.iter().map(|e| e.0).collect();
-            let values: Vec<CtValue> = chunk.iter().map(|e| e.1).collect();
-            let mut done = 0usize;
-            while done < keys.len() {
-                let mut attr = super::bpf_maps::BatchAttr {
-                    keys: keys[done..].as_ptr() as u64,
-                    values: values[done..].as_ptr() as u64,
-                    count: (keys.len() - done) as u32,
-                    map_fd: fd.as_raw_fd() as u32,
-                    ..Default::default()
-                };
-                // SAFETY: a valid `bpf_attr.batch`; `keys` and `values` hold `count` elements
-                // of the map's key and value types and outlive the call.
-                let rc = unsafe {
-                    libc::syscall(
-                        libc::SYS_bpf,
-                        BPF_MAP_UPDATE_BATCH,
-                        &mut attr as *mut super::bpf_maps::BatchAttr,
-                        std::mem::size_of::<super::bpf_maps::BatchAttr>() as u32,
-                    )
-                };
-                if rc < 0 {
-                    anyhow::bail!(
-                        "writing the connection table (BPF_MAP_UPDATE_BATCH): {}",
-                        std::io::Error::last_os_error()
-                    );
-                }
-                if attr.count == 0 {
-                    anyhow::bail!("BPF_MAP_UPDATE_BATCH wrote nothing");
-                }
-                done += attr.count as usize;
-            }
-        }
-    }
-    Ok(())
+    let keys: Vec<K> = entries.iter().map(|e| e.0).collect();
+    let values: Vec<CtValue> = entries.iter().map(|e| e.1).collect();
+    super::bpf_maps::update_batch(fd, &keys, &values)
+        .map_err(|e| anyhow::anyhow!("writing the connection table (BPF_MAP_UPDATE_BATCH): {e}"))
 }
 
 /// Every entry of a `K -> CtValue` hash map (`K`: `FlowKey` or `FlowKey4`), in batches.
