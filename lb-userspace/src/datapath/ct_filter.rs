@@ -1,7 +1,9 @@
 //! The tracked-flow filter (`CT_FILTER`): two bits per flow in one word (a blocked Bloom
 //! filter) that say "`CT` may hold this flow", so that a bare SYN skips its `CT` probe when it
 //! certainly does not (the datapath side is in the balancer's `maps.rs`; the layout in
-//! `lb_common::CT_FILTER_BITS` and `ct_filter_slot`).
+//! `lb_common::CT_FILTER_BITS` and `ct_filter_slot`). `CT` here stands for both established
+//! tables, `CT4` (IPv4) and `CT` (IPv6): the filter is keyed by the flow hash, which is the
+//! same for either.
 //!
 //! The datapath sets a flow's bits in both halves after it inserts the flow into `CT`. Bits of
 //! flows `CT` no longer holds (evicted, removed) would pile up, so lbd rebuilds the half SYNs
