@@ -502,6 +502,37 @@ impl Lab {
     pub fn hosts(&self) -> &[Host] {
         &self.hosts
     }
+    /// Makes the switch forward the balancer hosts' frames for the backends in XDP (the lb's and
+    /// those of the [`Role::Node`]s added so far), straight from their ports to the backends'
+    /// ([`crate::xdp::attach_xdp_switch`]), instead of building an skb for each and passing it
+    /// through the bridge; the rest still goes through the bridge. A hardware switch costs the
+    /// hosts no CPU; the bridge costs the lab's cores for every frame a balancer sends back, so
+    /// `bench lab` uses this to measure the balancer rather than the lab's switch. The balancer
+    /// hosts then compute full checksums (tx offload off: a redirected frame loses an skb's
+    /// pending checksum), and the backends' eth0 get GRO, so that they run NAPI and receive
+    /// redirected frames even without an XDP program.
+    pub fn switch_lb_frames_in_xdp(&mut self) -> Result<()> {
+        let mut ports = Vec::new();
+        for b in self.backends() {
+            b.ns.exec_ok("ethtool", ["-K", "eth0", "gro", "on"])?;
+            ports.push((b.role.last_byte(), b.port_ifindex));
+        }
+        let sw = self.switch.as_ref().expect("lab already torn down");
+        for host in &mut self.hosts {
+            if !matches!(host.role, Role::Lb | Role::Node(_)) {
+                continue;
+            }
+            host.ns.exec_ok("ethtool", ["-K", "eth0", "tx", "off"])?;
+            let port_ifindex = host.port_ifindex;
+            // One XDP program per device: the pass program's link goes first.
+            host.port_xdp = None;
+            let link = sw
+                .run_in(|| crate::xdp::attach_xdp_switch(port_ifindex, &ports))
+                .with_context(|| format!("attaching the XDP switch to {}", host.port))?;
+            host.port_xdp = Some(link);
+        }
+        Ok(())
+    }
     /// The switch namespace (holds `br0` and the `lbp-*` ports).
     pub fn switch(&self) -> &NetNs {
         self.switch.as_ref().expect("lab already torn down")

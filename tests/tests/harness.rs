@@ -4,9 +4,10 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use tests::xdp::attach_xdp_reflector;
 use tests::{
     client_many, client_once, list_namespaces, require_root, root_links_named, tally, Lab, LabSpec,
-    LongLived, NetNs, TcpServer, VIP_V4, VIP_V6,
+    LongLived, NetNs, Role, TcpServer, VIP_V4, VIP_V6,
 };
 
 const TIMEOUT: Duration = Duration::from_secs(3);
@@ -178,4 +179,97 @@ fn netns_runs_code_inside_and_kills_spawned_processes() {
         }
     );
     assert!(!list_namespaces().unwrap().contains(&name));
+}
+
+/// `bench lab`'s floor and switch: the minimal forwarder on a second balancer host sends TCP
+/// to the VIPs' port 80 back out to the backend of the source port, and the XDP switch on that
+/// host's port hands its frames straight to the backends' ports (veth counters show both
+/// steps); the answers come back through the bridge.
+#[test]
+fn xdp_switch_and_minimal_forwarder_carry_tcp_to_every_backend() {
+    require_root();
+    let mut lab = Lab::new(LabSpec { backends: 3 }).expect("building the lab");
+    let node = lab
+        .add(Role::Node(1))
+        .expect("adding a second balancer host");
+    let (node_ns, node_v4, node_v6) = (node.ns_name().to_owned(), node.v4(), node.v6());
+    let reflector = node
+        .ns()
+        .run_in(|| attach_xdp_reflector(node.ifindex(), node.mac().octets()[5], 3))
+        .expect("attaching the minimal forwarder");
+    let port = node.switch_port().to_owned();
+    lab.switch_lb_frames_in_xdp().expect("the XDP switch");
+    let client = lab.client().ns();
+    client
+        .ip([
+            "route",
+            "replace",
+            &format!("{VIP_V4}/32"),
+            "via",
+            &node_v4.to_string(),
+        ])
+        .unwrap();
+    client
+        .ip([
+            "-6",
+            "route",
+            "replace",
+            &format!("{VIP_V6}/128"),
+            "via",
+            &node_v6.to_string(),
+        ])
+        .unwrap();
+    let _servers: Vec<TcpServer> = lab
+        .backends()
+        .iter()
+        .enumerate()
+        .map(|(i, b)| {
+            let vips = [
+                SocketAddr::new(VIP_V4.into(), 80),
+                SocketAddr::new(VIP_V6.into(), 80),
+            ];
+            TcpServer::start(b.ns(), &vips, &format!("backend{i}")).unwrap()
+        })
+        .collect();
+    for vip in [
+        SocketAddr::new(VIP_V4.into(), 80),
+        SocketAddr::new(VIP_V6.into(), 80),
+    ] {
+        let many = client_many(client, vip, 30, TIMEOUT);
+        let counts = tally(&many);
+        assert_eq!(
+            counts.values().sum::<usize>(),
+            30,
+            "{vip}: {many:?}\n{}",
+            lab.diagnostics()
+        );
+        for i in 0..3 {
+            assert!(
+                counts.get(&format!("backend{i}")).is_some_and(|&n| n > 0),
+                "{vip}: every backend answers: {counts:?}"
+            );
+        }
+    }
+    let stat = |ns: &NetNs, dev: &str, name: &str| -> u64 {
+        let out = ns.exec_ok("ethtool", ["-S", dev]).unwrap();
+        out.lines()
+            .filter_map(|l| l.trim().strip_prefix(name)?.trim().strip_prefix(':'))
+            .map(|v| v.trim().parse::<u64>().unwrap())
+            .sum()
+    };
+    let node_ns = lab
+        .hosts()
+        .iter()
+        .find(|h| h.ns_name() == node_ns)
+        .unwrap()
+        .ns();
+    let sent = stat(node_ns, "eth0", "rx_queue_0_xdp_tx");
+    assert!(sent >= 60, "the forwarder sent {sent} frames");
+    let redirected = stat(lab.switch(), &port, "rx_queue_0_xdp_redirect");
+    assert!(
+        redirected >= sent,
+        "the switch redirected {redirected} of {sent} frames"
+    );
+    drop(reflector);
+    lab.shutdown().expect("teardown leaves nothing behind");
 }
