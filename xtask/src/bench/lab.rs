@@ -6,12 +6,16 @@
 //! VIP and lbd spreads the connections (weights 1:1:1); directly, a Lua `setup()` pins thread
 //! i to backend i's own address, so each backend again gets a third of the load and the client
 //! side does exactly the same work. The only difference is the path the packets take.
+//!
+//! The floor: a third path goes through a second balancer host running the least an XDP
+//! balancer can do ([`tests::xdp::attach_xdp_reflector`]: rewrite the MACs, `XDP_TX`), so the
+//! table shows how much of the gap to direct is the lab's extra hop and how much the balancer.
 
 use std::net::IpAddr;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
-use tests::{VIP_V4, VIP_V6};
+use tests::{Role, LB_V4, LB_V6, VIP_V4, VIP_V6};
 
 use crate::env::{build_lbd, nginx_requests, LabEnv, HTTP_PORT};
 use crate::util::{catch_interrupts, check_interrupted, ensure_root, TempDir};
@@ -39,6 +43,19 @@ pub struct BenchLabArgs {
     /// ratio judged is the median of the runs' via/direct ratios.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
     pub runs: u32,
+    /// How the lab's switch forwards the balancer's frames to the backends.
+    #[arg(long, value_enum, default_value_t = Switch::Xdp)]
+    pub switch: Switch,
+}
+
+/// How the lab's switch forwards the frames the balancer sends back (`XDP_TX`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Switch {
+    /// Straight from the lb's port to the backend's, in XDP: close to a hardware switch, which
+    /// costs the hosts nothing.
+    Xdp,
+    /// Through the bridge, an skb per frame, on the cores the balancer is measured on.
+    Bridge,
 }
 
 /// Issue 24's target: through the balancer at least this share of direct, for both loads.
@@ -144,6 +161,8 @@ struct Row {
     variant: &'static str,
     /// One per run (empty with `--direct-only`).
     via: Vec<WrkResult>,
+    /// Through the minimal forwarder, one per run (empty with `--direct-only`).
+    floor: Vec<WrkResult>,
     /// One per run.
     direct: Vec<WrkResult>,
 }
@@ -156,18 +175,18 @@ impl Row {
         sorted.get(sorted.len() / 2).copied()
     }
 
-    /// The median of the runs' via/direct ratios (each via run against the direct run just
-    /// before it), if the balancer was measured.
+    /// The median of the runs' via/direct ratios (each via run against the direct run of the
+    /// same round), if the balancer was measured.
     fn ratio(&self) -> Option<f64> {
-        let mut r: Vec<f64> = self
-            .via
-            .iter()
-            .zip(&self.direct)
-            .map(|(v, d)| v.rps / d.rps)
-            .collect();
-        r.sort_by(f64::total_cmp);
-        r.get(r.len() / 2).copied()
+        median_ratio(&self.via, &self.direct)
     }
+}
+
+/// The median of the ratios of `a`'s runs to `b`'s, round by round.
+fn median_ratio(a: &[WrkResult], b: &[WrkResult]) -> Option<f64> {
+    let mut r: Vec<f64> = a.iter().zip(b).map(|(a, b)| a.rps / b.rps).collect();
+    r.sort_by(f64::total_cmp);
+    r.get(r.len() / 2).copied()
 }
 
 pub fn run(args: &BenchLabArgs) -> Result<()> {
@@ -180,12 +199,34 @@ pub fn run(args: &BenchLabArgs) -> Result<()> {
         Some(build_lbd(false)?)
     };
     let mut env = LabEnv::new(BACKENDS, TempDir::new("lab")?, true)?;
+    // The floor's host, before the switch is set up (which covers every balancer host).
+    let floor = if bin.is_some() {
+        let node = env.lab_mut().add(Role::Node(1))?;
+        let link = node
+            .ns()
+            .run_in(|| {
+                tests::xdp::attach_xdp_reflector(
+                    node.ifindex(),
+                    node.mac().octets()[5],
+                    BACKENDS as u8,
+                )
+            })
+            .context("attaching the minimal forwarder")?;
+        Some((node.v4(), node.v6(), link))
+    } else {
+        None
+    };
+    if args.switch == Switch::Xdp {
+        env.lab_mut().switch_lb_frames_in_xdp()?;
+    }
     if let Some(bin) = &bin {
         env.start_lbd(bin, &args.lb, &[1; BACKENDS])?;
     }
     let common = wrk_common_args(args);
     print_intro(args, &common, bin.is_some());
-    let rows = measure(&mut env, args, &common, bin.is_some())?;
+    let floor_via = floor.as_ref().map(|(v4, v6, _)| (*v4, *v6));
+    let rows = measure(&mut env, args, &common, floor_via)?;
+    drop(floor);
     env.shutdown()?;
     print_rows(&rows);
     plot_ratios(&rows, &args.lb)?;
@@ -263,19 +304,49 @@ fn print_intro(args: &BenchLabArgs, common: &[String], via_lbd: bool) {
         args.connections_per_backend
     );
     println!(
+        "switch: {}",
+        match args.switch {
+            Switch::Xdp =>
+                "the lb's frames to the backends forwarded in XDP, the rest by the \
+                            bridge (--switch bridge: everything by the bridge)",
+            Switch::Bridge => "everything by the bridge, an skb per frame",
+        }
+    );
+    println!(
         "{} interleaved runs of each path per variant; judged: the median of the runs' \
          via/direct ratios against {TARGET_RATIO}",
         args.runs
     );
 }
 
+/// Routes the client's traffic for the VIPs through the host at `v4`/`v6`.
+fn route_vips_via(env: &LabEnv, v4: std::net::Ipv4Addr, v6: std::net::Ipv6Addr) -> Result<()> {
+    let ns = env.lab().client().ns();
+    ns.ip([
+        "route",
+        "replace",
+        &format!("{VIP_V4}/32"),
+        "via",
+        &v4.to_string(),
+    ])?;
+    ns.ip([
+        "-6",
+        "route",
+        "replace",
+        &format!("{VIP_V6}/128"),
+        "via",
+        &v6.to_string(),
+    ])?;
+    Ok(())
+}
+
 /// Both variants (new connection per request, keep-alive) of each family, direct and (unless
-/// `--direct-only`) via the balancer.
+/// `--direct-only`) through the minimal forwarder at `floor` and via the balancer.
 fn measure(
     env: &mut LabEnv,
     args: &BenchLabArgs,
     common: &[String],
-    via_lbd: bool,
+    floor: Option<(std::net::Ipv4Addr, std::net::Ipv6Addr)>,
 ) -> Result<Vec<Row>> {
     let families: Vec<(&'static str, IpAddr)> = match args.family {
         Family::V4 => vec![("IPv4", VIP_V4.into())],
@@ -301,12 +372,18 @@ fn measure(
             direct_args.extend(["-s".into(), script.display().to_string(), url(backends[0])]);
             let mut via_args = extra.clone();
             via_args.push(url(vip));
-            let (mut direct, mut via) = (Vec::new(), Vec::new());
+            let (mut direct, mut via, mut floor_runs) = (Vec::new(), Vec::new(), Vec::new());
             for run in 1..=args.runs {
                 eprintln!("{family} {variant}: direct, run {run} of {} ...", args.runs);
                 direct.push(wrk(env, common, &direct_args)?);
                 check_interrupted()?;
-                if via_lbd {
+                if let Some((v4, v6)) = floor {
+                    eprintln!("{family} {variant}: via the minimal forwarder, run {run} ...");
+                    route_vips_via(env, v4, v6)?;
+                    let r = wrk(env, common, &via_args);
+                    route_vips_via(env, LB_V4, LB_V6)?;
+                    floor_runs.push(r?);
+                    check_interrupted()?;
                     eprintln!("{family} {variant}: via the balancer, run {run} ...");
                     via.push(wrk(env, common, &via_args)?);
                     env.check_lbd_alive()?;
@@ -317,6 +394,7 @@ fn measure(
                 family,
                 variant,
                 via,
+                floor: floor_runs,
                 direct,
             });
         }
@@ -328,24 +406,42 @@ fn measure(
 fn print_rows(rows: &[Row]) {
     println!();
     println!(
-        "{:<5} {:<27} {:>14} {:>14} {:>10}   {:<12} {:<12}",
-        "", "", "via balancer", "direct", "via/direct", "split via", "split direct"
+        "{:<5} {:<27} {:>14} {:>14} {:>14} {:>10} {:>12} {:>11}   {:<12} {:<12}",
+        "",
+        "",
+        "via balancer",
+        "via floor",
+        "direct",
+        "via/direct",
+        "floor/direct",
+        "via/floor",
+        "split via",
+        "split direct"
     );
+    let rps = |r: Option<&WrkResult>| r.map_or("-".into(), |r| format!("{:.0} req/s", r.rps));
+    let ratio = |x: Option<f64>| x.map_or("-".into(), |x| format!("{x:.2}"));
     for r in rows {
         let via = Row::median(&r.via);
         let direct = Row::median(&r.direct);
         println!(
-            "{:<5} {:<27} {:>14} {:>14} {:>10}   {:<12} {:<12}",
+            "{:<5} {:<27} {:>14} {:>14} {:>14} {:>10} {:>12} {:>11}   {:<12} {:<12}",
             r.family,
             r.variant,
-            via.map_or("-".into(), |v| format!("{:.0} req/s", v.rps)),
-            direct.map_or("-".into(), |d| format!("{:.0} req/s", d.rps)),
-            r.ratio().map_or("-".into(), |x| format!("{x:.2}")),
+            rps(via),
+            rps(Row::median(&r.floor)),
+            rps(direct),
+            ratio(r.ratio()),
+            ratio(median_ratio(&r.floor, &r.direct)),
+            ratio(median_ratio(&r.via, &r.floor)),
             via.map_or("-".into(), WrkResult::split),
             direct.map_or("-".into(), WrkResult::split)
         );
     }
-    println!("(medians of the runs; via/direct: the median of the runs' ratios)");
+    println!(
+        "(medians of the runs; ratios: the median of the runs' ratios, round by round; the \
+         floor: a second host whose XDP program only rewrites the MACs and sends the packet \
+         back out, the least any XDP balancer does on this path)"
+    );
     for r in rows {
         let Some(ratio) = r.ratio() else { continue };
         let each: Vec<String> = r
@@ -371,6 +467,7 @@ fn print_rows(rows: &[Row]) {
             .via
             .iter()
             .map(|v| ("via", v))
+            .chain(r.floor.iter().map(|f| ("floor", f)))
             .chain(r.direct.iter().map(|d| ("direct", d)));
         for (path, res) in paths {
             if res.socket_errors.is_some() || res.non2xx > 0 {

@@ -91,6 +91,11 @@ impl LabEnv {
         self.lab.as_ref().expect("lab is up")
     }
 
+    /// The lab, to change its switch ([`Lab::switch_lb_frames_in_xdp`]).
+    pub fn lab_mut(&mut self) -> &mut Lab {
+        self.lab.as_mut().expect("lab is up")
+    }
+
     /// The scratch directory (configs, logs).
     pub fn dir(&self) -> &Path {
         self.tmp.path()
