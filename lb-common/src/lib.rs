@@ -87,6 +87,7 @@ pub mod progs {
     pub const DECAP: &str = "lb_decap";
     pub const BENCH_HARNESS: &str = "bench_harness";
     pub const BENCH_TX: &str = "bench_tx";
+    pub const BENCH_TABLE_WRITE: &str = "bench_table_write";
 }
 
 /// Key of the VIP map: a service is an (address, port, protocol) triple.
@@ -460,6 +461,10 @@ pub const DECAP_KIND_VIP: u32 = 1;
 pub const DECAP_KIND_LOCAL: u32 = 2;
 /// Capacity of the decapsulation map.
 pub const MAX_DECAP_ADDRS: u32 = 1024;
+
+/// `bench_table_write`'s table: 2^this 64-byte slots (262,144, the default `conntrack_size`:
+/// 16 MiB).
+pub const BENCH_TABLE_BITS: u32 = 18;
 
 /// Bytes of the benchmark harness's saved input packet.
 pub const BENCH_MAX_PACKET: usize = 128;

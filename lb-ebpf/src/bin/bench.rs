@@ -1,7 +1,8 @@
 //! Benchmark harness for BPF_PROG_TEST_RUN. With `repeat` > 1 the kernel does not restore the
 //! packet between repetitions, so a program that rewrites it would measure itself on its own
 //! output. The harness restores the saved input before every repetition, then tail-calls the
-//! program under test; the trivial `bench_tx` program is measured through the same harness.
+//! program under test; the trivial `bench_tx` program is measured through the same harness, and
+//! so is `bench_table_write`, the floor of a packet that creates a tracked entry.
 #![cfg_attr(target_arch = "bpf", no_std, no_main)]
 // Map keys and values are passed by reference: by value they would be copied onto the
 // 512-byte BPF stack first.
@@ -29,8 +30,42 @@ mod prog {
     #[map]
     static BENCH_STATE: PerCpuArray<u64> = PerCpuArray::with_max_entries(2, 0);
 
+    /// `bench_table_write`'s table: one 64-byte slot per flow.
+    #[map]
+    static BENCH_TABLE: Array<[u64; 8]> = Array::with_max_entries(1 << BENCH_TABLE_BITS, 0);
+    /// `bench_table_write`'s repetitions so far, never reset: every repetition of every run
+    /// writes another slot.
+    #[map]
+    static BENCH_CURSOR: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
     #[xdp]
     pub fn bench_tx(_ctx: XdpContext) -> u32 {
+        xdp_action::XDP_TX
+    }
+
+    /// `bench_tx` plus what any design that keeps an entry per flow must do for a new flow:
+    /// write 40 bytes (a 16-byte IPv4 key and a 24-byte value) into a slot of a table sized for
+    /// the default `conntrack_size`, at a place no prefetcher can guess (a multiplicative hash
+    /// of a counter), so that the write misses the caches as a new flow's does.
+    #[xdp]
+    pub fn bench_table_write(_ctx: XdpContext) -> u32 {
+        let Some(cursor) = BENCH_CURSOR.get_ptr_mut(0) else {
+            return xdp_action::XDP_ABORTED;
+        };
+        // SAFETY: per-CPU slot, only this CPU writes it while this program runs.
+        let n = unsafe {
+            *cursor += 1;
+            *cursor
+        };
+        let slot = (n as u32).wrapping_mul(0x9e37_79b1) >> (32 - BENCH_TABLE_BITS);
+        if let Some(s) = BENCH_TABLE.get_ptr_mut(slot) {
+            // SAFETY: an array element, valid while the program runs.
+            unsafe {
+                for w in 0..5 {
+                    (*s)[w] = n;
+                }
+            }
+        }
         xdp_action::XDP_TX
     }
 

@@ -32,7 +32,7 @@ use aya::{
 use clap::Args;
 use lb_common::{
     maps, progs, BenchInput, Counter, CtValue, FlowKey, BENCH_MAX_PACKET, BENCH_RUNS,
-    BENCH_TAIL_CALL_FAILED, SYN_SEEN_SLOTS,
+    BENCH_TABLE_BITS, BENCH_TAIL_CALL_FAILED, SYN_SEEN_SLOTS,
 };
 use lb_pkt::{self as pkt, verdict_name, Ip4, Ip6, Tcp, TCP_ACK, TCP_SYN, XDP_PASS, XDP_TX};
 use lb_userspace::{
@@ -364,7 +364,18 @@ struct Sample {
 
 enum Target<'a> {
     Trivial,
+    /// `bench_table_write`: the trivial program plus one slot of a 16 MiB table written.
+    TableWrite,
     Balancer(&'a ProgramFd),
+}
+
+/// The fd of the bench object's XDP program `name` (borrowing the object only, so that the
+/// harness's maps stay writable meanwhile).
+fn program_fd<'a>(ebpf: &'a Ebpf, name: &str) -> Result<&'a ProgramFd> {
+    let p = ebpf
+        .program(name)
+        .ok_or_else(|| anyhow!("no program {name}"))?;
+    Ok(<&Xdp>::try_from(p)?.fd()?)
 }
 
 fn take_map(ebpf: &mut Ebpf, name: &str) -> Result<aya::maps::Map> {
@@ -377,7 +388,11 @@ impl Harness {
         let mut ebpf = EbpfLoader::new()
             .load(BENCH_OBJ)
             .context("loading the bench object")?;
-        for name in [progs::BENCH_HARNESS, progs::BENCH_TX] {
+        for name in [
+            progs::BENCH_HARNESS,
+            progs::BENCH_TX,
+            progs::BENCH_TABLE_WRITE,
+        ] {
             let p: &mut Xdp = ebpf
                 .program_mut(name)
                 .ok_or_else(|| anyhow!("the bench object has no program {name}"))?
@@ -438,13 +453,8 @@ impl Harness {
             0,
         )?;
         let fd = match target {
-            Target::Trivial => {
-                let p = self
-                    .ebpf
-                    .program(progs::BENCH_TX)
-                    .ok_or_else(|| anyhow!("no program {}", progs::BENCH_TX))?;
-                <&Xdp>::try_from(p)?.fd()?
-            }
+            Target::Trivial => program_fd(&self.ebpf, progs::BENCH_TX)?,
+            Target::TableWrite => program_fd(&self.ebpf, progs::BENCH_TABLE_WRITE)?,
             Target::Balancer(fd) => *fd,
         };
         self.progs.set(0, fd, 0).context("setting BENCH_PROGS[0]")?;
@@ -771,6 +781,8 @@ struct Row {
     scenario: Scenario,
     lb: Vec<Sample>,
     trivial: Vec<Sample>,
+    /// `bench_table_write`, for the packet that creates the entry only.
+    floor: Vec<Sample>,
     lb_checks: Vec<Check>,
     trivial_checks: Vec<Check>,
 }
@@ -1003,6 +1015,7 @@ fn measure(args: &BenchDatapathArgs) -> Result<Report> {
             scenario,
             lb: Vec::new(),
             trivial: Vec::new(),
+            floor: Vec::new(),
             lb_checks: Vec::new(),
             trivial_checks: Vec::new(),
         })
@@ -1090,6 +1103,14 @@ fn measure(args: &BenchDatapathArgs) -> Result<Report> {
                         .push(check_trivial(&s, repeat, &before, &after));
                     row.trivial.push(s);
                 }
+            }
+            if sc.kind == Kind::Promote {
+                let before = snapshot(&lb, &all_ids)?;
+                let s = h.run(&Target::TableWrite, &pkt, vary, repeat, ifindex, None)?;
+                let after = snapshot(&lb, &all_ids)?;
+                row.trivial_checks
+                    .push(check_trivial(&s, repeat, &before, &after));
+                row.floor.push(s);
             }
         }
     }
@@ -1193,6 +1214,7 @@ pub fn run(args: &BenchDatapathArgs) -> Result<ExitCode> {
     let all_ok = print_checks(&report);
     print_variance(&variance);
     print_targets(&ratios);
+    print_floor(&report.rows);
     print_memory(&report.tables);
     print_maglev_build()?;
     plot_ratios(&report)?;
@@ -1379,6 +1401,25 @@ fn print_targets(ratios: &Ratios) {
                 }
             );
         }
+    }
+}
+
+/// The floor of the packet that creates the entry: `bench_table_write` against the trivial
+/// program and against the balancer's ACK, in the same rounds.
+fn print_floor(rows: &[Row]) {
+    for row in rows.iter().filter(|r| !r.floor.is_empty()) {
+        let floor = Stats::of(&kernel_ns(&row.floor)).med;
+        let trivial = Stats::of(&kernel_ns(&row.trivial)).med;
+        let lb = Stats::of(&kernel_ns(&row.lb)).med;
+        println!(
+            "  {} floor of that packet: the trivial program plus one 40-byte write to a random \
+             slot of a {} MiB table (what any design with an entry per flow does): {floor:.0} ns, \
+             {:.2}x trivial; the ACK costs {:.2}x the floor",
+            row.scenario.fam.name(),
+            (64u64 << BENCH_TABLE_BITS) >> 20,
+            floor / trivial,
+            lb / floor
+        );
     }
 }
 
