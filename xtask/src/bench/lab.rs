@@ -51,8 +51,8 @@ pub struct BenchLabArgs {
 /// How the lab's switch forwards the frames the balancer sends back (`XDP_TX`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Switch {
-    /// Straight from the lb's port to the backend's, in XDP: close to a hardware switch, which
-    /// costs the hosts nothing.
+    /// Straight from a balancer host's port to the backend's, in XDP: closer to a hardware
+    /// switch, which costs the hosts nothing.
     Xdp,
     /// Through the bridge, an skb per frame, on the cores the balancer is measured on.
     Bridge,
@@ -303,15 +303,11 @@ fn print_intro(args: &BenchLabArgs, common: &[String], via_lbd: bool) {
          of the load either way and only the packets' path differs.",
         args.connections_per_backend
     );
-    println!(
-        "switch: {}",
-        match args.switch {
-            Switch::Xdp =>
-                "the lb's frames to the backends forwarded in XDP, the rest by the \
-                            bridge (--switch bridge: everything by the bridge)",
-            Switch::Bridge => "everything by the bridge, an skb per frame",
-        }
-    );
+    let switch = match args.switch {
+        Switch::Xdp => "the balancer hosts' frames for the backends forwarded in XDP, the rest by the bridge (--switch bridge: everything by the bridge)",
+        Switch::Bridge => "everything by the bridge, an skb per frame",
+    };
+    println!("switch: {switch}");
     println!(
         "{} interleaved runs of each path per variant; judged: the median of the runs' \
          via/direct ratios against {TARGET_RATIO}",
