@@ -369,13 +369,13 @@ enum Target<'a> {
     Balancer(&'a ProgramFd),
 }
 
-/// The fd of the bench object's XDP program `name` (borrowing the object only, so that the
-/// harness's maps stay writable meanwhile).
-fn program_fd<'a>(ebpf: &'a Ebpf, name: &str) -> Result<&'a ProgramFd> {
+/// The bench object's XDP program `name` (borrowing the object only, so that the harness's
+/// maps stay writable meanwhile).
+fn xdp_program<'a>(ebpf: &'a Ebpf, name: &str) -> Result<&'a Xdp> {
     let p = ebpf
         .program(name)
         .ok_or_else(|| anyhow!("no program {name}"))?;
-    Ok(<&Xdp>::try_from(p)?.fd()?)
+    Ok(<&Xdp>::try_from(p)?)
 }
 
 fn take_map(ebpf: &mut Ebpf, name: &str) -> Result<aya::maps::Map> {
@@ -414,14 +414,6 @@ impl Harness {
         })
     }
 
-    fn xdp(&self, name: &str) -> Result<&Xdp> {
-        let p = self
-            .ebpf
-            .program(name)
-            .ok_or_else(|| anyhow!("no program {name}"))?;
-        Ok(<&Xdp>::try_from(p)?)
-    }
-
     fn state_sum(&self, index: u32) -> Result<u64> {
         Ok(self.state.get(&index, 0)?.iter().sum())
     }
@@ -453,8 +445,8 @@ impl Harness {
             0,
         )?;
         let fd = match target {
-            Target::Trivial => program_fd(&self.ebpf, progs::BENCH_TX)?,
-            Target::TableWrite => program_fd(&self.ebpf, progs::BENCH_TABLE_WRITE)?,
+            Target::Trivial => xdp_program(&self.ebpf, progs::BENCH_TX)?.fd()?,
+            Target::TableWrite => xdp_program(&self.ebpf, progs::BENCH_TABLE_WRITE)?.fd()?,
             Target::Balancer(fd) => *fd,
         };
         self.progs.set(0, fd, 0).context("setting BENCH_PROGS[0]")?;
@@ -467,7 +459,7 @@ impl Harness {
         // against it and a backend reached through eth0 gives XDP_TX.
         let md: [u32; 6] = [0, packet.len() as u32, 0, ifindex, 0, 0];
         let ctx: Vec<u8> = md.iter().flat_map(|w| w.to_ne_bytes()).collect();
-        let harness = self.xdp(progs::BENCH_HARNESS)?;
+        let harness = xdp_program(&self.ebpf, progs::BENCH_HARNESS)?;
         let t0 = thread_cpu_ns();
         let r = harness
             .test_run(TestRunOptions {
@@ -785,6 +777,7 @@ struct Row {
     floor: Vec<Sample>,
     lb_checks: Vec<Check>,
     trivial_checks: Vec<Check>,
+    floor_checks: Vec<Check>,
 }
 
 struct Report {
@@ -1018,6 +1011,7 @@ fn measure(args: &BenchDatapathArgs) -> Result<Report> {
             floor: Vec::new(),
             lb_checks: Vec::new(),
             trivial_checks: Vec::new(),
+            floor_checks: Vec::new(),
         })
         .collect();
     let mut warmup = Vec::new();
@@ -1108,7 +1102,7 @@ fn measure(args: &BenchDatapathArgs) -> Result<Report> {
                 let before = snapshot(&lb, &all_ids)?;
                 let s = h.run(&Target::TableWrite, &pkt, vary, repeat, ifindex, None)?;
                 let after = snapshot(&lb, &all_ids)?;
-                row.trivial_checks
+                row.floor_checks
                     .push(check_trivial(&s, repeat, &before, &after));
                 row.floor.push(s);
             }
@@ -1340,7 +1334,12 @@ fn print_checks(report: &Report) -> bool {
     }
     for row in &report.rows {
         let name = row.scenario.name();
-        for (what, checks) in [("lb", &row.lb_checks), ("trivial", &row.trivial_checks)] {
+        let lists = [
+            ("lb", &row.lb_checks),
+            ("trivial", &row.trivial_checks),
+            ("floor", &row.floor_checks),
+        ];
+        for (what, checks) in lists.into_iter().filter(|(_, c)| !c.is_empty()) {
             let n_ok = checks.iter().filter(|c| c.ok).count();
             let ok = n_ok == checks.len();
             all_ok &= ok;
