@@ -382,21 +382,7 @@ impl Lab {
 
         match role {
             Role::Client => {
-                ns.ip([
-                    "route",
-                    "add",
-                    &format!("{VIP_V4}/32"),
-                    "via",
-                    &LB_V4.to_string(),
-                ])?;
-                ns.ip([
-                    "-6",
-                    "route",
-                    "add",
-                    &format!("{VIP_V6}/128"),
-                    "via",
-                    &LB_V6.to_string(),
-                ])?;
+                route_vips(&ns, Role::Lb)?;
                 // Packets from a veth carry CHECKSUM_PARTIAL (checksum left to "hardware").
                 // A native XDP program that forwards them (XDP_TX) turns them into plain
                 // frames and the backend would see a bad TCP checksum. Real clients' packets
@@ -501,6 +487,10 @@ impl Lab {
     /// Every host: client, lb, backends.
     pub fn hosts(&self) -> &[Host] {
         &self.hosts
+    }
+    /// Routes the client's traffic for the VIPs through `via`'s host (the lb's from the start).
+    pub fn route_vips_via(&self, via: Role) -> Result<()> {
+        route_vips(self.client().ns(), via)
     }
     /// Makes the switch forward the balancer hosts' frames for the backends in XDP (the lb's and
     /// those of the [`Role::Node`]s added so far), straight from their ports to the backends'
@@ -690,6 +680,26 @@ pub(crate) fn hold_vips(ns: &NetNs, v4: Ipv4Addr, v6: Ipv6Addr) -> Result<()> {
     keys.push(("net/ipv4/conf/lo/rp_filter".to_string(), "0"));
     let pairs: Vec<(&str, &str)> = keys.iter().map(|(k, v)| (k.as_str(), *v)).collect();
     ns.sysctls(&pairs)
+}
+
+/// Routes `client`'s traffic for the VIPs through the host of `via`.
+fn route_vips(client: &NetNs, via: Role) -> Result<()> {
+    client.ip([
+        "route",
+        "replace",
+        &format!("{VIP_V4}/32"),
+        "via",
+        &via.v4().to_string(),
+    ])?;
+    client.ip([
+        "-6",
+        "route",
+        "replace",
+        &format!("{VIP_V6}/128"),
+        "via",
+        &via.v6().to_string(),
+    ])?;
+    Ok(())
 }
 
 fn write_sysctl(key: &str, value: &str) -> Result<()> {

@@ -192,49 +192,25 @@ fn xdp_switch_and_minimal_forwarder_carry_tcp_to_every_backend() {
     let node = lab
         .add(Role::Node(1))
         .expect("adding a second balancer host");
-    let (node_ns, node_v4, node_v6) = (node.ns_name().to_owned(), node.v4(), node.v6());
     let reflector = node
         .ns()
         .run_in(|| attach_xdp_reflector(node.ifindex(), node.mac().octets()[5], 3))
         .expect("attaching the minimal forwarder");
     let port = node.switch_port().to_owned();
     lab.switch_lb_frames_in_xdp().expect("the XDP switch");
+    lab.route_vips_via(Role::Node(1)).unwrap();
     let client = lab.client().ns();
-    client
-        .ip([
-            "route",
-            "replace",
-            &format!("{VIP_V4}/32"),
-            "via",
-            &node_v4.to_string(),
-        ])
-        .unwrap();
-    client
-        .ip([
-            "-6",
-            "route",
-            "replace",
-            &format!("{VIP_V6}/128"),
-            "via",
-            &node_v6.to_string(),
-        ])
-        .unwrap();
+    let vips = [
+        SocketAddr::new(VIP_V4.into(), 80),
+        SocketAddr::new(VIP_V6.into(), 80),
+    ];
     let _servers: Vec<TcpServer> = lab
         .backends()
         .iter()
         .enumerate()
-        .map(|(i, b)| {
-            let vips = [
-                SocketAddr::new(VIP_V4.into(), 80),
-                SocketAddr::new(VIP_V6.into(), 80),
-            ];
-            TcpServer::start(b.ns(), &vips, &format!("backend{i}")).unwrap()
-        })
+        .map(|(i, b)| TcpServer::start(b.ns(), &vips, &format!("backend{i}")).unwrap())
         .collect();
-    for vip in [
-        SocketAddr::new(VIP_V4.into(), 80),
-        SocketAddr::new(VIP_V6.into(), 80),
-    ] {
+    for vip in vips {
         let many = client_many(client, vip, 30, TIMEOUT);
         let counts = tally(&many);
         assert_eq!(
@@ -257,13 +233,7 @@ fn xdp_switch_and_minimal_forwarder_carry_tcp_to_every_backend() {
             .map(|v| v.trim().parse::<u64>().unwrap())
             .sum()
     };
-    let node_ns = lab
-        .hosts()
-        .iter()
-        .find(|h| h.ns_name() == node_ns)
-        .unwrap()
-        .ns();
-    let sent = stat(node_ns, "eth0", "rx_queue_0_xdp_tx");
+    let sent = stat(lab.host(Role::Node(1)).ns(), "eth0", "rx_queue_0_xdp_tx");
     assert!(sent >= 60, "the forwarder sent {sent} frames");
     let redirected = stat(lab.switch(), &port, "rx_queue_0_xdp_redirect");
     assert!(

@@ -15,13 +15,15 @@ use std::net::IpAddr;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
-use tests::{Role, LB_V4, LB_V6, VIP_V4, VIP_V6};
+use tests::{Role, VIP_V4, VIP_V6};
 
 use crate::env::{build_lbd, nginx_requests, LabEnv, HTTP_PORT};
 use crate::util::{catch_interrupts, check_interrupted, ensure_root, TempDir};
 use crate::LbOpts;
 
 const BACKENDS: usize = 3;
+/// The host of the minimal forwarder (the floor).
+const FLOOR: Role = Role::Node(1);
 
 #[derive(Args, Debug)]
 pub struct BenchLabArgs {
@@ -199,9 +201,10 @@ pub fn run(args: &BenchLabArgs) -> Result<()> {
         Some(build_lbd(false)?)
     };
     let mut env = LabEnv::new(BACKENDS, TempDir::new("lab")?, true)?;
-    // The floor's host, before the switch is set up (which covers every balancer host).
+    // The floor's host, before the switch is set up (which covers every balancer host). The
+    // link keeps its program attached until the lab goes.
     let floor = if bin.is_some() {
-        let node = env.lab_mut().add(Role::Node(1))?;
+        let node = env.lab_mut().add(FLOOR)?;
         let link = node
             .ns()
             .run_in(|| {
@@ -212,7 +215,7 @@ pub fn run(args: &BenchLabArgs) -> Result<()> {
                 )
             })
             .context("attaching the minimal forwarder")?;
-        Some((node.v4(), node.v6(), link))
+        Some(link)
     } else {
         None
     };
@@ -224,8 +227,7 @@ pub fn run(args: &BenchLabArgs) -> Result<()> {
     }
     let common = wrk_common_args(args);
     print_intro(args, &common, bin.is_some());
-    let floor_via = floor.as_ref().map(|(v4, v6, _)| (*v4, *v6));
-    let rows = measure(&mut env, args, &common, floor_via)?;
+    let rows = measure(&mut env, args, &common, floor.is_some())?;
     drop(floor);
     env.shutdown()?;
     print_rows(&rows);
@@ -315,34 +317,13 @@ fn print_intro(args: &BenchLabArgs, common: &[String], via_lbd: bool) {
     );
 }
 
-/// Routes the client's traffic for the VIPs through the host at `v4`/`v6`.
-fn route_vips_via(env: &LabEnv, v4: std::net::Ipv4Addr, v6: std::net::Ipv6Addr) -> Result<()> {
-    let ns = env.lab().client().ns();
-    ns.ip([
-        "route",
-        "replace",
-        &format!("{VIP_V4}/32"),
-        "via",
-        &v4.to_string(),
-    ])?;
-    ns.ip([
-        "-6",
-        "route",
-        "replace",
-        &format!("{VIP_V6}/128"),
-        "via",
-        &v6.to_string(),
-    ])?;
-    Ok(())
-}
-
 /// Both variants (new connection per request, keep-alive) of each family, direct and (unless
-/// `--direct-only`) through the minimal forwarder at `floor` and via the balancer.
+/// `--direct-only`, `via_lbd` false) through the minimal forwarder and via the balancer.
 fn measure(
     env: &mut LabEnv,
     args: &BenchLabArgs,
     common: &[String],
-    floor: Option<(std::net::Ipv4Addr, std::net::Ipv6Addr)>,
+    via_lbd: bool,
 ) -> Result<Vec<Row>> {
     let families: Vec<(&'static str, IpAddr)> = match args.family {
         Family::V4 => vec![("IPv4", VIP_V4.into())],
@@ -373,11 +354,11 @@ fn measure(
                 eprintln!("{family} {variant}: direct, run {run} of {} ...", args.runs);
                 direct.push(wrk(env, common, &direct_args)?);
                 check_interrupted()?;
-                if let Some((v4, v6)) = floor {
+                if via_lbd {
                     eprintln!("{family} {variant}: via the minimal forwarder, run {run} ...");
-                    route_vips_via(env, v4, v6)?;
+                    env.lab().route_vips_via(FLOOR)?;
                     let r = wrk(env, common, &via_args);
-                    route_vips_via(env, LB_V4, LB_V6)?;
+                    env.lab().route_vips_via(Role::Lb)?;
                     floor_runs.push(r?);
                     check_interrupted()?;
                     eprintln!("{family} {variant}: via the balancer, run {run} ...");
