@@ -2211,12 +2211,15 @@ fn resync(
     Ok(())
 }
 
+/// Reports (at most 10 of) the differences between a table's kernel and model contents;
+/// returns how many entries were compared (the larger side).
 fn diff_tables<K: Ord + Copy + std::fmt::Debug>(
     name: &str,
     kernel: &BTreeMap<K, Track>,
     model: &BTreeMap<K, Track>,
     problems: &mut Vec<String>,
-) {
+) -> u64 {
+    let compared = kernel.len().max(model.len()) as u64;
     let mut n = 0;
     for (key, v) in model {
         match kernel.get(key) {
@@ -2233,7 +2236,7 @@ fn diff_tables<K: Ord + Copy + std::fmt::Debug>(
             _ => {}
         }
         if n >= 10 {
-            return;
+            return compared;
         }
     }
     for (key, v) in kernel {
@@ -2243,10 +2246,11 @@ fn diff_tables<K: Ord + Copy + std::fmt::Debug>(
             ));
             n += 1;
             if n >= 10 {
-                return;
+                return compared;
             }
         }
     }
+    compared
 }
 
 /// SYN recording on or off, at random, after each reconfiguration and down-mark round (lbd
@@ -2311,8 +2315,7 @@ fn compare_and_flush(k: &mut Kernel, m: &mut State) -> Result<(u64, Vec<String>)
         }
     }
     let model: BTreeMap<Flow, Track> = m.ct.drain().collect();
-    compared += kernel.len().max(model.len()) as u64;
-    diff_tables("CT4/CT", &kernel, &model, &mut problems);
+    compared += diff_tables("CT4/CT", &kernel, &model, &mut problems);
     let mut kernel = BTreeMap::new();
     drain(
         &mut k.ct_new,
@@ -2322,8 +2325,7 @@ fn compare_and_flush(k: &mut Kernel, m: &mut State) -> Result<(u64, Vec<String>)
         &mut problems,
     )?;
     let model: BTreeMap<Flow, Track> = m.ct_new.drain().collect();
-    compared += kernel.len().max(model.len()) as u64;
-    diff_tables("CT_NEW", &kernel, &model, &mut problems);
+    compared += diff_tables("CT_NEW", &kernel, &model, &mut problems);
     let mut kernel = BTreeMap::new();
     drain(
         &mut k.frags,
@@ -2333,8 +2335,7 @@ fn compare_and_flush(k: &mut Kernel, m: &mut State) -> Result<(u64, Vec<String>)
         &mut problems,
     )?;
     let model: BTreeMap<FragId, Track> = m.frags.drain().collect();
-    compared += kernel.len().max(model.len()) as u64;
-    diff_tables("FRAGS", &kernel, &model, &mut problems);
+    compared += diff_tables("FRAGS", &kernel, &model, &mut problems);
     // The SYN cache: the slots the model wrote (the kernel writing others shows up as packets
     // that differ), compared and zeroed.
     for (slot, want) in m.syn_seen.drain() {
