@@ -263,6 +263,15 @@ impl Host {
     pub fn switch_port_has_xdp(&self) -> bool {
         self.port_xdp.is_some()
     }
+    /// Attaches the minimal forwarder ([`crate::xdp::attach_xdp_reflector`]) to this host's
+    /// eth0, spreading over the first `backends` backends; attached while the link lives.
+    pub fn attach_reflector(&self, backends: u8) -> Result<OwnedFd> {
+        self.ns
+            .run_in(|| {
+                crate::xdp::attach_xdp_reflector(self.ifindex, self.mac.octets()[5], backends)
+            })
+            .with_context(|| format!("attaching the minimal forwarder in {}", self.ns.name()))
+    }
 }
 
 /// The topology; see the module docs. Dropping it tears everything down (namespaces deleted in

@@ -4,7 +4,6 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use tests::xdp::attach_xdp_reflector;
 use tests::{
     client_many, client_once, list_namespaces, require_root, root_links_named, tally, Lab, LabSpec,
     LongLived, NetNs, Role, TcpServer, VIP_V4, VIP_V6,
@@ -192,10 +191,7 @@ fn xdp_switch_and_minimal_forwarder_carry_tcp_to_every_backend() {
     let node = lab
         .add(Role::Node(1))
         .expect("adding a second balancer host");
-    let reflector = node
-        .ns()
-        .run_in(|| attach_xdp_reflector(node.ifindex(), node.mac().octets()[5], 3))
-        .expect("attaching the minimal forwarder");
+    let reflector = node.attach_reflector(3).unwrap();
     let port = node.switch_port().to_owned();
     lab.switch_lb_frames_in_xdp().expect("the XDP switch");
     lab.route_vips_via(Role::Node(1)).unwrap();

@@ -204,18 +204,7 @@ pub fn run(args: &BenchLabArgs) -> Result<()> {
     // The floor's host, before the switch is set up (which covers every balancer host). The
     // link keeps its program attached until the lab goes.
     let floor = if bin.is_some() {
-        let node = env.lab_mut().add(FLOOR)?;
-        let link = node
-            .ns()
-            .run_in(|| {
-                tests::xdp::attach_xdp_reflector(
-                    node.ifindex(),
-                    node.mac().octets()[5],
-                    BACKENDS as u8,
-                )
-            })
-            .context("attaching the minimal forwarder")?;
-        Some(link)
+        Some(env.lab_mut().add(FLOOR)?.attach_reflector(BACKENDS as u8)?)
     } else {
         None
     };
