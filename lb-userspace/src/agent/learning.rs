@@ -25,7 +25,18 @@ use std::{
 use tracing::{error, info, warn};
 
 /// Learned table weights by (VIP, backend).
-pub(super) type Learned = BTreeMap<HealthKey, u32>;
+pub(super) type Learned = BTreeMap<HealthKey, LearnedWeight>;
+
+/// One backend's learned table weight.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct LearnedWeight {
+    pub weight: u32,
+    /// Carried by the model while slow (docs/model.md, "Carrying a slow backend"): the carry
+    /// steers its weight by its latency, so health's ramp does not cap it too (the ramp falls
+    /// back on probes at half the timeout, which a carried backend's queue makes now and then,
+    /// and held it at a third of what the carry asked).
+    pub carried: bool,
+}
 
 pub(super) type LearnMap = BTreeMap<VipId, VipLearning>;
 
@@ -161,7 +172,8 @@ pub(super) fn refusal_name(r: &learning::Refusal) -> &'static str {
 /// The table weight of backend `b` of a learning VIP `id`, before any scaling: the learned
 /// weight in force (configured × 100 without one; 0 after being out of the table, until the
 /// model's next step brings it back), 0 while down, pending or drained, at most its slow
-/// start's share on probation: the model's weight wins when it is lower.
+/// start's share on probation: the model's weight wins when it is lower, or when the model
+/// carries the backend while slow (its carry steers by the latency the ramp would react to).
 pub(super) fn learning_weight(
     b: &config::Backend,
     id: VipId,
@@ -169,12 +181,14 @@ pub(super) fn learning_weight(
     learned: &Learned,
 ) -> u32 {
     let tw = table_weight(b.weight);
-    let w = learned.get(&(id, b.address)).copied().unwrap_or(tw);
+    let learned = learned.get(&(id, b.address)).copied();
+    let w = learned.map_or(tw, |l| l.weight);
     if b.drained {
         return 0;
     }
     match probed(health, id, b.address) {
         HealthStatus::Down | HealthStatus::Pending => 0,
+        HealthStatus::Probation if learned.is_some_and(|l| l.carried) => w,
         HealthStatus::Probation => w.min(share_weight(tw, health_share(health, id, b.address))),
         _ => w,
     }
@@ -403,6 +417,7 @@ impl Agent {
                     readmission: readmission(h),
                     trial_flows: pstate.and_then(|p| p.trial_flows),
                     failed_trials: pstate.map_or(0, |p| p.failed_trials),
+                    carry_weight: pstate.and_then(|p| p.carry).map(|c| c.weight),
                     decisions: lbk.map_or_else(Vec::new, |x| x.history.iter().cloned().collect()),
                 });
             }
@@ -482,7 +497,12 @@ fn remember_decision(
             }
             _ => 0,
         };
-        learned.insert((id, d.addr), w);
+        let carried = decision
+            .state
+            .backends
+            .get(&d.id)
+            .is_some_and(|m| m.carry.is_some());
+        learned.insert((id, d.addr), LearnedWeight { weight: w, carried });
     }
     Ok(())
 }

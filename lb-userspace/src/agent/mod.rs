@@ -994,7 +994,7 @@ mod tests {
 
     #[test]
     fn learning_builds_table_weights_and_health_still_wins() {
-        let text = "interface = \"eth0\"\n[encap]\nsource_v4 = \"10.0.0.2\"\n\n[[vip]]\naddress = \"10.0.0.100\"\nport = 80\nprotocol = \"tcp\"\n[vip.health]\nrise = 1\nfall = 1\n[vip.learning]\nenabled = true\n[[vip.backend]]\naddress = \"10.0.0.11\"\n[[vip.backend]]\naddress = \"10.0.0.12\"\n[[vip.backend]]\naddress = \"10.0.0.13\"\nweight = 200\n";
+        let text = "interface = \"eth0\"\n[encap]\nsource_v4 = \"10.0.0.2\"\n\n[[vip]]\naddress = \"10.0.0.100\"\nport = 80\nprotocol = \"tcp\"\n[vip.health]\nrise = 1\nfall = 1\nejection_base_ms = 0\n[vip.learning]\nenabled = true\n[[vip.backend]]\naddress = \"10.0.0.11\"\n[[vip.backend]]\naddress = \"10.0.0.12\"\n[[vip.backend]]\naddress = \"10.0.0.13\"\nweight = 200\n";
         let cfg = Config::parse(text).unwrap();
         let mut health = sync_health(
             &HealthMap::new(),
@@ -1022,7 +1022,13 @@ mod tests {
             learning_weight(&cfg.vips[0].backends[2], id, &health, &learned),
             20_000
         );
-        learned.insert((id, a("10.0.0.11")), 80);
+        learned.insert(
+            (id, a("10.0.0.11")),
+            learning::LearnedWeight {
+                weight: 80,
+                carried: false,
+            },
+        );
         assert_eq!(
             weights(&effective(&cfg, &health, &learned)),
             [40, 50, 10_000]
@@ -1042,9 +1048,33 @@ mod tests {
             effective(&cfg, &health, &learned).vips[0].backends[0].weight,
             0
         );
+        // On probation, health's ramp caps a learned weight, not a carried one: the carry
+        // steers it by its latency (docs/model.md, "Carrying a slow backend").
+        let pass = crate::health::ProbeResult::pass(std::time::Duration::from_millis(1));
+        let h12 = &mut health.get_mut(&(id, a("10.0.0.12"))).unwrap().state;
+        h12.on_probe(&fail);
+        h12.on_probe(&pass);
+        assert_eq!(h12.probed_status(), HealthStatus::Probation);
+        let b12 = &cfg.vips[0].backends[1];
+        for carried in [false, true] {
+            learned.insert(
+                (id, a("10.0.0.12")),
+                learning::LearnedWeight {
+                    weight: 30,
+                    carried,
+                },
+            );
+            let w = learning_weight(b12, id, &health, &learned);
+            if carried {
+                assert_eq!(w, 30);
+            } else {
+                assert!(w < 30, "capped by the ramp: {w}");
+            }
+        }
+        learned.remove(&(id, a("10.0.0.12")));
         // Learned weights survive an unrelated change, not a change of the learning settings.
         let (_, kept) = sync_learning(&learning, &learned, &cfg);
-        assert_eq!(kept.get(&(id, a("10.0.0.11"))), Some(&80));
+        assert_eq!(kept.get(&(id, a("10.0.0.11"))).map(|l| l.weight), Some(80));
         let mut other = cfg.clone();
         other.vips[0].learning.as_mut().unwrap().floor = 0.5;
         let (_, reset) = sync_learning(&learning, &learned, &other);

@@ -68,6 +68,7 @@ impl Agent {
                     last_probe_ms: h.and_then(|h| h.last_probe_ms),
                     last_error: h.and_then(|h| h.last_error.clone()),
                     readmission: readmission(h),
+                    carried: st.learned.get(&(vid, b.address)).is_some_and(|l| l.carried),
                     id: b.id,
                     conns: census.per_backend.get(&b.id).copied().unwrap_or_default(),
                 });
@@ -230,8 +231,7 @@ fn shown_weights(st: &State, vid: VipId, b: &config::Backend, table: u32) -> (f6
     let learned = st
         .learned
         .get(&(vid, b.address))
-        .copied()
-        .unwrap_or_else(|| table_weight(b.weight));
+        .map_or_else(|| table_weight(b.weight), |l| l.weight);
     (effective, Some(f64::from(learned) / scale))
 }
 

@@ -557,6 +557,10 @@ fn print_model(vips: &[ModelVip]) {
             if let Some(f) = b.trial_flows {
                 flags.push(format!("on trial, {f:.0} flows judged"));
             }
+            if let Some(w) = b.carry_weight {
+                let unit = f64::from(lb_userspace::learning::WEIGHT_SCALE);
+                flags.push(format!("carried at {:.2} while slow", w / unit));
+            }
             if b.failed_trials > 0 {
                 flags.push(format!("{} failed trials", b.failed_trials));
             }
@@ -703,6 +707,15 @@ fn print_backends(list: &[BackendEntry]) {
 /// Where a health-checked backend is in coming back: its ramp, or the hold left and the
 /// ejections behind it.
 fn readmission(b: &BackendEntry) -> String {
+    let carried = if b.carried {
+        "carried while slow, "
+    } else {
+        ""
+    };
+    format!("{carried}{}", health_readmission(b))
+}
+
+fn health_readmission(b: &BackendEntry) -> String {
     let ejections = match b.readmission.ejections {
         None => return "-".into(),
         Some(0) => String::new(),

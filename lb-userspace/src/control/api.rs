@@ -451,6 +451,11 @@ pub struct ModelBackend {
     pub trial_flows: Option<f64>,
     #[serde(default)]
     pub failed_trials: u32,
+    /// Carried while slow at the share it can serve: the table weight it is carried at (null
+    /// when not carried).
+    #[serde(default)]
+    #[serde(serialize_with = "super::round::opt_rate")]
+    pub carry_weight: Option<f64>,
     /// The last decisions, oldest first, with their reasons.
     pub decisions: Vec<ModelDecisionEntry>,
 }
@@ -573,6 +578,10 @@ pub struct BackendEntry {
     /// How health lets the backend back in (`ejections`, `returns_in_ms`, `ramp`).
     #[serde(flatten)]
     pub readmission: Readmission,
+    /// Carried by the model while slow, at the share it can serve (docs/model.md, "Carrying a
+    /// slow backend"); false without learning.
+    #[serde(default)]
+    pub carried: bool,
     /// Backend id in the datapath (index of its statistics).
     pub id: u32,
     /// Tracked connections (`conns_active`, `conns_idle`, `conns_closing`).
@@ -1152,6 +1161,7 @@ mod tests {
             last_probe_ms: None,
             last_error: None,
             readmission: Readmission::default(),
+            carried: false,
             id: 0,
             conns: ConnCounts::default(),
         };
@@ -1174,6 +1184,7 @@ mod tests {
                 "ejections",
                 "returns_in_ms",
                 "ramp",
+                "carried",
                 "id",
                 "conns_active",
                 "conns_idle",
@@ -1221,6 +1232,7 @@ mod tests {
                 readmission: Readmission::default(),
                 trial_flows: None,
                 failed_trials: 0,
+                carry_weight: None,
                 decisions: vec![ModelDecisionEntry {
                     step: 1,
                     from_weight: 100,
@@ -1261,6 +1273,7 @@ mod tests {
             "returns_in_ms",
             "ramp",
             "trial_flows",
+            "carry_weight",
         ];
         assert_keys(
             "model show backend",

@@ -60,6 +60,29 @@ pub enum Reason {
         failures: u32,
         need: u32,
     },
+    // Carrying a slow backend: `policy/carry.rs`.
+    /// Drained for latency and slow even unloaded (`unloaded_ms`), but without it the pool's
+    /// load is `peers_load_share` of its peers' capacity at the target, past `knee`: it is
+    /// carried at the share it can serve instead.
+    CarryStarted {
+        unloaded_ms: f64,
+        peers_load_share: f64,
+        knee: f64,
+    },
+    /// Carried at table weight `weight`, steered to keep its latency under `hold_under` times
+    /// its unloaded latency (`ratio`: the smoothed latency over unloaded latency).
+    Carried {
+        weight: f64,
+        unloaded_ms: f64,
+        latency_ms: Option<f64>,
+        ratio: Option<f64>,
+        hold_under: f64,
+    },
+    /// The carry ended, and why.
+    CarryEnded {
+        #[serde(flatten)]
+        why: policy::CarryEnd,
+    },
     // Capacity estimation: `policy/capacity.rs`.
     /// The fitted capacity at the target is beyond `max_extrapolation` times the highest load
     /// in the window: taken as that limit.
@@ -442,6 +465,39 @@ mod tests {
             Reason::ExplorationHeld {
                 capacity: 150.5,
                 estimate: 180.25,
+            },
+            Reason::CarryStarted {
+                unloaded_ms: 101.25,
+                peers_load_share: 0.8125,
+                knee: 0.7,
+            },
+            Reason::Carried {
+                weight: 18.5,
+                unloaded_ms: 101.25,
+                latency_ms: Some(125.5),
+                ratio: Some(1.1875),
+                hold_under: 1.4,
+            },
+            Reason::Carried {
+                weight: 10.0,
+                unloaded_ms: 101.25,
+                latency_ms: Some(101.5),
+                ratio: None,
+                hold_under: 1.4,
+            },
+            Reason::CarryEnded {
+                why: policy::CarryEnd::Recovered,
+            },
+            Reason::CarryEnded {
+                why: policy::CarryEnd::HealthDown,
+            },
+            Reason::CarryEnded {
+                why: policy::CarryEnd::Released,
+            },
+            Reason::CarryEnded {
+                why: policy::CarryEnd::NotNeeded {
+                    peers_load_share: 0.5,
+                },
             },
         ];
         let mut out = String::new();

@@ -35,6 +35,19 @@ pub(crate) fn mm1_ms(mu: f64, load: f64, noise_frac: f64, i: u64, seed: u64) -> 
     (1000.0 / (mu - load) * (1.0 + noise_frac * noise(i, seed))).min(1000.0)
 }
 
+/// Latency (ms) of `workers` workers of `service_ms` each at `load` per second: M/D/c by
+/// halving Sakasegawa's M/M/c queueing delay; flat well below capacity, like the bench's
+/// worker pools. At or past capacity, the probe timeout.
+pub(crate) fn workers_ms(workers: f64, service_ms: f64, load: f64) -> f64 {
+    let rho = load * service_ms / 1000.0 / workers;
+    if rho >= 0.99 {
+        return 400.0;
+    }
+    let wait =
+        0.5 * service_ms * rho.powf((2.0 * (workers + 1.0)).sqrt() - 1.0) / (workers * (1.0 - rho));
+    (service_ms + wait).min(400.0)
+}
+
 pub(crate) fn sample(t: f64, load: f64, latency_ms: f64) -> Sample {
     Sample {
         t_secs: t,

@@ -24,6 +24,7 @@ pub(super) fn form_group(s: &mut Step) {
         b.in_group = b.serving_now()
             && b.learning(p)
             && b.input.pinned.is_none()
+            && b.state.carry.is_none()
             && (b.input.fit.is_ok() || b.headroom.is_some());
     }
     if !s

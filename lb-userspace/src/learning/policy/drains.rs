@@ -218,6 +218,8 @@ pub(super) fn drain(s: &mut Step) {
                 st.drained_for = passive(o.signal).then_some(o.signal);
                 st.check_failed = false;
                 st.drained_at = Some(step);
+                st.unloaded_ms = None;
+                st.carry = None;
                 st.drains = st.drains.saturating_add(1);
                 st.clean_steps = 0;
                 b.newly_drained = true;
@@ -250,6 +252,10 @@ fn drain_candidates(s: &mut Step) -> Vec<(f64, usize)> {
             s.p.outlier_steps.max(1)
         };
         match (&b.outlier, b.serving_now()) {
+            // Carried: slow is why; failing is not.
+            (Some(o), true) if b.state.carry.is_some() && o.signal == Signal::Latency => {
+                b.state.outlier_steps = 0;
+            }
             (Some(o), true) => {
                 b.state.outlier_steps += 1;
                 if b.state.outlier_steps >= need {

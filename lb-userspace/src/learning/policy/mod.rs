@@ -16,6 +16,7 @@ use crate::health::HealthStatus;
 
 mod budget;
 mod capacity;
+mod carry;
 mod deadband;
 mod drains;
 mod evidence;
@@ -32,6 +33,7 @@ mod target;
 
 #[cfg(test)]
 pub(crate) use budget::table;
+pub use carry::{Carry, CarryEnd};
 pub use outliers::{Outlier, Reference, Signal};
 pub use settings::WeightPolicy;
 
@@ -154,6 +156,15 @@ pub struct BackendMemory {
     /// are evidence that the fault ended.
     #[serde(default, skip_serializing_if = "is_false")]
     pub check_failed: bool,
+    /// Carried while slow at the share it can serve (see `carry`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub carry: Option<Carry>,
+    /// Drained for latency: its probes' latency while it carried no load.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unloaded_ms: Option<f64>,
+    /// Carried and taken down by its health checks: the most it is carried at again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub carry_limit: Option<f64>,
 }
 
 fn is_false(b: &bool) -> bool {
@@ -297,9 +308,11 @@ pub fn decide(inputs: &[BackendInput], policy: &WeightPolicy, prev: &PolicyState
     evidence::track_fits(&mut s);
     outliers::find_outliers(&mut s);
     outliers::suspect(&mut s);
+    carry::steer(&mut s);
     drains::undrain(&mut s);
     drains::judge_trials(&mut s);
     drains::drain(&mut s);
+    carry::begin(&mut s);
     capacity::form_group(&mut s);
     exploration::count_ease(&mut s);
     capacity::estimate(&mut s);
@@ -328,6 +341,7 @@ pub(super) fn describe(r: &Reason, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         | R::Trial { .. }
         | R::TrialPassed { .. }
         | R::ServiceCheck { .. } => drains::describe(r, f),
+        R::CarryStarted { .. } | R::Carried { .. } | R::CarryEnded { .. } => carry::describe(r, f),
         R::Extrapolation { .. } | R::Remembered { .. } => capacity::describe(r, f),
         R::ExplorationHeld { .. } => exploration::describe(r, f),
         R::Health { .. }
@@ -442,19 +456,6 @@ mod tests {
             a.backends.iter().map(|b| b.id).collect::<Vec<_>>(),
             vec![1, 2, 3, 4]
         );
-    }
-
-    /// Latency (ms) of `workers` workers of `service_ms` each at `load` per second: M/D/c by
-    /// halving Sakasegawa's M/M/c queueing delay; flat well below capacity, like the bench's
-    /// worker pools. At or past capacity, the probe timeout.
-    fn workers_ms(workers: f64, service_ms: f64, load: f64) -> f64 {
-        let rho = load * service_ms / 1000.0 / workers;
-        if rho >= 0.99 {
-            return 400.0;
-        }
-        let wait = 0.5 * service_ms * rho.powf((2.0 * (workers + 1.0)).sqrt() - 1.0)
-            / (workers * (1.0 - rho));
-        (service_ms + wait).min(400.0)
     }
 
     #[test]

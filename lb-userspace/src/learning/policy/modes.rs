@@ -39,6 +39,12 @@ fn fixed(b: &mut Backend, p: &WeightPolicy) -> bool {
     } else if let Some(w) = input.pinned {
         b.mode = Mode::Urgent;
         b.reasons.push(Reason::Pinned { weight: w });
+    } else if let Some(c) = b.state.carry {
+        // Carried while slow (see `carry`): the weight its latency allows.
+        b.mode = Mode::Gradual {
+            target: c.weight.round().max(1.0),
+            learned: false,
+        };
     } else if b.state.trial_flows.is_some() {
         // On trial (see `drains`): a small share until its flows judge it.
         b.mode = Mode::Gradual {

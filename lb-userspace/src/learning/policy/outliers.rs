@@ -149,7 +149,8 @@ fn outlier(
     }
     // Missing the target at the floor weight (or at none, returning) while the peers meet it:
     // the overload rule's cuts are exhausted, and a backend that cannot meet the target with
-    // the least load it can be given does not belong in a latency-targeted pool. (A backend 5x
+    // the least load it can be given does not belong in a latency-targeted pool (unless its
+    // peers need it: it is then drained and carried, see `carry`). (A backend 5x
     // slower is under 10x its peers while lightly loaded, so the rule above never sees it.)
     let floor_weight = floor_weight(b, policy);
     let peers_latency = median(peers.iter().map(|p| p.latency_ms).collect());
