@@ -9,9 +9,10 @@
 //!   under 0.2% of all requests, its share settles below what it can carry; once it recovers
 //!   it is back at its full share within 60 s;
 //! * with learning, a backend slowed 5x: never back at full weight while slow, no 503 after
-//!   the first removal, the other backends' p99 from 30 s after the fault printed against
-//!   their level before it (the issue's 1.5x is out of reach with the slowed backend out, see
-//!   the test and docs/model.md); back at its full share within 60 s of recovering;
+//!   the first removal, carried at a share under what it can serve while its peers would be
+//!   past their knee without it, the other backends' p99 from 30 s after the fault printed
+//!   against their level before it (see the test and docs/model.md); back at its full share
+//!   within 60 s of recovering;
 //! * with learning, a backend dropping SYNs on its service port (nftables in its namespace)
 //!   while its probe port answers: drained within 10 s, at most 2 failed trials in the next
 //!   5 minutes, each costing a few dozen requests at most; in a second lab the drop ends
@@ -21,7 +22,7 @@
 //!   the drop's end, and at its configured weight or more at the end.
 //!
 //! The scenarios are separate tests of one binary, so they run concurrently; each prints its
-//! measured figures.
+//! measured figures. `LB_FLAP_ONLY_SLOWED=1` runs the slowed-5x scenario alone.
 use serde_json::Value;
 use std::{
     fs,
@@ -453,6 +454,7 @@ fn with_learning_a_slowed_backend_is_never_readmitted_at_full_weight() {
     let mut trace = Trace::new();
     let (mut faulted, mut recovered_at, mut full_again) = (false, None, None);
     let mut full_while_slow = Vec::new();
+    let mut carried = Vec::new();
     let mut weights = Vec::new();
     let mut spread = Vec::new();
     let quarter = TABLE_SIZE as f64 / 4.0;
@@ -467,6 +469,10 @@ fn with_learning_a_slowed_backend_is_never_readmitted_at_full_weight() {
             recovered_at = Some(t);
         }
         let list = s.backends();
+        if only_slowed() && (t as u64).is_multiple_of(5) && t.fract() < 0.26 {
+            let out = lbctl(&s.lbd.socket, &["model", "show", VIP]);
+            println!("=== t={t:.1}\n{}", String::from_utf8_lossy(&out.stdout));
+        }
         let b = sample(&s, &load, victim, &mut trace);
         let slots = b["slots"].as_u64().unwrap() as f64;
         let top = list
@@ -480,6 +486,9 @@ fn with_learning_a_slowed_backend_is_never_readmitted_at_full_weight() {
             .map(|b| b["slots"].as_u64().unwrap())
             .collect();
         spread.push((t, others));
+        if b["carried"] == true && b["slots"].as_u64().unwrap() > 0 {
+            carried.push((t, slots));
+        }
         // Full weight: as many slots as the best served backend (within 5 %).
         if faulted && recovered_at.is_none() && t > fault_at + 5.0 && slots >= top * 0.95 {
             full_while_slow.push((t, slots, top));
@@ -531,6 +540,21 @@ fn with_learning_a_slowed_backend_is_never_readmitted_at_full_weight() {
             .map(|r| r.latency_ms)
             .collect())
     };
+    for k in 0..4 {
+        let name = format!("backend{k}");
+        let of = |a: f64, b: f64| {
+            let v: Vec<f64> = window(&rows, a, b)
+                .filter(|r| r.error.is_empty() && r.backend == name)
+                .map(|r| r.latency_ms)
+                .collect();
+            (v.len() as f64 / (b - a), p99(v))
+        };
+        println!(
+            "learning: {name}: before {:?}, settled {:?}",
+            of(fault_at - 20.0, fault_at),
+            of(fault_at + 30.0, fault_at + fault_secs)
+        );
+    }
     let before = others(fault_at - 20.0, fault_at);
     let settled = others(fault_at + 30.0, fault_end);
     println!(
@@ -539,6 +563,17 @@ fn with_learning_a_slowed_backend_is_never_readmitted_at_full_weight() {
         full_while_slow.first()
     );
     assert!(first_removal.is_some(), "the slowed backend was removed");
+    // Without it the other three would carry 120 requests/s each, 80% of their capacity:
+    // past the knee (70%), so the model carries it at a share it can serve, under its floor.
+    let most = carried.iter().map(|c| c.1).fold(0.0, f64::max);
+    println!(
+        "learning: carried while slow in {} samples from {:?} s, at most {most} slots ({:.1}% of the table)",
+        carried.len(),
+        carried.first().map(|c| c.0),
+        most / TABLE_SIZE as f64 * 100.0
+    );
+    assert!(!carried.is_empty(), "never carried while slow");
+    assert!(most < quarter / 2.0, "carried at {most} slots");
     assert!(
         full_while_slow.is_empty(),
         "at full weight while slow: {full_while_slow:?}"
@@ -555,14 +590,13 @@ fn with_learning_a_slowed_backend_is_never_readmitted_at_full_weight() {
         http5xx < 41,
         "the slowed backend's 503s after its first removal: {http5xx}"
     );
-    // Issue 25 asks for 1.5x: printed, not asserted, because it is out of reach here. The
-    // slowed backend (100 ms a request) cannot meet the 40 ms target at any load and is out,
-    // so the other three carry 120 requests/s each, 80% of their capacity instead of 60%,
-    // and an M/D/3 queue's p99 goes from 47.5 to 85 ms at 20 ms a request (1.79x), 1.96x at
-    // 21 ms (measured 2.0-2.3x). Kept at 21 of the 30 requests/s it can serve (static weights,
-    // idle machine) the others measured 1.46x while its own p99 was 269 ms and the clients'
-    // over all backends 155 ms against 94 drained; at 28 (the floor) health took it down
-    // (docs/model.md, "What the tests show").
+    // Issue 25 asks for 1.5x: printed, not asserted. Drained, the slowed backend's share took
+    // the other three from 60% to 80% of their capacity (2.0-2.3x); carried at about 65% of
+    // the 30 requests/s it can serve, one scenario at a time on an idle machine, 1.39-1.80x
+    // (docs/model.md, "What the tests show"): the carry holds it under its knee by its probes'
+    // 5 s means, the others' learned weights differ by up to 5%, and one backend's p99 at
+    // 110-117 requests/s ranged 68-97 ms in one run. With the other scenarios running beside
+    // it on two cores the ratio says more about the machine than about the model.
     println!(
         "issue 25 target: others' p99 ratio {:.2} (target 1.5: {})",
         settled / before.max(1e-3),
@@ -817,6 +851,12 @@ fn with_learning_a_backend_that_stops_dropping_syns_is_back_within_60_s() {
     );
 }
 
+/// `LB_FLAP_ONLY_SLOWED=1`: only the slowed-5x scenario, alone on the machine, printing
+/// `lbctl model show` every 5 s (how docs/model.md's idle-machine figures were measured).
+fn only_slowed() -> bool {
+    std::env::var_os("LB_FLAP_ONLY_SLOWED").is_some()
+}
+
 /// The four long scenarios on three threads, each in its own lab (the test harness runs
 /// only as many tests as there are CPUs at a time): the SYN drop (six minutes, at half the
 /// packet rate), the two slowdowns one after the other, and the SYN drop's recovery. All four
@@ -827,6 +867,10 @@ fn with_learning_a_backend_that_stops_dropping_syns_is_back_within_60_s() {
 fn scenarios_under_load_run_concurrently() {
     require_root();
     type Named = (&'static str, fn());
+    if only_slowed() {
+        with_learning_a_slowed_backend_is_never_readmitted_at_full_weight();
+        return;
+    }
     let threads: [Vec<Named>; 3] = [
         vec![(
             "learning: drops SYNs",
