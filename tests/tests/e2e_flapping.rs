@@ -555,6 +555,16 @@ fn with_learning_a_slowed_backend_is_never_readmitted_at_full_weight() {
             of(fault_at + 30.0, fault_at + fault_secs)
         );
     }
+    let per_5s: Vec<String> = (0..((fault_secs + 20.0) / 5.0) as usize)
+        .map(|k| {
+            let a = fault_at - 20.0 + 5.0 * k as f64;
+            format!("{a:.0}s:{:.0}", others(a, a + 5.0))
+        })
+        .collect();
+    println!(
+        "learning: the others' p99 per 5 s (ms): {}",
+        per_5s.join(" ")
+    );
     let before = others(fault_at - 20.0, fault_at);
     let settled = others(fault_at + 30.0, fault_end);
     println!(

@@ -29,6 +29,15 @@ const RATIO_SMOOTHING: f64 = 0.3;
 /// Its peers' load share below `carry_knee` times this ends the carry: the band keeps a load
 /// near the knee from carrying and draining it in turn.
 const RELEASE_FACTOR: f64 = 0.8;
+/// Raises stay under this share of the weight it was last cut from: its latency is flat until
+/// the knee and then steep (a worker pool at 65% of its capacity measured 1.03x its unloaded
+/// latency, at 76% three probes in a row timed out), so a raise that finds the knee again
+/// costs a queue or a health failure.
+const KNEE_MARGIN: f64 = 0.9;
+/// Cuts this close together are one excursion past the knee.
+const KNEE_EXCURSION_STEPS: u64 = 10;
+/// Steps the weight it was cut from is remembered: the load's mix and the backend change.
+const KNEE_MEMORY_STEPS: u64 = 60;
 /// A carried backend taken down by its health checks comes back carried at no more than this
 /// share of the weight it failed at.
 const FAILED_AT_SHARE: f64 = 0.7;
@@ -44,15 +53,22 @@ pub struct Carry {
     pub ratio: Option<f64>,
     /// Step of the last change of `weight`.
     pub moved_at: u64,
+    /// The weight it was last cut from for missing its band (or failing probes), and when:
+    /// raises stay under `KNEE_MARGIN` of it for `KNEE_MEMORY_STEPS`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub knee: Option<(f64, u64)>,
 }
 
 /// The pool's load (serving backends, and `i`) over the capacity at the target of the serving
-/// backends other than `i`; `None` unless every one of them has a capacity mean.
+/// backends other than `i` that are not carried themselves (a carried backend's capacity mean
+/// is the one it had before it slowed down); `None` unless every one of them has a capacity
+/// mean.
 fn peers_load_share(s: &Step, i: usize) -> Option<f64> {
     let load = |b: &Backend| b.input.observed.map_or(0.0, |o| o.load);
     let others = (0..s.all.len()).filter(|&j| j != i && s.all[j].serving_now());
     let cap: f64 = others
         .clone()
+        .filter(|&j| s.all[j].state.carry.is_none())
         .map(|j| s.all[j].state.capacity)
         .sum::<Option<f64>>()?;
     let pool: f64 = others.map(|j| load(&s.all[j])).sum::<f64>() + load(&s.all[i]);
@@ -111,6 +127,7 @@ pub(super) fn begin(s: &mut Step) {
             weight,
             ratio: None,
             moved_at: step,
+            knee: None,
         });
         b.undrained = true;
         b.reasons
@@ -182,12 +199,34 @@ pub(super) fn steer(s: &mut Step) {
             (Some(r), _) if r >= CARRY_CUT_AT_ONCE && since >= 2 => 0.8,
             (_, Some(r)) if since < 3 || r > CARRY_CUT_AT_ONCE => 1.0,
             (_, Some(r)) if r > CARRY_RATIO => 0.93,
-            (Some(_), Some(r)) if r < CARRY_RAISE_FAST_BELOW => 1.15,
+            (Some(_), Some(r)) if r < CARRY_RAISE_FAST_BELOW => 1.1,
             (Some(_), Some(r)) if r < CARRY_RAISE_BELOW => 1.05,
             _ => 1.0,
         };
+        c.knee = c
+            .knee
+            .filter(|&(_, at)| step.saturating_sub(at) < KNEE_MEMORY_STEPS);
+        if factor < 1.0 {
+            // Cuts follow each other while the 5 s mean catches up: the knee is the weight
+            // the first of them started from.
+            let first = c
+                .knee
+                .filter(|&(_, at)| step.saturating_sub(at) <= KNEE_EXCURSION_STEPS)
+                .map_or(c.weight, |(w, _)| w.max(c.weight));
+            c.knee = Some((first, step));
+        }
         if factor != 1.0 {
-            let w = (c.weight * factor).clamp(1.0, ceiling(b, p).max(1.0));
+            let most = c
+                .knee
+                .map_or(f64::INFINITY, |(w, _)| (KNEE_MARGIN * w).round())
+                .min(ceiling(b, p))
+                .max(1.0);
+            // A raise never lowers it (the cap is for raises only).
+            let w = if factor > 1.0 {
+                (c.weight * factor).min(most).max(c.weight)
+            } else {
+                (c.weight * factor).max(1.0)
+            };
             if w != c.weight {
                 c.weight = w;
                 c.moved_at = step;
