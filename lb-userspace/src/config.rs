@@ -458,6 +458,12 @@ pub struct Learning {
     /// Step period: one sample per backend and one decision per step.
     #[serde(default = "default_learning_interval_ms")]
     pub interval_ms: u64,
+    /// Carry a backend that misses the latency target even unloaded at the share it can serve,
+    /// instead of draining it, while without it the pool's load is above this share of its
+    /// peers' capacity at the target (above 0, at most 1; 0.7 in the e2e lab). Unset: such a
+    /// backend is drained (docs/model.md, "Carrying a slow backend").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub carry_knee: Option<f64>,
 }
 
 fn default_latency_target_ms() -> f64 {
@@ -500,6 +506,7 @@ impl Default for Learning {
             disruption_budget: default_disruption_budget(),
             max_drained_share: default_max_drained_share(),
             interval_ms: default_learning_interval_ms(),
+            carry_knee: None,
         }
     }
 }
@@ -539,6 +546,11 @@ impl Learning {
             if !(0.0..=1.0).contains(&v) {
                 return Err(format!("learning.{name} must be from 0 to 1 (got {v})"));
             }
+        }
+        if let Some(k) = self.carry_knee.filter(|k| !(*k > 0.0 && *k <= 1.0)) {
+            return Err(format!(
+                "learning.carry_knee must be above 0 and at most 1 (a share of the peers' capacity; got {k}), or left out to drain slow backends"
+            ));
         }
         if self.interval_ms < MIN_LEARNING_INTERVAL_MS || self.interval_ms > MAX_HEALTH_MS {
             return Err(format!(
@@ -1489,10 +1501,11 @@ source_v6 = "fd00::2"
         assert!(!c.vips[0].backends[1].pinned);
 
         let c = Config::parse(&with_learning(
-            "enabled = true\nlatency_target_ms = 50\nfloor = 0.5\nceiling = 2\nmax_step = 0.1\ndeadband = 0.02\ndisruption_budget = 0.01\nmax_drained_share = 0.5\ninterval_ms = 300",
+            "enabled = true\nlatency_target_ms = 50\nfloor = 0.5\nceiling = 2\nmax_step = 0.1\ndeadband = 0.02\ndisruption_budget = 0.01\nmax_drained_share = 0.5\ninterval_ms = 300\ncarry_knee = 0.7",
         ))
         .unwrap();
         assert!(c.vips[0].learning_enabled());
+        assert_eq!(c.vips[0].learning.as_ref().unwrap().carry_knee, Some(0.7));
         // Written back and read again, unchanged; pinned is kept, unpinned left out.
         let text = c.to_toml().unwrap();
         assert_eq!(Config::parse(&text).unwrap(), c, "{text}");
@@ -1526,6 +1539,14 @@ source_v6 = "fd00::2"
             (
                 "max_drained_share = 2",
                 "learning.max_drained_share must be from 0 to 1",
+            ),
+            (
+                "carry_knee = 0",
+                "learning.carry_knee must be above 0 and at most 1",
+            ),
+            (
+                "carry_knee = 1.5",
+                "learning.carry_knee must be above 0 and at most 1",
             ),
             (
                 "interval_ms = 50",

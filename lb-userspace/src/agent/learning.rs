@@ -151,6 +151,7 @@ pub(super) fn weight_policy(l: &config::Learning, table_size: u32) -> learning::
         deadband: l.deadband,
         disruption_budget: l.disruption_budget,
         max_drained_share: l.max_drained_share,
+        carry_knee: l.carry_knee,
         // At most one change of direction per backend per minute, whatever the step.
         reversal_hold_steps: 60_000u64
             .div_ceil(l.interval_ms.max(1))

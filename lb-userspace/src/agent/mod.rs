@@ -1115,6 +1115,7 @@ mod tests {
             disruption_budget: 0.01,
             max_drained_share: 0.5,
             interval_ms: 300,
+            carry_knee: Some(0.75),
         };
         let p = weight_policy(&l, lb_common::DEFAULT_TABLE_SIZE);
         assert!(p.learning);
@@ -1128,6 +1129,7 @@ mod tests {
             (0.02, 0.01, 0.5)
         );
         assert_eq!(p.reversal_hold_steps, 200);
+        assert_eq!(p.carry_knee, Some(0.75));
         p.validate().unwrap();
     }
 }

@@ -495,6 +495,9 @@ mod tests {
                 why: policy::CarryEnd::Released,
             },
             Reason::CarryEnded {
+                why: policy::CarryEnd::Off,
+            },
+            Reason::CarryEnded {
                 why: policy::CarryEnd::NotNeeded {
                     peers_load_share: 0.5,
                 },

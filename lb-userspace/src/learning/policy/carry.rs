@@ -86,6 +86,7 @@ fn ceiling(b: &Backend, p: &WeightPolicy) -> f64 {
 /// whose peers are past their knee without them. Runs after `drains`.
 pub(super) fn begin(s: &mut Step) {
     let (p, step) = (s.p, s.step);
+    let Some(knee) = p.carry_knee else { return };
     for i in 0..s.all.len() {
         let b = &s.all[i];
         if b.state.drained_at.is_none()
@@ -111,7 +112,7 @@ pub(super) fn begin(s: &mut Step) {
         let Some(share) = share else { continue };
         if obs.latency_ms <= p.latency_target_ms
             || obs.error_rate >= p.suspect_min_error_rate
-            || share < p.carry_knee
+            || share < knee
         {
             continue;
         }
@@ -135,7 +136,7 @@ pub(super) fn begin(s: &mut Step) {
         b.reasons.push(Reason::CarryStarted {
             unloaded_ms,
             peers_load_share: share,
-            knee: p.carry_knee,
+            knee,
         });
     }
 }
@@ -174,7 +175,15 @@ pub(super) fn steer(s: &mut Step) {
             end(b, CarryEnd::Recovered);
             continue;
         }
-        if let Some(share) = share.filter(|&x| x < RELEASE_FACTOR * p.carry_knee) {
+        let Some(knee) = p.carry_knee else {
+            // Carrying switched off: slow as it is, it is drained again.
+            b.state.drained_at = Some(step);
+            b.state.clean_steps = 0;
+            b.state.unloaded_ms = None;
+            end(b, CarryEnd::Off);
+            continue;
+        };
+        if let Some(share) = share.filter(|&x| x < RELEASE_FACTOR * knee) {
             let st = &mut b.state;
             st.drained_at = Some(step);
             st.clean_steps = 0;
@@ -199,7 +208,7 @@ pub(super) fn steer(s: &mut Step) {
             (Some(r), _) if r >= CARRY_CUT_AT_ONCE && since >= 2 => 0.8,
             (_, Some(r)) if since < 3 || r > CARRY_CUT_AT_ONCE => 1.0,
             (_, Some(r)) if r > CARRY_RATIO => 0.93,
-            (Some(_), Some(r)) if r < CARRY_RAISE_FAST_BELOW => 1.1,
+            (Some(_), Some(r)) if r < CARRY_RAISE_FAST_BELOW => 1.15,
             (Some(_), Some(r)) if r < CARRY_RAISE_BELOW => 1.05,
             _ => 1.0,
         };
@@ -259,6 +268,8 @@ pub enum CarryEnd {
     Released,
     /// Its peers can take its share: drained again.
     NotNeeded { peers_load_share: f64 },
+    /// Carrying was switched off (`carry_knee` unset): drained again.
+    Off,
 }
 
 pub(super) fn describe(r: &Reason, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -298,6 +309,7 @@ pub(super) fn describe(r: &Reason, f: &mut fmt::Formatter<'_>) -> fmt::Result {
                 "carry ended: health took it down; carried again at most at 70% of that weight",
             ),
             CarryEnd::Released => f.write_str("carry ended: pinned, learning off or configured 0"),
+            CarryEnd::Off => f.write_str("carry ended: carrying switched off (no carry_knee): drained"),
             CarryEnd::NotNeeded { peers_load_share } => write!(
                 f,
                 "carry ended: its peers can take its share ({:.0}% of their capacity at the target): drained",
@@ -315,6 +327,9 @@ mod tests {
     use crate::learning::testkit::*;
     use crate::learning::*;
 
+    /// The knee the lab's scenario carries at.
+    const KNEE: Option<f64> = Some(0.7);
+
     /// Each step's (weights, loads), and the decisions.
     type Run = (Vec<([u32; 4], [f64; 4])>, Vec<Decision>);
 
@@ -323,7 +338,7 @@ mod tests {
     /// `slow_ms` from step 100 to step `until`. Returns each step's (weights, loads) and
     /// decisions.
     fn pool(total: f64, slow_ms: f64, until: u64, steps: u64) -> Run {
-        pool_with(|_| total, slow_ms, until, steps, |_| HealthStatus::Up)
+        pool_with(|_| total, slow_ms, until, steps, |_| HealthStatus::Up, KNEE)
     }
 
     /// `pool` with the load's level and backend 4's health by step.
@@ -333,10 +348,12 @@ mod tests {
         until: u64,
         steps: u64,
         health: impl Fn(u64) -> HealthStatus,
+        carry_knee: Option<f64>,
     ) -> Run {
         let p = WeightPolicy {
             latency_target_ms: 40.0,
             table_size: SMALL_M,
+            carry_knee,
             ..WeightPolicy::default()
         };
         let mut windows = vec![Window::new(120.0, 120); 4];
@@ -467,6 +484,7 @@ mod tests {
             400,
             260,
             |_| HealthStatus::Up,
+            KNEE,
         );
         let w4: Vec<u32> = trace.iter().step_by(5).map(|x| x.0[3]).collect();
         assert!(trace[195].0[3] > 0, "carried: {w4:?}");
@@ -497,6 +515,7 @@ mod tests {
                     HealthStatus::Up
                 }
             },
+            KNEE,
         );
         let w4: Vec<u32> = trace.iter().step_by(5).map(|x| x.0[3]).collect();
         println!("backend 4's weight every 5 steps: {w4:?}");
@@ -516,5 +535,15 @@ mod tests {
             f64::from(most) <= (0.7 * failed_at).round(),
             "failed at {failed_at}, carried again up to {most}: {w4:?}"
         );
+    }
+
+    #[test]
+    fn without_a_carry_knee_a_slow_backend_stays_drained() {
+        let (trace, ds) = pool_with(|_| 360.0, 100.0, 400, 220, |_| HealthStatus::Up, None);
+        let w4: Vec<u32> = trace.iter().step_by(5).map(|x| x.0[3]).collect();
+        assert!(trace[150..].iter().all(|x| x.0[3] == 0), "{w4:?}");
+        assert!(!ds
+            .iter()
+            .any(|d| has(d, |r| matches!(r, Reason::CarryStarted { .. }))));
     }
 }

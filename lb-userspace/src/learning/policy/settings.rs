@@ -87,13 +87,10 @@ pub struct WeightPolicy {
     /// A backend drained for latency that is slow even unloaded is carried at the share it can
     /// serve while, without it, the pool's load is above this share of its peers' capacity at
     /// the target (their knee: past it their queues grow faster than its slowness costs).
-    /// Above 1: never carried.
-    #[serde(default = "default_carry_knee")]
-    pub carry_knee: f64,
-}
-
-fn default_carry_knee() -> f64 {
-    0.7
+    /// `None`: never carried (the default: a carried backend's own requests are slow, which
+    /// the clients' overall p99 shows).
+    #[serde(default)]
+    pub carry_knee: Option<f64>,
 }
 
 fn default_load_bound_deadband() -> f64 {
@@ -146,7 +143,7 @@ impl Default for WeightPolicy {
             max_extrapolation: default_max_extrapolation(),
             deadband_noise_factor: default_deadband_noise_factor(),
             load_bound_deadband: default_load_bound_deadband(),
-            carry_knee: default_carry_knee(),
+            carry_knee: l.carry_knee,
         }
     }
 }
@@ -187,11 +184,8 @@ impl WeightPolicy {
             return Err("capacity_smoothing must be within (0, 1]".into());
         }
         share("fit.min_r2", self.fit.min_r2)?;
-        if self.carry_knee.is_nan() || self.carry_knee <= 0.0 {
-            return Err(format!(
-                "carry_knee {} must be above 0 (above 1: never carry)",
-                self.carry_knee
-            ));
+        if let Some(k) = self.carry_knee.filter(|k| !(*k > 0.0 && *k <= 1.0)) {
+            return Err(format!("carry_knee {k} must be above 0 and at most 1"));
         }
         if self.outlier_factor <= 1.0 {
             return Err("outlier_factor must be above 1".into());
