@@ -49,9 +49,10 @@ const CAPACITY: f64 = WORKERS as f64 * 1000.0 / SERVICE_MS;
 /// The SYN-drop scenarios' service time: the same load share at half the packet rate (the
 /// scenarios run concurrently on a small machine).
 const SYN_SERVICE_MS: f64 = 40.0;
-/// The slowdown's learning: slow backends carried while their peers would be past 70% of
-/// their capacity without them (issue 25's "p99 of the other backends within 1.5x").
-const LEARNING: &str = "[vip.learning]\nenabled = true\ninterval_ms = 1000\nlatency_target_ms = 40\ncarry_knee = 0.7\n";
+/// The slowdown's learning: slow backends carried while their peers would be past 65% of
+/// their capacity without them (issue 25's "p99 of the other backends within 1.5x"). The
+/// slowed backend's peers measured 71-86% at its drain: 0.7 left too little margin.
+const LEARNING: &str = "[vip.learning]\nenabled = true\ninterval_ms = 1000\nlatency_target_ms = 40\ncarry_knee = 0.65\n";
 /// The SYN-drop scenarios' learning: a target their 40 ms service meets with room.
 const LEARNING_SYN: &str =
     "[vip.learning]\nenabled = true\ninterval_ms = 1000\nlatency_target_ms = 150\n";
@@ -575,7 +576,7 @@ fn with_learning_a_slowed_backend_is_never_readmitted_at_full_weight() {
     );
     assert!(first_removal.is_some(), "the slowed backend was removed");
     // Without it the other three would carry 120 requests/s each, 80% of their capacity:
-    // past the knee (70%), so the model carries it at a share it can serve, under its floor.
+    // past the knee (65%), so the model carries it at a share it can serve, under its floor.
     let most = carried.iter().map(|c| c.1).fold(0.0, f64::max);
     println!(
         "learning: carried while slow in {} samples from {:?} s, at most {most} slots ({:.1}% of the table)",
