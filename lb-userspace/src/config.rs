@@ -460,7 +460,7 @@ pub struct Learning {
     pub interval_ms: u64,
     /// Carry a backend that misses the latency target even unloaded at the share it can serve,
     /// instead of draining it, while without it the pool's load is above this share of its
-    /// peers' capacity at the target (above 0, at most 1; 0.7 in the e2e lab). Unset: such a
+    /// peers' capacity at the target (above 0, at most 1; 0.65 in the e2e lab). Unset: such a
     /// backend is drained (docs/model.md, "Carrying a slow backend").
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub carry_knee: Option<f64>,

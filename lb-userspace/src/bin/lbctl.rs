@@ -547,6 +547,10 @@ fn print_model(vips: &[ModelVip]) {
             v.max_step_us
         );
         for b in &v.backends {
+            // Weights in configured units, as `backend list` and `stats` show them; the
+            // table's units (configured x 100, what --json holds) in brackets.
+            let unit = f64::from(lb_userspace::learning::WEIGHT_SCALE);
+            let cfg_units = |w: f64| lb_userspace::control::round::decimals(w / unit, 3);
             let mut flags = vec![b.health.clone()];
             if b.pinned {
                 flags.push("pinned".into());
@@ -558,7 +562,6 @@ fn print_model(vips: &[ModelVip]) {
                 flags.push(format!("on trial, {f:.0} flows judged"));
             }
             if let Some(w) = b.carry_weight {
-                let unit = f64::from(lb_userspace::learning::WEIGHT_SCALE);
                 flags.push(format!("carried at {:.2} while slow", w / unit));
             }
             if b.failed_trials > 0 {
@@ -572,10 +575,6 @@ fn print_model(vips: &[ModelVip]) {
             if let Some(n) = b.readmission.ejections.filter(|&n| n > 0) {
                 flags.push(format!("{n} recent ejections"));
             }
-            // Weights in configured units, as `backend list` and `stats` show them; the
-            // table's units (configured x 100, what --json holds) in brackets.
-            let unit = f64::from(lb_userspace::learning::WEIGHT_SCALE);
-            let cfg_units = |w: f64| lb_userspace::control::round::decimals(w / unit, 3);
             println!(
                 "  {} [{}]: weight configured {}, current {} (table {}), target {}",
                 b.address,

@@ -9,7 +9,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use super::{Backend, Step, WeightPolicy};
+use super::{outliers::floor_weight, Backend, Step, WeightPolicy};
 use crate::learning::{Reason, WEIGHT_SCALE};
 
 /// Share of its configured weight a carried backend starts at.
@@ -78,7 +78,7 @@ fn peers_load_share(s: &Step, i: usize) -> Option<f64> {
 /// The highest weight it may be carried at: its floor (above it the weight rule has a say),
 /// and less than what its health checks failed at.
 fn ceiling(b: &Backend, p: &WeightPolicy) -> f64 {
-    let w = (p.floor * b.configured).max(1.0);
+    let w = floor_weight(&b.input, p).max(1.0);
     b.state.carry_limit.map_or(w, |l| w.min(l))
 }
 
@@ -156,6 +156,14 @@ pub(super) fn steer(s: &mut Step) {
             b.state.carry = None;
             b.reasons.push(Reason::CarryEnded { why });
         };
+        // Slow as it is, it is drained again (its unloaded latency measured afresh).
+        let drain_again = |b: &mut Backend, why: CarryEnd| {
+            let st = &mut b.state;
+            st.drained_at = Some(step);
+            st.clean_steps = 0;
+            st.unloaded_ms = None;
+            end(b, why);
+        };
         if !b.learning(p) || b.input.pinned.is_some() || b.input.configured_weight == 0 {
             end(b, CarryEnd::Released);
             continue;
@@ -176,19 +184,11 @@ pub(super) fn steer(s: &mut Step) {
             continue;
         }
         let Some(knee) = p.carry_knee else {
-            // Carrying switched off: slow as it is, it is drained again.
-            b.state.drained_at = Some(step);
-            b.state.clean_steps = 0;
-            b.state.unloaded_ms = None;
-            end(b, CarryEnd::Off);
+            drain_again(b, CarryEnd::Off);
             continue;
         };
         if let Some(share) = share.filter(|&x| x < RELEASE_FACTOR * knee) {
-            let st = &mut b.state;
-            st.drained_at = Some(step);
-            st.clean_steps = 0;
-            st.unloaded_ms = None;
-            end(
+            drain_again(
                 b,
                 CarryEnd::NotNeeded {
                     peers_load_share: share,
@@ -305,8 +305,10 @@ pub(super) fn describe(r: &Reason, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         }
         Reason::CarryEnded { why } => match why {
             CarryEnd::Recovered => f.write_str("carry ended: it meets the latency target again"),
-            CarryEnd::HealthDown => f.write_str(
-                "carry ended: health took it down; carried again at most at 70% of that weight",
+            CarryEnd::HealthDown => write!(
+                f,
+                "carry ended: health took it down; carried again at most at {:.0}% of that weight",
+                FAILED_AT_SHARE * 100.0
             ),
             CarryEnd::Released => f.write_str("carry ended: pinned, learning off or configured 0"),
             CarryEnd::Off => f.write_str("carry ended: carrying switched off (no carry_knee): drained"),
