@@ -96,6 +96,15 @@ pub enum Reason {
         latency_ms: f64,
         predicted_ms: f64,
     },
+    /// Its capacity per configured unit is within `ratio` (`pool_ratio`) of those of the
+    /// other `members - 1`: the estimates of equal backends spread that far, so they share
+    /// one capacity, their mean, and their weights stay in proportion to their configured ones.
+    Pooled {
+        own: f64,
+        pooled: f64,
+        members: usize,
+        ratio: f64,
+    },
     // Exploration hold: `policy/exploration.rs`.
     /// This step's capacity estimate is bound by the backend's own load, which is at or above
     /// its configured share, and no peer has needed relief for `EASE_STEPS` steps: the running
@@ -460,6 +469,12 @@ mod tests {
                 load: 45.25,
                 latency_ms: 21.5,
                 predicted_ms: 22.25,
+            },
+            Reason::Pooled {
+                own: 165.5,
+                pooled: 152.25,
+                members: 3,
+                ratio: 1.35,
             },
             Reason::Rescaled { factor: 14 },
             Reason::ExplorationHeld {

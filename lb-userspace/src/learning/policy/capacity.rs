@@ -14,6 +14,9 @@ pub(super) const MEASURED_REACH: f64 = 1.25;
 const REMEMBERED_LATENCY_SHARE: f64 = 0.7;
 /// A new estimate below this share of the mean is news (a 5x slowdown), not noise.
 const NEWS_FALL: f64 = 0.7;
+/// A backend missing the target with a latency past this multiple of its pool's median is
+/// not pooled (`pool`).
+const POOL_LATENCY_SPREAD: f64 = 1.5;
 
 /// Forms the learning group: serving, learning, unpinned backends whose model or headroom sets
 /// their weight. Only with a fitted backend (or one with a remembered measurement) among them:
@@ -57,6 +60,7 @@ pub(super) fn estimate(s: &mut Step) {
     for b in &mut s.all {
         estimate_one(b, p);
     }
+    pool(s);
     s.pool_cap = s.all.iter().filter(|b| b.in_group).map(|b| b.cap).sum();
     s.group_cfg = s
         .all
@@ -64,6 +68,85 @@ pub(super) fn estimate(s: &mut Step) {
         .filter(|b| b.in_group)
         .map(|b| b.configured)
         .sum();
+}
+
+/// Gives backends whose estimates cannot be told apart one capacity: sorted by capacity per
+/// configured unit, runs of the group within `pool_ratio` (first to last) share their mean.
+/// Equal workpools' running means spread up to 1.33x in the e2e slowdown (the default is
+/// 1.35); two hardware generations (1.5x) stay apart.
+///
+/// Equal backends' fits differ by up to a third from step to step and the difference lasts
+/// (a fit against a headroom, a window with a burst): without pooling, the one estimated
+/// highest carries the most and its p99 is everyone's, and the deadband, widened by the same
+/// noise, keeps the spread. Pooled, their weights follow their configured ones and move
+/// together with the pool's capacity. The sum is kept, so the other backends' shares do not
+/// change. A backend whose estimate fell as news, or that misses the target with a latency
+/// past `POOL_LATENCY_SPREAD` times the others' (lower) median, is left out: its own estimate is the
+/// news. (Near their knee equal backends take turns just missing the target; leaving each
+/// out in its turn cut it and spread the weights as much as no pooling at all.)
+fn pool(s: &mut Step) {
+    let p = s.p;
+    if p.pool_ratio < 1.0 {
+        return;
+    }
+    let candidates: Vec<usize> = (0..s.all.len())
+        .filter(|&i| {
+            let b = &s.all[i];
+            b.in_group && b.cap > 0.0 && b.configured > 0.0 && !b.news
+        })
+        .collect();
+    let latency = |i: usize| s.all[i].input.observed.map(|o| o.latency_ms);
+    let others_median = |i: usize| {
+        let mut v: Vec<f64> = candidates
+            .iter()
+            .filter(|&&j| j != i)
+            .filter_map(|&j| latency(j))
+            .collect();
+        v.sort_by(f64::total_cmp);
+        v.get(v.len().saturating_sub(1) / 2).copied()
+    };
+    let mut members: Vec<usize> = candidates
+        .iter()
+        .copied()
+        .filter(|&i| {
+            let outlying = match (latency(i), others_median(i)) {
+                (Some(l), Some(m)) => l > POOL_LATENCY_SPREAD * m,
+                _ => false,
+            };
+            !(s.all[i].misses_target(p) && outlying)
+        })
+        .collect();
+    let unit = |b: &Backend| b.cap / b.configured;
+    members.sort_by(|&i, &j| unit(&s.all[i]).total_cmp(&unit(&s.all[j])));
+    let mut start = 0;
+    while start < members.len() {
+        let low = unit(&s.all[members[start]]);
+        let end = start
+            + members[start + 1..]
+                .iter()
+                .take_while(|&&i| unit(&s.all[i]) <= p.pool_ratio * low)
+                .count()
+            + 1;
+        let run = &members[start..end];
+        if run.len() >= 2 {
+            let (cap, cfg) = run.iter().fold((0.0, 0.0), |(c, w), &i| {
+                (c + s.all[i].cap, w + s.all[i].configured)
+            });
+            for &i in run {
+                let b = &mut s.all[i];
+                let pooled = cap / cfg * b.configured;
+                b.reasons.push(Reason::Pooled {
+                    own: b.cap,
+                    pooled,
+                    members: run.len(),
+                    ratio: p.pool_ratio,
+                });
+                b.cap = pooled;
+                b.pooled = true;
+            }
+        }
+        start = end;
+    }
 }
 
 fn estimate_one(b: &mut Backend, p: &WeightPolicy) {
@@ -183,6 +266,7 @@ fn smooth(b: &mut Backend, p: &WeightPolicy, raw: f64) {
     let st = &mut b.state;
     let c = st.capacity.map_or(raw, |c| {
         let a = if falls_as_news(c) {
+            b.news = true;
             news_smoothing(p)
         } else {
             p.capacity_smoothing
@@ -215,6 +299,15 @@ pub(super) fn describe(r: &Reason, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         } => write!(
             f,
             "capacity {capacity:.1}/s as last measured: at its load {load:.1}/s its latency {latency_ms:.1} ms meets the target and the measured model's {predicted_ms:.1} ms (this step's estimate only reflects its own load)"
+        ),
+        Reason::Pooled {
+            own,
+            pooled,
+            members,
+            ratio,
+        } => write!(
+            f,
+            "capacity {own:.1}/s taken as {pooled:.1}/s, the mean of {members} backends within {ratio:.2}x of each other (equal backends' estimates spread that far)"
         ),
         _ => unreachable!("not a capacity reason: {r:?}"),
     }
@@ -250,6 +343,7 @@ mod tests {
         let swing = |smoothing: f64| {
             let p = WeightPolicy {
                 capacity_smoothing: smoothing,
+                pool_ratio: 0.0,
                 ..unbudgeted()
             };
             let mut inputs = vec![
@@ -323,5 +417,114 @@ mod tests {
         assert!(!reasons(&d, 1)
             .iter()
             .any(|r| matches!(r, Reason::Remembered { .. })));
+    }
+
+    /// Three equal backends whose fits disagree by up to 30% and swap places every 7 steps
+    /// (one estimated high, one low), run for 60 steps; the spread of their weights at the end
+    /// (highest over lowest) and the steps that changed a weight.
+    fn equal_backends_with_disagreeing_fits(pool_ratio: f64) -> (f64, usize) {
+        let p = WeightPolicy {
+            pool_ratio,
+            ..unbudgeted()
+        };
+        let mut inputs: Vec<_> = (1..=3)
+            .map(|id| input(id, 100, Ok(mm1_fit(150.0))))
+            .collect();
+        let mut state = PolicyState::default();
+        let mut changes = 0;
+        for k in 0..60 {
+            let shift = k / 7;
+            for (i, b) in inputs.iter_mut().enumerate() {
+                let mu = [130.0, 150.0, 170.0][(i + shift) % 3];
+                b.fit = Ok(mm1_fit(mu));
+                b.observed = Some(observed(80.0, 20.0));
+            }
+            let d = decide(&inputs, &p, &state);
+            changes += usize::from(d.changed());
+            apply(&mut inputs, &d);
+            state = d.state;
+        }
+        let w: Vec<f64> = inputs.iter().map(|b| f64::from(b.current_weight)).collect();
+        let spread =
+            w.iter().cloned().fold(f64::MIN, f64::max) / w.iter().cloned().fold(f64::MAX, f64::min);
+        (spread, changes)
+    }
+
+    #[test]
+    fn equal_backends_whose_fits_disagree_keep_equal_weights() {
+        let (own, own_changes) = equal_backends_with_disagreeing_fits(0.0);
+        let (pooled, pooled_changes) =
+            equal_backends_with_disagreeing_fits(WeightPolicy::default().pool_ratio);
+        println!(
+            "weights' spread: {own:.3} each on its own estimate ({own_changes} steps changed a weight), {pooled:.3} pooled ({pooled_changes})"
+        );
+        assert!(own > 1.05, "{own}");
+        assert_eq!(pooled, 1.0);
+        assert!(pooled_changes < own_changes);
+    }
+
+    #[test]
+    fn only_backends_within_the_pool_ratio_share_a_capacity() {
+        // Capacities 1:1.2:3 at the target: the first two pool (their mean, 110/s each; the
+        // pool's sum unchanged), the third is three times as fast and keeps its own.
+        let p = unbudgeted();
+        let inputs = vec![
+            input(1, 100, Ok(mm1_fit(110.0))),
+            input(2, 100, Ok(mm1_fit(130.0))),
+            input(3, 100, Ok(mm1_fit(310.0))),
+        ];
+        let d = decide(&inputs, &p, &PolicyState::default());
+        for id in [1, 2] {
+            assert!(
+                reasons(&d, id).iter().any(|r| matches!(
+                    r,
+                    Reason::Pooled { pooled, members: 2, .. } if (*pooled - 110.0).abs() < 1e-9
+                )),
+                "{:?}",
+                reasons(&d, id)
+            );
+        }
+        assert!(!reasons(&d, 3)
+            .iter()
+            .any(|r| matches!(r, Reason::Pooled { .. })));
+        let t: Vec<f64> = d
+            .backends
+            .iter()
+            .map(|b| b.target_weight.unwrap())
+            .collect();
+        assert!((t[0] - t[1]).abs() < 1e-9, "{t:?}");
+        assert!((t[2] / t[0] - 300.0 / 110.0).abs() < 1e-6, "{t:?}");
+        assert!((t.iter().sum::<f64>() - 30_000.0).abs() < 1e-6, "{t:?}");
+    }
+
+    #[test]
+    fn a_backend_missing_the_target_keeps_its_own_estimate() {
+        // Backend 2's estimate is within the pool ratio, but it misses the latency target
+        // at 4x its peer's latency: that is news about it, not noise to average away. Just
+        // missing it, as equal backends near their knee take turns to, it stays pooled.
+        let p = unbudgeted();
+        let mut inputs = vec![
+            input(1, 100, Ok(mm1_fit(130.0))),
+            input(2, 100, Ok(mm1_fit(110.0))),
+        ];
+        assert_eq!(p.latency_target_ms, 100.0);
+        inputs[0].observed = Some(observed(100.0, 90.0));
+        inputs[1].observed = Some(observed(100.0, 110.0));
+        let near = decide(&inputs, &p, &PolicyState::default());
+        assert!(reasons(&near, 2)
+            .iter()
+            .any(|r| matches!(r, Reason::Pooled { .. })));
+        inputs[0].observed = Some(observed(100.0, 30.0));
+        inputs[1].observed = Some(observed(100.0, 120.0));
+        let d = decide(&inputs, &p, &PolicyState::default());
+        for id in [1, 2] {
+            assert!(
+                !reasons(&d, id)
+                    .iter()
+                    .any(|r| matches!(r, Reason::Pooled { .. })),
+                "{:?}",
+                reasons(&d, id)
+            );
+        }
     }
 }

@@ -30,7 +30,13 @@ pub(super) fn hold(s: &mut Step) {
 /// that moves within the estimate's own noise is not a reason to move flows. An estimate bound
 /// by the backend's own load confirms whatever weight it sets, so only a clearly different
 /// target (`load_bound_deadband`) moves it, except a cut of a backend missing the target.
+/// A pooled backend's is the plain deadband.
 fn width(b: &Backend, p: &WeightPolicy, t: f64, cur: f64) -> f64 {
+    if b.pooled {
+        // A pooled target is the mean of several estimates and moves with the pool's:
+        // neither its own noise nor its own load says anything against it.
+        return p.deadband;
+    }
     let mut deadband = p.deadband.max(p.deadband_noise_factor * b.cap_noise);
     if b.load_bound && !(t < cur && b.misses_target(p)) {
         deadband = deadband.max(p.load_bound_deadband);
@@ -63,7 +69,11 @@ mod tests {
 
     #[test]
     fn deadband_ignores_small_changes() {
-        let p = policy();
+        // Each its own estimate (pooled, the two would share one and have equal targets).
+        let p = WeightPolicy {
+            pool_ratio: 0.0,
+            ..policy()
+        };
         // Capacities at target 200 and 206: targets within 5% of the equal weights.
         let inputs = vec![
             input(1, 100, Ok(mm1_fit(210.0))),
@@ -83,6 +93,7 @@ mod tests {
         let p = WeightPolicy {
             hysteresis_steps: 1,
             reversal_hold_steps: 0,
+            pool_ratio: 0.0,
             ..unbudgeted()
         };
         let mut inputs = vec![

@@ -208,6 +208,10 @@ struct Backend {
     cap_noise: f64,
     /// This step's estimate is bound by the backend's own load.
     load_bound: bool,
+    /// Its capacity is its peers' mean (`capacity::pool`).
+    pooled: bool,
+    /// Its capacity estimate fell as news this step (`capacity::smooth`).
+    news: bool,
     /// A stage has set (or held) its weight: later choosing stages leave it alone.
     settled: bool,
     /// The learned target not yet held by the deadband or the reversal hold.
@@ -270,6 +274,8 @@ impl<'a> Step<'a> {
                 cap: 0.0,
                 cap_noise: 0.0,
                 load_bound: false,
+                pooled: false,
+                news: false,
                 settled: false,
                 learned: None,
                 mode: Mode::Hold,
@@ -342,7 +348,9 @@ pub(super) fn describe(r: &Reason, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         | R::TrialPassed { .. }
         | R::ServiceCheck { .. } => drains::describe(r, f),
         R::CarryStarted { .. } | R::Carried { .. } | R::CarryEnded { .. } => carry::describe(r, f),
-        R::Extrapolation { .. } | R::Remembered { .. } => capacity::describe(r, f),
+        R::Extrapolation { .. } | R::Remembered { .. } | R::Pooled { .. } => {
+            capacity::describe(r, f)
+        }
         R::ExplorationHeld { .. } => exploration::describe(r, f),
         R::Health { .. }
         | R::ConfiguredZero
@@ -678,7 +686,7 @@ mod tests {
         }
         assert_eq!(
             (out.len(), fnv1a(&out)),
-            (3_568_355, 4_596_447_067_263_505_980),
+            (3_756_296, 30_717_095_122_674_886),
             "transcript changed; LB_GOLDEN_DUMP=/tmp/x writes it to diff"
         );
     }

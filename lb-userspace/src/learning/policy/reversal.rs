@@ -172,6 +172,7 @@ mod tests {
             hysteresis_steps: 1,
             capacity_smoothing: 1.0,
             deadband_noise_factor: 0.0,
+            pool_ratio: 0.0,
             ..policy()
         };
         let free = flipping(

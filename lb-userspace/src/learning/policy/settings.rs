@@ -91,6 +91,15 @@ pub struct WeightPolicy {
     /// the clients' overall p99 shows).
     #[serde(default)]
     pub carry_knee: Option<f64>,
+    /// Learning backends whose capacities per configured unit lie within this ratio of each
+    /// other (lowest to highest) share one capacity, their mean: equal backends' estimates
+    /// spread that far (`capacity::pool`). 0: each keeps its own.
+    #[serde(default = "default_pool_ratio")]
+    pub pool_ratio: f64,
+}
+
+fn default_pool_ratio() -> f64 {
+    1.35
 }
 
 fn default_load_bound_deadband() -> f64 {
@@ -144,6 +153,7 @@ impl Default for WeightPolicy {
             deadband_noise_factor: default_deadband_noise_factor(),
             load_bound_deadband: default_load_bound_deadband(),
             carry_knee: l.carry_knee,
+            pool_ratio: default_pool_ratio(),
         }
     }
 }
