@@ -22,7 +22,8 @@
 //!   the drop's end, and at its configured weight or more at the end.
 //!
 //! The scenarios are separate tests of one binary, so they run concurrently; each prints its
-//! measured figures. `LB_FLAP_ONLY_SLOWED=1` runs the slowed-5x scenario alone.
+//! measured figures. `LB_FLAP_ONLY_SLOWED=1` runs the slowed-5x scenario alone;
+//! `LB_FLAP_ORACLE=F` runs it without learning, at the weights an oracle would set.
 use serde_json::Value;
 use std::{
     fs,
@@ -476,12 +477,15 @@ fn with_learning_a_slowed_backend_is_never_readmitted_at_full_weight() {
             println!("=== t={t:.1}\n{}", String::from_utf8_lossy(&out.stdout));
         }
         let b = sample(&s, &load, victim, &mut trace);
+        // Its slots as of this answer: a removal they show happened before now, maybe after
+        // `t` (requests scheduled between the two may still have reached it).
+        let answered = load.t();
         let slots = b["slots"].as_u64().unwrap() as f64;
         let top = list
             .iter()
             .map(|b| b["slots"].as_u64().unwrap() as f64)
             .fold(0.0, f64::max);
-        weights.push((t, slots));
+        weights.push((answered, slots));
         let others: Vec<u64> = list
             .iter()
             .filter(|b| b["address"] != backend_v4(victim).to_string().as_str())
@@ -536,39 +540,12 @@ fn with_learning_a_slowed_backend_is_never_readmitted_at_full_weight() {
                 (v, o + 1)
             }
         });
-    let others = |a: f64, b: f64| {
-        p99(window(&rows, a, b)
-            .filter(|r| r.error.is_empty() && r.backend != format!("backend{victim}"))
-            .map(|r| r.latency_ms)
-            .collect())
-    };
-    for k in 0..4 {
-        let name = format!("backend{k}");
-        let of = |a: f64, b: f64| {
-            let v: Vec<f64> = window(&rows, a, b)
-                .filter(|r| r.error.is_empty() && r.backend == name)
-                .map(|r| r.latency_ms)
-                .collect();
-            (v.len() as f64 / (b - a), p99(v))
-        };
-        println!(
-            "learning: {name}: before {:?}, settled {:?}",
-            of(fault_at - 20.0, fault_at),
-            of(fault_at + 30.0, fault_at + fault_secs)
-        );
-    }
-    let per_5s: Vec<String> = (0..((fault_secs + 20.0) / 5.0) as usize)
-        .map(|k| {
-            let a = fault_at - 20.0 + 5.0 * k as f64;
-            format!("{a:.0}s:{:.0}", others(a, a + 5.0))
-        })
+    let victim_5xx_at: Vec<String> = window(&rows, from, fault_end)
+        .filter(|r| r.error == "http5xx" && r.backend == format!("backend{victim}"))
+        .map(|r| format!("{:.1}s", r.sched_ms as f64 / 1e3))
         .collect();
-    println!(
-        "learning: the others' p99 per 5 s (ms): {}",
-        per_5s.join(" ")
-    );
-    let before = others(fault_at - 20.0, fault_at);
-    let settled = others(fault_at + 30.0, fault_end);
+    println!("learning: the slowed backend's 503s after its first removal at {victim_5xx_at:?}");
+    let (before, settled) = others_p99(&rows, victim, fault_at, fault_end, "learning");
     println!(
         "learning: first removal {first_removal:?} s; 503s after it {http5xx} from the slowed backend, {others_5xx} from the others; others' p99 {before:.1} ms before the fault, {settled:.1} ms from 30 s after it (ratio {:.2}); at full weight while slow: {:?}; back at full share {full_again:?} s after recovering; load {summary}",
         settled / before.max(1e-3),
@@ -862,6 +839,114 @@ fn with_learning_a_backend_that_stops_dropping_syns_is_back_within_60_s() {
     );
 }
 
+/// Prints every backend's rate and p99 over the 20 s before the fault at `fault_at` and from
+/// 30 s after it to `fault_end`, and the other backends' (not `victim`'s) p99 per 5 s; returns
+/// the others' p99 over those two windows, as issue 25 compares them.
+fn others_p99(
+    rows: &[Row],
+    victim: usize,
+    fault_at: f64,
+    fault_end: f64,
+    what: &str,
+) -> (f64, f64) {
+    let slowed = format!("backend{victim}");
+    let others = |a: f64, b: f64| {
+        p99(window(rows, a, b)
+            .filter(|r| r.error.is_empty() && r.backend != slowed)
+            .map(|r| r.latency_ms)
+            .collect())
+    };
+    for k in 0..4 {
+        let name = format!("backend{k}");
+        let of = |a: f64, b: f64| {
+            let v: Vec<f64> = window(rows, a, b)
+                .filter(|r| r.error.is_empty() && r.backend == name)
+                .map(|r| r.latency_ms)
+                .collect();
+            (v.len() as f64 / (b - a), p99(v))
+        };
+        println!(
+            "{what}: {name}: before {:?}, settled {:?}",
+            of(fault_at - 20.0, fault_at),
+            of(fault_at + 30.0, fault_end)
+        );
+    }
+    let per_5s: Vec<String> = (0..((fault_end - fault_at + 20.0) / 5.0) as usize)
+        .map(|k| {
+            let a = fault_at - 20.0 + 5.0 * k as f64;
+            format!("{a:.0}s:{:.0}", others(a, a + 5.0))
+        })
+        .collect();
+    println!("{what}: the others' p99 per 5 s (ms): {}", per_5s.join(" "));
+    (
+        others(fault_at - 20.0, fault_at),
+        others(fault_at + 30.0, fault_end),
+    )
+}
+
+/// `LB_FLAP_ORACLE=F`: the slowed-5x scenario without learning, with the weights an oracle
+/// sets the moment the slowdown starts: the slowed backend gets F of the 30 requests/s it can
+/// still serve, the other three equal shares of the rest. The others' p99 ratio it measures is
+/// what the best static weights give here, the yardstick for the learning scenario's
+/// (docs/model.md, "What the tests show").
+fn oracle_slowdown(served: f64) {
+    let victim = 3;
+    let rate = 0.6 * 4.0 * CAPACITY;
+    let (fault_at, fault_secs) = (40.0, 60.0);
+    let total = (fault_at + fault_secs + 5.0) as u64;
+    let s = Scenario::start("flap-oracle", 4, 4, 4, "");
+    wait_for("all backends up", Duration::from_secs(10), || {
+        s.backends().iter().all(|b| b["health"] == "up")
+    });
+    // The slowed backend at weight 100, each other at w: 100 / (100 + 3w) of the rate.
+    let share = served * CAPACITY / 5.0 / rate;
+    let w = ((100.0 / share - 100.0) / 3.0).round() as u32;
+    let load = s.loadgen(rate, total, 11);
+    let mut trace = Trace::new();
+    let mut faulted = false;
+    while load.t() < total as f64 - 1.0 {
+        if !faulted && load.t() >= fault_at {
+            s.control(victim, "slow=5\n");
+            for i in 0..4 {
+                let weight = if i == victim { 100 } else { w };
+                let out = lbctl(
+                    &s.lbd.socket,
+                    &[
+                        "backend",
+                        "set-weight",
+                        VIP,
+                        &backend_v4(i).to_string(),
+                        &weight.to_string(),
+                    ],
+                );
+                assert!(
+                    out.status.success(),
+                    "{}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+            faulted = true;
+        }
+        sample(&s, &load, victim, &mut trace);
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let (summary, rows) = load.wait();
+    print_trace("oracle, victim", &trace);
+    let fault_end = fault_at + fault_secs;
+    let (before, settled) = others_p99(&rows, victim, fault_at, fault_end, "oracle");
+    let victim_5xx = window(&rows, fault_at, fault_end)
+        .filter(|r| r.error == "http5xx" && r.backend == format!("backend{victim}"))
+        .count();
+    println!(
+        "oracle: the slowed backend at {:.1}% of the rate ({:.1} requests/s, {:.0}% of what it can serve), the others at weight {w} each; its 503s {victim_5xx}; others' p99 {before:.1} ms before the fault, {settled:.1} ms from 30 s after it (ratio {:.2}); load {summary}",
+        share * 100.0,
+        share * rate,
+        served * 100.0,
+        settled / before.max(1e-3),
+    );
+    s.finish();
+}
+
 /// `LB_FLAP_ONLY_SLOWED=1`: only the slowed-5x scenario, alone on the machine, printing
 /// `lbctl model show` every 5 s (how docs/model.md's idle-machine figures were measured).
 fn only_slowed() -> bool {
@@ -880,6 +965,14 @@ fn scenarios_under_load_run_concurrently() {
     type Named = (&'static str, fn());
     if only_slowed() {
         with_learning_a_slowed_backend_is_never_readmitted_at_full_weight();
+        return;
+    }
+    if let Ok(served) = std::env::var("LB_FLAP_ORACLE") {
+        oracle_slowdown(
+            served
+                .parse()
+                .expect("LB_FLAP_ORACLE: a fraction such as 0.75"),
+        );
         return;
     }
     let threads: [Vec<Named>; 3] = [
