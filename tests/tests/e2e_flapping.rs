@@ -579,12 +579,12 @@ fn with_learning_a_slowed_backend_is_never_readmitted_at_full_weight() {
         http5xx < 41,
         "the slowed backend's 503s after its first removal: {http5xx}"
     );
-    // Issue 25 asks for 1.5x: printed, not asserted. Drained, the slowed backend's share took
-    // the other three from 60% to 80% of their capacity (2.0-2.3x). Carried (carry_knee 0.7)
-    // at 61-69% of the 30 requests/s it can serve, the scenario alone on an idle machine gave
-    // 1.35-2.73, median 1.67 in 13 runs, 1.5x met in 3 (docs/model.md, "What the tests
-    // show"): the others still carry 76% of their capacity, where their p99 over 5 s swings
-    // between 66 and 166 ms within one run.
+    // Issue 25 asks for 1.5x: printed, not asserted. Without the slowed backend the other
+    // three carry 80% of their capacity (2.0-2.3x); even at best they carry 73-76%, where
+    // the ratio's median is 1.45-1.55 and one 30 s window's p99 misses 1.5x in a third to
+    // two thirds of the runs (`cargo xtask bench queueing`); the oracle run (`LB_FLAP_ORACLE`,
+    // the best static weights set at the fault) measured 1.48-3.11, and this one 1.38-1.58
+    // with equal peers pooled (docs/model.md, "What the tests show").
     println!(
         "issue 25 target: others' p99 ratio {:.2} (target 1.5: {})",
         settled / before.max(1e-3),

@@ -128,6 +128,10 @@ fn main() -> ExitCode {
             None => lab::run(&args),
         })
         .map(|_| ExitCode::SUCCESS),
+        // A simulation: nothing to set up.
+        Cmd::Bench {
+            which: which @ bench::BenchCmd::Queueing(_),
+        } => bench::run(which),
         Cmd::Bench { which } => setup::setup().and_then(|_| bench::run(which)),
         Cmd::Install(args) => install::install(&args).map(|_| ExitCode::SUCCESS),
         Cmd::Package(args) => install::package(&args).map(|_| ExitCode::SUCCESS),

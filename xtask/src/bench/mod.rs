@@ -2,6 +2,7 @@
 //!
 //! * [`lab`]: HTTP requests/s with wrk through the balancer vs straight to the backends.
 //! * [`adaptive`]: learned weights against static-equal and oracle weights (issue #4).
+//! * [`queueing`]: what the best weights can give issue 25's slowdown, by simulation.
 //! * `datapath` and `conntrack` load the XDP programs, so they are the tests crate's
 //!   `lb-bpf-bench` (`tests/src/bin/bpf-bench/`), which xtask builds and runs.
 //! * `flood` runs lbd in a namespace lab under a spoofed SYN flood: the tests crate's
@@ -9,6 +10,7 @@
 
 pub mod adaptive;
 pub mod lab;
+pub mod queueing;
 
 use std::process::ExitCode;
 
@@ -40,6 +42,10 @@ pub enum BenchCmd {
     /// options.
     #[command(disable_help_flag = true)]
     Flood(ToolArgs),
+    /// What the best static weights can give issue 25's slowdown (one of four worker pools
+    /// slowed 5x at 60% load): the others' p99 ratio per share of the slowed backend, by
+    /// simulation over seeded runs. Seconds; no root.
+    Queueing(queueing::BenchQueueingArgs),
 }
 
 /// Runs one benchmark.
@@ -50,6 +56,7 @@ pub fn run(which: BenchCmd) -> Result<ExitCode> {
         BenchCmd::Adaptive(args) => adaptive::run(&args).map(|_| ExitCode::SUCCESS),
         BenchCmd::Conntrack(args) => run_tool("lb-bpf-bench", &with_first("conntrack", args)),
         BenchCmd::Flood(args) => run_tool_with("lb-bench-flood", &["lbd", "lbctl"], &args.args),
+        BenchCmd::Queueing(args) => queueing::run(&args).map(|_| ExitCode::SUCCESS),
     }
 }
 
