@@ -531,19 +531,8 @@ fn with_learning_a_slowed_backend_is_never_readmitted_at_full_weight() {
     let from = first_removal.unwrap_or(fault_end);
     // The 503s of the slowed backend (its queue overflowing, as when the issue's run let it
     // back at full weight), and of the others (carrying its share on a busy machine).
-    let (http5xx, others_5xx) = window(&rows, from, fault_end)
-        .filter(|r| r.error == "http5xx")
-        .fold((0, 0), |(v, o), r| {
-            if r.backend == format!("backend{victim}") {
-                (v + 1, o)
-            } else {
-                (v, o + 1)
-            }
-        });
-    let victim_5xx_at: Vec<String> = window(&rows, from, fault_end)
-        .filter(|r| r.error == "http5xx" && r.backend == format!("backend{victim}"))
-        .map(|r| format!("{:.1}s", r.sched_ms as f64 / 1e3))
-        .collect();
+    let (victim_5xx_at, others_5xx) = http5xx_at(&rows, victim, from, fault_end);
+    let http5xx = victim_5xx_at.len();
     println!("learning: the slowed backend's 503s after its first removal at {victim_5xx_at:?}");
     let (before, settled) = others_p99(&rows, victim, fault_at, fault_end, "learning");
     println!(
@@ -839,6 +828,22 @@ fn with_learning_a_backend_that_stops_dropping_syns_is_back_within_60_s() {
     );
 }
 
+/// The 503s scheduled in `[from, to)` seconds: when `victim`'s were scheduled ("41.6s"), and
+/// how many the other backends answered.
+fn http5xx_at(rows: &[Row], victim: usize, from: f64, to: f64) -> (Vec<String>, usize) {
+    let slowed = format!("backend{victim}");
+    window(rows, from, to)
+        .filter(|r| r.error == "http5xx")
+        .fold((Vec::new(), 0), |(mut at, others), r| {
+            if r.backend == slowed {
+                at.push(format!("{:.1}s", r.sched_ms as f64 / 1e3));
+                (at, others)
+            } else {
+                (at, others + 1)
+            }
+        })
+}
+
 /// Prints every backend's rate and p99 over the 20 s before the fault at `fault_at` and from
 /// 30 s after it to `fault_end`, and the other backends' (not `victim`'s) p99 per 5 s; returns
 /// the others' p99 over those two windows, as issue 25 compares them.
@@ -934,9 +939,7 @@ fn oracle_slowdown(served: f64) {
     print_trace("oracle, victim", &trace);
     let fault_end = fault_at + fault_secs;
     let (before, settled) = others_p99(&rows, victim, fault_at, fault_end, "oracle");
-    let victim_5xx = window(&rows, fault_at, fault_end)
-        .filter(|r| r.error == "http5xx" && r.backend == format!("backend{victim}"))
-        .count();
+    let victim_5xx = http5xx_at(&rows, victim, fault_at, fault_end).0.len();
     println!(
         "oracle: the slowed backend at {:.1}% of the rate ({:.1} requests/s, {:.0}% of what it can serve), the others at weight {w} each; its 503s {victim_5xx}; others' p99 {before:.1} ms before the fault, {settled:.1} ms from 30 s after it (ratio {:.2}); load {summary}",
         share * 100.0,

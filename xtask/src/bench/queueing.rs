@@ -6,8 +6,6 @@
 //! their p99 over the 20 s before it, as `tests/tests/e2e_flapping.rs` measures it. For each
 //! `f` this prints that ratio's median and range over seeded runs and how many meet 1.5x: the
 //! spread a perfect policy still sees from the windows' sampling alone.
-use std::cmp::Reverse;
-use std::collections::BinaryHeap;
 
 use anyhow::{ensure, Result};
 use clap::Args;
@@ -54,7 +52,8 @@ impl Rng {
 /// arrivals of `rate` per second for `secs` seconds after a warm-up.
 fn pool_latencies(rate: f64, secs: f64, seed: u64) -> Vec<f64> {
     let mut rng = Rng(seed);
-    let mut free: BinaryHeap<Reverse<u64>> = (0..WORKERS).map(|_| Reverse(0)).collect();
+    // When each worker is next free (ms); FIFO: every arrival takes the first free worker.
+    let mut free = [0.0f64; WORKERS];
     let (mut t, end, mut out) = (0.0, (WARMUP_S + secs) * 1e3, Vec::new());
     let rate_ms = rate / 1e3;
     loop {
@@ -62,11 +61,11 @@ fn pool_latencies(rate: f64, secs: f64, seed: u64) -> Vec<f64> {
         if t >= end {
             return out;
         }
-        // Worker free times in ns, integers for the heap.
-        let Reverse(f) = free.pop().expect("workers");
-        let start = t.max(f as f64 / 1e6);
-        let done = start + SERVICE_MS;
-        free.push(Reverse((done * 1e6) as u64));
+        let first = (0..WORKERS)
+            .min_by(|&a, &b| free[a].total_cmp(&free[b]))
+            .expect("workers");
+        let done = t.max(free[first]) + SERVICE_MS;
+        free[first] = done;
         if t >= WARMUP_S * 1e3 {
             out.push(done - t);
         }

@@ -109,11 +109,12 @@ fn pool(s: &mut Step) {
         .iter()
         .copied()
         .filter(|&i| {
-            let outlying = match (latency(i), others_median(i)) {
+            // The others' median only for a backend missing the target: the rest stay.
+            let outlying = || match (latency(i), others_median(i)) {
                 (Some(l), Some(m)) => l > POOL_LATENCY_SPREAD * m,
                 _ => false,
             };
-            !(s.all[i].misses_target(p) && outlying)
+            !(s.all[i].misses_target(p) && outlying())
         })
         .collect();
     let unit = |b: &Backend| b.cap / b.configured;
